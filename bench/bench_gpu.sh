@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# bench_gpu.sh - GPU benchmark (make bench-gpu): the reference half only.
+#
+# tprun has no GPU forward pass yet (runtime/cuda/ holds the kernels and the
+# NCCL backend; wiring them into tp_model is the next step), so this script
+# measures only what tprun's GPU path will be compared with, and prints no
+# tprun GPU number at all:
+#   1. bin/tpsynth --preset $PRESET (Qwen3-0.6B shape, random bf16 weights),
+#      then bin/tpconvert --tp 1 (timed: the input tprun will load);
+#   2. transformers from_pretrained(tp_plan="auto") under
+#      torchrun --nproc-per-node $NPROC: load seconds;
+#   3. safetensors load_file(device="cuda"): load seconds and GB/s;
+#   4. transformers generate, greedy, batch 1: decode tokens/s ($NEW new
+#      tokens after a $PROMPT-token prompt) and prefill tokens/s ($PREFILL
+#      tokens in one forward);
+#   5. device copy bandwidth (torch), and decode's fraction of the memory
+#      bound: tokens/s * weight bytes / copy bandwidth.
+# Needs a CUDA GPU visible to torch; without one it says so and exits 2
+# without measuring anything.
+#
+# Environment: BIN (default bin), PRESET (qwen3-0.6b), NPROC (1), PROMPT
+# (128), NEW (128), PREFILL (2048), REPEAT (3), BENCH_TMP (parent of the work
+# directory, default $TMPDIR or /tmp), PYTHON (python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-bin}
+PRESET=${PRESET:-qwen3-0.6b}
+NPROC=${NPROC:-1}
+PROMPT=${PROMPT:-128}
+NEW=${NEW:-128}
+PREFILL=${PREFILL:-2048}
+REPEAT=${REPEAT:-3}
+PYTHON=${PYTHON:-python3}
+parent=${BENCH_TMP:-${TMPDIR:-/tmp}}
+ref=bench/bench_gpu_reference.py
+
+echo "== tprun GPU path: not implemented yet (CUDA kernels and the NCCL backend exist in"
+echo "   runtime/cuda/, the GPU forward pass does not): no tprun GPU numbers are measured."
+
+for prog in tpsynth tpconvert; do
+    if [ ! -x "$BIN/$prog" ]; then
+        echo "bench_gpu: $BIN/$prog not found (run make first)" >&2
+        exit 1
+    fi
+done
+if ! "$PYTHON" -c 'import torch, transformers, safetensors' 2>/dev/null; then
+    echo "bench_gpu: $PYTHON cannot import torch, transformers and safetensors (the reference needs them)" >&2
+    exit 1
+fi
+if ! gpu=$("$PYTHON" -c 'import torch, sys
+if not torch.cuda.is_available(): sys.exit(1)
+print(torch.cuda.get_device_name(), "x", torch.cuda.device_count())' 2>/dev/null); then
+    echo "bench_gpu: no CUDA GPU visible to torch (torch.cuda.is_available() is False): nothing measured" >&2
+    exit 2
+fi
+echo "== GPU: $gpu"
+if command -v torchrun >/dev/null 2>&1; then
+    torchrun=(torchrun)
+else
+    torchrun=("$PYTHON" -m torch.distributed.run)
+fi
+
+work=$(mktemp -d "$parent/bench-gpu.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+model=$work/model
+results=$work/results.jsonl
+
+echo "== generating the $PRESET model into $work"
+"$BIN/tpsynth" --preset "$PRESET" --seed 1 --quiet "$model"
+
+echo "== tpconvert --tp 1 (the input of the future tprun GPU run)"
+t0=$(date +%s.%N)
+"$BIN/tpconvert" --tp 1 --quiet "$model" "$work/tp1" >"$work/convert.log" 2>&1 || {
+    echo "bench_gpu: tpconvert failed:" >&2; tail -n 20 "$work/convert.log" >&2; exit 1; }
+t1=$(date +%s.%N)
+awk -v a="$t0" -v b="$t1" 'BEGIN {printf "{\"bench\": \"tpconvert\", \"seconds\": %.3f}\n", b - a}' | tee -a "$results"
+
+# run_ref NAME CMD...: one reference measurement; its JSON line goes to the
+# results, its chatter to a log shown only when it fails.
+run_ref() {
+    local name=$1; shift
+    echo "== $name"
+    if ! "$@" >"$work/$name.out" 2>"$work/$name.log"; then
+        echo "bench_gpu: $name failed:" >&2
+        tail -n 30 "$work/$name.log" >&2
+        exit 1
+    fi
+    grep '^{' "$work/$name.out" | tee -a "$results"
+}
+
+port=$(( 29500 + RANDOM % 2000 ))
+run_ref load-tp "${torchrun[@]}" --nproc-per-node "$NPROC" --master-port "$port" "$ref" load-tp --model "$model"
+run_ref load-st "$PYTHON" "$ref" load-st --model "$model" --repeat "$REPEAT"
+run_ref generate "$PYTHON" "$ref" generate --model "$model" --repeat "$REPEAT" \
+    --prompt "$PROMPT" --new "$NEW" --prefill "$PREFILL"
+run_ref bandwidth "$PYTHON" "$ref" bandwidth --repeat "$REPEAT"
+
+echo
+"$PYTHON" - "$results" "$PRESET" <<'EOF'
+import json, sys
+r = {}
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    r[d["bench"]] = d
+g, bw = r["generate"], r["bandwidth"]
+frac = g["decode_tokens_per_s"] * g["weight_bytes"] / (bw["gb_per_s"] * 1e9)
+print(f"Reference on {g['device']} ({sys.argv[2]}, bf16, batch 1):")
+print(f"  tpconvert --tp 1                         {r['tpconvert']['seconds']:8.2f} s")
+print(f"  transformers load, tp_plan=auto (world {r['load-tp']['world']}) {r['load-tp']['seconds']:8.2f} s")
+print(f"  safetensors load_file(device=cuda)       {r['load-st']['seconds']:8.2f} s  "
+      f"({r['load-st']['gb_per_s']} GB/s, page cache not dropped)")
+print(f"  transformers decode                      {g['decode_tokens_per_s']:8.1f} tokens/s "
+      f"({g['new']} new after {g['prompt']})")
+print(f"  transformers prefill                     {g['prefill_tokens_per_s']:8.1f} tokens/s "
+      f"({g['prefill_tokens']} tokens)")
+print(f"  device copy bandwidth                    {bw['gb_per_s']:8.1f} GB/s")
+print(f"  decode at the memory bound               {100 * frac:8.1f} %  "
+      f"({g['weight_bytes'] / 1e9:.2f} GB of weights read per token)")
+print("  tprun GPU                                not implemented yet: nothing to compare")
+EOF

@@ -1,0 +1,245 @@
+/* convert.h - a Hugging Face checkpoint (config.json + safetensors) and a
+ * tensor-parallel plan -> one file per rank (tpshard or plain safetensors)
+ * plus manifest.json.
+ *
+ * Three steps, so that tpconvert can stop after the second for --dry-run:
+ *   1. the plan: pattern -> style, from --plan, else config.json's
+ *      "base_model_tp_plan", else a built-in plan per model_type that
+ *      reproduces transformers (plus the ForCausalLM "lm_head" entry);
+ *   2. tp_conversion_prepare: every source tensor is matched against the plan
+ *      and cut: for each rank the global ranges it holds (tp_split), its
+ *      local shape and bytes; every check happens here, before a byte is
+ *      written;
+ *   3. tp_conversion_write: streams each tensor's rank slices straight from
+ *      the mmapped source into the rank writers, then copies the configs and
+ *      the tokenizer, then writes manifest.json last.  On any failure
+ *      (ENOSPC, a cancel request, ...) everything written is removed.
+ *
+ * Weight layout is torch nn.Linear [out, in].  The cuts:
+ *   colwise (and colwise_gather_output, the lm_head's): dim 0 of the weight
+ *     and of the bias;
+ *   rowwise: dim 1 of the weight; the bias is NOT split: every rank stores it
+ *     whole with reduce_bias = true, and the runtime adds it once, after the
+ *     all-reduce of the partial products;
+ *   packed_colwise: dim 0 holds 2 equal blocks (fused gate_up); a rank holds
+ *     its slice of each block (two ranges);
+ *   vocab: the embedding split by vocabulary rows (--vocab-parallel);
+ *   replicate: whole on every rank (also everything the plan does not name).
+ * Vocabulary rows (lm_head, vocab-parallel embedding) may split unevenly:
+ * ceil(V / tp) rows per rank, the last rank shorter (torch.chunk, as DTensor
+ * does).  Attention heads and the intermediate size must divide by tp.  Key /
+ * value heads split when num_key_value_heads % tp == 0; with fewer kv heads
+ * than ranks (tp % kv == 0) rank r holds kv head r / (tp / kv), so several
+ * ranks record the same range.
+ *
+ * Same error convention as shardfmt.h: 0 / -1 and a tp_err.  Never prints.
+ */
+#ifndef TP_CONVERT_H
+#define TP_CONVERT_H
+
+#include "shardfmt.h"
+
+#include <signal.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------ styles */
+
+/* The cuts tpconvert knows.  Each transformers style name (old and new) maps
+ * to one of these; see tp_style_parse. */
+typedef enum tp_style {
+    TP_STYLE_REPLICATE = 0,        /* replicate, replicated_with_grad_allreduce, sequence_parallel */
+    TP_STYLE_COLWISE,              /* colwise, local_colwise */
+    TP_STYLE_COLWISE_GATHER,       /* colwise_gather_output, colwise_rep */
+    TP_STYLE_ROWWISE,              /* rowwise, local_rowwise */
+    TP_STYLE_ROWWISE_REP,          /* rowwise_rep, rowwise_split_input */
+    TP_STYLE_PACKED_COLWISE,       /* packed_colwise */
+    TP_STYLE_PACKED_ROWWISE,       /* packed_rowwise, local_packed_rowwise */
+    TP_STYLE_VOCAB,                /* vocab, embedding_rowwise */
+} tp_style;
+
+/* The canonical name recorded in the manifest and the rank files. */
+const char *tp_style_name(tp_style s);
+/* Accepts every alias above.  A style transformers knows but that has no
+ * meaning here (MoE, MLA, embedding_colwise, ...) and a name nobody knows are
+ * errors; key (the plan pattern, may be NULL) is named in the message. */
+int tp_style_parse(const char *name, const char *key, tp_style *out, tp_err *err);
+
+/* -------------------------------------------------------------------- plan */
+
+/* Patterns are full tensor-module names: "model.layers.*.self_attn.q_proj",
+ * "lm_head", "model.embed_tokens". */
+typedef struct tp_plan {
+    size_t n;
+    char **patterns;
+    tp_style *styles;
+    char *source;        /* where it came from, for messages and --dry-run */
+} tp_plan;
+
+/* Supported model types: qwen3, qwen2, llama, mistral. */
+bool tp_model_type_known(const char *model_type);
+/* The built-in plan of a known model type, as transformers resolves it for
+ * *ForCausalLM (base_model_tp_plan under "model." + lm_head). */
+int tp_plan_builtin(const char *model_type, tp_plan *out, tp_err *err);
+/* A JSON object pattern -> style.  base_prefixed: keys are relative to the
+ * base model (config.json's base_model_tp_plan): "model." is prepended.
+ * Otherwise (a --plan file) a key that starts with "model." or is "lm_head"
+ * (or "lm_head.*") is taken as is, anything else gets "model.". */
+int tp_plan_parse(const char *json, size_t len, const char *source, bool base_prefixed,
+                  tp_plan *out, tp_err *err);
+/* Adds or replaces one entry. */
+int tp_plan_set(tp_plan *p, const char *pattern, tp_style style, tp_err *err);
+/* The style for a tensor name, the way transformers' _get_parameter_plan
+ * looks it up: the exact name, then its module (name minus the last part),
+ * then the same two with layer numbers turned into "*".  Returns the entry
+ * index, or -1 (not named: replicated). */
+long tp_plan_match(const tp_plan *p, const char *tensor_name);
+/* {"pattern": "style", ...}, malloc'd. */
+char *tp_plan_to_json(const tp_plan *p);
+void tp_plan_free(tp_plan *p);
+/* transformers' replace_layer_number_by_wildcard: ".3." -> ".*.", ".3" at
+ * the end -> ".*".  Writes into out (cap bytes); false when it does not fit. */
+bool tp_wildcard_layers(const char *name, char *out, size_t cap);
+
+/* The plan a conversion uses: plan_path's if given, else config.json's
+ * base_model_tp_plan (plus the built-in lm_head entry), else the built-in
+ * one.  An unknown model_type without plan_path is refused with a message
+ * that says how to give a plan.  vocab_parallel adds "model.embed_tokens":
+ * "vocab" unless the plan names the embedding already. */
+int tp_plan_resolve(const char *config_json, size_t config_len, const char *plan_path,
+                    bool vocab_parallel, tp_plan *out, tp_err *err);
+
+/* ----------------------------------------------------------- model shapes */
+
+typedef struct tp_model_info {
+    char model_type[64];
+    int64_t hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab, n_layers;
+    bool tie_word_embeddings;
+} tp_model_info;
+
+/* Reads the sizes from config.json text (defensively; path for messages).
+ * head_dim defaults to hidden / heads, num_key_value_heads to the heads.
+ * Unknown model types are accepted here (the plan step refuses them). */
+int tp_model_info_parse(const char *json, size_t len, const char *path, tp_model_info *mi,
+                        tp_err *err);
+
+/* -------------------------------------------------------------------- cuts */
+
+/* One tensor cut for every rank. */
+typedef struct tp_cut {
+    char *name;
+    const tp_st_tensor *src;      /* NULL when made from a shape alone (tests) */
+    tp_style style;
+    long plan_entry;              /* index in the plan that named it, -1: not named (replicated) */
+    int dim;                      /* -1: replicated */
+    bool reduce_bias;             /* bias of a row-parallel layer: add once after the all-reduce */
+    tp_dtype dtype;
+    int ndim;
+    uint64_t global_shape[TP_MAX_DIMS];
+    int tp;
+    tp_split *splits;             /* [tp] */
+    uint64_t *local_shapes;       /* [tp * TP_MAX_DIMS] */
+    uint64_t *rank_bytes;         /* [tp] */
+} tp_cut;
+
+/* Cuts one tensor: checks its shape against the model (q_proj rows ==
+ * heads * head_dim, ...) and the split (head boundaries, kv heads, even
+ * division except for vocabulary rows).  Errors name the tensor. */
+int tp_cut_make(tp_cut *c, const tp_model_info *mi, const char *name, tp_dtype dtype, int ndim,
+                const uint64_t *shape, tp_style style, int tp, tp_err *err);
+void tp_cut_free(tp_cut *c);
+
+/* The range [*start, *end) of [0, size) that rank holds: size / tp each
+ * (size % tp must be 0), or with uneven torch.chunk's split (ceil(size / tp)
+ * each, the last ranks shorter).  -1 when it does not divide or the rank
+ * would hold nothing.  Exposed for tests. */
+int tp_split_range(uint64_t size, int tp, int rank, bool uneven, uint64_t *start, uint64_t *end);
+
+/* -------------------------------------------------------------- conversion */
+
+typedef enum tp_out_format {
+    TP_OUT_TPSHARD = 0,
+    TP_OUT_SAFETENSORS,
+} tp_out_format;
+
+typedef struct tp_conversion {
+    char *model_dir;
+    int tp;
+    bool vocab_parallel;          /* the embedding was cut by vocabulary rows */
+    tp_model_info model;
+    tp_plan plan;
+    char *config_json;
+    size_t config_len;
+    tp_st_set src;
+    bool src_open;
+    size_t n_cuts;
+    tp_cut *cuts;                 /* source order: by file, then by offset */
+    uint64_t *rank_total;         /* [tp] bytes per rank */
+    uint64_t source_bytes;
+} tp_conversion;
+
+/* Reads config.json, resolves the plan, opens the weights and cuts every
+ * tensor.  Writes nothing. */
+int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const char *plan_path,
+                          bool vocab_parallel, tp_err *err);
+void tp_conversion_free(tp_conversion *c);
+
+typedef struct tp_write_opts {
+    tp_out_format format;
+    tp_codec codec;
+    int level;
+    size_t chunk_size;            /* 0: TP_DEFAULT_CHUNK */
+    int threads;                  /* tpshard encoding threads, 0: all cores */
+    bool quiet;                   /* no progress bar */
+    bool force;                   /* replace an existing conversion in out_dir */
+    /* Set (e.g. by a SIGINT handler) to stop: checked between tensors and
+     * chunks; the write fails with "interrupted" and cleans up.  May be NULL. */
+    volatile sig_atomic_t *cancel;
+} tp_write_opts;
+
+typedef struct tp_write_report {
+    char conversion_id[33];
+    uint64_t raw_bytes, stored_bytes;
+    size_t n_files_copied;
+    double seconds;
+} tp_write_report;
+
+/* Writes out_dir.  out_dir must not exist or be empty, else it is refused
+ * unless opts->force (then manifest.json is removed first, so the directory
+ * never looks complete with mixed files, then the old rank files).  Files
+ * copied when present: config.json (always), generation_config.json,
+ * tokenizer.json, tokenizer_config.json.  manifest.json is written last. */
+int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_write_opts *opts,
+                        tp_write_report *rep, tp_err *err);
+
+/* ------------------------------------------------ synthetic models (H6) */
+
+/* A synthetic Hugging Face model directory with random bf16 weights
+ * (convert/synth.c; tools/tpsynth.c is its command line). */
+typedef struct tp_synth_opts {
+    const char *arch;            /* "qwen3", "qwen2", "llama", "mistral" */
+    int hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, max_position;
+    bool tie;                    /* tie_word_embeddings (no lm_head.weight) */
+    uint64_t seed;
+    uint64_t shard_size;         /* bytes per safetensors file; 0: one model.safetensors */
+    const char *tokenizer_path;  /* tokenizer.json or tokenizer.json.zst to copy; NULL: none */
+    int threads;                 /* 0: all cores */
+    bool quiet;                  /* no progress bar */
+} tp_synth_opts;
+
+/* Sets arch and dimensions of a named preset ("tiny", "demo", "qwen3-0.6b",
+ * "qwen3-8b"); leaves seed, shard_size, tokenizer_path, threads, quiet. */
+int tp_synth_preset(tp_synth_opts *o, const char *preset, tp_err *err);
+/* Writes out_dir (created; must be empty): model safetensors (sharded with
+ * an index when shard_size is set), tokenizer files, generation_config.json
+ * and, last, config.json.  On failure the files written are removed. */
+int tp_synth_write(const char *out_dir, const tp_synth_opts *o, tp_err *err);
+/* Parameters of the model o describes (0 when o is invalid). */
+uint64_t tp_synth_param_count(const tp_synth_opts *o);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,777 @@
+/* synth.c - writes a synthetic Hugging Face model directory (config.json,
+ * generation_config.json, safetensors with the real HF tensor names, and
+ * optionally the tokenizer) with random bf16 weights.  Used by the demo, the
+ * tests and the conversion benchmark, so that no checkpoint is downloaded.
+ *
+ * Values: weights and biases N(0, 0.02^2), norm weights 1 + N(0, 0.02^2),
+ * drawn by table lookup: a 65536-entry table of bf16 normal quantiles indexed
+ * by 16 random bits (bf16 has 8 significant bits, so the quantised
+ * distribution is indistinguishable from a sampled one; tails stop at about
+ * 4.3 sigma).  Each 1 MiB block of a tensor has its own xoshiro256** stream
+ * seeded from (seed, tensor index, block), so the output is the same for any
+ * number of threads, and blocks are filled in parallel.  Tensors stream
+ * through tp_st_write's fill callback: there is never a whole-model buffer.
+ */
+#include "convert.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <dirent.h>
+
+#include <cJSON.h>
+#include <zstd.h>
+
+#define SYNTH_STD 0.02
+#define SYNTH_BLOCK_ELEMS (1u << 19)   /* 1 MiB of bf16 */
+#define SYNTH_TOKENIZER_MAX (256u << 20)
+
+/* ------------------------------------------------------------- presets */
+
+static void set_dims(tp_synth_opts *o, const char *arch, int hidden, int layers, int heads,
+                     int kv_heads, int head_dim, int intermediate, int vocab, bool tie,
+                     int max_position)
+{
+    o->arch = arch;
+    o->hidden = hidden;
+    o->layers = layers;
+    o->heads = heads;
+    o->kv_heads = kv_heads;
+    o->head_dim = head_dim;
+    o->intermediate = intermediate;
+    o->vocab = vocab;
+    o->tie = tie;
+    o->max_position = max_position;
+}
+
+int tp_synth_preset(tp_synth_opts *o, const char *preset, tp_err *err)
+{
+    if (!strcmp(preset, "tiny"))
+        set_dims(o, "qwen3", 64, 2, 4, 2, 16, 128, 512, true, 256);
+    else if (!strcmp(preset, "demo"))
+        set_dims(o, "qwen3", 128, 2, 4, 2, 32, 384, 151936, true, 40960);
+    else if (!strcmp(preset, "qwen3-0.6b"))
+        set_dims(o, "qwen3", 1024, 28, 16, 8, 128, 3072, 151936, true, 40960);
+    else if (!strcmp(preset, "qwen3-8b"))
+        set_dims(o, "qwen3", 4096, 36, 32, 8, 128, 12288, 151936, false, 40960);
+    else
+        return tp_errorf(err, "--preset %s: unknown (demo, tiny, qwen3-0.6b, qwen3-8b)", preset);
+    return 0;
+}
+
+static bool arch_known(const char *arch)
+{
+    return !strcmp(arch, "qwen3") || !strcmp(arch, "qwen2") || !strcmp(arch, "llama") ||
+           !strcmp(arch, "mistral");
+}
+
+static int check_opts(const tp_synth_opts *o, tp_err *err)
+{
+    if (!o->arch || !arch_known(o->arch))
+        return tp_errorf(err, "--arch %s: unknown (qwen3, qwen2, llama, mistral)",
+                         o->arch ? o->arch : "(none)");
+    struct { const char *flag; int v; } dims[] = {
+        {"--hidden", o->hidden}, {"--layers", o->layers}, {"--heads", o->heads},
+        {"--kv-heads", o->kv_heads}, {"--head-dim", o->head_dim},
+        {"--intermediate", o->intermediate}, {"--vocab", o->vocab},
+        {"--max-position", o->max_position},
+    };
+    for (size_t i = 0; i < sizeof dims / sizeof dims[0]; i++)
+        if (dims[i].v <= 0 || dims[i].v > (1 << 24))
+            return tp_errorf(err, "%s %d: must be in 1..%d", dims[i].flag, dims[i].v, 1 << 24);
+    if (o->heads % o->kv_heads)
+        return tp_errorf(err, "--heads %d: not a multiple of --kv-heads %d", o->heads, o->kv_heads);
+    /* Qwen2's config has no head_dim: it is hidden / heads. */
+    if (!strcmp(o->arch, "qwen2") && o->head_dim * o->heads != o->hidden)
+        return tp_errorf(err, "--head-dim %d: qwen2 needs head_dim * heads == hidden (%d)",
+                         o->head_dim, o->hidden);
+    return 0;
+}
+
+/* --------------------------------------------------------- tensor list */
+
+typedef enum { VAL_WEIGHT, VAL_NORM } synth_value;
+
+typedef struct synth_tensor {
+    char name[96];
+    int ndim;
+    uint64_t shape[2];
+    synth_value value;
+    size_t nbytes;
+} synth_tensor;
+
+typedef struct synth_list {
+    synth_tensor *t;
+    size_t n, cap;
+} synth_list;
+
+static int list_add(synth_list *l, synth_value value, uint64_t d0, uint64_t d1, tp_err *err,
+                    const char *fmt, ...) __attribute__((format(printf, 6, 7)));
+
+static int list_add(synth_list *l, synth_value value, uint64_t d0, uint64_t d1, tp_err *err,
+                    const char *fmt, ...)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 64;
+        synth_tensor *t = realloc(l->t, cap * sizeof *t);
+        if (!t)
+            return tp_errorf(err, "tpsynth: out of memory for the tensor list");
+        l->t = t;
+        l->cap = cap;
+    }
+    synth_tensor *t = &l->t[l->n++];
+    memset(t, 0, sizeof *t);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(t->name, sizeof t->name, fmt, ap);
+    va_end(ap);
+    t->value = value;
+    t->ndim = d1 ? 2 : 1;
+    t->shape[0] = d0;
+    t->shape[1] = d1;
+    t->nbytes = (size_t)d0 * (d1 ? d1 : 1) * 2;
+    return 0;
+}
+
+/* The tensors of the model, in the order HF checkpoints list them. */
+static int build_list(const tp_synth_opts *o, synth_list *l, tp_err *err)
+{
+    bool qwen3 = !strcmp(o->arch, "qwen3"), qwen2 = !strcmp(o->arch, "qwen2");
+    uint64_t H = o->hidden, I = o->intermediate, V = o->vocab;
+    uint64_t Q = (uint64_t)o->heads * o->head_dim, KV = (uint64_t)o->kv_heads * o->head_dim;
+    if (list_add(l, VAL_WEIGHT, V, H, err, "model.embed_tokens.weight"))
+        return -1;
+    for (int i = 0; i < o->layers; i++) {
+        const char *p = "model.layers";
+        int rc = 0;
+        rc |= list_add(l, VAL_NORM, H, 0, err, "%s.%d.input_layernorm.weight", p, i);
+        rc |= list_add(l, VAL_WEIGHT, Q, H, err, "%s.%d.self_attn.q_proj.weight", p, i);
+        if (qwen2)
+            rc |= list_add(l, VAL_WEIGHT, Q, 0, err, "%s.%d.self_attn.q_proj.bias", p, i);
+        rc |= list_add(l, VAL_WEIGHT, KV, H, err, "%s.%d.self_attn.k_proj.weight", p, i);
+        if (qwen2)
+            rc |= list_add(l, VAL_WEIGHT, KV, 0, err, "%s.%d.self_attn.k_proj.bias", p, i);
+        rc |= list_add(l, VAL_WEIGHT, KV, H, err, "%s.%d.self_attn.v_proj.weight", p, i);
+        if (qwen2)
+            rc |= list_add(l, VAL_WEIGHT, KV, 0, err, "%s.%d.self_attn.v_proj.bias", p, i);
+        rc |= list_add(l, VAL_WEIGHT, H, Q, err, "%s.%d.self_attn.o_proj.weight", p, i);
+        if (qwen3) {
+            rc |= list_add(l, VAL_NORM, o->head_dim, 0, err, "%s.%d.self_attn.q_norm.weight", p, i);
+            rc |= list_add(l, VAL_NORM, o->head_dim, 0, err, "%s.%d.self_attn.k_norm.weight", p, i);
+        }
+        rc |= list_add(l, VAL_NORM, H, 0, err, "%s.%d.post_attention_layernorm.weight", p, i);
+        rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.gate_proj.weight", p, i);
+        rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.up_proj.weight", p, i);
+        rc |= list_add(l, VAL_WEIGHT, H, I, err, "%s.%d.mlp.down_proj.weight", p, i);
+        if (rc)
+            return -1;
+    }
+    if (list_add(l, VAL_NORM, H, 0, err, "model.norm.weight"))
+        return -1;
+    if (!o->tie && list_add(l, VAL_WEIGHT, V, H, err, "lm_head.weight"))
+        return -1;
+    return 0;
+}
+
+/* ------------------------------------------------------------- values */
+
+/* Acklam's rational approximation of the standard normal quantile (relative
+ * error < 1.2e-9, far below bf16 resolution). */
+static double normal_quantile(double p)
+{
+    static const double a[] = {-3.969683028665376e+01, 2.209460984245205e+02,
+                               -2.759285104469687e+02, 1.383577518672690e+02,
+                               -3.066479806614716e+01, 2.506628277459239e+00};
+    static const double b[] = {-5.447609879822406e+01, 1.615858368580409e+02,
+                               -1.556989798598866e+02, 6.680131188771972e+01,
+                               -1.328068155288572e+01};
+    static const double c[] = {-7.784894002430293e-03, -3.223964580411365e-01,
+                               -2.400758277161838e+00, -2.549732539343734e+00,
+                               4.374664141464968e+00, 2.938163982698783e+00};
+    static const double d[] = {7.784695709041462e-03, 3.224671290700398e-01,
+                               2.445134137142996e+00, 3.754408661907416e+00};
+    const double lo = 0.02425, hi = 1 - lo;
+    if (p < lo) {
+        double q = sqrt(-2 * log(p));
+        return (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+               ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
+    }
+    if (p > hi) {
+        double q = sqrt(-2 * log(1 - p));
+        return -(((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+               ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1);
+    }
+    double q = p - 0.5, r = q * q;
+    return (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+           (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1);
+}
+
+static void fill_table(uint16_t *table, double mean, double std)
+{
+    for (uint32_t i = 0; i < 65536; i++)
+        table[i] = tp_f32_to_bf16((float)(mean + std * normal_quantile((i + 0.5) / 65536.0)));
+}
+
+typedef struct xoshiro { uint64_t s[4]; } xoshiro;
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static uint64_t xoshiro_next(xoshiro *r)
+{
+    uint64_t *s = r->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+static void xoshiro_seed(xoshiro *r, uint64_t seed, uint64_t tensor, uint64_t block)
+{
+    uint64_t x = seed ^ (tensor * 0xd1342543de82ef95ull) ^ (block * 0xaf251af3b0f025b5ull);
+    for (int i = 0; i < 4; i++)
+        r->s[i] = splitmix64(&x);
+}
+
+typedef struct synth_ctx {
+    const synth_list *list;
+    const size_t *file_first;   /* list index of each file's first tensor */
+    size_t file;                /* the file being written */
+    uint64_t seed;
+    uint16_t weight_table[65536], norm_table[65536];
+    tp_pool *pool;
+    tp_progress *progress;
+    /* the tensor being filled, for the parallel blocks */
+    size_t cur;
+    uint16_t *dst;
+    size_t n_elems;
+} synth_ctx;
+
+static void fill_block(size_t block, void *arg)
+{
+    synth_ctx *c = arg;
+    const uint16_t *table =
+        c->list->t[c->cur].value == VAL_NORM ? c->norm_table : c->weight_table;
+    size_t begin = block * SYNTH_BLOCK_ELEMS;
+    size_t end = begin + SYNTH_BLOCK_ELEMS < c->n_elems ? begin + SYNTH_BLOCK_ELEMS : c->n_elems;
+    xoshiro r;
+    xoshiro_seed(&r, c->seed, c->cur, block);
+    uint16_t *dst = c->dst;
+    size_t i = begin;
+    for (; i + 4 <= end; i += 4) {
+        uint64_t x = xoshiro_next(&r);
+        dst[i] = table[x & 0xffff];
+        dst[i + 1] = table[(x >> 16) & 0xffff];
+        dst[i + 2] = table[(x >> 32) & 0xffff];
+        dst[i + 3] = table[x >> 48];
+    }
+    uint64_t x = xoshiro_next(&r);
+    for (; i < end; i++, x >>= 16)
+        dst[i] = table[x & 0xffff];
+    if (c->progress)
+        tp_progress_add(c->progress, (uint64_t)(end - begin) * 2);
+}
+
+/* tp_st_write callback: i is the index within the current file. */
+static int fill_tensor(size_t i, uint8_t *dst, size_t nbytes, void *arg, tp_err *err)
+{
+    synth_ctx *c = arg;
+    c->cur = c->file_first[c->file] + i;
+    const synth_tensor *t = &c->list->t[c->cur];
+    if (nbytes != t->nbytes)
+        return tp_errorf(err, "tensor %s: writer asked for %zu bytes, expected %zu", t->name,
+                         nbytes, t->nbytes);
+    c->dst = (uint16_t *)dst;
+    c->n_elems = nbytes / 2;
+    size_t blocks = (c->n_elems + SYNTH_BLOCK_ELEMS - 1) / SYNTH_BLOCK_ELEMS;
+    if (c->pool)
+        tp_pool_parallel_for(c->pool, blocks, fill_block, c);
+    else
+        for (size_t b = 0; b < blocks; b++)
+            fill_block(b, c);
+    return 0;
+}
+
+/* ------------------------------------------------------------- config */
+
+typedef struct arch_info {
+    const char *arch, *class_name;
+    double rope_theta;
+} arch_info;
+
+static const arch_info ARCHS[] = {
+    {"qwen3", "Qwen3ForCausalLM", 1000000.0},
+    {"qwen2", "Qwen2ForCausalLM", 1000000.0},
+    {"llama", "LlamaForCausalLM", 500000.0},
+    {"mistral", "MistralForCausalLM", 1000000.0},
+};
+
+static const arch_info *arch_lookup(const char *arch)
+{
+    for (size_t i = 0; i < sizeof ARCHS / sizeof ARCHS[0]; i++)
+        if (!strcmp(ARCHS[i].arch, arch))
+            return &ARCHS[i];
+    return NULL;
+}
+
+/* bos / eos ids: the real ones when the vocabulary is the real one. */
+static void special_ids(const tp_synth_opts *o, int *bos, int eos[2], int *n_eos)
+{
+    bool qwen = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen2");
+    if (qwen && o->vocab >= 151936) {
+        *bos = 151643;          /* <|endoftext|> */
+        eos[0] = 151645;        /* <|im_end|> */
+        eos[1] = 151643;
+        *n_eos = 2;
+    } else if (!strcmp(o->arch, "llama") && o->vocab >= 128256) {
+        *bos = 128000;
+        eos[0] = 128001;
+        eos[1] = 128009;
+        *n_eos = 2;
+    } else {
+        *bos = 1;
+        eos[0] = 2;
+        *n_eos = 1;
+    }
+}
+
+static char *config_json(const tp_synth_opts *o)
+{
+    const arch_info *a = arch_lookup(o->arch);
+    bool qwen = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen2");
+    int bos, eos[2], n_eos;
+    special_ids(o, &bos, eos, &n_eos);
+    cJSON *j = cJSON_CreateObject();
+    cJSON *archs = cJSON_AddArrayToObject(j, "architectures");
+    cJSON_AddItemToArray(archs, cJSON_CreateString(a->class_name));
+    if (strcmp(o->arch, "qwen2") != 0 && strcmp(o->arch, "mistral") != 0)
+        cJSON_AddBoolToObject(j, "attention_bias", false);
+    cJSON_AddNumberToObject(j, "attention_dropout", 0.0);
+    cJSON_AddNumberToObject(j, "bos_token_id", bos);
+    cJSON_AddNumberToObject(j, "eos_token_id", eos[0]);
+    if (strcmp(o->arch, "qwen2") != 0)
+        cJSON_AddNumberToObject(j, "head_dim", o->head_dim);
+    cJSON_AddStringToObject(j, "hidden_act", "silu");
+    cJSON_AddNumberToObject(j, "hidden_size", o->hidden);
+    cJSON_AddNumberToObject(j, "initializer_range", SYNTH_STD);
+    cJSON_AddNumberToObject(j, "intermediate_size", o->intermediate);
+    cJSON_AddNumberToObject(j, "max_position_embeddings", o->max_position);
+    if (qwen)
+        cJSON_AddNumberToObject(j, "max_window_layers", o->layers);
+    if (!strcmp(o->arch, "llama"))
+        cJSON_AddBoolToObject(j, "mlp_bias", false);
+    cJSON_AddStringToObject(j, "model_type", o->arch);
+    cJSON_AddNumberToObject(j, "num_attention_heads", o->heads);
+    cJSON_AddNumberToObject(j, "num_hidden_layers", o->layers);
+    cJSON_AddNumberToObject(j, "num_key_value_heads", o->kv_heads);
+    cJSON_AddNumberToObject(j, "rms_norm_eps", 1e-6);
+    cJSON_AddNullToObject(j, "rope_scaling");
+    cJSON_AddNumberToObject(j, "rope_theta", a->rope_theta);
+    if (qwen || !strcmp(o->arch, "mistral"))
+        cJSON_AddNullToObject(j, "sliding_window");
+    cJSON_AddBoolToObject(j, "tie_word_embeddings", o->tie);
+    cJSON_AddStringToObject(j, "torch_dtype", "bfloat16");
+    cJSON_AddStringToObject(j, "transformers_version", "4.51.0");
+    cJSON_AddBoolToObject(j, "use_cache", true);
+    if (qwen)
+        cJSON_AddBoolToObject(j, "use_sliding_window", false);
+    cJSON_AddNumberToObject(j, "vocab_size", o->vocab);
+    char *s = cJSON_Print(j);
+    cJSON_Delete(j);
+    return s;
+}
+
+static char *generation_config_json(const tp_synth_opts *o)
+{
+    int bos, eos[2], n_eos;
+    special_ids(o, &bos, eos, &n_eos);
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddNumberToObject(j, "bos_token_id", bos);
+    cJSON *e = cJSON_AddArrayToObject(j, "eos_token_id");
+    for (int i = 0; i < n_eos; i++)
+        cJSON_AddItemToArray(e, cJSON_CreateNumber(eos[i]));
+    cJSON_AddStringToObject(j, "transformers_version", "4.51.0");
+    char *s = cJSON_Print(j);
+    cJSON_Delete(j);
+    return s;
+}
+
+/* ------------------------------------------------------------- files */
+
+/* Files written so far, removed again if a later step fails. */
+typedef struct written {
+    char **paths;
+    size_t n, cap;
+} written;
+
+/* Takes ownership of path.  Returns -1 (and removes the file, since nobody
+ * could clean it up later) when out of memory. */
+static int remember(written *w, char *path, tp_err *err)
+{
+    if (w->n == w->cap) {
+        size_t cap = w->cap ? 2 * w->cap : 16;
+        char **p = realloc(w->paths, cap * sizeof *p);
+        if (!p) {
+            unlink(path);
+            free(path);
+            return tp_errorf(err, "out of memory");
+        }
+        w->paths = p;
+        w->cap = cap;
+    }
+    w->paths[w->n++] = path;
+    return 0;
+}
+
+static void unwind(written *w, bool remove_files)
+{
+    for (size_t i = 0; i < w->n; i++) {
+        if (remove_files)
+            unlink(w->paths[i]);
+        free(w->paths[i]);
+    }
+    free(w->paths);
+    memset(w, 0, sizeof *w);
+}
+
+static int write_text(const char *dir, const char *name, const char *text, written *w, tp_err *err)
+{
+    char *path = tp_path_join(dir, name);
+    if (!path)
+        return tp_errorf(err, "%s/%s: out of memory", dir, name);
+    if (tp_write_file_atomic(path, text, strlen(text), err)) {
+        free(path);
+        return -1;
+    }
+    return remember(w, path, err);
+}
+
+/* Reads the tokenizer, decompressing a .zst file (streaming: the frame need
+ * not record its size). */
+static int read_tokenizer(const char *src, char **out, size_t *out_len, tp_err *err)
+{
+    char *raw;
+    size_t raw_len;
+    if (tp_read_file(src, SYNTH_TOKENIZER_MAX, &raw, &raw_len, err))
+        return -1;
+    size_t n = strlen(src);
+    if (n < 4 || strcmp(src + n - 4, ".zst") != 0) {
+        *out = raw;
+        *out_len = raw_len;
+        return 0;
+    }
+    ZSTD_DStream *ds = ZSTD_createDStream();
+    size_t cap = raw_len * 4 + 4096, len = 0;
+    char *buf = malloc(cap + 1);
+    int rc = 0;
+    if (!ds || !buf) {
+        rc = tp_errorf(err, "%s: out of memory", src);
+        goto done;
+    }
+    ZSTD_initDStream(ds);
+    ZSTD_inBuffer in = {raw, raw_len, 0};
+    for (;;) {
+        if (len == cap) {
+            char *nb = cap < SYNTH_TOKENIZER_MAX ? realloc(buf, 2 * cap + 1) : NULL;
+            if (!nb) {
+                rc = tp_errorf(err, "%s: decompressed tokenizer too large (limit %u bytes)",
+                               src, SYNTH_TOKENIZER_MAX);
+                goto done;
+            }
+            buf = nb;
+            cap *= 2;
+        }
+        ZSTD_outBuffer ob = {buf, cap, len};
+        size_t r = ZSTD_decompressStream(ds, &ob, &in);
+        len = ob.pos;
+        if (ZSTD_isError(r)) {
+            rc = tp_errorf(err, "%s: zstd: %s", src, ZSTD_getErrorName(r));
+            goto done;
+        }
+        if (r == 0 && in.pos == in.size)
+            break;              /* last frame complete */
+        if (in.pos == in.size && ob.pos < ob.size) {
+            rc = tp_errorf(err, "%s: truncated zstd frame", src);
+            goto done;
+        }
+    }
+done:
+    ZSTD_freeDStream(ds);
+    free(raw);
+    if (rc) {
+        free(buf);
+        return -1;
+    }
+    buf[len] = 0;
+    *out = buf;
+    *out_len = len;
+    return 0;
+}
+
+/* The tokenizer files, read and checked before anything is written. */
+typedef struct tok_files {
+    char *tokenizer, *config;   /* config NULL when there is none beside the source */
+} tok_files;
+
+static int load_tokenizer(const char *src, tok_files *t, tp_err *err)
+{
+    size_t len;
+    if (read_tokenizer(src, &t->tokenizer, &len, err))
+        return -1;
+    /* A tokenizer.json is a JSON object with a "model"; catch a wrong file early. */
+    cJSON *j = cJSON_ParseWithLength(t->tokenizer, len);
+    bool ok = j && cJSON_IsObject(j) && cJSON_GetObjectItemCaseSensitive(j, "model");
+    cJSON_Delete(j);
+    if (!ok)
+        return tp_errorf(err, "%s: not a tokenizer.json (no JSON object with a \"model\")", src);
+    if (strlen(t->tokenizer) != len)
+        return tp_errorf(err, "%s: contains a NUL byte", src);
+    /* tokenizer_config.json beside the source, if there is one. */
+    char *copy = strdup(src);
+    if (!copy)
+        return tp_errorf(err, "%s: out of memory", src);
+    char *slash = strrchr(copy, '/');
+    char *cfg_path = slash ? (*slash = 0, tp_path_join(copy, "tokenizer_config.json"))
+                           : strdup("tokenizer_config.json");
+    free(copy);
+    if (!cfg_path)
+        return tp_errorf(err, "%s: out of memory", src);
+    int rc = 0;
+    if (access(cfg_path, F_OK) == 0) {
+        size_t cfg_len;
+        rc = tp_read_file(cfg_path, SYNTH_TOKENIZER_MAX, &t->config, &cfg_len, err);
+        if (rc == 0) {
+            j = cJSON_ParseWithLength(t->config, cfg_len);
+            if (!j || !cJSON_IsObject(j))
+                rc = tp_errorf(err, "%s: not a JSON object", cfg_path);
+            cJSON_Delete(j);
+        }
+    }
+    free(cfg_path);
+    return rc;
+}
+
+static int make_dir(const char *dir, tp_err *err)
+{
+    char *p = strdup(dir);
+    if (!p)
+        return tp_errorf(err, "%s: out of memory", dir);
+    for (char *s = p + 1; *s; s++) {
+        if (*s != '/')
+            continue;
+        *s = 0;
+        if (mkdir(p, 0755) && errno != EEXIST) {
+            int e = errno;
+            free(p);
+            return tp_errorf(err, "%s: mkdir: %s", dir, strerror(e));
+        }
+        *s = '/';
+    }
+    int rc = mkdir(p, 0755) && errno != EEXIST ? -1 : 0;
+    int e = errno;
+    free(p);
+    if (rc)
+        return tp_errorf(err, "%s: mkdir: %s", dir, strerror(e));
+    return 0;
+}
+
+/* Refuses an output directory that already holds files: a synthetic model
+ * must never be mixed with (or overwrite) another one. */
+static int check_empty_dir(const char *dir, tp_err *err)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return tp_errorf(err, "%s: %s", dir, strerror(errno));
+    struct dirent *e;
+    int rc = 0;
+    while ((e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) {
+            rc = tp_errorf(err, "%s: not empty (holds %s)", dir, e->d_name);
+            break;
+        }
+    closedir(d);
+    return rc;
+}
+
+/* Groups tensors into files of at most shard_size bytes (at least one
+ * tensor each).  file_first gets n_files + 1 entries. */
+static size_t plan_files(const synth_list *l, uint64_t shard_size, size_t *file_first)
+{
+    size_t n_files = 0;
+    uint64_t in_file = 0;
+    for (size_t i = 0; i < l->n; i++) {
+        if (i == 0 || (shard_size && in_file + l->t[i].nbytes > shard_size && in_file > 0)) {
+            file_first[n_files++] = i;
+            in_file = 0;
+        }
+        in_file += l->t[i].nbytes;
+    }
+    file_first[n_files] = l->n;
+    return n_files;
+}
+
+static char *index_json(const synth_list *l, const size_t *file_first, size_t n_files)
+{
+    uint64_t total = 0;
+    for (size_t i = 0; i < l->n; i++)
+        total += l->t[i].nbytes;
+    cJSON *j = cJSON_CreateObject();
+    cJSON *meta = cJSON_AddObjectToObject(j, "metadata");
+    cJSON_AddNumberToObject(meta, "total_size", (double)total);
+    cJSON *map = cJSON_AddObjectToObject(j, "weight_map");
+    for (size_t f = 0; f < n_files; f++) {
+        char name[64];
+        snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", f + 1, n_files);
+        for (size_t i = file_first[f]; i < file_first[f + 1]; i++)
+            cJSON_AddStringToObject(map, l->t[i].name, name);
+    }
+    char *s = cJSON_Print(j);
+    cJSON_Delete(j);
+    return s;
+}
+
+static int write_weights(const char *dir, const tp_synth_opts *o, const synth_list *l,
+                         written *w, tp_err *err)
+{
+    size_t *file_first = malloc((l->n + 1) * sizeof *file_first);
+    synth_ctx *c = calloc(1, sizeof *c);
+    tp_st_out_tensor *outs = calloc(l->n, sizeof *outs);
+    if (!file_first || !c || !outs) {
+        free(file_first);
+        free(c);
+        free(outs);
+        return tp_errorf(err, "%s: out of memory", dir);
+    }
+    size_t n_files = plan_files(l, o->shard_size, file_first);
+    for (size_t i = 0; i < l->n; i++) {
+        outs[i].name = l->t[i].name;
+        outs[i].dtype = TP_BF16;
+        outs[i].ndim = l->t[i].ndim;
+        outs[i].shape[0] = l->t[i].shape[0];
+        outs[i].shape[1] = l->t[i].shape[1];
+    }
+    c->list = l;
+    c->file_first = file_first;
+    c->seed = o->seed;
+    fill_table(c->weight_table, 0.0, SYNTH_STD);
+    fill_table(c->norm_table, 1.0, SYNTH_STD);
+    c->pool = tp_pool_create(o->threads);
+    uint64_t total = 0;
+    for (size_t i = 0; i < l->n; i++)
+        total += l->t[i].nbytes;
+    c->progress = tp_progress_start("tpsynth", total, o->quiet);
+    static const char *const meta[] = {"format", "pt", NULL};
+    int rc = 0;
+    for (size_t f = 0; f < n_files && rc == 0; f++) {
+        char name[64];
+        if (n_files == 1)
+            snprintf(name, sizeof name, "model.safetensors");
+        else
+            snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", f + 1, n_files);
+        char *path = tp_path_join(dir, name);
+        if (!path) {
+            rc = tp_errorf(err, "%s/%s: out of memory", dir, name);
+            break;
+        }
+        c->file = f;
+        rc = tp_st_write(path, outs + file_first[f], file_first[f + 1] - file_first[f], meta,
+                         fill_tensor, c, err);
+        if (rc)
+            free(path);
+        else
+            rc = remember(w, path, err);
+    }
+    if (rc == 0 && n_files > 1) {
+        char *idx = index_json(l, file_first, n_files);
+        rc = idx ? write_text(dir, "model.safetensors.index.json", idx, w, err)
+                 : tp_errorf(err, "%s: out of memory", dir);
+        free(idx);
+    }
+    tp_progress_finish(c->progress);
+    if (c->pool)
+        tp_pool_destroy(c->pool);
+    free(file_first);
+    free(c);
+    free(outs);
+    return rc;
+}
+
+uint64_t tp_synth_param_count(const tp_synth_opts *o)
+{
+    synth_list l = {0};
+    tp_err err;
+    uint64_t n = 0;
+    if (check_opts(o, &err) == 0 && build_list(o, &l, &err) == 0)
+        for (size_t i = 0; i < l.n; i++)
+            n += l.t[i].nbytes / 2;
+    free(l.t);
+    return n;
+}
+
+int tp_synth_write(const char *out_dir, const tp_synth_opts *o, tp_err *err)
+{
+    if (check_opts(o, err))
+        return -1;
+    tok_files tok = {0};
+    if (o->tokenizer_path && load_tokenizer(o->tokenizer_path, &tok, err)) {
+        free(tok.tokenizer);
+        free(tok.config);
+        return -1;
+    }
+    struct stat st;
+    bool existed = stat(out_dir, &st) == 0;
+    synth_list l = {0};
+    written w = {0};
+    int rc = make_dir(out_dir, err);
+    if (rc == 0)
+        rc = check_empty_dir(out_dir, err);
+    if (rc) {
+        free(tok.tokenizer);
+        free(tok.config);
+        return -1;
+    }
+    rc = build_list(o, &l, err);
+    /* Weights first and config.json last: a directory left by a crash never
+     * looks like a complete model; after an error the files are removed. */
+    if (rc == 0)
+        rc = write_weights(out_dir, o, &l, &w, err);
+    if (rc == 0 && tok.tokenizer)
+        rc = write_text(out_dir, "tokenizer.json", tok.tokenizer, &w, err);
+    if (rc == 0 && tok.config)
+        rc = write_text(out_dir, "tokenizer_config.json", tok.config, &w, err);
+    char *gen = rc == 0 ? generation_config_json(o) : NULL;
+    if (rc == 0)
+        rc = gen ? write_text(out_dir, "generation_config.json", gen, &w, err)
+                 : tp_errorf(err, "%s: out of memory", out_dir);
+    free(gen);
+    char *cfg = rc == 0 ? config_json(o) : NULL;
+    if (rc == 0)
+        rc = cfg ? write_text(out_dir, "config.json", cfg, &w, err)
+                 : tp_errorf(err, "%s: out of memory", out_dir);
+    free(cfg);
+    if (rc == 0)
+        rc = tp_fsync_dir(out_dir, err);
+    unwind(&w, rc != 0);
+    if (rc != 0 && !existed)
+        rmdir(out_dir);     /* only succeeds when empty: nothing else is lost */
+    free(l.t);
+    free(tok.tokenizer);
+    free(tok.config);
+    return rc;
+}

@@ -1,0 +1,329 @@
+/* common.c - small helpers shared by load.c, verify.c and bundle.c. */
+#include "loader_internal.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* ------------------------------------------------------- first error of many */
+
+void tp_ld_err_once_init(tp_ld_err_once *e)
+{
+    pthread_mutex_init(&e->mu, NULL);
+    e->failed = false;
+    e->err.msg[0] = '\0';
+}
+
+void tp_ld_err_once_set(tp_ld_err_once *e, const tp_err *err)
+{
+    pthread_mutex_lock(&e->mu);
+    if (!e->failed) {
+        e->failed = true;
+        e->err = *err;
+    }
+    pthread_mutex_unlock(&e->mu);
+}
+
+bool tp_ld_err_once_failed(tp_ld_err_once *e)
+{
+    pthread_mutex_lock(&e->mu);
+    bool failed = e->failed;
+    pthread_mutex_unlock(&e->mu);
+    return failed;
+}
+
+int tp_ld_err_once_take(tp_ld_err_once *e, tp_err *err)
+{
+    if (!e->failed)
+        return 0;
+    if (err)
+        *err = e->err;
+    return -1;
+}
+
+void tp_ld_err_once_destroy(tp_ld_err_once *e)
+{
+    pthread_mutex_destroy(&e->mu);
+}
+
+/* --------------------------------------------------------------- manifests */
+
+bool tp_ld_manifest_lists_file(const tp_manifest *m, const char *name)
+{
+    for (size_t i = 0; i < m->n_files; i++)
+        if (strcmp(m->files[i], name) == 0)
+            return true;
+    return false;
+}
+
+tp_ld_entry_kind tp_ld_manifest_classify(const tp_manifest *m, const char *name, int *rank)
+{
+    if (strcmp(name, TP_MANIFEST_NAME) == 0)
+        return TP_LD_ENTRY_MANIFEST;
+    if (tp_ld_manifest_lists_file(m, name))
+        return TP_LD_ENTRY_COPIED;
+    for (int r = 0; r < m->tp; r++) {
+        if (m->ranks[r].file && strcmp(m->ranks[r].file, name) == 0) {
+            if (rank)
+                *rank = r;
+            return TP_LD_ENTRY_RANK;
+        }
+    }
+    return TP_LD_ENTRY_UNKNOWN;
+}
+
+/* A name that may be joined to a directory: plain, no separators. */
+static bool flat_name_ok(const char *name)
+{
+    return name && name[0] && !strchr(name, '/') && strcmp(name, ".") != 0 &&
+           strcmp(name, "..") != 0 && strlen(name) < 256;
+}
+
+int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err)
+{
+    if (m->tp < 1)
+        return tp_errorf(err, "%s: manifest: tp %d is not positive", src, m->tp);
+    if (!m->ranks)
+        return tp_errorf(err, "%s: manifest: no rank entries", src);
+    for (int r = 0; r < m->tp; r++) {
+        if (m->ranks[r].rank != r)
+            return tp_errorf(err, "%s: manifest: rank entry %d says rank %d", src, r,
+                             m->ranks[r].rank);
+        if (!flat_name_ok(m->ranks[r].file))
+            return tp_errorf(err, "%s: manifest: rank %d file name \"%s\" is not a plain file name",
+                             src, r, m->ranks[r].file ? m->ranks[r].file : "");
+        for (int q = 0; q < r; q++)
+            if (strcmp(m->ranks[q].file, m->ranks[r].file) == 0)
+                return tp_errorf(err, "%s: manifest: ranks %d and %d share the file %s", src, q, r,
+                                 m->ranks[r].file);
+    }
+    for (size_t i = 0; i < m->n_files; i++) {
+        if (!flat_name_ok(m->files[i]))
+            return tp_errorf(err, "%s: manifest: copied file name \"%s\" is not a plain file name",
+                             src, m->files[i] ? m->files[i] : "");
+        if (strcmp(m->files[i], TP_MANIFEST_NAME) == 0)
+            return tp_errorf(err, "%s: manifest: lists itself as a copied file", src);
+        int r;
+        if (tp_ld_manifest_classify(m, m->files[i], &r) == TP_LD_ENTRY_RANK)
+            return tp_errorf(err, "%s: manifest: copied file %s is also a rank file", src,
+                             m->files[i]);
+        for (size_t j = 0; j < i; j++)
+            if (strcmp(m->files[i], m->files[j]) == 0)
+                return tp_errorf(err, "%s: manifest: copied file %s listed twice", src,
+                                 m->files[i]);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------ bundles */
+
+int tp_ld_bundle_check_name(const char *bundle, const char *name, tp_err *err)
+{
+    if (!name || !name[0])
+        return tp_errorf(err, "%s: an entry has an empty name", bundle);
+    if (name[0] == '/')
+        return tp_errorf(err, "%s: entry %s: absolute path refused", bundle, name);
+    /* ".." as any path component. */
+    for (const char *p = name; *p;) {
+        const char *slash = strchr(p, '/');
+        size_t len = slash ? (size_t)(slash - p) : strlen(p);
+        if (len == 2 && p[0] == '.' && p[1] == '.')
+            return tp_errorf(err, "%s: entry %s: \"..\" in path refused", bundle, name);
+        p += len;
+        if (*p == '/')
+            p++;
+    }
+    if (strchr(name, '/'))
+        return tp_errorf(err, "%s: entry %s: directories refused (bundles are flat)", bundle, name);
+    if (strcmp(name, ".") == 0)
+        return tp_errorf(err, "%s: entry \".\" refused", bundle);
+    if (strlen(name) >= 256)
+        return tp_errorf(err, "%s: entry name longer than 255 bytes refused", bundle);
+    return 0;
+}
+
+int tp_ld_bundle_check_type(const char *bundle, struct archive_entry *e, tp_err *err)
+{
+    const char *name = archive_entry_pathname(e);
+    if (!name)
+        name = "?";
+    if (archive_entry_hardlink(e))
+        return tp_errorf(err, "%s: entry %s: hard link refused", bundle, name);
+    if (archive_entry_symlink(e) || archive_entry_filetype(e) == AE_IFLNK)
+        return tp_errorf(err, "%s: entry %s: symbolic link refused", bundle, name);
+    switch (archive_entry_filetype(e)) {
+    case AE_IFREG:
+        break;
+    case AE_IFDIR:
+        return tp_errorf(err, "%s: entry %s: directory refused (bundles are flat)", bundle, name);
+    case AE_IFCHR:
+    case AE_IFBLK:
+        return tp_errorf(err, "%s: entry %s: device file refused", bundle, name);
+    case AE_IFIFO:
+        return tp_errorf(err, "%s: entry %s: FIFO refused", bundle, name);
+    default:
+        return tp_errorf(err, "%s: entry %s: not a regular file (type 0%o)", bundle, name,
+                         (unsigned)archive_entry_filetype(e));
+    }
+    if (archive_entry_sparse_count(e) > 0)
+        return tp_errorf(err, "%s: entry %s: sparse file refused", bundle, name);
+    if (!archive_entry_size_is_set(e) || archive_entry_size(e) < 0)
+        return tp_errorf(err, "%s: entry %s: no size in header", bundle, name);
+    return 0;
+}
+
+int tp_ld_tar_open_read(const char *path, struct archive **out, tp_err *err)
+{
+    struct archive *a = archive_read_new();
+    if (!a)
+        return tp_errorf(err, "%s: out of memory", path);
+    /* Bundles are plain tars: no compression filter is enabled, so a
+     * compressed file is refused rather than inflated. */
+    archive_read_support_format_tar(a);
+    if (archive_read_open_filename(a, path, 1 << 20) != ARCHIVE_OK) {
+        tp_errorf(err, "%s: cannot open bundle: %s", path, archive_error_string(a));
+        archive_read_free(a);
+        return -1;
+    }
+    *out = a;
+    return 0;
+}
+
+void tp_ld_tar_close_read(struct archive *a)
+{
+    if (a) {
+        archive_read_close(a);
+        archive_read_free(a);
+    }
+}
+
+int tp_ld_tar_read_entry(struct archive *a, struct archive_entry *e, const char *path, size_t cap,
+                         uint8_t **out, size_t *out_len, tp_err *err)
+{
+    const char *name = archive_entry_pathname(e);
+    int64_t size = archive_entry_size(e);
+    if (size < 0 || (uint64_t)size > cap)
+        return tp_errorf(err, "%s: entry %s is %lld bytes, more than the %zu allowed", path, name,
+                         (long long)size, cap);
+    uint8_t *buf = malloc((size_t)size + 1);
+    if (!buf)
+        return tp_errorf(err, "%s: entry %s: cannot allocate %lld bytes", path, name,
+                         (long long)size);
+    size_t got = 0;
+    while (got < (size_t)size) {
+        size_t want = (size_t)size - got;
+        if (want > (64u << 20))
+            want = 64u << 20;
+        la_ssize_t n = archive_read_data(a, buf + got, want);
+        if (n < 0) {
+            tp_errorf(err, "%s: entry %s: %s", path, name, archive_error_string(a));
+            free(buf);
+            return -1;
+        }
+        if (n == 0) {
+            tp_errorf(err, "%s: entry %s: truncated (%zu of %lld bytes)", path, name, got,
+                      (long long)size);
+            free(buf);
+            return -1;
+        }
+        got += (size_t)n;
+    }
+    buf[got] = 0;
+    *out = buf;
+    *out_len = got;
+    return 0;
+}
+
+int tp_ld_tar_read_manifest(struct archive *a, const char *path, tp_manifest *m, tp_err *err)
+{
+    struct archive_entry *e;
+    int rc = archive_read_next_header(a, &e);
+    if (rc == ARCHIVE_EOF)
+        return tp_errorf(err, "%s: empty bundle (no %s)", path, TP_MANIFEST_NAME);
+    if (rc < ARCHIVE_WARN)
+        return tp_errorf(err, "%s: not a readable tar: %s", path, archive_error_string(a));
+    const char *name = archive_entry_pathname(e);
+    if (tp_ld_bundle_check_name(path, name, err) < 0)
+        return -1;
+    if (strcmp(name, TP_MANIFEST_NAME) != 0)
+        return tp_errorf(err, "%s: first entry is %s, expected %s", path, name, TP_MANIFEST_NAME);
+    if (tp_ld_bundle_check_type(path, e, err) < 0)
+        return -1;
+    uint8_t *json;
+    size_t len;
+    if (tp_ld_tar_read_entry(a, e, path, TP_SMALL_FILE_CAP, &json, &len, err) < 0)
+        return -1;
+    char src[600];
+    snprintf(src, sizeof src, "%s: %s", path, TP_MANIFEST_NAME);
+    int ok = tp_manifest_parse((const char *)json, len, src, m, err);
+    free(json);
+    if (ok < 0)
+        return -1;
+    if (tp_ld_manifest_sanity(m, path, err) < 0) {
+        tp_manifest_free(m);
+        memset(m, 0, sizeof *m);
+        return -1;
+    }
+    return 0;
+}
+
+void tp_ld_format_rank_set(const bool *have, int tp, char *out, size_t cap)
+{
+    size_t used = 0;
+    out[0] = 0;
+    for (int r = 0; r < tp; r++) {
+        if (!have[r])
+            continue;
+        int end = r;
+        while (end + 1 < tp && have[end + 1])
+            end++;
+        int n = end > r ? snprintf(out + used, cap - used, "%s%d-%d", used ? "," : "", r, end)
+                        : snprintf(out + used, cap - used, "%s%d", used ? "," : "", r);
+        if (n < 0 || (size_t)n >= cap - used)
+            break;
+        used += (size_t)n;
+        r = end;
+    }
+    if (!used)
+        snprintf(out, cap, "no ranks");
+}
+
+bool tp_ld_is_directory(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+/* ------------------------------------------------------------- rank checks */
+
+int tp_ld_check_index(const tp_shard_index *ix, const tp_manifest *m, int rank, const char *file,
+                      uint64_t actual_size, tp_err *err)
+{
+    const tp_manifest_rank *mr = &m->ranks[rank];
+    if (strcmp(ix->conversion_id, m->conversion_id) != 0)
+        return tp_errorf(err,
+                         "rank file %s belongs to conversion %s, the manifest to %s: ranks from "
+                         "two conversions",
+                         file, ix->conversion_id, m->conversion_id);
+    if (ix->rank != rank || ix->tp != m->tp)
+        return tp_errorf(
+            err, "rank file %s says rank %d of tp %d, the manifest lists it as rank %d of %d", file,
+            ix->rank, ix->tp, rank, m->tp);
+    if (actual_size != mr->size)
+        return tp_errorf(err, "rank file %s is %llu bytes, the manifest says %llu", file,
+                         (unsigned long long)actual_size, (unsigned long long)mr->size);
+    if (ix->index_xxh3 != mr->checksum) {
+        char got[17], want[17];
+        tp_hex64(ix->index_xxh3, got);
+        tp_hex64(mr->checksum, want);
+        return tp_errorf(err, "rank file %s: index checksum %s, the manifest says %s", file, got,
+                         want);
+    }
+    if (ix->n_tensors != mr->n_tensors)
+        return tp_errorf(err, "rank file %s holds %zu tensors, the manifest says %zu", file,
+                         ix->n_tensors, mr->n_tensors);
+    return 0;
+}

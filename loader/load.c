@@ -1,0 +1,521 @@
+/* load.c - one rank's tensors into memory, from a converted directory or a
+ * node bundle.
+ *
+ * Codec "none" tensors are used in place (pointers into the mapping or the
+ * bundle image); compressed ones are decoded into one allocation, chunk by
+ * chunk on a thread pool.  With opts->verify every chunk checksum and every
+ * tensor checksum is checked.  With verify off nothing is hashed: a flipped
+ * data byte in a "none" tensor, or in a zstd frame that still decodes, goes
+ * unnoticed - that is the price of the fast path.
+ */
+#include "loader_internal.h"
+
+#include <archive.h>
+#include <archive_entry.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+/* Decompressed tensors start on this boundary inside the owned block. */
+#define TENSOR_ALIGN 256u
+
+static const tp_load_opts default_opts = {.verify = true, .threads = 0, .quiet = false};
+
+/* ------------------------------------------------------------- manifest */
+
+/* Facts tp_load_rank needs before it touches any rank file. */
+static int check_loadable(const tp_manifest *m, const char *path, int rank, tp_err *err)
+{
+    if (!m->format || strcmp(m->format, "tpshard") != 0)
+        return tp_errorf(err,
+                         "%s: this is a %s-format export; tprun reads tpshard conversions "
+                         "(convert again without --format %s)",
+                         path, m->format ? m->format : "unknown", m->format ? m->format : "");
+    if (rank < 0 || rank >= m->tp)
+        return tp_errorf(err, "%s: rank %d is not in this conversion (tp=%d)", path, rank, m->tp);
+    return 0;
+}
+
+int tp_load_manifest(const char *path, tp_manifest *m, tp_err *err)
+{
+    memset(m, 0, sizeof *m);
+    if (tp_ld_is_directory(path)) {
+        if (tp_manifest_read(path, m, err) < 0)
+            return -1;
+        if (tp_ld_manifest_sanity(m, path, err) < 0) {
+            tp_manifest_free(m);
+            memset(m, 0, sizeof *m);
+            return -1;
+        }
+        return 0;
+    }
+    struct archive *a;
+    if (tp_ld_tar_open_read(path, &a, err) < 0)
+        return -1;
+    int rc = tp_ld_tar_read_manifest(a, path, m, err);
+    tp_ld_tar_close_read(a);
+    return rc;
+}
+
+/* -------------------------------------------------------- copied files */
+
+/* Where a copied file's text goes in tp_loaded_rank (NULL: not kept). */
+static char **copied_slot(tp_loaded_rank *lr, const char *name, size_t **len_slot)
+{
+    *len_slot = NULL;
+    if (strcmp(name, "config.json") == 0)
+        return &lr->config_json;
+    if (strcmp(name, "generation_config.json") == 0)
+        return &lr->generation_config_json;
+    if (strcmp(name, "tokenizer.json") == 0) {
+        *len_slot = &lr->tokenizer_json_len;
+        return &lr->tokenizer_json;
+    }
+    if (strcmp(name, "tokenizer_config.json") == 0)
+        return &lr->tokenizer_config_json;
+    return NULL;
+}
+
+/* config.json is mandatory: the copied file, or else the manifest's copy. */
+static int finish_config(tp_loaded_rank *lr, tp_err *err)
+{
+    if (lr->config_json)
+        return 0;
+    if (lr->manifest.config_json) {
+        lr->config_json = strdup(lr->manifest.config_json);
+        if (!lr->config_json)
+            return tp_errorf(err, "%s: out of memory", lr->source);
+        return 0;
+    }
+    return tp_errorf(err, "%s: no config.json (neither a copied file nor in the manifest)",
+                     lr->source);
+}
+
+static int read_copied_files_dir(tp_loaded_rank *lr, tp_err *err)
+{
+    for (size_t i = 0; i < lr->manifest.n_files; i++) {
+        const char *name = lr->manifest.files[i];
+        size_t *len_slot;
+        char **slot = copied_slot(lr, name, &len_slot);
+        if (!slot)
+            continue;
+        char *path = tp_path_join(lr->source, name);
+        if (!path)
+            return tp_errorf(err, "%s: out of memory", lr->source);
+        size_t len = 0;
+        int rc = tp_read_file(path, TP_SMALL_FILE_CAP, slot, &len, err);
+        free(path);
+        if (rc < 0)
+            return -1;
+        if (len_slot)
+            *len_slot = len;
+    }
+    return finish_config(lr, err);
+}
+
+/* ------------------------------------------------------------ directory */
+
+static int open_rank_dir(tp_loaded_rank *lr, tp_err *err)
+{
+    const tp_manifest *m = &lr->manifest;
+    const char *file = m->ranks[lr->rank].file;
+    char *path = tp_path_join(lr->source, file);
+    if (!path)
+        return tp_errorf(err, "%s: out of memory", lr->source);
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        int e = errno;
+        free(path);
+        if (e == ENOENT)
+            return tp_errorf(err, "%s: rank file %s is missing", lr->source, file);
+        return tp_errorf(err, "%s: rank file %s: %s", lr->source, file, strerror(e));
+    }
+    tp_err open_err;
+    if (tp_shard_open(&lr->reader, path, &open_err) < 0) {
+        memset(&lr->reader, 0, sizeof lr->reader);
+        free(path);
+        /* A size mismatch says more than the parse error it causes. */
+        if ((uint64_t)st.st_size != m->ranks[lr->rank].size)
+            return tp_errorf(err, "%s: rank file %s is %llu bytes, the manifest says %llu (%s)",
+                             lr->source, file, (unsigned long long)st.st_size,
+                             (unsigned long long)m->ranks[lr->rank].size, open_err.msg);
+        if (err)
+            *err = open_err;
+        return -1;
+    }
+    free(path);
+    if (tp_ld_check_index(&lr->reader.index, m, lr->rank, file, lr->reader.map.size, err) < 0)
+        return tp_err_prefix(err, "%s", lr->source);
+    return 0;
+}
+
+static int load_from_dir(tp_loaded_rank *lr, tp_err *err)
+{
+    if (tp_manifest_read(lr->source, &lr->manifest, err) < 0)
+        return -1;
+    if (tp_ld_manifest_sanity(&lr->manifest, lr->source, err) < 0)
+        return -1;
+    if (check_loadable(&lr->manifest, lr->source, lr->rank, err) < 0)
+        return -1;
+    if (open_rank_dir(lr, err) < 0)
+        return -1;
+    return read_copied_files_dir(lr, err);
+}
+
+/* --------------------------------------------------------------- bundle */
+
+/* Walks the bundle once: keeps this rank's file image and the copied files
+ * the runtime needs, skips every other rank's data unread. */
+static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len, tp_err *err)
+{
+    const tp_manifest *m = &lr->manifest;
+    const char *path = lr->source;
+    bool *have_rank = calloc((size_t)m->tp, sizeof *have_rank);
+    bool *have_file = calloc(m->n_files + 1, sizeof *have_file);
+    int rc = -1;
+    if (!have_rank || !have_file) {
+        tp_errorf(err, "%s: out of memory", path);
+        goto out;
+    }
+    for (;;) {
+        struct archive_entry *e;
+        int h = archive_read_next_header(a, &e);
+        if (h == ARCHIVE_EOF)
+            break;
+        if (h < ARCHIVE_WARN) {
+            tp_errorf(err, "%s: %s", path, archive_error_string(a));
+            goto out;
+        }
+        const char *name = archive_entry_pathname(e);
+        if (tp_ld_bundle_check_name(path, name, err) < 0 ||
+            tp_ld_bundle_check_type(path, e, err) < 0)
+            goto out;
+        int r = -1;
+        switch (tp_ld_manifest_classify(m, name, &r)) {
+        case TP_LD_ENTRY_MANIFEST:
+            tp_errorf(err, "%s: entry %s appears twice", path, name);
+            goto out;
+        case TP_LD_ENTRY_UNKNOWN:
+            tp_errorf(err, "%s: entry %s is not listed in the bundle's manifest", path, name);
+            goto out;
+        case TP_LD_ENTRY_RANK:
+            if (have_rank[r]) {
+                tp_errorf(err, "%s: entry %s appears twice", path, name);
+                goto out;
+            }
+            have_rank[r] = true;
+            if (r != lr->rank) {
+                if (archive_read_data_skip(a) != ARCHIVE_OK) {
+                    tp_errorf(err, "%s: entry %s: %s", path, name, archive_error_string(a));
+                    goto out;
+                }
+                break;
+            }
+            if ((uint64_t)archive_entry_size(e) != m->ranks[r].size) {
+                tp_errorf(err, "%s: rank file %s is %lld bytes, the manifest says %llu", path, name,
+                          (long long)archive_entry_size(e), (unsigned long long)m->ranks[r].size);
+                goto out;
+            }
+            if (tp_ld_tar_read_entry(a, e, path, (size_t)m->ranks[r].size, &lr->bundle_image,
+                                     image_len, err) < 0)
+                goto out;
+            break;
+        case TP_LD_ENTRY_COPIED: {
+            size_t fi = 0;
+            while (strcmp(m->files[fi], name) != 0)
+                fi++;
+            if (have_file[fi]) {
+                tp_errorf(err, "%s: entry %s appears twice", path, name);
+                goto out;
+            }
+            have_file[fi] = true;
+            size_t *len_slot;
+            char **slot = copied_slot(lr, name, &len_slot);
+            if (!slot) {
+                if (archive_read_data_skip(a) != ARCHIVE_OK) {
+                    tp_errorf(err, "%s: entry %s: %s", path, name, archive_error_string(a));
+                    goto out;
+                }
+                break;
+            }
+            uint8_t *buf;
+            size_t len;
+            if (tp_ld_tar_read_entry(a, e, path, TP_SMALL_FILE_CAP, &buf, &len, err) < 0)
+                goto out;
+            *slot = (char *)buf;
+            if (len_slot)
+                *len_slot = len;
+            break;
+        }
+        }
+    }
+    if (!lr->bundle_image) {
+        bool any = false;
+        for (int r = 0; r < m->tp; r++)
+            any |= have_rank[r];
+        char held[256];
+        tp_ld_format_rank_set(have_rank, m->tp, held, sizeof held);
+        if (any)
+            tp_errorf(err, "%s holds ranks %s, not rank %d", path, held, lr->rank);
+        else
+            tp_errorf(err, "%s holds no rank file (wanted rank %d)", path, lr->rank);
+        goto out;
+    }
+    for (size_t i = 0; i < m->n_files; i++) {
+        if (!have_file[i]) {
+            tp_errorf(err, "%s: copied file %s listed in the manifest is missing", path,
+                      m->files[i]);
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    free(have_rank);
+    free(have_file);
+    return rc;
+}
+
+static int load_from_bundle(tp_loaded_rank *lr, tp_err *err)
+{
+    struct archive *a;
+    if (tp_ld_tar_open_read(lr->source, &a, err) < 0)
+        return -1;
+    size_t image_len = 0;
+    int rc = tp_ld_tar_read_manifest(a, lr->source, &lr->manifest, err);
+    if (rc == 0)
+        rc = check_loadable(&lr->manifest, lr->source, lr->rank, err);
+    if (rc == 0)
+        rc = scan_bundle(lr, a, &image_len, err);
+    tp_ld_tar_close_read(a);
+    if (rc < 0)
+        return -1;
+
+    const char *file = lr->manifest.ranks[lr->rank].file;
+    char name[1024];
+    snprintf(name, sizeof name, "%s:%s", lr->source, file);
+    if (tp_shard_parse(&lr->reader.index, lr->bundle_image, image_len, name, err) < 0) {
+        memset(&lr->reader.index, 0, sizeof lr->reader.index);
+        return -1;
+    }
+    /* The reader reads through map.data; the image is ours, not a mapping. */
+    lr->reader.map.data = lr->bundle_image;
+    lr->reader.map.size = image_len;
+    lr->reader.map.path = strdup(name);
+    if (tp_ld_check_index(&lr->reader.index, &lr->manifest, lr->rank, file, image_len, err) < 0)
+        return tp_err_prefix(err, "%s", lr->source);
+    return finish_config(lr, err);
+}
+
+/* ---------------------------------------------------------- materialise */
+
+typedef struct chunk_job {
+    uint32_t tensor;
+    uint32_t chunk;
+} chunk_job;
+
+typedef struct materialise_ctx {
+    tp_loaded_rank *lr;
+    const tp_load_opts *opts;
+    chunk_job *jobs;
+    tp_progress *progress;
+    tp_ld_err_once failure;
+} materialise_ctx;
+
+static void chunk_job_run(size_t i, void *arg)
+{
+    materialise_ctx *ctx = arg;
+    if (tp_ld_err_once_failed(&ctx->failure))
+        return;
+    const tp_shard_reader *r = &ctx->lr->reader;
+    const tp_shard_tensor *t = &r->index.tensors[ctx->jobs[i].tensor];
+    const tp_chunk_info *c = &t->chunks[ctx->jobs[i].chunk];
+    tp_err e;
+    if (t->codec == TP_CODEC_NONE) {
+        /* In place: only the checksum to check (jobs exist only with verify). */
+        if (tp_xxh3(r->map.data + c->offset, (size_t)c->stored_size) != c->xxh3) {
+            tp_errorf(&e, "%s: rank %d: tensor %s: chunk %u checksum mismatch (data corrupted)",
+                      ctx->lr->source, ctx->lr->rank, t->name, ctx->jobs[i].chunk);
+            tp_ld_err_once_set(&ctx->failure, &e);
+        }
+    } else {
+        uint8_t *dst = (uint8_t *)ctx->lr->tensors[ctx->jobs[i].tensor].data;
+        if (tp_shard_read_chunk(r, t, ctx->jobs[i].chunk, dst, ctx->opts->verify, &e) < 0) {
+            tp_err_prefix(&e, "%s: rank %d", ctx->lr->source, ctx->lr->rank);
+            tp_ld_err_once_set(&ctx->failure, &e);
+        }
+    }
+    tp_progress_add(ctx->progress, c->stored_size);
+}
+
+static void tensor_sum_run(size_t i, void *arg)
+{
+    materialise_ctx *ctx = arg;
+    if (tp_ld_err_once_failed(&ctx->failure))
+        return;
+    const tp_shard_tensor *t = &ctx->lr->reader.index.tensors[i];
+    if (tp_xxh3(ctx->lr->tensors[i].data, (size_t)t->raw_size) != t->xxh3) {
+        tp_err e;
+        tp_errorf(&e,
+                  "%s: rank %d: tensor %s: checksum of the decoded bytes mismatch (data corrupted)",
+                  ctx->lr->source, ctx->lr->rank, t->name);
+        tp_ld_err_once_set(&ctx->failure, &e);
+    }
+}
+
+/* Sets every tensor's data pointer; allocates the block for decoded ones. */
+static int place_tensors(tp_loaded_rank *lr, tp_err *err)
+{
+    const tp_shard_index *ix = &lr->reader.index;
+    size_t owned_size = 0;
+    for (size_t i = 0; i < ix->n_tensors; i++) {
+        const tp_shard_tensor *t = &ix->tensors[i];
+        lr->raw_bytes += t->raw_size;
+        lr->stored_bytes += t->stored_size;
+        if (t->codec == TP_CODEC_NONE)
+            continue;
+        size_t padded = ((size_t)t->raw_size + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+        if (padded < t->raw_size || !tp_add_size(owned_size, padded, &owned_size))
+            return tp_errorf(err, "%s: rank %d: tensor sizes overflow", lr->source, lr->rank);
+    }
+    if (owned_size) {
+        void *block = NULL;
+        if (posix_memalign(&block, 4096, owned_size) != 0)
+            return tp_errorf(err, "%s: rank %d: cannot allocate %zu bytes for the decoded tensors",
+                             lr->source, lr->rank, owned_size);
+        lr->owned = block;
+    }
+    size_t off = 0;
+    for (size_t i = 0; i < ix->n_tensors; i++) {
+        const tp_shard_tensor *t = &ix->tensors[i];
+        lr->tensors[i].info = t;
+        if (t->codec == TP_CODEC_NONE) {
+            lr->tensors[i].data = tp_shard_tensor_inplace(&lr->reader, t);
+            if (!lr->tensors[i].data && t->raw_size)
+                return tp_errorf(err, "%s: rank %d: tensor %s: no in-place data", lr->source,
+                                 lr->rank, t->name);
+        } else {
+            lr->tensors[i].data = lr->owned + off;
+            off += ((size_t)t->raw_size + TENSOR_ALIGN - 1) / TENSOR_ALIGN * TENSOR_ALIGN;
+        }
+    }
+    return 0;
+}
+
+static int materialise(tp_loaded_rank *lr, const tp_load_opts *opts, tp_err *err)
+{
+    const tp_shard_index *ix = &lr->reader.index;
+    lr->n_tensors = ix->n_tensors;
+    lr->tensors = calloc(ix->n_tensors ? ix->n_tensors : 1, sizeof *lr->tensors);
+    if (!lr->tensors)
+        return tp_errorf(err, "%s: out of memory", lr->source);
+    if (place_tensors(lr, err) < 0)
+        return -1;
+
+    /* A job per chunk that must be decoded or checked. */
+    size_t n_jobs = 0;
+    uint64_t job_bytes = 0;
+    for (size_t i = 0; i < ix->n_tensors; i++) {
+        const tp_shard_tensor *t = &ix->tensors[i];
+        if (t->codec == TP_CODEC_NONE && !opts->verify)
+            continue;
+        n_jobs += t->n_chunks;
+        job_bytes += t->stored_size;
+    }
+    if (n_jobs == 0)
+        return 0;
+    materialise_ctx ctx = {.lr = lr, .opts = opts};
+    ctx.jobs = malloc(n_jobs * sizeof *ctx.jobs);
+    if (!ctx.jobs)
+        return tp_errorf(err, "%s: out of memory", lr->source);
+    size_t j = 0;
+    for (size_t i = 0; i < ix->n_tensors; i++) {
+        const tp_shard_tensor *t = &ix->tensors[i];
+        if (t->codec == TP_CODEC_NONE && !opts->verify)
+            continue;
+        for (size_t c = 0; c < t->n_chunks; c++)
+            ctx.jobs[j++] = (chunk_job){(uint32_t)i, (uint32_t)c};
+    }
+    tp_ld_err_once_init(&ctx.failure);
+    tp_pool *pool = tp_pool_create(opts->threads);
+    if (!pool) {
+        free(ctx.jobs);
+        tp_ld_err_once_destroy(&ctx.failure);
+        return tp_errorf(err, "%s: cannot start %d threads", lr->source, opts->threads);
+    }
+    char label[64];
+    snprintf(label, sizeof label, "loading rank %d", lr->rank);
+    ctx.progress = tp_progress_start(label, job_bytes, opts->quiet);
+    tp_pool_parallel_for(pool, n_jobs, chunk_job_run, &ctx);
+    tp_progress_finish(ctx.progress);
+    if (opts->verify && !tp_ld_err_once_failed(&ctx.failure))
+        tp_pool_parallel_for(pool, ix->n_tensors, tensor_sum_run, &ctx);
+    tp_pool_destroy(pool);
+    free(ctx.jobs);
+    int rc = tp_ld_err_once_take(&ctx.failure, err);
+    tp_ld_err_once_destroy(&ctx.failure);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ API */
+
+int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_opts *opts,
+                 tp_err *err)
+{
+    memset(lr, 0, sizeof *lr);
+    const tp_load_opts *o = opts ? opts : &default_opts;
+    double t0 = tp_now();
+    lr->rank = rank;
+    lr->source = strdup(path);
+    if (!lr->source)
+        return tp_errorf(err, "%s: out of memory", path);
+    struct stat st;
+    int rc;
+    if (stat(path, &st) != 0)
+        rc = tp_errorf(err, "%s: %s", path, strerror(errno));
+    else if (S_ISDIR(st.st_mode))
+        rc = load_from_dir(lr, err);
+    else if (S_ISREG(st.st_mode))
+        rc = load_from_bundle(lr, err);
+    else
+        rc = tp_errorf(err, "%s: neither a converted directory nor a bundle file", path);
+    if (rc == 0)
+        rc = materialise(lr, o, err);
+    if (rc < 0) {
+        tp_loaded_rank_free(lr);
+        return -1;
+    }
+    lr->load_seconds = tp_now() - t0;
+    return 0;
+}
+
+const tp_loaded_tensor *tp_loaded_find(const tp_loaded_rank *lr, const char *name)
+{
+    const tp_shard_tensor *t = tp_shard_find(&lr->reader.index, name);
+    if (!t)
+        return NULL;
+    return &lr->tensors[t - lr->reader.index.tensors];
+}
+
+void tp_loaded_rank_free(tp_loaded_rank *lr)
+{
+    if (!lr)
+        return;
+    if (lr->bundle_image) {
+        /* Not a mapping: free the index and the image ourselves. */
+        tp_shard_index_free(&lr->reader.index);
+        free(lr->reader.map.path);
+        free(lr->bundle_image);
+    } else if (lr->reader.map.data) {
+        tp_shard_close(&lr->reader);
+    }
+    tp_manifest_free(&lr->manifest);
+    free(lr->owned);
+    free(lr->tensors);
+    free(lr->source);
+    free(lr->config_json);
+    free(lr->generation_config_json);
+    free(lr->tokenizer_json);
+    free(lr->tokenizer_config_json);
+    memset(lr, 0, sizeof *lr);
+}

@@ -1,0 +1,122 @@
+/* loader.h - reading what tpconvert wrote: one rank's tensors into memory
+ * (from a converted directory or a node bundle), checksum verification of a
+ * whole directory, comparison against the source model, and node bundles
+ * (tar, via libarchive).
+ *
+ * Same error convention as shardfmt.h: 0 / -1 and a tp_err.
+ */
+#ifndef TP_LOADER_H
+#define TP_LOADER_H
+
+#include "shardfmt.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------ rank loading */
+
+typedef struct tp_loaded_tensor {
+    const tp_shard_tensor *info;  /* name, dtype, local/global shape, split */
+    const uint8_t *data;          /* raw_size bytes: in place in the mapping, or owned */
+} tp_loaded_tensor;
+
+typedef struct tp_loaded_rank {
+    tp_manifest manifest;
+    int rank;
+    char *source;                 /* the directory or bundle path, for messages */
+    /* The rank file: mapped from a directory, or read out of a bundle. */
+    tp_shard_reader reader;
+    uint8_t *bundle_image;        /* owned file image when read from a tar */
+    uint8_t *owned;               /* one allocation for all decompressed tensors */
+    size_t n_tensors;
+    tp_loaded_tensor *tensors;    /* same order as reader.index.tensors */
+    /* Copied files (NULL when the conversion had none). NUL-terminated. */
+    char *config_json;
+    char *generation_config_json;
+    char *tokenizer_json;
+    size_t tokenizer_json_len;
+    char *tokenizer_config_json;
+    /* Statistics for --verbose. */
+    double load_seconds;
+    uint64_t raw_bytes, stored_bytes;
+} tp_loaded_rank;
+
+typedef struct tp_load_opts {
+    /* Check every chunk and tensor checksum (default on).  Off, nothing is
+     * hashed: a corrupted byte of a codec "none" tensor (or of a zstd frame
+     * that still decodes) is not noticed. */
+    bool verify;
+    int threads;        /* decompression threads, 0 = all cores */
+    bool quiet;         /* no progress bar */
+} tp_load_opts;
+
+/* path is a converted directory or a node bundle (.tar).  Refuses a rank
+ * that is not in the conversion, a safetensors-format export, a missing rank
+ * file, a rank file from another conversion (conversion id), a size or
+ * checksum that differs from the manifest.  Reads no other rank's data (a
+ * bundle's other entries are skipped unread).  Codec "none" tensors point
+ * into the mapping (directory) or the rank file image (bundle, read into
+ * memory); compressed ones are decoded on opts->threads threads into one
+ * allocation.  config.json is required (the copied file, else the
+ * manifest's copy); the other copied files are optional.  opts NULL: the
+ * defaults (verify on, all cores, progress bar on a terminal). */
+int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_opts *opts, tp_err *err);
+const tp_loaded_tensor *tp_loaded_find(const tp_loaded_rank *lr, const char *name);
+void tp_loaded_rank_free(tp_loaded_rank *lr);
+
+/* Reads only the manifest (directory or bundle): tprun learns the world size. */
+int tp_load_manifest(const char *path, tp_manifest *m, tp_err *err);
+
+/* -------------------------------------------------------------- verification */
+
+typedef struct tp_verify_report {
+    size_t ranks, tensors, chunks;
+    uint64_t bytes;
+    size_t compared_tensors;     /* with --against */
+} tp_verify_report;
+
+/* Every checksum of every rank file listed in dir's manifest, and the
+ * manifest's consistency (sizes, index checksums, conversion id, tensor
+ * counts and bytes per rank, the same tensors on every rank, the copied
+ * files present).  For the safetensors export: each file's XXH3 and
+ * structure.  Memory: one decoded tensor at a time. */
+int tp_verify_dir(const char *dir, int threads, bool quiet, tp_verify_report *rep, tp_err *err);
+/* Everything tp_verify_dir checks (each tensor is decoded with its
+ * checksums), plus: every rank's local tensor is compared bit for bit with
+ * the region of the source model's tensor its split names (slice by slice,
+ * without building full tensors); replicated tensors must equal the source
+ * on every rank, ranks that share a range (kv heads) must each equal it,
+ * and every index of the split dimension must be held by some rank.
+ * Tensors of the source that the conversion dropped, or extra ones, are
+ * errors.  Messages name the rank, the tensor and the first differing
+ * element.  The safetensors export's splits come from its __metadata__
+ * "tp_splits". */
+int tp_verify_against(const char *dir, const char *model_dir, int threads, bool quiet,
+                      tp_verify_report *rep, tp_err *err);
+
+/* ------------------------------------------------------------------ bundles */
+
+/* Packs dir into ceil(tp / ranks_per_node) tars "node-NNNNN-of-MMMMM.tar" in
+ * out_dir (created if missing; NULL: "."), each with the manifest (first),
+ * the copied files and its ranks' files (ranks [n*K, min((n+1)*K, tp))).
+ * Crash-safe (tmp + fsync + rename).  out_paths / n_out may be NULL; else
+ * *out_paths is a malloc'd array of malloc'd paths. */
+int tp_bundle_pack(const char *dir, int ranks_per_node, const char *out_dir, bool quiet,
+                   char ***out_paths, size_t *n_out, tp_err *err);
+/* Extracts into dest_dir (created; must be empty).  Refuses absolute paths,
+ * "..", any '/', links, devices, directories, duplicate or unexpected names,
+ * a manifest that is not the first entry, rank entries whose size differs
+ * from the manifest's, copied files over 64 MiB.  Files are extracted to
+ * temporary names and renamed at the end; on any error everything
+ * extracted is removed (and dest_dir, if this call created it). */
+int tp_bundle_unpack(const char *tar_path, const char *dest_dir, tp_err *err);
+/* Checks the bundle's manifest, its entries (as unpack would) and every
+ * checksum of the rank files it holds (each read into memory in turn).
+ * *n_ranks (may be NULL) gets the number of rank files. */
+int tp_bundle_verify(const char *tar_path, size_t *n_ranks, tp_err *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,78 @@
+/* loader_internal.h - helpers shared by the loader's files (not public). */
+#ifndef TP_LOADER_INTERNAL_H
+#define TP_LOADER_INTERNAL_H
+
+#include "loader.h"
+
+#include <pthread.h>
+
+struct archive;
+struct archive_entry;
+
+/* Largest manifest, config or tokenizer file we read into memory. */
+#define TP_SMALL_FILE_CAP (64u << 20)
+
+/* ------------------------------------------------------- first error of many */
+
+/* Collects the first error reported by parallel jobs. */
+typedef struct tp_ld_err_once {
+    pthread_mutex_t mu;
+    bool failed;
+    tp_err err;
+} tp_ld_err_once;
+
+void tp_ld_err_once_init(tp_ld_err_once *e);
+void tp_ld_err_once_set(tp_ld_err_once *e, const tp_err *err);
+bool tp_ld_err_once_failed(tp_ld_err_once *e);
+/* Copies the stored error into err and returns -1 when one was set, else 0. */
+int tp_ld_err_once_take(tp_ld_err_once *e, tp_err *err);
+void tp_ld_err_once_destroy(tp_ld_err_once *e);
+
+/* --------------------------------------------------------------- manifests */
+
+/* What a name in a conversion is: the manifest, a copied file, or a rank. */
+typedef enum tp_ld_entry_kind {
+    TP_LD_ENTRY_UNKNOWN = 0,
+    TP_LD_ENTRY_MANIFEST,
+    TP_LD_ENTRY_COPIED,
+    TP_LD_ENTRY_RANK,
+} tp_ld_entry_kind;
+
+/* *rank gets the rank for TP_LD_ENTRY_RANK (may be NULL). */
+tp_ld_entry_kind tp_ld_manifest_classify(const tp_manifest *m, const char *name, int *rank);
+bool tp_ld_manifest_lists_file(const tp_manifest *m, const char *name);
+/* Checks format-level facts every reader relies on (tp >= 1, one entry per
+ * rank in order, flat file names).  Messages start with src. */
+int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err);
+
+/* ------------------------------------------------------------------ bundles */
+
+/* Checks an entry name of a bundle: not empty, not absolute, no "..", no
+ * '/' (bundles are flat).  Messages start with "bundle: entry NAME". */
+int tp_ld_bundle_check_name(const char *bundle, const char *name, tp_err *err);
+/* Checks an entry is a plain regular file (no link, device, directory,
+ * sparse file). */
+int tp_ld_bundle_check_type(const char *bundle, struct archive_entry *e, tp_err *err);
+
+/* Opens a tar for reading (tar formats only, no compression). */
+int tp_ld_tar_open_read(const char *path, struct archive **out, tp_err *err);
+void tp_ld_tar_close_read(struct archive *a);
+/* Reads the first entry, which must be manifest.json, and parses it. */
+int tp_ld_tar_read_manifest(struct archive *a, const char *path, tp_manifest *m, tp_err *err);
+/* Reads the current entry's data (exactly its header size, which must be
+ * <= cap) into a malloc'd buffer with a NUL after it. */
+int tp_ld_tar_read_entry(struct archive *a, struct archive_entry *e, const char *path, size_t cap,
+                         uint8_t **out, size_t *out_len, tp_err *err);
+/* "0-1", "0,2,5-7" or "none" for the ranks marked in have[0..tp). */
+void tp_ld_format_rank_set(const bool *have, int tp, char *out, size_t cap);
+
+bool tp_ld_is_directory(const char *path);
+
+/* ------------------------------------------------------------- rank checks */
+
+/* Checks a parsed tpshard index against the manifest entry for rank: the
+ * conversion id, rank, tp, index checksum and size.  file names the file. */
+int tp_ld_check_index(const tp_shard_index *ix, const tp_manifest *m, int rank, const char *file,
+                      uint64_t actual_size, tp_err *err);
+
+#endif

@@ -1,0 +1,173 @@
+/* kernels_cuda.h - the CUDA kernels of the forward pass and the NCCL
+ * backend's extras (private to runtime/; C-callable, built only where nvcc
+ * is found, i.e. with TP_HAVE_CUDA).
+ *
+ * Each kernel mirrors a CPU reference of kernels_cpu.h (or tp_sample) and
+ * tests/test_kernels_cuda.c compares the two.  Conventions:
+ *   - weights of the big matrices are bf16 in device memory (uint16_t bit
+ *     patterns, as stored in the checkpoint); small vectors (norm weights,
+ *     biases) and RoPE tables are fp32 (the model widens them on upload:
+ *     exact, and a few KB);
+ *   - activations, the KV cache and all arithmetic are fp32;
+ *   - every pointer argument is a device pointer unless it says "host";
+ *   - every launcher enqueues on the given stream (NULL: the legacy default
+ *     stream), returns 0, or -1 with err naming the kernel when an argument
+ *     is out of range or the launch failed.  Errors of a kernel that already
+ *     runs show up at the next synchronisation (tpc_sync).
+ *   - KV cache layout: k_cache / v_cache are [n_kv_heads][max_seq][head_dim]
+ *     (one contiguous [pos][head_dim] block per kv head, the layout of
+ *     tpk_attention_head's k and v).
+ *   - GEMM layout (tpc_gemm_bf16): row-major y[n][out] = x[n][in] . W^T,
+ *     W row-major [out][in] (nn.Linear's weight, unchanged from the
+ *     checkpoint).  cuBLAS sees it column-major as y^T = op_T(W) . x^T.
+ */
+#ifndef TP_KERNELS_CUDA_H
+#define TP_KERNELS_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#include "shardfmt.h"
+#include "runtime.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The CUDA handle types, spelled so that C code needs no CUDA header:
+ * tpc_stream is cudaStream_t, tpc_blas is cublasHandle_t. */
+typedef struct CUstream_st *tpc_stream;
+typedef struct cublasContext *tpc_blas;
+
+/* Largest head_dim the attention kernels take (8 values per lane). */
+#define TPC_MAX_HEAD_DIM 256
+/* Most KV-cache splits per head of tpc_attention_decode. */
+#define TPC_DECODE_MAX_SPLITS 64
+
+/* ------------------------------------------------------ device and memory */
+
+/* Number of CUDA devices; -1 with err "cudaGetDeviceCount: <reason>" when
+ * the runtime cannot even count them (no driver, no device nodes). */
+int tpc_device_count(int *count, tp_err *err);
+int tpc_set_device(int device, tp_err *err);
+/* what names the buffer in the out-of-memory message. */
+int tpc_malloc(void **ptr, size_t bytes, const char *what, tp_err *err);
+void tpc_free(void *ptr);
+int tpc_upload(void *dst_dev, const void *src_host, size_t bytes, tp_err *err);
+int tpc_download(void *dst_host, const void *src_dev, size_t bytes, tp_err *err);
+int tpc_memset(void *dst_dev, int value, size_t bytes, tp_err *err);
+int tpc_stream_create(tpc_stream *s, tp_err *err);
+void tpc_stream_destroy(tpc_stream s);
+/* Waits for the stream; reports the first error of the kernels it ran. */
+int tpc_sync(tpc_stream s, tp_err *err);
+
+/* ------------------------------------------------------------- kernels */
+
+/* tpk_embedding with a bf16 table of rows [row_start, row_end) (ids on the
+ * device, already checked against the full vocabulary). */
+int tpc_embedding(float *out, const uint16_t *table, const int32_t *ids, int n, int hidden,
+                  int64_t row_start, int64_t row_end, tpc_stream s, tp_err *err);
+
+/* tpk_add_rmsnorm: x[t] += delta[t] (delta may be NULL), out[t] =
+ * rmsnorm(x[t]) * w.  out may equal x. */
+int tpc_add_rmsnorm(float *x, const float *delta, float *out, const float *w, int n, int dim,
+                    float eps, tpc_stream s, tp_err *err);
+
+/* tpk_head_rmsnorm (when w is non-NULL: qwen3's q_norm / k_norm) followed
+ * by tpk_rope, fused, in place.  Token t's heads start at
+ * x + t * row_stride + h * head_dim; its position is pos0 + t.  cos_t/sin_t
+ * are tpk_rope_table's [n_pos][head_dim / 2] tables (made on the host from
+ * tpk_rope_inv_freq, so llama3 scaling is the CPU's) copied to the device. */
+int tpc_head_norm_rope(float *x, const float *w, int n, int n_heads, int head_dim, size_t row_stride,
+                       int pos0, const float *cos_t, const float *sin_t, float eps, tpc_stream s,
+                       tp_err *err);
+
+/* Copies the n tokens' k and v heads (token t's kv head h at
+ * k + t * row_stride + h * head_dim) into cache rows pos0 .. pos0 + n - 1. */
+int tpc_kv_append(float *k_cache, float *v_cache, int max_seq, const float *k, const float *v,
+                  size_t row_stride, int n, int n_kv_heads, int head_dim, int pos0, tpc_stream s,
+                  tp_err *err);
+
+/* Causal GQA attention of n query tokens (positions pos0 ..) against the
+ * cache, for every head: query head h reads kv head h / (n_heads /
+ * n_kv_heads).  q: token t head h at q + t * q_stride + h * head_dim; out
+ * likewise with out_stride.  window > 0: mistral's sliding window (keys
+ * j > p - window), as tpk_attention_head.
+ * Prefill: tiles of 16 queries x 32 keys in shared memory, online softmax
+ * (flash-attention style: no score matrix in memory). */
+int tpc_attention_prefill(float *out, size_t out_stride, const float *q, size_t q_stride,
+                          const float *k_cache, const float *v_cache, int max_seq, int n, int pos0,
+                          int n_heads, int n_kv_heads, int head_dim, int window, float scale,
+                          tpc_stream s, tp_err *err);
+
+/* The same for a few query tokens (decode: n = 1): the keys of each head are
+ * split over up to TPC_DECODE_MAX_SPLITS blocks so that one token still
+ * fills the GPU; a second kernel combines the partial softmaxes.  workspace
+ * holds tpc_attention_decode_workspace(n, n_heads, head_dim) bytes. */
+size_t tpc_attention_decode_workspace(int n, int n_heads, int head_dim);
+int tpc_attention_decode(float *out, size_t out_stride, const float *q, size_t q_stride,
+                         const float *k_cache, const float *v_cache, int max_seq, int n, int pos0,
+                         int n_heads, int n_kv_heads, int head_dim, int window, float scale,
+                         void *workspace, size_t workspace_bytes, tpc_stream s, tp_err *err);
+
+/* tpk_silu_mul: gate[i] = silu(gate[i]) * up[i]. */
+int tpc_silu_mul(float *gate, const float *up, size_t n, tpc_stream s, tp_err *err);
+
+/* tpk_add_bias: y[t][i] += b[i]. */
+int tpc_add_bias(float *y, const float *b, int n, int dim, tpc_stream s, tp_err *err);
+
+/* Round to nearest even, as torch's .to(torch.bfloat16). */
+int tpc_f32_to_bf16(uint16_t *dst, const float *src, size_t n, tpc_stream s, tp_err *err);
+
+/* Greedy pick over a vocabulary slice: the largest logit (ties: the lowest
+ * id; NaN never wins; all -inf/NaN: id_offset).  *out (device) receives the
+ * value and id_offset + index, so that the ranks of a vocab-parallel lm_head
+ * can combine their slices' winners. */
+typedef struct tpc_argmax_result {
+    float value;
+    int32_t id;
+} tpc_argmax_result;
+int tpc_argmax(tpc_argmax_result *out, const float *logits, int n, int32_t id_offset, tpc_stream s,
+               tp_err *err);
+
+/* tp_sample on the device over full-vocabulary logits (gathered first):
+ * temperature <= 0 or top_k 1: greedy; else softmax(logits / temperature),
+ * top-k, then top-p over the most likely first (ties: lower ids first), and
+ * the draw with the uniform u in [0, 1) (tp_rng_uniform on the host, the
+ * same on every rank).  Only the id comes back: *out_id (device).
+ * workspace: vocab floats.  Selection works by radix descent over the
+ * probabilities' bits, not a sort; sums differ from tp_sample's only in
+ * rounding, so the same u gives the same id except on a knife edge. */
+int tpc_sample(int32_t *out_id, const float *logits, int vocab, float temperature, int top_k,
+               float top_p, double u, float *workspace, tpc_stream s, tp_err *err);
+
+/* ---------------------------------------------------------------- GEMM */
+
+int tpc_blas_create(tpc_blas *h, tpc_stream s, tp_err *err);
+void tpc_blas_destroy(tpc_blas h);
+/* y[n][out] = x[n][in] . W^T (+ bias[out]), W bf16 [out][in].  The
+ * activations are rounded to bf16 into x_bf16 (workspace of n * in values;
+ * x NULL: x_bf16 already holds them), then cublasGemmEx multiplies bf16 x
+ * bf16 with fp32 accumulation (CUBLAS_COMPUTE_32F) into fp32 y: what a bf16
+ * transformers model computes in its nn.Linear, except that the result stays
+ * fp32.  bias may be NULL. */
+int tpc_gemm_bf16(tpc_blas h, float *y, const float *x, uint16_t *x_bf16, const uint16_t *w,
+                  const float *bias, int n, int in, int out, tpc_stream s, tp_err *err);
+
+/* ------------------------------------------------------- NCCL backend */
+
+/* For a comm opened with backend "nccl" (comm_nccl.cu): the stream its
+ * collectives run on (the model runs its kernels there too, so that no
+ * extra synchronisation is needed) and its device; NULL / -1 otherwise.
+ * The nccl backend's buffers are device pointers (host pointers work too,
+ * staged through a device buffer: fine for a token id, slow for
+ * activations).  Its unique id travels over tp_comm_open("auto"): MPI under
+ * mpirun, else the tcp backend's rendezvous at MASTER_ADDR:MASTER_PORT. */
+tpc_stream tpc_comm_stream(const tp_comm *c);
+int tpc_comm_device(const tp_comm *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

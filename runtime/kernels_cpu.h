@@ -1,0 +1,94 @@
+/* kernels_cpu.h - the CPU kernels of the forward pass (private to runtime/).
+ *
+ * Each kernel is small, fp32, and written to be the reference that a CUDA
+ * kernel is later tested against.  Layouts are row-major; "n" is the number
+ * of tokens (rows) processed together.  Conventions follow the Hugging Face
+ * modeling code of qwen2/qwen3/llama/mistral so that results differ from
+ * transformers (fp32) only by summation order.
+ */
+#ifndef TP_KERNELS_CPU_H
+#define TP_KERNELS_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#include "shardfmt.h"
+
+/* out[t] = table[ids[t] - row_start] for ids inside [row_start, row_end),
+ * zeros otherwise (a vocab-parallel embedding: the all-reduce that follows
+ * adds the one rank's row).  ids must already be checked against the full
+ * vocabulary. */
+void tpk_embedding(float *out, const float *table, const int32_t *ids, int n, int hidden,
+                   int64_t row_start, int64_t row_end);
+
+/* out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps)  (HF LlamaRMSNorm).  out may
+ * equal x. */
+void tpk_rmsnorm(float *out, const float *x, const float *w, int n, int dim, float eps);
+
+/* Fused residual add + rmsnorm: x[t] += delta[t]; out[t] = rmsnorm(x[t]).
+ * delta may be NULL (plain rmsnorm of x). */
+void tpk_add_rmsnorm(float *x, const float *delta, float *out, const float *w, int n, int dim,
+                     float eps);
+
+/* Per-head rmsnorm in place (qwen3 q_norm / k_norm): x is n_rows rows of
+ * head_dim values (tokens * heads), each normalised with the same w. */
+void tpk_head_rmsnorm(float *x, const float *w, int n_rows, int head_dim, float eps);
+
+/* RoPE parameters.  llama3: the rope_scaling recomputation of the inverse
+ * frequencies (transformers' _compute_llama3_parameters). */
+typedef struct tpk_rope_params {
+    float theta;
+    bool llama3;
+    float factor, low_freq_factor, high_freq_factor;
+    int original_max_position;
+} tpk_rope_params;
+
+/* inv_freq[i] for i in [0, head_dim/2), computed in fp32 as transformers does. */
+void tpk_rope_inv_freq(float *inv_freq, int head_dim, const tpk_rope_params *p);
+
+/* cos/sin tables [n_pos][head_dim/2]: angle = (float)pos * inv_freq[i]. */
+void tpk_rope_table(float *cos_t, float *sin_t, const float *inv_freq, int head_dim, int n_pos);
+
+/* Rotates n tokens x n_heads heads in place (HF rotate_half convention: the
+ * pairs are (i, i + head_dim/2)).  Token t sits at position pos0 + t; its
+ * heads start at x + t * row_stride + h * head_dim. */
+void tpk_rope(float *x, int n, int n_heads, int head_dim, size_t row_stride, int pos0,
+              const float *cos_t, const float *sin_t);
+
+/* Causal GQA attention for one query head over a KV cache.
+ *   q:      n query rows for this head, q + t * q_stride (head_dim values)
+ *   k, v:   the cache of this head's kv head, [>= pos0 + n][head_dim]
+ *   out:    out + t * out_stride receives head_dim values
+ * Query t at position p = pos0 + t attends keys j in [lo, p] with
+ * lo = max(0, p - window + 1) when window > 0 (mistral's sliding window:
+ * kv_idx > q_idx - window), else 0.  scores = q.k * scale, softmax in fp32
+ * (max-subtracted, two passes), scratch holds pos0 + n floats. */
+void tpk_attention_head(float *out, size_t out_stride, const float *q, size_t q_stride,
+                        const float *k, const float *v, int n, int pos0, int head_dim,
+                        int window, float scale, float *scratch);
+
+/* The same attention for a block of queries at once (prefill): queries are
+ * taken TPK_ATT_BLOCK at a time, scores = Q_blk K^T * scale and out = P V
+ * with cblas sgemm, masked softmax in between.  scratch holds
+ * TPK_ATT_BLOCK * (pos0 + n) floats.  Same results as tpk_attention_head up
+ * to summation order. */
+#define TPK_ATT_BLOCK 32
+void tpk_attention_head_blocked(float *out, size_t out_stride, const float *q, size_t q_stride,
+                                const float *k, const float *v, int n, int pos0, int head_dim,
+                                int window, float scale, float *scratch);
+
+/* gate[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up. */
+void tpk_silu_mul(float *gate, const float *up, size_t n);
+
+/* y[n][out] = x[n][in] . W^T (+ bias), W is [out][in] row-major
+ * (nn.Linear's weight).  cblas sgemm (sgemv for n = 1). */
+void tpk_matmul(float *y, const float *x, const float *w, const float *bias, int n, int in, int out);
+
+/* y[t][i] += b[i] for n rows of dim values. */
+void tpk_add_bias(float *y, const float *b, int n, int dim);
+
+/* Converts count elements of a bf16/f16/f32 buffer to fp32 (exact). */
+void tpk_to_f32(float *dst, const void *src, tp_dtype dt, size_t count);
+
+#endif

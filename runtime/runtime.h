@@ -1,0 +1,233 @@
+/* runtime.h - everything tprun needs above the loader: the tokenizer, the
+ * communication interface, the model and its tensor-parallel forward pass,
+ * sampling and generation.
+ *
+ * Same error convention as shardfmt.h: 0 / -1 and a tp_err.
+ */
+#ifndef TP_RUNTIME_H
+#define TP_RUNTIME_H
+
+#include "shardfmt.h"
+#include "loader.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* --------------------------------------------------------------- tokenizer */
+
+/* A Hugging Face tokenizer.json byte-level BPE tokenizer (Qwen2/Qwen3,
+ * Llama-3 style): NFC normaliser, the pre-tokenizer's split regex (PCRE2),
+ * byte-to-unicode mapping, merges by rank, added tokens matched first.
+ * Configurations it does not implement are refused with an error naming the
+ * key.  Encoding adds no BOS/EOS (HF's add_special_tokens=False). */
+typedef struct tp_tokenizer tp_tokenizer;
+
+/* The path may end in ".zst" (zstd-compressed tokenizer.json). */
+int tp_tokenizer_load(tp_tokenizer **tok, const char *tokenizer_json_path, tp_err *err);
+int tp_tokenizer_load_mem(tp_tokenizer **tok, const char *json, size_t len, const char *name, tp_err *err);
+void tp_tokenizer_free(tp_tokenizer *tok);
+/* Encodes UTF-8 text (added/special tokens inside the text are recognised).
+ * *ids is malloc'd. */
+int tp_tokenizer_encode(const tp_tokenizer *tok, const char *text, size_t len,
+                        int32_t **ids, size_t *n_ids, tp_err *err);
+/* Vocabulary size including added tokens (largest id + 1). */
+size_t tp_tokenizer_vocab_size(const tp_tokenizer *tok);
+/* Id of a token string ("<|im_end|>"), or -1. */
+int32_t tp_tokenizer_token_id(const tp_tokenizer *tok, const char *token);
+
+/* Streaming decoder: feed ids one at a time, get back the bytes that are now
+ * complete UTF-8 (never half a character).  tp_detok_flush() returns what is
+ * left (invalid trailing bytes become U+FFFD). */
+typedef struct tp_detok tp_detok;
+tp_detok *tp_detok_new(const tp_tokenizer *tok, bool skip_special);
+/* Appends the newly complete text to *out (malloc'd, NUL-terminated, may be
+ * empty); the caller frees it.  An unknown id is an error. */
+int tp_detok_push(tp_detok *d, int32_t id, char **out, tp_err *err);
+char *tp_detok_flush(tp_detok *d);
+void tp_detok_free(tp_detok *d);
+/* Whole-sequence decode (malloc'd, NUL-terminated). */
+int tp_tokenizer_decode(const tp_tokenizer *tok, const int32_t *ids, size_t n, bool skip_special,
+                        char **text, tp_err *err);
+
+/* ------------------------------------------------------------ communication */
+
+/* The three collectives tensor parallelism needs, behind one interface.
+ * Backends: "single" (one rank), "tcp" (our own sockets, no MPI needed:
+ * rank 0 listens on MASTER_ADDR:MASTER_PORT, default 127.0.0.1:29500, a
+ * star, fine for small world sizes; TP_COMM_PORT overrides the port, and
+ * under torchrun's agent store, which holds MASTER_PORT itself, the port
+ * after it is used), "mpi" (Open MPI), "nccl" (CUDA builds).
+ * Every call gives up with an error after timeout_s seconds instead of
+ * hanging when a peer died or never arrived (timeout_s <= 0: wait forever,
+ * e.g. while rank 0 waits for the user's next line).  Results are
+ * bit-identical on every rank (sums are made in one place, in rank order). */
+typedef struct tp_comm tp_comm;
+
+typedef struct tp_comm_ops {
+    const char *name;
+    int (*allreduce_sum_f32)(tp_comm *c, float *buf, size_t n, tp_err *err);
+    /* recv holds n_per_rank * world floats, rank r's part at r * n_per_rank */
+    int (*allgather_f32)(tp_comm *c, const float *send, float *recv, size_t n_per_rank, tp_err *err);
+    int (*broadcast)(tp_comm *c, void *buf, size_t bytes, int root, tp_err *err);
+    int (*barrier)(tp_comm *c, tp_err *err);
+    void (*close)(tp_comm *c);
+} tp_comm_ops;
+
+struct tp_comm {
+    const tp_comm_ops *ops;
+    int rank, world;
+    double timeout_s;
+    void *impl;
+};
+
+/* Where this process sits, from --rank or the launcher's environment:
+ * RANK/WORLD_SIZE/LOCAL_RANK (torchrun), OMPI_COMM_WORLD_RANK/SIZE and
+ * PMI_RANK/PMI_SIZE (mpirun), SLURM_PROCID/SLURM_NTASKS (srun).
+ * cli_rank < 0 means not given.  *source names where the rank came from. */
+typedef struct tp_launch {
+    int rank, world, local_rank;   /* world 0: only --rank given, take the manifest's tp */
+    const char *source;      /* "--rank", "RANK", "OMPI_COMM_WORLD_RANK", ... */
+    bool under_mpirun;
+    const char *world_source; /* "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", ... or NULL */
+    int local_world;         /* ranks on this node (threads are shared among them) */
+} tp_launch;
+int tp_launch_detect(tp_launch *l, int cli_rank, tp_err *err);
+
+/* backend: "auto" (world > 1: mpi under mpirun, else tcp; world 1: single),
+ * "single", "tcp", "mpi", "nccl". */
+int tp_comm_open(tp_comm **c, const char *backend, const tp_launch *l, double timeout_s, tp_err *err);
+void tp_comm_close(tp_comm *c);
+/* After an error: ends the whole job (MPI_Abort under MPI; the other
+ * backends close their sockets, so the peers get an error at once). */
+void tp_comm_abort(tp_comm *c, int code);
+
+/* ------------------------------------------------------------------- model */
+
+typedef enum tp_arch { TP_ARCH_QWEN3, TP_ARCH_QWEN2, TP_ARCH_LLAMA, TP_ARCH_MISTRAL } tp_arch;
+
+typedef struct tp_model_config {
+    tp_arch arch;
+    int hidden, n_layers, n_heads, n_kv_heads, head_dim, intermediate, vocab;
+    int max_position;
+    float rms_eps, rope_theta;
+    /* rope_scaling type "llama3" */
+    bool rope_llama3;
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_position;
+    bool tie_embeddings;
+    bool attention_bias;   /* q/k/v biases (qwen2 always) */
+    bool o_bias, mlp_bias;
+    int sliding_window;    /* 0: none (mistral may set one) */
+    int sliding_from_layer;/* layers >= this use sliding_window (qwen2/qwen3
+                              max_window_layers; 0 for mistral) */
+    bool qk_norm;          /* qwen3: per-head rmsnorm of q and k before rope */
+    int bos_id;
+    int n_eos; int eos_ids[8];
+} tp_model_config;
+
+/* Parses config.json (text) for the supported model types; errors name the key. */
+int tp_model_config_parse(tp_model_config *cfg, const char *config_json, tp_err *err);
+
+/* A rank's model: its local weights (fp32 on the CPU backend), the local
+ * head counts, and the KV cache. */
+typedef struct tp_model tp_model;
+
+typedef struct tp_model_opts {
+    int max_seq;            /* KV cache length (0: min(max_position, 4096)) */
+    int threads;            /* CPU threads (0: all cores) */
+    const char *device;     /* "cpu" or "cuda" */
+} tp_model_opts;
+
+/* Builds rank comm->rank's model from its loaded tensors (found by their
+ * Hugging Face names; every local shape checked against config.json and the
+ * tp size, errors name the tensor).  Collective: every rank calls it (the
+ * ranks exchange their vocabulary ranges).  comm may be NULL for tp = 1.
+ * The model copies what it needs: lr may be freed right afterwards. */
+int tp_model_create(tp_model **m, tp_loaded_rank *lr, tp_comm *comm, const tp_model_opts *opts, tp_err *err);
+void tp_model_free(tp_model *m);
+const tp_model_config *tp_model_get_config(const tp_model *m);
+void tp_model_reset(tp_model *m);   /* empties the KV cache */
+int tp_model_position(const tp_model *m);
+/* Runs ids[0..n) at the current position and appends them to the cache.
+ * When logits is non-NULL it receives the full-vocabulary logits of the last
+ * position (gathered across ranks; identical on every rank).  Collective:
+ * every rank passes the same ids, and logits NULL or not on all of them. */
+int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_err *err);
+
+/* ---------------------------------------------------------------- sampling */
+
+typedef struct tp_sampler_opts {
+    float temperature;      /* 0: greedy */
+    int top_k;              /* 0: off */
+    float top_p;            /* 1: off */
+    uint64_t seed;
+} tp_sampler_opts;
+
+typedef struct tp_rng { uint64_t s[4]; } tp_rng;
+void tp_rng_seed(tp_rng *r, uint64_t seed);
+double tp_rng_uniform(tp_rng *r);
+/* Picks a token from full logits (vocab entries).  Greedy ties go to the
+ * lowest id.  scratch: NULL (allocated inside) or 2 * vocab floats. */
+int32_t tp_sample(const float *logits, int vocab, const tp_sampler_opts *o, tp_rng *rng, float *scratch);
+
+/* -------------------------------------------------------------- generation */
+
+/* What generation_config.json says (every field optional; has_* tells
+ * which were there).  eos_token_id may be an int or a list. */
+typedef struct tp_gen_config {
+    bool has_do_sample, do_sample;
+    bool has_temperature, has_top_k, has_top_p;
+    float temperature, top_p;
+    int top_k;
+    int max_new_tokens;     /* 0: not given */
+    int n_eos;
+    int32_t eos_ids[8];
+} tp_gen_config;
+/* json may be NULL (no file): an empty config.  Errors name the key. */
+int tp_gen_config_parse(tp_gen_config *g, const char *json, tp_err *err);
+
+/* Called for every generated token (end-of-sequence ids included), in
+ * order, on every rank; returns 0, or -1 with err filled to stop. */
+typedef int (*tp_token_fn)(int32_t id, void *arg, tp_err *err);
+
+typedef struct tp_gen_opts {
+    int max_new_tokens;
+    tp_sampler_opts sampler;
+    const int32_t *eos_ids; /* generation stops after one of these (n_eos 0: never) */
+    int n_eos;
+    int context;            /* the model's KV cache length (tp_model_opts.max_seq) */
+    tp_token_fn on_token;   /* may be NULL */
+    void *arg;
+    float *prompt_logits;   /* non-NULL: gets the last prompt position's logits (vocab floats) */
+} tp_gen_opts;
+
+typedef struct tp_gen_result {
+    int32_t *ids;           /* generated ids (malloc'd) */
+    size_t n_ids;
+    /* The last generated id is not in the KV cache yet (generation stops
+     * before feeding it): a conversation feeds it first on its next turn.
+     * -1 when nothing was generated. */
+    int32_t pending;
+    bool stopped_eos, stopped_context;
+    int n_prefill, n_decode;        /* tokens run through the model in each phase */
+    double prefill_s, decode_s;
+} tp_gen_result;
+
+/* The checks tp_generate makes before it starts: ids inside the vocabulary
+ * ("prompt id 999999 is outside the vocabulary (151936)") and the prompt
+ * fitting the context after what the cache holds ("prompt has N tokens, the
+ * context is M"). */
+int tp_gen_check_prompt(const tp_model *m, const int32_t *ids, int n, int context, tp_err *err);
+/* Prefills ids[0..n) at the model's current position (one forward call),
+ * then generates one token at a time until max_new_tokens, an
+ * end-of-sequence id or a full context.  Every rank samples with the same
+ * rng; rank 0's choice is broadcast so that the ranks never drift apart. */
+int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int n,
+                const tp_gen_opts *o, tp_gen_result *res, tp_err *err);
+void tp_gen_result_free(tp_gen_result *r);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

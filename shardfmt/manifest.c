@@ -1,0 +1,391 @@
+/* manifest.c - manifest.json of a converted directory (FORMAT.md,
+ * "Manifest"), conversion ids and rank file names.
+ *
+ * tpconvert writes the manifest last, so a directory with a manifest is a
+ * finished conversion; the manifest pins every rank file by size and
+ * checksum.  Parsing is strict: unknown or duplicate keys, missing ranks,
+ * ranks out of order and file names that could leave the directory are all
+ * refused, each with its own message.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include <zstd.h>
+
+#include "json_internal.h"
+#include "shardfmt.h"
+
+#define MAX_MANIFEST_SIZE (64u << 20)
+#define MAX_TP 4096
+#define MAX_FILE_NAME 255
+
+void tp_rank_file_name(char *out, size_t cap, int rank, int tp, const char *ext)
+{
+    snprintf(out, cap, "rank-%05d-of-%05d%s", rank, tp, ext);
+}
+
+/* 16 bytes from getrandom(2); /dev/urandom-quality entropy, never blocks
+ * after boot.  A failure here (no getrandom at all) falls back to time and
+ * address bits, which still makes ids of two conversions differ. */
+void tp_new_conversion_id(char out[33])
+{
+    uint8_t bytes[16];
+    size_t got = 0;
+    while (got < sizeof bytes) {
+        ssize_t n = getrandom(bytes + got, sizeof bytes - got, 0);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    if (got < sizeof bytes) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        uint64_t a = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+        uint64_t b = tp_xxh3(&ts, sizeof ts) ^ (uint64_t)(uintptr_t)&ts;
+        memcpy(bytes, &a, 8);
+        memcpy(bytes + 8, &b, 8);
+    }
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < 16; i++) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 15];
+    }
+    out[32] = 0;
+}
+
+/* A name that stays inside the directory: no separators, not "." or "..",
+ * no control characters. */
+static bool plain_file_name(const char *s)
+{
+    size_t n = strlen(s);
+    if (n == 0 || n > MAX_FILE_NAME || strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
+        return false;
+    for (size_t i = 0; i < n; i++)
+        if (s[i] == '/' || s[i] == '\\' || (unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+            return false;
+    return true;
+}
+
+void tp_manifest_free(tp_manifest *m)
+{
+    if (!m)
+        return;
+    free(m->format);
+    free(m->model_type);
+    free(m->codec);
+    free(m->config_json);
+    free(m->plan_json);
+    for (size_t i = 0; i < m->n_files; i++)
+        free(m->files[i]);
+    free(m->files);
+    if (m->ranks)
+        for (int i = 0; i < m->tp; i++)
+            free(m->ranks[i].file);
+    free(m->ranks);
+    memset(m, 0, sizeof *m);
+}
+
+/* ------------------------------------------------------------------ write */
+
+static int check_for_write(const tp_manifest *m, const char *path, tp_err *err)
+{
+    if (!m->format || (strcmp(m->format, "tpshard") != 0 && strcmp(m->format, "safetensors") != 0))
+        return TP_FAIL(err, "%s: format must be \"tpshard\" or \"safetensors\"", path);
+    if (!tp_is_conversion_id(m->conversion_id))
+        return TP_FAIL(err, "%s: conversion id must be 32 lowercase hex digits", path);
+    if (m->tp < 1 || m->tp > MAX_TP || !m->ranks)
+        return TP_FAIL(err, "%s: tp %d out of range [1, %d]", path, m->tp, MAX_TP);
+    if (!m->model_type || !*m->model_type || !m->codec)
+        return TP_FAIL(err, "%s: model_type and codec are required", path);
+    for (int i = 0; i < m->tp; i++)
+        if (m->ranks[i].rank != i || !m->ranks[i].file || !plain_file_name(m->ranks[i].file))
+            return TP_FAIL(err, "%s: rank entry %d is not rank %d with a plain file name", path, i, i);
+    for (size_t i = 0; i < m->n_files; i++)
+        if (!m->files[i] || !plain_file_name(m->files[i]))
+            return TP_FAIL(err, "%s: copied file name \"%s\" is not a plain file name", path,
+                             m->files[i] ? m->files[i] : "");
+    return 0;
+}
+
+/* A JSON object from text (NULL text: an empty object). */
+static cJSON *object_from_text(const char *text, const char *what, const char *path, tp_err *err)
+{
+    cJSON *o = text ? cJSON_Parse(text) : cJSON_CreateObject();
+    if (!o || !cJSON_IsObject(o)) {
+        cJSON_Delete(o);
+        tp_errorf(err, "%s: %s is not a JSON object", path, what);
+        return NULL;
+    }
+    return o;
+}
+
+static void iso8601_now(char out[32])
+{
+    time_t now = time(NULL);
+    struct tm tm;
+    gmtime_r(&now, &tm);
+    strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static cJSON *rank_json(const tp_manifest_rank *r)
+{
+    char hex[17];
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "rank", r->rank);
+    cJSON_AddStringToObject(o, "file", r->file);
+    tp_json_add_u64(o, "size", r->size);
+    tp_hex64(r->checksum, hex);
+    cJSON_AddStringToObject(o, "checksum", hex);
+    tp_json_add_u64(o, "raw_bytes", r->raw_bytes);
+    tp_json_add_u64(o, "stored_bytes", r->stored_bytes);
+    tp_json_add_u64(o, "tensors", r->n_tensors);
+    return o;
+}
+
+int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
+{
+    char *path = tp_path_join(dir, TP_MANIFEST_NAME);
+    if (!path)
+        return TP_FAIL(err, "%s: out of memory", dir);
+    cJSON *config = NULL, *plan = NULL;
+    if (check_for_write(m, path, err) < 0 || !(config = object_from_text(m->config_json, "config", path, err)) ||
+        !(plan = object_from_text(m->plan_json, "plan", path, err))) {
+        cJSON_Delete(config);
+        free(path);
+        return -1;
+    }
+    char created[32];
+    iso8601_now(created);
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "format", m->format);
+    cJSON_AddNumberToObject(root, "format_version", TP_FORMAT_VERSION);
+    cJSON_AddStringToObject(root, "conversion_id", m->conversion_id);
+    cJSON_AddStringToObject(root, "created", created);
+    cJSON_AddStringToObject(root, "tool", "tpconvert 0.1");
+    cJSON_AddNumberToObject(root, "tp", m->tp);
+    cJSON_AddStringToObject(root, "model_type", m->model_type);
+    cJSON_AddBoolToObject(root, "vocab_parallel", m->vocab_parallel);
+    cJSON_AddStringToObject(root, "codec", m->codec);
+    cJSON_AddNumberToObject(root, "level", m->level);
+    cJSON_AddItemToObject(root, "config", config);
+    cJSON_AddItemToObject(root, "plan", plan);
+    cJSON *files = cJSON_AddArrayToObject(root, "files");
+    for (size_t i = 0; i < m->n_files; i++)
+        cJSON_AddItemToArray(files, cJSON_CreateString(m->files[i]));
+    cJSON *ranks = cJSON_AddArrayToObject(root, "ranks");
+    for (int i = 0; i < m->tp; i++)
+        cJSON_AddItemToArray(ranks, rank_json(&m->ranks[i]));
+    char *text = cJSON_Print(root);
+    cJSON_Delete(root);
+    int rc;
+    if (!text) {
+        rc = tp_errorf(err, "%s: out of memory", path);
+    } else {
+        size_t len = strlen(text);
+        text[len] = '\n'; /* end the file with a newline, replacing the NUL */
+        rc = tp_write_file_atomic(path, text, len + 1, err);
+        free(text);
+    }
+    free(path);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ parse */
+
+static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank *r, tp_err *err)
+{
+    char where[1200];
+    snprintf(where, sizeof where, "%s: ranks[%d]", name, i);
+    if (!cJSON_IsObject(o))
+        return TP_FAIL(err, "%s: must be an object", where);
+    static const char *const keys[] = { "rank", "file", "size", "checksum", "raw_bytes", "stored_bytes",
+                                        "tensors", NULL };
+    const char *file, *checksum;
+    uint64_t n_tensors;
+    if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_int(o, "rank", 0, MAX_TP - 1, where, &r->rank, err) < 0)
+        return -1;
+    if (r->rank != i)
+        return TP_FAIL(err, "%s: is rank %d (ranks must be listed 0..tp-1 in order)", where, r->rank);
+    if (tp_json_str(o, "file", 4096, false, where, &file, err) < 0)
+        return -1;
+    if (!plain_file_name(file))
+        return TP_FAIL(err, "%s: file \"%s\" is not a plain file name in the directory", where, file);
+    if (tp_json_u64(o, "size", UINT64_MAX, where, &r->size, err) < 0 ||
+        tp_json_str(o, "checksum", 64, false, where, &checksum, err) < 0)
+        return -1;
+    if (strlen(checksum) != 16 || tp_parse_hex64(checksum, &r->checksum) < 0)
+        return TP_FAIL(err, "%s: checksum \"%s\" is not 16 hex digits", where, checksum);
+    if (tp_json_u64(o, "raw_bytes", UINT64_MAX, where, &r->raw_bytes, err) < 0 ||
+        tp_json_u64(o, "stored_bytes", UINT64_MAX, where, &r->stored_bytes, err) < 0 ||
+        tp_json_u64(o, "tensors", UINT64_MAX, where, &n_tensors, err) < 0)
+        return -1;
+    r->n_tensors = (size_t)n_tensors;
+    if (!(r->file = strdup(file)))
+        return TP_FAIL(err, "%s: out of memory", where);
+    return 0;
+}
+
+static int parse_ranks(const cJSON *root, const char *name, tp_manifest *m, tp_err *err)
+{
+    const cJSON *ranks = tp_json_need(root, "ranks", name, err);
+    if (!ranks)
+        return -1;
+    if (!cJSON_IsArray(ranks))
+        return TP_FAIL(err, "%s: \"ranks\" must be an array", name);
+    int n = cJSON_GetArraySize(ranks);
+    if (n < m->tp)
+        return TP_FAIL(err, "%s: lists %d ranks but tp is %d (rank %d missing)", name, n, m->tp, n);
+    if (n > m->tp)
+        return TP_FAIL(err, "%s: lists %d ranks but tp is %d", name, n, m->tp);
+    if (!(m->ranks = calloc((size_t)m->tp, sizeof *m->ranks)))
+        return TP_FAIL(err, "%s: out of memory", name);
+    int i = 0;
+    const cJSON *r;
+    cJSON_ArrayForEach(r, ranks) {
+        if (parse_rank(r, i, name, &m->ranks[i], err) < 0)
+            return -1;
+        for (int j = 0; j < i; j++)
+            if (strcmp(m->ranks[j].file, m->ranks[i].file) == 0)
+                return TP_FAIL(err, "%s: ranks %d and %d share the file %s", name, j, i, m->ranks[i].file);
+        i++;
+    }
+    return 0;
+}
+
+static int parse_files(const cJSON *root, const char *name, tp_manifest *m, tp_err *err)
+{
+    const cJSON *files = tp_json_need(root, "files", name, err);
+    if (!files)
+        return -1;
+    if (!cJSON_IsArray(files))
+        return TP_FAIL(err, "%s: \"files\" must be an array", name);
+    size_t n = (size_t)cJSON_GetArraySize(files);
+    if (!(m->files = calloc(n ? n : 1, sizeof *m->files)))
+        return TP_FAIL(err, "%s: out of memory", name);
+    const cJSON *f;
+    cJSON_ArrayForEach(f, files) {
+        if (!cJSON_IsString(f) || !f->valuestring || !plain_file_name(f->valuestring))
+            return TP_FAIL(err, "%s: files[%zu] is not a plain file name in the directory", name, m->n_files);
+        for (size_t j = 0; j < m->n_files; j++)
+            if (strcmp(m->files[j], f->valuestring) == 0)
+                return TP_FAIL(err, "%s: file %s listed twice", name, f->valuestring);
+        if (!(m->files[m->n_files] = strdup(f->valuestring)))
+            return TP_FAIL(err, "%s: out of memory", name);
+        m->n_files++;
+    }
+    return 0;
+}
+
+/* The printed text of a member that must be an object. */
+static int object_text(const cJSON *root, const char *key, const char *name, char **out, tp_err *err)
+{
+    const cJSON *v = tp_json_need(root, key, name, err);
+    if (!v)
+        return -1;
+    if (!cJSON_IsObject(v))
+        return TP_FAIL(err, "%s: \"%s\" must be an object", name, key);
+    if (!(*out = cJSON_PrintUnformatted(v)))
+        return TP_FAIL(err, "%s: out of memory", name);
+    return 0;
+}
+
+static bool iso8601_ok(const char *s)
+{
+    /* YYYY-MM-DDTHH:MM:SSZ */
+    static const char shape[] = "dddd-dd-ddTdd:dd:ddZ";
+    if (strlen(s) != sizeof shape - 1)
+        return false;
+    for (size_t i = 0; shape[i]; i++)
+        if (shape[i] == 'd' ? !(s[i] >= '0' && s[i] <= '9') : s[i] != shape[i])
+            return false;
+    return true;
+}
+
+static int parse_top(const cJSON *root, const char *name, tp_manifest *m, tp_err *err)
+{
+    if (!cJSON_IsObject(root))
+        return TP_FAIL(err, "%s: not a JSON object", name);
+    static const char *const keys[] = { "format", "format_version", "conversion_id", "created", "tool", "tp",
+                                        "model_type", "vocab_parallel", "codec", "level", "config", "plan",
+                                        "files", "ranks", NULL };
+    const char *s;
+    if (tp_json_check_keys(root, keys, name, err) < 0 ||
+        tp_json_int(root, "format_version", 0, 1 << 30, name, &m->format_version, err) < 0)
+        return -1;
+    if (m->format_version > TP_FORMAT_VERSION)
+        return TP_FAIL(err, "%s: format version %d is newer than this build supports (%d)", name,
+                         m->format_version, TP_FORMAT_VERSION);
+    if (m->format_version != TP_FORMAT_VERSION)
+        return TP_FAIL(err, "%s: unsupported format version %d", name, m->format_version);
+    if (tp_json_str(root, "format", 32, false, name, &s, err) < 0)
+        return -1;
+    if (strcmp(s, "tpshard") != 0 && strcmp(s, "safetensors") != 0)
+        return TP_FAIL(err, "%s: format \"%s\" is neither \"tpshard\" nor \"safetensors\"", name, s);
+    if (!(m->format = strdup(s)) || tp_json_str(root, "conversion_id", 64, false, name, &s, err) < 0)
+        return m->format ? -1 : tp_errorf(err, "%s: out of memory", name);
+    if (!tp_is_conversion_id(s))
+        return TP_FAIL(err, "%s: conversion_id \"%s\" is not 32 lowercase hex digits", name, s);
+    memcpy(m->conversion_id, s, 33);
+    if (tp_json_str(root, "created", 64, false, name, &s, err) < 0)
+        return -1;
+    if (!iso8601_ok(s))
+        return TP_FAIL(err, "%s: created \"%s\" is not an ISO-8601 UTC time (YYYY-MM-DDTHH:MM:SSZ)", name, s);
+    if (tp_json_str(root, "tool", 128, false, name, &s, err) < 0 ||
+        tp_json_int(root, "tp", 1, MAX_TP, name, &m->tp, err) < 0 ||
+        tp_json_str(root, "model_type", 64, false, name, &s, err) < 0)
+        return -1;
+    if (!(m->model_type = strdup(s)))
+        return TP_FAIL(err, "%s: out of memory", name);
+    if (tp_json_bool(root, "vocab_parallel", name, &m->vocab_parallel, err) < 0 ||
+        tp_json_str(root, "codec", 16, false, name, &s, err) < 0)
+        return -1;
+    tp_codec codec;
+    if (tp_codec_from_name(s, &codec) < 0)
+        return TP_FAIL(err, "%s: unknown codec \"%s\"", name, s);
+    if (strcmp(m->format, "safetensors") == 0 && codec != TP_CODEC_NONE)
+        return TP_FAIL(err, "%s: a safetensors conversion has codec \"none\", not \"%s\"", name, s);
+    if (!(m->codec = strdup(s)))
+        return TP_FAIL(err, "%s: out of memory", name);
+    if (tp_json_int(root, "level", ZSTD_minCLevel(), ZSTD_maxCLevel(), name, &m->level, err) < 0 ||
+        object_text(root, "config", name, &m->config_json, err) < 0 ||
+        object_text(root, "plan", name, &m->plan_json, err) < 0 || parse_files(root, name, m, err) < 0)
+        return -1;
+    return parse_ranks(root, name, m, err);
+}
+
+int tp_manifest_parse(const char *json, size_t len, const char *name, tp_manifest *m, tp_err *err)
+{
+    memset(m, 0, sizeof *m);
+    cJSON *root = tp_json_parse(json, len);
+    if (!root)
+        return TP_FAIL(err, "%s: not valid JSON", name);
+    int rc = parse_top(root, name, m, err);
+    cJSON_Delete(root);
+    if (rc < 0) {
+        tp_manifest_free(m); /* frees whatever was filled in */
+        return -1;
+    }
+    return 0;
+}
+
+int tp_manifest_read(const char *dir, tp_manifest *m, tp_err *err)
+{
+    memset(m, 0, sizeof *m);
+    char *path = tp_path_join(dir, TP_MANIFEST_NAME);
+    if (!path)
+        return TP_FAIL(err, "%s: out of memory", dir);
+    char *text;
+    size_t len;
+    int rc = tp_read_file(path, MAX_MANIFEST_SIZE, &text, &len, err);
+    if (rc == 0) {
+        rc = tp_manifest_parse(text, len, path, m, err);
+        free(text);
+    }
+    free(path);
+    return rc;
+}

@@ -1,0 +1,490 @@
+/* util.c - errors, dtypes, overflow-checked arithmetic, file I/O helpers,
+ * checksums and the monotonic clock.  The thread pool lives in pool.c and
+ * the progress bar in progress.c. */
+#include "shardfmt.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+/* ------------------------------------------------------------------ errors */
+
+int tp_errorf(tp_err *err, const char *fmt, ...)
+{
+    if (err) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+int tp_err_prefix(tp_err *err, const char *fmt, ...)
+{
+    if (!err)
+        return -1;
+    char prefix[sizeof err->msg];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(prefix, sizeof prefix, fmt, ap);
+    va_end(ap);
+    char old[sizeof err->msg];
+    memcpy(old, err->msg, sizeof old);
+    old[sizeof old - 1] = '\0';
+    /* Concatenate by hand: snprintf("%s: %s") of two full buffers trips
+     * -Wformat-truncation, and truncation is what we want anyway. */
+    size_t cap = sizeof err->msg, pl = strlen(prefix), ol = strlen(old);
+    if (pl > cap - 1)
+        pl = cap - 1;
+    memcpy(err->msg, prefix, pl);
+    size_t at = pl;
+    for (const char *sep = ": "; *sep && at < cap - 1; sep++)
+        err->msg[at++] = *sep;
+    if (ol > cap - 1 - at)
+        ol = cap - 1 - at;
+    memcpy(err->msg + at, old, ol);
+    err->msg[at + ol] = '\0';
+    return -1;
+}
+
+/* ------------------------------------------------------------------ dtypes */
+
+const char *tp_dtype_name(tp_dtype dt)
+{
+    switch (dt) {
+    case TP_BF16: return "BF16";
+    case TP_F16:  return "F16";
+    case TP_F32:  return "F32";
+    default:      return "INVALID";
+    }
+}
+
+tp_dtype tp_dtype_from_name(const char *name)
+{
+    if (!name)
+        return TP_DTYPE_INVALID;
+    if (strcmp(name, "BF16") == 0) return TP_BF16;
+    if (strcmp(name, "F16") == 0)  return TP_F16;
+    if (strcmp(name, "F32") == 0)  return TP_F32;
+    return TP_DTYPE_INVALID;
+}
+
+size_t tp_dtype_size(tp_dtype dt)
+{
+    switch (dt) {
+    case TP_BF16:
+    case TP_F16:  return 2;
+    case TP_F32:  return 4;
+    default:      return 0;
+    }
+}
+
+static uint32_t f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static float bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+float tp_bf16_to_f32(uint16_t h)
+{
+    return bits_f32((uint32_t)h << 16);
+}
+
+uint16_t tp_f32_to_bf16(float f)
+{
+    uint32_t u = f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        /* NaN: keep the sign and top payload bits, force the quiet bit so
+         * that truncating the payload can never turn it into infinity. */
+        return (uint16_t)((u >> 16) | 0x0040u);
+    }
+    /* Round to nearest, ties to even: add 0x7fff plus the lowest kept bit.
+     * Finite values just below FLT_MAX correctly round up to infinity. */
+    uint32_t lsb = (u >> 16) & 1u;
+    return (uint16_t)((u + 0x7fffu + lsb) >> 16);
+}
+
+float tp_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0) {
+        if (mant == 0) {
+            u = sign; /* +-0 */
+        } else {
+            /* Subnormal: value = mant * 2^-24; normalise into f32. */
+            int e = -1;
+            do {
+                mant <<= 1;
+                e++;
+            } while ((mant & 0x400u) == 0);
+            mant &= 0x3ffu;
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | (mant << 13);
+        }
+    } else if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (mant << 13); /* inf, or NaN with payload */
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    return bits_f32(u);
+}
+
+/* ------------------------------------------------------------- arithmetic */
+
+bool tp_mul_size(size_t a, size_t b, size_t *out)
+{
+    size_t r;
+    if (__builtin_mul_overflow(a, b, &r))
+        return false;
+    *out = r;
+    return true;
+}
+
+bool tp_add_size(size_t a, size_t b, size_t *out)
+{
+    size_t r;
+    if (__builtin_add_overflow(a, b, &r))
+        return false;
+    *out = r;
+    return true;
+}
+
+bool tp_tensor_nbytes(tp_dtype dt, const uint64_t *shape, int ndim, size_t *out)
+{
+    size_t esize = tp_dtype_size(dt);
+    if (esize == 0 || ndim < 0 || ndim > TP_MAX_DIMS)
+        return false;
+    size_t n = esize;
+    for (int i = 0; i < ndim; i++) {
+        if (shape[i] > SIZE_MAX)
+            return false;
+        if (!tp_mul_size(n, (size_t)shape[i], &n))
+            return false;
+    }
+    *out = n;
+    return true;
+}
+
+/* ------------------------------------------------------------------ files */
+
+/* mmap of a zero-length file fails, so empty files point here instead. */
+static const uint8_t empty_file[1];
+
+int tp_mmap_open(tp_mmap *m, const char *path, tp_err *err)
+{
+    memset(m, 0, sizeof *m);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return tp_errorf(err, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return tp_errorf(err, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return tp_errorf(err, "%s: not a regular file", path);
+    }
+    if ((uint64_t)st.st_size > SIZE_MAX) {
+        close(fd);
+        return tp_errorf(err, "%s: file too large to map", path);
+    }
+    size_t size = (size_t)st.st_size;
+    const uint8_t *data = empty_file;
+    if (size > 0) {
+        void *p = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (p == MAP_FAILED) {
+            int e = errno;
+            close(fd);
+            return tp_errorf(err, "%s: mmap failed: %s", path, strerror(e));
+        }
+        data = p;
+    }
+    close(fd); /* the mapping stays valid */
+    m->path = strdup(path);
+    if (!m->path) {
+        if (size > 0)
+            munmap((void *)data, size);
+        return tp_errorf(err, "%s: out of memory", path);
+    }
+    m->data = data;
+    m->size = size;
+    return 0;
+}
+
+void tp_mmap_close(tp_mmap *m)
+{
+    if (!m)
+        return;
+    if (m->data && m->data != empty_file && m->size > 0 && m->path)
+        munmap((void *)m->data, m->size);
+    free(m->path);
+    memset(m, 0, sizeof *m);
+}
+
+int tp_write_all(int fd, const void *buf, size_t len, const char *path, tp_err *err)
+{
+    const uint8_t *p = buf;
+    while (len > 0) {
+        /* Linux caps a single write at ~2 GiB; ask for at most 1 GiB. */
+        size_t want = len < (1u << 30) ? len : (1u << 30);
+        ssize_t n = write(fd, p, want);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return tp_errorf(err, "%s: write failed: %s", path, strerror(errno));
+        }
+        if (n == 0)
+            return tp_errorf(err, "%s: write failed: wrote 0 bytes", path);
+        p += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+int tp_pwrite_all(int fd, const void *buf, size_t len, uint64_t off, const char *path, tp_err *err)
+{
+    const uint8_t *p = buf;
+    if (off > (uint64_t)INT64_MAX)
+        return tp_errorf(err, "%s: write offset %llu too large", path, (unsigned long long)off);
+    while (len > 0) {
+        size_t want = len < (1u << 30) ? len : (1u << 30);
+        ssize_t n = pwrite(fd, p, want, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return tp_errorf(err, "%s: write failed at offset %llu: %s", path,
+                             (unsigned long long)off, strerror(errno));
+        }
+        if (n == 0)
+            return tp_errorf(err, "%s: write failed at offset %llu: wrote 0 bytes", path,
+                             (unsigned long long)off);
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+int tp_read_file(const char *path, size_t max_size, char **out, size_t *out_len, tp_err *err)
+{
+    *out = NULL;
+    if (out_len)
+        *out_len = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return tp_errorf(err, "%s: cannot open: %s", path, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        int e = errno;
+        close(fd);
+        return tp_errorf(err, "%s: cannot stat: %s", path, strerror(e));
+    }
+    if (S_ISDIR(st.st_mode)) {
+        close(fd);
+        return tp_errorf(err, "%s: is a directory", path);
+    }
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size > max_size) {
+        close(fd);
+        return tp_errorf(err, "%s: file is %llu bytes, more than the %zu allowed", path,
+                         (unsigned long long)st.st_size, max_size);
+    }
+    /* Read until EOF rather than trusting st_size (the file may be a pipe or
+     * may grow while we read), but never past max_size. */
+    size_t cap = S_ISREG(st.st_mode) ? (size_t)st.st_size + 1 : 4096;
+    if (cap > max_size + 1 || cap == 0)
+        cap = max_size + 1;
+    char *buf = malloc(cap + 1);
+    if (!buf) {
+        close(fd);
+        return tp_errorf(err, "%s: out of memory", path);
+    }
+    size_t len = 0;
+    for (;;) {
+        if (len == cap) {
+            if (cap > max_size) {
+                free(buf);
+                close(fd);
+                return tp_errorf(err, "%s: file is more than the %zu bytes allowed", path, max_size);
+            }
+            size_t ncap = cap * 2 > max_size + 1 ? max_size + 1 : cap * 2;
+            char *nb = realloc(buf, ncap + 1);
+            if (!nb) {
+                free(buf);
+                close(fd);
+                return tp_errorf(err, "%s: out of memory", path);
+            }
+            buf = nb;
+            cap = ncap;
+        }
+        ssize_t n = read(fd, buf + len, cap - len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int e = errno;
+            free(buf);
+            close(fd);
+            return tp_errorf(err, "%s: read failed: %s", path, strerror(e));
+        }
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    close(fd);
+    if (len > max_size) {
+        free(buf);
+        return tp_errorf(err, "%s: file is more than the %zu bytes allowed", path, max_size);
+    }
+    buf[len] = '\0';
+    *out = buf;
+    if (out_len)
+        *out_len = len;
+    return 0;
+}
+
+/* The directory part of path ("." when there is none), malloc'd. */
+static char *dir_of(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        return strdup(".");
+    if (slash == path)
+        return strdup("/");
+    return strndup(path, (size_t)(slash - path));
+}
+
+int tp_fsync_dir(const char *dir, tp_err *err)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return tp_errorf(err, "%s: cannot open directory: %s", dir, strerror(errno));
+    /* Some file systems do not support fsync on directories (EINVAL); the
+     * rename is then as durable as that file system makes it. */
+    if (fsync(fd) != 0 && errno != EINVAL && errno != EROFS) {
+        int e = errno;
+        close(fd);
+        return tp_errorf(err, "%s: fsync failed: %s", dir, strerror(e));
+    }
+    close(fd);
+    return 0;
+}
+
+int tp_write_file_atomic(const char *path, const void *buf, size_t len, tp_err *err)
+{
+    char tmp[PATH_MAX];
+    int n = snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    if (n < 0 || (size_t)n >= sizeof tmp)
+        return tp_errorf(err, "%s: path too long", path);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return tp_errorf(err, "%s: cannot create: %s", tmp, strerror(errno));
+    if (tp_write_all(fd, buf, len, tmp, err) != 0)
+        goto fail;
+    if (fsync(fd) != 0) {
+        tp_errorf(err, "%s: fsync failed: %s", tmp, strerror(errno));
+        goto fail;
+    }
+    if (close(fd) != 0) {
+        fd = -1;
+        tp_errorf(err, "%s: close failed: %s", tmp, strerror(errno));
+        goto fail;
+    }
+    fd = -1;
+    if (rename(tmp, path) != 0) {
+        tp_errorf(err, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
+        goto fail;
+    }
+    char *dir = dir_of(path);
+    if (!dir)
+        return tp_errorf(err, "%s: out of memory", path);
+    int rc = tp_fsync_dir(dir, err);
+    free(dir);
+    return rc;
+fail:
+    if (fd >= 0)
+        close(fd);
+    unlink(tmp);
+    return -1;
+}
+
+char *tp_path_join(const char *dir, const char *name)
+{
+    size_t dl = strlen(dir), nl = strlen(name);
+    bool need_slash = dl > 0 && dir[dl - 1] != '/';
+    char *out = malloc(dl + need_slash + nl + 1);
+    if (!out)
+        return NULL;
+    memcpy(out, dir, dl);
+    if (need_slash)
+        out[dl] = '/';
+    memcpy(out + dl + need_slash, name, nl + 1);
+    return out;
+}
+
+/* --------------------------------------------------------------- checksums */
+
+uint64_t tp_xxh3(const void *data, size_t len)
+{
+    return (uint64_t)XXH3_64bits(data, len);
+}
+
+void tp_hex64(uint64_t v, char out[17])
+{
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 15; i >= 0; i--) {
+        out[i] = digits[v & 0xf];
+        v >>= 4;
+    }
+    out[16] = '\0';
+}
+
+int tp_parse_hex64(const char *s, uint64_t *out)
+{
+    /* Exactly 16 hex digits, as tp_hex64 writes them. */
+    if (!s)
+        return -1;
+    uint64_t v = 0;
+    int i;
+    for (i = 0; i < 16; i++) {
+        char c = s[i];
+        unsigned d;
+        if (c >= '0' && c <= '9') d = (unsigned)(c - '0');
+        else if (c >= 'a' && c <= 'f') d = (unsigned)(c - 'a' + 10);
+        else if (c >= 'A' && c <= 'F') d = (unsigned)(c - 'A' + 10);
+        else return -1;
+        v = (v << 4) | d;
+    }
+    if (s[i] != '\0')
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* ------------------------------------------------------------------- clock */
+
+double tp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}

@@ -1,0 +1,285 @@
+#!/usr/bin/env bash
+# e2e_convert.sh - tpconvert on the reference models in tests/models and on
+# synthetic ones (bin/tpsynth):
+#   - every model at tp 1, 2, 4 (and 8 where the heads divide) with
+#     --compress none and zstd, each checked by tpverify --against the source;
+#     --vocab-parallel; an uneven vocabulary at tp 8 with kv=1 (every rank
+#     holds the one kv head); --format safetensors (tpverify --against; the
+#     slices are also checked by build/tests/test_st_export);
+#   - the manifest: format, tp, codec, files, plan;
+#   - a corrupted byte in a rank file is caught by tpverify;
+#   - failures leave no output directory and no manifest: --tp 3 on 4 heads,
+#     a truncated safetensors input, ENOSPC on a tiny tmpfs (skipped, saying
+#     why, when no tmpfs can be mounted), an unknown model_type (and the same
+#     with --plan succeeding), an unknown style in --plan, SIGINT;
+#   - a non-empty OUT_DIR is refused without --force; --force replaces a
+#     conversion (no file of the old one stays); --dry-run writes nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-bin}
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/e2e_convert.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+die() { echo "e2e_convert: FAIL: $*" >&2; exit 1; }
+note() { echo "e2e_convert: $*"; }
+[ -x "$BIN/tpconvert" ] || die "$BIN/tpconvert is not built"
+have_verify=0
+if [ -x "$BIN/tpverify" ]; then have_verify=1; else note "NOTE: $BIN/tpverify not built: tpverify steps skipped"; fi
+
+# expect_fail WANT CMD...: CMD exits non-zero and its stderr contains WANT.
+expect_fail() {
+    local want=$1; shift
+    if "$@" >"$tmp/stdout" 2>"$tmp/stderr"; then
+        die "succeeded, expected a failure with '$want': $*"
+    fi
+    grep -qF -- "$want" "$tmp/stderr" || die "$*: stderr lacks '$want': $(cat "$tmp/stderr")"
+}
+verify() { # out model
+    [ $have_verify = 1 ] || return 0
+    "$BIN/tpverify" "$1" --against "$2" --quiet >"$tmp/verify.log" 2>&1 \
+        || die "tpverify $1 --against $2: $(tail -n 3 "$tmp/verify.log")"
+}
+json_num() { # file key: the first integer value of "key"
+    grep -o "\"$2\"[[:space:]]*:[[:space:]]*[0-9]*" "$1" | head -n 1 | grep -o '[0-9]*$'
+}
+no_output() { # dir what
+    [ ! -e "$1" ] || die "$2: $1 was left behind: $(ls -la "$1" 2>&1 | head -n 5)"
+}
+
+models=()
+for d in tests/models/*/; do
+    [ -f "$d/config.json" ] && models+=("${d%/}")
+done
+[ ${#models[@]} -ge 4 ] || die "expected the reference models in tests/models, found ${#models[@]}"
+
+echo "== every model, tp 1/2/4(/8), none and zstd, verified against the source"
+for m in "${models[@]}"; do
+    name=$(basename "$m")
+    heads=$(json_num "$m/config.json" num_attention_heads)
+    for tp in 1 2 4 8; do
+        [ $((heads % tp)) -eq 0 ] || continue
+        for codec in none zstd; do
+            out="$tmp/$name-$tp-$codec"
+            "$BIN/tpconvert" --tp $tp --compress $codec --quiet "$m" "$out" 2>"$tmp/err" \
+                || die "tpconvert --tp $tp --compress $codec $m: $(cat "$tmp/err")"
+            [ -f "$out/manifest.json" ] || die "$out: no manifest.json"
+            n=$(ls "$out"/rank-*-of-*.tpshard | wc -l)
+            [ "$n" -eq $tp ] || die "$out: $n rank files, want $tp"
+            grep -q "\"codec\"[[:space:]]*:[[:space:]]*\"$codec\"" "$out/manifest.json" \
+                || die "$out/manifest.json: codec is not $codec"
+            cmp -s "$m/config.json" "$out/config.json" || die "$out/config.json differs from the source"
+            if [ -f "$m/generation_config.json" ]; then
+                cmp -s "$m/generation_config.json" "$out/generation_config.json" \
+                    || die "$out: generation_config.json not copied"
+            fi
+            verify "$out" "$m"
+        done
+    done
+    note "$name: ok (heads $heads)"
+done
+
+echo "== --vocab-parallel, the lm_head and the rowwise bias"
+for m in tests/models/qwen3-tiny tests/models/llama-tiny; do
+    out="$tmp/vp-$(basename $m)"
+    "$BIN/tpconvert" --tp 4 --vocab-parallel --quiet "$m" "$out" || die "--vocab-parallel $m"
+    grep -q '"vocab_parallel"[[:space:]]*:[[:space:]]*true' "$out/manifest.json" \
+        || die "$out: manifest does not record vocab_parallel"
+    verify "$out" "$m"
+done
+"$BIN/tpconvert" --tp 2 --dry-run tests/models/llama-bias >"$tmp/dry"
+grep -E 'model\.layers\.0\.self_attn\.o_proj\.bias +rowwise \(reduce\)' "$tmp/dry" >/dev/null \
+    || die "dry run: o_proj.bias is not rowwise with reduce: $(grep o_proj.bias "$tmp/dry")"
+grep -E '^lm_head\.weight +colwise_gather_output +\[512, 64\] +\[256, 64\]' "$tmp/dry" >/dev/null \
+    || die "dry run: lm_head is not cut by vocabulary rows: $(grep lm_head "$tmp/dry")"
+grep -E 'model\.layers\.1\.mlp\.down_proj\.weight +rowwise +\[64, 128\] +\[64, 64\]' "$tmp/dry" >/dev/null \
+    || die "dry run: down_proj is not cut on dim 1"
+# kv=1 at tp 4: every rank holds the one kv head
+"$BIN/tpconvert" --tp 4 --dry-run tests/models/qwen3-kv1 >"$tmp/dry"
+grep -E 'model\.layers\.0\.self_attn\.k_proj\.weight +colwise +\[32, 64\] +\[32, 64\]' "$tmp/dry" >/dev/null \
+    || die "dry run: kv=1 k_proj at tp 4 is not replicated per rank: $(grep k_proj "$tmp/dry" | head -n 1)"
+
+echo "== synthetic: 8 heads, 1 kv head, vocabulary 509 at tp 8; packed plan"
+if [ -x "$BIN/tpsynth" ]; then
+    syn="$tmp/syn"
+    "$BIN/tpsynth" --preset tiny --arch llama --heads 8 --kv-heads 1 --head-dim 8 --vocab 509 \
+        --no-tie --seed 3 --quiet "$syn" || die "tpsynth"
+    "$BIN/tpconvert" --tp 8 --quiet "$syn" "$tmp/syn-8" || die "tpconvert --tp 8 synthetic"
+    verify "$tmp/syn-8" "$syn"
+    "$BIN/tpconvert" --tp 8 --dry-run "$syn" >"$tmp/dry"
+    grep -E '^lm_head\.weight +colwise_gather_output +\[509, 64\] +\[64, 64\] \(last \[61, 64\]\)' \
+        "$tmp/dry" >/dev/null || die "uneven vocabulary: $(grep lm_head "$tmp/dry")"
+    "$BIN/tpconvert" --tp 8 --vocab-parallel --compress none --quiet "$syn" "$tmp/syn-8vp" \
+        || die "tpconvert --tp 8 --vocab-parallel synthetic"
+    verify "$tmp/syn-8vp" "$syn"
+else
+    die "$BIN/tpsynth is not built"
+fi
+
+echo "== --format safetensors"
+for m in tests/models/qwen2-tiny tests/models/qwen3-kv1; do
+    out="$tmp/st-$(basename $m)"
+    "$BIN/tpconvert" --tp 4 --format safetensors --quiet "$m" "$out" || die "--format safetensors $m"
+    [ "$(ls "$out"/rank-*-of-00004.safetensors | wc -l)" -eq 4 ] || die "$out: not 4 safetensors files"
+    grep -q '"format"[[:space:]]*:[[:space:]]*"safetensors"' "$out/manifest.json" || die "$out: format"
+    verify "$out" "$m"
+done
+
+echo "== a corrupted byte is caught"
+if [ $have_verify = 1 ]; then
+    out="$tmp/qwen2-tiny-2-none"
+    f="$out/rank-00001-of-00002.tpshard"
+    # every 4 KiB block of the file, one at a time (padding between tensors
+    # is not data: at least the blocks holding tensor bytes must fail)
+    size=$(stat -c %s "$f")
+    caught=0; tried=0
+    for off in $(seq 4100 8192 $((size - 100))); do
+        cp "$f" "$tmp/orig"
+        old=$(od -An -tu1 -j "$off" -N1 "$f" | tr -d ' ')
+        printf "$(printf '\\%03o' $(( (old + 1) % 256 )))" | dd of="$f" bs=1 seek="$off" conv=notrunc status=none
+        tried=$((tried + 1))
+        if ! "$BIN/tpverify" "$out" --quiet >/dev/null 2>&1; then caught=$((caught + 1)); fi
+        cp "$tmp/orig" "$f"
+    done
+    [ $caught -gt 0 ] || die "no corrupted byte of $tried was caught"
+    "$BIN/tpverify" "$out" --quiet >/dev/null 2>&1 || die "restored file does not verify"
+    note "corruption: $caught of $tried flipped blocks caught (tpshard, none)"
+fi
+
+echo "== failures leave nothing"
+expect_fail "num_attention_heads=4 cannot be split over tp=3" \
+    "$BIN/tpconvert" --tp 3 tests/models/qwen3-tiny "$tmp/bad-tp3"
+no_output "$tmp/bad-tp3" "--tp 3"
+echo '{"layers.*.self_attn.k_proj": "colwise"}' >"$tmp/kvplan.json"
+expect_fail "num_key_value_heads=2 cannot be split over tp=3" \
+    "$BIN/tpconvert" --tp 3 --plan "$tmp/kvplan.json" \
+    tests/models/qwen3-tiny "$tmp/bad-kv3"
+no_output "$tmp/bad-kv3" "kv over tp 3"
+
+cp -r tests/models/llama-tiny "$tmp/trunc"
+size=$(stat -c %s "$tmp/trunc/model.safetensors")
+truncate -s $((size - 1000)) "$tmp/trunc/model.safetensors"
+expect_fail "model.safetensors" "$BIN/tpconvert" --tp 2 "$tmp/trunc" "$tmp/bad-trunc"
+no_output "$tmp/bad-trunc" "truncated input"
+
+cp -r tests/models/llama-tiny "$tmp/gpt"
+sed -i 's/"model_type": "llama"/"model_type": "gpt_custom"/' "$tmp/gpt/config.json"
+expect_fail "--plan FILE.json" "$BIN/tpconvert" --tp 2 "$tmp/gpt" "$tmp/bad-gpt"
+no_output "$tmp/bad-gpt" "unknown model_type"
+cat >"$tmp/plan.json" <<'EOF'
+{"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+ "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise",
+ "layers.*.mlp.gate_proj": "local_colwise", "layers.*.mlp.up_proj": "colwise",
+ "model.layers.*.mlp.down_proj": "local_rowwise", "lm_head": "colwise_rep"}
+EOF
+"$BIN/tpconvert" --tp 2 --plan "$tmp/plan.json" --quiet "$tmp/gpt" "$tmp/gpt-out" || die "--plan on an unknown model_type"
+verify "$tmp/gpt-out" "$tmp/gpt"
+grep -q 'colwise_gather_output' "$tmp/gpt-out/manifest.json" || die "manifest plan lacks the canonical lm_head style"
+
+# config.json's base_model_tp_plan replaces the built-in plan (lm_head stays)
+cp -r tests/models/llama-tiny "$tmp/cfgplan"
+sed -i 's/"model_type": "llama",/"model_type": "llama", "base_model_tp_plan": {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise", "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"},/' "$tmp/cfgplan/config.json"
+"$BIN/tpconvert" --tp 2 --dry-run "$tmp/cfgplan" >"$tmp/dry"
+grep -q "plan: config.json base_model_tp_plan" "$tmp/dry" || die "config.json plan not used: $(head -n 3 "$tmp/dry")"
+grep -E 'model\.layers\.0\.mlp\.down_proj\.weight +replicate ' "$tmp/dry" >/dev/null || die "config plan: down_proj not replicated"
+grep -E '^lm_head\.weight +colwise_gather_output' "$tmp/dry" >/dev/null || die "config plan: lm_head lost"
+"$BIN/tpconvert" --tp 2 --quiet "$tmp/cfgplan" "$tmp/cfgplan-out" || die "config plan conversion"
+verify "$tmp/cfgplan-out" "$tmp/cfgplan"
+
+echo '{"layers.*.mlp.up_proj": "diagonal"}' >"$tmp/badplan.json"
+expect_fail 'style "diagonal"' "$BIN/tpconvert" --tp 2 --plan "$tmp/badplan.json" tests/models/llama-tiny "$tmp/bad-style"
+grep -qF "layers.*.mlp.up_proj" "$tmp/stderr" || die "unknown style message does not name the key"
+no_output "$tmp/bad-style" "unknown style"
+
+expect_fail "--tp" "$BIN/tpconvert" tests/models/llama-tiny "$tmp/bad-notp"
+expect_fail "--compress" "$BIN/tpconvert" --tp 2 --compress lz4 tests/models/llama-tiny "$tmp/bad-c"
+expect_fail "--chunk-size" "$BIN/tpconvert" --tp 2 --chunk-size 3 tests/models/llama-tiny "$tmp/bad-c"
+expect_fail "--level" "$BIN/tpconvert" --tp 2 --level 40 tests/models/llama-tiny "$tmp/bad-c"
+no_output "$tmp/bad-c" "bad flags"
+
+# ENOSPC: a 192 KiB tmpfs holds the first rank file of llama-tiny (no
+# compression) but not all of them.
+enospc_script='
+set -u
+mnt=$1; BIN=$2; model=$3
+mount -t tmpfs -o size=192k tmpfs "$mnt" || exit 77
+"$BIN/tpconvert" --tp 2 --compress none --quiet "$model" "$mnt/out" 2>"$mnt/../enospc.err"
+rc=$?
+left=$(ls -A "$mnt")
+umount "$mnt"
+[ $rc -ne 0 ] || { echo "tpconvert succeeded on a full disk"; exit 1; }
+[ -z "$left" ] || { echo "left behind: $left"; exit 1; }
+exit 0'
+mkdir -p "$tmp/mnt"
+set +e
+if [ "$(id -u)" = 0 ]; then
+    unshare -m bash -c "$enospc_script" _ "$tmp/mnt" "$(cd "$BIN" && pwd)" "$PWD/tests/models/llama-tiny" >"$tmp/enospc.log" 2>&1
+else
+    unshare -rm bash -c "$enospc_script" _ "$tmp/mnt" "$(cd "$BIN" && pwd)" "$PWD/tests/models/llama-tiny" >"$tmp/enospc.log" 2>&1
+fi
+rc=$?
+set -e
+if [ $rc -eq 0 ]; then
+    grep -qi "space" "$tmp/enospc.err" || die "ENOSPC: message does not say the disk is full: $(cat "$tmp/enospc.err")"
+    note "ENOSPC on a tiny tmpfs: refused and cleaned up ($(head -c 200 "$tmp/enospc.err"))"
+elif grep -q "left behind\|succeeded" "$tmp/enospc.log"; then
+    die "ENOSPC: $(cat "$tmp/enospc.log")"
+else
+    note "SKIPPED the ENOSPC check: cannot mount a tmpfs here ($(head -n 1 "$tmp/enospc.log"))"
+fi
+
+echo "== SIGINT cleans up"
+big="$tmp/big"
+"$BIN/tpsynth" --preset tiny --hidden 512 --heads 8 --kv-heads 8 --head-dim 64 --intermediate 2048 \
+    --layers 4 --vocab 32000 --seed 5 --quiet "$big" || die "tpsynth big"
+"$BIN/tpconvert" --tp 2 --level 19 --threads 1 --quiet "$big" "$tmp/int-out" 2>"$tmp/int.err" &
+pid=$!
+sleep 0.5
+kill -INT $pid 2>/dev/null || true
+set +e
+wait $pid
+rc=$?
+set -e
+if [ $rc -eq 0 ]; then
+    note "SIGINT: the conversion finished before the signal (rc 0); checking it is complete"
+    verify "$tmp/int-out" "$big"
+else
+    [ $rc -eq 130 ] || die "SIGINT: exit status $rc, want 130: $(cat "$tmp/int.err")"
+    grep -q "interrupted" "$tmp/int.err" || die "SIGINT: message: $(cat "$tmp/int.err")"
+    no_output "$tmp/int-out" "SIGINT"
+fi
+
+echo "== OUT_DIR rules"
+mkdir "$tmp/nonempty"
+echo keep >"$tmp/nonempty/notes.txt"
+expect_fail "not empty" "$BIN/tpconvert" --tp 2 tests/models/llama-tiny "$tmp/nonempty"
+[ ! -e "$tmp/nonempty/manifest.json" ] && [ -f "$tmp/nonempty/notes.txt" ] || die "non-empty dir was touched"
+# an existing conversion: refused, then replaced by --force (no old rank file stays)
+out="$tmp/llama-tiny-4-zstd"
+expect_fail "--force" "$BIN/tpconvert" --tp 2 tests/models/llama-tiny "$out"
+"$BIN/tpconvert" --tp 2 --force --quiet tests/models/llama-tiny "$out" || die "--force"
+[ -z "$(ls "$out" | grep -- '-of-00004')" ] || die "--force left old rank files: $(ls "$out")"
+[ "$(json_num "$out/manifest.json" tp)" = 2 ] || die "--force: manifest tp is not 2"
+verify "$out" tests/models/llama-tiny
+# never into the model directory, even with --force
+cp -r tests/models/llama-tiny "$tmp/self"
+expect_fail "is the model directory" "$BIN/tpconvert" --tp 2 --force "$tmp/self" "$tmp/self/."
+cmp -s tests/models/llama-tiny/config.json "$tmp/self/config.json" || die "the source config.json was touched"
+# an empty existing directory is fine
+mkdir "$tmp/empty"
+"$BIN/tpconvert" --tp 1 --quiet tests/models/llama-tiny "$tmp/empty" || die "empty OUT_DIR refused"
+
+echo "== --dry-run writes nothing"
+"$BIN/tpconvert" --tp 4 --dry-run tests/models/qwen3-tiny "$tmp/dry-out" >"$tmp/dry"
+no_output "$tmp/dry-out" "--dry-run"
+grep -q "replicated on every rank" "$tmp/dry" || die "dry run lists no replicated tensors"
+grep -q "model.embed_tokens.weight" "$tmp/dry" || die "dry run: embedding missing"
+grep -q "ideal total/tp" "$tmp/dry" || die "dry run: no per-rank total"
+
+echo "== --bundle"
+if "$BIN/tpconvert" --tp 4 --bundle --ranks-per-node 2 --quiet tests/models/qwen3-tiny "$tmp/bundled" 2>"$tmp/err"; then
+    [ "$(ls "$tmp/bundled"/node-*-of-00002.tar | wc -l)" -eq 2 ] || die "--bundle: not 2 node tars: $(ls "$tmp/bundled")"
+else
+    die "--bundle: $(cat "$tmp/err")"
+fi
+
+echo "e2e_convert: all checks passed"

@@ -1,0 +1,167 @@
+#!/usr/bin/env bash
+# e2e_loader.sh - tpverify, tpinspect and tpbundle on real conversions
+# (bin/tpconvert) of the reference models in tests/models:
+#   - tpverify passes, with --against the source model too, for tpshard
+#     (zstd and none) and the safetensors export, at tp 1, 2 and 4 (qwen3-kv1
+#     at tp 4: several ranks hold the same kv head);
+#   - a flipped data byte makes tpverify exit non-zero naming the tensor;
+#     --against another model fails;
+#   - tpinspect --json holds the manifest's facts; --dump writes the tensor;
+#   - tpbundle pack / verify / unpack round trip; a hostile tar is refused;
+#   - bad flags give a usage text that names the flag.
+# Everything it needs must be there: a missing program or model is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-bin}
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/e2e_loader.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+
+die() { echo "e2e_loader: FAIL: $*" >&2; exit 1; }
+for p in tpconvert tpverify tpinspect tpbundle; do
+    [ -x "$BIN/$p" ] || die "$BIN/$p is not built"
+done
+for m in qwen2-tiny qwen3-kv1 llama-bias; do
+    [ -f "tests/models/$m/config.json" ] || die "tests/models/$m is missing"
+done
+
+# expect_fail WANT CMD...: CMD exits non-zero and its stderr contains WANT.
+expect_fail() {
+    local want=$1; shift
+    if "$@" >"$tmp/stdout" 2>"$tmp/stderr"; then
+        die "succeeded, expected a failure with '$want': $*"
+    fi
+    grep -qF -- "$want" "$tmp/stderr" || die "$*: stderr lacks '$want': $(cat "$tmp/stderr")"
+}
+# expect_ok WANT CMD...: CMD exits 0 and its stdout contains WANT.
+expect_ok() {
+    local want=$1; shift
+    "$@" >"$tmp/stdout" 2>"$tmp/stderr" || die "$* failed: $(cat "$tmp/stderr")"
+    grep -qF -- "$want" "$tmp/stdout" || die "$*: stdout lacks '$want': $(cat "$tmp/stdout")"
+}
+# flip_byte FILE OFFSET: changes one byte in place.
+flip_byte() {
+    local old new
+    old=$(od -An -tu1 -j "$2" -N1 "$1" | tr -d ' ')
+    new=$(( (old + 1) % 256 ))
+    printf "$(printf '\\%03o' "$new")" | dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
+
+echo "== tpverify on conversions of every kind"
+convert() { # model tp out [extra tpconvert flags...]
+    local model=$1 tp=$2 out=$3; shift 3
+    "$BIN/tpconvert" --tp "$tp" --quiet "$@" "tests/models/$model" "$out" \
+        || die "tpconvert --tp $tp $* tests/models/$model failed"
+}
+convert qwen2-tiny 2 "$tmp/q2-zstd"
+convert qwen2-tiny 2 "$tmp/q2-none" --compress none
+convert qwen3-kv1 4 "$tmp/kv1-tp4" --vocab-parallel
+convert llama-bias 1 "$tmp/bias-tp1"
+convert qwen2-tiny 2 "$tmp/q2-st" --format safetensors
+for case in q2-zstd:qwen2-tiny:2 q2-none:qwen2-tiny:2 kv1-tp4:qwen3-kv1:4 bias-tp1:llama-bias:1 \
+            q2-st:qwen2-tiny:2; do
+    IFS=: read -r out model tp <<<"$case"
+    ranks="$tp ranks"; [ "$tp" = 1 ] && ranks="1 rank"
+    expect_ok "tpverify: OK: $ranks," "$BIN/tpverify" "$tmp/$out" --quiet
+    expect_ok "source tensors identical bit for bit" \
+        "$BIN/tpverify" "$tmp/$out" --against "tests/models/$model" --quiet --threads 2
+done
+expect_fail "is not in the source model" "$BIN/tpverify" "$tmp/q2-zstd" --against tests/models/qwen3-kv1 --quiet
+
+echo "== tpinspect"
+id=$(grep -o '"conversion_id"[^,]*' "$tmp/q2-zstd/manifest.json" | grep -o '[0-9a-f]\{32\}')
+[ ${#id} -eq 32 ] || die "no conversion id in manifest.json"
+"$BIN/tpinspect" "$tmp/q2-zstd" --json >"$tmp/inspect.json" || die "tpinspect --json failed"
+tr -d ' \t\n' <"$tmp/inspect.json" >"$tmp/inspect.flat"
+for want in '"format":"tpshard"' '"tp":2,' "\"conversion_id\":\"$id\"" '"model_type":"qwen2"' \
+            '"codec":"zstd"' '"BF16":{' '"ratio":'; do
+    grep -qF -- "$want" "$tmp/inspect.flat" || die "tpinspect --json lacks $want"
+done
+head -c1 "$tmp/inspect.flat" | grep -q '{' || die "tpinspect --json is not one object"
+tail -c1 "$tmp/inspect.flat" | grep -q '}' || die "tpinspect --json is not one object"
+if command -v jq >/dev/null; then
+    [ "$(jq -r '.ranks | length' "$tmp/inspect.json")" = 2 ] || die "tpinspect --json: ranks is not an array of 2"
+else
+    echo "   (jq not installed: the JSON is checked by grep only)"
+fi
+expect_ok "conversion id  $id" "$BIN/tpinspect" "$tmp/q2-zstd"
+expect_ok "model.layers.0.self_attn.q_proj.weight" "$BIN/tpinspect" "$tmp/q2-zstd" --rank 1
+
+# --dump: the norm is replicated (same bytes on both ranks), q_proj is cut (not).
+for r in 0 1; do
+    "$BIN/tpinspect" "$tmp/q2-zstd" --rank $r --tensor model.norm.weight --dump "$tmp/norm$r" \
+        || die "tpinspect --dump model.norm.weight failed"
+    "$BIN/tpinspect" "$tmp/q2-zstd" --rank $r --tensor model.layers.0.self_attn.q_proj.weight \
+        --dump "$tmp/q$r" || die "tpinspect --dump q_proj failed"
+done
+hidden=$(grep -o '"hidden_size": *[0-9]*' tests/models/qwen2-tiny/config.json | grep -o '[0-9]*$')
+[ "$(stat -c %s "$tmp/norm0")" -eq $((hidden * 2)) ] || die "dumped norm is not $hidden bf16 values"
+cmp -s "$tmp/norm0" "$tmp/norm1" || die "replicated model.norm.weight differs between ranks"
+[ "$(stat -c %s "$tmp/q0")" -eq $((hidden * hidden)) ] || die "dumped q_proj slice has the wrong size"
+! cmp -s "$tmp/q0" "$tmp/q1" || die "the two q_proj slices are identical"
+expect_fail "rank 0 has no tensor no.such.tensor" \
+    "$BIN/tpinspect" "$tmp/q2-zstd" --rank 0 --tensor no.such.tensor --dump "$tmp/x"
+[ ! -e "$tmp/x" ] || die "a failed --dump left a file"
+
+echo "== a flipped byte is caught, naming the tensor"
+for out in q2-none q2-zstd; do
+    cp -r "$tmp/$out" "$tmp/$out-bad"
+    line=$("$BIN/tpinspect" "$tmp/$out-bad" --rank 1 | grep '^model.layers.1.mlp.down_proj.weight ')
+    offset=$(awk '{print $7}' <<<"$line")
+    stored=$(awk '{print $8}' <<<"$line")
+    flip_byte "$tmp/$out-bad/rank-00001-of-00002.tpshard" $((offset + stored / 2))
+    expect_fail "model.layers.1.mlp.down_proj.weight" "$BIN/tpverify" "$tmp/$out-bad" --quiet
+    grep -qF "rank 1" "$tmp/stderr" || die "tpverify did not name the rank: $(cat "$tmp/stderr")"
+done
+cp -r "$tmp/q2-st" "$tmp/q2-st-bad"
+size=$(stat -c %s "$tmp/q2-st-bad/rank-00000-of-00002.safetensors")
+flip_byte "$tmp/q2-st-bad/rank-00000-of-00002.safetensors" $((size - 3))
+expect_fail "rank-00000-of-00002.safetensors" "$BIN/tpverify" "$tmp/q2-st-bad" --quiet
+
+echo "== tpbundle"
+"$BIN/tpbundle" pack "$tmp/kv1-tp4" --ranks-per-node 2 --out "$tmp/bundles" --quiet >"$tmp/list" \
+    || die "tpbundle pack failed"
+[ "$(wc -l <"$tmp/list")" -eq 2 ] || die "tpbundle pack did not list 2 bundles: $(cat "$tmp/list")"
+for n in 0 1; do
+    b=$tmp/bundles/node-0000$n-of-00002.tar
+    [ -f "$b" ] || die "$b missing"
+    expect_ok "holds 2 rank files" "$BIN/tpbundle" verify "$b"
+    expect_ok "2 rank files, every checksum matches" "$BIN/tpverify" "$b"
+    expect_ok "unpacked" "$BIN/tpbundle" unpack "$b" "$tmp/node$n"
+    for r in $((2 * n)) $((2 * n + 1)); do
+        f=rank-0000$r-of-00004.tpshard
+        cmp -s "$tmp/kv1-tp4/$f" "$tmp/node$n/$f" || die "unpacked $f differs"
+    done
+    cmp -s "$tmp/kv1-tp4/manifest.json" "$tmp/node$n/manifest.json" || die "unpacked manifest differs"
+done
+[ ! -e "$tmp/node0/rank-00002-of-00004.tpshard" ] || die "node 0 got rank 2"
+ls -A "$tmp/bundles" | grep -q tmp && die "tpbundle pack left temporary files"
+expect_fail "not empty" "$BIN/tpbundle" unpack "$tmp/bundles/node-00000-of-00002.tar" "$tmp/node0"
+
+# A bundle of a directory with a flipped byte: verify names the tensor.
+"$BIN/tpbundle" pack "$tmp/q2-none-bad" --ranks-per-node 2 --out "$tmp/bad-bundle" --quiet >/dev/null \
+    || die "tpbundle pack of q2-none-bad failed"
+expect_fail "model.layers.1.mlp.down_proj.weight" "$BIN/tpbundle" verify "$tmp/bad-bundle/node-00000-of-00001.tar"
+
+# A hostile bundle made with the system tar: an entry the manifest does not list.
+mkdir "$tmp/evil"
+cp "$tmp/kv1-tp4/manifest.json" "$tmp/evil/"
+echo 'echo pwned' >"$tmp/evil/evil.sh"
+tar -C "$tmp/evil" -cf "$tmp/evil.tar" manifest.json evil.sh
+expect_fail "entry evil.sh is not listed in the bundle's manifest" \
+    "$BIN/tpbundle" unpack "$tmp/evil.tar" "$tmp/evil-out"
+[ ! -e "$tmp/evil-out" ] || die "a refused unpack left $tmp/evil-out"
+expect_fail "evil.sh" "$BIN/tpbundle" verify "$tmp/evil.tar"
+
+echo "== usage errors name the flag"
+expect_fail "--frobnicate" "$BIN/tpverify" "$tmp/q2-zstd" --frobnicate
+grep -qF "usage:" "$tmp/stderr" || die "tpverify: no usage text"
+expect_fail "--threads" "$BIN/tpverify" "$tmp/q2-zstd" --threads lots
+expect_fail "--bogus" "$BIN/tpinspect" "$tmp/q2-zstd" --bogus
+expect_fail "--tensor and --dump go together" "$BIN/tpinspect" "$tmp/q2-zstd" --tensor x
+expect_fail "--ranks-per-node" "$BIN/tpbundle" pack "$tmp/q2-zstd"
+expect_fail "--ranks-per-node" "$BIN/tpbundle" pack "$tmp/q2-zstd" --ranks-per-node 0
+expect_fail "unknown command" "$BIN/tpbundle" explode
+expect_fail "rank 7 is not in this conversion (tp=2)" "$BIN/tpinspect" "$tmp/q2-zstd" --rank 7
+expect_fail "tpverify:" "$BIN/tpverify" "$tmp/does-not-exist"
+
+echo "e2e_loader: all checks passed"

@@ -1,0 +1,332 @@
+#!/usr/bin/env bash
+# e2e_tprun.sh - tpconvert + tprun against transformers.
+#
+# For every fixture model in tests/models/ (reference.json: float32
+# transformers logits at the last prompt position and 16 greedy tokens per
+# prompt, made by tools/make_fixtures.py): convert at tp 1, 2 and 4, run
+# `tprun --prompt-ids ... --max-new-tokens 16 --temperature 0 --ignore-eos
+# --json --logits` at tp 1 (single backend), 2 and 4 (tcp backend: N
+# background processes with RANK/WORLD_SIZE/MASTER_PORT, as torchrun would
+# start them) and, when mpirun exists, tp 2 under mpirun; compare each
+# against reference.json, and tp 2/4 against tp 1, with tests/check_reference.c.
+#
+# Tolerances (see check_reference.c): logits within 1e-3 * max(1, max|logit|)
+# of transformers (our fp32 sums run in another order than torch's; the
+# tiny models' logits reach about 10); tp 2/4 within 1e-4 of tp 1 (only the
+# all-reduce's summation order differs); greedy tokens identical except at
+# a step whose reference margin is within the bound.
+#
+# Then bad input: a corrupted rank file, a missing rank file, ranks of two
+# conversions, a prompt longer than the context, a token id outside the
+# vocabulary, a world size that is not the conversion's tp, --prompt without
+# a tokenizer, a rank that never starts: each exits non-zero with its message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-bin}
+for prog in tpconvert tprun tpinspect; do
+    [ -x "$BIN/$prog" ] || { echo "e2e_tprun: $BIN/$prog not built"; exit 1; }
+done
+tmp=$(mktemp -d)
+bg_pids=()
+cleanup() {
+    for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -n "${KEEP_TMP:-}" ] && echo "kept $tmp" || rm -rf "$tmp"
+}
+trap cleanup EXIT
+${CC:-cc} -std=c11 -O2 -I/usr/include/cjson tests/check_reference.c -o "$tmp/check_reference" -lcjson -lm
+check=$tmp/check_reference
+
+fails=0
+fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+# Ports for the tcp backend: a random base per run, one port per launch.
+port=$(( 20000 + (RANDOM % 5000) * 2 ))
+next_port() { port=$((port + 1)); }
+
+# run_tcp WORLD OUTFILE ARGS...: WORLD ranks in the background; rank r's
+# stdout goes to OUTFILE.r, stderr to OUTFILE.r.err.  Returns non-zero when
+# any rank failed.
+run_tcp() {
+    local world=$1 outfile=$2; shift 2
+    local attempt pids r rc
+    for attempt in 1 2 3; do   # another program may hold the port: take the next one
+        next_port
+        pids=() rc=0
+        for ((r = 0; r < world; r++)); do
+            RANK=$r WORLD_SIZE=$world LOCAL_RANK=$r LOCAL_WORLD_SIZE=$world MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+                timeout 120 "$BIN/tprun" "$@" >"$outfile.$r" 2>"$outfile.$r.err" &
+            pids+=($!)
+        done
+        bg_pids=("${pids[@]}")
+        for p in "${pids[@]}"; do wait "$p" || rc=1; done
+        bg_pids=()
+        [ $rc -ne 0 ] && grep -q "Address already in use" "$outfile.0.err" || break
+    done
+    return $rc
+}
+
+have_mpirun=0
+if command -v mpirun >/dev/null 2>&1; then have_mpirun=1; fi
+mpi_done=0
+
+gen=(--max-new-tokens 16 --temperature 0 --ignore-eos --json --logits --timeout 30)
+for model_dir in tests/models/*/; do
+    model=$(basename "$model_dir")
+    ref=$model_dir/reference.json
+    [ -f "$ref" ] || continue
+    n_prompts=$("$check" "$ref" --n-prompts)
+    for tp in 1 2 4; do
+        out=$tmp/$model-tp$tp
+        if ! "$BIN/tpconvert" --tp $tp "$model_dir" "$out" >"$tmp/convert.log" 2>&1; then
+            fail "$model: tpconvert --tp $tp: $(tail -n 3 "$tmp/convert.log")"
+            continue
+        fi
+        for ((i = 0; i < n_prompts; i++)); do
+            ids=$("$check" "$ref" --ids $i)
+            res=$tmp/$model-tp$tp-p$i.json
+            if [ $tp -eq 1 ]; then
+                if ! timeout 120 "$BIN/tprun" "$out" --comm single --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
+                    fail "$model tp1 prompt $i: tprun failed: $(tail -n 3 "$res.err")"
+                    continue
+                fi
+                against=()
+            else
+                if ! run_tcp $tp "$res" "$out" --comm tcp --prompt-ids "$ids" "${gen[@]}"; then
+                    fail "$model tp$tp prompt $i: tprun failed: $(cat "$res".*.err | tail -n 5)"
+                    continue
+                fi
+                for ((r = 1; r < tp; r++)); do
+                    [ ! -s "$res.$r" ] || fail "$model tp$tp: rank $r printed to stdout"
+                done
+                mv "$res.0" "$res"
+                against=(--against "$tmp/$model-tp1-p$i.json")
+            fi
+            if ! "$check" "$ref" $i "$res" "${against[@]}" >"$res.check"; then
+                fail "$model tp$tp prompt $i: $(grep FAIL "$res.check" | head -n 3)"
+            fi
+        done
+        echo "ok $model tp$tp ($n_prompts prompts)"
+    done
+    # One model under mpirun as well (auto picks the mpi backend there).
+    if [ $have_mpirun -eq 1 ] && [ $mpi_done -eq 0 ] && [ -d "$tmp/$model-tp2" ]; then
+        mpi_done=1
+        ids=$("$check" "$ref" --ids 0)
+        res=$tmp/$model-mpi.json
+        # (vader's single-copy mechanism needs ptrace, which containers often forbid)
+        if OMPI_MCA_btl_vader_single_copy_mechanism=none \
+           timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$BIN/tprun" "$tmp/$model-tp2" \
+               --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
+            "$check" "$ref" 0 "$res" --against "$tmp/$model-tp1-p0.json" >"$res.check" ||
+                fail "$model mpirun -np 2: $(grep FAIL "$res.check" | head -n 3)"
+            echo "ok $model tp2 under mpirun"
+        else
+            fail "$model mpirun -np 2: $(tail -n 5 "$res.err")"
+        fi
+    fi
+done
+
+model_dir=tests/models/qwen3-tiny
+ids=$("$check" "$model_dir/reference.json" --ids 0)
+tp1=$tmp/qwen3-tiny-tp1
+tp2=$tmp/qwen3-tiny-tp2
+[ -d "$tp2" ] && [ -d "$tp1" ] || { fail "no tp1/tp2 conversion of qwen3-tiny for the checks below"; echo "$fails failures"; exit 1; }
+
+# ------------------------------------------------------------- options
+# Sampling with a seed: the same draws at tp 1 and tp 2 (the ranks share the
+# seed and rank 0's choice), and the same again on a second run.
+samp=(--prompt-ids "$ids" --max-new-tokens 16 --temperature 0.9 --top-k 40 --top-p 0.95 --seed 7 --json --ignore-eos)
+"$BIN/tprun" "$tp1" "${samp[@]}" >"$tmp/s1.json"
+"$BIN/tprun" "$tp1" "${samp[@]}" >"$tmp/s1b.json"
+run_tcp 2 "$tmp/s2.json" "$tp2" "${samp[@]}" || fail "sampling at tp2 failed: $(cat "$tmp"/s2.json.*.err)"
+g1=$(grep -o '"generated_ids":\[[0-9,]*\]' "$tmp/s1.json")
+g1b=$(grep -o '"generated_ids":\[[0-9,]*\]' "$tmp/s1b.json")
+g2=$(grep -o '"generated_ids":\[[0-9,]*\]' "$tmp/s2.json.0")
+greedy=$(grep -o '"generated_ids":\[[0-9,]*\]' "$tmp/qwen3-tiny-tp1-p0.json")
+if [ -n "$g1" ] && [ "$g1" = "$g1b" ] && [ "$g1" = "$g2" ] && [ "$g1" != "$greedy" ]; then
+    echo "ok seeded sampling: the same 16 draws at tp1, again, and at tp2 (and not the greedy ones)"
+else
+    fail "seeded sampling: tp1 $g1, again $g1b, tp2 $g2, greedy $greedy"
+fi
+# --load-only: loads, meets, prints nothing, exits 0.  --verbose: the timings.
+run_tcp 2 "$tmp/lo" "$tp2" --load-only --verbose || fail "--load-only failed: $(cat "$tmp"/lo.*.err)"
+[ ! -s "$tmp/lo.0" ] && [ ! -s "$tmp/lo.1" ] || fail "--load-only printed to stdout"
+grep -q "loaded rank 0 of 2 .* GB/s; comm tcp" "$tmp/lo.0.err" || fail "--verbose: no load line: $(cat "$tmp/lo.0.err")"
+[ ! -s "$tmp/lo.1.err" ] || fail "rank 1 printed with --verbose: $(cat "$tmp/lo.1.err")"
+"$BIN/tprun" "$tp1" --prompt-ids "$ids" --max-new-tokens 4 --verbose >"$tmp/v.out" 2>"$tmp/v.err"
+grep -q "prefill 5 tokens in .* tokens/s); decode 3 tokens in .* tokens/s)" "$tmp/v.err" ||
+    fail "--verbose: no prefill/decode line: $(cat "$tmp/v.err")"
+[ "$(wc -w <"$tmp/v.out")" -eq 4 ] || fail "without a tokenizer tprun streams the 4 ids: $(cat "$tmp/v.out")"
+echo "ok --load-only, --verbose"
+
+# Text in and out: a tpsynth model with the real Qwen3 tokenizer (random
+# weights, so the text is gibberish; what is checked is the plumbing).
+tokzst=tests/data/qwen3-tokenizer/tokenizer.json.zst
+if [ -x "$BIN/tpsynth" ] && [ -f "$tokzst" ]; then
+    "$BIN/tpsynth" --preset tiny --vocab 151936 --max-position 4096 --tokenizer "$tokzst" --quiet "$tmp/text-model"
+    "$BIN/tpconvert" --tp 2 "$tmp/text-model" "$tmp/text-tp2" >/dev/null
+    "$BIN/tpconvert" --tp 1 "$tmp/text-model" "$tmp/text-tp1" >/dev/null
+    # Greedy decoding of random weights repeats one token: sample instead,
+    # with a seed, so that the text varies.
+    samp=(--temperature 1 --top-k 0 --top-p 1 --seed 11)
+    "$BIN/tprun" "$tmp/text-tp1" --prompt "Hello" --chat --max-new-tokens 6 "${samp[@]}" --json >"$tmp/t1.json"
+    # <|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n in Qwen3's ids
+    grep -q '"prompt_ids":\[151644,872,198,9707,151645,198,151644,77091,198\]' "$tmp/t1.json" ||
+        fail "--chat --json: $(head -c 300 "$tmp/t1.json")"
+    "$check" "$tmp/t1.json" --text >"$tmp/t1.text"
+    [ "$(wc -c <"$tmp/t1.text")" -ge 6 ] || fail "--json text is short: '$(cat "$tmp/t1.text")'"
+    run_tcp 2 "$tmp/t2" "$tmp/text-tp2" --prompt "Hello" --chat --max-new-tokens 6 "${samp[@]}" --json ||
+        fail "text at tp2: $(cat "$tmp"/t2.*.err)"
+    cmp -s <(sed 's/"timings".*//' "$tmp/t1.json") <(sed 's/"timings".*//' "$tmp/t2.0") ||
+        fail "text at tp2 differs from tp1: $(head -c 300 "$tmp/t2.0")"
+    # The streamed text is the JSON's text plus a final newline.
+    "$BIN/tprun" "$tmp/text-tp1" --prompt "Hello" --chat --max-new-tokens 6 "${samp[@]}" >"$tmp/t1.txt"
+    cmp -s "$tmp/t1.txt" <(cat "$tmp/t1.text"; echo) ||
+        fail "streamed text '$(cat "$tmp/t1.txt")' is not the JSON's '$(cat "$tmp/t1.text")'"
+    # Interactive: two turns, /reset, one more; rank 0 reads, both ranks follow.
+    printf 'Hello\nAnd then?\n/reset\nHello\n' >"$tmp/turns"
+    next_port
+    for r in 0 1; do
+        RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 60 "$BIN/tprun" "$tmp/text-tp2" -i \
+            --max-new-tokens 5 "${samp[@]}" <"$tmp/turns" >"$tmp/i.$r" 2>"$tmp/i.$r.err" &
+        bg_pids+=($!)
+    done
+    for p in "${bg_pids[@]}"; do wait "$p" || fail "interactive: a rank failed: $(cat "$tmp"/i.*.err)"; done
+    bg_pids=()
+    # The first answer and the one after /reset (which also re-seeds) are
+    # both the one-shot answer to the same chat prompt (each ends with a
+    # newline); a second answer is between them.
+    "$BIN/tprun" "$tmp/text-tp1" --prompt "Hello" --chat --max-new-tokens 5 "${samp[@]}" >"$tmp/t5.txt"
+    n5=$(stat -c %s "$tmp/t5.txt")
+    if cmp -s <(head -c "$n5" "$tmp/i.0") "$tmp/t5.txt" && cmp -s <(tail -c "$n5" "$tmp/i.0") "$tmp/t5.txt" &&
+       [ "$(stat -c %s "$tmp/i.0")" -gt $((2 * n5)) ] && [ ! -s "$tmp/i.1" ] &&
+       grep -q "conversation cleared" "$tmp/i.0.err"; then
+        echo "ok text: --prompt --chat, --json text, streaming, tp2 = tp1, --interactive with /reset"
+    else
+        fail "interactive: rank 0 printed '$(head -c 300 "$tmp/i.0")', the one-shot answer is '$(cat "$tmp/t5.txt")'; rank 1: '$(head -c 200 "$tmp/i.1")'"
+    fi
+
+    # A rank killed mid-generation: rank 0 stops at once with an error that
+    # names it (not after --timeout), and exits non-zero.
+    next_port
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 60 "$BIN/tprun" "$tmp/text-tp2" \
+        --prompt-ids 1,2,3 --max-new-tokens 3000 --ignore-eos --timeout 50 >/dev/null 2>"$tmp/k.0.err" &
+    k0=$!
+    # (no `timeout` wrapper here: $! must be tprun itself, the process killed)
+    RANK=1 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$BIN/tprun" "$tmp/text-tp2" \
+        --prompt-ids 1,2,3 --max-new-tokens 3000 --ignore-eos --timeout 50 >/dev/null 2>"$tmp/k.1.err" &
+    k1=$!
+    bg_pids=($k0 $k1)
+    sleep 2
+    t0=$SECONDS
+    kill -9 $k1 2>/dev/null || true
+    rc=0
+    wait $k0 || rc=$?
+    wait $k1 2>/dev/null || true
+    bg_pids=()
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $((SECONDS - t0)) -le 10 ] && grep -q "rank 1 closed its connection" "$tmp/k.0.err"; then
+        echo "ok a rank killed mid-generation: $(cat "$tmp/k.0.err")"
+    else
+        fail "rank 1 killed mid-generation: rank 0 exited $rc after $((SECONDS - t0)) s: $(cat "$tmp/k.0.err")"
+    fi
+else
+    echo "note: no tpsynth or Qwen3 tokenizer fixture; the text checks did not run"
+fi
+
+# ------------------------------------------------------------- bad input
+
+# expect_fail NAME PATTERN CMD...: CMD must exit non-zero and its stderr match PATTERN.
+expect_fail() {
+    local name=$1 pattern=$2; shift 2
+    local rc=0
+    "$@" >"$tmp/bad.out" 2>"$tmp/bad.err" || rc=$?
+    if [ $rc -eq 0 ]; then
+        fail "$name: exited 0"
+    elif ! grep -Eq -- "$pattern" "$tmp/bad.err"; then
+        fail "$name: stderr lacks /$pattern/: $(head -c 400 "$tmp/bad.err")"
+    else
+        echo "ok $name: $(grep -E -- "$pattern" "$tmp/bad.err" | head -n 1)"
+    fi
+}
+# expect_fail_tcp NAME PATTERN WORLD ARGS...: the same for WORLD tcp ranks;
+# every rank must fail and the pattern must appear in some rank's stderr.
+expect_fail_tcp() {
+    local name=$1 pattern=$2 world=$3; shift 3
+    local pids=() r
+    next_port
+    for ((r = 0; r < world; r++)); do
+        RANK=$r WORLD_SIZE=$world MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+            timeout 60 "$BIN/tprun" "$@" >"$tmp/bad.$r.out" 2>"$tmp/bad.$r.err" &
+        pids+=($!)
+    done
+    bg_pids=("${pids[@]}")
+    local ok=1
+    for ((r = 0; r < world; r++)); do
+        if wait "${pids[$r]}"; then ok=0; fail "$name: rank $r exited 0"; fi
+    done
+    bg_pids=()
+    if cat "$tmp"/bad.*.err | grep -Eq -- "$pattern"; then
+        [ $ok -eq 1 ] && echo "ok $name: $(cat "$tmp"/bad.*.err | grep -E -- "$pattern" | head -n 1)"
+    else
+        fail "$name: no rank's stderr matches /$pattern/: $(cat "$tmp"/bad.*.err | head -c 600)"
+    fi
+    rm -f "$tmp"/bad.*.out "$tmp"/bad.*.err
+}
+
+long=$(seq -s, 1 300)   # 300 ids; the context is max_position_embeddings = 256
+expect_fail "prompt longer than the context" "prompt has 300 tokens, the context is 256" \
+    "$BIN/tprun" "$tp1" --prompt-ids "$long" --max-new-tokens 2
+expect_fail "--max-seq shorter than the prompt" "prompt has 17 tokens, the context is 8" \
+    "$BIN/tprun" "$tp1" --max-seq 8 --prompt-ids "$("$check" "$model_dir/reference.json" --ids 1)" --max-new-tokens 2
+expect_fail "token id outside the vocabulary" "prompt id 999999 is outside the vocabulary \(512\)" \
+    "$BIN/tprun" "$tp1" --prompt-ids 1,999999 --max-new-tokens 2
+expect_fail "--prompt without a tokenizer" "has no tokenizer.json.*--prompt-ids" \
+    "$BIN/tprun" "$tp1" --prompt "hello" --max-new-tokens 2
+expect_fail "malformed --prompt-ids" "--prompt-ids 1,x: \"x\" is not a token id" \
+    "$BIN/tprun" "$tp1" --prompt-ids 1,x
+expect_fail "malformed RANK" "RANK=one is not a non-negative integer" \
+    env RANK=one WORLD_SIZE=2 "$BIN/tprun" "$tp2" --prompt-ids "$ids"
+expect_fail "one process for a tp=2 conversion" "launched as a single process but .* was converted for tp=2" \
+    "$BIN/tprun" "$tp2" --prompt-ids "$ids"
+expect_fail_tcp "world size != tp" "launched with WORLD_SIZE=4 but .* was converted for tp=2" 4 \
+    "$tp2" --prompt-ids "$ids" --timeout 10
+expect_fail_tcp "token id outside the vocabulary at tp=2" "prompt id 999999 is outside the vocabulary \(512\)" 2 \
+    "$tp2" --prompt-ids 1,999999 --timeout 10
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    # A CPU build says it has no CUDA; a CUDA build says there is no device.
+    expect_fail "--comm nccl without a GPU" "--comm nccl: (this build has no CUDA|.*CUDA device)" \
+        "$BIN/tprun" "$tp1" --comm nccl --prompt-ids "$ids"
+fi
+
+# A rank that never starts: rank 0 gives up after --timeout.
+next_port
+t0=$SECONDS
+expect_fail "a rank that never starts" "rank 0: waiting for the other ranks to connect to 127.0.0.1:$port timed out after 2 s" \
+    env RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port "$BIN/tprun" "$tp2" --prompt-ids "$ids" --timeout 2
+[ $((SECONDS - t0)) -le 10 ] || fail "a rank that never starts: took $((SECONDS - t0)) s with --timeout 2"
+
+# A corrupted rank file: flip one byte inside rank 1's first tensor (its
+# file offset from tpinspect: the column before stored/raw/chunks).
+bad=$tmp/bad-corrupt
+cp -r "$tp2" "$bad"
+f=$bad/rank-00001-of-00002.tpshard
+first=$("$BIN/tpinspect" "$bad" --rank 1 | awk 'NR == 2 {print $(NF-3)}')
+off=$((first + 20))
+byte=$(od -An -tu1 -j $off -N1 "$f" | tr -d ' ')
+printf "$(printf '\\%03o' $(( (byte + 1) % 256 )))" | dd of="$f" bs=1 seek=$off conv=notrunc status=none
+expect_fail_tcp "corrupted rank file" "rank-00001-of-00002.tpshard" 2 "$bad" --prompt-ids "$ids" --timeout 10
+
+# A missing rank file.
+bad=$tmp/bad-missing
+cp -r "$tp2" "$bad"
+rm "$bad/rank-00001-of-00002.tpshard"
+expect_fail_tcp "missing rank file" "rank-00001-of-00002.tpshard" 2 "$bad" --prompt-ids "$ids" --timeout 10
+
+# Ranks of two conversions: rank 1 taken from another conversion of the same model.
+bad=$tmp/bad-mixed
+other=$tmp/other-tp2
+"$BIN/tpconvert" --tp 2 "$model_dir" "$other" >/dev/null 2>&1
+cp -r "$tp2" "$bad"
+cp "$other/rank-00001-of-00002.tpshard" "$bad/"
+expect_fail_tcp "ranks from two conversions" "conversion|checksum|manifest" 2 "$bad" --prompt-ids "$ids" --timeout 10
+
+echo "$fails failures"
+[ $fails -eq 0 ]

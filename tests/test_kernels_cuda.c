@@ -1,0 +1,490 @@
+/* test_kernels_cuda.c - every CUDA kernel of runtime/cuda/kernels_cuda.h
+ * against its CPU reference (kernels_cpu.h, tp_sample) on random inputs of
+ * odd sizes.  Tolerances (max |gpu - cpu| / max(1, max |cpu|)):
+ *   exact (0)   embedding, kv_append, f32_to_bf16, argmax, sampling ids;
+ *   1e-5        rmsnorm, per-head norm + RoPE, silu_mul, bias (fp32, other
+ *               summation order / expf);
+ *   2e-5        attention (online softmax against the two-pass softmax);
+ *   1e-4        bf16 GEMM (the CPU reference gets the same bf16-rounded
+ *               activations; only the fp32 summation order differs).
+ * Without a CUDA build, or without a visible GPU, it prints one SKIP line
+ * and exits 77 (counted as skipped by tests/run_tests.sh). */
+#include <stdio.h>
+#include <stdlib.h>
+
+#ifndef TP_HAVE_CUDA
+int main(void)
+{
+    puts("SKIP: no CUDA build");
+    return 77;
+}
+#else
+
+#include <math.h>
+#include <string.h>
+
+#include "kernels_cpu.h"
+#include "cuda/kernels_cuda.h"
+#include "runtime.h"
+
+static int failures, checks;
+#define CHECK(cond, ...) do { checks++; if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", \
+    __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+static tp_err err;
+/* A CUDA call that must work: the test cannot go on without it. */
+#define MUST(call) do { if ((call) != 0) { fprintf(stderr, "FAIL %s:%d: %s: %s\n", __FILE__, __LINE__, \
+    #call, err.msg); exit(1); } } while (0)
+
+static uint64_t rng_state = 0x2545f4914f6cdd1dull;
+static float frand(void) /* uniform in [-1, 1) */
+{
+    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
+    return (float)((rng_state >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+static float *rand_vec(size_t n, float scale)
+{
+    float *v = malloc((n ? n : 1) * sizeof *v);
+    for (size_t i = 0; i < n; i++)
+        v[i] = frand() * scale;
+    return v;
+}
+
+static uint16_t to_bf16(float f) /* round to nearest even, as torch */
+{
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+static float from_bf16(uint16_t b)
+{
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* max |a - b| / max(1, max |b|); NaN counts as a huge error */
+static double rel_err(const float *a, const float *b, size_t n)
+{
+    double mx = 1.0, d = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (fabs(b[i]) > mx) mx = fabs(b[i]);
+        double e = fabs((double)a[i] - b[i]);
+        if (!(e <= d)) d = e;
+    }
+    return d / mx;
+}
+
+/* device copies of host arrays */
+static void *dev_copy(const void *host, size_t bytes)
+{
+    void *d;
+    MUST(tpc_malloc(&d, bytes, "test buffer", &err));
+    if (host)
+        MUST(tpc_upload(d, host, bytes, &err));
+    return d;
+}
+static void fetch(void *host, const void *dev, size_t bytes)
+{
+    MUST(tpc_sync(NULL, &err));
+    MUST(tpc_download(host, dev, bytes, &err));
+}
+
+/* ------------------------------------------------------------- embedding */
+
+static void test_embedding(void)
+{
+    int vocab = 1003, hidden = 200, n = 33;
+    int64_t lo = 300, hi = 700;
+    size_t rows = (size_t)(hi - lo);
+    uint16_t *tab = malloc(rows * hidden * sizeof *tab);
+    for (size_t i = 0; i < rows * hidden; i++)
+        tab[i] = to_bf16(frand());
+    int32_t ids[33];
+    for (int t = 0; t < n; t++)
+        ids[t] = (int32_t)((frand() + 1.0f) * 0.5f * vocab) % vocab;
+    ids[0] = 300; ids[1] = 699; ids[2] = 700; ids[3] = 299;   /* the slice's edges */
+    float *tab32 = malloc(rows * hidden * sizeof *tab32);
+    tpk_to_f32(tab32, tab, TP_BF16, rows * hidden);
+    float *ref = malloc((size_t)n * hidden * sizeof *ref), *got = malloc((size_t)n * hidden * sizeof *got);
+    tpk_embedding(ref, tab32, ids, n, hidden, lo, hi);
+    uint16_t *dtab = dev_copy(tab, rows * hidden * 2);
+    int32_t *dids = dev_copy(ids, sizeof ids);
+    float *dout = dev_copy(NULL, (size_t)n * hidden * 4);
+    MUST(tpc_embedding(dout, dtab, dids, n, hidden, lo, hi, NULL, &err));
+    fetch(got, dout, (size_t)n * hidden * 4);
+    CHECK(memcmp(got, ref, (size_t)n * hidden * 4) == 0, "embedding: differs from tpk_embedding");
+    tpc_free(dtab); tpc_free(dids); tpc_free(dout);
+    free(tab); free(tab32); free(ref); free(got);
+}
+
+/* --------------------------------------------------------------- rmsnorm */
+
+static void test_rmsnorm(void)
+{
+    int ns[] = { 1, 7, 33 }, dims[] = { 200, 1025 };
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 2; b++)
+            for (int with_delta = 0; with_delta < 2; with_delta++) {
+                int n = ns[a], dim = dims[b];
+                size_t sz = (size_t)n * dim;
+                float *x = rand_vec(sz, 3), *d = rand_vec(sz, 1), *w = rand_vec(dim, 1);
+                float *xr = malloc(sz * 4), *outr = malloc(sz * 4), *xg = malloc(sz * 4), *outg = malloc(sz * 4);
+                memcpy(xr, x, sz * 4);
+                tpk_add_rmsnorm(xr, with_delta ? d : NULL, outr, w, n, dim, 1e-6f);
+                float *dx = dev_copy(x, sz * 4), *dd = dev_copy(d, sz * 4), *dw = dev_copy(w, dim * 4);
+                float *dout = dev_copy(NULL, sz * 4);
+                MUST(tpc_add_rmsnorm(dx, with_delta ? dd : NULL, dout, dw, n, dim, 1e-6f, NULL, &err));
+                fetch(outg, dout, sz * 4);
+                fetch(xg, dx, sz * 4);
+                double e1 = rel_err(xg, xr, sz), e2 = rel_err(outg, outr, sz);
+                CHECK(e1 < 1e-6 && e2 < 1e-5, "add_rmsnorm n=%d dim=%d delta=%d: x err %g, out err %g",
+                      n, dim, with_delta, e1, e2);
+                /* in place: out == x */
+                MUST(tpc_upload(dx, x, sz * 4, &err));
+                MUST(tpc_add_rmsnorm(dx, with_delta ? dd : NULL, dx, dw, n, dim, 1e-6f, NULL, &err));
+                fetch(outg, dx, sz * 4);
+                e2 = rel_err(outg, outr, sz);
+                CHECK(e2 < 1e-5, "add_rmsnorm in place n=%d dim=%d: err %g", n, dim, e2);
+                tpc_free(dx); tpc_free(dd); tpc_free(dw); tpc_free(dout);
+                free(x); free(d); free(w); free(xr); free(outr); free(xg); free(outg);
+            }
+}
+
+/* ---------------------------------------------------- head norm + RoPE */
+
+static void test_head_norm_rope(void)
+{
+    int hds[] = { 64, 128 };
+    for (int a = 0; a < 2; a++)
+        for (int llama3 = 0; llama3 < 2; llama3++)
+            for (int with_norm = 0; with_norm < 2; with_norm++) {
+                int hd = hds[a], n = 7, heads = 3, pos0 = 130, n_pos = pos0 + n, half = hd / 2;
+                size_t stride = (size_t)(heads + 2) * hd + 5;   /* a qkv row with room around the heads */
+                tpk_rope_params rp = { 1000000.0f, false, 8.0f, 1.0f, 4.0f, 8192 };
+                if (llama3) {
+                    rp.theta = 500000.0f;
+                    rp.llama3 = true;
+                }
+                float *inv = malloc(half * 4), *cs = malloc((size_t)n_pos * half * 4), *sn = malloc((size_t)n_pos * half * 4);
+                tpk_rope_inv_freq(inv, hd, &rp);
+                tpk_rope_table(cs, sn, inv, hd, n_pos);
+                size_t sz = (size_t)n * stride;
+                float *x = rand_vec(sz, 2), *w = rand_vec(hd, 1), *ref = malloc(sz * 4), *got = malloc(sz * 4);
+                memcpy(ref, x, sz * 4);
+                if (with_norm)
+                    for (int t = 0; t < n; t++)
+                        tpk_head_rmsnorm(ref + (size_t)t * stride, w, heads, hd, 1e-6f);
+                tpk_rope(ref, n, heads, hd, stride, pos0, cs, sn);
+                float *dx = dev_copy(x, sz * 4), *dw = dev_copy(w, hd * 4);
+                float *dc = dev_copy(cs, (size_t)n_pos * half * 4), *ds = dev_copy(sn, (size_t)n_pos * half * 4);
+                MUST(tpc_head_norm_rope(dx, with_norm ? dw : NULL, n, heads, hd, stride, pos0, dc, ds, 1e-6f,
+                                        NULL, &err));
+                fetch(got, dx, sz * 4);
+                double e = rel_err(got, ref, sz);
+                CHECK(e < 1e-5, "head_norm_rope hd=%d llama3=%d norm=%d: err %g", hd, llama3, with_norm, e);
+                tpc_free(dx); tpc_free(dw); tpc_free(dc); tpc_free(ds);
+                free(inv); free(cs); free(sn); free(x); free(w); free(ref); free(got);
+            }
+}
+
+/* --------------------------------------------------- KV cache + attention */
+
+typedef struct att_case {
+    int n, pos0, heads, kv_heads, hd, window;
+} att_case;
+
+/* Fills the caches' first pos0 rows at random, appends n tokens with
+ * tpc_kv_append (checked against the expected cache), then runs prefill and
+ * decode attention against tpk_attention_head per head. */
+static void run_attention_case(const att_case *c, bool decode)
+{
+    int n = c->n, hd = c->hd, max_seq = c->pos0 + n + 3, kvh = c->kv_heads, heads = c->heads;
+    int group = heads / kvh;
+    size_t cache_sz = (size_t)kvh * max_seq * hd;
+    float *kc = rand_vec(cache_sz, 1), *vc = rand_vec(cache_sz, 1);
+    /* the new tokens' q, k, v in one qkv row per token */
+    size_t qkv_stride = (size_t)(heads + 2 * kvh) * hd;
+    float *qkv = rand_vec((size_t)n * qkv_stride, 1);
+    const float *q = qkv, *k = qkv + (size_t)heads * hd, *v = k + (size_t)kvh * hd;
+    float *dkc = dev_copy(kc, cache_sz * 4), *dvc = dev_copy(vc, cache_sz * 4);
+    float *dqkv = dev_copy(qkv, (size_t)n * qkv_stride * 4);
+    MUST(tpc_kv_append(dkc, dvc, max_seq, dqkv + (size_t)heads * hd, dqkv + (size_t)(heads + kvh) * hd,
+                       qkv_stride, n, kvh, hd, c->pos0, NULL, &err));
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kvh; h++) {
+            memcpy(kc + ((size_t)h * max_seq + c->pos0 + t) * hd, k + (size_t)t * qkv_stride + (size_t)h * hd, hd * 4);
+            memcpy(vc + ((size_t)h * max_seq + c->pos0 + t) * hd, v + (size_t)t * qkv_stride + (size_t)h * hd, hd * 4);
+        }
+    float *gk = malloc(cache_sz * 4), *gv = malloc(cache_sz * 4);
+    fetch(gk, dkc, cache_sz * 4);
+    fetch(gv, dvc, cache_sz * 4);
+    if (!decode)
+        CHECK(!memcmp(gk, kc, cache_sz * 4) && !memcmp(gv, vc, cache_sz * 4),
+              "kv_append n=%d pos0=%d kv_heads=%d hd=%d: cache differs", n, c->pos0, kvh, hd);
+
+    float scale = 1.0f / sqrtf((float)hd);
+    size_t out_stride = (size_t)heads * hd + 3;
+    float *ref = calloc((size_t)n * out_stride, 4), *got = calloc((size_t)n * out_stride, 4);
+    float *scratch = malloc((size_t)(c->pos0 + n) * 4);
+    for (int h = 0; h < heads; h++)
+        tpk_attention_head(ref + (size_t)h * hd, out_stride, q + (size_t)h * hd, qkv_stride,
+                           kc + (size_t)(h / group) * max_seq * hd, vc + (size_t)(h / group) * max_seq * hd,
+                           n, c->pos0, hd, c->window, scale, scratch);
+    float *dout = dev_copy(got, (size_t)n * out_stride * 4);   /* zeros: the gaps stay 0 */
+    if (decode) {
+        size_t ws = tpc_attention_decode_workspace(n, heads, hd);
+        void *dws = dev_copy(NULL, ws);
+        MUST(tpc_attention_decode(dout, out_stride, dqkv, qkv_stride, dkc, dvc, max_seq, n, c->pos0, heads,
+                                  kvh, hd, c->window, scale, dws, ws, NULL, &err));
+        tpc_free(dws);
+    } else {
+        MUST(tpc_attention_prefill(dout, out_stride, dqkv, qkv_stride, dkc, dvc, max_seq, n, c->pos0, heads,
+                                   kvh, hd, c->window, scale, NULL, &err));
+    }
+    fetch(got, dout, (size_t)n * out_stride * 4);
+    double e = rel_err(got, ref, (size_t)n * out_stride);
+    CHECK(e < 2e-5, "attention %s n=%d pos0=%d heads=%d/%d hd=%d window=%d: err %g",
+          decode ? "decode" : "prefill", n, c->pos0, heads, kvh, hd, c->window, e);
+    tpc_free(dkc); tpc_free(dvc); tpc_free(dqkv); tpc_free(dout);
+    free(kc); free(vc); free(qkv); free(gk); free(gv); free(ref); free(got); free(scratch);
+}
+
+static void test_attention(void)
+{
+    /* cache lengths (pos0 + n) 1, 7, 33, 130, 1000; GQA groups 1, 2, 4;
+     * head dims 64, 80 (not a multiple of 32), 128, 256 (> 48 KB of shared
+     * memory in prefill); sliding windows shorter than the cache */
+    static const att_case prefill[] = {
+        { 1, 0, 2, 1, 64, 0 },    { 7, 0, 4, 2, 64, 0 },     { 33, 0, 4, 4, 128, 0 },
+        { 33, 97, 6, 2, 128, 0 }, { 130, 0, 2, 1, 80, 0 },   { 40, 960, 4, 1, 128, 0 },
+        { 40, 960, 4, 2, 128, 100 }, { 33, 0, 2, 2, 64, 5 }, { 17, 113, 2, 1, 256, 0 },
+        { 20, 10, 4, 2, 256, 9 },
+    };
+    static const att_case decode[] = {
+        { 1, 0, 2, 1, 64, 0 },    { 1, 129, 4, 2, 128, 0 },  { 1, 999, 8, 2, 128, 0 },
+        { 1, 999, 4, 4, 64, 300 }, { 7, 123, 4, 1, 80, 0 },  { 7, 993, 2, 2, 256, 0 },
+        { 1, 5000, 16, 8, 128, 0 }, { 3, 40, 2, 1, 128, 10 },
+    };
+    for (size_t i = 0; i < sizeof prefill / sizeof prefill[0]; i++)
+        run_attention_case(&prefill[i], false);
+    for (size_t i = 0; i < sizeof decode / sizeof decode[0]; i++)
+        run_attention_case(&decode[i], true);
+}
+
+/* ----------------------------------------------------------- elementwise */
+
+static void test_elementwise(void)
+{
+    size_t n = 1003 * 7;
+    float *g = rand_vec(n, 6), *u = rand_vec(n, 2), *ref = malloc(n * 4), *got = malloc(n * 4);
+    memcpy(ref, g, n * 4);
+    tpk_silu_mul(ref, u, n);
+    float *dg = dev_copy(g, n * 4), *du = dev_copy(u, n * 4);
+    MUST(tpc_silu_mul(dg, du, n, NULL, &err));
+    fetch(got, dg, n * 4);
+    double e = rel_err(got, ref, n);
+    CHECK(e < 1e-5, "silu_mul: err %g", e);
+
+    int rows = 7, dim = 1003;
+    float *b = rand_vec(dim, 1), *db = dev_copy(b, dim * 4);
+    memcpy(ref, g, n * 4);
+    tpk_add_bias(ref, b, rows, dim);
+    MUST(tpc_upload(dg, g, n * 4, &err));
+    MUST(tpc_add_bias(dg, db, rows, dim, NULL, &err));
+    fetch(got, dg, n * 4);
+    CHECK(memcmp(got, ref, n * 4) == 0, "add_bias: differs from tpk_add_bias");
+
+    /* bf16 rounding: random values plus ties-to-even and carry cases */
+    float special[] = { 1.00390625f, 1.01171875f, 3.3895314e38f, -0.0f, 1e-40f, 65504.0f };
+    memcpy(g, special, sizeof special);
+    uint16_t *hb = malloc(n * 2), *gb = malloc(n * 2);
+    for (size_t i = 0; i < n; i++)
+        hb[i] = to_bf16(g[i]);
+    uint16_t *dbf = dev_copy(NULL, n * 2);
+    MUST(tpc_upload(dg, g, n * 4, &err));
+    MUST(tpc_f32_to_bf16(dbf, dg, n, NULL, &err));
+    fetch(gb, dbf, n * 2);
+    CHECK(memcmp(gb, hb, n * 2) == 0, "f32_to_bf16: differs from round-to-nearest-even");
+    tpc_free(dg); tpc_free(du); tpc_free(db); tpc_free(dbf);
+    free(g); free(u); free(ref); free(got); free(b); free(hb); free(gb);
+}
+
+/* ------------------------------------------------------------------ GEMM */
+
+static void test_gemm(void)
+{
+    tpc_blas h;
+    MUST(tpc_blas_create(&h, NULL, &err));
+    int ns[] = { 1, 7, 33 };
+    int in = 200, out = 1003;
+    uint16_t *w = malloc((size_t)out * in * 2);
+    for (size_t i = 0; i < (size_t)out * in; i++)
+        w[i] = to_bf16(frand() * 0.1f);
+    float *w32 = malloc((size_t)out * in * 4), *bias = rand_vec(out, 1);
+    tpk_to_f32(w32, w, TP_BF16, (size_t)out * in);
+    uint16_t *dw = dev_copy(w, (size_t)out * in * 2);
+    float *dbias = dev_copy(bias, out * 4);
+    for (int a = 0; a < 3; a++)
+        for (int with_bias = 0; with_bias < 2; with_bias++) {
+            int n = ns[a];
+            float *x = rand_vec((size_t)n * in, 2), *xr = malloc((size_t)n * in * 4);
+            for (size_t i = 0; i < (size_t)n * in; i++)
+                xr[i] = from_bf16(to_bf16(x[i]));
+            float *ref = malloc((size_t)n * out * 4), *got = malloc((size_t)n * out * 4);
+            tpk_matmul(ref, xr, w32, with_bias ? bias : NULL, n, in, out);
+            float *dx = dev_copy(x, (size_t)n * in * 4), *dy = dev_copy(NULL, (size_t)n * out * 4);
+            uint16_t *dxb = dev_copy(NULL, (size_t)n * in * 2);
+            MUST(tpc_gemm_bf16(h, dy, dx, dxb, dw, with_bias ? dbias : NULL, n, in, out, NULL, &err));
+            fetch(got, dy, (size_t)n * out * 4);
+            double e = rel_err(got, ref, (size_t)n * out);
+            CHECK(e < 1e-4, "gemm_bf16 n=%d in=%d out=%d bias=%d: err %g", n, in, out, with_bias, e);
+            tpc_free(dx); tpc_free(dy); tpc_free(dxb);
+            free(x); free(xr); free(ref); free(got);
+        }
+    tpc_free(dw); tpc_free(dbias);
+    free(w); free(w32); free(bias);
+    tpc_blas_destroy(h);
+}
+
+/* ------------------------------------------------------ argmax, sampling */
+
+static int32_t host_argmax(const float *x, int n)
+{
+    int32_t best = 0;
+    float bv = -INFINITY;
+    for (int i = 0; i < n; i++)
+        if (x[i] > bv) {
+            bv = x[i];
+            best = i;
+        }
+    return best;
+}
+
+static void test_argmax(void)
+{
+    int vocab = 1003;
+    float *x = rand_vec(vocab, 5);
+    x[17] = NAN;
+    x[500] = 9.0f; x[900] = 9.0f; x[501] = 9.0f;   /* ties: the lowest id wins */
+    tpc_argmax_result r, *dr = dev_copy(NULL, sizeof r);
+    float *dx = dev_copy(x, vocab * 4);
+    MUST(tpc_argmax(dr, dx, vocab, 1000, NULL, &err));
+    fetch(&r, dr, sizeof r);
+    CHECK(r.id == 1500 && r.value == 9.0f, "argmax: got id %d value %g, want 1500 and 9", r.id, r.value);
+    /* a slice in the middle, and every value -inf */
+    MUST(tpc_argmax(dr, dx + 600, 403, 600, NULL, &err));
+    fetch(&r, dr, sizeof r);
+    CHECK(r.id == 900, "argmax slice: got id %d, want 900", r.id);
+    for (int i = 0; i < 33; i++)
+        x[i] = -INFINITY;
+    MUST(tpc_upload(dx, x, 33 * 4, &err));
+    MUST(tpc_argmax(dr, dx, 33, 7, NULL, &err));
+    fetch(&r, dr, sizeof r);
+    CHECK(r.id == 7, "argmax of all -inf: got id %d, want the slice's first id 7", r.id);
+    tpc_free(dr); tpc_free(dx);
+    free(x);
+}
+
+static void test_sample(void)
+{
+    int vocabs[] = { 1003, 151936 };
+    struct { float temp; int k; float p; } opts[] = {
+        { 0.0f, 0, 1.0f }, { 0.7f, 1, 1.0f }, { 1.0f, 0, 1.0f }, { 0.7f, 5, 1.0f }, { 0.7f, 50, 0.9f },
+        { 1.3f, 0, 0.5f }, { 0.6f, 20, 0.95f }, { 1.0f, 0, 0.999f }, { 2.0f, 2000, 1.0f },
+    };
+    for (int a = 0; a < 2; a++) {
+        int vocab = vocabs[a];
+        float *logits = malloc((size_t)vocab * 4);
+        for (int quant = 0; quant < 2; quant++) {
+            /* quantised logits give many exactly equal probabilities: the
+             * tie rules (lower ids first) matter */
+            for (int i = 0; i < vocab; i++) {
+                float l = frand() * 8.0f;
+                logits[i] = quant ? floorf(l * 2.0f) / 2.0f : l;
+            }
+            logits[vocab / 3] = NAN;
+            float *dl = dev_copy(logits, (size_t)vocab * 4), *dws = dev_copy(NULL, (size_t)vocab * 4);
+            int32_t *did = dev_copy(NULL, 4);
+            for (size_t o = 0; o < sizeof opts / sizeof opts[0]; o++) {
+                tp_sampler_opts so = { opts[o].temp, opts[o].k, opts[o].p, 0 };
+                tp_rng rng;
+                tp_rng_seed(&rng, 1000 + o + 10 * quant);
+                int mismatches = 0;
+                for (int draw = 0; draw < 12; draw++) {
+                    tp_rng peek = rng;
+                    double u = tp_rng_uniform(&peek);
+                    int32_t want = tp_sample(logits, vocab, &so, &rng, NULL), got = -1;
+                    MUST(tpc_sample(did, dl, vocab, so.temperature, so.top_k, so.top_p, u, dws, NULL, &err));
+                    fetch(&got, did, 4);
+                    if (got != want && mismatches++ < 3)
+                        fprintf(stderr, "  sample vocab=%d quant=%d T=%g k=%d p=%g u=%.17g: gpu %d, cpu %d\n",
+                                vocab, quant, so.temperature, so.top_k, so.top_p, u, got, want);
+                }
+                CHECK(mismatches == 0, "sample vocab=%d quant=%d T=%g k=%d p=%g: %d of 12 draws differ",
+                      vocab, quant, so.temperature, so.top_k, so.top_p, mismatches);
+            }
+            tpc_free(dl); tpc_free(dws); tpc_free(did);
+        }
+        free(logits);
+    }
+    /* greedy agrees with the host argmax */
+    float x[5] = { 1, 3, NAN, 3, 2 };
+    float *dx = dev_copy(x, sizeof x);
+    int32_t *did = dev_copy(NULL, 4), got = -1;
+    float *dws = dev_copy(NULL, sizeof x);
+    MUST(tpc_sample(did, dx, 5, 0.0f, 0, 1.0f, 0.5, dws, NULL, &err));
+    fetch(&got, did, 4);
+    CHECK(got == host_argmax(x, 5) && got == 1, "greedy sample: got %d, want 1", got);
+    /* a bad uniform is refused */
+    CHECK(tpc_sample(did, dx, 5, 1.0f, 0, 1.0f, 1.0, dws, NULL, &err) == -1 && strstr(err.msg, "uniform"),
+          "sample with u = 1 accepted");
+    tpc_free(dx); tpc_free(did); tpc_free(dws);
+}
+
+/* bad arguments give errors naming the kernel, before any launch */
+static void test_argument_errors(void)
+{
+    CHECK(tpc_attention_prefill(NULL, 0, NULL, 0, NULL, NULL, 10, 5, 8, 2, 1, 64, 0, 1.0f, NULL, &err) == -1 &&
+          strstr(err.msg, "attention_prefill"), "prefill past the cache accepted");
+    CHECK(tpc_attention_decode(NULL, 0, NULL, 0, NULL, NULL, 10, 1, 0, 3, 2, 64, 0, 1.0f, NULL, 0, NULL, &err) == -1,
+          "3 heads over 2 kv heads accepted");
+    CHECK(tpc_attention_prefill(NULL, 0, NULL, 0, NULL, NULL, 10, 1, 0, 2, 1, 512, 0, 1.0f, NULL, &err) == -1 &&
+          strstr(err.msg, "head_dim 512"), "head_dim 512 accepted: %s", err.msg);
+    CHECK(tpc_kv_append(NULL, NULL, 4, NULL, NULL, 0, 2, 1, 64, 3, NULL, &err) == -1 && strstr(err.msg, "kv_append"),
+          "kv_append past the cache accepted");
+    CHECK(tpc_attention_decode(NULL, 0, NULL, 0, NULL, NULL, 10, 1, 0, 2, 1, 64, 0, 1.0f, NULL, 0, NULL, &err) == -1 &&
+          strstr(err.msg, "workspace"), "decode without a workspace accepted");
+}
+
+int main(void)
+{
+    int count = 0;
+    if (tpc_device_count(&count, &err)) {
+        printf("SKIP: no GPU (%s)\n", err.msg);
+        return 77;
+    }
+    if (count == 0) {
+        puts("SKIP: no GPU (cudaGetDeviceCount: 0 devices)");
+        return 77;
+    }
+    MUST(tpc_set_device(0, &err));
+    test_argument_errors();
+    test_embedding();
+    test_rmsnorm();
+    test_head_norm_rope();
+    test_attention();
+    test_elementwise();
+    test_gemm();
+    test_argmax();
+    test_sample();
+    if (failures) {
+        fprintf(stderr, "%d of %d checks failed\n", failures, checks);
+        return 1;
+    }
+    printf("all %d checks passed\n", checks);
+    return 0;
+}
+#endif

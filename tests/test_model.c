@@ -1,0 +1,1149 @@
+/* test_model.c - the model and its tensor-parallel forward pass.
+ *
+ * Ranks run in this process as threads joined by a small in-memory comm
+ * (barrier-based all-reduce / all-gather), each fed its own rank built here
+ * by slicing the full weights the way tpconvert's plan does (colwise q/k/v,
+ * gate/up; rowwise o/down with reduce_bias biases; kv heads replicated when
+ * there are fewer than ranks; vocabulary rows of lm_head; optionally a
+ * vocab-parallel embedding).  No MPI, no converter needed.
+ *
+ *  1. synthetic models covering every feature (qk-norm, q/k/v/o/mlp biases,
+ *     sliding windows, llama3 RoPE, tied / vocab-parallel embeddings, kv
+ *     replication, odd vocabularies, bf16/f16/f32) against a naive
+ *     double-precision forward written out below, at tp 1, 2, 4, prefill and
+ *     decode;
+ *  2. every tests/models/<name>/ against its reference.json (transformers,
+ *     fp32): last-position logits of each prompt and the greedy tokens, at
+ *     tp 1, 2 and 4;
+ *  3. config parsing and the errors that name the key or the tensor.
+ *
+ * Tolerance: the weights are bf16 values, exact in fp32, so the runtime and
+ * transformers (fp32) compute the same function and differ only in the
+ * order of fp32 summations (matmul, softmax, norms, and across ranks the
+ * all-reduce): about 1e-6 relative per dot product, growing slowly through
+ * the layers.  We accept |diff| <= 1e-3 * max(1, max |reference logit|) for
+ * transformers (whose logits are stored to 6 significant digits) and
+ * 1e-4 * max(1, max |logit|) against the double-precision naive forward and
+ * between tp sizes.  A real bug (a wrong head mapping, a bias added twice, a
+ * RoPE pair swapped) moves logits by O(0.1 .. 1).
+ */
+#include "runtime.h"
+
+#include <cJSON.h>
+#include <dirent.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static int failures;
+#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", \
+    __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+#define MAX_WORLD 8
+
+/* ------------------------------------------------------- in-memory comm */
+
+typedef struct hub {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int world, arrived;
+    unsigned gen;
+    const void *ptr[MAX_WORLD];
+} hub;
+
+static int hub_barrier(tp_comm *c, tp_err *err)
+{
+    hub *h = c->impl;
+    pthread_mutex_lock(&h->mu);
+    unsigned gen = h->gen;
+    if (++h->arrived == h->world) {
+        h->arrived = 0;
+        h->gen++;
+        pthread_cond_broadcast(&h->cv);
+        pthread_mutex_unlock(&h->mu);
+        return 0;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += (time_t)c->timeout_s;
+    while (h->gen == gen) {
+        if (pthread_cond_timedwait(&h->cv, &h->mu, &ts) != 0 && h->gen == gen) {
+            pthread_mutex_unlock(&h->mu);
+            return tp_errorf(err, "test comm: rank %d timed out at a barrier", c->rank);
+        }
+    }
+    pthread_mutex_unlock(&h->mu);
+    return 0;
+}
+
+static int hub_allreduce(tp_comm *c, float *buf, size_t n, tp_err *err)
+{
+    hub *h = c->impl;
+    h->ptr[c->rank] = buf;
+    if (hub_barrier(c, err) < 0)
+        return -1;
+    float *sum = calloc(n ? n : 1, sizeof *sum);
+    for (int r = 0; r < c->world; r++) {       /* same order on every rank */
+        const float *b = h->ptr[r];
+        for (size_t i = 0; i < n; i++)
+            sum[i] += b[i];
+    }
+    int rc = hub_barrier(c, err);
+    if (rc == 0)
+        memcpy(buf, sum, n * sizeof *sum);
+    free(sum);
+    return rc;
+}
+
+static int hub_allgather(tp_comm *c, const float *send, float *recv, size_t n, tp_err *err)
+{
+    hub *h = c->impl;
+    h->ptr[c->rank] = send;
+    if (hub_barrier(c, err) < 0)
+        return -1;
+    for (int r = 0; r < c->world; r++)
+        memcpy(recv + (size_t)r * n, h->ptr[r], n * sizeof(float));
+    return hub_barrier(c, err);
+}
+
+static int hub_broadcast(tp_comm *c, void *buf, size_t bytes, int root, tp_err *err)
+{
+    hub *h = c->impl;
+    h->ptr[c->rank] = buf;
+    if (hub_barrier(c, err) < 0)
+        return -1;
+    if (c->rank != root)
+        memcpy(buf, h->ptr[root], bytes);
+    return hub_barrier(c, err);
+}
+
+static void hub_close(tp_comm *c) { (void)c; }
+
+static const tp_comm_ops hub_ops = {
+    .name = "test-threads", .allreduce_sum_f32 = hub_allreduce, .allgather_f32 = hub_allgather,
+    .broadcast = hub_broadcast, .barrier = hub_barrier, .close = hub_close,
+};
+
+/* ------------------------------------------------- source models, sharding */
+
+typedef struct src_tensor {
+    char name[160];
+    tp_dtype dt;
+    int ndim;
+    uint64_t shape[2];
+    const uint8_t *bytes;
+    uint8_t *owned;
+} src_tensor;
+
+typedef struct src_model {
+    char name[64];
+    char *config_json;
+    size_t n;
+    src_tensor t[512];
+    /* what the sharder needs to know */
+    int n_heads, n_kv, head_dim, intermediate, vocab;
+    bool vocab_parallel;
+} src_model;
+
+static float src_val(const src_tensor *t, size_t i)
+{
+    uint16_t h;
+    switch (t->dt) {
+    case TP_BF16: memcpy(&h, t->bytes + 2 * i, 2); return tp_bf16_to_f32(h);
+    case TP_F16: memcpy(&h, t->bytes + 2 * i, 2); return tp_f16_to_f32(h);
+    default: { float f; memcpy(&f, t->bytes + 4 * i, 4); return f; }
+    }
+}
+
+static const src_tensor *src_find(const src_model *s, const char *name)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (strcmp(s->t[i].name, name) == 0)
+            return &s->t[i];
+    return NULL;
+}
+
+static bool ends_with(const char *s, const char *suf)
+{
+    size_t a = strlen(s), b = strlen(suf);
+    return a >= b && strcmp(s + a - b, suf) == 0;
+}
+
+/* The plan: which dim is split and this rank's range of it. */
+static void plan_split(const src_model *s, const src_tensor *t, int rank, int world, tp_split *sp,
+                       bool *reduce_bias)
+{
+    memset(sp, 0, sizeof *sp);
+    sp->dim = -1;
+    *reduce_bias = false;
+    if (world == 1)
+        return;
+    const char *n = t->name;
+    uint64_t rows = t->shape[0];
+    bool colwise = strstr(n, "q_proj.") || strstr(n, "k_proj.") || strstr(n, "v_proj.") ||
+                   strstr(n, "gate_proj.") || strstr(n, "up_proj.");
+    bool rowwise = strstr(n, "o_proj.") || strstr(n, "down_proj.");
+    if (colwise) {
+        sp->dim = 0;
+        sp->n_ranges = 1;
+        if ((strstr(n, "k_proj.") || strstr(n, "v_proj.")) && s->n_kv < world) {
+            int kvh = rank / (world / s->n_kv);   /* replicated kv head */
+            sp->start[0] = (uint64_t)kvh * s->head_dim;
+            sp->end[0] = sp->start[0] + s->head_dim;
+        } else {
+            sp->start[0] = rows / world * rank;
+            sp->end[0] = rows / world * (rank + 1);
+        }
+    } else if (rowwise) {
+        if (ends_with(n, ".bias")) {
+            *reduce_bias = true;
+        } else {
+            uint64_t cols = t->shape[1];
+            sp->dim = 1;
+            sp->n_ranges = 1;
+            sp->start[0] = cols / world * rank;
+            sp->end[0] = cols / world * (rank + 1);
+        }
+    } else if (strcmp(n, "lm_head.weight") == 0 ||
+               (strcmp(n, "model.embed_tokens.weight") == 0 && s->vocab_parallel)) {
+        uint64_t per = (rows + world - 1) / world;
+        sp->dim = 0;
+        sp->n_ranges = 1;
+        sp->start[0] = per * rank < rows ? per * rank : rows;
+        sp->end[0] = per * (rank + 1) < rows ? per * (rank + 1) : rows;
+    }
+}
+
+typedef struct built_rank {
+    tp_loaded_rank lr;
+    tp_shard_tensor *infos;
+    tp_loaded_tensor *lts;
+} built_rank;
+
+static void build_rank(built_rank *b, const src_model *s, int rank, int world)
+{
+    memset(b, 0, sizeof *b);
+    b->infos = calloc(s->n, sizeof *b->infos);
+    b->lts = calloc(s->n, sizeof *b->lts);
+    for (size_t i = 0; i < s->n; i++) {
+        const src_tensor *t = &s->t[i];
+        tp_shard_tensor *in = &b->infos[i];
+        in->name = (char *)t->name;
+        in->dtype = t->dt;
+        in->ndim = t->ndim;
+        plan_split(s, t, rank, world, &in->split, &in->reduce_bias);
+        size_t es = tp_dtype_size(t->dt);
+        uint64_t rows = t->shape[0], cols = t->ndim == 2 ? t->shape[1] : 1;
+        uint64_t r0 = 0, r1 = rows, c0 = 0, c1 = cols;
+        if (in->split.dim == 0) { r0 = in->split.start[0]; r1 = in->split.end[0]; }
+        if (in->split.dim == 1) { c0 = in->split.start[0]; c1 = in->split.end[0]; }
+        for (int d = 0; d < t->ndim; d++)
+            in->global_shape[d] = in->shape[d] = t->shape[d];
+        in->shape[0] = r1 - r0;
+        if (t->ndim == 2)
+            in->shape[1] = c1 - c0;
+        in->raw_size = (r1 - r0) * (c1 - c0) * es;
+        uint8_t *data = malloc(in->raw_size ? in->raw_size : 1);
+        for (uint64_t r = r0; r < r1; r++)
+            memcpy(data + (r - r0) * (c1 - c0) * es, t->bytes + (r * cols + c0) * es,
+                   (c1 - c0) * es);
+        b->lts[i].info = in;
+        b->lts[i].data = data;
+    }
+    b->lr.rank = rank;
+    b->lr.manifest.tp = world;
+    b->lr.manifest.config_json = s->config_json;
+    b->lr.source = (char *)s->name;
+    b->lr.n_tensors = s->n;
+    b->lr.tensors = b->lts;
+}
+
+static void free_rank(built_rank *b, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free((void *)b->lts[i].data);
+    free(b->lts);
+    free(b->infos);
+}
+
+/* ------------------------------------------------- running ranks as threads */
+
+typedef struct rank_job {
+    tp_loaded_rank *lr;
+    tp_comm *comm;
+    const int32_t *ids;
+    int n_prefill, n_steps, vocab;
+    float *logits;          /* [n_steps][vocab] */
+    int rc;
+    tp_err err;
+} rank_job;
+
+static int g_threads = 1;   /* CPU threads of each rank's model */
+
+/* Prefills ids[0..n_prefill) (logits step 0), then decodes ids[n_prefill ..]
+ * one at a time (logits steps 1..); then resets and prefills again, which
+ * must give bit-identical step-0 logits. */
+static void *rank_main(void *arg)
+{
+    rank_job *j = arg;
+    tp_model *m = NULL;
+    tp_model_opts o = { .max_seq = 256, .threads = g_threads, .device = "cpu" };
+    j->rc = -1;
+    if (tp_model_create(&m, j->lr, j->comm, &o, &j->err) < 0)
+        return NULL;
+    if (tp_model_forward(m, j->ids, j->n_prefill, j->logits, &j->err) < 0)
+        goto out;
+    for (int s = 1; s < j->n_steps; s++)
+        if (tp_model_forward(m, j->ids + j->n_prefill + s - 1, 1,
+                             j->logits + (size_t)s * j->vocab, &j->err) < 0)
+            goto out;
+    if (tp_model_position(m) != j->n_prefill + j->n_steps - 1) {
+        tp_errorf(&j->err, "position %d after the run", tp_model_position(m));
+        goto out;
+    }
+    tp_model_reset(m);
+    float *again = malloc((size_t)j->vocab * sizeof *again);
+    if (tp_model_forward(m, j->ids, j->n_prefill, again, &j->err) < 0) {
+        free(again);
+        goto out;
+    }
+    if (memcmp(again, j->logits, (size_t)j->vocab * sizeof *again) != 0)
+        tp_errorf(&j->err, "logits after tp_model_reset differ from the first run");
+    else
+        j->rc = 0;
+    free(again);
+out:
+    tp_model_free(m);
+    return NULL;
+}
+
+/* Runs the ranks lrs[0..world) as threads; on success logits (of rank 0,
+ * checked equal on every rank) is [n_steps][vocab]. */
+static int run_ranks(const char *name, tp_loaded_rank **lrs, int world, int vocab,
+                     const int32_t *ids, int n_prefill, int n_steps, float *logits)
+{
+    tp_comm comms[MAX_WORLD];
+    rank_job jobs[MAX_WORLD];
+    pthread_t th[MAX_WORLD];
+    hub h = { .world = world };
+    pthread_mutex_init(&h.mu, NULL);
+    pthread_cond_init(&h.cv, NULL);
+    size_t per = (size_t)n_steps * vocab;
+    for (int r = 0; r < world; r++) {
+        comms[r] = (tp_comm){ .ops = &hub_ops, .rank = r, .world = world, .timeout_s = 20,
+                              .impl = &h };
+        jobs[r] = (rank_job){ .lr = lrs[r], .comm = &comms[r], .ids = ids, .n_prefill = n_prefill,
+                              .n_steps = n_steps, .vocab = vocab,
+                              .logits = malloc(per * sizeof(float)) };
+        pthread_create(&th[r], NULL, rank_main, &jobs[r]);
+    }
+    int rc = 0;
+    for (int r = 0; r < world; r++) {
+        pthread_join(th[r], NULL);
+        if (jobs[r].rc < 0) {
+            fprintf(stderr, "FAIL %s tp=%d rank %d: %s\n", name, world, r, jobs[r].err.msg);
+            failures++;
+            rc = -1;
+        }
+    }
+    if (rc == 0) {
+        memcpy(logits, jobs[0].logits, per * sizeof(float));
+        for (int r = 1; r < world; r++)
+            CHECK(memcmp(jobs[r].logits, logits, per * sizeof(float)) == 0,
+                  "%s tp=%d: rank %d's logits differ from rank 0's", name, world, r);
+    }
+    for (int r = 0; r < world; r++)
+        free(jobs[r].logits);
+    pthread_mutex_destroy(&h.mu);
+    pthread_cond_destroy(&h.cv);
+    return rc;
+}
+
+/* The same from full weights cut here at tp = world. */
+static int run_tp(const src_model *s, int world, const int32_t *ids, int n_prefill, int n_steps,
+                  float *logits)
+{
+    built_rank br[MAX_WORLD];
+    tp_loaded_rank *lrs[MAX_WORLD];
+    for (int r = 0; r < world; r++) {
+        build_rank(&br[r], s, r, world);
+        lrs[r] = &br[r].lr;
+    }
+    int rc = run_ranks(s->name, lrs, world, s->vocab, ids, n_prefill, n_steps, logits);
+    for (int r = 0; r < world; r++)
+        free_rank(&br[r], s->n);
+    return rc;
+}
+
+/* max |a - b| / max(1, max |b|) */
+static double logit_err(const float *a, const float *b, int n)
+{
+    double mx = 1.0, d = 0.0;
+    for (int i = 0; i < n; i++) {
+        if (fabs(b[i]) > mx) mx = fabs(b[i]);
+        double e = fabs((double)a[i] - b[i]);
+        if (!(e <= d)) d = e;
+    }
+    return d / mx;
+}
+
+static int argmax(const float *v, int n)
+{
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (v[i] > v[best]) best = i;
+    return best;
+}
+
+/* ------------------------------------------------------ synthetic models */
+
+typedef struct spec {
+    const char *name, *model_type;
+    int hidden, layers, heads, kv, head_dim, inter, vocab;
+    bool explicit_head_dim, tie, vocab_parallel, qkv_bias, o_bias, mlp_bias, new_rope_layout;
+    float theta;
+    bool llama3;
+    int sliding, max_window_layers;   /* qwen2: use_sliding_window when sliding > 0 */
+    tp_dtype dt;
+    int tps[3];
+} spec;
+
+static const spec SPECS[] = {
+    { "syn-qwen3", "qwen3", 48, 2, 4, 2, 16, 40, 37, true, true, false, false, false, false, true,
+      1e6f, false, 0, 0, TP_BF16, { 1, 2, 4 } },
+    { "syn-qwen2-sliding", "qwen2", 32, 3, 4, 2, 8, 24, 50, false, false, false, true, false, false,
+      false, 1e6f, false, 3, 1, TP_F16, { 1, 2, 0 } },
+    { "syn-llama3-vocab-parallel", "llama", 32, 2, 4, 1, 8, 24, 45, false, true, true, true, true,
+      true, false, 1e4f, true, 0, 0, TP_F32, { 1, 2, 4 } },
+    { "syn-mistral-sliding", "mistral", 32, 2, 4, 2, 8, 24, 41, true, false, false, false, false,
+      false, true, 1e4f, false, 4, 0, TP_BF16, { 1, 2, 0 } },
+};
+
+static uint64_t rng = 0x243f6a8885a308d3ull;
+static double urand(void) /* [0, 1) */
+{
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static uint16_t f32_to_f16(float f) /* small normal values only (|f| < 2) */
+{
+    if (f == 0.0f) return 0;
+    uint16_t sign = f < 0 ? 0x8000 : 0;
+    float a = fabsf(f);
+    int e;
+    float m = frexpf(a, &e);                 /* a = m * 2^e, m in [0.5, 1) */
+    int exp16 = e - 1 + 15;
+    if (exp16 <= 0) return sign;             /* flush tiny values */
+    uint32_t mant = (uint32_t)lrintf((m * 2.0f - 1.0f) * 1024.0f);
+    if (mant == 1024) { mant = 0; exp16++; }
+    return (uint16_t)(sign | (exp16 << 10) | mant);
+}
+
+static void add_tensor(src_model *s, const spec *sp, const char *name, uint64_t r, uint64_t c,
+                       double center, double scale)
+{
+    src_tensor *t = &s->t[s->n++];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->dt = sp->dt;
+    t->ndim = c ? 2 : 1;
+    t->shape[0] = r;
+    t->shape[1] = c;
+    size_t cnt = r * (c ? c : 1), es = tp_dtype_size(sp->dt);
+    t->owned = malloc(cnt * es);
+    for (size_t i = 0; i < cnt; i++) {
+        float v = (float)(center + scale * (2.0 * urand() - 1.0));
+        if (sp->dt == TP_BF16) { uint16_t h = tp_f32_to_bf16(v); memcpy(t->owned + 2 * i, &h, 2); }
+        else if (sp->dt == TP_F16) { uint16_t h = f32_to_f16(v); memcpy(t->owned + 2 * i, &h, 2); }
+        else memcpy(t->owned + 4 * i, &v, 4);
+    }
+    t->bytes = t->owned;
+}
+
+static void make_synthetic(src_model *s, const spec *sp)
+{
+    memset(s, 0, sizeof *s);
+    snprintf(s->name, sizeof s->name, "%s", sp->name);
+    s->n_heads = sp->heads; s->n_kv = sp->kv; s->head_dim = sp->head_dim;
+    s->intermediate = sp->inter; s->vocab = sp->vocab; s->vocab_parallel = sp->vocab_parallel;
+    char rope[512], extra[512] = "", hd[64] = "";
+    if (sp->new_rope_layout)
+        snprintf(rope, sizeof rope, "\"rope_parameters\": {\"rope_type\": \"default\", "
+                 "\"rope_theta\": %g}", sp->theta);
+    else if (sp->llama3)
+        snprintf(rope, sizeof rope, "\"rope_theta\": %g, \"rope_scaling\": {\"type\": \"llama3\", "
+                 "\"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
+                 "\"original_max_position_embeddings\": 64}", sp->theta);
+    else
+        snprintf(rope, sizeof rope, "\"rope_theta\": %g, \"rope_scaling\": null", sp->theta);
+    if (sp->explicit_head_dim)
+        snprintf(hd, sizeof hd, "\"head_dim\": %d,", sp->head_dim);
+    if (strcmp(sp->model_type, "qwen2") == 0 && sp->sliding)
+        snprintf(extra, sizeof extra, "\"use_sliding_window\": true, \"sliding_window\": %d, "
+                 "\"max_window_layers\": %d,", sp->sliding, sp->max_window_layers);
+    else if (strcmp(sp->model_type, "mistral") == 0)
+        snprintf(extra, sizeof extra, "\"sliding_window\": %d,", sp->sliding);
+    char cfg[2048];
+    snprintf(cfg, sizeof cfg,
+             "{\"model_type\": \"%s\", \"hidden_size\": %d, \"num_hidden_layers\": %d, "
+             "\"num_attention_heads\": %d, \"num_key_value_heads\": %d, %s \"intermediate_size\": %d, "
+             "\"vocab_size\": %d, \"max_position_embeddings\": 512, \"rms_norm_eps\": 1e-5, %s, "
+             "\"tie_word_embeddings\": %s, \"attention_bias\": %s, \"mlp_bias\": %s, %s "
+             "\"hidden_act\": \"silu\", \"bos_token_id\": 1, \"eos_token_id\": [2, 3]}",
+             sp->model_type, sp->hidden, sp->layers, sp->heads, sp->kv, hd, sp->inter, sp->vocab,
+             rope, sp->tie ? "true" : "false", sp->o_bias ? "true" : "false",
+             sp->mlp_bias ? "true" : "false", extra);
+    s->config_json = strdup(cfg);
+
+    int H = sp->hidden, qd = sp->heads * sp->head_dim, kd = sp->kv * sp->head_dim;
+    double w = 0.25;
+    char n[160];
+    add_tensor(s, sp, "model.embed_tokens.weight", sp->vocab, H, 0, 1.0);
+    add_tensor(s, sp, "model.norm.weight", H, 0, 1.0, 0.3);
+    if (!sp->tie)
+        add_tensor(s, sp, "lm_head.weight", sp->vocab, H, 0, w);
+    for (int l = 0; l < sp->layers; l++) {
+#define N(suffix) (snprintf(n, sizeof n, "model.layers.%d.%s", l, suffix), n)
+        add_tensor(s, sp, N("input_layernorm.weight"), H, 0, 1.0, 0.3);
+        add_tensor(s, sp, N("post_attention_layernorm.weight"), H, 0, 1.0, 0.3);
+        add_tensor(s, sp, N("self_attn.q_proj.weight"), qd, H, 0, w);
+        add_tensor(s, sp, N("self_attn.k_proj.weight"), kd, H, 0, w);
+        add_tensor(s, sp, N("self_attn.v_proj.weight"), kd, H, 0, w);
+        add_tensor(s, sp, N("self_attn.o_proj.weight"), H, qd, 0, w);
+        if (sp->qkv_bias) {
+            add_tensor(s, sp, N("self_attn.q_proj.bias"), qd, 0, 0, 0.3);
+            add_tensor(s, sp, N("self_attn.k_proj.bias"), kd, 0, 0, 0.3);
+            add_tensor(s, sp, N("self_attn.v_proj.bias"), kd, 0, 0, 0.3);
+        }
+        if (sp->o_bias)
+            add_tensor(s, sp, N("self_attn.o_proj.bias"), H, 0, 0, 0.3);
+        if (strcmp(sp->model_type, "qwen3") == 0) {
+            add_tensor(s, sp, N("self_attn.q_norm.weight"), sp->head_dim, 0, 1.0, 0.3);
+            add_tensor(s, sp, N("self_attn.k_norm.weight"), sp->head_dim, 0, 1.0, 0.3);
+        }
+        add_tensor(s, sp, N("mlp.gate_proj.weight"), sp->inter, H, 0, w);
+        add_tensor(s, sp, N("mlp.up_proj.weight"), sp->inter, H, 0, w);
+        add_tensor(s, sp, N("mlp.down_proj.weight"), H, sp->inter, 0, w);
+        if (sp->mlp_bias) {
+            add_tensor(s, sp, N("mlp.gate_proj.bias"), sp->inter, 0, 0, 0.3);
+            add_tensor(s, sp, N("mlp.up_proj.bias"), sp->inter, 0, 0, 0.3);
+            add_tensor(s, sp, N("mlp.down_proj.bias"), H, 0, 0, 0.3);
+        }
+#undef N
+    }
+}
+
+static void free_src(src_model *s)
+{
+    for (size_t i = 0; i < s->n; i++)
+        free(s->t[i].owned);
+    free(s->config_json);
+}
+
+/* ---------------------------------------------- naive double forward pass */
+
+static double *dvec(const src_model *s, const char *name) /* NULL if absent */
+{
+    const src_tensor *t = src_find(s, name);
+    if (!t) return NULL;
+    size_t cnt = t->shape[0] * (t->ndim == 2 ? t->shape[1] : 1);
+    double *v = malloc(cnt * sizeof *v);
+    for (size_t i = 0; i < cnt; i++)
+        v[i] = src_val(t, i);
+    return v;
+}
+
+static void nrms(double *x, const double *w, int dim, double eps)
+{
+    double ss = 0;
+    for (int i = 0; i < dim; i++) ss += x[i] * x[i];
+    double sc = 1.0 / sqrt(ss / dim + eps);
+    for (int i = 0; i < dim; i++) x[i] = x[i] * sc * w[i];
+}
+
+/* y[out] = W[out][in] x + b */
+static void nlin(double *y, const double *w, const double *b, const double *x, int in, int out)
+{
+    for (int o = 0; o < out; o++) {
+        double a = b ? b[o] : 0;
+        for (int i = 0; i < in; i++) a += w[(size_t)o * in + i] * x[i];
+        y[o] = a;
+    }
+}
+
+static void nrope(double *v, int hd, int pos, const spec *sp)
+{
+    for (int i = 0; i < hd / 2; i++) {
+        double f = pow(sp->theta, -2.0 * i / hd);
+        if (sp->llama3) {   /* factor 8, low 1, high 4, original 64 */
+            double wl = 2 * M_PI / f, lo_wl = 64.0 / 1.0, hi_wl = 64.0 / 4.0;
+            if (wl > lo_wl) f /= 8.0;
+            else if (wl >= hi_wl) {
+                double sm = (64.0 / wl - 1.0) / (4.0 - 1.0);
+                f = (1 - sm) * f / 8.0 + sm * f;
+            }
+        }
+        double a = pos * f, x1 = v[i], x2 = v[i + hd / 2];
+        v[i] = x1 * cos(a) - x2 * sin(a);
+        v[i + hd / 2] = x2 * cos(a) + x1 * sin(a);
+    }
+}
+
+/* Last-position logits of ids[0..n), from the full weights, all in double. */
+static void naive_forward(const src_model *s, const spec *sp, const int32_t *ids, int n,
+                          float *logits)
+{
+    int H = sp->hidden, hd = sp->head_dim, qd = sp->heads * hd, kd = sp->kv * hd, I = sp->inter;
+    double eps = 1e-5;
+    double *emb = dvec(s, "model.embed_tokens.weight");
+    double *x = calloc((size_t)n * H, sizeof *x), *h = malloc((size_t)H * sizeof *h);
+    double *q = malloc((size_t)n * qd * sizeof *q), *k = malloc((size_t)n * kd * sizeof *k);
+    double *v = malloc((size_t)n * kd * sizeof *v), *att = malloc((size_t)qd * sizeof *att);
+    double *o = malloc((size_t)H * sizeof *o), *g = malloc((size_t)I * sizeof *g);
+    double *u = malloc((size_t)I * sizeof *u), *sc = malloc((size_t)n * sizeof *sc);
+    for (int t = 0; t < n; t++)
+        memcpy(x + (size_t)t * H, emb + (size_t)ids[t] * H, (size_t)H * sizeof *x);
+    char nm[160];
+    for (int l = 0; l < sp->layers; l++) {
+#define W(suffix) (snprintf(nm, sizeof nm, "model.layers.%d.%s", l, suffix), dvec(s, nm))
+        double *an = W("input_layernorm.weight"), *fn = W("post_attention_layernorm.weight");
+        double *wq = W("self_attn.q_proj.weight"), *wk = W("self_attn.k_proj.weight");
+        double *wv = W("self_attn.v_proj.weight"), *wo = W("self_attn.o_proj.weight");
+        double *bq = W("self_attn.q_proj.bias"), *bk = W("self_attn.k_proj.bias");
+        double *bv = W("self_attn.v_proj.bias"), *bo = W("self_attn.o_proj.bias");
+        double *qn = W("self_attn.q_norm.weight"), *kn = W("self_attn.k_norm.weight");
+        double *wg = W("mlp.gate_proj.weight"), *wu = W("mlp.up_proj.weight");
+        double *wd = W("mlp.down_proj.weight"), *bg = W("mlp.gate_proj.bias");
+        double *bu = W("mlp.up_proj.bias"), *bd = W("mlp.down_proj.bias");
+#undef W
+        int window = 0;
+        if (strcmp(sp->model_type, "mistral") == 0) window = sp->sliding;
+        if (strcmp(sp->model_type, "qwen2") == 0 && l >= sp->max_window_layers) window = sp->sliding;
+        for (int t = 0; t < n; t++) {
+            memcpy(h, x + (size_t)t * H, (size_t)H * sizeof *h);
+            nrms(h, an, H, eps);
+            nlin(q + (size_t)t * qd, wq, bq, h, H, qd);
+            nlin(k + (size_t)t * kd, wk, bk, h, H, kd);
+            nlin(v + (size_t)t * kd, wv, bv, h, H, kd);
+            for (int hh = 0; hh < sp->heads; hh++) {
+                if (qn) nrms(q + (size_t)t * qd + hh * hd, qn, hd, eps);
+                nrope(q + (size_t)t * qd + hh * hd, hd, t, sp);
+            }
+            for (int hh = 0; hh < sp->kv; hh++) {
+                if (kn) nrms(k + (size_t)t * kd + hh * hd, kn, hd, eps);
+                nrope(k + (size_t)t * kd + hh * hd, hd, t, sp);
+            }
+        }
+        double *xn = malloc((size_t)n * H * sizeof *xn);
+        for (int t = 0; t < n; t++) {
+            for (int hh = 0; hh < sp->heads; hh++) {
+                int kvh = hh / (sp->heads / sp->kv);
+                double mx = -INFINITY, sum = 0;
+                for (int j = 0; j <= t; j++) {
+                    if (window > 0 && !(j > t - window)) { sc[j] = -INFINITY; continue; }
+                    double d = 0;
+                    for (int e = 0; e < hd; e++)
+                        d += q[(size_t)t * qd + hh * hd + e] * k[(size_t)j * kd + kvh * hd + e];
+                    sc[j] = d / sqrt((double)hd);
+                    if (sc[j] > mx) mx = sc[j];
+                }
+                for (int j = 0; j <= t; j++) {
+                    sc[j] = sc[j] == -INFINITY ? 0 : exp(sc[j] - mx);
+                    sum += sc[j];
+                }
+                for (int e = 0; e < hd; e++) {
+                    double a = 0;
+                    for (int j = 0; j <= t; j++) a += sc[j] / sum * v[(size_t)j * kd + kvh * hd + e];
+                    att[hh * hd + e] = a;
+                }
+            }
+            nlin(o, wo, bo, att, qd, H);
+            for (int i = 0; i < H; i++) xn[(size_t)t * H + i] = x[(size_t)t * H + i] + o[i];
+        }
+        memcpy(x, xn, (size_t)n * H * sizeof *x);
+        free(xn);
+        for (int t = 0; t < n; t++) {
+            memcpy(h, x + (size_t)t * H, (size_t)H * sizeof *h);
+            nrms(h, fn, H, eps);
+            nlin(g, wg, bg, h, H, I);
+            nlin(u, wu, bu, h, H, I);
+            for (int i = 0; i < I; i++) g[i] = g[i] / (1 + exp(-g[i])) * u[i];
+            nlin(o, wd, bd, g, I, H);
+            for (int i = 0; i < H; i++) x[(size_t)t * H + i] += o[i];
+        }
+        double *all[] = { an, fn, wq, wk, wv, wo, bq, bk, bv, bo, qn, kn, wg, wu, wd, bg, bu, bd };
+        for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+    }
+    double *fnw = dvec(s, "model.norm.weight");
+    double *lm = sp->tie ? emb : dvec(s, "lm_head.weight");
+    memcpy(h, x + (size_t)(n - 1) * H, (size_t)H * sizeof *h);
+    nrms(h, fnw, H, eps);
+    for (int r = 0; r < sp->vocab; r++) {
+        double a = 0;
+        for (int i = 0; i < H; i++) a += lm[(size_t)r * H + i] * h[i];
+        logits[r] = (float)a;
+    }
+    if (lm != emb) free(lm);
+    free(fnw); free(emb); free(x); free(h); free(q); free(k); free(v); free(att); free(o);
+    free(g); free(u); free(sc);
+}
+
+static void test_synthetic(const spec *sp)
+{
+    src_model *s = malloc(sizeof *s);
+    make_synthetic(s, sp);
+    enum { PREFILL = 9, STEPS = 5, TOTAL = PREFILL + STEPS - 1 };
+    int32_t ids[TOTAL];
+    for (int i = 0; i < TOTAL; i++)
+        ids[i] = (int32_t)(urand() * sp->vocab);
+    ids[0] = sp->vocab - 1;   /* the last row: the uneven last vocabulary slice */
+    float *want = malloc((size_t)STEPS * sp->vocab * sizeof *want);
+    for (int st = 0; st < STEPS; st++)
+        naive_forward(s, sp, ids, PREFILL + st, want + (size_t)st * sp->vocab);
+    float *tp1 = malloc((size_t)STEPS * sp->vocab * sizeof *tp1);
+    float *got = malloc((size_t)STEPS * sp->vocab * sizeof *got);
+    /* the tp sizes, then tp=1 again with 3 threads (thread pool, OpenBLAS threads) */
+    for (int i = 0; i < 4; i++) {
+        int world = i < 3 ? sp->tps[i] : 1;
+        if (world == 0)
+            continue;
+        g_threads = i < 3 ? 1 : 3;
+        int rc = run_tp(s, world, ids, PREFILL, STEPS, got);
+        g_threads = 1;
+        if (rc < 0)
+            continue;
+        double worst = 0;
+        for (int st = 0; st < STEPS; st++) {
+            double e = logit_err(got + (size_t)st * sp->vocab, want + (size_t)st * sp->vocab,
+                                 sp->vocab);
+            if (e > worst) worst = e;
+            CHECK(e <= 1e-4, "%s tp=%d step %d: logits differ from the naive forward by %g "
+                  "(relative)", sp->name, world, st, e);
+            if (world == 1)
+                memcpy(tp1 + (size_t)st * sp->vocab, got + (size_t)st * sp->vocab,
+                       (size_t)sp->vocab * sizeof *got);
+            else
+                CHECK(logit_err(got + (size_t)st * sp->vocab, tp1 + (size_t)st * sp->vocab,
+                                sp->vocab) <= 1e-4, "%s tp=%d step %d differs from tp=1",
+                      sp->name, world, st);
+        }
+        printf("%-28s tp=%d%s  max rel diff vs naive %.2e over %d steps\n", sp->name, world,
+               i < 3 ? "" : " (3 threads)", worst, STEPS);
+    }
+    free(want); free(tp1); free(got);
+    free_src(s);
+    free(s);
+}
+
+/* ------------------------------------------------ transformers references */
+
+static int load_hf(src_model *s, tp_st_set *set, const char *dir, const char *name, tp_err *err)
+{
+    memset(s, 0, sizeof *s);
+    snprintf(s->name, sizeof s->name, "%s", name);
+    char *path = tp_path_join(dir, "config.json");
+    size_t len;
+    int rc = tp_read_file(path, 1 << 20, &s->config_json, &len, err);
+    free(path);
+    if (rc < 0 || tp_st_set_open(set, dir, err) < 0)
+        return -1;
+    tp_model_config c;
+    if (tp_model_config_parse(&c, s->config_json, err) < 0)
+        return -1;
+    s->n_heads = c.n_heads; s->n_kv = c.n_kv_heads; s->head_dim = c.head_dim;
+    s->intermediate = c.intermediate; s->vocab = c.vocab;
+    if (set->n_tensors > sizeof s->t / sizeof s->t[0])
+        return tp_errorf(err, "%s: too many tensors for the test", dir);
+    for (size_t i = 0; i < set->n_tensors; i++) {
+        const tp_st_tensor *t = set->tensors[i];
+        src_tensor *d = &s->t[s->n++];
+        snprintf(d->name, sizeof d->name, "%s", t->name);
+        d->dt = t->dtype;
+        d->ndim = t->ndim;
+        d->shape[0] = t->shape[0];
+        d->shape[1] = t->ndim == 2 ? t->shape[1] : 0;
+        d->bytes = t->data;
+    }
+    return 0;
+}
+
+/* Runs ids (prompt then the reference's greedy tokens) at tp = world. */
+typedef int (*runner_fn)(void *ctx, int world, const int32_t *ids, int n_prefill, int n_steps,
+                         float *logits);
+
+/* Every prompt of reference.json at every tp in worlds: the last logits and
+ * the greedy tokens against transformers, and tp > 1 against tp = 1 when
+ * worlds starts with 1. */
+static void compare_reference(const char *name, const char *ref_path, int V, const int *worlds,
+                              int n_worlds, runner_fn run, void *ctx)
+{
+    tp_err err = { { 0 } };
+    char *ref_text = NULL;
+    size_t len;
+    if (tp_read_file(ref_path, 64 << 20, &ref_text, &len, &err) < 0) {
+        CHECK(0, "%s: %s", name, err.msg);
+        return;
+    }
+    cJSON *ref = cJSON_Parse(ref_text);
+    const cJSON *prompts = cJSON_GetObjectItem(ref, "prompts");
+    CHECK(cJSON_IsArray(prompts) && cJSON_GetArraySize(prompts) > 0, "%s: no prompts", ref_path);
+    const cJSON *p;
+    int pi = 0;
+    cJSON_ArrayForEach(p, prompts) {
+        const cJSON *jids = cJSON_GetObjectItem(p, "ids"), *jl = cJSON_GetObjectItem(p, "last_logits");
+        const cJSON *jg = cJSON_GetObjectItem(p, "greedy"), *jm = cJSON_GetObjectItem(p, "greedy_margins");
+        int n = cJSON_GetArraySize(jids), ng = cJSON_GetArraySize(jg);
+        if (n < 1 || cJSON_GetArraySize(jl) != V || ng < 1 || cJSON_GetArraySize(jm) != ng) {
+            CHECK(0, "%s: prompt %d: malformed reference (or vocab %d)", ref_path, pi, V);
+            break;
+        }
+        int32_t *ids = malloc((size_t)(n + ng) * sizeof *ids);
+        float *want = malloc((size_t)V * sizeof *want);
+        for (int i = 0; i < n; i++) ids[i] = cJSON_GetArrayItem(jids, i)->valueint;
+        for (int i = 0; i < ng; i++) ids[n + i] = cJSON_GetArrayItem(jg, i)->valueint;
+        for (int i = 0; i < V; i++) want[i] = (float)cJSON_GetArrayItem(jl, i)->valuedouble;
+        double scale = 1.0;
+        for (int i = 0; i < V; i++) if (fabs(want[i]) > scale) scale = fabs(want[i]);
+        float *got = malloc((size_t)ng * V * sizeof *got), *tp1 = malloc((size_t)ng * V * sizeof *tp1);
+        bool have_tp1 = false;
+        for (int wi = 0; wi < n_worlds; wi++) {
+            int world = worlds[wi];
+            if (run(ctx, world, ids, n, ng, got) < 0)
+                continue;
+            double e = logit_err(got, want, V);
+            CHECK(e <= 1e-3, "%s prompt %d (%d tokens) tp=%d: last logits differ from transformers "
+                  "by %g (relative to max %g)", name, pi, n, world, e, scale);
+            int mism = 0;
+            for (int st = 0; st < ng; st++) {
+                double margin = cJSON_GetArrayItem(jm, st)->valuedouble;
+                int am = argmax(got + (size_t)st * V, V);
+                /* a near tie (margin within the tolerance) may go either way */
+                if (am != ids[n + st] && margin > 2e-3 * scale)
+                    mism++;
+            }
+            CHECK(mism == 0, "%s prompt %d tp=%d: %d of %d greedy tokens differ from transformers",
+                  name, pi, world, mism, ng);
+            if (world == 1) {
+                memcpy(tp1, got, (size_t)ng * V * sizeof *got);
+                have_tp1 = true;
+            } else if (have_tp1) {
+                for (int st = 0; st < ng; st++)
+                    CHECK(logit_err(got + (size_t)st * V, tp1 + (size_t)st * V, V) <= 1e-4,
+                          "%s prompt %d tp=%d step %d differs from tp=1", name, pi, world, st);
+            }
+            printf("%-28s prompt %d (%3d tokens) tp=%d  max rel diff %.2e, greedy %d/%d\n", name,
+                   pi, n, world, e, ng - mism, ng);
+        }
+        free(ids); free(want); free(got); free(tp1);
+        pi++;
+    }
+    cJSON_Delete(ref);
+    free(ref_text);
+}
+
+static int run_src(void *ctx, int world, const int32_t *ids, int n_prefill, int n_steps,
+                   float *logits)
+{
+    return run_tp(ctx, world, ids, n_prefill, n_steps, logits);
+}
+
+static void test_reference_model(const char *dir, const char *name)
+{
+    tp_err err = { { 0 } };
+    src_model *s = malloc(sizeof *s);
+    tp_st_set set;
+    memset(&set, 0, sizeof set);
+    if (load_hf(s, &set, dir, name, &err) < 0) {
+        CHECK(0, "%s: %s", name, err.msg);
+    } else {
+        /* the tp sizes this model can be cut into, as tpconvert allows */
+        int worlds[3], nw = 0;
+        static const int tps[] = { 1, 2, 4 };
+        for (int ti = 0; ti < 3; ti++) {
+            int w = tps[ti];
+            if (s->n_heads % w == 0 && s->intermediate % w == 0 &&
+                (s->n_kv < w ? w % s->n_kv == 0 : s->n_kv % w == 0))
+                worlds[nw++] = w;
+        }
+        char *ref_path = tp_path_join(dir, "reference.json");
+        compare_reference(name, ref_path, s->vocab, worlds, nw, run_src, s);
+        free(ref_path);
+    }
+    free(s->config_json);
+    free(s);
+    tp_st_set_close(&set);
+}
+
+static void test_reference_models(void)
+{
+    const char *root = "tests/models";
+    DIR *d = opendir(root);
+    CHECK(d != NULL, "%s: cannot open (run from the repository root)", root);
+    if (!d)
+        return;
+    int count = 0;
+    char *names[64];
+    struct dirent *e;
+    while ((e = readdir(d)) && count < 64)
+        if (e->d_name[0] != '.')
+            names[count++] = strdup(e->d_name);
+    closedir(d);
+    int tested = 0;
+    for (int i = 0; i < count; i++) {
+        char *dir = tp_path_join(root, names[i]);
+        char *ref = tp_path_join(dir, "reference.json");
+        FILE *f = fopen(ref, "r");
+        if (f) {
+            fclose(f);
+            test_reference_model(dir, names[i]);
+            tested++;
+        }
+        free(ref); free(dir); free(names[i]);
+    }
+    CHECK(tested > 0, "%s: no model with a reference.json", root);
+}
+
+/* ------------------------------------------------------ config and errors */
+
+static void expect_cfg_error(const char *json, const char *needle)
+{
+    tp_model_config c;
+    tp_err err = { { 0 } };
+    int rc = tp_model_config_parse(&c, json, &err);
+    CHECK(rc < 0 && strstr(err.msg, needle), "config error for %.60s...: rc %d, message \"%s\", "
+          "expected it to name \"%s\"", json, rc, err.msg, needle);
+}
+
+static void test_config(void)
+{
+    tp_model_config c;
+    tp_err err = { { 0 } };
+    const char *base = "{\"model_type\": \"llama\", \"hidden_size\": 64, \"num_hidden_layers\": 2, "
+                       "\"num_attention_heads\": 4, \"intermediate_size\": 128, \"vocab_size\": 512";
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s}", base);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0, "minimal llama config: %s", err.msg);
+    CHECK(c.n_kv_heads == 4 && c.head_dim == 16 && c.rope_theta == 10000.0f && !c.rope_llama3 &&
+          c.bos_id == -1 && c.n_eos == 0 && c.sliding_window == 0,
+          "defaults: kv %d head_dim %d theta %g", c.n_kv_heads, c.head_dim, c.rope_theta);
+
+    /* old layout: top-level rope_theta + rope_scaling{type} */
+    snprintf(buf, sizeof buf, "%s, \"rope_theta\": 500000.0, \"rope_scaling\": {\"type\": \"llama3\", "
+             "\"factor\": 32.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
+             "\"original_max_position_embeddings\": 8192}, \"eos_token_id\": [128001, 128009]}", base);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope_theta == 500000.0f && c.rope_llama3 &&
+          c.rope_factor == 32.0f && c.rope_original_max_position == 8192 && c.n_eos == 2 &&
+          c.eos_ids[1] == 128009, "old rope layout: %s", err.msg);
+    /* new layout: rope_parameters with rope_theta inside */
+    snprintf(buf, sizeof buf, "%s, \"rope_parameters\": {\"rope_type\": \"llama3\", \"rope_theta\": "
+             "250000.0, \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
+             "\"original_max_position_embeddings\": 64}}", base);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope_theta == 250000.0f && c.rope_llama3 &&
+          c.rope_original_max_position == 64, "new rope layout: %s", err.msg);
+
+    /* qwen2: sliding only with use_sliding_window, from max_window_layers */
+    const char *q2 = "{\"model_type\": \"qwen2\", \"hidden_size\": 64, \"num_hidden_layers\": 4, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 128, \"vocab_size\": 512, "
+                     "\"sliding_window\": 32, \"max_window_layers\": 2";
+    snprintf(buf, sizeof buf, "%s, \"use_sliding_window\": false}", q2);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 0 && c.attention_bias,
+          "qwen2 without use_sliding_window: window %d", c.sliding_window);
+    snprintf(buf, sizeof buf, "%s, \"use_sliding_window\": true}", q2);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 32 &&
+          c.sliding_from_layer == 2, "qwen2 sliding: window %d from %d", c.sliding_window,
+          c.sliding_from_layer);
+
+    expect_cfg_error("{\"model_type\": \"gpt2\"}", "gpt2");
+    expect_cfg_error("[1]", "object");
+    expect_cfg_error("{\"model_type\": \"llama\", \"num_hidden_layers\": 2}", "hidden_size");
+    snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}}", base);
+    expect_cfg_error(buf, "yarn");
+    snprintf(buf, sizeof buf, "%s, \"num_key_value_heads\": 3}", base);
+    expect_cfg_error(buf, "num_key_value_heads");
+    snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}}", base);
+    expect_cfg_error(buf, "low_freq_factor");
+    expect_cfg_error("{\"model_type\": \"qwen3\", \"hidden_size\": 64, \"num_hidden_layers\": 2, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 128, "
+                     "\"vocab_size\": \"many\"}", "vocab_size");
+    snprintf(buf, sizeof buf, "%s, \"rope_parameters\": {\"full_attention\": {\"rope_type\": "
+             "\"default\", \"rope_theta\": 1e6}}}", base);
+    expect_cfg_error(buf, "full_attention");
+    snprintf(buf, sizeof buf, "%s, \"hidden_act\": \"gelu\"}", base);
+    expect_cfg_error(buf, "hidden_act");
+}
+
+/* Model creation must refuse wrong tensors and name them. */
+static void expect_create_error(src_model *s, int rank, int world, tp_comm *comm, const char *needle)
+{
+    built_rank b;
+    build_rank(&b, s, rank, world);
+    tp_model *m = NULL;
+    tp_err err = { { 0 } };
+    tp_model_opts o = { .max_seq = 32, .threads = 1 };
+    int rc = tp_model_create(&m, &b.lr, comm, &o, &err);
+    CHECK(rc < 0 && m == NULL && strstr(err.msg, needle),
+          "create error: rc %d, message \"%s\", expected it to name \"%s\"", rc, err.msg, needle);
+    tp_model_free(m);
+    free_rank(&b, s->n);
+}
+
+static void test_create_errors(void)
+{
+    src_model *s = malloc(sizeof *s);
+    make_synthetic(s, &SPECS[0]);   /* qwen3, tied */
+    /* a rank of a tp=2 conversion given to a single-rank run */
+    expect_create_error(s, 0, 2, NULL, "tp=2");
+
+    src_tensor saved;
+    src_tensor *q = (src_tensor *)src_find(s, "model.layers.1.self_attn.q_proj.weight");
+    saved = *q;
+    q->shape[0] -= 1;   /* no longer whole heads */
+    expect_create_error(s, 0, 1, NULL, "model.layers.1.self_attn.q_proj.weight");
+    *q = saved;
+
+    src_tensor *dn = (src_tensor *)src_find(s, "model.layers.0.mlp.down_proj.weight");
+    saved = *dn;
+    dn->shape[1] = 20;   /* intermediate 40 in the config */
+    expect_create_error(s, 0, 1, NULL, "model.layers.0.mlp.down_proj.weight");
+    *dn = saved;
+
+    src_tensor *kn = (src_tensor *)src_find(s, "model.layers.1.self_attn.k_norm.weight");
+    saved = *kn;
+    snprintf(kn->name, sizeof kn->name, "model.layers.1.self_attn.k_norm.renamed");
+    expect_create_error(s, 0, 1, NULL, "model.layers.1.self_attn.k_norm.weight");
+    *kn = saved;
+
+    /* an untied config needs lm_head.weight */
+    char *cfg = s->config_json;
+    char *tie = strstr(cfg, "\"tie_word_embeddings\": true");
+    CHECK(tie != NULL, "synthetic qwen3 config is tied");
+    if (tie) {
+        memcpy(tie, "\"tie_word_embeddings\":false", 27);
+        expect_create_error(s, 0, 1, NULL, "lm_head.weight");
+    }
+    free_src(s);
+    free(s);
+}
+
+/* A directory written by tpconvert: every rank loaded with the real loader
+ * (checksums verified), run as threads, compared with reference.json. */
+typedef struct converted_ctx {
+    tp_loaded_rank *lrs[MAX_WORLD];
+    int world, vocab;
+} converted_ctx;
+
+static int run_converted(void *ctx, int world, const int32_t *ids, int n_prefill, int n_steps,
+                         float *logits)
+{
+    converted_ctx *c = ctx;
+    if (world != c->world)
+        return -1;
+    return run_ranks("converted", c->lrs, c->world, c->vocab, ids, n_prefill, n_steps, logits);
+}
+
+static int test_converted(const char *dir, const char *ref_path)
+{
+    tp_err err = { { 0 } };
+    tp_manifest man;
+    if (tp_load_manifest(dir, &man, &err) < 0) {
+        fprintf(stderr, "test_model: %s\n", err.msg);
+        return 1;
+    }
+    int world = man.tp;
+    tp_model_config cfg;
+    int rc = tp_model_config_parse(&cfg, man.config_json, &err);
+    tp_manifest_free(&man);
+    if (rc < 0 || world < 1 || world > MAX_WORLD) {
+        fprintf(stderr, "test_model: %s: %s\n", dir, rc < 0 ? err.msg : "tp out of range");
+        return 1;
+    }
+    converted_ctx c = { .world = world, .vocab = cfg.vocab };
+    tp_loaded_rank lr[MAX_WORLD];
+    tp_load_opts lo = { .verify = true, .threads = 1, .quiet = true };
+    int loaded = 0;
+    for (; loaded < world; loaded++) {
+        if (tp_load_rank(&lr[loaded], dir, loaded, &lo, &err) < 0) {
+            fprintf(stderr, "test_model: %s\n", err.msg);
+            failures++;
+            break;
+        }
+        c.lrs[loaded] = &lr[loaded];
+    }
+    if (loaded == world)
+        compare_reference(dir, ref_path, cfg.vocab, &world, 1, run_converted, &c);
+    for (int r = 0; r < loaded; r++)
+        tp_loaded_rank_free(&lr[r]);
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("model: %s (tp=%d) matches %s\n", dir, world, ref_path);
+    return 0;
+}
+
+/* Bad calls to a working model: named errors, and the model stays usable. */
+static void test_forward_errors(void)
+{
+    src_model *s = malloc(sizeof *s);
+    make_synthetic(s, &SPECS[1]);   /* qwen2, vocab 50 */
+    built_rank b;
+    build_rank(&b, s, 0, 1);
+    tp_model *m = NULL;
+    tp_err err = { { 0 } };
+    tp_model_opts o = { .max_seq = 8, .threads = 1, .device = "cuda" };
+    CHECK(tp_model_create(&m, &b.lr, NULL, &o, &err) < 0 && strstr(err.msg, "cuda"),
+          "device cuda on the cpu path: \"%s\"", err.msg);
+    o.device = "cpu";
+    if (tp_model_create(&m, &b.lr, NULL, &o, &err) < 0) {
+        CHECK(0, "create: %s", err.msg);
+    } else {
+        free_rank(&b, s->n);   /* the model must not need the loaded rank any more */
+        memset(&b, 0, sizeof b);
+        float *logits = malloc(50 * sizeof *logits);
+        int32_t ids[9] = { 1, 2, 3, 4, 5, 6, 7, 8, 9 }, bad = 50;
+        CHECK(tp_model_forward(m, &bad, 1, logits, &err) < 0 && strstr(err.msg, "50"),
+              "token id 50 of 50: \"%s\"", err.msg);
+        CHECK(tp_model_forward(m, ids, 9, logits, &err) < 0 && strstr(err.msg, "max-seq"),
+              "9 tokens into a cache of 8: \"%s\"", err.msg);
+        CHECK(tp_model_position(m) == 0, "position moved by failed calls");
+        CHECK(tp_model_forward(m, ids, 8, logits, &err) == 0, "8 tokens: %s", err.msg);
+        CHECK(tp_model_forward(m, ids, 1, logits, &err) < 0, "a 9th token fits a cache of 8");
+        tp_model_reset(m);
+        CHECK(tp_model_forward(m, ids, 1, NULL, &err) == 0 && tp_model_position(m) == 1,
+              "forward without logits: %s", err.msg);
+        const tp_model_config *c = tp_model_get_config(m);
+        CHECK(c->arch == TP_ARCH_QWEN2 && c->attention_bias && !c->o_bias && c->vocab == 50 &&
+              c->n_eos == 2 && c->eos_ids[0] == 2 && c->bos_id == 1, "config of the model");
+        free(logits);
+        tp_model_free(m);
+    }
+    if (b.lts)
+        free_rank(&b, s->n);
+    free_src(s);
+    free(s);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 5 && strcmp(argv[1], "--converted") == 0 && strcmp(argv[3], "--reference") == 0)
+        return test_converted(argv[2], argv[4]);
+    if (argc != 1) {
+        fprintf(stderr, "usage: test_model [--converted DIR --reference REFERENCE.json]\n");
+        return 2;
+    }
+    test_config();
+    test_create_errors();
+    test_forward_errors();
+    for (size_t i = 0; i < sizeof SPECS / sizeof SPECS[0]; i++)
+        test_synthetic(&SPECS[i]);
+    test_reference_models();
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("model: all checks passed\n");
+    return 0;
+}

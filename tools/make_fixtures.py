@@ -1,0 +1,266 @@
+#!/usr/bin/env python3
+"""Writes the tiny reference models under tests/models/ (committed, so the
+tests need no Python).  Regenerate with:
+
+    python3 tools/make_fixtures.py            # all models
+    python3 tools/make_fixtures.py llama-tiny # just one
+
+Each tests/models/<name>/ holds a Hugging Face model directory made by the
+real transformers config and *ForCausalLM classes (config.json,
+generation_config.json, model.safetensors in bf16; qwen2-tiny is sharded
+into model-0000k-of-0000n.safetensors + model.safetensors.index.json) and
+reference.json:
+
+    {
+      "model": name, "torch": version, "transformers": version,
+      "note": ...,
+      "eos_ids": [...],                       # never produced below
+      "prompts": [
+        {"ids": [...],                        # random, seeded, within vocab
+         "last_logits": [vocab floats],       # float32 forward, 6 significant digits
+         "greedy": [16 ids],                  # greedy continuation, eos ignored
+         "greedy_margins": [16 floats]},      # top1 - top2 logit at each step
+        ...]
+    }
+
+The reference runs in float32 on the bf16-rounded weights (the saved model
+loaded back with dtype=float32, eager attention), which is what the C runtime
+computes after widening bf16 to fp32.  Weights, norm weights and biases are
+all random and non-trivial (norms are not ones, biases not zeros), with a
+larger init range than a real model so that greedy tokens are well
+separated; tests should still treat a step whose margin is tiny as a near
+tie.
+
+config.json is written the way checkpoints on the Hub look (top-level
+rope_theta and rope_scaling, "torch_dtype"), except for mistral-tiny, which
+keeps the transformers>=5 spelling ("rope_parameters" with rope_theta inside,
+"dtype"), so that config parsers are tested on both.
+"""
+import json
+import math
+import os
+import shutil
+import sys
+
+import torch
+import transformers
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "models")
+N_NEW = 16
+PROMPT_LENS = [5, 17, 40, 100]   # 100 > original_max_position_embeddings of llama-tiny
+INIT_STD = 0.1
+
+COMMON = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+              max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=INIT_STD,
+              bos_token_id=1, eos_token_id=2, hidden_act="silu")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+# name -> (config class, model class, extra config, legacy config.json, seed)
+MODELS = {
+    "qwen3-tiny": (Qwen3Config, Qwen3ForCausalLM,
+                   dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        tie_word_embeddings=True, rope_theta=1000000.0,
+                        use_sliding_window=False, sliding_window=None, max_window_layers=2),
+                   True, 101),
+    # kv heads 1 < tp for tp 2 and 4; head_dim 32 so q_proj is 128 x 64 (heads*head_dim != hidden,
+    # as in the real Qwen3-0.6B).
+    "qwen3-kv1": (Qwen3Config, Qwen3ForCausalLM,
+                  dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                       tie_word_embeddings=True, rope_theta=1000000.0,
+                       use_sliding_window=False, sliding_window=None, max_window_layers=2),
+                  True, 102),
+    "qwen2-tiny": (Qwen2Config, Qwen2ForCausalLM,
+                   dict(num_attention_heads=4, num_key_value_heads=2,
+                        tie_word_embeddings=False, rope_theta=1000000.0,
+                        use_sliding_window=False, sliding_window=None, max_window_layers=2),
+                   True, 103),
+    "llama-tiny": (LlamaConfig, LlamaForCausalLM,
+                   dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        tie_word_embeddings=False, rope_theta=10000.0,
+                        rope_scaling=dict(LLAMA3_ROPE)),
+                   True, 104),
+    # o_proj and down_proj biases: a rowwise layer's bias must be added once.
+    "llama-bias": (LlamaConfig, LlamaForCausalLM,
+                   dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        tie_word_embeddings=False, rope_theta=10000.0,
+                        attention_bias=True, mlp_bias=True),
+                   True, 105),
+    "mistral-tiny": (MistralConfig, MistralForCausalLM,
+                     dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
+                     False, 106),
+}
+
+
+# Keys patched into the Hub-style config.json.  Qwen2.5 checkpoints carry a
+# sliding_window with use_sliding_window false: the window must be ignored.
+# 32 is shorter than the 40- and 100-token prompts, so a runtime that applied
+# it would get other logits.
+LEGACY_EXTRA = {"qwen2-tiny": {"sliding_window": 32}}
+
+
+def randomize_(model, gen):
+    """Every parameter gets random values: matrices N(0, INIT_STD^2), norm
+    weights uniform in [0.5, 1.5] (the final norm in [2, 4]), biases
+    N(0, 0.1^2)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "model.norm.weight":
+                # Larger, so that logits spread out (std ~3) and greedy
+                # tokens are well separated; the layers keep their balance.
+                p.copy_(2.0 + 2.0 * torch.rand(p.shape, generator=gen))
+            elif name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(INIT_STD * torch.randn(p.shape, generator=gen))
+
+
+def legacy_config(path, rope_theta, rope_scaling, extra):
+    """Rewrites config.json the way Hub checkpoints spell it."""
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(extra)
+    cfg.pop("rope_parameters", None)
+    cfg.pop("layer_types", None)    # transformers>=5 only; derived from the rest
+    cfg["rope_theta"] = rope_theta
+    cfg["rope_scaling"] = rope_scaling
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def patch_json(path, **kv):
+    with open(path) as f:
+        obj = json.load(f)
+    obj.update(kv)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def sig6(x):
+    return float(f"{x:.6g}")
+
+
+def greedy(model, ids):
+    """Greedy continuation by full re-forward each step (no cache, no eos),
+    with the top1 - top2 margin of every step."""
+    seq = list(ids)
+    out, margins = [], []
+    with torch.no_grad():
+        for _ in range(N_NEW):
+            logits = model(torch.tensor([seq])).logits[0, -1]
+            top = torch.topk(logits, 2)
+            tok = int(top.indices[0])
+            out.append(tok)
+            margins.append(sig6(float(top.values[0] - top.values[1])))
+            seq.append(tok)
+    return out, margins
+
+
+def make(name):
+    cfg_cls, model_cls, extra, legacy, seed = MODELS[name]
+    out_dir = os.path.join(ROOT, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+
+    rope_scaling = extra.pop("rope_scaling", None)
+    rope_theta = extra.pop("rope_theta")
+    rope = {"rope_type": "default", "rope_theta": rope_theta}
+    if rope_scaling:
+        rope = dict(rope_scaling, rope_theta=rope_theta)
+    config = cfg_cls(**COMMON, **extra, rope_parameters=rope)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    gen = torch.Generator().manual_seed(seed)
+    randomize_(model, gen)
+    model = model.to(torch.bfloat16)
+    # qwen2-tiny is saved in two shards with model.safetensors.index.json,
+    # as large checkpoints are.
+    model.save_pretrained(out_dir, max_shard_size="150KB" if name == "qwen2-tiny" else "50GB")
+    for fn in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, fn), 0o644)
+    cfg_path = os.path.join(out_dir, "config.json")
+    if legacy:
+        legacy_config(cfg_path, rope_theta, rope_scaling, LEGACY_EXTRA.get(name, {}))
+
+    # The reference: the saved bf16 weights, loaded back in float32.
+    ref_model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
+                                                     attn_implementation="eager")
+    ref_model.eval()
+    layer_types = getattr(ref_model.config, "layer_types", None) or []
+    assert all(t == "full_attention" for t in layer_types), (name, layer_types)
+    rp = ref_model.config.rope_parameters
+    assert rp["rope_theta"] == rope_theta, (name, rp)
+    if rope_scaling:
+        assert rp["rope_type"] == "llama3" and rp["factor"] == 8.0, (name, rp)
+    sd = ref_model.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(sd[k], v.float()), (name, k)
+
+    pgen = torch.Generator().manual_seed(seed + 1000)
+    vocab = config.vocab_size
+    prompts = []
+    for n in PROMPT_LENS:
+        ids = torch.randint(3, vocab, (n,), generator=pgen).tolist()
+        with torch.no_grad():
+            logits = ref_model(torch.tensor([ids])).logits[0, -1]
+        toks, margins = greedy(ref_model, ids)
+        # Cross-check the manual loop against generate() with the KV cache.
+        g = ref_model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                               do_sample=False, eos_token_id=None, pad_token_id=0,
+                               num_beams=1)
+        assert g[0, n:].tolist() == toks, (name, n, g[0, n:].tolist(), toks)
+        prompts.append({"ids": ids, "last_logits": [sig6(x) for x in logits.tolist()],
+                        "greedy": toks, "greedy_margins": margins})
+
+    # eos ids: the two highest ids that no greedy continuation produced, so
+    # that a runtime which stops at eos still makes all 16 tokens.
+    produced = {t for p in prompts for t in p["greedy"]}
+    eos = [t for t in range(vocab - 1, 2, -1) if t not in produced][:2]
+    patch_json(cfg_path, eos_token_id=eos[0], bos_token_id=1)
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": 1, "eos_token_id": eos, "do_sample": False,
+                   "transformers_version": transformers.__version__}, f, indent=2)
+        f.write("\n")
+
+    ref = {
+        "model": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "note": "float32 forward of the bf16 weights; greedy ignores eos; "
+                "logits rounded to 6 significant digits",
+        "n_new": N_NEW,
+        "eos_ids": eos,
+        "prompts": prompts,
+    }
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump(ref, f, separators=(",", ":"))
+        f.write("\n")
+    min_margin = min(m for p in prompts for m in p["greedy_margins"])
+    spread = max(float(torch.tensor(p["last_logits"]).std()) for p in prompts)
+    print(f"{name}: eos {eos}, smallest greedy margin {min_margin:.4f}, "
+          f"logit std {spread:.3f}")
+
+
+def main():
+    names = sys.argv[1:] or list(MODELS)
+    for n in names:
+        if n not in MODELS:
+            sys.exit(f"make_fixtures.py: unknown model {n} (known: {', '.join(MODELS)})")
+    torch.set_num_threads(1)   # reproducible reductions
+    for n in names:
+        make(n)
+
+
+if __name__ == "__main__":
+    main()

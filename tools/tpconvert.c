@@ -1,0 +1,346 @@
+/* tpconvert - a Hugging Face checkpoint -> per-rank tensor-parallel shards.
+ *
+ *   tpconvert --tp N MODEL_DIR OUT_DIR [options]
+ *
+ * See usage() for the options.  The work is in convert/ (convert.h); this is
+ * the argument parsing, the --dry-run table, the SIGINT handler and the
+ * optional node bundles (loader.h).
+ */
+#include "convert.h"
+#include "loader.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *prog = "tpconvert";
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+"usage: tpconvert --tp N MODEL_DIR OUT_DIR [options]\n"
+"\n"
+"Cuts a Hugging Face model directory (config.json + *.safetensors) into one file\n"
+"per tensor-parallel rank plus manifest.json.  Supported model_type: qwen3, qwen2,\n"
+"llama, mistral (others need --plan).\n"
+"\n"
+"  --tp N                 number of ranks (required)\n"
+"  --plan FILE.json       the whole plan by hand: {\"pattern\": \"style\", ...}, e.g.\n"
+"                         {\"layers.*.self_attn.q_proj\": \"colwise\", \"lm_head\": \"colwise_gather_output\"}\n"
+"                         (keys relative to the base model, or starting with \"model.\",\n"
+"                         or \"lm_head\"); replaces config.json's base_model_tp_plan and\n"
+"                         the built-in plan; anything not named is replicated\n"
+"  --vocab-parallel       cut the embedding by vocabulary rows (default: replicated)\n"
+"  --compress none|zstd   codec of the tpshard files (default zstd)\n"
+"  --level N              zstd level 1..22 (default 3)\n"
+"  --chunk-size BYTES     raw bytes per compressed chunk (default %u; K/M suffix ok)\n"
+"  --format tpshard|safetensors\n"
+"                         safetensors: one plain safetensors file per rank (no codec)\n"
+"  --threads N            worker threads (default: all cores)\n"
+"  --dry-run              print the plan, the cut of every tensor and the bytes per\n"
+"                         rank; write nothing\n"
+"  --force                replace a previous conversion in OUT_DIR\n"
+"  --quiet | --verbose    no output on success / more detail\n"
+"  --bundle               also pack node bundles (tar) into OUT_DIR\n"
+"  --ranks-per-node K     ranks per bundle (default: all ranks in one)\n"
+"  -h, --help\n", TP_DEFAULT_CHUNK);
+}
+
+static int die(const char *fmt, const char *a)
+{
+    fprintf(stderr, "%s: ", prog);
+    fprintf(stderr, fmt, a);
+    fputc('\n', stderr);
+    return 2;
+}
+
+static bool parse_long(const char *s, long lo, long hi, long *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return false;
+    *out = v;
+    return true;
+}
+
+/* "1048576", "64K", "1M" */
+static bool parse_bytes(const char *s, size_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s || *s == '-')
+        return false;
+    if (*end == 'K' || *end == 'k')
+        v <<= 10, end++;
+    else if (*end == 'M' || *end == 'm')
+        v <<= 20, end++;
+    else if (*end == 'G' || *end == 'g')
+        v <<= 30, end++;
+    if (*end)
+        return false;
+    *out = (size_t)v;
+    return true;
+}
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+static void shape_str(char *out, size_t cap, const uint64_t *shape, int ndim)
+{
+    size_t o = 0;
+    o += (size_t)snprintf(out + o, cap - o, "[");
+    for (int i = 0; i < ndim && o < cap; i++)
+        o += (size_t)snprintf(out + o, cap - o, "%s%" PRIu64, i ? ", " : "", shape[i]);
+    if (o < cap)
+        snprintf(out + o, cap - o, "]");
+}
+
+static void human(char *out, size_t cap, uint64_t b)
+{
+    if (b >= (1ull << 30))
+        snprintf(out, cap, "%.2f GiB", (double)b / (1ull << 30));
+    else if (b >= (1ull << 20))
+        snprintf(out, cap, "%.2f MiB", (double)b / (1ull << 20));
+    else if (b >= (1ull << 10))
+        snprintf(out, cap, "%.1f KiB", (double)b / (1ull << 10));
+    else
+        snprintf(out, cap, "%" PRIu64 " B", b);
+}
+
+/* The --dry-run report on stdout. */
+static void print_plan(const tp_conversion *c)
+{
+    printf("model: %s (%s), tp=%d%s\n", c->model_dir, c->model.model_type, c->tp,
+           c->vocab_parallel ? ", vocab-parallel embedding" : "");
+    printf("plan: %s\n", c->plan.source ? c->plan.source : "?");
+    for (size_t i = 0; i < c->plan.n; i++)
+        printf("  %-44s %s\n", c->plan.patterns[i], tp_style_name(c->plan.styles[i]));
+    printf("\n%-48s %-22s %-14s %-26s %14s\n", "tensor", "style", "global shape",
+           "per-rank shape", "bytes/rank");
+    size_t n_rep = 0;
+    for (size_t i = 0; i < c->n_cuts; i++) {
+        const tp_cut *cut = &c->cuts[i];
+        char gs[64], ls[96], last[64];
+        shape_str(gs, sizeof gs, cut->global_shape, cut->ndim);
+        shape_str(ls, sizeof ls, cut->local_shapes, cut->ndim);
+        const uint64_t *lshape = &cut->local_shapes[(size_t)(c->tp - 1) * TP_MAX_DIMS];
+        if (memcmp(lshape, cut->local_shapes, sizeof(uint64_t) * (size_t)cut->ndim)) {
+            shape_str(last, sizeof last, lshape, cut->ndim);
+            size_t l = strlen(ls);
+            snprintf(ls + l, sizeof ls - l, " (last %s)", last);
+        }
+        uint64_t maxb = 0;
+        for (int r = 0; r < c->tp; r++)
+            if (cut->rank_bytes[r] > maxb)
+                maxb = cut->rank_bytes[r];
+        char style[40];
+        snprintf(style, sizeof style, "%s%s", tp_style_name(cut->style),
+                 cut->reduce_bias ? " (reduce)" : "");
+        printf("%-48s %-22s %-14s %-26s %14" PRIu64 "\n", cut->name, style, gs, ls, maxb);
+        if (cut->dim < 0)
+            n_rep++;
+    }
+    uint64_t maxr = 0;
+    for (int r = 0; r < c->tp; r++)
+        if (c->rank_total[r] > maxr)
+            maxr = c->rank_total[r];
+    uint64_t ideal = (c->source_bytes + (uint64_t)c->tp - 1) / (uint64_t)c->tp;
+    char a[32], b[32], s[32];
+    human(a, sizeof a, maxr);
+    human(b, sizeof b, ideal);
+    human(s, sizeof s, c->source_bytes);
+    printf("\nsource: %zu tensors, %" PRIu64 " bytes (%s)\n", c->n_cuts, c->source_bytes, s);
+    printf("per rank (max over ranks): %" PRIu64 " bytes (%s); ideal total/tp: %" PRIu64
+           " bytes (%s); overhead %.1f%%\n", maxr, a, ideal, b,
+           ideal ? 100.0 * ((double)maxr - (double)ideal) / (double)ideal : 0.0);
+    printf("replicated on every rank (%zu):\n", n_rep);
+    for (size_t i = 0; i < c->n_cuts; i++) {
+        const tp_cut *cut = &c->cuts[i];
+        if (cut->dim >= 0)
+            continue;
+        printf("  %s%s\n", cut->name,
+               cut->reduce_bias ? " (rowwise bias, added once after the all-reduce)"
+               : cut->plan_entry < 0 ? " (not in the plan)" : "");
+    }
+    /* Like transformers' verify_tp_plan: rules that matched nothing (a typo
+     * in --plan, or lm_head of a tied model). */
+    bool header = false;
+    for (size_t p = 0; p < c->plan.n; p++) {
+        bool used = false;
+        for (size_t i = 0; i < c->n_cuts && !used; i++)
+            used = c->cuts[i].plan_entry == (long)p;
+        if (used)
+            continue;
+        if (!header)
+            printf("plan entries that match no tensor:\n");
+        header = true;
+        printf("  %s\n", c->plan.patterns[p]);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    long tp = 0, level = 3, threads = 0, rpn = 0;
+    const char *plan = NULL, *dirs[2] = {NULL, NULL};
+    int n_dirs = 0;
+    bool vocab_parallel = false, dry_run = false, force = false, quiet = false, verbose = false;
+    bool bundle = false, level_given = false;
+    tp_write_opts wo = {.format = TP_OUT_TPSHARD, .codec = TP_CODEC_ZSTD};
+    size_t chunk = TP_DEFAULT_CHUNK;
+
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define NEED_VALUE() do { if (!v) return die("%s needs a value (see --help)", a); i++; } while (0)
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--tp")) {
+            NEED_VALUE();
+            if (!parse_long(v, 1, 4096, &tp))
+                return die("--tp %s: expected an integer from 1 to 4096", v);
+        } else if (!strcmp(a, "--plan")) {
+            NEED_VALUE();
+            plan = v;
+        } else if (!strcmp(a, "--vocab-parallel")) {
+            vocab_parallel = true;
+        } else if (!strcmp(a, "--compress")) {
+            NEED_VALUE();
+            int c = tp_codec_from_name(v, &wo.codec);
+            if (c < 0)
+                return die("--compress %s: expected none or zstd", v);
+        } else if (!strcmp(a, "--level")) {
+            NEED_VALUE();
+            if (!parse_long(v, 1, 22, &level))
+                return die("--level %s: expected a zstd level from 1 to 22", v);
+            level_given = true;
+        } else if (!strcmp(a, "--chunk-size")) {
+            NEED_VALUE();
+            if (!parse_bytes(v, &chunk) || chunk < 4096 || chunk > (1u << 30) || chunk % 4)
+                return die("--chunk-size %s: expected a multiple of 4 from 4096 to 1G bytes", v);
+        } else if (!strcmp(a, "--format")) {
+            NEED_VALUE();
+            if (!strcmp(v, "tpshard"))
+                wo.format = TP_OUT_TPSHARD;
+            else if (!strcmp(v, "safetensors"))
+                wo.format = TP_OUT_SAFETENSORS;
+            else
+                return die("--format %s: expected tpshard or safetensors", v);
+        } else if (!strcmp(a, "--threads")) {
+            NEED_VALUE();
+            if (!parse_long(v, 1, 1024, &threads))
+                return die("--threads %s: expected an integer from 1 to 1024", v);
+        } else if (!strcmp(a, "--dry-run")) {
+            dry_run = true;
+        } else if (!strcmp(a, "--force")) {
+            force = true;
+        } else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) {
+            quiet = true;
+        } else if (!strcmp(a, "--verbose") || !strcmp(a, "-v")) {
+            verbose = true;
+        } else if (!strcmp(a, "--bundle")) {
+            bundle = true;
+        } else if (!strcmp(a, "--ranks-per-node")) {
+            NEED_VALUE();
+            if (!parse_long(v, 1, 4096, &rpn))
+                return die("--ranks-per-node %s: expected an integer from 1 to 4096", v);
+        } else if (a[0] == '-' && a[1]) {
+            return die("unknown option %s (see --help)", a);
+        } else {
+            if (n_dirs == 2)
+                return die("unexpected argument %s (MODEL_DIR and OUT_DIR are already given)", a);
+            dirs[n_dirs++] = a;
+        }
+#undef NEED_VALUE
+    }
+    if (!tp)
+        return die("%s", "--tp N is required (see --help)");
+    if (n_dirs < 2 && !(dry_run && n_dirs == 1))
+        return die("%s", "MODEL_DIR and OUT_DIR are required (see --help)");
+    if (quiet && verbose)
+        return die("%s", "--quiet and --verbose exclude each other");
+    if (rpn && !bundle)
+        return die("%s", "--ranks-per-node needs --bundle");
+    if (rpn > tp) {
+        fprintf(stderr, "%s: --ranks-per-node %ld: more than --tp %ld\n", prog, rpn, tp);
+        return 2;
+    }
+    if (wo.format == TP_OUT_SAFETENSORS && level_given)
+        return die("%s", "--level applies to --format tpshard only");
+    if (bundle && wo.format != TP_OUT_TPSHARD)
+        return die("%s", "--bundle needs --format tpshard");
+    wo.level = (int)level;
+    wo.chunk_size = chunk;
+    wo.threads = (int)threads;
+    wo.quiet = quiet;
+    wo.force = force;
+    wo.cancel = &interrupted;
+
+    struct sigaction sa = {0};
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+
+    tp_err err = {{0}};
+    tp_conversion conv;
+    if (tp_conversion_prepare(&conv, dirs[0], (int)tp, plan, vocab_parallel, &err) < 0) {
+        fprintf(stderr, "%s: %s\n", prog, err.msg);
+        return 1;
+    }
+    if (dry_run) {
+        print_plan(&conv);
+        tp_conversion_free(&conv);
+        return 0;
+    }
+    if (verbose)
+        print_plan(&conv);
+    tp_write_report rep;
+    if (tp_conversion_write(&conv, dirs[1], &wo, &rep, &err) < 0) {
+        fprintf(stderr, "%s: %s%s\n", prog, err.msg,
+                interrupted ? " (nothing of the conversion was left behind)" : "");
+        tp_conversion_free(&conv);
+        return interrupted ? 130 : 1;
+    }
+    if (!quiet) {
+        char a[32], b[32];
+        human(a, sizeof a, rep.raw_bytes);
+        human(b, sizeof b, rep.stored_bytes);
+        printf("%s: %d rank%s, %zu tensors, %s -> %s (%s) in %.2f s, conversion %s\n", dirs[1],
+               conv.tp, conv.tp == 1 ? "" : "s", conv.n_cuts, a, b,
+               wo.format == TP_OUT_TPSHARD ? tp_codec_name(wo.codec) : "safetensors", rep.seconds,
+               rep.conversion_id);
+    }
+    int rc = 0;
+    if (bundle) {
+        char **paths = NULL;
+        size_t n = 0;
+        if (tp_bundle_pack(dirs[1], rpn ? (int)rpn : (int)tp, dirs[1], quiet, &paths, &n, &err) < 0) {
+            fprintf(stderr, "%s: --bundle: %s (the conversion in %s is complete)\n", prog, err.msg,
+                    dirs[1]);
+            rc = 1;
+        } else {
+            for (size_t i = 0; i < n; i++) {
+                if (!quiet)
+                    printf("bundle: %s\n", paths[i]);
+                free(paths[i]);
+            }
+            free(paths);
+        }
+    }
+    tp_conversion_free(&conv);
+    return rc;
+}

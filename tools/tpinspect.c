@@ -1,0 +1,407 @@
+/* tpinspect - what a converted directory holds: format, conversion id, tp,
+ * model type, codec, per-rank raw / stored bytes, tensor count and the
+ * compression ratio per dtype.  --json prints the same as one JSON object;
+ * --rank R lists one rank's tensors (offsets, sizes, splits);
+ * --rank R --tensor NAME --dump FILE writes one tensor's decoded bytes. */
+#include "loader.h"
+
+#include <cJSON.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static const char *prog = "tpinspect";
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: %s OUT [--json] [--rank R [--tensor NAME --dump FILE]]\n"
+            "  OUT                   a converted directory\n"
+            "  --json                print the summary as one JSON object\n"
+            "  --rank R              list rank R's tensors (name, dtype, shapes, split,\n"
+            "                        codec, file offset, stored / raw bytes, chunks)\n"
+            "  --rank R --tensor NAME --dump FILE\n"
+            "                        write the raw decoded bytes of one tensor of rank R\n",
+            prog);
+}
+
+static int bad_usage(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "%s: ", prog);
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    usage(stderr);
+    return 2;
+}
+
+static int fail(const tp_err *err)
+{
+    fprintf(stderr, "%s: %s\n", prog, err->msg);
+    return 1;
+}
+
+/* Totals per dtype (index by tp_dtype). */
+typedef struct dtype_stats {
+    uint64_t raw, stored;
+    size_t tensors;
+} dtype_stats;
+#define N_DTYPES (TP_F32 + 1)
+
+typedef struct rank_stats {
+    uint64_t raw, stored;
+    size_t tensors;
+} rank_stats;
+
+static double ratio(uint64_t raw, uint64_t stored)
+{
+    return stored ? (double)raw / (double)stored : 1.0;
+}
+
+/* Opens every rank file (index only) and sums bytes per rank and dtype. */
+static int gather(const char *dir, const tp_manifest *m, rank_stats *ranks, dtype_stats *dts,
+                  tp_err *err)
+{
+    bool st = strcmp(m->format, "safetensors") == 0;
+    for (int r = 0; r < m->tp; r++) {
+        char *path = tp_path_join(dir, m->ranks[r].file);
+        if (!path)
+            return tp_errorf(err, "%s: out of memory", dir);
+        if (st) {
+            tp_st_file f;
+            int rc = tp_st_open(&f, path, err);
+            free(path);
+            if (rc < 0)
+                return -1;
+            for (size_t i = 0; i < f.n_tensors; i++) {
+                const tp_st_tensor *t = &f.tensors[i];
+                dts[t->dtype].raw += t->nbytes;
+                dts[t->dtype].stored += t->nbytes;
+                dts[t->dtype].tensors++;
+                ranks[r].raw += t->nbytes;
+                ranks[r].stored += t->nbytes;
+            }
+            ranks[r].tensors = f.n_tensors;
+            tp_st_close(&f);
+            continue;
+        }
+        tp_shard_reader rd;
+        int rc = tp_shard_open(&rd, path, err);
+        free(path);
+        if (rc < 0)
+            return -1;
+        for (size_t i = 0; i < rd.index.n_tensors; i++) {
+            const tp_shard_tensor *t = &rd.index.tensors[i];
+            dts[t->dtype].raw += t->raw_size;
+            dts[t->dtype].stored += t->stored_size;
+            dts[t->dtype].tensors++;
+            ranks[r].raw += t->raw_size;
+            ranks[r].stored += t->stored_size;
+        }
+        ranks[r].tensors = rd.index.n_tensors;
+        tp_shard_close(&rd);
+    }
+    return 0;
+}
+
+static void print_text(const char *dir, const tp_manifest *m, const rank_stats *ranks,
+                       const dtype_stats *dts)
+{
+    uint64_t raw = 0, stored = 0;
+    printf("%s\n", dir);
+    printf("  format         %s (version %d)\n", m->format, m->format_version);
+    printf("  conversion id  %s\n", m->conversion_id);
+    printf("  model type     %s\n", m->model_type ? m->model_type : "?");
+    printf("  tp             %d%s\n", m->tp, m->vocab_parallel ? " (vocab parallel)" : "");
+    printf("  codec          %s", m->codec ? m->codec : "?");
+    if (m->codec && strcmp(m->codec, "zstd") == 0)
+        printf(" level %d", m->level);
+    printf("\n  copied files  ");
+    for (size_t i = 0; i < m->n_files; i++)
+        printf(" %s", m->files[i]);
+    printf("%s\n", m->n_files ? "" : " none");
+    printf("  %-5s %-36s %8s %14s %14s %7s\n", "rank", "file", "tensors", "raw bytes",
+           "stored bytes", "ratio");
+    for (int r = 0; r < m->tp; r++) {
+        printf("  %-5d %-36s %8zu %14llu %14llu %7.3f\n", r, m->ranks[r].file, ranks[r].tensors,
+               (unsigned long long)ranks[r].raw, (unsigned long long)ranks[r].stored,
+               ratio(ranks[r].raw, ranks[r].stored));
+        raw += ranks[r].raw;
+        stored += ranks[r].stored;
+    }
+    printf("  %-5s %-36s %8s %14s %14s %7s\n", "dtype", "", "tensors", "raw bytes", "stored bytes",
+           "ratio");
+    for (int d = 1; d < N_DTYPES; d++)
+        if (dts[d].tensors)
+            printf("  %-5s %-36s %8zu %14llu %14llu %7.3f\n", tp_dtype_name((tp_dtype)d), "",
+                   dts[d].tensors, (unsigned long long)dts[d].raw,
+                   (unsigned long long)dts[d].stored, ratio(dts[d].raw, dts[d].stored));
+    printf("  total: %llu raw bytes, %llu stored, ratio %.3f\n", (unsigned long long)raw,
+           (unsigned long long)stored, ratio(raw, stored));
+}
+
+static int print_json(const tp_manifest *m, const rank_stats *ranks, const dtype_stats *dts)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "format", m->format);
+    cJSON_AddNumberToObject(o, "format_version", m->format_version);
+    cJSON_AddStringToObject(o, "conversion_id", m->conversion_id);
+    cJSON_AddNumberToObject(o, "tp", m->tp);
+    cJSON_AddStringToObject(o, "model_type", m->model_type ? m->model_type : "");
+    cJSON_AddBoolToObject(o, "vocab_parallel", m->vocab_parallel);
+    cJSON_AddStringToObject(o, "codec", m->codec ? m->codec : "");
+    cJSON_AddNumberToObject(o, "level", m->level);
+    cJSON *files = cJSON_AddArrayToObject(o, "files");
+    for (size_t i = 0; i < m->n_files; i++)
+        cJSON_AddItemToArray(files, cJSON_CreateString(m->files[i]));
+    cJSON *jr = cJSON_AddArrayToObject(o, "ranks");
+    uint64_t raw = 0, stored = 0;
+    size_t tensors = 0;
+    for (int r = 0; r < m->tp; r++) {
+        cJSON *x = cJSON_CreateObject();
+        cJSON_AddNumberToObject(x, "rank", r);
+        cJSON_AddStringToObject(x, "file", m->ranks[r].file);
+        cJSON_AddNumberToObject(x, "size", (double)m->ranks[r].size);
+        cJSON_AddNumberToObject(x, "tensors", (double)ranks[r].tensors);
+        cJSON_AddNumberToObject(x, "raw_bytes", (double)ranks[r].raw);
+        cJSON_AddNumberToObject(x, "stored_bytes", (double)ranks[r].stored);
+        cJSON_AddNumberToObject(x, "ratio", ratio(ranks[r].raw, ranks[r].stored));
+        cJSON_AddItemToArray(jr, x);
+        raw += ranks[r].raw;
+        stored += ranks[r].stored;
+        tensors += ranks[r].tensors;
+    }
+    cJSON *jd = cJSON_AddObjectToObject(o, "dtypes");
+    for (int d = 1; d < N_DTYPES; d++) {
+        if (!dts[d].tensors)
+            continue;
+        cJSON *x = cJSON_AddObjectToObject(jd, tp_dtype_name((tp_dtype)d));
+        cJSON_AddNumberToObject(x, "tensors", (double)dts[d].tensors);
+        cJSON_AddNumberToObject(x, "raw_bytes", (double)dts[d].raw);
+        cJSON_AddNumberToObject(x, "stored_bytes", (double)dts[d].stored);
+        cJSON_AddNumberToObject(x, "ratio", ratio(dts[d].raw, dts[d].stored));
+    }
+    cJSON_AddNumberToObject(o, "tensors", (double)tensors);
+    cJSON_AddNumberToObject(o, "raw_bytes", (double)raw);
+    cJSON_AddNumberToObject(o, "stored_bytes", (double)stored);
+    cJSON_AddNumberToObject(o, "ratio", ratio(raw, stored));
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    if (!text)
+        return -1;
+    printf("%s\n", text);
+    free(text);
+    return 0;
+}
+
+/* Writes the decoded bytes of one tensor of one rank to file. */
+static int dump_tensor(const char *dir, const tp_manifest *m, int rank, const char *name,
+                       const char *file, tp_err *err)
+{
+    if (rank < 0 || rank >= m->tp)
+        return tp_errorf(err, "%s: rank %d is not in this conversion (tp=%d)", dir, rank, m->tp);
+    char *path = tp_path_join(dir, m->ranks[rank].file);
+    if (!path)
+        return tp_errorf(err, "%s: out of memory", dir);
+    int rc;
+    if (strcmp(m->format, "safetensors") == 0) {
+        tp_st_file f;
+        rc = tp_st_open(&f, path, err);
+        if (rc == 0) {
+            const tp_st_tensor *t = tp_st_find(&f, name);
+            rc = t ? tp_write_file_atomic(file, t->data, t->nbytes, err)
+                   : tp_errorf(err, "%s: rank %d has no tensor %s", dir, rank, name);
+            tp_st_close(&f);
+        }
+        free(path);
+        return rc;
+    }
+    tp_shard_reader rd;
+    rc = tp_shard_open(&rd, path, err);
+    free(path);
+    if (rc < 0)
+        return -1;
+    const tp_shard_tensor *t = tp_shard_find(&rd.index, name);
+    if (!t) {
+        tp_shard_close(&rd);
+        return tp_errorf(err, "%s: rank %d has no tensor %s", dir, rank, name);
+    }
+    uint8_t *buf = malloc(t->raw_size ? (size_t)t->raw_size : 1);
+    if (!buf)
+        rc = tp_errorf(err, "%s: tensor %s: cannot allocate %llu bytes", dir, name,
+                       (unsigned long long)t->raw_size);
+    else if (tp_shard_read_tensor(&rd, t, buf, NULL, true, err) < 0)
+        rc = -1;
+    else
+        rc = tp_write_file_atomic(file, buf, (size_t)t->raw_size, err);
+    free(buf);
+    tp_shard_close(&rd);
+    return rc;
+}
+
+static void shape_text(const uint64_t *shape, int ndim, char *out, size_t cap)
+{
+    size_t used = (size_t)snprintf(out, cap, "[");
+    for (int d = 0; d < ndim && used < cap; d++)
+        used += (size_t)snprintf(out + used, cap - used, "%s%llu", d ? "," : "",
+                                 (unsigned long long)shape[d]);
+    if (used < cap)
+        snprintf(out + used, cap - used, "]");
+}
+
+static void split_text(const tp_split *sp, char *out, size_t cap)
+{
+    if (sp->dim < 0) {
+        snprintf(out, cap, "replicated");
+        return;
+    }
+    size_t used = (size_t)snprintf(out, cap, "dim%d:", sp->dim);
+    for (int k = 0; k < sp->n_ranges && used < cap; k++)
+        used += (size_t)snprintf(out + used, cap - used, "%s%llu-%llu", k ? "," : "",
+                                 (unsigned long long)sp->start[k], (unsigned long long)sp->end[k]);
+}
+
+/* One line (or JSON object) per tensor of a tpshard rank file. */
+static int list_rank(const char *dir, const tp_manifest *m, int rank, bool json, tp_err *err)
+{
+    if (rank < 0 || rank >= m->tp)
+        return tp_errorf(err, "%s: rank %d is not in this conversion (tp=%d)", dir, rank, m->tp);
+    if (strcmp(m->format, "tpshard") != 0)
+        return tp_errorf(err, "%s: --rank lists tpshard rank files; this is a %s export", dir,
+                         m->format);
+    char *path = tp_path_join(dir, m->ranks[rank].file);
+    if (!path)
+        return tp_errorf(err, "%s: out of memory", dir);
+    tp_shard_reader rd;
+    int rc = tp_shard_open(&rd, path, err);
+    free(path);
+    if (rc < 0)
+        return -1;
+    cJSON *arr = json ? cJSON_CreateArray() : NULL;
+    if (!json)
+        printf("%-56s %-5s %-14s %-14s %-22s %-5s %10s %10s %10s %6s\n", "tensor", "dtype", "shape",
+               "global", "split", "codec", "offset", "stored", "raw", "chunks");
+    for (size_t i = 0; i < rd.index.n_tensors; i++) {
+        const tp_shard_tensor *t = &rd.index.tensors[i];
+        char shape[128], global[128], split[128];
+        shape_text(t->shape, t->ndim, shape, sizeof shape);
+        shape_text(t->global_shape, t->ndim, global, sizeof global);
+        split_text(&t->split, split, sizeof split);
+        if (!json) {
+            printf("%-56s %-5s %-14s %-14s %-22s %-5s %10llu %10llu %10llu %6zu\n", t->name,
+                   tp_dtype_name(t->dtype), shape, global, split, tp_codec_name(t->codec),
+                   (unsigned long long)t->offset, (unsigned long long)t->stored_size,
+                   (unsigned long long)t->raw_size, t->n_chunks);
+            continue;
+        }
+        cJSON *x = cJSON_CreateObject();
+        cJSON_AddStringToObject(x, "name", t->name);
+        cJSON_AddStringToObject(x, "dtype", tp_dtype_name(t->dtype));
+        cJSON_AddStringToObject(x, "shape", shape);
+        cJSON_AddStringToObject(x, "global_shape", global);
+        cJSON_AddStringToObject(x, "split", split);
+        cJSON_AddStringToObject(x, "style", t->style ? t->style : "");
+        cJSON_AddBoolToObject(x, "reduce_bias", t->reduce_bias);
+        cJSON_AddStringToObject(x, "codec", tp_codec_name(t->codec));
+        cJSON_AddNumberToObject(x, "offset", (double)t->offset);
+        cJSON_AddNumberToObject(x, "stored_bytes", (double)t->stored_size);
+        cJSON_AddNumberToObject(x, "raw_bytes", (double)t->raw_size);
+        cJSON_AddNumberToObject(x, "chunks", (double)t->n_chunks);
+        cJSON_AddItemToArray(arr, x);
+    }
+    tp_shard_close(&rd);
+    if (json) {
+        char *text = cJSON_Print(arr);
+        cJSON_Delete(arr);
+        if (!text)
+            return tp_errorf(err, "out of memory");
+        printf("%s\n", text);
+        free(text);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    const char *dir = NULL, *tensor = NULL, *dump = NULL;
+    int rank = -1;
+    bool json = false, have_rank = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--json") == 0) {
+            json = true;
+        } else if (strcmp(a, "--rank") == 0) {
+            if (++i >= argc)
+                return bad_usage("flag %s needs a number", a);
+            char *end;
+            long n = strtol(argv[i], &end, 10);
+            if (*end || end == argv[i] || n < 0 || n > 1000000)
+                return bad_usage("flag --rank: \"%s\" is not a rank", argv[i]);
+            rank = (int)n;
+            have_rank = true;
+        } else if (strcmp(a, "--tensor") == 0) {
+            if (++i >= argc)
+                return bad_usage("flag %s needs a tensor name", a);
+            tensor = argv[i];
+        } else if (strcmp(a, "--dump") == 0) {
+            if (++i >= argc)
+                return bad_usage("flag %s needs a file name", a);
+            dump = argv[i];
+        } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (a[0] == '-') {
+            return bad_usage("unknown flag %s", a);
+        } else if (!dir) {
+            dir = a;
+        } else {
+            return bad_usage("unexpected argument %s", a);
+        }
+    }
+    if (!dir)
+        return bad_usage("%s", "missing OUT (a converted directory)");
+    if ((tensor || dump) && !(have_rank && tensor && dump))
+        return bad_usage("%s", "flags --tensor and --dump go together, with --rank");
+
+    tp_err err;
+    struct stat st;
+    if (stat(dir, &st) == 0 && !S_ISDIR(st.st_mode)) {
+        tp_errorf(&err, "%s: not a directory (for a bundle: tpbundle verify, or unpack it first)",
+                  dir);
+        return fail(&err);
+    }
+    tp_manifest m;
+    if (tp_load_manifest(dir, &m, &err) < 0)
+        return fail(&err);
+    int rc = 0;
+    if (dump) {
+        if (dump_tensor(dir, &m, rank, tensor, dump, &err) < 0)
+            rc = fail(&err);
+        tp_manifest_free(&m);
+        return rc;
+    }
+    if (have_rank) {
+        if (list_rank(dir, &m, rank, json, &err) < 0)
+            rc = fail(&err);
+        tp_manifest_free(&m);
+        return rc;
+    }
+    rank_stats *ranks = calloc((size_t)m.tp, sizeof *ranks);
+    dtype_stats dts[N_DTYPES];
+    memset(dts, 0, sizeof dts);
+    if (!ranks) {
+        tp_errorf(&err, "out of memory");
+        rc = fail(&err);
+    } else if (gather(dir, &m, ranks, dts, &err) < 0) {
+        rc = fail(&err);
+    } else if (json) {
+        if (print_json(&m, ranks, dts) < 0) {
+            tp_errorf(&err, "out of memory");
+            rc = fail(&err);
+        }
+    } else {
+        print_text(dir, &m, ranks, dts);
+    }
+    free(ranks);
+    tp_manifest_free(&m);
+    return rc;
+}

@@ -1,0 +1,735 @@
+/* tprun - runs one rank of a tensor-parallel model converted by tpconvert.
+ *
+ *   torchrun --nproc-per-node 2 --no-python tprun OUT --prompt "Hello"
+ *   mpirun -np 2 tprun OUT --prompt-ids 1,2,3 --json
+ *   tprun OUT --prompt "Hi" --chat            (a tp=1 conversion)
+ *
+ * Each process finds its rank from the launcher's environment (or --rank),
+ * loads only its own rank file, and joins the others through the comm
+ * backend.  Rank 0 prints; the other ranks stay silent unless they fail. */
+#include <cJSON.h>
+#include <errno.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "runtime.h"
+
+#define DEFAULT_MAX_NEW 256
+#define DEFAULT_CONTEXT_CAP 4096
+
+static const char usage[] =
+    "usage: tprun OUT [--rank R] [--comm auto|single|tcp|mpi|nccl] [--timeout S]\n"
+    "             [--prompt TEXT | --prompt-ids 1,2,3] [--chat] [-i|--interactive]\n"
+    "             [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
+    "             [--ignore-eos] [--max-seq N] [--json] [--logits] [--threads N]\n"
+    "             [--no-verify] [--load-only] [--verbose] [--quiet]\n"
+    "OUT is a directory written by tpconvert, or a node bundle (.tar) of tpbundle.\n"
+    "Several ranks: launch with torchrun --no-python, mpirun or srun; rank 0 listens on\n"
+    "MASTER_ADDR:MASTER_PORT (default 127.0.0.1:29500) for the tcp backend.\n";
+
+typedef struct options {
+    const char *out;
+    int rank;                  /* -1: from the environment */
+    const char *comm;
+    double timeout_s;
+    const char *prompt;
+    const char *prompt_ids;
+    bool chat, interactive, json, logits, no_verify, load_only, verbose, quiet, ignore_eos;
+    int max_new_tokens;        /* -1: generation_config or DEFAULT_MAX_NEW */
+    float temperature;         /* < 0: from generation_config */
+    int top_k;                 /* < 0: from generation_config */
+    float top_p;               /* < 0: from generation_config */
+    bool has_seed;
+    uint64_t seed;
+    int threads;               /* 0: cores / ranks on this node */
+    int max_seq;               /* 0: min(max_position, 4096) */
+} options;
+
+/* ------------------------------------------------------------ the run state */
+
+typedef struct run {
+    options o;
+    tp_launch launch;
+    tp_comm *comm;
+    tp_manifest manifest;
+    bool have_manifest;
+    tp_loaded_rank lr;
+    bool have_lr;
+    tp_model *model;
+    tp_tokenizer *tok;
+    int context;
+} run;
+
+static void cleanup(run *r)
+{
+    tp_tokenizer_free(r->tok);
+    tp_model_free(r->model);
+    if (r->have_lr)
+        tp_loaded_rank_free(&r->lr);
+    if (r->have_manifest)
+        tp_manifest_free(&r->manifest);
+}
+
+static int my_rank(const run *r) { return r->comm ? r->comm->rank : (r->launch.rank > 0 ? r->launch.rank : 0); }
+
+/* Prints the error and ends this rank.  A shared error is one every rank
+ * meets the same way (a bad flag, a prompt too long): rank 0 alone prints it
+ * and the ranks close cleanly.  Any other error may be this rank's alone:
+ * it prints, and the job is torn down so that nobody waits for it. */
+static void die(run *r, const tp_err *err, bool shared)
+{
+    if (!shared || my_rank(r) == 0) {
+        fflush(stdout);
+        fprintf(stderr, "tprun: %s\n", err->msg);
+    }
+    if (shared)
+        tp_comm_close(r->comm);
+    else
+        tp_comm_abort(r->comm, 1);
+    r->comm = NULL;
+    cleanup(r);
+    exit(1);
+}
+
+static void die_msg(run *r, bool shared, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void die_msg(run *r, bool shared, const char *fmt, ...)
+{
+    tp_err err;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err.msg, sizeof err.msg, fmt, ap);
+    va_end(ap);
+    die(r, &err, shared);
+}
+
+/* ------------------------------------------------------------ flag parsing */
+
+static void usage_error(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "tprun: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\n%s", usage);
+    exit(2);
+}
+
+static long parse_long(const char *flag, const char *s, long lo, long hi)
+{
+    char *end;
+    errno = 0;
+    long v = s ? strtol(s, &end, 10) : 0;
+    if (!s || errno || end == s || *end || v < lo || v > hi) {
+        fprintf(stderr, "tprun: %s %s: expected an integer from %ld to %ld\n", flag, s ? s : "(missing)", lo, hi);
+        exit(2);
+    }
+    return v;
+}
+
+static double parse_double(const char *flag, const char *s, double lo, double hi)
+{
+    char *end;
+    errno = 0;
+    double v = s ? strtod(s, &end) : 0;
+    if (!s || errno || end == s || *end || !(v >= lo && v <= hi)) {
+        fprintf(stderr, "tprun: %s %s: expected a number from %g to %g\n", flag, s ? s : "(missing)", lo, hi);
+        exit(2);
+    }
+    return v;
+}
+
+static void parse_args(int argc, char **argv, options *o)
+{
+    *o = (options){ .rank = -1, .comm = "auto", .timeout_s = 60, .max_new_tokens = -1,
+                    .temperature = -1, .top_k = -1, .top_p = -1 };
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
+#define TAKE() (i++, val ? val : (usage_error("%s needs a value", a), ""))
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
+            fputs(usage, stdout);
+            exit(0);
+        } else if (!strcmp(a, "--rank")) {
+            o->rank = (int)parse_long(a, TAKE(), 0, 1000000);
+        } else if (!strcmp(a, "--comm")) {
+            o->comm = TAKE();
+        } else if (!strcmp(a, "--timeout")) {
+            o->timeout_s = parse_double(a, TAKE(), 0.001, 1e9);
+        } else if (!strcmp(a, "--prompt")) {
+            o->prompt = TAKE();
+        } else if (!strcmp(a, "--prompt-ids")) {
+            o->prompt_ids = TAKE();
+        } else if (!strcmp(a, "--chat")) {
+            o->chat = true;
+        } else if (!strcmp(a, "-i") || !strcmp(a, "--interactive")) {
+            o->interactive = true;
+        } else if (!strcmp(a, "--max-new-tokens")) {
+            o->max_new_tokens = (int)parse_long(a, TAKE(), 0, INT_MAX);
+        } else if (!strcmp(a, "--temperature")) {
+            o->temperature = (float)parse_double(a, TAKE(), 0, 1000);
+        } else if (!strcmp(a, "--top-k")) {
+            o->top_k = (int)parse_long(a, TAKE(), 0, INT_MAX);
+        } else if (!strcmp(a, "--top-p")) {
+            o->top_p = (float)parse_double(a, TAKE(), 1e-9, 1);
+        } else if (!strcmp(a, "--seed")) {
+            const char *s = TAKE();
+            char *end;
+            errno = 0;
+            unsigned long long v = strtoull(s, &end, 10);
+            if (errno || end == s || *end || *s == '-')
+                usage_error("--seed %s: expected a non-negative integer", s);
+            o->seed = v;
+            o->has_seed = true;
+        } else if (!strcmp(a, "--threads")) {
+            o->threads = (int)parse_long(a, TAKE(), 1, 4096);
+        } else if (!strcmp(a, "--max-seq")) {
+            o->max_seq = (int)parse_long(a, TAKE(), 1, INT_MAX);
+        } else if (!strcmp(a, "--json")) {
+            o->json = true;
+        } else if (!strcmp(a, "--logits")) {
+            o->logits = true;
+        } else if (!strcmp(a, "--ignore-eos")) {
+            o->ignore_eos = true;
+        } else if (!strcmp(a, "--no-verify")) {
+            o->no_verify = true;
+        } else if (!strcmp(a, "--load-only")) {
+            o->load_only = true;
+        } else if (!strcmp(a, "--verbose")) {
+            o->verbose = true;
+        } else if (!strcmp(a, "--quiet")) {
+            o->quiet = true;
+        } else if (a[0] == '-' && a[1]) {
+            usage_error("unknown flag %s", a);
+        } else if (!o->out) {
+            o->out = a;
+        } else {
+            usage_error("unexpected argument %s (one OUT only)", a);
+        }
+#undef TAKE
+    }
+    if (!o->out)
+        usage_error("%s", "missing OUT (a converted directory or node bundle)");
+    if (o->prompt && o->prompt_ids)
+        usage_error("%s", "give --prompt or --prompt-ids, not both");
+    if (o->interactive && (o->prompt || o->prompt_ids || o->json))
+        usage_error("%s", "--interactive reads the prompts from stdin: it takes no --prompt, --prompt-ids or --json");
+    if (!o->interactive && !o->load_only && !o->prompt && !o->prompt_ids)
+        usage_error("%s", "nothing to do: give --prompt TEXT, --prompt-ids 1,2,3, --interactive or --load-only");
+    if (o->chat && o->prompt_ids)
+        usage_error("%s", "--chat wraps text: use it with --prompt");
+    if (o->logits && !o->json)
+        usage_error("%s", "--logits goes into the --json output: add --json");
+    if (o->verbose && o->quiet)
+        usage_error("%s", "--verbose and --quiet contradict each other");
+}
+
+/* "1,2,3" -> ids.  Every id must be a non-negative integer. */
+static int parse_id_list(const char *s, int32_t **ids, int *n, tp_err *err)
+{
+    size_t cap = 16, len = 0;
+    int32_t *v = malloc(cap * sizeof *v);
+    const char *p = s;
+    while (v) {
+        while (*p == ' ')
+            p++;
+        char *end;
+        errno = 0;
+        long x = strtol(p, &end, 10);
+        if (errno || end == p || x < 0 || x > INT32_MAX) {
+            free(v);
+            return tp_errorf(err, "--prompt-ids %s: \"%.*s\" is not a token id", s, (int)strcspn(p, ","), p);
+        }
+        if (len == cap) {
+            int32_t *bigger = realloc(v, (cap *= 2) * sizeof *v);
+            if (!bigger)
+                break;
+            v = bigger;
+        }
+        v[len++] = (int32_t)x;
+        p = end;
+        while (*p == ' ')
+            p++;
+        if (*p == '\0') {
+            *ids = v;
+            *n = (int)len;
+            return 0;
+        }
+        if (*p != ',') {
+            free(v);
+            return tp_errorf(err, "--prompt-ids %s: expected a comma at \"%s\"", s, p);
+        }
+        p++;
+    }
+    free(v);
+    return tp_errorf(err, "out of memory");
+}
+
+/* ------------------------------------------------------------ setup */
+
+static int cores(void)
+{
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+/* The world size must be the manifest's tp. */
+static void check_world(run *r)
+{
+    tp_launch *l = &r->launch;
+    int tp = r->manifest.tp;
+    if (l->world == 0) {   /* --rank alone */
+        l->world = tp;
+        l->local_world = tp;
+        if (l->rank >= tp)
+            die_msg(r, false, "--rank %d: %s was converted for tp=%d (ranks 0 to %d)", l->rank, r->o.out, tp, tp - 1);
+    }
+    if (l->world == tp)
+        return;
+    if (l->world_source)
+        die_msg(r, true, "launched with %s=%d but %s was converted for tp=%d", l->world_source, l->world, r->o.out, tp);
+    die_msg(r, true, "launched as a single process but %s was converted for tp=%d: start %d ranks, e.g. "
+            "torchrun --nproc-per-node %d --no-python tprun %s ..., or mpirun -np %d tprun %s ...",
+            r->o.out, tp, tp, tp, r->o.out, tp, r->o.out);
+}
+
+/* After loading, all ranks meet once.  Loading a large rank file can take
+ * much longer than a collective, so this one wait is more generous; a rank
+ * that failed to load has already torn the job down. */
+static void wait_for_loaded_ranks(run *r)
+{
+    tp_err err;
+    double saved = r->comm->timeout_s;
+    r->comm->timeout_s = saved * 10 > 600 ? saved * 10 : 600;
+    if (r->comm->ops->barrier(r->comm, &err))
+        die(r, &err, false);
+    r->comm->timeout_s = saved;
+}
+
+static void load(run *r)
+{
+    tp_err err;
+    tp_load_opts lo = { .verify = !r->o.no_verify, .threads = r->o.threads, .quiet = r->o.quiet || my_rank(r) != 0 };
+    if (tp_load_rank(&r->lr, r->o.out, r->launch.rank, &lo, &err))
+        die(r, &err, false);
+    r->have_lr = true;
+    wait_for_loaded_ranks(r);
+    if (r->o.verbose && my_rank(r) == 0) {
+        double s = r->lr.load_seconds > 0 ? r->lr.load_seconds : 1e-9;
+        fprintf(stderr, "tprun: loaded rank 0 of %d from %s: %.1f MB (%.1f MB stored) in %.3f s, %.2f GB/s; "
+                "comm %s, %d threads\n", r->comm->world, r->o.out, r->lr.raw_bytes / 1e6, r->lr.stored_bytes / 1e6,
+                r->lr.load_seconds, r->lr.raw_bytes / s / 1e9, r->comm->ops->name, r->o.threads);
+    }
+}
+
+static void create_model(run *r)
+{
+    tp_err err;
+    tp_model_config cfg;
+    const char *cfg_text = r->manifest.config_json ? r->manifest.config_json : r->lr.config_json;
+    if (!cfg_text || tp_model_config_parse(&cfg, cfg_text, &err))
+        die_msg(r, true, "%s: config.json: %s", r->o.out, cfg_text ? err.msg : "missing");
+    r->context = r->o.max_seq > 0 ? r->o.max_seq
+                 : (cfg.max_position < DEFAULT_CONTEXT_CAP ? cfg.max_position : DEFAULT_CONTEXT_CAP);
+    if (r->o.max_seq > cfg.max_position)
+        die_msg(r, true, "--max-seq %d is more than the model's max_position_embeddings (%d)", r->o.max_seq,
+                cfg.max_position);
+    tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = "cpu" };
+    if (tp_model_create(&r->model, &r->lr, r->comm, &mo, &err))
+        die(r, &err, false);
+    if (r->lr.tokenizer_json) {
+        if (tp_tokenizer_load_mem(&r->tok, r->lr.tokenizer_json, r->lr.tokenizer_json_len, "tokenizer.json", &err))
+            die(r, &err, true);
+    }
+}
+
+/* Sampling: generation_config.json's defaults (do_sample false means
+ * greedy, as in transformers), then the flags. */
+static void sampler_setup(run *r, const tp_gen_config *g, tp_sampler_opts *s)
+{
+    bool sample = g->has_do_sample && g->do_sample;
+    s->temperature = sample ? (g->has_temperature ? g->temperature : 1.0f) : 0.0f;
+    s->top_k = g->has_top_k ? g->top_k : 50;   /* transformers' defaults */
+    s->top_p = g->has_top_p ? g->top_p : 1.0f;
+    if (r->o.temperature >= 0)
+        s->temperature = r->o.temperature;
+    if (r->o.top_k >= 0)
+        s->top_k = r->o.top_k;
+    if (r->o.top_p >= 0)
+        s->top_p = r->o.top_p;
+    /* Every rank must draw with the same seed: rank 0 picks one. */
+    uint64_t seed = r->o.has_seed ? r->o.seed : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
+    tp_err err;
+    if (r->comm->ops->broadcast(r->comm, &seed, sizeof seed, 0, &err))
+        die(r, &err, false);
+    s->seed = seed;
+}
+
+/* Rank 0 decides the prompt (the ranks' arguments should agree, but the
+ * one that prints is the one that counts); the others receive it. */
+static void share_ids(run *r, int32_t **ids, int *n, tp_err *err_out)
+{
+    tp_err err;
+    int32_t count = my_rank(r) == 0 ? *n : 0;
+    if (r->comm->ops->broadcast(r->comm, &count, sizeof count, 0, &err))
+        die(r, &err, false);
+    if (my_rank(r) != 0) {
+        free(*ids);
+        *ids = malloc(((size_t)count + 1) * sizeof **ids);
+        if (!*ids)
+            die_msg(r, false, "out of memory for %d prompt ids", (int)count);
+        *n = count;
+    }
+    if (count > 0 && r->comm->ops->broadcast(r->comm, *ids, (size_t)count * sizeof **ids, 0, &err))
+        die(r, &err, false);
+    (void)err_out;
+}
+
+static char *chat_wrap(const char *text)
+{
+    static const char pre[] = "<|im_start|>user\n", post[] = "<|im_end|>\n<|im_start|>assistant\n";
+    size_t n = strlen(pre) + strlen(text) + strlen(post) + 1;
+    char *s = malloc(n);
+    if (s)
+        snprintf(s, n, "%s%s%s", pre, text, post);
+    return s;
+}
+
+/* The prompt ids, on rank 0 (other ranks get them from share_ids). */
+static void prompt_ids(run *r, int32_t **ids, int *n)
+{
+    tp_err err;
+    *ids = NULL;
+    *n = 0;
+    if (my_rank(r) == 0) {
+        if (r->o.prompt_ids) {
+            if (parse_id_list(r->o.prompt_ids, ids, n, &err))
+                die(r, &err, true);
+        } else {
+            if (!r->tok)
+                die_msg(r, true, "%s has no tokenizer.json, so --prompt cannot be encoded: use --prompt-ids 1,2,3",
+                        r->o.out);
+            char *text = r->o.chat ? chat_wrap(r->o.prompt) : strdup(r->o.prompt);
+            if (!text)
+                die_msg(r, false, "out of memory");
+            size_t nn = 0;
+            int rc = tp_tokenizer_encode(r->tok, text, strlen(text), ids, &nn, &err);
+            free(text);
+            if (rc)
+                die(r, &err, true);
+            *n = (int)nn;
+        }
+    } else if (!r->o.prompt_ids && !r->tok) {
+        die_msg(r, true, "no tokenizer");   /* rank 0 says it */
+    }
+    share_ids(r, ids, n, &err);
+}
+
+/* ------------------------------------------------------------ streaming */
+
+typedef struct stream {
+    run *r;
+    tp_detok *detok;     /* NULL: print ids */
+    bool print;          /* rank 0, not --json */
+} stream;
+
+static int on_token(int32_t id, void *arg, tp_err *err)
+{
+    stream *s = arg;
+    if (!s->print)
+        return 0;
+    if (s->detok) {
+        char *text = NULL;
+        if (tp_detok_push(s->detok, id, &text, err))
+            return -1;
+        fputs(text, stdout);
+        free(text);
+    } else {
+        printf("%d ", (int)id);
+    }
+    fflush(stdout);
+    return 0;
+}
+
+static void stream_end(stream *s)
+{
+    if (!s->print)
+        return;
+    if (s->detok) {
+        char *rest = tp_detok_flush(s->detok);
+        if (rest)
+            fputs(rest, stdout);
+        free(rest);
+    }
+    putchar('\n');
+    fflush(stdout);
+}
+
+static void report_speed(const run *r, const tp_gen_result *g)
+{
+    if (!r->o.verbose || my_rank(r) != 0)
+        return;
+    fprintf(stderr, "tprun: prefill %d tokens in %.3f s (%.1f tokens/s); decode %d tokens in %.3f s (%.1f tokens/s)%s\n",
+            g->n_prefill, g->prefill_s, g->prefill_s > 0 ? g->n_prefill / g->prefill_s : 0.0, g->n_decode, g->decode_s,
+            g->decode_s > 0 ? g->n_decode / g->decode_s : 0.0,
+            g->stopped_eos ? ", stopped at end of sequence" : g->stopped_context ? ", stopped: context full" : "");
+}
+
+/* ------------------------------------------------------------ JSON */
+
+static cJSON *id_array(const int32_t *ids, size_t n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (size_t i = 0; a && i < n; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
+    return a;
+}
+
+static cJSON *rate(double count, double seconds)
+{
+    return seconds > 0 && count > 0 ? cJSON_CreateNumber(count / seconds) : cJSON_CreateNull();
+}
+
+static void print_json(run *r, const int32_t *ids, int n, const tp_gen_result *g, const float *logits, int vocab)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddItemToObject(root, "prompt_ids", id_array(ids, (size_t)n));
+    cJSON_AddItemToObject(root, "generated_ids", id_array(g->ids, g->n_ids));
+    char *text = NULL;
+    tp_err err;
+    if (r->tok && tp_tokenizer_decode(r->tok, g->ids, g->n_ids, true, &text, &err))
+        die(r, &err, true);
+    if (text)
+        cJSON_AddStringToObject(root, "text", text);
+    else
+        cJSON_AddNullToObject(root, "text");
+    free(text);
+    cJSON *t = cJSON_AddObjectToObject(root, "timings");
+    cJSON_AddNumberToObject(t, "load_s", r->lr.load_seconds);
+    cJSON_AddItemToObject(t, "prefill_tokens_per_s", rate(g->n_prefill, g->prefill_s));
+    cJSON_AddItemToObject(t, "decode_tokens_per_s", rate(g->n_decode, g->decode_s));
+    cJSON_AddStringToObject(root, "stop", g->stopped_eos ? "eos" : g->stopped_context ? "context" : "max_new_tokens");
+    if (logits) {
+        cJSON *a = cJSON_CreateArray();
+        for (int i = 0; a && i < vocab; i++)
+            cJSON_AddItemToArray(a, isfinite(logits[i]) ? cJSON_CreateNumber(logits[i]) : cJSON_CreateNull());
+        cJSON_AddItemToObject(root, "logits", a);
+    }
+    char *s = cJSON_PrintUnformatted(root);
+    if (!s)
+        die_msg(r, false, "out of memory printing JSON");
+    puts(s);
+    fflush(stdout);
+    free(s);
+    cJSON_Delete(root);
+}
+
+/* ------------------------------------------------------------ one prompt */
+
+static void run_once(run *r, const tp_gen_opts *base, tp_rng *rng)
+{
+    tp_err err;
+    int32_t *ids;
+    int n;
+    prompt_ids(r, &ids, &n);
+    if (tp_gen_check_prompt(r->model, ids, n, r->context, &err))
+        die(r, &err, true);
+    int vocab = tp_model_get_config(r->model)->vocab;
+    float *logits = r->o.logits ? malloc((size_t)vocab * sizeof *logits) : NULL;
+    if (r->o.logits && !logits)
+        die_msg(r, false, "out of memory");
+    stream s = { .r = r, .print = my_rank(r) == 0 && !r->o.json };
+    if (s.print && r->tok)
+        s.detok = tp_detok_new(r->tok, true);
+    tp_gen_opts go = *base;
+    go.on_token = on_token;
+    go.arg = &s;
+    go.prompt_logits = logits;
+    tp_gen_result g;
+    if (tp_generate(r->model, r->comm, rng, ids, n, &go, &g, &err))
+        die(r, &err, false);
+    stream_end(&s);
+    tp_detok_free(s.detok);
+    if (r->o.json && my_rank(r) == 0)
+        print_json(r, ids, n, &g, logits, vocab);
+    report_speed(r, &g);
+    tp_gen_result_free(&g);
+    free(logits);
+    free(ids);
+}
+
+/* ------------------------------------------------------------ interactive */
+
+enum { TURN_TEXT = 1, TURN_RESET = 2, TURN_END = 3 };
+
+/* Rank 0 reads a line and turns it into the ids to feed: the pending id of
+ * the last answer (not in the cache yet), the ChatML end of that answer and
+ * the new user turn.  Returns the command. */
+static int read_turn(run *r, int32_t pending, bool closed_by_eos, int32_t **ids, int *n)
+{
+    tp_err err;
+    char *line = NULL;
+    size_t cap = 0;
+    if (isatty(STDIN_FILENO)) {
+        fputs("> ", stderr);
+        fflush(stderr);
+    }
+    ssize_t len = getline(&line, &cap, stdin);
+    if (len < 0) {
+        free(line);
+        return TURN_END;
+    }
+    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+        line[--len] = '\0';
+    if (!strcmp(line, "/reset")) {
+        free(line);
+        return TURN_RESET;
+    }
+    /* After an answer that ended with its end-of-sequence token (<|im_end|>),
+     * a newline closes it; after one cut by --max-new-tokens, the whole
+     * <|im_end|> does. */
+    const char *close = pending < 0 ? "" : closed_by_eos ? "\n" : "<|im_end|>\n";
+    size_t tn = strlen(close) + (size_t)len + 64;
+    char *text = malloc(tn);
+    if (!text)
+        die_msg(r, false, "out of memory");
+    snprintf(text, tn, "%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", close, line);
+    free(line);
+    int32_t *enc = NULL;
+    size_t ne = 0;
+    if (tp_tokenizer_encode(r->tok, text, strlen(text), &enc, &ne, &err))
+        die(r, &err, false);
+    free(text);
+    int extra = pending >= 0 ? 1 : 0;
+    *ids = malloc((ne + 1) * sizeof **ids);
+    if (!*ids)
+        die_msg(r, false, "out of memory");
+    if (extra)
+        (*ids)[0] = pending;
+    memcpy(*ids + extra, enc, ne * sizeof *enc);
+    free(enc);
+    *n = (int)ne + extra;
+    return TURN_TEXT;
+}
+
+static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
+{
+    tp_err err;
+    if (!r->tok)
+        die_msg(r, true, "%s has no tokenizer.json: --interactive needs one", r->o.out);
+    int32_t pending = -1;
+    bool closed_by_eos = false;
+    for (;;) {
+        int32_t *ids = NULL;
+        int n = 0;
+        int32_t cmd = 0;
+        if (my_rank(r) == 0)
+            cmd = read_turn(r, pending, closed_by_eos, &ids, &n);
+        /* The others wait for the user as long as it takes. */
+        double saved = r->comm->timeout_s;
+        r->comm->timeout_s = 0;
+        if (r->comm->ops->broadcast(r->comm, &cmd, sizeof cmd, 0, &err))
+            die(r, &err, false);
+        r->comm->timeout_s = saved;
+        if (cmd == TURN_END) {
+            free(ids);
+            break;
+        }
+        if (cmd == TURN_RESET) {
+            /* Start over as if tprun had just started: the same first line
+             * then gets the same answer. */
+            tp_model_reset(r->model);
+            tp_rng_seed(rng, base->sampler.seed);
+            pending = -1;
+            free(ids);
+            if (my_rank(r) == 0)
+                fprintf(stderr, "(conversation cleared)\n");
+            continue;
+        }
+        share_ids(r, &ids, &n, &err);
+        if (tp_gen_check_prompt(r->model, ids, n, r->context, &err)) {
+            if (my_rank(r) == 0)
+                fprintf(stderr, "tprun: %s: /reset to start a new conversation\n", err.msg);
+            free(ids);
+            continue;
+        }
+        stream s = { .r = r, .print = my_rank(r) == 0, .detok = my_rank(r) == 0 ? tp_detok_new(r->tok, true) : NULL };
+        tp_gen_opts go = *base;
+        go.on_token = on_token;
+        go.arg = &s;
+        tp_gen_result g;
+        if (tp_generate(r->model, r->comm, rng, ids, n, &go, &g, &err))
+            die(r, &err, false);
+        stream_end(&s);
+        tp_detok_free(s.detok);
+        report_speed(r, &g);
+        pending = g.pending;
+        closed_by_eos = g.stopped_eos;
+        tp_gen_result_free(&g);
+        free(ids);
+    }
+}
+
+/* ------------------------------------------------------------ main */
+
+int main(int argc, char **argv)
+{
+    run r = { 0 };
+    tp_err err;
+    parse_args(argc, argv, &r.o);
+
+    if (tp_launch_detect(&r.launch, r.o.rank, &err))
+        die(&r, &err, true);
+    if (tp_load_manifest(r.o.out, &r.manifest, &err))
+        die(&r, &err, true);
+    r.have_manifest = true;
+    check_world(&r);
+    if (r.o.threads == 0) {
+        /* Ranks on one node share its cores (OpenBLAS and our pool both
+         * follow this number), so 2 ranks on 2 cores do not oversubscribe. */
+        int local = r.launch.local_world > 0 ? r.launch.local_world : 1;
+        r.o.threads = cores() / local > 0 ? cores() / local : 1;
+    }
+    if (tp_comm_open(&r.comm, r.o.comm, &r.launch, r.o.timeout_s, &err))
+        die(&r, &err, false);
+    load(&r);
+    if (r.o.load_only) {
+        tp_comm_close(r.comm);
+        cleanup(&r);
+        return 0;
+    }
+    create_model(&r);
+
+    tp_gen_config gc;
+    if (tp_gen_config_parse(&gc, r.lr.generation_config_json, &err))
+        die_msg(&r, true, "%s: %s", r.o.out, err.msg);
+    const tp_model_config *cfg = tp_model_get_config(r.model);
+    tp_gen_opts go = { .context = r.context };
+    sampler_setup(&r, &gc, &go.sampler);
+    go.max_new_tokens = r.o.max_new_tokens >= 0 ? r.o.max_new_tokens
+                        : gc.max_new_tokens > 0 ? gc.max_new_tokens : DEFAULT_MAX_NEW;
+    int32_t cfg_eos[8];
+    for (int i = 0; i < cfg->n_eos && i < 8; i++)
+        cfg_eos[i] = cfg->eos_ids[i];
+    if (!r.o.ignore_eos) {
+        go.eos_ids = gc.n_eos ? gc.eos_ids : cfg_eos;
+        go.n_eos = gc.n_eos ? gc.n_eos : (cfg->n_eos < 8 ? cfg->n_eos : 8);
+    }
+    tp_rng rng;
+    tp_rng_seed(&rng, go.sampler.seed);
+
+    if (r.o.interactive)
+        interactive(&r, &go, &rng);
+    else
+        run_once(&r, &go, &rng);
+
+    if (r.comm->ops->barrier(r.comm, &err))
+        die(&r, &err, false);
+    tp_comm_close(r.comm);
+    r.comm = NULL;
+    cleanup(&r);
+    return 0;
+}

@@ -1,0 +1,205 @@
+/* tpsynth - writes a synthetic Hugging Face model directory with random bf16
+ * weights (the demo, the tests and the benchmarks use it; nothing is
+ * downloaded).  The work is in convert/synth.c. */
+#include "convert.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *USAGE =
+    "usage: tpsynth [options] OUT_DIR\n"
+    "Writes a Hugging Face-style model directory (config.json, generation_config.json,\n"
+    "safetensors with the real tensor names, bf16 weights ~ N(0, 0.02^2), norm weights\n"
+    "1 + N(0, 0.02^2)).  OUT_DIR is created and must be empty.\n"
+    "\n"
+    "  --preset NAME        tiny (default), demo, qwen3-0.6b, qwen3-8b\n"
+    "  --arch A             qwen3, qwen2, llama, mistral (keeps the preset's sizes)\n"
+    "  --hidden N  --layers N  --heads N  --kv-heads N  --head-dim N\n"
+    "  --intermediate N  --vocab N  --max-position N\n"
+    "  --tie | --no-tie     tie_word_embeddings (tied: no lm_head.weight)\n"
+    "  --seed N             random seed (default 1); same seed, same bytes\n"
+    "  --shard-size BYTES   split into model-0000k-of-0000n.safetensors + index\n"
+    "                       (suffix K, M or G: powers of 1024)\n"
+    "  --tokenizer PATH     copy tokenizer.json (or decompress tokenizer.json.zst), and\n"
+    "                       the tokenizer_config.json beside it if there is one\n"
+    "  --threads N          generator threads (default: all cores)\n"
+    "  --quiet              no progress bar and no summary line\n"
+    "  --help\n"
+    "\n"
+    "Presets: tiny = qwen3 hidden 64, 2 layers, 4/2 heads, head_dim 16, vocab 512, tied;\n"
+    "demo = qwen3 hidden 128, 2 layers, 4/2 heads, head_dim 32, intermediate 384,\n"
+    "vocab 151936 (the real Qwen3 vocabulary), tied; qwen3-0.6b and qwen3-8b have the\n"
+    "real models' shapes.\n";
+
+static int die(const char *fmt, const char *a, const char *b)
+{
+    fprintf(stderr, "tpsynth: ");
+    fprintf(stderr, fmt, a, b);
+    fprintf(stderr, "\n");
+    return 2;
+}
+
+static int parse_int(const char *flag, const char *s, int *out)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || end == s || *end || v < 0 || v > INT_MAX) {
+        die("%s %s: not a non-negative integer", flag, s);
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_u64(const char *flag, const char *s, bool suffix, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    if (*s == '-') {
+        die("%s %s: must not be negative", flag, s);
+        return -1;
+    }
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s) {
+        die("%s %s: not an integer", flag, s);
+        return -1;
+    }
+    uint64_t mul = 1;
+    if (suffix && *end) {
+        switch (*end) {
+        case 'K': case 'k': mul = 1ull << 10; break;
+        case 'M': case 'm': mul = 1ull << 20; break;
+        case 'G': case 'g': mul = 1ull << 30; break;
+        default: mul = 0;
+        }
+        end++;
+        if (*end == 'B' || *end == 'b')
+            end++;
+    }
+    if (*end || mul == 0 || (v && v > UINT64_MAX / mul)) {
+        die("%s %s: not an integer (with an optional K/M/G suffix)", flag, s);
+        return -1;
+    }
+    *out = v * mul;
+    return 0;
+}
+
+enum {
+    OPT_PRESET = 256, OPT_ARCH, OPT_HIDDEN, OPT_LAYERS, OPT_HEADS, OPT_KV_HEADS, OPT_HEAD_DIM,
+    OPT_INTERMEDIATE, OPT_VOCAB, OPT_MAX_POS, OPT_TIE, OPT_NO_TIE, OPT_SEED, OPT_SHARD,
+    OPT_TOKENIZER, OPT_THREADS, OPT_QUIET, OPT_HELP,
+};
+
+static const struct option LONGOPTS[] = {
+    {"preset", required_argument, 0, OPT_PRESET},
+    {"arch", required_argument, 0, OPT_ARCH},
+    {"hidden", required_argument, 0, OPT_HIDDEN},
+    {"layers", required_argument, 0, OPT_LAYERS},
+    {"heads", required_argument, 0, OPT_HEADS},
+    {"kv-heads", required_argument, 0, OPT_KV_HEADS},
+    {"head-dim", required_argument, 0, OPT_HEAD_DIM},
+    {"intermediate", required_argument, 0, OPT_INTERMEDIATE},
+    {"vocab", required_argument, 0, OPT_VOCAB},
+    {"max-position", required_argument, 0, OPT_MAX_POS},
+    {"tie", no_argument, 0, OPT_TIE},
+    {"no-tie", no_argument, 0, OPT_NO_TIE},
+    {"seed", required_argument, 0, OPT_SEED},
+    {"shard-size", required_argument, 0, OPT_SHARD},
+    {"tokenizer", required_argument, 0, OPT_TOKENIZER},
+    {"threads", required_argument, 0, OPT_THREADS},
+    {"quiet", no_argument, 0, OPT_QUIET},
+    {"help", no_argument, 0, OPT_HELP},
+    {0, 0, 0, 0},
+};
+
+int main(int argc, char **argv)
+{
+    tp_err err = {{0}};
+    tp_synth_opts o = {0};
+    o.seed = 1;
+    /* The preset is applied first, wherever it sits on the command line,
+     * so that the other flags override it. */
+    const char *preset = "tiny";
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--preset") && i + 1 < argc)
+            preset = argv[i + 1];
+        else if (!strncmp(argv[i], "--preset=", 9))
+            preset = argv[i] + 9;
+        else if (!strcmp(argv[i], "--"))
+            break;
+    }
+    if (tp_synth_preset(&o, preset, &err)) {
+        fprintf(stderr, "tpsynth: %s\n", err.msg);
+        return 2;
+    }
+    int c;
+    struct { int opt; int *dst; const char *flag; } ints[] = {
+        {OPT_HIDDEN, &o.hidden, "--hidden"}, {OPT_LAYERS, &o.layers, "--layers"},
+        {OPT_HEADS, &o.heads, "--heads"}, {OPT_KV_HEADS, &o.kv_heads, "--kv-heads"},
+        {OPT_HEAD_DIM, &o.head_dim, "--head-dim"},
+        {OPT_INTERMEDIATE, &o.intermediate, "--intermediate"}, {OPT_VOCAB, &o.vocab, "--vocab"},
+        {OPT_MAX_POS, &o.max_position, "--max-position"}, {OPT_THREADS, &o.threads, "--threads"},
+    };
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "", LONGOPTS, NULL)) != -1) {
+        bool done = false;
+        for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
+            if (c == ints[i].opt) {
+                if (parse_int(ints[i].flag, optarg, ints[i].dst))
+                    return 2;
+                done = true;
+            }
+        if (done)
+            continue;
+        switch (c) {
+        case OPT_PRESET: break;
+        case OPT_ARCH: o.arch = optarg; break;
+        case OPT_TIE: o.tie = true; break;
+        case OPT_NO_TIE: o.tie = false; break;
+        case OPT_SEED:
+            if (parse_u64("--seed", optarg, false, &o.seed))
+                return 2;
+            break;
+        case OPT_SHARD:
+            if (parse_u64("--shard-size", optarg, true, &o.shard_size))
+                return 2;
+            if (o.shard_size == 0)
+                return die("--shard-size %s: must be positive%s", optarg, "");
+            break;
+        case OPT_TOKENIZER: o.tokenizer_path = optarg; break;
+        case OPT_QUIET: o.quiet = true; break;
+        case OPT_HELP: fputs(USAGE, stdout); return 0;
+        default:
+            if (optopt)
+                fprintf(stderr, "tpsynth: %s: missing or unexpected argument\n", argv[optind - 1]);
+            else
+                fprintf(stderr, "tpsynth: %s: unknown option\n", argv[optind - 1]);
+            fputs("try tpsynth --help\n", stderr);
+            return 2;
+        }
+    }
+    if (optind + 1 != argc) {
+        fprintf(stderr, "tpsynth: %s\ntry tpsynth --help\n",
+                optind == argc ? "missing OUT_DIR" : "more than one OUT_DIR");
+        return 2;
+    }
+    const char *out = argv[optind];
+    double t0 = tp_now();
+    if (tp_synth_write(out, &o, &err)) {
+        fprintf(stderr, "tpsynth: %s\n", err.msg);
+        return 1;
+    }
+    double dt = tp_now() - t0;
+    if (!o.quiet) {
+        uint64_t params = tp_synth_param_count(&o);
+        double gb = params * 2.0 / 1e9;
+        printf("tpsynth: wrote %s: %s, %.1fM parameters, %.2f GB bf16 in %.2f s (%.0f MB/s)\n",
+               out, o.arch, params / 1e6, gb, dt, dt > 0 ? gb * 1e3 / dt : 0.0);
+    }
+    return 0;
+}

@@ -1,0 +1,113 @@
+/* tpverify - checks a converted directory: every checksum of every rank
+ * file against the manifest, and with --against every tensor bit for bit
+ * against the source model.  OUT may also be a node bundle (tar).  Exit 0
+ * only when everything matches. */
+#include "loader.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static const char *prog = "tpverify";
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: %s OUT [--against MODEL_DIR] [--threads N] [--quiet]\n"
+            "  OUT                 a converted directory (tpconvert's output), or a node\n"
+            "                      bundle (.tar: its manifest and rank files are checked)\n"
+            "  --against MODEL_DIR also compare every tensor with the source model\n"
+            "  --threads N         decompression threads (default: all cores)\n"
+            "  --quiet             no progress bar\n",
+            prog);
+}
+
+static int bad_usage(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "%s: ", prog);
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    usage(stderr);
+    return 2;
+}
+
+int main(int argc, char **argv)
+{
+    const char *out = NULL, *against = NULL;
+    int threads = 0;
+    bool quiet = false;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--against") == 0) {
+            if (++i >= argc)
+                return bad_usage("flag %s needs a model directory", a);
+            against = argv[i];
+        } else if (strcmp(a, "--threads") == 0) {
+            if (++i >= argc)
+                return bad_usage("flag %s needs a number", a);
+            char *end;
+            long n = strtol(argv[i], &end, 10);
+            if (*end || end == argv[i] || n < 0 || n > 4096)
+                return bad_usage("flag --threads: \"%s\" is not a thread count (0-4096)", argv[i]);
+            threads = (int)n;
+        } else if (strcmp(a, "--quiet") == 0) {
+            quiet = true;
+        } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (a[0] == '-') {
+            return bad_usage("unknown flag %s", a);
+        } else if (!out) {
+            out = a;
+        } else {
+            return bad_usage("unexpected argument %s", a);
+        }
+    }
+    if (!out)
+        return bad_usage("%s", "missing OUT (a converted directory)");
+
+    tp_err err;
+    struct stat st;
+    if (stat(out, &st) == 0 && S_ISREG(st.st_mode)) {
+        /* A node bundle: its manifest and every checksum of its rank files. */
+        if (against) {
+            fprintf(stderr,
+                    "%s: --against needs a converted directory; %s is a file (unpack the bundle "
+                    "first)\n",
+                    prog, out);
+            return 2;
+        }
+        size_t n_ranks;
+        double t0 = tp_now();
+        if (tp_bundle_verify(out, &n_ranks, &err) < 0) {
+            fprintf(stderr, "%s: %s\n", prog, err.msg);
+            return 1;
+        }
+        printf("%s: OK: bundle %s: %zu rank file%s, every checksum matches (%.2f s)\n", prog, out,
+               n_ranks, n_ranks == 1 ? "" : "s", tp_now() - t0);
+        return 0;
+    }
+    tp_verify_report rep;
+    double t0 = tp_now();
+    int rc = against ? tp_verify_against(out, against, threads, quiet, &rep, &err)
+                     : tp_verify_dir(out, threads, quiet, &rep, &err);
+    double secs = tp_now() - t0;
+    if (rc < 0) {
+        fprintf(stderr, "%s: %s\n", prog, err.msg);
+        return 1;
+    }
+    double gb = (double)rep.bytes / 1e9;
+    char amount[32];
+    if (rep.bytes >= 1000000000ull)
+        snprintf(amount, sizeof amount, "%.2f GB", gb);
+    else if (rep.bytes >= 1000000ull)
+        snprintf(amount, sizeof amount, "%.1f MB", (double)rep.bytes / 1e6);
+    else
+        snprintf(amount, sizeof amount, "%.1f kB", (double)rep.bytes / 1e3);
+    printf("%s: OK: %zu rank%s, %zu tensors, %s checked in %.2f s (%.2f GB/s)", prog, rep.ranks,
+           rep.ranks == 1 ? "" : "s", rep.tensors, amount, secs, secs > 0 ? gb / secs : 0.0);
+    if (against)
+        printf(", %zu source tensors identical bit for bit", rep.compared_tensors);
+    printf("\n");
+    return 0;
+}
