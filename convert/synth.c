@@ -543,13 +543,9 @@ static int load_tokenizer(const char *src, tok_files *t, tp_err *err)
     if (strlen(t->tokenizer) != len)
         return tp_errorf(err, "%s: contains a NUL byte", src);
     /* tokenizer_config.json beside the source, if there is one. */
-    char *copy = strdup(src);
-    if (!copy)
-        return tp_errorf(err, "%s: out of memory", src);
-    char *slash = strrchr(copy, '/');
-    char *cfg_path = slash ? (*slash = 0, tp_path_join(copy, "tokenizer_config.json"))
-                           : strdup("tokenizer_config.json");
-    free(copy);
+    char *src_dir = tp_path_dir(src);
+    char *cfg_path = src_dir ? tp_path_join(src_dir, "tokenizer_config.json") : NULL;
+    free(src_dir);
     if (!cfg_path)
         return tp_errorf(err, "%s: out of memory", src);
     int rc = 0;

@@ -951,14 +951,9 @@ int tp_st_write(const char *path, const tp_st_out_tensor *tensors, size_t n,
         goto fail;
     }
     {
-        char *slash = strrchr(tmp, '/');
-        if (slash == tmp)
-            rc = tp_fsync_dir("/", err);
-        else if (slash) {
-            *slash = '\0';
-            rc = tp_fsync_dir(tmp, err);
-        } else
-            rc = tp_fsync_dir(".", err);
+        char *dir = tp_path_dir(path);
+        rc = dir ? tp_fsync_dir(dir, err) : tp_errorf(err, "%s: out of memory", path);
+        free(dir);
     }
     goto out;
 fail:

@@ -562,16 +562,6 @@ static void header_bytes(uint8_t hdr[TP_SHARD_HEADER_SIZE], uint64_t index_offse
     put_u64(hdr + 48, tp_xxh3(hdr, TP_SHARD_HEADER_HASHED));
 }
 
-static char *dir_of(const char *path)
-{
-    const char *slash = strrchr(path, '/');
-    if (!slash)
-        return strdup(".");
-    if (slash == path)
-        return strdup("/");
-    return strndup(path, (size_t)(slash - path));
-}
-
 int tp_shard_writer_finish(tp_shard_writer *w, uint64_t *index_xxh3, uint64_t *file_size,
                            uint64_t *raw_bytes, uint64_t *stored_bytes, tp_err *err)
 {
@@ -607,7 +597,7 @@ int tp_shard_writer_finish(tp_shard_writer *w, uint64_t *index_xxh3, uint64_t *f
     if (rc == 0 && rename(w->tmp_path, w->path) != 0)
         rc = tp_errorf(err, "%s: cannot rename to %s: %s", w->tmp_path, w->path, strerror(errno));
     if (rc == 0) {
-        char *dir = dir_of(w->path);
+        char *dir = tp_path_dir(w->path);
         rc = dir ? tp_fsync_dir(dir, err) : tp_errorf(err, "%s: out of memory", w->path);
         free(dir);
         if (rc < 0)

@@ -89,6 +89,8 @@ int tp_write_file_atomic(const char *path, const void *buf, size_t len, tp_err *
 int tp_fsync_dir(const char *dir, tp_err *err);
 /* Joins dir and name into a malloc'd path. */
 char *tp_path_join(const char *dir, const char *name);
+/* The directory part of path ("." when there is none), malloc'd. */
+char *tp_path_dir(const char *path);
 
 /* --------------------------------------------------------------- checksums */
 

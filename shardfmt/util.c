@@ -362,8 +362,7 @@ int tp_read_file(const char *path, size_t max_size, char **out, size_t *out_len,
     return 0;
 }
 
-/* The directory part of path ("." when there is none), malloc'd. */
-static char *dir_of(const char *path)
+char *tp_path_dir(const char *path)
 {
     const char *slash = strrchr(path, '/');
     if (!slash)
@@ -414,7 +413,7 @@ int tp_write_file_atomic(const char *path, const void *buf, size_t len, tp_err *
         tp_errorf(err, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
         goto fail;
     }
-    char *dir = dir_of(path);
+    char *dir = tp_path_dir(path);
     if (!dir)
         return tp_errorf(err, "%s: out of memory", path);
     int rc = tp_fsync_dir(dir, err);
