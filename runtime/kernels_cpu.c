@@ -151,40 +151,59 @@ void tpk_attention_head(float *out, size_t out_stride, const float *q, size_t q_
     }
 }
 
+void tpk_attn_block_keys(int first, int b, int window, int *klo, int *nk)
+{
+    int lo = (window > 0 && first - window + 1 > 0) ? first - window + 1 : 0;
+    *klo = lo;
+    *nk = first + b - lo;
+}
+
+void tpk_attn_scores(float *S, const float *q, size_t q_stride, const float *k, int b, int klo,
+                     int nk, int head_dim, float scale)
+{
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, b, nk, head_dim, scale, q, (int)q_stride,
+                k + (size_t)klo * head_dim, head_dim, 0.0f, S, nk);
+}
+
+void tpk_attn_softmax_row(float *s, int p, int klo, int nk, int window)
+{
+    int lo = (window > 0 && p - window + 1 > klo) ? p - window + 1 : klo;
+    float mx = -INFINITY;
+    for (int j = lo; j <= p; j++)
+        if (s[j - klo] > mx)
+            mx = s[j - klo];
+    double sum = 0.0;
+    for (int j = klo; j < klo + nk; j++) {
+        float e = (j >= lo && j <= p) ? expf(s[j - klo] - mx) : 0.0f;
+        s[j - klo] = e;
+        sum += e;
+    }
+    float inv = (float)(1.0 / sum);
+    for (int j = 0; j < nk; j++)
+        s[j] *= inv;
+}
+
+void tpk_attn_weighted_sum(float *out, size_t out_stride, const float *S, const float *v, int b,
+                           int klo, int nk, int head_dim)
+{
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, b, head_dim, nk, 1.0f, S, nk,
+                v + (size_t)klo * head_dim, head_dim, 0.0f, out, (int)out_stride);
+}
+
 void tpk_attention_head_blocked(float *out, size_t out_stride, const float *q, size_t q_stride,
                                 const float *k, const float *v, int n, int pos0, int head_dim,
                                 int window, float scale, float *scratch)
 {
     for (int t0 = 0; t0 < n; t0 += TPK_ATT_BLOCK) {
         int b = n - t0 < TPK_ATT_BLOCK ? n - t0 : TPK_ATT_BLOCK;
-        int first = pos0 + t0;                    /* position of the block's first query */
-        int kend = first + b;                     /* keys [klo, kend) cover the block */
-        int klo = (window > 0 && first - window + 1 > 0) ? first - window + 1 : 0;
-        int nk = kend - klo;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, b, nk, head_dim, scale,
-                    q + (size_t)t0 * q_stride, (int)q_stride, k + (size_t)klo * head_dim, head_dim,
-                    0.0f, scratch, nk);
-        for (int r = 0; r < b; r++) {
-            int p = first + r;
-            int lo = (window > 0 && p - window + 1 > 0) ? p - window + 1 : 0;
-            float *s = scratch + (size_t)r * nk;   /* s[j - klo] for key j */
-            float mx = -INFINITY;
-            for (int j = lo; j <= p; j++)
-                if (s[j - klo] > mx)
-                    mx = s[j - klo];
-            double sum = 0.0;
-            for (int j = klo; j < kend; j++) {
-                float e = (j >= lo && j <= p) ? expf(s[j - klo] - mx) : 0.0f;
-                s[j - klo] = e;
-                sum += e;
-            }
-            float inv = (float)(1.0 / sum);
-            for (int j = klo; j < kend; j++)
-                s[j - klo] *= inv;
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, b, head_dim, nk, 1.0f, scratch, nk,
-                    v + (size_t)klo * head_dim, head_dim, 0.0f, out + (size_t)t0 * out_stride,
-                    (int)out_stride);
+        int first = pos0 + t0, klo, nk;
+        tpk_attn_block_keys(first, b, window, &klo, &nk);
+        tpk_attn_scores(scratch, q + (size_t)t0 * q_stride, q_stride, k, b, klo, nk, head_dim,
+                        scale);
+        for (int r = 0; r < b; r++)
+            tpk_attn_softmax_row(scratch + (size_t)r * nk, first + r, klo, nk, window);
+        tpk_attn_weighted_sum(out + (size_t)t0 * out_stride, out_stride, scratch, v, b, klo, nk,
+                              head_dim);
     }
 }
 

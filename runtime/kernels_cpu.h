@@ -68,15 +68,29 @@ void tpk_attention_head(float *out, size_t out_stride, const float *q, size_t q_
                         const float *k, const float *v, int n, int pos0, int head_dim,
                         int window, float scale, float *scratch);
 
-/* The same attention for a block of queries at once (prefill): queries are
- * taken TPK_ATT_BLOCK at a time, scores = Q_blk K^T * scale and out = P V
- * with cblas sgemm, masked softmax in between.  scratch holds
- * TPK_ATT_BLOCK * (pos0 + n) floats.  Same results as tpk_attention_head up
- * to summation order. */
+/* The same attention with the two products in cblas sgemm, queries taken
+ * TPK_ATT_BLOCK at a time: scores S = Q_blk K^T * scale, masked softmax of
+ * each row, out = S V.  scratch holds TPK_ATT_BLOCK * (pos0 + n) floats.
+ * Same results as tpk_attention_head up to summation order.  The three
+ * steps are exposed so that the model can run the sgemms (threaded by
+ * OpenBLAS) and the softmax rows (on its own pool) as separate phases. */
 #define TPK_ATT_BLOCK 32
 void tpk_attention_head_blocked(float *out, size_t out_stride, const float *q, size_t q_stride,
                                 const float *k, const float *v, int n, int pos0, int head_dim,
                                 int window, float scale, float *scratch);
+
+/* The keys [*klo, *klo + *nk) that a block of b queries at positions
+ * first .. first + b - 1 can see (causal, and window when > 0). */
+void tpk_attn_block_keys(int first, int b, int window, int *klo, int *nk);
+/* S[r][j] = scale * q_r . k_(klo + j), r < b, j < nk; S is [b][nk]. */
+void tpk_attn_scores(float *S, const float *q, size_t q_stride, const float *k, int b, int klo,
+                     int nk, int head_dim, float scale);
+/* One row of S for the query at position p: softmax over the visible keys
+ * [max(klo, p - window + 1), p], every other entry set to 0. */
+void tpk_attn_softmax_row(float *s, int p, int klo, int nk, int window);
+/* out_r = sum_j S[r][j] v_(klo + j). */
+void tpk_attn_weighted_sum(float *out, size_t out_stride, const float *S, const float *v, int b,
+                           int klo, int nk, int head_dim);
 
 /* gate[i] = silu(gate[i]) * up[i] = gate / (1 + exp(-gate)) * up. */
 void tpk_silu_mul(float *gate, const float *up, size_t n);

@@ -695,7 +695,7 @@ static void test_synthetic(const spec *sp)
 {
     src_model *s = malloc(sizeof *s);
     make_synthetic(s, sp);
-    enum { PREFILL = 9, STEPS = 5, TOTAL = PREFILL + STEPS - 1 };
+    enum { PREFILL = 37, STEPS = 5, TOTAL = PREFILL + STEPS - 1 };   /* two query blocks */
     int32_t ids[TOTAL];
     for (int i = 0; i < TOTAL; i++)
         ids[i] = (int32_t)(urand() * sp->vocab);

@@ -756,6 +756,7 @@ __device__ __forceinline__ bool in_set(float p, int i, sample_set set)
 
 struct sample_shared {
     double hist[256];
+    double chunk[1024];
     int counts[1024];
     double acc;
     int sel, owner, local, found, ties;
@@ -855,6 +856,47 @@ __device__ int nth_tie(const float *p, int n, sample_set set, float tau, int r, 
     return sh->found;
 }
 
+/* With no top-k / top-p filter tp_sample draws in id order (no sort): the
+ * first id whose running sum passes target; fallback when rounding leaves
+ * target past the end.  Each thread sums a contiguous range of ids. */
+__device__ int draw_in_id_order(const float *p, int n, double target, int fallback, sample_shared *sh)
+{
+    int per = (n + blockDim.x - 1) / blockDim.x;
+    int lo = threadIdx.x * per, hi = min(n, lo + per);
+    double sum = 0.0;
+    for (int i = lo; i < hi; i++)
+        sum += p[i];
+    __syncthreads();
+    sh->chunk[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double cum = 0.0;
+        sh->owner = -1;
+        for (unsigned w = 0; w < blockDim.x; w++) {
+            if (target < cum + sh->chunk[w]) {
+                sh->owner = (int)w;
+                sh->acc = cum;
+                break;
+            }
+            cum += sh->chunk[w];
+        }
+        sh->found = fallback;
+    }
+    __syncthreads();
+    if ((int)threadIdx.x == sh->owner) {
+        double cum = sh->acc;
+        for (int i = lo; i < hi; i++) {
+            cum += p[i];
+            if (target < cum) {
+                sh->found = i;
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    return sh->found;
+}
+
 __device__ double set_mass(const float *p, int n, sample_set set)
 {
     double m = 0.0;
@@ -891,6 +933,13 @@ sample_kernel(int32_t *out_id, const float *logits, int vocab, float temperature
     sample_set set = { 0.0f, INT_MAX };
     double mass = total;
     int k = top_k > 0 && top_k < vocab ? top_k : vocab;
+    double tp = top_p > 0.0f && top_p < 1.0f ? top_p : 1.0;
+    if (k == vocab && tp == 1.0) {
+        int pick = draw_in_id_order(probs, vocab, u * total, best, &sh);
+        if (threadIdx.x == 0)
+            *out_id = pick;
+        return;
+    }
     float tau;
     double above;
     int ties;
@@ -902,7 +951,6 @@ sample_kernel(int32_t *out_id, const float *logits, int vocab, float temperature
         mass = set_mass(probs, vocab, set);
     }
     double kept = mass;
-    double tp = top_p > 0.0f && top_p < 1.0f ? top_p : 1.0;
     if (tp < 1.0 && radix_descend(probs, vocab, set, true, tp * mass, true, &tau, &above, &sh)) {
         /* the smallest prefix reaching top_p of the mass */
         int need = (int)ceil((tp * mass - above) / tau);

@@ -135,7 +135,8 @@ int tpc_argmax(tpc_argmax_result *out, const float *logits, int n, int32_t id_of
  * temperature <= 0 or top_k 1: greedy; else softmax(logits / temperature),
  * top-k, then top-p over the most likely first (ties: lower ids first), and
  * the draw with the uniform u in [0, 1) (tp_rng_uniform on the host, the
- * same on every rank).  Only the id comes back: *out_id (device).
+ * same on every rank); with neither filter the draw walks the ids in order,
+ * as tp_sample does.  Only the id comes back: *out_id (device).
  * workspace: vocab floats.  Selection works by radix descent over the
  * probabilities' bits, not a sort; sums differ from tp_sample's only in
  * rounding, so the same u gives the same id except on a knife edge. */

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# run_emu.sh - an optional developer check for machines without a GPU: runs
+# tests/test_kernels_cuda.c against the kernels of runtime/cuda/kernels_cuda.cu
+# executed on the CPU by a small emulation (every block's threads are
+# std::threads, __shared__ is static storage, __syncthreads a barrier, warp
+# shuffles go through per-warp barriers, cublasGemmEx is the documented
+# column-major product done naively).  It checks the kernels' indexing,
+# masking, softmax and selection logic against the CPU references; it says
+# nothing about speed, occupancy, memory coalescing, real warp scheduling or
+# the NCCL backend.  A real GPU run of test_kernels_cuda replaces it.
+# Needs g++ (C++20), python3; takes a few minutes (thousands of threads).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+b=$work/build
+make -s -j"$(nproc)" NOCUDA=1 BUILD="$b" BIN="$b/bin" \
+    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a"
+emu=runtime/cuda/emu
+inc=(-I"$emu" -Ishardfmt -Iconvert -Iloader -Iruntime -I/usr/include/cjson -DTP_HAVE_CUDA)
+python3 "$emu/rewrite.py" runtime/cuda/kernels_cuda.cu >"$work/kernels_emu.cpp"
+g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/kernels_emu.cpp" -o "$work/kernels_emu.o"
+g++ -std=c++20 -O1 -g -I"$emu" -c "$emu/emu.cpp" -o "$work/emu.o"
+gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_kernels_cuda.c -o "$work/test.o"
+g++ -o "$work/test_kernels_cuda_emu" "$work/test.o" "$work/kernels_emu.o" "$work/emu.o" \
+    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
+    -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
+    $(mpicc --showme:link 2>/dev/null || true)
+echo "== test_kernels_cuda on the CPU emulation (not a GPU run)"
+"$work/test_kernels_cuda_emu"
