@@ -2,14 +2,14 @@
 # bench_convert.sh - conversion throughput and compression (make bench-convert).
 #
 # Generates a synthetic checkpoint with bin/tpsynth (default the Qwen3-0.6B
-# shape: 1.2 GB of bf16) into a temporary directory, times `cp -r` of it as the
-# baseline (what reading + writing the bytes costs on this disk), then
+# shape: 1.2 GB of bf16) into a temporary directory, times `cp -r` of it, and `cp -r` + sync, as the
+# baselines (tpconvert fsyncs what it writes; cp does not), then
 # tpconvert at several tp sizes with --compress none and zstd, each under
 # /usr/bin/time -v (or, without it, VmHWM polled from /proc), and finally
 # byte planes + zstd against plain zstd on the same bytes (bin/tpcodecbench).
 #
 # Environment: BIN (default bin), PRESET (default qwen3-0.6b), TPS (default
-# "1 4 8"), LEVEL (zstd level, default 3), BENCH_TMP (parent of the work
+# "1 4 8"), LEVEL (zstd level, default 1, as tpconvert), BENCH_TMP (parent of the work
 # directory, default $TMPDIR or /tmp; input and outputs share that disk),
 # CODEC_MAX_BYTES (bytes given to tpcodecbench, default 512M).
 #
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
 PRESET=${PRESET:-qwen3-0.6b}
 TPS=${TPS:-"1 4 8"}
-LEVEL=${LEVEL:-3}
+LEVEL=${LEVEL:-1}
 CODEC_MAX_BYTES=${CODEC_MAX_BYTES:-512M}
 parent=${BENCH_TMP:-${TMPDIR:-/tmp}}
 
@@ -92,13 +92,24 @@ add_row() {
     gbs=$(awk -v b="$in_bytes" -v s="$WALL" 'BEGIN {printf "%.2f", (s > 0) ? b / s / 1e9 : 0}')
     xin=$(awk -v a="$in_bytes" -v b="$4" 'BEGIN {printf "%.3f", b / a}')
     [ -n "$base" ] && ratio=$(awk -v a="$base" -v b="$4" 'BEGIN {printf "%.3f", a / b}')
-    rows+=("$(printf '%-10s %3s %-6s %8s %8s %8s %14s %8s %6s' "$1" "$2" "$3" "$WALL" "$gbs" \
-        "$((RSS_KB / 1024))" "$4" "$xin" "$ratio")")
+    # wall time against cp+sync scaled to this step's output bytes
+    local xcp=-
+    [ -n "${CPSYNC_WALL:-}" ] && xcp=$(awk -v w="$WALL" -v c="$CPSYNC_WALL" -v o="$4" -v i="$in_bytes" \
+        'BEGIN {printf "%.2f", w / (c * o / i)}')
+    rows+=("$(printf '%-10s %3s %-6s %8s %8s %8s %14s %8s %6s %9s' "$1" "$2" "$3" "$WALL" "$gbs" \
+        "$((RSS_KB / 1024))" "$4" "$xin" "$ratio" "$xcp")")
 }
 
 echo "== baseline: cp -r"
 run_measured "$work/cp.log" cp -r "$model" "$work/copy"
 add_row "cp -r" - - "$(du -sb "$work/copy" | cut -f1)"
+rm -rf "$work/copy"
+# tpconvert fsyncs every file it writes (crash safety); cp does not, so the
+# fair baseline for "the same bytes on the same disk" is cp followed by sync.
+echo "== baseline: cp -r + sync"
+run_measured "$work/cpsync.log" sh -c 'cp -r "$1" "$2" && sync -f "$2"' cp-sync "$model" "$work/copy"
+CPSYNC_WALL=$WALL
+add_row "cp+sync" - - "$(du -sb "$work/copy" | cut -f1)"
 rm -rf "$work/copy"
 
 help=$("$BIN/tpconvert" --help 2>&1 || true)
@@ -126,8 +137,8 @@ kv=$(tail -n 1 "$work/codec.log")
 
 echo
 echo "Conversion of $PRESET ($in_bytes bytes of input) on $(nproc) cores"
-printf '%-10s %3s %-6s %8s %8s %8s %14s %8s %6s\n' step tp codec "wall s" "in GB/s" "RSS MiB" \
-    "output bytes" "x input" ratio
+printf '%-10s %3s %-6s %8s %8s %8s %14s %8s %6s %9s\n' step tp codec "wall s" "in GB/s" "RSS MiB" \
+    "output bytes" "x input" ratio "x cp+sync"
 printf '%s\n' "${rows[@]}"
 echo
 echo "Codec on the same bytes (zstd level $LEVEL, single thread):"
@@ -135,6 +146,8 @@ awk '{for (i = 1; i <= NF; i++) {split($i, f, "="); v[f[1]] = f[2]}}
      END {printf "  byte planes + zstd  ratio %s  %s MB/s\n  plain zstd          ratio %s  %s MB/s\n",
           v["planes_ratio"], v["planes_mbps"], v["plain_ratio"], v["plain_mbps"]}' <<<"$kv"
 echo
+echo "'x cp+sync': wall time over cp+sync's, scaled to the step's output bytes (target <= 2"
+echo "for --compress none)."
 echo "Notes: the page cache was not dropped (that needs root), so the input was most"
 echo "likely cached and 'in GB/s' measures the converter, not the disk's read speed;"
 echo "outputs go to the same disk as the input ($parent).  Weights are random"

@@ -497,10 +497,8 @@ const tp_loaded_tensor *tp_loaded_find(const tp_loaded_rank *lr, const char *nam
     return &lr->tensors[t - lr->reader.index.tensors];
 }
 
-void tp_loaded_rank_free(tp_loaded_rank *lr)
+void tp_loaded_rank_drop_tensors(tp_loaded_rank *lr)
 {
-    if (!lr)
-        return;
     if (lr->bundle_image) {
         /* Not a mapping: free the index and the image ourselves. */
         tp_shard_index_free(&lr->reader.index);
@@ -509,9 +507,21 @@ void tp_loaded_rank_free(tp_loaded_rank *lr)
     } else if (lr->reader.map.data) {
         tp_shard_close(&lr->reader);
     }
-    tp_manifest_free(&lr->manifest);
     free(lr->owned);
     free(lr->tensors);
+    memset(&lr->reader, 0, sizeof lr->reader);
+    lr->bundle_image = NULL;
+    lr->owned = NULL;
+    lr->tensors = NULL;
+    lr->n_tensors = 0;
+}
+
+void tp_loaded_rank_free(tp_loaded_rank *lr)
+{
+    if (!lr)
+        return;
+    tp_loaded_rank_drop_tensors(lr);
+    tp_manifest_free(&lr->manifest);
     free(lr->source);
     free(lr->config_json);
     free(lr->generation_config_json);

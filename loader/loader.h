@@ -64,6 +64,10 @@ typedef struct tp_load_opts {
 int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_opts *opts, tp_err *err);
 const tp_loaded_tensor *tp_loaded_find(const tp_loaded_rank *lr, const char *name);
 void tp_loaded_rank_free(tp_loaded_rank *lr);
+/* Frees the tensors (decompressed memory, the rank file's mapping or image)
+ * and keeps the manifest, the copied files and the statistics: for a caller
+ * that has copied the weights it needs (the CPU model converts them to fp32). */
+void tp_loaded_rank_drop_tensors(tp_loaded_rank *lr);
 
 /* Reads only the manifest (directory or bundle): tprun learns the world size. */
 int tp_load_manifest(const char *path, tp_manifest *m, tp_err *err);

@@ -340,6 +340,9 @@ static void create_model(run *r)
     tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = "cpu" };
     if (tp_model_create(&r->model, &r->lr, r->comm, &mo, &err))
         die(r, &err, false);
+    /* The CPU model holds fp32 copies of its weights: the bf16 tensors (a
+     * mapping, or decompressed memory) are not needed any more. */
+    tp_loaded_rank_drop_tensors(&r->lr);
     if (r->lr.tokenizer_json) {
         if (tp_tokenizer_load_mem(&r->tok, r->lr.tokenizer_json, r->lr.tokenizer_json_len, "tokenizer.json", &err))
             die(r, &err, true);
