@@ -7,7 +7,7 @@
 # `tprun --prompt-ids ... --max-new-tokens 16 --temperature 0 --ignore-eos
 # --json --logits` at tp 1 (single backend), 2 and 4 (tcp backend: N
 # background processes with RANK/WORLD_SIZE/MASTER_PORT, as torchrun would
-# start them) and, when mpirun exists, tp 2 under mpirun; compare each
+# start them) and tp 2 and 4 of the first model under mpirun; compare each
 # against reference.json, and tp 2/4 against tp 1, with tests/check_reference.c.
 #
 # Tolerances (see check_reference.c): logits within 1e-3 * max(1, max|logit|)
@@ -66,6 +66,7 @@ run_tcp() {
 
 have_mpirun=0
 if command -v mpirun >/dev/null 2>&1; then have_mpirun=1; fi
+[ $have_mpirun -eq 1 ] || fail "mpirun not found: the MPI cases cannot run (tools/install-deps.sh installs openmpi-bin)"
 mpi_done=0
 
 gen=(--max-new-tokens 16 --temperature 0 --ignore-eos --json --logits --timeout 30)
@@ -106,21 +107,23 @@ for model_dir in tests/models/*/; do
         done
         echo "ok $model tp$tp ($n_prompts prompts)"
     done
-    # One model under mpirun as well (auto picks the mpi backend there).
-    if [ $have_mpirun -eq 1 ] && [ $mpi_done -eq 0 ] && [ -d "$tmp/$model-tp2" ]; then
+    # One model under mpirun as well, at tp 2 and 4 (auto picks the mpi backend there).
+    if [ $have_mpirun -eq 1 ] && [ $mpi_done -eq 0 ] && [ -d "$tmp/$model-tp4" ]; then
         mpi_done=1
         ids=$("$check" "$ref" --ids 0)
-        res=$tmp/$model-mpi.json
-        # (vader's single-copy mechanism needs ptrace, which containers often forbid)
-        if OMPI_MCA_btl_vader_single_copy_mechanism=none \
-           timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$BIN/tprun" "$tmp/$model-tp2" \
-               --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
-            "$check" "$ref" 0 "$res" --against "$tmp/$model-tp1-p0.json" >"$res.check" ||
-                fail "$model mpirun -np 2: $(grep FAIL "$res.check" | head -n 3)"
-            echo "ok $model tp2 under mpirun"
-        else
-            fail "$model mpirun -np 2: $(tail -n 5 "$res.err")"
-        fi
+        for np in 2 4; do
+            res=$tmp/$model-mpi$np.json
+            # (vader's single-copy mechanism needs ptrace, which containers often forbid)
+            if OMPI_MCA_btl_vader_single_copy_mechanism=none \
+               timeout 120 mpirun --allow-run-as-root --oversubscribe -np $np "$BIN/tprun" "$tmp/$model-tp$np" \
+                   --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
+                "$check" "$ref" 0 "$res" --against "$tmp/$model-tp1-p0.json" >"$res.check" ||
+                    fail "$model mpirun -np $np: $(grep FAIL "$res.check" | head -n 3)"
+                echo "ok $model tp$np under mpirun"
+            else
+                fail "$model mpirun -np $np: $(tail -n 5 "$res.err")"
+            fi
+        done
     fi
 done
 
