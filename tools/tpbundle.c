@@ -2,6 +2,7 @@
  *   tpbundle pack OUT --ranks-per-node K [--out DIR] [--quiet]
  *   tpbundle unpack BUNDLE.tar DEST
  *   tpbundle verify BUNDLE.tar */
+#include "cli.h"
 #include "loader.h"
 
 #include <stdlib.h>
@@ -22,21 +23,6 @@ static void usage(FILE *f)
             prog, prog, prog);
 }
 
-static int bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", prog);
-    fprintf(stderr, fmt, arg);
-    fputc('\n', stderr);
-    usage(stderr);
-    return 2;
-}
-
-static int fail(const tp_err *err)
-{
-    fprintf(stderr, "%s: %s\n", prog, err->msg);
-    return 1;
-}
-
 static int cmd_pack(int argc, char **argv)
 {
     const char *dir = NULL, *out = NULL;
@@ -45,38 +31,33 @@ static int cmd_pack(int argc, char **argv)
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--ranks-per-node") == 0) {
-            if (++i >= argc)
-                return bad_usage("flag %s needs a number", a);
-            char *end;
-            long n = strtol(argv[i], &end, 10);
-            if (*end || end == argv[i] || n < 1 || n > 1000000)
-                return bad_usage("flag --ranks-per-node: \"%s\" is not a positive count", argv[i]);
+            const char *v = cli_value(argc, argv, &i);
+            if (!v)
+                return cli_usage_error("flag %s needs a number", a);
+            long n;
+            if (!cli_long(v, 1, 1000000, &n))
+                return cli_usage_error("flag --ranks-per-node: \"%s\" is not a positive count", v);
             k = (int)n;
         } else if (strcmp(a, "--out") == 0) {
-            if (++i >= argc)
-                return bad_usage("flag %s needs a directory", a);
-            out = argv[i];
+            if (!(out = cli_value(argc, argv, &i)))
+                return cli_usage_error("flag %s needs a directory", a);
         } else if (strcmp(a, "--quiet") == 0) {
             quiet = true;
-        } else if (a[0] == '-') {
-            return bad_usage("unknown flag %s", a);
-        } else if (!dir) {
-            dir = a;
-        } else {
-            return bad_usage("unexpected argument %s", a);
+        } else if (cli_operand(a, &dir)) {
+            return 2;
         }
     }
     if (!dir)
-        return bad_usage("%s", "pack: missing OUT (a converted directory)");
+        return cli_usage_error("pack: missing OUT (a converted directory)");
     if (!k)
-        return bad_usage("%s", "pack: flag --ranks-per-node is required");
+        return cli_usage_error("pack: flag --ranks-per-node is required");
     tp_err err;
     char **paths;
     size_t n;
     if (!out)
         out = dir;
     if (tp_bundle_pack(dir, k, out, quiet, &paths, &n, &err) < 0)
-        return fail(&err);
+        return cli_fail(&err);
     for (size_t i = 0; i < n; i++) {
         printf("%s\n", paths[i]);
         free(paths[i]);
@@ -87,29 +68,27 @@ static int cmd_pack(int argc, char **argv)
 
 static int cmd_unpack(int argc, char **argv)
 {
-    for (int i = 0; i < argc; i++)
-        if (argv[i][0] == '-')
-            return bad_usage("unknown flag %s", argv[i]);
+    if (cli_no_flags(argc, argv))
+        return 2;
     if (argc != 2)
-        return bad_usage("%s", "unpack needs BUNDLE.tar and DEST");
+        return cli_usage_error("unpack needs BUNDLE.tar and DEST");
     tp_err err;
     if (tp_bundle_unpack(argv[0], argv[1], &err) < 0)
-        return fail(&err);
+        return cli_fail(&err);
     printf("%s: unpacked %s into %s\n", prog, argv[0], argv[1]);
     return 0;
 }
 
 static int cmd_verify(int argc, char **argv)
 {
-    for (int i = 0; i < argc; i++)
-        if (argv[i][0] == '-')
-            return bad_usage("unknown flag %s", argv[i]);
+    if (cli_no_flags(argc, argv))
+        return 2;
     if (argc != 1)
-        return bad_usage("%s", "verify needs exactly one BUNDLE.tar");
+        return cli_usage_error("verify needs exactly one BUNDLE.tar");
     tp_err err;
     size_t n;
     if (tp_bundle_verify(argv[0], &n, &err) < 0)
-        return fail(&err);
+        return cli_fail(&err);
     printf("%s: OK: %s holds %zu rank file%s, every checksum matches\n", prog, argv[0], n,
            n == 1 ? "" : "s");
     return 0;
@@ -117,8 +96,9 @@ static int cmd_verify(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    cli_init(prog, usage);
     if (argc < 2)
-        return bad_usage("%s", "missing command (pack, unpack or verify)");
+        return cli_usage_error("missing command (pack, unpack or verify)");
     const char *cmd = argv[1];
     if (strcmp(cmd, "-h") == 0 || strcmp(cmd, "--help") == 0) {
         usage(stdout);
@@ -130,5 +110,5 @@ int main(int argc, char **argv)
         return cmd_unpack(argc - 2, argv + 2);
     if (strcmp(cmd, "verify") == 0)
         return cmd_verify(argc - 2, argv + 2);
-    return bad_usage("unknown command %s (pack, unpack or verify)", cmd);
+    return cli_usage_error("unknown command %s (pack, unpack or verify)", cmd);
 }

@@ -2,9 +2,9 @@
  * a safetensors file (or model directory) in chunks, once with tpshard's codec
  * (byte planes, then zstd) and once with plain zstd at the same level, and
  * prints both ratios and single-thread speeds.  Used by bench/bench_convert.sh. */
+#include "cli.h"
 #include "shardfmt.h"
 
-#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -56,18 +56,10 @@ static int bench_tensor(const tp_st_tensor *t, int level, size_t chunk, uint64_t
 
 static int parse_size(const char *flag, const char *s, uint64_t *out)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    uint64_t mul = 1;
-    if (*end == 'K' || *end == 'k') mul = 1ull << 10, end++;
-    else if (*end == 'M' || *end == 'm') mul = 1ull << 20, end++;
-    else if (*end == 'G' || *end == 'g') mul = 1ull << 30, end++;
-    if (errno || end == s || *end || *s == '-' || v == 0 || v > UINT64_MAX / mul) {
-        fprintf(stderr, "tpcodecbench: %s %s: not a positive size (K/M/G suffix allowed)\n", flag, s);
+    if (!cli_size(s, CLI_SIZE_SUFFIX, out) || *out == 0) {
+        cli_msg("%s %s: not a positive size (K/M/G suffix allowed)", flag, s);
         return -1;
     }
-    *out = v * mul;
     return 0;
 }
 
@@ -76,41 +68,35 @@ int main(int argc, char **argv)
     int level = 3;
     uint64_t chunk = TP_DEFAULT_CHUNK, budget = UINT64_MAX;
     const char *path = NULL;
+    cli_init_text("tpcodecbench", USAGE);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (!strcmp(a, "--help")) {
             fputs(USAGE, stdout);
             return 0;
         } else if (!strcmp(a, "--level") && i + 1 < argc) {
-            char *end;
-            long v = strtol(argv[++i], &end, 10);
-            if (*end || end == argv[i] || v < 1 || v > ZSTD_maxCLevel()) {
-                fprintf(stderr, "tpcodecbench: --level %s: must be 1..%d\n", argv[i], ZSTD_maxCLevel());
-                return 2;
-            }
+            long v;
+            if (!cli_long(argv[++i], 1, ZSTD_maxCLevel(), &v))
+                return cli_arg_error("--level %s: must be 1..%d", argv[i], ZSTD_maxCLevel());
             level = (int)v;
         } else if (!strcmp(a, "--chunk") && i + 1 < argc) {
             if (parse_size("--chunk", argv[++i], &chunk))
                 return 2;
-            if (chunk % 2 || chunk > (1ull << 30)) {
-                fprintf(stderr, "tpcodecbench: --chunk %s: must be even and at most 1 GiB\n", argv[i]);
-                return 2;
-            }
+            if (chunk % 2 || chunk > (1ull << 30))
+                return cli_arg_error("--chunk %s: must be even and at most 1 GiB", argv[i]);
         } else if (!strcmp(a, "--max-bytes") && i + 1 < argc) {
             if (parse_size("--max-bytes", argv[++i], &budget))
                 return 2;
         } else if (a[0] == '-' && a[1]) {
-            fprintf(stderr, "tpcodecbench: %s: unknown option or missing value\ntry tpcodecbench --help\n", a);
-            return 2;
+            return cli_help_error("%s: unknown option or missing value", a);
         } else if (path) {
-            fprintf(stderr, "tpcodecbench: more than one input (%s, %s)\n", path, a);
-            return 2;
+            return cli_arg_error("more than one input (%s, %s)", path, a);
         } else {
             path = a;
         }
     }
     if (!path) {
-        fputs(USAGE, stderr);
+        cli_print_usage(stderr);
         return 2;
     }
     tp_err err = {{0}};
@@ -121,23 +107,17 @@ int main(int argc, char **argv)
     const tp_st_tensor **tensors;
     size_t n;
     if (is_dir) {
-        if (tp_st_set_open(&set, path, &err)) {
-            fprintf(stderr, "tpcodecbench: %s\n", err.msg);
-            return 1;
-        }
+        if (tp_st_set_open(&set, path, &err))
+            return cli_fail(&err);
         tensors = set.tensors;
         n = set.n_tensors;
     } else {
-        if (tp_st_open(&single, path, &err)) {
-            fprintf(stderr, "tpcodecbench: %s\n", err.msg);
-            return 1;
-        }
+        if (tp_st_open(&single, path, &err))
+            return cli_fail(&err);
         n = single.n_tensors;
         tensors = malloc((n ? n : 1) * sizeof *tensors);
-        if (!tensors) {
-            fprintf(stderr, "tpcodecbench: out of memory\n");
-            return 1;
-        }
+        if (!tensors)
+            return cli_failf("out of memory");
         for (size_t i = 0; i < n; i++)
             tensors[i] = &single.tensors[i];
     }
@@ -165,14 +145,10 @@ int main(int argc, char **argv)
         free(tensors);
         tp_st_close(&single);
     }
-    if (rc) {
-        fprintf(stderr, "tpcodecbench: %s: %s\n", path, err.msg);
-        return 1;
-    }
-    if (tot.raw == 0) {
-        fprintf(stderr, "tpcodecbench: %s: no 16-bit tensors\n", path);
-        return 1;
-    }
+    if (rc)
+        return cli_failf("%s: %s", path, err.msg);
+    if (tot.raw == 0)
+        return cli_failf("%s: no 16-bit tensors", path);
     double mb = tot.raw / 1e6;
     double r_planes = (double)tot.raw / tot.planes, r_plain = (double)tot.raw / tot.plain;
     printf("%s: %zu tensors, %.1f MB of 16-bit data, %llu-byte chunks, zstd level %d (1 thread)\n",

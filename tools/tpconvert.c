@@ -6,10 +6,10 @@
  * the argument parsing, the --dry-run table, the SIGINT handler and the
  * optional node bundles (loader.h).
  */
+#include "cli.h"
 #include "convert.h"
 #include "loader.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <signal.h>
@@ -50,45 +50,6 @@ static void usage(FILE *f)
 "  --bundle               also pack node bundles (tar) into OUT_DIR\n"
 "  --ranks-per-node K     ranks per bundle (default: all ranks in one)\n"
 "  -h, --help\n", TP_DEFAULT_CHUNK);
-}
-
-static int die(const char *fmt, const char *a)
-{
-    fprintf(stderr, "%s: ", prog);
-    fprintf(stderr, fmt, a);
-    fputc('\n', stderr);
-    return 2;
-}
-
-static bool parse_long(const char *s, long lo, long hi, long *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < lo || v > hi)
-        return false;
-    *out = v;
-    return true;
-}
-
-/* "1048576", "64K", "1M" */
-static bool parse_bytes(const char *s, size_t *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s || *s == '-')
-        return false;
-    if (*end == 'K' || *end == 'k')
-        v <<= 10, end++;
-    else if (*end == 'M' || *end == 'm')
-        v <<= 20, end++;
-    else if (*end == 'G' || *end == 'g')
-        v <<= 30, end++;
-    if (*end)
-        return false;
-    *out = (size_t)v;
-    return true;
 }
 
 static volatile sig_atomic_t interrupted;
@@ -200,19 +161,24 @@ int main(int argc, char **argv)
     bool vocab_parallel = false, dry_run = false, force = false, quiet = false, verbose = false;
     bool bundle = false, level_given = false;
     tp_write_opts wo = {.format = TP_OUT_TPSHARD, .codec = TP_CODEC_ZSTD};
-    size_t chunk = TP_DEFAULT_CHUNK;
+    uint64_t chunk = TP_DEFAULT_CHUNK;
 
+    cli_init(prog, usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define NEED_VALUE() do { if (!v) return die("%s needs a value (see --help)", a); i++; } while (0)
+        const char *v = NULL;
+#define NEED_VALUE()                                                                     \
+    do {                                                                                 \
+        if (!(v = cli_value(argc, argv, &i)))                                            \
+            return cli_arg_error("%s needs a value (see --help)", a);                    \
+    } while (0)
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
         } else if (!strcmp(a, "--tp")) {
             NEED_VALUE();
-            if (!parse_long(v, 1, 4096, &tp))
-                return die("--tp %s: expected an integer from 1 to 4096", v);
+            if (!cli_long(v, 1, 4096, &tp))
+                return cli_arg_error("--tp %s: expected an integer from 1 to 4096", v);
         } else if (!strcmp(a, "--plan")) {
             NEED_VALUE();
             plan = v;
@@ -222,16 +188,16 @@ int main(int argc, char **argv)
             NEED_VALUE();
             int c = tp_codec_from_name(v, &wo.codec);
             if (c < 0)
-                return die("--compress %s: expected none or zstd", v);
+                return cli_arg_error("--compress %s: expected none or zstd", v);
         } else if (!strcmp(a, "--level")) {
             NEED_VALUE();
-            if (!parse_long(v, 1, 22, &level))
-                return die("--level %s: expected a zstd level from 1 to 22", v);
+            if (!cli_long(v, 1, 22, &level))
+                return cli_arg_error("--level %s: expected a zstd level from 1 to 22", v);
             level_given = true;
         } else if (!strcmp(a, "--chunk-size")) {
             NEED_VALUE();
-            if (!parse_bytes(v, &chunk) || chunk < 4096 || chunk > (1u << 30) || chunk % 4)
-                return die("--chunk-size %s: expected a multiple of 4 from 4096 to 1G bytes", v);
+            if (!cli_size(v, CLI_SIZE_SUFFIX, &chunk) || chunk < 4096 || chunk > (1u << 30) || chunk % 4)
+                return cli_arg_error("--chunk-size %s: expected a multiple of 4 from 4096 to 1G bytes", v);
         } else if (!strcmp(a, "--format")) {
             NEED_VALUE();
             if (!strcmp(v, "tpshard"))
@@ -239,11 +205,11 @@ int main(int argc, char **argv)
             else if (!strcmp(v, "safetensors"))
                 wo.format = TP_OUT_SAFETENSORS;
             else
-                return die("--format %s: expected tpshard or safetensors", v);
+                return cli_arg_error("--format %s: expected tpshard or safetensors", v);
         } else if (!strcmp(a, "--threads")) {
             NEED_VALUE();
-            if (!parse_long(v, 1, 1024, &threads))
-                return die("--threads %s: expected an integer from 1 to 1024", v);
+            if (!cli_long(v, 1, 1024, &threads))
+                return cli_arg_error("--threads %s: expected an integer from 1 to 1024", v);
         } else if (!strcmp(a, "--dry-run")) {
             dry_run = true;
         } else if (!strcmp(a, "--force")) {
@@ -256,33 +222,31 @@ int main(int argc, char **argv)
             bundle = true;
         } else if (!strcmp(a, "--ranks-per-node")) {
             NEED_VALUE();
-            if (!parse_long(v, 1, 4096, &rpn))
-                return die("--ranks-per-node %s: expected an integer from 1 to 4096", v);
+            if (!cli_long(v, 1, 4096, &rpn))
+                return cli_arg_error("--ranks-per-node %s: expected an integer from 1 to 4096", v);
         } else if (a[0] == '-' && a[1]) {
-            return die("unknown option %s (see --help)", a);
+            return cli_arg_error("unknown option %s (see --help)", a);
         } else {
             if (n_dirs == 2)
-                return die("unexpected argument %s (MODEL_DIR and OUT_DIR are already given)", a);
+                return cli_arg_error("unexpected argument %s (MODEL_DIR and OUT_DIR are already given)", a);
             dirs[n_dirs++] = a;
         }
 #undef NEED_VALUE
     }
     if (!tp)
-        return die("%s", "--tp N is required (see --help)");
+        return cli_arg_error("--tp N is required (see --help)");
     if (n_dirs < 2 && !(dry_run && n_dirs == 1))
-        return die("%s", "MODEL_DIR and OUT_DIR are required (see --help)");
+        return cli_arg_error("MODEL_DIR and OUT_DIR are required (see --help)");
     if (quiet && verbose)
-        return die("%s", "--quiet and --verbose exclude each other");
+        return cli_arg_error("--quiet and --verbose exclude each other");
     if (rpn && !bundle)
-        return die("%s", "--ranks-per-node needs --bundle");
-    if (rpn > tp) {
-        fprintf(stderr, "%s: --ranks-per-node %ld: more than --tp %ld\n", prog, rpn, tp);
-        return 2;
-    }
+        return cli_arg_error("--ranks-per-node needs --bundle");
+    if (rpn > tp)
+        return cli_arg_error("--ranks-per-node %ld: more than --tp %ld", rpn, tp);
     if (wo.format == TP_OUT_SAFETENSORS && level_given)
-        return die("%s", "--level applies to --format tpshard only");
+        return cli_arg_error("--level applies to --format tpshard only");
     if (bundle && wo.format != TP_OUT_TPSHARD)
-        return die("%s", "--bundle needs --format tpshard");
+        return cli_arg_error("--bundle needs --format tpshard");
     wo.level = (int)level;
     wo.chunk_size = chunk;
     wo.threads = (int)threads;
@@ -298,10 +262,8 @@ int main(int argc, char **argv)
 
     tp_err err = {{0}};
     tp_conversion conv;
-    if (tp_conversion_prepare(&conv, dirs[0], (int)tp, plan, vocab_parallel, &err) < 0) {
-        fprintf(stderr, "%s: %s\n", prog, err.msg);
-        return 1;
-    }
+    if (tp_conversion_prepare(&conv, dirs[0], (int)tp, plan, vocab_parallel, &err) < 0)
+        return cli_fail(&err);
     if (dry_run) {
         print_plan(&conv);
         tp_conversion_free(&conv);
@@ -311,8 +273,7 @@ int main(int argc, char **argv)
         print_plan(&conv);
     tp_write_report rep;
     if (tp_conversion_write(&conv, dirs[1], &wo, &rep, &err) < 0) {
-        fprintf(stderr, "%s: %s%s\n", prog, err.msg,
-                interrupted ? " (nothing of the conversion was left behind)" : "");
+        cli_msg("%s%s", err.msg, interrupted ? " (nothing of the conversion was left behind)" : "");
         tp_conversion_free(&conv);
         return interrupted ? 130 : 1;
     }
@@ -330,8 +291,7 @@ int main(int argc, char **argv)
         char **paths = NULL;
         size_t n = 0;
         if (tp_bundle_pack(dirs[1], rpn ? (int)rpn : (int)tp, dirs[1], quiet, &paths, &n, &err) < 0) {
-            fprintf(stderr, "%s: --bundle: %s (the conversion in %s is complete)\n", prog, err.msg,
-                    dirs[1]);
+            cli_msg("--bundle: %s (the conversion in %s is complete)", err.msg, dirs[1]);
             rc = 1;
         } else {
             for (size_t i = 0; i < n; i++) {

@@ -3,6 +3,7 @@
  * compression ratio per dtype.  --json prints the same as one JSON object;
  * --rank R lists one rank's tensors (offsets, sizes, splits);
  * --rank R --tensor NAME --dump FILE writes one tensor's decoded bytes. */
+#include "cli.h"
 #include "loader.h"
 
 #include <cJSON.h>
@@ -23,21 +24,6 @@ static void usage(FILE *f)
             "  --rank R --tensor NAME --dump FILE\n"
             "                        write the raw decoded bytes of one tensor of rank R\n",
             prog);
-}
-
-static int bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", prog);
-    fprintf(stderr, fmt, arg);
-    fputc('\n', stderr);
-    usage(stderr);
-    return 2;
-}
-
-static int fail(const tp_err *err)
-{
-    fprintf(stderr, "%s: %s\n", prog, err->msg);
-    return 1;
 }
 
 /* Totals per dtype (index by tp_dtype). */
@@ -325,63 +311,58 @@ int main(int argc, char **argv)
     const char *dir = NULL, *tensor = NULL, *dump = NULL;
     int rank = -1;
     bool json = false, have_rank = false;
+    cli_init(prog, usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--json") == 0) {
             json = true;
         } else if (strcmp(a, "--rank") == 0) {
-            if (++i >= argc)
-                return bad_usage("flag %s needs a number", a);
-            char *end;
-            long n = strtol(argv[i], &end, 10);
-            if (*end || end == argv[i] || n < 0 || n > 1000000)
-                return bad_usage("flag --rank: \"%s\" is not a rank", argv[i]);
+            const char *v = cli_value(argc, argv, &i);
+            if (!v)
+                return cli_usage_error("flag %s needs a number", a);
+            long n;
+            if (!cli_long(v, 0, 1000000, &n))
+                return cli_usage_error("flag --rank: \"%s\" is not a rank", v);
             rank = (int)n;
             have_rank = true;
         } else if (strcmp(a, "--tensor") == 0) {
-            if (++i >= argc)
-                return bad_usage("flag %s needs a tensor name", a);
-            tensor = argv[i];
+            if (!(tensor = cli_value(argc, argv, &i)))
+                return cli_usage_error("flag %s needs a tensor name", a);
         } else if (strcmp(a, "--dump") == 0) {
-            if (++i >= argc)
-                return bad_usage("flag %s needs a file name", a);
-            dump = argv[i];
+            if (!(dump = cli_value(argc, argv, &i)))
+                return cli_usage_error("flag %s needs a file name", a);
         } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             usage(stdout);
             return 0;
-        } else if (a[0] == '-') {
-            return bad_usage("unknown flag %s", a);
-        } else if (!dir) {
-            dir = a;
-        } else {
-            return bad_usage("unexpected argument %s", a);
+        } else if (cli_operand(a, &dir)) {
+            return 2;
         }
     }
     if (!dir)
-        return bad_usage("%s", "missing OUT (a converted directory)");
+        return cli_usage_error("missing OUT (a converted directory)");
     if ((tensor || dump) && !(have_rank && tensor && dump))
-        return bad_usage("%s", "flags --tensor and --dump go together, with --rank");
+        return cli_usage_error("flags --tensor and --dump go together, with --rank");
 
     tp_err err;
     struct stat st;
     if (stat(dir, &st) == 0 && !S_ISDIR(st.st_mode)) {
         tp_errorf(&err, "%s: not a directory (for a bundle: tpbundle verify, or unpack it first)",
                   dir);
-        return fail(&err);
+        return cli_fail(&err);
     }
     tp_manifest m;
     if (tp_load_manifest(dir, &m, &err) < 0)
-        return fail(&err);
+        return cli_fail(&err);
     int rc = 0;
     if (dump) {
         if (dump_tensor(dir, &m, rank, tensor, dump, &err) < 0)
-            rc = fail(&err);
+            rc = cli_fail(&err);
         tp_manifest_free(&m);
         return rc;
     }
     if (have_rank) {
         if (list_rank(dir, &m, rank, json, &err) < 0)
-            rc = fail(&err);
+            rc = cli_fail(&err);
         tp_manifest_free(&m);
         return rc;
     }
@@ -390,13 +371,13 @@ int main(int argc, char **argv)
     memset(dts, 0, sizeof dts);
     if (!ranks) {
         tp_errorf(&err, "out of memory");
-        rc = fail(&err);
+        rc = cli_fail(&err);
     } else if (gather(dir, &m, ranks, dts, &err) < 0) {
-        rc = fail(&err);
+        rc = cli_fail(&err);
     } else if (json) {
         if (print_json(&m, ranks, dts) < 0) {
             tp_errorf(&err, "out of memory");
-            rc = fail(&err);
+            rc = cli_fail(&err);
         }
     } else {
         print_text(dir, &m, ranks, dts);

@@ -18,6 +18,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cli.h"
 #include "runtime.h"
 
 #define DEFAULT_MAX_NEW 256
@@ -110,35 +111,22 @@ static void die_msg(run *r, bool shared, const char *fmt, ...)
 
 /* ------------------------------------------------------------ flag parsing */
 
-static void usage_error(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "tprun: ");
-    fprintf(stderr, fmt, arg);
-    fprintf(stderr, "\n%s", usage);
-    exit(2);
-}
+/* Bad flags end the program (on every rank alike) with status 2. */
+#define usage_error(...) exit(cli_usage_error(__VA_ARGS__))
 
 static long parse_long(const char *flag, const char *s, long lo, long hi)
 {
-    char *end;
-    errno = 0;
-    long v = s ? strtol(s, &end, 10) : 0;
-    if (!s || errno || end == s || *end || v < lo || v > hi) {
-        fprintf(stderr, "tprun: %s %s: expected an integer from %ld to %ld\n", flag, s ? s : "(missing)", lo, hi);
-        exit(2);
-    }
+    long v;
+    if (!cli_long(s, lo, hi, &v))
+        exit(cli_arg_error("%s %s: expected an integer from %ld to %ld", flag, s, lo, hi));
     return v;
 }
 
 static double parse_double(const char *flag, const char *s, double lo, double hi)
 {
-    char *end;
-    errno = 0;
-    double v = s ? strtod(s, &end) : 0;
-    if (!s || errno || end == s || *end || !(v >= lo && v <= hi)) {
-        fprintf(stderr, "tprun: %s %s: expected a number from %g to %g\n", flag, s ? s : "(missing)", lo, hi);
-        exit(2);
-    }
+    double v;
+    if (!cli_double(s, lo, hi, &v))
+        exit(cli_arg_error("%s %s: expected a number from %g to %g", flag, s, lo, hi));
     return v;
 }
 
@@ -146,10 +134,11 @@ static void parse_args(int argc, char **argv, options *o)
 {
     *o = (options){ .rank = -1, .comm = "auto", .timeout_s = 60, .max_new_tokens = -1,
                     .temperature = -1, .top_k = -1, .top_p = -1 };
+    cli_init_text("tprun", usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        const char *val = i + 1 < argc ? argv[i + 1] : NULL;
-#define TAKE() (i++, val ? val : (usage_error("%s needs a value", a), ""))
+        const char *val;
+#define TAKE() ((val = cli_value(argc, argv, &i)) ? val : (usage_error("%s needs a value", a), ""))
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             fputs(usage, stdout);
             exit(0);
@@ -177,12 +166,8 @@ static void parse_args(int argc, char **argv, options *o)
             o->top_p = (float)parse_double(a, TAKE(), 1e-9, 1);
         } else if (!strcmp(a, "--seed")) {
             const char *s = TAKE();
-            char *end;
-            errno = 0;
-            unsigned long long v = strtoull(s, &end, 10);
-            if (errno || end == s || *end || *s == '-')
+            if (!cli_size(s, 0, &o->seed))
                 usage_error("--seed %s: expected a non-negative integer", s);
-            o->seed = v;
             o->has_seed = true;
         } else if (!strcmp(a, "--threads")) {
             o->threads = (int)parse_long(a, TAKE(), 1, 4096);
@@ -212,19 +197,19 @@ static void parse_args(int argc, char **argv, options *o)
 #undef TAKE
     }
     if (!o->out)
-        usage_error("%s", "missing OUT (a converted directory or node bundle)");
+        usage_error("missing OUT (a converted directory or node bundle)");
     if (o->prompt && o->prompt_ids)
-        usage_error("%s", "give --prompt or --prompt-ids, not both");
+        usage_error("give --prompt or --prompt-ids, not both");
     if (o->interactive && (o->prompt || o->prompt_ids || o->json))
-        usage_error("%s", "--interactive reads the prompts from stdin: it takes no --prompt, --prompt-ids or --json");
+        usage_error("--interactive reads the prompts from stdin: it takes no --prompt, --prompt-ids or --json");
     if (!o->interactive && !o->load_only && !o->prompt && !o->prompt_ids)
-        usage_error("%s", "nothing to do: give --prompt TEXT, --prompt-ids 1,2,3, --interactive or --load-only");
+        usage_error("nothing to do: give --prompt TEXT, --prompt-ids 1,2,3, --interactive or --load-only");
     if (o->chat && o->prompt_ids)
-        usage_error("%s", "--chat wraps text: use it with --prompt");
+        usage_error("--chat wraps text: use it with --prompt");
     if (o->logits && !o->json)
-        usage_error("%s", "--logits goes into the --json output: add --json");
+        usage_error("--logits goes into the --json output: add --json");
     if (o->verbose && o->quiet)
-        usage_error("%s", "--verbose and --quiet contradict each other");
+        usage_error("--verbose and --quiet contradict each other");
 }
 
 /* "1,2,3" -> ids.  Every id must be a non-negative integer. */

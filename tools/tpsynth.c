@@ -1,9 +1,9 @@
 /* tpsynth - writes a synthetic Hugging Face model directory with random bf16
  * weights (the demo, the tests and the benchmarks use it; nothing is
  * downloaded).  The work is in convert/synth.c. */
+#include "cli.h"
 #include "convert.h"
 
-#include <errno.h>
 #include <getopt.h>
 #include <limits.h>
 #include <stdio.h>
@@ -35,57 +35,30 @@ static const char *USAGE =
     "vocab 151936 (the real Qwen3 vocabulary), tied; qwen3-0.6b and qwen3-8b have the\n"
     "real models' shapes.\n";
 
-static int die(const char *fmt, const char *a, const char *b)
-{
-    fprintf(stderr, "tpsynth: ");
-    fprintf(stderr, fmt, a, b);
-    fprintf(stderr, "\n");
-    return 2;
-}
-
 static int parse_int(const char *flag, const char *s, int *out)
 {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || end == s || *end || v < 0 || v > INT_MAX) {
-        die("%s %s: not a non-negative integer", flag, s);
+    long v;
+    if (!cli_long(s, 0, INT_MAX, &v)) {
+        cli_msg("%s %s: not a non-negative integer", flag, s);
         return -1;
     }
     *out = (int)v;
     return 0;
 }
 
+/* An integer, with suffix also "64K", "1M", "2GB" (powers of 1024). */
 static int parse_u64(const char *flag, const char *s, bool suffix, uint64_t *out)
 {
-    char *end;
-    errno = 0;
-    if (*s == '-') {
-        die("%s %s: must not be negative", flag, s);
+    static const char *const why[] = {
+        [CLI_SIZE_NEGATIVE] = "must not be negative",
+        [CLI_SIZE_NOT_NUMBER] = "not an integer",
+        [CLI_SIZE_BAD_TAIL] = "not an integer (with an optional K/M/G suffix)",
+    };
+    cli_size_status st = cli_size_parse(s, suffix ? CLI_SIZE_SUFFIX | CLI_SIZE_SUFFIX_B : 0, out);
+    if (st != CLI_SIZE_OK) {
+        cli_msg("%s %s: %s", flag, s, why[st]);
         return -1;
     }
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s) {
-        die("%s %s: not an integer", flag, s);
-        return -1;
-    }
-    uint64_t mul = 1;
-    if (suffix && *end) {
-        switch (*end) {
-        case 'K': case 'k': mul = 1ull << 10; break;
-        case 'M': case 'm': mul = 1ull << 20; break;
-        case 'G': case 'g': mul = 1ull << 30; break;
-        default: mul = 0;
-        }
-        end++;
-        if (*end == 'B' || *end == 'b')
-            end++;
-    }
-    if (*end || mul == 0 || (v && v > UINT64_MAX / mul)) {
-        die("%s %s: not an integer (with an optional K/M/G suffix)", flag, s);
-        return -1;
-    }
-    *out = v * mul;
     return 0;
 }
 
@@ -122,6 +95,7 @@ int main(int argc, char **argv)
     tp_err err = {{0}};
     tp_synth_opts o = {0};
     o.seed = 1;
+    cli_init_text("tpsynth", USAGE);
     /* The preset is applied first, wherever it sits on the command line,
      * so that the other flags override it. */
     const char *preset = "tiny";
@@ -133,10 +107,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--"))
             break;
     }
-    if (tp_synth_preset(&o, preset, &err)) {
-        fprintf(stderr, "tpsynth: %s\n", err.msg);
-        return 2;
-    }
+    if (tp_synth_preset(&o, preset, &err))
+        return cli_arg_error("%s", err.msg);
     int c;
     struct { int opt; int *dst; const char *flag; } ints[] = {
         {OPT_HIDDEN, &o.hidden, "--hidden"}, {OPT_LAYERS, &o.layers, "--layers"},
@@ -169,31 +141,22 @@ int main(int argc, char **argv)
             if (parse_u64("--shard-size", optarg, true, &o.shard_size))
                 return 2;
             if (o.shard_size == 0)
-                return die("--shard-size %s: must be positive%s", optarg, "");
+                return cli_arg_error("--shard-size %s: must be positive", optarg);
             break;
         case OPT_TOKENIZER: o.tokenizer_path = optarg; break;
         case OPT_QUIET: o.quiet = true; break;
         case OPT_HELP: fputs(USAGE, stdout); return 0;
         default:
-            if (optopt)
-                fprintf(stderr, "tpsynth: %s: missing or unexpected argument\n", argv[optind - 1]);
-            else
-                fprintf(stderr, "tpsynth: %s: unknown option\n", argv[optind - 1]);
-            fputs("try tpsynth --help\n", stderr);
-            return 2;
+            return cli_help_error(optopt ? "%s: missing or unexpected argument" : "%s: unknown option",
+                                  argv[optind - 1]);
         }
     }
-    if (optind + 1 != argc) {
-        fprintf(stderr, "tpsynth: %s\ntry tpsynth --help\n",
-                optind == argc ? "missing OUT_DIR" : "more than one OUT_DIR");
-        return 2;
-    }
+    if (optind + 1 != argc)
+        return cli_help_error("%s", optind == argc ? "missing OUT_DIR" : "more than one OUT_DIR");
     const char *out = argv[optind];
     double t0 = tp_now();
-    if (tp_synth_write(out, &o, &err)) {
-        fprintf(stderr, "tpsynth: %s\n", err.msg);
-        return 1;
-    }
+    if (tp_synth_write(out, &o, &err))
+        return cli_fail(&err);
     double dt = tp_now() - t0;
     if (!o.quiet) {
         uint64_t params = tp_synth_param_count(&o);

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cli.h"
 #include "runtime.h"
 
 #define MAX_INPUT (256u << 20)
@@ -19,14 +20,6 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: tptok encode TOKENIZER_JSON < text\n"
                "       tptok decode [--skip-special] TOKENIZER_JSON < ids.json\n");
-}
-
-static int fail(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "tptok: ");
-    fprintf(stderr, fmt, arg);
-    fputc('\n', stderr);
-    return 1;
 }
 
 static int read_stdin(char **out, size_t *len)
@@ -57,7 +50,7 @@ static int encode(const tp_tokenizer *tok, const char *text, size_t len)
     int32_t *ids;
     size_t n;
     tp_err err;
-    if (tp_tokenizer_encode(tok, text, len, &ids, &n, &err)) return fail("%s", err.msg);
+    if (tp_tokenizer_encode(tok, text, len, &ids, &n, &err)) return cli_fail(&err);
     putchar('[');
     for (size_t i = 0; i < n; i++) printf(i ? ", %d" : "%d", (int)ids[i]);
     printf("]\n");
@@ -70,19 +63,17 @@ static int decode(const tp_tokenizer *tok, const char *json, size_t len, bool sk
     cJSON *arr = cJSON_ParseWithLength(json, len);
     if (!cJSON_IsArray(arr)) {
         cJSON_Delete(arr);
-        return fail("%s", "stdin: expected a JSON array of token ids");
+        return cli_failf("stdin: expected a JSON array of token ids");
     }
     size_t n = (size_t)cJSON_GetArraySize(arr), i = 0;
     int32_t *ids = malloc((n ? n : 1) * sizeof *ids);
-    if (!ids) { cJSON_Delete(arr); return fail("%s", "out of memory"); }
+    if (!ids) { cJSON_Delete(arr); return cli_failf("out of memory"); }
     for (const cJSON *e = arr->child; e; e = e->next, i++) {
         double v = e->valuedouble;
         if (!cJSON_IsNumber(e) || v != (double)(int64_t)v || v < INT32_MIN || v > INT32_MAX) {
-            char msg[64];
-            snprintf(msg, sizeof msg, "stdin: element %zu is not an integer token id", i);
             free(ids);
             cJSON_Delete(arr);
-            return fail("%s", msg);
+            return cli_failf("stdin: element %zu is not an integer token id", i);
         }
         ids[i] = (int32_t)v;
     }
@@ -91,7 +82,7 @@ static int decode(const tp_tokenizer *tok, const char *json, size_t len, bool sk
     tp_err err;
     if (tp_tokenizer_decode(tok, ids, n, skip_special, &text, &err)) {
         free(ids);
-        return fail("%s", err.msg);
+        return cli_fail(&err);
     }
     fwrite(text, 1, strlen(text), stdout);
     free(text);
@@ -101,6 +92,7 @@ static int decode(const tp_tokenizer *tok, const char *json, size_t len, bool sk
 
 int main(int argc, char **argv)
 {
+    cli_init("tptok", usage);
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
         usage(stdout);
         return 0;
@@ -118,17 +110,17 @@ int main(int argc, char **argv)
     const char *path = argv[argi];
     tp_tokenizer *tok;
     tp_err err;
-    if (tp_tokenizer_load(&tok, path, &err)) return fail("%s", err.msg);
+    if (tp_tokenizer_load(&tok, path, &err)) return cli_fail(&err);
     char *in;
     size_t len;
     int r = read_stdin(&in, &len);
     if (r) {
         tp_tokenizer_free(tok);
-        return fail("%s", r == -2 ? "stdin: input too large" : "stdin: read error");
+        return cli_failf("%s", r == -2 ? "stdin: input too large" : "stdin: read error");
     }
     int rc = !strcmp(argv[1], "encode") ? encode(tok, in, len) : decode(tok, in, len, skip_special);
     free(in);
     tp_tokenizer_free(tok);
-    if (rc == 0 && (fflush(stdout) != 0 || ferror(stdout))) return fail("%s", "stdout: write error");
+    if (rc == 0 && (fflush(stdout) != 0 || ferror(stdout))) return cli_failf("stdout: write error");
     return rc;
 }

@@ -2,6 +2,7 @@
  * file against the manifest, and with --against every tensor bit for bit
  * against the source model.  OUT may also be a node bundle (tar).  Exit 0
  * only when everything matches. */
+#include "cli.h"
 #include "loader.h"
 
 #include <stdlib.h>
@@ -22,67 +23,50 @@ static void usage(FILE *f)
             prog);
 }
 
-static int bad_usage(const char *fmt, const char *arg)
-{
-    fprintf(stderr, "%s: ", prog);
-    fprintf(stderr, fmt, arg);
-    fputc('\n', stderr);
-    usage(stderr);
-    return 2;
-}
-
 int main(int argc, char **argv)
 {
     const char *out = NULL, *against = NULL;
     int threads = 0;
     bool quiet = false;
+    cli_init(prog, usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "--against") == 0) {
-            if (++i >= argc)
-                return bad_usage("flag %s needs a model directory", a);
-            against = argv[i];
+            if (!(against = cli_value(argc, argv, &i)))
+                return cli_usage_error("flag %s needs a model directory", a);
         } else if (strcmp(a, "--threads") == 0) {
-            if (++i >= argc)
-                return bad_usage("flag %s needs a number", a);
-            char *end;
-            long n = strtol(argv[i], &end, 10);
-            if (*end || end == argv[i] || n < 0 || n > 4096)
-                return bad_usage("flag --threads: \"%s\" is not a thread count (0-4096)", argv[i]);
+            const char *v = cli_value(argc, argv, &i);
+            if (!v)
+                return cli_usage_error("flag %s needs a number", a);
+            long n;
+            if (!cli_long(v, 0, 4096, &n))
+                return cli_usage_error("flag --threads: \"%s\" is not a thread count (0-4096)", v);
             threads = (int)n;
         } else if (strcmp(a, "--quiet") == 0) {
             quiet = true;
         } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             usage(stdout);
             return 0;
-        } else if (a[0] == '-') {
-            return bad_usage("unknown flag %s", a);
-        } else if (!out) {
-            out = a;
-        } else {
-            return bad_usage("unexpected argument %s", a);
+        } else if (cli_operand(a, &out)) {
+            return 2;
         }
     }
     if (!out)
-        return bad_usage("%s", "missing OUT (a converted directory)");
+        return cli_usage_error("missing OUT (a converted directory)");
 
     tp_err err;
     struct stat st;
     if (stat(out, &st) == 0 && S_ISREG(st.st_mode)) {
         /* A node bundle: its manifest and every checksum of its rank files. */
         if (against) {
-            fprintf(stderr,
-                    "%s: --against needs a converted directory; %s is a file (unpack the bundle "
-                    "first)\n",
-                    prog, out);
-            return 2;
+            return cli_arg_error("--against needs a converted directory; %s is a file (unpack the "
+                                 "bundle first)",
+                                 out);
         }
         size_t n_ranks;
         double t0 = tp_now();
-        if (tp_bundle_verify(out, &n_ranks, &err) < 0) {
-            fprintf(stderr, "%s: %s\n", prog, err.msg);
-            return 1;
-        }
+        if (tp_bundle_verify(out, &n_ranks, &err) < 0)
+            return cli_fail(&err);
         printf("%s: OK: bundle %s: %zu rank file%s, every checksum matches (%.2f s)\n", prog, out,
                n_ranks, n_ranks == 1 ? "" : "s", tp_now() - t0);
         return 0;
@@ -92,10 +76,8 @@ int main(int argc, char **argv)
     int rc = against ? tp_verify_against(out, against, threads, quiet, &rep, &err)
                      : tp_verify_dir(out, threads, quiet, &rep, &err);
     double secs = tp_now() - t0;
-    if (rc < 0) {
-        fprintf(stderr, "%s: %s\n", prog, err.msg);
-        return 1;
-    }
+    if (rc < 0)
+        return cli_fail(&err);
     double gb = (double)rep.bytes / 1e9;
     char amount[32];
     if (rep.bytes >= 1000000000ull)
