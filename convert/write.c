@@ -473,8 +473,11 @@ out:
 
 /* ---------------------------------------------------------- other files */
 
-static int copy_files(const tp_conversion *c, const char *dir, char **present, size_t *n_present,
-                      written *wr, tp_err *err)
+/* Each copied file's entry gets the size and XXH3 of the bytes written, so
+ * the loader catches a damaged config.json or tokenizer.json like a damaged
+ * rank file. */
+static int copy_files(const tp_conversion *c, const char *dir, tp_manifest_file *present,
+                      size_t *n_present, written *wr, tp_err *err)
 {
     *n_present = 0;
     for (size_t i = 0; i < N_COPIED; i++) {
@@ -482,15 +485,20 @@ static int copy_files(const tp_conversion *c, const char *dir, char **present, s
         char *src = tp_path_join(c->model_dir, name), *dst = tp_path_join(dir, name);
         char *text = NULL;
         size_t len = 0;
+        uint64_t sum = 0;
         int rc = 0;
         if (!src || !dst) {
             rc = tp_errorf(err, "out of memory");
         } else if (!strcmp(name, "config.json")) {
+            len = c->config_len;
+            sum = tp_xxh3(c->config_json, len);
             rc = tp_write_file_atomic(dst, c->config_json, c->config_len, err);
         } else if (access(src, F_OK) == 0) {
             rc = tp_read_file(src, (size_t)1 << 30, &text, &len, err);
-            if (rc == 0)
+            if (rc == 0) {
+                sum = tp_xxh3(text, len);
                 rc = tp_write_file_atomic(dst, text, len, err);
+            }
         } else {
             free(src);
             free(dst);
@@ -503,7 +511,7 @@ static int copy_files(const tp_conversion *c, const char *dir, char **present, s
         free(dst);
         if (rc < 0)
             return -1;
-        present[(*n_present)++] = (char *)name;
+        present[(*n_present)++] = (tp_manifest_file){.name = (char *)name, .size = len, .xxh3 = sum};
     }
     return 0;
 }
@@ -569,7 +577,7 @@ int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_wr
         tp_errorf(err, "interrupted");
         goto out;
     }
-    char *present[N_COPIED];
+    tp_manifest_file present[N_COPIED];
     size_t n_present;
     if (copy_files(c, out_dir, present, &n_present, &wr, err) < 0)
         goto out;

@@ -174,10 +174,14 @@ static int pack_node(pack_ctx *ctx, int node, int n_nodes, int first, int last, 
     if (file_size(ctx->dir, TP_MANIFEST_NAME, &size, err) < 0 ||
         pack_file(ctx, a, tmp_path, TP_MANIFEST_NAME, size, NULL, err) < 0)
         goto out;
-    for (size_t i = 0; i < m->n_files; i++)
-        if (file_size(ctx->dir, m->files[i], &size, err) < 0 ||
-            pack_file(ctx, a, tmp_path, m->files[i], size, NULL, err) < 0)
+    for (size_t i = 0; i < m->n_files; i++) {
+        const tp_manifest_file *f = &m->files[i];
+        if (file_size(ctx->dir, f->name, &size, err) < 0 ||
+            tp_ld_check_copied_size(f, ctx->dir, size, err) < 0 ||
+            pack_file(ctx, a, tmp_path, f->name, size, &sum, err) < 0 ||
+            tp_ld_check_copied_sum(f, ctx->dir, sum, err) < 0)
             goto out;
+    }
     for (int r = first; r < last; r++) {
         if (pack_file(ctx, a, tmp_path, m->ranks[r].file, m->ranks[r].size, &sum, err) < 0)
             goto out;
@@ -265,7 +269,8 @@ int tp_bundle_pack(const char *dir, int ranks_per_node, const char *out_dir, boo
         goto out;
     total += size * (uint64_t)n_nodes;
     for (size_t i = 0; i < m.n_files; i++) {
-        if (file_size(dir, m.files[i], &size, err) < 0)
+        if (file_size(dir, m.files[i].name, &size, err) < 0 ||
+            tp_ld_check_copied_size(&m.files[i], dir, size, err) < 0)
             goto out;
         total += size * (uint64_t)n_nodes;
     }
@@ -354,9 +359,10 @@ static int prepare_dest(unpack_state *u, tp_err *err)
     return 0;
 }
 
-/* Writes the current entry's data to a new temporary file in dest. */
+/* Writes the current entry's data to a new temporary file in dest; *sum
+ * (may be NULL) gets the XXH3 of the bytes written. */
 static int extract_entry(unpack_state *u, struct archive *a, const char *name, uint64_t size,
-                         const uint8_t *prefix_data, tp_err *err)
+                         const uint8_t *prefix_data, uint64_t *sum, tp_err *err)
 {
     if (u->n_files == u->cap) {
         size_t cap = u->cap ? u->cap * 2 : 8;
@@ -392,6 +398,7 @@ static int extract_entry(unpack_state *u, struct archive *a, const char *name, u
     }
     u->n_files++; /* from here on, cleanup removes it */
     uint8_t *piece = NULL;
+    XXH3_state_t *state = NULL;
     int rc = -1;
     if (prefix_data) {
         /* Already in memory (the manifest). */
@@ -405,10 +412,12 @@ static int extract_entry(unpack_state *u, struct archive *a, const char *name, u
         goto out;
     }
     piece = malloc(COPY_PIECE);
-    if (!piece) {
+    state = XXH3_createState();
+    if (!piece || !state) {
         tp_errorf(err, "%s: out of memory", u->dest);
         goto out;
     }
+    XXH3_64bits_reset(state);
     uint64_t done = 0;
     for (;;) {
         la_ssize_t n = archive_read_data(a, piece, COPY_PIECE);
@@ -426,6 +435,7 @@ static int extract_entry(unpack_state *u, struct archive *a, const char *name, u
         }
         if (tp_write_all(fd, piece, (size_t)n, x->tmp_path, err) < 0)
             goto out;
+        XXH3_64bits_update(state, piece, (size_t)n);
     }
     if (done != size) {
         tp_errorf(err, "%s: entry %s: truncated (%llu of %llu bytes)", u->tar_path, name,
@@ -436,9 +446,13 @@ static int extract_entry(unpack_state *u, struct archive *a, const char *name, u
         tp_errorf(err, "%s: fsync: %s", x->tmp_path, strerror(errno));
         goto out;
     }
+    if (sum)
+        *sum = XXH3_64bits_digest(state);
     rc = 0;
 out:
     free(piece);
+    if (state)
+        XXH3_freeState(state);
     if (close(fd) != 0 && rc == 0)
         rc = tp_errorf(err, "%s: close: %s", x->tmp_path, strerror(errno));
     return rc;
@@ -471,16 +485,15 @@ static int judge_entry(const char *tar_path, const tp_manifest *m, struct archiv
                              name, (long long)size, (unsigned long long)m->ranks[*rank].size);
         return 0;
     case TP_LD_ENTRY_COPIED: {
-        size_t fi = 0;
-        while (strcmp(m->files[fi], name) != 0)
-            fi++;
+        const tp_manifest_file *f = tp_ld_manifest_file(m, name);
+        size_t fi = (size_t)(f - m->files);
         if (seen_file[fi])
             return tp_errorf(err, "%s: entry %s appears twice", tar_path, name);
         seen_file[fi] = true;
         if ((uint64_t)size > TP_SMALL_FILE_CAP)
             return tp_errorf(err, "%s: entry %s is %lld bytes, more than the %u allowed", tar_path,
                              name, (long long)size, TP_SMALL_FILE_CAP);
-        return 0;
+        return tp_ld_check_copied_size(f, tar_path, (uint64_t)size, err);
     }
     }
     return 0;
@@ -492,7 +505,7 @@ static int check_all_copied(const char *tar_path, const tp_manifest *m, const bo
     for (size_t i = 0; i < m->n_files; i++)
         if (!seen_file[i])
             return tp_errorf(err, "%s: copied file %s listed in the manifest is missing", tar_path,
-                             m->files[i]);
+                             m->files[i].name);
     size_t n = 0;
     for (int r = 0; r < m->tp; r++)
         n += seen_rank[r];
@@ -555,7 +568,7 @@ int tp_bundle_unpack(const char *tar_path, const char *dest_dir, tp_err *err)
     }
     if (prepare_dest(&u, err) < 0)
         goto out;
-    if (extract_entry(&u, a, TP_MANIFEST_NAME, manifest_len, manifest_json, err) < 0)
+    if (extract_entry(&u, a, TP_MANIFEST_NAME, manifest_len, manifest_json, NULL, err) < 0)
         goto out;
     for (;;) {
         h = archive_read_next_header(a, &e);
@@ -569,8 +582,13 @@ int tp_bundle_unpack(const char *tar_path, const char *dest_dir, tp_err *err)
         int r = -1;
         if (judge_entry(tar_path, &m, e, seen_rank, seen_file, &kind, &r, err) < 0)
             goto out;
+        uint64_t sum;
         if (extract_entry(&u, a, archive_entry_pathname(e), (uint64_t)archive_entry_size(e), NULL,
-                          err) < 0)
+                          &sum, err) < 0)
+            goto out;
+        if (kind == TP_LD_ENTRY_COPIED &&
+            tp_ld_check_copied_sum(tp_ld_manifest_file(&m, archive_entry_pathname(e)), tar_path, sum,
+                                   err) < 0)
             goto out;
         if (kind == TP_LD_ENTRY_RANK && strcmp(m.format, "tpshard") == 0) {
             /* Cheap: the index only.  Chunk checksums are tpbundle verify's. */
@@ -703,8 +721,10 @@ int tp_bundle_verify(const char *tar_path, size_t *n_ranks, tp_err *err)
         size_t cap = kind == TP_LD_ENTRY_RANK ? (size_t)m.ranks[r].size : TP_SMALL_FILE_CAP;
         if (tp_ld_tar_read_entry(a, e, tar_path, cap, &data, &len, err) < 0)
             goto out;
-        int ok =
-            kind == TP_LD_ENTRY_RANK ? verify_rank_image(tar_path, &m, r, data, len, pool, err) : 0;
+        int ok = kind == TP_LD_ENTRY_RANK
+                     ? verify_rank_image(tar_path, &m, r, data, len, pool, err)
+                     : tp_ld_check_copied_data(tp_ld_manifest_file(&m, archive_entry_pathname(e)),
+                                               tar_path, data, len, true, err);
         free(data);
         if (ok < 0)
             goto out;

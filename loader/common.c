@@ -51,12 +51,40 @@ void tp_ld_err_once_destroy(tp_ld_err_once *e)
 
 /* --------------------------------------------------------------- manifests */
 
-bool tp_ld_manifest_lists_file(const tp_manifest *m, const char *name)
+const tp_manifest_file *tp_ld_manifest_file(const tp_manifest *m, const char *name)
 {
     for (size_t i = 0; i < m->n_files; i++)
-        if (strcmp(m->files[i], name) == 0)
-            return true;
-    return false;
+        if (strcmp(m->files[i].name, name) == 0)
+            return &m->files[i];
+    return NULL;
+}
+
+bool tp_ld_manifest_lists_file(const tp_manifest *m, const char *name)
+{
+    return tp_ld_manifest_file(m, name) != NULL;
+}
+
+int tp_ld_check_copied_size(const tp_manifest_file *f, const char *src, uint64_t size, tp_err *err)
+{
+    if (size != f->size)
+        return tp_errorf(err, "%s: %s: %llu bytes, the manifest says %llu (file truncated or replaced)",
+                         src, f->name, (unsigned long long)size, (unsigned long long)f->size);
+    return 0;
+}
+
+int tp_ld_check_copied_sum(const tp_manifest_file *f, const char *src, uint64_t xxh3, tp_err *err)
+{
+    if (xxh3 != f->xxh3)
+        return tp_errorf(err, "%s: %s: checksum mismatch (file corrupted or replaced)", src, f->name);
+    return 0;
+}
+
+int tp_ld_check_copied_data(const tp_manifest_file *f, const char *src, const void *data, size_t len,
+                            bool verify, tp_err *err)
+{
+    if (tp_ld_check_copied_size(f, src, len, err) < 0)
+        return -1;
+    return verify ? tp_ld_check_copied_sum(f, src, tp_xxh3(data, len), err) : 0;
 }
 
 tp_ld_entry_kind tp_ld_manifest_classify(const tp_manifest *m, const char *name, int *rank)
@@ -101,19 +129,18 @@ int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err)
                                  m->ranks[r].file);
     }
     for (size_t i = 0; i < m->n_files; i++) {
-        if (!flat_name_ok(m->files[i]))
+        const char *name = m->files[i].name;
+        if (!flat_name_ok(name))
             return tp_errorf(err, "%s: manifest: copied file name \"%s\" is not a plain file name",
-                             src, m->files[i] ? m->files[i] : "");
-        if (strcmp(m->files[i], TP_MANIFEST_NAME) == 0)
+                             src, name ? name : "");
+        if (strcmp(name, TP_MANIFEST_NAME) == 0)
             return tp_errorf(err, "%s: manifest: lists itself as a copied file", src);
         int r;
-        if (tp_ld_manifest_classify(m, m->files[i], &r) == TP_LD_ENTRY_RANK)
-            return tp_errorf(err, "%s: manifest: copied file %s is also a rank file", src,
-                             m->files[i]);
+        if (tp_ld_manifest_classify(m, name, &r) == TP_LD_ENTRY_RANK)
+            return tp_errorf(err, "%s: manifest: copied file %s is also a rank file", src, name);
         for (size_t j = 0; j < i; j++)
-            if (strcmp(m->files[i], m->files[j]) == 0)
-                return tp_errorf(err, "%s: manifest: copied file %s listed twice", src,
-                                 m->files[i]);
+            if (strcmp(name, m->files[j].name) == 0)
+                return tp_errorf(err, "%s: manifest: copied file %s listed twice", src, name);
     }
     return 0;
 }

@@ -93,10 +93,13 @@ static int finish_config(tp_loaded_rank *lr, tp_err *err)
                      lr->source);
 }
 
-static int read_copied_files_dir(tp_loaded_rank *lr, tp_err *err)
+/* Each copied file read is checked against the manifest: size always, XXH3
+ * with verify (a damaged tokenizer.json would otherwise load silently). */
+static int read_copied_files_dir(tp_loaded_rank *lr, bool verify, tp_err *err)
 {
     for (size_t i = 0; i < lr->manifest.n_files; i++) {
-        const char *name = lr->manifest.files[i];
+        const tp_manifest_file *f = &lr->manifest.files[i];
+        const char *name = f->name;
         size_t *len_slot;
         char **slot = copied_slot(lr, name, &len_slot);
         if (!slot)
@@ -107,7 +110,7 @@ static int read_copied_files_dir(tp_loaded_rank *lr, tp_err *err)
         size_t len = 0;
         int rc = tp_read_file(path, TP_SMALL_FILE_CAP, slot, &len, err);
         free(path);
-        if (rc < 0)
+        if (rc < 0 || tp_ld_check_copied_data(f, lr->source, *slot, len, verify, err) < 0)
             return -1;
         if (len_slot)
             *len_slot = len;
@@ -151,7 +154,7 @@ static int open_rank_dir(tp_loaded_rank *lr, tp_err *err)
     return 0;
 }
 
-static int load_from_dir(tp_loaded_rank *lr, tp_err *err)
+static int load_from_dir(tp_loaded_rank *lr, bool verify, tp_err *err)
 {
     if (tp_manifest_read(lr->source, &lr->manifest, err) < 0)
         return -1;
@@ -161,14 +164,15 @@ static int load_from_dir(tp_loaded_rank *lr, tp_err *err)
         return -1;
     if (open_rank_dir(lr, err) < 0)
         return -1;
-    return read_copied_files_dir(lr, err);
+    return read_copied_files_dir(lr, verify, err);
 }
 
 /* --------------------------------------------------------------- bundle */
 
 /* Walks the bundle once: keeps this rank's file image and the copied files
  * the runtime needs, skips every other rank's data unread. */
-static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len, tp_err *err)
+static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len, bool verify,
+                       tp_err *err)
 {
     const tp_manifest *m = &lr->manifest;
     const char *path = lr->source;
@@ -223,9 +227,8 @@ static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len,
                 goto out;
             break;
         case TP_LD_ENTRY_COPIED: {
-            size_t fi = 0;
-            while (strcmp(m->files[fi], name) != 0)
-                fi++;
+            const tp_manifest_file *f = tp_ld_manifest_file(m, name);
+            size_t fi = (size_t)(f - m->files);
             if (have_file[fi]) {
                 tp_errorf(err, "%s: entry %s appears twice", path, name);
                 goto out;
@@ -234,6 +237,8 @@ static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len,
             size_t *len_slot;
             char **slot = copied_slot(lr, name, &len_slot);
             if (!slot) {
+                if (tp_ld_check_copied_size(f, path, (uint64_t)archive_entry_size(e), err) < 0)
+                    goto out;
                 if (archive_read_data_skip(a) != ARCHIVE_OK) {
                     tp_errorf(err, "%s: entry %s: %s", path, name, archive_error_string(a));
                     goto out;
@@ -245,6 +250,8 @@ static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len,
             if (tp_ld_tar_read_entry(a, e, path, TP_SMALL_FILE_CAP, &buf, &len, err) < 0)
                 goto out;
             *slot = (char *)buf;
+            if (tp_ld_check_copied_data(f, path, buf, len, verify, err) < 0)
+                goto out;
             if (len_slot)
                 *len_slot = len;
             break;
@@ -266,7 +273,7 @@ static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len,
     for (size_t i = 0; i < m->n_files; i++) {
         if (!have_file[i]) {
             tp_errorf(err, "%s: copied file %s listed in the manifest is missing", path,
-                      m->files[i]);
+                      m->files[i].name);
             goto out;
         }
     }
@@ -277,7 +284,7 @@ out:
     return rc;
 }
 
-static int load_from_bundle(tp_loaded_rank *lr, tp_err *err)
+static int load_from_bundle(tp_loaded_rank *lr, bool verify, tp_err *err)
 {
     struct archive *a;
     if (tp_ld_tar_open_read(lr->source, &a, err) < 0)
@@ -287,7 +294,7 @@ static int load_from_bundle(tp_loaded_rank *lr, tp_err *err)
     if (rc == 0)
         rc = check_loadable(&lr->manifest, lr->source, lr->rank, err);
     if (rc == 0)
-        rc = scan_bundle(lr, a, &image_len, err);
+        rc = scan_bundle(lr, a, &image_len, verify, err);
     tp_ld_tar_close_read(a);
     if (rc < 0)
         return -1;
@@ -479,9 +486,9 @@ int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_o
     if (stat(path, &st) != 0)
         rc = tp_errorf(err, "%s: %s", path, strerror(errno));
     else if (S_ISDIR(st.st_mode))
-        rc = load_from_dir(lr, err);
+        rc = load_from_dir(lr, o->verify, err);
     else if (S_ISREG(st.st_mode))
-        rc = load_from_bundle(lr, err);
+        rc = load_from_bundle(lr, o->verify, err);
     else
         rc = tp_errorf(err, "%s: neither a converted directory nor a bundle file", path);
     if (rc == 0)

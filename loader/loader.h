@@ -43,9 +43,11 @@ typedef struct tp_loaded_rank {
 } tp_loaded_rank;
 
 typedef struct tp_load_opts {
-    /* Check every chunk and tensor checksum (default on).  Off, nothing is
-     * hashed: a corrupted byte of a codec "none" tensor (or of a zstd frame
-     * that still decodes) is not noticed. */
+    /* Check every chunk and tensor checksum and the XXH3 of every copied
+     * file read (config.json, tokenizer.json, ...) (default on).  Off,
+     * nothing is hashed: a corrupted byte of a codec "none" tensor (or of a
+     * zstd frame that still decodes, or of a copied file of the right size)
+     * is not noticed.  Sizes are checked either way. */
     bool verify;
     int threads;        /* decompression threads, 0 = all cores */
     bool quiet;         /* no progress bar */
@@ -54,7 +56,9 @@ typedef struct tp_load_opts {
 /* path is a converted directory or a node bundle (.tar).  Refuses a rank
  * that is not in the conversion, a safetensors-format export, a missing rank
  * file, a rank file from another conversion (conversion id), a size or
- * checksum that differs from the manifest.  Reads no other rank's data (a
+ * checksum that differs from the manifest, a copied file whose size or
+ * XXH3 differs from the manifest's ("DIR: tokenizer.json: checksum
+ * mismatch (file corrupted or replaced)").  Reads no other rank's data (a
  * bundle's other entries are skipped unread).  Codec "none" tensors point
  * into the mapping (directory) or the rank file image (bundle, read into
  * memory); compressed ones are decoded on opts->threads threads into one
@@ -83,7 +87,7 @@ typedef struct tp_verify_report {
 /* Every checksum of every rank file listed in dir's manifest, and the
  * manifest's consistency (sizes, index checksums, conversion id, tensor
  * counts and bytes per rank, the same tensors on every rank, the copied
- * files present).  For the safetensors export: each file's XXH3 and
+ * files present with the manifest's size and XXH3).  For the safetensors export: each file's XXH3 and
  * structure.  Memory: one decoded tensor at a time. */
 int tp_verify_dir(const char *dir, int threads, bool quiet, tp_verify_report *rep, tp_err *err);
 /* Everything tp_verify_dir checks (each tensor is decoded with its
@@ -111,12 +115,13 @@ int tp_bundle_pack(const char *dir, int ranks_per_node, const char *out_dir, boo
 /* Extracts into dest_dir (created; must be empty).  Refuses absolute paths,
  * "..", any '/', links, devices, directories, duplicate or unexpected names,
  * a manifest that is not the first entry, rank entries whose size differs
- * from the manifest's, copied files over 64 MiB.  Files are extracted to
+ * from the manifest's, copied files over 64 MiB or whose size or XXH3
+ * differs from the manifest's.  Files are extracted to
  * temporary names and renamed at the end; on any error everything
  * extracted is removed (and dest_dir, if this call created it). */
 int tp_bundle_unpack(const char *tar_path, const char *dest_dir, tp_err *err);
-/* Checks the bundle's manifest, its entries (as unpack would) and every
- * checksum of the rank files it holds (each read into memory in turn).
+/* Checks the bundle's manifest, its entries (as unpack would), the size and
+ * XXH3 of its copied files and every checksum of the rank files it holds (each read into memory in turn).
  * *n_ranks (may be NULL) gets the number of rank files. */
 int tp_bundle_verify(const char *tar_path, size_t *n_ranks, tp_err *err);
 

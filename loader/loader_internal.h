@@ -41,6 +41,16 @@ typedef enum tp_ld_entry_kind {
 /* *rank gets the rank for TP_LD_ENTRY_RANK (may be NULL). */
 tp_ld_entry_kind tp_ld_manifest_classify(const tp_manifest *m, const char *name, int *rank);
 bool tp_ld_manifest_lists_file(const tp_manifest *m, const char *name);
+/* The manifest's entry for a copied file, NULL when not listed. */
+const tp_manifest_file *tp_ld_manifest_file(const tp_manifest *m, const char *name);
+/* A copied file against its manifest entry: size ("NAME: N bytes, the
+ * manifest says M"), XXH3 ("NAME: checksum mismatch (file corrupted or
+ * replaced)").  Messages start with src.  _data checks both, the checksum
+ * only when verify is set (like rank data under tp_load_opts.verify). */
+int tp_ld_check_copied_size(const tp_manifest_file *f, const char *src, uint64_t size, tp_err *err);
+int tp_ld_check_copied_sum(const tp_manifest_file *f, const char *src, uint64_t xxh3, tp_err *err);
+int tp_ld_check_copied_data(const tp_manifest_file *f, const char *src, const void *data, size_t len,
+                            bool verify, tp_err *err);
 /* Checks format-level facts every reader relies on (tp >= 1, one entry per
  * rank in order, flat file names).  Messages start with src. */
 int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err);

@@ -80,8 +80,9 @@ void tp_manifest_free(tp_manifest *m)
     free(m->codec);
     free(m->config_json);
     free(m->plan_json);
-    for (size_t i = 0; i < m->n_files; i++)
-        free(m->files[i]);
+    if (m->files)
+        for (size_t i = 0; i < m->n_files; i++)
+            free(m->files[i].name);
     free(m->files);
     if (m->ranks)
         for (int i = 0; i < m->tp; i++)
@@ -106,9 +107,9 @@ static int check_for_write(const tp_manifest *m, const char *path, tp_err *err)
         if (m->ranks[i].rank != i || !m->ranks[i].file || !plain_file_name(m->ranks[i].file))
             return TP_FAIL(err, "%s: rank entry %d is not rank %d with a plain file name", path, i, i);
     for (size_t i = 0; i < m->n_files; i++)
-        if (!m->files[i] || !plain_file_name(m->files[i]))
+        if (!m->files[i].name || !plain_file_name(m->files[i].name))
             return TP_FAIL(err, "%s: copied file name \"%s\" is not a plain file name", path,
-                             m->files[i] ? m->files[i] : "");
+                             m->files[i].name ? m->files[i].name : "");
     return 0;
 }
 
@@ -130,6 +131,17 @@ static void iso8601_now(char out[32])
     struct tm tm;
     gmtime_r(&now, &tm);
     strftime(out, 32, "%Y-%m-%dT%H:%M:%SZ", &tm);
+}
+
+static cJSON *file_json(const tp_manifest_file *f)
+{
+    char hex[17];
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "name", f->name);
+    tp_json_add_u64(o, "size", f->size);
+    tp_hex64(f->xxh3, hex);
+    cJSON_AddStringToObject(o, "xxh3", hex);
+    return o;
 }
 
 static cJSON *rank_json(const tp_manifest_rank *r)
@@ -176,7 +188,7 @@ int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
     cJSON_AddItemToObject(root, "plan", plan);
     cJSON *files = cJSON_AddArrayToObject(root, "files");
     for (size_t i = 0; i < m->n_files; i++)
-        cJSON_AddItemToArray(files, cJSON_CreateString(m->files[i]));
+        cJSON_AddItemToArray(files, file_json(&m->files[i]));
     cJSON *ranks = cJSON_AddArrayToObject(root, "ranks");
     for (int i = 0; i < m->tp; i++)
         cJSON_AddItemToArray(ranks, rank_json(&m->ranks[i]));
@@ -257,6 +269,28 @@ static int parse_ranks(const cJSON *root, const char *name, tp_manifest *m, tp_e
     return 0;
 }
 
+static int parse_file(const cJSON *o, size_t i, const char *name, tp_manifest_file *f, tp_err *err)
+{
+    char where[1200];
+    snprintf(where, sizeof where, "%s: files[%zu]", name, i);
+    if (!cJSON_IsObject(o))
+        return TP_FAIL(err, "%s: must be an object {\"name\", \"size\", \"xxh3\"}", where);
+    static const char *const keys[] = { "name", "size", "xxh3", NULL };
+    const char *file, *sum;
+    if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_str(o, "name", 4096, false, where, &file, err) < 0)
+        return -1;
+    if (!plain_file_name(file))
+        return TP_FAIL(err, "%s: name \"%s\" is not a plain file name in the directory", where, file);
+    if (tp_json_u64(o, "size", UINT64_MAX, where, &f->size, err) < 0 ||
+        tp_json_str(o, "xxh3", 64, false, where, &sum, err) < 0)
+        return -1;
+    if (strlen(sum) != 16 || tp_parse_hex64(sum, &f->xxh3) < 0)
+        return TP_FAIL(err, "%s: xxh3 \"%s\" is not 16 hex digits", where, sum);
+    if (!(f->name = strdup(file)))
+        return TP_FAIL(err, "%s: out of memory", where);
+    return 0;
+}
+
 static int parse_files(const cJSON *root, const char *name, tp_manifest *m, tp_err *err)
 {
     const cJSON *files = tp_json_need(root, "files", name, err);
@@ -269,14 +303,14 @@ static int parse_files(const cJSON *root, const char *name, tp_manifest *m, tp_e
         return TP_FAIL(err, "%s: out of memory", name);
     const cJSON *f;
     cJSON_ArrayForEach(f, files) {
-        if (!cJSON_IsString(f) || !f->valuestring || !plain_file_name(f->valuestring))
-            return TP_FAIL(err, "%s: files[%zu] is not a plain file name in the directory", name, m->n_files);
-        for (size_t j = 0; j < m->n_files; j++)
-            if (strcmp(m->files[j], f->valuestring) == 0)
-                return TP_FAIL(err, "%s: file %s listed twice", name, f->valuestring);
-        if (!(m->files[m->n_files] = strdup(f->valuestring)))
-            return TP_FAIL(err, "%s: out of memory", name);
-        m->n_files++;
+        tp_manifest_file *entry = &m->files[m->n_files];
+        int rc = parse_file(f, m->n_files, name, entry, err);
+        m->n_files++; /* counted even on failure: tp_manifest_free frees its name */
+        if (rc < 0)
+            return -1;
+        for (size_t j = 0; j + 1 < m->n_files; j++)
+            if (strcmp(m->files[j].name, entry->name) == 0)
+                return TP_FAIL(err, "%s: file %s listed twice", name, entry->name);
     }
     return 0;
 }

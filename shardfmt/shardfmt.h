@@ -358,6 +358,14 @@ typedef struct tp_manifest_rank {
     size_t n_tensors;
 } tp_manifest_rank;
 
+/* A file copied from the model directory (config.json, tokenizer.json, ...),
+ * pinned by size and XXH3-64 of its bytes like the rank files. */
+typedef struct tp_manifest_file {
+    char *name;             /* relative to the directory */
+    uint64_t size;
+    uint64_t xxh3;
+} tp_manifest_file;
+
 typedef struct tp_manifest {
     int format_version;
     char *format;           /* "tpshard" or "safetensors" */
@@ -371,7 +379,7 @@ typedef struct tp_manifest {
     char *plan_json;        /* the plan used: {"pattern": "style", ...} */
     /* copied files present in the directory, e.g. "tokenizer.json"; may be 0 */
     size_t n_files;
-    char **files;
+    tp_manifest_file *files;
     tp_manifest_rank *ranks; /* tp entries, ranks[i].rank == i */
 } tp_manifest;
 

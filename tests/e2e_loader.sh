@@ -5,6 +5,8 @@
 #     (zstd and none) and the safetensors export, at tp 1, 2 and 4 (qwen3-kv1
 #     at tp 4: several ranks hold the same kv head);
 #   - a flipped data byte makes tpverify exit non-zero naming the tensor;
+#   - a flipped byte of a copied file (tokenizer.json, config.json) makes
+#     tpverify, tprun and tpbundle verify / unpack fail naming the file;
 #     --against another model fails;
 #   - tpinspect --json holds the manifest's facts; --dump writes the tensor;
 #   - tpbundle pack / verify / unpack round trip; a hostile tar is refused;
@@ -17,7 +19,7 @@ tmp=$(mktemp -d "${TMPDIR:-/tmp}/e2e_loader.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
 die() { echo "e2e_loader: FAIL: $*" >&2; exit 1; }
-for p in tpconvert tpverify tpinspect tpbundle; do
+for p in tpconvert tpverify tpinspect tpbundle tprun; do
     [ -x "$BIN/$p" ] || die "$BIN/$p is not built"
 done
 for m in qwen2-tiny qwen3-kv1 llama-bias; do
@@ -116,6 +118,46 @@ cp -r "$tmp/q2-st" "$tmp/q2-st-bad"
 size=$(stat -c %s "$tmp/q2-st-bad/rank-00000-of-00002.safetensors")
 flip_byte "$tmp/q2-st-bad/rank-00000-of-00002.safetensors" $((size - 3))
 expect_fail "rank-00000-of-00002.safetensors" "$BIN/tpverify" "$tmp/q2-st-bad" --quiet
+
+echo "== a damaged copied file (config.json, tokenizer.json) is caught"
+# The manifest pins each copied file by size and XXH3 like the rank files.
+# A stand-in tokenizer.json (tpconvert copies it as it is) rides along.
+cp -r tests/models/llama-bias "$tmp/bias-tok"
+printf '{"version": "1.0", "model": {"type": "BPE", "vocab": {}}}\n' >"$tmp/bias-tok/tokenizer.json"
+"$BIN/tpconvert" --tp 1 --quiet "$tmp/bias-tok" "$tmp/tok-tp1" || die "tpconvert of bias-tok failed"
+rm -rf "$tmp/bias-tok"
+expect_ok "tpverify: OK: 1 rank," "$BIN/tpverify" "$tmp/tok-tp1" --quiet
+grep -q '"xxh3":[[:space:]]*"[0-9a-f]\{16\}"' "$tmp/tok-tp1/manifest.json" || die "manifest.json has no xxh3 for copied files"
+"$BIN/tprun" "$tmp/tok-tp1" --comm single --load-only >/dev/null 2>"$tmp/stderr" \
+    || die "tprun --load-only of the undamaged conversion failed: $(cat "$tmp/stderr")"
+cp -r "$tmp/tok-tp1" "$tmp/tok-bad"
+flip_byte "$tmp/tok-bad/tokenizer.json" 30
+expect_fail "tokenizer.json: checksum mismatch (file corrupted or replaced)" "$BIN/tpverify" "$tmp/tok-bad" --quiet
+expect_fail "tokenizer.json: checksum mismatch (file corrupted or replaced)" \
+    "$BIN/tprun" "$tmp/tok-bad" --comm single --prompt-ids "1 2" --max-new-tokens 1
+expect_fail "tokenizer.json: checksum mismatch" "$BIN/tpbundle" pack "$tmp/tok-bad" --ranks-per-node 1 \
+    --out "$tmp/tok-bad-bundle" --quiet
+cp -r "$tmp/tok-tp1" "$tmp/cfg-bad"
+flip_byte "$tmp/cfg-bad/config.json" 5
+expect_fail "config.json: checksum mismatch (file corrupted or replaced)" "$BIN/tpverify" "$tmp/cfg-bad" --quiet
+expect_fail "config.json: checksum mismatch (file corrupted or replaced)" \
+    "$BIN/tprun" "$tmp/cfg-bad" --comm single --prompt-ids "1 2" --max-new-tokens 1
+printf ' ' >>"$tmp/cfg-bad/config.json"
+expect_fail "config.json: $(( $(stat -c %s "$tmp/tok-tp1/config.json") + 1 )) bytes, the manifest says" \
+    "$BIN/tpverify" "$tmp/cfg-bad" --quiet
+# In a bundle: a good pack, then one byte of tokenizer.json changed inside the tar.
+"$BIN/tpbundle" pack "$tmp/tok-tp1" --ranks-per-node 1 --out "$tmp/tok-bundle" --quiet >/dev/null \
+    || die "tpbundle pack of tok-tp1 failed"
+tb=$tmp/tok-bundle/node-00000-of-00001.tar
+expect_ok "holds 1 rank file" "$BIN/tpbundle" verify "$tb"
+off=$(grep -obaF '"BPE"' "$tb" | head -n1 | cut -d: -f1)
+[ -n "$off" ] || die "no tokenizer.json bytes found in $tb"
+flip_byte "$tb" $((off + 1))
+expect_fail "tokenizer.json: checksum mismatch (file corrupted or replaced)" "$BIN/tpbundle" verify "$tb"
+expect_fail "tokenizer.json: checksum mismatch (file corrupted or replaced)" "$BIN/tpbundle" unpack "$tb" "$tmp/tok-out"
+[ ! -e "$tmp/tok-out" ] || die "a refused unpack left $tmp/tok-out"
+expect_fail "tokenizer.json: checksum mismatch (file corrupted or replaced)" \
+    "$BIN/tprun" "$tb" --comm single --prompt-ids "1 2" --max-new-tokens 1
 
 echo "== tpbundle"
 "$BIN/tpbundle" pack "$tmp/kv1-tp4" --ranks-per-node 2 --out "$tmp/bundles" --quiet >"$tmp/list" \

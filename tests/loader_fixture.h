@@ -505,7 +505,12 @@ static void fx_write_conversion(const fx_model *m, const char *dir, const fx_con
     man.level = 3;
     man.config_json = (char *)fx_config_json;
     man.plan_json = (char *)"{\"*\": \"test\"}";
-    char *files[] = {(char *)"config.json", (char *)"tokenizer.json"};
+    /* The copied files, pinned by size and XXH3 like tpconvert does. */
+    static const char fx_tokenizer_json[] = "{\"version\": \"1.0\", \"model\": {\"type\": \"BPE\"}}\n";
+    tp_manifest_file files[] = {
+        {(char *)"config.json", strlen(fx_config_json), tp_xxh3(fx_config_json, strlen(fx_config_json))},
+        {(char *)"tokenizer.json", strlen(fx_tokenizer_json), tp_xxh3(fx_tokenizer_json, strlen(fx_tokenizer_json))},
+    };
     man.n_files = 2;
     man.files = files;
     man.ranks = calloc((size_t)o->tp, sizeof *man.ranks);
@@ -525,7 +530,7 @@ static void fx_write_conversion(const fx_model *m, const char *dir, const fx_con
     }
     char *cfg = fx_path(dir, "config.json"), *tok = fx_path(dir, "tokenizer.json");
     fx_write_text(cfg, fx_config_json);
-    fx_write_text(tok, "{\"version\": \"1.0\", \"model\": {\"type\": \"BPE\"}}\n");
+    fx_write_text(tok, fx_tokenizer_json);
     free(cfg);
     free(tok);
     if (tp_manifest_write(dir, &man, &err) != 0) {

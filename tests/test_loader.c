@@ -208,6 +208,99 @@ static void test_corruption(const fx_model *m, const char *root, const char *goo
     free(dir);
 }
 
+/* Offset of the first occurrence of needle in a file (exits when absent). */
+static uint64_t offset_of(const char *path, const char *needle)
+{
+    char *text;
+    size_t len;
+    tp_err err;
+    if (tp_read_file(path, (size_t)1 << 26, &text, &len, &err) != 0) {
+        fprintf(stderr, "%s\n", err.msg);
+        exit(2);
+    }
+    const char *hit = memmem(text, len, needle, strlen(needle));
+    if (!hit) {
+        fprintf(stderr, "%s: no \"%s\"\n", path, needle);
+        exit(2);
+    }
+    uint64_t off = (uint64_t)(hit - text);
+    free(text);
+    return off;
+}
+
+/* The copied files are pinned by size and XXH3 like the rank files: a
+ * damaged tokenizer.json or config.json is refused by the loader (from a
+ * directory or a bundle), tp_verify_dir, tpbundle pack, verify and unpack.
+ * With verify off only the size is checked (the documented fast path). */
+static void test_copied_files(const char *root, const char *good)
+{
+    tp_err err;
+    tp_loaded_rank lr;
+    tp_verify_report rep;
+    const char *mismatch = "tokenizer.json: checksum mismatch (file corrupted or replaced)";
+
+    /* Same size, one byte changed. */
+    char *dir = fx_path(root, "copied-flip");
+    fx_copy(good, dir);
+    char *tok = fx_path(dir, "tokenizer.json");
+    fx_flip_byte(tok, offset_of(tok, "BPE"));
+    CHECK_FAILS(tp_load_rank(&lr, dir, 0, &opts_verify, &err), err, mismatch);
+    CHECK(strncmp(err.msg, dir, strlen(dir)) == 0);
+    CHECK_FAILS(tp_load_rank(&lr, dir, 0, NULL, &err), err, mismatch);
+    CHECK_OK(tp_load_rank(&lr, dir, 0, &opts_fast, &err), err);
+    CHECK(lr.tokenizer_json && strstr(lr.tokenizer_json, "BPE") == NULL); /* the damaged bytes */
+    tp_loaded_rank_free(&lr);
+    CHECK_FAILS(tp_verify_dir(dir, 2, true, &rep, &err), err, mismatch);
+    char *bdir = fx_path(root, "copied-flip-bundles");
+    CHECK_FAILS(tp_bundle_pack(dir, 4, bdir, true, NULL, NULL, &err), err, mismatch);
+    free(bdir);
+    free(tok);
+    free(dir);
+
+    /* config.json one byte longer: the size says so, verify on or off. */
+    dir = fx_path(root, "copied-grow");
+    fx_copy(good, dir);
+    char *cfg = fx_path(dir, "config.json");
+    char cmd[2400];
+    snprintf(cmd, sizeof cmd, "printf ' ' >>'%s'", cfg);
+    if (fx_run(cmd) != 0)
+        exit(2);
+    char want[128];
+    snprintf(want, sizeof want, "config.json: %zu bytes, the manifest says %zu", strlen(fx_config_json) + 1,
+             strlen(fx_config_json));
+    CHECK_FAILS(tp_load_rank(&lr, dir, 1, &opts_verify, &err), err, want);
+    CHECK_FAILS(tp_load_rank(&lr, dir, 1, &opts_fast, &err), err, want);
+    CHECK_FAILS(tp_verify_dir(dir, 2, true, &rep, &err), err, want);
+    free(cfg);
+    free(dir);
+
+    /* A good bundle whose tokenizer.json is damaged inside the tar. */
+    bdir = fx_path(root, "copied-bundles");
+    char **paths = NULL;
+    size_t n = 0;
+    CHECK_OK(tp_bundle_pack(good, 4, bdir, true, &paths, &n, &err), err);
+    CHECK(n == 1);
+    if (n == 1) {
+        size_t held;
+        CHECK_OK(tp_bundle_verify(paths[0], &held, &err), err);
+        fx_flip_byte(paths[0], offset_of(paths[0], "BPE"));
+        CHECK_FAILS(tp_bundle_verify(paths[0], &held, &err), err, mismatch);
+        CHECK(strncmp(err.msg, paths[0], strlen(paths[0])) == 0);
+        CHECK_FAILS(tp_load_rank(&lr, paths[0], 3, &opts_verify, &err), err, mismatch);
+        CHECK_OK(tp_load_rank(&lr, paths[0], 3, &opts_fast, &err), err);
+        tp_loaded_rank_free(&lr);
+        char *out = fx_path(root, "copied-unpacked");
+        CHECK_FAILS(tp_bundle_unpack(paths[0], out, &err), err, mismatch);
+        struct stat st;
+        CHECK(stat(out, &st) != 0); /* nothing half-extracted left behind */
+        free(out);
+    }
+    for (size_t i = 0; i < n; i++)
+        free(paths[i]);
+    free(paths);
+    free(bdir);
+}
+
 static void test_verify(const fx_model *m, const char *root, const char *src, const char *good_none,
                         const char *good_zstd)
 {
@@ -459,6 +552,7 @@ int main(void)
     test_load(&m, zstd, TP_CODEC_ZSTD);
     test_refusals(&m, root, zstd);
     test_corruption(&m, root, none, zstd);
+    test_copied_files(root, zstd);
     test_verify(&m, root, src, none, zstd);
     test_safetensors_export(&m, root, src);
     test_bundle_round_trip(&m, root, src, zstd);

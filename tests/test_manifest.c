@@ -17,13 +17,13 @@ static int failures;
 
 static char tmpdir[256];
 
-static tp_manifest sample(tp_manifest_rank *ranks, char **files)
+static tp_manifest sample(tp_manifest_rank *ranks, tp_manifest_file *files)
 {
     ranks[0] = (tp_manifest_rank){ 0, "rank-00000-of-00002.tpshard", 123456789012ull, 0x0123456789abcdefull,
                                    9007199254740991ull, 5000, 17 };
     ranks[1] = (tp_manifest_rank){ 1, "rank-00001-of-00002.tpshard", 4096, 0xfedcba9876543210ull, 0, 0, 0 };
-    files[0] = "config.json";
-    files[1] = "tokenizer.json";
+    files[0] = (tp_manifest_file){ "config.json", 91, 0x00000000000000ffull };
+    files[1] = (tp_manifest_file){ "tokenizer.json", 11422654, 0xffeeddccbbaa9988ull };
     tp_manifest m = {
         .format_version = 1,
         .format = "tpshard",
@@ -45,7 +45,7 @@ static tp_manifest sample(tp_manifest_rank *ranks, char **files)
 static void test_round_trip(void)
 {
     tp_manifest_rank ranks[2];
-    char *files[2];
+    tp_manifest_file files[2];
     tp_manifest m = sample(ranks, files), back;
     tp_err err = { "" };
     CHECK(tp_manifest_write(tmpdir, &m, &err) == 0, "write: %s", err.msg);
@@ -54,8 +54,12 @@ static void test_round_trip(void)
     CHECK(strcmp(back.conversion_id, m.conversion_id) == 0, "conversion id");
     CHECK(back.tp == 2 && strcmp(back.model_type, "qwen3") == 0 && back.vocab_parallel, "tp/model/vocab");
     CHECK(strcmp(back.codec, "zstd") == 0 && back.level == 19, "codec/level");
-    CHECK(back.n_files == 2 && strcmp(back.files[0], "config.json") == 0 && strcmp(back.files[1], "tokenizer.json") == 0,
+    CHECK(back.n_files == 2 && strcmp(back.files[0].name, "config.json") == 0 &&
+              strcmp(back.files[1].name, "tokenizer.json") == 0,
           "files");
+    for (size_t i = 0; i < 2 && back.n_files == 2; i++)
+        CHECK(back.files[i].size == m.files[i].size && back.files[i].xxh3 == m.files[i].xxh3,
+              "files[%zu] size/xxh3 read back differ", i);
     for (int i = 0; i < 2; i++) {
         const tp_manifest_rank *a = &m.ranks[i], *b = &back.ranks[i];
         CHECK(b->rank == i && strcmp(a->file, b->file) == 0 && a->size == b->size && a->checksum == b->checksum &&
@@ -105,6 +109,10 @@ static void test_round_trip(void)
     w = sample(ranks, files);
     ranks[1].rank = 0;
     CHECK(tp_manifest_write(tmpdir, &w, &err) < 0, "write rank order");
+    w = sample(ranks, files);
+    files[0].name = "../config.json";
+    CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "plain file name"), "write copied ../: %s",
+          err.msg);
 
     CHECK(tp_manifest_read("/nonexistent-dir-h2", &back, &err) < 0 && strstr(err.msg, "/nonexistent-dir-h2/manifest.json"),
           "missing manifest names the path: %s", err.msg);
@@ -114,7 +122,7 @@ static void test_round_trip(void)
 static cJSON *good_tree(void)
 {
     tp_manifest_rank ranks[2];
-    char *files[2];
+    tp_manifest_file files[2];
     tp_manifest m = sample(ranks, files);
     tp_err err;
     char *path = tp_path_join(tmpdir, TP_MANIFEST_NAME), *text = NULL;
@@ -149,6 +157,11 @@ static void expect_refused(const char *what, cJSON *root, const char *want)
 static cJSON *rank_entry(cJSON *root, int i)
 {
     return cJSON_GetArrayItem(cJSON_GetObjectItem(root, "ranks"), i);
+}
+
+static cJSON *file_entry(cJSON *root, int i)
+{
+    return cJSON_GetArrayItem(cJSON_GetObjectItem(root, "files"), i);
 }
 
 static void set(cJSON *obj, const char *key, cJSON *v)
@@ -193,12 +206,47 @@ static void test_refusals(void)
         snprintf(what, sizeof what, "rank file \"%s\"", bad_names[k]);
         expect_refused(what, r, k == 5 ? "\"file\" is empty" : "ranks[1]: file");
     }
+    /* Copied files: {"name", "size", "xxh3"} objects, every field checked. */
+    for (size_t k = 0; k < sizeof bad_names / sizeof *bad_names; k++) {
+        r = good_tree();
+        set(file_entry(r, 1), "name", cJSON_CreateString(bad_names[k]));
+        char what[64];
+        snprintf(what, sizeof what, "copied file \"%s\"", bad_names[k]);
+        expect_refused(what, r, k == 5 ? "files[1]: \"name\" is empty" : "files[1]: name");
+    }
     r = good_tree();
-    cJSON_AddItemToArray(cJSON_GetObjectItem(r, "files"), cJSON_CreateString("../../secret"));
-    expect_refused("copied file with ..", r, "files[2] is not a plain file name");
+    cJSON_AddItemToArray(cJSON_GetObjectItem(r, "files"), cJSON_CreateString("tokenizer_config.json"));
+    expect_refused("copied file as a bare name (old form)", r, "files[2]: must be an object");
     r = good_tree();
-    cJSON_AddItemToArray(cJSON_GetObjectItem(r, "files"), cJSON_CreateString("config.json"));
+    cJSON_AddItemToArray(cJSON_GetObjectItem(r, "files"), cJSON_Duplicate(file_entry(r, 0), 1));
     expect_refused("copied file twice", r, "file config.json listed twice");
+    r = good_tree();
+    cJSON_DeleteItemFromObject(file_entry(r, 1), "size");
+    expect_refused("copied file without size", r, "files[1]");
+    r = good_tree();
+    cJSON_DeleteItemFromObject(file_entry(r, 0), "xxh3");
+    expect_refused("copied file without xxh3", r, "files[0]");
+    r = good_tree();
+    cJSON_DeleteItemFromObject(file_entry(r, 0), "name");
+    expect_refused("copied file without name", r, "files[0]");
+    r = good_tree();
+    set(file_entry(r, 1), "size", cJSON_CreateNumber(-1));
+    expect_refused("copied file size -1", r, "files[1]");
+    r = good_tree();
+    set(file_entry(r, 1), "size", cJSON_CreateString("12"));
+    expect_refused("copied file size as a string", r, "files[1]");
+    const char *bad_sums[] = { "ffeeddccbbaa998", "ffeeddccbbaa99880", "ffeeddccbbaa998g", "", "0x0eddccbbaa9988" };
+    for (size_t k = 0; k < sizeof bad_sums / sizeof *bad_sums; k++) {
+        r = good_tree();
+        set(file_entry(r, 1), "xxh3", cJSON_CreateString(bad_sums[k]));
+        expect_refused("copied file xxh3", r, k == 3 ? "files[1]: \"xxh3\" is empty" : "is not 16 hex digits");
+    }
+    r = good_tree();
+    set(file_entry(r, 1), "xxh3", cJSON_CreateNumber(1234));
+    expect_refused("copied file xxh3 as a number", r, "files[1]");
+    r = good_tree();
+    cJSON_AddNumberToObject(file_entry(r, 0), "mtime", 1);
+    expect_refused("copied file with an unknown key", r, "mtime");
     r = good_tree();
     set(rank_entry(r, 1), "file", cJSON_CreateString("rank-00000-of-00002.tpshard"));
     expect_refused("two ranks, one file", r, "share the file");

@@ -156,7 +156,7 @@ static void check_manifest(const char *out, const tp_conversion *c, const char *
     CHECK(!strcmp(m.model_type, c->model.model_type), "%s: model_type", out);
     bool has_cfg = false;
     for (size_t i = 0; i < m.n_files; i++)
-        has_cfg |= !strcmp(m.files[i], "config.json");
+        has_cfg |= !strcmp(m.files[i].name, "config.json");
     CHECK(has_cfg, "%s: config.json not in files", out);
     CHECK(m.plan_json && strstr(m.plan_json, "lm_head"), "%s: plan_json", out);
     /* the manifest embeds config.json as an object: compare as JSON */

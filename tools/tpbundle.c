@@ -19,7 +19,7 @@ static void usage(FILE *f)
             "  pack    writes node-NNNNN-of-MMMMM.tar files (K ranks each) into DIR\n"
             "          (default: OUT itself, as tpconvert --bundle does)\n"
             "  unpack  extracts a bundle into DEST (created; must be empty if it exists)\n"
-            "  verify  checks the bundle's manifest and every checksum of its rank files\n",
+            "  verify  checks the bundle's manifest and every checksum of its rank and copied files\n",
             prog, prog, prog);
 }
 

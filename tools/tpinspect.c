@@ -103,7 +103,7 @@ static void print_text(const char *dir, const tp_manifest *m, const rank_stats *
         printf(" level %d", m->level);
     printf("\n  copied files  ");
     for (size_t i = 0; i < m->n_files; i++)
-        printf(" %s", m->files[i]);
+        printf(" %s", m->files[i].name);
     printf("%s\n", m->n_files ? "" : " none");
     printf("  %-5s %-36s %8s %14s %14s %7s\n", "rank", "file", "tensors", "raw bytes",
            "stored bytes", "ratio");
@@ -138,7 +138,7 @@ static int print_json(const tp_manifest *m, const rank_stats *ranks, const dtype
     cJSON_AddNumberToObject(o, "level", m->level);
     cJSON *files = cJSON_AddArrayToObject(o, "files");
     for (size_t i = 0; i < m->n_files; i++)
-        cJSON_AddItemToArray(files, cJSON_CreateString(m->files[i]));
+        cJSON_AddItemToArray(files, cJSON_CreateString(m->files[i].name));
     cJSON *jr = cJSON_AddArrayToObject(o, "ranks");
     uint64_t raw = 0, stored = 0;
     size_t tensors = 0;

@@ -22,7 +22,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (m.ranks[i].rank != i || strchr(m.ranks[i].file, '/') || strcmp(m.ranks[i].file, "..") == 0)
             abort();
     for (size_t i = 0; i < m.n_files; i++)
-        if (strchr(m.files[i], '/') || strcmp(m.files[i], "..") == 0)
+        if (!m.files[i].name || strchr(m.files[i].name, '/') || strcmp(m.files[i].name, "..") == 0)
             abort();
     tp_manifest_free(&m);
     return 0;
