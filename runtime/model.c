@@ -16,6 +16,9 @@
  */
 #include "runtime.h"
 #include "kernels_cpu.h"
+#ifdef TP_HAVE_CUDA
+#include "cuda/model_cuda.h"
+#endif
 
 #include <cblas.h>
 #include <math.h>
@@ -61,6 +64,9 @@ struct tp_model {
     float *logit_slot, *logit_all;
 
     tp_pool *pool;              /* NULL: one thread */
+#ifdef TP_HAVE_CUDA
+    tpcm_model *gpu;            /* device "cuda": the forward pass runs there */
+#endif
 };
 
 /* ------------------------------------------------------------ helpers */
@@ -525,6 +531,47 @@ static int alloc_caches(tp_model *m, tp_err *err)
     return 0;
 }
 
+#ifdef TP_HAVE_CUDA
+/* Hands the checked structure and the fp32 weights to model_cuda.cu, which
+ * uploads them; the host copies and the CPU KV cache are freed after. */
+static int to_device(tp_model *m, const char *device, tp_err *err)
+{
+    tpcm_layer_src *ls = calloc((size_t)m->cfg.n_layers, sizeof *ls);
+    if (!ls)
+        return tp_errorf(err, "out of memory");
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        const layer_weights *L = &m->layers[l];
+        ls[l] = (tpcm_layer_src){
+            .attn_norm = L->attn_norm, .ffn_norm = L->ffn_norm, .q_norm = L->q_norm,
+            .k_norm = L->k_norm, .wq = L->wq, .wk = L->wk, .wv = L->wv, .wo = L->wo,
+            .bq = L->bq, .bk = L->bk, .bv = L->bv, .bo = L->bo, .wgate = L->wgate,
+            .wup = L->wup, .wdown = L->wdown, .bgate = L->bgate, .bup = L->bup,
+            .bdown = L->bdown, .window = L->window,
+        };
+    }
+    tpcm_desc d = {
+        .cfg = &m->cfg, .comm = m->comm, .rank = m->rank, .world = m->world, .lq = m->lq,
+        .lkv = m->lkv, .li = m->li, .group = m->group, .max_seq = m->max_seq,
+        .embed = m->embed, .emb_start = m->emb_start, .emb_end = m->emb_end,
+        .final_norm = m->final_norm, .lm_w = m->lm_w, .lm_start = m->lm_start,
+        .lm_end = m->lm_end, .lm_ranges = m->lm_ranges, .vocab_slot = m->vocab_slot,
+        .layers = ls, .device = device,
+    };
+    int rc = tpcm_create(&m->gpu, &d, err);
+    free(ls);
+    if (rc < 0)
+        return tp_err_prefix(err, "device \"%s\"", device);
+    for (size_t i = 0; i < m->n_owned; i++)
+        free(m->owned[i]);
+    m->n_owned = 0;
+    memset(m->layers, 0, (size_t)m->cfg.n_layers * sizeof *m->layers);
+    m->embed = m->lm_w = m->final_norm = NULL;
+    free(m->kcache); free(m->vcache); free(m->scratch);
+    m->kcache = m->vcache = m->scratch = NULL;
+    return 0;
+}
+#endif
+
 int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_model_opts *opts,
                     tp_err *err)
 {
@@ -532,8 +579,15 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     tp_model_opts def = { 0 };
     if (!opts)
         opts = &def;
-    if (opts->device && strcmp(opts->device, "cpu") != 0)
-        return tp_errorf(err, "device \"%s\": this model path runs on the cpu only", opts->device);
+    bool cuda = opts->device && (strcmp(opts->device, "cuda") == 0 ||
+                                 strncmp(opts->device, "cuda:", 5) == 0);
+    if (opts->device && strcmp(opts->device, "cpu") != 0 && !cuda)
+        return tp_errorf(err, "device \"%s\": expected cpu, cuda or cuda:N", opts->device);
+#ifndef TP_HAVE_CUDA
+    if (cuda)
+        return tp_errorf(err, "device \"%s\": this build has no CUDA (nvcc was not found, or "
+                         "NOCUDA=1)", opts->device);
+#endif
     tp_model *m = calloc(1, sizeof *m);
     if (!m)
         return tp_errorf(err, "out of memory");
@@ -588,6 +642,10 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     lc.jobs = NULL;
     if (exchange_vocab_ranges(m, err) < 0 || alloc_caches(m, err) < 0)
         goto fail;
+#ifdef TP_HAVE_CUDA
+    if (cuda && to_device(m, opts->device, err) < 0)
+        goto fail;
+#endif
     *out = m;
     return 0;
 fail:
@@ -600,6 +658,9 @@ void tp_model_free(tp_model *m)
 {
     if (!m)
         return;
+#ifdef TP_HAVE_CUDA
+    tpcm_free(m->gpu);
+#endif
     for (size_t i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     free(m->owned);
@@ -622,6 +683,14 @@ void tp_model_free(tp_model *m)
 const tp_model_config *tp_model_get_config(const tp_model *m) { return &m->cfg; }
 void tp_model_reset(tp_model *m) { m->pos = 0; }
 int tp_model_position(const tp_model *m) { return m->pos; }
+const char *tp_model_device_info(const tp_model *m)
+{
+#ifdef TP_HAVE_CUDA
+    if (m->gpu)
+        return tpcm_describe(m->gpu);
+#endif
+    return "cpu";
+}
 
 /* ------------------------------------------------------------ forward pass */
 
@@ -780,6 +849,14 @@ int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_e
         if (ids[t] < 0 || ids[t] >= c->vocab)
             return tp_errorf(err, "forward: token id %d is outside the vocabulary [0, %d)",
                              ids[t], c->vocab);
+#ifdef TP_HAVE_CUDA
+    if (m->gpu) {
+        if (tpcm_forward(m->gpu, ids, n, m->pos, logits, err) < 0)
+            return -1;
+        m->pos += n;
+        return 0;
+    }
+#endif
     if (ensure_buffers(m, n, err) < 0)
         return -1;
     int H = c->hidden;

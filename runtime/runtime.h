@@ -149,6 +149,9 @@ void tp_model_free(tp_model *m);
 const tp_model_config *tp_model_get_config(const tp_model *m);
 void tp_model_reset(tp_model *m);   /* empties the KV cache */
 int tp_model_position(const tp_model *m);
+/* Where the forward pass runs, one line: "cpu", or for "cuda" the device,
+ * the weight bytes uploaded, the upload's GB/s and the all-reduce path. */
+const char *tp_model_device_info(const tp_model *m);
 /* Runs ids[0..n) at the current position and appends them to the cache.
  * When logits is non-NULL it receives the full-vocabulary logits of the last
  * position (gathered across ranks; identical on every rank).  Collective:

@@ -282,6 +282,9 @@ typedef struct rank_job {
 } rank_job;
 
 static int g_threads = 1;   /* CPU threads of each rank's model */
+/* tp_model_opts.device of each rank's model (test_model_cuda.c, which
+ * includes this file, switches it to "cuda"). */
+static const char *g_device = "cpu";
 
 /* Prefills ids[0..n_prefill) (logits step 0), then decodes ids[n_prefill ..]
  * one at a time (logits steps 1..); then resets and prefills again, which
@@ -290,7 +293,7 @@ static void *rank_main(void *arg)
 {
     rank_job *j = arg;
     tp_model *m = NULL;
-    tp_model_opts o = { .max_seq = 256, .threads = g_threads, .device = "cpu" };
+    tp_model_opts o = { .max_seq = 256, .threads = g_threads, .device = g_device };
     j->rc = -1;
     if (tp_model_create(&m, j->lr, j->comm, &o, &j->err) < 0)
         return NULL;

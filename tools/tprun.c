@@ -29,7 +29,7 @@ static const char usage[] =
     "             [--prompt TEXT | --prompt-ids 1,2,3] [--chat] [-i|--interactive]\n"
     "             [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "             [--ignore-eos] [--max-seq N] [--json] [--logits] [--threads N]\n"
-    "             [--no-verify] [--load-only] [--verbose] [--quiet]\n"
+    "             [--no-verify] [--load-only] [--verbose] [--quiet] [--device cpu|cuda] [--gpu N]\n"
     "OUT is a directory written by tpconvert, or a node bundle (.tar) of tpbundle.\n"
     "Several ranks: launch with torchrun --no-python, mpirun or srun; rank 0 listens on\n"
     "MASTER_ADDR:MASTER_PORT (default 127.0.0.1:29500) for the tcp backend.\n";
@@ -50,6 +50,8 @@ typedef struct options {
     uint64_t seed;
     int threads;               /* 0: cores / ranks on this node */
     int max_seq;               /* 0: min(max_position, 4096) */
+    const char *device;        /* "cpu" (default) or "cuda" */
+    int gpu;                   /* --gpu N; -1: LOCAL_RANK's (or the nccl comm's) */
 } options;
 
 /* ------------------------------------------------------------ the run state */
@@ -133,7 +135,7 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 static void parse_args(int argc, char **argv, options *o)
 {
     *o = (options){ .rank = -1, .comm = "auto", .timeout_s = 60, .max_new_tokens = -1,
-                    .temperature = -1, .top_k = -1, .top_p = -1 };
+                    .temperature = -1, .top_k = -1, .top_p = -1, .device = "cpu", .gpu = -1 };
     cli_init_text("tprun", usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -171,6 +173,12 @@ static void parse_args(int argc, char **argv, options *o)
             o->has_seed = true;
         } else if (!strcmp(a, "--threads")) {
             o->threads = (int)parse_long(a, TAKE(), 1, 4096);
+        } else if (!strcmp(a, "--device")) {
+            o->device = TAKE();
+            if (strcmp(o->device, "cpu") != 0 && strcmp(o->device, "cuda") != 0)
+                usage_error("--device %s: expected cpu or cuda", o->device);
+        } else if (!strcmp(a, "--gpu")) {
+            o->gpu = (int)parse_long(a, TAKE(), 0, 1024);
         } else if (!strcmp(a, "--max-seq")) {
             o->max_seq = (int)parse_long(a, TAKE(), 1, INT_MAX);
         } else if (!strcmp(a, "--json")) {
@@ -322,9 +330,16 @@ static void create_model(run *r)
     if (r->o.max_seq > cfg.max_position)
         die_msg(r, true, "--max-seq %d is more than the model's max_position_embeddings (%d)", r->o.max_seq,
                 cfg.max_position);
-    tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = "cpu" };
+    char device[32];
+    if (r->o.gpu >= 0 && !strcmp(r->o.device, "cuda"))
+        snprintf(device, sizeof device, "cuda:%d", r->o.gpu);
+    else
+        snprintf(device, sizeof device, "%s", r->o.device);
+    tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = device };
     if (tp_model_create(&r->model, &r->lr, r->comm, &mo, &err))
         die(r, &err, false);
+    if (r->o.verbose && my_rank(r) == 0)
+        fprintf(stderr, "tprun: model on %s\n", tp_model_device_info(r->model));
     /* The CPU model holds fp32 copies of its weights: the bf16 tensors (a
      * mapping, or decompressed memory) are not needed any more. */
     tp_loaded_rank_drop_tensors(&r->lr);

@@ -5,8 +5,12 @@ dim3 blockDim, gridDim;
 emu_block *emu_cur;
 std::vector<char> emu_dyn_smem;
 std::mutex emu_atomic_mu;
+// One launch at a time: the block state above is global, and
+// test_model_cuda runs its tp ranks as host threads that launch at once.
+static std::mutex emu_launch_mu;
 void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body)
 {
+    std::lock_guard<std::mutex> one_launch(emu_launch_mu);
     blockDim = block; gridDim = grid;
     int nt = block.x * block.y * block.z;
     emu_dyn_smem.assign(smem + 16, 0);

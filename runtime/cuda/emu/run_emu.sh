@@ -28,3 +28,25 @@ g++ -o "$work/test_kernels_cuda_emu" "$work/test.o" "$work/kernels_emu.o" "$work
     $(mpicc --showme:link 2>/dev/null || true)
 echo "== test_kernels_cuda on the CPU emulation (not a GPU run)"
 "$work/test_kernels_cuda_emu"
+
+# The whole "cuda" model (runtime/cuda/model_cuda.cu and model.c's cuda
+# dispatch) on the same emulation: tests/test_model_cuda.c compares its
+# logits with the CPU model's on tests/models/* at tp 1 and 2 (in-process
+# comm, so the all-reduces take the staged host path; no NCCL here).
+cat >"$work/nccl_stub.cpp" <<'STUB'
+// No nccl comm exists in the emulation: the model takes the staged path.
+#include "kernels_cuda.h"
+extern "C" tpc_stream tpc_comm_stream(const tp_comm *) { return nullptr; }
+extern "C" int tpc_comm_device(const tp_comm *) { return -1; }
+STUB
+g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -x c++ -c runtime/cuda/model_cuda.cu -o "$work/model_cuda_emu.o"
+g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/nccl_stub.cpp" -o "$work/nccl_stub.o"
+gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c runtime/model.c -o "$work/model_cuda_dispatch.o"
+gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
+g++ -o "$work/test_model_cuda_emu" "$work/test_model.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" \
+    "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o" \
+    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
+    -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
+    $(mpicc --showme:link 2>/dev/null || true)
+echo "== test_model_cuda on the CPU emulation (not a GPU run)"
+"$work/test_model_cuda_emu"

@@ -1,0 +1,543 @@
+/* model_cuda.cu - a rank's model on a CUDA device: the forward pass of
+ * model.c with the kernels of kernels_cuda.cu and cuBLAS bf16 GEMMs.
+ *
+ * Weights: the big matrices bf16 on the device, uploaded through two pinned
+ * staging buffers (the host rounds the next chunk while the previous one's
+ * cudaMemcpyAsync runs); norms, biases and RoPE tables fp32.  Activations
+ * and the KV cache are fp32 ([layer][lkv][max_seq][head_dim], as the CPU).
+ * All-reduces: with the nccl backend on device pointers on its stream; with
+ * any other backend (single, tcp, mpi) staged through pinned host memory
+ * (D2H, host collective, H2D).  Logits: the local vocabulary slice is copied
+ * to the host and all-gathered there, the same contract as the CPU model.
+ * No CUDA graph yet: each step launches its kernels.
+ */
+#include <cuda_runtime.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kernels_cuda.h"
+extern "C" {
+#include "kernels_cpu.h"   /* a C header without extern "C" of its own */
+}
+#include "model_cuda.h"
+
+struct dev_layer {
+    float *attn_norm, *ffn_norm, *q_norm, *k_norm;
+    uint16_t *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;
+    float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown;
+    int window;
+};
+
+struct tpcm_model {
+    tp_model_config cfg;
+    tp_comm *comm;
+    int rank, world, lq, lkv, li, group, max_seq, device;
+    bool nccl, own_stream;
+    tpc_stream s;
+    tpc_blas blas;
+
+    uint16_t *embed, *lm_w;
+    int64_t emb_start, emb_end, lm_start, lm_end;
+    int64_t *lm_ranges;
+    int vocab_slot;
+    float *final_norm;
+    dev_layer *layers;
+    void **owned;               /* device allocations */
+    size_t n_owned, cap_owned;
+
+    float *kcache, *vcache, *cos_t, *sin_t;
+    int cap_n;
+    float *x, *h, *q, *k, *v, *att, *o, *gate, *up, *logit_slot;
+    uint16_t *xb;               /* bf16 activations for the GEMMs */
+    int32_t *ids;
+    void *dec_ws;
+    size_t dec_ws_bytes;
+    float *host_stage;          /* pinned: cap_n * hidden floats (staged all-reduce) */
+    float *host_slot, *host_all;/* pinned / host logits slices */
+
+    double up_bytes, up_seconds;
+    char desc[256];
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int cuda_check(cudaError_t e, const char *what, tp_err *err)
+{
+    if (e == cudaSuccess)
+        return 0;
+    return tp_errorf(err, "%s: %s", what, cudaGetErrorString(e));
+}
+
+static int dev_alloc(tpcm_model *g, void **p, size_t bytes, const char *what, tp_err *err)
+{
+    *p = NULL;
+    if (g->n_owned == g->cap_owned) {
+        size_t cap = g->cap_owned ? g->cap_owned * 2 : 64;
+        void **o = (void **)realloc(g->owned, cap * sizeof *o);
+        if (!o)
+            return tp_errorf(err, "out of memory");
+        g->owned = o;
+        g->cap_owned = cap;
+    }
+    if (tpc_malloc(p, bytes ? bytes : 1, what, err) < 0)
+        return -1;
+    g->owned[g->n_owned++] = *p;
+    return 0;
+}
+
+/* --------------------------------------------------------------- upload */
+
+/* Round to nearest even, as torch's .to(torch.bfloat16) (NaN stays NaN). */
+static void f32_to_bf16(uint16_t *dst, const float *src, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, &src[i], 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u)
+            dst[i] = (uint16_t)((u >> 16) | 0x40);
+        else
+            dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+#define STAGE_BYTES ((size_t)8 << 20)
+
+typedef struct stager {
+    void *buf[2];
+    cudaEvent_t done[2];
+    int next;
+} stager;
+
+static int stager_open(stager *st, tp_err *err)
+{
+    memset(st, 0, sizeof *st);
+    for (int i = 0; i < 2; i++) {
+        if (cuda_check(cudaMallocHost(&st->buf[i], STAGE_BYTES), "cudaMallocHost (staging)", err) < 0 ||
+            cuda_check(cudaEventCreateWithFlags(&st->done[i], cudaEventDisableTiming), "cudaEventCreate",
+                       err) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void stager_close(stager *st)
+{
+    for (int i = 0; i < 2; i++) {
+        if (st->done[i])
+            cudaEventDestroy(st->done[i]);
+        if (st->buf[i])
+            cudaFreeHost(st->buf[i]);
+    }
+}
+
+/* Copies count fp32 host values to dst as bf16 (as_bf16) or fp32, chunk by
+ * chunk: while chunk i's copy runs, the host fills the other buffer. */
+static int stage_copy(tpcm_model *g, stager *st, void *dst, const float *src, size_t count, bool as_bf16,
+                      tp_err *err)
+{
+    size_t esz = as_bf16 ? 2 : 4, per = STAGE_BYTES / esz;
+    for (size_t off = 0; off < count; off += per) {
+        size_t c = count - off < per ? count - off : per;
+        int b = st->next;
+        st->next ^= 1;
+        if (cuda_check(cudaEventSynchronize(st->done[b]), "upload", err) < 0)
+            return -1;
+        if (as_bf16)
+            f32_to_bf16((uint16_t *)st->buf[b], src + off, c);
+        else
+            memcpy(st->buf[b], src + off, c * 4);
+        if (cuda_check(cudaMemcpyAsync((char *)dst + off * esz, st->buf[b], c * esz, cudaMemcpyHostToDevice,
+                                       (cudaStream_t)g->s), "cudaMemcpyAsync (weights)", err) < 0 ||
+            cuda_check(cudaEventRecord(st->done[b], (cudaStream_t)g->s), "cudaEventRecord", err) < 0)
+            return -1;
+        g->up_bytes += (double)(c * esz);
+    }
+    return 0;
+}
+
+static int up_mat(tpcm_model *g, stager *st, uint16_t **dst, const float *src, size_t count, tp_err *err)
+{
+    *dst = NULL;
+    if (!src)
+        return 0;
+    if (dev_alloc(g, (void **)dst, count * 2, "weights", err) < 0)
+        return -1;
+    return stage_copy(g, st, *dst, src, count, true, err);
+}
+
+static int up_vec(tpcm_model *g, stager *st, float **dst, const float *src, size_t count, tp_err *err)
+{
+    *dst = NULL;
+    if (!src)
+        return 0;
+    if (dev_alloc(g, (void **)dst, count * 4, "weights", err) < 0)
+        return -1;
+    return stage_copy(g, st, *dst, src, count, false, err);
+}
+
+static int upload_layer(tpcm_model *g, stager *st, const tpcm_layer_src *s, dev_layer *L, tp_err *err)
+{
+    size_t H = g->cfg.hidden, hd = g->cfg.head_dim, qd = g->lq * hd, kd = g->lkv * hd, I = g->li;
+    L->window = s->window;
+    return up_vec(g, st, &L->attn_norm, s->attn_norm, H, err) < 0 ||
+                   up_vec(g, st, &L->ffn_norm, s->ffn_norm, H, err) < 0 ||
+                   up_vec(g, st, &L->q_norm, s->q_norm, hd, err) < 0 ||
+                   up_vec(g, st, &L->k_norm, s->k_norm, hd, err) < 0 ||
+                   up_mat(g, st, &L->wq, s->wq, qd * H, err) < 0 ||
+                   up_mat(g, st, &L->wk, s->wk, kd * H, err) < 0 ||
+                   up_mat(g, st, &L->wv, s->wv, kd * H, err) < 0 ||
+                   up_mat(g, st, &L->wo, s->wo, H * qd, err) < 0 ||
+                   up_vec(g, st, &L->bq, s->bq, qd, err) < 0 || up_vec(g, st, &L->bk, s->bk, kd, err) < 0 ||
+                   up_vec(g, st, &L->bv, s->bv, kd, err) < 0 || up_vec(g, st, &L->bo, s->bo, H, err) < 0 ||
+                   up_mat(g, st, &L->wgate, s->wgate, I * H, err) < 0 ||
+                   up_mat(g, st, &L->wup, s->wup, I * H, err) < 0 ||
+                   up_mat(g, st, &L->wdown, s->wdown, H * I, err) < 0 ||
+                   up_vec(g, st, &L->bgate, s->bgate, I, err) < 0 ||
+                   up_vec(g, st, &L->bup, s->bup, I, err) < 0 ||
+                   up_vec(g, st, &L->bdown, s->bdown, H, err) < 0
+               ? -1
+               : 0;
+}
+
+static int pick_device(const tpcm_desc *d, int *device, tp_err *err)
+{
+    int count = 0;
+    if (tpc_device_count(&count, err) < 0)
+        return -1;
+    if (count <= 0)
+        return tp_errorf(err, "device \"%s\": no CUDA device", d->device);
+    int nccl_dev = tpc_comm_device(d->comm);
+    if (nccl_dev >= 0) {
+        *device = nccl_dev;   /* the nccl comm already chose */
+        return 0;
+    }
+    int want = 0;
+    if (strncmp(d->device, "cuda:", 5) == 0) {
+        char *end;
+        long v = strtol(d->device + 5, &end, 10);
+        if (*end || end == d->device + 5 || v < 0)
+            return tp_errorf(err, "device \"%s\": expected cuda or cuda:N", d->device);
+        want = (int)v;
+        if (want >= count)
+            return tp_errorf(err, "device \"%s\": only %d CUDA device(s)", d->device, count);
+    } else {
+        const char *lr = getenv("LOCAL_RANK");
+        if (!lr)
+            lr = getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+        want = lr ? atoi(lr) % count : 0;   /* several ranks may share one GPU */
+        if (want < 0)
+            want = 0;
+    }
+    *device = want;
+    return 0;
+}
+
+int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
+{
+    *out = NULL;
+    tpcm_model *g = (tpcm_model *)calloc(1, sizeof *g);
+    if (!g)
+        return tp_errorf(err, "out of memory");
+    g->cfg = *d->cfg;
+    g->comm = d->comm;
+    g->rank = d->rank; g->world = d->world;
+    g->lq = d->lq; g->lkv = d->lkv; g->li = d->li; g->group = d->group; g->max_seq = d->max_seq;
+    g->emb_start = d->emb_start; g->emb_end = d->emb_end;
+    g->lm_start = d->lm_start; g->lm_end = d->lm_end; g->vocab_slot = d->vocab_slot;
+    g->nccl = tpc_comm_stream(d->comm) != NULL;
+    const tp_model_config *c = &g->cfg;
+    size_t H = c->hidden, hd = c->head_dim, half = hd / 2;
+    stager st;
+    memset(&st, 0, sizeof st);
+    double t0;
+
+    if (hd > TPC_MAX_HEAD_DIM || hd % 2) {
+        tp_errorf(err, "head_dim %zu: the CUDA kernels take even head_dim up to %d", hd, TPC_MAX_HEAD_DIM);
+        goto fail;
+    }
+    if (pick_device(d, &g->device, err) < 0 || tpc_set_device(g->device, err) < 0)
+        goto fail;
+    if (g->nccl) {
+        g->s = tpc_comm_stream(d->comm);
+    } else {
+        if (tpc_stream_create(&g->s, err) < 0)
+            goto fail;
+        g->own_stream = true;
+    }
+    if (tpc_blas_create(&g->blas, g->s, err) < 0)
+        goto fail;
+    g->lm_ranges = (int64_t *)malloc((size_t)g->world * 2 * sizeof *g->lm_ranges);
+    g->layers = (dev_layer *)calloc((size_t)c->n_layers, sizeof *g->layers);
+    if (!g->lm_ranges || !g->layers) {
+        tp_errorf(err, "out of memory");
+        goto fail;
+    }
+    memcpy(g->lm_ranges, d->lm_ranges, (size_t)g->world * 2 * sizeof *g->lm_ranges);
+
+    if (stager_open(&st, err) < 0)
+        goto fail;
+    t0 = now_s();
+    if (up_mat(g, &st, &g->embed, d->embed, (size_t)(g->emb_end - g->emb_start) * H, err) < 0 ||
+        up_vec(g, &st, &g->final_norm, d->final_norm, H, err) < 0)
+        goto fail;
+    if (d->lm_w == d->embed && g->lm_start == g->emb_start && g->lm_end == g->emb_end) {
+        g->lm_w = g->embed;   /* tied, same rows: share */
+    } else if (up_mat(g, &st, &g->lm_w, d->lm_w, (size_t)(g->lm_end - g->lm_start) * H, err) < 0) {
+        goto fail;
+    }
+    for (int l = 0; l < c->n_layers; l++)
+        if (upload_layer(g, &st, &d->layers[l], &g->layers[l], err) < 0) {
+            tp_err_prefix(err, "layer %d upload", l);
+            goto fail;
+        }
+    if (tpc_sync(g->s, err) < 0)
+        goto fail;
+    g->up_seconds = now_s() - t0;
+    stager_close(&st);
+    memset(&st, 0, sizeof st);
+
+    {
+        size_t per_layer = (size_t)g->lkv * g->max_seq * hd, total = per_layer * c->n_layers;
+        float *ct = (float *)malloc((size_t)g->max_seq * half * sizeof(float));
+        float *sn = (float *)malloc((size_t)g->max_seq * half * sizeof(float));
+        float *inv = (float *)malloc(half * sizeof(float));
+        int rc = -1;
+        if (ct && sn && inv) {
+            tpk_rope_params rp = {};
+            rp.theta = c->rope_theta; rp.llama3 = c->rope_llama3; rp.factor = c->rope_factor;
+            rp.low_freq_factor = c->rope_low_freq_factor; rp.high_freq_factor = c->rope_high_freq_factor;
+            rp.original_max_position = c->rope_original_max_position;
+            tpk_rope_inv_freq(inv, (int)hd, &rp);
+            tpk_rope_table(ct, sn, inv, (int)hd, g->max_seq);
+            size_t tb = (size_t)g->max_seq * half * sizeof(float);
+            rc = (dev_alloc(g, (void **)&g->kcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
+                  dev_alloc(g, (void **)&g->vcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
+                  dev_alloc(g, (void **)&g->cos_t, tb, "rope table", err) < 0 ||
+                  dev_alloc(g, (void **)&g->sin_t, tb, "rope table", err) < 0 ||
+                  tpc_upload(g->cos_t, ct, tb, err) < 0 || tpc_upload(g->sin_t, sn, tb, err) < 0 ||
+                  dev_alloc(g, (void **)&g->logit_slot, (size_t)g->vocab_slot * 4, "logits", err) < 0)
+                     ? -1 : 0;
+        } else {
+            tp_errorf(err, "out of memory");
+        }
+        free(ct); free(sn); free(inv);
+        if (rc < 0)
+            goto fail;
+    }
+    if (cuda_check(cudaMallocHost((void **)&g->host_slot, (size_t)g->vocab_slot * 4), "cudaMallocHost", err) < 0)
+        goto fail;
+    g->host_all = (float *)malloc((size_t)g->vocab_slot * g->world * sizeof(float));
+    if (!g->host_all) {
+        tp_errorf(err, "out of memory");
+        goto fail;
+    }
+    snprintf(g->desc, sizeof g->desc, "cuda:%d, %.1f MB of weights uploaded at %.2f GB/s, all-reduce %s",
+             g->device, g->up_bytes / 1e6, g->up_seconds > 0 ? g->up_bytes / g->up_seconds / 1e9 : 0.0,
+             g->nccl ? "nccl on device" : g->world > 1 ? "staged through host memory" : "none (tp 1)");
+    *out = g;
+    return 0;
+fail:
+    stager_close(&st);
+    tpcm_free(g);
+    return -1;
+}
+
+void tpcm_free(tpcm_model *g)
+{
+    if (!g)
+        return;
+    if (g->s)
+        cudaStreamSynchronize((cudaStream_t)g->s);
+    for (size_t i = 0; i < g->n_owned; i++)
+        tpc_free(g->owned[i]);
+    free(g->owned);
+    tpc_free(g->x); tpc_free(g->h); tpc_free(g->q); tpc_free(g->k); tpc_free(g->v);
+    tpc_free(g->att); tpc_free(g->o); tpc_free(g->gate); tpc_free(g->up); tpc_free(g->xb);
+    tpc_free(g->ids); tpc_free(g->dec_ws);
+    if (g->host_stage)
+        cudaFreeHost(g->host_stage);
+    if (g->host_slot)
+        cudaFreeHost(g->host_slot);
+    free(g->host_all);
+    free(g->layers);
+    free(g->lm_ranges);
+    if (g->blas)
+        tpc_blas_destroy(g->blas);
+    if (g->own_stream)
+        tpc_stream_destroy(g->s);
+    free(g);
+}
+
+void tpcm_upload_stats(const tpcm_model *g, double *bytes, double *seconds)
+{
+    *bytes = g->up_bytes;
+    *seconds = g->up_seconds;
+}
+
+const char *tpcm_describe(const tpcm_model *g) { return g->desc; }
+
+/* ---------------------------------------------------------- forward pass */
+
+static int ensure_buffers(tpcm_model *g, int n, tp_err *err)
+{
+    if (n <= g->cap_n)
+        return 0;
+    const tp_model_config *c = &g->cfg;
+    size_t H = c->hidden, qd = (size_t)g->lq * c->head_dim, kd = (size_t)g->lkv * c->head_dim,
+           I = (size_t)g->li, widest = H > qd ? H : qd;
+    if (I > widest)
+        widest = I;
+    struct { float **p; size_t per_row; } bufs[] = {
+        { &g->x, H }, { &g->h, H }, { &g->q, qd }, { &g->k, kd }, { &g->v, kd },
+        { &g->att, qd }, { &g->o, H }, { &g->gate, I }, { &g->up, I },
+    };
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        tpc_free(*bufs[i].p);
+        *bufs[i].p = NULL;
+        if (tpc_malloc((void **)bufs[i].p, (size_t)n * bufs[i].per_row * 4, "activations", err) < 0)
+            return -1;
+    }
+    tpc_free(g->xb); g->xb = NULL;
+    tpc_free(g->ids); g->ids = NULL;
+    tpc_free(g->dec_ws); g->dec_ws = NULL;
+    if (g->host_stage)
+        cudaFreeHost(g->host_stage);
+    g->host_stage = NULL;
+    g->dec_ws_bytes = tpc_attention_decode_workspace(n, g->lq, c->head_dim);
+    if (tpc_malloc((void **)&g->xb, (size_t)n * widest * 2, "activations", err) < 0 ||
+        tpc_malloc((void **)&g->ids, (size_t)n * 4, "token ids", err) < 0 ||
+        tpc_malloc(&g->dec_ws, g->dec_ws_bytes, "attention workspace", err) < 0 ||
+        cuda_check(cudaMallocHost((void **)&g->host_stage, (size_t)n * H * 4), "cudaMallocHost", err) < 0)
+        return -1;
+    g->cap_n = n;
+    return 0;
+}
+
+/* Sum of buf over the ranks: nccl on the device, else through host memory. */
+static int allreduce(tpcm_model *g, float *buf, size_t n, tp_err *err)
+{
+    if (g->world == 1)
+        return 0;
+    if (g->nccl)
+        return g->comm->ops->allreduce_sum_f32(g->comm, buf, n, err);
+    cudaStream_t s = (cudaStream_t)g->s;
+    if (cuda_check(cudaMemcpyAsync(g->host_stage, buf, n * 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync", err) < 0 ||
+        tpc_sync(g->s, err) < 0 ||
+        g->comm->ops->allreduce_sum_f32(g->comm, g->host_stage, n, err) < 0 ||
+        cuda_check(cudaMemcpyAsync(buf, g->host_stage, n * 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync", err) < 0)
+        return -1;
+    /* the next collective reuses host_stage: the copy must have read it */
+    return tpc_sync(g->s, err);
+}
+
+static int gemm(tpcm_model *g, float *y, const float *x, const uint16_t *w, const float *b, int n, int in, int out,
+                tp_err *err)
+{
+    return tpc_gemm_bf16(g->blas, y, x, g->xb, w, b, n, in, out, g->s, err);
+}
+
+static int attention_block(tpcm_model *g, int l, int n, int pos, tp_err *err)
+{
+    const tp_model_config *c = &g->cfg;
+    const dev_layer *L = &g->layers[l];
+    int H = c->hidden, hd = c->head_dim, qd = g->lq * hd, kd = g->lkv * hd;
+    size_t kv_off = (size_t)l * g->lkv * g->max_seq * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    if (gemm(g, g->q, g->h, L->wq, L->bq, n, H, qd, err) < 0 || gemm(g, g->k, g->h, L->wk, L->bk, n, H, kd, err) < 0 ||
+        gemm(g, g->v, g->h, L->wv, L->bv, n, H, kd, err) < 0 ||
+        tpc_head_norm_rope(g->q, c->qk_norm ? L->q_norm : NULL, n, g->lq, hd, (size_t)qd, pos, g->cos_t, g->sin_t,
+                           c->rms_eps, g->s, err) < 0 ||
+        tpc_head_norm_rope(g->k, c->qk_norm ? L->k_norm : NULL, n, g->lkv, hd, (size_t)kd, pos, g->cos_t, g->sin_t,
+                           c->rms_eps, g->s, err) < 0 ||
+        tpc_kv_append(g->kcache + kv_off, g->vcache + kv_off, g->max_seq, g->k, g->v, (size_t)kd, n, g->lkv, hd, pos,
+                      g->s, err) < 0)
+        return -1;
+    int rc = n == 1 ? tpc_attention_decode(g->att, (size_t)qd, g->q, (size_t)qd, g->kcache + kv_off,
+                                           g->vcache + kv_off, g->max_seq, n, pos, g->lq, g->lkv, hd, L->window,
+                                           scale, g->dec_ws, g->dec_ws_bytes, g->s, err)
+                    : tpc_attention_prefill(g->att, (size_t)qd, g->q, (size_t)qd, g->kcache + kv_off,
+                                            g->vcache + kv_off, g->max_seq, n, pos, g->lq, g->lkv, hd, L->window,
+                                            scale, g->s, err);
+    if (rc < 0 || gemm(g, g->o, g->att, L->wo, NULL, n, qd, H, err) < 0)
+        return -1;
+    if (allreduce(g, g->o, (size_t)n * H, err) < 0)
+        return tp_err_prefix(err, "layer %d attention all-reduce", l);
+    return L->bo ? tpc_add_bias(g->o, L->bo, n, H, g->s, err) : 0;
+}
+
+static int mlp_block(tpcm_model *g, int l, int n, tp_err *err)
+{
+    const dev_layer *L = &g->layers[l];
+    int H = g->cfg.hidden;
+    if (gemm(g, g->gate, g->h, L->wgate, L->bgate, n, H, g->li, err) < 0 ||
+        gemm(g, g->up, g->h, L->wup, L->bup, n, H, g->li, err) < 0 ||
+        tpc_silu_mul(g->gate, g->up, (size_t)n * g->li, g->s, err) < 0 ||
+        gemm(g, g->o, g->gate, L->wdown, NULL, n, g->li, H, err) < 0)
+        return -1;
+    if (allreduce(g, g->o, (size_t)n * H, err) < 0)
+        return tp_err_prefix(err, "layer %d mlp all-reduce", l);
+    return L->bdown ? tpc_add_bias(g->o, L->bdown, n, H, g->s, err) : 0;
+}
+
+static int lm_head(tpcm_model *g, const float *row, float *logits, tp_err *err)
+{
+    int H = g->cfg.hidden, cnt = (int)(g->lm_end - g->lm_start);
+    if (cnt > 0 && gemm(g, g->logit_slot, row, g->lm_w, NULL, 1, H, cnt, err) < 0)
+        return -1;
+    if (cnt > 0 && cuda_check(cudaMemcpyAsync(g->host_slot, g->logit_slot, (size_t)cnt * 4, cudaMemcpyDeviceToHost,
+                                              (cudaStream_t)g->s), "cudaMemcpyAsync (logits)", err) < 0)
+        return -1;
+    if (tpc_sync(g->s, err) < 0)
+        return -1;
+    for (int i = cnt; i < g->vocab_slot; i++)
+        g->host_slot[i] = 0.0f;
+    if (g->world == 1) {
+        memcpy(logits, g->host_slot, (size_t)cnt * sizeof(float));
+        return 0;
+    }
+    /* host buffers: the nccl backend stages them itself */
+    if (g->comm->ops->allgather_f32(g->comm, g->host_slot, g->host_all, (size_t)g->vocab_slot, err) < 0)
+        return tp_err_prefix(err, "logits all-gather");
+    for (int r = 0; r < g->world; r++) {
+        int64_t s = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
+        memcpy(logits + s, g->host_all + (size_t)r * g->vocab_slot, (size_t)(e - s) * sizeof(float));
+    }
+    return 0;
+}
+
+int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logits, tp_err *err)
+{
+    const tp_model_config *c = &g->cfg;
+    int H = c->hidden;
+    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, n, err) < 0)
+        return -1;
+    if (cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, (cudaStream_t)g->s),
+                   "cudaMemcpyAsync (ids)", err) < 0 ||
+        tpc_embedding(g->x, g->embed, g->ids, n, H, g->emb_start, g->emb_end, g->s, err) < 0)
+        return -1;
+    /* ids is pageable: cudaMemcpyAsync has read it when it returns */
+    if (!(g->emb_start == 0 && g->emb_end == c->vocab) && allreduce(g, g->x, (size_t)n * H, err) < 0)
+        return tp_err_prefix(err, "embedding all-reduce");
+    for (int l = 0; l < c->n_layers; l++) {
+        if (tpc_add_rmsnorm(g->x, l ? g->o : NULL, g->h, g->layers[l].attn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
+            attention_block(g, l, n, pos, err) < 0 ||
+            tpc_add_rmsnorm(g->x, g->o, g->h, g->layers[l].ffn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
+            mlp_block(g, l, n, err) < 0)
+            return -1;
+    }
+    if (!logits)
+        return tpc_sync(g->s, err);
+    size_t last = (size_t)(n - 1) * H;
+    if (tpc_add_rmsnorm(g->x + last, g->o + last, g->h + last, g->final_norm, 1, H, c->rms_eps, g->s, err) < 0)
+        return -1;
+    return lm_head(g, g->h + last, logits, err);
+}

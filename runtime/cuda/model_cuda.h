@@ -1,0 +1,62 @@
+/* model_cuda.h - the CUDA forward pass of a rank's model (private to
+ * runtime/; built only with TP_HAVE_CUDA).
+ *
+ * model.c builds and checks the rank's structure exactly as for the CPU
+ * (local heads, kv-head mapping, lm_head vocabulary slice, reduce_bias) and
+ * then hands it over in a tpcm_desc; model_cuda.cu uploads the weights as
+ * bf16 (rounded from the fp32 copies: exact for bf16 checkpoints), the small
+ * vectors as fp32, and runs tp_model_forward's work on the device. */
+#ifndef TP_MODEL_CUDA_H
+#define TP_MODEL_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "runtime.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct tpcm_layer_src {
+    const float *attn_norm, *ffn_norm, *q_norm, *k_norm;
+    const float *wq, *wk, *wv, *wo;
+    const float *bq, *bk, *bv, *bo;
+    const float *wgate, *wup, *wdown;
+    const float *bgate, *bup, *bdown;
+    int window;
+} tpcm_layer_src;
+
+/* Host fp32 views of a CPU model's weights and its structure; only read by
+ * tpcm_create (the caller may free the weights afterwards). */
+typedef struct tpcm_desc {
+    const tp_model_config *cfg;
+    tp_comm *comm;
+    int rank, world;
+    int lq, lkv, li, group, max_seq;
+    const float *embed;
+    int64_t emb_start, emb_end;
+    const float *final_norm;
+    const float *lm_w;
+    int64_t lm_start, lm_end;
+    const int64_t *lm_ranges;
+    int vocab_slot;
+    const tpcm_layer_src *layers;
+    const char *device;     /* "cuda" or "cuda:N" */
+} tpcm_desc;
+
+typedef struct tpcm_model tpcm_model;
+
+int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err);
+void tpcm_free(tpcm_model *g);
+/* tp_model_forward on the device at position pos (ids already checked). */
+int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logits, tp_err *err);
+/* Bytes uploaded and the seconds it took (weights only). */
+void tpcm_upload_stats(const tpcm_model *g, double *bytes, double *seconds);
+/* A one-line description: device, bytes, GB/s, comm path. */
+const char *tpcm_describe(const tpcm_model *g);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,135 @@
+/* test_model_cuda.c - the "cuda" model against the CPU model.
+ *
+ * Every tests/models/<name>/ is cut here at tp 1 and 2 (as test_model.c
+ * does: this file includes it for its in-process comm and its sharding),
+ * run on the CPU and with device "cuda" (prefill of the first prompt
+ * tokens, then decode steps, then a reset and the prefill again, which must
+ * repeat bit for bit), and the logits compared.
+ *
+ * Tolerance: the CUDA GEMMs round the activations to bf16 (what a bf16
+ * transformers model does in its nn.Linear) while the CPU model keeps them
+ * fp32, so logits differ by about 2^-9 relative per layer input; we accept
+ * |diff| <= 3e-2 * max(1, max |CPU logit|) and require the same argmax
+ * wherever the CPU's top two logits are more than that apart.  A wrong head
+ * mapping, a missing bias or a misplaced cache row moves logits by O(1).
+ *
+ * Without a CUDA build or device it exits 77 ("SKIP: ..."): skipped, never
+ * counted as passing.  runtime/cuda/emu/run_emu.sh builds it against the
+ * CPU emulation of the kernels.
+ */
+#define main test_model_cpu_main
+#include "test_model.c"
+#undef main
+
+#ifdef TP_HAVE_CUDA
+#include "cuda/kernels_cuda.h"
+#endif
+
+#ifdef TP_HAVE_CUDA
+static int g_compared;
+
+static void compare_model(const char *dir, const char *name)
+{
+    tp_err err = { { 0 } };
+    src_model *s = malloc(sizeof *s);
+    tp_st_set set;
+    memset(&set, 0, sizeof set);
+    if (load_hf(s, &set, dir, name, &err) < 0) {
+        CHECK(0, "%s: %s", name, err.msg);
+        goto out;
+    }
+    static const int tps[] = { 1, 2 };
+    const int n_prefill = 5, n_steps = 4, V = s->vocab;
+    int32_t ids[16];
+    for (int i = 0; i < n_prefill + n_steps; i++)
+        ids[i] = (int32_t)((i * 7919 + 13) % V);
+    for (int ti = 0; ti < 2; ti++) {
+        int w = tps[ti];
+        if (!(s->n_heads % w == 0 && s->intermediate % w == 0 &&
+              (s->n_kv < w ? w % s->n_kv == 0 : s->n_kv % w == 0)))
+            continue;
+        size_t per = (size_t)n_steps * V;
+        float *cpu = malloc(per * sizeof *cpu), *gpu = malloc(per * sizeof *gpu);
+        g_device = "cpu";
+        int rc = run_tp(s, w, ids, n_prefill, n_steps, cpu);
+        g_device = "cuda";
+        if (rc == 0 && run_tp(s, w, ids, n_prefill, n_steps, gpu) == 0) {
+            double worst_rel = 0;
+            for (int st = 0; st < n_steps; st++) {
+                const float *a = cpu + (size_t)st * V, *b = gpu + (size_t)st * V;
+                double mx = 1, worst = 0;
+                for (int i = 0; i < V; i++)
+                    if (fabs(a[i]) > mx)
+                        mx = fabs(a[i]);
+                for (int i = 0; i < V; i++) {
+                    double d = fabs((double)a[i] - b[i]);
+                    if (!(d <= worst))
+                        worst = d;   /* NaN sticks */
+                }
+                double tol = 3e-2 * mx;
+                if (worst / mx > worst_rel)
+                    worst_rel = worst / mx;
+                CHECK(worst <= tol, "%s tp=%d step %d: cuda logits differ from cpu by %g (tol %g)",
+                      name, w, st, worst, tol);
+                int ta = argmax(a, V), tb = argmax(b, V);
+                double second = -INFINITY;
+                for (int i = 0; i < V; i++)
+                    if (i != ta && a[i] > second)
+                        second = a[i];
+                if (a[ta] - second > tol)
+                    CHECK(ta == tb, "%s tp=%d step %d: cuda argmax %d, cpu %d", name, w, st, tb, ta);
+            }
+            g_compared++;
+            printf("%s tp=%d: cuda vs cpu over %d steps: max |diff| / max(1, max |logit|) = %.2e\n",
+                   name, w, n_steps, worst_rel);
+        }
+        g_device = "cpu";
+        free(cpu);
+        free(gpu);
+    }
+out:
+    free(s->config_json);
+    free(s);
+    tp_st_set_close(&set);
+}
+#endif
+
+int main(void)
+{
+#ifndef TP_HAVE_CUDA
+    printf("SKIP: no GPU: this build has no CUDA\n");
+    return 77;
+#else
+    tp_err err = { { 0 } };
+    int count = 0;
+    if (tpc_device_count(&count, &err) < 0 || count == 0) {
+        printf("SKIP: no GPU (%s)\n", count == 0 && !err.msg[0] ? "no CUDA device" : err.msg);
+        return 77;
+    }
+    const char *root = "tests/models";
+    DIR *d = opendir(root);
+    CHECK(d != NULL, "%s: cannot open (run from the repository root)", root);
+    if (d) {
+        struct dirent *e;
+        char *names[64];
+        int n = 0;
+        while ((e = readdir(d)) && n < 64)
+            if (e->d_name[0] != '.' && strcmp(e->d_name, "README.md") != 0)
+                names[n++] = strdup(e->d_name);
+        closedir(d);
+        for (int i = 0; i < n; i++) {
+            char *dir = tp_path_join(root, names[i]);
+            compare_model(dir, names[i]);
+            free(dir);
+            free(names[i]);
+        }
+    }
+    CHECK(g_compared > 0, "no model was compared");
+    if (failures) {
+        fprintf(stderr, "%d failure(s)\n", failures);
+        return 1;
+    }
+    printf("all ok (%d comparisons)\n", g_compared);
+    return 0;
+#endif
+}
