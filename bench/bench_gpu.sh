@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # bench_gpu.sh - GPU benchmark (make bench-gpu): the reference half only.
 #
-# tprun has no GPU forward pass yet (runtime/cuda/ holds the kernels and the
-# NCCL backend; wiring them into tp_model is the next step), so this script
-# measures only what tprun's GPU path will be compared with, and prints no
-# tprun GPU number at all:
+# tprun --device cuda exists but has never run on a GPU (none was lent to the
+# session that wrote it): the tprun half below is measured as written, and
+# its first real run is also its first test.  The reference half:
 #   1. bin/tpsynth --preset $PRESET (Qwen3-0.6B shape, random bf16 weights),
 #      then bin/tpconvert --tp 1 (timed: the input tprun will load);
 #   2. transformers from_pretrained(tp_plan="auto") under
@@ -34,8 +33,6 @@ PYTHON=${PYTHON:-python3}
 parent=${BENCH_TMP:-${TMPDIR:-/tmp}}
 ref=bench/bench_gpu_reference.py
 
-echo "== tprun GPU path: not implemented yet (CUDA kernels and the NCCL backend exist in"
-echo "   runtime/cuda/, the GPU forward pass does not): no tprun GPU numbers are measured."
 
 for prog in tpsynth tpconvert; do
     if [ ! -x "$BIN/$prog" ]; then
@@ -68,7 +65,7 @@ results=$work/results.jsonl
 echo "== generating the $PRESET model into $work"
 "$BIN/tpsynth" --preset "$PRESET" --seed 1 --quiet "$model"
 
-echo "== tpconvert --tp 1 (the input of the future tprun GPU run)"
+echo "== tpconvert --tp 1 (the input of the tprun GPU run)"
 t0=$(date +%s.%N)
 "$BIN/tpconvert" --tp 1 --quiet "$model" "$work/tp1" >"$work/convert.log" 2>&1 || {
     echo "bench_gpu: tpconvert failed:" >&2; tail -n 20 "$work/convert.log" >&2; exit 1; }
@@ -116,5 +113,48 @@ print(f"  transformers prefill                     {g['prefill_tokens_per_s']:8.
 print(f"  device copy bandwidth                    {bw['gb_per_s']:8.1f} GB/s")
 print(f"  decode at the memory bound               {100 * frac:8.1f} %  "
       f"({g['weight_bytes'] / 1e9:.2f} GB of weights read per token)")
-print("  tprun GPU                                not implemented yet: nothing to compare")
 EOF
+
+# The tprun half: load (process start to weights on the GPU), decode and
+# prefill, then tp 2 and 4 on this one GPU through MPI (staged all-reduce)
+# against tp 1's greedy tokens.
+echo
+echo "== tprun --device cuda (first GPU run of this path: failures are reported, not hidden)"
+ids() { awk -v n="$1" 'BEGIN { s = 7; for (i = 0; i < n; i++) { s = (s * 75 + 74) % 65537; printf "%s%d", (i ? "," : ""), 100 + s % 30000 } }'; }
+"$BIN/tpconvert" --tp 1 --compress none --quiet "$model" "$work/tp1-none"
+for conv in tp1-none tp1; do
+    t0=$(date +%s.%N)
+    if "$BIN/tprun" "$work/$conv" --device cuda --load-only --verbose 2>"$work/load-$conv.log"; then
+        t1=$(date +%s.%N)
+        awk -v a="$t0" -v b="$t1" -v c="$conv" 'BEGIN {printf "  tprun load (%s), process start to exit  %6.2f s\n", c, b - a}'
+        grep -h "cuda" "$work/load-$conv.log" | sed 's/^/    /'
+    else
+        echo "  tprun load ($conv) FAILED:"; tail -n 5 "$work/load-$conv.log" | sed 's/^/    /'
+    fi
+done
+for run in "decode $PROMPT $NEW" "prefill $PREFILL 1"; do
+    set -- $run
+    if "$BIN/tprun" "$work/tp1" --device cuda --prompt-ids "$(ids "$2")" --max-new-tokens "$3" \
+            --temperature 0 --ignore-eos --json >"$work/$1.json" 2>"$work/$1.log"; then
+        echo "  tprun $1: $(grep -o '"timings":{[^}]*}' "$work/$1.json")"
+    else
+        echo "  tprun $1 FAILED:"; tail -n 5 "$work/$1.log" | sed 's/^/    /'
+    fi
+done
+if command -v mpirun >/dev/null 2>&1; then
+    p=$(ids 32)
+    "$BIN/tprun" "$work/tp1" --device cuda --prompt-ids "$p" --max-new-tokens 32 --temperature 0 \
+        --ignore-eos --json 2>/dev/null | grep -o '"generated_ids":\[[^]]*\]' >"$work/tok1" || true
+    for tp in 2 4; do
+        "$BIN/tpconvert" --tp $tp --quiet "$model" "$work/tp$tp"
+        mpirun --allow-run-as-root --oversubscribe -np $tp "$BIN/tprun" "$work/tp$tp" --comm mpi --device cuda \
+            --prompt-ids "$p" --max-new-tokens 32 --temperature 0 --ignore-eos --json 2>"$work/mpi$tp.log" |
+            grep -o '"generated_ids":\[[^]]*\]' >"$work/tok$tp" || true
+        if [ -s "$work/tok1" ] && cmp -s "$work/tok1" "$work/tok$tp"; then
+            echo "  mpirun -np $tp --comm mpi --device cuda: same 32 greedy tokens as tp 1"
+        else
+            echo "  mpirun -np $tp --comm mpi --device cuda: DIFFERENT tokens from tp 1, or failed:"
+            tail -n 5 "$work/mpi$tp.log" | sed 's/^/    /'
+        fi
+    done
+fi
