@@ -16,6 +16,7 @@
  */
 #include "runtime.h"
 #include "kernels_cpu.h"
+#include "model_layers.h"
 #ifdef TP_HAVE_CUDA
 #include "cuda/model_cuda.h"
 #endif
@@ -26,14 +27,6 @@
 #include <string.h>
 #include <unistd.h>
 
-typedef struct layer_weights {
-    const float *attn_norm, *ffn_norm, *q_norm, *k_norm;
-    const float *wq, *wk, *wv, *wo;
-    const float *bq, *bk, *bv, *bo;
-    const float *wgate, *wup, *wdown;
-    const float *bgate, *bup, *bdown;
-    int window;                 /* sliding window of this layer, 0: none */
-} layer_weights;
 
 struct tp_model {
     tp_model_config cfg;
@@ -51,7 +44,7 @@ struct tp_model {
     int64_t *lm_ranges;         /* [world][2]: every rank's vocabulary rows */
     int vocab_slot;             /* allgather slot per rank (largest slice) */
 
-    layer_weights *layers;
+    tp_layer_weights *layers;
     float **owned;              /* fp32 copies of the weights */
     size_t n_owned, cap_owned;
 
@@ -259,7 +252,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     tp_model *m = lc->m;
     const tp_model_config *c = &m->cfg;
     const tp_loaded_rank *lr = lc->lr;
-    layer_weights *L = &m->layers[l];
+    tp_layer_weights *L = &m->layers[l];
     const int64_t H = c->hidden, hd = c->head_dim;
     char name[256];
 #define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
@@ -536,29 +529,15 @@ static int alloc_caches(tp_model *m, tp_err *err)
  * uploads them; the host copies and the CPU KV cache are freed after. */
 static int to_device(tp_model *m, const char *device, tp_err *err)
 {
-    tpcm_layer_src *ls = calloc((size_t)m->cfg.n_layers, sizeof *ls);
-    if (!ls)
-        return tp_errorf(err, "out of memory");
-    for (int l = 0; l < m->cfg.n_layers; l++) {
-        const layer_weights *L = &m->layers[l];
-        ls[l] = (tpcm_layer_src){
-            .attn_norm = L->attn_norm, .ffn_norm = L->ffn_norm, .q_norm = L->q_norm,
-            .k_norm = L->k_norm, .wq = L->wq, .wk = L->wk, .wv = L->wv, .wo = L->wo,
-            .bq = L->bq, .bk = L->bk, .bv = L->bv, .bo = L->bo, .wgate = L->wgate,
-            .wup = L->wup, .wdown = L->wdown, .bgate = L->bgate, .bup = L->bup,
-            .bdown = L->bdown, .window = L->window,
-        };
-    }
     tpcm_desc d = {
         .cfg = &m->cfg, .comm = m->comm, .rank = m->rank, .world = m->world, .lq = m->lq,
         .lkv = m->lkv, .li = m->li, .group = m->group, .max_seq = m->max_seq,
         .embed = m->embed, .emb_start = m->emb_start, .emb_end = m->emb_end,
         .final_norm = m->final_norm, .lm_w = m->lm_w, .lm_start = m->lm_start,
         .lm_end = m->lm_end, .lm_ranges = m->lm_ranges, .vocab_slot = m->vocab_slot,
-        .layers = ls, .device = device,
+        .layers = m->layers, .device = device,
     };
     int rc = tpcm_create(&m->gpu, &d, err);
-    free(ls);
     if (rc < 0)
         return tp_err_prefix(err, "device \"%s\"", device);
     for (size_t i = 0; i < m->n_owned; i++)
@@ -776,7 +755,7 @@ static void store_kv(tp_model *m, int l, int n)
 static int attention_block(tp_model *m, int l, int n, tp_err *err)
 {
     const tp_model_config *c = &m->cfg;
-    const layer_weights *L = &m->layers[l];
+    const tp_layer_weights *L = &m->layers[l];
     int H = c->hidden, hd = c->head_dim, qd = m->lq * hd, kd = m->lkv * hd;
 
     tpk_matmul(m->q, m->h, L->wq, L->bq, n, H, qd);
@@ -801,7 +780,7 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
 
 static int mlp_block(tp_model *m, int l, int n, tp_err *err)
 {
-    const layer_weights *L = &m->layers[l];
+    const tp_layer_weights *L = &m->layers[l];
     int H = m->cfg.hidden;
     tpk_matmul(m->gate, m->h, L->wgate, L->bgate, n, H, m->li);
     tpk_matmul(m->up, m->h, L->wup, L->bup, n, H, m->li);

@@ -184,7 +184,7 @@ static int up_vec(tpcm_model *g, stager *st, float **dst, const float *src, size
     return stage_copy(g, st, *dst, src, count, false, err);
 }
 
-static int upload_layer(tpcm_model *g, stager *st, const tpcm_layer_src *s, dev_layer *L, tp_err *err)
+static int upload_layer(tpcm_model *g, stager *st, const tp_layer_weights *s, dev_layer *L, tp_err *err)
 {
     size_t H = g->cfg.hidden, hd = g->cfg.head_dim, qd = g->lq * hd, kd = g->lkv * hd, I = g->li;
     L->window = s->window;

@@ -13,19 +13,11 @@
 #include <stdint.h>
 
 #include "runtime.h"
+#include "model_layers.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-typedef struct tpcm_layer_src {
-    const float *attn_norm, *ffn_norm, *q_norm, *k_norm;
-    const float *wq, *wk, *wv, *wo;
-    const float *bq, *bk, *bv, *bo;
-    const float *wgate, *wup, *wdown;
-    const float *bgate, *bup, *bdown;
-    int window;
-} tpcm_layer_src;
 
 /* Host fp32 views of a CPU model's weights and its structure; only read by
  * tpcm_create (the caller may free the weights afterwards). */
@@ -41,7 +33,7 @@ typedef struct tpcm_desc {
     int64_t lm_start, lm_end;
     const int64_t *lm_ranges;
     int vocab_slot;
-    const tpcm_layer_src *layers;
+    const tp_layer_weights *layers;
     const char *device;     /* "cuda" or "cuda:N" */
 } tpcm_desc;
 
