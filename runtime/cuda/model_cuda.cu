@@ -1,9 +1,8 @@
 /* model_cuda.cu - a rank's model on a CUDA device: the forward pass of
  * model.c with the kernels of kernels_cuda.cu and cuBLAS bf16 GEMMs.
  *
- * Weights: the big matrices bf16 on the device, uploaded through two pinned
- * staging buffers (the host rounds the next chunk while the previous one's
- * cudaMemcpyAsync runs); norms, biases and RoPE tables fp32.  Activations
+ * Weights: weights_cuda.cu puts them on the device (big matrices bf16,
+ * norms and biases fp32); the RoPE tables are fp32 too.  Activations
  * and the KV cache are fp32 ([layer][lkv][max_seq][head_dim], as the CPU).
  * All-reduces: with the nccl backend on device pointers on its stream; with
  * any other backend (single, tcp, mpi) staged through pinned host memory
@@ -17,20 +16,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "kernels_cuda.h"
 extern "C" {
 #include "kernels_cpu.h"   /* a C header without extern "C" of its own */
 }
 #include "model_cuda.h"
-
-struct dev_layer {
-    float *attn_norm, *ffn_norm, *q_norm, *k_norm;
-    uint16_t *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;
-    float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown;
-    int window;
-};
+#include "weights_cuda.h"
 
 struct tpcm_model {
     tp_model_config cfg;
@@ -40,13 +32,11 @@ struct tpcm_model {
     tpc_stream s;
     tpc_blas blas;
 
-    uint16_t *embed, *lm_w;
+    tpcw_weights w;             /* on the device (weights_cuda.cu) */
     int64_t emb_start, emb_end, lm_start, lm_end;
     int64_t *lm_ranges;
     int vocab_slot;
-    float *final_norm;
-    dev_layer *layers;
-    void **owned;               /* device allocations */
+    void **owned;               /* device allocations besides the weights */
     size_t n_owned, cap_owned;
 
     float *kcache, *vcache, *cos_t, *sin_t;
@@ -59,16 +49,8 @@ struct tpcm_model {
     float *host_stage;          /* pinned: cap_n * hidden floats (staged all-reduce) */
     float *host_slot, *host_all;/* pinned / host logits slices */
 
-    double up_bytes, up_seconds;
     char desc[256];
 };
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 static int cuda_check(cudaError_t e, const char *what, tp_err *err)
 {
@@ -92,120 +74,6 @@ static int dev_alloc(tpcm_model *g, void **p, size_t bytes, const char *what, tp
         return -1;
     g->owned[g->n_owned++] = *p;
     return 0;
-}
-
-/* --------------------------------------------------------------- upload */
-
-/* Round to nearest even, as torch's .to(torch.bfloat16) (NaN stays NaN). */
-static void f32_to_bf16(uint16_t *dst, const float *src, size_t n)
-{
-    for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u)
-            dst[i] = (uint16_t)((u >> 16) | 0x40);
-        else
-            dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    }
-}
-
-#define STAGE_BYTES ((size_t)8 << 20)
-
-typedef struct stager {
-    void *buf[2];
-    cudaEvent_t done[2];
-    int next;
-} stager;
-
-static int stager_open(stager *st, tp_err *err)
-{
-    memset(st, 0, sizeof *st);
-    for (int i = 0; i < 2; i++) {
-        if (cuda_check(cudaMallocHost(&st->buf[i], STAGE_BYTES), "cudaMallocHost (staging)", err) < 0 ||
-            cuda_check(cudaEventCreateWithFlags(&st->done[i], cudaEventDisableTiming), "cudaEventCreate",
-                       err) < 0)
-            return -1;
-    }
-    return 0;
-}
-
-static void stager_close(stager *st)
-{
-    for (int i = 0; i < 2; i++) {
-        if (st->done[i])
-            cudaEventDestroy(st->done[i]);
-        if (st->buf[i])
-            cudaFreeHost(st->buf[i]);
-    }
-}
-
-/* Copies count fp32 host values to dst as bf16 (as_bf16) or fp32, chunk by
- * chunk: while chunk i's copy runs, the host fills the other buffer. */
-static int stage_copy(tpcm_model *g, stager *st, void *dst, const float *src, size_t count, bool as_bf16,
-                      tp_err *err)
-{
-    size_t esz = as_bf16 ? 2 : 4, per = STAGE_BYTES / esz;
-    for (size_t off = 0; off < count; off += per) {
-        size_t c = count - off < per ? count - off : per;
-        int b = st->next;
-        st->next ^= 1;
-        if (cuda_check(cudaEventSynchronize(st->done[b]), "upload", err) < 0)
-            return -1;
-        if (as_bf16)
-            f32_to_bf16((uint16_t *)st->buf[b], src + off, c);
-        else
-            memcpy(st->buf[b], src + off, c * 4);
-        if (cuda_check(cudaMemcpyAsync((char *)dst + off * esz, st->buf[b], c * esz, cudaMemcpyHostToDevice,
-                                       (cudaStream_t)g->s), "cudaMemcpyAsync (weights)", err) < 0 ||
-            cuda_check(cudaEventRecord(st->done[b], (cudaStream_t)g->s), "cudaEventRecord", err) < 0)
-            return -1;
-        g->up_bytes += (double)(c * esz);
-    }
-    return 0;
-}
-
-static int up_mat(tpcm_model *g, stager *st, uint16_t **dst, const float *src, size_t count, tp_err *err)
-{
-    *dst = NULL;
-    if (!src)
-        return 0;
-    if (dev_alloc(g, (void **)dst, count * 2, "weights", err) < 0)
-        return -1;
-    return stage_copy(g, st, *dst, src, count, true, err);
-}
-
-static int up_vec(tpcm_model *g, stager *st, float **dst, const float *src, size_t count, tp_err *err)
-{
-    *dst = NULL;
-    if (!src)
-        return 0;
-    if (dev_alloc(g, (void **)dst, count * 4, "weights", err) < 0)
-        return -1;
-    return stage_copy(g, st, *dst, src, count, false, err);
-}
-
-static int upload_layer(tpcm_model *g, stager *st, const tp_layer_weights *s, dev_layer *L, tp_err *err)
-{
-    size_t H = g->cfg.hidden, hd = g->cfg.head_dim, qd = g->lq * hd, kd = g->lkv * hd, I = g->li;
-    L->window = s->window;
-    return up_vec(g, st, &L->attn_norm, s->attn_norm, H, err) < 0 ||
-                   up_vec(g, st, &L->ffn_norm, s->ffn_norm, H, err) < 0 ||
-                   up_vec(g, st, &L->q_norm, s->q_norm, hd, err) < 0 ||
-                   up_vec(g, st, &L->k_norm, s->k_norm, hd, err) < 0 ||
-                   up_mat(g, st, &L->wq, s->wq, qd * H, err) < 0 ||
-                   up_mat(g, st, &L->wk, s->wk, kd * H, err) < 0 ||
-                   up_mat(g, st, &L->wv, s->wv, kd * H, err) < 0 ||
-                   up_mat(g, st, &L->wo, s->wo, H * qd, err) < 0 ||
-                   up_vec(g, st, &L->bq, s->bq, qd, err) < 0 || up_vec(g, st, &L->bk, s->bk, kd, err) < 0 ||
-                   up_vec(g, st, &L->bv, s->bv, kd, err) < 0 || up_vec(g, st, &L->bo, s->bo, H, err) < 0 ||
-                   up_mat(g, st, &L->wgate, s->wgate, I * H, err) < 0 ||
-                   up_mat(g, st, &L->wup, s->wup, I * H, err) < 0 ||
-                   up_mat(g, st, &L->wdown, s->wdown, H * I, err) < 0 ||
-                   up_vec(g, st, &L->bgate, s->bgate, I, err) < 0 ||
-                   up_vec(g, st, &L->bup, s->bup, I, err) < 0 ||
-                   up_vec(g, st, &L->bdown, s->bdown, H, err) < 0
-               ? -1
-               : 0;
 }
 
 static int pick_device(const tpcm_desc *d, int *device, tp_err *err)
@@ -255,10 +123,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
     g->lm_start = d->lm_start; g->lm_end = d->lm_end; g->vocab_slot = d->vocab_slot;
     g->nccl = tpc_comm_stream(d->comm) != NULL;
     const tp_model_config *c = &g->cfg;
-    size_t H = c->hidden, hd = c->head_dim, half = hd / 2;
-    stager st;
-    memset(&st, 0, sizeof st);
-    double t0;
+    size_t hd = c->head_dim, half = hd / 2;
 
     if (hd > TPC_MAX_HEAD_DIM || hd % 2) {
         tp_errorf(err, "head_dim %zu: the CUDA kernels take even head_dim up to %d", hd, TPC_MAX_HEAD_DIM);
@@ -276,34 +141,14 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
     if (tpc_blas_create(&g->blas, g->s, err) < 0)
         goto fail;
     g->lm_ranges = (int64_t *)malloc((size_t)g->world * 2 * sizeof *g->lm_ranges);
-    g->layers = (dev_layer *)calloc((size_t)c->n_layers, sizeof *g->layers);
-    if (!g->lm_ranges || !g->layers) {
+    if (!g->lm_ranges) {
         tp_errorf(err, "out of memory");
         goto fail;
     }
     memcpy(g->lm_ranges, d->lm_ranges, (size_t)g->world * 2 * sizeof *g->lm_ranges);
 
-    if (stager_open(&st, err) < 0)
+    if (tpcw_upload(&g->w, d, g->s, err) < 0)
         goto fail;
-    t0 = now_s();
-    if (up_mat(g, &st, &g->embed, d->embed, (size_t)(g->emb_end - g->emb_start) * H, err) < 0 ||
-        up_vec(g, &st, &g->final_norm, d->final_norm, H, err) < 0)
-        goto fail;
-    if (d->lm_w == d->embed && g->lm_start == g->emb_start && g->lm_end == g->emb_end) {
-        g->lm_w = g->embed;   /* tied, same rows: share */
-    } else if (up_mat(g, &st, &g->lm_w, d->lm_w, (size_t)(g->lm_end - g->lm_start) * H, err) < 0) {
-        goto fail;
-    }
-    for (int l = 0; l < c->n_layers; l++)
-        if (upload_layer(g, &st, &d->layers[l], &g->layers[l], err) < 0) {
-            tp_err_prefix(err, "layer %d upload", l);
-            goto fail;
-        }
-    if (tpc_sync(g->s, err) < 0)
-        goto fail;
-    g->up_seconds = now_s() - t0;
-    stager_close(&st);
-    memset(&st, 0, sizeof st);
 
     {
         size_t per_layer = (size_t)g->lkv * g->max_seq * hd, total = per_layer * c->n_layers;
@@ -341,12 +186,11 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         goto fail;
     }
     snprintf(g->desc, sizeof g->desc, "cuda:%d, %.1f MB of weights uploaded at %.2f GB/s, all-reduce %s",
-             g->device, g->up_bytes / 1e6, g->up_seconds > 0 ? g->up_bytes / g->up_seconds / 1e9 : 0.0,
+             g->device, g->w.bytes / 1e6, g->w.seconds > 0 ? g->w.bytes / g->w.seconds / 1e9 : 0.0,
              g->nccl ? "nccl on device" : g->world > 1 ? "staged through host memory" : "none (tp 1)");
     *out = g;
     return 0;
 fail:
-    stager_close(&st);
     tpcm_free(g);
     return -1;
 }
@@ -360,6 +204,7 @@ void tpcm_free(tpcm_model *g)
     for (size_t i = 0; i < g->n_owned; i++)
         tpc_free(g->owned[i]);
     free(g->owned);
+    tpcw_free(&g->w);
     tpc_free(g->x); tpc_free(g->h); tpc_free(g->q); tpc_free(g->k); tpc_free(g->v);
     tpc_free(g->att); tpc_free(g->o); tpc_free(g->gate); tpc_free(g->up); tpc_free(g->xb);
     tpc_free(g->ids); tpc_free(g->dec_ws);
@@ -368,7 +213,6 @@ void tpcm_free(tpcm_model *g)
     if (g->host_slot)
         cudaFreeHost(g->host_slot);
     free(g->host_all);
-    free(g->layers);
     free(g->lm_ranges);
     if (g->blas)
         tpc_blas_destroy(g->blas);
@@ -379,8 +223,8 @@ void tpcm_free(tpcm_model *g)
 
 void tpcm_upload_stats(const tpcm_model *g, double *bytes, double *seconds)
 {
-    *bytes = g->up_bytes;
-    *seconds = g->up_seconds;
+    *bytes = g->w.bytes;
+    *seconds = g->w.seconds;
 }
 
 const char *tpcm_describe(const tpcm_model *g) { return g->desc; }
@@ -448,7 +292,7 @@ static int gemm(tpcm_model *g, float *y, const float *x, const uint16_t *w, cons
 static int attention_block(tpcm_model *g, int l, int n, int pos, tp_err *err)
 {
     const tp_model_config *c = &g->cfg;
-    const dev_layer *L = &g->layers[l];
+    const tpcw_layer *L = &g->w.layers[l];
     int H = c->hidden, hd = c->head_dim, qd = g->lq * hd, kd = g->lkv * hd;
     size_t kv_off = (size_t)l * g->lkv * g->max_seq * hd;
     float scale = 1.0f / sqrtf((float)hd);
@@ -476,7 +320,7 @@ static int attention_block(tpcm_model *g, int l, int n, int pos, tp_err *err)
 
 static int mlp_block(tpcm_model *g, int l, int n, tp_err *err)
 {
-    const dev_layer *L = &g->layers[l];
+    const tpcw_layer *L = &g->w.layers[l];
     int H = g->cfg.hidden;
     if (gemm(g, g->gate, g->h, L->wgate, L->bgate, n, H, g->li, err) < 0 ||
         gemm(g, g->up, g->h, L->wup, L->bup, n, H, g->li, err) < 0 ||
@@ -491,7 +335,7 @@ static int mlp_block(tpcm_model *g, int l, int n, tp_err *err)
 static int lm_head(tpcm_model *g, const float *row, float *logits, tp_err *err)
 {
     int H = g->cfg.hidden, cnt = (int)(g->lm_end - g->lm_start);
-    if (cnt > 0 && gemm(g, g->logit_slot, row, g->lm_w, NULL, 1, H, cnt, err) < 0)
+    if (cnt > 0 && gemm(g, g->logit_slot, row, g->w.lm_w, NULL, 1, H, cnt, err) < 0)
         return -1;
     if (cnt > 0 && cuda_check(cudaMemcpyAsync(g->host_slot, g->logit_slot, (size_t)cnt * 4, cudaMemcpyDeviceToHost,
                                               (cudaStream_t)g->s), "cudaMemcpyAsync (logits)", err) < 0)
@@ -522,22 +366,22 @@ int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logit
         return -1;
     if (cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, (cudaStream_t)g->s),
                    "cudaMemcpyAsync (ids)", err) < 0 ||
-        tpc_embedding(g->x, g->embed, g->ids, n, H, g->emb_start, g->emb_end, g->s, err) < 0)
+        tpc_embedding(g->x, g->w.embed, g->ids, n, H, g->emb_start, g->emb_end, g->s, err) < 0)
         return -1;
     /* ids is pageable: cudaMemcpyAsync has read it when it returns */
     if (!(g->emb_start == 0 && g->emb_end == c->vocab) && allreduce(g, g->x, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "embedding all-reduce");
     for (int l = 0; l < c->n_layers; l++) {
-        if (tpc_add_rmsnorm(g->x, l ? g->o : NULL, g->h, g->layers[l].attn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
+        if (tpc_add_rmsnorm(g->x, l ? g->o : NULL, g->h, g->w.layers[l].attn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
             attention_block(g, l, n, pos, err) < 0 ||
-            tpc_add_rmsnorm(g->x, g->o, g->h, g->layers[l].ffn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
+            tpc_add_rmsnorm(g->x, g->o, g->h, g->w.layers[l].ffn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
             mlp_block(g, l, n, err) < 0)
             return -1;
     }
     if (!logits)
         return tpc_sync(g->s, err);
     size_t last = (size_t)(n - 1) * H;
-    if (tpc_add_rmsnorm(g->x + last, g->o + last, g->h + last, g->final_norm, 1, H, c->rms_eps, g->s, err) < 0)
+    if (tpc_add_rmsnorm(g->x + last, g->o + last, g->h + last, g->w.final_norm, 1, H, c->rms_eps, g->s, err) < 0)
         return -1;
     return lm_head(g, g->h + last, logits, err);
 }

@@ -3,9 +3,8 @@
  *
  * model.c builds and checks the rank's structure exactly as for the CPU
  * (local heads, kv-head mapping, lm_head vocabulary slice, reduce_bias) and
- * then hands it over in a tpcm_desc; model_cuda.cu uploads the weights as
- * bf16 (rounded from the fp32 copies: exact for bf16 checkpoints), the small
- * vectors as fp32, and runs tp_model_forward's work on the device. */
+ * then hands it over in a tpcm_desc; weights_cuda.cu puts the weights on
+ * the device and model_cuda.cu runs tp_model_forward's work there. */
 #ifndef TP_MODEL_CUDA_H
 #define TP_MODEL_CUDA_H
 

@@ -39,11 +39,13 @@ cat >"$work/nccl_stub.cpp" <<'STUB'
 extern "C" tpc_stream tpc_comm_stream(const tp_comm *) { return nullptr; }
 extern "C" int tpc_comm_device(const tp_comm *) { return -1; }
 STUB
-g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -x c++ -c runtime/cuda/model_cuda.cu -o "$work/model_cuda_emu.o"
+for f in model_cuda weights_cuda; do
+    g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -x c++ -c runtime/cuda/$f.cu -o "$work/${f}_emu.o"
+done
 g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/nccl_stub.cpp" -o "$work/nccl_stub.o"
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c runtime/model.c -o "$work/model_cuda_dispatch.o"
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
-g++ -o "$work/test_model_cuda_emu" "$work/test_model.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" \
+g++ -o "$work/test_model_cuda_emu" "$work/test_model.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" "$work/weights_cuda_emu.o" \
     "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o" \
     "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
     -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
