@@ -142,31 +142,30 @@ int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int
     res->pending = -1;
     if (tp_gen_check_prompt(m, ids, n, o->context, err))
         return -1;
-    int vocab = tp_model_get_config(m)->vocab;
+    (void)comm;   /* the model holds its comm: tp_model_pick broadcasts */
     int max_new = o->max_new_tokens > 0 ? o->max_new_tokens : 0;
-    float *logits = malloc((size_t)vocab * 3 * sizeof(float));   /* logits, then 2 * vocab of sampler scratch */
     res->ids = malloc(((size_t)max_new + 1) * sizeof *res->ids);
-    if (!logits || !res->ids) {
-        free(logits);
-        return tp_errorf(err, "out of memory for the logits of %d tokens", vocab);
-    }
-    float *scratch = logits + vocab;
+    if (!res->ids)
+        return tp_errorf(err, "out of memory");
 
+    /* The prompt: one forward, and the first pick (from the host logits
+     * when the caller wants them, else wherever the model runs). */
+    int32_t tok = -1;
     double t0 = tp_now();
-    if (tp_model_forward(m, ids, n, logits, err))
+    if (max_new > 0 || o->prompt_logits) {
+        if (o->prompt_logits
+                ? tp_model_forward(m, ids, n, o->prompt_logits, err) < 0 ||
+                      (max_new > 0 && tp_model_pick(m, o->prompt_logits, &o->sampler, rng, &tok, err) < 0)
+                : tp_model_forward_pick(m, ids, n, &o->sampler, rng, &tok, err) < 0)
+            goto fail;
+    } else if (tp_model_forward(m, ids, n, NULL, err) < 0) {
         goto fail;
+    }
     res->prefill_s = tp_now() - t0;
     res->n_prefill = n;
-    if (o->prompt_logits)
-        memcpy(o->prompt_logits, logits, (size_t)vocab * sizeof *logits);
 
     double t_decode = tp_now();
     while (res->n_ids < (size_t)max_new) {
-        int32_t tok = tp_sample(logits, vocab, &o->sampler, rng, scratch);
-        /* Every rank drew from the same logits with the same rng; rank 0's
-         * draw is the one everybody uses, whatever rounding might do. */
-        if (comm && comm->world > 1 && comm->ops->broadcast(comm, &tok, sizeof tok, 0, err))
-            goto fail;
         res->ids[res->n_ids++] = tok;
         res->pending = tok;
         if (o->on_token && o->on_token(tok, o->arg, err))
@@ -181,16 +180,15 @@ int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int
             res->stopped_context = true;
             break;
         }
-        if (tp_model_forward(m, &tok, 1, logits, err))
+        int32_t fed = tok;
+        if (tp_model_forward_pick(m, &fed, 1, &o->sampler, rng, &tok, err))
             goto fail;
-        res->pending = -1;   /* tok is in the cache now */
+        res->pending = -1;   /* fed is in the cache now */
         res->n_decode++;
     }
     res->decode_s = tp_now() - t_decode;
-    free(logits);
     return 0;
 fail:
-    free(logits);
     tp_gen_result_free(res);
     return -1;
 }

@@ -55,6 +55,7 @@ struct tp_model {
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up;
     float *scratch;             /* [lq][TPK_ATT_BLOCK * max_seq] attention scores */
     float *logit_slot, *logit_all;
+    float *pick_buf;            /* tp_model_forward_pick: vocab logits + 2 * vocab scratch */
 
     tp_pool *pool;              /* NULL: one thread */
 #ifdef TP_HAVE_CUDA
@@ -652,6 +653,7 @@ void tp_model_free(tp_model *m)
     free(m->scratch);
     free(m->logit_slot);
     free(m->logit_all);
+    free(m->pick_buf);
     free(m->x); free(m->h); free(m->q); free(m->k); free(m->v);
     free(m->att); free(m->o); free(m->gate); free(m->up);
     if (m->pool)
@@ -816,7 +818,7 @@ static int lm_head(tp_model *m, const float *row, float *logits, tp_err *err)
     return 0;
 }
 
-int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_err *err)
+static int check_forward(const tp_model *m, const int32_t *ids, int n, tp_err *err)
 {
     const tp_model_config *c = &m->cfg;
     if (n <= 0)
@@ -828,6 +830,14 @@ int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_e
         if (ids[t] < 0 || ids[t] >= c->vocab)
             return tp_errorf(err, "forward: token id %d is outside the vocabulary [0, %d)",
                              ids[t], c->vocab);
+    return 0;
+}
+
+int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_err *err)
+{
+    const tp_model_config *c = &m->cfg;
+    if (check_forward(m, ids, n, err) < 0)
+        return -1;
 #ifdef TP_HAVE_CUDA
     if (m->gpu) {
         if (tpcm_forward(m->gpu, ids, n, m->pos, logits, err) < 0)
@@ -861,4 +871,49 @@ int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_e
     size_t last = (size_t)(n - 1) * H;
     tpk_add_rmsnorm(m->x + last, m->o + last, m->h + last, m->final_norm, 1, H, c->rms_eps);
     return lm_head(m, m->h + last, logits, err);
+}
+
+/* ------------------------------------------------------------ token pick */
+
+static float *pick_buffer(tp_model *m, tp_err *err)
+{
+    if (!m->pick_buf && !(m->pick_buf = malloc((size_t)m->cfg.vocab * 3 * sizeof(float))))
+        tp_errorf(err, "out of memory for the logits of %d tokens", m->cfg.vocab);
+    return m->pick_buf;
+}
+
+int tp_model_pick(tp_model *m, const float *logits, const tp_sampler_opts *o, tp_rng *rng, int32_t *next,
+                  tp_err *err)
+{
+    float *buf = pick_buffer(m, err);
+    if (!buf)
+        return -1;
+    int32_t tok = tp_sample(logits, m->cfg.vocab, o, rng, buf + m->cfg.vocab);
+    /* Every rank drew from the same logits with the same rng; rank 0's draw
+     * is the one everybody uses, whatever rounding might do. */
+    if (m->world > 1 && m->comm->ops->broadcast(m->comm, &tok, sizeof tok, 0, err) < 0)
+        return tp_err_prefix(err, "token broadcast");
+    *next = tok;
+    return 0;
+}
+
+int tp_model_forward_pick(tp_model *m, const int32_t *ids, int n, const tp_sampler_opts *o, tp_rng *rng,
+                          int32_t *next, tp_err *err)
+{
+#ifdef TP_HAVE_CUDA
+    if (m->gpu) {
+        if (check_forward(m, ids, n, err) < 0)
+            return -1;
+        bool greedy = !(o->temperature > 0) || o->top_k == 1;
+        double u = greedy ? 0.0 : tp_rng_uniform(rng);   /* tp_sample's one draw */
+        if (tpcm_forward_pick(m->gpu, ids, n, m->pos, o, u, next, err) < 0)
+            return -1;
+        m->pos += n;
+        return 0;
+    }
+#endif
+    float *logits = pick_buffer(m, err);
+    if (!logits || tp_model_forward(m, ids, n, logits, err) < 0)
+        return -1;
+    return tp_model_pick(m, logits, o, rng, next, err);
 }

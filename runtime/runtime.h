@@ -174,6 +174,18 @@ double tp_rng_uniform(tp_rng *r);
  * lowest id.  scratch: NULL (allocated inside) or 2 * vocab floats. */
 int32_t tp_sample(const float *logits, int vocab, const tp_sampler_opts *o, tp_rng *rng, float *scratch);
 
+/* Picking a model's next token (model.c).  tp_model_pick: tp_sample over full logits (identical on every rank), then rank 0's id
+ * broadcast so that the ranks never drift apart.  Collective. */
+int tp_model_pick(tp_model *m, const float *logits, const tp_sampler_opts *o, tp_rng *rng,
+                  int32_t *next, tp_err *err);
+/* tp_model_forward of ids[0..n), then the next token picked from the last
+ * position's logits by tp_sample's rules, drawing from rng exactly as
+ * tp_sample would (nothing when greedy).  *next is the same on every rank.
+ * On device "cuda" the logits stay on the GPU and only the id comes back.
+ * Collective. */
+int tp_model_forward_pick(tp_model *m, const int32_t *ids, int n, const tp_sampler_opts *o,
+                          tp_rng *rng, int32_t *next, tp_err *err);
+
 /* -------------------------------------------------------------- generation */
 
 /* What generation_config.json says (every field optional; has_* tells

@@ -286,9 +286,42 @@ static int g_threads = 1;   /* CPU threads of each rank's model */
  * includes this file, switches it to "cuda"). */
 static const char *g_device = "cpu";
 
+/* tp_model_forward_pick against the logits rank_main just got: greedy must
+ * pick their argmax (after the prefill, and after one decode step), exactly;
+ * sampling must draw what tp_sample draws from them with the same rng, and
+ * leave the rng where tp_sample leaves it. */
+static int check_picks(tp_model *m, rank_job *j)
+{
+    tp_sampler_opts greedy = { .temperature = 0 };
+    tp_sampler_opts sampled = { .temperature = 0.8f, .top_k = 20, .top_p = 0.9f };
+    tp_rng r_model, r_ref;
+    tp_rng_seed(&r_model, 7);
+    tp_rng_seed(&r_ref, 7);
+    int32_t got, want;
+    tp_model_reset(m);
+    if (tp_model_forward_pick(m, j->ids, j->n_prefill, &greedy, &r_model, &got, &j->err) < 0)
+        return -1;
+    if (got != (want = tp_sample(j->logits, j->vocab, &greedy, &r_ref, NULL)))
+        return tp_errorf(&j->err, "greedy pick after the prefill: %d, argmax of the logits %d", got, want);
+    if (j->n_steps > 1) {
+        if (tp_model_forward_pick(m, j->ids + j->n_prefill, 1, &greedy, &r_model, &got, &j->err) < 0)
+            return -1;
+        if (got != (want = tp_sample(j->logits + j->vocab, j->vocab, &greedy, &r_ref, NULL)))
+            return tp_errorf(&j->err, "greedy pick after a decode step: %d, argmax of the logits %d", got, want);
+    }
+    tp_model_reset(m);
+    if (tp_model_forward_pick(m, j->ids, j->n_prefill, &sampled, &r_model, &got, &j->err) < 0)
+        return -1;
+    if (got != (want = tp_sample(j->logits, j->vocab, &sampled, &r_ref, NULL)))
+        return tp_errorf(&j->err, "sampled pick after the prefill: %d, tp_sample %d", got, want);
+    if (memcmp(&r_model, &r_ref, sizeof r_ref) != 0)
+        return tp_errorf(&j->err, "the pick drew from the rng differently from tp_sample");
+    return 0;
+}
+
 /* Prefills ids[0..n_prefill) (logits step 0), then decodes ids[n_prefill ..]
  * one at a time (logits steps 1..); then resets and prefills again, which
- * must give bit-identical step-0 logits. */
+ * must give bit-identical step-0 logits; then check_picks. */
 static void *rank_main(void *arg)
 {
     rank_job *j = arg;
@@ -315,7 +348,7 @@ static void *rank_main(void *arg)
     }
     if (memcmp(again, j->logits, (size_t)j->vocab * sizeof *again) != 0)
         tp_errorf(&j->err, "logits after tp_model_reset differ from the first run");
-    else
+    else if (check_picks(m, j) == 0)
         j->rc = 0;
     free(again);
 out:

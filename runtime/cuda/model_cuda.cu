@@ -6,8 +6,10 @@
  * and the KV cache are fp32 ([layer][lkv][max_seq][head_dim], as the CPU).
  * All-reduces: with the nccl backend on device pointers on its stream; with
  * any other backend (single, tcp, mpi) staged through pinned host memory
- * (D2H, host collective, H2D).  Logits: the local vocabulary slice is copied
- * to the host and all-gathered there, the same contract as the CPU model.
+ * (D2H, host collective, H2D).  Logits: tpcm_forward copies the local
+ * vocabulary slice to the host and all-gathers it there (the CPU model's
+ * contract, for --logits); tpcm_forward_pick picks the next token on the
+ * device and brings back only its id.
  * No CUDA graph yet: each step launches its kernels.
  */
 #include <cuda_runtime.h>
@@ -48,6 +50,14 @@ struct tpcm_model {
     size_t dec_ws_bytes;
     float *host_stage;          /* pinned: cap_n * hidden floats (staged all-reduce) */
     float *host_slot, *host_all;/* pinned / host logits slices */
+
+    /* Picking the next token on the device (tpcm_forward_pick). */
+    tpc_argmax_result *best, *best_all;   /* this rank's winner; every rank's (nccl) */
+    tpc_argmax_result *host_best;         /* pinned: world winners */
+    float *logits_all;          /* device: world * vocab_slot (nccl all-gather) */
+    float *vocab_logits;        /* device: the full vocabulary, for sampling */
+    float *sample_ws;           /* device: vocab floats, tpc_sample's workspace */
+    int32_t *next_id, *host_next;         /* device / pinned: the picked id */
 
     char desc[256];
 };
@@ -107,6 +117,23 @@ static int pick_device(const tpcm_desc *d, int *device, tp_err *err)
     }
     *device = want;
     return 0;
+}
+
+/* The buffers of tpcm_forward_pick: a few vocabularies of floats. */
+static int alloc_pick_buffers(tpcm_model *g, tp_err *err)
+{
+    size_t V = (size_t)g->cfg.vocab, W = (size_t)g->world;
+    if (dev_alloc(g, (void **)&g->best, sizeof *g->best, "token pick", err) < 0 ||
+        dev_alloc(g, (void **)&g->best_all, W * sizeof *g->best_all, "token pick", err) < 0 ||
+        dev_alloc(g, (void **)&g->logits_all, W * g->vocab_slot * 4, "logits", err) < 0 ||
+        dev_alloc(g, (void **)&g->vocab_logits, V * 4, "logits", err) < 0 ||
+        dev_alloc(g, (void **)&g->sample_ws, V * 4, "sampling workspace", err) < 0 ||
+        dev_alloc(g, (void **)&g->next_id, 4, "token pick", err) < 0)
+        return -1;
+    return cuda_check(cudaMallocHost((void **)&g->host_best, W * sizeof *g->host_best), "cudaMallocHost", err) < 0 ||
+                   cuda_check(cudaMallocHost((void **)&g->host_next, 4), "cudaMallocHost", err) < 0
+               ? -1
+               : 0;
 }
 
 int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
@@ -185,6 +212,8 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         tp_errorf(err, "out of memory");
         goto fail;
     }
+    if (alloc_pick_buffers(g, err) < 0)
+        goto fail;
     snprintf(g->desc, sizeof g->desc, "cuda:%d, %.1f MB of weights uploaded at %.2f GB/s, all-reduce %s",
              g->device, g->w.bytes / 1e6, g->w.seconds > 0 ? g->w.bytes / g->w.seconds / 1e9 : 0.0,
              g->nccl ? "nccl on device" : g->world > 1 ? "staged through host memory" : "none (tp 1)");
@@ -212,6 +241,10 @@ void tpcm_free(tpcm_model *g)
         cudaFreeHost(g->host_stage);
     if (g->host_slot)
         cudaFreeHost(g->host_slot);
+    if (g->host_best)
+        cudaFreeHost(g->host_best);
+    if (g->host_next)
+        cudaFreeHost(g->host_next);
     free(g->host_all);
     free(g->lm_ranges);
     if (g->blas)
@@ -332,11 +365,24 @@ static int mlp_block(tpcm_model *g, int l, int n, tp_err *err)
     return L->bdown ? tpc_add_bias(g->o, L->bdown, n, H, g->s, err) : 0;
 }
 
-static int lm_head(tpcm_model *g, const float *row, float *logits, tp_err *err)
+/* The final norm of the last of n rows and this rank's slice of the
+ * lm_head into logit_slot (device). */
+static int logits_slice(tpcm_model *g, int n, tp_err *err)
 {
-    int H = g->cfg.hidden, cnt = (int)(g->lm_end - g->lm_start);
-    if (cnt > 0 && gemm(g, g->logit_slot, row, g->w.lm_w, NULL, 1, H, cnt, err) < 0)
+    const tp_model_config *c = &g->cfg;
+    int H = c->hidden, cnt = (int)(g->lm_end - g->lm_start);
+    size_t last = (size_t)(n - 1) * H;
+    if (tpc_add_rmsnorm(g->x + last, g->o + last, g->h + last, g->w.final_norm, 1, H, c->rms_eps, g->s, err) < 0)
         return -1;
+    return cnt > 0 ? gemm(g, g->logit_slot, g->h + last, g->w.lm_w, NULL, 1, H, cnt, err) : 0;
+}
+
+/* Every rank's slice in host_all (slot r holds rank r's rows): the slice
+ * comes back and is all-gathered on the host (host buffers: the nccl
+ * backend stages them itself).  tp 1: host_slot holds the logits. */
+static int logits_gather_host(tpcm_model *g, tp_err *err)
+{
+    int cnt = (int)(g->lm_end - g->lm_start);
     if (cnt > 0 && cuda_check(cudaMemcpyAsync(g->host_slot, g->logit_slot, (size_t)cnt * 4, cudaMemcpyDeviceToHost,
                                               (cudaStream_t)g->s), "cudaMemcpyAsync (logits)", err) < 0)
         return -1;
@@ -344,13 +390,21 @@ static int lm_head(tpcm_model *g, const float *row, float *logits, tp_err *err)
         return -1;
     for (int i = cnt; i < g->vocab_slot; i++)
         g->host_slot[i] = 0.0f;
+    if (g->world > 1 &&
+        g->comm->ops->allgather_f32(g->comm, g->host_slot, g->host_all, (size_t)g->vocab_slot, err) < 0)
+        return tp_err_prefix(err, "logits all-gather");
+    return 0;
+}
+
+/* The full logits on the host, in vocabulary order. */
+static int logits_to_host(tpcm_model *g, float *logits, tp_err *err)
+{
+    if (logits_gather_host(g, err) < 0)
+        return -1;
     if (g->world == 1) {
-        memcpy(logits, g->host_slot, (size_t)cnt * sizeof(float));
+        memcpy(logits, g->host_slot, (size_t)(g->lm_end - g->lm_start) * sizeof(float));
         return 0;
     }
-    /* host buffers: the nccl backend stages them itself */
-    if (g->comm->ops->allgather_f32(g->comm, g->host_slot, g->host_all, (size_t)g->vocab_slot, err) < 0)
-        return tp_err_prefix(err, "logits all-gather");
     for (int r = 0; r < g->world; r++) {
         int64_t s = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
         memcpy(logits + s, g->host_all + (size_t)r * g->vocab_slot, (size_t)(e - s) * sizeof(float));
@@ -358,7 +412,8 @@ static int lm_head(tpcm_model *g, const float *row, float *logits, tp_err *err)
     return 0;
 }
 
-int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logits, tp_err *err)
+/* Embedding and every layer for ids[0..n) at position pos. */
+static int run_layers(tpcm_model *g, const int32_t *ids, int n, int pos, tp_err *err)
 {
     const tp_model_config *c = &g->cfg;
     int H = c->hidden;
@@ -378,10 +433,114 @@ int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logit
             mlp_block(g, l, n, err) < 0)
             return -1;
     }
+    return 0;
+}
+
+int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logits, tp_err *err)
+{
+    if (run_layers(g, ids, n, pos, err) < 0)
+        return -1;
     if (!logits)
         return tpc_sync(g->s, err);
-    size_t last = (size_t)(n - 1) * H;
-    if (tpc_add_rmsnorm(g->x + last, g->o + last, g->h + last, g->w.final_norm, 1, H, c->rms_eps, g->s, err) < 0)
+    return logits_slice(g, n, err) < 0 ? -1 : logits_to_host(g, logits, err);
+}
+
+/* ------------------------------------------------------------ token pick */
+
+/* Greedy: every rank's best of its slice, then the best of those (ties:
+ * the lowest id; NaN never wins), exactly tp_sample's argmax over the
+ * gathered logits.  Only world winners (8 bytes each) cross the ranks. */
+static int pick_greedy(tpcm_model *g, int32_t *next, tp_err *err)
+{
+    cudaStream_t s = (cudaStream_t)g->s;
+    int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
+    tpc_argmax_result *mine = g->host_best;   /* staged: slot 0 is this rank's */
+    if (cnt > 0) {
+        if (tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0)
+            return -1;
+    } else {
+        /* no rows here (more ranks than rows): a winner that never wins */
+        mine[0].value = -INFINITY;
+        mine[0].id = (int32_t)g->lm_start;
+        if (cuda_check(cudaMemcpyAsync(g->best, mine, sizeof *mine, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync", err) < 0)
+            return -1;
+    }
+    if (W > 1 && g->nccl) {
+        /* device buffers; the 8-byte records travel as two floats, bit for bit */
+        if (g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
+            return tp_err_prefix(err, "token pick all-gather");
+        if (cuda_check(cudaMemcpyAsync(g->host_best, g->best_all, W * sizeof *g->host_best, cudaMemcpyDeviceToHost, s),
+                       "cudaMemcpyAsync (token pick)", err) < 0 || tpc_sync(g->s, err) < 0)
+            return -1;
+    } else {
+        tpc_argmax_result own;
+        if (cuda_check(cudaMemcpyAsync(g->host_best, g->best, sizeof own, cudaMemcpyDeviceToHost, s),
+                       "cudaMemcpyAsync (token pick)", err) < 0 || tpc_sync(g->s, err) < 0)
+            return -1;
+        own = g->host_best[0];
+        if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)&own, (float *)g->host_best, 2, err) < 0)
+            return tp_err_prefix(err, "token pick all-gather");
+    }
+    tpc_argmax_result best = { -INFINITY, INT32_MAX };
+    for (int r = 0; r < W; r++) {
+        tpc_argmax_result c = g->host_best[r];
+        float v = isnan(c.value) ? -INFINITY : c.value;
+        if (v > best.value || (v == best.value && c.id < best.id)) {
+            best.value = v;
+            best.id = c.id;
+        }
+    }
+    *next = best.id;
+    return 0;
+}
+
+/* Sampling: the full logits are gathered on the device (nccl) or through
+ * the host (other backends), then tpc_sample draws with u; only the id comes
+ * back.  Rank 0's id is broadcast, as tp_model_pick does on the CPU. */
+static int pick_sample(tpcm_model *g, const tp_sampler_opts *o, double u, int32_t *next, tp_err *err)
+{
+    cudaStream_t s = (cudaStream_t)g->s;
+    int V = g->cfg.vocab, W = g->world;
+    const float *full = g->logit_slot;   /* tp 1: the slice is the vocabulary */
+    if (W > 1) {
+        const float *rows;
+        cudaMemcpyKind kind;
+        if (g->nccl) {
+            if (g->comm->ops->allgather_f32(g->comm, g->logit_slot, g->logits_all, (size_t)g->vocab_slot, err) < 0)
+                return tp_err_prefix(err, "logits all-gather");
+            rows = g->logits_all;
+            kind = cudaMemcpyDeviceToDevice;
+        } else {
+            if (logits_gather_host(g, err) < 0)
+                return -1;
+            rows = g->host_all;
+            kind = cudaMemcpyHostToDevice;
+        }
+        for (int r = 0; r < W; r++) {
+            int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
+            if (e > a && cuda_check(cudaMemcpyAsync(g->vocab_logits + a, rows + (size_t)r * g->vocab_slot,
+                                                    (size_t)(e - a) * 4, kind, s), "cudaMemcpyAsync (logits)", err) < 0)
+                return -1;
+        }
+        full = g->vocab_logits;
+    }
+    if (tpc_sample(g->next_id, full, V, o->temperature, o->top_k, o->top_p, u, g->sample_ws, g->s, err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (token)",
+                   err) < 0 ||
+        tpc_sync(g->s, err) < 0)
         return -1;
-    return lm_head(g, g->h + last, logits, err);
+    int32_t id = *g->host_next;
+    if (W > 1 && g->comm->ops->broadcast(g->comm, &id, sizeof id, 0, err) < 0)
+        return tp_err_prefix(err, "token broadcast");
+    *next = id;
+    return 0;
+}
+
+int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const tp_sampler_opts *o, double u,
+                      int32_t *next, tp_err *err)
+{
+    if (run_layers(g, ids, n, pos, err) < 0 || logits_slice(g, n, err) < 0)
+        return -1;
+    bool greedy = !(o->temperature > 0) || o->top_k == 1;
+    return greedy ? pick_greedy(g, next, err) : pick_sample(g, o, u, next, err);
 }

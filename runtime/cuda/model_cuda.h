@@ -42,6 +42,12 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err);
 void tpcm_free(tpcm_model *g);
 /* tp_model_forward on the device at position pos (ids already checked). */
 int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logits, tp_err *err);
+/* tp_model_forward_pick on the device: the layers, this rank's logits
+ * slice, then greedy (per-rank winners combined) or tpc_sample with u over
+ * the gathered logits.  Only the id comes back to the host; it is the same
+ * on every rank.  u is ignored when greedy. */
+int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const tp_sampler_opts *o, double u,
+                      int32_t *next, tp_err *err);
 /* Bytes uploaded and the seconds it took (weights only). */
 void tpcm_upload_stats(const tpcm_model *g, double *bytes, double *seconds);
 /* A one-line description: device, bytes, GB/s, comm path. */

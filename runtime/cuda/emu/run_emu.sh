@@ -9,7 +9,10 @@
 # nothing about speed, occupancy, memory coalescing, real warp scheduling or
 # the NCCL backend.  A real GPU run of test_kernels_cuda replaces it.
 # Needs g++ (C++20), python3; takes a few minutes (thousands of threads).
+# Usage: run_emu.sh [all|kernels|model]  (default all: both test programs).
 set -euo pipefail
+what=${1:-all}
+case $what in all|kernels|model) ;; *) echo "usage: $0 [all|kernels|model]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/../../.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -26,8 +29,11 @@ g++ -o "$work/test_kernels_cuda_emu" "$work/test.o" "$work/kernels_emu.o" "$work
     "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
     -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
     $(mpicc --showme:link 2>/dev/null || true)
-echo "== test_kernels_cuda on the CPU emulation (not a GPU run)"
-"$work/test_kernels_cuda_emu"
+if [ "$what" != model ]; then
+    echo "== test_kernels_cuda on the CPU emulation (not a GPU run)"
+    "$work/test_kernels_cuda_emu"
+fi
+[ "$what" = kernels ] && exit 0
 
 # The whole "cuda" model (runtime/cuda/model_cuda.cu and model.c's cuda
 # dispatch) on the same emulation: tests/test_model_cuda.c compares its
