@@ -1,12 +1,17 @@
 /* test_kernels_cuda.c - every CUDA kernel of runtime/cuda/kernels_cuda.h
  * against its CPU reference (kernels_cpu.h, tp_sample) on random inputs of
  * odd sizes.  Tolerances (max |gpu - cpu| / max(1, max |cpu|)):
- *   exact (0)   embedding, kv_append, f32_to_bf16, argmax, sampling ids;
+ *   exact (0)   embedding, kv_append, f32_to_bf16, argmax, sampling ids,
+ *               argmax_combine; the device-position (graph) variants of
+ *               head_norm_rope, kv_append and decode attention against the
+ *               host-position launchers;
  *   1e-5        rmsnorm, per-head norm + RoPE, silu_mul, bias (fp32, other
  *               summation order / expf);
  *   2e-5        attention (online softmax against the two-pass softmax);
  *   1e-4        bf16 GEMM (the CPU reference gets the same bf16-rounded
  *               activations; only the fp32 summation order differs).
+ * A decode step captured as a CUDA graph is replayed over many positions
+ * against the CPU reference (stream capture; also run by the emulation).
  * Without a CUDA build, or without a visible GPU, it prints one SKIP line
  * and exits 77 (counted as skipped by tests/run_tests.sh). */
 #include <stdio.h>
@@ -444,6 +449,344 @@ static void test_sample(void)
     tpc_free(dx); tpc_free(did); tpc_free(dws);
 }
 
+/* ------------------------------------- device positions (graph replays) */
+
+static void set_pos(int32_t *dpos, int32_t p)
+{
+    MUST(tpc_upload(dpos, &p, sizeof p, &err));
+}
+
+/* head_norm_rope and kv_append with the position from the device give the
+ * same bits as with the host position, at several positions, through one
+ * launch (the same arguments) for all of them. */
+static void test_devpos_rope_kv(void)
+{
+    int hds[] = { 64, 80 };
+    int32_t *dpos = dev_copy(NULL, 4);
+    for (int a = 0; a < 2; a++)
+        for (int with_norm = 0; with_norm < 2; with_norm++) {
+            int hd = hds[a], n = 3, heads = 3, n_pos = 200, half = hd / 2;
+            size_t stride = (size_t)(heads + 1) * hd + 3;
+            tpk_rope_params rp = { 1000000.0f, false, 8.0f, 1.0f, 4.0f, 8192 };
+            float *inv = malloc(half * 4), *cs = malloc((size_t)n_pos * half * 4), *sn = malloc((size_t)n_pos * half * 4);
+            tpk_rope_inv_freq(inv, hd, &rp);
+            tpk_rope_table(cs, sn, inv, hd, n_pos);
+            size_t sz = (size_t)n * stride;
+            float *x = rand_vec(sz, 2), *w = rand_vec(hd, 1), *want = malloc(sz * 4), *got = malloc(sz * 4);
+            float *dx = dev_copy(x, sz * 4), *dw = dev_copy(w, hd * 4);
+            float *dc = dev_copy(cs, (size_t)n_pos * half * 4), *ds = dev_copy(sn, (size_t)n_pos * half * 4);
+            int positions[] = { 0, 1, 31, 32, 130, n_pos - n };
+            for (int i = 0; i < 6; i++) {
+                int p = positions[i];
+                MUST(tpc_upload(dx, x, sz * 4, &err));
+                MUST(tpc_head_norm_rope(dx, with_norm ? dw : NULL, n, heads, hd, stride, p, dc, ds, 1e-6f, NULL, &err));
+                fetch(want, dx, sz * 4);
+                MUST(tpc_upload(dx, x, sz * 4, &err));
+                set_pos(dpos, p);
+                MUST(tpc_head_norm_rope_devpos(dx, with_norm ? dw : NULL, n, heads, hd, stride, 0, dpos, dc, ds,
+                                               1e-6f, NULL, &err));
+                fetch(got, dx, sz * 4);
+                CHECK(!memcmp(got, want, sz * 4), "head_norm_rope_devpos hd=%d norm=%d pos=%d: differs from the "
+                      "host-position launch", hd, with_norm, p);
+            }
+            tpc_free(dx); tpc_free(dw); tpc_free(dc); tpc_free(ds);
+            free(inv); free(cs); free(sn); free(x); free(w); free(want); free(got);
+        }
+
+    /* kv append: n 1 and 3, 3 kv heads of 80; out-of-range positions write nothing */
+    for (int n = 1; n <= 3; n += 2) {
+        int kvh = 3, hd = 80, max_seq = 70;
+        size_t cache_sz = (size_t)kvh * max_seq * hd, stride = (size_t)(2 * kvh) * hd + 7;
+        float *kc = rand_vec(cache_sz, 1), *kv = rand_vec((size_t)n * stride, 1);
+        float *want_k = malloc(cache_sz * 4), *want_v = malloc(cache_sz * 4);
+        float *got_k = malloc(cache_sz * 4), *got_v = malloc(cache_sz * 4);
+        float *dk = dev_copy(kc, cache_sz * 4), *dv = dev_copy(kc, cache_sz * 4), *dkv = dev_copy(kv, (size_t)n * stride * 4);
+        const float *src_k = dkv, *src_v = dkv + (size_t)kvh * hd;
+        int positions[] = { 0, 1, 32, 33, max_seq - n };
+        for (int i = 0; i < 5; i++) {
+            int p = positions[i];
+            MUST(tpc_upload(dk, kc, cache_sz * 4, &err));
+            MUST(tpc_upload(dv, kc, cache_sz * 4, &err));
+            MUST(tpc_kv_append(dk, dv, max_seq, src_k, src_v, stride, n, kvh, hd, p, NULL, &err));
+            fetch(want_k, dk, cache_sz * 4);
+            fetch(want_v, dv, cache_sz * 4);
+            MUST(tpc_upload(dk, kc, cache_sz * 4, &err));
+            MUST(tpc_upload(dv, kc, cache_sz * 4, &err));
+            set_pos(dpos, p);
+            MUST(tpc_kv_append_devpos(dk, dv, max_seq, src_k, src_v, stride, n, kvh, hd, 0, dpos, NULL, &err));
+            fetch(got_k, dk, cache_sz * 4);
+            fetch(got_v, dv, cache_sz * 4);
+            CHECK(!memcmp(got_k, want_k, cache_sz * 4) && !memcmp(got_v, want_v, cache_sz * 4),
+                  "kv_append_devpos n=%d pos=%d: cache differs from the host-position launch", n, p);
+        }
+        int bad[] = { max_seq - n + 1, max_seq, -1 };
+        for (int i = 0; i < 3; i++) {
+            MUST(tpc_upload(dk, kc, cache_sz * 4, &err));
+            set_pos(dpos, bad[i]);
+            MUST(tpc_kv_append_devpos(dk, dv, max_seq, src_k, src_v, stride, n, kvh, hd, 0, dpos, NULL, &err));
+            fetch(got_k, dk, cache_sz * 4);
+            CHECK(!memcmp(got_k, kc, cache_sz * 4), "kv_append_devpos n=%d at position %d of %d: wrote the cache",
+                  n, bad[i], max_seq);
+        }
+        tpc_free(dk); tpc_free(dv); tpc_free(dkv);
+        free(kc); free(kv); free(want_k); free(want_v); free(got_k); free(got_v);
+    }
+    tpc_free(dpos);
+}
+
+typedef struct devpos_case {
+    int n, max_seq, heads, kv_heads, hd, window;
+} devpos_case;
+
+/* Decode attention with the position from the device: one launch
+ * (arguments, grid) for every position; the same bits as the host-position
+ * launcher, and the CPU reference within the attention tolerance. */
+static void run_devpos_decode(const devpos_case *c)
+{
+    int n = c->n, hd = c->hd, max_seq = c->max_seq, kvh = c->kv_heads, heads = c->heads, group = heads / kvh;
+    size_t cache_sz = (size_t)kvh * max_seq * hd, q_stride = (size_t)heads * hd + 5;
+    size_t out_stride = (size_t)heads * hd + 3, out_sz = (size_t)n * out_stride;
+    float *kc = rand_vec(cache_sz, 1), *vc = rand_vec(cache_sz, 1), *q = rand_vec((size_t)n * q_stride, 1);
+    float *dkc = dev_copy(kc, cache_sz * 4), *dvc = dev_copy(vc, cache_sz * 4), *dq = dev_copy(q, (size_t)n * q_stride * 4);
+    float *ref = calloc(out_sz, 4), *want = calloc(out_sz, 4), *got = calloc(out_sz, 4);
+    float *dout = dev_copy(got, out_sz * 4), *scratch = malloc((size_t)max_seq * 4);
+    int32_t *dpos = dev_copy(NULL, 4);
+    size_t ws = tpc_attention_decode_workspace(n, heads, hd);
+    void *dws = dev_copy(NULL, ws);
+    float scale = 1.0f / sqrtf((float)hd);
+    int positions[] = { 0, 1, 31 - n + 1, 32 - n + 1, 33, c->window > 0 ? c->window - n + 1 : 65, max_seq / 2,
+                        max_seq - n };
+    for (int i = 0; i < 8; i++) {
+        int p = positions[i];
+        if (p < 0 || p > max_seq - n)
+            continue;
+        for (int h = 0; h < heads; h++)
+            tpk_attention_head(ref + (size_t)h * hd, out_stride, q + (size_t)h * hd, q_stride,
+                               kc + (size_t)(h / group) * max_seq * hd, vc + (size_t)(h / group) * max_seq * hd,
+                               n, p, hd, c->window, scale, scratch);
+        MUST(tpc_attention_decode(dout, out_stride, dq, q_stride, dkc, dvc, max_seq, n, p, heads, kvh, hd,
+                                  c->window, scale, dws, ws, NULL, &err));
+        fetch(want, dout, out_sz * 4);
+        set_pos(dpos, p);
+        MUST(tpc_memset(dout, 0, out_sz * 4, &err));
+        MUST(tpc_attention_decode_devpos(dout, out_stride, dq, q_stride, dkc, dvc, max_seq, n, 0, dpos, heads, kvh,
+                                         hd, c->window, scale, dws, ws, NULL, &err));
+        fetch(got, dout, out_sz * 4);
+        double e = rel_err(got, ref, out_sz);
+        CHECK(e < 2e-5, "attention_decode_devpos n=%d pos=%d max_seq=%d heads=%d/%d hd=%d window=%d: err %g",
+              n, p, max_seq, heads, kvh, hd, c->window, e);
+        CHECK(!memcmp(got, want, out_sz * 4), "attention_decode_devpos n=%d pos=%d max_seq=%d heads=%d/%d hd=%d "
+              "window=%d: differs from the host-position launch", n, p, max_seq, heads, kvh, hd, c->window);
+    }
+    /* a position past the cache reads nothing and gives NaN rows */
+    set_pos(dpos, max_seq - n + 1);
+    MUST(tpc_attention_decode_devpos(dout, out_stride, dq, q_stride, dkc, dvc, max_seq, n, 0, dpos, heads, kvh,
+                                     hd, c->window, scale, dws, ws, NULL, &err));
+    fetch(got, dout, out_sz * 4);
+    CHECK(isnan(got[0]) && isnan(got[(size_t)(n - 1) * out_stride + (size_t)heads * hd - 1]),
+          "attention_decode_devpos at position %d of %d: not NaN (%g)", max_seq - n + 1, max_seq, got[0]);
+    tpc_free(dkc); tpc_free(dvc); tpc_free(dq); tpc_free(dout); tpc_free(dpos); tpc_free(dws);
+    free(kc); free(vc); free(q); free(ref); free(want); free(got); free(scratch);
+}
+
+static void test_devpos_decode(void)
+{
+    /* GQA groups 1, 3, 4; odd head counts; head dims 64, 80, 128; sliding
+     * windows; n 1 and 3; up to 38 splits (max_seq 1200) */
+    static const devpos_case cases[] = {
+        { 1, 300, 6, 2, 128, 0 }, { 1, 200, 3, 3, 80, 0 }, { 1, 300, 4, 1, 64, 50 },
+        { 3, 100, 2, 1, 64, 10 }, { 1, 1200, 3, 1, 64, 0 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        run_devpos_decode(&cases[i]);
+}
+
+/* -------------------------------------------- argmax combine, positions */
+
+/* The whole vocabulary's argmax (host_argmax's rule) from per-slice winners. */
+static void test_argmax_combine(void)
+{
+    tpc_argmax_result *dres = dev_copy(NULL, 8 * sizeof(tpc_argmax_result));
+    int32_t *did = dev_copy(NULL, 4), got = -1;
+    struct { int world; tpc_argmax_result r[4]; int32_t want; const char *what; } cases[] = {
+        { 3, { { 1.0f, 5 }, { 3.0f, 250 }, { 2.0f, 600 } }, 250, "largest value" },
+        { 3, { { 3.0f, 900 }, { 3.0f, 250 }, { 3.0f, 600 } }, 250, "ties: the lowest id" },
+        { 3, { { NAN, 0 }, { -5.0f, 250 }, { NAN, 600 } }, 250, "NaN never wins" },
+        { 3, { { -INFINITY, 600 }, { -INFINITY, 250 }, { -INFINITY, 0 } }, 0, "all -inf: the lowest id" },
+        { 3, { { NAN, 600 }, { -INFINITY, 250 }, { NAN, 100 } }, 100, "NaN and -inf: the lowest id" },
+        { 4, { { -INFINITY, 0 }, { INFINITY, 300 }, { INFINITY, 200 }, { 1e38f, 100 } }, 200, "+inf ties" },
+        { 1, { { 0.5f, 42 } }, 42, "one rank" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        MUST(tpc_upload(dres, cases[i].r, (size_t)cases[i].world * sizeof(tpc_argmax_result), &err));
+        MUST(tpc_argmax_combine(did, dres, cases[i].world, NULL, &err));
+        fetch(&got, did, 4);
+        CHECK(got == cases[i].want, "argmax_combine (%s): got %d, want %d", cases[i].what, got, cases[i].want);
+    }
+    CHECK(tpc_argmax_combine(did, dres, 0, NULL, &err) == -1 && strstr(err.msg, "argmax_combine"),
+          "argmax_combine of 0 ranks accepted");
+
+    /* tpc_argmax per slice, then the combine, against the host argmax of the
+     * whole vocabulary: a tie across slices, NaN, -inf slices */
+    int vocab = 1003, world = 4, slice = (vocab + world - 1) / world;
+    float *x = rand_vec(vocab, 5);
+    float *dx = dev_copy(NULL, vocab * 4);
+    for (int round = 0; round < 4; round++) {
+        if (round == 1) {
+            x[700] = 9.0f; x[260] = 9.0f; x[900] = 9.0f;   /* tie over three slices */
+            x[10] = NAN;
+        } else if (round == 2) {
+            for (int i = 0; i < 2 * slice; i++)
+                x[i] = -INFINITY;   /* the first two slices have nothing above -inf */
+        } else if (round == 3) {
+            for (int i = 0; i < vocab; i++)
+                x[i] = i % 7 ? -INFINITY : NAN;
+        }
+        MUST(tpc_upload(dx, x, vocab * 4, &err));
+        for (int r = 0; r < world; r++) {
+            int lo = r * slice, cnt = lo + slice > vocab ? vocab - lo : slice;
+            MUST(tpc_argmax(dres + r, dx + lo, cnt, lo, NULL, &err));
+        }
+        MUST(tpc_argmax_combine(did, dres, world, NULL, &err));
+        fetch(&got, did, 4);
+        int32_t want = host_argmax(x, vocab);
+        CHECK(got == want, "argmax + argmax_combine round %d: got %d, want %d", round, got, want);
+    }
+    tpc_free(dres); tpc_free(did); tpc_free(dx);
+    free(x);
+}
+
+static void test_advance_pos(void)
+{
+    int32_t *dpos = dev_copy(NULL, 4), got = -1;
+    MUST(tpc_set_i32(dpos, 5, NULL, &err));
+    fetch(&got, dpos, 4);
+    CHECK(got == 5, "set_i32: got %d, want 5", got);
+    MUST(tpc_advance_pos(dpos, 1, NULL, &err));
+    MUST(tpc_advance_pos(dpos, 3, NULL, &err));
+    fetch(&got, dpos, 4);
+    CHECK(got == 9, "advance_pos 5 + 1 + 3: got %d", got);
+    MUST(tpc_advance_pos(dpos, -9, NULL, &err));
+    fetch(&got, dpos, 4);
+    CHECK(got == 0, "advance_pos 9 - 9: got %d", got);
+    tpc_free(dpos);
+}
+
+/* ----------------------------------------------------------- CUDA graphs */
+
+/* One decode step (RoPE of q and k, kv append, decode attention, the
+ * position moved on) captured once on a stream of tpc_stream_create (the
+ * legacy stream cannot capture) and replayed for a run of positions and
+ * after a jump, each replay against the CPU reference. */
+static void run_graph_decode(int heads, int kvh, int hd, int window, int max_seq)
+{
+    int group = heads / kvh, half = hd / 2;
+    size_t qkv_stride = (size_t)(heads + 2 * kvh) * hd, cache_sz = (size_t)kvh * max_seq * hd;
+    size_t out_stride = (size_t)heads * hd;
+    tpc_stream s;
+    MUST(tpc_stream_create(&s, &err));
+    tpk_rope_params rp = { 10000.0f, false, 8.0f, 1.0f, 4.0f, 8192 };
+    float *inv = malloc(half * 4), *cs = malloc((size_t)max_seq * half * 4), *sn = malloc((size_t)max_seq * half * 4);
+    tpk_rope_inv_freq(inv, hd, &rp);
+    tpk_rope_table(cs, sn, inv, hd, max_seq);
+    float *kc = rand_vec(cache_sz, 1), *vc = rand_vec(cache_sz, 1);
+    float *ref = malloc(out_stride * 4), *got = malloc(out_stride * 4), *scratch = malloc((size_t)max_seq * 4);
+    float *dkc = dev_copy(kc, cache_sz * 4), *dvc = dev_copy(vc, cache_sz * 4);
+    float *dc = dev_copy(cs, (size_t)max_seq * half * 4), *ds = dev_copy(sn, (size_t)max_seq * half * 4);
+    float *dqkv = dev_copy(NULL, qkv_stride * 4), *dout = dev_copy(NULL, out_stride * 4);
+    float *dk = dqkv + (size_t)heads * hd, *dv = dk + (size_t)kvh * hd;
+    int32_t *dpos = dev_copy(NULL, 4);
+    size_t ws = tpc_attention_decode_workspace(1, heads, hd);
+    void *dws = dev_copy(NULL, ws);
+    float scale = 1.0f / sqrtf((float)hd);
+    set_pos(dpos, 0);
+    MUST(tpc_memset(dout, 0, out_stride * 4, &err));
+    MUST(tpc_sync(NULL, &err));
+
+    tpc_graph g = NULL;
+    MUST(tpc_capture_begin(s, &err));
+    int rc = tpc_head_norm_rope_devpos(dqkv, NULL, 1, heads + kvh, hd, qkv_stride, 0, dpos, dc, ds, 1e-6f, s, &err);
+    rc = rc ? rc : tpc_kv_append_devpos(dkc, dvc, max_seq, dk, dv, qkv_stride, 1, kvh, hd, 0, dpos, s, &err);
+    rc = rc ? rc : tpc_attention_decode_devpos(dout, out_stride, dqkv, qkv_stride, dkc, dvc, max_seq, 1, 0, dpos,
+                                               heads, kvh, hd, window, scale, dws, ws, s, &err);
+    rc = rc ? rc : tpc_advance_pos(dpos, 1, s, &err);
+    int end_rc = tpc_capture_end(s, &g, &err);   /* always: it stops the capture */
+    MUST(rc);
+    MUST(end_rc);
+    /* captured, not run: the position and the output are untouched */
+    int32_t pos_now = -1;
+    fetch(&pos_now, dpos, 4);
+    fetch(got, dout, out_stride * 4);
+    CHECK(pos_now == 0 && got[0] == 0.0f && got[out_stride - 1] == 0.0f,
+          "graph capture ran the work (position %d, out[0] %g)", pos_now, got[0]);
+
+    int steps = 0, bad = 0;
+    double worst = 0.0;
+    for (int p = 0; p < max_seq; p++) {
+        if (p == 41) {   /* a jump: the graph only reads the position */
+            p = max_seq - 3;
+            set_pos(dpos, p);
+        }
+        float *qkv = rand_vec(qkv_stride, 1);
+        MUST(tpc_upload(dqkv, qkv, qkv_stride * 4, &err));
+        MUST(tpc_sync(NULL, &err));   /* the pageable upload is done before s reads it */
+        /* the CPU step: RoPE of q and k at p, the cache row, attention */
+        tpk_rope(qkv, 1, heads + kvh, hd, qkv_stride, p, cs, sn);
+        for (int h = 0; h < kvh; h++) {
+            memcpy(kc + ((size_t)h * max_seq + p) * hd, qkv + (size_t)(heads + h) * hd, hd * 4);
+            memcpy(vc + ((size_t)h * max_seq + p) * hd, qkv + (size_t)(heads + kvh + h) * hd, hd * 4);
+        }
+        for (int h = 0; h < heads; h++)
+            tpk_attention_head(ref + (size_t)h * hd, out_stride, qkv + (size_t)h * hd, qkv_stride,
+                               kc + (size_t)(h / group) * max_seq * hd, vc + (size_t)(h / group) * max_seq * hd,
+                               1, p, hd, window, scale, scratch);
+        MUST(tpc_graph_launch(g, s, &err));
+        MUST(tpc_sync(s, &err));
+        fetch(got, dout, out_stride * 4);
+        fetch(&pos_now, dpos, 4);
+        double e = rel_err(got, ref, out_stride);
+        if (e > worst)
+            worst = e;
+        if ((!(e < 2e-5) || pos_now != p + 1) && bad++ < 3)
+            fprintf(stderr, "  graph replay heads=%d/%d hd=%d window=%d pos %d: err %g, position after %d\n",
+                    heads, kvh, hd, window, p, e, pos_now);
+        steps++;
+        free(qkv);
+    }
+    CHECK(bad == 0, "graph decode heads=%d/%d hd=%d window=%d: %d of %d replays wrong (worst err %g)",
+          heads, kvh, hd, window, bad, steps, worst);
+    float *gk = malloc(cache_sz * 4);
+    fetch(gk, dkc, cache_sz * 4);
+    double e = rel_err(gk, kc, cache_sz);
+    CHECK(e < 1e-5, "graph decode heads=%d/%d hd=%d: k cache after the replays: err %g", heads, kvh, hd, e);
+
+    /* synchronising a capturing stream is refused and spoils the capture:
+     * tpc_capture_end says so, and the stream works afterwards */
+    tpc_graph g2 = NULL;
+    MUST(tpc_capture_begin(s, &err));
+    MUST(tpc_advance_pos(dpos, 1, s, &err));
+    CHECK(tpc_sync(s, &err) == -1, "tpc_sync of a capturing stream accepted");
+    CHECK(tpc_capture_end(s, &g2, &err) == -1 && g2 == NULL, "a spoilt capture gave a graph");
+    MUST(tpc_advance_pos(dpos, 1, s, &err));
+    MUST(tpc_sync(s, &err));
+    int32_t before = pos_now;
+    fetch(&pos_now, dpos, 4);
+    CHECK(pos_now == before + 1, "after a spoilt capture: position %d, want %d", pos_now, before + 1);
+    CHECK(tpc_capture_begin(NULL, &err) == -1, "capture of the legacy default stream accepted");
+
+    tpc_graph_destroy(g);
+    tpc_stream_destroy(s);
+    tpc_free(dkc); tpc_free(dvc); tpc_free(dc); tpc_free(ds); tpc_free(dqkv); tpc_free(dout);
+    tpc_free(dpos); tpc_free(dws);
+    free(inv); free(cs); free(sn); free(kc); free(vc); free(ref); free(got); free(scratch); free(gk);
+}
+
+static void test_graph_decode(void)
+{
+    run_graph_decode(6, 2, 80, 0, 96);    /* GQA, head_dim not a multiple of 32, 3 splits */
+    run_graph_decode(3, 1, 64, 24, 80);   /* sliding window */
+}
+
 /* bad arguments give errors naming the kernel, before any launch */
 static void test_argument_errors(void)
 {
@@ -480,6 +823,11 @@ int main(void)
     test_gemm();
     test_argmax();
     test_sample();
+    test_devpos_rope_kv();
+    test_devpos_decode();
+    test_argmax_combine();
+    test_advance_pos();
+    test_graph_decode();
     if (failures) {
         fprintf(stderr, "%d of %d checks failed\n", failures, checks);
         return 1;

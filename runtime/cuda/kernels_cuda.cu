@@ -285,12 +285,14 @@ extern "C" int tpc_add_rmsnorm(float *x, const float *delta, float *out, const f
 /* One warp per (token, head) row: optional rmsnorm of the head (qwen3), then
  * the rotate_half RoPE on pairs (i, i + head_dim / 2). */
 __global__ void head_norm_rope_kernel(float *x, const float *w, int n, int n_heads, int head_dim,
-                                      size_t row_stride, int pos0, const float *cos_t,
-                                      const float *sin_t, float eps)
+                                      size_t row_stride, int pos0, const int32_t *pos_dev,
+                                      const float *cos_t, const float *sin_t, float eps)
 {
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
     int row = blockIdx.x * warps + (threadIdx.x >> 5);
-    if (row >= n * n_heads)
+    if (pos_dev)
+        pos0 = *pos_dev;
+    if (row >= n * n_heads || pos0 < 0)
         return;   /* whole warps leave: no block barrier below */
     int t = row / n_heads, h = row % n_heads, half = head_dim / 2;
     float *v = x + (size_t)t * row_stride + (size_t)h * head_dim;
@@ -315,28 +317,47 @@ __global__ void head_norm_rope_kernel(float *x, const float *w, int n, int n_hea
     }
 }
 
-extern "C" int tpc_head_norm_rope(float *x, const float *w, int n, int n_heads, int head_dim,
-                                  size_t row_stride, int pos0, const float *cos_t, const float *sin_t,
-                                  float eps, tpc_stream s, tp_err *err)
+extern "C" int tpc_head_norm_rope_devpos(float *x, const float *w, int n, int n_heads, int head_dim,
+                                         size_t row_stride, int pos0, const int32_t *pos_dev,
+                                         const float *cos_t, const float *sin_t, float eps, tpc_stream s,
+                                         tp_err *err)
 {
     if (n == 0)
         return 0;
+    if (pos_dev)
+        pos0 = 0;   /* read on the device */
     if (n < 0 || n_heads <= 0 || head_dim <= 0 || head_dim % 2 || pos0 < 0)
         return tp_errorf(err, "cuda kernel head_norm_rope: n %d, heads %d, head_dim %d, pos0 %d",
                          n, n_heads, head_dim, pos0);
     int rows = n * n_heads, warps = 4;
     head_norm_rope_kernel<<<(rows + warps - 1) / warps, warps * 32, 0, s>>>(
-        x, w, n, n_heads, head_dim, row_stride, pos0, cos_t, sin_t, eps);
+        x, w, n, n_heads, head_dim, row_stride, pos0, pos_dev, cos_t, sin_t, eps);
     return launched("head_norm_rope", err);
+}
+
+extern "C" int tpc_head_norm_rope(float *x, const float *w, int n, int n_heads, int head_dim,
+                                  size_t row_stride, int pos0, const float *cos_t, const float *sin_t,
+                                  float eps, tpc_stream s, tp_err *err)
+{
+    return tpc_head_norm_rope_devpos(x, w, n, n_heads, head_dim, row_stride, pos0, NULL, cos_t, sin_t,
+                                     eps, s, err);
 }
 
 /* ---------------------------------------------------------- KV-cache append */
 
+/* Block (token, kv head).  With pos_dev, a position that does not fit the
+ * cache (negative, or past max_seq - n) writes nothing: the launcher cannot
+ * check it, and a write past the cache would hit other buffers. */
 __global__ void kv_append_kernel(float *k_cache, float *v_cache, int max_seq, const float *k,
                                  const float *v, size_t row_stride, int n_kv_heads, int head_dim,
-                                 int pos0)
+                                 int pos0, const int32_t *pos_dev)
 {
     int t = blockIdx.x / n_kv_heads, h = blockIdx.x % n_kv_heads;
+    if (pos_dev) {
+        pos0 = *pos_dev;
+        if (pos0 < 0 || pos0 > max_seq - (int)(gridDim.x / n_kv_heads))
+            return;
+    }
     size_t src = (size_t)t * row_stride + (size_t)h * head_dim;
     size_t dst = ((size_t)h * max_seq + pos0 + t) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
@@ -345,18 +366,28 @@ __global__ void kv_append_kernel(float *k_cache, float *v_cache, int max_seq, co
     }
 }
 
-extern "C" int tpc_kv_append(float *k_cache, float *v_cache, int max_seq, const float *k, const float *v,
-                             size_t row_stride, int n, int n_kv_heads, int head_dim, int pos0,
-                             tpc_stream s, tp_err *err)
+extern "C" int tpc_kv_append_devpos(float *k_cache, float *v_cache, int max_seq, const float *k,
+                                    const float *v, size_t row_stride, int n, int n_kv_heads, int head_dim,
+                                    int pos0, const int32_t *pos_dev, tpc_stream s, tp_err *err)
 {
     if (n == 0)
         return 0;
+    if (pos_dev)
+        pos0 = 0;   /* read (and checked) on the device */
     if (n < 0 || n_kv_heads <= 0 || head_dim <= 0 || pos0 < 0 || (int64_t)pos0 + n > max_seq)
         return tp_errorf(err, "cuda kernel kv_append: %d tokens at position %d do not fit the cache "
                          "of %d (kv heads %d, head_dim %d)", n, pos0, max_seq, n_kv_heads, head_dim);
     kv_append_kernel<<<n * n_kv_heads, 128, 0, s>>>(k_cache, v_cache, max_seq, k, v, row_stride,
-                                                   n_kv_heads, head_dim, pos0);
+                                                   n_kv_heads, head_dim, pos0, pos_dev);
     return launched("kv_append", err);
+}
+
+extern "C" int tpc_kv_append(float *k_cache, float *v_cache, int max_seq, const float *k, const float *v,
+                             size_t row_stride, int n, int n_kv_heads, int head_dim, int pos0,
+                             tpc_stream s, tp_err *err)
+{
+    return tpc_kv_append_devpos(k_cache, v_cache, max_seq, k, v, row_stride, n, n_kv_heads, head_dim, pos0,
+                                NULL, s, err);
 }
 
 /* ------------------------------------------------------ attention: common */
@@ -514,19 +545,52 @@ extern "C" int tpc_attention_prefill(float *out, size_t out_stride, const float 
 
 #define DC_WARPS 4
 
+/* The keys of a decode step are dealt in splits of at least 32 keys, at most
+ * max_splits of them: the chunk of keys per split for a step whose last query
+ * sees keys keys (keys >= 1).  The host path sizes its grid with the same
+ * rule (so the two paths split alike and give the same bits). */
+__host__ __device__ __forceinline__ int decode_chunk(int keys, int max_splits)
+{
+    int by_keys = (keys + 31) / 32;
+    int n_splits = max_splits < by_keys ? max_splits : by_keys;
+    return (keys + n_splits - 1) / n_splits;
+}
+
+__host__ __device__ __forceinline__ int decode_keys(int pos0, int n, int window)
+{
+    int keys = pos0 + n;
+    return window > 0 && window < keys ? window : keys;
+}
+
 /* Block (split, head, token): the split's keys are dealt to 4 warps, one
  * key at a time per warp (lanes split head_dim: coalesced 4-byte loads, a
  * shuffle-sum for the dot product), each keeping an online softmax; the
  * warps merge in shared memory and the block writes its partial
- * (max, denominator, unnormalised output) to the workspace. */
+ * (max, denominator, unnormalised output) to the workspace.  A block whose
+ * key range is empty writes (-inf, 0, zeros), which the combine skips.
+ * pos_dev (graph replays): the position comes from the device and the chunk
+ * is worked out here from it, by decode_chunk over the grid's splits (sized
+ * for max_seq keys, so splits past the last key are empty); a position
+ * outside the cache makes every split empty, and the combine's 0 / 0 writes
+ * NaN: visible, and nothing is read past the cache. */
 __global__ void __launch_bounds__(DC_WARPS * 32)
 attention_decode_kernel(float *part, const float *q, size_t q_stride, const float *k_cache,
-                        const float *v_cache, int max_seq, int pos0, int n_heads, int group, int hd,
-                        int window, float scale, int chunk)
+                        const float *v_cache, int max_seq, int pos0, const int32_t *pos_dev, int n_heads,
+                        int group, int hd, int window, float scale, int chunk)
 {
     __shared__ float s_m[DC_WARPS], s_l[DC_WARPS], s_acc[DC_WARPS][TPC_MAX_HEAD_DIM];
     int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (pos_dev) {
+        int n = gridDim.z;
+        pos0 = *pos_dev;
+        if (pos0 >= 0 && pos0 <= max_seq - n) {
+            chunk = decode_chunk(decode_keys(pos0, n, window), n_splits);
+        } else {
+            pos0 = 0;
+            chunk = 0;   /* every split empty */
+        }
+    }
     int p = pos0 + t, lo = window_lo(p, window);
     int j0 = lo + split * chunk, j1 = min(p + 1, j0 + chunk);
     const float *K = k_cache + (size_t)(h / group) * max_seq * hd;
@@ -614,6 +678,8 @@ __global__ void attention_combine_kernel(float *out, size_t out_stride, const fl
 
 extern "C" size_t tpc_attention_decode_workspace(int n, int n_heads, int head_dim)
 {
+    /* TPC_DECODE_MAX_SPLITS partials per (token, head): enough for any grid,
+     * the position-independent one of the pos_dev path included. */
     if (n <= 0 || n_heads <= 0 || head_dim <= 0)
         return 0;
     return (size_t)n * n_heads * TPC_DECODE_MAX_SPLITS * (head_dim + 2) * sizeof(float);
@@ -630,12 +696,14 @@ static int sm_count(void)
     return sms;
 }
 
-extern "C" int tpc_attention_decode(float *out, size_t out_stride, const float *q, size_t q_stride,
-                                    const float *k_cache, const float *v_cache, int max_seq, int n,
-                                    int pos0, int n_heads, int n_kv_heads, int head_dim, int window,
-                                    float scale, void *workspace, size_t workspace_bytes, tpc_stream s,
-                                    tp_err *err)
+extern "C" int tpc_attention_decode_devpos(float *out, size_t out_stride, const float *q, size_t q_stride,
+                                           const float *k_cache, const float *v_cache, int max_seq, int n,
+                                           int pos0, const int32_t *pos_dev, int n_heads, int n_kv_heads,
+                                           int head_dim, int window, float scale, void *workspace,
+                                           size_t workspace_bytes, tpc_stream s, tp_err *err)
 {
+    if (pos_dev)
+        pos0 = 0;   /* read (and checked) on the device */
     if (attention_args("attention_decode", max_seq, n, pos0, n_heads, n_kv_heads, head_dim, err))
         return -1;
     if (n == 0)
@@ -644,29 +712,41 @@ extern "C" int tpc_attention_decode(float *out, size_t out_stride, const float *
     if (!workspace || workspace_bytes < need)
         return tp_errorf(err, "cuda kernel attention_decode: workspace of %zu bytes, %zu needed",
                          workspace_bytes, need);
-    /* The most keys one query sees; enough splits for about two blocks per
-     * multiprocessor, each split at least 32 keys. */
-    int keys = pos0 + n;
-    if (window > 0 && window < keys)
-        keys = window;
-    int want = (2 * sm_count() + n_heads * n - 1) / (n_heads * n);
+    /* Enough splits for about two blocks per multiprocessor, each split at
+     * least 32 keys (decode_chunk), sized by the most keys one query sees:
+     * this step's (host position), or the most the cache can hold (pos_dev:
+     * the grid may not depend on the position; the kernel works out the
+     * chunk, and the splits past the last key stay empty). */
+    int keys = pos_dev ? decode_keys(max_seq - n, n, window) : decode_keys(pos0, n, window);
+    int max_splits = (2 * sm_count() + n_heads * n - 1) / (n_heads * n);
+    if (max_splits > TPC_DECODE_MAX_SPLITS)
+        max_splits = TPC_DECODE_MAX_SPLITS;
+    if (max_splits < 1)
+        max_splits = 1;
     int by_keys = (keys + 31) / 32;
-    int n_splits = want < by_keys ? want : by_keys;
-    if (n_splits > TPC_DECODE_MAX_SPLITS)
-        n_splits = TPC_DECODE_MAX_SPLITS;
-    if (n_splits < 1)
-        n_splits = 1;
+    int n_splits = max_splits < by_keys ? max_splits : by_keys;   /* as decode_chunk */
     int chunk = (keys + n_splits - 1) / n_splits;
     float *part = (float *)workspace;
     dim3 grid(n_splits, n_heads, n);
     attention_decode_kernel<<<grid, DC_WARPS * 32, 0, s>>>(part, q, q_stride, k_cache, v_cache, max_seq,
-                                                           pos0, n_heads, n_heads / n_kv_heads, head_dim,
-                                                           window, scale, chunk);
+                                                           pos0, pos_dev, n_heads, n_heads / n_kv_heads,
+                                                           head_dim, window, scale, chunk);
     if (launched("attention_decode", err))
         return -1;
     attention_combine_kernel<<<dim3(n_heads, n), head_dim >= 128 ? 128 : 64, 0, s>>>(
         out, out_stride, part, n_heads, n_splits, head_dim);
     return launched("attention_combine", err);
+}
+
+extern "C" int tpc_attention_decode(float *out, size_t out_stride, const float *q, size_t q_stride,
+                                    const float *k_cache, const float *v_cache, int max_seq, int n,
+                                    int pos0, int n_heads, int n_kv_heads, int head_dim, int window,
+                                    float scale, void *workspace, size_t workspace_bytes, tpc_stream s,
+                                    tp_err *err)
+{
+    return tpc_attention_decode_devpos(out, out_stride, q, q_stride, k_cache, v_cache, max_seq, n, pos0, NULL,
+                                       n_heads, n_kv_heads, head_dim, window, scale, workspace,
+                                       workspace_bytes, s, err);
 }
 
 /* ------------------------------------------------- elementwise kernels */
@@ -737,6 +817,108 @@ extern "C" int tpc_argmax(tpc_argmax_result *out, const float *logits, int n, in
     /* One block: a vocabulary slice is at most a few hundred KB. */
     argmax_kernel<<<1, 1024, 0, s>>>(out, logits, n, id_offset);
     return launched("argmax", err);
+}
+
+/* The ranks' winners of a vocab-parallel greedy pick (gathered into one
+ * array): better_of's rule over (value, id), NaN taken as -inf so that it
+ * never wins; when nothing is above -inf the lowest id wins, i.e. the first
+ * slice's id_offset, as tpc_argmax over the whole vocabulary would say. */
+__global__ void argmax_combine_kernel(int32_t *out_id, const tpc_argmax_result *per_rank, int world)
+{
+    float v = -INFINITY;
+    int id = INT_MAX;
+    for (int r = 0; r < world; r++) {
+        float rv = per_rank[r].value;
+        if (rv != rv)
+            rv = -INFINITY;
+        if (rv > v || (rv == v && per_rank[r].id < id)) {
+            v = rv;
+            id = per_rank[r].id;
+        }
+    }
+    *out_id = id;
+}
+
+extern "C" int tpc_argmax_combine(int32_t *out_id, const tpc_argmax_result *per_rank, int world,
+                                  tpc_stream s, tp_err *err)
+{
+    if (world <= 0)
+        return tp_errorf(err, "cuda kernel argmax_combine: %d ranks", world);
+    argmax_combine_kernel<<<1, 1, 0, s>>>(out_id, per_rank, world);
+    return launched("argmax_combine", err);
+}
+
+/* --------------------------------------------- device-side position */
+
+__global__ void set_i32_kernel(int32_t *dst, int32_t value) { *dst = value; }
+
+__global__ void advance_pos_kernel(int32_t *pos_dev, int by) { *pos_dev += by; }
+
+extern "C" int tpc_set_i32(int32_t *dst, int32_t value, tpc_stream s, tp_err *err)
+{
+    set_i32_kernel<<<1, 1, 0, s>>>(dst, value);
+    return launched("set_i32", err);
+}
+
+extern "C" int tpc_advance_pos(int32_t *pos_dev, int by, tpc_stream s, tp_err *err)
+{
+    advance_pos_kernel<<<1, 1, 0, s>>>(pos_dev, by);
+    return launched("advance_pos", err);
+}
+
+/* ------------------------------------------------------------ CUDA graphs */
+
+/* A failed capture call leaves its (not sticky) error as the thread's last
+ * error, which the next launcher's cudaGetLastError would blame on itself:
+ * cleared once reported. */
+static int capture_fail(cudaError_t e, const char *what, tp_err *err)
+{
+    cudaGetLastError();
+    return cuda_fail(e, what, err);
+}
+
+extern "C" int tpc_capture_begin(tpc_stream s, tp_err *err)
+{
+    if (!s)
+        return tp_errorf(err, "cudaStreamBeginCapture: the legacy default stream cannot be captured "
+                         "(use a stream of tpc_stream_create)");
+    /* Thread-local: the tp ranks of one process may be threads, each
+     * capturing its own stream while another still loads or prefills; in
+     * Global mode one rank's capture would forbid the others' cudaMalloc and
+     * synchronous copies.  This thread's own unsafe calls stay forbidden. */
+    cudaError_t e = cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal);
+    return e == cudaSuccess ? 0 : capture_fail(e, "cudaStreamBeginCapture", err);
+}
+
+extern "C" int tpc_capture_end(tpc_stream s, tpc_graph *graph, tp_err *err)
+{
+    *graph = NULL;
+    cudaGraph_t g = NULL;
+    cudaError_t e = cudaStreamEndCapture(s, &g);
+    if (e != cudaSuccess) {
+        if (g)
+            cudaGraphDestroy(g);
+        return capture_fail(e, "cudaStreamEndCapture (the capture failed)", err);
+    }
+    cudaGraphExec_t exec = NULL;
+    e = cudaGraphInstantiate(&exec, g, 0);
+    cudaGraphDestroy(g);   /* the executable graph is a copy */
+    if (e != cudaSuccess)
+        return capture_fail(e, "cudaGraphInstantiate", err);
+    *graph = exec;
+    return 0;
+}
+
+extern "C" int tpc_graph_launch(tpc_graph graph, tpc_stream s, tp_err *err)
+{
+    cudaError_t e = cudaGraphLaunch(graph, s);
+    return e == cudaSuccess ? 0 : capture_fail(e, "cudaGraphLaunch", err);
+}
+
+extern "C" void tpc_graph_destroy(tpc_graph graph)
+{
+    if (graph)
+        cudaGraphExecDestroy(graph);
 }
 
 /* ------------------------------------------------------------ sampling */

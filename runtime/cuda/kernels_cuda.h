@@ -20,6 +20,15 @@
  *   - GEMM layout (tpc_gemm_bf16): row-major y[n][out] = x[n][in] . W^T,
  *     W row-major [out][in] (nn.Linear's weight, unchanged from the
  *     checkpoint).  cuBLAS sees it column-major as y^T = op_T(W) . x^T.
+ *   - CUDA graphs: a captured step replays fixed kernel arguments and grids,
+ *     so what changes per token must be read from device memory.  The token
+ *     ids already are (tpc_embedding); the position is, in the *_devpos
+ *     launchers given a non-NULL pos_dev (a device int32 that the graph
+ *     itself moves on with tpc_advance_pos).  Their grids then do not depend
+ *     on the position, and a position that does not fit the cache cannot be
+ *     refused by the launcher: the kernels then write nothing (kv append) or
+ *     NaN (decode attention) instead of touching memory past the cache.
+ *     The plain launchers are the *_devpos ones with pos_dev NULL.
  */
 #ifndef TP_KERNELS_CUDA_H
 #define TP_KERNELS_CUDA_H
@@ -82,12 +91,24 @@ int tpc_add_rmsnorm(float *x, const float *delta, float *out, const float *w, in
 int tpc_head_norm_rope(float *x, const float *w, int n, int n_heads, int head_dim, size_t row_stride,
                        int pos0, const float *cos_t, const float *sin_t, float eps, tpc_stream s,
                        tp_err *err);
+/* The same with the position from the device when pos_dev is non-NULL (pos0
+ * is then ignored): token t's position is *pos_dev + t, which the caller
+ * keeps inside cos_t/sin_t's n_pos rows (the kernel knows no n_pos; a
+ * negative position leaves x unchanged). */
+int tpc_head_norm_rope_devpos(float *x, const float *w, int n, int n_heads, int head_dim,
+                              size_t row_stride, int pos0, const int32_t *pos_dev, const float *cos_t,
+                              const float *sin_t, float eps, tpc_stream s, tp_err *err);
 
 /* Copies the n tokens' k and v heads (token t's kv head h at
  * k + t * row_stride + h * head_dim) into cache rows pos0 .. pos0 + n - 1. */
 int tpc_kv_append(float *k_cache, float *v_cache, int max_seq, const float *k, const float *v,
                   size_t row_stride, int n, int n_kv_heads, int head_dim, int pos0, tpc_stream s,
                   tp_err *err);
+/* pos_dev non-NULL: rows *pos_dev .. *pos_dev + n - 1 (pos0 ignored); when
+ * they do not fit [0, max_seq) nothing is written. */
+int tpc_kv_append_devpos(float *k_cache, float *v_cache, int max_seq, const float *k, const float *v,
+                         size_t row_stride, int n, int n_kv_heads, int head_dim, int pos0,
+                         const int32_t *pos_dev, tpc_stream s, tp_err *err);
 
 /* Causal GQA attention of n query tokens (positions pos0 ..) against the
  * cache, for every head: query head h reads kv head h / (n_heads /
@@ -102,14 +123,27 @@ int tpc_attention_prefill(float *out, size_t out_stride, const float *q, size_t 
                           tpc_stream s, tp_err *err);
 
 /* The same for a few query tokens (decode: n = 1): the keys of each head are
- * split over up to TPC_DECODE_MAX_SPLITS blocks so that one token still
- * fills the GPU; a second kernel combines the partial softmaxes.  workspace
- * holds tpc_attention_decode_workspace(n, n_heads, head_dim) bytes. */
+ * split over up to TPC_DECODE_MAX_SPLITS blocks (each at least 32 keys) so
+ * that one token still fills the GPU; a second kernel combines the partial
+ * softmaxes.  workspace holds tpc_attention_decode_workspace(n, n_heads,
+ * head_dim) bytes: room for TPC_DECODE_MAX_SPLITS splits, which covers both
+ * launchers at any position and max_seq. */
 size_t tpc_attention_decode_workspace(int n, int n_heads, int head_dim);
 int tpc_attention_decode(float *out, size_t out_stride, const float *q, size_t q_stride,
                          const float *k_cache, const float *v_cache, int max_seq, int n, int pos0,
                          int n_heads, int n_kv_heads, int head_dim, int window, float scale,
                          void *workspace, size_t workspace_bytes, tpc_stream s, tp_err *err);
+/* pos_dev non-NULL: the queries' positions are *pos_dev .. (pos0 ignored).
+ * The grid is sized for the most keys the cache holds (max_seq, or the
+ * window), the same for every position; the kernel splits the keys of the
+ * actual position exactly as tpc_attention_decode would (same bits), and
+ * the splits past the last key write an empty partial that the combine
+ * skips.  A position with *pos_dev + n > max_seq (or < 0) gives NaN rows. */
+int tpc_attention_decode_devpos(float *out, size_t out_stride, const float *q, size_t q_stride,
+                                const float *k_cache, const float *v_cache, int max_seq, int n, int pos0,
+                                const int32_t *pos_dev, int n_heads, int n_kv_heads, int head_dim,
+                                int window, float scale, void *workspace, size_t workspace_bytes,
+                                tpc_stream s, tp_err *err);
 
 /* tpk_silu_mul: gate[i] = silu(gate[i]) * up[i]. */
 int tpc_silu_mul(float *gate, const float *up, size_t n, tpc_stream s, tp_err *err);
@@ -131,6 +165,13 @@ typedef struct tpc_argmax_result {
 int tpc_argmax(tpc_argmax_result *out, const float *logits, int n, int32_t id_offset, tpc_stream s,
                tp_err *err);
 
+/* The greedy id of a vocab-parallel lm_head from its world ranks' tpc_argmax
+ * results, gathered into per_rank (device): the largest value, ties to the
+ * lowest id, NaN never wins; when every value is -inf (or NaN) the lowest
+ * id, i.e. the first slice's id_offset.  *out_id (device) receives it. */
+int tpc_argmax_combine(int32_t *out_id, const tpc_argmax_result *per_rank, int world, tpc_stream s,
+                       tp_err *err);
+
 /* tp_sample on the device over full-vocabulary logits (gathered first):
  * temperature <= 0 or top_k 1: greedy; else softmax(logits / temperature),
  * top-k, then top-p over the most likely first (ties: lower ids first), and
@@ -142,6 +183,29 @@ int tpc_argmax(tpc_argmax_result *out, const float *logits, int n, int32_t id_of
  * rounding, so the same u gives the same id except on a knife edge. */
 int tpc_sample(int32_t *out_id, const float *logits, int vocab, float temperature, int top_k,
                float top_p, double u, float *workspace, tpc_stream s, tp_err *err);
+
+/* ------------------------------------------- device position, graphs */
+
+/* *dst = value, and *pos_dev += by, as kernels on the stream: a captured
+ * graph can move its own position on (no host copy in the graph). */
+int tpc_set_i32(int32_t *dst, int32_t value, tpc_stream s, tp_err *err);
+int tpc_advance_pos(int32_t *pos_dev, int by, tpc_stream s, tp_err *err);
+
+/* Stream capture into an executable graph (tpc_graph is cudaGraphExec_t).
+ * tpc_capture_begin starts capturing s (not NULL: the legacy default stream
+ * cannot be captured) in cudaStreamCaptureModeThreadLocal: the tp ranks of
+ * one process may be threads that capture while others still allocate or
+ * copy synchronously, which Global mode would forbid; this thread must not
+ * call cudaMalloc, tpc_upload/tpc_download/tpc_memset or tpc_sync(s) until
+ * tpc_capture_end.  Kernels launched on s in between are recorded, not run.
+ * Always pair begin with end, even after a failed launcher: end stops the
+ * capture, and fails (-1, *graph NULL) when the capture went wrong.
+ * tpc_graph_launch replays the recorded work on s in stream order. */
+typedef struct CUgraphExec_st *tpc_graph;
+int tpc_capture_begin(tpc_stream s, tp_err *err);
+int tpc_capture_end(tpc_stream s, tpc_graph *graph, tp_err *err);
+int tpc_graph_launch(tpc_graph graph, tpc_stream s, tp_err *err);
+void tpc_graph_destroy(tpc_graph graph);
 
 /* ---------------------------------------------------------------- GEMM */
 

@@ -3,8 +3,9 @@
 // block runs its threads as std::threads (blocks one after another),
 // __shared__ is static storage, __syncthreads a std::barrier, shuffles go
 // through a per-warp exchange array with warp barriers.  Never on an include
-// path of the real build.
+// path of the real build.  Streams, stream capture and graphs: see below.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -26,31 +27,103 @@ struct dim3 { unsigned x = 1, y = 1, z = 1; dim3(unsigned a = 1, unsigned b = 1,
 extern thread_local dim3 threadIdx, blockIdx;
 extern dim3 blockDim, gridDim;
 typedef int cudaError_t;
-enum { cudaSuccess = 0, cudaErrorNotReady = 600 };
+// The codes of the real runtime (driver_types.h), for the ones emulated.
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2, cudaErrorIllegalState = 401,
+       cudaErrorNotReady = 600, cudaErrorStreamCaptureUnsupported = 900, cudaErrorStreamCaptureInvalidated = 901,
+       cudaErrorStreamCaptureWrongThread = 908 };
 typedef struct CUstream_st *cudaStream_t;
 enum cudaMemcpyKind { cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
 enum { cudaStreamNonBlocking = 1 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount };
-inline const char *cudaGetErrorString(cudaError_t) { return "emulated error"; }
-inline cudaError_t cudaGetLastError() { return 0; }
+const char *cudaGetErrorString(cudaError_t e);
+// Returns and clears this thread's last launch error (a launch into a
+// capture that went wrong; the emulation has no other launch errors).
+cudaError_t cudaGetLastError();
 inline cudaError_t cudaGetDeviceCount(int *c) { *c = 1; return 0; }
 inline cudaError_t cudaSetDevice(int) { return 0; }
 inline cudaError_t cudaGetDevice(int *d) { *d = 0; return 0; }
 inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) { *v = 132; return 0; }
-inline cudaError_t cudaMalloc(void **p, size_t n) { *p = calloc(1, n); return *p ? 0 : 2; }
-inline cudaError_t cudaFree(void *p) { free(p); return 0; }
-inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind) { memcpy(d, s, n); return 0; }
-inline cudaError_t cudaMemset(void *d, int v, size_t n) { memset(d, v, n); return 0; }
-inline cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, int) { *s = nullptr; return 0; }
-inline cudaError_t cudaStreamDestroy(cudaStream_t) { return 0; }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return 0; }
+
+// ---- streams, stream capture and graphs
+// Everything runs synchronously on the host: a stream is an identity (for
+// its capture state), work on a stream that is not capturing runs at once.
+// While a stream captures, the work enqueued on it (emu_launch, i.e. every
+// kernel launch, cudaMemcpyAsync, cudaMemsetAsync, cublasGemmEx, a
+// cudaGraphLaunch) is recorded by value (the pointers, sizes and scalars of
+// the call, not the memory they point to) instead of run; cudaGraphLaunch
+// runs the recorded list in order.  As in CUDA: the legacy default stream
+// (NULL) cannot be captured; cudaStreamSynchronize of a capturing stream
+// fails and invalidates the capture; in Global / ThreadLocal mode the
+// capturing thread may not call cudaMalloc, cudaFree, cudaMemcpy, cudaMemset
+// or synchronise the legacy stream (Global: neither may any other thread),
+// which fails with cudaErrorStreamCaptureUnsupported and invalidates the
+// thread's captures, so that cudaStreamEndCapture reports
+// cudaErrorStreamCaptureInvalidated; ending a Global / ThreadLocal capture
+// from another thread fails with cudaErrorStreamCaptureWrongThread.
+// Not modelled: real concurrency between streams or with the host (nothing
+// is ever in flight), graph-node dependencies other than one stream's order
+// (no event fork/join across streams: cudaEventRecord is a no-op), the rule
+// that captured host<->device copies need pinned host memory, NCCL (the
+// emulation has no nccl comm), graph updates (cudaGraphExecUpdate).
+enum cudaStreamCaptureMode { cudaStreamCaptureModeGlobal = 0, cudaStreamCaptureModeThreadLocal = 1,
+                             cudaStreamCaptureModeRelaxed = 2 };
+enum cudaStreamCaptureStatus { cudaStreamCaptureStatusNone = 0, cudaStreamCaptureStatusActive = 1,
+                               cudaStreamCaptureStatusInvalidated = 2 };
+struct CUgraph_st { std::vector<std::function<void()>> ops; };
+struct CUgraphExec_st { std::vector<std::function<void()>> ops; };
+typedef struct CUgraph_st *cudaGraph_t;
+typedef struct CUgraphExec_st *cudaGraphExec_t;
+struct CUstream_st {
+    bool capturing = false, invalidated = false;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeGlobal;
+    std::thread::id owner;
+    CUgraph_st *graph = nullptr;   // the work recorded so far
+};
+cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, int flags);
+inline cudaError_t cudaStreamCreate(cudaStream_t *s) { return cudaStreamCreateWithFlags(s, 0); }
+cudaError_t cudaStreamDestroy(cudaStream_t s);
+cudaError_t cudaStreamSynchronize(cudaStream_t s);
+cudaError_t cudaStreamBeginCapture(cudaStream_t s, cudaStreamCaptureMode mode);
+cudaError_t cudaStreamEndCapture(cudaStream_t s, cudaGraph_t *graph);
+cudaError_t cudaStreamIsCapturing(cudaStream_t s, cudaStreamCaptureStatus *status);
+cudaError_t cudaGraphInstantiate(cudaGraphExec_t *exec, cudaGraph_t graph, unsigned long long flags);
+cudaError_t cudaGraphLaunch(cudaGraphExec_t exec, cudaStream_t s);
+cudaError_t cudaGraphExecDestroy(cudaGraphExec_t exec);
+cudaError_t cudaGraphDestroy(cudaGraph_t graph);
+// Runs op now, or records it when s captures (an error when that capture is
+// already invalidated).
+cudaError_t emu_enqueue(cudaStream_t s, std::function<void()> op);
+// 0 when this thread may make a call that CUDA forbids during a Global /
+// ThreadLocal capture; else invalidates the thread's captures and returns
+// cudaErrorStreamCaptureUnsupported.
+cudaError_t emu_unsafe_call();
+
+inline cudaError_t cudaMalloc(void **p, size_t n)
+{
+    if (cudaError_t e = emu_unsafe_call()) return e;
+    *p = calloc(1, n); return *p ? 0 : cudaErrorMemoryAllocation;
+}
+inline cudaError_t cudaFree(void *p) { if (cudaError_t e = emu_unsafe_call()) return e; free(p); return 0; }
+inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind)
+{
+    if (cudaError_t e = emu_unsafe_call()) return e;
+    memcpy(d, s, n); return 0;
+}
+inline cudaError_t cudaMemset(void *d, int v, size_t n) { if (cudaError_t e = emu_unsafe_call()) return e; memset(d, v, n); return 0; }
+inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind, cudaStream_t st)
+{
+    return emu_enqueue(st, [=] { memcpy(d, s, n); });
+}
+inline cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st)
+{
+    return emu_enqueue(st, [=] { memset(d, v, n); });
+}
 // model_cuda.cu's upload and staging: everything is synchronous host memory.
 typedef struct CUevent_st *cudaEvent_t;
 enum { cudaEventDisableTiming = 2 };
 inline cudaError_t cudaMallocHost(void **p, size_t n) { *p = malloc(n ? n : 1); return *p ? 0 : 2; }
 inline cudaError_t cudaFreeHost(void *p) { free(p); return 0; }
-inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind, cudaStream_t) { memcpy(d, s, n); return 0; }
 inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, int) { *e = nullptr; return 0; }
 inline cudaError_t cudaEventDestroy(cudaEvent_t) { return 0; }
 inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return 0; }
@@ -92,4 +165,6 @@ inline uint32_t __float_as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return
 inline int __float_as_int(float f) { int u; memcpy(&u, &f, 4); return u; }
 using std::min; using std::max;
 
-void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body);
+// A kernel launch on stream s (rewrite.py's translation of <<<...>>>): runs
+// its blocks one after another now, or is recorded while s captures.
+void emu_launch(cudaStream_t s, dim3 grid, dim3 block, size_t smem, std::function<void()> body);

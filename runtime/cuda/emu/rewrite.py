@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """rewrite.py KERNELS.cu - prints the CUDA source rewritten for the host
 emulation (run_emu.sh): kernel launches `k<<<grid, block, smem, s>>>(args);`
-become emu_launch(...) calls and the dynamic shared-memory array comes from
+become emu_launch(s, ...) calls (the arguments captured by value, so that a
+recorded launch can replay) and the dynamic shared-memory array comes from
 emu_smem().  Optional developer check, not part of the build or the tests."""
 import re
 import sys
@@ -26,7 +27,11 @@ def launch(m):
     parts = split_top(cfg)
     while len(parts) < 3:
         parts.append("0")
-    return f"emu_launch(dim3({parts[0]}), dim3({parts[1]}), {parts[2]}, [&]{{ {name}({args}); }});"
+    stream = parts[3] if len(parts) > 3 else "nullptr"
+    # [=]: the launch may be recorded by a stream capture and run at a graph
+    # replay, after the launcher's locals are gone: capture them by value.
+    return (f"emu_launch({stream}, dim3({parts[0]}), dim3({parts[1]}), {parts[2]}, "
+            f"[=]{{ {name}({args}); }});")
 
 
 src = open(sys.argv[1]).read()

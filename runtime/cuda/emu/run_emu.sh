@@ -4,7 +4,9 @@
 # executed on the CPU by a small emulation (every block's threads are
 # std::threads, __shared__ is static storage, __syncthreads a barrier, warp
 # shuffles go through per-warp barriers, cublasGemmEx is the documented
-# column-major product done naively).  It checks the kernels' indexing,
+# column-major product done naively; stream capture records a stream's work
+# by value and a graph launch replays it in order, see cuda_runtime.h for
+# what that does not model).  It checks the kernels' indexing,
 # masking, softmax and selection logic against the CPU references; it says
 # nothing about speed, occupancy, memory coalescing, real warp scheduling or
 # the NCCL backend.  A real GPU run of test_kernels_cuda replaces it.
