@@ -528,7 +528,7 @@ static int alloc_caches(tp_model *m, tp_err *err)
 #ifdef TP_HAVE_CUDA
 /* Hands the checked structure and the fp32 weights to model_cuda.cu, which
  * uploads them; the host copies and the CPU KV cache are freed after. */
-static int to_device(tp_model *m, const char *device, tp_err *err)
+static int to_device(tp_model *m, const char *device, bool no_graph, tp_err *err)
 {
     tpcm_desc d = {
         .cfg = &m->cfg, .comm = m->comm, .rank = m->rank, .world = m->world, .lq = m->lq,
@@ -536,7 +536,7 @@ static int to_device(tp_model *m, const char *device, tp_err *err)
         .embed = m->embed, .emb_start = m->emb_start, .emb_end = m->emb_end,
         .final_norm = m->final_norm, .lm_w = m->lm_w, .lm_start = m->lm_start,
         .lm_end = m->lm_end, .lm_ranges = m->lm_ranges, .vocab_slot = m->vocab_slot,
-        .layers = m->layers, .device = device,
+        .layers = m->layers, .device = device, .no_graph = no_graph,
     };
     int rc = tpcm_create(&m->gpu, &d, err);
     if (rc < 0)
@@ -623,7 +623,7 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     if (exchange_vocab_ranges(m, err) < 0 || alloc_caches(m, err) < 0)
         goto fail;
 #ifdef TP_HAVE_CUDA
-    if (cuda && to_device(m, opts->device, err) < 0)
+    if (cuda && to_device(m, opts->device, opts->no_graph, err) < 0)
         goto fail;
 #endif
     *out = m;

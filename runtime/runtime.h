@@ -137,6 +137,7 @@ typedef struct tp_model_opts {
     int max_seq;            /* KV cache length (0: min(max_position, 4096)) */
     int threads;            /* CPU threads (0: all cores) */
     const char *device;     /* "cpu" or "cuda" */
+    bool no_graph;          /* cuda: decode steps kernel by kernel, no CUDA graph */
 } tp_model_opts;
 
 /* Builds rank comm->rank's model from its loaded tensors (found by their

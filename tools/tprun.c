@@ -30,6 +30,7 @@ static const char usage[] =
     "             [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "             [--ignore-eos] [--max-seq N] [--json] [--logits] [--threads N]\n"
     "             [--no-verify] [--load-only] [--verbose] [--quiet] [--device cpu|cuda] [--gpu N]\n"
+    "             [--no-graph]\n"
     "OUT is a directory written by tpconvert, or a node bundle (.tar) of tpbundle.\n"
     "Several ranks: launch with torchrun --no-python, mpirun or srun; rank 0 listens on\n"
     "MASTER_ADDR:MASTER_PORT (default 127.0.0.1:29500) for the tcp backend.\n";
@@ -42,6 +43,7 @@ typedef struct options {
     const char *prompt;
     const char *prompt_ids;
     bool chat, interactive, json, logits, no_verify, load_only, verbose, quiet, ignore_eos;
+    bool no_graph;             /* cuda: no CUDA graph for decode steps */
     int max_new_tokens;        /* -1: generation_config or DEFAULT_MAX_NEW */
     float temperature;         /* < 0: from generation_config */
     int top_k;                 /* < 0: from generation_config */
@@ -189,6 +191,8 @@ static void parse_args(int argc, char **argv, options *o)
             o->ignore_eos = true;
         } else if (!strcmp(a, "--no-verify")) {
             o->no_verify = true;
+        } else if (!strcmp(a, "--no-graph")) {
+            o->no_graph = true;
         } else if (!strcmp(a, "--load-only")) {
             o->load_only = true;
         } else if (!strcmp(a, "--verbose")) {
@@ -335,7 +339,8 @@ static void create_model(run *r)
         snprintf(device, sizeof device, "cuda:%d", r->o.gpu);
     else
         snprintf(device, sizeof device, "%s", r->o.device);
-    tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = device };
+    tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = device,
+                         .no_graph = r->o.no_graph };
     if (tp_model_create(&r->model, &r->lr, r->comm, &mo, &err))
         die(r, &err, false);
     if (r->o.verbose && my_rank(r) == 0)

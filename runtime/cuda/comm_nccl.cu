@@ -15,7 +15,11 @@
  * finished, after a watchdog loop: the communicator is non-blocking, and the
  * loop polls ncclCommGetAsyncError and cudaStreamQuery until done, a failure
  * or timeout_s; on a failure or timeout it calls ncclCommAbort (so that no
- * kernel stays stuck waiting for a dead peer) and reports the rank.  NCCL's
+ * kernel stays stuck waiting for a dead peer) and reports the rank.
+ * Enqueue-only mode (tpc_comm_set_enqueue_only, which the CUDA model turns
+ * on): collectives on device buffers return once NCCL has put them on the
+ * stream, so that the host keeps launching (and a CUDA graph can capture
+ * them); the same watchdog then runs in tpc_comm_wait.  NCCL's
  * ring and tree algorithms compute each reduced element once and copy it, so
  * every rank gets the same bits, as the interface promises.
  */
@@ -40,6 +44,7 @@ typedef struct nccl_impl {
     tp_comm *boot;        /* the comm that carried the unique id */
     void *stage;          /* device staging buffer for host pointers */
     size_t stage_bytes;
+    bool enqueue_only;    /* device-buffer collectives do not wait for the stream */
 } nccl_impl;
 
 static double now_s(void)
@@ -101,6 +106,38 @@ static int wait_done(tp_comm *c, const char *op, ncclResult_t issued, tp_err *er
         if (spin > 2000)
             usleep(50);   /* short collectives finish while spinning; long waits sleep */
     }
+}
+
+/* Enqueue-only: a non-blocking communicator may still be enqueueing when
+ * the call returns (ncclInProgress); this waits for that (host side only,
+ * legal while a stream is being captured), not for the stream. */
+static int wait_enqueued(tp_comm *c, const char *op, ncclResult_t issued, tp_err *err)
+{
+    nccl_impl *m = (nccl_impl *)c->impl;
+    if (issued != ncclSuccess && issued != ncclInProgress)
+        return nccl_fail(c, op, issued, err);
+    double deadline = c->timeout_s > 0 ? now_s() + c->timeout_s : 0;
+    for (;;) {
+        ncclResult_t st = ncclSuccess;
+        ncclResult_t q = ncclCommGetAsyncError(m->comm, &st);
+        if (q != ncclSuccess)
+            return nccl_fail(c, op, q, err);
+        if (st == ncclSuccess)
+            return 0;
+        if (st != ncclInProgress)
+            return nccl_fail(c, op, st, err);
+        if (deadline && now_s() > deadline) {
+            abort_comm(m);
+            return tp_comm_timeout_error(c, op, -1, err);
+        }
+    }
+}
+
+/* How a collective on device buffers finishes: waited for, or only enqueued. */
+static int finish(tp_comm *c, const char *op, ncclResult_t issued, bool device_buffers, tp_err *err)
+{
+    nccl_impl *m = (nccl_impl *)c->impl;
+    return m->enqueue_only && device_buffers ? wait_enqueued(c, op, issued, err) : wait_done(c, op, issued, err);
 }
 
 static int usable(tp_comm *c, const char *op, tp_err *err)
@@ -167,7 +204,7 @@ static int nccl_allreduce(tp_comm *c, float *buf, size_t n, tp_err *err)
             return -1;
         dev = (float *)m->stage;
     }
-    if (wait_done(c, op, ncclAllReduce(dev, dev, n, ncclFloat32, ncclSum, m->comm, m->stream), err))
+    if (finish(c, op, ncclAllReduce(dev, dev, n, ncclFloat32, ncclSum, m->comm, m->stream), !host, err))
         return -1;
     return host ? copy_on_stream(c, buf, dev, bytes, op, err) : 0;
 }
@@ -197,7 +234,8 @@ static int nccl_allgather(tp_comm *c, const float *send, float *recv, size_t n_p
                 return -1;
         }
     }
-    if (wait_done(c, op, ncclAllGather(dsend, drecv, n_per_rank, ncclFloat32, m->comm, m->stream), err))
+    if (finish(c, op, ncclAllGather(dsend, drecv, n_per_rank, ncclFloat32, m->comm, m->stream),
+               !host_send && !host_recv, err))
         return -1;
     return host_recv ? copy_on_stream(c, recv, drecv, all, op, err) : 0;
 }
@@ -220,7 +258,7 @@ static int nccl_broadcast(tp_comm *c, void *buf, size_t bytes, int root, tp_err 
             return -1;
         dev = m->stage;
     }
-    if (wait_done(c, op, ncclBroadcast(dev, dev, bytes, ncclUint8, root, m->comm, m->stream), err))
+    if (finish(c, op, ncclBroadcast(dev, dev, bytes, ncclUint8, root, m->comm, m->stream), !host, err))
         return -1;
     return host ? copy_on_stream(c, buf, dev, bytes, op, err) : 0;
 }
@@ -291,6 +329,19 @@ extern "C" tpc_stream tpc_comm_stream(const tp_comm *c)
 extern "C" int tpc_comm_device(const tp_comm *c)
 {
     return c && c->ops == &tp_comm_nccl_ops && c->impl ? ((nccl_impl *)c->impl)->device : -1;
+}
+
+extern "C" void tpc_comm_set_enqueue_only(tp_comm *c, bool on)
+{
+    if (c && c->ops == &tp_comm_nccl_ops && c->impl)
+        ((nccl_impl *)c->impl)->enqueue_only = on;
+}
+
+extern "C" int tpc_comm_wait(tp_comm *c, tp_err *err)
+{
+    if (usable(c, "wait", err))
+        return -1;
+    return wait_done(c, "collective", ncclSuccess, err);
 }
 
 /* ------------------------------------------------------------------ setup */

@@ -45,9 +45,10 @@ extern "C" {
 #endif
 
 /* The CUDA handle types, spelled so that C code needs no CUDA header:
- * tpc_stream is cudaStream_t, tpc_blas is cublasHandle_t. */
+ * tpc_stream is cudaStream_t; tpc_blas is a cuBLAS handle with its own
+ * workspace (kernels_cuda.cu). */
 typedef struct CUstream_st *tpc_stream;
-typedef struct cublasContext *tpc_blas;
+typedef struct tpc_blas_st *tpc_blas;
 
 /* Largest head_dim the attention kernels take (8 values per lane). */
 #define TPC_MAX_HEAD_DIM 256
@@ -231,6 +232,14 @@ int tpc_gemm_bf16(tpc_blas h, float *y, const float *x, uint16_t *x_bf16, const 
  * mpirun, else the tcp backend's rendezvous at MASTER_ADDR:MASTER_PORT. */
 tpc_stream tpc_comm_stream(const tp_comm *c);
 int tpc_comm_device(const tp_comm *c);
+/* Enqueue-only mode (nccl comm; a no-op for others): collectives on
+ * device buffers return once enqueued on tpc_comm_stream instead of waiting
+ * for it, so that the host keeps launching and a graph capture can record
+ * them.  tpc_comm_wait then waits for the stream under the comm's watchdog:
+ * an NCCL error, a CUDA error on the stream or --timeout aborts the
+ * communicator and names the rank.  Host buffers are always waited for. */
+void tpc_comm_set_enqueue_only(tp_comm *c, bool on);
+int tpc_comm_wait(tp_comm *c, tp_err *err);
 
 #ifdef __cplusplus
 }

@@ -10,7 +10,12 @@
  * vocabulary slice to the host and all-gathers it there (the CPU model's
  * contract, for --logits); tpcm_forward_pick picks the next token on the
  * device and brings back only its id.
- * No CUDA graph yet: each step launches its kernels.
+ * Decode steps (one token, greedy) run as a CUDA graph when the all-reduces
+ * can be captured (tp 1, or the nccl backend in enqueue-only mode): the
+ * first step captures embedding, layers, lm_head slice, argmax, all-gather
+ * of the winners and their combination; later steps copy the fed id and
+ * the position into device memory and replay it.  Sampling, prefill and the
+ * staged backends launch kernel by kernel.
  */
 #include <cuda_runtime.h>
 
@@ -59,7 +64,14 @@ struct tpcm_model {
     float *sample_ws;           /* device: vocab floats, tpc_sample's workspace */
     int32_t *next_id, *host_next;         /* device / pinned: the picked id */
 
-    char desc[256];
+    /* The decode step as a CUDA graph (see the header comment). */
+    int32_t *pos_dev;           /* device: the position the graph reads */
+    int32_t *host_step;         /* pinned: [0] the id fed, [1] its position */
+    tpc_graph decode_graph;     /* NULL: not captured (yet) */
+    bool graph_usable;          /* tp 1 or nccl, and not turned off */
+    char graph_note[160];       /* why graphs are off, for tpcm_describe */
+
+    char desc[512];
 };
 
 static int cuda_check(cudaError_t e, const char *what, tp_err *err)
@@ -119,6 +131,14 @@ static int pick_device(const tpcm_desc *d, int *device, tp_err *err)
     return 0;
 }
 
+static void update_desc(tpcm_model *g)
+{
+    snprintf(g->desc, sizeof g->desc, "cuda:%d, %.1f MB of weights uploaded at %.2f GB/s, all-reduce %s, %s",
+             g->device, g->w.bytes / 1e6, g->w.seconds > 0 ? g->w.bytes / g->w.seconds / 1e9 : 0.0,
+             g->nccl ? "nccl on device" : g->world > 1 ? "staged through host memory" : "none (tp 1)",
+             g->graph_note);
+}
+
 /* The buffers of tpcm_forward_pick: a few vocabularies of floats. */
 static int alloc_pick_buffers(tpcm_model *g, tp_err *err)
 {
@@ -128,10 +148,12 @@ static int alloc_pick_buffers(tpcm_model *g, tp_err *err)
         dev_alloc(g, (void **)&g->logits_all, W * g->vocab_slot * 4, "logits", err) < 0 ||
         dev_alloc(g, (void **)&g->vocab_logits, V * 4, "logits", err) < 0 ||
         dev_alloc(g, (void **)&g->sample_ws, V * 4, "sampling workspace", err) < 0 ||
-        dev_alloc(g, (void **)&g->next_id, 4, "token pick", err) < 0)
+        dev_alloc(g, (void **)&g->next_id, 4, "token pick", err) < 0 ||
+        dev_alloc(g, (void **)&g->pos_dev, 4, "position", err) < 0)
         return -1;
     return cuda_check(cudaMallocHost((void **)&g->host_best, W * sizeof *g->host_best), "cudaMallocHost", err) < 0 ||
-                   cuda_check(cudaMallocHost((void **)&g->host_next, 4), "cudaMallocHost", err) < 0
+                   cuda_check(cudaMallocHost((void **)&g->host_next, 4), "cudaMallocHost", err) < 0 ||
+                   cuda_check(cudaMallocHost((void **)&g->host_step, 8), "cudaMallocHost", err) < 0
                ? -1
                : 0;
 }
@@ -214,9 +236,14 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
     }
     if (alloc_pick_buffers(g, err) < 0)
         goto fail;
-    snprintf(g->desc, sizeof g->desc, "cuda:%d, %.1f MB of weights uploaded at %.2f GB/s, all-reduce %s",
-             g->device, g->w.bytes / 1e6, g->w.seconds > 0 ? g->w.bytes / g->w.seconds / 1e9 : 0.0,
-             g->nccl ? "nccl on device" : g->world > 1 ? "staged through host memory" : "none (tp 1)");
+    if (g->nccl)
+        tpc_comm_set_enqueue_only(g->comm, true);   /* waits happen in wait_stream */
+    g->graph_usable = !d->no_graph && (g->world == 1 || g->nccl) && g->lm_end > g->lm_start;
+    snprintf(g->graph_note, sizeof g->graph_note, "%s",
+             g->graph_usable ? "greedy decode as a CUDA graph"
+             : d->no_graph   ? "no CUDA graph (turned off)"
+                             : "no CUDA graph (the staged all-reduce runs on the host)");
+    update_desc(g);
     *out = g;
     return 0;
 fail:
@@ -245,6 +272,9 @@ void tpcm_free(tpcm_model *g)
         cudaFreeHost(g->host_best);
     if (g->host_next)
         cudaFreeHost(g->host_next);
+    if (g->host_step)
+        cudaFreeHost(g->host_step);
+    tpc_graph_destroy(g->decode_graph);
     free(g->host_all);
     free(g->lm_ranges);
     if (g->blas)
@@ -277,6 +307,9 @@ static int ensure_buffers(tpcm_model *g, int n, tp_err *err)
         { &g->x, H }, { &g->h, H }, { &g->q, qd }, { &g->k, kd }, { &g->v, kd },
         { &g->att, qd }, { &g->o, H }, { &g->gate, I }, { &g->up, I },
     };
+    /* a captured graph holds the old pointers */
+    tpc_graph_destroy(g->decode_graph);
+    g->decode_graph = NULL;
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         tpc_free(*bufs[i].p);
         *bufs[i].p = NULL;
@@ -297,6 +330,14 @@ static int ensure_buffers(tpcm_model *g, int n, tp_err *err)
         return -1;
     g->cap_n = n;
     return 0;
+}
+
+/* Waits for the model's stream: under the nccl comm's watchdog when the
+ * stream carries enqueue-only collectives (a dead peer is a timeout naming
+ * the rank, not a hang), else tpc_sync. */
+static int wait_stream(tpcm_model *g, tp_err *err)
+{
+    return g->nccl ? tpc_comm_wait(g->comm, err) : tpc_sync(g->s, err);
 }
 
 /* Sum of buf over the ranks: nccl on the device, else through host memory. */
@@ -322,7 +363,8 @@ static int gemm(tpcm_model *g, float *y, const float *x, const uint16_t *w, cons
     return tpc_gemm_bf16(g->blas, y, x, g->xb, w, b, n, in, out, g->s, err);
 }
 
-static int attention_block(tpcm_model *g, int l, int n, int pos, tp_err *err)
+/* pos_dev non-NULL (graph capture): the position is read on the device. */
+static int attention_block(tpcm_model *g, int l, int n, int pos, const int32_t *pos_dev, tp_err *err)
 {
     const tp_model_config *c = &g->cfg;
     const tpcw_layer *L = &g->w.layers[l];
@@ -331,16 +373,16 @@ static int attention_block(tpcm_model *g, int l, int n, int pos, tp_err *err)
     float scale = 1.0f / sqrtf((float)hd);
     if (gemm(g, g->q, g->h, L->wq, L->bq, n, H, qd, err) < 0 || gemm(g, g->k, g->h, L->wk, L->bk, n, H, kd, err) < 0 ||
         gemm(g, g->v, g->h, L->wv, L->bv, n, H, kd, err) < 0 ||
-        tpc_head_norm_rope(g->q, c->qk_norm ? L->q_norm : NULL, n, g->lq, hd, (size_t)qd, pos, g->cos_t, g->sin_t,
-                           c->rms_eps, g->s, err) < 0 ||
-        tpc_head_norm_rope(g->k, c->qk_norm ? L->k_norm : NULL, n, g->lkv, hd, (size_t)kd, pos, g->cos_t, g->sin_t,
-                           c->rms_eps, g->s, err) < 0 ||
-        tpc_kv_append(g->kcache + kv_off, g->vcache + kv_off, g->max_seq, g->k, g->v, (size_t)kd, n, g->lkv, hd, pos,
-                      g->s, err) < 0)
+        tpc_head_norm_rope_devpos(g->q, c->qk_norm ? L->q_norm : NULL, n, g->lq, hd, (size_t)qd, pos, pos_dev,
+                                  g->cos_t, g->sin_t, c->rms_eps, g->s, err) < 0 ||
+        tpc_head_norm_rope_devpos(g->k, c->qk_norm ? L->k_norm : NULL, n, g->lkv, hd, (size_t)kd, pos, pos_dev,
+                                  g->cos_t, g->sin_t, c->rms_eps, g->s, err) < 0 ||
+        tpc_kv_append_devpos(g->kcache + kv_off, g->vcache + kv_off, g->max_seq, g->k, g->v, (size_t)kd, n, g->lkv,
+                             hd, pos, pos_dev, g->s, err) < 0)
         return -1;
-    int rc = n == 1 ? tpc_attention_decode(g->att, (size_t)qd, g->q, (size_t)qd, g->kcache + kv_off,
-                                           g->vcache + kv_off, g->max_seq, n, pos, g->lq, g->lkv, hd, L->window,
-                                           scale, g->dec_ws, g->dec_ws_bytes, g->s, err)
+    int rc = n == 1 ? tpc_attention_decode_devpos(g->att, (size_t)qd, g->q, (size_t)qd, g->kcache + kv_off,
+                                                  g->vcache + kv_off, g->max_seq, n, pos, pos_dev, g->lq, g->lkv, hd,
+                                                  L->window, scale, g->dec_ws, g->dec_ws_bytes, g->s, err)
                     : tpc_attention_prefill(g->att, (size_t)qd, g->q, (size_t)qd, g->kcache + kv_off,
                                             g->vcache + kv_off, g->max_seq, n, pos, g->lq, g->lkv, hd, L->window,
                                             scale, g->s, err);
@@ -386,7 +428,7 @@ static int logits_gather_host(tpcm_model *g, tp_err *err)
     if (cnt > 0 && cuda_check(cudaMemcpyAsync(g->host_slot, g->logit_slot, (size_t)cnt * 4, cudaMemcpyDeviceToHost,
                                               (cudaStream_t)g->s), "cudaMemcpyAsync (logits)", err) < 0)
         return -1;
-    if (tpc_sync(g->s, err) < 0)
+    if (wait_stream(g, err) < 0)
         return -1;
     for (int i = cnt; i < g->vocab_slot; i++)
         g->host_slot[i] = 0.0f;
@@ -412,23 +454,19 @@ static int logits_to_host(tpcm_model *g, float *logits, tp_err *err)
     return 0;
 }
 
-/* Embedding and every layer for ids[0..n) at position pos. */
-static int run_layers(tpcm_model *g, const int32_t *ids, int n, int pos, tp_err *err)
+/* Embedding of the n ids in g->ids (device) and every layer, at position
+ * pos, or *pos_dev when pos_dev is non-NULL. */
+static int layers(tpcm_model *g, int n, int pos, const int32_t *pos_dev, tp_err *err)
 {
     const tp_model_config *c = &g->cfg;
     int H = c->hidden;
-    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, n, err) < 0)
+    if (tpc_embedding(g->x, g->w.embed, g->ids, n, H, g->emb_start, g->emb_end, g->s, err) < 0)
         return -1;
-    if (cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, (cudaStream_t)g->s),
-                   "cudaMemcpyAsync (ids)", err) < 0 ||
-        tpc_embedding(g->x, g->w.embed, g->ids, n, H, g->emb_start, g->emb_end, g->s, err) < 0)
-        return -1;
-    /* ids is pageable: cudaMemcpyAsync has read it when it returns */
     if (!(g->emb_start == 0 && g->emb_end == c->vocab) && allreduce(g, g->x, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "embedding all-reduce");
     for (int l = 0; l < c->n_layers; l++) {
         if (tpc_add_rmsnorm(g->x, l ? g->o : NULL, g->h, g->w.layers[l].attn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
-            attention_block(g, l, n, pos, err) < 0 ||
+            attention_block(g, l, n, pos, pos_dev, err) < 0 ||
             tpc_add_rmsnorm(g->x, g->o, g->h, g->w.layers[l].ffn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
             mlp_block(g, l, n, err) < 0)
             return -1;
@@ -436,12 +474,24 @@ static int run_layers(tpcm_model *g, const int32_t *ids, int n, int pos, tp_err 
     return 0;
 }
 
+/* ids[0..n) (host) to the device, then layers() at pos. */
+static int run_layers(tpcm_model *g, const int32_t *ids, int n, int pos, tp_err *err)
+{
+    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, n, err) < 0)
+        return -1;
+    /* ids is pageable: cudaMemcpyAsync has read it when it returns */
+    if (cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, (cudaStream_t)g->s),
+                   "cudaMemcpyAsync (ids)", err) < 0)
+        return -1;
+    return layers(g, n, pos, NULL, err);
+}
+
 int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logits, tp_err *err)
 {
     if (run_layers(g, ids, n, pos, err) < 0)
         return -1;
     if (!logits)
-        return tpc_sync(g->s, err);
+        return wait_stream(g, err);
     return logits_slice(g, n, err) < 0 ? -1 : logits_to_host(g, logits, err);
 }
 
@@ -470,12 +520,12 @@ static int pick_greedy(tpcm_model *g, int32_t *next, tp_err *err)
         if (g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
             return tp_err_prefix(err, "token pick all-gather");
         if (cuda_check(cudaMemcpyAsync(g->host_best, g->best_all, W * sizeof *g->host_best, cudaMemcpyDeviceToHost, s),
-                       "cudaMemcpyAsync (token pick)", err) < 0 || tpc_sync(g->s, err) < 0)
+                       "cudaMemcpyAsync (token pick)", err) < 0 || wait_stream(g, err) < 0)
             return -1;
     } else {
         tpc_argmax_result own;
         if (cuda_check(cudaMemcpyAsync(g->host_best, g->best, sizeof own, cudaMemcpyDeviceToHost, s),
-                       "cudaMemcpyAsync (token pick)", err) < 0 || tpc_sync(g->s, err) < 0)
+                       "cudaMemcpyAsync (token pick)", err) < 0 || wait_stream(g, err) < 0)
             return -1;
         own = g->host_best[0];
         if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)&own, (float *)g->host_best, 2, err) < 0)
@@ -527,7 +577,7 @@ static int pick_sample(tpcm_model *g, const tp_sampler_opts *o, double u, int32_
     if (tpc_sample(g->next_id, full, V, o->temperature, o->top_k, o->top_p, u, g->sample_ws, g->s, err) < 0 ||
         cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (token)",
                    err) < 0 ||
-        tpc_sync(g->s, err) < 0)
+        wait_stream(g, err) < 0)
         return -1;
     int32_t id = *g->host_next;
     if (W > 1 && g->comm->ops->broadcast(g->comm, &id, sizeof id, 0, err) < 0)
@@ -536,11 +586,88 @@ static int pick_sample(tpcm_model *g, const tp_sampler_opts *o, double u, int32_
     return 0;
 }
 
+/* ------------------------------------------------------ decode graph */
+
+/* One greedy decode step that reads everything that changes per token from
+ * device memory (g->ids[0], *g->pos_dev) and leaves the picked id in
+ * host_next: what the graph records.  Needs a non-empty lm_head slice. */
+static int decode_step_body(tpcm_model *g, tp_err *err)
+{
+    cudaStream_t s = (cudaStream_t)g->s;
+    int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
+    if (layers(g, 1, 0, g->pos_dev, err) < 0 || logits_slice(g, 1, err) < 0 ||
+        tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0)
+        return -1;
+    if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
+        return tp_err_prefix(err, "token pick all-gather");
+    if (tpc_argmax_combine(g->next_id, W > 1 ? g->best_all : g->best, W, g->s, err) < 0)
+        return -1;
+    return cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s),
+                      "cudaMemcpyAsync (token)", err);
+}
+
+/* Records decode_step_body into g->decode_graph.  Nothing runs. */
+static int capture_decode_step(tpcm_model *g, tp_err *err)
+{
+    if (tpc_capture_begin(g->s, err) < 0)
+        return -1;
+    tp_err body_err;
+    int body = decode_step_body(g, &body_err);
+    tpc_graph graph = NULL;
+    int end = tpc_capture_end(g->s, &graph, err);   /* always ends the capture */
+    if (body < 0) {
+        tpc_graph_destroy(graph);
+        *err = body_err;
+        return -1;
+    }
+    if (end < 0)
+        return -1;
+    g->decode_graph = graph;
+    return 0;
+}
+
+/* A greedy decode step by graph replay: the id fed and its position go to
+ * the device (8 bytes), the graph runs, the picked id comes back.  A
+ * failed capture turns graphs off for this model (the step then runs
+ * kernel by kernel, and tpcm_describe says why). */
+static int decode_step_graph(tpcm_model *g, int32_t id, int pos, int32_t *next, tp_err *err)
+{
+    cudaStream_t s = (cudaStream_t)g->s;
+    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, 1, err) < 0)
+        return -1;
+    /* host_step is pinned and only rewritten after the previous step's wait */
+    g->host_step[0] = id;
+    g->host_step[1] = pos;
+    if (cuda_check(cudaMemcpyAsync(g->ids, &g->host_step[0], 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (id)",
+                   err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->pos_dev, &g->host_step[1], 4, cudaMemcpyHostToDevice, s),
+                   "cudaMemcpyAsync (position)", err) < 0)
+        return -1;
+    if (!g->decode_graph) {
+        tp_err cap;
+        if (capture_decode_step(g, &cap) < 0) {
+            g->graph_usable = false;
+            snprintf(g->graph_note, sizeof g->graph_note, "decode graph capture failed (%.100s)", cap.msg);
+            update_desc(g);
+            return 1;   /* the caller runs the step eagerly */
+        }
+    }
+    if (tpc_graph_launch(g->decode_graph, g->s, err) < 0 || wait_stream(g, err) < 0)
+        return -1;
+    *next = *g->host_next;
+    return 0;
+}
+
 int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const tp_sampler_opts *o, double u,
                       int32_t *next, tp_err *err)
 {
+    bool greedy = !(o->temperature > 0) || o->top_k == 1;
+    if (n == 1 && greedy && g->graph_usable) {
+        int rc = decode_step_graph(g, ids[0], pos, next, err);
+        if (rc <= 0)
+            return rc;
+    }
     if (run_layers(g, ids, n, pos, err) < 0 || logits_slice(g, n, err) < 0)
         return -1;
-    bool greedy = !(o->temperature > 0) || o->top_k == 1;
     return greedy ? pick_greedy(g, next, err) : pick_sample(g, o, u, next, err);
 }

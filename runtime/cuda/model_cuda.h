@@ -34,6 +34,7 @@ typedef struct tpcm_desc {
     int vocab_slot;
     const tp_layer_weights *layers;
     const char *device;     /* "cuda" or "cuda:N" */
+    bool no_graph;          /* launch decode steps kernel by kernel (no CUDA graph) */
 } tpcm_desc;
 
 typedef struct tpcm_model tpcm_model;
@@ -50,7 +51,7 @@ int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const t
                       int32_t *next, tp_err *err);
 /* Bytes uploaded and the seconds it took (weights only). */
 void tpcm_upload_stats(const tpcm_model *g, double *bytes, double *seconds);
-/* A one-line description: device, bytes, GB/s, comm path. */
+/* A one-line description: device, bytes, GB/s, comm path, CUDA graph. */
 const char *tpcm_describe(const tpcm_model *g);
 
 #ifdef __cplusplus

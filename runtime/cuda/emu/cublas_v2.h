@@ -16,6 +16,8 @@ typedef struct cublasContext *cublasHandle_t;
 inline cublasStatus_t cublasCreate(cublasHandle_t *h) { *h = new cublasContext; return CUBLAS_STATUS_SUCCESS; }
 inline cublasStatus_t cublasDestroy(cublasHandle_t h) { delete h; return CUBLAS_STATUS_SUCCESS; }
 inline cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) { h->stream = s; return CUBLAS_STATUS_SUCCESS; }
+// The emulated GEMM needs no workspace: accepted and ignored.
+inline cublasStatus_t cublasSetWorkspace(cublasHandle_t, void *, size_t) { return CUBLAS_STATUS_SUCCESS; }
 // The documented column-major semantics for bf16 A/B, fp32 C.
 inline void emu_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
     const uint16_t *a, int lda, const uint16_t *b, int ldb, float beta, float *c, int ldc)

@@ -46,6 +46,8 @@ cat >"$work/nccl_stub.cpp" <<'STUB'
 #include "kernels_cuda.h"
 extern "C" tpc_stream tpc_comm_stream(const tp_comm *) { return nullptr; }
 extern "C" int tpc_comm_device(const tp_comm *) { return -1; }
+extern "C" void tpc_comm_set_enqueue_only(tp_comm *, bool) {}
+extern "C" int tpc_comm_wait(tp_comm *, tp_err *) { return 0; }
 STUB
 for f in model_cuda weights_cuda; do
     g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -x c++ -c runtime/cuda/$f.cu -o "$work/${f}_emu.o"
