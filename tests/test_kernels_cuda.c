@@ -413,6 +413,7 @@ static void test_sample(void)
             logits[vocab / 3] = NAN;
             float *dl = dev_copy(logits, (size_t)vocab * 4), *dws = dev_copy(NULL, (size_t)vocab * 4);
             int32_t *did = dev_copy(NULL, 4);
+            double *du = dev_copy(NULL, sizeof(double));
             for (size_t o = 0; o < sizeof opts / sizeof opts[0]; o++) {
                 tp_sampler_opts so = { opts[o].temp, opts[o].k, opts[o].p, 0 };
                 tp_rng rng;
@@ -422,7 +423,13 @@ static void test_sample(void)
                     tp_rng peek = rng;
                     double u = tp_rng_uniform(&peek);
                     int32_t want = tp_sample(logits, vocab, &so, &rng, NULL), got = -1;
-                    MUST(tpc_sample(did, dl, vocab, so.temperature, so.top_k, so.top_p, u, dws, NULL, &err));
+                    if (draw % 2 == 0) {
+                        MUST(tpc_sample(did, dl, vocab, so.temperature, so.top_k, so.top_p, u, dws, NULL, &err));
+                    } else {   /* odd draws: the graph launcher, u from device memory */
+                        MUST(tpc_upload(du, &u, sizeof u, &err));
+                        MUST(tpc_sample_devu(did, dl, vocab, so.temperature, so.top_k, so.top_p, du, dws, NULL,
+                                             &err));
+                    }
                     fetch(&got, did, 4);
                     if (got != want && mismatches++ < 3)
                         fprintf(stderr, "  sample vocab=%d quant=%d T=%g k=%d p=%g u=%.17g: gpu %d, cpu %d\n",
@@ -431,7 +438,7 @@ static void test_sample(void)
                 CHECK(mismatches == 0, "sample vocab=%d quant=%d T=%g k=%d p=%g: %d of 12 draws differ",
                       vocab, quant, so.temperature, so.top_k, so.top_p, mismatches);
             }
-            tpc_free(dl); tpc_free(dws); tpc_free(did);
+            tpc_free(dl); tpc_free(dws); tpc_free(did); tpc_free(du);
         }
         free(logits);
     }

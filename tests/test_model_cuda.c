@@ -28,54 +28,61 @@
 #ifdef TP_HAVE_CUDA
 static int g_compared;
 
-/* The greedy decode graph against kernel-by-kernel steps, at tp 1 (the
+/* The decode graphs against kernel-by-kernel steps, at tp 1 (the
  * in-process comm of tp 2 takes the staged all-reduce, which is never
- * captured): the prompt, then 12 greedy tokens fed back one at a time, must
- * be the same ids both ways (greedy over the same logits is exact), and the
- * graph run must say that it used the graph. */
+ * captured): the prompt, then 12 tokens fed back one at a time, greedy and
+ * sampled (same seed), must be the same ids both ways (the same logits and
+ * the same uniforms), and the graph run must say that it used the graph. */
 #define GRAPH_STEPS 12
+/* Runs the prompt and GRAPH_STEPS fed-back picks; 0 or -1 (err set). */
+static int graph_run(const tp_loaded_rank *lr, bool no_graph, const tp_sampler_opts *so, const int32_t *prompt,
+                     int n_prompt, int32_t *got, char *info, size_t info_len, tp_err *err)
+{
+    tp_model *m = NULL;
+    tp_model_opts o = { .max_seq = 64, .threads = 1, .device = "cuda", .no_graph = no_graph };
+    if (tp_model_create(&m, (tp_loaded_rank *)lr, NULL, &o, err) < 0)
+        return -1;
+    tp_rng rng;
+    tp_rng_seed(&rng, 11);
+    int32_t tok;
+    int rc = tp_model_forward_pick(m, prompt, n_prompt, so, &rng, &tok, err);
+    for (int i = 0; rc == 0 && i < GRAPH_STEPS; i++) {
+        got[i] = tok;
+        rc = tp_model_forward_pick(m, &got[i], 1, so, &rng, &tok, err);
+    }
+    snprintf(info, info_len, "%s", tp_model_device_info(m));
+    tp_model_free(m);
+    return rc;
+}
+
 static void compare_graph(const src_model *s, const char *name, const int32_t *prompt, int n_prompt)
 {
     built_rank br;
     build_rank(&br, s, 0, 1);
-    int32_t got[2][GRAPH_STEPS];
-    bool ran[2] = { false, false };
-    for (int v = 0; v < 2; v++) {
-        tp_model *m = NULL;
+    const tp_sampler_opts modes[2] = { { .temperature = 0 }, { .temperature = 0.9f, .top_k = 40, .top_p = 0.95f } };
+    for (int mode = 0; mode < 2; mode++) {
+        const char *what = mode ? "sampled" : "greedy";
+        int32_t got[2][GRAPH_STEPS];
+        char info[2][512];
         tp_err err = { { 0 } };
-        tp_model_opts o = { .max_seq = 64, .threads = 1, .device = "cuda", .no_graph = v == 1 };
-        if (tp_model_create(&m, &br.lr, NULL, &o, &err) < 0) {
-            CHECK(0, "%s: graph check (%s): %s", name, v ? "no graph" : "graph", err.msg);
-            break;
+        if (graph_run(&br.lr, false, &modes[mode], prompt, n_prompt, got[0], info[0], sizeof info[0], &err) < 0 ||
+            graph_run(&br.lr, true, &modes[mode], prompt, n_prompt, got[1], info[1], sizeof info[1], &err) < 0) {
+            CHECK(0, "%s: %s graph check: %s", name, what, err.msg);
+            continue;
         }
-        tp_sampler_opts greedy = { .temperature = 0 };
-        tp_rng rng;
-        tp_rng_seed(&rng, 1);
-        int32_t tok;
-        int rc = tp_model_forward_pick(m, prompt, n_prompt, &greedy, &rng, &tok, &err);
-        for (int i = 0; rc == 0 && i < GRAPH_STEPS; i++) {
-            got[v][i] = tok;
-            rc = tp_model_forward_pick(m, &got[v][i], 1, &greedy, &rng, &tok, &err);
-        }
-        CHECK(rc == 0, "%s: graph check (%s): %s", name, v ? "no graph" : "graph", err.msg);
-        const char *info = tp_model_device_info(m);
-        if (v == 0)
-            CHECK(strstr(info, "greedy decode as a CUDA graph") != NULL, "%s: the graph was not used: %s", name, info);
-        else
-            CHECK(strstr(info, "no CUDA graph (turned off)") != NULL, "%s: no_graph was not honoured: %s", name, info);
-        ran[v] = rc == 0;
-        tp_model_free(m);
-    }
-    if (ran[0] && ran[1]) {
+        CHECK(strstr(info[0], "decode as a CUDA graph") != NULL, "%s: %s: the graph was not used: %s", name, what,
+              info[0]);
+        CHECK(strstr(info[1], "no CUDA graph (turned off)") != NULL, "%s: no_graph was not honoured: %s", name,
+              info[1]);
         int diff = -1;
         for (int i = 0; i < GRAPH_STEPS && diff < 0; i++)
             if (got[0][i] != got[1][i])
                 diff = i;
-        CHECK(diff < 0, "%s: greedy token %d: graph %d, kernel by kernel %d", name, diff, got[0][diff],
+        CHECK(diff < 0, "%s: %s token %d: graph %d, kernel by kernel %d", name, what, diff, got[0][diff],
               got[1][diff]);
         if (diff < 0) {
             g_compared++;
-            printf("%s tp=1: %d greedy tokens, decode graph = kernel by kernel\n", name, GRAPH_STEPS);
+            printf("%s tp=1: %d %s tokens, decode graph = kernel by kernel\n", name, GRAPH_STEPS, what);
         }
     }
     free_rank(&br, s->n);

@@ -1091,8 +1091,10 @@ __device__ double set_mass(const float *p, int n, sample_set set)
 /* One block of 1024 threads does the whole draw (see tpc_sample). */
 __global__ void __launch_bounds__(1024)
 sample_kernel(int32_t *out_id, const float *logits, int vocab, float temperature, int top_k, float top_p,
-              double u, float *probs)
+              double u, const double *u_dev, float *probs)
 {
+    if (u_dev)
+        u = *u_dev;   /* a graph replays the kernel: the draw comes from memory */
     __shared__ sample_shared sh;
     float maxv;
     int best;
@@ -1177,7 +1179,18 @@ extern "C" int tpc_sample(int32_t *out_id, const float *logits, int vocab, float
         return tp_errorf(err, "cuda kernel sample: vocabulary of %d", vocab);
     if (!(u >= 0.0 && u < 1.0))
         return tp_errorf(err, "cuda kernel sample: uniform %g is not in [0, 1)", u);
-    sample_kernel<<<1, 1024, 0, s>>>(out_id, logits, vocab, temperature, top_k, top_p, u, workspace);
+    sample_kernel<<<1, 1024, 0, s>>>(out_id, logits, vocab, temperature, top_k, top_p, u, NULL, workspace);
+    return launched("sample", err);
+}
+
+extern "C" int tpc_sample_devu(int32_t *out_id, const float *logits, int vocab, float temperature, int top_k,
+                               float top_p, const double *u_dev, float *workspace, tpc_stream s, tp_err *err)
+{
+    if (vocab <= 0)
+        return tp_errorf(err, "cuda kernel sample: vocabulary of %d", vocab);
+    if (!u_dev)
+        return tp_errorf(err, "cuda kernel sample: no device uniform");
+    sample_kernel<<<1, 1024, 0, s>>>(out_id, logits, vocab, temperature, top_k, top_p, 0.0, u_dev, workspace);
     return launched("sample", err);
 }
 

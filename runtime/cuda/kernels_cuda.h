@@ -184,6 +184,10 @@ int tpc_argmax_combine(int32_t *out_id, const tpc_argmax_result *per_rank, int w
  * rounding, so the same u gives the same id except on a knife edge. */
 int tpc_sample(int32_t *out_id, const float *logits, int vocab, float temperature, int top_k,
                float top_p, double u, float *workspace, tpc_stream s, tp_err *err);
+/* The same with u read from the device (*u_dev, which the caller keeps in
+ * [0, 1)): for a captured graph, whose kernel arguments are fixed. */
+int tpc_sample_devu(int32_t *out_id, const float *logits, int vocab, float temperature, int top_k,
+                    float top_p, const double *u_dev, float *workspace, tpc_stream s, tp_err *err);
 
 /* ------------------------------------------- device position, graphs */
 

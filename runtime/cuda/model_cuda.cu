@@ -10,12 +10,13 @@
  * vocabulary slice to the host and all-gathers it there (the CPU model's
  * contract, for --logits); tpcm_forward_pick picks the next token on the
  * device and brings back only its id.
- * Decode steps (one token, greedy) run as a CUDA graph when the all-reduces
- * can be captured (tp 1, or the nccl backend in enqueue-only mode): the
- * first step captures embedding, layers, lm_head slice, argmax, all-gather
- * of the winners and their combination; later steps copy the fed id and
- * the position into device memory and replay it.  Sampling, prefill and the
- * staged backends launch kernel by kernel.
+ * Decode steps (one token) run as a CUDA graph when the all-reduces can be
+ * captured (tp 1, or the nccl backend in enqueue-only mode): the first step
+ * captures embedding, layers, lm_head slice and the pick (greedy: argmax,
+ * all-gather of the winners, their combination; sampling: all-gather of
+ * the logits, tpc_sample_devu, rank 0's id broadcast); later steps copy the
+ * fed id, the position and the uniform into device memory and replay it.
+ * Prefill and the staged backends launch kernel by kernel.
  */
 #include <cuda_runtime.h>
 
@@ -66,8 +67,12 @@ struct tpcm_model {
 
     /* The decode step as a CUDA graph (see the header comment). */
     int32_t *pos_dev;           /* device: the position the graph reads */
+    double *u_dev;              /* device: the sampling graph's uniform */
     int32_t *host_step;         /* pinned: [0] the id fed, [1] its position */
-    tpc_graph decode_graph;     /* NULL: not captured (yet) */
+    double *host_u;             /* pinned: the uniform */
+    tpc_graph greedy_graph;     /* NULL: not captured (yet) */
+    tpc_graph sample_graph;     /* captured with sample_opts (kernel arguments) */
+    tp_sampler_opts sample_opts;
     bool graph_usable;          /* tp 1 or nccl, and not turned off */
     char graph_note[160];       /* why graphs are off, for tpcm_describe */
 
@@ -139,6 +144,13 @@ static void update_desc(tpcm_model *g)
              g->graph_note);
 }
 
+static void drop_graphs(tpcm_model *g)
+{
+    tpc_graph_destroy(g->greedy_graph);
+    tpc_graph_destroy(g->sample_graph);
+    g->greedy_graph = g->sample_graph = NULL;
+}
+
 /* The buffers of tpcm_forward_pick: a few vocabularies of floats. */
 static int alloc_pick_buffers(tpcm_model *g, tp_err *err)
 {
@@ -149,11 +161,13 @@ static int alloc_pick_buffers(tpcm_model *g, tp_err *err)
         dev_alloc(g, (void **)&g->vocab_logits, V * 4, "logits", err) < 0 ||
         dev_alloc(g, (void **)&g->sample_ws, V * 4, "sampling workspace", err) < 0 ||
         dev_alloc(g, (void **)&g->next_id, 4, "token pick", err) < 0 ||
-        dev_alloc(g, (void **)&g->pos_dev, 4, "position", err) < 0)
+        dev_alloc(g, (void **)&g->pos_dev, 4, "position", err) < 0 ||
+        dev_alloc(g, (void **)&g->u_dev, sizeof(double), "sampling", err) < 0)
         return -1;
     return cuda_check(cudaMallocHost((void **)&g->host_best, W * sizeof *g->host_best), "cudaMallocHost", err) < 0 ||
                    cuda_check(cudaMallocHost((void **)&g->host_next, 4), "cudaMallocHost", err) < 0 ||
-                   cuda_check(cudaMallocHost((void **)&g->host_step, 8), "cudaMallocHost", err) < 0
+                   cuda_check(cudaMallocHost((void **)&g->host_step, 8), "cudaMallocHost", err) < 0 ||
+                   cuda_check(cudaMallocHost((void **)&g->host_u, sizeof(double)), "cudaMallocHost", err) < 0
                ? -1
                : 0;
 }
@@ -240,7 +254,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         tpc_comm_set_enqueue_only(g->comm, true);   /* waits happen in wait_stream */
     g->graph_usable = !d->no_graph && (g->world == 1 || g->nccl) && g->lm_end > g->lm_start;
     snprintf(g->graph_note, sizeof g->graph_note, "%s",
-             g->graph_usable ? "greedy decode as a CUDA graph"
+             g->graph_usable ? "decode as a CUDA graph"
              : d->no_graph   ? "no CUDA graph (turned off)"
                              : "no CUDA graph (the staged all-reduce runs on the host)");
     update_desc(g);
@@ -274,7 +288,9 @@ void tpcm_free(tpcm_model *g)
         cudaFreeHost(g->host_next);
     if (g->host_step)
         cudaFreeHost(g->host_step);
-    tpc_graph_destroy(g->decode_graph);
+    if (g->host_u)
+        cudaFreeHost(g->host_u);
+    drop_graphs(g);
     free(g->host_all);
     free(g->lm_ranges);
     if (g->blas)
@@ -307,9 +323,7 @@ static int ensure_buffers(tpcm_model *g, int n, tp_err *err)
         { &g->x, H }, { &g->h, H }, { &g->q, qd }, { &g->k, kd }, { &g->v, kd },
         { &g->att, qd }, { &g->o, H }, { &g->gate, I }, { &g->up, I },
     };
-    /* a captured graph holds the old pointers */
-    tpc_graph_destroy(g->decode_graph);
-    g->decode_graph = NULL;
+    drop_graphs(g);   /* they hold the old pointers */
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         tpc_free(*bufs[i].p);
         *bufs[i].p = NULL;
@@ -588,71 +602,112 @@ static int pick_sample(tpcm_model *g, const tp_sampler_opts *o, double u, int32_
 
 /* ------------------------------------------------------ decode graph */
 
-/* One greedy decode step that reads everything that changes per token from
- * device memory (g->ids[0], *g->pos_dev) and leaves the picked id in
- * host_next: what the graph records.  Needs a non-empty lm_head slice. */
-static int decode_step_body(tpcm_model *g, tp_err *err)
+/* The pick of a graph step (o NULL: greedy), from logit_slot into next_id. */
+static int pick_on_device(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
 {
     cudaStream_t s = (cudaStream_t)g->s;
     int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
-    if (layers(g, 1, 0, g->pos_dev, err) < 0 || logits_slice(g, 1, err) < 0 ||
-        tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0)
-        return -1;
-    if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
-        return tp_err_prefix(err, "token pick all-gather");
-    if (tpc_argmax_combine(g->next_id, W > 1 ? g->best_all : g->best, W, g->s, err) < 0)
-        return -1;
-    return cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s),
-                      "cudaMemcpyAsync (token)", err);
-}
-
-/* Records decode_step_body into g->decode_graph.  Nothing runs. */
-static int capture_decode_step(tpcm_model *g, tp_err *err)
-{
-    if (tpc_capture_begin(g->s, err) < 0)
-        return -1;
-    tp_err body_err;
-    int body = decode_step_body(g, &body_err);
-    tpc_graph graph = NULL;
-    int end = tpc_capture_end(g->s, &graph, err);   /* always ends the capture */
-    if (body < 0) {
-        tpc_graph_destroy(graph);
-        *err = body_err;
-        return -1;
+    if (!o) {
+        if (tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0)
+            return -1;
+        if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
+            return tp_err_prefix(err, "token pick all-gather");
+        return tpc_argmax_combine(g->next_id, W > 1 ? g->best_all : g->best, W, g->s, err);
     }
-    if (end < 0)
+    const float *full = g->logit_slot;
+    if (W > 1) {
+        if (g->comm->ops->allgather_f32(g->comm, g->logit_slot, g->logits_all, (size_t)g->vocab_slot, err) < 0)
+            return tp_err_prefix(err, "logits all-gather");
+        for (int r = 0; r < W; r++) {
+            int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
+            if (e > a && cuda_check(cudaMemcpyAsync(g->vocab_logits + a, g->logits_all + (size_t)r * g->vocab_slot,
+                                                    (size_t)(e - a) * 4, cudaMemcpyDeviceToDevice, s),
+                                    "cudaMemcpyAsync (logits)", err) < 0)
+                return -1;
+        }
+        full = g->vocab_logits;
+    }
+    if (tpc_sample_devu(g->next_id, full, g->cfg.vocab, o->temperature, o->top_k, o->top_p, g->u_dev, g->sample_ws,
+                        g->s, err) < 0)
         return -1;
-    g->decode_graph = graph;
+    /* rank 0's draw for everybody, as on the CPU (device buffer: stays in the graph) */
+    if (W > 1 && g->comm->ops->broadcast(g->comm, g->next_id, 4, 0, err) < 0)
+        return tp_err_prefix(err, "token broadcast");
     return 0;
 }
 
-/* A greedy decode step by graph replay: the id fed and its position go to
- * the device (8 bytes), the graph runs, the picked id comes back.  A
- * failed capture turns graphs off for this model (the step then runs
- * kernel by kernel, and tpcm_describe says why). */
-static int decode_step_graph(tpcm_model *g, int32_t id, int pos, int32_t *next, tp_err *err)
+/* One decode step that reads everything that changes per token from device
+ * memory (g->ids[0], *g->pos_dev, *g->u_dev) and leaves the picked id in
+ * host_next: what a graph records.  Needs a non-empty lm_head slice. */
+static int decode_step_body(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
+{
+    if (layers(g, 1, 0, g->pos_dev, err) < 0 || logits_slice(g, 1, err) < 0 || pick_on_device(g, o, err) < 0)
+        return -1;
+    return cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, (cudaStream_t)g->s),
+                      "cudaMemcpyAsync (token)", err);
+}
+
+/* Records decode_step_body into *graph.  Nothing runs. */
+static int capture_decode_step(tpcm_model *g, const tp_sampler_opts *o, tpc_graph *graph, tp_err *err)
+{
+    *graph = NULL;
+    if (tpc_capture_begin(g->s, err) < 0)
+        return -1;
+    tp_err body_err;
+    int body = decode_step_body(g, o, &body_err);
+    int end = tpc_capture_end(g->s, graph, err);   /* always ends the capture */
+    if (body < 0) {
+        tpc_graph_destroy(*graph);
+        *graph = NULL;
+        *err = body_err;
+        return -1;
+    }
+    return end;
+}
+
+static bool same_sampler(const tp_sampler_opts *a, const tp_sampler_opts *b)
+{
+    return a->temperature == b->temperature && a->top_k == b->top_k && a->top_p == b->top_p;
+}
+
+/* A decode step by graph replay (o NULL: greedy): the id fed, its position
+ * and the uniform go to the device, the graph runs, the picked id comes
+ * back.  Returns 1 when the capture failed: graphs are then off for this
+ * model (tpcm_describe says why) and the caller runs the step eagerly. */
+static int decode_step_graph(tpcm_model *g, int32_t id, int pos, const tp_sampler_opts *o, double u, int32_t *next,
+                             tp_err *err)
 {
     cudaStream_t s = (cudaStream_t)g->s;
     if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, 1, err) < 0)
         return -1;
-    /* host_step is pinned and only rewritten after the previous step's wait */
+    /* the pinned inputs are only rewritten after the previous step's wait */
     g->host_step[0] = id;
     g->host_step[1] = pos;
+    *g->host_u = u;
     if (cuda_check(cudaMemcpyAsync(g->ids, &g->host_step[0], 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (id)",
                    err) < 0 ||
         cuda_check(cudaMemcpyAsync(g->pos_dev, &g->host_step[1], 4, cudaMemcpyHostToDevice, s),
-                   "cudaMemcpyAsync (position)", err) < 0)
+                   "cudaMemcpyAsync (position)", err) < 0 ||
+        (o && cuda_check(cudaMemcpyAsync(g->u_dev, g->host_u, sizeof(double), cudaMemcpyHostToDevice, s),
+                         "cudaMemcpyAsync (uniform)", err) < 0))
         return -1;
-    if (!g->decode_graph) {
+    if (o && g->sample_graph && !same_sampler(o, &g->sample_opts)) {
+        tpc_graph_destroy(g->sample_graph);   /* captured with other kernel arguments */
+        g->sample_graph = NULL;
+    }
+    tpc_graph *graph = o ? &g->sample_graph : &g->greedy_graph;
+    if (!*graph) {
         tp_err cap;
-        if (capture_decode_step(g, &cap) < 0) {
+        if (capture_decode_step(g, o, graph, &cap) < 0) {
             g->graph_usable = false;
             snprintf(g->graph_note, sizeof g->graph_note, "decode graph capture failed (%.100s)", cap.msg);
             update_desc(g);
-            return 1;   /* the caller runs the step eagerly */
+            return 1;
         }
+        if (o)
+            g->sample_opts = *o;
     }
-    if (tpc_graph_launch(g->decode_graph, g->s, err) < 0 || wait_stream(g, err) < 0)
+    if (tpc_graph_launch(*graph, g->s, err) < 0 || wait_stream(g, err) < 0)
         return -1;
     *next = *g->host_next;
     return 0;
@@ -662,8 +717,8 @@ int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const t
                       int32_t *next, tp_err *err)
 {
     bool greedy = !(o->temperature > 0) || o->top_k == 1;
-    if (n == 1 && greedy && g->graph_usable) {
-        int rc = decode_step_graph(g, ids[0], pos, next, err);
+    if (n == 1 && g->graph_usable) {
+        int rc = decode_step_graph(g, ids[0], pos, greedy ? NULL : o, u, next, err);
         if (rc <= 0)
             return rc;
     }
