@@ -14,6 +14,11 @@
 #      tokens in one forward);
 #   5. device copy bandwidth (torch), and decode's fraction of the memory
 #      bound: tokens/s * weight bytes / copy bandwidth.
+# And tprun's loader on the GPU: tprun --device cuda --load-only on the tp 1
+# conversion with codec zstd and with codec none (process start to weights
+# on the GPU, wall clock, plus tprun's own bytes / seconds / GB/s of the
+# streaming upload), as JSON lines "tprun-load-zstd" / "tprun-load-none" in
+# the same results.
 # Needs a CUDA GPU visible to torch; without one it says so and exits 2
 # without measuring anything.
 #
@@ -92,6 +97,31 @@ run_ref generate "$PYTHON" "$ref" generate --model "$model" --repeat "$REPEAT" \
     --prompt "$PROMPT" --new "$NEW" --prefill "$PREFILL"
 run_ref bandwidth "$PYTHON" "$ref" bandwidth --repeat "$REPEAT"
 
+# tprun --load-only --device cuda: the mmap'd rank streamed to the GPU
+# (pinned, double-buffered copies; zstd chunks decoded by a thread pool on
+# the way).  One JSON line per codec; a failure is recorded, not hidden.
+echo "== tpconvert --tp 1 --compress none"
+"$BIN/tpconvert" --tp 1 --compress none --quiet "$model" "$work/tp1-none"
+for codec in zstd none; do
+    conv=tp1; [ "$codec" = none ] && conv=tp1-none
+    echo "== tprun --load-only --device cuda ($codec)"
+    t0=$(date +%s.%N)
+    if "$BIN/tprun" "$work/$conv" --device cuda --load-only --quiet 2>"$work/load-$codec.log"; then
+        t1=$(date +%s.%N)
+        # "tprun: load-only: rank 0 of 1: B MB of weights on the device in S s, G GB/s, T s after process start; ..."
+        line=$(grep -m1 'load-only:' "$work/load-$codec.log" || true)
+        mb=$(sed -n 's/.*: \([0-9.]*\) MB of weights.*/\1/p' <<<"$line")
+        up=$(sed -n 's/.* on the device in \([0-9.]*\) s,.*/\1/p' <<<"$line")
+        gbs=$(sed -n 's/.* s, \([0-9.]*\) GB\/s,.*/\1/p' <<<"$line")
+        awk -v a="$t0" -v b="$t1" -v c="$codec" -v mb="${mb:-0}" -v up="${up:-0}" -v g="${gbs:-0}" \
+            'BEGIN {printf "{\"bench\": \"tprun-load-%s\", \"codec\": \"%s\", \"seconds\": %.3f, \"weight_bytes\": %.0f, \"upload_seconds\": %s, \"upload_gb_per_s\": %s}\n", c, c, b - a, mb * 1e6, up, g}' |
+            tee -a "$results"
+    else
+        echo "{\"bench\": \"tprun-load-$codec\", \"codec\": \"$codec\", \"failed\": true}" | tee -a "$results"
+        tail -n 5 "$work/load-$codec.log" | sed 's/^/    /' >&2
+    fi
+done
+
 echo
 "$PYTHON" - "$results" "$PRESET" <<'EOF'
 import json, sys
@@ -113,25 +143,23 @@ print(f"  transformers prefill                     {g['prefill_tokens_per_s']:8.
 print(f"  device copy bandwidth                    {bw['gb_per_s']:8.1f} GB/s")
 print(f"  decode at the memory bound               {100 * frac:8.1f} %  "
       f"({g['weight_bytes'] / 1e9:.2f} GB of weights read per token)")
+for codec in ("zstd", "none"):
+    t = r.get(f"tprun-load-{codec}")
+    if t is None:
+        continue
+    if t.get("failed"):
+        print(f"  tprun --load-only --device cuda ({codec:4})  FAILED")
+    else:
+        print(f"  tprun --load-only --device cuda ({codec:4}) {t['seconds']:8.2f} s  process start to exit "
+              f"(upload {t['upload_seconds']:.2f} s, {t['upload_gb_per_s']} GB/s)")
 EOF
 
-# The tprun half: load (process start to weights on the GPU), decode and
-# prefill, then tp 2 and 4 on this one GPU through MPI (staged all-reduce)
+# The tprun half: decode and prefill (the load is measured above), then tp 2
+# and 4 on this one GPU through MPI (staged all-reduce)
 # against tp 1's greedy tokens.
 echo
 echo "== tprun --device cuda (first GPU run of this path: failures are reported, not hidden)"
 ids() { awk -v n="$1" 'BEGIN { s = 7; for (i = 0; i < n; i++) { s = (s * 75 + 74) % 65537; printf "%s%d", (i ? "," : ""), 100 + s % 30000 } }'; }
-"$BIN/tpconvert" --tp 1 --compress none --quiet "$model" "$work/tp1-none"
-for conv in tp1-none tp1; do
-    t0=$(date +%s.%N)
-    if "$BIN/tprun" "$work/$conv" --device cuda --load-only --verbose 2>"$work/load-$conv.log"; then
-        t1=$(date +%s.%N)
-        awk -v a="$t0" -v b="$t1" -v c="$conv" 'BEGIN {printf "  tprun load (%s), process start to exit  %6.2f s\n", c, b - a}'
-        grep -h "cuda" "$work/load-$conv.log" | sed 's/^/    /'
-    else
-        echo "  tprun load ($conv) FAILED:"; tail -n 5 "$work/load-$conv.log" | sed 's/^/    /'
-    fi
-done
 for run in "decode $PROMPT $NEW" "prefill $PREFILL 1"; do
     set -- $run
     if "$BIN/tprun" "$work/tp1" --device cuda --prompt-ids "$(ids "$2")" --max-new-tokens "$3" \

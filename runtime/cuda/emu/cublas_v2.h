@@ -17,6 +17,7 @@ inline cublasStatus_t cublasGemmEx(cublasHandle_t, cublasOperation_t ta, cublasO
     const void *alpha, const void *A, cudaDataType at, int lda, const void *B, cudaDataType bt, int ldb,
     const void *beta, void *C, cudaDataType ct, int ldc, cublasComputeType_t, cublasGemmAlgo_t)
 {
+    emu_sync_all();   // queued copies land before the product reads
     if (at != CUDA_R_16BF || bt != CUDA_R_16BF || ct != CUDA_R_32F) return CUBLAS_STATUS_NOT_SUPPORTED;
     auto bf = [](uint16_t b) { return __uint_as_float((uint32_t)b << 16); };
     const uint16_t *a = (const uint16_t *)A, *b = (const uint16_t *)B; float *c = (float *)C;

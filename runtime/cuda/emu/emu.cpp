@@ -10,6 +10,7 @@ std::mutex emu_atomic_mu;
 static std::mutex emu_launch_mu;
 void emu_launch(dim3 grid, dim3 block, size_t smem, std::function<void()> body)
 {
+    emu_sync_all();   // queued copies land before the kernel reads
     std::lock_guard<std::mutex> one_launch(emu_launch_mu);
     blockDim = block; gridDim = grid;
     int nt = block.x * block.y * block.z;
