@@ -14,6 +14,11 @@
 #      tokens in one forward);
 #   5. device copy bandwidth (torch), and decode's fraction of the memory
 #      bound: tokens/s * weight bytes / copy bandwidth.
+# And tprun's loader on the GPU: tprun --device cuda --load-only on the tp 1
+# conversion with codec zstd and with codec none (process start to weights
+# on the GPU, wall clock, plus tprun's own bytes / seconds / GB/s of the
+# streaming upload), as JSON lines "tprun-load-zstd" / "tprun-load-none" in
+# the same results.
 # Needs a CUDA GPU visible to torch; without one it says so and exits 2
 # without measuring anything.
 #
@@ -92,6 +97,53 @@ run_ref generate "$PYTHON" "$ref" generate --model "$model" --repeat "$REPEAT" \
     --prompt "$PROMPT" --new "$NEW" --prefill "$PREFILL"
 run_ref bandwidth "$PYTHON" "$ref" bandwidth --repeat "$REPEAT"
 
+# tprun --load-only --device cuda: the mmap'd rank streamed to the GPU
+# (pinned, double-buffered copies; zstd chunks decoded by a thread pool on
+# the way).  One JSON line per codec; a failure is recorded, not hidden.
+echo "== tpconvert --tp 1 --compress none"
+"$BIN/tpconvert" --tp 1 --compress none --quiet "$model" "$work/tp1-none"
+for codec in zstd none; do
+    conv=tp1; [ "$codec" = none ] && conv=tp1-none
+    echo "== tprun --load-only --device cuda ($codec)"
+    t0=$(date +%s.%N)
+    if "$BIN/tprun" "$work/$conv" --device cuda --load-only --quiet 2>"$work/load-$codec.log"; then
+        t1=$(date +%s.%N)
+        # "tprun: load-only: rank 0 of 1: B MB of weights on the device in S s, G GB/s, T s after process start; ..."
+        line=$(grep -m1 'load-only:' "$work/load-$codec.log" || true)
+        mb=$(sed -n 's/.*: \([0-9.]*\) MB of weights.*/\1/p' <<<"$line")
+        up=$(sed -n 's/.* on the device in \([0-9.]*\) s,.*/\1/p' <<<"$line")
+        gbs=$(sed -n 's/.* s, \([0-9.]*\) GB\/s,.*/\1/p' <<<"$line")
+        awk -v a="$t0" -v b="$t1" -v c="$codec" -v mb="${mb:-0}" -v up="${up:-0}" -v g="${gbs:-0}" \
+            'BEGIN {printf "{\"bench\": \"tprun-load-%s\", \"codec\": \"%s\", \"seconds\": %.3f, \"weight_bytes\": %.0f, \"upload_seconds\": %s, \"upload_gb_per_s\": %s}\n", c, c, b - a, mb * 1e6, up, g}' |
+            tee -a "$results"
+    else
+        echo "{\"bench\": \"tprun-load-$codec\", \"codec\": \"$codec\", \"failed\": true}" | tee -a "$results"
+        tail -n 5 "$work/load-$codec.log" | sed 's/^/    /' >&2
+    fi
+done
+
+# tprun --device cuda decode (greedy, CUDA graph and --no-graph) and prefill,
+# one JSON line each from tprun --json's timings; a failure is recorded.
+ids() { awk -v n="$1" 'BEGIN { s = 7; for (i = 0; i < n; i++) { s = (s * 75 + 74) % 65537; printf "%s%d", (i ? "," : ""), 100 + s % 30000 } }'; }
+run_tprun() { # NAME NEW PROMPT_LEN [tprun flags...]
+    local name=$1 new=$2 plen=$3; shift 3
+    echo "== $name"
+    if "$BIN/tprun" "$work/tp1" --device cuda --prompt-ids "$(ids "$plen")" --max-new-tokens "$new" \
+            --temperature 0 --ignore-eos --json "$@" >"$work/$name.json" 2>"$work/$name.log"; then
+        "$PYTHON" -c 'import json, sys
+t = json.load(open(sys.argv[1]))["timings"]
+print(json.dumps({"bench": sys.argv[2], "prompt": int(sys.argv[3]), "new": int(sys.argv[4]),
+                  "prefill_tokens_per_s": t["prefill_tokens_per_s"], "decode_tokens_per_s": t["decode_tokens_per_s"]}))' \
+            "$work/$name.json" "$name" "$plen" "$new" | tee -a "$results"
+    else
+        echo "{\"bench\": \"$name\", \"failed\": true}" | tee -a "$results"
+        tail -n 5 "$work/$name.log" | sed 's/^/    /' >&2
+    fi
+}
+run_tprun tprun-decode "$NEW" "$PROMPT"
+run_tprun tprun-decode-nograph "$NEW" "$PROMPT" --no-graph
+run_tprun tprun-prefill 1 "$PREFILL"
+
 echo
 "$PYTHON" - "$results" "$PRESET" <<'EOF'
 import json, sys
@@ -113,34 +165,42 @@ print(f"  transformers prefill                     {g['prefill_tokens_per_s']:8.
 print(f"  device copy bandwidth                    {bw['gb_per_s']:8.1f} GB/s")
 print(f"  decode at the memory bound               {100 * frac:8.1f} %  "
       f"({g['weight_bytes'] / 1e9:.2f} GB of weights read per token)")
+for codec in ("zstd", "none"):
+    t = r.get(f"tprun-load-{codec}")
+    if t is None:
+        continue
+    if t.get("failed"):
+        print(f"  tprun --load-only --device cuda ({codec:4})  FAILED")
+    else:
+        print(f"  tprun --load-only --device cuda ({codec:4}) {t['seconds']:8.2f} s  process start to exit "
+              f"(upload {t['upload_seconds']:.2f} s, {t['upload_gb_per_s']} GB/s)")
+def ours(name, key):
+    t = r.get(name)
+    return None if t is None or t.get("failed") else t.get(key)
+print()
+print(f"tprun --device cuda, tp 1, same GPU:")
+dec, dec_ng = ours("tprun-decode", "decode_tokens_per_s"), ours("tprun-decode-nograph", "decode_tokens_per_s")
+pre = ours("tprun-prefill", "prefill_tokens_per_s")
+bound = bw["gb_per_s"] * 1e9 / g["weight_bytes"]   # tokens/s if every token reads the weights once at copy speed
+for label, v in (("decode, CUDA graph", dec), ("decode, --no-graph", dec_ng)):
+    print(f"  {label:38} " + (f"{v:8.1f} tokens/s  ({v / g['decode_tokens_per_s']:.1f}x transformers, "
+                               f"{100 * v / bound:.1f} % of the bound)" if v else "  FAILED"))
+print(f"  {'prefill':38} " + (f"{pre:8.1f} tokens/s  ({pre / g['prefill_tokens_per_s']:.1f}x transformers)"
+                              if pre else "  FAILED"))
+print("Targets (issue 4):")
+def verdict(ok):
+    return "n/a (failed)" if ok is None else ("met" if ok else "NOT met")
+print(f"  decode >= 50 % of the bandwidth bound    {verdict(None if not dec else dec >= 0.5 * bound)}")
+print(f"  decode >= 10x transformers               {verdict(None if not dec else dec >= 10 * g['decode_tokens_per_s'])}")
+for codec in ("none", "zstd"):
+    t = r.get(f"tprun-load-{codec}")
+    ok = None if not t or t.get("failed") else r["load-tp"]["seconds"] >= 3 * t["seconds"]
+    print(f"  load ({codec}) >= 3x faster than transformers TP load  {verdict(ok)}")
 EOF
 
-# The tprun half: load (process start to weights on the GPU), decode and
-# prefill, then tp 2 and 4 on this one GPU through MPI (staged all-reduce)
-# against tp 1's greedy tokens.
+# tp 2 and 4 on this one GPU through MPI (staged all-reduce) against tp 1's
+# greedy tokens.
 echo
-echo "== tprun --device cuda (first GPU run of this path: failures are reported, not hidden)"
-ids() { awk -v n="$1" 'BEGIN { s = 7; for (i = 0; i < n; i++) { s = (s * 75 + 74) % 65537; printf "%s%d", (i ? "," : ""), 100 + s % 30000 } }'; }
-"$BIN/tpconvert" --tp 1 --compress none --quiet "$model" "$work/tp1-none"
-for conv in tp1-none tp1; do
-    t0=$(date +%s.%N)
-    if "$BIN/tprun" "$work/$conv" --device cuda --load-only --verbose 2>"$work/load-$conv.log"; then
-        t1=$(date +%s.%N)
-        awk -v a="$t0" -v b="$t1" -v c="$conv" 'BEGIN {printf "  tprun load (%s), process start to exit  %6.2f s\n", c, b - a}'
-        grep -h "cuda" "$work/load-$conv.log" | sed 's/^/    /'
-    else
-        echo "  tprun load ($conv) FAILED:"; tail -n 5 "$work/load-$conv.log" | sed 's/^/    /'
-    fi
-done
-for run in "decode $PROMPT $NEW" "prefill $PREFILL 1"; do
-    set -- $run
-    if "$BIN/tprun" "$work/tp1" --device cuda --prompt-ids "$(ids "$2")" --max-new-tokens "$3" \
-            --temperature 0 --ignore-eos --json >"$work/$1.json" 2>"$work/$1.log"; then
-        echo "  tprun $1: $(grep -o '"timings":{[^}]*}' "$work/$1.json")"
-    else
-        echo "  tprun $1 FAILED:"; tail -n 5 "$work/$1.log" | sed 's/^/    /'
-    fi
-done
 if command -v mpirun >/dev/null 2>&1; then
     p=$(ids 32)
     "$BIN/tprun" "$work/tp1" --device cuda --prompt-ids "$p" --max-new-tokens 32 --temperature 0 \

@@ -354,3 +354,16 @@ int tp_ld_check_index(const tp_shard_index *ix, const tp_manifest *m, int rank, 
                          ix->n_tensors, mr->n_tensors);
     return 0;
 }
+
+/* ------------------------------------------------------------ rank data */
+
+int tp_ld_rank_err_prefix(tp_err *err, const tp_loaded_rank *lr)
+{
+    return tp_err_prefix(err, "%s: rank %d", lr->source, lr->rank);
+}
+
+int tp_ld_tensor_sum_mismatch(tp_err *err, const tp_loaded_rank *lr, const tp_shard_tensor *t)
+{
+    return tp_errorf(err, "%s: rank %d: tensor %s: checksum of the decoded bytes mismatch (data corrupted)",
+                     lr->source, lr->rank, t->name);
+}

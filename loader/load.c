@@ -6,7 +6,9 @@
  * chunk on a thread pool.  With opts->verify every chunk checksum and every
  * tensor checksum is checked.  With verify off nothing is hashed: a flipped
  * data byte in a "none" tensor, or in a zstd frame that still decodes, goes
- * unnoticed - that is the price of the fast path.
+ * unnoticed - that is the price of the fast path.  With opts->defer_tensors
+ * nothing is decoded here: stream.c's tp_load_stream does it on the way to
+ * its sink.
  */
 #include "loader_internal.h"
 
@@ -349,7 +351,7 @@ static void chunk_job_run(size_t i, void *arg)
     } else {
         uint8_t *dst = (uint8_t *)ctx->lr->tensors[ctx->jobs[i].tensor].data;
         if (tp_shard_read_chunk(r, t, ctx->jobs[i].chunk, dst, ctx->opts->verify, &e) < 0) {
-            tp_err_prefix(&e, "%s: rank %d", ctx->lr->source, ctx->lr->rank);
+            tp_ld_rank_err_prefix(&e, ctx->lr);
             tp_ld_err_once_set(&ctx->failure, &e);
         }
     }
@@ -364,9 +366,7 @@ static void tensor_sum_run(size_t i, void *arg)
     const tp_shard_tensor *t = &ctx->lr->reader.index.tensors[i];
     if (tp_xxh3(ctx->lr->tensors[i].data, (size_t)t->raw_size) != t->xxh3) {
         tp_err e;
-        tp_errorf(&e,
-                  "%s: rank %d: tensor %s: checksum of the decoded bytes mismatch (data corrupted)",
-                  ctx->lr->source, ctx->lr->rank, t->name);
+        tp_ld_tensor_sum_mismatch(&e, ctx->lr, t);
         tp_ld_err_once_set(&ctx->failure, &e);
     }
 }
@@ -414,9 +414,28 @@ static int place_tensors(tp_loaded_rank *lr, tp_err *err)
     return 0;
 }
 
+/* defer_tensors: the tensors' descriptions and sizes, no data. */
+static int describe_tensors(tp_loaded_rank *lr, tp_err *err)
+{
+    const tp_shard_index *ix = &lr->reader.index;
+    lr->n_tensors = ix->n_tensors;
+    lr->tensors = calloc(ix->n_tensors ? ix->n_tensors : 1, sizeof *lr->tensors);
+    if (!lr->tensors)
+        return tp_errorf(err, "%s: out of memory", lr->source);
+    for (size_t i = 0; i < ix->n_tensors; i++) {
+        lr->tensors[i].info = &ix->tensors[i];
+        lr->raw_bytes += ix->tensors[i].raw_size;
+        lr->stored_bytes += ix->tensors[i].stored_size;
+    }
+    lr->deferred = true;
+    return 0;
+}
+
 static int materialise(tp_loaded_rank *lr, const tp_load_opts *opts, tp_err *err)
 {
     const tp_shard_index *ix = &lr->reader.index;
+    if (opts->defer_tensors)
+        return describe_tensors(lr, err);
     lr->n_tensors = ix->n_tensors;
     lr->tensors = calloc(ix->n_tensors ? ix->n_tensors : 1, sizeof *lr->tensors);
     if (!lr->tensors)
@@ -478,6 +497,9 @@ int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_o
     const tp_load_opts *o = opts ? opts : &default_opts;
     double t0 = tp_now();
     lr->rank = rank;
+    lr->verify = o->verify;
+    lr->threads = o->threads;
+    lr->quiet = o->quiet;
     lr->source = strdup(path);
     if (!lr->source)
         return tp_errorf(err, "%s: out of memory", path);
@@ -526,6 +548,7 @@ void tp_loaded_rank_drop_tensors(tp_loaded_rank *lr)
     lr->owned = NULL;
     lr->tensors = NULL;
     lr->n_tensors = 0;
+    lr->deferred = false;
 }
 
 void tp_loaded_rank_free(tp_loaded_rank *lr)

@@ -40,6 +40,12 @@ typedef struct tp_loaded_rank {
     /* Statistics for --verbose. */
     double load_seconds;
     uint64_t raw_bytes, stored_bytes;
+    /* Opened with defer_tensors: every tensors[i].data is NULL and
+     * tp_load_stream decodes from the rank file. */
+    bool deferred;
+    bool verify;                  /* the tp_load_opts it was opened with */
+    int threads;
+    bool quiet;
 } tp_loaded_rank;
 
 typedef struct tp_load_opts {
@@ -51,6 +57,13 @@ typedef struct tp_load_opts {
     bool verify;
     int threads;        /* decompression threads, 0 = all cores */
     bool quiet;         /* no progress bar */
+    /* Open only: the manifest, the rank file (mapped, or read out of a
+     * bundle), its index and the copied files, with every refusal below;
+     * no tensor is decoded or hashed and every tensors[i].data is NULL (codec
+     * "none" too: nothing unverified is handed out).  tp_load_stream then
+     * delivers the bytes, checked on the way.  For a consumer that copies
+     * the weights elsewhere (the GPU) and would otherwise decode twice. */
+    bool defer_tensors;
 } tp_load_opts;
 
 /* path is a converted directory or a node bundle (.tar).  Refuses a rank
@@ -72,6 +85,71 @@ void tp_loaded_rank_free(tp_loaded_rank *lr);
  * and keeps the manifest, the copied files and the statistics: for a caller
  * that has copied the weights it needs (the CPU model converts them to fp32). */
 void tp_loaded_rank_drop_tensors(tp_loaded_rank *lr);
+
+/* -------------------------------------------------------------- streaming */
+
+/* Where tp_load_stream puts the decoded bytes.  All three callbacks run on
+ * the thread that called tp_load_stream, never concurrently. */
+typedef struct tp_stream_sink {
+    /* A buffer of at least bytes bytes (bytes <= the max_piece this stream
+     * reported, see tp_load_stream_max_piece), e.g. pinned memory; may block
+     * until one is free.  The stream holds at most max_held acquired,
+     * undelivered buffers at a time, so a sink with max_held buffers of its
+     * own never waits on the stream.  NULL with err set stops the stream. */
+    void *(*acquire)(void *arg, size_t bytes, tp_err *err);
+    /* Bytes [offset, offset + bytes) of tensor (its index in lr->tensors),
+     * decoded (and checked, see tp_stream_opts.verify) in buf.  The sink
+     * owns buf from here until it recycles it.  Pieces come in file order,
+     * each tensor's in order of offset, without gaps; a tensor of 0 bytes
+     * gets none.  -1 with err set stops the stream. */
+    int (*deliver)(void *arg, size_t tensor, uint64_t offset, void *buf, size_t bytes, tp_err *err);
+    /* Takes back a buffer acquired but never delivered (the stream stopped
+     * on an error).  May be NULL when the sink needs no such notice. */
+    void (*release)(void *arg, void *buf);
+    size_t max_held;          /* >= 1 */
+} tp_stream_sink;
+
+typedef struct tp_stream_opts {
+    /* Check every chunk's XXH3 (stored bytes, on the decoding thread) and
+     * every tensor's XXH3 (raw bytes, a streamed state over its pieces in
+     * order) before the tensor's last piece is delivered.  A mismatch stops
+     * the stream: "SOURCE: rank R: FILE: tensor T: chunk C checksum mismatch
+     * (stored bytes corrupted)" or "...: tensor T: checksum of the decoded
+     * bytes mismatch (data corrupted)".  (A tensor's earlier pieces are
+     * delivered before its hash can be known: on an error the sink must
+     * treat what it got as garbage.) */
+    bool verify;
+    int threads;              /* decoding threads, 0 = all cores */
+    bool quiet;               /* no progress bar (it draws on a terminal only) */
+    size_t piece_bytes;       /* target piece size, 0 = 4 MiB; a zstd piece is one chunk */
+    const bool *select;       /* lr->n_tensors flags: stream only these; NULL = all */
+} tp_stream_opts;
+
+typedef struct tp_stream_stats {
+    uint64_t bytes;           /* raw bytes delivered */
+    uint64_t stored_bytes;    /* bytes read from the rank file (0 from memory) */
+    size_t pieces;
+    double seconds;           /* tp_load_stream's wall time, sink included */
+} tp_stream_stats;
+
+/* The largest piece tp_load_stream will ask the sink for with these opts
+ * (max of piece_bytes and the largest chunk of a selected tensor). */
+size_t tp_load_stream_max_piece(const tp_loaded_rank *lr, const tp_stream_opts *opts);
+
+/* Walks the selected tensors of lr in file order and hands every decoded
+ * piece to the sink.  Deferred tensors (defer_tensors) are read from the
+ * rank file: codec "none" pieces are whole chunks copied out of the mapping,
+ * zstd pieces one chunk each, decoded by opts->threads threads straight
+ * into acquired buffers while earlier pieces are delivered (up to
+ * sink->max_held at once).  Tensors already in memory (tp_load_rank
+ * without defer_tensors, or a rank built by hand) are copied from there in
+ * piece_bytes pieces, unhashed (tp_load_rank checked them).  On the first
+ * error (a checksum, a decode, the sink's own) the stream waits for the
+ * pieces in flight, hands their buffers back through release and returns -1
+ * with that error.  opts NULL: lr's own verify / threads / quiet, all
+ * tensors.  stats may be NULL. */
+int tp_load_stream(const tp_loaded_rank *lr, const tp_stream_sink *sink, void *arg,
+                   const tp_stream_opts *opts, tp_stream_stats *stats, tp_err *err);
 
 /* Reads only the manifest (directory or bundle): tprun learns the world size. */
 int tp_load_manifest(const char *path, tp_manifest *m, tp_err *err);

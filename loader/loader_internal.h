@@ -85,4 +85,13 @@ bool tp_ld_is_directory(const char *path);
 int tp_ld_check_index(const tp_shard_index *ix, const tp_manifest *m, int rank, const char *file,
                       uint64_t actual_size, tp_err *err);
 
+/* ------------------------------------------------------------ rank data */
+
+/* "SOURCE: rank R: <message>" for a chunk error of tp_shard_read_chunk /
+ * tp_shard_decode_chunk (which names the file, the tensor and the chunk). */
+int tp_ld_rank_err_prefix(tp_err *err, const tp_loaded_rank *lr);
+/* "SOURCE: rank R: tensor T: checksum of the decoded bytes mismatch (data
+ * corrupted)".  Returns -1.  Shared by load.c and stream.c. */
+int tp_ld_tensor_sum_mismatch(tp_err *err, const tp_loaded_rank *lr, const tp_shard_tensor *t);
+
 #endif

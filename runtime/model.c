@@ -13,6 +13,9 @@
  *     all-gather of the slices.
  * Everything is fp32: bf16/f16 weights are converted once (exactly), so the
  * result differs from transformers in fp32 only by summation order.
+ * With device "cuda" no host copy is made: the same checks run, each weight
+ * is recorded as a byte range of a loaded tensor (tp_weight_src) and
+ * cuda/weights_cuda.cu streams them from the loaded rank to the device.
  */
 #include "runtime.h"
 #include "kernels_cpu.h"
@@ -45,7 +48,12 @@ struct tp_model {
     int vocab_slot;             /* allgather slot per rank (largest slice) */
 
     tp_layer_weights *layers;
-    float **owned;              /* fp32 copies of the weights */
+    /* Where every weight is in the loaded rank (both devices; the CUDA
+     * upload reads the tensors from there, the CPU only uses it to tell
+     * which tensors are present). */
+    tp_layer_src *layer_src;
+    tp_weight_src embed_src, final_norm_src, lm_src;
+    float **owned;              /* fp32 copies of the weights (cpu) */
     size_t n_owned, cap_owned;
 
     float *kcache, *vcache;     /* [layer][lkv][max_seq][head_dim] */
@@ -101,6 +109,7 @@ typedef struct conv_job {
 typedef struct loader_ctx {
     tp_model *m;
     const tp_loaded_rank *lr;
+    bool no_copy;               /* cuda: check and locate the weights, copy nothing */
     conv_job *jobs;
     size_t n_jobs, cap_jobs;
 } loader_ctx;
@@ -157,14 +166,17 @@ static int check_shape(const tp_loaded_rank *lr, const tp_shard_tensor *t, int n
     return 0;
 }
 
-/* Finds a tensor, checks its shape and dtype, and returns where its fp32
- * copy will be (filled later by run_conv_job). */
+/* Finds a tensor, checks its shape and dtype, records where it is (*src:
+ * the whole tensor) and, unless lc->no_copy, returns where its fp32 copy
+ * will be (filled later by run_conv_job). */
 static int get_weight(loader_ctx *lc, const char *name, bool required, int ndim, int64_t *dims,
-                      const tp_loaded_tensor **out_t, const float **out, tp_err *err)
+                      const tp_loaded_tensor **out_t, const float **out, tp_weight_src *src,
+                      tp_err *err)
 {
     const tp_loaded_rank *lr = lc->lr;
     tp_model *m = lc->m;
     *out = NULL;
+    *src = (tp_weight_src){ .tensor = -1 };
     if (out_t)
         *out_t = NULL;
     const tp_loaded_tensor *lt = find_tensor(lr, name);
@@ -183,11 +195,18 @@ static int get_weight(loader_ctx *lc, const char *name, bool required, int ndim,
     for (int d = 0; d < ndim; d++)
         if (!tp_mul_size(count, (size_t)t->shape[d], &count))
             return tp_errorf(err, "%s: tensor %s: size overflows", lr->source, name);
-    if (count * tp_dtype_size(t->dtype) != t->raw_size || !lt->data)
+    if (count * tp_dtype_size(t->dtype) != t->raw_size)
         return tp_errorf(err, "%s: rank %d: tensor %s: data size does not match its shape",
                          lr->source, lr->rank, name);
     if (out_t)
         *out_t = lt;
+    *src = (tp_weight_src){ .tensor = (int)(lt - lr->tensors), .offset = 0, .bytes = t->raw_size };
+    if (lc->no_copy)
+        return 0;
+    if (!lt->data)
+        return tp_errorf(err, "%s: rank %d: tensor %s is not in memory (opened with "
+                         "defer_tensors, or dropped): the cpu model needs tp_load_rank's tensors",
+                         lr->source, lr->rank, name);
     /* Always a copy, even for f32: the model keeps no pointer into lr, so
      * the caller may free the loaded rank right after tp_model_create. */
     if (m->n_owned == m->cap_owned) {
@@ -254,6 +273,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     const tp_model_config *c = &m->cfg;
     const tp_loaded_rank *lr = lc->lr;
     tp_layer_weights *L = &m->layers[l];
+    tp_layer_src *S = &m->layer_src[l];
     const int64_t H = c->hidden, hd = c->head_dim;
     char name[256];
 #define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
@@ -262,16 +282,17 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     const tp_loaded_tensor *tq, *tk, *tv, *tg, *tu, *to, *td;
 
     d1[0] = H;
-    if (get_weight(lc, NAME("input_layernorm.weight"), true, 1, d1, NULL, &L->attn_norm, err) < 0)
+    if (get_weight(lc, NAME("input_layernorm.weight"), true, 1, d1, NULL, &L->attn_norm,
+                   &S->attn_norm, err) < 0)
         return -1;
     d1[0] = H;
     if (get_weight(lc, NAME("post_attention_layernorm.weight"), true, 1, d1, NULL, &L->ffn_norm,
-                   err) < 0)
+                   &S->ffn_norm, err) < 0)
         return -1;
 
     /* q: [lq * hd, H]; the first layer decides lq, the others must agree. */
     d2[0] = m->lq > 0 ? m->lq * hd : -1; d2[1] = H;
-    if (get_weight(lc, NAME("self_attn.q_proj.weight"), true, 2, d2, &tq, &L->wq, err) < 0)
+    if (get_weight(lc, NAME("self_attn.q_proj.weight"), true, 2, d2, &tq, &L->wq, &S->wq, err) < 0)
         return -1;
     if (tq->info->global_shape[0] != (uint64_t)(c->n_heads * hd) || d2[0] % hd || d2[0] == 0)
         return tp_errorf(err, "%s: rank %d: tensor %s: %lld local rows / global %llu do not hold "
@@ -283,7 +304,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     m->lq = (int)(d2[0] / hd);
 
     d2[0] = m->lkv > 0 ? m->lkv * hd : -1; d2[1] = H;
-    if (get_weight(lc, NAME("self_attn.k_proj.weight"), true, 2, d2, &tk, &L->wk, err) < 0)
+    if (get_weight(lc, NAME("self_attn.k_proj.weight"), true, 2, d2, &tk, &L->wk, &S->wk, err) < 0)
         return -1;
     if (tk->info->global_shape[0] != (uint64_t)(c->n_kv_heads * hd) || d2[0] % hd || d2[0] == 0)
         return tp_errorf(err, "%s: rank %d: tensor %s: %lld local rows / global %llu do not hold "
@@ -319,7 +340,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     }
 
     d2[0] = m->lkv * hd; d2[1] = H;
-    if (get_weight(lc, NAME("self_attn.v_proj.weight"), true, 2, d2, &tv, &L->wv, err) < 0)
+    if (get_weight(lc, NAME("self_attn.v_proj.weight"), true, 2, d2, &tv, &L->wv, &S->wv, err) < 0)
         return -1;
     if (check_split(lr, tv->info, 0, m->world, err) < 0)
         return -1;
@@ -330,38 +351,42 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
                          lr->rank, name);
 
     d2[0] = H; d2[1] = m->lq * hd;
-    if (get_weight(lc, NAME("self_attn.o_proj.weight"), true, 2, d2, &to, &L->wo, err) < 0 ||
+    if (get_weight(lc, NAME("self_attn.o_proj.weight"), true, 2, d2, &to, &L->wo,
+                   &S->wo, err) < 0 ||
         check_split(lr, to->info, 1, m->world, err) < 0)
         return -1;
 
     d1[0] = m->lq * hd;
-    if (get_weight(lc, NAME("self_attn.q_proj.bias"), false, 1, d1, NULL, &L->bq, err) < 0)
+    if (get_weight(lc, NAME("self_attn.q_proj.bias"), false, 1, d1, NULL, &L->bq, &S->bq, err) < 0)
         return -1;
     d1[0] = m->lkv * hd;
-    if (get_weight(lc, NAME("self_attn.k_proj.bias"), false, 1, d1, NULL, &L->bk, err) < 0)
+    if (get_weight(lc, NAME("self_attn.k_proj.bias"), false, 1, d1, NULL, &L->bk, &S->bk, err) < 0)
         return -1;
     d1[0] = m->lkv * hd;
-    if (get_weight(lc, NAME("self_attn.v_proj.bias"), false, 1, d1, NULL, &L->bv, err) < 0)
+    if (get_weight(lc, NAME("self_attn.v_proj.bias"), false, 1, d1, NULL, &L->bv, &S->bv, err) < 0)
         return -1;
-    if ((L->bq != NULL) != (L->bk != NULL) || (L->bq != NULL) != (L->bv != NULL))
+    if ((S->bq.tensor >= 0) != (S->bk.tensor >= 0) || (S->bq.tensor >= 0) != (S->bv.tensor >= 0))
         return tp_errorf(err, "%s: rank %d: layer %d has biases on some of q/k/v only", lr->source,
                          lr->rank, l);
     /* rowwise bias: the full hidden vector, added once after the all-reduce */
     d1[0] = H;
-    if (get_weight(lc, NAME("self_attn.o_proj.bias"), false, 1, d1, NULL, &L->bo, err) < 0)
+    if (get_weight(lc, NAME("self_attn.o_proj.bias"), false, 1, d1, NULL, &L->bo, &S->bo, err) < 0)
         return -1;
 
     if (c->qk_norm) {
         d1[0] = hd;
-        if (get_weight(lc, NAME("self_attn.q_norm.weight"), true, 1, d1, NULL, &L->q_norm, err) < 0)
+        if (get_weight(lc, NAME("self_attn.q_norm.weight"), true, 1, d1, NULL, &L->q_norm,
+                       &S->q_norm, err) < 0)
             return -1;
         d1[0] = hd;
-        if (get_weight(lc, NAME("self_attn.k_norm.weight"), true, 1, d1, NULL, &L->k_norm, err) < 0)
+        if (get_weight(lc, NAME("self_attn.k_norm.weight"), true, 1, d1, NULL, &L->k_norm,
+                       &S->k_norm, err) < 0)
             return -1;
     }
 
     d2[0] = m->li > 0 ? m->li : -1; d2[1] = H;
-    if (get_weight(lc, NAME("mlp.gate_proj.weight"), true, 2, d2, &tg, &L->wgate, err) < 0 ||
+    if (get_weight(lc, NAME("mlp.gate_proj.weight"), true, 2, d2, &tg, &L->wgate,
+                   &S->wgate, err) < 0 ||
         check_split(lr, tg->info, 0, m->world, err) < 0)
         return -1;
     if (tg->info->global_shape[0] != (uint64_t)c->intermediate)
@@ -370,25 +395,29 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
                          (unsigned long long)tg->info->global_shape[0], c->intermediate);
     m->li = (int)d2[0];
     d2[0] = m->li; d2[1] = H;
-    if (get_weight(lc, NAME("mlp.up_proj.weight"), true, 2, d2, &tu, &L->wup, err) < 0 ||
+    if (get_weight(lc, NAME("mlp.up_proj.weight"), true, 2, d2, &tu, &L->wup, &S->wup, err) < 0 ||
         check_split(lr, tu->info, 0, m->world, err) < 0)
         return -1;
     d2[0] = H; d2[1] = m->li;
-    if (get_weight(lc, NAME("mlp.down_proj.weight"), true, 2, d2, &td, &L->wdown, err) < 0 ||
+    if (get_weight(lc, NAME("mlp.down_proj.weight"), true, 2, d2, &td, &L->wdown,
+                   &S->wdown, err) < 0 ||
         check_split(lr, td->info, 1, m->world, err) < 0)
         return -1;
     d1[0] = m->li;
-    if (get_weight(lc, NAME("mlp.gate_proj.bias"), false, 1, d1, NULL, &L->bgate, err) < 0)
+    if (get_weight(lc, NAME("mlp.gate_proj.bias"), false, 1, d1, NULL, &L->bgate,
+                   &S->bgate, err) < 0)
         return -1;
     d1[0] = m->li;
-    if (get_weight(lc, NAME("mlp.up_proj.bias"), false, 1, d1, NULL, &L->bup, err) < 0)
+    if (get_weight(lc, NAME("mlp.up_proj.bias"), false, 1, d1, NULL, &L->bup, &S->bup, err) < 0)
         return -1;
     d1[0] = H;
-    if (get_weight(lc, NAME("mlp.down_proj.bias"), false, 1, d1, NULL, &L->bdown, err) < 0)
+    if (get_weight(lc, NAME("mlp.down_proj.bias"), false, 1, d1, NULL, &L->bdown,
+                   &S->bdown, err) < 0)
         return -1;
 #undef NAME
 
     L->window = (c->sliding_window > 0 && l >= c->sliding_from_layer) ? c->sliding_window : 0;
+    S->window = L->window;
     return 0;
 }
 
@@ -406,23 +435,26 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
     int64_t d1[1] = { H }, d2[2] = { -1, H };
     const tp_loaded_tensor *te, *tl = NULL;
 
-    if (get_weight(lc, "model.embed_tokens.weight", true, 2, d2, &te, &m->embed, err) < 0 ||
+    if (get_weight(lc, "model.embed_tokens.weight", true, 2, d2, &te, &m->embed, &m->embed_src,
+                   err) < 0 ||
         row_range(lr, te->info, &m->emb_start, &m->emb_end, err) < 0)
         return -1;
     if ((int64_t)te->info->global_shape[0] != V)
         return tp_errorf(err, "%s: rank %d: tensor model.embed_tokens.weight has %llu rows, "
                          "vocab_size is %lld", lr->source, lr->rank,
                          (unsigned long long)te->info->global_shape[0], (long long)V);
-    if (get_weight(lc, "model.norm.weight", true, 1, d1, NULL, &m->final_norm, err) < 0)
+    if (get_weight(lc, "model.norm.weight", true, 1, d1, NULL, &m->final_norm, &m->final_norm_src,
+                   err) < 0)
         return -1;
 
     const float *w;
+    tp_weight_src ws;
     int64_t start, end;
     if (m->cfg.tie_embeddings) {
-        w = m->embed; start = m->emb_start; end = m->emb_end;
+        w = m->embed; ws = m->embed_src; start = m->emb_start; end = m->emb_end;
     } else {
         d2[0] = -1; d2[1] = H;
-        if (get_weight(lc, "lm_head.weight", true, 2, d2, &tl, &w, err) < 0 ||
+        if (get_weight(lc, "lm_head.weight", true, 2, d2, &tl, &w, &ws, err) < 0 ||
             row_range(lr, tl->info, &start, &end, err) < 0)
             return -1;
         if ((int64_t)tl->info->global_shape[0] != V)
@@ -435,11 +467,16 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
         int64_t s = per * m->rank, e = s + per < V ? s + per : V;
         if (s > V)
             s = V;
-        w += (size_t)s * H;   /* fine before conversion: dst pointers are final */
+        if (w)
+            w += (size_t)s * H;   /* fine before conversion: dst pointers are final */
         start = s;
         end = e > s ? e : s;
+        size_t es = tp_dtype_size(lr->tensors[ws.tensor].info->dtype);
+        ws.offset = (uint64_t)s * H * es;
+        ws.bytes = (uint64_t)(end - start) * H * es;
     }
     m->lm_w = w;
+    m->lm_src = ws;
     m->lm_start = start;
     m->lm_end = end;
     return 0;
@@ -526,18 +563,20 @@ static int alloc_caches(tp_model *m, tp_err *err)
 }
 
 #ifdef TP_HAVE_CUDA
-/* Hands the checked structure and the fp32 weights to model_cuda.cu, which
- * uploads them; the host copies and the CPU KV cache are freed after. */
-static int to_device(tp_model *m, const char *device, bool no_graph, tp_err *err)
+/* Hands the checked structure and where each weight is in lr to
+ * model_cuda.cu, which streams them onto the device (weights_cuda.cu); the
+ * CPU KV cache is freed after. */
+static int to_device(tp_model *m, const tp_loaded_rank *lr, const char *device, bool no_graph, tp_err *err)
 {
     tpcm_desc d = {
         .cfg = &m->cfg, .comm = m->comm, .rank = m->rank, .world = m->world, .lq = m->lq,
         .lkv = m->lkv, .li = m->li, .group = m->group, .max_seq = m->max_seq,
-        .embed = m->embed, .emb_start = m->emb_start, .emb_end = m->emb_end,
-        .final_norm = m->final_norm, .lm_w = m->lm_w, .lm_start = m->lm_start,
+        .lr = lr, .embed = m->embed_src, .emb_start = m->emb_start, .emb_end = m->emb_end,
+        .final_norm = m->final_norm_src, .lm_w = m->lm_src, .lm_start = m->lm_start,
         .lm_end = m->lm_end, .lm_ranges = m->lm_ranges, .vocab_slot = m->vocab_slot,
-        .layers = m->layers, .device = device, .no_graph = no_graph,
+        .layers = m->layer_src, .device = device, .no_graph = no_graph,
     };
+
     int rc = tpcm_create(&m->gpu, &d, err);
     if (rc < 0)
         return tp_err_prefix(err, "device \"%s\"", device);
@@ -571,7 +610,8 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     tp_model *m = calloc(1, sizeof *m);
     if (!m)
         return tp_errorf(err, "out of memory");
-    loader_ctx lc = { .m = m, .lr = lr };
+    /* cuda: no fp32 host copies; the device streams the tensors from lr. */
+    loader_ctx lc = { .m = m, .lr = lr, .no_copy = cuda };
     const char *cfg_text = lr->manifest.config_json ? lr->manifest.config_json : lr->config_json;
     if (tp_model_config_parse(&m->cfg, cfg_text, err) < 0) {
         tp_err_prefix(err, "%s", lr->source ? lr->source : "model");
@@ -603,9 +643,16 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     }
 
     m->layers = calloc((size_t)m->cfg.n_layers, sizeof *m->layers);
-    if (!m->layers) {
+    m->layer_src = calloc((size_t)m->cfg.n_layers, sizeof *m->layer_src);
+    if (!m->layers || !m->layer_src) {
         tp_errorf(err, "out of memory");
         goto fail;
+    }
+    for (int l = 0; l < m->cfg.n_layers; l++) {
+        /* absent until get_weight finds it (q/k norms are not even looked for outside qwen3) */
+#define TP_X(field, kind) m->layer_src[l].field.tensor = -1;
+        TP_LAYER_TENSORS(TP_X)
+#undef TP_X
     }
     if (load_embeddings(&lc, err) < 0)
         goto fail;
@@ -613,17 +660,17 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         if (load_layer(&lc, l, err) < 0)
             goto fail;
     /* What the tensors say wins over config flags. */
-    m->cfg.attention_bias = m->layers[0].bq != NULL;
-    m->cfg.o_bias = m->layers[0].bo != NULL;
-    m->cfg.mlp_bias = m->layers[0].bgate != NULL || m->layers[0].bup != NULL ||
-                      m->layers[0].bdown != NULL;
+    const tp_layer_src *S0 = &m->layer_src[0];
+    m->cfg.attention_bias = S0->bq.tensor >= 0;
+    m->cfg.o_bias = S0->bo.tensor >= 0;
+    m->cfg.mlp_bias = S0->bgate.tensor >= 0 || S0->bup.tensor >= 0 || S0->bdown.tensor >= 0;
     par_for(m, lc.n_jobs, run_conv_job, &lc);
     free(lc.jobs);
     lc.jobs = NULL;
     if (exchange_vocab_ranges(m, err) < 0 || alloc_caches(m, err) < 0)
         goto fail;
 #ifdef TP_HAVE_CUDA
-    if (cuda && to_device(m, opts->device, opts->no_graph, err) < 0)
+    if (cuda && to_device(m, lr, opts->device, opts->no_graph, err) < 0)
         goto fail;
 #endif
     *out = m;
@@ -645,6 +692,7 @@ void tp_model_free(tp_model *m)
         free(m->owned[i]);
     free(m->owned);
     free(m->layers);
+    free(m->layer_src);
     free(m->lm_ranges);
     free(m->kcache);
     free(m->vcache);
@@ -671,6 +719,17 @@ const char *tp_model_device_info(const tp_model *m)
         return tpcm_describe(m->gpu);
 #endif
     return "cpu";
+}
+
+void tp_model_weight_stats(const tp_model *m, double *bytes, double *seconds)
+{
+    *bytes = *seconds = 0;
+#ifdef TP_HAVE_CUDA
+    if (m->gpu)
+        tpcm_upload_stats(m->gpu, bytes, seconds);
+#else
+    (void)m;
+#endif
 }
 
 /* ------------------------------------------------------------ forward pass */

@@ -1,18 +1,44 @@
 /* model_layers.h - one layer's weights as the forward pass reads them
  * (private to runtime/).  The CPU model (model.c) owns them as fp32 host
- * arrays; the CUDA model (cuda/model_cuda.cu) uploads the same struct.
- * NULL means the tensor is absent (a bias the model does not have, q/k norms
- * outside qwen3). */
+ * arrays; the CUDA model (cuda/weights_cuda.cu) puts the same tensors on the
+ * device, read straight from the loaded rank (tp_layer_src says where each
+ * comes from).  NULL / tensor -1 means the tensor is absent (a bias the
+ * model does not have, q/k norms outside qwen3). */
 #ifndef TP_MODEL_LAYERS_H
 #define TP_MODEL_LAYERS_H
 
+#include <stdint.h>
+
+/* X(field, kind): every tensor of a layer, once.  kind MAT is a matrix
+ * (bf16 on a GPU), VEC a vector: norm weights, biases (fp32 everywhere).
+ * It generates tp_layer_weights, tp_layer_src and cuda's tpcw_layer. */
+#define TP_LAYER_TENSORS(X) \
+    X(attn_norm, VEC) X(ffn_norm, VEC) X(q_norm, VEC) X(k_norm, VEC) \
+    X(wq, MAT) X(wk, MAT) X(wv, MAT) X(wo, MAT) \
+    X(bq, VEC) X(bk, VEC) X(bv, VEC) X(bo, VEC) \
+    X(wgate, MAT) X(wup, MAT) X(wdown, MAT) \
+    X(bgate, VEC) X(bup, VEC) X(bdown, VEC)
+
 typedef struct tp_layer_weights {
-    const float *attn_norm, *ffn_norm, *q_norm, *k_norm;
-    const float *wq, *wk, *wv, *wo;
-    const float *bq, *bk, *bv, *bo;
-    const float *wgate, *wup, *wdown;
-    const float *bgate, *bup, *bdown;
+#define TP_X(field, kind) const float *field;
+    TP_LAYER_TENSORS(TP_X)
+#undef TP_X
     int window;                 /* sliding window of this layer, 0: none */
 } tp_layer_weights;
+
+/* Where a weight's bytes are in the loaded rank: lr->tensors[tensor], bytes
+ * [offset, offset + bytes) of its raw data (a row range when the lm_head is
+ * a slice of a full tensor).  tensor -1: absent. */
+typedef struct tp_weight_src {
+    int tensor;
+    uint64_t offset, bytes;
+} tp_weight_src;
+
+typedef struct tp_layer_src {
+#define TP_X(field, kind) tp_weight_src field;
+    TP_LAYER_TENSORS(TP_X)
+#undef TP_X
+    int window;                 /* as in tp_layer_weights */
+} tp_layer_src;
 
 #endif

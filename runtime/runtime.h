@@ -144,7 +144,11 @@ typedef struct tp_model_opts {
  * Hugging Face names; every local shape checked against config.json and the
  * tp size, errors name the tensor).  Collective: every rank calls it (the
  * ranks exchange their vocabulary ranges).  comm may be NULL for tp = 1.
- * The model copies what it needs: lr may be freed right afterwards. */
+ * The model copies what it needs: lr may be freed right afterwards.  The
+ * cpu needs lr's tensors in memory (tp_load_rank without defer_tensors) and
+ * converts them to fp32; "cuda" makes no host copy: it streams them to the
+ * device with tp_load_stream (from the rank file when lr was opened with
+ * defer_tensors, else from memory). */
 int tp_model_create(tp_model **m, tp_loaded_rank *lr, tp_comm *comm, const tp_model_opts *opts, tp_err *err);
 void tp_model_free(tp_model *m);
 const tp_model_config *tp_model_get_config(const tp_model *m);
@@ -153,6 +157,10 @@ int tp_model_position(const tp_model *m);
 /* Where the forward pass runs, one line: "cpu", or for "cuda" the device,
  * the weight bytes uploaded, the upload's GB/s and the all-reduce path. */
 const char *tp_model_device_info(const tp_model *m);
+/* The weights put on the device: bytes written there and the seconds from
+ * the first allocation to the last copy done (tprun --load-only prints
+ * them).  0 and 0 for the cpu. */
+void tp_model_weight_stats(const tp_model *m, double *bytes, double *seconds);
 /* Runs ids[0..n) at the current position and appends them to the cache.
  * When logits is non-NULL it receives the full-vocabulary logits of the last
  * position (gathered across ranks; identical on every rank).  Collective:

@@ -967,8 +967,8 @@ static const char *reader_name(const tp_shard_reader *r)
     return r->map.path ? r->map.path : "tpshard";
 }
 
-int tp_shard_read_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, size_t ci,
-                        uint8_t *dst_tensor, bool verify, tp_err *err)
+int tp_shard_decode_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, size_t ci, uint8_t *dst,
+                          bool verify, tp_err *err)
 {
     if (ci >= t->n_chunks)
         return TP_FAIL(err, "%s: tensor %s: no chunk %zu (it has %zu)", reader_name(r), t->name, ci, t->n_chunks);
@@ -977,11 +977,18 @@ int tp_shard_read_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, size
     if (verify && tp_xxh3(stored, c->stored_size) != c->xxh3)
         return TP_FAIL(err, "%s: tensor %s: chunk %zu checksum mismatch (stored bytes corrupted)", reader_name(r),
                          t->name, ci);
-    /* Every chunk but the last holds chunk_size raw bytes, chunk 0 included. */
-    uint8_t *dst = dst_tensor + ci * t->chunks[0].raw_size;
     if (tp_codec_decode(t->codec, tp_dtype_size(t->dtype), stored, c->stored_size, dst, c->raw_size, NULL, err) < 0)
         return tp_err_prefix(err, "%s: tensor %s: chunk %zu", reader_name(r), t->name, ci);
     return 0;
+}
+
+int tp_shard_read_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, size_t ci,
+                        uint8_t *dst_tensor, bool verify, tp_err *err)
+{
+    if (ci >= t->n_chunks)
+        return TP_FAIL(err, "%s: tensor %s: no chunk %zu (it has %zu)", reader_name(r), t->name, ci, t->n_chunks);
+    /* Every chunk but the last holds chunk_size raw bytes, chunk 0 included. */
+    return tp_shard_decode_chunk(r, t, ci, dst_tensor + ci * t->chunks[0].raw_size, verify, err);
 }
 
 typedef struct read_job {

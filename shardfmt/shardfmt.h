@@ -295,6 +295,10 @@ void tp_shard_close(tp_shard_reader *r);
  * callers spread chunks over a pool. */
 int tp_shard_read_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, size_t ci,
                         uint8_t *dst_tensor, bool verify, tp_err *err);
+/* The same, into dst exactly (c->raw_size bytes): for a caller that decodes
+ * a chunk into a buffer of its own (the loader's streaming path). */
+int tp_shard_decode_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, size_t ci, uint8_t *dst,
+                          bool verify, tp_err *err);
 /* Whole tensor, chunks on the pool (NULL pool: this thread), then the tensor
  * checksum.  dst must hold t->raw_size bytes. */
 int tp_shard_read_tensor(const tp_shard_reader *r, const tp_shard_tensor *t, uint8_t *dst,

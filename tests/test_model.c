@@ -1052,6 +1052,22 @@ static void test_create_errors(void)
     expect_create_error(s, 0, 1, NULL, "model.layers.1.self_attn.k_norm.weight");
     *kn = saved;
 
+    /* the cpu converts tensors in memory: a deferred open's NULL data is
+     * refused by name (only the cuda device streams from the file) */
+    {
+        built_rank b;
+        build_rank(&b, s, 0, 1);
+        const uint8_t *keep = b.lts[3].data;
+        b.lts[3].data = NULL;
+        tp_model *m = NULL;
+        tp_err err = { { 0 } };
+        tp_model_opts o = { .max_seq = 32, .threads = 1, .device = "cpu" };
+        CHECK(tp_model_create(&m, &b.lr, NULL, &o, &err) < 0 && strstr(err.msg, b.lts[3].info->name) &&
+              strstr(err.msg, "defer_tensors"), "cpu model on a tensor without data: \"%s\"", err.msg);
+        b.lts[3].data = keep;
+        free_rank(&b, s->n);
+    }
+
     /* an untied config needs lm_head.weight */
     char *cfg = s->config_json;
     char *tie = strstr(cfg, "\"tie_word_embeddings\": true");

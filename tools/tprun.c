@@ -69,6 +69,7 @@ typedef struct run {
     tp_model *model;
     tp_tokenizer *tok;
     int context;
+    double t_start;            /* process start (tp_now), for --load-only */
 } run;
 
 static void cleanup(run *r)
@@ -306,15 +307,26 @@ static void wait_for_loaded_ranks(run *r)
     r->comm->timeout_s = saved;
 }
 
+static bool on_cuda(const run *r) { return strcmp(r->o.device, "cuda") == 0; }
+
+/* For the cuda device the rank is only opened here: the model streams the
+ * tensors to the GPU (decoded and checked on the way, tp_load_stream), so
+ * nothing is decoded twice and no host copy of the weights is made. */
 static void load(run *r)
 {
     tp_err err;
-    tp_load_opts lo = { .verify = !r->o.no_verify, .threads = r->o.threads, .quiet = r->o.quiet || my_rank(r) != 0 };
+    tp_load_opts lo = { .verify = !r->o.no_verify, .threads = r->o.threads, .quiet = r->o.quiet || my_rank(r) != 0,
+                        .defer_tensors = on_cuda(r) };
     if (tp_load_rank(&r->lr, r->o.out, r->launch.rank, &lo, &err))
         die(r, &err, false);
     r->have_lr = true;
     wait_for_loaded_ranks(r);
-    if (r->o.verbose && my_rank(r) == 0) {
+    if (r->o.verbose && my_rank(r) == 0 && r->lr.deferred) {
+        fprintf(stderr, "tprun: opened rank 0 of %d from %s: %.1f MB (%.1f MB stored) in %.3f s; the tensors "
+                "stream to the device with the model; comm %s, %d threads\n", r->comm->world, r->o.out,
+                r->lr.raw_bytes / 1e6, r->lr.stored_bytes / 1e6, r->lr.load_seconds, r->comm->ops->name,
+                r->o.threads);
+    } else if (r->o.verbose && my_rank(r) == 0) {
         double s = r->lr.load_seconds > 0 ? r->lr.load_seconds : 1e-9;
         fprintf(stderr, "tprun: loaded rank 0 of %d from %s: %.1f MB (%.1f MB stored) in %.3f s, %.2f GB/s; "
                 "comm %s, %d threads\n", r->comm->world, r->o.out, r->lr.raw_bytes / 1e6, r->lr.stored_bytes / 1e6,
@@ -345,8 +357,9 @@ static void create_model(run *r)
         die(r, &err, false);
     if (r->o.verbose && my_rank(r) == 0)
         fprintf(stderr, "tprun: model on %s\n", tp_model_device_info(r->model));
-    /* The CPU model holds fp32 copies of its weights: the bf16 tensors (a
-     * mapping, or decompressed memory) are not needed any more. */
+    /* The CPU model holds fp32 copies of its weights, the cuda model its
+     * device copies: the tensors (a mapping, decompressed memory, or the
+     * deferred rank's mapping) are not needed any more. */
     tp_loaded_rank_drop_tensors(&r->lr);
     if (r->lr.tokenizer_json) {
         if (tp_tokenizer_load_mem(&r->tok, r->lr.tokenizer_json, r->lr.tokenizer_json_len, "tokenizer.json", &err))
@@ -687,6 +700,7 @@ int main(int argc, char **argv)
 {
     run r = { 0 };
     tp_err err;
+    r.t_start = tp_now();
     parse_args(argc, argv, &r.o);
 
     if (tp_launch_detect(&r.launch, r.o.rank, &err))
@@ -704,6 +718,22 @@ int main(int argc, char **argv)
     if (tp_comm_open(&r.comm, r.o.comm, &r.launch, r.o.timeout_s, &err))
         die(&r, &err, false);
     load(&r);
+    if (r.o.load_only && on_cuda(&r)) {
+        /* Weights on the GPU (the model streams them), one line, exit. */
+        create_model(&r);
+        double bytes, secs;
+        tp_model_weight_stats(r.model, &bytes, &secs);
+        if (r.comm->ops->barrier(r.comm, &err))
+            die(&r, &err, false);
+        if (my_rank(&r) == 0)
+            fprintf(stderr, "tprun: load-only: rank 0 of %d: %.1f MB of weights on the device in %.3f s, %.2f GB/s, "
+                    "%.3f s after process start; %s\n", r.comm->world, bytes / 1e6, secs,
+                    secs > 0 ? bytes / secs / 1e9 : 0.0, tp_now() - r.t_start, tp_model_device_info(r.model));
+        tp_comm_close(r.comm);
+        r.comm = NULL;
+        cleanup(&r);
+        return 0;
+    }
     if (r.o.load_only) {
         tp_comm_close(r.comm);
         cleanup(&r);

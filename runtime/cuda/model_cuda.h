@@ -18,21 +18,25 @@
 extern "C" {
 #endif
 
-/* Host fp32 views of a CPU model's weights and its structure; only read by
- * tpcm_create (the caller may free the weights afterwards). */
+/* The rank's checked structure and where each weight is in the loaded
+ * rank (byte ranges of lr's tensors, tp_weight_src); only read by
+ * tpcm_create, which streams the weights from lr (tp_load_stream: a
+ * deferred rank is decoded and checked on the way, tensors in memory are
+ * copied).  The caller may drop lr's tensors afterwards. */
 typedef struct tpcm_desc {
     const tp_model_config *cfg;
     tp_comm *comm;
     int rank, world;
     int lq, lkv, li, group, max_seq;
-    const float *embed;
+    const tp_loaded_rank *lr;
+    tp_weight_src embed;
     int64_t emb_start, emb_end;
-    const float *final_norm;
-    const float *lm_w;
+    tp_weight_src final_norm;
+    tp_weight_src lm_w;         /* rows [lm_start, lm_end): may be a range of embed's tensor */
     int64_t lm_start, lm_end;
     const int64_t *lm_ranges;
     int vocab_slot;
-    const tp_layer_weights *layers;
+    const tp_layer_src *layers;
     const char *device;     /* "cuda" or "cuda:N" */
     bool no_graph;          /* launch decode steps kernel by kernel (no CUDA graph) */
 } tpcm_desc;

@@ -1,16 +1,32 @@
 /* weights_cuda.cu - a rank's weights onto the device (see weights_cuda.h).
  *
- * Today the source is the CPU model's fp32 copies (tpcm_desc): each matrix
- * is rounded back to bf16 (exact for a bf16 checkpoint) into one of two
- * pinned staging buffers while the other buffer's cudaMemcpyAsync runs.
+ * The source is the loaded rank itself (tpcm_desc: byte ranges of lr's
+ * tensors), streamed by the loader (tp_load_stream): a rank opened with
+ * defer_tensors is decoded chunk by chunk on the loader's threads straight
+ * into our pinned buffers, checksums checked on the way; tensors already in
+ * memory are copied into them.  Each buffer goes to the device with
+ * cudaMemcpyAsync and comes back to the pool once the event recorded behind
+ * its copies has completed, so decoding, hashing and the DMA overlap.
+ *
+ * Staging: STAGE_MIN..STAGE_MAX pinned buffers of max(4 MiB, the largest
+ * chunk) bytes, threads + 2 of them: every decoding thread fills a buffer of
+ * its own while two more are in flight to the device (double-buffered DMA).
+ * 4 MiB copies run near the PCIe peak (a copy's fixed cost is a few us, 4 MiB
+ * take ~160 us at 25 GB/s) and 18 of them (16 threads) are 72 MiB of pinned
+ * memory, small next to the weights.
  */
 #include <cuda_runtime.h>
 
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "weights_cuda.h"
+
+#define STAGE_PIECE ((size_t)4 << 20)
+#define STAGE_MIN 4
+#define STAGE_MAX 34
 
 static double now_s(void)
 {
@@ -44,157 +60,356 @@ static int dev_alloc(tpcw_weights *w, void **p, size_t bytes, tp_err *err)
 }
 
 /* Round to nearest even, as torch's .to(torch.bfloat16) (NaN stays NaN). */
-static void f32_to_bf16(uint16_t *dst, const float *src, size_t n)
+static uint16_t f32_bits_to_bf16(uint32_t u)
+{
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* n elements of dtype dt in buf become n bf16 values at the start of buf.
+ * In place: element i is read before bf16 i is written, and bf16 i only
+ * overlaps source elements <= i. */
+static void to_bf16_in_place(uint8_t *buf, size_t n, tp_dtype dt)
+{
+    if (dt == TP_BF16)
+        return;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t h;
+        if (dt == TP_F32) {
+            uint32_t u;
+            memcpy(&u, buf + 4 * i, 4);
+            h = f32_bits_to_bf16(u);
+        } else {
+            uint16_t f;
+            memcpy(&f, buf + 2 * i, 2);
+            float v = tp_f16_to_f32(f);   /* exact */
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            h = f32_bits_to_bf16(u);
+        }
+        memcpy(buf + 2 * i, &h, 2);
+    }
+}
+
+static void to_f32(float *dst, const uint8_t *src, size_t n, tp_dtype dt)
 {
     for (size_t i = 0; i < n; i++) {
-        uint32_t u;
-        memcpy(&u, &src[i], 4);
-        if ((u & 0x7fffffffu) > 0x7f800000u)
-            dst[i] = (uint16_t)((u >> 16) | 0x40);
-        else
-            dst[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        uint16_t h;
+        if (dt == TP_F32) {
+            memcpy(&dst[i], src + 4 * i, 4);
+        } else {
+            memcpy(&h, src + 2 * i, 2);
+            dst[i] = dt == TP_BF16 ? tp_bf16_to_f32(h) : tp_f16_to_f32(h);
+        }
     }
 }
 
-#define STAGE_BYTES ((size_t)8 << 20)
+/* ------------------------------------------------------------ destinations */
 
-typedef struct stager {
-    void *buf[2];
-    cudaEvent_t done[2];
-    int next;
-} stager;
+/* One device weight: bytes [off, off + bytes) of a loaded tensor. */
+typedef struct dest {
+    int tensor;
+    uint64_t off, bytes;
+    bool mat;                   /* bf16 on the device, else fp32 */
+    void *dev;
+    float *host;                /* vectors: gathered here, copied when complete */
+    uint64_t got;               /* source bytes received */
+    struct dest *next;          /* the tensor's other destinations */
+} dest;
 
-static int stager_open(stager *st, tp_err *err)
+enum { BUF_FREE, BUF_HELD, BUF_COPYING };
+
+typedef struct sink {
+    tpcw_weights *w;
+    cudaStream_t s;
+    const tp_loaded_rank *lr;
+    dest *dests;
+    size_t n_dests, cap_dests;
+    dest **by_tensor;           /* lr->n_tensors list heads */
+    bool *select;               /* the tensors any destination uses */
+    size_t n_bufs, buf_bytes, next;
+    void **bufs;
+    cudaEvent_t *done;
+    int *state;
+} sink;
+
+static const char *tensor_name(const sink *sk, int t)
 {
-    memset(st, 0, sizeof *st);
-    for (int i = 0; i < 2; i++) {
-        if (cuda_check(cudaMallocHost(&st->buf[i], STAGE_BYTES), "cudaMallocHost (staging)", err) < 0 ||
-            cuda_check(cudaEventCreateWithFlags(&st->done[i], cudaEventDisableTiming), "cudaEventCreate",
-                       err) < 0)
-            return -1;
+    return sk->lr->tensors[t].info->name;
+}
+
+/* Records where a weight goes and allocates its device buffer (*dst);
+ * an absent weight (tensor -1) stays NULL.  Destinations are linked by
+ * index later (the array may still grow). */
+static int add_dest(sink *sk, const tp_weight_src *src, bool mat, void **dst, tp_err *err)
+{
+    *dst = NULL;
+    if (src->tensor < 0)
+        return 0;
+    const tp_loaded_rank *lr = sk->lr;
+    if ((size_t)src->tensor >= lr->n_tensors || !lr->tensors[src->tensor].info)
+        return tp_errorf(err, "weight source: tensor %d is not in the loaded rank", src->tensor);
+    const tp_shard_tensor *t = lr->tensors[src->tensor].info;
+    size_t es = tp_dtype_size(t->dtype);
+    if (t->dtype != TP_BF16 && t->dtype != TP_F16 && t->dtype != TP_F32)
+        return tp_errorf(err, "tensor %s: unsupported dtype", t->name);
+    if (src->offset > t->raw_size || src->bytes > t->raw_size - src->offset || src->offset % es ||
+        src->bytes % es)
+        return tp_errorf(err, "tensor %s: bytes [%llu, +%llu) are not whole elements inside its %llu bytes",
+                         t->name, (unsigned long long)src->offset, (unsigned long long)src->bytes,
+                         (unsigned long long)t->raw_size);
+    for (size_t i = 0; i < sk->n_dests; i++)
+        if (sk->dests[i].tensor == src->tensor && sk->dests[i].mat != mat)
+            return tp_errorf(err, "tensor %s: used both as a matrix and as a vector", t->name);
+    if (sk->n_dests == sk->cap_dests) {
+        size_t cap = sk->cap_dests ? sk->cap_dests * 2 : 64;
+        dest *d = (dest *)realloc(sk->dests, cap * sizeof *d);
+        if (!d)
+            return tp_errorf(err, "out of memory");
+        sk->dests = d;
+        sk->cap_dests = cap;
+    }
+    size_t n = (size_t)(src->bytes / es);
+    dest *d = &sk->dests[sk->n_dests];
+    memset(d, 0, sizeof *d);
+    d->tensor = src->tensor;
+    d->off = src->offset;
+    d->bytes = src->bytes;
+    d->mat = mat;
+    if (dev_alloc(sk->w, &d->dev, n * (mat ? 2 : 4), err) < 0)
+        return tp_err_prefix(err, "tensor %s", t->name);
+    if (!mat && !(d->host = (float *)malloc(n ? n * 4 : 1)))
+        return tp_errorf(err, "out of memory");
+    sk->n_dests++;
+    *dst = d->dev;
+    return 0;
+}
+
+#define MAT_IS_MAT true
+#define VEC_IS_MAT false
+
+static int plan(sink *sk, const tpcm_desc *d, tp_err *err)
+{
+    tpcw_weights *w = sk->w;
+    if (add_dest(sk, &d->embed, true, (void **)&w->embed, err) < 0 ||
+        add_dest(sk, &d->final_norm, false, (void **)&w->final_norm, err) < 0)
+        return -1;
+    if (d->lm_w.tensor == d->embed.tensor && d->lm_w.offset == d->embed.offset &&
+        d->lm_w.bytes == d->embed.bytes)
+        w->lm_w = w->embed;   /* tied, same rows: share */
+    else if (add_dest(sk, &d->lm_w, true, (void **)&w->lm_w, err) < 0)
+        return -1;
+    for (int l = 0; l < d->cfg->n_layers; l++) {
+        const tp_layer_src *src = &d->layers[l];
+        tpcw_layer *L = &w->layers[l];
+        L->window = src->window;
+#define TP_X(field, kind)                                                                   \
+        if (add_dest(sk, &src->field, kind##_IS_MAT, (void **)&L->field, err) < 0)          \
+            return tp_err_prefix(err, "layer %d", l);
+        TP_LAYER_TENSORS(TP_X)
+#undef TP_X
+    }
+    sk->by_tensor = (dest **)calloc(sk->lr->n_tensors + 1, sizeof *sk->by_tensor);
+    sk->select = (bool *)calloc(sk->lr->n_tensors + 1, sizeof *sk->select);
+    if (!sk->by_tensor || !sk->select)
+        return tp_errorf(err, "out of memory");
+    for (size_t i = sk->n_dests; i-- > 0;) {
+        dest *ds = &sk->dests[i];
+        ds->next = sk->by_tensor[ds->tensor];
+        sk->by_tensor[ds->tensor] = ds;
+        sk->select[ds->tensor] = true;
     }
     return 0;
 }
 
-static void stager_close(stager *st)
+/* ------------------------------------------------------------ staging */
+
+static int stage_open(sink *sk, size_t n, size_t bytes, tp_err *err)
 {
-    for (int i = 0; i < 2; i++) {
-        if (st->done[i])
-            cudaEventDestroy(st->done[i]);
-        if (st->buf[i])
-            cudaFreeHost(st->buf[i]);
-    }
+    sk->bufs = (void **)calloc(n, sizeof *sk->bufs);
+    sk->done = (cudaEvent_t *)calloc(n, sizeof *sk->done);
+    sk->state = (int *)calloc(n, sizeof *sk->state);
+    if (!sk->bufs || !sk->done || !sk->state)
+        return tp_errorf(err, "out of memory");
+    sk->n_bufs = n;
+    sk->buf_bytes = bytes;
+    for (size_t i = 0; i < n; i++)
+        if (cuda_check(cudaMallocHost(&sk->bufs[i], bytes), "cudaMallocHost (staging)", err) < 0 ||
+            cuda_check(cudaEventCreateWithFlags(&sk->done[i], cudaEventDisableTiming), "cudaEventCreate", err) < 0)
+            return -1;
+    return 0;
 }
 
-/* Copies count fp32 host values to dst as bf16 (as_bf16) or fp32, chunk by
- * chunk: while chunk i's copy runs, the host fills the other buffer. */
-static int stage_copy(tpcw_weights *w, tpc_stream s, stager *st, void *dst, const float *src, size_t count, bool as_bf16,
-                      tp_err *err)
+/* The caller has synchronised the stream: no copy reads a buffer any more. */
+static void sink_close(sink *sk)
 {
-    size_t esz = as_bf16 ? 2 : 4, per = STAGE_BYTES / esz;
-    for (size_t off = 0; off < count; off += per) {
-        size_t c = count - off < per ? count - off : per;
-        int b = st->next;
-        st->next ^= 1;
-        if (cuda_check(cudaEventSynchronize(st->done[b]), "upload", err) < 0)
+    for (size_t i = 0; i < sk->n_bufs; i++) {
+        if (sk->done && sk->done[i])
+            cudaEventDestroy(sk->done[i]);
+        if (sk->bufs && sk->bufs[i])
+            cudaFreeHost(sk->bufs[i]);
+    }
+    for (size_t i = 0; i < sk->n_dests; i++)
+        free(sk->dests[i].host);
+    free(sk->bufs);
+    free(sk->done);
+    free(sk->state);
+    free(sk->dests);
+    free(sk->by_tensor);
+    free(sk->select);
+}
+
+static int buf_index(const sink *sk, const void *buf)
+{
+    for (size_t i = 0; i < sk->n_bufs; i++)
+        if (sk->bufs[i] == buf)
+            return (int)i;
+    return -1;
+}
+
+/* Buffers are handed out round robin: the stream acquires and delivers in
+ * order and holds at most n_bufs, so the next one in turn is never held by
+ * it; we only wait for its last copies to finish. */
+static void *sink_acquire(void *arg, size_t bytes, tp_err *err)
+{
+    sink *sk = (sink *)arg;
+    if (bytes > sk->buf_bytes) {
+        tp_errorf(err, "staging: a %zu-byte piece, the buffers hold %zu", bytes, sk->buf_bytes);
+        return NULL;
+    }
+    size_t b = sk->next;
+    sk->next = (sk->next + 1) % sk->n_bufs;
+    if (sk->state[b] == BUF_HELD) {
+        tp_errorf(err, "staging: buffer %zu is still held by the loader", b);
+        return NULL;
+    }
+    if (sk->state[b] == BUF_COPYING &&
+        cuda_check(cudaEventSynchronize(sk->done[b]), "weights upload (staging buffer)", err) < 0)
+        return NULL;
+    sk->state[b] = BUF_HELD;
+    return sk->bufs[b];
+}
+
+static void sink_release(void *arg, void *buf)
+{
+    sink *sk = (sink *)arg;
+    int b = buf_index(sk, buf);
+    if (b >= 0)
+        sk->state[b] = BUF_FREE;
+}
+
+static int sink_deliver(void *arg, size_t tensor, uint64_t offset, void *buf, size_t bytes, tp_err *err)
+{
+    sink *sk = (sink *)arg;
+    int b = buf_index(sk, buf);
+    if (b < 0)
+        return tp_errorf(err, "staging: a buffer that is not ours");
+    sk->state[b] = BUF_FREE;   /* until a copy reads it */
+    dest *list = tensor < sk->lr->n_tensors ? sk->by_tensor[tensor] : NULL;
+    if (!list)
+        return 0;
+    tp_dtype dt = sk->lr->tensors[tensor].info->dtype;
+    size_t es = tp_dtype_size(dt);
+    if (offset % es || bytes % es)
+        return tp_errorf(err, "tensor %s: piece [%llu, +%zu) is not whole elements", tensor_name(sk, (int)tensor),
+                         (unsigned long long)offset, bytes);
+    uint8_t *p = (uint8_t *)buf;
+    if (list->mat)   /* every destination of this tensor is a matrix (add_dest) */
+        to_bf16_in_place(p, bytes / es, dt);
+    bool copied = false;
+    for (dest *d = list; d; d = d->next) {
+        uint64_t a = offset > d->off ? offset : d->off;
+        uint64_t e = offset + bytes < d->off + d->bytes ? offset + bytes : d->off + d->bytes;
+        if (a >= e)
+            continue;
+        size_t first = (size_t)((a - offset) / es), n = (size_t)((e - a) / es);
+        size_t at = (size_t)((a - d->off) / es);
+        if (d->mat) {
+            if (cuda_check(cudaMemcpyAsync((uint16_t *)d->dev + at, p + 2 * first, n * 2, cudaMemcpyHostToDevice,
+                                           sk->s), "cudaMemcpyAsync (weights)", err) < 0)
+                return tp_err_prefix(err, "tensor %s", tensor_name(sk, (int)tensor));
+            sk->w->bytes += (double)(n * 2);
+            copied = true;
+        } else {
+            to_f32(d->host + at, p + first * es, n, dt);
+        }
+        d->got += e - a;
+        if (!d->mat && d->got == d->bytes) {
+            /* tiny; pageable source, so a plain synchronous copy */
+            if (tpc_upload(d->dev, d->host, (size_t)(d->bytes / es) * 4, err) < 0)
+                return tp_err_prefix(err, "tensor %s", tensor_name(sk, (int)tensor));
+            sk->w->bytes += (double)(d->bytes / es * 4);
+        }
+    }
+    if (copied) {
+        if (cuda_check(cudaEventRecord(sk->done[b], sk->s), "cudaEventRecord", err) < 0)
             return -1;
-        if (as_bf16)
-            f32_to_bf16((uint16_t *)st->buf[b], src + off, c);
-        else
-            memcpy(st->buf[b], src + off, c * 4);
-        if (cuda_check(cudaMemcpyAsync((char *)dst + off * esz, st->buf[b], c * esz, cudaMemcpyHostToDevice,
-                                       (cudaStream_t)s), "cudaMemcpyAsync (weights)", err) < 0 ||
-            cuda_check(cudaEventRecord(st->done[b], (cudaStream_t)s), "cudaEventRecord", err) < 0)
-            return -1;
-        w->bytes += (double)(c * esz);
+        sk->state[b] = BUF_COPYING;
     }
     return 0;
 }
 
-static int up_mat(tpcw_weights *w, tpc_stream s, stager *st, uint16_t **dst, const float *src, size_t count, tp_err *err)
+static size_t stage_count(const tp_loaded_rank *lr)
 {
-    *dst = NULL;
-    if (!src)
-        return 0;
-    if (dev_alloc(w, (void **)dst, count * 2, err) < 0)
-        return -1;
-    return stage_copy(w, s, st, *dst, src, count, true, err);
+    long threads = lr->threads;
+    if (threads <= 0)
+        threads = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t n = threads > 0 ? (size_t)threads + 2 : STAGE_MIN;
+    return n < STAGE_MIN ? STAGE_MIN : n > STAGE_MAX ? STAGE_MAX : n;
 }
-
-static int up_vec(tpcw_weights *w, tpc_stream s, stager *st, float **dst, const float *src, size_t count, tp_err *err)
-{
-    *dst = NULL;
-    if (!src)
-        return 0;
-    if (dev_alloc(w, (void **)dst, count * 4, err) < 0)
-        return -1;
-    return stage_copy(w, s, st, *dst, src, count, false, err);
-}
-
-static int upload_layer(tpcw_weights *w, tpc_stream s, stager *st, const tpcm_desc *d, const tp_layer_weights *src,
-                        tpcw_layer *L, tp_err *err)
-{
-    size_t H = d->cfg->hidden, hd = d->cfg->head_dim, qd = d->lq * hd, kd = d->lkv * hd, I = d->li;
-    L->window = src->window;
-    return up_vec(w, s, st, &L->attn_norm, src->attn_norm, H, err) < 0 ||
-                   up_vec(w, s, st, &L->ffn_norm, src->ffn_norm, H, err) < 0 ||
-                   up_vec(w, s, st, &L->q_norm, src->q_norm, hd, err) < 0 ||
-                   up_vec(w, s, st, &L->k_norm, src->k_norm, hd, err) < 0 ||
-                   up_mat(w, s, st, &L->wq, src->wq, qd * H, err) < 0 ||
-                   up_mat(w, s, st, &L->wk, src->wk, kd * H, err) < 0 ||
-                   up_mat(w, s, st, &L->wv, src->wv, kd * H, err) < 0 ||
-                   up_mat(w, s, st, &L->wo, src->wo, H * qd, err) < 0 ||
-                   up_vec(w, s, st, &L->bq, src->bq, qd, err) < 0 || up_vec(w, s, st, &L->bk, src->bk, kd, err) < 0 ||
-                   up_vec(w, s, st, &L->bv, src->bv, kd, err) < 0 || up_vec(w, s, st, &L->bo, src->bo, H, err) < 0 ||
-                   up_mat(w, s, st, &L->wgate, src->wgate, I * H, err) < 0 ||
-                   up_mat(w, s, st, &L->wup, src->wup, I * H, err) < 0 ||
-                   up_mat(w, s, st, &L->wdown, src->wdown, H * I, err) < 0 ||
-                   up_vec(w, s, st, &L->bgate, src->bgate, I, err) < 0 ||
-                   up_vec(w, s, st, &L->bup, src->bup, I, err) < 0 ||
-                   up_vec(w, s, st, &L->bdown, src->bdown, H, err) < 0
-               ? -1
-               : 0;
-}
-
 
 int tpcw_upload(tpcw_weights *w, const tpcm_desc *d, tpc_stream s, tp_err *err)
 {
     memset(w, 0, sizeof *w);
-    const tp_model_config *c = d->cfg;
-    size_t H = c->hidden;
-    stager st;
-    if (stager_open(&st, err) < 0)
+    double t0 = now_s();
+    sink sk;
+    memset(&sk, 0, sizeof sk);
+    sk.w = w;
+    sk.s = (cudaStream_t)s;
+    sk.lr = d->lr;
+    tp_stream_opts so = {};
+    tp_stream_stats stats = {};
+    if (!d->lr) {
+        tp_errorf(err, "weights upload: no loaded rank");
         goto fail;
-    w->layers = (tpcw_layer *)calloc((size_t)c->n_layers, sizeof *w->layers);
+    }
+    so.verify = d->lr->verify;
+    so.threads = d->lr->threads;
+    so.quiet = d->lr->quiet;
+    so.piece_bytes = STAGE_PIECE;
+    w->layers = (tpcw_layer *)calloc((size_t)d->cfg->n_layers, sizeof *w->layers);
     if (!w->layers) {
         tp_errorf(err, "out of memory");
         goto fail;
     }
+    if (plan(&sk, d, err) < 0)
+        goto fail;
+    so.select = sk.select;
+    if (stage_open(&sk, stage_count(d->lr), tp_load_stream_max_piece(d->lr, &so), err) < 0)
+        goto fail;
     {
-        double t0 = now_s();
-        if (up_mat(w, s, &st, &w->embed, d->embed, (size_t)(d->emb_end - d->emb_start) * H, err) < 0 ||
-            up_vec(w, s, &st, &w->final_norm, d->final_norm, H, err) < 0)
+        tp_stream_sink ops = {};
+        ops.acquire = sink_acquire;
+        ops.deliver = sink_deliver;
+        ops.release = sink_release;
+        ops.max_held = sk.n_bufs;
+        if (tp_load_stream(d->lr, &ops, &sk, &so, &stats, err) < 0 || tpc_sync(s, err) < 0)
             goto fail;
-        if (d->lm_w == d->embed && d->lm_start == d->emb_start && d->lm_end == d->emb_end) {
-            w->lm_w = w->embed;   /* tied, same rows: share */
-        } else if (up_mat(w, s, &st, &w->lm_w, d->lm_w, (size_t)(d->lm_end - d->lm_start) * H, err) < 0) {
+    }
+    for (size_t i = 0; i < sk.n_dests; i++)
+        if (sk.dests[i].got != sk.dests[i].bytes) {
+            tp_errorf(err, "weights upload: tensor %s: %llu of %llu bytes arrived", tensor_name(&sk, sk.dests[i].tensor),
+                      (unsigned long long)sk.dests[i].got, (unsigned long long)sk.dests[i].bytes);
             goto fail;
         }
-        for (int l = 0; l < c->n_layers; l++)
-            if (upload_layer(w, s, &st, d, &d->layers[l], &w->layers[l], err) < 0) {
-                tp_err_prefix(err, "layer %d upload", l);
-                goto fail;
-            }
-        if (tpc_sync(s, err) < 0)
-            goto fail;
-        w->seconds = now_s() - t0;
-    }
-    stager_close(&st);
+    w->seconds = now_s() - t0;
+    w->source_bytes = (double)stats.bytes;
+    sink_close(&sk);
     return 0;
 fail:
-    if (s)
-        cudaStreamSynchronize((cudaStream_t)s);   /* no copy may still read the staging buffers */
-    stager_close(&st);
+    cudaStreamSynchronize((cudaStream_t)s);   /* no copy may still read the staging buffers */
+    sink_close(&sk);
     tpcw_free(w);
     return -1;
 }

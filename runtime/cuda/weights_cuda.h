@@ -18,10 +18,13 @@
 extern "C" {
 #endif
 
+/* model_layers.h's TP_LAYER_TENSORS: MAT fields bf16, VEC fields fp32. */
+#define TPCW_MAT_TYPE uint16_t
+#define TPCW_VEC_TYPE float
 typedef struct tpcw_layer {
-    float *attn_norm, *ffn_norm, *q_norm, *k_norm;
-    uint16_t *wq, *wk, *wv, *wo, *wgate, *wup, *wdown;
-    float *bq, *bk, *bv, *bo, *bgate, *bup, *bdown;
+#define TP_X(field, kind) TPCW_##kind##_TYPE *field;
+    TP_LAYER_TENSORS(TP_X)
+#undef TP_X
     int window;
 } tpcw_layer;
 
@@ -33,10 +36,16 @@ typedef struct tpcw_weights {
     void **owned;               /* device allocations, freed by tpcw_free */
     size_t n_owned, cap_owned;
     double bytes, seconds;      /* weight bytes put on the device, and how long it took */
+    double source_bytes;        /* decoded bytes streamed from the loaded rank */
 } tpcw_weights;
 
-/* Puts d's weights on the current device, on stream s, and waits for them.
- * On failure everything allocated so far is freed. */
+/* Puts d's weights on the current device, on stream s, and waits for them:
+ * a device buffer per weight, allocated up front, then one tp_load_stream
+ * over the tensors used, through pinned staging buffers (each recycled once
+ * the event recorded behind its copies has completed).  bf16 matrices are
+ * copied as they are; f16/f32 matrices are rounded to bf16 in the pinned
+ * buffer first; vectors are gathered as fp32 on the host and copied when
+ * complete.  On failure everything allocated so far is freed. */
 int tpcw_upload(tpcw_weights *w, const tpcm_desc *d, tpc_stream s, tp_err *err);
 void tpcw_free(tpcw_weights *w);
 

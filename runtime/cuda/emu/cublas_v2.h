@@ -22,6 +22,7 @@ inline cublasStatus_t cublasSetWorkspace(cublasHandle_t, void *, size_t) { retur
 inline void emu_gemm(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
     const uint16_t *a, int lda, const uint16_t *b, int ldb, float beta, float *c, int ldc)
 {
+    emu_sync_all();   // queued copies land before the product reads
     auto bf = [](uint16_t v) { return __uint_as_float((uint32_t)v << 16); };
     for (int j = 0; j < n; j++) for (int i = 0; i < m; i++) {
         float acc = 0;

@@ -15,6 +15,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 #include <math.h>
 #define __global__
@@ -44,6 +45,51 @@ inline cudaError_t cudaGetDeviceCount(int *c) { *c = 1; return 0; }
 inline cudaError_t cudaSetDevice(int) { return 0; }
 inline cudaError_t cudaGetDevice(int *d) { *d = 0; return 0; }
 inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr, int) { *v = 132; return 0; }
+
+// Asynchronous copies (cudaMemcpyAsync) with a pinned host side are queued
+// and run at the latest moment a real device could run them: the next
+// synchronisation (cudaEventSynchronize runs the queue up to where that
+// event was recorded; cudaStreamSynchronize, cudaMemcpy, cudaMemset,
+// cudaFree, cudaFreeHost, a kernel launch and a cuBLAS call run all of it).
+// So a pinned staging buffer reused before the event behind its copy has
+// completed shows up as wrong weights.  With a pageable host side the copy
+// runs at once, as CUDA stages pageable memory before returning.  Not
+// emulated: separate streams (one queue for all, in issue order), copies
+// overlapping kernels, event timing.  While a stream captures, its copies
+// are recorded like its kernels (below) and run at the graph's replay.
+struct emu_copy { void *d; const void *s; size_t n; };
+struct CUevent_st { uint64_t seq = 0; };
+typedef struct CUevent_st *cudaEvent_t;
+enum { cudaEventDisableTiming = 2 };
+struct emu_async_state {
+    std::mutex mu;
+    std::vector<emu_copy> queue;
+    uint64_t done = 0;                       // copies run so far (the queue starts there)
+    std::vector<std::pair<const char *, size_t>> pinned;   // cudaMallocHost blocks
+};
+inline emu_async_state &emu_async() { static emu_async_state st; return st; }
+inline void emu_run_until(uint64_t seq)      // runs the queued copies with index < seq
+{
+    emu_async_state &st = emu_async();
+    std::lock_guard<std::mutex> g(st.mu);
+    size_t k = 0;
+    while (k < st.queue.size() && st.done + k < seq) {
+        memcpy(st.queue[k].d, st.queue[k].s, st.queue[k].n);
+        k++;
+    }
+    st.queue.erase(st.queue.begin(), st.queue.begin() + (long)k);
+    st.done += k;
+}
+inline void emu_sync_all() { emu_run_until(UINT64_MAX); }
+inline bool emu_is_pinned(const void *p)
+{
+    emu_async_state &st = emu_async();
+    std::lock_guard<std::mutex> g(st.mu);
+    for (auto &b : st.pinned)
+        if ((const char *)p >= b.first && (const char *)p < b.first + b.second)
+            return true;
+    return false;
+}
 
 // ---- streams, stream capture and graphs
 // Everything runs synchronously on the host: a stream is an identity (for
@@ -104,30 +150,69 @@ inline cudaError_t cudaMalloc(void **p, size_t n)
     if (cudaError_t e = emu_unsafe_call()) return e;
     *p = calloc(1, n); return *p ? 0 : cudaErrorMemoryAllocation;
 }
-inline cudaError_t cudaFree(void *p) { if (cudaError_t e = emu_unsafe_call()) return e; free(p); return 0; }
+inline cudaError_t cudaFree(void *p) { if (cudaError_t e = emu_unsafe_call()) return e; emu_sync_all(); free(p); return 0; }
 inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind)
 {
     if (cudaError_t e = emu_unsafe_call()) return e;
-    memcpy(d, s, n); return 0;
+    emu_sync_all(); memcpy(d, s, n); return 0;
 }
-inline cudaError_t cudaMemset(void *d, int v, size_t n) { if (cudaError_t e = emu_unsafe_call()) return e; memset(d, v, n); return 0; }
-inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind, cudaStream_t st)
+inline cudaError_t cudaMemset(void *d, int v, size_t n) { if (cudaError_t e = emu_unsafe_call()) return e; emu_sync_all(); memset(d, v, n); return 0; }
+// Recorded while st captures; else queued (pinned host side) or run at once
+// after what is queued (pageable), as described above.
+inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n, cudaMemcpyKind k, cudaStream_t st)
 {
-    return emu_enqueue(st, [=] { memcpy(d, s, n); });
+    if (st && st->capturing)
+        return emu_enqueue(st, [=] { memcpy(d, s, n); });
+    const void *host = k == cudaMemcpyDeviceToHost ? d : s;
+    if (k == cudaMemcpyDefault || k == cudaMemcpyDeviceToDevice || !emu_is_pinned(host)) {
+        emu_sync_all();
+        memcpy(d, s, n);
+        return 0;
+    }
+    emu_async_state &q = emu_async();
+    std::lock_guard<std::mutex> g(q.mu);
+    q.queue.push_back({d, s, n});
+    return 0;
 }
 inline cudaError_t cudaMemsetAsync(void *d, int v, size_t n, cudaStream_t st)
 {
     return emu_enqueue(st, [=] { memset(d, v, n); });
 }
-// model_cuda.cu's upload and staging: everything is synchronous host memory.
-typedef struct CUevent_st *cudaEvent_t;
-enum { cudaEventDisableTiming = 2 };
-inline cudaError_t cudaMallocHost(void **p, size_t n) { *p = malloc(n ? n : 1); return *p ? 0 : 2; }
-inline cudaError_t cudaFreeHost(void *p) { free(p); return 0; }
-inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, int) { *e = nullptr; return 0; }
-inline cudaError_t cudaEventDestroy(cudaEvent_t) { return 0; }
-inline cudaError_t cudaEventRecord(cudaEvent_t, cudaStream_t) { return 0; }
-inline cudaError_t cudaEventSynchronize(cudaEvent_t) { return 0; }
+inline cudaError_t cudaMallocHost(void **p, size_t n)
+{
+    *p = malloc(n ? n : 1);
+    if (!*p)
+        return 2;
+    emu_async_state &st = emu_async();
+    std::lock_guard<std::mutex> g(st.mu);
+    st.pinned.push_back({(const char *)*p, n ? n : 1});
+    return 0;
+}
+inline cudaError_t cudaFreeHost(void *p)
+{
+    emu_sync_all();   // the real call waits for the device too
+    emu_async_state &st = emu_async();
+    {
+        std::lock_guard<std::mutex> g(st.mu);
+        for (size_t i = 0; i < st.pinned.size(); i++)
+            if (st.pinned[i].first == (const char *)p) {
+                st.pinned.erase(st.pinned.begin() + (long)i);
+                break;
+            }
+    }
+    free(p);
+    return 0;
+}
+inline cudaError_t cudaEventCreateWithFlags(cudaEvent_t *e, int) { *e = new CUevent_st(); return 0; }
+inline cudaError_t cudaEventDestroy(cudaEvent_t e) { delete e; return 0; }
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t)
+{
+    emu_async_state &st = emu_async();
+    std::lock_guard<std::mutex> g(st.mu);
+    e->seq = st.done + st.queue.size();
+    return 0;
+}
+inline cudaError_t cudaEventSynchronize(cudaEvent_t e) { emu_run_until(e->seq); return 0; }
 template <class F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return 0; }
 
 // ---- block execution

@@ -12,6 +12,7 @@ static std::mutex emu_launch_mu;
 
 static void emu_run(dim3 grid, dim3 block, size_t smem, const std::function<void()> &body)
 {
+    emu_sync_all();   // queued copies land before the kernel reads
     std::lock_guard<std::mutex> one_launch(emu_launch_mu);
     blockDim = block; gridDim = grid;
     int nt = block.x * block.y * block.z;
@@ -103,6 +104,7 @@ static void capture_stopped(CUstream_st *s)
 cudaError_t emu_enqueue(cudaStream_t s, std::function<void()> op)
 {
     if (!s || !s->capturing) {
+        emu_sync_all();   // queued copies land first, in stream order
         op();
         return cudaSuccess;
     }
@@ -133,6 +135,7 @@ cudaError_t cudaStreamCreateWithFlags(cudaStream_t *s, int)
 
 cudaError_t cudaStreamDestroy(cudaStream_t s)
 {
+    emu_sync_all();
     if (!s)
         return cudaSuccess;
     if (s->capturing) {   // CUDA leaves this undefined; here the capture just ends
@@ -150,7 +153,9 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s)
         return fail(cudaErrorStreamCaptureUnsupported);
     }
     if (!s)   // the legacy stream: unsafe while this thread captures
-        return emu_unsafe_call();
+        if (cudaError_t e = emu_unsafe_call())
+            return e;
+    emu_sync_all();
     return cudaSuccess;
 }
 

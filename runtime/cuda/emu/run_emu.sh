@@ -10,6 +10,10 @@
 # masking, softmax and selection logic against the CPU references; it says
 # nothing about speed, occupancy, memory coalescing, real warp scheduling or
 # the NCCL backend.  A real GPU run of test_kernels_cuda replaces it.
+# Then test_model_cuda (the whole cuda model, its weights streamed from real
+# rank files through pinned staging buffers whose asynchronous copies the
+# emulation defers to the next synchronisation) and tprun --device cuda
+# itself (--load-only, and greedy tokens against the cpu's).
 # Needs g++ (C++20), python3; takes a few minutes (thousands of threads).
 # Usage: run_emu.sh [all|kernels|model]  (default all: both test programs).
 set -euo pipefail
@@ -20,7 +24,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 b=$work/build
 make -s -j"$(nproc)" NOCUDA=1 BUILD="$b" BIN="$b/bin" \
-    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a"
+    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" "$b/bin/tpconvert" "$b/bin/tprun"
 emu=runtime/cuda/emu
 inc=(-I"$emu" -Ishardfmt -Iconvert -Iloader -Iruntime -I/usr/include/cjson -DTP_HAVE_CUDA)
 python3 "$emu/rewrite.py" runtime/cuda/kernels_cuda.cu >"$work/kernels_emu.cpp"
@@ -62,3 +66,32 @@ g++ -o "$work/test_model_cuda_emu" "$work/test_model.o" "$work/model_cuda_dispat
     $(mpicc --showme:link 2>/dev/null || true)
 echo "== test_model_cuda on the CPU emulation (not a GPU run)"
 "$work/test_model_cuda_emu"
+
+# tprun itself on the emulation: --device cuda --load-only opens a real
+# conversion (zstd and uncompressed) without decoding it and streams it to
+# the "device", and a greedy generation on --device cuda gives the cpu's
+# tokens.
+gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tools/tprun.c -o "$work/tprun.o"
+g++ -o "$work/tprun_emu" "$work/tprun.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" "$work/weights_cuda_emu.o" \
+    "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o" \
+    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
+    -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
+    $(mpicc --showme:link 2>/dev/null || true)
+echo "== tprun --device cuda on the CPU emulation (not a GPU run)"
+model=tests/models/qwen3-tiny
+for codec in zstd none; do
+    conv=$work/conv-$codec
+    "$b/bin/tpconvert" --tp 1 --compress "$codec" --chunk-size 4K --quiet "$model" "$conv"
+    "$work/tprun_emu" "$conv" --device cuda --load-only --threads 2 2>"$work/load.log" || {
+        cat "$work/load.log"; echo "tprun --device cuda --load-only ($codec) failed"; exit 1; }
+    grep 'load-only: rank 0 of 1: .* MB of weights on the device in .* GB/s' "$work/load.log" || {
+        cat "$work/load.log"; echo "tprun --load-only ($codec): no load line"; exit 1; }
+    args=(--prompt-ids 1,2,3,4,5 --max-new-tokens 6 --temperature 0 --ignore-eos --json --threads 2)
+    cpu=$("$b/bin/tprun" "$conv" "${args[@]}" | grep -o '"generated_ids":\[[^]]*\]')
+    gpu=$("$work/tprun_emu" "$conv" --device cuda "${args[@]}" | grep -o '"generated_ids":\[[^]]*\]')
+    echo "  $codec: cpu $cpu, cuda $gpu"
+    if [ -z "$cpu" ] || [ "$cpu" != "$gpu" ]; then
+        echo "tprun --device cuda ($codec): tokens differ from the cpu's"; exit 1
+    fi
+done
+echo "tprun on the emulation: ok"
