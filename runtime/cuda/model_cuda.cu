@@ -252,7 +252,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         goto fail;
     if (g->nccl)
         tpc_comm_set_enqueue_only(g->comm, true);   /* waits happen in wait_stream */
-    g->graph_usable = !d->no_graph && (g->world == 1 || g->nccl) && g->lm_end > g->lm_start;
+    g->graph_usable = !d->no_graph && (g->world == 1 || g->nccl);
     snprintf(g->graph_note, sizeof g->graph_note, "%s",
              g->graph_usable ? "decode as a CUDA graph"
              : d->no_graph   ? "no CUDA graph (turned off)"
@@ -511,104 +511,22 @@ int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logit
 
 /* ------------------------------------------------------------ token pick */
 
-/* Greedy: every rank's best of its slice, then the best of those (ties:
- * the lowest id; NaN never wins), exactly tp_sample's argmax over the
- * gathered logits.  Only world winners (8 bytes each) cross the ranks. */
-static int pick_greedy(tpcm_model *g, int32_t *next, tp_err *err)
-{
-    cudaStream_t s = (cudaStream_t)g->s;
-    int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
-    tpc_argmax_result *mine = g->host_best;   /* staged: slot 0 is this rank's */
-    if (cnt > 0) {
-        if (tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0)
-            return -1;
-    } else {
-        /* no rows here (more ranks than rows): a winner that never wins */
-        mine[0].value = -INFINITY;
-        mine[0].id = (int32_t)g->lm_start;
-        if (cuda_check(cudaMemcpyAsync(g->best, mine, sizeof *mine, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync", err) < 0)
-            return -1;
-    }
-    if (W > 1 && g->nccl) {
-        /* device buffers; the 8-byte records travel as two floats, bit for bit */
-        if (g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
-            return tp_err_prefix(err, "token pick all-gather");
-        if (cuda_check(cudaMemcpyAsync(g->host_best, g->best_all, W * sizeof *g->host_best, cudaMemcpyDeviceToHost, s),
-                       "cudaMemcpyAsync (token pick)", err) < 0 || wait_stream(g, err) < 0)
-            return -1;
-    } else {
-        tpc_argmax_result own;
-        if (cuda_check(cudaMemcpyAsync(g->host_best, g->best, sizeof own, cudaMemcpyDeviceToHost, s),
-                       "cudaMemcpyAsync (token pick)", err) < 0 || wait_stream(g, err) < 0)
-            return -1;
-        own = g->host_best[0];
-        if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)&own, (float *)g->host_best, 2, err) < 0)
-            return tp_err_prefix(err, "token pick all-gather");
-    }
-    tpc_argmax_result best = { -INFINITY, INT32_MAX };
-    for (int r = 0; r < W; r++) {
-        tpc_argmax_result c = g->host_best[r];
-        float v = isnan(c.value) ? -INFINITY : c.value;
-        if (v > best.value || (v == best.value && c.id < best.id)) {
-            best.value = v;
-            best.id = c.id;
-        }
-    }
-    *next = best.id;
-    return 0;
-}
-
-/* Sampling: the full logits are gathered on the device (nccl) or through
- * the host (other backends), then tpc_sample draws with u; only the id comes
- * back.  Rank 0's id is broadcast, as tp_model_pick does on the CPU. */
-static int pick_sample(tpcm_model *g, const tp_sampler_opts *o, double u, int32_t *next, tp_err *err)
-{
-    cudaStream_t s = (cudaStream_t)g->s;
-    int V = g->cfg.vocab, W = g->world;
-    const float *full = g->logit_slot;   /* tp 1: the slice is the vocabulary */
-    if (W > 1) {
-        const float *rows;
-        cudaMemcpyKind kind;
-        if (g->nccl) {
-            if (g->comm->ops->allgather_f32(g->comm, g->logit_slot, g->logits_all, (size_t)g->vocab_slot, err) < 0)
-                return tp_err_prefix(err, "logits all-gather");
-            rows = g->logits_all;
-            kind = cudaMemcpyDeviceToDevice;
-        } else {
-            if (logits_gather_host(g, err) < 0)
-                return -1;
-            rows = g->host_all;
-            kind = cudaMemcpyHostToDevice;
-        }
-        for (int r = 0; r < W; r++) {
-            int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
-            if (e > a && cuda_check(cudaMemcpyAsync(g->vocab_logits + a, rows + (size_t)r * g->vocab_slot,
-                                                    (size_t)(e - a) * 4, kind, s), "cudaMemcpyAsync (logits)", err) < 0)
-                return -1;
-        }
-        full = g->vocab_logits;
-    }
-    if (tpc_sample(g->next_id, full, V, o->temperature, o->top_k, o->top_p, u, g->sample_ws, g->s, err) < 0 ||
-        cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (token)",
-                   err) < 0 ||
-        wait_stream(g, err) < 0)
-        return -1;
-    int32_t id = *g->host_next;
-    if (W > 1 && g->comm->ops->broadcast(g->comm, &id, sizeof id, 0, err) < 0)
-        return tp_err_prefix(err, "token broadcast");
-    *next = id;
-    return 0;
-}
-
-/* ------------------------------------------------------ decode graph */
-
-/* The pick of a graph step (o NULL: greedy), from logit_slot into next_id. */
+/* The next token from logit_slot into next_id (device), o NULL: greedy,
+ * without leaving the device: what a graph step records, and the eager
+ * pick of tp 1 and nccl.  Greedy: every rank's best of its slice (tpc_argmax),
+ * all-gathered (8 bytes per rank), combined (ties: the lowest id; NaN never
+ * wins), which is exactly tp_sample's argmax over the gathered logits.
+ * Sampling: the logits all-gathered and put in vocabulary order,
+ * tpc_sample_devu with *u_dev, rank 0's id broadcast. */
 static int pick_on_device(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
 {
     cudaStream_t s = (cudaStream_t)g->s;
     int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
     if (!o) {
-        if (tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0)
+        if (cnt > 0 ? tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0
+                    /* no rows here (more ranks than rows): a winner that never wins */
+                    : tpc_set_i32((int32_t *)&g->best->value, (int32_t)0xff800000u /* -inf */, g->s, err) < 0 ||
+                          tpc_set_i32(&g->best->id, (int32_t)g->lm_start, g->s, err) < 0)
             return -1;
         if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
             return tp_err_prefix(err, "token pick all-gather");
@@ -636,9 +554,83 @@ static int pick_on_device(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
     return 0;
 }
 
+/* The staged backends (tcp, mpi at tp > 1): the collectives run on host
+ * buffers.  Greedy: this rank's winner comes back, the winners are
+ * all-gathered and combined on the host by tpc_argmax_combine's rules.
+ * Sampling: the logits are gathered through the host, go back to the device
+ * in vocabulary order, tpc_sample draws, rank 0's id is broadcast. */
+static int pick_staged(tpcm_model *g, const tp_sampler_opts *o, double u, int32_t *next, tp_err *err)
+{
+    cudaStream_t s = (cudaStream_t)g->s;
+    int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
+    if (!o) {
+        tpc_argmax_result own = { -INFINITY, (int32_t)g->lm_start };   /* no rows here: never wins */
+        if (cnt > 0 && (tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0 ||
+                        cuda_check(cudaMemcpyAsync(g->host_best, g->best, sizeof own, cudaMemcpyDeviceToHost, s),
+                                   "cudaMemcpyAsync (token pick)", err) < 0 ||
+                        tpc_sync(g->s, err) < 0))
+            return -1;
+        if (cnt > 0)
+            own = g->host_best[0];
+        if (g->comm->ops->allgather_f32(g->comm, (const float *)&own, (float *)g->host_best, 2, err) < 0)
+            return tp_err_prefix(err, "token pick all-gather");
+        tpc_argmax_result best = { -INFINITY, INT32_MAX };
+        for (int r = 0; r < W; r++) {
+            tpc_argmax_result c = g->host_best[r];
+            float v = isnan(c.value) ? -INFINITY : c.value;
+            if (v > best.value || (v == best.value && c.id < best.id)) {
+                best.value = v;
+                best.id = c.id;
+            }
+        }
+        *next = best.id;
+        return 0;
+    }
+    if (logits_gather_host(g, err) < 0)
+        return -1;
+    for (int r = 0; r < W; r++) {
+        int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
+        if (e > a && cuda_check(cudaMemcpyAsync(g->vocab_logits + a, g->host_all + (size_t)r * g->vocab_slot,
+                                                (size_t)(e - a) * 4, cudaMemcpyHostToDevice, s),
+                                "cudaMemcpyAsync (logits)", err) < 0)
+            return -1;
+    }
+    if (tpc_sample(g->next_id, g->vocab_logits, g->cfg.vocab, o->temperature, o->top_k, o->top_p, u, g->sample_ws,
+                   g->s, err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (token)",
+                   err) < 0 ||
+        tpc_sync(g->s, err) < 0)
+        return -1;
+    int32_t id = *g->host_next;
+    if (g->comm->ops->broadcast(g->comm, &id, sizeof id, 0, err) < 0)
+        return tp_err_prefix(err, "token broadcast");
+    *next = id;
+    return 0;
+}
+
+/* The eager pick (prefill, --no-graph, and the staged backends). */
+static int pick_eager(tpcm_model *g, const tp_sampler_opts *o, double u, int32_t *next, tp_err *err)
+{
+    if (g->world > 1 && !g->nccl)
+        return pick_staged(g, o, u, next, err);
+    cudaStream_t s = (cudaStream_t)g->s;
+    *g->host_u = u;   /* pinned; rewritten only after this pick's wait */
+    if ((o && cuda_check(cudaMemcpyAsync(g->u_dev, g->host_u, sizeof(double), cudaMemcpyHostToDevice, s),
+                         "cudaMemcpyAsync (uniform)", err) < 0) ||
+        pick_on_device(g, o, err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (token)",
+                   err) < 0 ||
+        wait_stream(g, err) < 0)
+        return -1;
+    *next = *g->host_next;
+    return 0;
+}
+
+/* ------------------------------------------------------ decode graph */
+
 /* One decode step that reads everything that changes per token from device
  * memory (g->ids[0], *g->pos_dev, *g->u_dev) and leaves the picked id in
- * host_next: what a graph records.  Needs a non-empty lm_head slice. */
+ * host_next: what a graph records. */
 static int decode_step_body(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
 {
     if (layers(g, 1, 0, g->pos_dev, err) < 0 || logits_slice(g, 1, err) < 0 || pick_on_device(g, o, err) < 0)
@@ -724,5 +716,5 @@ int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const t
     }
     if (run_layers(g, ids, n, pos, err) < 0 || logits_slice(g, n, err) < 0)
         return -1;
-    return greedy ? pick_greedy(g, next, err) : pick_sample(g, o, u, next, err);
+    return pick_eager(g, greedy ? NULL : o, u, next, err);
 }
