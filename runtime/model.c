@@ -963,8 +963,7 @@ int tp_model_forward_pick(tp_model *m, const int32_t *ids, int n, const tp_sampl
     if (m->gpu) {
         if (check_forward(m, ids, n, err) < 0)
             return -1;
-        bool greedy = !(o->temperature > 0) || o->top_k == 1;
-        double u = greedy ? 0.0 : tp_rng_uniform(rng);   /* tp_sample's one draw */
+        double u = tp_sampler_is_greedy(o) ? 0.0 : tp_rng_uniform(rng);   /* tp_sample's one draw */
         if (tpcm_forward_pick(m->gpu, ids, n, m->pos, o, u, next, err) < 0)
             return -1;
         m->pos += n;

@@ -182,6 +182,9 @@ double tp_rng_uniform(tp_rng *r);
 /* Picks a token from full logits (vocab entries).  Greedy ties go to the
  * lowest id.  scratch: NULL (allocated inside) or 2 * vocab floats. */
 int32_t tp_sample(const float *logits, int vocab, const tp_sampler_opts *o, tp_rng *rng, float *scratch);
+/* Whether tp_sample takes the argmax (temperature <= 0 or top_k 1): it then
+ * draws nothing from the rng. */
+bool tp_sampler_is_greedy(const tp_sampler_opts *o);
 
 /* Picking a model's next token (model.c).  tp_model_pick: tp_sample over full logits (identical on every rank), then rank 0's id
  * broadcast so that the ranks never drift apart.  Collective. */

@@ -101,11 +101,13 @@ static float kth_largest(const float *v, int n, int k, float *tmp)
     return tmp[want];
 }
 
+bool tp_sampler_is_greedy(const tp_sampler_opts *o) { return !(o->temperature > 0) || o->top_k == 1; }
+
 int32_t tp_sample(const float *logits, int vocab, const tp_sampler_opts *o, tp_rng *rng, float *scratch)
 {
     if (vocab <= 0)
         return 0;
-    if (!(o->temperature > 0) || o->top_k == 1)
+    if (tp_sampler_is_greedy(o))
         return argmax(logits, vocab);
 
     float *probs = scratch, *own = NULL;

@@ -28,7 +28,6 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 extern "C" {
@@ -46,13 +45,6 @@ typedef struct nccl_impl {
     size_t stage_bytes;
     bool enqueue_only;    /* device-buffer collectives do not wait for the stream */
 } nccl_impl;
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Stops the communicator after an error or a timeout: pending NCCL kernels
  * are cancelled instead of spinning forever on a peer that is gone. */
@@ -80,7 +72,7 @@ static int wait_done(tp_comm *c, const char *op, ncclResult_t issued, tp_err *er
     nccl_impl *m = (nccl_impl *)c->impl;
     if (issued != ncclSuccess && issued != ncclInProgress)
         return nccl_fail(c, op, issued, err);
-    double deadline = c->timeout_s > 0 ? now_s() + c->timeout_s : 0;
+    double deadline = c->timeout_s > 0 ? tp_now() + c->timeout_s : 0;
     for (long spin = 0;; spin++) {
         ncclResult_t st = ncclSuccess;
         ncclResult_t q = ncclCommGetAsyncError(m->comm, &st);
@@ -99,7 +91,7 @@ static int wait_done(tp_comm *c, const char *op, ncclResult_t issued, tp_err *er
                 return -1;
             }
         }
-        if (deadline && now_s() > deadline) {
+        if (deadline && tp_now() > deadline) {
             abort_comm(m);
             return tp_comm_timeout_error(c, op, -1, err);
         }
@@ -116,7 +108,7 @@ static int wait_enqueued(tp_comm *c, const char *op, ncclResult_t issued, tp_err
     nccl_impl *m = (nccl_impl *)c->impl;
     if (issued != ncclSuccess && issued != ncclInProgress)
         return nccl_fail(c, op, issued, err);
-    double deadline = c->timeout_s > 0 ? now_s() + c->timeout_s : 0;
+    double deadline = c->timeout_s > 0 ? tp_now() + c->timeout_s : 0;
     for (;;) {
         ncclResult_t st = ncclSuccess;
         ncclResult_t q = ncclCommGetAsyncError(m->comm, &st);
@@ -126,7 +118,7 @@ static int wait_enqueued(tp_comm *c, const char *op, ncclResult_t issued, tp_err
             return 0;
         if (st != ncclInProgress)
             return nccl_fail(c, op, st, err);
-        if (deadline && now_s() > deadline) {
+        if (deadline && tp_now() > deadline) {
             abort_comm(m);
             return tp_comm_timeout_error(c, op, -1, err);
         }
@@ -283,11 +275,11 @@ static void nccl_close(tp_comm *c)
     if (m->comm && !m->broken) {
         ncclResult_t r = ncclCommFinalize(m->comm), st = ncclInProgress;
         double limit = c->timeout_s > 0 && c->timeout_s < 30 ? c->timeout_s : 30;
-        double deadline = now_s() + limit;
+        double deadline = tp_now() + limit;
         while (r == ncclSuccess || r == ncclInProgress) {
             if (ncclCommGetAsyncError(m->comm, &st) != ncclSuccess || st != ncclInProgress)
                 break;
-            if (now_s() > deadline)
+            if (tp_now() > deadline)
                 break;
             usleep(100);
         }
@@ -393,7 +385,7 @@ static int init_comm(tp_comm *c, nccl_impl *m, ncclUniqueId id, tp_err *err)
         m->comm = NULL;
         return -1;
     }
-    double deadline = c->timeout_s > 0 ? now_s() + c->timeout_s : 0;
+    double deadline = c->timeout_s > 0 ? tp_now() + c->timeout_s : 0;
     for (;;) {
         ncclResult_t st = ncclInProgress;
         ncclCommGetAsyncError(m->comm, &st);
@@ -403,7 +395,7 @@ static int init_comm(tp_comm *c, nccl_impl *m, ncclUniqueId id, tp_err *err)
             tp_errorf(err, "--comm nccl: rank %d: communicator setup failed: %s", c->rank, ncclGetErrorString(st));
             break;
         }
-        if (deadline && now_s() > deadline) {
+        if (deadline && tp_now() > deadline) {
             tp_comm_timeout_error(c, "nccl setup", -1, err);
             break;
         }

@@ -77,6 +77,32 @@ extern "C" void tpc_free(void *ptr)
         cudaFree(ptr);
 }
 
+extern "C" int tpc_allocs_malloc(tpc_allocs *a, void **ptr, size_t bytes, const char *what, tp_err *err)
+{
+    *ptr = NULL;
+    if (a->n == a->cap) {
+        size_t cap = a->cap ? a->cap * 2 : 64;
+        void **p = (void **)realloc(a->ptrs, cap * sizeof *p);
+        if (!p)
+            return tp_errorf(err, "out of memory");
+        a->ptrs = p;
+        a->cap = cap;
+    }
+    if (tpc_malloc(ptr, bytes, what, err) < 0)
+        return -1;
+    a->ptrs[a->n++] = *ptr;
+    return 0;
+}
+
+extern "C" void tpc_allocs_free(tpc_allocs *a)
+{
+    for (size_t i = 0; i < a->n; i++)
+        tpc_free(a->ptrs[i]);
+    free(a->ptrs);
+    a->ptrs = NULL;
+    a->n = a->cap = 0;
+}
+
 extern "C" int tpc_upload(void *dst_dev, const void *src_host, size_t bytes, tp_err *err)
 {
     cudaError_t e = cudaMemcpy(dst_dev, src_host, bytes, cudaMemcpyHostToDevice);

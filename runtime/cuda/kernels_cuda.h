@@ -64,6 +64,15 @@ int tpc_set_device(int device, tp_err *err);
 /* what names the buffer in the out-of-memory message. */
 int tpc_malloc(void **ptr, size_t bytes, const char *what, tp_err *err);
 void tpc_free(void *ptr);
+/* Device allocations freed together (a model's buffers): tpc_allocs_malloc
+ * is tpc_malloc that also records the pointer; tpc_allocs_free frees them
+ * all and empties the list.  Zero-initialise before use. */
+typedef struct tpc_allocs {
+    void **ptrs;
+    size_t n, cap;
+} tpc_allocs;
+int tpc_allocs_malloc(tpc_allocs *a, void **ptr, size_t bytes, const char *what, tp_err *err);
+void tpc_allocs_free(tpc_allocs *a);
 int tpc_upload(void *dst_dev, const void *src_host, size_t bytes, tp_err *err);
 int tpc_download(void *dst_host, const void *src_dev, size_t bytes, tp_err *err);
 int tpc_memset(void *dst_dev, int value, size_t bytes, tp_err *err);

@@ -44,8 +44,7 @@ struct tpcm_model {
     int64_t emb_start, emb_end, lm_start, lm_end;
     int64_t *lm_ranges;
     int vocab_slot;
-    void **owned;               /* device allocations besides the weights */
-    size_t n_owned, cap_owned;
+    tpc_allocs owned;           /* device allocations besides the weights */
 
     float *kcache, *vcache, *cos_t, *sin_t;
     int cap_n;
@@ -84,23 +83,6 @@ static int cuda_check(cudaError_t e, const char *what, tp_err *err)
     if (e == cudaSuccess)
         return 0;
     return tp_errorf(err, "%s: %s", what, cudaGetErrorString(e));
-}
-
-static int dev_alloc(tpcm_model *g, void **p, size_t bytes, const char *what, tp_err *err)
-{
-    *p = NULL;
-    if (g->n_owned == g->cap_owned) {
-        size_t cap = g->cap_owned ? g->cap_owned * 2 : 64;
-        void **o = (void **)realloc(g->owned, cap * sizeof *o);
-        if (!o)
-            return tp_errorf(err, "out of memory");
-        g->owned = o;
-        g->cap_owned = cap;
-    }
-    if (tpc_malloc(p, bytes ? bytes : 1, what, err) < 0)
-        return -1;
-    g->owned[g->n_owned++] = *p;
-    return 0;
 }
 
 static int pick_device(const tpcm_desc *d, int *device, tp_err *err)
@@ -155,14 +137,14 @@ static void drop_graphs(tpcm_model *g)
 static int alloc_pick_buffers(tpcm_model *g, tp_err *err)
 {
     size_t V = (size_t)g->cfg.vocab, W = (size_t)g->world;
-    if (dev_alloc(g, (void **)&g->best, sizeof *g->best, "token pick", err) < 0 ||
-        dev_alloc(g, (void **)&g->best_all, W * sizeof *g->best_all, "token pick", err) < 0 ||
-        dev_alloc(g, (void **)&g->logits_all, W * g->vocab_slot * 4, "logits", err) < 0 ||
-        dev_alloc(g, (void **)&g->vocab_logits, V * 4, "logits", err) < 0 ||
-        dev_alloc(g, (void **)&g->sample_ws, V * 4, "sampling workspace", err) < 0 ||
-        dev_alloc(g, (void **)&g->next_id, 4, "token pick", err) < 0 ||
-        dev_alloc(g, (void **)&g->pos_dev, 4, "position", err) < 0 ||
-        dev_alloc(g, (void **)&g->u_dev, sizeof(double), "sampling", err) < 0)
+    if (tpc_allocs_malloc(&g->owned, (void **)&g->best, sizeof *g->best, "token pick", err) < 0 ||
+        tpc_allocs_malloc(&g->owned, (void **)&g->best_all, W * sizeof *g->best_all, "token pick", err) < 0 ||
+        tpc_allocs_malloc(&g->owned, (void **)&g->logits_all, W * g->vocab_slot * 4, "logits", err) < 0 ||
+        tpc_allocs_malloc(&g->owned, (void **)&g->vocab_logits, V * 4, "logits", err) < 0 ||
+        tpc_allocs_malloc(&g->owned, (void **)&g->sample_ws, V * 4, "sampling workspace", err) < 0 ||
+        tpc_allocs_malloc(&g->owned, (void **)&g->next_id, 4, "token pick", err) < 0 ||
+        tpc_allocs_malloc(&g->owned, (void **)&g->pos_dev, 4, "position", err) < 0 ||
+        tpc_allocs_malloc(&g->owned, (void **)&g->u_dev, sizeof(double), "sampling", err) < 0)
         return -1;
     return cuda_check(cudaMallocHost((void **)&g->host_best, W * sizeof *g->host_best), "cudaMallocHost", err) < 0 ||
                    cuda_check(cudaMallocHost((void **)&g->host_next, 4), "cudaMallocHost", err) < 0 ||
@@ -227,12 +209,12 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
             tpk_rope_inv_freq(inv, (int)hd, &rp);
             tpk_rope_table(ct, sn, inv, (int)hd, g->max_seq);
             size_t tb = (size_t)g->max_seq * half * sizeof(float);
-            rc = (dev_alloc(g, (void **)&g->kcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
-                  dev_alloc(g, (void **)&g->vcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
-                  dev_alloc(g, (void **)&g->cos_t, tb, "rope table", err) < 0 ||
-                  dev_alloc(g, (void **)&g->sin_t, tb, "rope table", err) < 0 ||
+            rc = (tpc_allocs_malloc(&g->owned, (void **)&g->kcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
+                  tpc_allocs_malloc(&g->owned, (void **)&g->vcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
+                  tpc_allocs_malloc(&g->owned, (void **)&g->cos_t, tb, "rope table", err) < 0 ||
+                  tpc_allocs_malloc(&g->owned, (void **)&g->sin_t, tb, "rope table", err) < 0 ||
                   tpc_upload(g->cos_t, ct, tb, err) < 0 || tpc_upload(g->sin_t, sn, tb, err) < 0 ||
-                  dev_alloc(g, (void **)&g->logit_slot, (size_t)g->vocab_slot * 4, "logits", err) < 0)
+                  tpc_allocs_malloc(&g->owned, (void **)&g->logit_slot, (size_t)g->vocab_slot * 4, "logits", err) < 0)
                      ? -1 : 0;
         } else {
             tp_errorf(err, "out of memory");
@@ -271,9 +253,7 @@ void tpcm_free(tpcm_model *g)
         return;
     if (g->s)
         cudaStreamSynchronize((cudaStream_t)g->s);
-    for (size_t i = 0; i < g->n_owned; i++)
-        tpc_free(g->owned[i]);
-    free(g->owned);
+    tpc_allocs_free(&g->owned);
     tpcw_free(&g->w);
     tpc_free(g->x); tpc_free(g->h); tpc_free(g->q); tpc_free(g->k); tpc_free(g->v);
     tpc_free(g->att); tpc_free(g->o); tpc_free(g->gate); tpc_free(g->up); tpc_free(g->xb);
@@ -511,6 +491,34 @@ int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logit
 
 /* ------------------------------------------------------------ token pick */
 
+/* This rank's greedy winner of its lm_head slice into best (device); with no
+ * rows here (more ranks than rows) a record that never wins. */
+static int rank_winner(tpcm_model *g, tp_err *err)
+{
+    int cnt = (int)(g->lm_end - g->lm_start);
+    if (cnt > 0)
+        return tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err);
+    return tpc_set_i32((int32_t *)&g->best->value, (int32_t)0xff800000u /* -inf */, g->s, err) < 0 ||
+                   tpc_set_i32(&g->best->id, (int32_t)g->lm_start, g->s, err) < 0
+               ? -1
+               : 0;
+}
+
+/* Every rank's logits slice (slot r of rows, world slots of vocab_slot
+ * floats, on the device or the host as kind says) into vocab_logits at its
+ * vocabulary rows. */
+static int slices_to_vocab(tpcm_model *g, const float *rows, cudaMemcpyKind kind, tp_err *err)
+{
+    for (int r = 0; r < g->world; r++) {
+        int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
+        if (e > a && cuda_check(cudaMemcpyAsync(g->vocab_logits + a, rows + (size_t)r * g->vocab_slot,
+                                                (size_t)(e - a) * 4, kind, (cudaStream_t)g->s),
+                                "cudaMemcpyAsync (logits)", err) < 0)
+            return -1;
+    }
+    return 0;
+}
+
 /* The next token from logit_slot into next_id (device), o NULL: greedy,
  * without leaving the device: what a graph step records, and the eager
  * pick of tp 1 and nccl.  Greedy: every rank's best of its slice (tpc_argmax),
@@ -520,13 +528,9 @@ int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logit
  * tpc_sample_devu with *u_dev, rank 0's id broadcast. */
 static int pick_on_device(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
 {
-    cudaStream_t s = (cudaStream_t)g->s;
-    int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
+    int W = g->world;
     if (!o) {
-        if (cnt > 0 ? tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0
-                    /* no rows here (more ranks than rows): a winner that never wins */
-                    : tpc_set_i32((int32_t *)&g->best->value, (int32_t)0xff800000u /* -inf */, g->s, err) < 0 ||
-                          tpc_set_i32(&g->best->id, (int32_t)g->lm_start, g->s, err) < 0)
+        if (rank_winner(g, err) < 0)
             return -1;
         if (W > 1 && g->comm->ops->allgather_f32(g->comm, (const float *)g->best, (float *)g->best_all, 2, err) < 0)
             return tp_err_prefix(err, "token pick all-gather");
@@ -536,13 +540,8 @@ static int pick_on_device(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
     if (W > 1) {
         if (g->comm->ops->allgather_f32(g->comm, g->logit_slot, g->logits_all, (size_t)g->vocab_slot, err) < 0)
             return tp_err_prefix(err, "logits all-gather");
-        for (int r = 0; r < W; r++) {
-            int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
-            if (e > a && cuda_check(cudaMemcpyAsync(g->vocab_logits + a, g->logits_all + (size_t)r * g->vocab_slot,
-                                                    (size_t)(e - a) * 4, cudaMemcpyDeviceToDevice, s),
-                                    "cudaMemcpyAsync (logits)", err) < 0)
-                return -1;
-        }
+        if (slices_to_vocab(g, g->logits_all, cudaMemcpyDeviceToDevice, err) < 0)
+            return -1;
         full = g->vocab_logits;
     }
     if (tpc_sample_devu(g->next_id, full, g->cfg.vocab, o->temperature, o->top_k, o->top_p, g->u_dev, g->sample_ws,
@@ -555,54 +554,39 @@ static int pick_on_device(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
 }
 
 /* The staged backends (tcp, mpi at tp > 1): the collectives run on host
- * buffers.  Greedy: this rank's winner comes back, the winners are
- * all-gathered and combined on the host by tpc_argmax_combine's rules.
- * Sampling: the logits are gathered through the host, go back to the device
- * in vocabulary order, tpc_sample draws, rank 0's id is broadcast. */
+ * buffers, so what pick_on_device gathers on the device goes through the
+ * host and back: greedy, the winners (then tpc_argmax_combine on the
+ * device); sampling, the logits (then tpc_sample; rank 0's id broadcast). */
 static int pick_staged(tpcm_model *g, const tp_sampler_opts *o, double u, int32_t *next, tp_err *err)
 {
     cudaStream_t s = (cudaStream_t)g->s;
-    int cnt = (int)(g->lm_end - g->lm_start), W = g->world;
+    int W = g->world;
     if (!o) {
-        tpc_argmax_result own = { -INFINITY, (int32_t)g->lm_start };   /* no rows here: never wins */
-        if (cnt > 0 && (tpc_argmax(g->best, g->logit_slot, cnt, (int32_t)g->lm_start, g->s, err) < 0 ||
-                        cuda_check(cudaMemcpyAsync(g->host_best, g->best, sizeof own, cudaMemcpyDeviceToHost, s),
-                                   "cudaMemcpyAsync (token pick)", err) < 0 ||
-                        tpc_sync(g->s, err) < 0))
+        tpc_argmax_result own;
+        if (rank_winner(g, err) < 0 ||
+            cuda_check(cudaMemcpyAsync(g->host_best, g->best, sizeof own, cudaMemcpyDeviceToHost, s),
+                       "cudaMemcpyAsync (token pick)", err) < 0 ||
+            tpc_sync(g->s, err) < 0)
             return -1;
-        if (cnt > 0)
-            own = g->host_best[0];
+        own = g->host_best[0];
         if (g->comm->ops->allgather_f32(g->comm, (const float *)&own, (float *)g->host_best, 2, err) < 0)
             return tp_err_prefix(err, "token pick all-gather");
-        tpc_argmax_result best = { -INFINITY, INT32_MAX };
-        for (int r = 0; r < W; r++) {
-            tpc_argmax_result c = g->host_best[r];
-            float v = isnan(c.value) ? -INFINITY : c.value;
-            if (v > best.value || (v == best.value && c.id < best.id)) {
-                best.value = v;
-                best.id = c.id;
-            }
-        }
-        *next = best.id;
-        return 0;
-    }
-    if (logits_gather_host(g, err) < 0)
-        return -1;
-    for (int r = 0; r < W; r++) {
-        int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
-        if (e > a && cuda_check(cudaMemcpyAsync(g->vocab_logits + a, g->host_all + (size_t)r * g->vocab_slot,
-                                                (size_t)(e - a) * 4, cudaMemcpyHostToDevice, s),
-                                "cudaMemcpyAsync (logits)", err) < 0)
+        if (cuda_check(cudaMemcpyAsync(g->best_all, g->host_best, W * sizeof own, cudaMemcpyHostToDevice, s),
+                       "cudaMemcpyAsync (token pick)", err) < 0 ||
+            tpc_argmax_combine(g->next_id, g->best_all, W, g->s, err) < 0)
+            return -1;
+    } else {
+        if (logits_gather_host(g, err) < 0 || slices_to_vocab(g, g->host_all, cudaMemcpyHostToDevice, err) < 0 ||
+            tpc_sample(g->next_id, g->vocab_logits, g->cfg.vocab, o->temperature, o->top_k, o->top_p, u,
+                       g->sample_ws, g->s, err) < 0)
             return -1;
     }
-    if (tpc_sample(g->next_id, g->vocab_logits, g->cfg.vocab, o->temperature, o->top_k, o->top_p, u, g->sample_ws,
-                   g->s, err) < 0 ||
-        cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (token)",
+    if (cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, s), "cudaMemcpyAsync (token)",
                    err) < 0 ||
         tpc_sync(g->s, err) < 0)
         return -1;
     int32_t id = *g->host_next;
-    if (g->comm->ops->broadcast(g->comm, &id, sizeof id, 0, err) < 0)
+    if (o && g->comm->ops->broadcast(g->comm, &id, sizeof id, 0, err) < 0)
         return tp_err_prefix(err, "token broadcast");
     *next = id;
     return 0;
@@ -708,7 +692,7 @@ static int decode_step_graph(tpcm_model *g, int32_t id, int pos, const tp_sample
 int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const tp_sampler_opts *o, double u,
                       int32_t *next, tp_err *err)
 {
-    bool greedy = !(o->temperature > 0) || o->top_k == 1;
+    bool greedy = tp_sampler_is_greedy(o);
     if (n == 1 && g->graph_usable) {
         int rc = decode_step_graph(g, ids[0], pos, greedy ? NULL : o, u, next, err);
         if (rc <= 0)

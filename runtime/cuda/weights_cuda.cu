@@ -19,7 +19,6 @@
 
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "weights_cuda.h"
@@ -28,35 +27,11 @@
 #define STAGE_MIN 4
 #define STAGE_MAX 34
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
-
 static int cuda_check(cudaError_t e, const char *what, tp_err *err)
 {
     if (e == cudaSuccess)
         return 0;
     return tp_errorf(err, "%s: %s", what, cudaGetErrorString(e));
-}
-
-static int dev_alloc(tpcw_weights *w, void **p, size_t bytes, tp_err *err)
-{
-    *p = NULL;
-    if (w->n_owned == w->cap_owned) {
-        size_t cap = w->cap_owned ? w->cap_owned * 2 : 64;
-        void **o = (void **)realloc(w->owned, cap * sizeof *o);
-        if (!o)
-            return tp_errorf(err, "out of memory");
-        w->owned = o;
-        w->cap_owned = cap;
-    }
-    if (tpc_malloc(p, bytes ? bytes : 1, "weights", err) < 0)
-        return -1;
-    w->owned[w->n_owned++] = *p;
-    return 0;
 }
 
 /* Round to nearest even, as torch's .to(torch.bfloat16) (NaN stays NaN). */
@@ -177,7 +152,7 @@ static int add_dest(sink *sk, const tp_weight_src *src, bool mat, void **dst, tp
     d->off = src->offset;
     d->bytes = src->bytes;
     d->mat = mat;
-    if (dev_alloc(sk->w, &d->dev, n * (mat ? 2 : 4), err) < 0)
+    if (tpc_allocs_malloc(&sk->w->owned, &d->dev, n * (mat ? 2 : 4), "weights", err) < 0)
         return tp_err_prefix(err, "tensor %s", t->name);
     if (!mat && !(d->host = (float *)malloc(n ? n * 4 : 1)))
         return tp_errorf(err, "out of memory");
@@ -362,7 +337,7 @@ static size_t stage_count(const tp_loaded_rank *lr)
 int tpcw_upload(tpcw_weights *w, const tpcm_desc *d, tpc_stream s, tp_err *err)
 {
     memset(w, 0, sizeof *w);
-    double t0 = now_s();
+    double t0 = tp_now();
     sink sk;
     memset(&sk, 0, sizeof sk);
     sk.w = w;
@@ -403,7 +378,7 @@ int tpcw_upload(tpcw_weights *w, const tpcm_desc *d, tpc_stream s, tp_err *err)
                       (unsigned long long)sk.dests[i].got, (unsigned long long)sk.dests[i].bytes);
             goto fail;
         }
-    w->seconds = now_s() - t0;
+    w->seconds = tp_now() - t0;
     w->source_bytes = (double)stats.bytes;
     sink_close(&sk);
     return 0;
@@ -416,9 +391,7 @@ fail:
 
 void tpcw_free(tpcw_weights *w)
 {
-    for (size_t i = 0; i < w->n_owned; i++)
-        tpc_free(w->owned[i]);
-    free(w->owned);
+    tpc_allocs_free(&w->owned);
     free(w->layers);
     memset(w, 0, sizeof *w);
 }

@@ -33,8 +33,7 @@ typedef struct tpcw_weights {
     uint16_t *lm_w;             /* rows [lm_start, lm_end); may point into embed */
     float *final_norm;
     tpcw_layer *layers;         /* cfg->n_layers */
-    void **owned;               /* device allocations, freed by tpcw_free */
-    size_t n_owned, cap_owned;
+    tpc_allocs owned;           /* device allocations, freed by tpcw_free */
     double bytes, seconds;      /* weight bytes put on the device, and how long it took */
     double source_bytes;        /* decoded bytes streamed from the loaded rank */
 } tpcw_weights;

@@ -26,15 +26,19 @@ b=$work/build
 make -s -j"$(nproc)" NOCUDA=1 BUILD="$b" BIN="$b/bin" \
     "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" "$b/bin/tpconvert" "$b/bin/tprun"
 emu=runtime/cuda/emu
+# link_emu OUT OBJ...: the objects against the CPU-only libraries.
+link_emu() {
+    local out=$1; shift
+    g++ -o "$out" "$@" "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
+        -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
+        $(mpicc --showme:link 2>/dev/null || true)
+}
 inc=(-I"$emu" -Ishardfmt -Iconvert -Iloader -Iruntime -I/usr/include/cjson -DTP_HAVE_CUDA)
 python3 "$emu/rewrite.py" runtime/cuda/kernels_cuda.cu >"$work/kernels_emu.cpp"
 g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/kernels_emu.cpp" -o "$work/kernels_emu.o"
 g++ -std=c++20 -O1 -g -I"$emu" -c "$emu/emu.cpp" -o "$work/emu.o"
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_kernels_cuda.c -o "$work/test.o"
-g++ -o "$work/test_kernels_cuda_emu" "$work/test.o" "$work/kernels_emu.o" "$work/emu.o" \
-    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
-    -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
-    $(mpicc --showme:link 2>/dev/null || true)
+link_emu "$work/test_kernels_cuda_emu" "$work/test.o" "$work/kernels_emu.o" "$work/emu.o"
 if [ "$what" != model ]; then
     echo "== test_kernels_cuda on the CPU emulation (not a GPU run)"
     "$work/test_kernels_cuda_emu"
@@ -59,11 +63,8 @@ done
 g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/nccl_stub.cpp" -o "$work/nccl_stub.o"
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c runtime/model.c -o "$work/model_cuda_dispatch.o"
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
-g++ -o "$work/test_model_cuda_emu" "$work/test_model.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" "$work/weights_cuda_emu.o" \
-    "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o" \
-    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
-    -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
-    $(mpicc --showme:link 2>/dev/null || true)
+link_emu "$work/test_model_cuda_emu" "$work/test_model.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" "$work/weights_cuda_emu.o" \
+    "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o"
 echo "== test_model_cuda on the CPU emulation (not a GPU run)"
 "$work/test_model_cuda_emu"
 
@@ -72,11 +73,8 @@ echo "== test_model_cuda on the CPU emulation (not a GPU run)"
 # the "device", and a greedy generation on --device cuda gives the cpu's
 # tokens.
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tools/tprun.c -o "$work/tprun.o"
-g++ -o "$work/tprun_emu" "$work/tprun.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" "$work/weights_cuda_emu.o" \
-    "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o" \
-    "$b/libruntime.a" "$b/libloader.a" "$b/libconvert.a" "$b/libshardfmt.a" \
-    -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
-    $(mpicc --showme:link 2>/dev/null || true)
+link_emu "$work/tprun_emu" "$work/tprun.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" "$work/weights_cuda_emu.o" \
+    "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o"
 echo "== tprun --device cuda on the CPU emulation (not a GPU run)"
 model=tests/models/qwen3-tiny
 for codec in zstd none; do
