@@ -57,7 +57,7 @@ PROGRAMS   := $(patsubst tools/%.c,$(BIN)/%,$(wildcard tools/*.c))
 TEST_PROGS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 HEADERS    := $(wildcard */*.h runtime/cuda/*.h)
 
-.PHONY: all test check clean demo fuzz deps bench-convert bench-cpu bench-gpu
+.PHONY: all test check clean demo fuzz deps bench-convert bench-cpu bench-gpu bench-comm print-cflags print-ldlibs
 all: $(PROGRAMS) $(TEST_PROGS)
 
 # The README's two commands.  Each installs what is missing first, then
@@ -118,6 +118,15 @@ bench-cpu: all
 	bash bench/bench_cpu.sh
 bench-gpu: all
 	bash bench/bench_gpu.sh
+bench-comm: all
+	bash bench/bench_comm.sh
+
+# The flags the programs are built with, for scripts that build a program of
+# their own against the libraries (bench/bench_comm.sh).
+print-cflags:
+	@echo $(CPPFLAGS) $(CFLAGS)
+print-ldlibs:
+	@echo $(LDLIBS)
 
 clean:
 	rm -rf $(BUILD) $(BIN)
