@@ -213,8 +213,23 @@ static void test_plan(void)
     tp_plan_free(&p);
 }
 
+/* cut.c's shape products are checked, whatever tp_model_info holds
+ * (run under -fsanitize=undefined to see no signed overflow). */
+static void test_cut_overflow(void)
+{
+    tp_err err = {{0}};
+    tp_model_info mi = {.hidden = 64, .n_heads = 1000000000000LL, .n_kv_heads = 1,
+                        .head_dim = 1000000000000LL, .intermediate = 128, .vocab = 512, .n_layers = 2};
+    uint64_t shape[2] = {128, 64};
+    tp_cut c;
+    CHECK(tp_cut_make(&c, &mi, "model.layers.0.self_attn.q_proj.weight", TP_BF16, 2, shape,
+                      TP_STYLE_COLWISE, 2, &err) < 0 && strstr(err.msg, "overflow"),
+          "huge heads * head_dim: %s", err.msg);
+}
+
 int main(void)
 {
+    test_cut_overflow();
     test_config();
     test_tensors();
     test_index();
