@@ -35,7 +35,7 @@ CU_SRC :=
 ifneq ($(NVCC),)
   CU_SRC    := $(wildcard runtime/cuda/*.cu)
   NVCCFLAGS ?= -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
-               -Xcompiler -fPIC -Ishardfmt -Iloader -Iruntime
+               -Xcompiler -fPIC -Ishardfmt -Iconvert -Iloader -Iruntime
   CPPFLAGS  += -DTP_HAVE_CUDA -I$(CUDA_HOME)/include
   LDLIBS    += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lnccl -lcudart -lstdc++
 endif

@@ -111,16 +111,110 @@ bool tp_wildcard_layers(const char *name, char *out, size_t cap);
 int tp_plan_resolve(const char *config_json, size_t config_len, const char *plan_path,
                     bool vocab_parallel, tp_plan *out, tp_err *err);
 
+/* ----------------------------------------------------------- model config */
+
+/* The architectures tprun runs; TP_ARCH_OTHER: any other model_type (its
+ * sizes are parsed so that a --plan can convert it for other runtimes). */
+typedef enum tp_arch { TP_ARCH_QWEN3, TP_ARCH_QWEN2, TP_ARCH_LLAMA, TP_ARCH_MISTRAL, TP_ARCH_OTHER } tp_arch;
+
+/* config.json as tpconvert and tprun both read it (convert/arch.c). */
+typedef struct tp_model_config {
+    tp_arch arch;
+    char model_type[64];
+    int hidden, n_layers, n_heads, n_kv_heads, head_dim, intermediate, vocab;
+    int max_position;
+    float rms_eps, rope_theta;
+    /* rope_scaling type "llama3" */
+    bool rope_llama3;
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_position;
+    bool tie_embeddings;
+    bool attention_bias;   /* q/k/v biases (qwen2 always) */
+    bool o_bias, mlp_bias;
+    int sliding_window;    /* 0: none (mistral may set one) */
+    int sliding_from_layer;/* layers >= this use sliding_window (qwen2/qwen3
+                              max_window_layers; 0 for mistral) */
+    bool qk_norm;          /* qwen3: per-head rmsnorm of q and k before rope */
+    int bos_id;
+    int n_eos; int eos_ids[8];
+} tp_model_config;
+
+/* The one config.json parser.  json: len bytes (a NUL byte is refused);
+ * where names the file in messages, every error names the key.  Duplicate
+ * keys at any depth: the last one wins, as in Python's json.  Sizes are
+ * bounded (hidden_size <= 2^20, heads and head_dim <= 2^16, heads * head_dim
+ * <= 2^24, intermediate_size <= 2^24, vocab_size < 2^24, layers <= 2^16), so
+ * every product of two of them fits in 64 bits.  Defaults are transformers'
+ * per model_type.  For the four architectures tprun runs, every setting the
+ * runtime does not implement is refused here (rope type other than default
+ * and llama3, partial_rotary_factor != 1, hidden_act other than silu, ...);
+ * any other model_type gets arch TP_ARCH_OTHER and only its sizes. */
+int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char *where, tp_err *err);
+/* tprun's view: tp_config_parse of NUL-terminated text as "config.json",
+ * refusing TP_ARCH_OTHER (naming model_type). */
+int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err);
+
+/* ------------------------------------------------- what tprun can run */
+
+/* One tensor of a decoder layer ("model.layers.N." + module + ".weight"),
+ * the description the built-in plan, the runnable check and (through it) the
+ * runtime share.  Adding an architecture is a bit in archs on the rows it
+ * has, plus its config defaults in arch.c. */
+typedef enum tp_dim_of {
+    TP_DIM_HIDDEN, TP_DIM_Q /* heads * head_dim */, TP_DIM_KV /* kv heads * head_dim */,
+    TP_DIM_HEAD, TP_DIM_INTER,
+} tp_dim_of;
+
+typedef struct tp_arch_tensor {
+    const char *module;       /* "self_attn.q_proj" */
+    unsigned archs;           /* bit (1u << tp_arch) per architecture that has it */
+    int ndim;
+    tp_dim_of dims[2];        /* the weight's shape; an optional bias is [dims[0]] */
+    bool bias;                /* may have a bias (all-or-none per layer is the runtime's rule) */
+    const char *plan_style;   /* transformers' base_model_tp_plan style, NULL: not in it */
+    tp_style runs;            /* the cut tprun's forward pass implements */
+} tp_arch_tensor;
+
+extern const tp_arch_tensor tp_arch_layer_tensors[];
+extern const size_t tp_arch_n_layer_tensors;
+
+/* A tensor by name and global shape (source, rank file or loaded rank). */
+typedef struct tp_tensor_ref {
+    const char *name;
+    int ndim;
+    const uint64_t *shape;
+} tp_tensor_ref;
+
+/* Whether tprun can run these tensors with this config: a known
+ * architecture (else names model_type); every tensor the forward pass needs
+ * in layers 0..num_hidden_layers-1 plus the embedding, the final norm and
+ * lm_head (unless tied) present with the shape config.json implies (names
+ * the missing or misshapen tensor); no layer tensor beyond num_hidden_layers
+ * or unknown to the architecture.  Other tensors outside the layers are
+ * ignored. */
+int tp_arch_check_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n, tp_err *err);
+/* Whether every tensor tprun uses gets, from the plan, the cut its forward
+ * pass implements (the table's runs; embedding: replicate or vocab; lm_head:
+ * colwise(_gather_output) or replicate; norms: replicate).  The message names
+ * the plan's source, the pattern and both styles. */
+int tp_arch_check_plan(const tp_model_config *c, const tp_plan *p, tp_err *err);
+/* tp_arch_check_tensors on a rank file's tensor list (global shapes) and the
+ * manifest's config.json text; a model_type tprun does not run is not
+ * checked (0).  For tpverify. */
+int tp_arch_check_index(const char *config_json, const tp_shard_index *ix, tp_err *err);
+
 /* ----------------------------------------------------------- model shapes */
 
+/* The sizes the cuts need, as 64-bit values, derived from tp_config_parse's
+ * result (cfg). */
 typedef struct tp_model_info {
     char model_type[64];
     int64_t hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab, n_layers;
     bool tie_word_embeddings;
+    tp_model_config cfg;
 } tp_model_info;
 
-/* Reads the sizes from config.json text (defensively; path for messages).
- * head_dim defaults to hidden / heads, num_key_value_heads to the heads.
+/* tp_config_parse, then the sizes copied into mi (path for messages).
  * Unknown model types are accepted here (the plan step refuses them). */
 int tp_model_info_parse(const char *json, size_t len, const char *path, tp_model_info *mi,
                         tp_err *err);
@@ -185,6 +279,12 @@ typedef struct tp_conversion {
 int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const char *plan_path,
                           bool vocab_parallel, tp_err *err);
 void tp_conversion_free(tp_conversion *c);
+/* What tpconvert runs before writing (and before --dry-run prints): the
+ * prepared conversion is one tprun can run (tp_arch_check_tensors on the
+ * source tensors; with check_plan also tp_arch_check_plan).  A model_type
+ * tprun does not run is refused when check_plan (tpshard output), else
+ * accepted unchecked (a safetensors export for other runtimes). */
+int tp_conversion_check_runnable(const tp_conversion *c, bool check_plan, tp_err *err);
 
 typedef struct tp_write_opts {
     tp_out_format format;

@@ -26,7 +26,6 @@
  */
 #include "convert.h"
 
-#include <cJSON.h>
 #include <inttypes.h>
 #include <math.h>
 #include <stdlib.h>
@@ -34,71 +33,23 @@
 
 /* ---------------------------------------------------------- model sizes */
 
-static int cfg_int(const cJSON *o, const char *path, const char *key, bool required, int64_t def,
-                   int64_t *out, tp_err *err)
-{
-    const cJSON *it = cJSON_GetObjectItemCaseSensitive(o, key);
-    if (!it || cJSON_IsNull(it)) {
-        if (required)
-            return tp_errorf(err, "%s: missing key \"%s\"", path, key);
-        *out = def;
-        return 0;
-    }
-    double v = it->valuedouble;
-    if (!cJSON_IsNumber(it) || v != floor(v) || v < 1 || v > 1e12)
-        return tp_errorf(err, "%s: key \"%s\" is not a positive integer", path, key);
-    *out = (int64_t)v;
-    return 0;
-}
-
 int tp_model_info_parse(const char *json, size_t len, const char *path, tp_model_info *mi,
                         tp_err *err)
 {
     memset(mi, 0, sizeof *mi);
-    cJSON *root = cJSON_ParseWithLength(json, len);
-    if (!root)
-        return tp_errorf(err, "%s: not valid JSON", path);
-    int rc = -1;
-    if (!cJSON_IsObject(root)) {
-        tp_errorf(err, "%s: not a JSON object", path);
-        goto out;
-    }
-    const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");
-    if (!cJSON_IsString(mt) || !mt->valuestring || !*mt->valuestring ||
-        strlen(mt->valuestring) >= sizeof mi->model_type) {
-        tp_errorf(err, "%s: key \"model_type\" is missing or not a short string", path);
-        goto out;
-    }
-    strcpy(mi->model_type, mt->valuestring);
-    if (cfg_int(root, path, "hidden_size", true, 0, &mi->hidden, err) < 0 ||
-        cfg_int(root, path, "num_attention_heads", true, 0, &mi->n_heads, err) < 0 ||
-        cfg_int(root, path, "num_key_value_heads", false, mi->n_heads, &mi->n_kv_heads, err) < 0 ||
-        cfg_int(root, path, "intermediate_size", true, 0, &mi->intermediate, err) < 0 ||
-        cfg_int(root, path, "vocab_size", true, 0, &mi->vocab, err) < 0 ||
-        cfg_int(root, path, "num_hidden_layers", true, 0, &mi->n_layers, err) < 0)
-        goto out;
-    if (mi->hidden % mi->n_heads && !cJSON_GetObjectItemCaseSensitive(root, "head_dim")) {
-        tp_errorf(err, "%s: hidden_size %" PRId64 " is not a multiple of num_attention_heads %" PRId64
-                  " and there is no head_dim", path, mi->hidden, mi->n_heads);
-        goto out;
-    }
-    if (cfg_int(root, path, "head_dim", false, mi->hidden / mi->n_heads, &mi->head_dim, err) < 0)
-        goto out;
-    if (mi->n_heads % mi->n_kv_heads) {
-        tp_errorf(err, "%s: num_attention_heads %" PRId64 " is not a multiple of "
-                  "num_key_value_heads %" PRId64, path, mi->n_heads, mi->n_kv_heads);
-        goto out;
-    }
-    const cJSON *tie = cJSON_GetObjectItemCaseSensitive(root, "tie_word_embeddings");
-    if (tie && !cJSON_IsNull(tie) && !cJSON_IsBool(tie)) {
-        tp_errorf(err, "%s: key \"tie_word_embeddings\" is not true/false", path);
-        goto out;
-    }
-    mi->tie_word_embeddings = cJSON_IsTrue(tie);
-    rc = 0;
-out:
-    cJSON_Delete(root);
-    return rc;
+    if (tp_config_parse(&mi->cfg, json, len, path, err) < 0)
+        return -1;
+    const tp_model_config *c = &mi->cfg;
+    snprintf(mi->model_type, sizeof mi->model_type, "%s", c->model_type);
+    mi->hidden = c->hidden;
+    mi->n_heads = c->n_heads;
+    mi->n_kv_heads = c->n_kv_heads;
+    mi->head_dim = c->head_dim;
+    mi->intermediate = c->intermediate;
+    mi->vocab = c->vocab;
+    mi->n_layers = c->n_layers;
+    mi->tie_word_embeddings = c->tie_embeddings;
+    return 0;
 }
 
 /* ----------------------------------------------------------- tensor roles */
@@ -194,7 +145,16 @@ static int want_shape(const char *name, int ndim, const uint64_t *shape, int wan
 static int check_shape(const tp_model_info *mi, const char *name, const tensor_role *tr, int ndim,
                        const uint64_t *shape, tp_err *err)
 {
-    const int64_t H = mi->hidden, q = mi->n_heads * mi->head_dim, kv = mi->n_kv_heads * mi->head_dim;
+    /* mi may come from anywhere (tests build it by hand): the products are
+     * checked, not trusted to tp_model_info_parse's bounds. */
+    size_t q_sz, kv_sz, i2_sz;
+    if (mi->hidden < 0 || mi->n_heads < 0 || mi->n_kv_heads < 0 || mi->head_dim < 0 ||
+        mi->intermediate < 0 || mi->vocab < 0 ||
+        !tp_mul_size((size_t)mi->n_heads, (size_t)mi->head_dim, &q_sz) || q_sz > INT64_MAX ||
+        !tp_mul_size((size_t)mi->n_kv_heads, (size_t)mi->head_dim, &kv_sz) || kv_sz > INT64_MAX ||
+        !tp_mul_size(2, (size_t)mi->intermediate, &i2_sz) || i2_sz > INT64_MAX)
+        return tp_errorf(err, "tensor %s: the model sizes overflow", name);
+    const int64_t H = mi->hidden, q = (int64_t)q_sz, kv = (int64_t)kv_sz;
     const int64_t I = mi->intermediate, V = mi->vocab;
     if (tr->layer >= mi->n_layers)
         return tp_errorf(err, "tensor %s: layer %ld, but num_hidden_layers is %" PRId64, name,
@@ -223,8 +183,8 @@ static int check_shape(const tp_model_info *mi, const char *name, const tensor_r
         return tr->is_bias ? want_shape(name, ndim, shape, 1, I, 0, "intermediate_size", err)
                            : want_shape(name, ndim, shape, 2, I, H, "intermediate_size, hidden_size", err);
     case R_GATE_UP_FUSED:
-        return tr->is_bias ? want_shape(name, ndim, shape, 1, 2 * I, 0, "2 * intermediate_size", err)
-                           : want_shape(name, ndim, shape, 2, 2 * I, H,
+        return tr->is_bias ? want_shape(name, ndim, shape, 1, (int64_t)i2_sz, 0, "2 * intermediate_size", err)
+                           : want_shape(name, ndim, shape, 2, (int64_t)i2_sz, H,
                                         "2 * intermediate_size, hidden_size", err);
     case R_DOWN:
         return tr->is_bias ? want_shape(name, ndim, shape, 1, H, 0, "hidden_size", err)

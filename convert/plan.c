@@ -19,6 +19,7 @@
  *    local_packed_rowwise, local, gather, ...).
  */
 #include "convert.h"
+#include "json_internal.h"
 
 #include <cJSON.h>
 #include <ctype.h>
@@ -298,49 +299,8 @@ out:
 
 /* ------------------------------------------------------------ built-ins */
 
-/* transformers 5.24.0 configuration_{llama,mistral,qwen2}.py base_model_tp_plan. */
-static const char *const plan_llama[][2] = {
-    {"layers.*.self_attn.q_proj", "colwise"},
-    {"layers.*.self_attn.k_proj", "colwise"},
-    {"layers.*.self_attn.v_proj", "colwise"},
-    {"layers.*.self_attn.o_proj", "rowwise"},
-    {"layers.*.mlp.gate_proj", "colwise"},
-    {"layers.*.mlp.up_proj", "colwise"},
-    {"layers.*.mlp.down_proj", "rowwise"},
-    {NULL, NULL},
-};
-
-/* configuration_qwen3.py: the same plus the per-head norms. */
-static const char *const plan_qwen3[][2] = {
-    {"layers.*.self_attn.q_proj", "colwise"},
-    {"layers.*.self_attn.k_proj", "colwise"},
-    {"layers.*.self_attn.v_proj", "colwise"},
-    {"layers.*.self_attn.q_norm", "replicated_with_grad_allreduce"},
-    {"layers.*.self_attn.k_norm", "replicated_with_grad_allreduce"},
-    {"layers.*.self_attn.o_proj", "rowwise"},
-    {"layers.*.mlp.gate_proj", "colwise"},
-    {"layers.*.mlp.up_proj", "colwise"},
-    {"layers.*.mlp.down_proj", "rowwise"},
-    {NULL, NULL},
-};
-
-static const struct {
-    const char *model_type;
-    const char *const (*plan)[2];
-} builtin_plans[] = {
-    {"qwen3", plan_qwen3},
-    {"qwen2", plan_llama},
-    {"llama", plan_llama},
-    {"mistral", plan_llama},
-};
-
-bool tp_model_type_known(const char *model_type)
-{
-    for (size_t i = 0; i < sizeof builtin_plans / sizeof builtin_plans[0]; i++)
-        if (!strcmp(model_type, builtin_plans[i].model_type))
-            return true;
-    return false;
-}
+/* The built-in plans (tp_plan_builtin, tp_model_type_known) are made from
+ * the per-layer tensor table in arch.c. */
 
 /* modeling_*.py: `_tp_plan = {"lm_head": "colwise_gather_output"}`. */
 static int add_lm_head(tp_plan *p, tp_err *err)
@@ -348,34 +308,6 @@ static int add_lm_head(tp_plan *p, tp_err *err)
     if (find_pattern(p, "lm_head") >= 0)
         return 0;
     return tp_plan_set(p, "lm_head", TP_STYLE_COLWISE_GATHER, err);
-}
-
-int tp_plan_builtin(const char *model_type, tp_plan *out, tp_err *err)
-{
-    memset(out, 0, sizeof *out);
-    for (size_t i = 0; i < sizeof builtin_plans / sizeof builtin_plans[0]; i++) {
-        if (strcmp(model_type, builtin_plans[i].model_type))
-            continue;
-        char src[128];
-        snprintf(src, sizeof src, "built-in plan for %s", model_type);
-        if (!(out->source = strdup(src)))
-            return tp_errorf(err, "out of memory");
-        for (const char *const (*e)[2] = builtin_plans[i].plan; (*e)[0]; e++) {
-            tp_style st;
-            char full[256];
-            snprintf(full, sizeof full, "model.%s", (*e)[0]);
-            if (tp_style_parse((*e)[1], (*e)[0], &st, err) < 0 || tp_plan_set(out, full, st, err) < 0) {
-                tp_plan_free(out);
-                return -1;
-            }
-        }
-        if (add_lm_head(out, err) < 0) {
-            tp_plan_free(out);
-            return -1;
-        }
-        return 0;
-    }
-    return tp_errorf(err, "model_type \"%s\" has no built-in plan", model_type);
 }
 
 /* ------------------------------------------------------------- resolving */
@@ -399,9 +331,10 @@ int tp_plan_resolve(const char *config_json, size_t config_len, const char *plan
                     bool vocab_parallel, tp_plan *out, tp_err *err)
 {
     memset(out, 0, sizeof *out);
-    cJSON *cfg = cJSON_ParseWithLength(config_json, config_len);
+    /* Read as tp_config_parse reads it (last duplicate wins, no NUL). */
+    cJSON *cfg = tp_json_parse_config(config_json, config_len, "config.json", err);
     if (!cfg)
-        return tp_errorf(err, "config.json: not valid JSON");
+        return -1;
     int rc = -1;
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(cfg, "model_type");
     if (!cJSON_IsObject(cfg) || !cJSON_IsString(mt) || !mt->valuestring) {

@@ -179,3 +179,22 @@ fail:
     tp_conversion_free(c);
     return -1;
 }
+
+int tp_conversion_check_runnable(const tp_conversion *c, bool check_plan, tp_err *err)
+{
+    const tp_model_config *cfg = &c->model.cfg;
+    if (cfg->arch == TP_ARCH_OTHER && !check_plan)
+        return 0;
+    tp_tensor_ref *refs = calloc(c->n_cuts ? c->n_cuts : 1, sizeof *refs);
+    if (!refs)
+        return tp_errorf(err, "out of memory");
+    for (size_t i = 0; i < c->n_cuts; i++)
+        refs[i] = (tp_tensor_ref){c->cuts[i].name, c->cuts[i].ndim, c->cuts[i].global_shape};
+    int rc = tp_arch_check_tensors(cfg, refs, c->n_cuts, err);
+    free(refs);
+    if (rc == 0 && check_plan)
+        rc = tp_arch_check_plan(cfg, &c->plan, err);
+    if (rc < 0)
+        tp_err_prefix(err, "%s: tprun cannot run this conversion", c->model_dir);
+    return rc;
+}

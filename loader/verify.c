@@ -8,6 +8,7 @@
  * global tensor.
  */
 #include "loader_internal.h"
+#include "convert.h"
 
 #include <cJSON.h>
 #include <errno.h>
@@ -248,6 +249,10 @@ static int conversion_open(conversion *c, const char *dir, tp_err *err)
     }
     if (check_ranks_agree(c, err) < 0)
         return -1;
+    /* Complete for its architecture (ranks agree, so rank 0's list speaks
+     * for all): a tensor missing on every rank is refused, named. */
+    if (!c->is_st && tp_arch_check_index(c->m.config_json, &c->ranks[0].reader.index, err) < 0)
+        return tp_err_prefix(err, "%s", dir);
     return check_copied_files(c, err);
 }
 

@@ -389,10 +389,6 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
                    &S->wgate, err) < 0 ||
         check_split(lr, tg->info, 0, m->world, err) < 0)
         return -1;
-    if (tg->info->global_shape[0] != (uint64_t)c->intermediate)
-        return tp_errorf(err, "%s: rank %d: tensor %s: global rows %llu, intermediate_size is %d",
-                         lr->source, lr->rank, name,
-                         (unsigned long long)tg->info->global_shape[0], c->intermediate);
     m->li = (int)d2[0];
     d2[0] = m->li; d2[1] = H;
     if (get_weight(lc, NAME("mlp.up_proj.weight"), true, 2, d2, &tu, &L->wup, &S->wup, err) < 0 ||
@@ -439,10 +435,6 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
                    err) < 0 ||
         row_range(lr, te->info, &m->emb_start, &m->emb_end, err) < 0)
         return -1;
-    if ((int64_t)te->info->global_shape[0] != V)
-        return tp_errorf(err, "%s: rank %d: tensor model.embed_tokens.weight has %llu rows, "
-                         "vocab_size is %lld", lr->source, lr->rank,
-                         (unsigned long long)te->info->global_shape[0], (long long)V);
     if (get_weight(lc, "model.norm.weight", true, 1, d1, NULL, &m->final_norm, &m->final_norm_src,
                    err) < 0)
         return -1;
@@ -457,10 +449,6 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
         if (get_weight(lc, "lm_head.weight", true, 2, d2, &tl, &w, &ws, err) < 0 ||
             row_range(lr, tl->info, &start, &end, err) < 0)
             return -1;
-        if ((int64_t)tl->info->global_shape[0] != V)
-            return tp_errorf(err, "%s: rank %d: tensor lm_head.weight has %llu rows, vocab_size "
-                             "is %lld", lr->source, lr->rank,
-                             (unsigned long long)tl->info->global_shape[0], (long long)V);
     }
     if (start == 0 && end == V && m->world > 1) {
         int64_t per = (V + m->world - 1) / m->world;
@@ -591,6 +579,26 @@ static int to_device(tp_model *m, const tp_loaded_rank *lr, const char *device, 
 }
 #endif
 
+/* The one "can tprun run this?" check (convert/arch.c) on the rank's
+ * tensors (global shapes): names a missing or misshapen tensor before any
+ * weight is touched; the loaders below then check the local cuts. */
+static int check_runnable(const tp_loaded_rank *lr, const tp_model_config *cfg, tp_err *err)
+{
+    tp_tensor_ref *refs = calloc(lr->n_tensors ? lr->n_tensors : 1, sizeof *refs);
+    if (!refs)
+        return tp_errorf(err, "out of memory");
+    size_t n = 0;
+    for (size_t i = 0; i < lr->n_tensors; i++)
+        if (lr->tensors[i].info)
+            refs[n++] = (tp_tensor_ref){ lr->tensors[i].info->name, lr->tensors[i].info->ndim,
+                                         lr->tensors[i].info->global_shape };
+    int rc = tp_arch_check_tensors(cfg, refs, n, err);
+    free(refs);
+    if (rc < 0)
+        tp_err_prefix(err, "%s: rank %d", lr->source, lr->rank);
+    return rc;
+}
+
 int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_model_opts *opts,
                     tp_err *err)
 {
@@ -654,7 +662,7 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         TP_LAYER_TENSORS(TP_X)
 #undef TP_X
     }
-    if (load_embeddings(&lc, err) < 0)
+    if (check_runnable(lr, &m->cfg, err) < 0 || load_embeddings(&lc, err) < 0)
         goto fail;
     for (int l = 0; l < m->cfg.n_layers; l++)
         if (load_layer(&lc, l, err) < 0)

@@ -9,6 +9,7 @@
 
 #include "shardfmt.h"
 #include "loader.h"
+#include "convert.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -104,30 +105,8 @@ void tp_comm_abort(tp_comm *c, int code);
 
 /* ------------------------------------------------------------------- model */
 
-typedef enum tp_arch { TP_ARCH_QWEN3, TP_ARCH_QWEN2, TP_ARCH_LLAMA, TP_ARCH_MISTRAL } tp_arch;
-
-typedef struct tp_model_config {
-    tp_arch arch;
-    int hidden, n_layers, n_heads, n_kv_heads, head_dim, intermediate, vocab;
-    int max_position;
-    float rms_eps, rope_theta;
-    /* rope_scaling type "llama3" */
-    bool rope_llama3;
-    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
-    int rope_original_max_position;
-    bool tie_embeddings;
-    bool attention_bias;   /* q/k/v biases (qwen2 always) */
-    bool o_bias, mlp_bias;
-    int sliding_window;    /* 0: none (mistral may set one) */
-    int sliding_from_layer;/* layers >= this use sliding_window (qwen2/qwen3
-                              max_window_layers; 0 for mistral) */
-    bool qk_norm;          /* qwen3: per-head rmsnorm of q and k before rope */
-    int bos_id;
-    int n_eos; int eos_ids[8];
-} tp_model_config;
-
-/* Parses config.json (text) for the supported model types; errors name the key. */
-int tp_model_config_parse(tp_model_config *cfg, const char *config_json, tp_err *err);
+/* tp_model_config and tp_model_config_parse (the one config.json parser)
+ * live in convert.h: tpconvert and tprun read config.json the same way. */
 
 /* A rank's model: its local weights (fp32 on the CPU backend), the local
  * head counts, and the KV cache. */

@@ -1,4 +1,5 @@
-/* json_internal.h - strict cJSON accessors shared by shard.c and manifest.c.
+/* json_internal.h - strict cJSON accessors: the one place where JSON values
+ * are read and checked (shard.c, manifest.c; convert/arch.c for config.json).
  *
  * Everything read from an index or a manifest is untrusted: each accessor
  * checks the JSON type and range and reports "<where>: <key> ..." so that a
@@ -8,6 +9,8 @@
 #ifndef TP_JSON_INTERNAL_H
 #define TP_JSON_INTERNAL_H
 
+#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -34,6 +37,142 @@ static inline cJSON *tp_json_parse(const void *buf, size_t len)
     cJSON *root = cJSON_ParseWithOpts(text, &end, 1);
     free(text);
     return root;
+}
+
+/* Python's json (and so transformers) keeps the LAST of duplicate keys;
+ * cJSON's lookups find the first.  Removes, in every object at every depth,
+ * each member that a later member of the same name overrides, so that every
+ * reader of the tree sees what Python sees. */
+static inline void tp_json_keep_last(cJSON *node)
+{
+    for (cJSON *it = node ? node->child : NULL; it;) {
+        cJSON *next = it->next;
+        bool overridden = false;
+        if (cJSON_IsObject(node) && it->string)
+            for (const cJSON *later = next; later && !overridden; later = later->next)
+                overridden = later->string && strcmp(later->string, it->string) == 0;
+        if (overridden)
+            cJSON_Delete(cJSON_DetachItemViaPointer(node, it));
+        else
+            tp_json_keep_last(it);
+        it = next;
+    }
+}
+
+/* A configuration file (config.json, a --plan file, ...) as Python's json
+ * reads it: one JSON value, duplicate keys resolved last-wins.  A NUL byte
+ * is refused (Python's json.load refuses it too, and a text copied into the
+ * manifest could not hold it).  NULL with "<where>: ..." in err on failure. */
+static inline cJSON *tp_json_parse_config(const void *buf, size_t len, const char *where, tp_err *err)
+{
+    const char *nul = memchr(buf, 0, len);
+    if (nul) {
+        tp_errorf(err, "%s: contains a NUL byte at offset %zu", where, (size_t)(nul - (const char *)buf));
+        return NULL;
+    }
+    cJSON *root = tp_json_parse(buf, len);
+    if (!root) {
+        tp_errorf(err, "%s: not valid JSON", where);
+        return NULL;
+    }
+    tp_json_keep_last(root);
+    return root;
+}
+
+/* The optional-key getters below treat a missing key and JSON null alike
+ * (transformers' configs write null for "use the default"): *out = def. */
+static inline const cJSON *tp_json_opt(const cJSON *obj, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+    return v && !cJSON_IsNull(v) ? v : NULL;
+}
+
+/* An integer in [lo, hi] (|lo|, |hi| < 2^53); required when !has_def.
+ * prefix is put before the key in messages ("rope_scaling." or ""). */
+static inline int tp_json_int_in(const cJSON *obj, const char *prefix, const char *key, bool has_def,
+                                 int64_t def, int64_t lo, int64_t hi, const char *where,
+                                 int64_t *out, tp_err *err)
+{
+    const cJSON *v = tp_json_opt(obj, key);
+    if (!v) {
+        if (!has_def)
+            return TP_FAIL(err, "%s: missing key \"%s%s\"", where, prefix, key);
+        *out = def;
+        return 0;
+    }
+    double d = cJSON_IsNumber(v) ? v->valuedouble : 0;
+    if (!cJSON_IsNumber(v) || !(d >= (double)lo && d <= (double)hi) || d != (double)(int64_t)d)
+        return TP_FAIL(err, "%s: key \"%s%s\" = %.17g is not an integer in [%lld, %lld]", where,
+                       prefix, key, cJSON_IsNumber(v) ? d : NAN, (long long)lo, (long long)hi);
+    *out = (int64_t)d;
+    return 0;
+}
+
+/* A finite number; required when !has_def. */
+static inline int tp_json_finite(const cJSON *obj, const char *prefix, const char *key, bool has_def,
+                                 double def, const char *where, double *out, tp_err *err)
+{
+    const cJSON *v = tp_json_opt(obj, key);
+    if (!v) {
+        if (!has_def)
+            return TP_FAIL(err, "%s: missing key \"%s%s\"", where, prefix, key);
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
+        return TP_FAIL(err, "%s: key \"%s%s\" is not a finite number", where, prefix, key);
+    *out = v->valuedouble;
+    return 0;
+}
+
+static inline int tp_json_opt_bool(const cJSON *obj, const char *key, bool def, const char *where,
+                                   bool *out, tp_err *err)
+{
+    const cJSON *v = tp_json_opt(obj, key);
+    if (!v) {
+        *out = def;
+        return 0;
+    }
+    if (!cJSON_IsBool(v))
+        return TP_FAIL(err, "%s: key \"%s\" is not true/false", where, key);
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+/* A string or NULL when absent/null; an error when it is something else. */
+static inline int tp_json_opt_str(const cJSON *obj, const char *prefix, const char *key,
+                                  const char *where, const char **out, tp_err *err)
+{
+    const cJSON *v = tp_json_opt(obj, key);
+    *out = NULL;
+    if (v && (!cJSON_IsString(v) || !v->valuestring))
+        return TP_FAIL(err, "%s: key \"%s%s\" is not a string", where, prefix, key);
+    if (v)
+        *out = v->valuestring;
+    return 0;
+}
+
+/* "key": 5 or "key": [5, 7] (transformers' eos_token_id): at most max_n
+ * token ids in [0, INT32_MAX]; absent or null gives *n = 0. */
+static inline int tp_json_id_list(const cJSON *obj, const char *key, int32_t *ids, int max_n,
+                                  const char *where, int *n, tp_err *err)
+{
+    const cJSON *v = tp_json_opt(obj, key);
+    *n = 0;
+    if (!v)
+        return 0;
+    if (!cJSON_IsNumber(v) && !cJSON_IsArray(v))
+        return TP_FAIL(err, "%s: key \"%s\" is neither a token id nor a list of them", where, key);
+    const cJSON *e = cJSON_IsArray(v) ? v->child : v;
+    for (; e; e = cJSON_IsArray(v) ? e->next : NULL) {
+        double d = cJSON_IsNumber(e) ? e->valuedouble : -1;
+        if (!(d >= 0 && d <= INT32_MAX) || d != (double)(int64_t)d)
+            return TP_FAIL(err, "%s: key \"%s\" holds something that is not a token id", where, key);
+        if (*n == max_n)
+            return TP_FAIL(err, "%s: key \"%s\" lists more than %d ids", where, key, max_n);
+        ids[(*n)++] = (int32_t)d;
+    }
+    return 0;
 }
 
 /* Rejects unknown and duplicate keys: a duplicate would make the meaning of

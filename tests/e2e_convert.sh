@@ -11,7 +11,13 @@
 #   - failures leave no output directory and no manifest: --tp 3 on 4 heads,
 #     a truncated safetensors input, ENOSPC on a tiny tmpfs (skipped, saying
 #     why, when no tmpfs can be mounted), an unknown model_type (and the same
-#     with --plan succeeding), an unknown style in --plan, SIGINT;
+#     with --plan succeeding as a safetensors export), an unknown style in
+#     --plan, SIGINT;
+#   - what tprun cannot run (convert/arch.c) is refused by tpconvert and
+#     --dry-run: a missing tensor, more layers than weights, rope "yarn",
+#     hidden_act "gelu", 1e12 sizes, a NUL byte, o_proj colwise in --plan;
+#     a duplicate key is read last-wins by tpconvert and tprun; a qwen3
+#     config without head_dim converts and runs (128);
 #   - a non-empty OUT_DIR is refused without --force; --force replaces a
 #     conversion (no file of the old one stays); --dry-run writes nothing.
 set -euo pipefail
@@ -171,19 +177,89 @@ cat >"$tmp/plan.json" <<'EOF'
  "layers.*.mlp.gate_proj": "local_colwise", "layers.*.mlp.up_proj": "colwise",
  "model.layers.*.mlp.down_proj": "local_rowwise", "lm_head": "colwise_rep"}
 EOF
-"$BIN/tpconvert" --tp 2 --plan "$tmp/plan.json" --quiet "$tmp/gpt" "$tmp/gpt-out" || die "--plan on an unknown model_type"
+# tprun cannot run an unknown model_type: a tpshard conversion is refused,
+# a safetensors export (for other runtimes) is made
+expect_fail 'model_type "gpt_custom" is not supported by tprun' \
+    "$BIN/tpconvert" --tp 2 --plan "$tmp/plan.json" "$tmp/gpt" "$tmp/gpt-tpshard"
+no_output "$tmp/gpt-tpshard" "unknown model_type as tpshard"
+"$BIN/tpconvert" --tp 2 --plan "$tmp/plan.json" --format safetensors --quiet "$tmp/gpt" "$tmp/gpt-out" \
+    || die "--plan on an unknown model_type (--format safetensors)"
 verify "$tmp/gpt-out" "$tmp/gpt"
 grep -q 'colwise_gather_output' "$tmp/gpt-out/manifest.json" || die "manifest plan lacks the canonical lm_head style"
 
-# config.json's base_model_tp_plan replaces the built-in plan (lm_head stays)
+# config.json's base_model_tp_plan replaces the built-in plan (lm_head
+# stays); this one leaves the MLP replicated, which is not what tprun runs:
+# only a safetensors export takes it
 cp -r tests/models/llama-tiny "$tmp/cfgplan"
 sed -i 's/"model_type": "llama",/"model_type": "llama", "base_model_tp_plan": {"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise", "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "rowwise"},/' "$tmp/cfgplan/config.json"
-"$BIN/tpconvert" --tp 2 --dry-run "$tmp/cfgplan" >"$tmp/dry"
+"$BIN/tpconvert" --tp 2 --format safetensors --dry-run "$tmp/cfgplan" >"$tmp/dry"
 grep -q "plan: config.json base_model_tp_plan" "$tmp/dry" || die "config.json plan not used: $(head -n 3 "$tmp/dry")"
 grep -E 'model\.layers\.0\.mlp\.down_proj\.weight +replicate ' "$tmp/dry" >/dev/null || die "config plan: down_proj not replicated"
 grep -E '^lm_head\.weight +colwise_gather_output' "$tmp/dry" >/dev/null || die "config plan: lm_head lost"
-"$BIN/tpconvert" --tp 2 --quiet "$tmp/cfgplan" "$tmp/cfgplan-out" || die "config plan conversion"
+expect_fail "model.layers.*.mlp.gate_proj: style replicate is not what tprun runs (colwise)" \
+    "$BIN/tpconvert" --tp 2 --dry-run "$tmp/cfgplan"
+"$BIN/tpconvert" --tp 2 --format safetensors --quiet "$tmp/cfgplan" "$tmp/cfgplan-out" \
+    || die "config plan conversion"
 verify "$tmp/cfgplan-out" "$tmp/cfgplan"
+
+echo "== what tprun cannot run is refused before anything is written (one check: convert/arch.c)"
+# arch_case NAME MODEL SED WANT: a copy of MODEL with SED applied to its
+# config.json is refused by tpconvert and by --dry-run, naming WANT.
+arch_case() {
+    local d="$tmp/arch-$1"
+    rm -rf "$d"; cp -r "$2" "$d"
+    sed -i "$3" "$d/config.json"
+    cmp -s "$2/config.json" "$d/config.json" && die "arch_case $1: sed changed nothing"
+    expect_fail "$4" "$BIN/tpconvert" --tp 2 "$d" "$d-out"
+    no_output "$d-out" "$1"
+    expect_fail "$4" "$BIN/tpconvert" --tp 2 --dry-run "$d" "$d-dry"
+    no_output "$d-dry" "$1 (--dry-run)"
+}
+arch_case layers tests/models/llama-tiny 's/"num_hidden_layers": 2/"num_hidden_layers": 3/' \
+    "tensor model.layers.2.input_layernorm.weight is missing"
+arch_case yarn tests/models/llama-tiny 's/"rope_type": "llama3"/"rope_type": "yarn"/' \
+    'rope_scaling.rope_type "yarn" is not supported'
+arch_case gelu tests/models/qwen3-tiny 's/"hidden_act": "silu"/"hidden_act": "gelu"/' 'hidden_act "gelu"'
+arch_case huge tests/models/llama-tiny 's/"intermediate_size": 128/"intermediate_size": 1e12/' \
+    'config.json: key "intermediate_size" = 1000000000000'
+arch_case nul tests/models/llama-tiny 's/"model_type"/"model_\x00type"/' 'config.json: contains a NUL byte'
+# a missing tensor: layer 1's k_norm renamed (same length) in the safetensors header
+d="$tmp/arch-nokn"; rm -rf "$d"; cp -r tests/models/qwen3-tiny "$d"
+LC_ALL=C sed -i 's/model\.layers\.1\.self_attn\.k_norm\.weight/model.layers.1.self_attn.k_norm.wxxxxx/' "$d/model.safetensors"
+expect_fail "tensor model.layers.1.self_attn.k_norm.weight is missing" "$BIN/tpconvert" --tp 2 "$d" "$d-out"
+no_output "$d-out" "missing tensor"
+# a custom --plan with o_proj colwise: refused for tpshard, fine as a safetensors export
+cat >"$tmp/oplan.json" <<'EOF'
+{"layers.*.self_attn.q_proj": "colwise", "layers.*.self_attn.k_proj": "colwise",
+ "layers.*.self_attn.v_proj": "colwise", "layers.*.self_attn.o_proj": "colwise",
+ "layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise",
+ "layers.*.mlp.down_proj": "rowwise"}
+EOF
+want="$tmp/oplan.json: model.layers.*.self_attn.o_proj: style colwise is not what tprun runs (rowwise)"
+expect_fail "$want" "$BIN/tpconvert" --tp 2 --plan "$tmp/oplan.json" tests/models/llama-tiny "$tmp/oplan-out"
+no_output "$tmp/oplan-out" "o_proj colwise"
+expect_fail "$want" "$BIN/tpconvert" --tp 2 --plan "$tmp/oplan.json" --dry-run tests/models/llama-tiny "$tmp/oplan-dry"
+no_output "$tmp/oplan-dry" "o_proj colwise (--dry-run)"
+"$BIN/tpconvert" --tp 2 --plan "$tmp/oplan.json" --format safetensors --quiet tests/models/llama-tiny \
+    "$tmp/oplan-st" || die "o_proj colwise as a safetensors export"
+# a duplicate key: the last wins (as in Python) for tpconvert and for tprun
+# alike; the first copy (7) would not match the embedding's 512 rows
+d="$tmp/arch-dup"; rm -rf "$d"; cp -r tests/models/llama-tiny "$d"
+sed -i 's/"vocab_size": 512/"vocab_size": 7, "vocab_size": 512/' "$d/config.json"
+"$BIN/tpconvert" --tp 1 --quiet "$d" "$d-1" || die "duplicate vocab_size (last wins) refused: $(cat "$tmp/stderr" 2>/dev/null)"
+"$BIN/tprun" "$d-1" --prompt-ids 1,2,3 --max-new-tokens 2 --ignore-eos --json >"$tmp/dup.out" 2>"$tmp/dup.err" \
+    || die "tprun on the duplicate-key conversion: $(cat "$tmp/dup.err")"
+# qwen3 without head_dim: transformers' default is 128 (not hidden / heads),
+# for tpconvert and tprun alike
+d="$tmp/arch-q3hd"
+"$BIN/tpsynth" --preset tiny --arch qwen3 --heads 2 --kv-heads 1 --head-dim 128 --quiet "$d" || die "tpsynth"
+sed -i '/"head_dim"/d' "$d/config.json"
+grep -q head_dim "$d/config.json" && die "head_dim not removed"
+"$BIN/tpconvert" --tp 2 --quiet "$d" "$d-out" 2>"$tmp/err" || die "qwen3 without head_dim: $(cat "$tmp/err")"
+verify "$d-out" "$d"
+"$BIN/tpconvert" --tp 1 --quiet "$d" "$d-1" || die "qwen3 without head_dim at tp 1"
+"$BIN/tprun" "$d-1" --prompt-ids 1,2,3 --max-new-tokens 2 --ignore-eos --json >"$tmp/q3.out" 2>"$tmp/q3.err" \
+    || die "tprun on qwen3 without head_dim: $(cat "$tmp/q3.err")"
 
 echo '{"layers.*.mlp.up_proj": "diagonal"}' >"$tmp/badplan.json"
 expect_fail 'style "diagonal"' "$BIN/tpconvert" --tp 2 --plan "$tmp/badplan.json" tests/models/llama-tiny "$tmp/bad-style"

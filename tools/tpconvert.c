@@ -41,7 +41,10 @@ static void usage(FILE *f)
 "                         both ratio and speed, see README)\n"
 "  --chunk-size BYTES     raw bytes per compressed chunk (default %u; K/M suffix ok)\n"
 "  --format tpshard|safetensors\n"
-"                         safetensors: one plain safetensors file per rank (no codec)\n"
+"                         safetensors: one plain safetensors file per rank (no codec),\n"
+"                         for other runtimes: tprun runs tpshard only.  A tpshard\n"
+"                         conversion must be one tprun runs (known model_type, every\n"
+"                         layer tensor, the plan's cuts); that is checked first\n"
 "  --threads N            worker threads (default: all cores)\n"
 "  --dry-run              print the plan, the cut of every tensor and the bytes per\n"
 "                         rank; write nothing\n"
@@ -264,6 +267,13 @@ int main(int argc, char **argv)
     tp_conversion conv;
     if (tp_conversion_prepare(&conv, dirs[0], (int)tp, plan, vocab_parallel, &err) < 0)
         return cli_fail(&err);
+    /* Before --dry-run prints and before anything is written: a tpshard
+     * conversion must be one tprun runs (tensors and plan); a safetensors
+     * export (for other runtimes) only needs complete tensors. */
+    if (tp_conversion_check_runnable(&conv, wo.format == TP_OUT_TPSHARD, &err) < 0) {
+        tp_conversion_free(&conv);
+        return cli_fail(&err);
+    }
     if (dry_run) {
         print_plan(&conv);
         tp_conversion_free(&conv);

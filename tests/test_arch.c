@@ -1,0 +1,243 @@
+/* test_arch.c - convert/arch.c: the one config.json parser (defaults,
+ * last-wins duplicates, NUL, bounds) and the "can tprun run this?" checks
+ * (tensors, plan). */
+#include "convert.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define SIZE_AUTO ((size_t)-1)
+
+static int failures;
+#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+#define BASE "\"hidden_size\": 64, \"num_hidden_layers\": 2, \"num_attention_heads\": 4, " \
+             "\"num_key_value_heads\": 2, \"intermediate_size\": 128, \"vocab_size\": 512"
+
+static int parse(const char *json, tp_model_config *c, tp_err *err)
+{
+    return tp_config_parse(c, json, strlen(json), "config.json", err);
+}
+
+static void expect_refused(const char *json, size_t len, const char *needle)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    if (len == SIZE_AUTO)
+        len = strlen(json);
+    int rc = tp_config_parse(&c, json, len, "config.json", &err);
+    CHECK(rc < 0 && strstr(err.msg, needle) && strstr(err.msg, "config.json"),
+          "%.70s: rc %d, message \"%s\" should name \"%s\"", json, rc, err.msg, needle);
+}
+
+static void test_config(void)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    /* transformers' Qwen3Config: head_dim = 128 when absent; llama derives it */
+    CHECK(parse("{\"model_type\": \"qwen3\", " BASE "}", &c, &err) == 0 && c.head_dim == 128,
+          "qwen3 head_dim default: %d %s", c.head_dim, err.msg);
+    tp_model_info mi;
+    const char *q3 = "{\"model_type\": \"qwen3\", " BASE "}";
+    CHECK(tp_model_info_parse(q3, strlen(q3), "config.json", &mi, &err) == 0 && mi.head_dim == 128,
+          "converter's view of qwen3 head_dim: %lld", (long long)mi.head_dim);
+    CHECK(parse("{\"model_type\": \"llama\", " BASE "}", &c, &err) == 0 && c.head_dim == 16,
+          "llama head_dim default: %d", c.head_dim);
+    /* the last duplicate wins, at any depth, for both views */
+    const char *dup = "{\"model_type\": \"llama\", " BASE ", \"vocab_size\": 256, "
+                      "\"rope_scaling\": {\"rope_type\": \"yarn\", \"rope_type\": \"default\"}}";
+    CHECK(parse(dup, &c, &err) == 0 && c.vocab == 256, "duplicate vocab_size: %d %s", c.vocab, err.msg);
+    CHECK(tp_model_config_parse(&c, dup, &err) == 0 && c.vocab == 256, "runtime view: %d", c.vocab);
+    CHECK(tp_model_info_parse(dup, strlen(dup), "config.json", &mi, &err) == 0 && mi.vocab == 256,
+          "converter view: %lld", (long long)mi.vocab);
+    /* a plan resolved from the same text sees the same model_type */
+    const char *dup_mt = "{\"model_type\": \"gpt2\", \"model_type\": \"llama\", " BASE "}";
+    tp_plan p;
+    CHECK(tp_plan_resolve(dup_mt, strlen(dup_mt), NULL, false, &p, &err) == 0, "plan: %s", err.msg);
+    tp_plan_free(&p);
+    CHECK(parse(dup_mt, &c, &err) == 0 && c.arch == TP_ARCH_LLAMA, "last model_type wins");
+
+    char nul[] = "{\"model_type\": \"llama\", " BASE "}";
+    nul[3] = '\0';
+    expect_refused(nul, sizeof nul - 1, "NUL");
+    expect_refused("{\"model_type\": \"llama\", " BASE ", \"hidden_size\": 1e12}", SIZE_AUTO, "hidden_size");
+    expect_refused("{\"model_type\": \"llama\", " BASE ", \"intermediate_size\": 1e12}", (size_t)-1,
+                   "intermediate_size");
+    expect_refused("{\"model_type\": \"llama\", " BASE ", \"num_attention_heads\": 65536, "
+                   "\"num_key_value_heads\": 1, \"head_dim\": 65536}", SIZE_AUTO, "head_dim");
+    expect_refused("{\"model_type\": \"llama\", " BASE ", \"rope_scaling\": {\"type\": \"yarn\"}}",
+                   SIZE_AUTO, "yarn");
+    expect_refused("{\"model_type\": \"llama\", " BASE ", \"rope_parameters\": {\"rope_type\": \"linear\"}}",
+                   SIZE_AUTO, "linear");
+    expect_refused("{\"model_type\": \"qwen3\", " BASE ", \"hidden_act\": \"gelu\"}", SIZE_AUTO, "hidden_act");
+    expect_refused("{\"model_type\": \"llama\", " BASE ", \"partial_rotary_factor\": 0.5}", (size_t)-1,
+                   "partial_rotary_factor");
+    expect_refused("{\"model_type\": \"llama\", " BASE ", \"eos_token_id\": [1, \"2\"]}", (size_t)-1,
+                   "eos_token_id");
+    /* an unknown architecture: sizes only for the converter, refused by tprun */
+    CHECK(parse("{\"model_type\": \"gpt_custom\", " BASE ", \"hidden_act\": \"gelu\"}", &c, &err) == 0 &&
+          c.arch == TP_ARCH_OTHER, "other arch: %s", err.msg);
+    CHECK(tp_model_config_parse(&c, "{\"model_type\": \"gpt2\"}", &err) < 0 && strstr(err.msg, "gpt2"),
+          "runtime refuses gpt2: %s", err.msg);
+}
+
+/* A qwen3 layout of 2 layers from config BASE (head_dim 32), minus `drop`,
+ * plus `extra`. */
+typedef struct tensor_set {
+    size_t n;
+    char names[64][96];
+    uint64_t shapes[64][2];
+    int ndims[64];
+    tp_tensor_ref refs[64];
+} tensor_set;
+
+static void add(tensor_set *s, const char *name, int ndim, uint64_t d0, uint64_t d1)
+{
+    snprintf(s->names[s->n], sizeof s->names[0], "%s", name);
+    s->shapes[s->n][0] = d0;
+    s->shapes[s->n][1] = d1;
+    s->ndims[s->n] = ndim;
+    s->refs[s->n] = (tp_tensor_ref){s->names[s->n], ndim, s->shapes[s->n]};
+    s->n++;
+}
+
+static void qwen3_tensors(tensor_set *s, int layers, const char *drop)
+{
+    memset(s, 0, sizeof *s);
+    add(s, "model.embed_tokens.weight", 2, 512, 64);
+    add(s, "model.norm.weight", 1, 64, 0);
+    add(s, "lm_head.weight", 2, 512, 64);
+    for (int l = 0; l < layers; l++) {
+        char n[96];
+        for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+            const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+            snprintf(n, sizeof n, "model.layers.%d.%s.weight", l, row->module);
+            if (drop && !strcmp(n, drop))
+                continue;
+            uint64_t d[2];
+            for (int k = 0; k < row->ndim; k++)
+                d[k] = row->dims[k] == TP_DIM_HIDDEN ? 64 : row->dims[k] == TP_DIM_Q ? 128
+                     : row->dims[k] == TP_DIM_KV ? 64 : row->dims[k] == TP_DIM_HEAD ? 32 : 128;
+            add(s, n, row->ndim, d[0], row->ndim > 1 ? d[1] : 0);
+        }
+    }
+}
+
+static void test_tensors(void)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    CHECK(parse("{\"model_type\": \"qwen3\", \"head_dim\": 32, " BASE "}", &c, &err) == 0, "%s", err.msg);
+    tensor_set s;
+    qwen3_tensors(&s, 2, NULL);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) == 0, "complete qwen3: %s", err.msg);
+    qwen3_tensors(&s, 2, "model.layers.1.self_attn.k_norm.weight");
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 &&
+          strstr(err.msg, "model.layers.1.self_attn.k_norm.weight"), "missing k_norm: %s", err.msg);
+    qwen3_tensors(&s, 1, NULL);   /* num_hidden_layers 2, weights for 1 */
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "model.layers.1."),
+          "missing layer: %s", err.msg);
+    qwen3_tensors(&s, 3, NULL);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "num_hidden_layers"),
+          "extra layer: %s", err.msg);
+    qwen3_tensors(&s, 2, NULL);
+    add(&s, "model.layers.0.mlp.gate_up_proj.weight", 2, 256, 64);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "gate_up_proj"),
+          "unknown layer tensor: %s", err.msg);
+    qwen3_tensors(&s, 2, NULL);
+    add(&s, "model.layers.0.self_attn.rotary_emb.inv_freq", 1, 16, 0);
+    add(&s, "model.layers.0.self_attn.q_proj.bias", 1, 128, 0);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) == 0, "inv_freq and a bias: %s", err.msg);
+    qwen3_tensors(&s, 2, NULL);
+    s.shapes[4][0] = 100;        /* after the 3 model tensors and input_layernorm: q_proj */
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "q_proj") &&
+          strstr(err.msg, "head_dim"), "misshapen q_proj: %s", err.msg);
+}
+
+/* tpverify's view: a rank file's tensor list and the manifest's config. */
+static void test_index(void)
+{
+    tp_err err = {{0}};
+    const char *cfg = "{\"model_type\": \"qwen3\", \"head_dim\": 32, " BASE "}";
+    tensor_set s;
+    qwen3_tensors(&s, 2, "model.layers.0.mlp.up_proj.weight");
+    tp_shard_tensor tensors[64];
+    memset(tensors, 0, sizeof tensors);
+    for (size_t i = 0; i < s.n; i++) {
+        tensors[i].name = s.names[i];
+        tensors[i].ndim = s.ndims[i];
+        memcpy(tensors[i].global_shape, s.shapes[i], sizeof s.shapes[i]);
+    }
+    tp_shard_index ix = {.n_tensors = s.n, .tensors = tensors};
+    CHECK(tp_arch_check_index(cfg, &ix, &err) < 0 && strstr(err.msg, "model.layers.0.mlp.up_proj.weight"),
+          "index without up_proj: %s", err.msg);
+    qwen3_tensors(&s, 2, NULL);
+    for (size_t i = 0; i < s.n; i++) {
+        tensors[i].name = s.names[i];
+        tensors[i].ndim = s.ndims[i];
+        memcpy(tensors[i].global_shape, s.shapes[i], sizeof s.shapes[i]);
+    }
+    ix.n_tensors = s.n;
+    CHECK(tp_arch_check_index(cfg, &ix, &err) == 0, "complete index: %s", err.msg);
+    /* another architecture: nothing to check against */
+    CHECK(tp_arch_check_index("{\"model_type\": \"gpt_custom\", " BASE "}", &ix, &err) == 0,
+          "other arch: %s", err.msg);
+}
+
+static void test_plan(void)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    CHECK(parse("{\"model_type\": \"llama\", " BASE "}", &c, &err) == 0, "%s", err.msg);
+    tp_plan p;
+    CHECK(tp_plan_builtin("llama", &p, &err) == 0, "%s", err.msg);
+    CHECK(tp_arch_check_plan(&c, &p, &err) == 0, "built-in plan: %s", err.msg);
+    CHECK(tp_plan_set(&p, "model.embed_tokens", TP_STYLE_VOCAB, &err) == 0 &&
+          tp_arch_check_plan(&c, &p, &err) == 0, "vocab-parallel: %s", err.msg);
+    tp_plan_free(&p);
+    const char *bad = "{\"layers.*.self_attn.q_proj\": \"colwise\", \"layers.*.self_attn.k_proj\": \"colwise\", "
+                      "\"layers.*.self_attn.v_proj\": \"colwise\", \"layers.*.self_attn.o_proj\": \"colwise\", "
+                      "\"layers.*.mlp.gate_proj\": \"colwise\", \"layers.*.mlp.up_proj\": \"colwise\", "
+                      "\"layers.*.mlp.down_proj\": \"rowwise\"}";
+    CHECK(tp_plan_parse(bad, strlen(bad), "plan.json", false, &p, &err) == 0, "%s", err.msg);
+    CHECK(tp_arch_check_plan(&c, &p, &err) < 0 && strstr(err.msg, "plan.json") &&
+          strstr(err.msg, "model.layers.*.self_attn.o_proj") && strstr(err.msg, "style colwise") &&
+          strstr(err.msg, "(rowwise)"), "o_proj colwise: %s", err.msg);
+    tp_plan_free(&p);
+    const char *partial = "{\"layers.*.self_attn.q_proj\": \"colwise\"}";
+    CHECK(tp_plan_parse(partial, strlen(partial), "plan.json", false, &p, &err) == 0, "%s", err.msg);
+    CHECK(tp_arch_check_plan(&c, &p, &err) < 0 && strstr(err.msg, "k_proj") && strstr(err.msg, "replicate"),
+          "unnamed k_proj: %s", err.msg);
+    tp_plan_free(&p);
+}
+
+/* cut.c's shape products are checked, whatever tp_model_info holds
+ * (run under -fsanitize=undefined to see no signed overflow). */
+static void test_cut_overflow(void)
+{
+    tp_err err = {{0}};
+    tp_model_info mi = {.hidden = 64, .n_heads = 1000000000000LL, .n_kv_heads = 1,
+                        .head_dim = 1000000000000LL, .intermediate = 128, .vocab = 512, .n_layers = 2};
+    uint64_t shape[2] = {128, 64};
+    tp_cut c;
+    CHECK(tp_cut_make(&c, &mi, "model.layers.0.self_attn.q_proj.weight", TP_BF16, 2, shape,
+                      TP_STYLE_COLWISE, 2, &err) < 0 && strstr(err.msg, "overflow"),
+          "huge heads * head_dim: %s", err.msg);
+}
+
+int main(void)
+{
+    test_cut_overflow();
+    test_config();
+    test_tensors();
+    test_index();
+    test_plan();
+    if (failures) {
+        fprintf(stderr, "test_arch: %d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_arch: ok\n");
+    return 0;
+}
