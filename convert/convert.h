@@ -307,10 +307,22 @@ typedef struct tp_write_report {
 } tp_write_report;
 
 /* Writes out_dir.  out_dir must not exist or be empty, else it is refused
- * unless opts->force (then manifest.json is removed first, so the directory
- * never looks complete with mixed files, then the old rank files).  Files
- * copied when present: config.json (always), generation_config.json,
- * tokenizer.json, tokenizer_config.json.  manifest.json is written last. */
+ * unless opts->force, which replaces only a conversion: out_dir must hold a
+ * manifest.json of ours (and only its files, bundles and leftovers of an
+ * interrupted run) or only such leftovers; anything else is refused naming
+ * the first foreign file.  Everything is written into a temporary sibling
+ * ".NAME.tpconvert-XXXXXX" (locked while in use; stale ones of killed runs
+ * are removed) and swapped in only when complete (manifest written last and
+ * fsynced): on any failure or cancel out_dir is left as it was, old
+ * conversion intact, and the temporary directory is removed.  A symlinked
+ * out_dir replaces the directory it names; a mount point is refused (the
+ * rename cannot cross file systems).  Files copied when present:
+ * config.json (always), generation_config.json, tokenizer.json,
+ * tokenizer_config.json: each must be a regular file inside the model
+ * directory (hub cache blobs allowed, see tp_model_file_check) holding a
+ * JSON object, and is written with mode 0644 (less any umask) whatever the
+ * source's mode.  A source file truncated while mapped is an error naming
+ * it ("file changed while being read"), not a SIGBUS. */
 int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_write_opts *opts,
                         tp_write_report *rep, tp_err *err);
 

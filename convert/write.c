@@ -6,19 +6,23 @@
  * of the mmapped source, one chunk at a time, on the shared pool.  Memory is
  * bounded by the pool's threads x chunk size, never by a tensor.
  *
- * Failure (ENOSPC, a bad tensor, a cancel request) leaves nothing that looks
- * complete: every writer is aborted, every file already renamed into place
- * is removed, and the directory too when this conversion created it.
+ * Everything is written into a fresh temporary sibling of OUT (same parent,
+ * ".OUT.tpconvert-XXXXXX", flock'ed while in use) and only a complete
+ * conversion, manifest written and fsynced, is swapped in by rename.  Failure
+ * (ENOSPC, a bad tensor, a truncated source, SIGINT) removes the temporary
+ * directory and leaves OUT as it was: absent, empty, or the old conversion.
  */
 #include "convert.h"
 
 #include <cJSON.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <fnmatch.h>
 #include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -98,10 +102,66 @@ static void drop_source_range(const uint8_t *p, uint64_t len)
     madvise((void *)a, e - a, MADV_DONTNEED);
 }
 
+/* One guarded copy: copy_slice's arguments, run by tp_sigbus_guard. */
+typedef struct slice_copy {
+    const tp_cut *cut;
+    int rank;
+    uint64_t raw_off;
+    uint8_t *dst;
+    size_t len;
+    uint64_t lo, hi;
+} slice_copy;
+
+static void run_slice_copy(void *arg)
+{
+    slice_copy *s = arg;
+    copy_slice(s->cut, s->rank, s->raw_off, s->dst, s->len, &s->lo, &s->hi);
+}
+
+/* Test hook for tests/e2e_convert.sh: with TPCONVERT_TEST_TRUNCATE_SOURCE
+ * set, the first copy truncates its source file first, so the path of a
+ * model file truncated mid-conversion runs deterministically. */
+static void test_truncate_source(const char *src_path)
+{
+    static volatile sig_atomic_t done;
+    if (!done && getenv("TPCONVERT_TEST_TRUNCATE_SOURCE")) {
+        done = 1;
+        if (truncate(src_path, 0) != 0)
+            done = 1;
+    }
+}
+
+/* Copies rank r's bytes [raw_off, +len) of the cut from the mapped source
+ * file src_path; a source truncated under the mapping is an error, not a
+ * SIGBUS that kills the process with files half-written. */
+static int guarded_slice(const tp_cut *cut, int r, const char *src_path, uint64_t raw_off,
+                         uint8_t *dst, size_t len, tp_err *err)
+{
+    test_truncate_source(src_path);
+    slice_copy sc = {cut, r, raw_off, dst, len, 0, 0};
+    if (tp_sigbus_guard(run_slice_copy, &sc) < 0)
+        return tp_errorf(err, "%s: file changed while being read (truncated?)", src_path);
+    if (sc.hi > sc.lo)
+        drop_source_range(cut->src->data + sc.lo, sc.hi - sc.lo);
+    return 0;
+}
+
+/* The path of the source file that holds the cut's tensor, for messages. */
+static const char *source_path(const tp_conversion *c, const tp_cut *cut)
+{
+    for (size_t i = 0; i < c->src.n_files; i++) {
+        const tp_st_file *f = &c->src.files[i];
+        if (cut->src >= f->tensors && cut->src < f->tensors + f->n_tensors)
+            return f->map.path;
+    }
+    return c->model_dir;
+}
+
 typedef struct fill_ctx {
     const tp_cut *cut;
     int rank;
     volatile sig_atomic_t *cancel;
+    const char *src_path;
 } fill_ctx;
 
 static int shard_fill(void *arg, uint64_t raw_off, uint8_t *dst, size_t len, tp_err *err)
@@ -112,38 +172,21 @@ static int shard_fill(void *arg, uint64_t raw_off, uint8_t *dst, size_t len, tp_
     if (raw_off + len > f->cut->rank_bytes[f->rank])
         return tp_errorf(err, "tensor %s: rank %d: fill [%" PRIu64 ", +%zu) is past its %" PRIu64
                          " bytes", f->cut->name, f->rank, raw_off, len, f->cut->rank_bytes[f->rank]);
-    uint64_t lo, hi;
-    copy_slice(f->cut, f->rank, raw_off, dst, len, &lo, &hi);
-    if (hi > lo)
-        drop_source_range(f->cut->src->data + lo, hi - lo);
-    return 0;
+    return guarded_slice(f->cut, f->rank, f->src_path, raw_off, dst, len, err);
 }
 
-/* ------------------------------------------------------------ bookkeeping */
+/* ---------------------------------------------------------- output dir */
 
-/* What this conversion put on disk, to remove on failure. */
-typedef struct written {
-    char *dir;
-    bool created_dir;
-    size_t n;
-    char **paths;
-} written;
-
-static int note_written(written *w, const char *path, tp_err *err)
+/* Removes a flat directory this conversion wrote (or an old conversion
+ * already swapped out): every entry, then the directory. */
+static mode_t current_umask(void)
 {
-    char **np = realloc(w->paths, (w->n + 1) * sizeof *np);
-    if (!np)
-        return tp_errorf(err, "out of memory");
-    w->paths = np;
-    if (!(w->paths[w->n] = strdup(path)))
-        return tp_errorf(err, "out of memory");
-    w->n++;
-    return 0;
+    mode_t m = umask(022);
+    umask(m);
+    return m;
 }
 
-/* Removes every file of a directory this conversion created (tmp files of
- * aborted writers included), then the directory. */
-static void remove_created_dir(const char *dir)
+static void remove_flat_dir(const char *dir)
 {
     DIR *d = opendir(dir);
     if (d) {
@@ -161,115 +204,265 @@ static void remove_created_dir(const char *dir)
     rmdir(dir);
 }
 
-static void undo_written(written *w)
+/* Names an interrupted tpconvert leaves inside a directory it wrote into:
+ * "X.tmp" (rank files, bundles) and "X.tmp.PID" (small files). */
+static bool leftover_name(const char *name)
 {
-    /* manifest first if it was the last thing written: nothing looks complete */
-    for (size_t i = w->n; i-- > 0;)
-        unlink(w->paths[i]);
-    if (w->created_dir)
-        remove_created_dir(w->dir);
-    else
-        tp_fsync_dir(w->dir, NULL);
+    return !fnmatch("*.tmp", name, 0) || !fnmatch("*.tmp.[0-9]*", name, 0);
 }
 
-static void written_free(written *w)
+/* A file of the conversion m describes (or of its bundles). */
+static bool conversion_file(const tp_manifest *m, const char *name)
 {
-    for (size_t i = 0; i < w->n; i++)
-        free(w->paths[i]);
-    free(w->paths);
-    free(w->dir);
-    memset(w, 0, sizeof *w);
-}
-
-/* ---------------------------------------------------------- output dir */
-
-/* The names a previous conversion may have left, removed by --force. */
-static bool old_conversion_file(const char *name)
-{
-    static const char *const globs[] = {
-        "rank-*-of-*.tpshard", "rank-*-of-*.safetensors", "rank-*-of-*.tmp", "*.tpshard.tmp",
-        "*.safetensors.tmp", "node-*-of-*.tar", "node-*-of-*.tar.tmp", TP_MANIFEST_NAME ".tmp",
-    };
-    for (size_t i = 0; i < sizeof globs / sizeof globs[0]; i++)
-        if (!fnmatch(globs[i], name, 0))
+    if (!strcmp(name, TP_MANIFEST_NAME) || !fnmatch("node-*-of-*.tar", name, 0))
+        return true;
+    for (int r = 0; r < m->tp; r++)
+        if (!strcmp(name, m->ranks[r].file))
             return true;
-    for (size_t i = 0; i < N_COPIED; i++)
-        if (!strcmp(name, copied_names[i]))
+    for (size_t i = 0; i < m->n_files; i++)
+        if (!strcmp(name, m->files[i].name))
             return true;
     return false;
 }
 
-static int count_entries(const char *dir, size_t *n, tp_err *err)
+typedef enum out_state {
+    OUT_ABSENT,      /* OUT does not exist */
+    OUT_REPLACEABLE, /* empty, a conversion, or leftovers of an interrupted run */
+} out_state;
+
+static int no_dots(const struct dirent *e)
 {
-    DIR *d = opendir(dir);
-    if (!d)
-        return tp_errorf(err, "%s: %s", dir, strerror(errno));
-    struct dirent *e;
-    *n = 0;
-    while ((e = readdir(d)))
-        if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
-            (*n)++;
-    closedir(d);
-    return 0;
+    return strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
 }
 
-static int clear_old_conversion(const char *dir, tp_err *err)
+/* The first entry (in name order) that --force must not delete, or NULL:
+ * with a manifest of ours, anything it does not list (nor a bundle, nor a
+ * leftover); without one, anything but a leftover.  Only plain files count
+ * as ours: a directory named rank-0.tpshard is foreign. */
+static const char *first_foreign(const char *dir, struct dirent **ents, int n,
+                                 const tp_manifest *m)
 {
-    /* manifest.json first: from here on the directory never looks complete. */
-    char *man = tp_path_join(dir, TP_MANIFEST_NAME);
-    if (!man)
-        return tp_errorf(err, "out of memory");
-    int rc = unlink(man);
-    int e = errno;
-    free(man);
-    if (rc < 0 && e != ENOENT)
-        return tp_errorf(err, "%s/%s: cannot remove: %s", dir, TP_MANIFEST_NAME, strerror(e));
-    if (tp_fsync_dir(dir, err) < 0)
-        return -1;
-    DIR *d = opendir(dir);
-    if (!d)
-        return tp_errorf(err, "%s: %s", dir, strerror(errno));
-    struct dirent *de;
-    rc = 0;
-    while ((de = readdir(d))) {
-        if (!old_conversion_file(de->d_name))
-            continue;
-        char *p = tp_path_join(dir, de->d_name);
-        if (!p || (unlink(p) < 0 && errno != ENOENT)) {
-            rc = tp_errorf(err, "%s/%s: cannot remove: %s", dir, de->d_name,
-                           p ? strerror(errno) : "out of memory");
-            free(p);
-            break;
-        }
+    for (int i = 0; i < n; i++) {
+        const char *name = ents[i]->d_name;
+        char *p = tp_path_join(dir, name);
+        struct stat st;
+        bool plain = p && lstat(p, &st) == 0 && S_ISREG(st.st_mode);
         free(p);
+        if (!plain || !(leftover_name(name) || (m && conversion_file(m, name))))
+            return name;
     }
-    closedir(d);
-    return rc;
+    return NULL;
 }
 
-static int prepare_out_dir(const char *dir, bool force, bool *created, tp_err *err)
+/* Decides what may happen to OUT; refuses, naming the file, whatever --force
+ * must not replace. */
+static int judge_out_dir(const char *dir, bool force, out_state *state, tp_err *err)
 {
     struct stat st;
-    *created = false;
     if (stat(dir, &st) < 0) {
         if (errno != ENOENT)
             return tp_errorf(err, "%s: %s", dir, strerror(errno));
-        if (mkdir(dir, 0755) < 0)
-            return tp_errorf(err, "%s: cannot create: %s", dir, strerror(errno));
-        *created = true;
+        if (lstat(dir, &st) == 0)
+            return tp_errorf(err, "%s: is a symlink to a missing directory", dir);
+        *state = OUT_ABSENT;
         return 0;
     }
     if (!S_ISDIR(st.st_mode))
         return tp_errorf(err, "%s: exists and is not a directory", dir);
-    size_t n = 0;
-    if (count_entries(dir, &n, err) < 0)
+    *state = OUT_REPLACEABLE;
+    struct dirent **ents = NULL;
+    int n = scandir(dir, &ents, no_dots, alphasort);
+    if (n < 0)
+        return tp_errorf(err, "%s: %s", dir, strerror(errno));
+    int rc = 0;
+    char *man_path = tp_path_join(dir, TP_MANIFEST_NAME);
+    struct stat mst;
+    bool has_manifest = man_path && lstat(man_path, &mst) == 0;
+    tp_manifest m;
+    memset(&m, 0, sizeof m);
+    if (n == 0) {
+        rc = 0;
+    } else if (has_manifest && !force) {
+        rc = tp_errorf(err, "%s: output directory holds a conversion (use --force to replace it)",
+                       dir);
+    } else if (has_manifest && tp_manifest_read(dir, &m, err) < 0) {
+        rc = tp_err_prefix(err, "%s: --force replaces only a tpconvert conversion, and its "
+                           "manifest.json is not one", dir);
+    } else {
+        const char *foreign = first_foreign(dir, ents, n, has_manifest ? &m : NULL);
+        if (foreign && has_manifest)
+            rc = tp_errorf(err, "%s: %s is not part of the conversion there: --force replaces "
+                           "only a conversion; move it away first", dir, foreign);
+        else if (foreign)
+            rc = tp_errorf(err, "%s: output directory is not empty and holds no conversion "
+                           "(no %s; first entry: %s)", dir, TP_MANIFEST_NAME, foreign);
+        else if (!has_manifest && !force)
+            rc = tp_errorf(err, "%s: holds only leftovers of an interrupted tpconvert run (%s): "
+                           "use --force to replace them", dir, ents[0]->d_name);
+    }
+    tp_manifest_free(&m);
+    free(man_path);
+    for (int i = 0; i < n; i++)
+        free(ents[i]);
+    free(ents);
+    return rc;
+}
+
+/* The temporary sibling directory the conversion is written into. */
+typedef struct work_dir {
+    char *out;      /* OUT, symlinks resolved when it exists */
+    char *parent;   /* its parent directory */
+    char *path;     /* parent/.NAME.tpconvert-XXXXXX */
+    int lock_fd;    /* the flock that marks it in use */
+} work_dir;
+
+/* ".NAME.tpconvert-" for OUT's base name, malloc'd. */
+static char *work_prefix(const char *out)
+{
+    const char *base = strrchr(out, '/');
+    base = base ? base + 1 : out;
+    char *p = malloc(strlen(base) + 16);
+    if (p)
+        sprintf(p, ".%s.tpconvert-", base);
+    return p;
+}
+
+/* Removes temporary directories of OUT left by killed runs (nobody holds
+ * their lock); refuses when one is in use: another tpconvert is writing OUT
+ * right now. */
+static int sweep_stale_work_dirs(const work_dir *w, tp_err *err)
+{
+    char *prefix = work_prefix(w->out);
+    DIR *d = prefix ? opendir(w->parent) : NULL;
+    if (!d) {
+        free(prefix);
+        return tp_errorf(err, "%s: %s", w->parent, prefix ? strerror(errno) : "out of memory");
+    }
+    int rc = 0;
+    struct dirent *e;
+    while (rc == 0 && (e = readdir(d))) {
+        if (strncmp(e->d_name, prefix, strlen(prefix)) || strlen(e->d_name) != strlen(prefix) + 6)
+            continue;
+        char *p = tp_path_join(w->parent, e->d_name);
+        int fd = p ? open(p, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) : -1;
+        if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)
+            remove_flat_dir(p); /* its writer is gone */
+        else if (fd >= 0)
+            rc = tp_errorf(err, "%s: another tpconvert is writing this output right now (%s is in "
+                           "use)", w->out, p);
+        if (fd >= 0)
+            close(fd);
+        free(p);
+    }
+    closedir(d);
+    free(prefix);
+    return rc;
+}
+
+/* Creates the temporary sibling of out_dir and locks it.  OUT that is a
+ * mount point is refused here, before any work: the final rename could not
+ * cross file systems. */
+static int work_dir_open(work_dir *w, const char *out_dir, out_state state, tp_err *err)
+{
+    memset(w, 0, sizeof *w);
+    w->lock_fd = -1;
+    /* Resolve a symlinked OUT: the directory it names is what is replaced. */
+    w->out = state == OUT_ABSENT ? strdup(out_dir) : realpath(out_dir, NULL);
+    if (!w->out)
+        return tp_errorf(err, "%s: %s", out_dir, strerror(errno));
+    size_t l = strlen(w->out);
+    while (l > 1 && w->out[l - 1] == '/')
+        w->out[--l] = '\0';
+    if (!(w->parent = tp_path_dir(w->out)))
+        return tp_errorf(err, "out of memory");
+    struct stat so, sp;
+    if (stat(w->parent, &sp) < 0)
+        return tp_errorf(err, "%s: %s", w->parent, strerror(errno));
+    if (state != OUT_ABSENT && stat(w->out, &so) == 0 && so.st_dev != sp.st_dev)
+        return tp_errorf(err, "%s: is a mount point: tpconvert writes the conversion beside it and "
+                         "renames it into place, which cannot cross file systems; give a "
+                         "directory inside it", out_dir);
+    if (sweep_stale_work_dirs(w, err) < 0)
         return -1;
-    if (n == 0)
-        return 0;
-    if (!force)
-        return tp_errorf(err, "%s: output directory is not empty (use --force to replace a "
-                         "previous conversion)", dir);
-    return clear_old_conversion(dir, err);
+    char *prefix = work_prefix(w->out);
+    char *tmpl = prefix ? malloc(strlen(prefix) + 7) : NULL;
+    if (tmpl)
+        sprintf(tmpl, "%sXXXXXX", prefix);
+    w->path = tmpl ? tp_path_join(w->parent, tmpl) : NULL;
+    free(prefix);
+    free(tmpl);
+    if (!w->path)
+        return tp_errorf(err, "out of memory");
+    if (!mkdtemp(w->path)) {
+        int e = errno;
+        free(w->path);
+        w->path = NULL;
+        return tp_errorf(err, "%s: cannot create a directory beside it: %s", out_dir, strerror(e));
+    }
+    chmod(w->path, 0755 & ~current_umask()); /* mkdtemp makes 0700; OUT is shared like any dir */
+    w->lock_fd = open(w->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (w->lock_fd < 0 || flock(w->lock_fd, LOCK_EX | LOCK_NB) != 0)
+        return tp_errorf(err, "%s: cannot lock: %s", w->path, strerror(errno));
+    return 0;
+}
+
+/* Removes the temporary directory (when it is still there) and frees. */
+static void work_dir_close(work_dir *w)
+{
+    if (w->path)
+        remove_flat_dir(w->path);
+    if (w->lock_fd >= 0)
+        close(w->lock_fd);
+    free(w->path);
+    free(w->parent);
+    free(w->out);
+    memset(w, 0, sizeof *w);
+    w->lock_fd = -1;
+}
+
+/* Puts the complete conversion in place: OUT absent, a plain rename;
+ * otherwise an atomic exchange (where the file system has none: OUT renamed
+ * aside, the new one renamed in, the old one back on failure), then the old
+ * contents, now in the temporary directory, are removed.  At no point is
+ * OUT a mixture of the two. */
+static int work_dir_install(work_dir *w, out_state state, tp_err *err)
+{
+    if (state == OUT_ABSENT) {
+        if (rename(w->path, w->out) != 0)
+            return tp_errorf(err, "%s: cannot rename %s to it: %s", w->out, w->path,
+                             strerror(errno));
+    } else if (renameat2(AT_FDCWD, w->path, AT_FDCWD, w->out, RENAME_EXCHANGE) != 0) {
+        if (errno != EINVAL && errno != ENOSYS)
+            return tp_errorf(err, "%s: cannot swap the new conversion in: %s (the old one is "
+                             "untouched)", w->out, strerror(errno));
+        char *aside = malloc(strlen(w->path) + 5);
+        if (!aside)
+            return tp_errorf(err, "out of memory");
+        sprintf(aside, "%s.old", w->path);
+        if (rename(w->out, aside) != 0) {
+            tp_errorf(err, "%s: cannot move the old conversion aside: %s", w->out, strerror(errno));
+            free(aside);
+            return -1;
+        }
+        if (rename(w->path, w->out) != 0) {
+            int e = errno;
+            rename(aside, w->out);
+            free(aside);
+            return tp_errorf(err, "%s: cannot rename the new conversion in: %s (the old one is "
+                             "back)", w->out, strerror(e));
+        }
+        remove_flat_dir(aside);
+        free(aside);
+        free(w->path);
+        w->path = NULL;
+    }
+    if (state == OUT_ABSENT) {
+        free(w->path);
+        w->path = NULL; /* nothing left to remove */
+    }
+    /* After an exchange w->path holds the old contents: work_dir_close
+     * removes them. */
+    return tp_fsync_dir(w->parent, err);
 }
 
 /* ------------------------------------------------------------ rank files */
@@ -281,7 +474,7 @@ typedef struct rank_result {
 
 static int write_tpshard(const tp_conversion *c, const char *dir, const tp_write_opts *o,
                          const char *conv_id, tp_pool *pool, tp_progress *prog, rank_result *res,
-                         written *wr, tp_err *err)
+                         tp_err *err)
 {
     const int tp = c->tp;
     tp_shard_writer **w = calloc((size_t)tp, sizeof *w);
@@ -322,7 +515,7 @@ static int write_tpshard(const tp_conversion *c, const char *dir, const tp_write
             memcpy(desc.shape, &cut->local_shapes[(size_t)r * TP_MAX_DIMS], sizeof desc.shape);
             memcpy(desc.global_shape, cut->global_shape, sizeof desc.global_shape);
             fill_ctx *f = &ctx[i * (size_t)tp + (size_t)r];
-            *f = (fill_ctx){cut, r, o->cancel};
+            *f = (fill_ctx){cut, r, o->cancel, source_path(c, cut)};
             if (tp_shard_writer_add(w[r], &desc, shard_fill, f, err) < 0)
                 goto out; /* the writer's message names its file */
         }
@@ -332,8 +525,6 @@ static int write_tpshard(const tp_conversion *c, const char *dir, const tp_write
         w[r] = NULL; /* finish frees it, success or not */
         if (tp_shard_writer_finish(wr_r, &res[r].checksum, &res[r].size, &res[r].raw,
                                    &res[r].stored, err) < 0)
-            goto out;
-        if (note_written(wr, paths[r], err) < 0)
             goto out;
     }
     rc = 0;
@@ -367,10 +558,8 @@ static int st_fill(size_t i, uint8_t *dst, size_t nbytes, void *arg, tp_err *err
     if (nbytes != cut->rank_bytes[f->rank])
         return tp_errorf(err, "tensor %s: rank %d: %zu bytes asked, %" PRIu64 " held", cut->name,
                          f->rank, nbytes, cut->rank_bytes[f->rank]);
-    uint64_t lo, hi;
-    copy_slice(cut, f->rank, 0, dst, nbytes, &lo, &hi);
-    if (hi > lo)
-        drop_source_range(cut->src->data + lo, hi - lo);
+    if (guarded_slice(cut, f->rank, source_path(f->c, cut), 0, dst, nbytes, err) < 0)
+        return -1;
     tp_progress_add(f->prog, nbytes);
     return 0;
 }
@@ -412,8 +601,7 @@ fail:
 }
 
 static int write_safetensors(const tp_conversion *c, const char *dir, const tp_write_opts *o,
-                             const char *conv_id, tp_progress *prog, rank_result *res, written *wr,
-                             tp_err *err)
+                             const char *conv_id, tp_progress *prog, rank_result *res, tp_err *err)
 {
     tp_st_out_tensor *ts = calloc(c->n_cuts + 1, sizeof *ts);
     if (!ts)
@@ -449,7 +637,7 @@ static int write_safetensors(const tp_conversion *c, const char *dir, const tp_w
         int wrc = path ? tp_st_write(path, ts, c->n_cuts, meta, st_fill, &f, err)
                        : tp_errorf(err, "out of memory");
         free(splits);
-        if (wrc < 0 || note_written(wr, path, err) < 0) {
+        if (wrc < 0) {
             free(path);
             goto out;
         }
@@ -473,45 +661,90 @@ out:
 
 /* ---------------------------------------------------------- other files */
 
-/* Each copied file's entry gets the size and XXH3 of the bytes written, so
- * the loader catches a damaged config.json or tokenizer.json like a damaged
- * rank file. */
-static int copy_files(const tp_conversion *c, const char *dir, tp_manifest_file *present,
-                      size_t *n_present, written *wr, tp_err *err)
+/* A file copied from the model directory, read and checked before any
+ * byte of the conversion is written. */
+typedef struct copied_file {
+    const char *name;
+    const char *text;   /* config.json: the conversion's own copy */
+    char *owned;        /* the others: read here */
+    size_t len;
+} copied_file;
+
+/* A copied *.json must be what it claims: one JSON object, no NUL byte. */
+static int check_json_object(const char *path, const char *text, size_t len, tp_err *err)
 {
-    *n_present = 0;
+    if (memchr(text, '\0', len))
+        return tp_errorf(err, "%s: contains a NUL byte (not a JSON file)", path);
+    cJSON *root = cJSON_ParseWithOpts(text, NULL, 1);
+    bool object = cJSON_IsObject(root);
+    cJSON_Delete(root);
+    if (!root)
+        return tp_errorf(err, "%s: not valid JSON", path);
+    if (!object)
+        return tp_errorf(err, "%s: not a JSON object", path);
+    return 0;
+}
+
+/* Reads the files to copy: each must be a regular file inside the model
+ * directory (a symlink out of it is refused) and valid JSON.  Absent files
+ * are skipped, except config.json, which prepare has read already. */
+static int read_copied_files(const tp_conversion *c, copied_file *out, size_t *n, tp_err *err)
+{
+    *n = 0;
     for (size_t i = 0; i < N_COPIED; i++) {
         const char *name = copied_names[i];
-        char *src = tp_path_join(c->model_dir, name), *dst = tp_path_join(dir, name);
-        char *text = NULL;
-        size_t len = 0;
-        uint64_t sum = 0;
-        int rc = 0;
-        if (!src || !dst) {
-            rc = tp_errorf(err, "out of memory");
-        } else if (!strcmp(name, "config.json")) {
-            len = c->config_len;
-            sum = tp_xxh3(c->config_json, len);
-            rc = tp_write_file_atomic(dst, c->config_json, c->config_len, err);
-        } else if (access(src, F_OK) == 0) {
-            rc = tp_read_file(src, (size_t)1 << 30, &text, &len, err);
-            if (rc == 0) {
-                sum = tp_xxh3(text, len);
-                rc = tp_write_file_atomic(dst, text, len, err);
-            }
-        } else {
+        char *src = tp_path_join(c->model_dir, name);
+        if (!src)
+            return tp_errorf(err, "out of memory");
+        struct stat st;
+        bool config = !strcmp(name, "config.json");
+        if (!config && lstat(src, &st) != 0 && errno == ENOENT) {
             free(src);
-            free(dst);
             continue;
         }
+        copied_file *f = &out[*n];
+        *f = (copied_file){.name = name};
+        int rc = tp_model_file_check(c->model_dir, name, err);
+        if (rc == 0 && config) {
+            f->text = c->config_json;
+            f->len = c->config_len;
+        } else if (rc == 0) {
+            rc = tp_read_file(src, (size_t)1 << 30, &f->owned, &f->len, err);
+            f->text = f->owned;
+        }
         if (rc == 0)
-            rc = note_written(wr, dst, err);
-        free(text);
+            rc = check_json_object(src, f->text, f->len, err);
         free(src);
+        (*n)++; /* counted even on failure, so that its buffer is freed */
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void free_copied_files(copied_file *files, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        free(files[i].owned);
+}
+
+/* Writes the copied files, mode 0644 whatever the source's mode (they are
+ * read by every rank's user; a private source stays private through the
+ * directory's own permissions).  Each entry gets the size and XXH3 of the
+ * bytes written, so the loader catches a damaged config.json or
+ * tokenizer.json like a damaged rank file. */
+static int write_copied_files(const copied_file *files, size_t n, const char *dir,
+                              tp_manifest_file *present, tp_err *err)
+{
+    for (size_t i = 0; i < n; i++) {
+        char *dst = tp_path_join(dir, files[i].name);
+        int rc = dst ? tp_write_file_atomic(dst, files[i].text, files[i].len, err)
+                     : tp_errorf(err, "out of memory");
         free(dst);
         if (rc < 0)
             return -1;
-        present[(*n_present)++] = (tp_manifest_file){.name = (char *)name, .size = len, .xxh3 = sum};
+        present[i] = (tp_manifest_file){.name = (char *)files[i].name, .size = files[i].len,
+                                        .xxh3 = tp_xxh3(files[i].text, files[i].len)};
     }
     return 0;
 }
@@ -526,33 +759,19 @@ static bool same_dir(const char *a, const char *b)
     return stat(a, &sa) == 0 && stat(b, &sb) == 0 && sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
 
-int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_write_opts *opts,
-                        tp_write_report *rep, tp_err *err)
+/* Writes the rank files, the copied files and manifest.json into dir. */
+static int write_conversion(const tp_conversion *c, const char *dir, const tp_write_opts *opts,
+                            const copied_file *copied, size_t n_copied, tp_write_report *rep,
+                            tp_err *err)
 {
-    double t0 = tp_now();
-    written wr = {0};
     tp_pool *pool = NULL;
     tp_progress *prog = NULL;
-    rank_result *res = NULL;
-    tp_manifest_rank *mr = NULL;
-    char *plan_json = NULL;
-    int rc = -1;
-    if (opts->format == TP_OUT_TPSHARD && opts->codec == TP_CODEC_ZSTD &&
-        (opts->level < 1 || opts->level > 22))
-        return tp_errorf(err, "--level %d: zstd levels are 1 to 22", opts->level);
-    if (same_dir(out_dir, c->model_dir))
-        return tp_errorf(err, "%s: the output directory is the model directory", out_dir);
-    if (!(wr.dir = strdup(out_dir)))
-        return tp_errorf(err, "out of memory");
-    if (prepare_out_dir(out_dir, opts->force, &wr.created_dir, err) < 0) {
-        written_free(&wr);
-        return -1;
-    }
     char conv_id[33];
     tp_new_conversion_id(conv_id);
-    res = calloc((size_t)c->tp, sizeof *res);
-    mr = calloc((size_t)c->tp, sizeof *mr);
-    plan_json = tp_plan_to_json(&c->plan);
+    rank_result *res = calloc((size_t)c->tp, sizeof *res);
+    tp_manifest_rank *mr = calloc((size_t)c->tp, sizeof *mr);
+    char *plan_json = tp_plan_to_json(&c->plan);
+    int rc = -1;
     if (!res || !mr || !plan_json) {
         tp_errorf(err, "out of memory");
         goto out;
@@ -566,22 +785,16 @@ int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_wr
             tp_errorf(err, "cannot start %d threads", opts->threads);
             goto out;
         }
-        if (write_tpshard(c, out_dir, opts, conv_id, pool, prog, res, &wr, err) < 0)
+        if (write_tpshard(c, dir, opts, conv_id, pool, prog, res, err) < 0)
             goto out;
-    } else if (write_safetensors(c, out_dir, opts, conv_id, prog, res, &wr, err) < 0) {
+    } else if (write_safetensors(c, dir, opts, conv_id, prog, res, err) < 0) {
         goto out;
     }
     tp_progress_finish(prog);
     prog = NULL;
-    if (opts->cancel && *opts->cancel) {
-        tp_errorf(err, "interrupted");
-        goto out;
-    }
     tp_manifest_file present[N_COPIED];
-    size_t n_present;
-    if (copy_files(c, out_dir, present, &n_present, &wr, err) < 0)
+    if (write_copied_files(copied, n_copied, dir, present, err) < 0)
         goto out;
-
     uint64_t raw = 0, stored = 0;
     for (int r = 0; r < c->tp; r++) {
         mr[r] = (tp_manifest_rank){
@@ -601,7 +814,7 @@ int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_wr
         .level = opts->format == TP_OUT_TPSHARD && opts->codec == TP_CODEC_ZSTD ? opts->level : 0,
         .config_json = c->config_json,
         .plan_json = plan_json,
-        .n_files = n_present,
+        .n_files = n_copied,
         .files = present,
         .ranks = mr,
     };
@@ -610,33 +823,53 @@ int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_wr
         tp_errorf(err, "interrupted");
         goto out;
     }
-    char *man_path = tp_path_join(out_dir, TP_MANIFEST_NAME);
-    if (!man_path || note_written(&wr, man_path, err) < 0) {
-        free(man_path);
-        if (!man_path)
-            tp_errorf(err, "out of memory");
-        goto out;
-    }
-    free(man_path);
-    if (tp_manifest_write(out_dir, &m, err) < 0)
+    if (tp_manifest_write(dir, &m, err) < 0)
         goto out;
     if (rep) {
         memcpy(rep->conversion_id, conv_id, sizeof rep->conversion_id);
         rep->raw_bytes = raw;
         rep->stored_bytes = stored;
-        rep->n_files_copied = n_present;
-        rep->seconds = tp_now() - t0;
+        rep->n_files_copied = n_copied;
     }
     rc = 0;
 out:
     tp_progress_finish(prog);
     if (pool)
         tp_pool_destroy(pool);
-    if (rc < 0)
-        undo_written(&wr);
-    written_free(&wr);
     free(res);
     free(mr);
     free(plan_json);
+    return rc;
+}
+
+int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_write_opts *opts,
+                        tp_write_report *rep, tp_err *err)
+{
+    double t0 = tp_now();
+    if (opts->format == TP_OUT_TPSHARD && opts->codec == TP_CODEC_ZSTD &&
+        (opts->level < 1 || opts->level > 22))
+        return tp_errorf(err, "--level %d: zstd levels are 1 to 22", opts->level);
+    if (same_dir(out_dir, c->model_dir))
+        return tp_errorf(err, "%s: the output directory is the model directory", out_dir);
+    out_state state;
+    if (judge_out_dir(out_dir, opts->force, &state, err) < 0)
+        return -1;
+    copied_file copied[N_COPIED];
+    size_t n_copied = 0;
+    work_dir w = {.lock_fd = -1};
+    int rc = -1;
+    if (read_copied_files(c, copied, &n_copied, err) == 0 &&
+        work_dir_open(&w, out_dir, state, err) == 0) {
+        if (write_conversion(c, w.path, opts, copied, n_copied, rep, err) == 0) {
+            if (opts->cancel && *opts->cancel)
+                tp_errorf(err, "interrupted");
+            else
+                rc = work_dir_install(&w, state, err);
+        }
+    }
+    work_dir_close(&w); /* on failure: the temporary directory and all in it */
+    free_copied_files(copied, n_copied);
+    if (rc == 0 && rep)
+        rep->seconds = tp_now() - t0;
     return rc;
 }

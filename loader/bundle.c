@@ -40,9 +40,8 @@ static int pack_file(pack_ctx *ctx, struct archive *a, const char *tar_path, con
     char *path = tp_path_join(ctx->dir, name);
     if (!path)
         return tp_errorf(err, "%s: out of memory", ctx->dir);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = tp_open_regular(path, 0, NULL, err);
     if (fd < 0) {
-        tp_errorf(err, "%s: %s", path, strerror(errno));
         free(path);
         return -1;
     }
@@ -195,19 +194,11 @@ static int pack_node(pack_ctx *ctx, int node, int n_nodes, int first, int last, 
         tp_errorf(err, "%s: %s", tmp_path, archive_error_string(a));
         goto out;
     }
-    if (fsync(fd) != 0) {
-        tp_errorf(err, "%s: fsync: %s", tmp_path, strerror(errno));
-        goto out;
-    }
-    if (close(fd) != 0) {
+    {
+        int commit = tp_file_commit(fd, tmp_path, final_path, err); /* closes fd */
         fd = -1;
-        tp_errorf(err, "%s: close: %s", tmp_path, strerror(errno));
-        goto out;
-    }
-    fd = -1;
-    if (rename(tmp_path, final_path) != 0) {
-        tp_errorf(err, "%s: rename to %s: %s", tmp_path, final_path, strerror(errno));
-        goto out;
+        if (commit < 0)
+            goto out;
     }
     rc = 0;
 out:

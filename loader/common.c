@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------- first error of many */
 
@@ -104,12 +105,6 @@ tp_ld_entry_kind tp_ld_manifest_classify(const tp_manifest *m, const char *name,
 }
 
 /* A name that may be joined to a directory: plain, no separators. */
-static bool flat_name_ok(const char *name)
-{
-    return name && name[0] && !strchr(name, '/') && strcmp(name, ".") != 0 &&
-           strcmp(name, "..") != 0 && strlen(name) < 256;
-}
-
 int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err)
 {
     if (m->tp < 1)
@@ -120,7 +115,7 @@ int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err)
         if (m->ranks[r].rank != r)
             return tp_errorf(err, "%s: manifest: rank entry %d says rank %d", src, r,
                              m->ranks[r].rank);
-        if (!flat_name_ok(m->ranks[r].file))
+        if (!tp_safe_file_name(m->ranks[r].file))
             return tp_errorf(err, "%s: manifest: rank %d file name \"%s\" is not a plain file name",
                              src, r, m->ranks[r].file ? m->ranks[r].file : "");
         for (int q = 0; q < r; q++)
@@ -130,7 +125,7 @@ int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err)
     }
     for (size_t i = 0; i < m->n_files; i++) {
         const char *name = m->files[i].name;
-        if (!flat_name_ok(name))
+        if (!tp_safe_file_name(name))
             return tp_errorf(err, "%s: manifest: copied file name \"%s\" is not a plain file name",
                              src, name ? name : "");
         if (strcmp(name, TP_MANIFEST_NAME) == 0)
@@ -202,6 +197,49 @@ int tp_ld_bundle_check_type(const char *bundle, struct archive_entry *e, tp_err 
     return 0;
 }
 
+/* The bundle's descriptor behind libarchive (archive_read_open_fd would
+ * leave the descriptor open at close).  Skips seek, so that reading one
+ * rank's entry of a large bundle does not read the others. */
+#define TAR_READ_BLOCK (1u << 20)
+typedef struct tar_source {
+    int fd;
+    void *buf;
+} tar_source;
+
+static la_ssize_t tar_read_cb(struct archive *a, void *p, const void **out)
+{
+    tar_source *src = p;
+    for (;;) {
+        ssize_t n = read(src->fd, src->buf, TAR_READ_BLOCK);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            archive_set_error(a, errno, "read: %s", strerror(errno));
+        *out = src->buf;
+        return n;
+    }
+}
+
+static la_int64_t tar_skip_cb(struct archive *a, void *p, la_int64_t request)
+{
+    (void)a;
+    tar_source *src = p;
+    off_t here = lseek(src->fd, 0, SEEK_CUR);
+    if (here < 0 || lseek(src->fd, (off_t)request, SEEK_CUR) < 0)
+        return 0; /* libarchive then reads through instead */
+    return request;
+}
+
+static int tar_close_cb(struct archive *a, void *p)
+{
+    (void)a;
+    tar_source *src = p;
+    close(src->fd);
+    free(src->buf);
+    free(src);
+    return ARCHIVE_OK;
+}
+
 int tp_ld_tar_open_read(const char *path, struct archive **out, tp_err *err)
 {
     struct archive *a = archive_read_new();
@@ -210,7 +248,27 @@ int tp_ld_tar_open_read(const char *path, struct archive **out, tp_err *err)
     /* Bundles are plain tars: no compression filter is enabled, so a
      * compressed file is refused rather than inflated. */
     archive_read_support_format_tar(a);
-    if (archive_read_open_filename(a, path, 1 << 20) != ARCHIVE_OK) {
+    /* Opened here, not by libarchive: a FIFO or a device is refused at
+     * once instead of blocking or being read as a stream. */
+    int fd = tp_open_regular(path, 0, NULL, err);
+    if (fd < 0) {
+        archive_read_free(a);
+        return -1;
+    }
+    tar_source *src = malloc(sizeof *src);
+    if (!src || !(src->buf = malloc(TAR_READ_BLOCK))) {
+        free(src);
+        close(fd);
+        archive_read_free(a);
+        return tp_errorf(err, "%s: out of memory", path);
+    }
+    src->fd = fd;
+    archive_read_set_callback_data(a, src);
+    archive_read_set_read_callback(a, tar_read_cb);
+    archive_read_set_skip_callback(a, tar_skip_cb);
+    archive_read_set_close_callback(a, tar_close_cb);
+    if (archive_read_open1(a) != ARCHIVE_OK) {
+        /* the close callback has run (or runs in free): fd and src are freed */
         tp_errorf(err, "%s: cannot open bundle: %s", path, archive_error_string(a));
         archive_read_free(a);
         return -1;

@@ -20,7 +20,6 @@
 
 #define MAX_MANIFEST_SIZE (64u << 20)
 #define MAX_TP 4096
-#define MAX_FILE_NAME 255
 
 void tp_rank_file_name(char *out, size_t cap, int rank, int tp, const char *ext)
 {
@@ -58,19 +57,6 @@ void tp_new_conversion_id(char out[33])
     out[32] = 0;
 }
 
-/* A name that stays inside the directory: no separators, not "." or "..",
- * no control characters. */
-static bool plain_file_name(const char *s)
-{
-    size_t n = strlen(s);
-    if (n == 0 || n > MAX_FILE_NAME || strcmp(s, ".") == 0 || strcmp(s, "..") == 0)
-        return false;
-    for (size_t i = 0; i < n; i++)
-        if (s[i] == '/' || s[i] == '\\' || (unsigned char)s[i] < 0x20 || s[i] == 0x7f)
-            return false;
-    return true;
-}
-
 void tp_manifest_free(tp_manifest *m)
 {
     if (!m)
@@ -104,10 +90,10 @@ static int check_for_write(const tp_manifest *m, const char *path, tp_err *err)
     if (!m->model_type || !*m->model_type || !m->codec)
         return TP_FAIL(err, "%s: model_type and codec are required", path);
     for (int i = 0; i < m->tp; i++)
-        if (m->ranks[i].rank != i || !m->ranks[i].file || !plain_file_name(m->ranks[i].file))
+        if (m->ranks[i].rank != i || !m->ranks[i].file || !tp_safe_file_name(m->ranks[i].file))
             return TP_FAIL(err, "%s: rank entry %d is not rank %d with a plain file name", path, i, i);
     for (size_t i = 0; i < m->n_files; i++)
-        if (!m->files[i].name || !plain_file_name(m->files[i].name))
+        if (!m->files[i].name || !tp_safe_file_name(m->files[i].name))
             return TP_FAIL(err, "%s: copied file name \"%s\" is not a plain file name", path,
                              m->files[i].name ? m->files[i].name : "");
     return 0;
@@ -225,7 +211,7 @@ static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank 
         return TP_FAIL(err, "%s: is rank %d (ranks must be listed 0..tp-1 in order)", where, r->rank);
     if (tp_json_str(o, "file", 4096, false, where, &file, err) < 0)
         return -1;
-    if (!plain_file_name(file))
+    if (!tp_safe_file_name(file))
         return TP_FAIL(err, "%s: file \"%s\" is not a plain file name in the directory", where, file);
     if (tp_json_u64(o, "size", UINT64_MAX, where, &r->size, err) < 0 ||
         tp_json_str(o, "checksum", 64, false, where, &checksum, err) < 0)
@@ -279,7 +265,7 @@ static int parse_file(const cJSON *o, size_t i, const char *name, tp_manifest_fi
     const char *file, *sum;
     if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_str(o, "name", 4096, false, where, &file, err) < 0)
         return -1;
-    if (!plain_file_name(file))
+    if (!tp_safe_file_name(file))
         return TP_FAIL(err, "%s: name \"%s\" is not a plain file name in the directory", where, file);
     if (tp_json_u64(o, "size", UINT64_MAX, where, &f->size, err) < 0 ||
         tp_json_str(o, "xxh3", 64, false, where, &sum, err) < 0)

@@ -502,11 +502,6 @@ static int cmp_wm(const void *a, const void *b)
     return strcmp(((const wm_entry *)a)->tensor, ((const wm_entry *)b)->tensor);
 }
 
-static bool plain_file_name(const char *s)
-{
-    return s[0] && !strchr(s, '/') && !strstr(s, "..") && strcmp(s, ".") != 0;
-}
-
 /* Which file of the set holds the tensor (by pointer). */
 static size_t file_of(const tp_st_set *s, const tp_st_tensor *t)
 {
@@ -549,7 +544,10 @@ static int open_set_file(tp_st_set *s, const char *dir, const char *name, tp_err
         s->file_names[s->n_files] = NULL;
         return tp_errorf(err, "%s: out of memory", dir);
     }
-    int rc = tp_st_open(&s->files[s->n_files], path, err);
+    /* A shard linked from outside the model directory is refused. */
+    int rc = tp_model_file_check(dir, name, err);
+    if (rc == 0)
+        rc = tp_st_open(&s->files[s->n_files], path, err);
     free(path);
     if (rc != 0) {
         free(s->file_names[s->n_files]);
@@ -600,7 +598,7 @@ static int open_indexed(tp_st_set *s, const char *dir, const char *index_path, t
                            printable(e->string).s);
             goto out;
         }
-        if (!plain_file_name(e->valuestring)) {
+        if (!tp_safe_file_name(e->valuestring)) {
             rc = tp_errorf(err, "%s: weight_map entry for tensor %s: \"%s\" is not a plain file name",
                            index_path, printable(e->string).s, printable(e->valuestring).s);
             goto out;
@@ -684,6 +682,14 @@ out:
     return rc;
 }
 
+/* The name exists, as anything: a dangling symlink is present (and refused
+ * by the checks that follow), not "missing". */
+static bool present(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
 int tp_st_set_open(tp_st_set *s, const char *model_dir, tp_err *err)
 {
     memset(s, 0, sizeof *s);
@@ -692,9 +698,11 @@ int tp_st_set_open(tp_st_set *s, const char *model_dir, tp_err *err)
     int rc = 0;
     if (!index_path || !single_path) {
         rc = tp_errorf(err, "%s: out of memory", model_dir);
-    } else if (access(index_path, F_OK) == 0) {
-        rc = open_indexed(s, model_dir, index_path, err);
-    } else if (access(single_path, F_OK) == 0) {
+    } else if (present(index_path)) {
+        rc = tp_model_file_check(model_dir, INDEX_NAME, err);
+        if (rc == 0)
+            rc = open_indexed(s, model_dir, index_path, err);
+    } else if (present(single_path)) {
         s->files = calloc(1, sizeof *s->files);
         s->file_names = calloc(1, sizeof *s->file_names);
         if (!s->files || !s->file_names)
@@ -936,25 +944,8 @@ int tp_st_write(const char *path, const tp_st_out_tensor *tensors, size_t n,
     }
     munmap(map, (size_t)total);
     map = MAP_FAILED;
-    if (fsync(fd) != 0) {
-        tp_errorf(err, "%s: fsync failed: %s", tmp, strerror(errno));
-        goto fail;
-    }
-    int ce = close(fd);
+    rc = tp_file_commit(fd, tmp, path, err); /* closes fd, removes tmp on failure */
     fd = -1;
-    if (ce != 0) {
-        tp_errorf(err, "%s: write failed: %s", tmp, strerror(errno));
-        goto fail;
-    }
-    if (rename(tmp, path) != 0) {
-        tp_errorf(err, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-        goto fail;
-    }
-    {
-        char *dir = tp_path_dir(path);
-        rc = dir ? tp_fsync_dir(dir, err) : tp_errorf(err, "%s: out of memory", path);
-        free(dir);
-    }
     goto out;
 fail:
     if (map != MAP_FAILED)

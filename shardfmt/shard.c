@@ -589,19 +589,10 @@ int tp_shard_writer_finish(tp_shard_writer *w, uint64_t *index_xxh3, uint64_t *f
         rc = tp_errorf(err, "%s: cannot set size: %s", w->tmp_path, strerror(errno));
     if (rc == 0)
         rc = tp_pwrite_all(w->fd, hdr, sizeof hdr, 0, w->tmp_path, err);
-    if (rc == 0 && fsync(w->fd) != 0)
-        rc = tp_errorf(err, "%s: fsync: %s", w->tmp_path, strerror(errno));
-    if (rc == 0 && close(w->fd) != 0)
-        rc = tp_errorf(err, "%s: close: %s", w->tmp_path, strerror(errno));
-    w->fd = -1;
-    if (rc == 0 && rename(w->tmp_path, w->path) != 0)
-        rc = tp_errorf(err, "%s: cannot rename to %s: %s", w->tmp_path, w->path, strerror(errno));
     if (rc == 0) {
-        char *dir = tp_path_dir(w->path);
-        rc = dir ? tp_fsync_dir(dir, err) : tp_errorf(err, "%s: out of memory", w->path);
-        free(dir);
-        if (rc < 0)
-            unlink(w->path);
+        /* The commit closes the descriptor and removes what it fails on. */
+        rc = tp_file_commit(w->fd, w->tmp_path, w->path, err);
+        w->fd = -1;
     }
     if (rc < 0) {
         tp_shard_writer_abort(w);

@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <sys/stat.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -87,6 +88,39 @@ int tp_read_file(const char *path, size_t max_size, char **out, size_t *out_len,
 /* Writes a whole small file crash-safely: tmp name, fsync, rename, fsync dir. */
 int tp_write_file_atomic(const char *path, const void *buf, size_t len, tp_err *err);
 int tp_fsync_dir(const char *dir, tp_err *err);
+/* Opens an input file for reading without ever blocking, and only if it is
+ * a regular file: opens with O_NONBLOCK (so a FIFO does not wait for a
+ * writer), fstats, refuses anything else with "PATH: not a regular file
+ * (fifo)" (or directory, device, socket), then clears O_NONBLOCK.  extra is
+ * OR-ed into O_RDONLY | O_CLOEXEC (e.g. O_NOFOLLOW).  *st (may be NULL) gets
+ * the fstat.  Returns the descriptor, or -1 with err filled.  Every open of
+ * an input goes through here (tp_mmap_open, tp_read_file, bundles). */
+int tp_open_regular(const char *path, int extra, struct stat *st, tp_err *err);
+/* The one crash-safe commit of a written file: fsync(fd), close(fd) (always
+ * closed, success or not), rename tmp_path to final_path, fsync final_path's
+ * directory.  On any failure tmp_path is removed (and final_path too when the
+ * failure came after the rename), so nothing half-written stays behind. */
+int tp_file_commit(int fd, const char *tmp_path, const char *final_path, tp_err *err);
+/* The one rule for a file name taken from untrusted input (manifest entries,
+ * a safetensors index, tar entries): 1 to 255 bytes of printable ASCII, no
+ * '/' or '\\', and no leading '.' (so never "." or "..", and never a hidden
+ * name such as tpconvert's temporary directories). */
+bool tp_safe_file_name(const char *name);
+/* Checks that dir/name, a file read from a model directory, stays inside it:
+ * when it is a symlink (or lies under one), its target must resolve inside
+ * dir, or, when dir is a Hugging Face hub cache snapshot
+ * (".../models--X/snapshots/REV"), inside that repository's ".../blobs".
+ * Otherwise: "DIR/NAME: symlink to TARGET, outside the model directory".
+ * A missing file passes (the caller's open reports it). */
+int tp_model_file_check(const char *dir, const char *name, tp_err *err);
+/* Runs fn(arg), which reads a file mapping, under a per-thread SIGBUS guard:
+ * when the file behind the mapping shrinks (truncated by someone else while
+ * mapped) the access raises SIGBUS, and instead of the process dying this
+ * returns -1 (fn is abandoned midway: it must not hold locks or allocations
+ * of its own).  Returns 0 when fn ran to the end.  A SIGBUS outside any guard
+ * keeps its default action (the process dies), so the process-wide handler,
+ * installed on first use, changes nothing else. */
+int tp_sigbus_guard(void (*fn)(void *arg), void *arg);
 /* Joins dir and name into a malloc'd path. */
 char *tp_path_join(const char *dir, const char *name);
 /* The directory part of path ("." when there is none), malloc'd. */

@@ -6,6 +6,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -186,15 +189,33 @@ bool tp_tensor_nbytes(tp_dtype dt, const uint64_t *shape, int ndim, size_t *out)
 
 /* ------------------------------------------------------------------ files */
 
-/* mmap of a zero-length file fails, so empty files point here instead. */
-static const uint8_t empty_file[1];
-
-int tp_mmap_open(tp_mmap *m, const char *path, tp_err *err)
+static const char *file_kind(mode_t mode)
 {
-    memset(m, 0, sizeof *m);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (S_ISFIFO(mode))
+        return "fifo";
+    if (S_ISDIR(mode))
+        return "directory";
+    if (S_ISCHR(mode))
+        return "character device";
+    if (S_ISBLK(mode))
+        return "block device";
+    if (S_ISSOCK(mode))
+        return "socket";
+    if (S_ISLNK(mode))
+        return "symlink";
+    return "unknown type";
+}
+
+int tp_open_regular(const char *path, int extra, struct stat *out_st, tp_err *err)
+{
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+     * writer forever; the fstat below then refuses it. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | extra);
+    if (fd < 0) {
+        if (errno == ELOOP && (extra & O_NOFOLLOW))
+            return tp_errorf(err, "%s: is a symlink (refused)", path);
         return tp_errorf(err, "%s: cannot open: %s", path, strerror(errno));
+    }
     struct stat st;
     if (fstat(fd, &st) != 0) {
         int e = errno;
@@ -203,8 +224,153 @@ int tp_mmap_open(tp_mmap *m, const char *path, tp_err *err)
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        return tp_errorf(err, "%s: not a regular file", path);
+        return tp_errorf(err, "%s: not a regular file (%s)", path, file_kind(st.st_mode));
     }
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0) {
+        int e = errno;
+        close(fd);
+        return tp_errorf(err, "%s: fcntl: %s", path, strerror(e));
+    }
+    if (out_st)
+        *out_st = st;
+    return fd;
+}
+
+bool tp_safe_file_name(const char *name)
+{
+    if (!name || !name[0] || name[0] == '.')
+        return false;
+    size_t n = 0;
+    for (const char *p = name; *p; p++, n++)
+        if (*p < 0x20 || *p > 0x7e || *p == '/' || *p == '\\')
+            return false;
+    return n <= 255;
+}
+
+/* True when path (absolute, resolved) is dir itself or lies under it. */
+static bool path_under(const char *path, const char *dir)
+{
+    size_t n = strlen(dir);
+    if (n == 1 && dir[0] == '/')
+        return true;
+    return strncmp(path, dir, n) == 0 && (path[n] == '/' || path[n] == '\0');
+}
+
+/* For a hub cache snapshot ".../REPO/snapshots/REV": ".../REPO/blobs"
+ * (malloc'd), else NULL. */
+static char *hub_cache_blobs(const char *real_dir)
+{
+    char *snapshots = tp_path_dir(real_dir);
+    if (!snapshots)
+        return NULL;
+    const char *base = strrchr(snapshots, '/');
+    char *blobs = NULL;
+    if (base && strcmp(base + 1, "snapshots") == 0 && base != snapshots) {
+        char *repo = strndup(snapshots, (size_t)(base - snapshots));
+        blobs = repo ? tp_path_join(repo, "blobs") : NULL;
+        free(repo);
+    }
+    free(snapshots);
+    return blobs;
+}
+
+int tp_model_file_check(const char *dir, const char *name, tp_err *err)
+{
+    char *path = tp_path_join(dir, name);
+    if (!path)
+        return tp_errorf(err, "%s: out of memory", dir);
+    struct stat st;
+    if (lstat(path, &st) != 0) {
+        free(path);
+        return 0; /* missing: the caller's open says so */
+    }
+    int rc = 0;
+    char *real_dir = realpath(dir, NULL), *real = realpath(path, NULL), *blobs = NULL;
+    if (!real_dir) {
+        rc = tp_errorf(err, "%s: cannot resolve: %s", dir, strerror(errno));
+    } else if (!real) {
+        char target[PATH_MAX];
+        ssize_t n = readlink(path, target, sizeof target - 1);
+        target[n > 0 ? n : 0] = '\0';
+        rc = tp_errorf(err, "%s: symlink to %s, which cannot be resolved: %s", path,
+                       n > 0 ? target : "?", strerror(errno));
+    } else if (!path_under(real, real_dir) &&
+               !((blobs = hub_cache_blobs(real_dir)) && path_under(real, blobs))) {
+        rc = tp_errorf(err, "%s: symlink to %s, outside the model directory", path, real);
+    }
+    free(blobs);
+    free(real);
+    free(real_dir);
+    free(path);
+    return rc;
+}
+
+/* ------------------------------------------------------------ SIGBUS guard */
+
+/* The guard of the calling thread, NULL outside tp_sigbus_guard(). */
+static __thread sigjmp_buf *volatile sigbus_jump;
+static struct sigaction sigbus_previous;
+static pthread_once_t sigbus_once = PTHREAD_ONCE_INIT;
+
+static void on_sigbus(int sig, siginfo_t *info, void *uctx)
+{
+    sigjmp_buf *jb = sigbus_jump;
+    if (jb) {
+        sigbus_jump = NULL;
+        siglongjmp(*jb, 1);
+    }
+    /* Not a guarded read: behave as if we had never been installed. */
+    if ((sigbus_previous.sa_flags & SA_SIGINFO) && sigbus_previous.sa_sigaction) {
+        sigbus_previous.sa_sigaction(sig, info, uctx);
+        return;
+    }
+    if (sigbus_previous.sa_handler != SIG_DFL && sigbus_previous.sa_handler != SIG_IGN) {
+        sigbus_previous.sa_handler(sig);
+        return;
+    }
+    /* Default action: restore it and re-raise; the signal is blocked in this
+     * handler, so it is delivered (and kills) on return. */
+    signal(SIGBUS, SIG_DFL);
+    raise(SIGBUS);
+}
+
+static void install_sigbus_handler(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGBUS, &sa, &sigbus_previous);
+}
+
+int tp_sigbus_guard(void (*fn)(void *arg), void *arg)
+{
+    pthread_once(&sigbus_once, install_sigbus_handler);
+    sigjmp_buf jb;
+    sigjmp_buf *volatile outer = sigbus_jump; /* guards may nest */
+    /* savemask 1: the jump out of the handler must unblock SIGBUS again. */
+    if (sigsetjmp(jb, 1)) {
+        sigbus_jump = outer;
+        return -1;
+    }
+    sigbus_jump = &jb;
+    fn(arg);
+    sigbus_jump = outer;
+    return 0;
+}
+
+/* mmap of a zero-length file fails, so empty files point here instead. */
+static const uint8_t empty_file[1];
+
+int tp_mmap_open(tp_mmap *m, const char *path, tp_err *err)
+{
+    memset(m, 0, sizeof *m);
+    struct stat st;
+    int fd = tp_open_regular(path, 0, &st, err);
+    if (fd < 0)
+        return -1;
     if ((uint64_t)st.st_size > SIZE_MAX) {
         close(fd);
         return tp_errorf(err, "%s: file too large to map", path);
@@ -291,26 +457,17 @@ int tp_read_file(const char *path, size_t max_size, char **out, size_t *out_len,
     *out = NULL;
     if (out_len)
         *out_len = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return tp_errorf(err, "%s: cannot open: %s", path, strerror(errno));
     struct stat st;
-    if (fstat(fd, &st) != 0) {
-        int e = errno;
-        close(fd);
-        return tp_errorf(err, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (S_ISDIR(st.st_mode)) {
-        close(fd);
-        return tp_errorf(err, "%s: is a directory", path);
-    }
+    int fd = tp_open_regular(path, 0, &st, err);
+    if (fd < 0)
+        return -1;
     if (S_ISREG(st.st_mode) && (uint64_t)st.st_size > max_size) {
         close(fd);
         return tp_errorf(err, "%s: file is %llu bytes, more than the %zu allowed", path,
                          (unsigned long long)st.st_size, max_size);
     }
-    /* Read until EOF rather than trusting st_size (the file may be a pipe or
-     * may grow while we read), but never past max_size. */
+    /* Read until EOF rather than trusting st_size (the file may grow while
+     * we read), but never past max_size. */
     size_t cap = S_ISREG(st.st_mode) ? (size_t)st.st_size + 1 : 4096;
     if (cap > max_size + 1 || cap == 0)
         cap = max_size + 1;
@@ -397,33 +554,35 @@ int tp_write_file_atomic(const char *path, const void *buf, size_t len, tp_err *
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0)
         return tp_errorf(err, "%s: cannot create: %s", tmp, strerror(errno));
-    if (tp_write_all(fd, buf, len, tmp, err) != 0)
-        goto fail;
-    if (fsync(fd) != 0) {
-        tp_errorf(err, "%s: fsync failed: %s", tmp, strerror(errno));
-        goto fail;
-    }
-    if (close(fd) != 0) {
-        fd = -1;
-        tp_errorf(err, "%s: close failed: %s", tmp, strerror(errno));
-        goto fail;
-    }
-    fd = -1;
-    if (rename(tmp, path) != 0) {
-        tp_errorf(err, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
-        goto fail;
-    }
-    char *dir = tp_path_dir(path);
-    if (!dir)
-        return tp_errorf(err, "%s: out of memory", path);
-    int rc = tp_fsync_dir(dir, err);
-    free(dir);
-    return rc;
-fail:
-    if (fd >= 0)
+    if (tp_write_all(fd, buf, len, tmp, err) != 0) {
         close(fd);
-    unlink(tmp);
-    return -1;
+        unlink(tmp);
+        return -1;
+    }
+    return tp_file_commit(fd, tmp, path, err);
+}
+
+int tp_file_commit(int fd, const char *tmp_path, const char *final_path, tp_err *err)
+{
+    int rc = 0;
+    if (fsync(fd) != 0)
+        rc = tp_errorf(err, "%s: fsync failed: %s", tmp_path, strerror(errno));
+    /* close() reports delayed write errors (NFS): a failed close is a failed write. */
+    if (close(fd) != 0 && rc == 0)
+        rc = tp_errorf(err, "%s: close failed: %s", tmp_path, strerror(errno));
+    if (rc == 0 && rename(tmp_path, final_path) != 0)
+        rc = tp_errorf(err, "%s: cannot rename to %s: %s", tmp_path, final_path, strerror(errno));
+    if (rc < 0) {
+        unlink(tmp_path);
+        return -1;
+    }
+    /* Without the directory's fsync the rename may not survive a crash. */
+    char *dir = tp_path_dir(final_path);
+    rc = dir ? tp_fsync_dir(dir, err) : tp_errorf(err, "%s: out of memory", final_path);
+    free(dir);
+    if (rc < 0)
+        unlink(final_path);
+    return rc;
 }
 
 char *tp_path_join(const char *dir, const char *name)

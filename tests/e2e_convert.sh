@@ -19,7 +19,14 @@
 #     a duplicate key is read last-wins by tpconvert and tprun; a qwen3
 #     config without head_dim converts and runs (128);
 #   - a non-empty OUT_DIR is refused without --force; --force replaces a
-#     conversion (no file of the old one stays); --dry-run writes nothing.
+#     conversion (no file of the old one stays); --dry-run writes nothing;
+#   - --force replaces only a conversion (another model's files, a foreign
+#     file beside a conversion, a manifest not ours: refused, named), and
+#     atomically (SIGINT, ENOSPC: the old conversion stays whole); leftovers
+#     of a killed run are named and replaced; model files that are symlinks
+#     out of the model dir are refused (a hub cache snapshot converts);
+#     copied JSON must be an object; FIFOs never block; a source truncated
+#     mid-conversion is an error naming it, leaving nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
@@ -343,6 +350,165 @@ cmp -s tests/models/llama-tiny/config.json "$tmp/self/config.json" || die "the s
 # an empty existing directory is fine
 mkdir "$tmp/empty"
 "$BIN/tpconvert" --tp 1 --quiet tests/models/llama-tiny "$tmp/empty" || die "empty OUT_DIR refused"
+
+echo "== output and input safety (--force, symlinks, FIFOs, truncated source)"
+# expect_fail_fast WANT CMD...: like expect_fail, within 10 s (a FIFO must
+# never block: a hang is a failure, not a wait).
+expect_fail_fast() {
+    local want=$1 rc=0; shift
+    timeout 10 "$@" >"$tmp/stdout" 2>"$tmp/stderr" || rc=$?
+    [ $rc -ne 124 ] || die "$*: still running after 10 s (blocked?)"
+    [ $rc -ne 0 ] || die "succeeded, expected a failure with '$want': $*"
+    grep -qF -- "$want" "$tmp/stderr" || die "$*: stderr lacks '$want': $(cat "$tmp/stderr")"
+}
+no_work_dirs() { # parent what: no temporary sibling of tpconvert is left
+    ! ls -A "$1" | grep -q '\.tpconvert-' || die "$2: temporary directory left: $(ls -A "$1")"
+}
+conv_id() { grep -o '"conversion_id"[^,]*' "$1/manifest.json"; }
+sm="$tmp/safe-model"
+cp -r tests/models/llama-tiny "$sm"
+# --force replaces only a conversion: another model's files stay, named
+mkdir "$tmp/foreign"
+cp tests/models/llama-tiny/config.json "$tmp/foreign/config.json"
+echo '{}' >"$tmp/foreign/tokenizer.json"
+echo x >"$tmp/foreign/node-00000-of-00001.tar"
+expect_fail "config.json" "$BIN/tpconvert" --tp 1 --force --quiet "$sm" "$tmp/foreign"
+grep -qF "holds no conversion" "$tmp/stderr" || die "foreign dir: $(cat "$tmp/stderr")"
+[ "$(ls "$tmp/foreign" | wc -l)" -eq 3 ] && [ ! -e "$tmp/foreign/manifest.json" ] || die "foreign dir touched: $(ls "$tmp/foreign")"
+# a conversion with a file of someone else's beside it: refused, naming it
+"$BIN/tpconvert" --tp 2 --compress none --quiet "$sm" "$tmp/conv" || die "convert conv"
+echo mine >"$tmp/conv/notes.txt"
+expect_fail "notes.txt is not part of the conversion" "$BIN/tpconvert" --tp 1 --force --quiet "$sm" "$tmp/conv"
+[ -f "$tmp/conv/notes.txt" ] && verify "$tmp/conv" "$sm"
+rm "$tmp/conv/notes.txt"
+# a manifest.json that is not ours: refused
+mkdir "$tmp/notours" && echo '{"name": "x"}' >"$tmp/notours/manifest.json"
+expect_fail "manifest.json is not one" "$BIN/tpconvert" --tp 1 --force --quiet "$sm" "$tmp/notours"
+# leftovers of a killed run are named as such, and --force replaces them
+mkdir "$tmp/left" && echo x >"$tmp/left/rank-00000-of-00002.tpshard.tmp"
+expect_fail "leftovers of an interrupted tpconvert run" "$BIN/tpconvert" --tp 1 --quiet "$sm" "$tmp/left"
+"$BIN/tpconvert" --tp 1 --force --quiet "$sm" "$tmp/left" || die "--force over leftovers"
+verify "$tmp/left" "$sm"
+# a temporary directory of a killed run (nobody holds its lock) is removed
+mkdir "$tmp/.fresh.tpconvert-abc123" && echo x >"$tmp/.fresh.tpconvert-abc123/rank-00000-of-00001.tpshard.tmp"
+"$BIN/tpconvert" --tp 1 --quiet "$sm" "$tmp/fresh" || die "convert fresh"
+no_work_dirs "$tmp" "stale temporary directory"
+# --force is atomic: a SIGINT mid-way leaves the old conversion whole
+old_id=$(conv_id "$tmp/conv")
+"$BIN/tpconvert" --tp 2 --force --level 19 --threads 1 --quiet "$big" "$tmp/conv" 2>"$tmp/int.err" &
+pid=$!
+sleep 0.5
+kill -INT $pid 2>/dev/null || true
+rc=0; wait $pid || rc=$?
+if [ $rc -eq 0 ]; then
+    note "--force SIGINT: the conversion finished before the signal; checking it is complete"
+    verify "$tmp/conv" "$big"
+else
+    [ $rc -eq 130 ] || die "--force SIGINT: exit status $rc: $(cat "$tmp/int.err")"
+    grep -qF "previous conversion" "$tmp/int.err" || die "--force SIGINT: message: $(cat "$tmp/int.err")"
+    [ "$(conv_id "$tmp/conv")" = "$old_id" ] || die "--force SIGINT: the old conversion was replaced"
+    verify "$tmp/conv" "$sm"
+fi
+no_work_dirs "$tmp" "--force SIGINT"
+# --force that succeeds: a new conversion id, nothing of the old one
+"$BIN/tpconvert" --tp 1 --force --quiet "$sm" "$tmp/conv" || die "--force"
+[ "$(conv_id "$tmp/conv")" != "$old_id" ] && [ ! -e "$tmp/conv/rank-00001-of-00002.tpshard" ] \
+    || die "--force did not replace: $(ls "$tmp/conv")"
+verify "$tmp/conv" "$sm"
+# a symlinked OUT: the directory it names is replaced, the link stays
+ln -s conv "$tmp/conv-link"
+"$BIN/tpconvert" --tp 2 --force --quiet "$sm" "$tmp/conv-link" || die "--force through a symlink"
+[ -L "$tmp/conv-link" ] && [ "$(json_num "$tmp/conv/manifest.json" tp)" = 2 ] || die "symlinked OUT"
+# --force with ENOSPC: the old conversion stays (a tmpfs that holds one
+# conversion of llama-tiny but not two)
+force_enospc='
+set -u
+mnt=$1; BIN=$2; model=$3
+mount -t tmpfs -o size=448k tmpfs "$mnt" || exit 77
+"$BIN/tpconvert" --tp 1 --compress none --quiet "$model" "$mnt/out" || { echo "first conversion failed"; umount "$mnt"; exit 1; }
+"$BIN/tpconvert" --tp 2 --compress none --force --quiet "$model" "$mnt/out" 2>"$mnt/../fenospc.err"
+rc=$?
+ok=0; "$BIN/tpverify" "$mnt/out" --quiet >/dev/null 2>&1 || ok=$?
+left=$(ls -A "$mnt")
+umount "$mnt"
+[ $rc -ne 0 ] || { echo "--force succeeded on a full disk"; exit 1; }
+[ $ok -eq 0 ] || { echo "old conversion damaged"; exit 1; }
+[ "$left" = out ] || { echo "left behind: $left"; exit 1; }
+exit 0'
+mkdir -p "$tmp/fmnt"
+rc=0
+if [ "$(id -u)" = 0 ]; then
+    unshare -m bash -c "$force_enospc" _ "$tmp/fmnt" "$(cd "$BIN" && pwd)" "$sm" >"$tmp/fenospc.log" 2>&1 || rc=$?
+else
+    unshare -rm bash -c "$force_enospc" _ "$tmp/fmnt" "$(cd "$BIN" && pwd)" "$sm" >"$tmp/fenospc.log" 2>&1 || rc=$?
+fi
+if [ $rc -eq 0 ]; then
+    note "--force with ENOSPC: refused, old conversion intact ($(head -c 160 "$tmp/fenospc.err"))"
+elif [ $rc -eq 77 ]; then
+    note "SKIPPED --force with ENOSPC: cannot mount a tmpfs here ($(head -n 1 "$tmp/fenospc.log"))"
+else
+    die "--force with ENOSPC: $(cat "$tmp/fenospc.log")"
+fi
+
+# model files: symlinks out of the model directory are refused
+echo '{"model_max_length": 8}' >"$tmp/outside.json"
+cp -r "$sm" "$tmp/sl-model"
+ln -s "$tmp/outside.json" "$tmp/sl-model/tokenizer_config.json"
+expect_fail "tokenizer_config.json: symlink to $tmp/outside.json, outside the model directory" \
+    "$BIN/tpconvert" --tp 1 --quiet "$tmp/sl-model" "$tmp/sl-out"
+no_output "$tmp/sl-out" "symlinked tokenizer_config.json"
+rm "$tmp/sl-model/tokenizer_config.json"
+mv "$tmp/sl-model/model.safetensors" "$tmp/outside.safetensors"
+ln -s "$tmp/outside.safetensors" "$tmp/sl-model/model.safetensors"
+expect_fail "model.safetensors: symlink to $tmp/outside.safetensors, outside the model directory" \
+    "$BIN/tpconvert" --tp 1 --quiet "$tmp/sl-model" "$tmp/sl-out"
+# a symlink inside the model directory is fine
+mkdir "$tmp/sl-model/w" && mv "$tmp/outside.safetensors" "$tmp/sl-model/w/m.safetensors"
+ln -sf w/m.safetensors "$tmp/sl-model/model.safetensors"
+"$BIN/tpconvert" --tp 1 --quiet "$tmp/sl-model" "$tmp/sl-out" || die "symlink inside the model dir refused"
+# a Hugging Face hub cache snapshot (links into ../../blobs) converts
+hub="$tmp/hub/models--t--llama-tiny"
+mkdir -p "$hub/blobs" "$hub/snapshots/0123abc"
+for f in config.json generation_config.json model.safetensors; do
+    h=$(sha256sum "$sm/$f" | cut -c1-40)
+    cp "$sm/$f" "$hub/blobs/$h"
+    ln -s "../../blobs/$h" "$hub/snapshots/0123abc/$f"
+done
+"$BIN/tpconvert" --tp 2 --quiet "$hub/snapshots/0123abc" "$tmp/hub-out" || die "hub cache snapshot refused: $(cat "$tmp/stderr" 2>/dev/null)"
+verify "$tmp/hub-out" "$sm"
+# copied files must be JSON objects; written 0644 whatever the source's mode
+cp -r "$sm" "$tmp/js-model"
+echo 'not json' >"$tmp/js-model/tokenizer.json"
+expect_fail "tokenizer.json: not valid JSON" "$BIN/tpconvert" --tp 1 --quiet "$tmp/js-model" "$tmp/js-out"
+echo '[1, 2]' >"$tmp/js-model/tokenizer.json"
+expect_fail "tokenizer.json: not a JSON object" "$BIN/tpconvert" --tp 1 --quiet "$tmp/js-model" "$tmp/js-out"
+printf '{"a": 1}\0' >"$tmp/js-model/tokenizer.json"
+expect_fail "tokenizer.json: contains a NUL byte" "$BIN/tpconvert" --tp 1 --quiet "$tmp/js-model" "$tmp/js-out"
+no_output "$tmp/js-out" "bad tokenizer.json"
+echo '{"a": 1}' >"$tmp/js-model/tokenizer.json" && chmod 0700 "$tmp/js-model/tokenizer.json"
+(umask 022 && "$BIN/tpconvert" --tp 1 --quiet "$tmp/js-model" "$tmp/js-out") || die "good tokenizer.json refused"
+[ "$(stat -c %a "$tmp/js-out/tokenizer.json")" = 644 ] || die "copied file mode $(stat -c %a "$tmp/js-out/tokenizer.json")"
+# FIFOs in the model directory: refused at once, naming the file
+for f in config.json model.safetensors tokenizer.json; do
+    cp -r "$sm" "$tmp/fifo-model"
+    rm -f "$tmp/fifo-model/$f" && mkfifo "$tmp/fifo-model/$f"
+    expect_fail_fast "$f: not a regular file (fifo)" "$BIN/tpconvert" --tp 1 --quiet "$tmp/fifo-model" "$tmp/fifo-out"
+    no_output "$tmp/fifo-out" "FIFO $f"
+    rm -rf "$tmp/fifo-model"
+done
+# a source truncated while mapped (test hook: the first copy truncates it)
+for fmt in tpshard safetensors; do
+    cp -r "$sm" "$tmp/trunc-model"
+    rc=0
+    TPCONVERT_TEST_TRUNCATE_SOURCE=1 timeout 20 "$BIN/tpconvert" --tp 2 --format $fmt --quiet \
+        "$tmp/trunc-model" "$tmp/trunc-out" 2>"$tmp/trunc.err" || rc=$?
+    [ $rc -eq 1 ] || die "truncated source ($fmt): exit status $rc, want 1: $(cat "$tmp/trunc.err")"
+    grep -qF "$tmp/trunc-model/model.safetensors: file changed while being read (truncated?)" "$tmp/trunc.err" \
+        || die "truncated source ($fmt): message: $(cat "$tmp/trunc.err")"
+    no_output "$tmp/trunc-out" "truncated source ($fmt)"
+    no_work_dirs "$tmp" "truncated source ($fmt)"
+    rm -rf "$tmp/trunc-model"
+done
 
 echo "== --dry-run writes nothing"
 "$BIN/tpconvert" --tp 4 --dry-run tests/models/qwen3-tiny "$tmp/dry-out" >"$tmp/dry"

@@ -10,6 +10,8 @@
 #     --against another model fails;
 #   - tpinspect --json holds the manifest's facts; --dump writes the tensor;
 #   - tpbundle pack / verify / unpack round trip; a hostile tar is refused;
+#   - a FIFO named manifest.json, a rank file, config.json or a node tar:
+#     tpverify, tpinspect, tprun and tpbundle fail at once naming it;
 #   - bad flags give a usage text that names the flag.
 # Everything it needs must be there: a missing program or model is a failure.
 set -euo pipefail
@@ -193,6 +195,38 @@ expect_fail "entry evil.sh is not listed in the bundle's manifest" \
     "$BIN/tpbundle" unpack "$tmp/evil.tar" "$tmp/evil-out"
 [ ! -e "$tmp/evil-out" ] || die "a refused unpack left $tmp/evil-out"
 expect_fail "evil.sh" "$BIN/tpbundle" verify "$tmp/evil.tar"
+
+echo "== a FIFO where a file should be: refused at once, never blocking"
+# expect_fail_fast WANT CMD...: like expect_fail, within 10 s (a hang is a failure).
+expect_fail_fast() {
+    local want=$1 rc=0; shift
+    timeout 10 "$@" >"$tmp/stdout" 2>"$tmp/stderr" || rc=$?
+    [ $rc -ne 124 ] || die "$*: still running after 10 s (blocked on a FIFO?)"
+    [ $rc -ne 0 ] || die "succeeded, expected a failure with '$want': $*"
+    grep -qF -- "$want" "$tmp/stderr" || die "$*: stderr lacks '$want': $(cat "$tmp/stderr")"
+}
+for f in manifest.json rank-00000-of-00001.tpshard config.json; do
+    cp -r "$tmp/tok-tp1" "$tmp/fifo"
+    rm "$tmp/fifo/$f" && mkfifo "$tmp/fifo/$f"
+    want="$f" # each tool names the file; what matters most is that none blocks
+    expect_fail_fast "$want" "$BIN/tpverify" "$tmp/fifo"
+    [ "$f" = config.json ] || grep -qF "$f: not a regular file (fifo)" "$tmp/stderr" \
+        || die "tpverify, FIFO $f: $(cat "$tmp/stderr")"
+    if [ "$f" = config.json ]; then # tpinspect does not read it; it must not block either
+        timeout 10 "$BIN/tpinspect" "$tmp/fifo" >/dev/null 2>&1 || [ $? -ne 124 ] || die "tpinspect blocked on a FIFO"
+    else
+        expect_fail_fast "$want" "$BIN/tpinspect" "$tmp/fifo"
+    fi
+    expect_fail_fast "$want" "$BIN/tprun" "$tmp/fifo" --comm single --load-only
+    expect_fail_fast "$want" "$BIN/tpbundle" pack "$tmp/fifo" --ranks-per-node 1 --out "$tmp/fifo-b"
+    rm -rf "$tmp/fifo" "$tmp/fifo-b"
+done
+mkfifo "$tmp/node-00000-of-00001.tar"
+want="node-00000-of-00001.tar: not a regular file (fifo)"
+expect_fail_fast "$want" "$BIN/tprun" "$tmp/node-00000-of-00001.tar" --comm single --load-only
+expect_fail_fast "$want" "$BIN/tpbundle" verify "$tmp/node-00000-of-00001.tar"
+expect_fail_fast "$want" "$BIN/tpbundle" unpack "$tmp/node-00000-of-00001.tar" "$tmp/fifo-un"
+rm "$tmp/node-00000-of-00001.tar"
 
 echo "== usage errors name the flag"
 expect_fail "--frobnicate" "$BIN/tpverify" "$tmp/q2-zstd" --frobnicate

@@ -7,6 +7,9 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -341,6 +344,165 @@ static void test_progress(void)
     CHECK(t1 - t0 >= 0.015 && t1 - t0 < 5);
 }
 
+/* The one file-name rule: plain, printable, not hidden, bounded. */
+static void test_safe_file_name(void)
+{
+    CHECK(tp_safe_file_name("rank-00000-of-00002.tpshard"));
+    CHECK(tp_safe_file_name("model-00001-of-00002.safetensors"));
+    CHECK(!tp_safe_file_name(NULL) && !tp_safe_file_name(""));
+    CHECK(!tp_safe_file_name(".") && !tp_safe_file_name(".."));
+    CHECK(!tp_safe_file_name(".hidden") && !tp_safe_file_name(".out.tpconvert-abc123"));
+    CHECK(!tp_safe_file_name("a/b") && !tp_safe_file_name("a\\b") && !tp_safe_file_name("/etc"));
+    CHECK(!tp_safe_file_name("a\nb") && !tp_safe_file_name("a\x7f") && !tp_safe_file_name("caf\xc3\xa9"));
+    char longname[300];
+    memset(longname, 'a', sizeof longname);
+    longname[255] = '\0';
+    CHECK(tp_safe_file_name(longname));
+    longname[255] = 'a';
+    longname[256] = '\0';
+    CHECK(!tp_safe_file_name(longname));
+}
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    static const char msg[] = "test_util: blocked on a FIFO\n";
+    write(2, msg, sizeof msg - 1);
+    _exit(1);
+}
+
+/* Inputs: a FIFO never blocks, anything but a regular file is refused by
+ * name and kind; commit is all or nothing. */
+static void test_open_regular_and_commit(void)
+{
+    char dir[] = "/tmp/test_util_safe.XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char fifo[128], reg[128], tmpf[128], fin[128], missing[160];
+    snprintf(fifo, sizeof fifo, "%s/manifest.json", dir);
+    snprintf(reg, sizeof reg, "%s/reg", dir);
+    CHECK(mkfifo(fifo, 0644) == 0);
+    signal(SIGALRM, on_alarm);
+    alarm(10);
+    tp_err err = {{0}};
+    CHECK(tp_open_regular(fifo, 0, NULL, &err) < 0);
+    CHECK(strstr(err.msg, "manifest.json: not a regular file (fifo)") != NULL);
+    tp_mmap m;
+    CHECK(tp_mmap_open(&m, fifo, &err) < 0 && strstr(err.msg, "(fifo)"));
+    char *text = NULL;
+    size_t len = 0;
+    CHECK(tp_read_file(fifo, 100, &text, &len, &err) < 0 && strstr(err.msg, "(fifo)"));
+    CHECK(tp_read_file(dir, 100, &text, &len, &err) < 0 && strstr(err.msg, "(directory)"));
+    alarm(0);
+    CHECK(tp_write_file_atomic(reg, "abc", 3, &err) == 0);
+    struct stat st;
+    int fd = tp_open_regular(reg, 0, &st, &err);
+    CHECK(fd >= 0 && st.st_size == 3 && !(fcntl(fd, F_GETFL) & O_NONBLOCK));
+    if (fd >= 0)
+        close(fd);
+
+    /* commit: tmp renamed to final, nothing else left */
+    snprintf(tmpf, sizeof tmpf, "%s/f.tmp", dir);
+    snprintf(fin, sizeof fin, "%s/f", dir);
+    fd = open(tmpf, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    CHECK(fd >= 0 && write(fd, "xyz", 3) == 3);
+    CHECK(tp_file_commit(fd, tmpf, fin, &err) == 0);
+    CHECK(access(tmpf, F_OK) != 0 && access(fin, F_OK) == 0);
+    /* a failed rename (no such directory) removes the tmp file */
+    snprintf(missing, sizeof missing, "%s/no-such-dir/f", dir);
+    fd = open(tmpf, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    CHECK(fd >= 0);
+    CHECK(tp_file_commit(fd, tmpf, missing, &err) < 0 && strstr(err.msg, "cannot rename"));
+    CHECK(access(tmpf, F_OK) != 0);
+    unlink(fin);
+    unlink(reg);
+    unlink(fifo);
+    rmdir(dir);
+}
+
+/* Symlinks out of a model directory are refused; into a hub cache's blobs
+ * from its snapshot they are not. */
+static void test_model_file_check(void)
+{
+    char root[] = "/tmp/test_util_links.XXXXXX";
+    CHECK(mkdtemp(root) != NULL);
+    char p[512], q[512];
+    tp_err err = {{0}};
+#define P(...) (snprintf(p, sizeof p, __VA_ARGS__), p)
+    CHECK(mkdir(P("%s/model", root), 0755) == 0);
+    CHECK(tp_write_file_atomic(P("%s/outside.json", root), "{}", 2, &err) == 0);
+    CHECK(tp_write_file_atomic(P("%s/model/real.json", root), "{}", 2, &err) == 0);
+    CHECK(symlink("real.json", P("%s/model/inside.json", root)) == 0);
+    snprintf(q, sizeof q, "%s/outside.json", root);
+    CHECK(symlink(q, P("%s/model/tokenizer.json", root)) == 0);
+    CHECK(symlink("../outside.json", P("%s/model/rel.json", root)) == 0);
+    CHECK(symlink("nowhere", P("%s/model/dangling.json", root)) == 0);
+    snprintf(q, sizeof q, "%s/model", root);
+    CHECK(tp_model_file_check(q, "real.json", &err) == 0);
+    CHECK(tp_model_file_check(q, "inside.json", &err) == 0);
+    CHECK(tp_model_file_check(q, "absent.json", &err) == 0);
+    CHECK(tp_model_file_check(q, "tokenizer.json", &err) < 0);
+    CHECK(strstr(err.msg, "tokenizer.json: symlink to ") && strstr(err.msg, "outside the model directory"));
+    CHECK(tp_model_file_check(q, "rel.json", &err) < 0);
+    CHECK(tp_model_file_check(q, "dangling.json", &err) < 0 && strstr(err.msg, "cannot be resolved"));
+    /* hub cache: snapshots/REV/x -> ../../blobs/H is fine; outside blobs is not */
+    CHECK(mkdir(P("%s/models--a--b", root), 0755) == 0);
+    CHECK(mkdir(P("%s/models--a--b/blobs", root), 0755) == 0);
+    CHECK(mkdir(P("%s/models--a--b/refs", root), 0755) == 0);
+    CHECK(mkdir(P("%s/models--a--b/snapshots", root), 0755) == 0);
+    CHECK(mkdir(P("%s/models--a--b/snapshots/rev", root), 0755) == 0);
+    CHECK(tp_write_file_atomic(P("%s/models--a--b/blobs/h1", root), "{}", 2, &err) == 0);
+    CHECK(tp_write_file_atomic(P("%s/models--a--b/refs/main", root), "{}", 2, &err) == 0);
+    CHECK(symlink("../../blobs/h1", P("%s/models--a--b/snapshots/rev/config.json", root)) == 0);
+    CHECK(symlink("../../refs/main", P("%s/models--a--b/snapshots/rev/other.json", root)) == 0);
+    snprintf(q, sizeof q, "%s/models--a--b/snapshots/rev", root);
+    CHECK(tp_model_file_check(q, "config.json", &err) == 0);
+    CHECK(tp_model_file_check(q, "other.json", &err) < 0);
+#undef P
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
+    CHECK(system(cmd) == 0);
+}
+
+typedef struct copy_job {
+    uint8_t *dst;
+    const uint8_t *src;
+    size_t n;
+} copy_job;
+
+static void run_copy(void *arg)
+{
+    copy_job *j = arg;
+    memcpy(j->dst, j->src, j->n);
+}
+
+/* A mapping whose file is truncated: the guarded copy fails instead of the
+ * process dying by SIGBUS; an intact one copies. */
+static void test_sigbus_guard(void)
+{
+    char path[] = "/tmp/test_util_sigbus.XXXXXX";
+    int fd = mkstemp(path);
+    CHECK(fd >= 0);
+    const size_t size = 1 << 16;
+    uint8_t *buf = malloc(size);
+    memset(buf, 7, size);
+    tp_err err = {{0}};
+    CHECK(tp_write_all(fd, buf, size, path, &err) == 0);
+    close(fd);
+    tp_mmap m;
+    CHECK(tp_mmap_open(&m, path, &err) == 0);
+    memset(buf, 0, size);
+    copy_job j = {buf, m.data, size};
+    CHECK(tp_sigbus_guard(run_copy, &j) == 0 && buf[size - 1] == 7);
+    CHECK(truncate(path, 0) == 0);
+    CHECK(tp_sigbus_guard(run_copy, &j) == -1);
+    CHECK(tp_sigbus_guard(run_copy, &j) == -1); /* SIGBUS is unblocked again after the jump */
+    copy_job none = {buf, m.data, 0};
+    CHECK(tp_sigbus_guard(run_copy, &none) == 0);
+    tp_mmap_close(&m);
+    unlink(path);
+    free(buf);
+}
+
 int main(void)
 {
     test_dtypes();
@@ -352,6 +514,10 @@ int main(void)
     test_files();
     test_pool();
     test_progress();
+    test_safe_file_name();
+    test_open_regular_and_commit();
+    test_model_file_check();
+    test_sigbus_guard();
     if (failures) {
         fprintf(stderr, "test_util: %d check(s) failed\n", failures);
         return 1;

@@ -48,7 +48,10 @@ static void usage(FILE *f)
 "  --threads N            worker threads (default: all cores)\n"
 "  --dry-run              print the plan, the cut of every tensor and the bytes per\n"
 "                         rank; write nothing\n"
-"  --force                replace a previous conversion in OUT_DIR\n"
+"  --force                replace a previous conversion in OUT_DIR (only a conversion:\n"
+"                         other files there are refused); the new one is written\n"
+"                         beside it and swapped in when complete, so a failure or\n"
+"                         Ctrl-C leaves the old one whole\n"
 "  --quiet | --verbose    no output on success / more detail\n"
 "  --bundle               also pack node bundles (tar) into OUT_DIR\n"
 "  --ranks-per-node K     ranks per bundle (default: all ranks in one)\n"
@@ -283,7 +286,11 @@ int main(int argc, char **argv)
         print_plan(&conv);
     tp_write_report rep;
     if (tp_conversion_write(&conv, dirs[1], &wo, &rep, &err) < 0) {
-        cli_msg("%s%s", err.msg, interrupted ? " (nothing of the conversion was left behind)" : "");
+        /* The conversion is written beside OUT_DIR and swapped in only when
+         * complete, so a failed run leaves OUT_DIR exactly as it found it. */
+        cli_msg("%s%s%s%s", err.msg, interrupted ? " (nothing of this run was left behind; " : "",
+                interrupted ? dirs[1] : "",
+                interrupted ? " is as it was, a previous conversion there intact)" : "");
         tp_conversion_free(&conv);
         return interrupted ? 130 : 1;
     }
