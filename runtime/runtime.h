@@ -35,6 +35,15 @@ int tp_tokenizer_encode(const tp_tokenizer *tok, const char *text, size_t len,
 size_t tp_tokenizer_vocab_size(const tp_tokenizer *tok);
 /* Id of a token string ("<|im_end|>"), or -1. */
 int32_t tp_tokenizer_token_id(const tp_tokenizer *tok, const char *token);
+/* The model's vocabulary size (config.json's vocab_size), for decoding.  A
+ * model's vocabulary is often padded past the tokenizer's (Qwen3: 151,936
+ * ids, 151,669 tokens) and sampling can produce such an id: after this call,
+ * an id in [0, model_vocab) without a token decodes to nothing (empty text),
+ * as Hugging Face tokenizers' decode skips ids it does not know; the id stays
+ * in the generated ids.  A negative id, or one >= model_vocab that is not a
+ * token either, is still an error.  Without the call (tptok, no model) every
+ * unknown id is an error. */
+void tp_tokenizer_set_model_vocab(tp_tokenizer *tok, size_t model_vocab);
 
 /* Streaming decoder: feed ids one at a time, get back the bytes that are now
  * complete UTF-8 (never half a character).  tp_detok_flush() returns what is
@@ -42,7 +51,8 @@ int32_t tp_tokenizer_token_id(const tp_tokenizer *tok, const char *token);
 typedef struct tp_detok tp_detok;
 tp_detok *tp_detok_new(const tp_tokenizer *tok, bool skip_special);
 /* Appends the newly complete text to *out (malloc'd, NUL-terminated, may be
- * empty); the caller frees it.  An unknown id is an error. */
+ * empty); the caller frees it.  An unknown id is an error, except as
+ * tp_tokenizer_set_model_vocab says (then it adds nothing). */
 int tp_detok_push(tp_detok *d, int32_t id, char **out, tp_err *err);
 char *tp_detok_flush(tp_detok *d);
 void tp_detok_free(tp_detok *d);

@@ -364,6 +364,8 @@ static void create_model(run *r)
     if (r->lr.tokenizer_json) {
         if (tp_tokenizer_load_mem(&r->tok, r->lr.tokenizer_json, r->lr.tokenizer_json_len, "tokenizer.json", &err))
             die(r, &err, true);
+        /* Ids the model has and the tokenizer lacks decode as nothing. */
+        tp_tokenizer_set_model_vocab(r->tok, (size_t)cfg.vocab);
     }
 }
 
