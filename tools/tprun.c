@@ -48,6 +48,7 @@ typedef struct options {
     float temperature;         /* < 0: from generation_config */
     int top_k;                 /* < 0: from generation_config */
     float top_p;               /* < 0: from generation_config */
+    float repetition_penalty;  /* < 0: from generation_config, else 1 (off) */
     bool has_seed;
     uint64_t seed;
     int threads;               /* 0: cores / ranks on this node */
@@ -138,7 +139,7 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 static void parse_args(int argc, char **argv, options *o)
 {
     *o = (options){ .rank = -1, .comm = "auto", .timeout_s = 60, .max_new_tokens = -1,
-                    .temperature = -1, .top_k = -1, .top_p = -1, .device = "cpu", .gpu = -1 };
+                    .temperature = -1, .top_k = -1, .top_p = -1, .repetition_penalty = -1, .device = "cpu", .gpu = -1 };
     cli_init_text("tprun", usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -169,6 +170,8 @@ static void parse_args(int argc, char **argv, options *o)
             o->top_k = (int)parse_long(a, TAKE(), 0, INT_MAX);
         } else if (!strcmp(a, "--top-p")) {
             o->top_p = (float)parse_double(a, TAKE(), 1e-9, 1);
+        } else if (!strcmp(a, "--repetition-penalty")) {
+            o->repetition_penalty = (float)parse_double(a, TAKE(), 1e-6, 1e6);
         } else if (!strcmp(a, "--seed")) {
             const char *s = TAKE();
             if (!cli_size(s, 0, &o->seed))
@@ -383,6 +386,8 @@ static void sampler_setup(run *r, const tp_gen_config *g, tp_sampler_opts *s)
         s->top_k = r->o.top_k;
     if (r->o.top_p >= 0)
         s->top_p = r->o.top_p;
+    s->repetition_penalty = r->o.repetition_penalty >= 0 ? r->o.repetition_penalty
+                            : g->has_repetition_penalty ? g->repetition_penalty : 1.0f;
     /* Every rank must draw with the same seed: rank 0 picks one. */
     uint64_t seed = r->o.has_seed ? r->o.seed : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
     tp_err err;
@@ -645,6 +650,10 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         die_msg(r, true, "%s has no tokenizer.json: --interactive needs one", r->o.out);
     int32_t pending = -1;
     bool closed_by_eos = false;
+    /* Every id of the conversation so far: the repetition penalty covers
+     * them, as it would the whole chat fed again to transformers. */
+    int32_t *conv = NULL;
+    size_t n_conv = 0;
     for (;;) {
         int32_t *ids = NULL;
         int n = 0;
@@ -667,6 +676,7 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
             tp_model_reset(r->model);
             tp_rng_seed(rng, base->sampler.seed);
             pending = -1;
+            n_conv = 0;
             free(ids);
             if (my_rank(r) == 0)
                 fprintf(stderr, "(conversation cleared)\n");
@@ -683,17 +693,27 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         tp_gen_opts go = *base;
         go.on_token = on_token;
         go.arg = &s;
+        go.history = conv;
+        go.n_history = n_conv;
         tp_gen_result g;
         if (tp_generate(r->model, r->comm, rng, ids, n, &go, &g, &err))
             die(r, &err, false);
         stream_end(&s);
         tp_detok_free(s.detok);
         report_speed(r, &g);
+        int32_t *longer = realloc(conv, (n_conv + (size_t)n + g.n_ids) * sizeof *conv);
+        if (!longer)
+            die_msg(r, false, "out of memory");
+        conv = longer;
+        memcpy(conv + n_conv, ids, (size_t)n * sizeof *ids);
+        memcpy(conv + n_conv + n, g.ids, g.n_ids * sizeof *g.ids);
+        n_conv += (size_t)n + g.n_ids;
         pending = g.pending;
         closed_by_eos = g.stopped_eos;
         tp_gen_result_free(&g);
         free(ids);
     }
+    free(conv);
 }
 
 /* ------------------------------------------------------------ main */
