@@ -211,7 +211,10 @@ int tp_ld_tar_open_read(const char *path, struct archive **out, tp_err *err)
      * compressed file is refused rather than inflated. */
     archive_read_support_format_tar(a);
     if (archive_read_open_filename(a, path, 1 << 20) != ARCHIVE_OK) {
-        tp_errorf(err, "%s: cannot open bundle: %s", path, archive_error_string(a));
+        if (archive_errno(a) == ENOENT)   /* neither a directory nor a bundle: say so plainly */
+            tp_errorf(err, "%s: no such file or directory", path);
+        else
+            tp_errorf(err, "%s: cannot open bundle: %s", path, archive_error_string(a));
         archive_read_free(a);
         return -1;
     }

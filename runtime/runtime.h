@@ -45,6 +45,11 @@ int32_t tp_tokenizer_token_id(const tp_tokenizer *tok, const char *token);
  * unknown id is an error. */
 void tp_tokenizer_set_model_vocab(tp_tokenizer *tok, size_t model_vocab);
 
+/* The byte offset of the first invalid UTF-8 sequence in text[0..n), or n
+ * when it is all valid (overlong forms, surrogates and code points past
+ * U+10FFFF are invalid, as for Rust's str). */
+size_t tp_utf8_first_invalid(const char *text, size_t n);
+
 /* Streaming decoder: feed ids one at a time, get back the bytes that are now
  * complete UTF-8 (never half a character).  tp_detok_flush() returns what is
  * left (invalid trailing bytes become U+FFFD). */
@@ -59,6 +64,25 @@ void tp_detok_free(tp_detok *d);
 /* Whole-sequence decode (malloc'd, NUL-terminated). */
 int tp_tokenizer_decode(const tp_tokenizer *tok, const int32_t *ids, size_t n, bool skip_special,
                         char **text, tp_err *err);
+
+/* -------------------------------------------------------------------- chat */
+
+/* What ends the previous assistant answer before a user turn. */
+typedef enum tp_chat_prev {
+    TP_CHAT_FIRST,      /* no answer before: the conversation's first turn */
+    TP_CHAT_AFTER_EOS,  /* the answer ended with its <|im_end|>: a newline closes it */
+    TP_CHAT_AFTER_CUT,  /* the answer was cut (max_new_tokens): "<|im_end|>\n" closes it */
+} tp_chat_prev;
+
+/* One ChatML user turn (Qwen's format, not a Jinja chat template), as the
+ * text to encode: the close of the previous answer, then
+ * "<|im_start|>user\n" USER "<|im_end|>\n<|im_start|>assistant\n".
+ * user[0..len) may hold any bytes but must be valid UTF-8, else the error
+ * is "invalid UTF-8 at byte K of your input" (K counted in user).  Nothing
+ * is escaped: special tokens the user types ("<|im_end|>") are encoded as
+ * those tokens.  *text (malloc'd, NUL-terminated) holds *text_len bytes. */
+int tp_chat_format_turn(const char *user, size_t len, tp_chat_prev prev, char **text, size_t *text_len,
+                        tp_err *err);
 
 /* ------------------------------------------------------------ communication */
 

@@ -155,9 +155,9 @@ bool tp_tok_utf8_lossy(tp_tok_buf *out, const uint8_t *s, size_t n, bool final, 
     return true;
 }
 
-/* Returns the byte offset of the first invalid UTF-8 sequence, or n. */
-static size_t utf8_first_invalid(const uint8_t *s, size_t n)
+size_t tp_utf8_first_invalid(const char *text, size_t n)
 {
+    const uint8_t *s = (const uint8_t *)text;
     size_t i = 0, len;
     while (i < n) {
         if (s[i] < 0x80) { i++; continue; }
@@ -737,7 +737,7 @@ static int parse_added_tokens(tp_tokenizer *tok, const cJSON *list, const char *
             return -1;
         a.len = strlen(content->valuestring);
         if (a.len == 0) continue;   /* HF ignores empty added tokens */
-        if (utf8_first_invalid((const uint8_t *)content->valuestring, a.len) != a.len)
+        if (tp_utf8_first_invalid(content->valuestring, a.len) != a.len)
             return tp_errorf(err, "%s: %s.content is not valid UTF-8", name, where);
         /* HF keeps the model's id for a token the vocab already has; a file that
          * says otherwise is ambiguous, so refuse it. */
@@ -1244,7 +1244,7 @@ int tp_tokenizer_encode(const tp_tokenizer *tok, const char *text, size_t len, i
 {
     *ids = NULL;
     *n_ids = 0;
-    size_t bad = utf8_first_invalid((const uint8_t *)text, len);
+    size_t bad = tp_utf8_first_invalid(text, len);
     if (bad != len) return tp_errorf(err, "%s: input text is not valid UTF-8 (byte %zu)", tok->name, bad);
     i32vec out = {0};
     enc_ctx c = {.tok = tok, .out = &out, .err = err};

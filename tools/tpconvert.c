@@ -159,7 +159,7 @@ int main(int argc, char **argv)
     const char *plan = NULL, *dirs[2] = {NULL, NULL};
     int n_dirs = 0;
     bool vocab_parallel = false, dry_run = false, force = false, quiet = false, verbose = false;
-    bool bundle = false, level_given = false;
+    bool bundle = false, level_given = false, compress_given = false;
     tp_write_opts wo = {.format = TP_OUT_TPSHARD, .codec = TP_CODEC_ZSTD};
     uint64_t chunk = TP_DEFAULT_CHUNK;
 
@@ -189,6 +189,7 @@ int main(int argc, char **argv)
             int c = tp_codec_from_name(v, &wo.codec);
             if (c < 0)
                 return cli_arg_error("--compress %s: expected none or zstd", v);
+            compress_given = true;
         } else if (!strcmp(a, "--level")) {
             NEED_VALUE();
             if (!cli_long(v, 1, 22, &level))
@@ -244,7 +245,11 @@ int main(int argc, char **argv)
     if (rpn > tp)
         return cli_arg_error("--ranks-per-node %ld: more than --tp %ld", rpn, tp);
     if (wo.format == TP_OUT_SAFETENSORS && level_given)
-        return cli_arg_error("--level applies to --format tpshard only");
+        return cli_arg_error("--level applies to --format tpshard only (not --format safetensors)");
+    if (wo.format == TP_OUT_SAFETENSORS && compress_given)
+        return cli_arg_error("--compress applies to --format tpshard only (--format safetensors is never compressed)");
+    if (wo.codec == TP_CODEC_NONE && level_given)
+        return cli_arg_error("--level is the zstd level: it means nothing with --compress none");
     if (bundle && wo.format != TP_OUT_TPSHARD)
         return cli_arg_error("--bundle needs --format tpshard");
     wo.level = (int)level;
@@ -277,6 +282,9 @@ int main(int argc, char **argv)
         tp_conversion_free(&conv);
         return interrupted ? 130 : 1;
     }
+    if (!quiet && wo.format == TP_OUT_SAFETENSORS)
+        cli_msg("note: --format safetensors writes plain safetensors files for other tools; tprun does not run "
+                "them (it reads --format tpshard conversions)");
     if (!quiet) {
         char a[32], b[32];
         human(a, sizeof a, rep.raw_bytes);

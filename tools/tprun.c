@@ -226,6 +226,11 @@ static void parse_args(int argc, char **argv, options *o)
         usage_error("--logits goes into the --json output: add --json");
     if (o->verbose && o->quiet)
         usage_error("--verbose and --quiet contradict each other");
+    /* cuda-only flags would be ignored on the cpu: say so rather than run */
+    if (o->gpu >= 0 && strcmp(o->device, "cuda") != 0)
+        usage_error("--gpu %d picks a CUDA device: it needs --device cuda (the device is %s)", o->gpu, o->device);
+    if (o->no_graph && strcmp(o->device, "cuda") != 0)
+        usage_error("--no-graph is about CUDA graphs: it needs --device cuda (the device is %s)", o->device);
 }
 
 /* "1,2,3" -> ids.  Every id must be a non-negative integer. */
@@ -343,7 +348,7 @@ static void create_model(run *r)
     tp_model_config cfg;
     const char *cfg_text = r->manifest.config_json ? r->manifest.config_json : r->lr.config_json;
     if (!cfg_text || tp_model_config_parse(&cfg, cfg_text, &err))
-        die_msg(r, true, "%s: config.json: %s", r->o.out, cfg_text ? err.msg : "missing");
+        die_msg(r, true, "%s: %s", r->o.out, cfg_text ? err.msg : "config.json: missing");   /* err.msg names config.json */
     r->context = r->o.max_seq > 0 ? r->o.max_seq
                  : (cfg.max_position < DEFAULT_CONTEXT_CAP ? cfg.max_position : DEFAULT_CONTEXT_CAP);
     if (r->o.max_seq > cfg.max_position)
@@ -416,16 +421,6 @@ static void share_ids(run *r, int32_t **ids, int *n, tp_err *err_out)
     (void)err_out;
 }
 
-static char *chat_wrap(const char *text)
-{
-    static const char pre[] = "<|im_start|>user\n", post[] = "<|im_end|>\n<|im_start|>assistant\n";
-    size_t n = strlen(pre) + strlen(text) + strlen(post) + 1;
-    char *s = malloc(n);
-    if (s)
-        snprintf(s, n, "%s%s%s", pre, text, post);
-    return s;
-}
-
 /* The prompt ids, on rank 0 (other ranks get them from share_ids). */
 static void prompt_ids(run *r, int32_t **ids, int *n)
 {
@@ -440,11 +435,15 @@ static void prompt_ids(run *r, int32_t **ids, int *n)
             if (!r->tok)
                 die_msg(r, true, "%s has no tokenizer.json, so --prompt cannot be encoded: use --prompt-ids 1,2,3",
                         r->o.out);
-            char *text = r->o.chat ? chat_wrap(r->o.prompt) : strdup(r->o.prompt);
-            if (!text)
+            char *text = NULL;
+            size_t text_len = strlen(r->o.prompt), nn = 0;
+            if (r->o.chat) {
+                if (tp_chat_format_turn(r->o.prompt, text_len, TP_CHAT_FIRST, &text, &text_len, &err))
+                    die_msg(r, true, "--prompt: %s", err.msg);
+            } else if (!(text = strdup(r->o.prompt))) {
                 die_msg(r, false, "out of memory");
-            size_t nn = 0;
-            int rc = tp_tokenizer_encode(r->tok, text, strlen(text), ids, &nn, &err);
+            }
+            int rc = tp_tokenizer_encode(r->tok, text, text_len, ids, &nn, &err);
             free(text);
             if (rc)
                 die(r, &err, true);
@@ -494,6 +493,14 @@ static void stream_end(stream *s)
     }
     putchar('\n');
     fflush(stdout);
+}
+
+/* Text mode says why an answer ended early at a full context (--json has
+ * "stop": "context"). */
+static void report_context_full(const run *r, const tp_gen_result *g)
+{
+    if (g->stopped_context && my_rank(r) == 0 && !r->o.json)
+        fprintf(stderr, "tprun: stopped: context full (%d tokens)\n", r->context);
 }
 
 static void report_speed(const run *r, const tp_gen_result *g)
@@ -581,6 +588,7 @@ static void run_once(run *r, const tp_gen_opts *base, tp_rng *rng)
         die(r, &err, false);
     stream_end(&s);
     tp_detok_free(s.detok);
+    report_context_full(r, &g);
     if (r->o.json && my_rank(r) == 0)
         print_json(r, ids, n, &g, logits, vocab);
     report_speed(r, &g);
@@ -593,42 +601,42 @@ static void run_once(run *r, const tp_gen_opts *base, tp_rng *rng)
 
 enum { TURN_TEXT = 1, TURN_RESET = 2, TURN_END = 3 };
 
-/* Rank 0 reads a line and turns it into the ids to feed: the pending id of
- * the last answer (not in the cache yet), the ChatML end of that answer and
- * the new user turn.  Returns the command. */
-static int read_turn(run *r, int32_t pending, bool closed_by_eos, int32_t **ids, int *n)
+/* Rank 0 reads lines until one is a command or a valid turn, and turns it
+ * into the ids to feed: the pending id of the last answer (not in the
+ * cache yet), then tp_chat_format_turn's text.  A line that is not valid
+ * UTF-8 is reported and skipped: the conversation goes on.  Returns the
+ * command. */
+static int read_turn(run *r, int32_t pending, bool closed_by_eos, long *line_no, int32_t **ids, int *n)
 {
     tp_err err;
-    char *line = NULL;
-    size_t cap = 0;
-    if (isatty(STDIN_FILENO)) {
-        fputs("> ", stderr);
-        fflush(stderr);
+    char *line = NULL, *text = NULL;
+    size_t cap = 0, text_len = 0;
+    tp_chat_prev prev = pending < 0 ? TP_CHAT_FIRST : closed_by_eos ? TP_CHAT_AFTER_EOS : TP_CHAT_AFTER_CUT;
+    for (;;) {
+        if (isatty(STDIN_FILENO)) {
+            fputs("> ", stderr);
+            fflush(stderr);
+        }
+        ssize_t len = getline(&line, &cap, stdin);
+        if (len < 0) {
+            free(line);
+            return TURN_END;
+        }
+        ++*line_no;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = '\0';
+        if (!strcmp(line, "/reset")) {
+            free(line);
+            return TURN_RESET;
+        }
+        if (tp_chat_format_turn(line, (size_t)len, prev, &text, &text_len, &err) == 0)
+            break;
+        fprintf(stderr, "tprun: line %ld: %s; skipped\n", *line_no, err.msg);
     }
-    ssize_t len = getline(&line, &cap, stdin);
-    if (len < 0) {
-        free(line);
-        return TURN_END;
-    }
-    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
-        line[--len] = '\0';
-    if (!strcmp(line, "/reset")) {
-        free(line);
-        return TURN_RESET;
-    }
-    /* After an answer that ended with its end-of-sequence token (<|im_end|>),
-     * a newline closes it; after one cut by --max-new-tokens, the whole
-     * <|im_end|> does. */
-    const char *close = pending < 0 ? "" : closed_by_eos ? "\n" : "<|im_end|>\n";
-    size_t tn = strlen(close) + (size_t)len + 64;
-    char *text = malloc(tn);
-    if (!text)
-        die_msg(r, false, "out of memory");
-    snprintf(text, tn, "%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", close, line);
     free(line);
     int32_t *enc = NULL;
     size_t ne = 0;
-    if (tp_tokenizer_encode(r->tok, text, strlen(text), &enc, &ne, &err))
+    if (tp_tokenizer_encode(r->tok, text, text_len, &enc, &ne, &err))
         die(r, &err, false);
     free(text);
     int extra = pending >= 0 ? 1 : 0;
@@ -650,6 +658,7 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         die_msg(r, true, "%s has no tokenizer.json: --interactive needs one", r->o.out);
     int32_t pending = -1;
     bool closed_by_eos = false;
+    long line_no = 0;   /* lines read from stdin, for messages */
     /* Every id of the conversation so far: the repetition penalty covers
      * them, as it would the whole chat fed again to transformers. */
     int32_t *conv = NULL;
@@ -659,7 +668,7 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         int n = 0;
         int32_t cmd = 0;
         if (my_rank(r) == 0)
-            cmd = read_turn(r, pending, closed_by_eos, &ids, &n);
+            cmd = read_turn(r, pending, closed_by_eos, &line_no, &ids, &n);
         /* The others wait for the user as long as it takes. */
         double saved = r->comm->timeout_s;
         r->comm->timeout_s = 0;
@@ -700,6 +709,7 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
             die(r, &err, false);
         stream_end(&s);
         tp_detok_free(s.detok);
+        report_context_full(r, &g);
         report_speed(r, &g);
         int32_t *longer = realloc(conv, (n_conv + (size_t)n + g.n_ids) * sizeof *conv);
         if (!longer)
@@ -714,6 +724,33 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         free(ids);
     }
     free(conv);
+}
+
+/* ------------------------------------------------------------ --load-only */
+
+/* Loads (on cuda: the weights go to the device with the model), meets the
+ * other ranks, prints one line and ends: the bytes, the seconds and GB/s of
+ * the load, the time since the process started. */
+static void load_only(run *r)
+{
+    tp_err err;
+    double bytes = r->lr.raw_bytes, secs = r->lr.load_seconds;
+    const char *where = "in memory";
+    if (on_cuda(r)) {
+        create_model(r);
+        tp_model_weight_stats(r->model, &bytes, &secs);
+        where = "on the device";
+    }
+    if (r->comm->ops->barrier(r->comm, &err))
+        die(r, &err, false);
+    if (my_rank(r) == 0)
+        fprintf(stderr, "tprun: load-only: rank 0 of %d: %.1f MB of weights %s in %.3f s, %.2f GB/s, "
+                "%.3f s after process start; %s\n", r->comm->world, bytes / 1e6, where, secs,
+                secs > 0 ? bytes / secs / 1e9 : 0.0, tp_now() - r->t_start,
+                r->model ? tp_model_device_info(r->model) : "cpu");
+    tp_comm_close(r->comm);
+    r->comm = NULL;
+    cleanup(r);
 }
 
 /* ------------------------------------------------------------ main */
@@ -740,25 +777,8 @@ int main(int argc, char **argv)
     if (tp_comm_open(&r.comm, r.o.comm, &r.launch, r.o.timeout_s, &err))
         die(&r, &err, false);
     load(&r);
-    if (r.o.load_only && on_cuda(&r)) {
-        /* Weights on the GPU (the model streams them), one line, exit. */
-        create_model(&r);
-        double bytes, secs;
-        tp_model_weight_stats(r.model, &bytes, &secs);
-        if (r.comm->ops->barrier(r.comm, &err))
-            die(&r, &err, false);
-        if (my_rank(&r) == 0)
-            fprintf(stderr, "tprun: load-only: rank 0 of %d: %.1f MB of weights on the device in %.3f s, %.2f GB/s, "
-                    "%.3f s after process start; %s\n", r.comm->world, bytes / 1e6, secs,
-                    secs > 0 ? bytes / secs / 1e9 : 0.0, tp_now() - r.t_start, tp_model_device_info(r.model));
-        tp_comm_close(r.comm);
-        r.comm = NULL;
-        cleanup(&r);
-        return 0;
-    }
     if (r.o.load_only) {
-        tp_comm_close(r.comm);
-        cleanup(&r);
+        load_only(&r);
         return 0;
     }
     create_model(&r);
