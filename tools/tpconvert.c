@@ -41,15 +41,22 @@ static void usage(FILE *f)
 "                         both ratio and speed, see README)\n"
 "  --chunk-size BYTES     raw bytes per compressed chunk (default %u; K/M suffix ok)\n"
 "  --format tpshard|safetensors\n"
-"                         safetensors: one plain safetensors file per rank (no codec)\n"
+"                         default tpshard; safetensors: one plain safetensors file per\n"
+"                         rank (no codec) for other tools: tprun does not run it\n"
 "  --threads N            worker threads (default: all cores)\n"
 "  --dry-run              print the plan, the cut of every tensor and the bytes per\n"
 "                         rank; write nothing\n"
 "  --force                replace a previous conversion in OUT_DIR\n"
-"  --quiet | --verbose    no output on success / more detail\n"
+"  -q, --quiet            no output on success\n"
+"  -v, --verbose          print the plan too\n"
 "  --bundle               also pack node bundles (tar) into OUT_DIR\n"
 "  --ranks-per-node K     ranks per bundle (default: all ranks in one)\n"
-"  -h, --help\n", TP_DEFAULT_CHUNK);
+"  -h, --help             this help\n"
+"\n"
+"Examples:\n"
+"  tpconvert --tp 4 Qwen3-0.6B out/\n"
+"  tpconvert --tp 2 --dry-run Qwen3-0.6B\n"
+"  tpconvert --tp 8 --compress none --bundle --ranks-per-node 4 Qwen3-8B out8/\n", TP_DEFAULT_CHUNK);
 }
 
 static volatile sig_atomic_t interrupted;
