@@ -78,10 +78,23 @@ int tp_gen_config_parse(tp_gen_config *g, const char *json, tp_err *err)
         }
         g->top_p = (float)v;
     }
+    if (json_number(root, "repetition_penalty", &g->has_repetition_penalty, &v, err))
+        goto out;
+    if (g->has_repetition_penalty) {
+        if (!(v > 0) || v > 1e6) {
+            tp_errorf(err, "generation_config.json: repetition_penalty %g is not a positive number (1: off)", v);
+            goto out;
+        }
+        g->repetition_penalty = (float)v;
+    }
     bool has_max = false;
     if (json_number(root, "max_new_tokens", &has_max, &v, err))
         goto out;
-    if (has_max && v >= 1 && v <= INT32_MAX)
+    if (has_max && (v < 0 || v > INT32_MAX || v != floor(v))) {
+        tp_errorf(err, "generation_config.json: max_new_tokens %g is not a count of tokens", v);
+        goto out;
+    }
+    if (has_max)
         g->max_new_tokens = (int)v;
 
     const cJSON *eos = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
@@ -147,6 +160,22 @@ int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int
     res->ids = malloc(((size_t)max_new + 1) * sizeof *res->ids);
     if (!res->ids)
         return tp_errorf(err, "out of memory");
+    /* The sampler's view of the ids seen, for the repetition penalty:
+     * history, then the prompt, then each generated id as it comes. */
+    tp_sampler_opts so = o->sampler;
+    int32_t *seen = NULL;
+    if (so.repetition_penalty > 0 && so.repetition_penalty != 1.0f) {
+        seen = malloc((o->n_history + (size_t)n + (size_t)max_new + 1) * sizeof *seen);
+        if (!seen) {
+            tp_gen_result_free(res);
+            return tp_errorf(err, "out of memory");
+        }
+        if (o->n_history)
+            memcpy(seen, o->history, o->n_history * sizeof *seen);
+        memcpy(seen + o->n_history, ids, (size_t)n * sizeof *seen);
+        so.seen = seen;
+        so.n_seen = o->n_history + (size_t)n;
+    }
 
     /* The prompt: one forward, and the first pick (from the host logits
      * when the caller wants them, else wherever the model runs). */
@@ -155,8 +184,8 @@ int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int
     if (max_new > 0 || o->prompt_logits) {
         if (o->prompt_logits
                 ? tp_model_forward(m, ids, n, o->prompt_logits, err) < 0 ||
-                      (max_new > 0 && tp_model_pick(m, o->prompt_logits, &o->sampler, rng, &tok, err) < 0)
-                : tp_model_forward_pick(m, ids, n, &o->sampler, rng, &tok, err) < 0)
+                      (max_new > 0 && tp_model_pick(m, o->prompt_logits, &so, rng, &tok, err) < 0)
+                : tp_model_forward_pick(m, ids, n, &so, rng, &tok, err) < 0)
             goto fail;
     } else if (tp_model_forward(m, ids, n, NULL, err) < 0) {
         goto fail;
@@ -168,6 +197,8 @@ int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int
     while (res->n_ids < (size_t)max_new) {
         res->ids[res->n_ids++] = tok;
         res->pending = tok;
+        if (seen)
+            seen[so.n_seen++] = tok;
         if (o->on_token && o->on_token(tok, o->arg, err))
             goto fail;
         if (is_eos(tok, o)) {
@@ -181,14 +212,16 @@ int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int
             break;
         }
         int32_t fed = tok;
-        if (tp_model_forward_pick(m, &fed, 1, &o->sampler, rng, &tok, err))
+        if (tp_model_forward_pick(m, &fed, 1, &so, rng, &tok, err))
             goto fail;
         res->pending = -1;   /* fed is in the cache now */
         res->n_decode++;
     }
     res->decode_s = tp_now() - t_decode;
+    free(seen);
     return 0;
 fail:
+    free(seen);
     tp_gen_result_free(res);
     return -1;
 }

@@ -63,7 +63,7 @@ struct tp_model {
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up;
     float *scratch;             /* [lq][TPK_ATT_BLOCK * max_seq] attention scores */
     float *logit_slot, *logit_all;
-    float *pick_buf;            /* tp_model_forward_pick: vocab logits + 2 * vocab scratch */
+    float *pick_buf;            /* tp_model_forward_pick: vocab logits, vocab penalised logits, 2 * vocab scratch */
 
     tp_pool *pool;              /* NULL: one thread */
 #ifdef TP_HAVE_CUDA
@@ -944,7 +944,7 @@ int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_e
 
 static float *pick_buffer(tp_model *m, tp_err *err)
 {
-    if (!m->pick_buf && !(m->pick_buf = malloc((size_t)m->cfg.vocab * 3 * sizeof(float))))
+    if (!m->pick_buf && !(m->pick_buf = malloc((size_t)m->cfg.vocab * 4 * sizeof(float))))
         tp_errorf(err, "out of memory for the logits of %d tokens", m->cfg.vocab);
     return m->pick_buf;
 }
@@ -955,7 +955,13 @@ int tp_model_pick(tp_model *m, const float *logits, const tp_sampler_opts *o, tp
     float *buf = pick_buffer(m, err);
     if (!buf)
         return -1;
-    int32_t tok = tp_sample(logits, m->cfg.vocab, o, rng, buf + m->cfg.vocab);
+    size_t V = (size_t)m->cfg.vocab;
+    if (tp_repetition_penalty_on(o)) {
+        /* on a copy: the caller's logits (--logits) stay the model's own */
+        tp_repetition_penalty(logits, buf + V, m->cfg.vocab, o->seen, o->n_seen, o->repetition_penalty);
+        logits = buf + V;
+    }
+    int32_t tok = tp_sample(logits, m->cfg.vocab, o, rng, buf + 2 * V);
     /* Every rank drew from the same logits with the same rng; rank 0's draw
      * is the one everybody uses, whatever rounding might do. */
     if (m->world > 1 && m->comm->ops->broadcast(m->comm, &tok, sizeof tok, 0, err) < 0)
@@ -968,7 +974,10 @@ int tp_model_forward_pick(tp_model *m, const int32_t *ids, int n, const tp_sampl
                           int32_t *next, tp_err *err)
 {
 #ifdef TP_HAVE_CUDA
-    if (m->gpu) {
+    /* With a repetition penalty the logits come to the host (tp_model_forward
+     * below) and tp_model_pick penalises and picks there: the device pick
+     * has no penalty. */
+    if (m->gpu && !tp_repetition_penalty_on(o)) {
         if (check_forward(m, ids, n, err) < 0)
             return -1;
         double u = tp_sampler_is_greedy(o) ? 0.0 : tp_rng_uniform(rng);   /* tp_sample's one draw */

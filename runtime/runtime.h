@@ -36,6 +36,20 @@ int tp_tokenizer_encode(const tp_tokenizer *tok, const char *text, size_t len,
 size_t tp_tokenizer_vocab_size(const tp_tokenizer *tok);
 /* Id of a token string ("<|im_end|>"), or -1. */
 int32_t tp_tokenizer_token_id(const tp_tokenizer *tok, const char *token);
+/* The model's vocabulary size (config.json's vocab_size), for decoding.  A
+ * model's vocabulary is often padded past the tokenizer's (Qwen3: 151,936
+ * ids, 151,669 tokens) and sampling can produce such an id: after this call,
+ * an id in [0, model_vocab) without a token decodes to nothing (empty text),
+ * as Hugging Face tokenizers' decode skips ids it does not know; the id stays
+ * in the generated ids.  A negative id, or one >= model_vocab that is not a
+ * token either, is still an error.  Without the call (tptok, no model) every
+ * unknown id is an error. */
+void tp_tokenizer_set_model_vocab(tp_tokenizer *tok, size_t model_vocab);
+
+/* The byte offset of the first invalid UTF-8 sequence in text[0..n), or n
+ * when it is all valid (overlong forms, surrogates and code points past
+ * U+10FFFF are invalid, as for Rust's str). */
+size_t tp_utf8_first_invalid(const char *text, size_t n);
 
 /* Streaming decoder: feed ids one at a time, get back the bytes that are now
  * complete UTF-8 (never half a character).  tp_detok_flush() returns what is
@@ -43,13 +57,33 @@ int32_t tp_tokenizer_token_id(const tp_tokenizer *tok, const char *token);
 typedef struct tp_detok tp_detok;
 tp_detok *tp_detok_new(const tp_tokenizer *tok, bool skip_special);
 /* Appends the newly complete text to *out (malloc'd, NUL-terminated, may be
- * empty); the caller frees it.  An unknown id is an error. */
+ * empty); the caller frees it.  An unknown id is an error, except as
+ * tp_tokenizer_set_model_vocab says (then it adds nothing). */
 int tp_detok_push(tp_detok *d, int32_t id, char **out, tp_err *err);
 char *tp_detok_flush(tp_detok *d);
 void tp_detok_free(tp_detok *d);
 /* Whole-sequence decode (malloc'd, NUL-terminated). */
 int tp_tokenizer_decode(const tp_tokenizer *tok, const int32_t *ids, size_t n, bool skip_special,
                         char **text, tp_err *err);
+
+/* -------------------------------------------------------------------- chat */
+
+/* What ends the previous assistant answer before a user turn. */
+typedef enum tp_chat_prev {
+    TP_CHAT_FIRST,      /* no answer before: the conversation's first turn */
+    TP_CHAT_AFTER_EOS,  /* the answer ended with its <|im_end|>: a newline closes it */
+    TP_CHAT_AFTER_CUT,  /* the answer was cut (max_new_tokens): "<|im_end|>\n" closes it */
+} tp_chat_prev;
+
+/* One ChatML user turn (Qwen's format, not a Jinja chat template), as the
+ * text to encode: the close of the previous answer, then
+ * "<|im_start|>user\n" USER "<|im_end|>\n<|im_start|>assistant\n".
+ * user[0..len) may hold any bytes but must be valid UTF-8, else the error
+ * is "invalid UTF-8 at byte K of your input" (K counted in user).  Nothing
+ * is escaped: special tokens the user types ("<|im_end|>") are encoded as
+ * those tokens.  *text (malloc'd, NUL-terminated) holds *text_len bytes. */
+int tp_chat_format_turn(const char *user, size_t len, tp_chat_prev prev, char **text, size_t *text_len,
+                        tp_err *err);
 
 /* ------------------------------------------------------------ communication */
 
@@ -153,27 +187,45 @@ typedef struct tp_sampler_opts {
     int top_k;              /* 0: off */
     float top_p;            /* 1: off */
     uint64_t seed;
+    /* transformers' RepetitionPenaltyLogitsProcessor, applied to the logits
+     * before everything above (greedy too); 0 or 1: off.  It covers the ids
+     * seen[0..n_seen): the prompt and what was generated so far (tp_generate
+     * fills them in; callers of tp_model_pick set them themselves). */
+    float repetition_penalty;
+    const int32_t *seen;
+    size_t n_seen;
 } tp_sampler_opts;
 
 typedef struct tp_rng { uint64_t s[4]; } tp_rng;
 void tp_rng_seed(tp_rng *r, uint64_t seed);
 double tp_rng_uniform(tp_rng *r);
 /* Picks a token from full logits (vocab entries).  Greedy ties go to the
- * lowest id.  scratch: NULL (allocated inside) or 2 * vocab floats. */
+ * lowest id.  scratch: NULL (allocated inside) or 2 * vocab floats.  It does
+ * not apply o->repetition_penalty: tp_model_pick does, on a copy. */
 int32_t tp_sample(const float *logits, int vocab, const tp_sampler_opts *o, tp_rng *rng, float *scratch);
+/* Whether o's repetition penalty changes anything (set, not 1, ids seen). */
+bool tp_repetition_penalty_on(const tp_sampler_opts *o);
+/* out = logits with transformers' repetition penalty: for every distinct id
+ * of seen[0..n) inside [0, vocab), a logit < 0 is multiplied by penalty, any
+ * other divided by it.  out must not overlap logits (then repeated ids are
+ * penalised once, as transformers' gather/scatter does). */
+void tp_repetition_penalty(const float *logits, float *out, int vocab, const int32_t *seen, size_t n, float penalty);
 /* Whether tp_sample takes the argmax (temperature <= 0 or top_k 1): it then
  * draws nothing from the rng. */
 bool tp_sampler_is_greedy(const tp_sampler_opts *o);
 
-/* Picking a model's next token (model.c).  tp_model_pick: tp_sample over full logits (identical on every rank), then rank 0's id
- * broadcast so that the ranks never drift apart.  Collective. */
+/* Picking a model's next token (model.c).  tp_model_pick: the repetition
+ * penalty on a copy of the logits (logits themselves are left as they are),
+ * tp_sample over the full logits (identical on every rank), then rank 0's
+ * id broadcast so that the ranks never drift apart.  Collective. */
 int tp_model_pick(tp_model *m, const float *logits, const tp_sampler_opts *o, tp_rng *rng,
                   int32_t *next, tp_err *err);
 /* tp_model_forward of ids[0..n), then the next token picked from the last
- * position's logits by tp_sample's rules, drawing from rng exactly as
+ * position's logits by tp_model_pick's rules, drawing from rng exactly as
  * tp_sample would (nothing when greedy).  *next is the same on every rank.
- * On device "cuda" the logits stay on the GPU and only the id comes back.
- * Collective. */
+ * On device "cuda" the logits stay on the GPU and only the id comes back,
+ * except with a repetition penalty: then they come to the host and
+ * tp_model_pick picks there.  Collective. */
 int tp_model_forward_pick(tp_model *m, const int32_t *ids, int n, const tp_sampler_opts *o,
                           tp_rng *rng, int32_t *next, tp_err *err);
 
@@ -186,7 +238,9 @@ typedef struct tp_gen_config {
     bool has_temperature, has_top_k, has_top_p;
     float temperature, top_p;
     int top_k;
-    int max_new_tokens;     /* 0: not given */
+    bool has_repetition_penalty;
+    float repetition_penalty;   /* > 0 */
+    int max_new_tokens;     /* 0: not given (a negative one is an error) */
     int n_eos;
     int32_t eos_ids[8];
 } tp_gen_config;
@@ -200,6 +254,10 @@ typedef int (*tp_token_fn)(int32_t id, void *arg, tp_err *err);
 typedef struct tp_gen_opts {
     int max_new_tokens;
     tp_sampler_opts sampler;
+    /* The ids already in the model's cache before ids (a conversation's
+     * earlier turns): the repetition penalty covers them too. */
+    const int32_t *history;
+    size_t n_history;
     const int32_t *eos_ids; /* generation stops after one of these (n_eos 0: never) */
     int n_eos;
     int context;            /* the model's KV cache length (tp_model_opts.max_seq) */
@@ -227,7 +285,8 @@ typedef struct tp_gen_result {
 int tp_gen_check_prompt(const tp_model *m, const int32_t *ids, int n, int context, tp_err *err);
 /* Prefills ids[0..n) at the model's current position (one forward call),
  * then generates one token at a time until max_new_tokens, an
- * end-of-sequence id or a full context.  Every rank samples with the same
+ * end-of-sequence id or a full context.  The repetition penalty (if any)
+ * covers history, ids and the ids generated so far.  Every rank samples with the same
  * rng; rank 0's choice is broadcast so that the ranks never drift apart. */
 int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int n,
                 const tp_gen_opts *o, tp_gen_result *res, tp_err *err);

@@ -6,7 +6,8 @@
  * mass reaches top_p, renormalise, draw.  Every rank holds the same logits
  * and the same seed, so they draw the same token (tprun still broadcasts
  * rank 0's choice).  Candidates are ordered by probability, ties by lower
- * id, so top_k 1 and a tiny top_p both give exactly the greedy token. */
+ * id, so top_k 1 and a tiny top_p both give exactly the greedy token.
+ * A repetition penalty (transformers' rule) changes the logits first. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,7 +50,7 @@ static uint64_t rng_next(tp_rng *r)
 
 double tp_rng_uniform(tp_rng *r) { return (double)(rng_next(r) >> 11) * 0x1.0p-53; }
 
-/* -------------------------------------------------------------- sampling */
+/* -------------------------------------------------------------- picking */
 
 static int32_t argmax(const float *logits, int vocab)
 {
@@ -100,6 +101,29 @@ static float kth_largest(const float *v, int n, int k, float *tmp)
     }
     return tmp[want];
 }
+
+/* ---------------------------------------------------- repetition penalty */
+
+bool tp_repetition_penalty_on(const tp_sampler_opts *o)
+{
+    return o->repetition_penalty > 0 && o->repetition_penalty != 1.0f && o->seen && o->n_seen > 0;
+}
+
+void tp_repetition_penalty(const float *logits, float *out, int vocab, const int32_t *seen, size_t n, float penalty)
+{
+    memcpy(out, logits, (size_t)vocab * sizeof *out);
+    /* Reading from logits and writing to out makes a repeated id harmless:
+     * it is penalised once, like transformers' gather then scatter. */
+    for (size_t i = 0; i < n; i++) {
+        int32_t id = seen[i];
+        if (id < 0 || id >= vocab)
+            continue;
+        float l = logits[id];
+        out[id] = l < 0 ? l * penalty : l / penalty;
+    }
+}
+
+/* -------------------------------------------------------------- sampling */
 
 bool tp_sampler_is_greedy(const tp_sampler_opts *o) { return !(o->temperature > 0) || o->top_k == 1; }
 

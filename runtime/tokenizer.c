@@ -155,9 +155,9 @@ bool tp_tok_utf8_lossy(tp_tok_buf *out, const uint8_t *s, size_t n, bool final, 
     return true;
 }
 
-/* Returns the byte offset of the first invalid UTF-8 sequence, or n. */
-static size_t utf8_first_invalid(const uint8_t *s, size_t n)
+size_t tp_utf8_first_invalid(const char *text, size_t n)
 {
+    const uint8_t *s = (const uint8_t *)text;
     size_t i = 0, len;
     while (i < n) {
         if (s[i] < 0x80) { i++; continue; }
@@ -327,6 +327,7 @@ struct tp_tokenizer {
     /* model */
     size_t n_ids;             /* largest id + 1 (vocab and added tokens) */
     size_t n_vocab;           /* largest model.vocab id + 1 */
+    size_t model_vocab;       /* tp_tokenizer_set_model_vocab; 0: not set */
     tok_str *vocab;           /* [n_vocab] byte-level token strings of the model vocab */
     char *vocab_arena;
     strmap vocab_map;
@@ -353,6 +354,8 @@ struct tp_tokenizer {
 enum { DEC_KNOWN = 1, DEC_SPECIAL = 2 };
 
 size_t tp_tokenizer_vocab_size(const tp_tokenizer *tok) { return tok->n_ids; }
+
+void tp_tokenizer_set_model_vocab(tp_tokenizer *tok, size_t model_vocab) { tok->model_vocab = model_vocab; }
 
 void tp_tokenizer_free(tp_tokenizer *tok)
 {
@@ -734,7 +737,7 @@ static int parse_added_tokens(tp_tokenizer *tok, const cJSON *list, const char *
             return -1;
         a.len = strlen(content->valuestring);
         if (a.len == 0) continue;   /* HF ignores empty added tokens */
-        if (utf8_first_invalid((const uint8_t *)content->valuestring, a.len) != a.len)
+        if (tp_utf8_first_invalid(content->valuestring, a.len) != a.len)
             return tp_errorf(err, "%s: %s.content is not valid UTF-8", name, where);
         /* HF keeps the model's id for a token the vocab already has; a file that
          * says otherwise is ambiguous, so refuse it. */
@@ -1241,7 +1244,7 @@ int tp_tokenizer_encode(const tp_tokenizer *tok, const char *text, size_t len, i
 {
     *ids = NULL;
     *n_ids = 0;
-    size_t bad = utf8_first_invalid((const uint8_t *)text, len);
+    size_t bad = tp_utf8_first_invalid(text, len);
     if (bad != len) return tp_errorf(err, "%s: input text is not valid UTF-8 (byte %zu)", tok->name, bad);
     i32vec out = {0};
     enc_ctx c = {.tok = tok, .out = &out, .err = err};
@@ -1277,7 +1280,18 @@ int tp_tokenizer_encode(const tp_tokenizer *tok, const char *text, size_t len, i
 static int id_bytes(const tp_tokenizer *tok, int32_t id, bool skip_special, const uint8_t **s, size_t *n,
                     tp_err *err)
 {
-    if (id < 0 || (size_t)id >= tok->n_ids || !(tok->dec_flags[id] & DEC_KNOWN))
+    bool known = id >= 0 && (size_t)id < tok->n_ids && (tok->dec_flags[id] & DEC_KNOWN);
+    if (!known && id >= 0 && (size_t)id < tok->model_vocab) {
+        /* An id of the model's (padded) vocabulary without a token: nothing,
+         * as Hugging Face tokenizers' decode skips ids it does not know. */
+        *n = 0;
+        *s = tok->dec_arena;
+        return 0;
+    }
+    if (!known && tok->model_vocab)
+        return tp_errorf(err, "%s: token id %d is outside the model's vocabulary (%zu ids)", tok->name, (int)id,
+                         tok->model_vocab);
+    if (!known)
         return tp_errorf(err, "%s: token id %d is not in the vocabulary (size %zu)", tok->name, (int)id, tok->n_ids);
     if (skip_special && (tok->dec_flags[id] & DEC_SPECIAL)) {
         *n = 0;

@@ -214,6 +214,8 @@ int tp_open_regular(const char *path, int extra, struct stat *out_st, tp_err *er
     if (fd < 0) {
         if (errno == ELOOP && (extra & O_NOFOLLOW))
             return tp_errorf(err, "%s: is a symlink (refused)", path);
+        if (errno == ENOENT)
+            return tp_errorf(err, "%s: no such file or directory", path);
         return tp_errorf(err, "%s: cannot open: %s", path, strerror(errno));
     }
     struct stat st;

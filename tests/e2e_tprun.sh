@@ -274,6 +274,49 @@ expect_fail_tcp() {
     rm -f "$tmp"/bad.*.out "$tmp"/bad.*.err
 }
 
+# ------------------------------------------------ messages and flags (ux)
+# -i skips a line of invalid UTF-8 (naming the line and the byte of the
+# user's text) and goes on; --load-only prints its line on the cpu; a full
+# context is said in text mode; misleading messages and ignored flags.
+if [ -d "$tmp/text-tp1" ]; then
+    printf 'Hello\nbad \377 byte\nAnd then?\n' >"$tmp/ux-turns"
+    if "$BIN/tprun" "$tmp/text-tp1" -i --max-new-tokens 3 "${samp[@]}" <"$tmp/ux-turns" >"$tmp/ux-i" 2>"$tmp/ux-i.err" &&
+       grep -q "line 2: invalid UTF-8 at byte 4 of your input" "$tmp/ux-i.err" && [ "$(wc -l <"$tmp/ux-i")" -eq 2 ]; then
+        echo "ok -i: an invalid UTF-8 line is skipped: $(head -n 1 "$tmp/ux-i.err")"
+    else
+        fail "-i with an invalid UTF-8 line: $(cat "$tmp/ux-i.err"), answers: $(cat "$tmp/ux-i")"
+    fi
+    "$BIN/tprun" "$tmp/text-tp1" --prompt "Hello" --max-seq 4 --max-new-tokens 20 "${samp[@]}" >/dev/null 2>"$tmp/ux-ctx.err" &&
+        grep -q "stopped: context full (4 tokens)" "$tmp/ux-ctx.err" || fail "context full: $(cat "$tmp/ux-ctx.err")"
+fi
+"$BIN/tprun" "$tp1" --load-only >"$tmp/ux-lo" 2>"$tmp/ux-lo.err" && [ ! -s "$tmp/ux-lo" ] &&
+    grep -Eq "load-only: rank 0 of 1: [0-9.]+ MB of weights in memory in [0-9.]+ s, [0-9.]+ GB/s, [0-9.]+ s after process start" \
+        "$tmp/ux-lo.err" || fail "--load-only on the cpu: $(cat "$tmp/ux-lo.err")"
+expect_fail "a missing directory" "/no/such/dir: no such file or directory" "$BIN/tprun" /no/such/dir --prompt-ids 1
+expect_fail "--gpu without --device cuda" "--gpu 0 picks a CUDA device: it needs --device cuda" \
+    "$BIN/tprun" "$tp1" --gpu 0 --prompt-ids 1
+expect_fail "--no-graph without --device cuda" "--no-graph .* needs --device cuda" \
+    "$BIN/tprun" "$tp1" --no-graph --prompt-ids 1
+cp -r "$model_dir" "$tmp/ux-badcfg"
+sed -i 's/"rope_theta": *[0-9.e+]*/"rope_theta": "abc"/' "$tmp/ux-badcfg/config.json"
+"$BIN/tpconvert" --tp 1 --quiet "$tmp/ux-badcfg" "$tmp/ux-badcfg-out"
+expect_fail "a bad config.json, named once" "ux-badcfg-out: config.json: key \"rope_theta\"" \
+    "$BIN/tprun" "$tmp/ux-badcfg-out" --prompt-ids 1
+grep -q "config.json: config.json" "$tmp/bad.err" && fail "config.json named twice: $(cat "$tmp/bad.err")"
+"$BIN/tpconvert" --tp 1 --format safetensors "$model_dir" "$tmp/ux-st" >/dev/null 2>"$tmp/ux-st.err"
+grep -q "note: --format safetensors .* tprun does not run" "$tmp/ux-st.err" ||
+    fail "tpconvert --format safetensors: no note: $(cat "$tmp/ux-st.err")"
+expect_fail "tprun on a safetensors export" "safetensors-format export; tprun reads tpshard" \
+    "$BIN/tprun" "$tmp/ux-st" --prompt-ids 1
+expect_fail "--compress with --format safetensors" "--compress applies to --format tpshard only .*--format safetensors" \
+    "$BIN/tpconvert" --tp 1 --format safetensors --compress zstd "$model_dir" "$tmp/ux-x"
+expect_fail "--level with --compress none" "--level .* --compress none" \
+    "$BIN/tpconvert" --tp 1 --compress none --level 3 "$model_dir" "$tmp/ux-x"
+expect_fail "--repetition-penalty 0" "--repetition-penalty 0: expected a number" \
+    "$BIN/tprun" "$tp1" --repetition-penalty 0 --prompt-ids 1
+expect_fail "--max-new-tokens -1" "--max-new-tokens -1: expected an integer from 0" \
+    "$BIN/tprun" "$tp1" --max-new-tokens -1 --prompt-ids 1
+
 long=$(seq -s, 1 300)   # 300 ids; the context is max_position_embeddings = 256
 expect_fail "prompt longer than the context" "prompt has 300 tokens, the context is 256" \
     "$BIN/tprun" "$tp1" --prompt-ids "$long" --max-new-tokens 2

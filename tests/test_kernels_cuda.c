@@ -415,7 +415,7 @@ static void test_sample(void)
             int32_t *did = dev_copy(NULL, 4);
             double *du = dev_copy(NULL, sizeof(double));
             for (size_t o = 0; o < sizeof opts / sizeof opts[0]; o++) {
-                tp_sampler_opts so = { opts[o].temp, opts[o].k, opts[o].p, 0 };
+                tp_sampler_opts so = { .temperature = opts[o].temp, .top_k = opts[o].k, .top_p = opts[o].p };
                 tp_rng rng;
                 tp_rng_seed(&rng, 1000 + o + 10 * quant);
                 int mismatches = 0;

@@ -433,7 +433,7 @@ static void test_bad_files(void)
     expect_open_fails(p, "duplicate tensor name a");
     /* Not a file at all. */
     expect_open_fails(path_in(NULL, "bad"), "not a regular file");
-    expect_open_fails(path_in("bad", "missing.safetensors"), "cannot open: No such file");
+    expect_open_fails(path_in("bad", "missing.safetensors"), "missing.safetensors: no such file or directory");
 }
 
 /* ------------------------------------------------------- model folders */

@@ -191,6 +191,46 @@ static void test_large_vocab_top_p(void)
     large_vocab_case("flat", 2, 100);
 }
 
+/* transformers' RepetitionPenaltyLogitsProcessor, values worked out by hand:
+ * for each distinct seen id, logit < 0 -> logit * penalty, else / penalty. */
+static void test_repetition_penalty(void)
+{
+    const float logits[6] = {2.0f, -1.0f, 0.5f, 3.0f, -2.0f, 0.0f};
+    /* 1 twice (penalised once), 9 and -1 outside the vocabulary (ignored) */
+    const int32_t seen[7] = {0, 1, 1, 4, 5, 9, -1};
+    const float want[6] = {1.0f, -2.0f, 0.5f, 3.0f, -4.0f, 0.0f};
+    float out[6];
+    tp_repetition_penalty(logits, out, 6, seen, 7, 2.0f);
+    for (int i = 0; i < 6; i++)
+        CHECK(out[i] == want[i], "penalty 2: logit %d is %g, want %g", i, out[i], want[i]);
+    const float want_half[6] = {4.0f, -0.5f, 0.5f, 3.0f, -1.0f, 0.0f};   /* penalty < 1 rewards repeats */
+    tp_repetition_penalty(logits, out, 6, seen, 7, 0.5f);
+    for (int i = 0; i < 6; i++)
+        CHECK(out[i] == want_half[i], "penalty 0.5: logit %d is %g, want %g", i, out[i], want_half[i]);
+
+    tp_sampler_opts o = opts(0, 0, 1, 0);
+    CHECK(!tp_repetition_penalty_on(&o), "penalty 0 (unset) must be off");
+    o.repetition_penalty = 1.0f;
+    o.seen = seen;
+    o.n_seen = 7;
+    CHECK(!tp_repetition_penalty_on(&o), "penalty 1 must be off");
+    o.repetition_penalty = 1.3f;
+    CHECK(tp_repetition_penalty_on(&o), "penalty 1.3 with ids seen must be on");
+    o.n_seen = 0;
+    CHECK(!tp_repetition_penalty_on(&o), "no ids seen: nothing to penalise");
+
+    /* Greedy after the penalty: 3.0 / 1.25 = 2.4 < 2.9, so id 1 wins. */
+    const float close[3] = {3.0f, 2.9f, -5.0f};
+    const int32_t first[1] = {0};
+    float pen[3];
+    tp_rng rng;
+    tp_rng_seed(&rng, 0);
+    tp_sampler_opts g = opts(0, 0, 1, 0);
+    CHECK(tp_sample(close, 3, &g, &rng, NULL) == 0, "greedy without penalty");
+    tp_repetition_penalty(close, pen, 3, first, 1, 1.25f);
+    CHECK(pen[0] == 2.4f && tp_sample(pen, 3, &g, &rng, NULL) == 1, "greedy after penalty 1.25: %g", pen[0]);
+}
+
 /* generation_config.json: the sampling defaults and eos ids tprun starts from. */
 static void test_gen_config(void)
 {
@@ -216,11 +256,26 @@ static void test_gen_config(void)
     CHECK(tp_gen_config_parse(&g, "{\"do_sample\": 1}", &err) == -1 && strstr(err.msg, "do_sample"), "do_sample 1: %s", err.msg);
     CHECK(tp_gen_config_parse(&g, "[1,2]", &err) == -1 && strstr(err.msg, "not a JSON object"), "array: %s", err.msg);
     CHECK(tp_gen_config_parse(&g, "{\"eos_token_id\": [1", &err) == -1, "truncated JSON");
+    CHECK(tp_gen_config_parse(&g, "{\"repetition_penalty\": 1.1, \"max_new_tokens\": 100}", &err) == 0 &&
+              g.has_repetition_penalty && fabsf(g.repetition_penalty - 1.1f) < 1e-6 && g.max_new_tokens == 100,
+          "repetition_penalty 1.1: %s", err.msg);
+    CHECK(tp_gen_config_parse(&g, "{}", &err) == 0 && !g.has_repetition_penalty && g.max_new_tokens == 0, "empty");
+    CHECK(tp_gen_config_parse(&g, "{\"repetition_penalty\": 0}", &err) == -1 && strstr(err.msg, "repetition_penalty"),
+          "repetition_penalty 0: %s", err.msg);
+    CHECK(tp_gen_config_parse(&g, "{\"repetition_penalty\": -1.2}", &err) == -1 &&
+              strstr(err.msg, "repetition_penalty"), "repetition_penalty -1.2: %s", err.msg);
+    CHECK(tp_gen_config_parse(&g, "{\"repetition_penalty\": \"1.1\"}", &err) == -1 &&
+              strstr(err.msg, "repetition_penalty"), "repetition_penalty as a string: %s", err.msg);
+    CHECK(tp_gen_config_parse(&g, "{\"max_new_tokens\": -5}", &err) == -1 && strstr(err.msg, "max_new_tokens"),
+          "max_new_tokens -5: %s", err.msg);
+    CHECK(tp_gen_config_parse(&g, "{\"max_new_tokens\": 2.5}", &err) == -1 && strstr(err.msg, "max_new_tokens"),
+          "max_new_tokens 2.5: %s", err.msg);
 }
 
 int main(void)
 {
     test_gen_config();
+    test_repetition_penalty();
     test_greedy();
     test_degenerate_equal_greedy();
     test_distributions();

@@ -356,6 +356,39 @@ static void test_decode_errors(const tp_tokenizer *tok)
           "invalid UTF-8 input: %s", err.msg);
 }
 
+/* Qwen3's model vocabulary (151,936) is padded past the tokenizer's 151,669
+ * entries, and sampling can produce a padding id: decoded as nothing (as HF
+ * tokenizers' decode does), never an error; ids outside the model's
+ * vocabulary still are. */
+static void test_model_vocab_padding(tp_tokenizer *tok)
+{
+    tp_err err;
+    char *text = NULL;
+    tp_tokenizer_set_model_vocab(tok, 151936);
+    int32_t ids[4] = {9707, 151669, 151935, 9707};
+    CHECK(tp_tokenizer_decode(tok, ids, 4, false, &text, &err) == 0 && strcmp(text, "HelloHello") == 0,
+          "padding ids must decode as nothing: %s", text ? text : err.msg);
+    free(text);
+    text = NULL;
+    tp_detok *d = tp_detok_new(tok, true);
+    char *out = NULL;
+    CHECK(tp_detok_push(d, 151700, &out, &err) == 0 && out && out[0] == '\0', "detok padding id: %s",
+          out ? out : err.msg);
+    free(out);
+    out = NULL;
+    CHECK(tp_detok_push(d, 151936, &out, &err) == -1 && strstr(err.msg, "151936") && strstr(err.msg, "model"),
+          "detok id = model vocab must be an error: %s", err.msg);
+    CHECK(tp_detok_push(d, -1, &out, &err) == -1 && strstr(err.msg, "-1"), "detok negative id: %s", err.msg);
+    tp_detok_free(d);
+    ids[1] = 200000;
+    CHECK(tp_tokenizer_decode(tok, ids, 2, false, &text, &err) == -1 && strstr(err.msg, "200000"),
+          "decode beyond the model vocab: %s", err.msg);
+    ids[1] = -3;
+    CHECK(tp_tokenizer_decode(tok, ids, 2, false, &text, &err) == -1 && strstr(err.msg, "-3"),
+          "decode negative id: %s", err.msg);
+    tp_tokenizer_set_model_vocab(tok, 0);
+}
+
 static void test_api(const tp_tokenizer *tok)
 {
     CHECK(tp_tokenizer_vocab_size(tok) == 151669, "vocab size %zu", tp_tokenizer_vocab_size(tok));
@@ -611,6 +644,7 @@ int main(void)
     test_streaming_bytes(tok);
     test_decode_errors(tok);
     test_long_inputs(tok);
+    test_model_vocab_padding(tok);
     tp_tokenizer_free(tok);
     test_variants();
     test_mini_and_errors();

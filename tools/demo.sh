@@ -2,7 +2,8 @@
 # demo.sh - the README's `make demo` (make builds first; this builds nothing).
 #
 # 1. bin/tpsynth makes a small Qwen3 model (hidden 128, 2 layers, the real
-#    151,936-token Qwen3 tokenizer, RANDOM weights) in a temporary directory;
+#    Qwen3 tokenizer of 151,669 entries, a vocabulary of 151,936 ids, RANDOM
+#    weights) in a temporary directory;
 # 2. bin/tpconvert cuts it for tensor parallelism 2 (zstd, checksummed);
 # 3. two ranks of bin/tprun load their shard and generate, joined by an
 #    all-reduce: under mpirun when it is installed, else two processes on

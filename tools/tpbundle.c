@@ -19,8 +19,18 @@ static void usage(FILE *f)
             "  pack    writes node-NNNNN-of-MMMMM.tar files (K ranks each) into DIR\n"
             "          (default: OUT itself, as tpconvert --bundle does)\n"
             "  unpack  extracts a bundle into DEST (created; must be empty if it exists)\n"
-            "  verify  checks the bundle's manifest and every checksum of its rank and copied files\n",
-            prog, prog, prog);
+            "  verify  checks the bundle's manifest and every checksum of its rank and copied files\n"
+            "\n"
+            "  --ranks-per-node K  pack: ranks per node bundle (required)\n"
+            "  --out DIR           pack: where the bundles go (default: OUT)\n"
+            "  --quiet             pack: no progress and no list of bundles\n"
+            "  -h, --help          this help\n"
+            "\n"
+            "Examples:\n"
+            "  %s pack out/ --ranks-per-node 2\n"
+            "  %s verify out/node-00001-of-00002.tar\n"
+            "  %s unpack out/node-00001-of-00002.tar node1/\n",
+            prog, prog, prog, prog, prog, prog);
 }
 
 static int cmd_pack(int argc, char **argv)

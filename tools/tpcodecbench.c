@@ -18,7 +18,16 @@ static const char *USAGE =
     "Compresses each BF16/F16 tensor in chunks (default 1 MiB) with byte planes + zstd\n"
     "(tpshard's codec) and with plain zstd at the same level (default 3); prints the\n"
     "ratios (raw / compressed) and single-thread MB/s of raw input.  --max-bytes stops\n"
-    "after that many raw bytes (default: all).  The last line is key=value for scripts.\n";
+    "after that many raw bytes (default: all).  The last line is key=value for scripts.\n"
+    "\n"
+    "  --level N            zstd level of both, 1..22 (default 3)\n"
+    "  --chunk BYTES        raw bytes per chunk, even (default 1 MiB; K/M/G suffix ok)\n"
+    "  --max-bytes BYTES    stop after this many raw bytes (default: all)\n"
+    "  -h, --help           this help\n"
+    "\n"
+    "Examples:\n"
+    "  tpcodecbench Qwen3-0.6B/\n"
+    "  tpcodecbench --level 1 --max-bytes 256M Qwen3-0.6B/model.safetensors\n";
 
 typedef struct totals {
     uint64_t raw, planes, plain;
@@ -71,7 +80,7 @@ int main(int argc, char **argv)
     cli_init_text("tpcodecbench", USAGE);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--help")) {
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             fputs(USAGE, stdout);
             return 0;
         } else if (!strcmp(a, "--level") && i + 1 < argc) {

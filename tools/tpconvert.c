@@ -41,10 +41,11 @@ static void usage(FILE *f)
 "                         both ratio and speed, see README)\n"
 "  --chunk-size BYTES     raw bytes per compressed chunk (default %u; K/M suffix ok)\n"
 "  --format tpshard|safetensors\n"
-"                         safetensors: one plain safetensors file per rank (no codec),\n"
-"                         for other runtimes: tprun runs tpshard only.  A tpshard\n"
-"                         conversion must be one tprun runs (known model_type, every\n"
-"                         layer tensor, the plan's cuts); that is checked first\n"
+"                         default tpshard; safetensors: one plain safetensors file per\n"
+"                         rank (no codec), for other runtimes: tprun runs tpshard only.\n"
+"                         A tpshard conversion must be one tprun runs (known\n"
+"                         model_type, every layer tensor, the plan's cuts); that is\n"
+"                         checked first\n"
 "  --threads N            worker threads (default: all cores)\n"
 "  --dry-run              print the plan, the cut of every tensor and the bytes per\n"
 "                         rank; write nothing\n"
@@ -52,10 +53,16 @@ static void usage(FILE *f)
 "                         other files there are refused); the new one is written\n"
 "                         beside it and swapped in when complete, so a failure or\n"
 "                         Ctrl-C leaves the old one whole\n"
-"  --quiet | --verbose    no output on success / more detail\n"
+"  -q, --quiet            no output on success\n"
+"  -v, --verbose          print the plan too\n"
 "  --bundle               also pack node bundles (tar) into OUT_DIR\n"
 "  --ranks-per-node K     ranks per bundle (default: all ranks in one)\n"
-"  -h, --help\n", TP_DEFAULT_CHUNK);
+"  -h, --help             this help\n"
+"\n"
+"Examples:\n"
+"  tpconvert --tp 4 Qwen3-0.6B out/\n"
+"  tpconvert --tp 2 --dry-run Qwen3-0.6B\n"
+"  tpconvert --tp 8 --compress none --bundle --ranks-per-node 4 Qwen3-8B out8/\n", TP_DEFAULT_CHUNK);
 }
 
 static volatile sig_atomic_t interrupted;
@@ -165,7 +172,7 @@ int main(int argc, char **argv)
     const char *plan = NULL, *dirs[2] = {NULL, NULL};
     int n_dirs = 0;
     bool vocab_parallel = false, dry_run = false, force = false, quiet = false, verbose = false;
-    bool bundle = false, level_given = false;
+    bool bundle = false, level_given = false, compress_given = false;
     tp_write_opts wo = {.format = TP_OUT_TPSHARD, .codec = TP_CODEC_ZSTD};
     uint64_t chunk = TP_DEFAULT_CHUNK;
 
@@ -195,6 +202,7 @@ int main(int argc, char **argv)
             int c = tp_codec_from_name(v, &wo.codec);
             if (c < 0)
                 return cli_arg_error("--compress %s: expected none or zstd", v);
+            compress_given = true;
         } else if (!strcmp(a, "--level")) {
             NEED_VALUE();
             if (!cli_long(v, 1, 22, &level))
@@ -250,7 +258,11 @@ int main(int argc, char **argv)
     if (rpn > tp)
         return cli_arg_error("--ranks-per-node %ld: more than --tp %ld", rpn, tp);
     if (wo.format == TP_OUT_SAFETENSORS && level_given)
-        return cli_arg_error("--level applies to --format tpshard only");
+        return cli_arg_error("--level applies to --format tpshard only (not --format safetensors)");
+    if (wo.format == TP_OUT_SAFETENSORS && compress_given)
+        return cli_arg_error("--compress applies to --format tpshard only (--format safetensors is never compressed)");
+    if (wo.codec == TP_CODEC_NONE && level_given)
+        return cli_arg_error("--level is the zstd level: it means nothing with --compress none");
     if (bundle && wo.format != TP_OUT_TPSHARD)
         return cli_arg_error("--bundle needs --format tpshard");
     wo.level = (int)level;
@@ -294,6 +306,9 @@ int main(int argc, char **argv)
         tp_conversion_free(&conv);
         return interrupted ? 130 : 1;
     }
+    if (!quiet && wo.format == TP_OUT_SAFETENSORS)
+        cli_msg("note: --format safetensors writes plain safetensors files for other tools; tprun does not run "
+                "them (it reads --format tpshard conversions)");
     if (!quiet) {
         char a[32], b[32];
         human(a, sizeof a, rep.raw_bytes);

@@ -22,8 +22,14 @@ static void usage(FILE *f)
             "  --rank R              list rank R's tensors (name, dtype, shapes, split,\n"
             "                        codec, file offset, stored / raw bytes, chunks)\n"
             "  --rank R --tensor NAME --dump FILE\n"
-            "                        write the raw decoded bytes of one tensor of rank R\n",
-            prog);
+            "                        write the raw decoded bytes of one tensor of rank R\n"
+            "  -h, --help            this help\n"
+            "\n"
+            "Examples:\n"
+            "  %s out/\n"
+            "  %s out/ --rank 1\n"
+            "  %s out/ --rank 0 --tensor model.embed_tokens.weight --dump embed.bin\n",
+            prog, prog, prog, prog);
 }
 
 /* Totals per dtype (index by tp_dtype). */

@@ -25,15 +25,55 @@
 #define DEFAULT_CONTEXT_CAP 4096
 
 static const char usage[] =
-    "usage: tprun OUT [--rank R] [--comm auto|single|tcp|mpi|nccl] [--timeout S]\n"
-    "             [--prompt TEXT | --prompt-ids 1,2,3] [--chat] [-i|--interactive]\n"
-    "             [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
-    "             [--ignore-eos] [--max-seq N] [--json] [--logits] [--threads N]\n"
-    "             [--no-verify] [--load-only] [--verbose] [--quiet] [--device cpu|cuda] [--gpu N]\n"
-    "             [--no-graph]\n"
-    "OUT is a directory written by tpconvert, or a node bundle (.tar) of tpbundle.\n"
-    "Several ranks: launch with torchrun --no-python, mpirun or srun; rank 0 listens on\n"
-    "MASTER_ADDR:MASTER_PORT (default 127.0.0.1:29500) for the tcp backend.\n";
+    "usage: tprun OUT [options]\n"
+    "Loads one rank of a tpconvert conversion and runs the tensor-parallel forward pass.\n"
+    "OUT is a directory written by tpconvert (--format tpshard), or a node bundle (.tar)\n"
+    "of tpbundle.  Sampling defaults come from the model's generation_config.json.\n"
+    "\n"
+    "What to run (one of):\n"
+    "  --prompt TEXT             encode TEXT with the model's tokenizer\n"
+    "  --prompt-ids 1,2,3        token ids as given (no tokenizer needed)\n"
+    "  -i, --interactive         a ChatML conversation on stdin, a line a turn; /reset\n"
+    "                            starts over; a line of invalid UTF-8 is skipped\n"
+    "  --load-only               load, print bytes, seconds and GB/s on stderr, exit\n"
+    "Generation:\n"
+    "  --chat                    wrap --prompt as a ChatML user turn (Qwen's format)\n"
+    "  --max-new-tokens N        tokens to generate, >= 0 (default: generation_config's\n"
+    "                            max_new_tokens, else 256)\n"
+    "  --temperature T           0 is greedy (default: generation_config's, greedy\n"
+    "                            when it has no do_sample true)\n"
+    "  --top-k K                 0 is off (default: generation_config's, else 50)\n"
+    "  --top-p P                 in (0, 1], 1 is off (default: generation_config's, else 1)\n"
+    "  --repetition-penalty X    > 0, transformers' rule, 1 is off (default:\n"
+    "                            generation_config's repetition_penalty, else 1)\n"
+    "  --seed S                  sampling seed (default: from the clock; rank 0's for all)\n"
+    "  --ignore-eos              do not stop at an end-of-sequence token\n"
+    "  --max-seq N               KV cache length (default: min(max_position_embeddings, 4096))\n"
+    "Output:\n"
+    "  --json                    one JSON object: prompt and generated ids, text, timings\n"
+    "  --logits                  with --json: the last prompt position's logits\n"
+    "  --verbose                 load and speed lines on stderr\n"
+    "  --quiet                   no progress bar\n"
+    "Ranks and devices:\n"
+    "  --rank R                  this process's rank (default: from RANK, OMPI_COMM_WORLD_RANK,\n"
+    "                            PMI_RANK or SLURM_PROCID; else 0)\n"
+    "  --comm auto|single|tcp|mpi|nccl\n"
+    "                            the ranks' backend (default auto: mpi under mpirun, else tcp;\n"
+    "                            single for one rank); tcp: rank 0 listens on\n"
+    "                            MASTER_ADDR:MASTER_PORT (default 127.0.0.1:29500)\n"
+    "  --timeout S               seconds a collective waits for the others (default 60)\n"
+    "  --threads N               CPU threads (default: the cores / ranks on this node)\n"
+    "  --no-verify               skip the checksums at load\n"
+    "  --device cpu|cuda         where the forward pass runs (default cpu)\n"
+    "  --gpu N                   with --device cuda: the GPU (default: LOCAL_RANK's)\n"
+    "  --no-graph                with --device cuda: no CUDA graph for decode steps\n"
+    "  -h, --help                this help\n"
+    "\n"
+    "Examples:\n"
+    "  tprun out/ --prompt \"Hello\" --chat --max-new-tokens 64\n"
+    "  tprun out/ --prompt-ids 9707,11 --temperature 0 --json\n"
+    "  torchrun --nproc-per-node 2 --no-python tprun out/ -i\n"
+    "  mpirun -np 4 tprun out/ --prompt \"Hi\" --repetition-penalty 1.1\n";
 
 typedef struct options {
     const char *out;
@@ -48,6 +88,7 @@ typedef struct options {
     float temperature;         /* < 0: from generation_config */
     int top_k;                 /* < 0: from generation_config */
     float top_p;               /* < 0: from generation_config */
+    float repetition_penalty;  /* < 0: from generation_config, else 1 (off) */
     bool has_seed;
     uint64_t seed;
     int threads;               /* 0: cores / ranks on this node */
@@ -138,7 +179,7 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 static void parse_args(int argc, char **argv, options *o)
 {
     *o = (options){ .rank = -1, .comm = "auto", .timeout_s = 60, .max_new_tokens = -1,
-                    .temperature = -1, .top_k = -1, .top_p = -1, .device = "cpu", .gpu = -1 };
+                    .temperature = -1, .top_k = -1, .top_p = -1, .repetition_penalty = -1, .device = "cpu", .gpu = -1 };
     cli_init_text("tprun", usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -169,6 +210,8 @@ static void parse_args(int argc, char **argv, options *o)
             o->top_k = (int)parse_long(a, TAKE(), 0, INT_MAX);
         } else if (!strcmp(a, "--top-p")) {
             o->top_p = (float)parse_double(a, TAKE(), 1e-9, 1);
+        } else if (!strcmp(a, "--repetition-penalty")) {
+            o->repetition_penalty = (float)parse_double(a, TAKE(), 1e-6, 1e6);
         } else if (!strcmp(a, "--seed")) {
             const char *s = TAKE();
             if (!cli_size(s, 0, &o->seed))
@@ -223,6 +266,11 @@ static void parse_args(int argc, char **argv, options *o)
         usage_error("--logits goes into the --json output: add --json");
     if (o->verbose && o->quiet)
         usage_error("--verbose and --quiet contradict each other");
+    /* cuda-only flags would be ignored on the cpu: say so rather than run */
+    if (o->gpu >= 0 && strcmp(o->device, "cuda") != 0)
+        usage_error("--gpu %d picks a CUDA device: it needs --device cuda (the device is %s)", o->gpu, o->device);
+    if (o->no_graph && strcmp(o->device, "cuda") != 0)
+        usage_error("--no-graph is about CUDA graphs: it needs --device cuda (the device is %s)", o->device);
 }
 
 /* "1,2,3" -> ids.  Every id must be a non-negative integer. */
@@ -340,7 +388,7 @@ static void create_model(run *r)
     tp_model_config cfg;
     const char *cfg_text = r->manifest.config_json ? r->manifest.config_json : r->lr.config_json;
     if (!cfg_text || tp_model_config_parse(&cfg, cfg_text, &err))
-        die_msg(r, true, "%s: config.json: %s", r->o.out, cfg_text ? err.msg : "missing");
+        die_msg(r, true, "%s: %s", r->o.out, cfg_text ? err.msg : "config.json: missing");   /* err.msg names config.json */
     r->context = r->o.max_seq > 0 ? r->o.max_seq
                  : (cfg.max_position < DEFAULT_CONTEXT_CAP ? cfg.max_position : DEFAULT_CONTEXT_CAP);
     if (r->o.max_seq > cfg.max_position)
@@ -364,6 +412,8 @@ static void create_model(run *r)
     if (r->lr.tokenizer_json) {
         if (tp_tokenizer_load_mem(&r->tok, r->lr.tokenizer_json, r->lr.tokenizer_json_len, "tokenizer.json", &err))
             die(r, &err, true);
+        /* Ids the model has and the tokenizer lacks decode as nothing. */
+        tp_tokenizer_set_model_vocab(r->tok, (size_t)cfg.vocab);
     }
 }
 
@@ -381,6 +431,8 @@ static void sampler_setup(run *r, const tp_gen_config *g, tp_sampler_opts *s)
         s->top_k = r->o.top_k;
     if (r->o.top_p >= 0)
         s->top_p = r->o.top_p;
+    s->repetition_penalty = r->o.repetition_penalty >= 0 ? r->o.repetition_penalty
+                            : g->has_repetition_penalty ? g->repetition_penalty : 1.0f;
     /* Every rank must draw with the same seed: rank 0 picks one. */
     uint64_t seed = r->o.has_seed ? r->o.seed : ((uint64_t)time(NULL) << 20) ^ (uint64_t)getpid();
     tp_err err;
@@ -409,16 +461,6 @@ static void share_ids(run *r, int32_t **ids, int *n, tp_err *err_out)
     (void)err_out;
 }
 
-static char *chat_wrap(const char *text)
-{
-    static const char pre[] = "<|im_start|>user\n", post[] = "<|im_end|>\n<|im_start|>assistant\n";
-    size_t n = strlen(pre) + strlen(text) + strlen(post) + 1;
-    char *s = malloc(n);
-    if (s)
-        snprintf(s, n, "%s%s%s", pre, text, post);
-    return s;
-}
-
 /* The prompt ids, on rank 0 (other ranks get them from share_ids). */
 static void prompt_ids(run *r, int32_t **ids, int *n)
 {
@@ -433,11 +475,15 @@ static void prompt_ids(run *r, int32_t **ids, int *n)
             if (!r->tok)
                 die_msg(r, true, "%s has no tokenizer.json, so --prompt cannot be encoded: use --prompt-ids 1,2,3",
                         r->o.out);
-            char *text = r->o.chat ? chat_wrap(r->o.prompt) : strdup(r->o.prompt);
-            if (!text)
+            char *text = NULL;
+            size_t text_len = strlen(r->o.prompt), nn = 0;
+            if (r->o.chat) {
+                if (tp_chat_format_turn(r->o.prompt, text_len, TP_CHAT_FIRST, &text, &text_len, &err))
+                    die_msg(r, true, "--prompt: %s", err.msg);
+            } else if (!(text = strdup(r->o.prompt))) {
                 die_msg(r, false, "out of memory");
-            size_t nn = 0;
-            int rc = tp_tokenizer_encode(r->tok, text, strlen(text), ids, &nn, &err);
+            }
+            int rc = tp_tokenizer_encode(r->tok, text, text_len, ids, &nn, &err);
             free(text);
             if (rc)
                 die(r, &err, true);
@@ -487,6 +533,14 @@ static void stream_end(stream *s)
     }
     putchar('\n');
     fflush(stdout);
+}
+
+/* Text mode says why an answer ended early at a full context (--json has
+ * "stop": "context"). */
+static void report_context_full(const run *r, const tp_gen_result *g)
+{
+    if (g->stopped_context && my_rank(r) == 0 && !r->o.json)
+        fprintf(stderr, "tprun: stopped: context full (%d tokens)\n", r->context);
 }
 
 static void report_speed(const run *r, const tp_gen_result *g)
@@ -574,6 +628,7 @@ static void run_once(run *r, const tp_gen_opts *base, tp_rng *rng)
         die(r, &err, false);
     stream_end(&s);
     tp_detok_free(s.detok);
+    report_context_full(r, &g);
     if (r->o.json && my_rank(r) == 0)
         print_json(r, ids, n, &g, logits, vocab);
     report_speed(r, &g);
@@ -586,42 +641,42 @@ static void run_once(run *r, const tp_gen_opts *base, tp_rng *rng)
 
 enum { TURN_TEXT = 1, TURN_RESET = 2, TURN_END = 3 };
 
-/* Rank 0 reads a line and turns it into the ids to feed: the pending id of
- * the last answer (not in the cache yet), the ChatML end of that answer and
- * the new user turn.  Returns the command. */
-static int read_turn(run *r, int32_t pending, bool closed_by_eos, int32_t **ids, int *n)
+/* Rank 0 reads lines until one is a command or a valid turn, and turns it
+ * into the ids to feed: the pending id of the last answer (not in the
+ * cache yet), then tp_chat_format_turn's text.  A line that is not valid
+ * UTF-8 is reported and skipped: the conversation goes on.  Returns the
+ * command. */
+static int read_turn(run *r, int32_t pending, bool closed_by_eos, long *line_no, int32_t **ids, int *n)
 {
     tp_err err;
-    char *line = NULL;
-    size_t cap = 0;
-    if (isatty(STDIN_FILENO)) {
-        fputs("> ", stderr);
-        fflush(stderr);
+    char *line = NULL, *text = NULL;
+    size_t cap = 0, text_len = 0;
+    tp_chat_prev prev = pending < 0 ? TP_CHAT_FIRST : closed_by_eos ? TP_CHAT_AFTER_EOS : TP_CHAT_AFTER_CUT;
+    for (;;) {
+        if (isatty(STDIN_FILENO)) {
+            fputs("> ", stderr);
+            fflush(stderr);
+        }
+        ssize_t len = getline(&line, &cap, stdin);
+        if (len < 0) {
+            free(line);
+            return TURN_END;
+        }
+        ++*line_no;
+        while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
+            line[--len] = '\0';
+        if (!strcmp(line, "/reset")) {
+            free(line);
+            return TURN_RESET;
+        }
+        if (tp_chat_format_turn(line, (size_t)len, prev, &text, &text_len, &err) == 0)
+            break;
+        fprintf(stderr, "tprun: line %ld: %s; skipped\n", *line_no, err.msg);
     }
-    ssize_t len = getline(&line, &cap, stdin);
-    if (len < 0) {
-        free(line);
-        return TURN_END;
-    }
-    while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r'))
-        line[--len] = '\0';
-    if (!strcmp(line, "/reset")) {
-        free(line);
-        return TURN_RESET;
-    }
-    /* After an answer that ended with its end-of-sequence token (<|im_end|>),
-     * a newline closes it; after one cut by --max-new-tokens, the whole
-     * <|im_end|> does. */
-    const char *close = pending < 0 ? "" : closed_by_eos ? "\n" : "<|im_end|>\n";
-    size_t tn = strlen(close) + (size_t)len + 64;
-    char *text = malloc(tn);
-    if (!text)
-        die_msg(r, false, "out of memory");
-    snprintf(text, tn, "%s<|im_start|>user\n%s<|im_end|>\n<|im_start|>assistant\n", close, line);
     free(line);
     int32_t *enc = NULL;
     size_t ne = 0;
-    if (tp_tokenizer_encode(r->tok, text, strlen(text), &enc, &ne, &err))
+    if (tp_tokenizer_encode(r->tok, text, text_len, &enc, &ne, &err))
         die(r, &err, false);
     free(text);
     int extra = pending >= 0 ? 1 : 0;
@@ -643,12 +698,17 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         die_msg(r, true, "%s has no tokenizer.json: --interactive needs one", r->o.out);
     int32_t pending = -1;
     bool closed_by_eos = false;
+    long line_no = 0;   /* lines read from stdin, for messages */
+    /* Every id of the conversation so far: the repetition penalty covers
+     * them, as it would the whole chat fed again to transformers. */
+    int32_t *conv = NULL;
+    size_t n_conv = 0;
     for (;;) {
         int32_t *ids = NULL;
         int n = 0;
         int32_t cmd = 0;
         if (my_rank(r) == 0)
-            cmd = read_turn(r, pending, closed_by_eos, &ids, &n);
+            cmd = read_turn(r, pending, closed_by_eos, &line_no, &ids, &n);
         /* The others wait for the user as long as it takes. */
         double saved = r->comm->timeout_s;
         r->comm->timeout_s = 0;
@@ -665,6 +725,7 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
             tp_model_reset(r->model);
             tp_rng_seed(rng, base->sampler.seed);
             pending = -1;
+            n_conv = 0;
             free(ids);
             if (my_rank(r) == 0)
                 fprintf(stderr, "(conversation cleared)\n");
@@ -681,17 +742,55 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         tp_gen_opts go = *base;
         go.on_token = on_token;
         go.arg = &s;
+        go.history = conv;
+        go.n_history = n_conv;
         tp_gen_result g;
         if (tp_generate(r->model, r->comm, rng, ids, n, &go, &g, &err))
             die(r, &err, false);
         stream_end(&s);
         tp_detok_free(s.detok);
+        report_context_full(r, &g);
         report_speed(r, &g);
+        int32_t *longer = realloc(conv, (n_conv + (size_t)n + g.n_ids) * sizeof *conv);
+        if (!longer)
+            die_msg(r, false, "out of memory");
+        conv = longer;
+        memcpy(conv + n_conv, ids, (size_t)n * sizeof *ids);
+        memcpy(conv + n_conv + n, g.ids, g.n_ids * sizeof *g.ids);
+        n_conv += (size_t)n + g.n_ids;
         pending = g.pending;
         closed_by_eos = g.stopped_eos;
         tp_gen_result_free(&g);
         free(ids);
     }
+    free(conv);
+}
+
+/* ------------------------------------------------------------ --load-only */
+
+/* Loads (on cuda: the weights go to the device with the model), meets the
+ * other ranks, prints one line and ends: the bytes, the seconds and GB/s of
+ * the load, the time since the process started. */
+static void load_only(run *r)
+{
+    tp_err err;
+    double bytes = r->lr.raw_bytes, secs = r->lr.load_seconds;
+    const char *where = "in memory";
+    if (on_cuda(r)) {
+        create_model(r);
+        tp_model_weight_stats(r->model, &bytes, &secs);
+        where = "on the device";
+    }
+    if (r->comm->ops->barrier(r->comm, &err))
+        die(r, &err, false);
+    if (my_rank(r) == 0)
+        fprintf(stderr, "tprun: load-only: rank 0 of %d: %.1f MB of weights %s in %.3f s, %.2f GB/s, "
+                "%.3f s after process start; %s\n", r->comm->world, bytes / 1e6, where, secs,
+                secs > 0 ? bytes / secs / 1e9 : 0.0, tp_now() - r->t_start,
+                r->model ? tp_model_device_info(r->model) : "cpu");
+    tp_comm_close(r->comm);
+    r->comm = NULL;
+    cleanup(r);
 }
 
 /* ------------------------------------------------------------ main */
@@ -718,25 +817,8 @@ int main(int argc, char **argv)
     if (tp_comm_open(&r.comm, r.o.comm, &r.launch, r.o.timeout_s, &err))
         die(&r, &err, false);
     load(&r);
-    if (r.o.load_only && on_cuda(&r)) {
-        /* Weights on the GPU (the model streams them), one line, exit. */
-        create_model(&r);
-        double bytes, secs;
-        tp_model_weight_stats(r.model, &bytes, &secs);
-        if (r.comm->ops->barrier(r.comm, &err))
-            die(&r, &err, false);
-        if (my_rank(&r) == 0)
-            fprintf(stderr, "tprun: load-only: rank 0 of %d: %.1f MB of weights on the device in %.3f s, %.2f GB/s, "
-                    "%.3f s after process start; %s\n", r.comm->world, bytes / 1e6, secs,
-                    secs > 0 ? bytes / secs / 1e9 : 0.0, tp_now() - r.t_start, tp_model_device_info(r.model));
-        tp_comm_close(r.comm);
-        r.comm = NULL;
-        cleanup(&r);
-        return 0;
-    }
     if (r.o.load_only) {
-        tp_comm_close(r.comm);
-        cleanup(&r);
+        load_only(&r);
         return 0;
     }
     create_model(&r);

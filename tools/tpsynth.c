@@ -28,12 +28,17 @@ static const char *USAGE =
     "                       the tokenizer_config.json beside it if there is one\n"
     "  --threads N          generator threads (default: all cores)\n"
     "  --quiet              no progress bar and no summary line\n"
-    "  --help\n"
+    "  -h, --help           this help\n"
     "\n"
     "Presets: tiny = qwen3 hidden 64, 2 layers, 4/2 heads, head_dim 16, vocab 512, tied;\n"
     "demo = qwen3 hidden 128, 2 layers, 4/2 heads, head_dim 32, intermediate 384,\n"
     "vocab 151936 (the real Qwen3 vocabulary), tied; qwen3-0.6b and qwen3-8b have the\n"
-    "real models' shapes.\n";
+    "real models' shapes.\n"
+    "\n"
+    "Examples:\n"
+    "  tpsynth --preset demo --tokenizer tests/data/qwen3-tokenizer/tokenizer.json.zst demo/\n"
+    "  tpsynth --preset qwen3-0.6b --shard-size 512M q06b/\n"
+    "  tpsynth --arch llama --layers 4 --vocab 1000 --no-tie llama/\n";
 
 static int parse_int(const char *flag, const char *s, int *out)
 {
@@ -86,7 +91,7 @@ static const struct option LONGOPTS[] = {
     {"tokenizer", required_argument, 0, OPT_TOKENIZER},
     {"threads", required_argument, 0, OPT_THREADS},
     {"quiet", no_argument, 0, OPT_QUIET},
-    {"help", no_argument, 0, OPT_HELP},
+    {"help", no_argument, 0, OPT_HELP},   /* also -h */
     {0, 0, 0, 0},
 };
 
@@ -118,7 +123,7 @@ int main(int argc, char **argv)
         {OPT_MAX_POS, &o.max_position, "--max-position"}, {OPT_THREADS, &o.threads, "--threads"},
     };
     opterr = 0;
-    while ((c = getopt_long(argc, argv, "", LONGOPTS, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "h", LONGOPTS, NULL)) != -1) {
         bool done = false;
         for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++)
             if (c == ints[i].opt) {
@@ -145,6 +150,7 @@ int main(int argc, char **argv)
             break;
         case OPT_TOKENIZER: o.tokenizer_path = optarg; break;
         case OPT_QUIET: o.quiet = true; break;
+        case 'h':
         case OPT_HELP: fputs(USAGE, stdout); return 0;
         default:
             return cli_help_error(optopt ? "%s: missing or unexpected argument" : "%s: unknown option",

@@ -19,7 +19,17 @@
 static void usage(FILE *f)
 {
     fprintf(f, "usage: tptok encode TOKENIZER_JSON < text\n"
-               "       tptok decode [--skip-special] TOKENIZER_JSON < ids.json\n");
+               "       tptok decode [--skip-special] TOKENIZER_JSON < ids.json\n"
+               "The model's tokenizer on its own.  TOKENIZER_JSON: a Hugging Face tokenizer.json\n"
+               "(or tokenizer.json.zst).  encode prints the ids as a JSON array (no BOS/EOS\n"
+               "added); decode reads such an array and prints the text.\n"
+               "\n"
+               "  --skip-special   decode: leave special tokens out of the text (default: keep)\n"
+               "  -h, --help       this help\n"
+               "\n"
+               "Examples:\n"
+               "  echo -n 'Hello world' | tptok encode tokenizer.json\n"
+               "  echo '[9707, 1879]' | tptok decode --skip-special tokenizer.json\n");
 }
 
 static int read_stdin(char **out, size_t *len)

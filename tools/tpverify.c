@@ -19,7 +19,13 @@ static void usage(FILE *f)
             "                      bundle (.tar: its manifest and rank files are checked)\n"
             "  --against MODEL_DIR also compare every tensor with the source model\n"
             "  --threads N         decompression threads (default: all cores)\n"
-            "  --quiet             no progress bar\n",
+            "  --quiet             no progress bar\n"
+            "  -h, --help          this help\n"
+            "\n"
+            "Examples:\n"
+            "  tpverify out/\n"
+            "  tpverify out/ --against Qwen3-0.6B/\n"
+            "  tpverify out/node-00000-of-00002.tar\n",
             prog);
 }
 
