@@ -494,7 +494,7 @@ static int copy_files(const tp_conversion *c, const char *dir, tp_manifest_file 
             sum = tp_xxh3(c->config_json, len);
             rc = tp_write_file_atomic(dst, c->config_json, c->config_len, err);
         } else if (access(src, F_OK) == 0) {
-            rc = tp_read_file(src, (size_t)1 << 30, &text, &len, err);
+            rc = tp_read_file(src, TP_MAX_COPIED_FILE, &text, &len, err);
             if (rc == 0) {
                 sum = tp_xxh3(text, len);
                 rc = tp_write_file_atomic(dst, text, len, err);
