@@ -709,7 +709,7 @@ static int read_copied_files(const tp_conversion *c, copied_file *out, size_t *n
             f->text = c->config_json;
             f->len = c->config_len;
         } else if (rc == 0) {
-            rc = tp_read_file(src, (size_t)1 << 30, &f->owned, &f->len, err);
+            rc = tp_read_file(src, TP_MAX_COPIED_FILE, &f->owned, &f->len, err);
             f->text = f->owned;
         }
         if (rc == 0)

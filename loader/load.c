@@ -95,28 +95,75 @@ static int finish_config(tp_loaded_rank *lr, tp_err *err)
                      lr->source);
 }
 
-/* Each copied file read is checked against the manifest: size always, XXH3
- * with verify (a damaged tokenizer.json would otherwise load silently). */
+/* A copied file's bytes against the manifest: size always, XXH3 with
+ * verify; config.json also against the manifest's embedded config, so the
+ * copy a reader takes does not matter. */
+static int check_copied_text(const tp_manifest *m, const tp_manifest_file *f, const char *src, const char *text,
+                             size_t len, bool verify, tp_err *err)
+{
+    if (tp_ld_check_copied_data(f, src, text, len, verify, err) < 0)
+        return -1;
+    if (strcmp(f->name, "config.json") == 0)
+        return tp_manifest_check_config_copy(m, text, len, src, err);
+    return 0;
+}
+
+int tp_ld_check_copied_files(const char *dir, const tp_manifest *m, bool verify, tp_ld_copied_fn take, void *arg,
+                             tp_err *err)
+{
+    for (size_t i = 0; i < m->n_files; i++) {
+        const tp_manifest_file *f = &m->files[i];
+        char *path = tp_path_join(dir, f->name);
+        if (!path)
+            return tp_errorf(err, "%s: out of memory", dir);
+        struct stat st;
+        int rc = stat(path, &st);
+        if (rc != 0 || !S_ISREG(st.st_mode)) {
+            free(path);
+            return tp_errorf(err, "%s: copied file %s listed in the manifest is missing", dir, f->name);
+        }
+        if (tp_ld_check_copied_size(f, dir, (uint64_t)st.st_size, err) < 0) {
+            free(path);
+            return -1;
+        }
+        char *text = NULL;
+        size_t len = 0;
+        rc = tp_read_file(path, TP_MAX_COPIED_FILE, &text, &len, err);
+        free(path);
+        if (rc == 0)
+            rc = check_copied_text(m, f, dir, text, len, verify, err);
+        if (rc == 0)
+            rc = take(arg, f, text, len, err); /* takes text */
+        else
+            free(text);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* tp_ld_check_copied_files' taker for tp_load_rank: keeps the texts the
+ * runtime reads (copied_slot), frees the others. */
+static int keep_copied(void *arg, const tp_manifest_file *f, char *text, size_t len, tp_err *err)
+{
+    tp_loaded_rank *lr = arg;
+    size_t *len_slot;
+    char **slot = copied_slot(lr, f->name, &len_slot);
+    if (!slot) {
+        free(text);
+        return 0;
+    }
+    free(*slot);
+    *slot = text;
+    if (len_slot)
+        *len_slot = len;
+    return 0;
+}
+
 static int read_copied_files_dir(tp_loaded_rank *lr, bool verify, tp_err *err)
 {
-    for (size_t i = 0; i < lr->manifest.n_files; i++) {
-        const tp_manifest_file *f = &lr->manifest.files[i];
-        const char *name = f->name;
-        size_t *len_slot;
-        char **slot = copied_slot(lr, name, &len_slot);
-        if (!slot)
-            continue;
-        char *path = tp_path_join(lr->source, name);
-        if (!path)
-            return tp_errorf(err, "%s: out of memory", lr->source);
-        size_t len = 0;
-        int rc = tp_read_file(path, TP_SMALL_FILE_CAP, slot, &len, err);
-        free(path);
-        if (rc < 0 || tp_ld_check_copied_data(f, lr->source, *slot, len, verify, err) < 0)
-            return -1;
-        if (len_slot)
-            *len_slot = len;
-    }
+    if (tp_ld_check_copied_files(lr->source, &lr->manifest, verify, keep_copied, lr, err) < 0)
+        return -1;
     return finish_config(lr, err);
 }
 
@@ -249,10 +296,10 @@ static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len,
             }
             uint8_t *buf;
             size_t len;
-            if (tp_ld_tar_read_entry(a, e, path, TP_SMALL_FILE_CAP, &buf, &len, err) < 0)
+            if (tp_ld_tar_read_entry(a, e, path, TP_MAX_COPIED_FILE, &buf, &len, err) < 0)
                 goto out;
             *slot = (char *)buf;
-            if (tp_ld_check_copied_data(f, path, buf, len, verify, err) < 0)
+            if (check_copied_text(m, f, path, (const char *)buf, len, verify, err) < 0)
                 goto out;
             if (len_slot)
                 *len_slot = len;

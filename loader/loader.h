@@ -75,8 +75,10 @@ typedef struct tp_load_opts {
  * bundle's other entries are skipped unread).  Codec "none" tensors point
  * into the mapping (directory) or the rank file image (bundle, read into
  * memory); compressed ones are decoded on opts->threads threads into one
- * allocation.  config.json is required (the copied file, else the
- * manifest's copy); the other copied files are optional.  opts NULL: the
+ * allocation.  Every copied file the manifest lists must be present (the
+ * rule tpverify applies too), and config.json must hold the manifest's
+ * embedded config ("config.json differs from the config in manifest.json");
+ * without a listed config.json the manifest's copy is used.  opts NULL: the
  * defaults (verify on, all cores, progress bar on a terminal). */
 int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_opts *opts, tp_err *err);
 const tp_loaded_tensor *tp_loaded_find(const tp_loaded_rank *lr, const char *name);

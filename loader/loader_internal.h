@@ -9,8 +9,9 @@
 struct archive;
 struct archive_entry;
 
-/* Largest manifest, config or tokenizer file we read into memory. */
-#define TP_SMALL_FILE_CAP (64u << 20)
+/* Largest manifest or copied file we read into memory: the copied files'
+ * limit is shardfmt's, the one the converter and the manifest apply too. */
+#define TP_SMALL_FILE_CAP TP_MAX_COPIED_FILE
 
 /* ------------------------------------------------------- first error of many */
 
@@ -51,6 +52,15 @@ int tp_ld_check_copied_size(const tp_manifest_file *f, const char *src, uint64_t
 int tp_ld_check_copied_sum(const tp_manifest_file *f, const char *src, uint64_t xxh3, tp_err *err);
 int tp_ld_check_copied_data(const tp_manifest_file *f, const char *src, const void *data, size_t len,
                             bool verify, tp_err *err);
+/* The one rule for the copied files of a converted directory, shared by
+ * tp_load_rank and tp_verify_dir: every file the manifest lists must be a
+ * regular file in dir with the manifest's size and (with verify) XXH3, and
+ * config.json must hold the manifest's embedded config
+ * (tp_manifest_check_config_copy).  Each file's text (NUL-terminated,
+ * malloc'd) is handed to take, which owns it from then on. */
+typedef int (*tp_ld_copied_fn)(void *arg, const tp_manifest_file *f, char *text, size_t len, tp_err *err);
+int tp_ld_check_copied_files(const char *dir, const tp_manifest *m, bool verify, tp_ld_copied_fn take, void *arg,
+                             tp_err *err);
 /* Checks format-level facts every reader relies on (tp >= 1, one entry per
  * rank in order, flat file names).  Messages start with src. */
 int tp_ld_manifest_sanity(const tp_manifest *m, const char *src, tp_err *err);

@@ -184,36 +184,17 @@ static int check_ranks_agree(conversion *c, tp_err *err)
     return 0;
 }
 
-/* Every copied file present, with the manifest's size and XXH3. */
+static int drop_copied(void *arg, const tp_manifest_file *f, char *text, size_t len, tp_err *err)
+{
+    free(text);
+    return 0;
+}
+
+/* Every copied file present, with the manifest's size and XXH3: the rule
+ * tp_load_rank applies too (tp_ld_check_copied_files). */
 static int check_copied_files(conversion *c, tp_err *err)
 {
-    for (size_t i = 0; i < c->m.n_files; i++) {
-        const tp_manifest_file *f = &c->m.files[i];
-        char *path = tp_path_join(c->dir, f->name);
-        if (!path)
-            return tp_errorf(err, "%s: out of memory", c->dir);
-        struct stat st;
-        int rc = stat(path, &st);
-        if (rc != 0 || !S_ISREG(st.st_mode)) {
-            free(path);
-            return tp_errorf(err, "%s: copied file %s listed in the manifest is missing", c->dir,
-                             f->name);
-        }
-        if (tp_ld_check_copied_size(f, c->dir, (uint64_t)st.st_size, err) < 0) {
-            free(path);
-            return -1;
-        }
-        char *text = NULL;
-        size_t len = 0;
-        rc = tp_read_file(path, TP_SMALL_FILE_CAP, &text, &len, err);
-        free(path);
-        if (rc == 0)
-            rc = tp_ld_check_copied_data(f, c->dir, text, len, true, err);
-        free(text);
-        if (rc < 0)
-            return -1;
-    }
-    return 0;
+    return tp_ld_check_copied_files(c->dir, &c->m, true, drop_copied, NULL, err);
 }
 
 /* Reads the manifest and opens every rank file, checking each against the

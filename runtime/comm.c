@@ -82,7 +82,7 @@ int tp_comm_open(tp_comm **out, const char *backend, const tp_launch *l, double 
             c->ops = &single_ops;
         }
     } else if (!strcmp(backend, "tcp")) {
-        rc = tp_comm_tcp_open(c, err);
+        rc = tp_comm_tcp_open(c, l->conversion_id, err);
     } else if (!strcmp(backend, "mpi")) {
 #ifdef TP_HAVE_MPI
         rc = tp_comm_mpi_open(c, err);
@@ -104,8 +104,69 @@ int tp_comm_open(tp_comm **out, const char *backend, const tp_launch *l, double 
         free(c);
         return -1;
     }
+    if (l->conversion_id && tp_comm_check_peers(c, l->conversion_id, err)) {
+        tp_comm_close(c);
+        return -1;
+    }
     *out = c;
     return 0;
+}
+
+/* ------------------------------------------------------------ peer check */
+
+/* What each rank contributes: its world size, then its conversion id, one
+ * character per float (exact in a float; 0 for no id). */
+#define PEER_ID_CHARS 32
+#define PEER_FLOATS (1 + PEER_ID_CHARS)
+
+static void peer_record(const tp_comm *c, const char *conversion_id, float *rec)
+{
+    rec[0] = (float)c->world;
+    size_t n = conversion_id ? strnlen(conversion_id, PEER_ID_CHARS) : 0;
+    for (size_t i = 0; i < PEER_ID_CHARS; i++)
+        rec[1 + i] = i < n ? (float)(unsigned char)conversion_id[i] : 0.0f;
+}
+
+static void peer_id_text(const float *rec, char out[PEER_ID_CHARS + 1])
+{
+    size_t n = 0;
+    for (; n < PEER_ID_CHARS && rec[1 + n] > 0 && rec[1 + n] < 256; n++)
+        out[n] = (char)(int)rec[1 + n];
+    out[n] = 0;
+    if (n == 0)
+        snprintf(out, PEER_ID_CHARS + 1, "(none)");
+}
+
+int tp_comm_check_peers(tp_comm *c, const char *conversion_id, tp_err *err)
+{
+    if (c->world <= 1)
+        return 0;
+    float *all = calloc((size_t)c->world * PEER_FLOATS, sizeof *all);
+    float mine[PEER_FLOATS];
+    if (!all)
+        return tp_errorf(err, "rank %d: out of memory", c->rank);
+    peer_record(c, conversion_id, mine);
+    if (c->ops->allgather_f32(c, mine, all, PEER_FLOATS, err)) {
+        free(all);
+        return tp_err_prefix(err, "rank %d: checking that every rank loaded the same conversion", c->rank);
+    }
+    int rc = 0;
+    const float *root = all;
+    for (int r = 1; r < c->world && rc == 0; r++) {
+        const float *rec = all + (size_t)r * PEER_FLOATS;
+        char id_r[PEER_ID_CHARS + 1], id_0[PEER_ID_CHARS + 1];
+        if (rec[0] != root[0])
+            rc = tp_errorf(err, "rank %d runs with world size %g, rank 0 with %g: every rank must run the same "
+                           "world size", r, rec[0], root[0]);
+        else if (memcmp(rec + 1, root + 1, PEER_ID_CHARS * sizeof *rec) != 0) {
+            peer_id_text(rec, id_r);
+            peer_id_text(root, id_0);
+            rc = tp_errorf(err, "rank %d loaded conversion %s, rank 0 %s: every rank must load the same conversion",
+                           r, id_r, id_0);
+        }
+    }
+    free(all);
+    return rc;
 }
 
 void tp_comm_close(tp_comm *c)

@@ -6,7 +6,8 @@
 
 /* Each opener fills (*c)->ops and (*c)->impl; rank, world and timeout_s are
  * already set by tp_comm_open. */
-int tp_comm_tcp_open(tp_comm *c, tp_err *err);
+/* conversion_id (may be NULL) travels in the hello (tp_launch.conversion_id). */
+int tp_comm_tcp_open(tp_comm *c, const char *conversion_id, tp_err *err);
 #ifdef TP_HAVE_MPI
 int tp_comm_mpi_open(tp_comm *c, tp_err *err);
 void tp_comm_mpi_abort(tp_comm *c, int code);

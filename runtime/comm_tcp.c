@@ -14,7 +14,13 @@
  * get an error instead of silently mixing buffers.  Every socket operation
  * waits with poll() against the collective's deadline, so a dead or missing
  * peer gives an error within timeout_s, and a peer that closes its socket
- * gives one at once. */
+ * gives one at once.
+ *
+ * Joining: each rank's hello carries its rank, the world size and the
+ * conversion id it loaded.  Rank 0 answers every rank with an ack, or, when
+ * a hello does not fit (another world size, another conversion, a rank
+ * twice), with a refusal that holds the reason as text: rank 0 and the
+ * ranks that joined so far all end with that one message. */
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -30,16 +36,24 @@
 #include "comm_internal.h"
 
 #define TCP_MAGIC 0x4d435054u   /* "TPCM" */
-#define TCP_VERSION 1u
+#define TCP_VERSION 2u          /* 2: the hello carries the conversion id */
+#define MAX_REFUSAL 1024        /* bytes of a refusal's text */
 
-enum { OP_HELLO = 1, OP_ACK, OP_ALLREDUCE, OP_ALLGATHER, OP_BROADCAST, OP_BARRIER };
+enum { OP_HELLO = 1, OP_ACK, OP_ALLREDUCE, OP_ALLGATHER, OP_BROADCAST, OP_BARRIER, OP_REFUSE };
 
 typedef struct msg_header {
     uint32_t magic, op, seq, arg;  /* arg: hello's rank / broadcast's root */
-    uint64_t bytes;                 /* payload that follows; hello: world size */
+    uint64_t bytes;                 /* payload that follows */
 } msg_header;
 
+/* A hello's payload (seq: TCP_VERSION, arg: the rank). */
+typedef struct hello_body {
+    uint64_t world;
+    char conversion_id[32];         /* zeros: none given */
+} hello_body;
+
 typedef struct tcp_impl {
+    char conversion_id[32]; /* what this rank loaded, for the hello (zeros: none) */
     int *fds;            /* rank 0: fds[r] is rank r's socket; others: fds[0] is rank 0's */
     uint32_t seq;        /* collectives so far, the same on every rank */
     float *scratch;      /* rank 0's receive buffer for all-reduce */
@@ -77,6 +91,7 @@ static const char *op_name(uint32_t op)
     case OP_ALLGATHER: return "all-gather";
     case OP_BROADCAST: return "broadcast";
     case OP_BARRIER: return "barrier";
+    case OP_REFUSE: return "hello";
     }
     return "message";
 }
@@ -314,6 +329,78 @@ static int resolve(const char *host, int port, bool passive, struct addrinfo **r
     return 0;
 }
 
+static void id_text(const char id[32], char out[33])
+{
+    memcpy(out, id, 32);
+    out[32] = 0;
+    if (!out[0])
+        snprintf(out, 33, "(none)");
+}
+
+/* Rank 0's verdict on a hello: fills *peer, or returns -1 with the reason
+ * (which refuse_all then sends to the ranks). */
+static int judge_hello(const tp_comm *c, const tcp_impl *t, int fd, const msg_header *h, double deadline,
+                       int *peer, tp_err *err)
+{
+    int r = (int)h->arg;
+    if (h->seq != TCP_VERSION)
+        return tp_errorf(err, "rank 0: rank %d at %s speaks tprun's tcp protocol version %u, rank 0 version %u "
+                         "(every rank must run the same tprun build)", r, t->where, h->seq, TCP_VERSION);
+    hello_body b;
+    if (h->bytes != sizeof b)
+        return tp_errorf(err, "rank 0: rank %d sent a hello of %llu bytes, not %zu", r,
+                         (unsigned long long)h->bytes, sizeof b);
+    if (io_full(c, fd, r, &b, sizeof b, false, deadline, "hello", err))
+        return -1;
+    if (b.world != (uint64_t)c->world || r < 1 || r >= c->world)
+        return tp_errorf(err, "rank 0: a process connected to %s as rank %d of world size %llu, but this job "
+                         "has world size %d: refused", t->where, r, (unsigned long long)b.world, c->world);
+    if (t->fds[r] >= 0)
+        return tp_errorf(err, "rank 0: two processes connected to %s as rank %d: refused", t->where, r);
+    if (memcmp(b.conversion_id, t->conversion_id, sizeof b.conversion_id) != 0) {
+        char theirs[33], ours[33];
+        id_text(b.conversion_id, theirs);
+        id_text(t->conversion_id, ours);
+        return tp_errorf(err, "rank %d loaded conversion %s, rank 0 %s: every rank must load the same "
+                         "conversion", r, theirs, ours);
+    }
+    *peer = r;
+    return 0;
+}
+
+/* Sends the reason rank 0 gives up to the refused process and to every rank
+ * that joined so far (they wait for their ack), so that each ends with the
+ * same message rather than "rank 0 closed its connection".  Best effort. */
+static void refuse_all(const tp_comm *c, const tcp_impl *t, int refused_fd, double deadline, const tp_err *why)
+{
+    size_t n = strnlen(why->msg, MAX_REFUSAL);
+    tp_err ignored;
+    send_msg(c, refused_fd, -1, OP_REFUSE, TCP_VERSION, 0, why->msg, n, deadline, &ignored);
+    for (int r = 1; r < c->world; r++)
+        if (t->fds[r] >= 0)
+            send_msg(c, t->fds[r], r, OP_REFUSE, TCP_VERSION, 0, why->msg, n, deadline, &ignored);
+}
+
+/* A rank's wait for rank 0's answer to its hello: an ack, or a refusal
+ * whose text becomes this rank's error. */
+static int await_ack(const tp_comm *c, const tcp_impl *t, int fd, double deadline, tp_err *err)
+{
+    msg_header h;
+    if (io_full(c, fd, 0, &h, sizeof h, false, deadline, "hello", err))
+        return -1;
+    if (h.magic == TCP_MAGIC && h.op == OP_REFUSE && h.bytes <= MAX_REFUSAL) {
+        char why[MAX_REFUSAL + 1];
+        if (io_full(c, fd, 0, why, (size_t)h.bytes, false, deadline, "hello", err))
+            return -1;
+        why[h.bytes] = 0;
+        return tp_errorf(err, "%s (rank %d was refused by rank 0 at %s)", why, c->rank, t->where);
+    }
+    if (h.magic != TCP_MAGIC || h.op != OP_ACK || h.seq != TCP_VERSION || h.bytes != 0)
+        return tp_errorf(err, "rank %d: hello: rank 0 at %s answered with something other than an ack "
+                         "(another tprun version?)", c->rank, t->where);
+    return 0;
+}
+
 /* Rank 0: listen, then accept until every other rank has said hello. */
 static int root_setup(tp_comm *c, tcp_impl *t, const char *host, int port, tp_err *err)
 {
@@ -362,19 +449,16 @@ static int root_setup(tp_comm *c, tcp_impl *t, const char *host, int port, tp_er
             continue;
         set_socket_opts(fd);
         msg_header h;
-        if (io_full(c, fd, -1, &h, sizeof h, false, deadline, "hello", err)) {
+        tp_err stray;
+        if (io_full(c, fd, -1, &h, sizeof h, false, deadline, "hello", &stray) || h.magic != TCP_MAGIC ||
+            h.op != OP_HELLO) {
             close(fd);   /* a stray connection: keep waiting for the real ranks */
             continue;
         }
-        if (h.magic != TCP_MAGIC || h.op != OP_HELLO || h.seq != TCP_VERSION) {
-            close(fd);
-            continue;
-        }
-        int peer = (int)h.arg;
-        if (h.bytes != (uint64_t)c->world || peer < 1 || peer >= c->world || t->fds[peer] >= 0) {
-            rc = tp_errorf(err, "rank 0: a process connected to %s as rank %d of world size %llu, but this "
-                           "job has world size %d%s", t->where, peer, (unsigned long long)h.bytes, c->world,
-                           peer >= 1 && peer < c->world && t->fds[peer] >= 0 ? " and rank already joined" : "");
+        int peer = -1;
+        rc = judge_hello(c, t, fd, &h, deadline, &peer, err);
+        if (rc) {
+            refuse_all(c, t, fd, deadline, err);
             close(fd);
             break;
         }
@@ -436,15 +520,16 @@ static int peer_setup(tp_comm *c, tcp_impl *t, const char *host, int port, tp_er
     }
     freeaddrinfo(ai);
     t->fds[0] = fd;
-    /* The hello is a bare header: the version in seq, our rank in arg and the
-     * world size in bytes (no payload follows). */
-    msg_header hello = { TCP_MAGIC, OP_HELLO, TCP_VERSION, (uint32_t)c->rank, (uint64_t)c->world };
-    if (io_full(c, fd, 0, &hello, sizeof hello, true, deadline, "hello", err))
+    /* The version in seq, our rank in arg; the world size and the
+     * conversion id in the payload. */
+    hello_body b = { .world = (uint64_t)c->world };
+    memcpy(b.conversion_id, t->conversion_id, sizeof b.conversion_id);
+    if (send_msg(c, fd, 0, OP_HELLO, TCP_VERSION, (uint32_t)c->rank, &b, sizeof b, deadline, err))
         return -1;
-    return recv_msg(c, fd, 0, OP_ACK, TCP_VERSION, 0, NULL, 0, deadline, err);
+    return await_ack(c, t, fd, deadline, err);
 }
 
-int tp_comm_tcp_open(tp_comm *c, tp_err *err)
+int tp_comm_tcp_open(tp_comm *c, const char *conversion_id, tp_err *err)
 {
     tcp_impl *t = calloc(1, sizeof *t);
     int *fds = t ? malloc((size_t)c->world * sizeof *fds) : NULL;
@@ -452,6 +537,8 @@ int tp_comm_tcp_open(tp_comm *c, tp_err *err)
         free(t);
         return tp_errorf(err, "out of memory");
     }
+    if (conversion_id)
+        memcpy(t->conversion_id, conversion_id, strnlen(conversion_id, sizeof t->conversion_id));
     for (int r = 0; r < c->world; r++)
         fds[r] = -1;
     t->fds = fds;

@@ -126,12 +126,25 @@ typedef struct tp_launch {
     bool under_mpirun;
     const char *world_source; /* "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", ... or NULL */
     int local_world;         /* ranks on this node (threads are shared among them) */
+    /* What this rank loaded, set by the caller (tprun: the manifest's
+     * conversion id; tp_launch_detect leaves it NULL).  When set,
+     * tp_comm_open refuses to join ranks that loaded another conversion. */
+    const char *conversion_id;
 } tp_launch;
 int tp_launch_detect(tp_launch *l, int cli_rank, tp_err *err);
 
 /* backend: "auto" (world > 1: mpi under mpirun, else tcp; world 1: single),
- * "single", "tcp", "mpi", "nccl". */
+ * "single", "tcp", "mpi", "nccl".  With l->conversion_id set, the ranks
+ * check each other as they join: the tcp hello carries the id and the world
+ * size (rank 0 refuses a peer that differs, and tells it why), and every
+ * backend then runs tp_comm_check_peers before returning. */
 int tp_comm_open(tp_comm **c, const char *backend, const tp_launch *l, double timeout_s, tp_err *err);
+/* A collective (an all-gather over the comm's own vtable, so any backend):
+ * every rank learns every rank's conversion id and world size, and all
+ * fail alike at the first rank that differs from rank 0: "rank 1 loaded
+ * conversion <id1>, rank 0 <id0>: every rank must load the same
+ * conversion".  conversion_id may be NULL (compared as no id). */
+int tp_comm_check_peers(tp_comm *c, const char *conversion_id, tp_err *err);
 void tp_comm_close(tp_comm *c);
 /* After an error: ends the whole job (MPI_Abort under MPI; the other
  * backends close their sockets, so the peers get an error at once). */

@@ -5,7 +5,10 @@
  * finished conversion; the manifest pins every rank file by size and
  * checksum.  Parsing is strict: unknown or duplicate keys, missing ranks,
  * ranks out of order and file names that could leave the directory are all
- * refused, each with its own message.
+ * refused, each with its own message.  The manifest's last member,
+ * "manifest_xxh3", is a checksum of every byte before its value, so that no field
+ * (the embedded config, the plan, the codec, the checksums of the rank and
+ * copied files) can change without the readers noticing.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -20,6 +23,8 @@
 
 #define MAX_MANIFEST_SIZE (64u << 20)
 #define MAX_TP 4096
+#define CHECKSUM_KEY "manifest_xxh3"
+#define CHECKSUM_KEY_QUOTED "\"" CHECKSUM_KEY "\""
 
 void tp_rank_file_name(char *out, size_t cap, int rank, int tp, const char *ext)
 {
@@ -57,6 +62,77 @@ void tp_new_conversion_id(char out[33])
     out[32] = 0;
 }
 
+/* -------------------------------------------------------- self-checksum */
+
+static bool json_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+static size_t skip_space_back(const char *text, size_t i)
+{
+    while (i > 0 && json_space(text[i - 1]))
+        i--;
+    return i;
+}
+
+/* Finds the member "manifest_xxh3": "<16 hex>" that must close the text:
+ * *value_at gets the offset of its 16 hex digits (the checksum covers
+ * [0, value_at): everything before its own value).  Matched from the
+ * end, byte by byte: the key must follow ',', '{' or white space, so that
+ * an escaped quote inside some string cannot pass for it; the text's last
+ * '}' closes the top-level object, so this is that object's last member. */
+static int locate_checksum(const char *text, size_t len, size_t *value_at)
+{
+    size_t i = skip_space_back(text, len);
+    if (i == 0 || text[i - 1] != '}')
+        return -1;
+    i = skip_space_back(text, i - 1);
+    if (i < 18 || text[i - 1] != '"' || text[i - 18] != '"')
+        return -1;
+    size_t digits = i - 17;
+    for (size_t k = digits; k < digits + 16; k++)
+        if (!((text[k] >= '0' && text[k] <= '9') || (text[k] >= 'a' && text[k] <= 'f')))
+            return -1;
+    i = skip_space_back(text, i - 18);
+    if (i == 0 || text[i - 1] != ':')
+        return -1;
+    i = skip_space_back(text, i - 1);
+    size_t klen = strlen(CHECKSUM_KEY_QUOTED);
+    if (i < klen + 1 || memcmp(text + i - klen, CHECKSUM_KEY_QUOTED, klen) != 0)
+        return -1;
+    i -= klen;
+    if (text[i - 1] != ',' && text[i - 1] != '{' && !json_space(text[i - 1]))
+        return -1;
+    *value_at = digits;
+    return 0;
+}
+
+int tp_manifest_seal(char *text, size_t len)
+{
+    size_t value_at;
+    if (locate_checksum(text, len, &value_at) < 0)
+        return -1;
+    char hex[17];
+    tp_hex64(tp_xxh3(text, value_at), hex);
+    memcpy(text + value_at, hex, 16);
+    return 0;
+}
+
+/* The member must be present, last, and match the bytes before it. */
+static int check_self_checksum(const cJSON *root, const char *text, size_t len, const char *name, tp_err *err)
+{
+    const char *value;
+    if (tp_json_str(root, CHECKSUM_KEY, 64, false, name, &value, err) < 0)
+        return -1;
+    size_t value_at;
+    if (locate_checksum(text, len, &value_at) < 0 || strlen(value) != 16 ||
+        memcmp(text + value_at, value, 16) != 0)
+        return TP_FAIL(err, "%s: \"%s\" must be the last member, 16 lowercase hex digits", name, CHECKSUM_KEY);
+    uint64_t want;
+    if (tp_parse_hex64(value, &want) < 0 || tp_xxh3(text, value_at) != want)
+        return TP_FAIL(err, "%s: checksum mismatch (the manifest was edited or corrupted after tpconvert wrote it)",
+                       name);
+    return 0;
+}
+
 void tp_manifest_free(tp_manifest *m)
 {
     if (!m)
@@ -92,20 +168,32 @@ static int check_for_write(const tp_manifest *m, const char *path, tp_err *err)
     for (int i = 0; i < m->tp; i++)
         if (m->ranks[i].rank != i || !m->ranks[i].file || !tp_safe_file_name(m->ranks[i].file))
             return TP_FAIL(err, "%s: rank entry %d is not rank %d with a plain file name", path, i, i);
-    for (size_t i = 0; i < m->n_files; i++)
+    for (size_t i = 0; i < m->n_files; i++) {
         if (!m->files[i].name || !tp_safe_file_name(m->files[i].name))
             return TP_FAIL(err, "%s: copied file name \"%s\" is not a plain file name", path,
                              m->files[i].name ? m->files[i].name : "");
+        if (m->files[i].size > TP_MAX_COPIED_FILE)
+            return TP_FAIL(err, "%s: %llu bytes, more than the %u a copied file may have", m->files[i].name,
+                           (unsigned long long)m->files[i].size, TP_MAX_COPIED_FILE);
+    }
     return 0;
 }
 
-/* A JSON object from text (NULL text: an empty object). */
-static cJSON *object_from_text(const char *text, const char *what, const char *path, tp_err *err)
+/* A JSON object from text (NULL text: an empty object).  The whole text
+ * must be that one object: a text cut short (by a NUL byte, say) is refused
+ * here, naming the file it came from, not by a reader of the manifest. */
+static cJSON *object_from_text(const char *text, const char *what, const char *source, const char *path,
+                               tp_err *err)
 {
-    cJSON *o = text ? cJSON_Parse(text) : cJSON_CreateObject();
+    if (!text)
+        return cJSON_CreateObject();
+    const char *end = NULL;
+    cJSON *o = cJSON_ParseWithOpts(text, &end, 1);
     if (!o || !cJSON_IsObject(o)) {
+        const char *at = o ? text : cJSON_GetErrorPtr();
+        size_t off = at && at >= text ? (size_t)(at - text) : 0;
         cJSON_Delete(o);
-        tp_errorf(err, "%s: %s is not a JSON object", path, what);
+        tp_errorf(err, "%s: %s: %s is not one JSON object (parse stops at byte %zu)", path, what, source, off);
         return NULL;
     }
     return o;
@@ -145,14 +233,27 @@ static cJSON *rank_json(const tp_manifest_rank *r)
     return o;
 }
 
+/* What is about to be written must read back: a field the writer let
+ * through but a reader refuses (a control character in model_type, say)
+ * fails the conversion here, before the manifest exists. */
+static int read_back(const char *text, size_t len, const char *path, tp_err *err)
+{
+    tp_manifest back;
+    if (tp_manifest_parse(text, len, path, &back, err) < 0)
+        return tp_err_prefix(err, "the manifest would not read back");
+    tp_manifest_free(&back);
+    return 0;
+}
+
 int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
 {
     char *path = tp_path_join(dir, TP_MANIFEST_NAME);
     if (!path)
         return TP_FAIL(err, "%s: out of memory", dir);
     cJSON *config = NULL, *plan = NULL;
-    if (check_for_write(m, path, err) < 0 || !(config = object_from_text(m->config_json, "config", path, err)) ||
-        !(plan = object_from_text(m->plan_json, "plan", path, err))) {
+    if (check_for_write(m, path, err) < 0 ||
+        !(config = object_from_text(m->config_json, "config", "config.json", path, err)) ||
+        !(plan = object_from_text(m->plan_json, "plan", "the plan", path, err))) {
         cJSON_Delete(config);
         free(path);
         return -1;
@@ -161,7 +262,7 @@ int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
     iso8601_now(created);
     cJSON *root = cJSON_CreateObject();
     cJSON_AddStringToObject(root, "format", m->format);
-    cJSON_AddNumberToObject(root, "format_version", TP_FORMAT_VERSION);
+    cJSON_AddNumberToObject(root, "format_version", TP_MANIFEST_VERSION);
     cJSON_AddStringToObject(root, "conversion_id", m->conversion_id);
     cJSON_AddStringToObject(root, "created", created);
     cJSON_AddStringToObject(root, "tool", "tpconvert 0.1");
@@ -178,6 +279,7 @@ int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
     cJSON *ranks = cJSON_AddArrayToObject(root, "ranks");
     for (int i = 0; i < m->tp; i++)
         cJSON_AddItemToArray(ranks, rank_json(&m->ranks[i]));
+    cJSON_AddStringToObject(root, CHECKSUM_KEY, "0000000000000000"); /* last; sealed below */
     char *text = cJSON_Print(root);
     cJSON_Delete(root);
     int rc;
@@ -186,7 +288,10 @@ int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
     } else {
         size_t len = strlen(text);
         text[len] = '\n'; /* end the file with a newline, replacing the NUL */
-        rc = tp_write_file_atomic(path, text, len + 1, err);
+        rc = tp_manifest_seal(text, len + 1) == 0 ? read_back(text, len + 1, path, err)
+                                                   : tp_errorf(err, "%s: cannot place the checksum", path);
+        if (rc == 0)
+            rc = tp_write_file_atomic(path, text, len + 1, err);
         free(text);
     }
     free(path);
@@ -270,6 +375,9 @@ static int parse_file(const cJSON *o, size_t i, const char *name, tp_manifest_fi
     if (tp_json_u64(o, "size", UINT64_MAX, where, &f->size, err) < 0 ||
         tp_json_str(o, "xxh3", 64, false, where, &sum, err) < 0)
         return -1;
+    if (f->size > TP_MAX_COPIED_FILE)
+        return TP_FAIL(err, "%s: %s is %llu bytes, more than the %u a copied file may have", where, file,
+                       (unsigned long long)f->size, TP_MAX_COPIED_FILE);
     if (strlen(sum) != 16 || tp_parse_hex64(sum, &f->xxh3) < 0)
         return TP_FAIL(err, "%s: xxh3 \"%s\" is not 16 hex digits", where, sum);
     if (!(f->name = strdup(file)))
@@ -326,22 +434,33 @@ static bool iso8601_ok(const char *s)
     return true;
 }
 
-static int parse_top(const cJSON *root, const char *name, tp_manifest *m, tp_err *err)
+/* The version comes first: a manifest of another version may lack the
+ * checksum or have other keys, and deserves a message saying so. */
+static int check_version(const cJSON *root, const char *name, tp_manifest *m, tp_err *err)
+{
+    if (tp_json_int(root, "format_version", 0, 1 << 30, name, &m->format_version, err) < 0)
+        return -1;
+    if (m->format_version > TP_MANIFEST_VERSION)
+        return TP_FAIL(err, "%s: format version %d is newer than this build supports (%d)", name,
+                         m->format_version, TP_MANIFEST_VERSION);
+    if (m->format_version < TP_MANIFEST_VERSION)
+        return TP_FAIL(err, "%s: format version %d was made by an older tpconvert (this build reads %d): "
+                       "convert again", name, m->format_version, TP_MANIFEST_VERSION);
+    return 0;
+}
+
+static int parse_top(const cJSON *root, const char *text, size_t len, const char *name, tp_manifest *m,
+                     tp_err *err)
 {
     if (!cJSON_IsObject(root))
         return TP_FAIL(err, "%s: not a JSON object", name);
     static const char *const keys[] = { "format", "format_version", "conversion_id", "created", "tool", "tp",
                                         "model_type", "vocab_parallel", "codec", "level", "config", "plan",
-                                        "files", "ranks", NULL };
+                                        "files", "ranks", CHECKSUM_KEY, NULL };
     const char *s;
-    if (tp_json_check_keys(root, keys, name, err) < 0 ||
-        tp_json_int(root, "format_version", 0, 1 << 30, name, &m->format_version, err) < 0)
+    if (check_version(root, name, m, err) < 0 || tp_json_check_keys(root, keys, name, err) < 0 ||
+        check_self_checksum(root, text, len, name, err) < 0)
         return -1;
-    if (m->format_version > TP_FORMAT_VERSION)
-        return TP_FAIL(err, "%s: format version %d is newer than this build supports (%d)", name,
-                         m->format_version, TP_FORMAT_VERSION);
-    if (m->format_version != TP_FORMAT_VERSION)
-        return TP_FAIL(err, "%s: unsupported format version %d", name, m->format_version);
     if (tp_json_str(root, "format", 32, false, name, &s, err) < 0)
         return -1;
     if (strcmp(s, "tpshard") != 0 && strcmp(s, "safetensors") != 0)
@@ -384,7 +503,7 @@ int tp_manifest_parse(const char *json, size_t len, const char *name, tp_manifes
     cJSON *root = tp_json_parse(json, len);
     if (!root)
         return TP_FAIL(err, "%s: not valid JSON", name);
-    int rc = parse_top(root, name, m, err);
+    int rc = parse_top(root, json, len, name, m, err);
     cJSON_Delete(root);
     if (rc < 0) {
         tp_manifest_free(m); /* frees whatever was filled in */
@@ -408,4 +527,28 @@ int tp_manifest_read(const char *dir, tp_manifest *m, tp_err *err)
     }
     free(path);
     return rc;
+}
+
+/* ------------------------------------------------------- config copies */
+
+int tp_manifest_check_config_copy(const tp_manifest *m, const char *text, size_t len, const char *src,
+                                  tp_err *err)
+{
+    /* The manifest holds the config as cJSON printed it; printing the
+     * copied file's value the same way makes the two comparable text. */
+    cJSON *copy = cJSON_ParseWithLength(text, len);
+    if (!copy || !cJSON_IsObject(copy)) {
+        cJSON_Delete(copy);
+        return tp_errorf(err, "%s: config.json is not a JSON object", src);
+    }
+    char *printed = cJSON_PrintUnformatted(copy);
+    cJSON_Delete(copy);
+    if (!printed)
+        return tp_errorf(err, "%s: out of memory", src);
+    bool same = m->config_json && strcmp(printed, m->config_json) == 0;
+    free(printed);
+    if (!same)
+        return tp_errorf(err, "%s: config.json differs from the config in %s (one of them was replaced)", src,
+                         TP_MANIFEST_NAME);
+    return 0;
 }

@@ -384,8 +384,18 @@ void tp_shard_writer_abort(tp_shard_writer *w);
 
 /* ---------------------------------------------------------------- manifest */
 
+/* The rank file's format version (header and index, FORMAT.md 1). */
 #define TP_FORMAT_VERSION 1
+/* manifest.json's format version (FORMAT.md 3).  2 added "manifest_xxh3";
+ * a manifest of an older version is refused as "made by an older tpconvert:
+ * convert again". */
+#define TP_MANIFEST_VERSION 2
 #define TP_MANIFEST_NAME "manifest.json"
+/* The largest file tpconvert copies from the model directory (config.json,
+ * tokenizer.json, ...): a manifest that lists a larger one is refused by
+ * the writer and by every reader, so what converts also packs, unpacks and
+ * loads. */
+#define TP_MAX_COPIED_FILE (64u << 20)
 
 typedef struct tp_manifest_rank {
     int rank;
@@ -421,10 +431,29 @@ typedef struct tp_manifest {
     tp_manifest_rank *ranks; /* tp entries, ranks[i].rank == i */
 } tp_manifest;
 
+/* Writes dir/manifest.json (m->format_version is ignored: the file gets
+ * TP_MANIFEST_VERSION) and its self-checksum.  The text is parsed back
+ * before anything is written, so what this writes always reads back; a
+ * config_json that is not one JSON object is refused naming config.json. */
 int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err);
-/* Parses dir/manifest.json defensively (every field checked). */
+/* Parses dir/manifest.json defensively (every field checked, and the
+ * self-checksum: one flipped bit anywhere, the embedded config included,
+ * is refused as "checksum mismatch"). */
 int tp_manifest_read(const char *dir, tp_manifest *m, tp_err *err);
 int tp_manifest_parse(const char *json, size_t len, const char *name, tp_manifest *m, tp_err *err);
+/* The self-checksum: a manifest's last member is "manifest_xxh3", the
+ * XXH3-64 of every byte of the file before that member's value.  Writes that
+ * value into text (len bytes that end with the member, 16 hex digits of any
+ * value in place).  For the writer, and for a test or fuzz target that
+ * edits a manifest and wants the edit judged by the checks behind the
+ * checksum.  -1 when text does not end with the member. */
+int tp_manifest_seal(char *text, size_t len);
+/* The embedded config (m->config_json) against the copied config.json's
+ * bytes: the same JSON value, member for member, so that whichever copy a
+ * reader takes, the model is the same.  src names the directory or bundle:
+ * "SRC: config.json differs from the config in manifest.json". */
+int tp_manifest_check_config_copy(const tp_manifest *m, const char *text, size_t len, const char *src,
+                                  tp_err *err);
 void tp_manifest_free(tp_manifest *m);
 /* A fresh random 128-bit id as 32 hex digits. */
 void tp_new_conversion_id(char out[33]);

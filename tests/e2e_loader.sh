@@ -8,6 +8,11 @@
 #   - a flipped byte of a copied file (tokenizer.json, config.json) makes
 #     tpverify, tprun and tpbundle verify / unpack fail naming the file;
 #     --against another model fails;
+#   - an edit of manifest.json itself (rms_norm_eps in its embedded config)
+#     is refused by tpverify, tpverify --against and tprun (directory and
+#     bundle): the manifest's own checksum; an older manifest is refused as
+#     made by an older tpconvert;
+#   - a copied file over 64 MiB is refused by tpconvert, naming it;
 #   - tpinspect --json holds the manifest's facts; --dump writes the tensor;
 #   - tpbundle pack / verify / unpack round trip; a hostile tar is refused;
 #   - a FIFO named manifest.json, a rank file, config.json or a node tar:
@@ -160,6 +165,45 @@ expect_fail "tokenizer.json: checksum mismatch (file corrupted or replaced)" "$B
 [ ! -e "$tmp/tok-out" ] || die "a refused unpack left $tmp/tok-out"
 expect_fail "tokenizer.json: checksum mismatch (file corrupted or replaced)" \
     "$BIN/tprun" "$tb" --comm single --prompt-ids "1 2" --max-new-tokens 1
+
+echo "== an edited manifest.json is caught by its own checksum"
+# The embedded config is what tprun's model reads: 1e-06 -> 1e-04 changed
+# the logits and passed every check before the manifest had a checksum.
+cp -r "$tmp/tok-tp1" "$tmp/man-eps"
+grep -q '"rms_norm_eps":[[:space:]]*1e-06' "$tmp/man-eps/manifest.json" || die "no rms_norm_eps in manifest.json"
+sed -i 's/\("rms_norm_eps":[[:space:]]*\)1e-06/\11e-04/' "$tmp/man-eps/manifest.json"
+grep -q '"rms_norm_eps":[[:space:]]*1e-04' "$tmp/man-eps/manifest.json" || die "the edit of manifest.json did not happen"
+want="man-eps/manifest.json: checksum mismatch (the manifest was edited or corrupted after tpconvert wrote it)"
+expect_fail "$want" "$BIN/tpverify" "$tmp/man-eps" --quiet
+expect_fail "$want" "$BIN/tpverify" "$tmp/man-eps" --against tests/models/llama-bias --quiet
+expect_fail "$want" "$BIN/tprun" "$tmp/man-eps" --comm single --prompt-ids "1 2" --max-new-tokens 1
+# The same edit inside a node bundle (same length, so the tar stays whole).
+"$BIN/tpbundle" pack "$tmp/tok-tp1" --ranks-per-node 1 --out "$tmp/eps-bundle" --quiet >/dev/null \
+    || die "tpbundle pack of tok-tp1 failed"
+eb=$tmp/eps-bundle/node-00000-of-00001.tar
+"$BIN/tprun" "$eb" --comm single --load-only >/dev/null 2>"$tmp/stderr" \
+    || die "tprun --load-only of the undamaged bundle failed: $(cat "$tmp/stderr")"
+off=$(grep -obaF '1e-06' "$eb" | head -n1 | cut -d: -f1)
+[ -n "$off" ] || die "no rms_norm_eps bytes found in $eb"
+printf '4' | dd of="$eb" bs=1 seek=$((off + 4)) conv=notrunc status=none
+expect_fail "manifest.json: checksum mismatch" "$BIN/tprun" "$eb" --comm single --prompt-ids "1 2" --max-new-tokens 1
+expect_fail "manifest.json: checksum mismatch" "$BIN/tpbundle" verify "$eb"
+# A manifest of format version 1 (no checksum yet) is refused, not misread.
+cp -r "$tmp/tok-tp1" "$tmp/man-v1"
+sed -i 's/"format_version":[[:space:]]*2/"format_version":\t1/' "$tmp/man-v1/manifest.json"
+perl -0pi -e 's/,\s*"manifest_xxh3":\s*"[0-9a-f]{16}"//' "$tmp/man-v1/manifest.json"
+! grep -q manifest_xxh3 "$tmp/man-v1/manifest.json" || die "manifest_xxh3 still in the version 1 manifest"
+expect_fail "format version 1 was made by an older tpconvert (this build reads 2): convert again" \
+    "$BIN/tpverify" "$tmp/man-v1" --quiet
+expect_fail "made by an older tpconvert" "$BIN/tprun" "$tmp/man-v1" --comm single --load-only
+
+echo "== a copied file over the 64 MiB limit is refused by tpconvert"
+cp -r tests/models/llama-bias "$tmp/big-tok"
+truncate -s $((64 * 1024 * 1024 + 1)) "$tmp/big-tok/tokenizer.json"   # sparse: costs no disk
+expect_fail "big-tok/tokenizer.json: file is 67108865 bytes, more than the 67108864 allowed" \
+    "$BIN/tpconvert" --tp 1 --quiet "$tmp/big-tok" "$tmp/big-tok-out"
+[ ! -e "$tmp/big-tok-out/manifest.json" ] || die "a refused conversion left a manifest"
+rm -rf "$tmp/big-tok"
 
 echo "== tpbundle"
 "$BIN/tpbundle" pack "$tmp/kv1-tp4" --ranks-per-node 2 --out "$tmp/bundles" --quiet >"$tmp/list" \

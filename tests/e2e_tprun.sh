@@ -17,7 +17,8 @@
 # a step whose reference margin is within the bound.
 #
 # Then bad input: a corrupted rank file, a missing rank file, ranks of two
-# conversions, a prompt longer than the context, a token id outside the
+# conversions (rank files mixed in one directory; and two whole conversions,
+# one rank from each, over tcp and under mpirun), a prompt longer than the context, a token id outside the
 # vocabulary, a world size that is not the conversion's tp, --prompt without
 # a tokenizer, a rank that never starts: each exits non-zero with its message.
 set -euo pipefail
@@ -374,6 +375,47 @@ other=$tmp/other-tp2
 cp -r "$tp2" "$bad"
 cp "$other/rank-00001-of-00002.tpshard" "$bad/"
 expect_fail_tcp "ranks from two conversions" "conversion|checksum|manifest" 2 "$bad" --prompt-ids "$ids" --timeout 10
+
+# Two whole conversions of the same model, one rank from each (node bundles,
+# as two nodes would hold them): each rank loads fine on its own, so the
+# ranks must refuse each other when they join, over tcp and under MPI.
+id_of() { grep -o '"conversion_id":[[:space:]]*"[0-9a-f]*"' "$1/manifest.json" | grep -o '[0-9a-f]\{32\}'; }
+id0=$(id_of "$tp2") id1=$(id_of "$other")
+[ ${#id0} -eq 32 ] && [ ${#id1} -eq 32 ] && [ "$id0" != "$id1" ] || fail "two conversions: no distinct ids ($id0, $id1)"
+"$BIN/tpbundle" pack "$tp2" --ranks-per-node 1 --out "$tmp/nodes-a" --quiet >/dev/null || fail "tpbundle pack $tp2"
+"$BIN/tpbundle" pack "$other" --ranks-per-node 1 --out "$tmp/nodes-b" --quiet >/dev/null || fail "tpbundle pack $other"
+node0=$tmp/nodes-a/node-00000-of-00002.tar node1=$tmp/nodes-b/node-00001-of-00002.tar
+mixed_msg="rank 1 loaded conversion $id1, rank 0 $id0: every rank must load the same conversion"
+next_port
+pids=()
+for r in 0 1; do
+    node=$node0; [ $r -eq 1 ] && node=$node1
+    RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port timeout 60 "$BIN/tprun" "$node" \
+        --prompt-ids "$ids" --max-new-tokens 2 --timeout 10 >"$tmp/mix.$r.out" 2>"$tmp/mix.$r.err" &
+    pids+=($!)
+done
+bg_pids=("${pids[@]}")
+for r in 0 1; do
+    if wait "${pids[$r]}"; then
+        fail "two conversions over tcp: rank $r exited 0"
+    elif ! grep -qF -- "$mixed_msg" "$tmp/mix.$r.err"; then
+        fail "two conversions over tcp: rank $r: stderr lacks '$mixed_msg': $(head -c 400 "$tmp/mix.$r.err")"
+    fi
+done
+bg_pids=()
+echo "ok two conversions over tcp: $(head -n 1 "$tmp/mix.0.err")"
+if [ $have_mpirun -eq 1 ]; then
+    if OMPI_MCA_btl_vader_single_copy_mechanism=none timeout 120 mpirun --allow-run-as-root --oversubscribe \
+        -np 1 "$BIN/tprun" "$node0" --prompt-ids "$ids" --max-new-tokens 2 --timeout 10 : \
+        -np 1 "$BIN/tprun" "$node1" --prompt-ids "$ids" --max-new-tokens 2 --timeout 10 \
+        >"$tmp/mix-mpi.out" 2>"$tmp/mix-mpi.err"; then
+        fail "two conversions under mpirun: exited 0"
+    elif [ "$(grep -cF -- "$mixed_msg" "$tmp/mix-mpi.err")" -lt 2 ]; then
+        fail "two conversions under mpirun: not both ranks say '$mixed_msg': $(head -c 600 "$tmp/mix-mpi.err")"
+    else
+        echo "ok two conversions under mpirun"
+    fi
+fi
 
 echo "$fails failures"
 [ $fails -eq 0 ]

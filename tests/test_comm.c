@@ -394,6 +394,91 @@ static void test_launch(void)
     clear_launch_env();
 }
 
+/* --------------------------------------------------- joining the right peers */
+
+#define ID_A "0123456789abcdef0123456789abcdef"
+#define ID_B "fedcba9876543210fedcba9876543210"
+#define WANT_MIXED "rank 1 loaded conversion " ID_B ", rank 0 " ID_A ": every rank must load the same conversion"
+
+/* Rank 1 of 3 loaded another conversion: the tcp hello says so, and every
+ * rank (the refused one, rank 0, and rank 2 if it joined first) fails with
+ * that one message, within the timeout. */
+static int mixed_conversions_rank(int rank, int world, void *arg)
+{
+    tp_launch l = { .rank = rank, .world = world, .local_world = world, .conversion_id = rank == 1 ? ID_B : ID_A };
+    tp_comm *c = NULL;
+    tp_err err = { { 0 } };
+    int bad = 0;
+    int rc = tp_comm_open(&c, "tcp", &l, 5, &err);
+    RCHECK(rc == -1, "joining ranks of two conversions must fail");
+    if (rank != 2) /* rank 2 may connect after rank 0 gave up: it then times out */
+        RCHECK(strstr(err.msg, WANT_MIXED) != NULL, "message '%s' lacks '%s'", err.msg, WANT_MIXED);
+    if (rc == 0) tp_comm_close(c);
+    return bad;
+}
+
+/* Rank 1 thinks the world has 3 ranks, rank 0 has 2: rank 0 refuses that
+ * peer with a message, and the peer gets the same message. */
+static int wrong_world_rank(int rank, int world, void *arg)
+{
+    tp_launch l = { .rank = rank, .world = rank == 0 ? 2 : 3, .local_world = 2, .conversion_id = ID_A };
+    tp_comm *c = NULL;
+    tp_err err = { { 0 } };
+    int bad = 0;
+    int rc = tp_comm_open(&c, "tcp", &l, 5, &err);
+    const char *want = "as rank 1 of world size 3, but this job has world size 2: refused";
+    RCHECK(rc == -1, "a peer with another world size must be refused");
+    RCHECK(strstr(err.msg, want) != NULL, "message '%s' lacks '%s'", err.msg, want);
+    if (rank == 1)
+        RCHECK(strstr(err.msg, "rank 1 was refused by rank 0 at 127.0.0.1:") != NULL, "peer's message: %s", err.msg);
+    if (rc == 0) tp_comm_close(c);
+    return bad;
+}
+
+/* The backend-independent check, over an open comm (the hello let the
+ * ranks in: no id was given there): every rank fails alike. */
+static int check_peers_rank(int rank, int world, void *arg)
+{
+    const bool *mixed = arg;
+    tp_comm *c = NULL;
+    tp_err err = { { 0 } };
+    int bad = 0;
+    if (open_tcp(&c, rank, world, 5, &err)) {
+        fprintf(stderr, "rank %d: open: %s\n", rank, err.msg);
+        return 1;
+    }
+    const char *id = *mixed && rank == 1 ? ID_B : ID_A;
+    int rc = tp_comm_check_peers(c, id, &err);
+    if (*mixed) {
+        RCHECK(rc == -1, "check_peers must fail");
+        RCHECK(strstr(err.msg, WANT_MIXED) != NULL, "message '%s' lacks '%s'", err.msg, WANT_MIXED);
+    } else {
+        RCHECK(rc == 0, "check_peers of one conversion: %s", err.msg);
+        float x = 1.0f;
+        RCHECK(c->ops->allreduce_sum_f32(c, &x, 1, &err) == 0 && x == (float)world, "all-reduce after the check");
+    }
+    tp_comm_close(c);
+    return bad;
+}
+
+static void test_peers(void)
+{
+    CHECK(run_ranks(2, free_port(), mixed_conversions_rank, NULL, 15, NULL) == 0, "tcp hello, two conversions, 2 ranks");
+    int skip_2[3] = { 0, 0, 1 };
+    CHECK(run_ranks(3, free_port(), mixed_conversions_rank, NULL, 15, skip_2) == 0,
+          "tcp hello, two conversions, rank 2 absent");
+    CHECK(run_ranks(2, free_port(), wrong_world_rank, NULL, 15, NULL) == 0, "tcp hello, wrong world size");
+    bool mixed = true, same = false;
+    CHECK(run_ranks(3, free_port(), check_peers_rank, &mixed, 15, NULL) == 0, "tp_comm_check_peers, two conversions");
+    CHECK(run_ranks(3, free_port(), check_peers_rank, &same, 15, NULL) == 0, "tp_comm_check_peers, one conversion");
+    /* One rank: nothing to compare. */
+    tp_launch one = { .rank = 0, .world = 1, .local_world = 1, .conversion_id = ID_A };
+    tp_comm *c = NULL;
+    tp_err err = { { 0 } };
+    CHECK(tp_comm_open(&c, "single", &one, 5, &err) == 0, "single with an id: %s", err.msg);
+    tp_comm_close(c);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -403,6 +488,7 @@ int main(void)
     test_tcp_collectives(4);
     test_port_in_use();
     test_failures();
+    test_peers();
     if (failures) {
         fprintf(stderr, "test_comm: %d failures\n", failures);
         return 1;

@@ -301,6 +301,95 @@ static void test_copied_files(const char *root, const char *good)
     free(bdir);
 }
 
+/* Rewrites dir's manifest with one copied file's entry set to the size and
+ * XXH3 of text (added to the list when absent), as a tpconvert that
+ * copied text would have written it. */
+static void pin_copied_file(const char *dir, const char *name, const char *text)
+{
+    tp_manifest man;
+    tp_err err;
+    if (tp_manifest_read(dir, &man, &err) != 0) {
+        fprintf(stderr, "%s\n", err.msg);
+        exit(2);
+    }
+    tp_manifest_file *f = NULL;
+    for (size_t i = 0; i < man.n_files; i++)
+        if (strcmp(man.files[i].name, name) == 0)
+            f = &man.files[i];
+    if (!f) {
+        man.files = realloc(man.files, (man.n_files + 1) * sizeof *man.files);
+        f = &man.files[man.n_files++];
+        f->name = strdup(name);
+    }
+    f->size = strlen(text);
+    f->xxh3 = tp_xxh3(text, strlen(text));
+    if (tp_manifest_write(dir, &man, &err) != 0) {
+        fprintf(stderr, "%s\n", err.msg);
+        exit(2);
+    }
+    tp_manifest_free(&man);
+}
+
+/* tprun and tpverify apply one rule to the manifest's files list: a listed
+ * file that tprun does not read is still required and checked, and
+ * config.json must hold the manifest's embedded config. */
+static void test_copied_rule(const char *root, const char *good)
+{
+    tp_err err;
+    tp_loaded_rank lr;
+    tp_verify_report rep;
+
+    /* A listed file the runtime does not use, absent from the directory. */
+    char *dir = fx_path(root, "rule-missing");
+    fx_copy(good, dir);
+    const char *vocab = "hello\nworld\n";
+    pin_copied_file(dir, "vocab.txt", vocab);
+    const char *missing = "copied file vocab.txt listed in the manifest is missing";
+    CHECK_FAILS(tp_load_rank(&lr, dir, 0, &opts_verify, &err), err, missing);
+    CHECK_FAILS(tp_load_rank(&lr, dir, 0, &opts_fast, &err), err, missing);
+    CHECK_FAILS(tp_verify_dir(dir, 2, true, &rep, &err), err, missing);
+    /* Present: both accept it; damaged: both refuse it. */
+    char *path = fx_path(dir, "vocab.txt");
+    fx_write_text(path, vocab);
+    CHECK_OK(tp_load_rank(&lr, dir, 0, &opts_verify, &err), err);
+    tp_loaded_rank_free(&lr);
+    CHECK_OK(tp_verify_dir(dir, 2, true, &rep, &err), err);
+    fx_write_text(path, "jello\nworld\n");
+    const char *damaged = "vocab.txt: checksum mismatch (file corrupted or replaced)";
+    CHECK_FAILS(tp_load_rank(&lr, dir, 0, &opts_verify, &err), err, damaged);
+    CHECK_FAILS(tp_verify_dir(dir, 2, true, &rep, &err), err, damaged);
+    free(path);
+    free(dir);
+
+    /* config.json replaced, its size and XXH3 pinned anew: the manifest's
+     * embedded config (what the model reads) no longer matches it. */
+    dir = fx_path(root, "rule-config");
+    fx_copy(good, dir);
+    path = fx_path(dir, "config.json");
+    char *other = strdup(fx_config_json);
+    char *digit = strpbrk(other, "123456789");
+    *digit = *digit == '9' ? '8' : (char)(*digit + 1);
+    fx_write_text(path, other);
+    pin_copied_file(dir, "config.json", other);
+    const char *differs = "config.json differs from the config in manifest.json";
+    CHECK_FAILS(tp_load_rank(&lr, dir, 0, &opts_verify, &err), err, differs);
+    CHECK_FAILS(tp_load_rank(&lr, dir, 0, &opts_fast, &err), err, differs);
+    CHECK_FAILS(tp_verify_dir(dir, 2, true, &rep, &err), err, differs);
+    char *bdir = fx_path(root, "rule-config-bundles");
+    char **paths = NULL;
+    size_t n = 0;
+    CHECK_OK(tp_bundle_pack(dir, 4, bdir, true, &paths, &n, &err), err);
+    if (n == 1)
+        CHECK_FAILS(tp_load_rank(&lr, paths[0], 1, &opts_verify, &err), err, differs);
+    for (size_t i = 0; i < n; i++)
+        free(paths[i]);
+    free(paths);
+    free(bdir);
+    free(other);
+    free(path);
+    free(dir);
+}
+
 static void test_verify(const fx_model *m, const char *root, const char *src, const char *good_none,
                         const char *good_zstd)
 {
@@ -553,6 +642,7 @@ int main(void)
     test_refusals(&m, root, zstd);
     test_corruption(&m, root, none, zstd);
     test_copied_files(root, zstd);
+    test_copied_rule(root, zstd);
     test_verify(&m, root, src, none, zstd);
     test_safetensors_export(&m, root, src);
     test_bundle_round_trip(&m, root, src, zstd);

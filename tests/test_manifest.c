@@ -1,7 +1,9 @@
 /* test_manifest.c - manifest.json: write -> read round trip of every field;
  * each kind of bad manifest refused with its own message (missing rank,
  * ranks out of order, file names that leave the directory, bad conversion
- * id, versions); conversion ids and rank file names. */
+ * id, versions, older manifests); the self-checksum (every flipped bit
+ * refused); the embedded config against config.json; conversion ids and
+ * rank file names. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +52,7 @@ static void test_round_trip(void)
     tp_err err = { "" };
     CHECK(tp_manifest_write(tmpdir, &m, &err) == 0, "write: %s", err.msg);
     CHECK(tp_manifest_read(tmpdir, &back, &err) == 0, "read: %s", err.msg);
-    CHECK(back.format_version == 1 && strcmp(back.format, "tpshard") == 0, "format");
+    CHECK(back.format_version == TP_MANIFEST_VERSION && strcmp(back.format, "tpshard") == 0, "format");
     CHECK(strcmp(back.conversion_id, m.conversion_id) == 0, "conversion id");
     CHECK(back.tp == 2 && strcmp(back.model_type, "qwen3") == 0 && back.vocab_parallel, "tp/model/vocab");
     CHECK(strcmp(back.codec, "zstd") == 0 && back.level == 19, "codec/level");
@@ -105,7 +107,7 @@ static void test_round_trip(void)
     CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "plain file name"), "write ../x: %s", err.msg);
     w = sample(ranks, files);
     w.config_json = "[1]";
-    CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "config is not a JSON object"), "write config");
+    CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "config: config.json is not one JSON object"), "write config");
     w = sample(ranks, files);
     ranks[1].rank = 0;
     CHECK(tp_manifest_write(tmpdir, &w, &err) < 0, "write rank order");
@@ -138,9 +140,23 @@ static cJSON *good_tree(void)
     return root;
 }
 
+/* The tree as text with a valid self-checksum, so that an edit is judged by
+ * the check it is aimed at (the checksum would refuse every edit first).
+ * "manifest_xxh3" is moved last; a tree without one stays without. */
+static char *sealed_text(cJSON *root)
+{
+    cJSON *sum = cJSON_DetachItemFromObjectCaseSensitive(root, "manifest_xxh3");
+    if (sum)
+        cJSON_AddItemToObject(root, "manifest_xxh3", sum);
+    char *text = cJSON_PrintUnformatted(root);
+    if (sum)
+        tp_manifest_seal(text, strlen(text));
+    return text;
+}
+
 static void expect_refused(const char *what, cJSON *root, const char *want)
 {
-    char *text = cJSON_PrintUnformatted(root);
+    char *text = sealed_text(root);
     tp_manifest m;
     tp_err err = { "" };
     int rc = tp_manifest_parse(text, strlen(text), "dir/manifest.json", &m, &err);
@@ -174,7 +190,7 @@ static void test_refusals(void)
     /* The unedited tree parses (so each refusal below is the edit's doing). */
     {
         cJSON *root = good_tree();
-        char *text = cJSON_PrintUnformatted(root);
+        char *text = sealed_text(root);
         tp_manifest m;
         tp_err err;
         CHECK(tp_manifest_parse(text, strlen(text), "good", &m, &err) == 0, "good manifest: %s", err.msg);
@@ -260,11 +276,22 @@ static void test_refusals(void)
     }
 
     r = good_tree();
-    set(r, "format_version", cJSON_CreateNumber(2));
-    expect_refused("newer version", r, "format version 2 is newer than this build supports (1)");
+    set(r, "format_version", cJSON_CreateNumber(3));
+    expect_refused("newer version", r, "format version 3 is newer than this build supports (2)");
     r = good_tree();
     set(r, "format_version", cJSON_CreateNumber(0));
-    expect_refused("version 0", r, "unsupported format version 0");
+    expect_refused("version 0", r, "made by an older tpconvert");
+    /* A version 1 manifest, as tpconvert wrote it before the checksum. */
+    r = good_tree();
+    set(r, "format_version", cJSON_CreateNumber(1));
+    cJSON_DeleteItemFromObject(r, "manifest_xxh3");
+    expect_refused("version 1", r, "format version 1 was made by an older tpconvert (this build reads 2): convert again");
+    r = good_tree();
+    cJSON_DeleteItemFromObject(r, "manifest_xxh3");
+    expect_refused("no checksum", r, "missing \"manifest_xxh3\"");
+    r = good_tree();
+    set(file_entry(r, 1), "size", cJSON_CreateNumber((double)TP_MAX_COPIED_FILE + 1));
+    expect_refused("copied file too large", r, "files[1]: tokenizer.json is 67108865 bytes, more than the 67108864");
     r = good_tree();
     set(r, "format_version", cJSON_CreateString("1"));
     expect_refused("version as a string", r, "\"format_version\" must be a number");
@@ -332,6 +359,118 @@ static void test_refusals(void)
     }
 }
 
+/* The sample manifest's file, as tpconvert writes it. */
+static __attribute__((noinline)) char *sample_text(size_t *len)
+{
+    tp_manifest_rank ranks[2];
+    tp_manifest_file files[2];
+    tp_manifest m = sample(ranks, files);
+    tp_err err;
+    char *path = tp_path_join(tmpdir, TP_MANIFEST_NAME), *text = NULL;
+    if (tp_manifest_write(tmpdir, &m, &err) != 0 || tp_read_file(path, 1 << 20, &text, len, &err) != 0) {
+        fprintf(stderr, "cannot write the sample manifest: %s\n", err.msg);
+        exit(1);
+    }
+    free(path);
+    return text;
+}
+
+static bool parses(const char *text, size_t len, tp_err *err)
+{
+    tp_manifest m;
+    if (tp_manifest_parse(text, len, "dir/manifest.json", &m, err) < 0)
+        return false;
+    tp_manifest_free(&m);
+    return true;
+}
+
+/* Every bit of the file up to the checksum's last digit matters: a flip
+ * anywhere (the config's rms_norm_eps, a rank's checksum, the codec, the
+ * checksum itself) is refused. */
+static void test_self_checksum(void)
+{
+    size_t len;
+    char *text = sample_text(&len);
+    tp_err err = { "" };
+    CHECK(parses(text, len, &err), "the sample parses: %s", err.msg);
+    const char *last = strstr(text, "\"manifest_xxh3\"");
+    CHECK(last && strstr(last + 1, "\"manifest_xxh3\"") == NULL, "one checksum member");
+    size_t end = (size_t)(strrchr(text, '"') - text); /* the checksum's closing quote */
+    size_t accepted = 0;
+    for (size_t i = 0; i < end; i++)
+        for (int bit = 0; bit < 8; bit++) {
+            text[i] ^= (char)(1 << bit);
+            if (parses(text, len, &err)) {
+                accepted++;
+                fprintf(stderr, "accepted: bit %d of byte %zu\n", bit, i);
+            }
+            text[i] ^= (char)(1 << bit);
+        }
+    CHECK(accepted == 0, "%zu of %zu single-bit flips were accepted", accepted, end * 8);
+
+    /* A value edited in place (the attack of the issue): the checksum names it. */
+    char *edit = strstr(text, "\"hidden_size\":\t64");
+    CHECK(edit != NULL, "sample holds hidden_size 64");
+    if (edit) {
+        edit[strlen("\"hidden_size\":\t6")] = '5';
+        CHECK(!parses(text, len, &err) && strstr(err.msg, "dir/manifest.json: checksum mismatch"),
+              "edited config: %s", err.msg);
+        CHECK(tp_manifest_seal(text, len) == 0 && parses(text, len, &err),
+              "resealed, the edit is judged on its own: %s", err.msg);
+    }
+    /* The member must close the file. */
+    char moved[] = "{\"manifest_xxh3\": \"0000000000000000\", \"format_version\": 2}";
+    CHECK(!parses(moved, strlen(moved), &err) && strstr(err.msg, "must be the last member"), "moved: %s", err.msg);
+    CHECK(tp_manifest_seal(moved, strlen(moved)) == -1, "seal needs the member last");
+    free(text);
+}
+
+/* The writer refuses what would not read back, naming where it came from. */
+static void test_write_refusals(void)
+{
+    tp_manifest_rank ranks[2];
+    tp_manifest_file files[2];
+    tp_err err = { "" };
+    tp_manifest w = sample(ranks, files);
+    /* config.json with a NUL byte inside a string: the text ends there. */
+    static const char nul_config[] = "{\"model_type\": \"qwen3\0x\", \"hidden_size\": 64}";
+    w.config_json = (char *)nul_config;
+    CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "config: config.json is not one JSON object"),
+          "config cut by a NUL: %s", err.msg);
+    w = sample(ranks, files);
+    w.config_json = "{\"a\": 1} trailing";
+    CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "config.json is not one JSON object"),
+          "config with trailing bytes: %s", err.msg);
+    w = sample(ranks, files);
+    w.model_type = "qwen\t3";
+    CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "would not read back") &&
+              strstr(err.msg, "model_type"),
+          "model_type with a tab: %s", err.msg);
+    w = sample(ranks, files);
+    files[1].size = (uint64_t)TP_MAX_COPIED_FILE + 1;
+    CHECK(tp_manifest_write(tmpdir, &w, &err) < 0 && strstr(err.msg, "tokenizer.json: 67108865 bytes, more than"),
+          "copied file too large: %s", err.msg);
+}
+
+/* The embedded config and config.json: the same value, or refused. */
+static void test_config_copy(void)
+{
+    tp_manifest_rank ranks[2];
+    tp_manifest_file files[2];
+    tp_manifest m = sample(ranks, files), back;
+    tp_err err = { "" };
+    CHECK(tp_manifest_write(tmpdir, &m, &err) == 0 && tp_manifest_read(tmpdir, &back, &err) == 0, "%s", err.msg);
+    const char *same = "{\n  \"hidden_size\": 64,\n  \"rope_theta\": 1000000.0,\n  \"tie_word_embeddings\": false\n}\n";
+    CHECK(tp_manifest_check_config_copy(&back, same, strlen(same), "out", &err) == 0, "same config: %s", err.msg);
+    const char *eps = "{\"hidden_size\": 64, \"rope_theta\": 1000000.0, \"tie_word_embeddings\": true}";
+    CHECK(tp_manifest_check_config_copy(&back, eps, strlen(eps), "out", &err) < 0 &&
+              strstr(err.msg, "out: config.json differs from the config in manifest.json"),
+          "changed config: %s", err.msg);
+    CHECK(tp_manifest_check_config_copy(&back, "[]", 2, "out", &err) < 0 &&
+              strstr(err.msg, "out: config.json is not a JSON object"), "not an object: %s", err.msg);
+    tp_manifest_free(&back);
+}
+
 static void test_names_and_ids(void)
 {
     char name[64];
@@ -356,6 +495,9 @@ int main(void)
     }
     test_round_trip();
     test_refusals();
+    test_self_checksum();
+    test_write_refusals();
+    test_config_copy();
     test_names_and_ids();
     char *path = tp_path_join(tmpdir, TP_MANIFEST_NAME);
     unlink(path);

@@ -814,6 +814,7 @@ int main(int argc, char **argv)
         int local = r.launch.local_world > 0 ? r.launch.local_world : 1;
         r.o.threads = cores() / local > 0 ? cores() / local : 1;
     }
+    r.launch.conversion_id = r.manifest.conversion_id; /* the ranks refuse to join another conversion */
     if (tp_comm_open(&r.comm, r.o.comm, &r.launch, r.o.timeout_s, &err))
         die(&r, &err, false);
     load(&r);
