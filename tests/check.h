@@ -3,9 +3,12 @@
  * end.  Header-only (static functions and macros): include it once per test
  * program.
  *
- *   CHECK(cond)               counts one check; if cond is false, prints
- *   CHECK(cond, fmt, ...)     "FAIL file:line: cond[: message]" on stderr and
- *                             counts a failure.  The test goes on.
+ *   CHECK(cond)               counts one check; if cond is false, counts a
+ *   CHECK(cond, fmt, ...)     failure and prints "FAIL file:line: " and the
+ *                             printf-style message, or the condition's text
+ *                             when there is none, on stderr.  The test goes
+ *                             on.  CHECK(0, fmt, ...) reports a failure found
+ *                             otherwise.
  *   CHECK_OK(call, err)       call (tp_err convention: 0 or -1) must return 0;
  *                             else prints err.msg.
  *   CHECK_FAILS(call, err, want)
@@ -62,43 +65,44 @@ __attribute__((format(printf, 1, 2))) static void check_set_prefix(const char *f
     va_end(ap);
 }
 
-/* Counts one check; on failure counts it, prints "FAIL file:line: what"
- * without the newline (the caller may add a message) and returns false. */
-static bool check_tally_(bool ok, const char *file, int line, const char *what)
+/* Counts one check; on failure counts it, prints the start of a FAIL line,
+ * "FAIL file:line: ", and returns false (the caller ends the line). */
+static bool check_tally_(bool ok, const char *file, int line)
 {
     check_total++;
     if (ok)
         return true;
     check_failures++;
-    fprintf(stderr, "%sFAIL %s:%d: %s", check_prefix_, file, line, what);
+    fprintf(stderr, "%sFAIL %s:%d: ", check_prefix_, file, line);
     return false;
 }
 
-/* The rest of a FAIL line: ": message\n". */
-__attribute__((format(printf, 1, 2))) static void check_message_(const char *fmt, ...)
+__attribute__((format(printf, 1, 2))) static void check_say_(const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    fputs(": ", stderr);
     vfprintf(stderr, fmt, ap);
     va_end(ap);
+    fputc('\n', stderr);
 }
 
-/* __VA_OPT__ makes the message optional while keeping printf format checks
- * on it (GCC >= 8, clang >= 12, in every C mode). */
+/* The FAIL line says the message when there is one, else the condition:
+ * with a message, __VA_OPT__ prints it and puts the condition's line under
+ * an if (0).  (__VA_OPT__: GCC >= 8, clang >= 12, in every C mode; it keeps
+ * printf format checks on the message.) */
 #define CHECK(cond, ...)                                                      \
     do {                                                                      \
-        if (!check_tally_(!!(cond), __FILE__, __LINE__, #cond)) {             \
-            __VA_OPT__(check_message_(__VA_ARGS__);)                          \
-            fputc('\n', stderr);                                              \
+        if (!check_tally_(!!(cond), __FILE__, __LINE__)) {                    \
+            __VA_OPT__(check_say_(__VA_ARGS__); if (0))                       \
+            check_say_("%s", #cond);                                          \
         }                                                                     \
     } while (0)
 
 /* The call must succeed (return 0); prints the error otherwise. */
 #define CHECK_OK(call, err)                                                   \
     do {                                                                      \
-        if (!check_tally_((call) == 0, __FILE__, __LINE__, #call))            \
-            fprintf(stderr, " failed: %s\n", (err).msg);                      \
+        if (!check_tally_((call) == 0, __FILE__, __LINE__))                   \
+            check_say_("%s failed: %s", #call, (err).msg);                    \
     } while (0)
 
 /* The call must fail with a message containing want. */
@@ -107,11 +111,13 @@ __attribute__((format(printf, 1, 2))) static void check_message_(const char *fmt
         (err).msg[0] = 0;                                                     \
         bool failed_ = (call) != 0;                                           \
         if (!check_tally_(failed_ && strstr((err).msg, want), __FILE__,       \
-                          __LINE__, #call)) {                                 \
+                          __LINE__)) {                                        \
             if (!failed_)                                                     \
-                fprintf(stderr, " succeeded, expected an error with \"%s\"\n", want); \
+                check_say_("%s succeeded, expected an error with \"%s\"",     \
+                           #call, want);                                      \
             else                                                              \
-                fprintf(stderr, ": message \"%s\" lacks \"%s\"\n", (err).msg, want); \
+                check_say_("%s: message \"%s\" lacks \"%s\"", #call,          \
+                           (err).msg, want);                                  \
         }                                                                     \
     } while (0)
 
