@@ -31,7 +31,9 @@
  *   check_finish(name)        prints "NAME: all N checks passed" (stdout) or
  *                             "NAME: K of N checks failed" (stderr) and
  *                             returns the exit code for main: 0 or 1.
- *   check_skip(reason)        prints "SKIP: reason" and returns 77.
+ *   check_skip(fmt, ...)      prints "SKIP: " and the printf-style reason
+ *                             (the last line run_tests.sh shows) and
+ *                             returns 77.
  *
  * Exit codes (what tests/run_tests.sh expects): 0 every check passed,
  * 1 a check failed (or the test could not run its checks), 77 skipped. */
@@ -131,9 +133,14 @@ static int check_finish(const char *name)
     return 0;
 }
 
-static int check_skip(const char *reason)
+__attribute__((format(printf, 1, 2))) static int check_skip(const char *fmt, ...)
 {
-    printf("SKIP: %s\n", reason);
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("SKIP: ", stdout);
+    vprintf(fmt, ap);
+    va_end(ap);
+    putchar('\n');
     fflush(stdout);
     return 77;
 }
@@ -155,7 +162,8 @@ static int check_rmtree(const char *path)
     return access(path, F_OK) == 0 ? -1 : 0;
 }
 
-static char check_tmpdir_[4096];
+/* Short enough that tests may build paths under it in fixed buffers. */
+static char check_tmpdir_[512];
 static pid_t check_tmpdir_owner_;
 
 static void check_tmpdir_remove_(void)
@@ -171,8 +179,13 @@ static const char *check_tmpdir(void)
     if (check_tmpdir_[0])
         return check_tmpdir_;
     const char *base = getenv("TMPDIR");
-    snprintf(check_tmpdir_, sizeof check_tmpdir_, "%s/%s.XXXXXX", base && *base ? base : "/tmp",
-             program_invocation_short_name);
+    int n = snprintf(check_tmpdir_, sizeof check_tmpdir_, "%s/%s.XXXXXX", base && *base ? base : "/tmp",
+                     program_invocation_short_name);
+    if (n < 0 || (size_t)n >= sizeof check_tmpdir_) {
+        fprintf(stderr, "check_tmpdir: $TMPDIR/%s.XXXXXX is longer than %zu bytes\n", program_invocation_short_name,
+                sizeof check_tmpdir_ - 1);
+        exit(1);
+    }
     if (!mkdtemp(check_tmpdir_)) {
         fprintf(stderr, "check_tmpdir: mkdtemp %s: %s\n", check_tmpdir_, strerror(errno));
         exit(1);
