@@ -1,10 +1,12 @@
 /* loader_fixture.h - small conversions built directly with the shardfmt
  * writer API, so that the loader's tests do not depend on tpconvert.
- * Included by tests/test_loader.c and tests/test_bundle.c (static only). */
+ * Included by tests/test_loader.c, test_bundle.c and test_load_stream.c
+ * (static only; the checking and temporary directory come from check.h). */
 #ifndef TP_LOADER_FIXTURE_H
 #define TP_LOADER_FIXTURE_H
 
 #include "loader.h"
+#include "check.h"
 
 /* Each test uses a different subset of these helpers. */
 #pragma GCC diagnostic ignored "-Wunused-function"
@@ -18,43 +20,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* ------------------------------------------------------------- checking */
-
-static int fx_failures;
-
-#define CHECK(cond)                                                                          \
-    do {                                                                                     \
-        if (!(cond)) {                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);         \
-            fx_failures++;                                                                   \
-        }                                                                                    \
-    } while (0)
-
-/* The call must succeed; prints the error otherwise. */
-#define CHECK_OK(call, err)                                                                  \
-    do {                                                                                     \
-        if ((call) != 0) {                                                                   \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call, (err).msg);  \
-            fx_failures++;                                                                   \
-        }                                                                                    \
-    } while (0)
-
-/* The call must fail with a message containing want. */
-#define CHECK_FAILS(call, err, want)                                                         \
-    do {                                                                                     \
-        (err).msg[0] = 0;                                                                    \
-        if ((call) == 0) {                                                                   \
-            fprintf(stderr, "%s:%d: %s succeeded, expected an error with \"%s\"\n", __FILE__, \
-                    __LINE__, #call, want);                                                  \
-            fx_failures++;                                                                   \
-        } else if (!strstr((err).msg, want)) {                                               \
-            fprintf(stderr, "%s:%d: %s: message \"%s\" lacks \"%s\"\n", __FILE__, __LINE__,   \
-                    #call, (err).msg, want);                                                 \
-            fx_failures++;                                                                   \
-        }                                                                                    \
-    } while (0)
-
-/* ------------------------------------------------------------ temp dirs */
+/* ---------------------------------------------------------------- files */
 
 static char *fx_path(const char *dir, const char *fmt, ...)
 {
@@ -72,26 +38,6 @@ static int fx_run(const char *cmd)
     if (rc != 0)
         fprintf(stderr, "command failed (%d): %s\n", rc, cmd);
     return rc;
-}
-
-static char *fx_mkdtemp(void)
-{
-    const char *base = getenv("TMPDIR");
-    char tmpl[512];
-    snprintf(tmpl, sizeof tmpl, "%s/tpload-XXXXXX", base && *base ? base : "/tmp");
-    char *d = mkdtemp(tmpl);
-    if (!d) {
-        perror("mkdtemp");
-        exit(2);
-    }
-    return strdup(d);
-}
-
-static void fx_rmtree(const char *dir)
-{
-    char cmd[1200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    fx_run(cmd);
 }
 
 static void fx_copy(const char *from, const char *to)
@@ -154,14 +100,6 @@ typedef struct fx_model {
     fx_tensor t[12];
 } fx_model;
 
-static uint64_t fx_rng(uint64_t *s)
-{
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    return *s;
-}
-
 static void fx_add(fx_model *m, const char *name, tp_dtype dt, int ndim, uint64_t d0, uint64_t d1,
                    int dim, fx_split_kind kind, const char *style)
 {
@@ -178,11 +116,11 @@ static void fx_add(fx_model *m, const char *name, tp_dtype dt, int ndim, uint64_
     if (!tp_tensor_nbytes(dt, t->shape, ndim, &t->nbytes))
         exit(2);
     t->data = malloc(t->nbytes);
-    uint64_t seed = 0x9e3779b97f4a7c15ull ^ (uint64_t)strlen(name) * 0x100000001b3ull ^ m->n;
+    check_rng rng = check_rng_seed(0x9e3779b97f4a7c15ull ^ (uint64_t)strlen(name) * 0x100000001b3ull ^ m->n);
     size_t n = t->nbytes / tp_dtype_size(dt);
     for (size_t i = 0; i < n; i++) {
         /* Smallish normal-looking weights: realistic for the byte-plane codec. */
-        float v = (float)((int64_t)(fx_rng(&seed) % 20001) - 10000) / 40000.0f;
+        float v = (float)((int64_t)(check_rng_next(&rng) % 20001) - 10000) / 40000.0f;
         if (dt == TP_F32) {
             memcpy(t->data + 4 * i, &v, 4);
         } else {
@@ -558,10 +496,8 @@ static void fx_check_loaded(const fx_model *m, const tp_loaded_rank *lr, int tp)
         CHECK(lt->info->dtype == t->dtype);
         CHECK(lt->info->split.dim == sp.dim);
         CHECK(memcmp(lt->info->shape, shape, sizeof(uint64_t) * (size_t)t->ndim) == 0);
-        if (lt->info->raw_size == nb && memcmp(lt->data, want, nb) != 0) {
-            fprintf(stderr, "rank %d tensor %s: data differs\n", lr->rank, t->name);
-            fx_failures++;
-        }
+        CHECK(lt->info->raw_size != nb || memcmp(lt->data, want, nb) == 0, "rank %d tensor %s: data differs",
+              lr->rank, t->name);
         free(want);
     }
 }

@@ -120,7 +120,7 @@ int main(void)
 {
     fx_model m;
     fx_model_init(&m);
-    char *root = fx_mkdtemp();
+    const char *root = check_tmpdir();
     char *conv = fx_path(root, "conv");
     fx_conv_opts o = {.tp = 2, .codec = TP_CODEC_ZSTD};
     fx_write_conversion(&m, conv, &o, NULL);
@@ -158,7 +158,7 @@ int main(void)
         tp_loaded_rank_free(&lr);
         CHECK_OK(tp_load_rank(&lr, dest, 0, &lo, &err), err);
         tp_loaded_rank_free(&lr);
-        fx_rmtree(dest);
+        check_rmtree(dest);
         free(dest);
     }
     {
@@ -286,7 +286,7 @@ int main(void)
         tb_write(tar, e);
         size_t len;
         char *image = slurp(root, "b.tar", &len);
-        uint64_t seed = 12345;
+        check_rng rng = check_rng_seed(12345);
         /* unpack fsyncs every file: on tmpfs when there is one, that is free. */
         char *shm = strdup("/dev/shm/tpload-XXXXXX");
         if (access("/dev/shm", W_OK) != 0 || !mkdtemp(shm)) {
@@ -298,11 +298,11 @@ int main(void)
         for (int iter = 0; iter < rounds; iter++) {
             char *copy = malloc(len);
             memcpy(copy, image, len);
-            int flips = 1 + (int)(fx_rng(&seed) % 4);
+            int flips = 1 + (int)(check_rng_next(&rng) % 4);
             for (int k = 0; k < flips; k++) {
                 /* Mostly the first 4 KiB: headers, the manifest, config.json. */
-                size_t at = fx_rng(&seed) % 8 ? fx_rng(&seed) % 4096 : fx_rng(&seed) % len;
-                copy[at % len] ^= (char)(1 + fx_rng(&seed) % 255);
+                size_t at = check_rng_next(&rng) % 8 ? check_rng_next(&rng) % 4096 : check_rng_next(&rng) % len;
+                copy[at % len] ^= (char)(1 + check_rng_next(&rng) % 255);
             }
             FILE *f = fopen(tar, "wb"); /* no fsync: many rounds */
             CHECK(f && fwrite(copy, 1, len, f) == len);
@@ -310,7 +310,7 @@ int main(void)
                 fclose(f);
             free(copy);
             if (tp_bundle_unpack(tar, dest, &err) == 0) {
-                fx_rmtree(dest);
+                check_rmtree(dest);
             } else {
                 refused++;
                 CHECK(access(dest, F_OK) != 0);
@@ -326,7 +326,7 @@ int main(void)
         CHECK(refused > rounds / 3);
         free(dest);
         if (shm) {
-            fx_rmtree(shm);
+            check_rmtree(shm);
             free(shm);
         }
         free(image);
@@ -335,8 +335,6 @@ int main(void)
     char cmd[1200];
     snprintf(cmd, sizeof cmd, "test -z \"$(ls -A '%s' | grep dest)\"", root);
     CHECK(system(cmd) == 0);
-    fx_rmtree(root);
-    free(root);
     free(conv);
     free(tar);
     free(man);
@@ -345,10 +343,5 @@ int main(void)
     free(r0);
     free(r1);
     fx_model_free(&m);
-    if (fx_failures) {
-        fprintf(stderr, "test_bundle: %d check(s) failed\n", fx_failures);
-        return 1;
-    }
-    printf("test_bundle: all checks passed\n");
-    return 0;
+    return check_finish("test_bundle");
 }

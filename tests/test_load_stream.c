@@ -185,10 +185,7 @@ static void stream_and_compare(const tp_loaded_rank *lr, const tp_loaded_rank *r
         const tp_shard_tensor *t = lr->tensors[i].info;
         bool sel = !so->select || so->select[i];
         if (!sel) {
-            if (s.seen[i]) {
-                fprintf(stderr, "%s: tensor %s delivered but not selected\n", what, t->name);
-                fx_failures++;
-            }
+            CHECK(!s.seen[i], "%s: tensor %s delivered but not selected", what, t->name);
             continue;
         }
         want_bytes += t->raw_size;
@@ -196,12 +193,8 @@ static void stream_and_compare(const tp_loaded_rank *lr, const tp_loaded_rank *r
         CHECK(rt != NULL);
         if (!rt)
             continue;
-        if (s.next_off[i] != t->raw_size ||
-            (t->raw_size && memcmp(s.out[i], rt->data, t->raw_size) != 0)) {
-            fprintf(stderr, "%s: rank %d tensor %s: streamed bytes differ from tp_load_rank's\n", what,
-                    lr->rank, t->name);
-            fx_failures++;
-        }
+        CHECK(s.next_off[i] == t->raw_size && (!t->raw_size || memcmp(s.out[i], rt->data, t->raw_size) == 0),
+              "%s: rank %d tensor %s: streamed bytes differ from tp_load_rank's", what, lr->rank, t->name);
     }
     CHECK(stats.bytes == want_bytes);
     CHECK(stats.pieces == s.deliveries);
@@ -304,7 +297,7 @@ static void test_corruption(const char *root, const char *good, tp_codec codec)
         sink_close(&s);
     }
     tp_loaded_rank_free(&def);
-    fx_rmtree(dir);
+    check_rmtree(dir);
     free(dir);
     free(r1);
 }
@@ -366,7 +359,7 @@ int main(void)
 {
     fx_model m;
     fx_model_init(&m);
-    char *root = fx_mkdtemp();
+    const char *root = check_tmpdir();
     tp_err err;
     char *dirs[2][2];
     static const tp_codec codecs[] = {TP_CODEC_NONE, TP_CODEC_ZSTD};
@@ -399,13 +392,6 @@ int main(void)
     for (int c = 0; c < 2; c++)
         for (int tpi = 0; tpi < 2; tpi++)
             free(dirs[c][tpi]);
-    fx_rmtree(root);
-    free(root);
     fx_model_free(&m);
-    if (fx_failures) {
-        fprintf(stderr, "test_load_stream: %d check(s) failed\n", fx_failures);
-        return 1;
-    }
-    printf("test_load_stream: all checks passed\n");
-    return 0;
+    return check_finish("test_load_stream");
 }

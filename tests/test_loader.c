@@ -628,7 +628,7 @@ int main(void)
 {
     fx_model m;
     fx_model_init(&m);
-    char *root = fx_mkdtemp();
+    const char *root = check_tmpdir();
     char *src = fx_path(root, "model");
     fx_write_source(&m, src);
     char *none = fx_path(root, "conv-none"), *zstd = fx_path(root, "conv-zstd");
@@ -647,16 +647,9 @@ int main(void)
     test_safetensors_export(&m, root, src);
     test_bundle_round_trip(&m, root, src, zstd);
 
-    fx_rmtree(root);
-    free(root);
     free(src);
     free(none);
     free(zstd);
     fx_model_free(&m);
-    if (fx_failures) {
-        fprintf(stderr, "test_loader: %d check(s) failed\n", fx_failures);
-        return 1;
-    }
-    printf("test_loader: all checks passed\n");
-    return 0;
+    return check_finish("test_loader");
 }
