@@ -6,12 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "check.h"
 
 #define SIZE_AUTO ((size_t)-1)
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
 
 #define BASE "\"hidden_size\": 64, \"num_hidden_layers\": 2, \"num_attention_heads\": 4, " \
              "\"num_key_value_heads\": 2, \"intermediate_size\": 128, \"vocab_size\": 512"
@@ -234,10 +231,5 @@ int main(void)
     test_tensors();
     test_index();
     test_plan();
-    if (failures) {
-        fprintf(stderr, "test_arch: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_arch: ok\n");
-    return 0;
+    return check_finish("test_arch");
 }

@@ -8,23 +8,14 @@
 #include <string.h>
 
 #include "shardfmt.h"
+#include "check.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static uint64_t rng_next(void)
-{
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
+static check_rng rng = {0x9e3779b97f4a7c15ull};
 
 static double rng_normal(double sigma)
 {
-    double u1 = ((rng_next() >> 11) + 1.0) / 9007199254740993.0, u2 = (rng_next() >> 11) / 9007199254740992.0;
+    double u1 = ((check_rng_next(&rng) >> 11) + 1.0) / 9007199254740993.0; /* (0, 1]: log(u1) is finite */
+    double u2 = check_rng_uniform(&rng);
     return sigma * sqrt(-2 * log(u1)) * cos(2 * M_PI * u2);
 }
 
@@ -147,7 +138,7 @@ static void test_byteplanes(void)
     size_t n = 100003;
     uint8_t *a = malloc(2 * n), *p = malloc(2 * n), *b = malloc(2 * n);
     for (size_t i = 0; i < 2 * n; i++)
-        a[i] = (uint8_t)rng_next();
+        a[i] = (uint8_t)check_rng_next(&rng);
     tp_byteplanes_split(a, n, p);
     tp_byteplanes_join(p, n, b);
     CHECK(memcmp(a, b, 2 * n) == 0, "join(split(x)) == x on random data");
@@ -187,10 +178,5 @@ int main(void)
     test_bad_inputs();
     test_byteplanes();
     test_bf16_compression();
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_codec: all checks passed\n");
-    return 0;
+    return check_finish("test_codec");
 }

@@ -7,16 +7,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include "check.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", \
-    __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static check_rng rng = {0x9e3779b97f4a7c15ull};
 static float frand(void) /* uniform in [-1, 1) */
 {
-    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
-    return (float)((rng_state >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+    return (float)check_rng_uniform(&rng) * 2.0f - 1.0f;
 }
 static float *rand_vec(size_t n, float scale)
 {
@@ -291,10 +287,5 @@ int main(void)
     test_rope();
     test_attention();
     test_silu_and_convert();
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("kernels_cpu: all checks passed\n");
-    return 0;
+    return check_finish("test_kernels_cpu");
 }

@@ -12,12 +12,9 @@
 #include <cJSON.h>
 
 #include "shardfmt.h"
+#include "check.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
-
-static char tmpdir[256];
+static const char *tmpdir; /* check_tmpdir(), set first thing in main */
 
 static tp_manifest sample(tp_manifest_rank *ranks, tp_manifest_file *files)
 {
@@ -488,11 +485,7 @@ static void test_names_and_ids(void)
 
 int main(void)
 {
-    snprintf(tmpdir, sizeof tmpdir, "%s/test_manifest.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    tmpdir = check_tmpdir();
     test_round_trip();
     test_refusals();
     test_self_checksum();
@@ -503,10 +496,5 @@ int main(void)
     unlink(path);
     free(path);
     CHECK(rmdir(tmpdir) == 0, "%s not empty once manifest.json is gone (a temporary file left behind?)", tmpdir);
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_manifest: all checks passed\n");
-    return 0;
+    return check_finish("test_manifest");
 }

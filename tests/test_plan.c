@@ -8,10 +8,7 @@
 #include <unistd.h>
 
 #include "convert.h"
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "check.h"
 
 /* The style a tensor gets, as a name; "-" when the plan does not name it. */
 static const char *style_of(const tp_plan *p, const char *tensor)
@@ -241,10 +238,5 @@ int main(void)
     test_aliases();
     test_parse_and_prefix();
     test_resolve();
-    if (failures) {
-        fprintf(stderr, "%d failures\n", failures);
-        return 1;
-    }
-    printf("test_plan: ok\n");
-    return 0;
+    return check_finish("test_plan");
 }

@@ -11,17 +11,9 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include "check.h"
 
-static int failures;
-#define CHECK(cond)                                                                  \
-    do {                                                                             \
-        if (!(cond)) {                                                               \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            failures++;                                                              \
-        }                                                                            \
-    } while (0)
-
-static char tmpdir[] = "/tmp/test_safetensors.XXXXXX";
+static const char *tmpdir; /* check_tmpdir(), set first thing in main */
 
 static char *path_in(const char *sub, const char *name)
 {
@@ -134,8 +126,7 @@ static void test_round_trip(void)
 
     tp_st_file f;
     if (tp_st_open(&f, path, &err) != 0) {
-        fprintf(stderr, "open: %s\n", err.msg);
-        failures++;
+        CHECK(0, "open: %s", err.msg);
         return;
     }
     CHECK(f.n_tensors == n);
@@ -369,10 +360,8 @@ static void expect_open_fails(const char *path, const char *expect)
     }
     if (getenv("VERBOSE"))
         printf("  refused: %s\n", err.msg);
-    if (!strstr(err.msg, expect) || !strstr(err.msg, path) || strchr(err.msg, '\n')) {
-        fprintf(stderr, "  %s: message \"%s\" lacks \"%s\" or the path\n", path, err.msg, expect);
-        failures++;
-    }
+    CHECK(strstr(err.msg, expect) && strstr(err.msg, path) && !strchr(err.msg, '\n'),
+          "%s: message \"%s\" lacks \"%s\" or the path", path, err.msg, expect);
 }
 
 static void test_bad_files(void)
@@ -393,10 +382,7 @@ static void test_bad_files(void)
         /* strip the path so that only the wording is compared */
         const char *wording = err.msg + strlen(p);
         for (size_t k = 0; k < n_seen; k++)
-            if (strcmp(seen[k], wording) == 0) {
-                fprintf(stderr, "  %s: same message as another case: %s\n", p, err.msg);
-                failures++;
-            }
+            CHECK(strcmp(seen[k], wording) != 0, "%s: same message as another case: %s", p, err.msg);
         if (n_seen < 64)
             snprintf(seen[n_seen++], sizeof seen[0], "%s", wording);
     }
@@ -460,10 +446,8 @@ static void expect_set_fails(const char *sub, const char *expect, const char *mu
     }
     if (getenv("VERBOSE"))
         printf("  refused: %s\n", err.msg);
-    if (!strstr(err.msg, expect) || !strstr(err.msg, must_name)) {
-        fprintf(stderr, "  %s: message \"%s\" lacks \"%s\" or \"%s\"\n", dir, err.msg, expect, must_name);
-        failures++;
-    }
+    CHECK(strstr(err.msg, expect) && strstr(err.msg, must_name), "%s: message \"%s\" lacks \"%s\" or \"%s\"", dir,
+          err.msg, expect, must_name);
 }
 
 #define TWO_FILES_MAP                                                      \
@@ -488,8 +472,7 @@ static void test_sets(void)
     char dir[1024];
     snprintf(dir, sizeof dir, "%s/good", tmpdir);
     if (tp_st_set_open(&s, dir, &err) != 0) {
-        fprintf(stderr, "set open: %s\n", err.msg);
-        failures++;
+        CHECK(0, "set open: %s", err.msg);
     } else {
         CHECK(s.n_files == 2 && s.n_tensors == 3);
         CHECK(strcmp(s.file_names[0], "m-1.safetensors") == 0);
@@ -578,30 +561,13 @@ static void test_sets(void)
     expect_set_fails("bad-shard", "tensor z: data_offsets [0, 8) lie outside", "bad-shard/m-2.safetensors");
 }
 
-static void remove_tree(const char *path)
-{
-    char cmd[2048];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", path);
-    if (system(cmd) != 0)
-        fprintf(stderr, "could not remove %s\n", path);
-}
-
 int main(void)
 {
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    tmpdir = check_tmpdir();
     test_round_trip();
     test_write_no_space();
     test_foreign_headers();
     test_bad_files();
     test_sets();
-    remove_tree(tmpdir);
-    if (failures) {
-        fprintf(stderr, "test_safetensors: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_safetensors: all checks passed\n");
-    return 0;
+    return check_finish("test_safetensors");
 }

@@ -7,10 +7,7 @@
 #include <string.h>
 
 #include "runtime.h"
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "check.h"
 
 static tp_sampler_opts opts(float t, int k, float p, uint64_t seed)
 {
@@ -281,10 +278,5 @@ int main(void)
     test_distributions();
     test_seed();
     test_large_vocab_top_p();
-    if (failures) {
-        fprintf(stderr, "test_sampling: %d failures\n", failures);
-        return 1;
-    }
-    printf("test_sampling: ok\n");
-    return 0;
+    return check_finish("test_sampling");
 }

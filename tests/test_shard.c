@@ -16,20 +16,10 @@
 
 #include "shard_internal.h"
 #include "shardfmt.h"
+#include "check.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
-
-static char tmpdir[256];
+static const char *tmpdir; /* check_tmpdir(), set first thing in main */
 static const char *CID = "0123456789abcdef0123456789abcdef";
-
-static uint64_t mix(uint64_t z)
-{
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 /* ------------------------------------------------------------ test tensors */
 
@@ -49,7 +39,7 @@ static void make_data(tensor_case *tc, uint64_t seed)
     tc->data = malloc(tc->size + 1);
     size_t es = tp_dtype_size(tc->d.dtype);
     for (size_t i = 0; i < tc->size / es; i++) {
-        uint64_t h = mix(seed * 1000003 + i);
+        uint64_t h = check_mix64(seed * 1000003 + i);
         float f = (float)((int)(h % 2001) - 1000) * 0.00004f * (float)(1 + (h >> 40) % 3);
         if (es == 4)
             memcpy(tc->data + 4 * i, &f, 4);
@@ -661,7 +651,7 @@ static void test_failures(tensor_case *tc)
 static int fill_synthetic(void *arg, uint64_t raw_off, uint8_t *dst, size_t len, tp_err *err)
 {
     for (size_t i = 0; i + 1 < len; i += 2) {
-        uint64_t h = mix(raw_off + i);
+        uint64_t h = check_mix64(raw_off + i);
         uint16_t b = tp_f32_to_bf16((float)((int)(h % 2001) - 1000) * 0.00004f);
         memcpy(dst + i, &b, 2);
     }
@@ -702,11 +692,7 @@ static void test_memory_bound(void)
 
 int main(void)
 {
-    snprintf(tmpdir, sizeof tmpdir, "%s/test_shard.XXXXXX", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(tmpdir)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    tmpdir = check_tmpdir();
     test_memory_bound();
     tensor_case tc[N_CASES];
     make_cases(tc);
@@ -714,14 +700,5 @@ int main(void)
     test_damage(tc);
     test_failures(tc);
     free_cases(tc);
-    char cmd[512];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
-    if (system(cmd) != 0)
-        fprintf(stderr, "note: could not remove %s\n", tmpdir);
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_shard: all checks passed\n");
-    return 0;
+    return check_finish("test_shard");
 }

@@ -10,10 +10,7 @@
 #include <string.h>
 
 #include "convert.h"
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "check.h"
 
 static tp_model_info model(int64_t hidden, int64_t heads, int64_t kv, int64_t head_dim,
                            int64_t inter, int64_t vocab)
@@ -285,10 +282,5 @@ int main(void)
     test_kv();
     test_refusals();
     test_config();
-    if (failures) {
-        fprintf(stderr, "%d failures\n", failures);
-        return 1;
-    }
-    printf("test_shardmath: ok\n");
-    return 0;
+    return check_finish("test_shardmath");
 }

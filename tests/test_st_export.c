@@ -22,33 +22,9 @@
 #include <unistd.h>
 
 #include "convert.h"
+#include "check.h"
 
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
-
-static char tmp_root[256];
-
-static void rm_rf(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-            continue;
-        char *p = tp_path_join(dir, e->d_name);
-        struct stat st;
-        if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
-            rm_rf(p);
-        else
-            unlink(p);
-        free(p);
-    }
-    closedir(d);
-    rmdir(dir);
-}
+static const char *tmp_root; /* check_tmpdir(), set first thing in main */
 
 /* Compares a rank's local tensor with the source, element by element: local
  * index i along the split dim is global start_k + (i - offset of range k). */
@@ -412,12 +388,7 @@ static void check_cancel(void)
 
 int main(void)
 {
-    snprintf(tmp_root, sizeof tmp_root, "%s/test_st_export.XXXXXX",
-             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(tmp_root)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    tmp_root = check_tmpdir();
     const char *models[][2] = {
         {"tests/models/qwen3-tiny", "4"}, {"tests/models/llama-bias", "2"},
         {"tests/models/qwen2-tiny", "2"}, {"tests/models/qwen3-kv1", "4"},
@@ -462,11 +433,5 @@ int main(void)
     check_tpshard(packed, 2, plan, false, TP_CODEC_NONE);
     check_cancel();
 
-    rm_rf(tmp_root);
-    if (failures) {
-        fprintf(stderr, "test_st_export: %d failures\n", failures);
-        return 1;
-    }
-    printf("test_st_export: ok\n");
-    return 0;
+    return check_finish("test_st_export");
 }

@@ -14,44 +14,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <dirent.h>
+#include "check.h"
 
-static int failures;
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            failures++;                                                    \
-            fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-            fprintf(stderr, __VA_ARGS__);                                  \
-            fprintf(stderr, "\n");                                         \
-        }                                                                  \
-    } while (0)
-
-static char tmp_root[256];
+static const char *tmp_root; /* check_tmpdir(), set first thing in main */
 
 static char *tmp_path(const char *name)
 {
     return tp_path_join(tmp_root, name);
-}
-
-static void rm_rf(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (!d)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-            continue;
-        char *p = tp_path_join(dir, e->d_name);
-        struct stat st;
-        if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode))
-            rm_rf(p);
-        else
-            unlink(p);
-        free(p);
-    }
-    closedir(d);
-    rmdir(dir);
 }
 
 static tp_synth_opts tiny(const char *arch)
@@ -257,8 +226,7 @@ static void test_tokenizer(void)
     /* A tokenizer.json compressed with zstd, and its tokenizer_config.json. */
     const char *src = "tests/data/qwen3-tokenizer/tokenizer.json.zst";
     if (access(src, F_OK) != 0) {
-        fprintf(stderr, "test_synth: %s missing (run from the repository root)\n", src);
-        failures++;
+        CHECK(0, "%s missing (run from the repository root)", src);
         return;
     }
     tp_synth_opts o = tiny("qwen3");
@@ -329,12 +297,7 @@ static void test_refusals(void)
 
 int main(void)
 {
-    snprintf(tmp_root, sizeof tmp_root, "%s/test_synth.XXXXXX",
-             getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
-    if (!mkdtemp(tmp_root)) {
-        perror("mkdtemp");
-        return 1;
-    }
+    tmp_root = check_tmpdir();
     const char *archs[] = {"qwen3", "qwen2", "llama", "mistral"};
     for (int i = 0; i < 4; i++) {
         test_arch(archs[i], true);
@@ -344,11 +307,5 @@ int main(void)
     test_sharded();
     test_tokenizer();
     test_refusals();
-    rm_rf(tmp_root);
-    if (failures) {
-        fprintf(stderr, "test_synth: %d checks failed\n", failures);
-        return 1;
-    }
-    printf("test_synth: all checks passed\n");
-    return 0;
+    return check_finish("test_synth");
 }

@@ -14,23 +14,11 @@
 
 #include "runtime.h"
 #include "tokenizer_internal.h"
+#include "check.h"
 
 #define QWEN3_TOKENIZER "tests/data/qwen3-tokenizer/tokenizer.json.zst"
 #define QWEN3_FIXTURES "tests/data/tokenizer-fixtures/qwen3.json"
 #define VARIANT_FIXTURES "tests/data/tokenizer-fixtures/variants.json"
-
-static int failures, checks;
-
-#define CHECK(cond, ...)                                                  \
-    do {                                                                  \
-        checks++;                                                         \
-        if (!(cond)) {                                                    \
-            failures++;                                                   \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);         \
-            fprintf(stderr, __VA_ARGS__);                                 \
-            fputc('\n', stderr);                                          \
-        }                                                                 \
-    } while (0)
 
 static double now_s(void)
 {
@@ -651,6 +639,5 @@ int main(void)
     test_ignore_merges();
     test_files();
 
-    printf("%d checks, %d failed\n", checks, failures);
-    return failures ? 1 : 0;
+    return check_finish("test_tokenizer");
 }

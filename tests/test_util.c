@@ -12,15 +12,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-static int failures;
-#define CHECK(cond)                                                              \
-    do {                                                                         \
-        if (!(cond)) {                                                           \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-            failures++;                                                          \
-        }                                                                        \
-    } while (0)
+#include "check.h"
 
 static uint32_t bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static float from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
@@ -170,8 +162,8 @@ static void test_errors(void)
 
 static void test_files(void)
 {
-    char dir[] = "/tmp/test_util.XXXXXX";
-    CHECK(mkdtemp(dir) != NULL);
+    char *dir = tp_path_join(check_tmpdir(), "files");
+    CHECK(mkdir(dir, 0700) == 0);
     tp_err err = {{0}};
     char *p = tp_path_join(dir, "a.bin");
     char *q = tp_path_join("d/", "x");
@@ -246,6 +238,7 @@ static void test_files(void)
     unlink(p);
     unlink(e);
     rmdir(dir);
+    free(dir);
     free(p);
     free(e);
 }
@@ -375,8 +368,8 @@ static void on_alarm(int sig)
  * name and kind; commit is all or nothing. */
 static void test_open_regular_and_commit(void)
 {
-    char dir[] = "/tmp/test_util_safe.XXXXXX";
-    CHECK(mkdtemp(dir) != NULL);
+    char *dir = tp_path_join(check_tmpdir(), "safe");
+    CHECK(mkdir(dir, 0700) == 0);
     char fifo[128], reg[128], tmpf[128], fin[128], missing[160];
     snprintf(fifo, sizeof fifo, "%s/manifest.json", dir);
     snprintf(reg, sizeof reg, "%s/reg", dir);
@@ -417,14 +410,15 @@ static void test_open_regular_and_commit(void)
     unlink(reg);
     unlink(fifo);
     rmdir(dir);
+    free(dir);
 }
 
 /* Symlinks out of a model directory are refused; into a hub cache's blobs
  * from its snapshot they are not. */
 static void test_model_file_check(void)
 {
-    char root[] = "/tmp/test_util_links.XXXXXX";
-    CHECK(mkdtemp(root) != NULL);
+    char *root = tp_path_join(check_tmpdir(), "links");
+    CHECK(mkdir(root, 0700) == 0);
     char p[512], q[512];
     tp_err err = {{0}};
 #define P(...) (snprintf(p, sizeof p, __VA_ARGS__), p)
@@ -458,9 +452,8 @@ static void test_model_file_check(void)
     CHECK(tp_model_file_check(q, "config.json", &err) == 0);
     CHECK(tp_model_file_check(q, "other.json", &err) < 0);
 #undef P
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", root);
-    CHECK(system(cmd) == 0);
+    CHECK(check_rmtree(root) == 0);
+    free(root);
 }
 
 typedef struct copy_job {
@@ -518,10 +511,5 @@ int main(void)
     test_open_regular_and_commit();
     test_model_file_check();
     test_sigbus_guard();
-    if (failures) {
-        fprintf(stderr, "test_util: %d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("test_util: all checks passed\n");
-    return 0;
+    return check_finish("test_util");
 }
