@@ -20,10 +20,7 @@
 #include <unistd.h>
 
 #include "runtime.h"
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "check.h"
 
 static double now_s(void)
 {
@@ -94,6 +91,7 @@ static int run_ranks(int world, int port, rank_fn fn, void *arg, double hard_lim
             snprintf(ps, sizeof ps, "%d", port);
             setenv("MASTER_ADDR", "127.0.0.1", 1);
             setenv("TP_COMM_PORT", ps, 1);
+            check_set_prefix("rank %d: ", r);
             _exit(fn(r, world, arg) ? 1 : 0);
         }
         pids[r] = p;
@@ -126,8 +124,16 @@ static int open_tcp(tp_comm **c, int rank, int world, double timeout, tp_err *er
     return tp_comm_open(c, "tcp", &l, timeout, err);
 }
 
-#define RCHECK(cond, ...) do { if (!(cond)) { fprintf(stderr, "rank %d: FAIL line %d: ", rank, __LINE__); \
-    fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); bad++; } } while (0)
+/* CHECK inside a forked rank: its FAIL line starts with "rank N: " (set by
+ * run_ranks) and the failure is also counted in the rank's own `bad`, which
+ * the rank returns: the parent never sees a child's check counters, only
+ * its exit status. */
+#define RCHECK(cond, ...)                                                     \
+    do {                                                                      \
+        int failed_before_ = check_failures;                                  \
+        CHECK(cond, __VA_ARGS__);                                             \
+        bad += check_failures - failed_before_;                               \
+    } while (0)
 
 /* A value that makes the sum depend on the order of additions. */
 static float contribution(int rank, size_t i) { return (float)(sin((double)(i * 31 + rank * 7)) * pow(10, (int)(i % 7) - 3)); }
@@ -489,10 +495,5 @@ int main(void)
     test_port_in_use();
     test_failures();
     test_peers();
-    if (failures) {
-        fprintf(stderr, "test_comm: %d failures\n", failures);
-        return 1;
-    }
-    printf("test_comm: ok\n");
-    return 0;
+    return check_finish("test_comm");
 }

@@ -19,10 +19,7 @@
 #include <sys/socket.h>
 
 #include "runtime.h"
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", \
-    __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "check.h"
 
 static int open_nccl(tp_comm **c, int rank, int world, double timeout, tp_err *err)
 {
@@ -37,10 +34,9 @@ int main(void)
     tp_err err = { "" };
     CHECK(open_nccl(&c, 0, 1, 5, &err) == -1 && c == NULL && strstr(err.msg, "no CUDA"),
           "--comm nccl in a build without CUDA: %s", err.msg);
-    if (failures)
-        return 1;
-    puts("SKIP: no CUDA build (checked: --comm nccl is refused with a clear error)");
-    return 77;
+    if (check_failures)
+        return check_finish("test_comm_nccl");
+    return check_skip("no CUDA build (checked: --comm nccl is refused with a clear error)");
 }
 #else
 
@@ -221,10 +217,8 @@ int main(void)
     int p = in_child(probe, NULL);
     if (p == 1 || p == 99)
         return 1;
-    if (p == 0) {
-        puts("SKIP: no GPU (checked only that --comm nccl is refused; no collective ran)");
-        return 77;
-    }
+    if (p == 0)
+        return check_skip("no GPU (checked only that --comm nccl is refused; no collective ran)");
     int devices = p - 2;
     CHECK(in_child(single_rank, NULL) == 0, "world-1 nccl communicator");
     if (devices >= 2) {
@@ -233,9 +227,6 @@ int main(void)
     } else {
         printf("one GPU: the two-rank checks need two\n");
     }
-    if (failures)
-        return 1;
-    puts(devices >= 2 ? "nccl: all checks passed" : "nccl: world-1 checks passed (two-rank checks skipped)");
-    return 0;
+    return check_finish("test_comm_nccl");
 }
 #endif

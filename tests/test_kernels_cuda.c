@@ -17,11 +17,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "check.h"
+
 #ifndef TP_HAVE_CUDA
 int main(void)
 {
-    puts("SKIP: no CUDA build");
-    return 77;
+    return check_skip("no CUDA build");
 }
 #else
 
@@ -32,20 +33,15 @@ int main(void)
 #include "cuda/kernels_cuda.h"
 #include "runtime.h"
 
-static int failures, checks;
-#define CHECK(cond, ...) do { checks++; if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", \
-    __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
-
 static tp_err err;
 /* A CUDA call that must work: the test cannot go on without it. */
 #define MUST(call) do { if ((call) != 0) { fprintf(stderr, "FAIL %s:%d: %s: %s\n", __FILE__, __LINE__, \
     #call, err.msg); exit(1); } } while (0)
 
-static uint64_t rng_state = 0x2545f4914f6cdd1dull;
+static check_rng rng = {0x2545f4914f6cdd1dull};
 static float frand(void) /* uniform in [-1, 1) */
 {
-    rng_state ^= rng_state << 13; rng_state ^= rng_state >> 7; rng_state ^= rng_state << 17;
-    return (float)((rng_state >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+    return (float)check_rng_uniform(&rng) * 2.0f - 1.0f;
 }
 static float *rand_vec(size_t n, float scale)
 {
@@ -812,14 +808,10 @@ static void test_argument_errors(void)
 int main(void)
 {
     int count = 0;
-    if (tpc_device_count(&count, &err)) {
-        printf("SKIP: no GPU (%s)\n", err.msg);
-        return 77;
-    }
-    if (count == 0) {
-        puts("SKIP: no GPU (cudaGetDeviceCount: 0 devices)");
-        return 77;
-    }
+    if (tpc_device_count(&count, &err))
+        return check_skip("no GPU (%s)", err.msg);
+    if (count == 0)
+        return check_skip("no GPU (cudaGetDeviceCount: 0 devices)");
     MUST(tpc_set_device(0, &err));
     test_argument_errors();
     test_embedding();
@@ -835,11 +827,6 @@ int main(void)
     test_argmax_combine();
     test_advance_pos();
     test_graph_decode();
-    if (failures) {
-        fprintf(stderr, "%d of %d checks failed\n", failures, checks);
-        return 1;
-    }
-    printf("all %d checks passed\n", checks);
-    return 0;
+    return check_finish("test_kernels_cuda");
 }
 #endif

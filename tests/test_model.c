@@ -37,10 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static int failures;
-#define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", \
-    __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+#include "check.h"
 
 #define MAX_WORLD 8
 
@@ -380,8 +377,7 @@ static int run_ranks(const char *name, tp_loaded_rank **lrs, int world, int voca
     for (int r = 0; r < world; r++) {
         pthread_join(th[r], NULL);
         if (jobs[r].rc < 0) {
-            fprintf(stderr, "FAIL %s tp=%d rank %d: %s\n", name, world, r, jobs[r].err.msg);
-            failures++;
+            CHECK(0, "%s tp=%d rank %d: %s", name, world, r, jobs[r].err.msg);
             rc = -1;
         }
     }
@@ -458,12 +454,7 @@ static const spec SPECS[] = {
       false, true, 1e4f, false, 4, 0, TP_BF16, { 1, 2, 0 } },
 };
 
-static uint64_t rng = 0x243f6a8885a308d3ull;
-static double urand(void) /* [0, 1) */
-{
-    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
-    return (double)(rng >> 11) * (1.0 / 9007199254740992.0);
-}
+static check_rng rng = {0x243f6a8885a308d3ull};
 
 static uint16_t f32_to_f16(float f) /* small normal values only (|f| < 2) */
 {
@@ -491,7 +482,7 @@ static void add_tensor(src_model *s, const spec *sp, const char *name, uint64_t 
     size_t cnt = r * (c ? c : 1), es = tp_dtype_size(sp->dt);
     t->owned = malloc(cnt * es);
     for (size_t i = 0; i < cnt; i++) {
-        float v = (float)(center + scale * (2.0 * urand() - 1.0));
+        float v = (float)(center + scale * (2.0 * check_rng_uniform(&rng) - 1.0));
         if (sp->dt == TP_BF16) { uint16_t h = tp_f32_to_bf16(v); memcpy(t->owned + 2 * i, &h, 2); }
         else if (sp->dt == TP_F16) { uint16_t h = f32_to_f16(v); memcpy(t->owned + 2 * i, &h, 2); }
         else memcpy(t->owned + 4 * i, &v, 4);
@@ -734,7 +725,7 @@ static void test_synthetic(const spec *sp)
     enum { PREFILL = 37, STEPS = 5, TOTAL = PREFILL + STEPS - 1 };   /* two query blocks */
     int32_t ids[TOTAL];
     for (int i = 0; i < TOTAL; i++)
-        ids[i] = (int32_t)(urand() * sp->vocab);
+        ids[i] = (int32_t)(check_rng_uniform(&rng) * sp->vocab);
     ids[0] = sp->vocab - 1;   /* the last row: the uneven last vocabulary slice */
     float *want = malloc((size_t)STEPS * sp->vocab * sizeof *want);
     for (int st = 0; st < STEPS; st++)
@@ -1118,8 +1109,7 @@ static int test_converted(const char *dir, const char *ref_path)
     int loaded = 0;
     for (; loaded < world; loaded++) {
         if (tp_load_rank(&lr[loaded], dir, loaded, &lo, &err) < 0) {
-            fprintf(stderr, "test_model: %s\n", err.msg);
-            failures++;
+            CHECK(0, "%s", err.msg);
             break;
         }
         c.lrs[loaded] = &lr[loaded];
@@ -1128,10 +1118,8 @@ static int test_converted(const char *dir, const char *ref_path)
         compare_reference(dir, ref_path, cfg.vocab, &world, 1, run_converted, &c);
     for (int r = 0; r < loaded; r++)
         tp_loaded_rank_free(&lr[r]);
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
+    if (check_failures)
+        return check_finish("test_model --converted");
     printf("model: %s (tp=%d) matches %s\n", dir, world, ref_path);
     return 0;
 }
@@ -1192,10 +1180,5 @@ int main(int argc, char **argv)
     for (size_t i = 0; i < sizeof SPECS / sizeof SPECS[0]; i++)
         test_synthetic(&SPECS[i]);
     test_reference_models();
-    if (failures) {
-        fprintf(stderr, "%d check(s) failed\n", failures);
-        return 1;
-    }
-    printf("model: all checks passed\n");
-    return 0;
+    return check_finish("test_model");
 }

@@ -165,11 +165,11 @@ static int run_tp_files(const src_model *s, int world, tp_codec codec, const int
                         int n_steps, float *logits)
 {
     tp_err err = { { 0 } };
-    const char *base = getenv("TMPDIR");
-    char dir[512];
-    snprintf(dir, sizeof dir, "%s/tpcuda-XXXXXX", base && *base ? base : "/tmp");
-    if (!mkdtemp(dir)) {
-        CHECK(0, "%s tp=%d: mkdtemp failed", s->name, world);
+    static int n_dirs; /* one fresh directory per call, removed at its end */
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/conv-%d", check_tmpdir(), n_dirs++);
+    if (mkdir(dir, 0700) != 0) {
+        CHECK(0, "%s tp=%d: mkdir %s: %s", s->name, world, dir, strerror(errno));
         return -1;
     }
     tp_loaded_rank lr[MAX_WORLD];
@@ -192,9 +192,7 @@ static int run_tp_files(const src_model *s, int world, tp_codec codec, const int
     }
     for (int r = 0; r < loaded; r++)
         tp_loaded_rank_free(&lr[r]);
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0)
+    if (check_rmtree(dir) != 0)
         fprintf(stderr, "could not remove %s\n", dir);
     return rc;
 }
@@ -284,15 +282,12 @@ static void compare_synthetic(const spec *sp)
 int main(void)
 {
 #ifndef TP_HAVE_CUDA
-    printf("SKIP: no GPU: this build has no CUDA\n");
-    return 77;
+    return check_skip("no GPU: this build has no CUDA");
 #else
     tp_err err = { { 0 } };
     int count = 0;
-    if (tpc_device_count(&count, &err) < 0 || count == 0) {
-        printf("SKIP: no GPU (%s)\n", count == 0 && !err.msg[0] ? "no CUDA device" : err.msg);
-        return 77;
-    }
+    if (tpc_device_count(&count, &err) < 0 || count == 0)
+        return check_skip("no GPU (%s)", count == 0 && !err.msg[0] ? "no CUDA device" : err.msg);
     const char *root = "tests/models";
     DIR *d = opendir(root);
     CHECK(d != NULL, "%s: cannot open (run from the repository root)", root);
@@ -314,11 +309,7 @@ int main(void)
     compare_synthetic(&SPECS[1]);   /* f16 weights, qwen2 sliding window, q/k/v biases */
     compare_synthetic(&SPECS[2]);   /* f32 weights, llama3 rope, vocab-parallel, every bias */
     CHECK(g_compared > 0, "no model was compared");
-    if (failures) {
-        fprintf(stderr, "%d failure(s)\n", failures);
-        return 1;
-    }
-    printf("all ok (%d comparisons)\n", g_compared);
-    return 0;
+    printf("%d comparisons\n", g_compared);
+    return check_finish("test_model_cuda");
 #endif
 }
