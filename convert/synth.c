@@ -25,7 +25,6 @@
 #include <dirent.h>
 
 #include <cJSON.h>
-#include <zstd.h>
 
 #define SYNTH_STD 0.02
 #define SYNTH_BLOCK_ELEMS (1u << 19)   /* 1 MiB of bf16 */
@@ -462,68 +461,6 @@ static int write_text(const char *dir, const char *name, const char *text, writt
     return remember(w, path, err);
 }
 
-/* Reads the tokenizer, decompressing a .zst file (streaming: the frame need
- * not record its size). */
-static int read_tokenizer(const char *src, char **out, size_t *out_len, tp_err *err)
-{
-    char *raw;
-    size_t raw_len;
-    if (tp_read_file(src, SYNTH_TOKENIZER_MAX, &raw, &raw_len, err))
-        return -1;
-    size_t n = strlen(src);
-    if (n < 4 || strcmp(src + n - 4, ".zst") != 0) {
-        *out = raw;
-        *out_len = raw_len;
-        return 0;
-    }
-    ZSTD_DStream *ds = ZSTD_createDStream();
-    size_t cap = raw_len * 4 + 4096, len = 0;
-    char *buf = malloc(cap + 1);
-    int rc = 0;
-    if (!ds || !buf) {
-        rc = tp_errorf(err, "%s: out of memory", src);
-        goto done;
-    }
-    ZSTD_initDStream(ds);
-    ZSTD_inBuffer in = {raw, raw_len, 0};
-    for (;;) {
-        if (len == cap) {
-            char *nb = cap < SYNTH_TOKENIZER_MAX ? realloc(buf, 2 * cap + 1) : NULL;
-            if (!nb) {
-                rc = tp_errorf(err, "%s: decompressed tokenizer too large (limit %u bytes)",
-                               src, SYNTH_TOKENIZER_MAX);
-                goto done;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        ZSTD_outBuffer ob = {buf, cap, len};
-        size_t r = ZSTD_decompressStream(ds, &ob, &in);
-        len = ob.pos;
-        if (ZSTD_isError(r)) {
-            rc = tp_errorf(err, "%s: zstd: %s", src, ZSTD_getErrorName(r));
-            goto done;
-        }
-        if (r == 0 && in.pos == in.size)
-            break;              /* last frame complete */
-        if (in.pos == in.size && ob.pos < ob.size) {
-            rc = tp_errorf(err, "%s: truncated zstd frame", src);
-            goto done;
-        }
-    }
-done:
-    ZSTD_freeDStream(ds);
-    free(raw);
-    if (rc) {
-        free(buf);
-        return -1;
-    }
-    buf[len] = 0;
-    *out = buf;
-    *out_len = len;
-    return 0;
-}
-
 /* The tokenizer files, read and checked before anything is written. */
 typedef struct tok_files {
     char *tokenizer, *config;   /* config NULL when there is none beside the source */
@@ -532,7 +469,7 @@ typedef struct tok_files {
 static int load_tokenizer(const char *src, tok_files *t, tp_err *err)
 {
     size_t len;
-    if (read_tokenizer(src, &t->tokenizer, &len, err))
+    if (tp_read_file_zst(src, SYNTH_TOKENIZER_MAX, &t->tokenizer, &len, err))
         return -1;
     /* A tokenizer.json is a JSON object with a "model"; catch a wrong file early. */
     cJSON *j = cJSON_ParseWithLength(t->tokenizer, len);

@@ -85,6 +85,14 @@ int tp_write_all(int fd, const void *buf, size_t len, const char *path, tp_err *
 int tp_pwrite_all(int fd, const void *buf, size_t len, uint64_t off, const char *path, tp_err *err);
 /* Reads a whole (small) file into a NUL-terminated malloc'd buffer. */
 int tp_read_file(const char *path, size_t max_size, char **out, size_t *out_len, tp_err *err);
+/* The one reader of a file that may be zstd-compressed (a tokenizer.json.zst):
+ * a path ending in ".zst" is read and its zstd frames decoded (streaming, so
+ * a frame need not record its size; concatenated frames are joined), any
+ * other path is read as tp_read_file reads it.  max_size bounds both the
+ * file and the DECODED bytes ("PATH: decompresses to more than N bytes");
+ * a corrupt or truncated frame is "PATH: zstd: <reason>".  *out is
+ * NUL-terminated and malloc'd, as tp_read_file's.  (codec.c) */
+int tp_read_file_zst(const char *path, size_t max_size, char **out, size_t *out_len, tp_err *err);
 /* Writes a whole small file crash-safely: tmp name, fsync, rename, fsync dir. */
 int tp_write_file_atomic(const char *path, const void *buf, size_t len, tp_err *err);
 int tp_fsync_dir(const char *dir, tp_err *err);

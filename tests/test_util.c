@@ -12,6 +12,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zstd.h>
 
 static int failures;
 #define CHECK(cond)                                                              \
@@ -166,6 +167,105 @@ static void test_errors(void)
     CHECK(strlen(err.msg) == sizeof err.msg - 1);
     tp_err_prefix(&err, "%s", longs);
     CHECK(strlen(err.msg) == sizeof err.msg - 1);
+}
+
+/* Writes buf to dir/name (for the .zst cases); returns the malloc'd path. */
+static char *put_file(const char *dir, const char *name, const void *buf, size_t len)
+{
+    tp_err err;
+    char *path = tp_path_join(dir, name);
+    CHECK(path && tp_write_file_atomic(path, buf, len, &err) == 0);
+    return path;
+}
+
+/* One zstd frame of src; with_size false leaves the size out of the frame
+ * header (as a streaming compressor does). */
+static size_t zst_frame(const void *src, size_t len, bool with_size, uint8_t *dst, size_t cap)
+{
+    ZSTD_CCtx *c = ZSTD_createCCtx();
+    ZSTD_CCtx_setParameter(c, ZSTD_c_contentSizeFlag, with_size ? 1 : 0);
+    size_t n = ZSTD_compress2(c, dst, cap, src, len);
+    ZSTD_freeCCtx(c);
+    CHECK(!ZSTD_isError(n));
+    return ZSTD_isError(n) ? 0 : n;
+}
+
+static void test_read_file_zst(void)
+{
+    char dir[] = "/tmp/test_util_zst.XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    tp_err err = {{0}};
+    char *buf = NULL;
+    size_t len = 0;
+    enum { TEXT = 100000 };
+    char *text = malloc(TEXT);
+    for (size_t i = 0; i < TEXT; i++)
+        text[i] = (char)('a' + (i * 7 + i / 13) % 26);
+    size_t cap = ZSTD_compressBound(2 * TEXT);
+    uint8_t *z = malloc(cap);
+
+    /* A name without .zst is read as it is, even when it holds zstd. */
+    size_t zn = zst_frame(text, TEXT, true, z, cap);
+    char *plain = put_file(dir, "t.json", z, zn);
+    CHECK(tp_read_file_zst(plain, 1u << 20, &buf, &len, &err) == 0 && len == zn && memcmp(buf, z, zn) == 0);
+    free(buf);
+    /* With .zst: decoded, NUL-terminated; with or without a recorded size. */
+    for (int with_size = 0; with_size < 2; with_size++) {
+        zn = zst_frame(text, TEXT, with_size, z, cap);
+        char *path = put_file(dir, "t.json.zst", z, zn);
+        CHECK(tp_read_file_zst(path, TEXT, &buf, &len, &err) == 0);
+        CHECK(len == TEXT && memcmp(buf, text, TEXT) == 0 && buf[TEXT] == '\0');
+        free(buf);
+        /* The bound is on the decoded bytes: one byte less is refused. */
+        CHECK(tp_read_file_zst(path, TEXT - 1, &buf, &len, &err) == -1 && buf == NULL);
+        CHECK(strstr(err.msg, path) && strstr(err.msg, "decompresses to more than 99999 bytes"));
+        free(path);
+    }
+    /* Two frames back to back decode as their concatenation. */
+    zn = zst_frame(text, TEXT / 2, true, z, cap);
+    zn += zst_frame(text + TEXT / 2, TEXT - TEXT / 2, false, z + zn, cap - zn);
+    char *two = put_file(dir, "two.zst", z, zn);
+    CHECK(tp_read_file_zst(two, TEXT, &buf, &len, &err) == 0 && len == TEXT && memcmp(buf, text, TEXT) == 0);
+    free(buf);
+    /* Truncated: every cut is refused, naming the file. */
+    size_t cuts[] = {0, 1, zn / 2, zn - 1};
+    for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
+        char *cut = put_file(dir, "cut.zst", z, cuts[i]);
+        CHECK(tp_read_file_zst(cut, TEXT, &buf, &len, &err) == -1 && buf == NULL);
+        CHECK(strstr(err.msg, cut) && strstr(err.msg, ": zstd: "));
+        free(cut);
+    }
+    /* Not zstd at all. */
+    char *junk = put_file(dir, "junk.zst", "this is not zstd", 16);
+    CHECK(tp_read_file_zst(junk, TEXT, &buf, &len, &err) == -1);
+    CHECK(strstr(err.msg, junk) && strstr(err.msg, ": zstd: "));
+    /* A small file that inflates far past the bound stops at the bound. */
+    char *zeros = calloc(64u << 20, 1);
+    zn = zst_frame(zeros, 64u << 20, false, z, cap);
+    CHECK(zn < cap / 4);
+    char *bomb = put_file(dir, "bomb.zst", z, zn);
+    CHECK(tp_read_file_zst(bomb, 1u << 20, &buf, &len, &err) == -1);
+    CHECK(strstr(err.msg, bomb) && strstr(err.msg, "decompresses to more than 1048576 bytes"));
+    /* A missing .zst says so, as tp_read_file does. */
+    char *missing = tp_path_join(dir, "nope.zst");
+    CHECK(tp_read_file_zst(missing, TEXT, &buf, &len, &err) == -1);
+    CHECK(strstr(err.msg, missing) && strstr(err.msg, "no such file or directory"));
+
+    const char *made[] = {"t.json", "t.json.zst", "two.zst", "cut.zst", "junk.zst", "bomb.zst"};
+    for (size_t i = 0; i < sizeof made / sizeof made[0]; i++) {
+        char *f = tp_path_join(dir, made[i]);
+        unlink(f);
+        free(f);
+    }
+    rmdir(dir);
+    free(plain);
+    free(two);
+    free(junk);
+    free(bomb);
+    free(missing);
+    free(zeros);
+    free(z);
+    free(text);
 }
 
 static void test_files(void)
@@ -512,6 +612,7 @@ int main(void)
     test_checksums();
     test_errors();
     test_files();
+    test_read_file_zst();
     test_pool();
     test_progress();
     test_safe_file_name();
