@@ -8,8 +8,8 @@
  * by 16 random bits (bf16 has 8 significant bits, so the quantised
  * distribution is indistinguishable from a sampled one; tails stop at about
  * 4.3 sigma).  Each 1 MiB block of a tensor has its own xoshiro256** stream
- * seeded from (seed, tensor index, block), so the output is the same for any
- * number of threads, and blocks are filled in parallel.  Tensors stream
+ * (tp_rng) seeded from (seed, tensor index, block), so the output is the same
+ * for any number of threads, and blocks are filled in parallel.  Tensors stream
  * through tp_st_write's fill callback: there is never a whole-model buffer.
  */
 #include "convert.h"
@@ -216,36 +216,12 @@ static void fill_table(uint16_t *table, double mean, double std)
         table[i] = tp_f32_to_bf16((float)(mean + std * normal_quantile((i + 0.5) / 65536.0)));
 }
 
-typedef struct xoshiro { uint64_t s[4]; } xoshiro;
-
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-static uint64_t splitmix64(uint64_t *x)
+/* The stream of one block: tp_rng seeded from (seed, tensor, block) mixed
+ * by two odd multipliers, so that neighbouring blocks and tensors get
+ * unrelated streams. */
+static void block_rng_seed(tp_rng *r, uint64_t seed, uint64_t tensor, uint64_t block)
 {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static uint64_t xoshiro_next(xoshiro *r)
-{
-    uint64_t *s = r->s;
-    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return result;
-}
-
-static void xoshiro_seed(xoshiro *r, uint64_t seed, uint64_t tensor, uint64_t block)
-{
-    uint64_t x = seed ^ (tensor * 0xd1342543de82ef95ull) ^ (block * 0xaf251af3b0f025b5ull);
-    for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&x);
+    tp_rng_seed(r, seed ^ (tensor * 0xd1342543de82ef95ull) ^ (block * 0xaf251af3b0f025b5ull));
 }
 
 typedef struct synth_ctx {
@@ -269,18 +245,18 @@ static void fill_block(size_t block, void *arg)
         c->list->t[c->cur].value == VAL_NORM ? c->norm_table : c->weight_table;
     size_t begin = block * SYNTH_BLOCK_ELEMS;
     size_t end = begin + SYNTH_BLOCK_ELEMS < c->n_elems ? begin + SYNTH_BLOCK_ELEMS : c->n_elems;
-    xoshiro r;
-    xoshiro_seed(&r, c->seed, c->cur, block);
+    tp_rng r;
+    block_rng_seed(&r, c->seed, c->cur, block);
     uint16_t *dst = c->dst;
     size_t i = begin;
     for (; i + 4 <= end; i += 4) {
-        uint64_t x = xoshiro_next(&r);
+        uint64_t x = tp_rng_next(&r);
         dst[i] = table[x & 0xffff];
         dst[i + 1] = table[(x >> 16) & 0xffff];
         dst[i + 2] = table[(x >> 32) & 0xffff];
         dst[i + 3] = table[x >> 48];
     }
-    uint64_t x = xoshiro_next(&r);
+    uint64_t x = tp_rng_next(&r);
     for (; i < end; i++, x >>= 16)
         dst[i] = table[x & 0xffff];
     if (c->progress)

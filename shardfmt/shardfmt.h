@@ -141,6 +141,20 @@ uint64_t tp_xxh3(const void *data, size_t len);
 void tp_hex64(uint64_t v, char out[17]);
 int tp_parse_hex64(const char *s, uint64_t *out); /* 0 ok, -1 malformed */
 
+/* -------------------------------------------------------------------- rng */
+
+/* xoshiro256** (Blackman & Vigna): the one random generator of the project,
+ * behind tprun's sampling and tpsynth's weights.  The sequence a seed gives
+ * is part of what both promise (the same seed samples the same tokens and
+ * writes the same bytes, release after release): never change it. */
+typedef struct tp_rng { uint64_t s[4]; } tp_rng;
+/* splitmix64 spreads any seed, 0 included, over the 256-bit state. */
+void tp_rng_seed(tp_rng *r, uint64_t seed);
+/* The next 64 random bits. */
+uint64_t tp_rng_next(tp_rng *r);
+/* Uniform in [0, 1): the top 53 bits of tp_rng_next. */
+double tp_rng_uniform(tp_rng *r);
+
 /* ------------------------------------------------------------- thread pool */
 
 /* A fixed pool of worker threads running jobs from a FIFO queue.

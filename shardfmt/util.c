@@ -1,5 +1,5 @@
 /* util.c - errors, dtypes, overflow-checked arithmetic, file I/O helpers,
- * checksums and the monotonic clock.  The thread pool lives in pool.c and
+ * checksums, the random generator and the monotonic clock.  The thread pool lives in pool.c and
  * the progress bar in progress.c. */
 #include "shardfmt.h"
 
@@ -639,6 +639,40 @@ int tp_parse_hex64(const char *s, uint64_t *out)
     *out = v;
     return 0;
 }
+
+/* -------------------------------------------------------------------- rng */
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void tp_rng_seed(tp_rng *r, uint64_t seed)
+{
+    for (int i = 0; i < 4; i++)
+        r->s[i] = splitmix64(&seed);
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+uint64_t tp_rng_next(tp_rng *r)
+{
+    uint64_t *s = r->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+double tp_rng_uniform(tp_rng *r) { return (double)(tp_rng_next(r) >> 11) * 0x1.0p-53; }
 
 /* ------------------------------------------------------------------- clock */
 

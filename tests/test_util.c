@@ -151,6 +151,33 @@ static void test_checksums(void)
     CHECK(tp_parse_hex64(NULL, &v) == -1);
 }
 
+/* tp_rng's sequence is a promise (sampling and tpsynth's bytes depend on
+ * it): these are xoshiro256** seeded by splitmix64, from the reference. */
+static void test_rng(void)
+{
+    static const struct { uint64_t seed, first[4]; } want[] = {
+        {0, {0x99ec5f36cb75f2b4ull, 0xbf6e1f784956452aull, 0x1a5f849d4933e6e0ull, 0x6aa594f1262d2d2cull}},
+        {1, {0xb3f2af6d0fc710c5ull, 0x853b559647364ceaull, 0x92f89756082a4514ull, 0x642e1c7bc266a3a7ull}},
+        {0xdeadbeef, {0xc5555444a74d7e83ull, 0x65c30d37b4b16e38ull, 0x54f773200a4efa23ull, 0x429aed75fb958af7ull}},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        tp_rng r;
+        tp_rng_seed(&r, want[i].seed);
+        for (int k = 0; k < 4; k++)
+            CHECK(tp_rng_next(&r) == want[i].first[k]);
+    }
+    tp_rng r;
+    tp_rng_seed(&r, 42);
+    CHECK(tp_rng_uniform(&r) == 0.08386297105988216); /* (0x...>>11) * 2^-53 */
+    double lo = 1, hi = 0;
+    for (int k = 0; k < 100000; k++) {
+        double u = tp_rng_uniform(&r);
+        lo = u < lo ? u : lo;
+        hi = u > hi ? u : hi;
+    }
+    CHECK(lo >= 0 && lo < 0.001 && hi < 1 && hi > 0.999);
+}
+
 static void test_errors(void)
 {
     tp_err err = {{0}};
@@ -610,6 +637,7 @@ int main(void)
     test_f16();
     test_overflow();
     test_checksums();
+    test_rng();
     test_errors();
     test_files();
     test_read_file_zst();
