@@ -54,12 +54,7 @@ void tp_new_conversion_id(char out[33])
         memcpy(bytes, &a, 8);
         memcpy(bytes + 8, &b, 8);
     }
-    static const char digits[] = "0123456789abcdef";
-    for (int i = 0; i < 16; i++) {
-        out[2 * i] = digits[bytes[i] >> 4];
-        out[2 * i + 1] = digits[bytes[i] & 15];
-    }
-    out[32] = 0;
+    tp_hex_bytes(bytes, sizeof bytes, out);
 }
 
 /* -------------------------------------------------------- self-checksum */
@@ -88,9 +83,8 @@ static int locate_checksum(const char *text, size_t len, size_t *value_at)
     if (i < 18 || text[i - 1] != '"' || text[i - 18] != '"')
         return -1;
     size_t digits = i - 17;
-    for (size_t k = digits; k < digits + 16; k++)
-        if (!((text[k] >= '0' && text[k] <= '9') || (text[k] >= 'a' && text[k] <= 'f')))
-            return -1;
+    if (!tp_is_lower_hex(text + digits, 16))
+        return -1;
     i = skip_space_back(text, i - 18);
     if (i == 0 || text[i - 1] != ':')
         return -1;
@@ -321,7 +315,7 @@ static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank 
     if (tp_json_u64(o, "size", UINT64_MAX, where, &r->size, err) < 0 ||
         tp_json_str(o, "checksum", 64, false, where, &checksum, err) < 0)
         return -1;
-    if (strlen(checksum) != 16 || tp_parse_hex64(checksum, &r->checksum) < 0)
+    if (tp_parse_hex64(checksum, &r->checksum) < 0)
         return TP_FAIL(err, "%s: checksum \"%s\" is not 16 hex digits", where, checksum);
     if (tp_json_u64(o, "raw_bytes", UINT64_MAX, where, &r->raw_bytes, err) < 0 ||
         tp_json_u64(o, "stored_bytes", UINT64_MAX, where, &r->stored_bytes, err) < 0 ||
@@ -378,7 +372,7 @@ static int parse_file(const cJSON *o, size_t i, const char *name, tp_manifest_fi
     if (f->size > TP_MAX_COPIED_FILE)
         return TP_FAIL(err, "%s: %s is %llu bytes, more than the %u a copied file may have", where, file,
                        (unsigned long long)f->size, TP_MAX_COPIED_FILE);
-    if (strlen(sum) != 16 || tp_parse_hex64(sum, &f->xxh3) < 0)
+    if (tp_parse_hex64(sum, &f->xxh3) < 0)
         return TP_FAIL(err, "%s: xxh3 \"%s\" is not 16 hex digits", where, sum);
     if (!(f->name = strdup(file)))
         return TP_FAIL(err, "%s: out of memory", where);

@@ -138,8 +138,18 @@ char *tp_path_dir(const char *path);
 
 /* XXH3-64 (libxxhash).  The hex form is 16 lowercase digits. */
 uint64_t tp_xxh3(const void *data, size_t len);
+
+/* The one hex encoding of the formats: lowercase, most significant first.
+ * tp_hex64 writes v as 16 digits and a NUL; tp_hex_bytes writes the n bytes
+ * as 2n digits (byte order kept) and a NUL, out holding 2n + 1. */
 void tp_hex64(uint64_t v, char out[17]);
-int tp_parse_hex64(const char *s, uint64_t *out); /* 0 ok, -1 malformed */
+void tp_hex_bytes(const uint8_t *bytes, size_t n, char *out);
+/* Exactly 16 hex digits (either case) then the end of s: 0 and *out set,
+ * else -1 and *out untouched. */
+int tp_parse_hex64(const char *s, uint64_t *out);
+/* Whether s[0..n) are all lowercase hex digits, as tp_hex64 and
+ * tp_hex_bytes write them (a NUL before n is not a digit: false). */
+bool tp_is_lower_hex(const char *s, size_t n);
 
 /* -------------------------------------------------------------------- rng */
 

@@ -608,14 +608,30 @@ uint64_t tp_xxh3(const void *data, size_t len)
     return (uint64_t)XXH3_64bits(data, len);
 }
 
-void tp_hex64(uint64_t v, char out[17])
+void tp_hex_bytes(const uint8_t *bytes, size_t n, char *out)
 {
     static const char digits[] = "0123456789abcdef";
-    for (int i = 15; i >= 0; i--) {
-        out[i] = digits[v & 0xf];
-        v >>= 4;
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 0xf];
     }
-    out[16] = '\0';
+    out[2 * n] = '\0';
+}
+
+void tp_hex64(uint64_t v, char out[17])
+{
+    uint8_t big_endian[8];
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        big_endian[i] = (uint8_t)v;
+    tp_hex_bytes(big_endian, sizeof big_endian, out);
+}
+
+bool tp_is_lower_hex(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return false;
+    return true;
 }
 
 int tp_parse_hex64(const char *s, uint64_t *out)

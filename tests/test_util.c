@@ -149,6 +149,34 @@ static void test_checksums(void)
     CHECK(tp_parse_hex64("2d06800538d394cg", &v) == -1);
     CHECK(tp_parse_hex64("", &v) == -1);
     CHECK(tp_parse_hex64(NULL, &v) == -1);
+    /* Failure leaves the output alone. */
+    v = 7;
+    CHECK(tp_parse_hex64("2d06800538d394cg", &v) == -1 && v == 7);
+    /* Round trip of values with every digit. */
+    const uint64_t samples[] = {1, 0x0123456789abcdefull, 0xfedcba9876543210ull, UINT64_MAX};
+    for (size_t i = 0; i < sizeof samples / sizeof samples[0]; i++) {
+        tp_hex64(samples[i], hex);
+        CHECK(strlen(hex) == 16 && tp_is_lower_hex(hex, 16));
+        CHECK(tp_parse_hex64(hex, &v) == 0 && v == samples[i]);
+    }
+    tp_hex64(0x0123456789abcdefull, hex);
+    CHECK(strcmp(hex, "0123456789abcdef") == 0);
+    /* Bytes keep their order, each as two digits. */
+    const uint8_t bytes[] = {0x00, 0x0f, 0xa0, 0xff, 0x12};
+    char out[2 * sizeof bytes + 1];
+    memset(out, 'x', sizeof out);
+    tp_hex_bytes(bytes, sizeof bytes, out);
+    CHECK(strcmp(out, "000fa0ff12") == 0);
+    tp_hex_bytes(bytes, 0, out);
+    CHECK(out[0] == '\0');
+    /* Lowercase only, exactly n characters looked at. */
+    CHECK(tp_is_lower_hex("09af", 4) && tp_is_lower_hex("09afZ", 4));
+    CHECK(!tp_is_lower_hex("09aF", 4) && !tp_is_lower_hex("09ag", 4) && !tp_is_lower_hex("09a", 4));
+    CHECK(tp_is_lower_hex("", 0));
+    /* A conversion id is 32 of them. */
+    char id[33];
+    tp_new_conversion_id(id);
+    CHECK(strlen(id) == 32 && tp_is_lower_hex(id, 32));
 }
 
 /* tp_rng's sequence is a promise (sampling and tpsynth's bytes depend on
