@@ -1,6 +1,7 @@
 /* test_util.c - dtype conversions, overflow helpers, checksums, files, the
  * thread pool and the progress bar of shardfmt. */
 #include "shardfmt.h"
+#include "json_internal.h"
 
 #include <errno.h>
 #include <math.h>
@@ -204,6 +205,38 @@ static void test_rng(void)
         hi = u > hi ? u : hi;
     }
     CHECK(lo >= 0 && lo < 0.001 && hi < 1 && hi > 0.999);
+}
+
+/* tp_json_id_list: config.json's and generation_config.json's eos_token_id. */
+static int id_list(const char *json, int32_t *ids, int max_n, int *n, tp_err *err)
+{
+    cJSON *root = cJSON_Parse(json);
+    CHECK(root != NULL);
+    int rc = root ? tp_json_id_list(root, "eos_token_id", ids, max_n, "g.json", n, err) : -1;
+    cJSON_Delete(root);
+    return rc;
+}
+
+static void test_json_id_list(void)
+{
+    tp_err err = {{0}};
+    int32_t ids[3];
+    int n = -1;
+    CHECK(id_list("{}", ids, 3, &n, &err) == 0 && n == 0);
+    CHECK(id_list("{\"eos_token_id\": null}", ids, 3, &n, &err) == 0 && n == 0);
+    CHECK(id_list("{\"eos_token_id\": []}", ids, 3, &n, &err) == 0 && n == 0);
+    CHECK(id_list("{\"eos_token_id\": 7}", ids, 3, &n, &err) == 0 && n == 1 && ids[0] == 7);
+    CHECK(id_list("{\"eos_token_id\": [0, 2147483647, 5]}", ids, 3, &n, &err) == 0 && n == 3 && ids[0] == 0 &&
+          ids[1] == INT32_MAX && ids[2] == 5);
+    const char *bad[] = {"{\"eos_token_id\": \"2\"}", "{\"eos_token_id\": [1, -2]}", "{\"eos_token_id\": 1.5}",
+                         "{\"eos_token_id\": 2147483648}", "{\"eos_token_id\": [1, null]}", "{\"eos_token_id\": {}}",
+                         "{\"eos_token_id\": [1, 2, 3, 4]}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err.msg[0] = '\0';
+        CHECK(id_list(bad[i], ids, 3, &n, &err) == -1);
+        CHECK(strncmp(err.msg, "g.json: key \"eos_token_id\" ", 27) == 0);
+    }
+    CHECK(strstr(err.msg, "lists more than 3 ids") != NULL);
 }
 
 static void test_errors(void)
@@ -666,6 +699,7 @@ int main(void)
     test_overflow();
     test_checksums();
     test_rng();
+    test_json_id_list();
     test_errors();
     test_files();
     test_read_file_zst();
