@@ -22,7 +22,6 @@
 #include "shardfmt.h"
 
 #define MAX_MANIFEST_SIZE (64u << 20)
-#define MAX_TP 4096
 #define CHECKSUM_KEY "manifest_xxh3"
 #define CHECKSUM_KEY_QUOTED "\"" CHECKSUM_KEY "\""
 
@@ -155,8 +154,8 @@ static int check_for_write(const tp_manifest *m, const char *path, tp_err *err)
         return TP_FAIL(err, "%s: format must be \"tpshard\" or \"safetensors\"", path);
     if (!tp_is_conversion_id(m->conversion_id))
         return TP_FAIL(err, "%s: conversion id must be 32 lowercase hex digits", path);
-    if (m->tp < 1 || m->tp > MAX_TP || !m->ranks)
-        return TP_FAIL(err, "%s: tp %d out of range [1, %d]", path, m->tp, MAX_TP);
+    if (m->tp < 1 || m->tp > TP_MAX_TP || !m->ranks)
+        return TP_FAIL(err, "%s: tp %d out of range [1, %d]", path, m->tp, TP_MAX_TP);
     if (!m->model_type || !*m->model_type || !m->codec)
         return TP_FAIL(err, "%s: model_type and codec are required", path);
     for (int i = 0; i < m->tp; i++)
@@ -304,7 +303,7 @@ static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank 
                                         "tensors", NULL };
     const char *file, *checksum;
     uint64_t n_tensors;
-    if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_int(o, "rank", 0, MAX_TP - 1, where, &r->rank, err) < 0)
+    if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_int(o, "rank", 0, TP_MAX_TP - 1, where, &r->rank, err) < 0)
         return -1;
     if (r->rank != i)
         return TP_FAIL(err, "%s: is rank %d (ranks must be listed 0..tp-1 in order)", where, r->rank);
@@ -469,7 +468,7 @@ static int parse_top(const cJSON *root, const char *text, size_t len, const char
     if (!iso8601_ok(s))
         return TP_FAIL(err, "%s: created \"%s\" is not an ISO-8601 UTC time (YYYY-MM-DDTHH:MM:SSZ)", name, s);
     if (tp_json_str(root, "tool", 128, false, name, &s, err) < 0 ||
-        tp_json_int(root, "tp", 1, MAX_TP, name, &m->tp, err) < 0 ||
+        tp_json_int(root, "tp", 1, TP_MAX_TP, name, &m->tp, err) < 0 ||
         tp_json_str(root, "model_type", 64, false, name, &s, err) < 0)
         return -1;
     if (!(m->model_type = strdup(s)))

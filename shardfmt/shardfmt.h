@@ -416,6 +416,11 @@ void tp_shard_writer_abort(tp_shard_writer *w);
 
 /* ---------------------------------------------------------------- manifest */
 
+/* The most ranks a conversion may have: the manifest, every rank file's
+ * index (FORMAT.md), the shard writer and tpconvert --tp all hold tp to
+ * [1, TP_MAX_TP], so a tp that one accepts the others accept too. */
+#define TP_MAX_TP 4096
+
 /* The rank file's format version (header and index, FORMAT.md 1). */
 #define TP_FORMAT_VERSION 1
 /* manifest.json's format version (FORMAT.md 3).  2 added "manifest_xxh3";

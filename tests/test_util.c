@@ -239,6 +239,27 @@ static void test_json_id_list(void)
     CHECK(strstr(err.msg, "lists more than 3 ids") != NULL);
 }
 
+/* TP_MAX_TP is the bound the shard writer applies (as the manifest, the
+ * index reader and tpconvert do): TP_MAX_TP ranks open, one more does not. */
+static void test_max_tp(void)
+{
+    char dir[] = "/tmp/test_util_tp.XXXXXX";
+    CHECK(mkdtemp(dir) != NULL);
+    char *path = tp_path_join(dir, "r.tpshard");
+    char id[33];
+    tp_new_conversion_id(id);
+    tp_err err = {{0}};
+    tp_shard_writer *w = NULL;
+    CHECK(tp_shard_writer_open(&w, path, id, TP_MAX_TP - 1, TP_MAX_TP, NULL, &err) == 0 && w);
+    if (w)
+        tp_shard_writer_abort(w);
+    CHECK(tp_shard_writer_open(&w, path, id, 0, TP_MAX_TP + 1, NULL, &err) == -1);
+    CHECK(strstr(err.msg, path) && strstr(err.msg, "rank 0 of tp 4097 is out of range"));
+    CHECK(TP_MAX_TP == 4096); /* FORMAT.md states it */
+    rmdir(dir);
+    free(path);
+}
+
 static void test_errors(void)
 {
     tp_err err = {{0}};
@@ -700,6 +721,7 @@ int main(void)
     test_checksums();
     test_rng();
     test_json_id_list();
+    test_max_tp();
     test_errors();
     test_files();
     test_read_file_zst();
