@@ -107,8 +107,8 @@ int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const
                           bool vocab_parallel, tp_err *err)
 {
     memset(c, 0, sizeof *c);
-    if (tp < 1 || tp > 4096)
-        return tp_errorf(err, "--tp %d: must be between 1 and 4096", tp);
+    if (tp < 1 || tp > TP_MAX_TP)
+        return tp_errorf(err, "--tp %d: must be between 1 and %d", tp, TP_MAX_TP);
     c->tp = tp;
     if (!(c->model_dir = strdup(model_dir)))
         return tp_errorf(err, "out of memory");

@@ -8,8 +8,8 @@
  * by 16 random bits (bf16 has 8 significant bits, so the quantised
  * distribution is indistinguishable from a sampled one; tails stop at about
  * 4.3 sigma).  Each 1 MiB block of a tensor has its own xoshiro256** stream
- * seeded from (seed, tensor index, block), so the output is the same for any
- * number of threads, and blocks are filled in parallel.  Tensors stream
+ * (tp_rng) seeded from (seed, tensor index, block), so the output is the same
+ * for any number of threads, and blocks are filled in parallel.  Tensors stream
  * through tp_st_write's fill callback: there is never a whole-model buffer.
  */
 #include "convert.h"
@@ -25,7 +25,6 @@
 #include <dirent.h>
 
 #include <cJSON.h>
-#include <zstd.h>
 
 #define SYNTH_STD 0.02
 #define SYNTH_BLOCK_ELEMS (1u << 19)   /* 1 MiB of bf16 */
@@ -217,36 +216,12 @@ static void fill_table(uint16_t *table, double mean, double std)
         table[i] = tp_f32_to_bf16((float)(mean + std * normal_quantile((i + 0.5) / 65536.0)));
 }
 
-typedef struct xoshiro { uint64_t s[4]; } xoshiro;
-
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-static uint64_t splitmix64(uint64_t *x)
+/* The stream of one block: tp_rng seeded from (seed, tensor, block) mixed
+ * by two odd multipliers, so that neighbouring blocks and tensors get
+ * unrelated streams. */
+static void block_rng_seed(tp_rng *r, uint64_t seed, uint64_t tensor, uint64_t block)
 {
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-static uint64_t xoshiro_next(xoshiro *r)
-{
-    uint64_t *s = r->s;
-    uint64_t result = rotl(s[1] * 5, 7) * 9, t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return result;
-}
-
-static void xoshiro_seed(xoshiro *r, uint64_t seed, uint64_t tensor, uint64_t block)
-{
-    uint64_t x = seed ^ (tensor * 0xd1342543de82ef95ull) ^ (block * 0xaf251af3b0f025b5ull);
-    for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&x);
+    tp_rng_seed(r, seed ^ (tensor * 0xd1342543de82ef95ull) ^ (block * 0xaf251af3b0f025b5ull));
 }
 
 typedef struct synth_ctx {
@@ -270,18 +245,18 @@ static void fill_block(size_t block, void *arg)
         c->list->t[c->cur].value == VAL_NORM ? c->norm_table : c->weight_table;
     size_t begin = block * SYNTH_BLOCK_ELEMS;
     size_t end = begin + SYNTH_BLOCK_ELEMS < c->n_elems ? begin + SYNTH_BLOCK_ELEMS : c->n_elems;
-    xoshiro r;
-    xoshiro_seed(&r, c->seed, c->cur, block);
+    tp_rng r;
+    block_rng_seed(&r, c->seed, c->cur, block);
     uint16_t *dst = c->dst;
     size_t i = begin;
     for (; i + 4 <= end; i += 4) {
-        uint64_t x = xoshiro_next(&r);
+        uint64_t x = tp_rng_next(&r);
         dst[i] = table[x & 0xffff];
         dst[i + 1] = table[(x >> 16) & 0xffff];
         dst[i + 2] = table[(x >> 32) & 0xffff];
         dst[i + 3] = table[x >> 48];
     }
-    uint64_t x = xoshiro_next(&r);
+    uint64_t x = tp_rng_next(&r);
     for (; i < end; i++, x >>= 16)
         dst[i] = table[x & 0xffff];
     if (c->progress)
@@ -462,68 +437,6 @@ static int write_text(const char *dir, const char *name, const char *text, writt
     return remember(w, path, err);
 }
 
-/* Reads the tokenizer, decompressing a .zst file (streaming: the frame need
- * not record its size). */
-static int read_tokenizer(const char *src, char **out, size_t *out_len, tp_err *err)
-{
-    char *raw;
-    size_t raw_len;
-    if (tp_read_file(src, SYNTH_TOKENIZER_MAX, &raw, &raw_len, err))
-        return -1;
-    size_t n = strlen(src);
-    if (n < 4 || strcmp(src + n - 4, ".zst") != 0) {
-        *out = raw;
-        *out_len = raw_len;
-        return 0;
-    }
-    ZSTD_DStream *ds = ZSTD_createDStream();
-    size_t cap = raw_len * 4 + 4096, len = 0;
-    char *buf = malloc(cap + 1);
-    int rc = 0;
-    if (!ds || !buf) {
-        rc = tp_errorf(err, "%s: out of memory", src);
-        goto done;
-    }
-    ZSTD_initDStream(ds);
-    ZSTD_inBuffer in = {raw, raw_len, 0};
-    for (;;) {
-        if (len == cap) {
-            char *nb = cap < SYNTH_TOKENIZER_MAX ? realloc(buf, 2 * cap + 1) : NULL;
-            if (!nb) {
-                rc = tp_errorf(err, "%s: decompressed tokenizer too large (limit %u bytes)",
-                               src, SYNTH_TOKENIZER_MAX);
-                goto done;
-            }
-            buf = nb;
-            cap *= 2;
-        }
-        ZSTD_outBuffer ob = {buf, cap, len};
-        size_t r = ZSTD_decompressStream(ds, &ob, &in);
-        len = ob.pos;
-        if (ZSTD_isError(r)) {
-            rc = tp_errorf(err, "%s: zstd: %s", src, ZSTD_getErrorName(r));
-            goto done;
-        }
-        if (r == 0 && in.pos == in.size)
-            break;              /* last frame complete */
-        if (in.pos == in.size && ob.pos < ob.size) {
-            rc = tp_errorf(err, "%s: truncated zstd frame", src);
-            goto done;
-        }
-    }
-done:
-    ZSTD_freeDStream(ds);
-    free(raw);
-    if (rc) {
-        free(buf);
-        return -1;
-    }
-    buf[len] = 0;
-    *out = buf;
-    *out_len = len;
-    return 0;
-}
-
 /* The tokenizer files, read and checked before anything is written. */
 typedef struct tok_files {
     char *tokenizer, *config;   /* config NULL when there is none beside the source */
@@ -532,7 +445,7 @@ typedef struct tok_files {
 static int load_tokenizer(const char *src, tok_files *t, tp_err *err)
 {
     size_t len;
-    if (read_tokenizer(src, &t->tokenizer, &len, err))
+    if (tp_read_file_zst(src, SYNTH_TOKENIZER_MAX, &t->tokenizer, &len, err))
         return -1;
     /* A tokenizer.json is a JSON object with a "model"; catch a wrong file early. */
     cJSON *j = cJSON_ParseWithLength(t->tokenizer, len);

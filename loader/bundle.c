@@ -449,47 +449,25 @@ out:
     return rc;
 }
 
-/* Judges an entry against the manifest; *kind and *rank say what it is.
- * seen_rank / seen_file track duplicates. */
-static int judge_entry(const char *tar_path, const tp_manifest *m, struct archive_entry *e,
-                       bool *seen_rank, bool *seen_file, tp_ld_entry_kind *kind, int *rank,
-                       tp_err *err)
+/* The sizes of an entry against the manifest (tp_ld_tar_walk has checked
+ * the rest): a rank file's must be the manifest's, a copied file's too, and
+ * within the copied files' cap. */
+static int judge_entry(const char *tar_path, const tp_manifest *m, const tp_ld_tar_entry *ent, tp_err *err)
 {
-    const char *name = archive_entry_pathname(e);
-    if (tp_ld_bundle_check_name(tar_path, name, err) < 0 ||
-        tp_ld_bundle_check_type(tar_path, e, err) < 0)
-        return -1;
-    int64_t size = archive_entry_size(e);
-    *kind = tp_ld_manifest_classify(m, name, rank);
-    switch (*kind) {
-    case TP_LD_ENTRY_UNKNOWN:
-        return tp_errorf(err, "%s: entry %s is not listed in the bundle's manifest", tar_path,
-                         name);
-    case TP_LD_ENTRY_MANIFEST:
-        return tp_errorf(err, "%s: entry %s appears twice", tar_path, name);
-    case TP_LD_ENTRY_RANK:
-        if (seen_rank[*rank])
-            return tp_errorf(err, "%s: entry %s appears twice", tar_path, name);
-        seen_rank[*rank] = true;
-        if ((uint64_t)size != m->ranks[*rank].size)
-            return tp_errorf(err, "%s: entry %s is %lld bytes, the manifest says %llu", tar_path,
-                             name, (long long)size, (unsigned long long)m->ranks[*rank].size);
+    if (ent->kind == TP_LD_ENTRY_RANK) {
+        if ((uint64_t)ent->size != m->ranks[ent->rank].size)
+            return tp_errorf(err, "%s: entry %s is %lld bytes, the manifest says %llu", tar_path, ent->name,
+                             (long long)ent->size, (unsigned long long)m->ranks[ent->rank].size);
         return 0;
-    case TP_LD_ENTRY_COPIED: {
-        const tp_manifest_file *f = tp_ld_manifest_file(m, name);
-        size_t fi = (size_t)(f - m->files);
-        if (seen_file[fi])
-            return tp_errorf(err, "%s: entry %s appears twice", tar_path, name);
-        seen_file[fi] = true;
-        if ((uint64_t)size > TP_SMALL_FILE_CAP)
-            return tp_errorf(err, "%s: entry %s is %lld bytes, more than the %u allowed", tar_path,
-                             name, (long long)size, TP_SMALL_FILE_CAP);
-        return tp_ld_check_copied_size(f, tar_path, (uint64_t)size, err);
     }
-    }
-    return 0;
+    if ((uint64_t)ent->size > TP_SMALL_FILE_CAP)
+        return tp_errorf(err, "%s: entry %s is %lld bytes, more than the %u allowed", tar_path, ent->name,
+                         (long long)ent->size, TP_SMALL_FILE_CAP);
+    return tp_ld_check_copied_size(ent->file, tar_path, (uint64_t)ent->size, err);
 }
 
+/* Every copied file arrived, and at least one rank file (both unpack's and
+ * verify's rule); *n_ranks (may be NULL) gets how many. */
 static int check_all_copied(const char *tar_path, const tp_manifest *m, const bool *seen_rank,
                             const bool *seen_file, size_t *n_ranks, tp_err *err)
 {
@@ -507,117 +485,72 @@ static int check_all_copied(const char *tar_path, const tp_manifest *m, const bo
     return 0;
 }
 
+typedef struct unpack_walk {
+    unpack_state u;
+    tp_manifest m;
+} unpack_walk;
+
+/* The manifest, judged before dest is touched, is the first file written. */
+static int unpack_manifest(void *arg, const tp_manifest *m, const uint8_t *json, size_t len, tp_err *err)
+{
+    unpack_walk *w = arg;
+    if (prepare_dest(&w->u, err) < 0)
+        return -1;
+    return extract_entry(&w->u, NULL, TP_MANIFEST_NAME, len, json, NULL, err);
+}
+
+static int unpack_entry(void *arg, const tp_ld_tar_entry *ent, tp_err *err)
+{
+    unpack_walk *w = arg;
+    const char *tar_path = w->u.tar_path;
+    const tp_manifest *m = &w->m;
+    if (judge_entry(tar_path, m, ent, err) < 0)
+        return -1;
+    uint64_t sum;
+    if (extract_entry(&w->u, ent->a, ent->name, (uint64_t)ent->size, NULL, &sum, err) < 0)
+        return -1;
+    if (ent->kind == TP_LD_ENTRY_COPIED)
+        return tp_ld_check_copied_sum(ent->file, tar_path, sum, err);
+    if (strcmp(m->format, "tpshard") != 0)
+        return 0;
+    /* Cheap: the index only.  Chunk checksums are tpbundle verify's. */
+    int r = ent->rank;
+    tp_shard_reader rd;
+    if (tp_shard_open(&rd, w->u.files[w->u.n_files - 1].tmp_path, err) < 0)
+        return tp_err_prefix(err, "%s: entry %s", tar_path, m->ranks[r].file);
+    int ok = tp_ld_check_index(&rd.index, m, r, m->ranks[r].file, rd.map.size, err);
+    tp_shard_close(&rd);
+    return ok < 0 ? tp_err_prefix(err, "%s", tar_path) : 0;
+}
+
+static int unpack_end(void *arg, const bool *seen_rank, const bool *seen_file, tp_err *err)
+{
+    unpack_walk *w = arg;
+    return check_all_copied(w->u.tar_path, &w->m, seen_rank, seen_file, NULL, err);
+}
+
 int tp_bundle_unpack(const char *tar_path, const char *dest_dir, tp_err *err)
 {
-    unpack_state u = {.tar_path = tar_path, .dest = dest_dir};
-    struct archive *a = NULL;
-    tp_manifest m;
-    bool m_ok = false;
-    bool *seen_rank = NULL, *seen_file = NULL;
-    uint8_t *manifest_json = NULL;
+    static const tp_ld_tar_walker walker = {unpack_manifest, unpack_entry, unpack_end};
+    unpack_walk w = {.u = {.tar_path = tar_path, .dest = dest_dir}};
     int rc = -1;
-    memset(&m, 0, sizeof m);
-    if (tp_ld_tar_open_read(tar_path, &a, err) < 0)
-        return -1;
-    /* The manifest first, judged before dest is touched. */
-    struct archive_entry *e;
-    int h = archive_read_next_header(a, &e);
-    if (h == ARCHIVE_EOF) {
-        tp_errorf(err, "%s: empty bundle (no %s)", tar_path, TP_MANIFEST_NAME);
+    if (tp_ld_tar_walk(tar_path, &w.m, &walker, &w, err) < 0)
         goto out;
-    }
-    if (h < ARCHIVE_WARN) {
-        tp_errorf(err, "%s: not a readable tar: %s", tar_path, archive_error_string(a));
-        goto out;
-    }
-    const char *first = archive_entry_pathname(e);
-    if (tp_ld_bundle_check_name(tar_path, first, err) < 0)
-        goto out;
-    if (strcmp(first, TP_MANIFEST_NAME) != 0) {
-        tp_errorf(err, "%s: first entry is %s, expected %s", tar_path, first, TP_MANIFEST_NAME);
-        goto out;
-    }
-    size_t manifest_len;
-    if (tp_ld_bundle_check_type(tar_path, e, err) < 0 ||
-        tp_ld_tar_read_entry(a, e, tar_path, TP_SMALL_FILE_CAP, &manifest_json, &manifest_len,
-                             err) < 0)
-        goto out;
-    char src[600];
-    snprintf(src, sizeof src, "%s: %s", tar_path, TP_MANIFEST_NAME);
-    if (tp_manifest_parse((const char *)manifest_json, manifest_len, src, &m, err) < 0) {
-        memset(&m, 0, sizeof m);
-        goto out;
-    }
-    m_ok = true;
-    if (tp_ld_manifest_sanity(&m, tar_path, err) < 0)
-        goto out;
-    seen_rank = calloc((size_t)m.tp, sizeof *seen_rank);
-    seen_file = calloc(m.n_files + 1, sizeof *seen_file);
-    if (!seen_rank || !seen_file) {
-        tp_errorf(err, "%s: out of memory", tar_path);
-        goto out;
-    }
-    if (prepare_dest(&u, err) < 0)
-        goto out;
-    if (extract_entry(&u, a, TP_MANIFEST_NAME, manifest_len, manifest_json, NULL, err) < 0)
-        goto out;
-    for (;;) {
-        h = archive_read_next_header(a, &e);
-        if (h == ARCHIVE_EOF)
-            break;
-        if (h < ARCHIVE_WARN) {
-            tp_errorf(err, "%s: %s", tar_path, archive_error_string(a));
-            goto out;
-        }
-        tp_ld_entry_kind kind;
-        int r = -1;
-        if (judge_entry(tar_path, &m, e, seen_rank, seen_file, &kind, &r, err) < 0)
-            goto out;
-        uint64_t sum;
-        if (extract_entry(&u, a, archive_entry_pathname(e), (uint64_t)archive_entry_size(e), NULL,
-                          &sum, err) < 0)
-            goto out;
-        if (kind == TP_LD_ENTRY_COPIED &&
-            tp_ld_check_copied_sum(tp_ld_manifest_file(&m, archive_entry_pathname(e)), tar_path, sum,
-                                   err) < 0)
-            goto out;
-        if (kind == TP_LD_ENTRY_RANK && strcmp(m.format, "tpshard") == 0) {
-            /* Cheap: the index only.  Chunk checksums are tpbundle verify's. */
-            tp_shard_reader rd;
-            const char *tmp = u.files[u.n_files - 1].tmp_path;
-            if (tp_shard_open(&rd, tmp, err) < 0) {
-                tp_err_prefix(err, "%s: entry %s", tar_path, m.ranks[r].file);
-                goto out;
-            }
-            int ok = tp_ld_check_index(&rd.index, &m, r, m.ranks[r].file, rd.map.size, err);
-            tp_shard_close(&rd);
-            if (ok < 0) {
-                tp_err_prefix(err, "%s", tar_path);
-                goto out;
-            }
-        }
-    }
-    if (check_all_copied(tar_path, &m, seen_rank, seen_file, NULL, err) < 0)
-        goto out;
+    unpack_state *u = &w.u;
     /* Everything arrived: give the files their names, manifest (entry 0) last. */
-    for (size_t i = u.n_files; i-- > 0;) {
-        if (rename(u.files[i].tmp_path, u.files[i].final_path) != 0) {
-            tp_errorf(err, "%s: rename: %s", u.files[i].final_path, strerror(errno));
+    for (size_t i = u->n_files; i-- > 0;) {
+        if (rename(u->files[i].tmp_path, u->files[i].final_path) != 0) {
+            tp_errorf(err, "%s: rename: %s", u->files[i].final_path, strerror(errno));
             goto out;
         }
-        u.files[i].renamed = true;
+        u->files[i].renamed = true;
     }
     if (tp_fsync_dir(dest_dir, err) < 0)
         goto out;
     rc = 0;
 out:
-    unpack_cleanup(&u, rc < 0);
-    tp_ld_tar_close_read(a);
-    if (m_ok)
-        tp_manifest_free(&m);
-    free(manifest_json);
-    free(seen_rank);
-    free(seen_file);
+    unpack_cleanup(&w.u, rc < 0);
+    tp_manifest_free(&w.m);
     return rc;
 }
 
@@ -671,64 +604,47 @@ static int verify_rank_image(const char *tar_path, const tp_manifest *m, int r, 
     return rc;
 }
 
+typedef struct verify_walk {
+    const char *tar_path;
+    tp_manifest m;
+    tp_pool *pool;
+    size_t *n_ranks;
+} verify_walk;
+
+static int verify_entry(void *arg, const tp_ld_tar_entry *ent, tp_err *err)
+{
+    verify_walk *w = arg;
+    const tp_manifest *m = &w->m;
+    if (judge_entry(w->tar_path, m, ent, err) < 0)
+        return -1;
+    uint8_t *data;
+    size_t len;
+    size_t cap = ent->kind == TP_LD_ENTRY_RANK ? (size_t)m->ranks[ent->rank].size : TP_SMALL_FILE_CAP;
+    if (tp_ld_tar_read_entry(ent->a, ent->e, w->tar_path, cap, &data, &len, err) < 0)
+        return -1;
+    int ok = ent->kind == TP_LD_ENTRY_RANK
+                 ? verify_rank_image(w->tar_path, m, ent->rank, data, len, w->pool, err)
+                 : tp_ld_check_copied_data(ent->file, w->tar_path, data, len, true, err);
+    free(data);
+    return ok;
+}
+
+static int verify_end(void *arg, const bool *seen_rank, const bool *seen_file, tp_err *err)
+{
+    verify_walk *w = arg;
+    return check_all_copied(w->tar_path, &w->m, seen_rank, seen_file, w->n_ranks, err);
+}
+
 int tp_bundle_verify(const char *tar_path, size_t *n_ranks, tp_err *err)
 {
-    struct archive *a;
-    tp_manifest m;
-    bool *seen_rank = NULL, *seen_file = NULL;
-    tp_pool *pool = NULL;
-    int rc = -1;
+    static const tp_ld_tar_walker walker = {NULL, verify_entry, verify_end};
     if (n_ranks)
         *n_ranks = 0;
-    memset(&m, 0, sizeof m);
-    if (tp_ld_tar_open_read(tar_path, &a, err) < 0)
-        return -1;
-    if (tp_ld_tar_read_manifest(a, tar_path, &m, err) < 0) {
-        tp_ld_tar_close_read(a);
-        return -1;
-    }
-    seen_rank = calloc((size_t)m.tp, sizeof *seen_rank);
-    seen_file = calloc(m.n_files + 1, sizeof *seen_file);
-    pool = tp_pool_create(0);
-    if (!seen_rank || !seen_file || !pool) {
-        tp_errorf(err, "%s: out of memory", tar_path);
-        goto out;
-    }
-    for (;;) {
-        struct archive_entry *e;
-        int h = archive_read_next_header(a, &e);
-        if (h == ARCHIVE_EOF)
-            break;
-        if (h < ARCHIVE_WARN) {
-            tp_errorf(err, "%s: %s", tar_path, archive_error_string(a));
-            goto out;
-        }
-        tp_ld_entry_kind kind;
-        int r = -1;
-        if (judge_entry(tar_path, &m, e, seen_rank, seen_file, &kind, &r, err) < 0)
-            goto out;
-        uint8_t *data;
-        size_t len;
-        size_t cap = kind == TP_LD_ENTRY_RANK ? (size_t)m.ranks[r].size : TP_SMALL_FILE_CAP;
-        if (tp_ld_tar_read_entry(a, e, tar_path, cap, &data, &len, err) < 0)
-            goto out;
-        int ok = kind == TP_LD_ENTRY_RANK
-                     ? verify_rank_image(tar_path, &m, r, data, len, pool, err)
-                     : tp_ld_check_copied_data(tp_ld_manifest_file(&m, archive_entry_pathname(e)),
-                                               tar_path, data, len, true, err);
-        free(data);
-        if (ok < 0)
-            goto out;
-    }
-    if (check_all_copied(tar_path, &m, seen_rank, seen_file, n_ranks, err) < 0)
-        goto out;
-    rc = 0;
-out:
-    if (pool)
-        tp_pool_destroy(pool);
-    free(seen_rank);
-    free(seen_file);
-    tp_manifest_free(&m);
-    tp_ld_tar_close_read(a);
+    verify_walk w = {.tar_path = tar_path, .n_ranks = n_ranks, .pool = tp_pool_create(0)};
+    if (!w.pool)
+        return tp_errorf(err, "%s: out of memory", tar_path);
+    int rc = tp_ld_tar_walk(tar_path, &w.m, &walker, &w, err);
+    tp_pool_destroy(w.pool);
+    tp_manifest_free(&w.m);
     return rc;
 }

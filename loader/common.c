@@ -1,4 +1,5 @@
-/* common.c - small helpers shared by load.c, verify.c and bundle.c. */
+/* common.c - small helpers shared by load.c, verify.c and bundle.c, and the
+ * one walk over a bundle's entries (tp_ld_tar_walk). */
 #include "loader_internal.h"
 
 #include <archive.h>
@@ -322,8 +323,14 @@ int tp_ld_tar_read_entry(struct archive *a, struct archive_entry *e, const char 
     return 0;
 }
 
-int tp_ld_tar_read_manifest(struct archive *a, const char *path, tp_manifest *m, tp_err *err)
+/* The first entry, which must be manifest.json: parsed into *m and
+ * sanity-checked; *json (malloc'd) and *len get its bytes.  On failure *m
+ * is zeroed and *json NULL. */
+static int read_manifest_entry(struct archive *a, const char *path, tp_manifest *m, uint8_t **json,
+                               size_t *len, tp_err *err)
 {
+    *json = NULL;
+    memset(m, 0, sizeof *m);
     struct archive_entry *e;
     int rc = archive_read_next_header(a, &e);
     if (rc == ARCHIVE_EOF)
@@ -337,22 +344,98 @@ int tp_ld_tar_read_manifest(struct archive *a, const char *path, tp_manifest *m,
         return tp_errorf(err, "%s: first entry is %s, expected %s", path, name, TP_MANIFEST_NAME);
     if (tp_ld_bundle_check_type(path, e, err) < 0)
         return -1;
-    uint8_t *json;
-    size_t len;
-    if (tp_ld_tar_read_entry(a, e, path, TP_SMALL_FILE_CAP, &json, &len, err) < 0)
+    if (tp_ld_tar_read_entry(a, e, path, TP_SMALL_FILE_CAP, json, len, err) < 0)
         return -1;
     char src[600];
     snprintf(src, sizeof src, "%s: %s", path, TP_MANIFEST_NAME);
-    int ok = tp_manifest_parse((const char *)json, len, src, m, err);
-    free(json);
-    if (ok < 0)
-        return -1;
-    if (tp_ld_manifest_sanity(m, path, err) < 0) {
+    if (tp_manifest_parse((const char *)*json, *len, src, m, err) < 0 || tp_ld_manifest_sanity(m, path, err) < 0) {
         tp_manifest_free(m);
-        memset(m, 0, sizeof *m);
+        free(*json);
+        *json = NULL;
         return -1;
     }
     return 0;
+}
+
+int tp_ld_tar_read_manifest(struct archive *a, const char *path, tp_manifest *m, tp_err *err)
+{
+    uint8_t *json;
+    size_t len;
+    if (read_manifest_entry(a, path, m, &json, &len, err) < 0)
+        return -1;
+    free(json);
+    return 0;
+}
+
+/* Checks an entry after the manifest and says what it is: a valid name and
+ * type, listed in the manifest, the first of its name. */
+static int judge_tar_entry(const char *path, const tp_manifest *m, struct archive *a, struct archive_entry *e,
+                           bool *seen_rank, bool *seen_file, tp_ld_tar_entry *ent, tp_err *err)
+{
+    const char *name = archive_entry_pathname(e);
+    if (tp_ld_bundle_check_name(path, name, err) < 0 || tp_ld_bundle_check_type(path, e, err) < 0)
+        return -1;
+    *ent = (tp_ld_tar_entry){.a = a, .e = e, .name = name, .size = archive_entry_size(e), .rank = -1};
+    ent->kind = tp_ld_manifest_classify(m, name, &ent->rank);
+    bool *seen = NULL;
+    switch (ent->kind) {
+    case TP_LD_ENTRY_UNKNOWN:
+        return tp_errorf(err, "%s: entry %s is not listed in the bundle's manifest", path, name);
+    case TP_LD_ENTRY_MANIFEST:
+        return tp_errorf(err, "%s: entry %s appears twice", path, name);
+    case TP_LD_ENTRY_RANK:
+        seen = &seen_rank[ent->rank];
+        break;
+    case TP_LD_ENTRY_COPIED:
+        ent->file = tp_ld_manifest_file(m, name);
+        seen = &seen_file[ent->file - m->files];
+        break;
+    }
+    if (*seen)
+        return tp_errorf(err, "%s: entry %s appears twice", path, name);
+    *seen = true;
+    return 0;
+}
+
+int tp_ld_tar_walk(const char *path, tp_manifest *m, const tp_ld_tar_walker *w, void *arg, tp_err *err)
+{
+    memset(m, 0, sizeof *m);
+    struct archive *a;
+    if (tp_ld_tar_open_read(path, &a, err) < 0)
+        return -1;
+    uint8_t *json;
+    size_t len;
+    int rc = read_manifest_entry(a, path, m, &json, &len, err);
+    if (rc == 0 && w->on_manifest)
+        rc = w->on_manifest(arg, m, json, len, err);
+    free(json);
+    bool *seen_rank = NULL, *seen_file = NULL;
+    if (rc == 0) {
+        seen_rank = calloc((size_t)m->tp, sizeof *seen_rank);
+        seen_file = calloc(m->n_files + 1, sizeof *seen_file);
+        if (!seen_rank || !seen_file)
+            rc = tp_errorf(err, "%s: out of memory", path);
+    }
+    while (rc == 0) {
+        struct archive_entry *e;
+        int h = archive_read_next_header(a, &e);
+        if (h == ARCHIVE_EOF)
+            break;
+        if (h < ARCHIVE_WARN) {
+            rc = tp_errorf(err, "%s: %s", path, archive_error_string(a));
+            break;
+        }
+        tp_ld_tar_entry ent;
+        rc = judge_tar_entry(path, m, a, e, seen_rank, seen_file, &ent, err);
+        if (rc == 0)
+            rc = w->on_entry(arg, &ent, err);
+    }
+    if (rc == 0 && w->on_end)
+        rc = w->on_end(arg, seen_rank, seen_file, err);
+    free(seen_rank);
+    free(seen_file);
+    tp_ld_tar_close_read(a);
+    return rc < 0 ? -1 : 0;
 }
 
 void tp_ld_format_rank_set(const bool *have, int tp, char *out, size_t cap)

@@ -218,95 +218,75 @@ static int load_from_dir(tp_loaded_rank *lr, bool verify, tp_err *err)
 
 /* --------------------------------------------------------------- bundle */
 
-/* Walks the bundle once: keeps this rank's file image and the copied files
- * the runtime needs, skips every other rank's data unread. */
-static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len, bool verify,
-                       tp_err *err)
+/* The one walk over the bundle (tp_ld_tar_walk) keeps this rank's file
+ * image and the copied files the runtime needs, and skips every other
+ * rank's data unread. */
+typedef struct bundle_scan {
+    tp_loaded_rank *lr;
+    bool verify;
+    size_t image_len;
+} bundle_scan;
+
+static int scan_manifest(void *arg, const tp_manifest *m, const uint8_t *json, size_t len, tp_err *err)
 {
+    bundle_scan *s = arg;
+    return check_loadable(m, s->lr->source, s->lr->rank, err);
+}
+
+static int skip_entry(const char *path, const tp_ld_tar_entry *ent, tp_err *err)
+{
+    if (archive_read_data_skip(ent->a) != ARCHIVE_OK)
+        return tp_errorf(err, "%s: entry %s: %s", path, ent->name, archive_error_string(ent->a));
+    return 0;
+}
+
+static int scan_rank(bundle_scan *s, const tp_ld_tar_entry *ent, tp_err *err)
+{
+    tp_loaded_rank *lr = s->lr;
+    const char *path = lr->source;
+    uint64_t want = lr->manifest.ranks[ent->rank].size;
+    if (ent->rank != lr->rank)
+        return skip_entry(path, ent, err);
+    if ((uint64_t)ent->size != want)
+        return tp_errorf(err, "%s: rank file %s is %lld bytes, the manifest says %llu", path, ent->name,
+                         (long long)ent->size, (unsigned long long)want);
+    return tp_ld_tar_read_entry(ent->a, ent->e, path, (size_t)want, &lr->bundle_image, &s->image_len, err);
+}
+
+static int scan_copied(bundle_scan *s, const tp_ld_tar_entry *ent, tp_err *err)
+{
+    tp_loaded_rank *lr = s->lr;
+    const char *path = lr->source;
+    size_t *len_slot;
+    char **slot = copied_slot(lr, ent->name, &len_slot);
+    if (!slot) {
+        if (tp_ld_check_copied_size(ent->file, path, (uint64_t)ent->size, err) < 0)
+            return -1;
+        return skip_entry(path, ent, err);
+    }
+    uint8_t *buf;
+    size_t len;
+    if (tp_ld_tar_read_entry(ent->a, ent->e, path, TP_MAX_COPIED_FILE, &buf, &len, err) < 0)
+        return -1;
+    *slot = (char *)buf;
+    if (check_copied_text(&lr->manifest, ent->file, path, (const char *)buf, len, s->verify, err) < 0)
+        return -1;
+    if (len_slot)
+        *len_slot = len;
+    return 0;
+}
+
+static int scan_entry(void *arg, const tp_ld_tar_entry *ent, tp_err *err)
+{
+    return ent->kind == TP_LD_ENTRY_RANK ? scan_rank(arg, ent, err) : scan_copied(arg, ent, err);
+}
+
+static int scan_end(void *arg, const bool *have_rank, const bool *have_file, tp_err *err)
+{
+    bundle_scan *s = arg;
+    const tp_loaded_rank *lr = s->lr;
     const tp_manifest *m = &lr->manifest;
     const char *path = lr->source;
-    bool *have_rank = calloc((size_t)m->tp, sizeof *have_rank);
-    bool *have_file = calloc(m->n_files + 1, sizeof *have_file);
-    int rc = -1;
-    if (!have_rank || !have_file) {
-        tp_errorf(err, "%s: out of memory", path);
-        goto out;
-    }
-    for (;;) {
-        struct archive_entry *e;
-        int h = archive_read_next_header(a, &e);
-        if (h == ARCHIVE_EOF)
-            break;
-        if (h < ARCHIVE_WARN) {
-            tp_errorf(err, "%s: %s", path, archive_error_string(a));
-            goto out;
-        }
-        const char *name = archive_entry_pathname(e);
-        if (tp_ld_bundle_check_name(path, name, err) < 0 ||
-            tp_ld_bundle_check_type(path, e, err) < 0)
-            goto out;
-        int r = -1;
-        switch (tp_ld_manifest_classify(m, name, &r)) {
-        case TP_LD_ENTRY_MANIFEST:
-            tp_errorf(err, "%s: entry %s appears twice", path, name);
-            goto out;
-        case TP_LD_ENTRY_UNKNOWN:
-            tp_errorf(err, "%s: entry %s is not listed in the bundle's manifest", path, name);
-            goto out;
-        case TP_LD_ENTRY_RANK:
-            if (have_rank[r]) {
-                tp_errorf(err, "%s: entry %s appears twice", path, name);
-                goto out;
-            }
-            have_rank[r] = true;
-            if (r != lr->rank) {
-                if (archive_read_data_skip(a) != ARCHIVE_OK) {
-                    tp_errorf(err, "%s: entry %s: %s", path, name, archive_error_string(a));
-                    goto out;
-                }
-                break;
-            }
-            if ((uint64_t)archive_entry_size(e) != m->ranks[r].size) {
-                tp_errorf(err, "%s: rank file %s is %lld bytes, the manifest says %llu", path, name,
-                          (long long)archive_entry_size(e), (unsigned long long)m->ranks[r].size);
-                goto out;
-            }
-            if (tp_ld_tar_read_entry(a, e, path, (size_t)m->ranks[r].size, &lr->bundle_image,
-                                     image_len, err) < 0)
-                goto out;
-            break;
-        case TP_LD_ENTRY_COPIED: {
-            const tp_manifest_file *f = tp_ld_manifest_file(m, name);
-            size_t fi = (size_t)(f - m->files);
-            if (have_file[fi]) {
-                tp_errorf(err, "%s: entry %s appears twice", path, name);
-                goto out;
-            }
-            have_file[fi] = true;
-            size_t *len_slot;
-            char **slot = copied_slot(lr, name, &len_slot);
-            if (!slot) {
-                if (tp_ld_check_copied_size(f, path, (uint64_t)archive_entry_size(e), err) < 0)
-                    goto out;
-                if (archive_read_data_skip(a) != ARCHIVE_OK) {
-                    tp_errorf(err, "%s: entry %s: %s", path, name, archive_error_string(a));
-                    goto out;
-                }
-                break;
-            }
-            uint8_t *buf;
-            size_t len;
-            if (tp_ld_tar_read_entry(a, e, path, TP_MAX_COPIED_FILE, &buf, &len, err) < 0)
-                goto out;
-            *slot = (char *)buf;
-            if (check_copied_text(m, f, path, (const char *)buf, len, verify, err) < 0)
-                goto out;
-            if (len_slot)
-                *len_slot = len;
-            break;
-        }
-        }
-    }
     if (!lr->bundle_image) {
         bool any = false;
         for (int r = 0; r < m->tp; r++)
@@ -314,39 +294,23 @@ static int scan_bundle(tp_loaded_rank *lr, struct archive *a, size_t *image_len,
         char held[256];
         tp_ld_format_rank_set(have_rank, m->tp, held, sizeof held);
         if (any)
-            tp_errorf(err, "%s holds ranks %s, not rank %d", path, held, lr->rank);
-        else
-            tp_errorf(err, "%s holds no rank file (wanted rank %d)", path, lr->rank);
-        goto out;
+            return tp_errorf(err, "%s holds ranks %s, not rank %d", path, held, lr->rank);
+        return tp_errorf(err, "%s holds no rank file (wanted rank %d)", path, lr->rank);
     }
-    for (size_t i = 0; i < m->n_files; i++) {
-        if (!have_file[i]) {
-            tp_errorf(err, "%s: copied file %s listed in the manifest is missing", path,
-                      m->files[i].name);
-            goto out;
-        }
-    }
-    rc = 0;
-out:
-    free(have_rank);
-    free(have_file);
-    return rc;
+    for (size_t i = 0; i < m->n_files; i++)
+        if (!have_file[i])
+            return tp_errorf(err, "%s: copied file %s listed in the manifest is missing", path,
+                             m->files[i].name);
+    return 0;
 }
 
 static int load_from_bundle(tp_loaded_rank *lr, bool verify, tp_err *err)
 {
-    struct archive *a;
-    if (tp_ld_tar_open_read(lr->source, &a, err) < 0)
+    static const tp_ld_tar_walker scan = {scan_manifest, scan_entry, scan_end};
+    bundle_scan s = {.lr = lr, .verify = verify};
+    if (tp_ld_tar_walk(lr->source, &lr->manifest, &scan, &s, err) < 0)
         return -1;
-    size_t image_len = 0;
-    int rc = tp_ld_tar_read_manifest(a, lr->source, &lr->manifest, err);
-    if (rc == 0)
-        rc = check_loadable(&lr->manifest, lr->source, lr->rank, err);
-    if (rc == 0)
-        rc = scan_bundle(lr, a, &image_len, verify, err);
-    tp_ld_tar_close_read(a);
-    if (rc < 0)
-        return -1;
+    size_t image_len = s.image_len;
 
     const char *file = lr->manifest.ranks[lr->rank].file;
     char name[1024];

@@ -77,8 +77,44 @@ int tp_ld_bundle_check_type(const char *bundle, struct archive_entry *e, tp_err 
 /* Opens a tar for reading (tar formats only, no compression). */
 int tp_ld_tar_open_read(const char *path, struct archive **out, tp_err *err);
 void tp_ld_tar_close_read(struct archive *a);
-/* Reads the first entry, which must be manifest.json, and parses it. */
+/* Reads the first entry, which must be manifest.json, parses it and checks
+ * it (tp_ld_manifest_sanity); on failure *m is left zeroed. */
 int tp_ld_tar_read_manifest(struct archive *a, const char *path, tp_manifest *m, tp_err *err);
+
+/* An entry after the manifest, as tp_ld_tar_walk hands it to on_entry: its
+ * name and type passed the bundle checks, the manifest lists it, and no
+ * earlier entry had its name. */
+typedef struct tp_ld_tar_entry {
+    struct archive *a;            /* read its data here, or not: the walk skips what is left */
+    struct archive_entry *e;
+    const char *name;
+    int64_t size;                 /* from the header, >= 0 */
+    tp_ld_entry_kind kind;        /* TP_LD_ENTRY_RANK or TP_LD_ENTRY_COPIED */
+    int rank;                     /* RANK: which one */
+    const tp_manifest_file *file; /* COPIED: its manifest entry */
+} tp_ld_tar_entry;
+
+/* The callbacks of a walk; each returns 0, or -1 with err filled, which ends
+ * the walk with that error. */
+typedef struct tp_ld_tar_walker {
+    /* Once the manifest is read and checked, before any other entry (may be
+     * NULL); json and len are its bytes. */
+    int (*on_manifest)(void *arg, const tp_manifest *m, const uint8_t *json, size_t len, tp_err *err);
+    int (*on_entry)(void *arg, const tp_ld_tar_entry *ent, tp_err *err);
+    /* After the last entry (may be NULL): which ranks and which copied files
+     * (in m->files order) the bundle held. */
+    int (*on_end)(void *arg, const bool *seen_rank, const bool *seen_file, tp_err *err);
+} tp_ld_tar_walker;
+
+/* The one walk over a bundle, shared by tp_bundle_unpack, tp_bundle_verify
+ * and tp_load_rank: opens path (tp_ld_tar_open_read), reads the manifest
+ * (tp_ld_tar_read_manifest's rules) into *m, then checks each further entry
+ * (tp_ld_bundle_check_name, tp_ld_bundle_check_type, "PATH: entry NAME is
+ * not listed in the bundle's manifest", "PATH: entry NAME appears twice")
+ * and hands it to on_entry; an unreadable header is "PATH: <libarchive's
+ * reason>".  Closes the tar before it returns.  *m is zeroed first; the
+ * caller frees it (tp_manifest_free) whether the walk succeeded or not. */
+int tp_ld_tar_walk(const char *path, tp_manifest *m, const tp_ld_tar_walker *w, void *arg, tp_err *err);
 /* Reads the current entry's data (exactly its header size, which must be
  * <= cap) into a malloc'd buffer with a NUL after it. */
 int tp_ld_tar_read_entry(struct archive *a, struct archive_entry *e, const char *path, size_t cap,

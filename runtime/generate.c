@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "json_internal.h"
 #include "runtime.h"
 
 /* ------------------------------------------------------ generation_config */
@@ -18,15 +19,6 @@ static int json_number(const cJSON *root, const char *key, bool *has, double *ou
         return tp_errorf(err, "generation_config.json: %s is not a number", key);
     *has = true;
     *out = v->valuedouble;
-    return 0;
-}
-
-static int json_token_id(const cJSON *v, int32_t *out, tp_err *err)
-{
-    if (!cJSON_IsNumber(v) || v->valuedouble < 0 || v->valuedouble > INT32_MAX ||
-        v->valuedouble != floor(v->valuedouble))
-        return tp_errorf(err, "generation_config.json: eos_token_id holds something that is not a token id");
-    *out = (int32_t)v->valuedouble;
     return 0;
 }
 
@@ -97,24 +89,9 @@ int tp_gen_config_parse(tp_gen_config *g, const char *json, tp_err *err)
     if (has_max)
         g->max_new_tokens = (int)v;
 
-    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
-    if (cJSON_IsArray(eos)) {
-        const cJSON *e;
-        cJSON_ArrayForEach(e, eos) {
-            if (g->n_eos == (int)(sizeof g->eos_ids / sizeof g->eos_ids[0])) {
-                tp_errorf(err, "generation_config.json: eos_token_id lists more than %d ids",
-                          (int)(sizeof g->eos_ids / sizeof g->eos_ids[0]));
-                goto out;
-            }
-            if (json_token_id(e, &g->eos_ids[g->n_eos], err))
-                goto out;
-            g->n_eos++;
-        }
-    } else if (eos && !cJSON_IsNull(eos)) {
-        if (json_token_id(eos, &g->eos_ids[0], err))
-            goto out;
-        g->n_eos = 1;
-    }
+    if (tp_json_id_list(root, "eos_token_id", g->eos_ids, (int)(sizeof g->eos_ids / sizeof g->eos_ids[0]),
+                        "generation_config.json", &g->n_eos, err) < 0)
+        goto out;
     rc = 0;
 out:
     cJSON_Delete(root);

@@ -209,9 +209,7 @@ typedef struct tp_sampler_opts {
     size_t n_seen;
 } tp_sampler_opts;
 
-typedef struct tp_rng { uint64_t s[4]; } tp_rng;
-void tp_rng_seed(tp_rng *r, uint64_t seed);
-double tp_rng_uniform(tp_rng *r);
+/* The draws come from tp_rng (shardfmt.h). */
 /* Picks a token from full logits (vocab entries).  Greedy ties go to the
  * lowest id.  scratch: NULL (allocated inside) or 2 * vocab floats.  It does
  * not apply o->repetition_penalty: tp_model_pick does, on a copy. */

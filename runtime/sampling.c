@@ -14,42 +14,6 @@
 
 #include "runtime.h"
 
-/* ------------------------------------------------------------------ rng */
-
-static uint64_t splitmix64(uint64_t *x)
-{
-    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
-void tp_rng_seed(tp_rng *r, uint64_t seed)
-{
-    /* splitmix64 spreads any seed (0 included) over the 256-bit state. */
-    for (int i = 0; i < 4; i++)
-        r->s[i] = splitmix64(&seed);
-}
-
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
-
-/* xoshiro256** (Blackman & Vigna). */
-static uint64_t rng_next(tp_rng *r)
-{
-    uint64_t *s = r->s;
-    uint64_t result = rotl(s[1] * 5, 7) * 9;
-    uint64_t t = s[1] << 17;
-    s[2] ^= s[0];
-    s[3] ^= s[1];
-    s[1] ^= s[2];
-    s[0] ^= s[3];
-    s[2] ^= t;
-    s[3] = rotl(s[3], 45);
-    return result;
-}
-
-double tp_rng_uniform(tp_rng *r) { return (double)(rng_next(r) >> 11) * 0x1.0p-53; }
-
 /* -------------------------------------------------------------- picking */
 
 static int32_t argmax(const float *logits, int vocab)

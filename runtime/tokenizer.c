@@ -18,7 +18,6 @@
 #include <pcre2.h>
 #include <utf8proc.h>
 #include <cJSON.h>
-#include <zstd.h>
 #include <xxhash.h>
 
 #include <stdlib.h>
@@ -885,59 +884,13 @@ int tp_tokenizer_load_mem(tp_tokenizer **out, const char *json, size_t len, cons
     return 0;
 }
 
-static int zstd_decompress_capped(const uint8_t *src, size_t n, size_t cap, char **out, size_t *out_len,
-                                  const char *path, tp_err *err)
-{
-    ZSTD_DStream *ds = ZSTD_createDStream();
-    if (!ds) return tp_errorf(err, "%s: out of memory", path);
-    unsigned long long content = ZSTD_getFrameContentSize(src, n);
-    size_t bufcap = (content != ZSTD_CONTENTSIZE_UNKNOWN && content != ZSTD_CONTENTSIZE_ERROR && content <= cap)
-                        ? (size_t)content + 1 : (size_t)1 << 20;
-    char *buf = malloc(bufcap);
-    size_t len = 0;
-    ZSTD_inBuffer in = {src, n, 0};
-    int rc = 0;
-    if (!buf) rc = tp_errorf(err, "%s: out of memory", path);
-    while (rc == 0) {
-        if (len == bufcap) {
-            if (bufcap > cap) { rc = tp_errorf(err, "%s: decompresses to more than %zu bytes", path, cap); break; }
-            char *p = realloc(buf, bufcap * 2);
-            if (!p) { rc = tp_errorf(err, "%s: out of memory", path); break; }
-            buf = p;
-            bufcap *= 2;
-        }
-        ZSTD_outBuffer o = {buf + len, bufcap - len, 0};
-        size_t r = ZSTD_decompressStream(ds, &o, &in);
-        if (ZSTD_isError(r)) { rc = tp_errorf(err, "%s: zstd: %s", path, ZSTD_getErrorName(r)); break; }
-        len += o.pos;
-        if (len > cap) { rc = tp_errorf(err, "%s: decompresses to more than %zu bytes", path, cap); break; }
-        if (r == 0 && in.pos == in.size) break;
-        if (in.pos == in.size && o.pos < o.size) { rc = tp_errorf(err, "%s: zstd: truncated frame", path); break; }
-    }
-    ZSTD_freeDStream(ds);
-    if (rc) { free(buf); return -1; }
-    *out = buf;
-    *out_len = len;
-    return 0;
-}
-
 int tp_tokenizer_load(tp_tokenizer **tok, const char *path, tp_err *err)
 {
     *tok = NULL;
-    char *data = NULL, *json = NULL;
-    size_t n = 0, json_len = 0;
-    size_t plen = strlen(path);
-    bool zst = plen > 4 && strcmp(path + plen - 4, ".zst") == 0;
-    if (tp_read_file(path, TP_TOK_MAX_JSON, &data, &n, err)) return -1;
-    if (zst) {
-        int rc = zstd_decompress_capped((const uint8_t *)data, n, TP_TOK_MAX_JSON, &json, &json_len, path, err);
-        free(data);
-        if (rc) return -1;
-    } else {
-        json = data;
-        json_len = n;
-    }
-    int rc = tp_tokenizer_load_mem(tok, json, json_len, path, err);
+    char *json;
+    size_t len;
+    if (tp_read_file_zst(path, TP_TOK_MAX_JSON, &json, &len, err)) return -1;
+    int rc = tp_tokenizer_load_mem(tok, json, len, path, err);
     free(json);
     return rc;
 }

@@ -217,3 +217,81 @@ int tp_codec_decode(tp_codec c, size_t elem_size,
         tp_byteplanes_join(out, raw_len / 2, dst);
     return 0;
 }
+
+/* ------------------------------------------------------------ .zst files */
+
+static bool is_zst_name(const char *path)
+{
+    size_t n = strlen(path);
+    return n > 4 && strcmp(path + n - 4, ".zst") == 0;
+}
+
+/* Decodes every frame of packed into a malloc'd, NUL-terminated buffer.
+ * Streaming, so a frame need not record its size; the buffer grows by
+ * doubling up to max_size + 1 bytes, one byte more than allowed being how
+ * an over-long result shows. */
+static int zstd_decode_capped(const char *path, const char *packed, size_t packed_len, size_t max_size,
+                              char **out, size_t *out_len, tp_err *err)
+{
+    size_t limit = max_size + 1;
+    unsigned long long recorded = ZSTD_getFrameContentSize(packed, packed_len);
+    size_t cap = recorded < limit ? (size_t)recorded + 1 : (size_t)1 << 20;
+    if (cap > limit)
+        cap = limit;
+    ZSTD_DStream *ds = ZSTD_createDStream();
+    char *buf = malloc(cap + 1);
+    size_t len = 0;
+    int rc = 0;
+    if (!ds || !buf)
+        rc = tp_errorf(err, "%s: out of memory", path);
+    ZSTD_inBuffer in = {packed, packed_len, 0};
+    while (rc == 0) {
+        if (len == cap) { /* < limit: a full limit is over max_size, refused below */
+            size_t ncap = cap > limit / 2 ? limit : cap * 2;
+            char *nb = realloc(buf, ncap + 1);
+            if (!nb) {
+                rc = tp_errorf(err, "%s: out of memory", path);
+                break;
+            }
+            buf = nb;
+            cap = ncap;
+        }
+        ZSTD_outBuffer o = {buf, cap, len};
+        size_t r = ZSTD_decompressStream(ds, &o, &in);
+        len = o.pos;
+        if (ZSTD_isError(r))
+            rc = tp_errorf(err, "%s: zstd: %s", path, ZSTD_getErrorName(r));
+        else if (len > max_size)
+            rc = tp_errorf(err, "%s: decompresses to more than %zu bytes", path, max_size);
+        else if (r == 0 && in.pos == in.size)
+            break; /* the last frame is complete */
+        else if (in.pos == in.size && o.pos < o.size)
+            rc = tp_errorf(err, "%s: zstd: truncated frame", path); /* zstd wants input there is not */
+    }
+    ZSTD_freeDStream(ds);
+    if (rc < 0) {
+        free(buf);
+        return -1;
+    }
+    buf[len] = '\0';
+    *out = buf;
+    if (out_len)
+        *out_len = len;
+    return 0;
+}
+
+int tp_read_file_zst(const char *path, size_t max_size, char **out, size_t *out_len, tp_err *err)
+{
+    if (!is_zst_name(path))
+        return tp_read_file(path, max_size, out, out_len, err);
+    *out = NULL;
+    if (out_len)
+        *out_len = 0;
+    char *packed;
+    size_t packed_len;
+    if (tp_read_file(path, max_size, &packed, &packed_len, err) < 0)
+        return -1;
+    int rc = zstd_decode_capped(path, packed, packed_len, max_size, out, out_len, err);
+    free(packed);
+    return rc;
+}

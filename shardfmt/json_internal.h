@@ -279,12 +279,7 @@ static inline int tp_json_bool(const cJSON *obj, const char *key, const char *wh
 /* 32 lowercase hex digits (a conversion id). */
 static inline bool tp_is_conversion_id(const char *s)
 {
-    if (!s || strlen(s) != 32)
-        return false;
-    for (int i = 0; i < 32; i++)
-        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
-            return false;
-    return true;
+    return s && strlen(s) == 32 && tp_is_lower_hex(s, 32);
 }
 
 /* A JSON number holding an exact unsigned integer (cJSON's own printer

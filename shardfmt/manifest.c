@@ -22,7 +22,6 @@
 #include "shardfmt.h"
 
 #define MAX_MANIFEST_SIZE (64u << 20)
-#define MAX_TP 4096
 #define CHECKSUM_KEY "manifest_xxh3"
 #define CHECKSUM_KEY_QUOTED "\"" CHECKSUM_KEY "\""
 
@@ -54,12 +53,7 @@ void tp_new_conversion_id(char out[33])
         memcpy(bytes, &a, 8);
         memcpy(bytes + 8, &b, 8);
     }
-    static const char digits[] = "0123456789abcdef";
-    for (int i = 0; i < 16; i++) {
-        out[2 * i] = digits[bytes[i] >> 4];
-        out[2 * i + 1] = digits[bytes[i] & 15];
-    }
-    out[32] = 0;
+    tp_hex_bytes(bytes, sizeof bytes, out);
 }
 
 /* -------------------------------------------------------- self-checksum */
@@ -88,9 +82,8 @@ static int locate_checksum(const char *text, size_t len, size_t *value_at)
     if (i < 18 || text[i - 1] != '"' || text[i - 18] != '"')
         return -1;
     size_t digits = i - 17;
-    for (size_t k = digits; k < digits + 16; k++)
-        if (!((text[k] >= '0' && text[k] <= '9') || (text[k] >= 'a' && text[k] <= 'f')))
-            return -1;
+    if (!tp_is_lower_hex(text + digits, 16))
+        return -1;
     i = skip_space_back(text, i - 18);
     if (i == 0 || text[i - 1] != ':')
         return -1;
@@ -161,8 +154,8 @@ static int check_for_write(const tp_manifest *m, const char *path, tp_err *err)
         return TP_FAIL(err, "%s: format must be \"tpshard\" or \"safetensors\"", path);
     if (!tp_is_conversion_id(m->conversion_id))
         return TP_FAIL(err, "%s: conversion id must be 32 lowercase hex digits", path);
-    if (m->tp < 1 || m->tp > MAX_TP || !m->ranks)
-        return TP_FAIL(err, "%s: tp %d out of range [1, %d]", path, m->tp, MAX_TP);
+    if (m->tp < 1 || m->tp > TP_MAX_TP || !m->ranks)
+        return TP_FAIL(err, "%s: tp %d out of range [1, %d]", path, m->tp, TP_MAX_TP);
     if (!m->model_type || !*m->model_type || !m->codec)
         return TP_FAIL(err, "%s: model_type and codec are required", path);
     for (int i = 0; i < m->tp; i++)
@@ -310,7 +303,7 @@ static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank 
                                         "tensors", NULL };
     const char *file, *checksum;
     uint64_t n_tensors;
-    if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_int(o, "rank", 0, MAX_TP - 1, where, &r->rank, err) < 0)
+    if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_int(o, "rank", 0, TP_MAX_TP - 1, where, &r->rank, err) < 0)
         return -1;
     if (r->rank != i)
         return TP_FAIL(err, "%s: is rank %d (ranks must be listed 0..tp-1 in order)", where, r->rank);
@@ -321,7 +314,7 @@ static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank 
     if (tp_json_u64(o, "size", UINT64_MAX, where, &r->size, err) < 0 ||
         tp_json_str(o, "checksum", 64, false, where, &checksum, err) < 0)
         return -1;
-    if (strlen(checksum) != 16 || tp_parse_hex64(checksum, &r->checksum) < 0)
+    if (tp_parse_hex64(checksum, &r->checksum) < 0)
         return TP_FAIL(err, "%s: checksum \"%s\" is not 16 hex digits", where, checksum);
     if (tp_json_u64(o, "raw_bytes", UINT64_MAX, where, &r->raw_bytes, err) < 0 ||
         tp_json_u64(o, "stored_bytes", UINT64_MAX, where, &r->stored_bytes, err) < 0 ||
@@ -378,7 +371,7 @@ static int parse_file(const cJSON *o, size_t i, const char *name, tp_manifest_fi
     if (f->size > TP_MAX_COPIED_FILE)
         return TP_FAIL(err, "%s: %s is %llu bytes, more than the %u a copied file may have", where, file,
                        (unsigned long long)f->size, TP_MAX_COPIED_FILE);
-    if (strlen(sum) != 16 || tp_parse_hex64(sum, &f->xxh3) < 0)
+    if (tp_parse_hex64(sum, &f->xxh3) < 0)
         return TP_FAIL(err, "%s: xxh3 \"%s\" is not 16 hex digits", where, sum);
     if (!(f->name = strdup(file)))
         return TP_FAIL(err, "%s: out of memory", where);
@@ -475,7 +468,7 @@ static int parse_top(const cJSON *root, const char *text, size_t len, const char
     if (!iso8601_ok(s))
         return TP_FAIL(err, "%s: created \"%s\" is not an ISO-8601 UTC time (YYYY-MM-DDTHH:MM:SSZ)", name, s);
     if (tp_json_str(root, "tool", 128, false, name, &s, err) < 0 ||
-        tp_json_int(root, "tp", 1, MAX_TP, name, &m->tp, err) < 0 ||
+        tp_json_int(root, "tp", 1, TP_MAX_TP, name, &m->tp, err) < 0 ||
         tp_json_str(root, "model_type", 64, false, name, &s, err) < 0)
         return -1;
     if (!(m->model_type = strdup(s)))

@@ -211,7 +211,7 @@ int tp_shard_writer_open(tp_shard_writer **out, const char *path, const char *co
         opts = &defaults;
     if (!tp_is_conversion_id(conversion_id))
         return TP_FAIL(err, "%s: conversion id must be 32 lowercase hex digits", path);
-    if (tp < 1 || tp > 4096 || rank < 0 || rank >= tp)
+    if (tp < 1 || tp > TP_MAX_TP || rank < 0 || rank >= tp)
         return TP_FAIL(err, "%s: rank %d of tp %d is out of range", path, rank, tp);
     if (opts->codec != TP_CODEC_NONE && opts->codec != TP_CODEC_ZSTD)
         return TP_FAIL(err, "%s: unknown codec %d", path, (int)opts->codec);
@@ -883,8 +883,8 @@ static int parse_index(tp_shard_index *ix, const cJSON *root, const parse_ctx *p
     if (!tp_is_conversion_id(cid))
         return TP_FAIL(err, "%s: conversion_id \"%s\" is not 32 lowercase hex digits", where, cid);
     memcpy(ix->conversion_id, cid, 33);
-    if (tp_json_int(root, "tp", 1, 4096, where, &ix->tp, err) < 0 ||
-        tp_json_int(root, "rank", 0, 4095, where, &ix->rank, err) < 0)
+    if (tp_json_int(root, "tp", 1, TP_MAX_TP, where, &ix->tp, err) < 0 ||
+        tp_json_int(root, "rank", 0, TP_MAX_TP - 1, where, &ix->rank, err) < 0)
         return -1;
     if (ix->rank >= ix->tp)
         return TP_FAIL(err, "%s: rank %d is not below tp %d", where, ix->rank, ix->tp);

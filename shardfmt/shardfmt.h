@@ -85,6 +85,14 @@ int tp_write_all(int fd, const void *buf, size_t len, const char *path, tp_err *
 int tp_pwrite_all(int fd, const void *buf, size_t len, uint64_t off, const char *path, tp_err *err);
 /* Reads a whole (small) file into a NUL-terminated malloc'd buffer. */
 int tp_read_file(const char *path, size_t max_size, char **out, size_t *out_len, tp_err *err);
+/* The one reader of a file that may be zstd-compressed (a tokenizer.json.zst):
+ * a path ending in ".zst" is read and its zstd frames decoded (streaming, so
+ * a frame need not record its size; concatenated frames are joined), any
+ * other path is read as tp_read_file reads it.  max_size bounds both the
+ * file and the DECODED bytes ("PATH: decompresses to more than N bytes");
+ * a corrupt or truncated frame is "PATH: zstd: <reason>".  *out is
+ * NUL-terminated and malloc'd, as tp_read_file's.  (codec.c) */
+int tp_read_file_zst(const char *path, size_t max_size, char **out, size_t *out_len, tp_err *err);
 /* Writes a whole small file crash-safely: tmp name, fsync, rename, fsync dir. */
 int tp_write_file_atomic(const char *path, const void *buf, size_t len, tp_err *err);
 int tp_fsync_dir(const char *dir, tp_err *err);
@@ -130,8 +138,32 @@ char *tp_path_dir(const char *path);
 
 /* XXH3-64 (libxxhash).  The hex form is 16 lowercase digits. */
 uint64_t tp_xxh3(const void *data, size_t len);
+
+/* The one hex encoding of the formats: lowercase, most significant first.
+ * tp_hex64 writes v as 16 digits and a NUL; tp_hex_bytes writes the n bytes
+ * as 2n digits (byte order kept) and a NUL, out holding 2n + 1. */
 void tp_hex64(uint64_t v, char out[17]);
-int tp_parse_hex64(const char *s, uint64_t *out); /* 0 ok, -1 malformed */
+void tp_hex_bytes(const uint8_t *bytes, size_t n, char *out);
+/* Exactly 16 hex digits (either case) then the end of s: 0 and *out set,
+ * else -1 and *out untouched. */
+int tp_parse_hex64(const char *s, uint64_t *out);
+/* Whether s[0..n) are all lowercase hex digits, as tp_hex64 and
+ * tp_hex_bytes write them (a NUL before n is not a digit: false). */
+bool tp_is_lower_hex(const char *s, size_t n);
+
+/* -------------------------------------------------------------------- rng */
+
+/* xoshiro256** (Blackman & Vigna): the one random generator of the project,
+ * behind tprun's sampling and tpsynth's weights.  The sequence a seed gives
+ * is part of what both promise (the same seed samples the same tokens and
+ * writes the same bytes, release after release): never change it. */
+typedef struct tp_rng { uint64_t s[4]; } tp_rng;
+/* splitmix64 spreads any seed, 0 included, over the 256-bit state. */
+void tp_rng_seed(tp_rng *r, uint64_t seed);
+/* The next 64 random bits. */
+uint64_t tp_rng_next(tp_rng *r);
+/* Uniform in [0, 1): the top 53 bits of tp_rng_next. */
+double tp_rng_uniform(tp_rng *r);
 
 /* ------------------------------------------------------------- thread pool */
 
@@ -383,6 +415,11 @@ int tp_shard_writer_finish(tp_shard_writer *w, uint64_t *index_xxh3, uint64_t *f
 void tp_shard_writer_abort(tp_shard_writer *w);
 
 /* ---------------------------------------------------------------- manifest */
+
+/* The most ranks a conversion may have: the manifest, every rank file's
+ * index (FORMAT.md), the shard writer and tpconvert --tp all hold tp to
+ * [1, TP_MAX_TP], so a tp that one accepts the others accept too. */
+#define TP_MAX_TP 4096
 
 /* The rank file's format version (header and index, FORMAT.md 1). */
 #define TP_FORMAT_VERSION 1

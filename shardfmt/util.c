@@ -1,5 +1,5 @@
 /* util.c - errors, dtypes, overflow-checked arithmetic, file I/O helpers,
- * checksums and the monotonic clock.  The thread pool lives in pool.c and
+ * checksums, the random generator and the monotonic clock.  The thread pool lives in pool.c and
  * the progress bar in progress.c. */
 #include "shardfmt.h"
 
@@ -608,14 +608,30 @@ uint64_t tp_xxh3(const void *data, size_t len)
     return (uint64_t)XXH3_64bits(data, len);
 }
 
-void tp_hex64(uint64_t v, char out[17])
+void tp_hex_bytes(const uint8_t *bytes, size_t n, char *out)
 {
     static const char digits[] = "0123456789abcdef";
-    for (int i = 15; i >= 0; i--) {
-        out[i] = digits[v & 0xf];
-        v >>= 4;
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 0xf];
     }
-    out[16] = '\0';
+    out[2 * n] = '\0';
+}
+
+void tp_hex64(uint64_t v, char out[17])
+{
+    uint8_t big_endian[8];
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        big_endian[i] = (uint8_t)v;
+    tp_hex_bytes(big_endian, sizeof big_endian, out);
+}
+
+bool tp_is_lower_hex(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f')))
+            return false;
+    return true;
 }
 
 int tp_parse_hex64(const char *s, uint64_t *out)
@@ -639,6 +655,40 @@ int tp_parse_hex64(const char *s, uint64_t *out)
     *out = v;
     return 0;
 }
+
+/* -------------------------------------------------------------------- rng */
+
+static uint64_t splitmix64(uint64_t *x)
+{
+    uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void tp_rng_seed(tp_rng *r, uint64_t seed)
+{
+    for (int i = 0; i < 4; i++)
+        r->s[i] = splitmix64(&seed);
+}
+
+static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+uint64_t tp_rng_next(tp_rng *r)
+{
+    uint64_t *s = r->s;
+    uint64_t result = rotl(s[1] * 5, 7) * 9;
+    uint64_t t = s[1] << 17;
+    s[2] ^= s[0];
+    s[3] ^= s[1];
+    s[1] ^= s[2];
+    s[0] ^= s[3];
+    s[2] ^= t;
+    s[3] = rotl(s[3], 45);
+    return result;
+}
+
+double tp_rng_uniform(tp_rng *r) { return (double)(tp_rng_next(r) >> 11) * 0x1.0p-53; }
 
 /* ------------------------------------------------------------------- clock */
 

@@ -4,6 +4,7 @@
  * specific message and leave nothing behind, and be refused by
  * tp_bundle_verify and tp_load_rank too. */
 #include "loader_fixture.h"
+#include "loader_internal.h"
 
 #include <archive.h>
 #include <archive_entry.h>
@@ -116,6 +117,81 @@ static void expect_refused(const char *root, const char *tar, const char *want, 
     free(empty);
 }
 
+/* What a tp_ld_tar_walk reported, for test_tar_walk. */
+typedef struct walk_log {
+    int manifests, ends, fail_at; /* fail_at: on_entry call that fails (-1: none) */
+    size_t manifest_len;
+    char order[8][64];
+    int n;
+    bool seen_rank[2], seen_file[2];
+} walk_log;
+
+static int log_manifest(void *arg, const tp_manifest *m, const uint8_t *json, size_t len, tp_err *err)
+{
+    walk_log *w = arg;
+    w->manifests++;
+    w->manifest_len = len;
+    return m->tp == 2 && w->n == 0 ? 0 : tp_errorf(err, "manifest hook saw the wrong state");
+}
+
+static int log_entry(void *arg, const tp_ld_tar_entry *ent, tp_err *err)
+{
+    walk_log *w = arg;
+    if (w->n == w->fail_at)
+        return tp_errorf(err, "stop at %s", ent->name);
+    bool copied = ent->kind == TP_LD_ENTRY_COPIED && ent->file && strcmp(ent->file->name, ent->name) == 0;
+    if (w->n < 8)
+        snprintf(w->order[w->n], sizeof w->order[0], "%s %d %s", ent->name,
+                 ent->kind == TP_LD_ENTRY_RANK ? ent->rank : -1, copied ? "file" : "-");
+    w->n++;
+    if (w->n == 2) { /* read one entry's data; the walk skips the others' */
+        uint8_t *data;
+        size_t len;
+        if (tp_ld_tar_read_entry(ent->a, ent->e, "walk", (size_t)ent->size, &data, &len, err) < 0)
+            return -1;
+        free(data);
+    }
+    return 0;
+}
+
+static int log_end(void *arg, const bool *seen_rank, const bool *seen_file, tp_err *err)
+{
+    walk_log *w = arg;
+    w->ends++;
+    memcpy(w->seen_rank, seen_rank, sizeof w->seen_rank);
+    memcpy(w->seen_file, seen_file, sizeof w->seen_file);
+    return 0;
+}
+
+/* The shared walk on its own: manifest first, entries in tar order with
+ * what they are, the end with what was seen; a hook's error stops it. */
+static void test_tar_walk(const char *tar, const tb_entry *good, size_t man_len)
+{
+    static const tp_ld_tar_walker walker = {log_manifest, log_entry, log_end};
+    tp_err err;
+    tp_manifest m;
+    tb_write(tar, good);
+    walk_log w = {.fail_at = -1};
+    CHECK_OK(tp_ld_tar_walk(tar, &m, &walker, &w, &err), err);
+    CHECK(m.tp == 2 && m.n_files == 2);
+    CHECK(w.manifests == 1 && w.manifest_len == man_len && w.ends == 1 && w.n == 3);
+    CHECK(strcmp(w.order[0], "config.json -1 file") == 0);
+    CHECK(strcmp(w.order[1], "tokenizer.json -1 file") == 0);
+    CHECK(strcmp(w.order[2], "rank-00000-of-00002.tpshard 0 -") == 0);
+    CHECK(w.seen_rank[0] && !w.seen_rank[1] && w.seen_file[0] && w.seen_file[1]);
+    tp_manifest_free(&m);
+    /* An on_entry error ends the walk with it: no more entries, no end. */
+    w = (walk_log){.fail_at = 1};
+    CHECK_FAILS(tp_ld_tar_walk(tar, &m, &walker, &w, &err), err, "stop at tokenizer.json");
+    CHECK(w.n == 1 && w.ends == 0);
+    tp_manifest_free(&m);
+    /* An on_manifest error: no entry at all. */
+    w = (walk_log){.fail_at = -1, .n = 5};
+    CHECK_FAILS(tp_ld_tar_walk(tar, &m, &walker, &w, &err), err, "manifest hook saw the wrong state");
+    CHECK(w.n == 5 && w.ends == 0);
+    tp_manifest_free(&m);
+}
+
 int main(void)
 {
     fx_model m;
@@ -141,6 +217,10 @@ int main(void)
     char *tar = fx_path(root, "b.tar");
     tp_err err;
 
+    {
+        tb_entry e[] = {MAN, CFG, TOK, RANK0, END};
+        test_tar_walk(tar, e, man_len);
+    }
     /* The builder itself makes a good bundle: the baseline. */
     {
         tb_entry e[] = {MAN, CFG, TOK, RANK0, F(R1, r1, r1_len), END};

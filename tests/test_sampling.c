@@ -246,6 +246,10 @@ static void test_gen_config(void)
           "eos as a string: %s", err.msg);
     CHECK(tp_gen_config_parse(&g, "{\"eos_token_id\": [1, -2]}", &err) == -1 && strstr(err.msg, "eos_token_id"),
           "negative eos: %s", err.msg);
+    CHECK(tp_gen_config_parse(&g, "{\"eos_token_id\": [1, 2, 3, 4, 5, 6, 7, 8, 9]}", &err) == -1 &&
+              strstr(err.msg, "generation_config.json: key \"eos_token_id\" lists more than 8 ids"),
+          "nine eos ids: %s", err.msg);
+    CHECK(tp_gen_config_parse(&g, "{\"eos_token_id\": []}", &err) == 0 && g.n_eos == 0, "eos []: %s", err.msg);
     CHECK(tp_gen_config_parse(&g, "{\"temperature\": \"hot\"}", &err) == -1 && strstr(err.msg, "temperature"),
           "temperature as a string: %s", err.msg);
     CHECK(tp_gen_config_parse(&g, "{\"top_p\": 1.5}", &err) == -1 && strstr(err.msg, "top_p"), "top_p 1.5: %s", err.msg);

@@ -4,7 +4,6 @@
  * Run from the repository root (tests/run_tests.sh does). */
 #include <cJSON.h>
 #include <utf8proc.h>
-#include <zstd.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,19 +54,10 @@ static cJSON *read_json(const char *path)
 /* The repo's tokenizer.json, decompressed, for the variants. */
 static char *read_tokenizer_json(size_t *len)
 {
-    char *z;
-    size_t zn;
+    char *json;
     tp_err err;
-    if (tp_read_file(QWEN3_TOKENIZER, 64u << 20, &z, &zn, &err)) die("reading tokenizer", &err);
-    unsigned long long n = ZSTD_getFrameContentSize(z, zn);
-    if (n == ZSTD_CONTENTSIZE_ERROR || n == ZSTD_CONTENTSIZE_UNKNOWN || n > (256u << 20)) die("zstd size", NULL);
-    char *out = malloc((size_t)n + 1);
-    size_t r = ZSTD_decompress(out, (size_t)n, z, zn);
-    free(z);
-    if (ZSTD_isError(r) || r != n) die("zstd decompress", NULL);
-    out[n] = '\0';
-    *len = (size_t)n;
-    return out;
+    if (tp_read_file_zst(QWEN3_TOKENIZER, 256u << 20, &json, len, &err)) die("reading tokenizer", &err);
+    return json;
 }
 
 static bool valid_utf8(const char *s, size_t n)

@@ -1,6 +1,7 @@
 /* test_util.c - dtype conversions, overflow helpers, checksums, files, the
  * thread pool and the progress bar of shardfmt. */
 #include "shardfmt.h"
+#include "json_internal.h"
 
 #include <errno.h>
 #include <math.h>
@@ -12,6 +13,8 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zstd.h>
+
 #include "check.h"
 
 static uint32_t bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -140,6 +143,115 @@ static void test_checksums(void)
     CHECK(tp_parse_hex64("2d06800538d394cg", &v) == -1);
     CHECK(tp_parse_hex64("", &v) == -1);
     CHECK(tp_parse_hex64(NULL, &v) == -1);
+    /* Failure leaves the output alone. */
+    v = 7;
+    CHECK(tp_parse_hex64("2d06800538d394cg", &v) == -1 && v == 7);
+    /* Round trip of values with every digit. */
+    const uint64_t samples[] = {1, 0x0123456789abcdefull, 0xfedcba9876543210ull, UINT64_MAX};
+    for (size_t i = 0; i < sizeof samples / sizeof samples[0]; i++) {
+        tp_hex64(samples[i], hex);
+        CHECK(strlen(hex) == 16 && tp_is_lower_hex(hex, 16));
+        CHECK(tp_parse_hex64(hex, &v) == 0 && v == samples[i]);
+    }
+    tp_hex64(0x0123456789abcdefull, hex);
+    CHECK(strcmp(hex, "0123456789abcdef") == 0);
+    /* Bytes keep their order, each as two digits. */
+    const uint8_t bytes[] = {0x00, 0x0f, 0xa0, 0xff, 0x12};
+    char out[2 * sizeof bytes + 1];
+    memset(out, 'x', sizeof out);
+    tp_hex_bytes(bytes, sizeof bytes, out);
+    CHECK(strcmp(out, "000fa0ff12") == 0);
+    tp_hex_bytes(bytes, 0, out);
+    CHECK(out[0] == '\0');
+    /* Lowercase only, exactly n characters looked at. */
+    CHECK(tp_is_lower_hex("09af", 4) && tp_is_lower_hex("09afZ", 4));
+    CHECK(!tp_is_lower_hex("09aF", 4) && !tp_is_lower_hex("09ag", 4) && !tp_is_lower_hex("09a", 4));
+    CHECK(tp_is_lower_hex("", 0));
+    /* A conversion id is 32 of them. */
+    char id[33];
+    tp_new_conversion_id(id);
+    CHECK(strlen(id) == 32 && tp_is_lower_hex(id, 32));
+}
+
+/* tp_rng's sequence is a promise (sampling and tpsynth's bytes depend on
+ * it): these are xoshiro256** seeded by splitmix64, from the reference. */
+static void test_rng(void)
+{
+    static const struct { uint64_t seed, first[4]; } want[] = {
+        {0, {0x99ec5f36cb75f2b4ull, 0xbf6e1f784956452aull, 0x1a5f849d4933e6e0ull, 0x6aa594f1262d2d2cull}},
+        {1, {0xb3f2af6d0fc710c5ull, 0x853b559647364ceaull, 0x92f89756082a4514ull, 0x642e1c7bc266a3a7ull}},
+        {0xdeadbeef, {0xc5555444a74d7e83ull, 0x65c30d37b4b16e38ull, 0x54f773200a4efa23ull, 0x429aed75fb958af7ull}},
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        tp_rng r;
+        tp_rng_seed(&r, want[i].seed);
+        for (int k = 0; k < 4; k++)
+            CHECK(tp_rng_next(&r) == want[i].first[k]);
+    }
+    tp_rng r;
+    tp_rng_seed(&r, 42);
+    CHECK(tp_rng_uniform(&r) == 0.08386297105988216); /* (0x...>>11) * 2^-53 */
+    double lo = 1, hi = 0;
+    for (int k = 0; k < 100000; k++) {
+        double u = tp_rng_uniform(&r);
+        lo = u < lo ? u : lo;
+        hi = u > hi ? u : hi;
+    }
+    CHECK(lo >= 0 && lo < 0.001 && hi < 1 && hi > 0.999);
+}
+
+/* tp_json_id_list: config.json's and generation_config.json's eos_token_id. */
+static int id_list(const char *json, int32_t *ids, int max_n, int *n, tp_err *err)
+{
+    cJSON *root = cJSON_Parse(json);
+    CHECK(root != NULL);
+    int rc = root ? tp_json_id_list(root, "eos_token_id", ids, max_n, "g.json", n, err) : -1;
+    cJSON_Delete(root);
+    return rc;
+}
+
+static void test_json_id_list(void)
+{
+    tp_err err = {{0}};
+    int32_t ids[3];
+    int n = -1;
+    CHECK(id_list("{}", ids, 3, &n, &err) == 0 && n == 0);
+    CHECK(id_list("{\"eos_token_id\": null}", ids, 3, &n, &err) == 0 && n == 0);
+    CHECK(id_list("{\"eos_token_id\": []}", ids, 3, &n, &err) == 0 && n == 0);
+    CHECK(id_list("{\"eos_token_id\": 7}", ids, 3, &n, &err) == 0 && n == 1 && ids[0] == 7);
+    CHECK(id_list("{\"eos_token_id\": [0, 2147483647, 5]}", ids, 3, &n, &err) == 0 && n == 3 && ids[0] == 0 &&
+          ids[1] == INT32_MAX && ids[2] == 5);
+    const char *bad[] = {"{\"eos_token_id\": \"2\"}", "{\"eos_token_id\": [1, -2]}", "{\"eos_token_id\": 1.5}",
+                         "{\"eos_token_id\": 2147483648}", "{\"eos_token_id\": [1, null]}", "{\"eos_token_id\": {}}",
+                         "{\"eos_token_id\": [1, 2, 3, 4]}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        err.msg[0] = '\0';
+        CHECK(id_list(bad[i], ids, 3, &n, &err) == -1);
+        CHECK(strncmp(err.msg, "g.json: key \"eos_token_id\" ", 27) == 0);
+    }
+    CHECK(strstr(err.msg, "lists more than 3 ids") != NULL);
+}
+
+/* TP_MAX_TP is the bound the shard writer applies (as the manifest, the
+ * index reader and tpconvert do): TP_MAX_TP ranks open, one more does not. */
+static void test_max_tp(void)
+{
+    char *dir = tp_path_join(check_tmpdir(), "tp");
+    CHECK(mkdir(dir, 0700) == 0);
+    char *path = tp_path_join(dir, "r.tpshard");
+    char id[33];
+    tp_new_conversion_id(id);
+    tp_err err = {{0}};
+    tp_shard_writer *w = NULL;
+    CHECK(tp_shard_writer_open(&w, path, id, TP_MAX_TP - 1, TP_MAX_TP, NULL, &err) == 0 && w);
+    if (w)
+        tp_shard_writer_abort(w);
+    CHECK(tp_shard_writer_open(&w, path, id, 0, TP_MAX_TP + 1, NULL, &err) == -1);
+    CHECK(strstr(err.msg, path) && strstr(err.msg, "rank 0 of tp 4097 is out of range"));
+    CHECK(TP_MAX_TP == 4096); /* FORMAT.md states it */
+    rmdir(dir);
+    free(dir);
+    free(path);
 }
 
 static void test_errors(void)
@@ -158,6 +270,106 @@ static void test_errors(void)
     CHECK(strlen(err.msg) == sizeof err.msg - 1);
     tp_err_prefix(&err, "%s", longs);
     CHECK(strlen(err.msg) == sizeof err.msg - 1);
+}
+
+/* Writes buf to dir/name (for the .zst cases); returns the malloc'd path. */
+static char *put_file(const char *dir, const char *name, const void *buf, size_t len)
+{
+    tp_err err;
+    char *path = tp_path_join(dir, name);
+    CHECK(path && tp_write_file_atomic(path, buf, len, &err) == 0);
+    return path;
+}
+
+/* One zstd frame of src; with_size false leaves the size out of the frame
+ * header (as a streaming compressor does). */
+static size_t zst_frame(const void *src, size_t len, bool with_size, uint8_t *dst, size_t cap)
+{
+    ZSTD_CCtx *c = ZSTD_createCCtx();
+    ZSTD_CCtx_setParameter(c, ZSTD_c_contentSizeFlag, with_size ? 1 : 0);
+    size_t n = ZSTD_compress2(c, dst, cap, src, len);
+    ZSTD_freeCCtx(c);
+    CHECK(!ZSTD_isError(n));
+    return ZSTD_isError(n) ? 0 : n;
+}
+
+static void test_read_file_zst(void)
+{
+    char *dir = tp_path_join(check_tmpdir(), "zst");
+    CHECK(mkdir(dir, 0700) == 0);
+    tp_err err = {{0}};
+    char *buf = NULL;
+    size_t len = 0;
+    enum { TEXT = 100000 };
+    char *text = malloc(TEXT);
+    for (size_t i = 0; i < TEXT; i++)
+        text[i] = (char)('a' + (i * 7 + i / 13) % 26);
+    size_t cap = ZSTD_compressBound(2 * TEXT);
+    uint8_t *z = malloc(cap);
+
+    /* A name without .zst is read as it is, even when it holds zstd. */
+    size_t zn = zst_frame(text, TEXT, true, z, cap);
+    char *plain = put_file(dir, "t.json", z, zn);
+    CHECK(tp_read_file_zst(plain, 1u << 20, &buf, &len, &err) == 0 && len == zn && memcmp(buf, z, zn) == 0);
+    free(buf);
+    /* With .zst: decoded, NUL-terminated; with or without a recorded size. */
+    for (int with_size = 0; with_size < 2; with_size++) {
+        zn = zst_frame(text, TEXT, with_size, z, cap);
+        char *path = put_file(dir, "t.json.zst", z, zn);
+        CHECK(tp_read_file_zst(path, TEXT, &buf, &len, &err) == 0);
+        CHECK(len == TEXT && memcmp(buf, text, TEXT) == 0 && buf[TEXT] == '\0');
+        free(buf);
+        /* The bound is on the decoded bytes: one byte less is refused. */
+        CHECK(tp_read_file_zst(path, TEXT - 1, &buf, &len, &err) == -1 && buf == NULL);
+        CHECK(strstr(err.msg, path) && strstr(err.msg, "decompresses to more than 99999 bytes"));
+        free(path);
+    }
+    /* Two frames back to back decode as their concatenation. */
+    zn = zst_frame(text, TEXT / 2, true, z, cap);
+    zn += zst_frame(text + TEXT / 2, TEXT - TEXT / 2, false, z + zn, cap - zn);
+    char *two = put_file(dir, "two.zst", z, zn);
+    CHECK(tp_read_file_zst(two, TEXT, &buf, &len, &err) == 0 && len == TEXT && memcmp(buf, text, TEXT) == 0);
+    free(buf);
+    /* Truncated: every cut is refused, naming the file. */
+    size_t cuts[] = {0, 1, zn / 2, zn - 1};
+    for (size_t i = 0; i < sizeof cuts / sizeof cuts[0]; i++) {
+        char *cut = put_file(dir, "cut.zst", z, cuts[i]);
+        CHECK(tp_read_file_zst(cut, TEXT, &buf, &len, &err) == -1 && buf == NULL);
+        CHECK(strstr(err.msg, cut) && strstr(err.msg, ": zstd: "));
+        free(cut);
+    }
+    /* Not zstd at all. */
+    char *junk = put_file(dir, "junk.zst", "this is not zstd", 16);
+    CHECK(tp_read_file_zst(junk, TEXT, &buf, &len, &err) == -1);
+    CHECK(strstr(err.msg, junk) && strstr(err.msg, ": zstd: "));
+    /* A small file that inflates far past the bound stops at the bound. */
+    char *zeros = calloc(64u << 20, 1);
+    zn = zst_frame(zeros, 64u << 20, false, z, cap);
+    CHECK(zn < cap / 4);
+    char *bomb = put_file(dir, "bomb.zst", z, zn);
+    CHECK(tp_read_file_zst(bomb, 1u << 20, &buf, &len, &err) == -1);
+    CHECK(strstr(err.msg, bomb) && strstr(err.msg, "decompresses to more than 1048576 bytes"));
+    /* A missing .zst says so, as tp_read_file does. */
+    char *missing = tp_path_join(dir, "nope.zst");
+    CHECK(tp_read_file_zst(missing, TEXT, &buf, &len, &err) == -1);
+    CHECK(strstr(err.msg, missing) && strstr(err.msg, "no such file or directory"));
+
+    const char *made[] = {"t.json", "t.json.zst", "two.zst", "cut.zst", "junk.zst", "bomb.zst"};
+    for (size_t i = 0; i < sizeof made / sizeof made[0]; i++) {
+        char *f = tp_path_join(dir, made[i]);
+        unlink(f);
+        free(f);
+    }
+    rmdir(dir);
+    free(dir);
+    free(plain);
+    free(two);
+    free(junk);
+    free(bomb);
+    free(missing);
+    free(zeros);
+    free(z);
+    free(text);
 }
 
 static void test_files(void)
@@ -503,8 +715,12 @@ int main(void)
     test_f16();
     test_overflow();
     test_checksums();
+    test_rng();
+    test_json_id_list();
+    test_max_tp();
     test_errors();
     test_files();
+    test_read_file_zst();
     test_pool();
     test_progress();
     test_safe_file_name();

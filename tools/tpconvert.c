@@ -190,8 +190,8 @@ int main(int argc, char **argv)
             return 0;
         } else if (!strcmp(a, "--tp")) {
             NEED_VALUE();
-            if (!cli_long(v, 1, 4096, &tp))
-                return cli_arg_error("--tp %s: expected an integer from 1 to 4096", v);
+            if (!cli_long(v, 1, TP_MAX_TP, &tp))
+                return cli_arg_error("--tp %s: expected an integer from 1 to %d", v, TP_MAX_TP);
         } else if (!strcmp(a, "--plan")) {
             NEED_VALUE();
             plan = v;
@@ -236,8 +236,8 @@ int main(int argc, char **argv)
             bundle = true;
         } else if (!strcmp(a, "--ranks-per-node")) {
             NEED_VALUE();
-            if (!cli_long(v, 1, 4096, &rpn))
-                return cli_arg_error("--ranks-per-node %s: expected an integer from 1 to 4096", v);
+            if (!cli_long(v, 1, TP_MAX_TP, &rpn))
+                return cli_arg_error("--ranks-per-node %s: expected an integer from 1 to %d", v, TP_MAX_TP);
         } else if (a[0] == '-' && a[1]) {
             return cli_arg_error("unknown option %s (see --help)", a);
         } else {
