@@ -115,7 +115,11 @@ int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const
     char *cfg_path = tp_path_join(model_dir, "config.json");
     if (!cfg_path)
         return tp_errorf(err, "out of memory");
-    int rc = tp_read_file(cfg_path, 16u << 20, &c->config_json, &c->config_len, err);
+    /* The same symlink rule as every other file read from the model
+     * directory (tp_model_file_check), before reading a byte: --dry-run too. */
+    int rc = tp_model_file_check(model_dir, "config.json", err);
+    if (rc == 0)
+        rc = tp_read_file(cfg_path, 16u << 20, &c->config_json, &c->config_len, err);
     if (rc == 0 && tp_model_info_parse(c->config_json, c->config_len, cfg_path, &c->model, err) < 0)
         rc = -1;
     free(cfg_path);

@@ -462,6 +462,11 @@ mv "$tmp/sl-model/model.safetensors" "$tmp/outside.safetensors"
 ln -s "$tmp/outside.safetensors" "$tmp/sl-model/model.safetensors"
 expect_fail "model.safetensors: symlink to $tmp/outside.safetensors, outside the model directory" \
     "$BIN/tpconvert" --tp 1 --quiet "$tmp/sl-model" "$tmp/sl-out"
+# config.json too, and already at --dry-run (it is read before anything else)
+cp -r "$sm" "$tmp/sl-cfg" && mv "$tmp/sl-cfg/config.json" "$tmp/outside-config.json"
+ln -s "$tmp/outside-config.json" "$tmp/sl-cfg/config.json"
+expect_fail "config.json: symlink to $tmp/outside-config.json, outside the model directory" \
+    "$BIN/tpconvert" --tp 1 --dry-run "$tmp/sl-cfg"
 # a symlink inside the model directory is fine
 mkdir "$tmp/sl-model/w" && mv "$tmp/outside.safetensors" "$tmp/sl-model/w/m.safetensors"
 ln -sf w/m.safetensors "$tmp/sl-model/model.safetensors"
