@@ -25,12 +25,14 @@ TP_LDLIBS   := $(TP_BASE_LIBS)
 # (build-san/, bin-san/), so that it never clobbers the normal build.  CPU
 # only: the CUDA tests skip without a GPU anyway.  BUILD=/BIN= still win.
 SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+SAN_BUILD := build-san
+SAN_BIN   := bin-san
 ifeq ($(SAN),1)
   CFLAGS    ?= -O1 -g
   TP_CFLAGS += $(SAN_FLAGS)
   LDFLAGS   += $(SAN_FLAGS)
-  BUILD     := build-san
-  BIN       := bin-san
+  BUILD     := $(SAN_BUILD)
+  BIN       := $(SAN_BIN)
   NOCUDA    := 1
 else
   BUILD     := build
@@ -92,6 +94,24 @@ check:
 	$(MAKE) -j$(shell nproc) all
 	$(MAKE) fuzz FUZZ_SECONDS=$(FUZZ_SECONDS)
 	bash tests/run_tests.sh
+	$(MAKE) check-san
+
+# The whole test suite again, built with ASan + UBSan in its own tree.  Any
+# report fails the test it happens in; LeakSanitizer is on, with only Open
+# MPI's own leaks suppressed (tests/lsan.supp).  fast_unwind_on_malloc=0:
+# Open MPI's libraries have no frame pointers, and only full allocation
+# stacks reach the libmpi frames that the suppressions name.
+SAN_ENV := ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:fast_unwind_on_malloc=0 \
+           UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+           LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0
+check-san:
+	$(MAKE) -j$(shell nproc) SAN=1 all
+	$(SAN_ENV) BUILD=$(SAN_BUILD) BIN=$(SAN_BIN) bash tests/run_tests.sh
+
+# Not part of check: a few minutes of the CUDA kernels and model on the CPU
+# emulation (runtime/cuda/emu/run_emu.sh quick; `run_emu.sh all` is ~25 min).
+check-emu:
+	bash runtime/cuda/emu/run_emu.sh quick
 deps:
 	bash tools/install-deps.sh
 
