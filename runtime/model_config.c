@@ -266,7 +266,7 @@ int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *e
         goto out;
     /* transformers: Qwen3Config.head_dim defaults to 128; the others derive it. */
     long def_hd = c->arch == TP_ARCH_QWEN3 ? 128 : hidden / heads;
-    if (get_int(root, "head_dim", true, def_hd, 2, 1 << 16, &head_dim, err) < 0)
+    if (get_int(root, "head_dim", def_hd >= 2, def_hd, 2, 1 << 16, &head_dim, err) < 0) /* none derived */
         goto out;
     if (head_dim % 2) {
         tp_errorf(err, "%s: head_dim = %ld must be even for RoPE", CFG, head_dim);
