@@ -64,6 +64,9 @@ printf '{"model_type":"llama","hidden_size":1e300,"eos_token_id":[1,2,3,4,5,6,7,
 printf '[1, 2, {"model_type": null}]' >"$out/broken_not_object.json"
 # fuzz_config's first find: a control character quoted into the message.
 printf '{"model_type":"mi\\nstral","hidden_size":64}' >"$out/broken_model_type_newline.json"
+# and its second: hidden_size < heads without head_dim derived head_dim 0.
+printf '{"model_type":"mistral","hidden_size":1,"num_attention_heads":4,"intermediate_size":156,"num_hidden_layers":2,"vocab_size":512}' \
+    >"$out/broken_head_dim_zero.json"
 
 # --- fuzz_tokenizer: small byte-level BPE tokenizers (the 256 byte tokens,
 # a few merges, added tokens) and a few broken ones.
