@@ -284,7 +284,7 @@ int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *e
     double eps;
     if (get_float(root, "", "rms_norm_eps", true, 1e-6, &eps, err) < 0)
         goto out;
-    if (!(eps > 0) || eps > 1) {
+    if (!((float)eps > 0) || eps > 1) { /* > 0 as the float it is stored as */
         tp_errorf(err, "%s: rms_norm_eps = %g is not in (0, 1]", CFG, eps);
         goto out;
     }
