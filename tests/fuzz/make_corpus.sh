@@ -67,6 +67,9 @@ printf '{"model_type":"mi\\nstral","hidden_size":64}' >"$out/broken_model_type_n
 # and its second: hidden_size < heads without head_dim derived head_dim 0.
 printf '{"model_type":"mistral","hidden_size":1,"num_attention_heads":4,"intermediate_size":156,"num_hidden_layers":2,"vocab_size":512}' \
     >"$out/broken_head_dim_zero.json"
+# and its third: an rms_norm_eps > 0 that is 0 as a float.
+printf '{"model_type":"mistral","hidden_size":64,"num_attention_heads":4,"intermediate_size":128,"num_hidden_layers":2,"vocab_size":512,"rms_norm_eps":1e-66}' \
+    >"$out/broken_eps_float_zero.json"
 
 # --- fuzz_tokenizer: small byte-level BPE tokenizers (the 256 byte tokens,
 # a few merges, added tokens) and a few broken ones.
