@@ -259,7 +259,7 @@ static int parse_runtime(tp_model_config *c, const cJSON *root, const char *wher
     double eps;
     if (tp_json_finite(root, "", "rms_norm_eps", true, 1e-6, where, &eps, err) < 0)
         return -1;
-    if (!(eps > 0) || eps > 1)
+    if (!((float)eps > 0) || eps > 1) /* > 0 as the float it is stored as */
         return TP_FAIL(err, "%s: rms_norm_eps = %g is not in (0, 1]", where, eps);
     c->rms_eps = (float)eps;
     if (parse_rope(c, root, where, err) < 0 ||

@@ -32,7 +32,9 @@ typedef struct tp_err {
 } tp_err;
 
 /* Formats msg into err (if err is not NULL) and returns -1, so that error
- * paths read `return tp_errorf(err, "%s: ...", path);`. */
+ * paths read `return tp_errorf(err, "%s: ...", path);`.  Control characters
+ * (from quoted input) become '?', so the message is always one line; the
+ * same holds for tp_err_prefix. */
 int tp_errorf(tp_err *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 

@@ -20,6 +20,16 @@
 
 /* ------------------------------------------------------------------ errors */
 
+/* Messages quote names and values taken from the input (a model_type, a
+ * tensor or entry name): a control character there would break the
+ * one-line contract, so each becomes '?'. */
+static void one_line(char *msg)
+{
+    for (unsigned char *p = (unsigned char *)msg; *p; p++)
+        if (*p < 0x20 || *p == 0x7f)
+            *p = '?';
+}
+
 int tp_errorf(tp_err *err, const char *fmt, ...)
 {
     if (err) {
@@ -27,6 +37,7 @@ int tp_errorf(tp_err *err, const char *fmt, ...)
         va_start(ap, fmt);
         vsnprintf(err->msg, sizeof err->msg, fmt, ap);
         va_end(ap);
+        one_line(err->msg);
     }
     return -1;
 }
@@ -56,6 +67,7 @@ int tp_err_prefix(tp_err *err, const char *fmt, ...)
         ol = cap - 1 - at;
     memcpy(err->msg + at, old, ol);
     err->msg[at + ol] = '\0';
+    one_line(err->msg);
     return -1;
 }
 

@@ -984,6 +984,12 @@ static void test_config(void)
           c.sliding_from_layer);
 
     expect_cfg_error("{\"model_type\": \"gpt2\"}", "gpt2");
+    /* fuzz_config: an rms_norm_eps that is 0 as a float */
+    snprintf(buf, sizeof buf, "%s, \"rms_norm_eps\": 1e-66}", base);
+    expect_cfg_error(buf, "rms_norm_eps");
+    /* fuzz_config: hidden_size < heads and no head_dim gave head_dim 0 */
+    expect_cfg_error("{\"model_type\": \"mistral\", \"hidden_size\": 1, \"num_hidden_layers\": 2, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 8, \"vocab_size\": 512}", "head_dim");
     expect_cfg_error("[1]", "object");
     expect_cfg_error("{\"model_type\": \"llama\", \"num_hidden_layers\": 2}", "hidden_size");
     snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}}", base);

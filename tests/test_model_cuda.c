@@ -197,6 +197,9 @@ static int run_tp_files(const src_model *s, int world, tp_codec codec, const int
     return rc;
 }
 
+/* The largest tp compare_src runs (run_emu.sh quick sets 1). */
+static int g_max_tp = 2;
+
 /* The CPU (ranks in memory) against cuda (rank files, deferred) at tp 1 and 2. */
 static void compare_src(const src_model *s)
 {
@@ -205,7 +208,7 @@ static void compare_src(const src_model *s)
     int32_t ids[16];
     for (int i = 0; i < n_prefill + n_steps; i++)
         ids[i] = (int32_t)((i * 7919 + 13) % V);
-    for (int ti = 0; ti < 2; ti++) {
+    for (int ti = 0; ti < 2 && tps[ti] <= g_max_tp; ti++) {
         int w = tps[ti];
         if (!(s->n_heads % w == 0 && s->intermediate % w == 0 &&
               (s->n_kv < w ? w % s->n_kv == 0 : s->n_kv % w == 0)))

@@ -270,6 +270,13 @@ static void test_errors(void)
     CHECK(strlen(err.msg) == sizeof err.msg - 1);
     tp_err_prefix(&err, "%s", longs);
     CHECK(strlen(err.msg) == sizeof err.msg - 1);
+    /* Messages stay on one line even when they quote input with control
+     * characters (a config.json "model_type": "mi\nstral", found by
+     * fuzz_config). */
+    tp_errorf(&err, "config.json: model_type \"%s\" is not supported", "mi\n\r\tstral\x1b");
+    CHECK(strcmp(err.msg, "config.json: model_type \"mi???stral?\" is not supported") == 0);
+    tp_err_prefix(&err, "a\nb");
+    CHECK(strncmp(err.msg, "a?b: config.json", 16) == 0);
 }
 
 /* Writes buf to dir/name (for the .zst cases); returns the malloc'd path. */

@@ -14,11 +14,20 @@
 # rank files through pinned staging buffers whose asynchronous copies the
 # emulation defers to the next synchronisation) and tprun --device cuda
 # itself (--load-only, and greedy tokens against the cpu's).
-# Needs g++ (C++20), python3; takes a few minutes (thousands of threads).
-# Usage: run_emu.sh [all|kernels|model]  (default all: both test programs).
+# Needs g++ (C++20), python3; all takes about 25 minutes on 2 cores
+# (thousands of threads).  quick (`make check-emu`) takes a few: the kernel
+# tests listed in QUICK_KERNELS below and one model (QUICK_MODEL) cuda vs cpu
+# at tp 1 only, each through a small driver that includes the test file and
+# calls those of its test functions; no tprun run.
+# Usage: run_emu.sh [all|kernels|model|quick]  (default all: both test programs).
 set -euo pipefail
 what=${1:-all}
-case $what in all|kernels|model) ;; *) echo "usage: $0 [all|kernels|model]" >&2; exit 2 ;; esac
+case $what in all|kernels|model|quick) ;; *) echo "usage: $0 [all|kernels|model|quick]" >&2; exit 2 ;; esac
+# quick: the kernel tests that run in seconds to a minute (lookup, norm, gemm,
+# picking); the model run covers attention (test_attention alone takes ~3
+# minutes here), the decode graph and the device picks.
+QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_argmax)
+QUICK_MODEL=qwen3-tiny
 cd "$(dirname "$0")/../../.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -37,9 +46,39 @@ inc=(-I"$emu" -Ishardfmt -Iconvert -Iloader -Iruntime -I/usr/include/cjson -DTP_
 python3 "$emu/rewrite.py" runtime/cuda/kernels_cuda.cu >"$work/kernels_emu.cpp"
 g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/kernels_emu.cpp" -o "$work/kernels_emu.o"
 g++ -std=c++20 -O1 -g -I"$emu" -c "$emu/emu.cpp" -o "$work/emu.o"
-gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_kernels_cuda.c -o "$work/test.o"
+# quick_driver FILE CALLS...: a C file that includes a copy of the test FILE
+# (its main renamed: a #define would not survive test_model_cuda.c's own
+# #undef main) and whose main, once the emulated device is there, makes only
+# the given calls and reports the file's failure count.
+quick_driver() {
+    local file=$1; shift
+    local copy=$work/$(basename "$file" .c)_all.c
+    sed 's/^int main(void)$/int test_all_main(void)/' "$file" >"$copy"
+    grep -q '^int test_all_main(void)$' "$copy" || { echo "run_emu.sh: no 'int main(void)' in $file" >&2; exit 1; }
+    printf '#include "%s"\n#include <time.h>\n' "$copy"
+    printf 'int main(void)\n{\n    tp_err dev_err = { { 0 } };\n    int count = 0;\n    time_t t0 = time(NULL);\n'
+    printf '    if (tpc_device_count(&count, &dev_err) || count == 0 || tpc_set_device(0, &dev_err)) {\n'
+    printf '        printf("the emulation has no device: %%s\\n", dev_err.msg);\n        return 1;\n    }\n'
+    for call in "$@"; do
+        printf '    %s;\n    printf("done: %%s (%%lds)\\n", "%s", (long)(time(NULL) - t0));\n    fflush(stdout);\n' \
+            "$call" "${call//\"/}"
+    done
+    printf '    if (failures) {\n        fprintf(stderr, "%%d failure(s)\\n", failures);\n        return 1;\n    }\n'
+    printf '    puts("all ok");\n    return 0;\n}\n'
+}
+if [ "$what" = quick ]; then
+    calls=()
+    for t in "${QUICK_KERNELS[@]}"; do calls+=("$t()"); done
+    quick_driver tests/test_kernels_cuda.c "${calls[@]}" >"$work/test_kernels_quick.c"
+    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c "$work/test_kernels_quick.c" -o "$work/test.o"
+else
+    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_kernels_cuda.c -o "$work/test.o"
+fi
 link_emu "$work/test_kernels_cuda_emu" "$work/test.o" "$work/kernels_emu.o" "$work/emu.o"
-if [ "$what" != model ]; then
+if [ "$what" = quick ]; then
+    echo "== test_kernels_cuda (${#QUICK_KERNELS[@]} of its tests) on the CPU emulation (not a GPU run)"
+    "$work/test_kernels_cuda_emu"
+elif [ "$what" != model ]; then
     echo "== test_kernels_cuda on the CPU emulation (not a GPU run)"
     "$work/test_kernels_cuda_emu"
 fi
@@ -62,11 +101,21 @@ for f in model_cuda weights_cuda; do
 done
 g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/nccl_stub.cpp" -o "$work/nccl_stub.o"
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c runtime/model.c -o "$work/model_cuda_dispatch.o"
-gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
+if [ "$what" = quick ]; then
+    quick_driver tests/test_model_cuda.c "g_max_tp = 1" \
+        "compare_model(\"tests/models/$QUICK_MODEL\", \"$QUICK_MODEL\")" \
+        "CHECK(g_compared > 0, \"$QUICK_MODEL was not compared\")" >"$work/test_model_quick.c"
+    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_model_quick.c" -o "$work/test_model.o"
+    label="test_model_cuda ($QUICK_MODEL at tp 1)"
+else
+    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
+    label=test_model_cuda
+fi
 link_emu "$work/test_model_cuda_emu" "$work/test_model.o" "$work/model_cuda_dispatch.o" "$work/model_cuda_emu.o" "$work/weights_cuda_emu.o" \
     "$work/nccl_stub.o" "$work/kernels_emu.o" "$work/emu.o"
-echo "== test_model_cuda on the CPU emulation (not a GPU run)"
+echo "== $label on the CPU emulation (not a GPU run)"
 "$work/test_model_cuda_emu"
+[ "$what" = quick ] && exit 0
 
 # tprun itself on the emulation: --device cuda --load-only opens a real
 # conversion (zstd and uncompressed) without decoding it and streams it to
