@@ -34,6 +34,10 @@ ifeq ($(SAN),1)
   BUILD     := $(SAN_BUILD)
   BIN       := $(SAN_BIN)
   NOCUDA    := 1
+else ifeq ($(NOCUDA),1)
+  # Objects without TP_HAVE_CUDA must never mix with the CUDA build's.
+  BUILD     := build-nocuda
+  BIN       := bin-nocuda
 else
   BUILD     := build
   BIN       := bin
@@ -181,9 +185,9 @@ bench-comm: all
 # The flags the programs are built with, for scripts that build a program of
 # their own against the libraries (bench/bench_comm.sh).
 print-cflags:
-	@echo $(CPPFLAGS) $(CFLAGS)
+	@echo $(TP_CPPFLAGS) $(CPPFLAGS) $(TP_CFLAGS) $(CFLAGS)
 print-ldlibs:
-	@echo $(LDLIBS)
+	@echo $(TP_LDLIBS) $(LDLIBS)
 
 clean:
 	rm -rf $(BUILD) $(BIN)
