@@ -23,7 +23,7 @@
  *     all-reduce of the partial products;
  *   packed_colwise: dim 0 holds 2 equal blocks (fused gate_up); a rank holds
  *     its slice of each block (two ranges);
- *   vocab: the embedding split by vocabulary rows (--vocab-parallel);
+ *   vocab: the embedding split by vocabulary rows (tpconvert's default);
  *   replicate: whole on every rank (also everything the plan does not name).
  * Vocabulary rows (lm_head, vocab-parallel embedding) may split unevenly:
  * ceil(V / tp) rows per rank, the last rank shorter (torch.chunk, as DTensor
@@ -275,7 +275,10 @@ typedef struct tp_conversion {
 } tp_conversion;
 
 /* Reads config.json, resolves the plan, opens the weights and cuts every
- * tensor.  Writes nothing. */
+ * tensor.  Writes nothing.  vocab_parallel (tpconvert's default): the
+ * embedding is cut by vocabulary rows unless the plan names it; false
+ * (--replicate-embedding): it stays whole, and a plan that cuts it is
+ * refused. */
 int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const char *plan_path,
                           bool vocab_parallel, tp_err *err);
 void tp_conversion_free(tp_conversion *c);
