@@ -16,7 +16,7 @@
 #     with --plan succeeding as a safetensors export), an unknown style in
 #     --plan, SIGINT;
 #   - what tprun cannot run (convert/arch.c) is refused by tpconvert and
-#     --dry-run: a missing tensor, more layers than weights, rope "yarn",
+#     --dry-run: a missing tensor, more layers than weights, rope "proportional",
 #     hidden_act "gelu", 1e12 sizes, a NUL byte, o_proj colwise in --plan;
 #     a duplicate key is read last-wins by tpconvert and tprun; a qwen3
 #     config without head_dim converts and runs (128);
@@ -248,8 +248,8 @@ arch_case() {
 }
 arch_case layers tests/models/llama-tiny 's/"num_hidden_layers": 2/"num_hidden_layers": 3/' \
     "tensor model.layers.2.input_layernorm.weight is missing"
-arch_case yarn tests/models/llama-tiny 's/"rope_type": "llama3"/"rope_type": "yarn"/' \
-    'rope_scaling.rope_type "yarn" is not supported'
+arch_case proportional tests/models/llama-tiny 's/"rope_type": "llama3"/"rope_type": "proportional"/' \
+    'rope_scaling.rope_type "proportional" is not supported'
 arch_case gelu tests/models/qwen3-tiny 's/"hidden_act": "silu"/"hidden_act": "gelu"/' 'hidden_act "gelu"'
 arch_case huge tests/models/llama-tiny 's/"intermediate_size": 128/"intermediate_size": 1e12/' \
     'config.json: key "intermediate_size" = 1000000000000'

@@ -962,23 +962,23 @@ static void test_config(void)
     char buf[1024];
     snprintf(buf, sizeof buf, "%s}", base);
     CHECK(tp_model_config_parse(&c, buf, &err) == 0, "minimal llama config: %s", err.msg);
-    CHECK(c.n_kv_heads == 4 && c.head_dim == 16 && c.rope_theta == 10000.0f && !c.rope_llama3 &&
+    CHECK(c.n_kv_heads == 4 && c.head_dim == 16 && c.rope.theta == 10000.0 && c.rope.type == TP_ROPE_DEFAULT &&
           c.bos_id == -1 && c.n_eos == 0 && c.sliding_window == 0,
-          "defaults: kv %d head_dim %d theta %g", c.n_kv_heads, c.head_dim, c.rope_theta);
+          "defaults: kv %d head_dim %d theta %g", c.n_kv_heads, c.head_dim, c.rope.theta);
 
     /* old layout: top-level rope_theta + rope_scaling{type} */
     snprintf(buf, sizeof buf, "%s, \"rope_theta\": 500000.0, \"rope_scaling\": {\"type\": \"llama3\", "
              "\"factor\": 32.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
              "\"original_max_position_embeddings\": 8192}, \"eos_token_id\": [128001, 128009]}", base);
-    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope_theta == 500000.0f && c.rope_llama3 &&
-          c.rope_factor == 32.0f && c.rope_original_max_position == 8192 && c.n_eos == 2 &&
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope.theta == 500000.0 && c.rope.type == TP_ROPE_LLAMA3 &&
+          c.rope.factor == 32.0 && c.rope.original_max_position == 8192 && c.n_eos == 2 &&
           c.eos_ids[1] == 128009, "old rope layout: %s", err.msg);
     /* new layout: rope_parameters with rope_theta inside */
     snprintf(buf, sizeof buf, "%s, \"rope_parameters\": {\"rope_type\": \"llama3\", \"rope_theta\": "
              "250000.0, \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
              "\"original_max_position_embeddings\": 64}}", base);
-    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope_theta == 250000.0f && c.rope_llama3 &&
-          c.rope_original_max_position == 64, "new rope layout: %s", err.msg);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope.theta == 250000.0 && c.rope.type == TP_ROPE_LLAMA3 &&
+          c.rope.original_max_position == 64, "new rope layout: %s", err.msg);
 
     /* qwen2: sliding only with use_sliding_window, from max_window_layers */
     const char *q2 = "{\"model_type\": \"qwen2\", \"hidden_size\": 64, \"num_hidden_layers\": 4, "
@@ -995,8 +995,8 @@ static void test_config(void)
     expect_cfg_error("{\"model_type\": \"gpt2\"}", "gpt2");
     expect_cfg_error("[1]", "object");
     expect_cfg_error("{\"model_type\": \"llama\", \"num_hidden_layers\": 2}", "hidden_size");
-    snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}}", base);
-    expect_cfg_error(buf, "yarn");
+    snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"proportional\", \"factor\": 4.0}}", base);
+    expect_cfg_error(buf, "proportional");   /* yarn and linear run since issue 9 */
     snprintf(buf, sizeof buf, "%s, \"num_key_value_heads\": 3}", base);
     expect_cfg_error(buf, "num_key_value_heads");
     snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}}", base);

@@ -4,6 +4,7 @@ tests need no Python).  Regenerate with:
 
     python3 tools/make_fixtures.py            # all models
     python3 tools/make_fixtures.py llama-tiny # just one
+    python3 tools/make_fixtures.py --rope-reference  # tests/test_kernels_cpu.c's RoPE numbers
 
 Each tests/models/<name>/ holds a Hugging Face model directory made by the
 real transformers config and *ForCausalLM classes (config.json,
@@ -252,7 +253,47 @@ def make(name):
           f"logit std {spread:.3f}")
 
 
+# The configurations tests/test_kernels_cpu.c checks tpk_rope_inv_freq and
+# the attention factor on (llama, head_dim 16): (name, rope dict, seq_len
+# of the pass or None for init, max_position_embeddings).
+LONGROPE_SHORT = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0]
+LONGROPE_LONG = [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0]
+ROPE_REFERENCE = [
+    ("linear", {"rope_type": "linear", "factor": 4.0}, None, 256),
+    ("dynamic_init", {"rope_type": "dynamic", "factor": 2.0}, None, 16),
+    ("dynamic_21", {"rope_type": "dynamic", "factor": 2.0}, 21, 16),
+    ("yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, None, 256),
+    # correction range (2.016, 3.82): truncating it (floor/ceil) changes the ramp
+    ("yarn_mscale", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256,
+                     "mscale": 2.0, "mscale_all_dim": 1.0, "beta_fast": 4.0, "beta_slow": 0.5,
+                     "truncate": False}, None, 2048),
+    ("longrope_short", {"rope_type": "longrope", "short_factor": LONGROPE_SHORT,
+                        "long_factor": LONGROPE_LONG, "original_max_position_embeddings": 16}, 16, 64),
+    ("longrope_long", {"rope_type": "longrope", "short_factor": LONGROPE_SHORT,
+                       "long_factor": LONGROPE_LONG, "original_max_position_embeddings": 16}, 17, 64),
+]
+
+
+def rope_reference():
+    """Prints transformers' own inv_freq and attention factor for
+    ROPE_REFERENCE, as C literals.  dynamic and longrope get seq_len the way
+    dynamic_rope_update passes it (a tensor: max(position_ids) + 1)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for name, rope, seq_len, max_pos in ROPE_REFERENCE:
+        cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=1,
+                          max_position_embeddings=max_pos,
+                          rope_parameters=dict(rope, rope_theta=10000.0))
+        fn = ROPE_INIT_FUNCTIONS[cfg.rope_parameters["rope_type"]]
+        sl = None if seq_len is None else torch.tensor(seq_len)
+        inv, att = fn(cfg, "cpu", seq_len=sl)
+        vals = ", ".join(repr(float(x)) for x in inv.tolist())
+        print(f'    {{ "{name}", {float(att)!r}, {{ {vals} }} }},')
+
+
 def main():
+    if sys.argv[1:] == ["--rope-reference"]:
+        rope_reference()
+        return
     names = sys.argv[1:] or list(MODELS)
     for n in names:
         if n not in MODELS:
