@@ -991,6 +991,22 @@ static void test_config(void)
     CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 32 &&
           c.sliding_from_layer == 2, "qwen2 sliding: window %d from %d", c.sliding_window,
           c.sliding_from_layer);
+    /* transformers 5.24's defaults when the key is absent: sliding_window
+     * 4096 (mistral, qwen2, qwen3), max_window_layers 28; null: no window */
+    const char *q3 = "{\"model_type\": \"qwen3\", \"hidden_size\": 64, \"num_hidden_layers\": 30, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 128, \"vocab_size\": 512, "
+                     "\"use_sliding_window\": true}";
+    CHECK(tp_model_config_parse(&c, q3, &err) == 0 && c.sliding_window == 4096 &&
+          c.sliding_from_layer == 28, "qwen3 default window: %d from %d (%s)", c.sliding_window,
+          c.sliding_from_layer, err.msg);
+    const char *mi = "{\"model_type\": \"mistral\", \"hidden_size\": 64, \"num_hidden_layers\": 2, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 128, \"vocab_size\": 512";
+    snprintf(buf, sizeof buf, "%s}", mi);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 4096 && c.sliding_from_layer == 0,
+          "mistral without sliding_window: window %d (%s)", c.sliding_window, err.msg);
+    snprintf(buf, sizeof buf, "%s, \"sliding_window\": null}", mi);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 0,
+          "mistral sliding_window null: window %d (%s)", c.sliding_window, err.msg);
 
     expect_cfg_error("{\"model_type\": \"gpt2\"}", "gpt2");
     expect_cfg_error("[1]", "object");
