@@ -472,6 +472,11 @@ static int config_parse(tp_model_config *c, const char *json, size_t len, const 
     return rc;
 }
 
+int tp_config_max_length(const tp_model_config *c)
+{
+    return c->rope.type == TP_ROPE_DYNAMIC ? MAX_POSITION : c->max_position;
+}
+
 int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char *where, tp_err *err)
 {
     return config_parse(c, json, len, where, false, err);

@@ -173,6 +173,10 @@ typedef struct tp_model_config {
  * parameters, partial_rotary_factor != 1, hidden_act other than silu, ...);
  * any other model_type gets arch TP_ARCH_OTHER and only its sizes. */
 int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char *where, tp_err *err);
+/* The longest sequence the model may run: max_position_embeddings, except
+ * with dynamic RoPE, whose scaling exists to run past it (then 1 << 30).
+ * tprun's default KV length is the smaller of this and 4096. */
+int tp_config_max_length(const tp_model_config *c);
 /* tprun's view: tp_config_parse of NUL-terminated text as "config.json",
  * refusing TP_ARCH_OTHER (naming model_type). */
 int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err);

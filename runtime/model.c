@@ -636,9 +636,7 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
                   lr->source, lr->rank, lr->manifest.tp, m->rank, m->world);
         goto fail;
     }
-    /* dynamic RoPE exists to run past max_position_embeddings (its scaling
-     * starts there), so it alone is not capped by it */
-    int max_len = m->cfg.rope.type == TP_ROPE_DYNAMIC ? 4096 : m->cfg.max_position;
+    int max_len = tp_config_max_length(&m->cfg);
     m->max_seq = opts->max_seq > 0 ? opts->max_seq : (max_len < 4096 ? max_len : 4096);
     int threads = opts->threads;
     if (threads <= 0) {
