@@ -79,15 +79,17 @@ static int cfg_int(const cJSON *o, const char *key, bool has_def, int64_t def, i
     return 0;
 }
 
-/* The rope parameters object of either layout, or NULL. */
+/* The rope parameters object of either layout, or NULL.  transformers 5's
+ * convert_rope_params_to_dict takes `rope_scaling or rope_parameters`: a
+ * non-empty rope_scaling wins. */
 static int rope_params(const cJSON *root, const char *where, const cJSON **params,
                        const char **prefix, tp_err *err)
 {
-    *params = tp_json_opt(root, "rope_parameters");
-    *prefix = "rope_parameters.";
-    if (!*params) {
-        *params = tp_json_opt(root, "rope_scaling");
-        *prefix = "rope_scaling.";
+    *params = tp_json_opt(root, "rope_scaling");
+    *prefix = "rope_scaling.";
+    if (!*params || (cJSON_IsObject(*params) && !(*params)->child)) {
+        *params = tp_json_opt(root, "rope_parameters");
+        *prefix = "rope_parameters.";
     }
     if (*params && !cJSON_IsObject(*params))
         return TP_FAIL(err, "%s: key \"%.*s\" is not an object", where, (int)strlen(*prefix) - 1,
@@ -99,68 +101,232 @@ static int rope_params(const cJSON *root, const char *where, const cJSON **param
     return 0;
 }
 
-/* rope_theta and the "llama3" scaling, from either layout. */
+static const char *const rope_type_names[] = {
+    [TP_ROPE_DEFAULT] = "default", [TP_ROPE_LINEAR] = "linear", [TP_ROPE_DYNAMIC] = "dynamic",
+    [TP_ROPE_YARN] = "yarn", [TP_ROPE_LONGROPE] = "longrope", [TP_ROPE_LLAMA3] = "llama3",
+};
+
+/* rope_type, else the older "type", else "default". */
+static int rope_type(const cJSON *params, const char *pre, const char *where, tp_rope_type *out,
+                     tp_err *err)
+{
+    const char *type, *key = "rope_type";
+    *out = TP_ROPE_DEFAULT;
+    if (!params)
+        return 0;
+    if (tp_json_opt_str(params, pre, "rope_type", where, &type, err) < 0)
+        return -1;
+    if (!type) {
+        key = "type";
+        if (tp_json_opt_str(params, pre, "type", where, &type, err) < 0)
+            return -1;
+    }
+    if (!type)
+        return 0;
+    for (int t = 0; t < (int)(sizeof rope_type_names / sizeof rope_type_names[0]); t++)
+        if (strcmp(type, rope_type_names[t]) == 0) {
+            *out = (tp_rope_type)t;
+            return 0;
+        }
+    return TP_FAIL(err, "%s: %s%s \"%s\" is not supported (only default, linear, dynamic, yarn, "
+                   "longrope and llama3)", where, pre, key, type);
+}
+
+/* A number > lo (and finite), required when !has_def. */
+static int rope_num_above(const cJSON *params, const char *pre, const char *key, bool has_def,
+                          double def, double lo, const char *where, double *out, tp_err *err)
+{
+    if (tp_json_finite(params, pre, key, has_def, def, where, out, err) < 0)
+        return -1;
+    if (!(*out > lo))
+        return TP_FAIL(err, "%s: key \"%s%s\" = %g must be > %g", where, pre, key, *out, lo);
+    return 0;
+}
+
+/* standardize_rope_params: llama3, yarn and longrope read the pretraining
+ * length from a top-level original_max_position_embeddings when there is
+ * one (Phi3 writes it there), else from the rope dict, else
+ * max_position_embeddings. */
+static int rope_original_max(const cJSON *root, const cJSON *params, const char *pre, int max_pos,
+                             const char *where, int *out, tp_err *err)
+{
+    const char *key = "original_max_position_embeddings";
+    if (tp_json_opt(root, key))
+        return cfg_int(root, key, false, 0, 2, MAX_POSITION, where, out, err);
+    int64_t v;
+    if (tp_json_int_in(params, pre, key, true, max_pos, 2, MAX_POSITION, where, &v, err) < 0)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/* longrope's short_factor / long_factor: head_dim / 2 positive numbers. */
+static int rope_factor_list(const cJSON *params, const char *pre, const char *key, int n,
+                            const char *where, float *out, tp_err *err)
+{
+    const cJSON *v = tp_json_opt(params, key);
+    if (!v)
+        return TP_FAIL(err, "%s: missing key \"%s%s\"", where, pre, key);
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != n)
+        return TP_FAIL(err, "%s: key \"%s%s\" is not a list of head_dim / 2 = %d numbers", where, pre,
+                       key, n);
+    int i = 0;
+    for (const cJSON *e = v->child; e; e = e->next, i++) {
+        if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble) || !(e->valuedouble > 0))
+            return TP_FAIL(err, "%s: %s%s[%d] is not a positive number", where, pre, key, i);
+        out[i] = (float)e->valuedouble;   /* torch.tensor(list, dtype=float32) */
+    }
+    return 0;
+}
+
+/* factor for linear, dynamic, yarn and llama3: a missing key is refused
+ * (transformers reads rope_parameters["factor"]: a KeyError), naming the
+ * type; an explicit null means def when has_null_def (yarn). */
+static int rope_factor(const cJSON *params, const char *pre, const char *type, bool has_null_def,
+                       double null_def, const char *where, double *out, tp_err *err)
+{
+    const cJSON *v = params ? cJSON_GetObjectItemCaseSensitive(params, "factor") : NULL;
+    if (!v || (cJSON_IsNull(v) && !has_null_def))
+        return TP_FAIL(err, "%s: rope type \"%s\" needs key \"%sfactor\"", where, type, pre);
+    return rope_num_above(params, pre, "factor", true, null_def, 0, where, out, err);
+}
+
+/* transformers' get_mscale (yarn). */
+static double yarn_mscale(double scale, double mscale)
+{
+    return scale <= 1 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+static int parse_rope_yarn(tp_rope_config *r, const cJSON *params, const char *pre, int max_pos,
+                           const char *where, tp_err *err)
+{
+    /* factor: required; null means max_position_embeddings / original */
+    if (rope_factor(params, pre, "yarn", true, (double)max_pos / r->original_max_position, where,
+                    &r->factor, err) < 0)
+        return -1;
+    double mscale, mscale_all_dim;
+    if (tp_json_finite(params, pre, "mscale", true, 0, where, &mscale, err) < 0 ||
+        tp_json_finite(params, pre, "mscale_all_dim", true, 0, where, &mscale_all_dim, err) < 0)
+        return -1;
+    /* attention_factor: explicit, else from mscale / mscale_all_dim when both
+     * are set (and non-zero), else get_mscale(factor). */
+    double derived = mscale != 0 && mscale_all_dim != 0
+                         ? yarn_mscale(r->factor, mscale) / yarn_mscale(r->factor, mscale_all_dim)
+                         : yarn_mscale(r->factor, 1);
+    if (rope_num_above(params, pre, "attention_factor", true, derived, 0, where,
+                       &r->attention_factor, err) < 0)
+        return -1;
+    /* `rope_parameters.get("beta_fast") or 32`: 0 and null mean the default */
+    if (tp_json_finite(params, pre, "beta_fast", true, 0, where, &r->beta_fast, err) < 0 ||
+        tp_json_finite(params, pre, "beta_slow", true, 0, where, &r->beta_slow, err) < 0)
+        return -1;
+    if (r->beta_fast == 0)
+        r->beta_fast = 32;
+    if (r->beta_slow == 0)
+        r->beta_slow = 1;
+    if (!(r->beta_fast > 0) || !(r->beta_slow > 0))
+        return TP_FAIL(err, "%s: %s{beta_fast, beta_slow} = {%g, %g} must be > 0", where, pre,
+                       r->beta_fast, r->beta_slow);
+    const cJSON *tr = tp_json_opt(params, "truncate");
+    if (tr && !cJSON_IsBool(tr))
+        return TP_FAIL(err, "%s: key \"%struncate\" is not true/false", where, pre);
+    r->truncate = !tr || cJSON_IsTrue(tr);
+    return 0;
+}
+
+static int parse_rope_longrope(tp_rope_config *r, const cJSON *params, const char *pre, int max_pos,
+                               int head_dim, const char *where, tp_err *err)
+{
+    r->n_factors = head_dim / 2;
+    if (r->n_factors > TP_ROPE_MAX_FACTORS)
+        return TP_FAIL(err, "%s: %slong_factor: head_dim %d is more than longrope supports here (%d)",
+                       where, pre, head_dim, 2 * TP_ROPE_MAX_FACTORS);
+    if (rope_factor_list(params, pre, "short_factor", r->n_factors, where, r->short_factor, err) < 0 ||
+        rope_factor_list(params, pre, "long_factor", r->n_factors, where, r->long_factor, err) < 0 ||
+        rope_num_above(params, pre, "factor", true, (double)max_pos / r->original_max_position, 0,
+                       where, &r->factor, err) < 0)
+        return -1;
+    double derived = r->factor <= 1.0 ? 1.0
+                     : sqrt(1 + log(r->factor) / log((double)r->original_max_position));
+    return rope_num_above(params, pre, "attention_factor", true, derived, 0, where,
+                          &r->attention_factor, err);
+}
+
+static int parse_rope_llama3(tp_rope_config *r, const cJSON *params, const char *pre,
+                             const char *where, tp_err *err)
+{
+    if (rope_factor(params, pre, "llama3", false, 0, where, &r->factor, err) < 0 ||
+        rope_num_above(params, pre, "low_freq_factor", false, 0, 0, where, &r->low_freq_factor, err) < 0 ||
+        tp_json_finite(params, pre, "high_freq_factor", false, 0, where, &r->high_freq_factor, err) < 0)
+        return -1;
+    if (!(r->high_freq_factor > r->low_freq_factor))
+        return TP_FAIL(err, "%s: %shigh_freq_factor = %g must be > low_freq_factor = %g", where, pre,
+                       r->high_freq_factor, r->low_freq_factor);
+    return 0;
+}
+
+/* The rope settings of either layout (see tp_rope_config). */
 static int parse_rope(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
 {
+    tp_rope_config *r = &c->rope;
     const cJSON *params;
     const char *pre;
-    if (rope_params(root, where, &params, &pre, err) < 0)
+    if (rope_params(root, where, &params, &pre, err) < 0 || rope_type(params, pre, where, &r->type, err) < 0)
         return -1;
-    double theta, prf;
-    if (tp_json_finite(root, "", "rope_theta", true, 10000.0, where, &theta, err) < 0 ||
-        (params && tp_json_finite(params, pre, "rope_theta", true, theta, where, &theta, err) < 0))
+    /* the dict's rope_theta, else the top-level one, else default_theta */
+    if (tp_json_finite(root, "", "rope_theta", true, 10000.0, where, &r->theta, err) < 0 ||
+        (params && tp_json_finite(params, pre, "rope_theta", true, r->theta, where, &r->theta, err) < 0))
         return -1;
-    if (!(theta > 1.0))
-        return TP_FAIL(err, "%s: rope_theta = %g must be > 1", where, theta);
-    c->rope_theta = (float)theta;
+    if (!(r->theta > 1.0))
+        return TP_FAIL(err, "%s: rope_theta = %g must be > 1", where, r->theta);
+    double prf;
     if (tp_json_finite(root, "", "partial_rotary_factor", true, 1.0, where, &prf, err) < 0 ||
         (params && tp_json_finite(params, pre, "partial_rotary_factor", true, prf, where, &prf, err) < 0))
         return -1;
     if (prf != 1.0)
         return TP_FAIL(err, "%s: partial_rotary_factor = %g is not supported (only 1)", where, prf);
-    if (!params)
-        return 0;
-    const char *type, *type_key = "rope_type";
-    if (tp_json_opt_str(params, pre, "rope_type", where, &type, err) < 0)
-        return -1;
-    if (!type) {
-        type_key = "type";
-        if (tp_json_opt_str(params, pre, "type", where, &type, err) < 0)
+    r->factor = 1;
+    r->attention_factor = 1;
+    r->max_position = c->max_position;
+    r->original_max_position = c->max_position;
+    if (r->type == TP_ROPE_YARN || r->type == TP_ROPE_LONGROPE || r->type == TP_ROPE_LLAMA3)
+        if (rope_original_max(root, params, pre, c->max_position, where, &r->original_max_position,
+                              err) < 0)
             return -1;
-    }
-    if (!type || strcmp(type, "default") == 0)
+    switch (r->type) {
+    case TP_ROPE_DEFAULT:
         return 0;
-    if (strcmp(type, "llama3") != 0)
-        return TP_FAIL(err, "%s: %s%s \"%s\" is not supported (only \"default\" and \"llama3\")",
-                       where, pre, type_key, type);
-    double factor, lo, hi, orig;
-    if (tp_json_finite(params, pre, "factor", false, 0, where, &factor, err) < 0 ||
-        tp_json_finite(params, pre, "low_freq_factor", false, 0, where, &lo, err) < 0 ||
-        tp_json_finite(params, pre, "high_freq_factor", false, 0, where, &hi, err) < 0 ||
-        tp_json_finite(params, pre, "original_max_position_embeddings", true, c->max_position,
-                       where, &orig, err) < 0)
-        return -1;
-    if (!(factor > 0) || !(lo > 0) || !(hi > lo) || !(orig >= 1) || orig != floor(orig) || orig > 1e9)
-        return TP_FAIL(err, "%s: %s{factor, low_freq_factor, high_freq_factor, "
-                       "original_max_position_embeddings} = {%g, %g, %g, %g} are not valid "
-                       "(need factor > 0, 0 < low < high, an integer original length)",
-                       where, pre, factor, lo, hi, orig);
-    c->rope_llama3 = true;
-    c->rope_factor = (float)factor;
-    c->rope_low_freq_factor = (float)lo;
-    c->rope_high_freq_factor = (float)hi;
-    c->rope_original_max_position = (int)orig;
+    case TP_ROPE_DYNAMIC:
+        if (c->head_dim < 4)   /* the base's exponent is dim / (dim - 2) */
+            return TP_FAIL(err, "%s: %srope_type \"dynamic\" needs head_dim >= 4 (it is %d)", where,
+                           pre, c->head_dim);
+        /* fall through */
+    case TP_ROPE_LINEAR:
+        return rope_factor(params, pre, rope_type_names[r->type], false, 0, where, &r->factor, err);
+    case TP_ROPE_YARN:
+        return parse_rope_yarn(r, params, pre, c->max_position, where, err);
+    case TP_ROPE_LONGROPE:
+        return parse_rope_longrope(r, params, pre, c->max_position, c->head_dim, where, err);
+    case TP_ROPE_LLAMA3:
+        return parse_rope_llama3(r, params, pre, where, err);
+    }
     return 0;
 }
 
-/* qwen2/qwen3: sliding_window only counts when use_sliding_window is set,
- * and then for layers >= max_window_layers (or as layer_types says). */
+/* transformers 5.24's MistralConfig, Qwen2Config and Qwen3Config all declare
+ * `sliding_window: int | None = 4096`: a config without the key gets 4096,
+ * an explicit null gets none.  qwen2/qwen3 then keep it only when
+ * use_sliding_window (default false), for layers >= max_window_layers
+ * (default 28) or as layer_types says. */
+#define DEFAULT_SLIDING_WINDOW 4096
 static int parse_sliding(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
 {
     int win = 0, from = 0;
     if (c->arch == TP_ARCH_LLAMA)
         return 0;
-    if (cfg_int(root, "sliding_window", true, 0, 0, MAX_POSITION, where, &win, err) < 0)
+    const cJSON *given = cJSON_GetObjectItemCaseSensitive(root, "sliding_window");
+    if (cfg_int(root, "sliding_window", true, given ? 0 : DEFAULT_SLIDING_WINDOW, 0, MAX_POSITION,
+                where, &win, err) < 0)
         return -1;
     if (c->arch == TP_ARCH_MISTRAL) {
         c->sliding_window = win;
@@ -304,6 +470,11 @@ static int config_parse(tp_model_config *c, const char *json, size_t len, const 
         rc = c->arch == TP_ARCH_OTHER ? 0 : parse_runtime(c, root, where, err);
     cJSON_Delete(root);
     return rc;
+}
+
+int tp_config_max_length(const tp_model_config *c)
+{
+    return c->rope.type == TP_ROPE_DYNAMIC ? MAX_POSITION : c->max_position;
 }
 
 int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char *where, tp_err *err)

@@ -23,7 +23,7 @@
  *     all-reduce of the partial products;
  *   packed_colwise: dim 0 holds 2 equal blocks (fused gate_up); a rank holds
  *     its slice of each block (two ranges);
- *   vocab: the embedding split by vocabulary rows (--vocab-parallel);
+ *   vocab: the embedding split by vocabulary rows (tpconvert's default);
  *   replicate: whole on every rank (also everything the plan does not name).
  * Vocabulary rows (lm_head, vocab-parallel embedding) may split unevenly:
  * ceil(V / tp) rows per rank, the last rank shorter (torch.chunk, as DTensor
@@ -117,17 +117,39 @@ int tp_plan_resolve(const char *config_json, size_t config_len, const char *plan
  * sizes are parsed so that a --plan can convert it for other runtimes). */
 typedef enum tp_arch { TP_ARCH_QWEN3, TP_ARCH_QWEN2, TP_ARCH_LLAMA, TP_ARCH_MISTRAL, TP_ARCH_OTHER } tp_arch;
 
+/* The RoPE variants of transformers' modeling_rope_utils.py (5.24). */
+typedef enum tp_rope_type {
+    TP_ROPE_DEFAULT, TP_ROPE_LINEAR, TP_ROPE_DYNAMIC, TP_ROPE_YARN, TP_ROPE_LONGROPE, TP_ROPE_LLAMA3,
+} tp_rope_type;
+
+#define TP_ROPE_MAX_FACTORS 256   /* longrope lists: head_dim / 2 entries, head_dim <= 512 */
+
+/* The rope settings of config.json with transformers' defaults resolved
+ * (either spelling: rope_scaling + top-level rope_theta, or
+ * rope_parameters).  Only the fields of `type` mean anything. */
+typedef struct tp_rope_config {
+    tp_rope_type type;
+    double theta;
+    double factor;                /* linear, dynamic, yarn, llama3; longrope: see attention_factor */
+    double attention_factor;      /* cos and sin are multiplied by it: yarn and longrope (explicit,
+                                     or derived as transformers derives it), 1 otherwise */
+    int max_position;             /* dynamic: max_position_embeddings, where scaling starts */
+    int original_max_position;    /* yarn, longrope, llama3 (top-level key wins, as in transformers) */
+    double low_freq_factor, high_freq_factor;  /* llama3 */
+    double beta_fast, beta_slow;  /* yarn (32 and 1 when absent or 0) */
+    bool truncate;                /* yarn: floor/ceil the correction range (default true) */
+    int n_factors;                /* longrope: head_dim / 2 */
+    float short_factor[TP_ROPE_MAX_FACTORS], long_factor[TP_ROPE_MAX_FACTORS];
+} tp_rope_config;
+
 /* config.json as tpconvert and tprun both read it (convert/arch.c). */
 typedef struct tp_model_config {
     tp_arch arch;
     char model_type[64];
     int hidden, n_layers, n_heads, n_kv_heads, head_dim, intermediate, vocab;
     int max_position;
-    float rms_eps, rope_theta;
-    /* rope_scaling type "llama3" */
-    bool rope_llama3;
-    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
-    int rope_original_max_position;
+    float rms_eps;
+    tp_rope_config rope;
     bool tie_embeddings;
     bool attention_bias;   /* q/k/v biases (qwen2 always) */
     bool o_bias, mlp_bias;
@@ -146,10 +168,15 @@ typedef struct tp_model_config {
  * <= 2^24, intermediate_size <= 2^24, vocab_size < 2^24, layers <= 2^16), so
  * every product of two of them fits in 64 bits.  Defaults are transformers'
  * per model_type.  For the four architectures tprun runs, every setting the
- * runtime does not implement is refused here (rope type other than default
- * and llama3, partial_rotary_factor != 1, hidden_act other than silu, ...);
+ * runtime does not implement is refused here (a rope type other than
+ * default, linear, dynamic, yarn, longrope and llama3, per-layer-type rope
+ * parameters, partial_rotary_factor != 1, hidden_act other than silu, ...);
  * any other model_type gets arch TP_ARCH_OTHER and only its sizes. */
 int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char *where, tp_err *err);
+/* The longest sequence the model may run: max_position_embeddings, except
+ * with dynamic RoPE, whose scaling exists to run past it (then 1 << 30).
+ * tprun's default KV length is the smaller of this and 4096. */
+int tp_config_max_length(const tp_model_config *c);
 /* tprun's view: tp_config_parse of NUL-terminated text as "config.json",
  * refusing TP_ARCH_OTHER (naming model_type). */
 int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err);
@@ -275,7 +302,10 @@ typedef struct tp_conversion {
 } tp_conversion;
 
 /* Reads config.json, resolves the plan, opens the weights and cuts every
- * tensor.  Writes nothing. */
+ * tensor.  Writes nothing.  vocab_parallel (tpconvert's default): the
+ * embedding is cut by vocabulary rows unless the plan names it; false
+ * (--replicate-embedding): it stays whole, and a plan that cuts it is
+ * refused. */
 int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const char *plan_path,
                           bool vocab_parallel, tp_err *err);
 void tp_conversion_free(tp_conversion *c);

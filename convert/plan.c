@@ -8,9 +8,9 @@
  *  - distributed/mixin.py init_parallel_plans: the base-model plan's keys
  *    live under the base model (prefix "model."), the ForCausalLM's at the
  *    top level; it also puts "embed_tokens": "embedding_rowwise" in front of
- *    any non-empty plan.  We do NOT do that by default: the embedding is
- *    replicated unless --vocab-parallel (the runtime then needs no
- *    all-reduce for the lookup); with it we add the same cut ("vocab");
+ *    any non-empty plan.  tpconvert does the same by default (the cut
+ *    "vocab"), as vLLM does; --replicate-embedding keeps it whole (the
+ *    runtime then needs no all-reduce for the lookup);
  *  - distributed/parallel_utils.py replace_layer_number_by_wildcard and
  *    _get_parameter_plan: the lookup (exact generic name, then its module);
  *  - distributed/tensor_parallel.py ALL_PARALLEL_STYLES registrations for

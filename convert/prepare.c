@@ -173,8 +173,11 @@ int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const
             c->rank_total[r] += cut->rank_bytes[r];
     }
     free(order);
-    if (vocab_parallel && !c->vocab_parallel) {
-        tp_errorf(err, "--vocab-parallel: the plan (%s) does not cut model.embed_tokens by "
+    /* vocab_parallel is the default wish, and a plan that names the
+     * embedding keeps its own cut; but asking for a replicated embedding
+     * from a plan that cuts it would silently give the other. */
+    if (!vocab_parallel && c->vocab_parallel) {
+        tp_errorf(err, "--replicate-embedding: the plan (%s) cuts model.embed_tokens by "
                   "vocabulary rows", c->plan.source ? c->plan.source : "?");
         goto fail;
     }

@@ -57,42 +57,126 @@ void tpk_head_rmsnorm(float *x, const float *w, int n_rows, int head_dim, float 
     tpk_rmsnorm(x, x, w, n_rows, head_dim, eps);
 }
 
-void tpk_rope_inv_freq(float *inv_freq, int head_dim, const tpk_rope_params *p)
+/* base ** (arange(0, dim, 2).float() / dim) in fp32, as torch computes it
+ * (the Python float base is taken as an fp32 scalar). */
+static float rope_pos_freq(float base, int i, int head_dim)
+{
+    return powf(base, (float)(2 * i) / (float)head_dim);
+}
+
+/* _compute_llama3_parameters on plain frequencies f (fp32 tensor ops with
+ * Python-float scalars). */
+static void rope_llama3(float *f, int half, const tp_rope_config *r)
+{
+    float factor = (float)r->factor, lo = (float)r->low_freq_factor;
+    float old_ctx = (float)r->original_max_position;
+    float low_wl = (float)(r->original_max_position / r->low_freq_factor);
+    float high_wl = (float)(r->original_max_position / r->high_freq_factor);
+    float span = (float)(r->high_freq_factor - r->low_freq_factor);
+    for (int i = 0; i < half; i++) {
+        /* wavelengths longer than old_context/low_freq_factor are divided by
+         * factor, shorter than old_context/high_freq_factor kept, in between
+         * interpolated */
+        float wavelen = (float)(2.0 * M_PI) / f[i];
+        float scaled = wavelen > low_wl ? f[i] / factor : f[i];
+        if (!(wavelen < high_wl) && !(wavelen > low_wl)) {
+            float smooth = (old_ctx / wavelen - lo) / span;
+            scaled = (1.0f - smooth) * scaled / factor + smooth * scaled;
+        }
+        f[i] = scaled;
+    }
+}
+
+/* _compute_yarn_parameters: find_correction_range in double, the ramp and
+ * the blend in fp32. */
+static void rope_yarn(float *f, int head_dim, const tp_rope_config *r)
 {
     int half = head_dim / 2;
-    for (int i = 0; i < half; i++) {
-        /* torch: base ** (arange(0, dim, 2).float() / dim), in fp32 */
-        float expo = (float)(2 * i) / (float)head_dim;
-        float f = 1.0f / powf(p->theta, expo);
-        if (p->llama3) {
-            /* _compute_llama3_parameters: wavelengths longer than
-             * old_context/low_freq_factor are divided by factor, shorter than
-             * old_context/high_freq_factor kept, in between interpolated. */
-            float old_ctx = (float)p->original_max_position;
-            float low_wl = old_ctx / p->low_freq_factor;
-            float high_wl = old_ctx / p->high_freq_factor;
-            float wavelen = (float)(2.0 * M_PI) / f;
-            float scaled = wavelen > low_wl ? f / p->factor : f;
-            if (!(wavelen < high_wl) && !(wavelen > low_wl)) {
-                float smooth = (old_ctx / wavelen - p->low_freq_factor) /
-                               (p->high_freq_factor - p->low_freq_factor);
-                scaled = (1.0f - smooth) * scaled / p->factor + smooth * scaled;
-            }
-            f = scaled;
-        }
-        inv_freq[i] = f;
+    double dim = head_dim, base = r->theta, orig = r->original_max_position;
+    double low = dim * log(orig / (r->beta_fast * 2 * M_PI)) / (2 * log(base));
+    double high = dim * log(orig / (r->beta_slow * 2 * M_PI)) / (2 * log(base));
+    if (r->truncate) {
+        low = floor(low);
+        high = ceil(high);
     }
+    low = low > 0 ? low : 0;
+    high = high < dim - 1 ? high : dim - 1;
+    if (low == high)
+        high += 0.001;   /* "Prevent singularity" */
+    float lo_f = (float)low, span = (float)(high - low), factor = (float)r->factor;
+    for (int i = 0; i < half; i++) {
+        float pos_freq = rope_pos_freq((float)base, i, head_dim);
+        float extrapolation = 1.0f / pos_freq;
+        float interpolation = 1.0f / (factor * pos_freq);
+        float ramp = ((float)i - lo_f) / span;
+        ramp = ramp < 0 ? 0 : ramp > 1 ? 1 : ramp;
+        float extrapolation_factor = 1.0f - ramp;
+        f[i] = interpolation * (1.0f - extrapolation_factor) + extrapolation * extrapolation_factor;
+    }
+}
+
+/* _compute_dynamic_ntk_parameters: at init (seq_len = max_position) the
+ * base is computed with Python floats; in dynamic_frequency_update seq_len
+ * is an int64 tensor, so the whole base expression is fp32. */
+static float rope_dynamic_base(const tp_rope_config *r, int head_dim, int seq_len)
+{
+    double expo = (double)head_dim / (head_dim - 2);
+    if (seq_len <= r->max_position) {
+        double L = r->max_position;
+        return (float)(r->theta * pow(r->factor * L / L - (r->factor - 1), expo));
+    }
+    float grown = (float)r->factor * (float)seq_len / (float)r->max_position - (float)(r->factor - 1);
+    return (float)r->theta * powf(grown, (float)expo);
+}
+
+void tpk_rope_inv_freq(float *inv_freq, int head_dim, const tp_rope_config *r, int seq_len)
+{
+    int half = head_dim / 2;
+    if (r->type == TP_ROPE_YARN) {
+        rope_yarn(inv_freq, head_dim, r);
+        return;
+    }
+    float base = r->type == TP_ROPE_DYNAMIC ? rope_dynamic_base(r, head_dim, seq_len) : (float)r->theta;
+    bool long_factors = seq_len > r->original_max_position;
+    for (int i = 0; i < half; i++) {
+        float pos_freq = rope_pos_freq(base, i, head_dim);
+        if (r->type == TP_ROPE_LONGROPE)   /* 1 / (ext_factors * base ** ...) */
+            pos_freq *= long_factors ? r->long_factor[i] : r->short_factor[i];
+        inv_freq[i] = 1.0f / pos_freq;
+        if (r->type == TP_ROPE_LINEAR)
+            inv_freq[i] /= (float)r->factor;
+    }
+    if (r->type == TP_ROPE_LLAMA3)
+        rope_llama3(inv_freq, half, r);
+}
+
+bool tpk_rope_per_pass(const tp_rope_config *r)
+{
+    return r->type == TP_ROPE_DYNAMIC || r->type == TP_ROPE_LONGROPE;
+}
+
+/* Rows [first, first + n): cos/sin of (float)pos * inv_freq, times scale. */
+static void rope_fill(float *cos_t, float *sin_t, const float *inv_freq, int half, int first, int n,
+                      float scale)
+{
+    for (int p = first; p < first + n; p++)
+        for (int i = 0; i < half; i++) {
+            float angle = (float)p * inv_freq[i];   /* fp32 product, as HF */
+            cos_t[(size_t)p * half + i] = (float)cos((double)angle) * scale;
+            sin_t[(size_t)p * half + i] = (float)sin((double)angle) * scale;
+        }
+}
+
+void tpk_rope_rows(float *cos_t, float *sin_t, float *inv, int head_dim, const tp_rope_config *r,
+                   int seq_len, int first, int n)
+{
+    tpk_rope_inv_freq(inv, head_dim, r, seq_len);
+    rope_fill(cos_t, sin_t, inv, head_dim / 2, first, n, (float)r->attention_factor);
 }
 
 void tpk_rope_table(float *cos_t, float *sin_t, const float *inv_freq, int head_dim, int n_pos)
 {
-    int half = head_dim / 2;
-    for (int p = 0; p < n_pos; p++)
-        for (int i = 0; i < half; i++) {
-            float angle = (float)p * inv_freq[i];   /* fp32 product, as HF */
-            cos_t[(size_t)p * half + i] = (float)cos((double)angle);
-            sin_t[(size_t)p * half + i] = (float)sin((double)angle);
-        }
+    rope_fill(cos_t, sin_t, inv_freq, head_dim / 2, 0, n_pos, 1.0f);
 }
 
 void tpk_rope(float *x, int n, int n_heads, int head_dim, size_t row_stride, int pos0,

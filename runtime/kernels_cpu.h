@@ -14,6 +14,7 @@
 #include <stdbool.h>
 
 #include "shardfmt.h"
+#include "convert.h"   /* tp_rope_config */
 
 /* out[t] = table[ids[t] - row_start] for ids inside [row_start, row_end),
  * zeros otherwise (a vocab-parallel embedding: the all-reduce that follows
@@ -35,19 +36,37 @@ void tpk_add_rmsnorm(float *x, const float *delta, float *out, const float *w, i
  * head_dim values (tokens * heads), each normalised with the same w. */
 void tpk_head_rmsnorm(float *x, const float *w, int n_rows, int head_dim, float eps);
 
-/* RoPE parameters.  llama3: the rope_scaling recomputation of the inverse
- * frequencies (transformers' _compute_llama3_parameters). */
-typedef struct tpk_rope_params {
-    float theta;
-    bool llama3;
-    float factor, low_freq_factor, high_freq_factor;
-    int original_max_position;
-} tpk_rope_params;
+/* RoPE, as transformers 5.24's modeling_rope_utils.py and *RotaryEmbedding
+ * compute it (r: the parsed config, convert.h).
+ *
+ * inv_freq[i] for i in [0, head_dim/2) of a forward pass whose positions
+ * end at seq_len - 1, computed in fp32 where transformers uses fp32 tensors
+ * and in double where it uses Python floats.  seq_len matters only for the
+ * two types whose frequencies follow the sequence (tpk_rope_per_pass):
+ *   dynamic: while seq_len <= max_position_embeddings the plain frequencies;
+ *     past it the NTK base for that length (dynamic_frequency_update
+ *     recomputes them whenever a pass reaches past the longest seen so far);
+ *   longrope: short_factor while seq_len <= original_max_position_embeddings,
+ *     long_factor past it (longrope_frequency_update, every pass).
+ * seq_len <= 0 gives what transformers builds at init. */
+void tpk_rope_inv_freq(float *inv_freq, int head_dim, const tp_rope_config *r, int seq_len);
 
-/* inv_freq[i] for i in [0, head_dim/2), computed in fp32 as transformers does. */
-void tpk_rope_inv_freq(float *inv_freq, int head_dim, const tpk_rope_params *p);
+/* Whether the frequencies depend on the pass (dynamic, longrope): then the
+ * model refills the table rows of each pass with tpk_rope_rows before
+ * rotating.  Keys already in the KV cache keep the rotation of the pass
+ * that wrote them, as in transformers' generate with a cache. */
+bool tpk_rope_per_pass(const tp_rope_config *r);
 
-/* cos/sin tables [n_pos][head_dim/2]: angle = (float)pos * inv_freq[i]. */
+/* Rows [first, first + n) of the cos/sin tables ([pos][head_dim/2]) for a
+ * pass whose positions end at seq_len - 1: angle = (float)pos * inv_freq[i]
+ * in fp32, cos and sin times r->attention_factor (yarn, longrope; 1
+ * otherwise), as the rotary embedding's forward does.  inv_scratch holds
+ * head_dim / 2 floats. */
+void tpk_rope_rows(float *cos_t, float *sin_t, float *inv_scratch, int head_dim,
+                   const tp_rope_config *r, int seq_len, int first, int n);
+
+/* cos/sin tables [n_pos][head_dim/2] of given inverse frequencies, without
+ * attention factor: angle = (float)pos * inv_freq[i]. */
 void tpk_rope_table(float *cos_t, float *sin_t, const float *inv_freq, int head_dim, int n_pos);
 
 /* Rotates n tokens x n_heads heads in place (HF rotate_half convention: the

@@ -57,7 +57,8 @@ struct tp_model {
     size_t n_owned, cap_owned;
 
     float *kcache, *vcache;     /* [layer][lkv][max_seq][head_dim] */
-    float *cos_t, *sin_t;       /* [max_seq][head_dim/2] */
+    float *cos_t, *sin_t;       /* [max_seq][head_dim/2], times the rope attention factor */
+    float *rope_inv;            /* [head_dim/2]: tpk_rope_rows' scratch */
 
     int cap_n;                  /* rows the activation buffers hold */
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up;
@@ -529,25 +530,27 @@ static int alloc_caches(tp_model *m, tp_err *err)
     size_t half = (size_t)c->head_dim / 2;
     m->cos_t = malloc((size_t)m->max_seq * half * sizeof(float));
     m->sin_t = malloc((size_t)m->max_seq * half * sizeof(float));
-    float *inv = malloc(half * sizeof(float));
+    m->rope_inv = malloc(half * sizeof(float));
     m->scratch = malloc((size_t)m->lq * TPK_ATT_BLOCK * m->max_seq * sizeof(float));
     m->logit_slot = malloc((size_t)m->vocab_slot * sizeof(float));
     m->logit_all = malloc((size_t)m->vocab_slot * m->world * sizeof(float));
-    if (!m->kcache || !m->vcache || !m->cos_t || !m->sin_t || !inv || !m->scratch ||
-        !m->logit_slot || !m->logit_all) {
-        free(inv);
+    if (!m->kcache || !m->vcache || !m->cos_t || !m->sin_t || !m->rope_inv || !m->scratch ||
+        !m->logit_slot || !m->logit_all)
         return tp_errorf(err, "out of memory for a KV cache of %d positions (--max-seq)",
                          m->max_seq);
-    }
-    tpk_rope_params rp = {
-        .theta = c->rope_theta, .llama3 = c->rope_llama3, .factor = c->rope_factor,
-        .low_freq_factor = c->rope_low_freq_factor, .high_freq_factor = c->rope_high_freq_factor,
-        .original_max_position = c->rope_original_max_position,
-    };
-    tpk_rope_inv_freq(inv, c->head_dim, &rp);
-    tpk_rope_table(m->cos_t, m->sin_t, inv, c->head_dim, m->max_seq);
-    free(inv);
+    /* what transformers builds at init; dynamic and longrope refill the
+     * rows of each pass (refresh_rope) */
+    tpk_rope_rows(m->cos_t, m->sin_t, m->rope_inv, c->head_dim, &c->rope, 0, 0, m->max_seq);
     return 0;
+}
+
+/* dynamic / longrope: the rows of the pass over [pos, pos + n) with the
+ * frequencies of a sequence of pos + n positions (kernels_cpu.h). */
+static void refresh_rope(tp_model *m, int n)
+{
+    const tp_model_config *c = &m->cfg;
+    if (tpk_rope_per_pass(&c->rope))
+        tpk_rope_rows(m->cos_t, m->sin_t, m->rope_inv, c->head_dim, &c->rope, m->pos + n, m->pos, n);
 }
 
 #ifdef TP_HAVE_CUDA
@@ -633,8 +636,8 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
                   lr->source, lr->rank, lr->manifest.tp, m->rank, m->world);
         goto fail;
     }
-    m->max_seq = opts->max_seq > 0 ? opts->max_seq
-                 : (m->cfg.max_position < 4096 ? m->cfg.max_position : 4096);
+    int max_len = tp_config_max_length(&m->cfg);
+    m->max_seq = opts->max_seq > 0 ? opts->max_seq : (max_len < 4096 ? max_len : 4096);
     int threads = opts->threads;
     if (threads <= 0) {
         long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -706,6 +709,7 @@ void tp_model_free(tp_model *m)
     free(m->vcache);
     free(m->cos_t);
     free(m->sin_t);
+    free(m->rope_inv);
     free(m->scratch);
     free(m->logit_slot);
     free(m->logit_all);
@@ -916,6 +920,7 @@ int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_e
     if (ensure_buffers(m, n, err) < 0)
         return -1;
     int H = c->hidden;
+    refresh_rope(m, n);
 
     tpk_embedding(m->x, m->embed, ids, n, H, m->emb_start, m->emb_end);
     if (!(m->emb_start == 0 && m->emb_end == c->vocab) &&

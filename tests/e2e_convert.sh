@@ -3,7 +3,9 @@
 # synthetic ones (bin/tpsynth):
 #   - every model at tp 1, 2, 4 (and 8 where the heads divide) with
 #     --compress none and zstd, each checked by tpverify --against the source;
-#     --vocab-parallel; an uneven vocabulary at tp 8 with kv=1 (every rank
+#     the embedding cut by vocabulary rows by default (per-rank bytes),
+#     --replicate-embedding, --vocab-parallel as the default's alias; an
+#     uneven vocabulary at tp 8 with kv=1 (every rank
 #     holds the one kv head); --format safetensors (tpverify --against; the
 #     slices are also checked by build/tests/test_st_export);
 #   - the manifest: format, tp, codec, files, plan;
@@ -14,7 +16,7 @@
 #     with --plan succeeding as a safetensors export), an unknown style in
 #     --plan, SIGINT;
 #   - what tprun cannot run (convert/arch.c) is refused by tpconvert and
-#     --dry-run: a missing tensor, more layers than weights, rope "yarn",
+#     --dry-run: a missing tensor, more layers than weights, rope "proportional",
 #     hidden_act "gelu", 1e12 sizes, a NUL byte, o_proj colwise in --plan;
 #     a duplicate key is read last-wins by tpconvert and tprun; a qwen3
 #     config without head_dim converts and runs (128);
@@ -91,14 +93,35 @@ for m in "${models[@]}"; do
     note "$name: ok (heads $heads)"
 done
 
-echo "== --vocab-parallel, the lm_head and the rowwise bias"
+echo "== the embedding: vocab-parallel by default, --replicate-embedding, the lm_head and the rowwise bias"
+# max_bytes DRY_RUN_OUTPUT: the "per rank (max over ranks)" figure
+max_bytes() { sed -n 's/^per rank (max over ranks): \([0-9]*\) bytes.*/\1/p' "$1"; }
 for m in tests/models/qwen3-tiny tests/models/llama-tiny; do
-    out="$tmp/vp-$(basename $m)"
-    "$BIN/tpconvert" --tp 4 --vocab-parallel --quiet "$m" "$out" || die "--vocab-parallel $m"
-    grep -q '"vocab_parallel"[[:space:]]*:[[:space:]]*true' "$out/manifest.json" \
-        || die "$out: manifest does not record vocab_parallel"
-    verify "$out" "$m"
+    for mode in default --vocab-parallel --replicate-embedding; do
+        out="$tmp/emb-$(basename $m)$mode"
+        flag=(); [ $mode = default ] || flag=($mode)
+        "$BIN/tpconvert" --tp 4 "${flag[@]}" --quiet "$m" "$out" || die "tpconvert $mode $m"
+        want=true; [ $mode = --replicate-embedding ] && want=false
+        grep -q "\"vocab_parallel\"[[:space:]]*:[[:space:]]*$want" "$out/manifest.json" \
+            || die "$out ($mode): manifest does not record vocab_parallel $want"
+        "$BIN/tpconvert" --tp 4 "${flag[@]}" --dry-run "$m" >"$tmp/dry-$mode"
+        verify "$out" "$m"
+    done
+    # the embedding of vocab V x hidden H in bf16: whole costs V*H*2, a
+    # vocabulary slice ceil(V/4)*H*2 on the largest rank
+    V=$(json_num "$m/config.json" vocab_size); H=$(json_num "$m/config.json" hidden_size)
+    whole=$(max_bytes "$tmp/dry---replicate-embedding"); cut=$(max_bytes "$tmp/dry-default")
+    [ "$((whole - cut))" -eq $((V * H * 2 - (V + 3) / 4 * H * 2)) ] \
+        || die "$m: per-rank bytes $whole replicated, $cut vocab-parallel: not an embedding's 3/4 apart"
+    [ "$(max_bytes "$tmp/dry---vocab-parallel")" = "$cut" ] || die "$m: --vocab-parallel is not the default"
 done
+expect_fail "--vocab-parallel and --replicate-embedding exclude each other" \
+    "$BIN/tpconvert" --tp 2 --vocab-parallel --replicate-embedding tests/models/llama-tiny "$tmp/both"
+no_output "$tmp/both" "both embedding flags"
+echo '{"layers.*.self_attn.q_proj": "colwise", "embed_tokens": "vocab"}' >"$tmp/embplan.json"
+expect_fail "--replicate-embedding: the plan ($tmp/embplan.json) cuts model.embed_tokens by vocabulary rows" \
+    "$BIN/tpconvert" --tp 2 --replicate-embedding --plan "$tmp/embplan.json" tests/models/llama-tiny "$tmp/embplan"
+no_output "$tmp/embplan" "--replicate-embedding against the plan"
 "$BIN/tpconvert" --tp 2 --dry-run tests/models/llama-bias >"$tmp/dry"
 grep -E 'model\.layers\.0\.self_attn\.o_proj\.bias +rowwise \(reduce\)' "$tmp/dry" >/dev/null \
     || die "dry run: o_proj.bias is not rowwise with reduce: $(grep o_proj.bias "$tmp/dry")"
@@ -116,13 +139,14 @@ if [ -x "$BIN/tpsynth" ]; then
     syn="$tmp/syn"
     "$BIN/tpsynth" --preset tiny --arch llama --heads 8 --kv-heads 1 --head-dim 8 --vocab 509 \
         --no-tie --seed 3 --quiet "$syn" || die "tpsynth"
-    "$BIN/tpconvert" --tp 8 --quiet "$syn" "$tmp/syn-8" || die "tpconvert --tp 8 synthetic"
+    "$BIN/tpconvert" --tp 8 --replicate-embedding --quiet "$syn" "$tmp/syn-8" \
+        || die "tpconvert --tp 8 --replicate-embedding synthetic"
     verify "$tmp/syn-8" "$syn"
     "$BIN/tpconvert" --tp 8 --dry-run "$syn" >"$tmp/dry"
     grep -E '^lm_head\.weight +colwise_gather_output +\[509, 64\] +\[64, 64\] \(last \[61, 64\]\)' \
         "$tmp/dry" >/dev/null || die "uneven vocabulary: $(grep lm_head "$tmp/dry")"
-    "$BIN/tpconvert" --tp 8 --vocab-parallel --compress none --quiet "$syn" "$tmp/syn-8vp" \
-        || die "tpconvert --tp 8 --vocab-parallel synthetic"
+    "$BIN/tpconvert" --tp 8 --compress none --quiet "$syn" "$tmp/syn-8vp" \
+        || die "tpconvert --tp 8 synthetic (vocab-parallel embedding)"
     verify "$tmp/syn-8vp" "$syn"
 else
     die "$BIN/tpsynth is not built"
@@ -224,8 +248,8 @@ arch_case() {
 }
 arch_case layers tests/models/llama-tiny 's/"num_hidden_layers": 2/"num_hidden_layers": 3/' \
     "tensor model.layers.2.input_layernorm.weight is missing"
-arch_case yarn tests/models/llama-tiny 's/"rope_type": "llama3"/"rope_type": "yarn"/' \
-    'rope_scaling.rope_type "yarn" is not supported'
+arch_case proportional tests/models/llama-tiny 's/"rope_type": "llama3"/"rope_type": "proportional"/' \
+    'rope_scaling.rope_type "proportional" is not supported'
 arch_case gelu tests/models/qwen3-tiny 's/"hidden_act": "silu"/"hidden_act": "gelu"/' 'hidden_act "gelu"'
 arch_case huge tests/models/llama-tiny 's/"intermediate_size": 128/"intermediate_size": 1e12/' \
     'config.json: key "intermediate_size" = 1000000000000'

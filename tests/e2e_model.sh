@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End to end, without MPI: every model under tests/models/ is converted by
-# $BIN/tpconvert (tp 2 and 4, one at tp 1, some --vocab-parallel), every
+# $BIN/tpconvert (tp 2 and 4, one at tp 1, some --replicate-embedding), every
 # rank is loaded by the real loader (checksums verified) and run as threads
 # of one process by $BUILD/tests/test_model --converted, whose logits and
 # greedy tokens must match the model's reference.json (transformers, fp32).
@@ -36,8 +36,10 @@ for dir in tests/models/*/; do
 done
 [ "$n_models" -gt 0 ] || { echo "e2e_model: no model with a reference.json under tests/models" >&2; exit 1; }
 check qwen3-tiny 1
-check qwen3-tiny 2 --vocab-parallel            # tied: the embedding slice is the lm_head slice
-check llama-tiny 4 --vocab-parallel --compress none
+# the loop above ran the default (the embedding cut by vocabulary rows; tied:
+# the embedding slice is the lm_head slice); these keep it whole
+check qwen3-tiny 2 --replicate-embedding       # tied: the lm_head is a slice of the whole table
+check llama-tiny 4 --replicate-embedding --compress none
 echo "e2e_model: $runs conversions checked against transformers"
 
 # Ids the model has but the tokenizer lacks: the demo model's vocabulary is

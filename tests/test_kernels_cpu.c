@@ -129,12 +129,89 @@ static void test_embedding(void)
     free(table);
 }
 
+/* The rope types of transformers 5.24 through the one config parser
+ * (tp_config_parse: both spellings) and tpk_rope_inv_freq, against the
+ * inv_freq and attention factor transformers' own ROPE_INIT_FUNCTIONS give
+ * (llama, head_dim 16, rope_theta 10000), printed by
+ *     python3 tools/make_fixtures.py --rope-reference
+ * seq_len: the length of the pass (0: at init), as dynamic_rope_update
+ * passes it. */
+static void test_rope_types(void)
+{
+    static const struct {
+        const char *name, *rope;   /* the config.json keys */
+        int max_pos, seq_len;
+        double att, inv[8];
+    } cases[] = {
+        { "linear", "\"rope_scaling\": {\"type\": \"linear\", \"factor\": 4.0}", 256, 0,
+          1.0, { 0.25, 0.07905694097280502, 0.02500000037252903, 0.007905694656074047, 0.0024999999441206455, 0.0007905694656074047, 0.0002500000118743628, 7.905694656074047e-05 } },
+        { "dynamic_init", "\"rope_scaling\": {\"rope_type\": \"dynamic\", \"factor\": 2.0}", 16, 0,
+          1.0, { 1.0, 0.3162277638912201, 0.10000000149011612, 0.03162277862429619, 0.009999999776482582, 0.003162277862429619, 0.0010000000474974513, 0.0003162277862429619 } },
+        { "dynamic_16", "\"rope_scaling\": {\"rope_type\": \"dynamic\", \"factor\": 2.0}", 16, 16,
+          1.0, { 1.0, 0.3162277638912201, 0.10000000149011612, 0.03162277862429619, 0.009999999776482582, 0.003162277862429619, 0.0010000000474974513, 0.0003162277862429619 } },
+        { "dynamic_21", "\"rope_parameters\": {\"rope_type\": \"dynamic\", \"factor\": 2.0}", 16, 21,
+          1.0, { 1.0, 0.295038104057312, 0.08704748004674911, 0.025682320818305016, 0.007577263284474611, 0.002235581399872899, 0.0006595816230401397, 0.00019460170005913824 } },
+        { "yarn", "\"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 64}", 256, 0,
+          1.138629436111989, { 1.0, 0.23717081546783447, 0.04999999701976776, 0.007905694656074047, 0.0024999999441206455, 0.0007905694656074047, 0.0002500000118743628, 7.905694656074047e-05 } },
+        /* correction range (2.016, 3.82): truncate false keeps the fractions */
+        { "yarn_mscale", "\"rope_parameters\": {\"rope_type\": \"yarn\", \"factor\": 8.0, \"original_max_position_embeddings\": 256, "
+          "\"mscale\": 2.0, \"mscale_all_dim\": 1.0, \"beta_fast\": 4.0, \"beta_slow\": 0.5, \"truncate\": false}", 2048, 0,
+          1.1721471588322, { 1.0, 0.3162277638912201, 0.10000000149011612, 0.016548309475183487, 0.0012499999720603228, 0.00039528473280370235, 0.0001250000059371814, 3.9528473280370235e-05 } },
+        { "longrope_short", "\"rope_scaling\": {\"type\": \"longrope\", \"short_factor\": [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0], "
+          "\"long_factor\": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0], \"original_max_position_embeddings\": 16}", 64, 16,
+          1.224744871391589, { 1.0, 0.2529822289943695, 0.06666667014360428, 0.015811389312148094, 0.004000000189989805, 0.0010540926596149802, 0.0002500000118743628, 5.270462861517444e-05 } },
+        { "longrope_long", "\"rope_parameters\": {\"rope_type\": \"longrope\", \"short_factor\": [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0], "
+          "\"long_factor\": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0], \"original_max_position_embeddings\": 16}", 64, 17,
+          1.224744871391589, { 1.0, 0.21081849932670593, 0.05000000074505806, 0.010540924966335297, 0.0020000000949949026, 0.00039528473280370235, 7.69230755395256e-05, 1.5058465578476898e-05 } },
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        char json[1024];
+        snprintf(json, sizeof json, "{\"model_type\": \"llama\", \"hidden_size\": 64, \"num_hidden_layers\": 1, "
+                 "\"num_attention_heads\": 4, \"head_dim\": 16, \"intermediate_size\": 128, \"vocab_size\": 32, "
+                 "\"max_position_embeddings\": %d, \"rope_theta\": 10000.0, %s}", cases[k].max_pos, cases[k].rope);
+        tp_model_config c;
+        tp_err err = { { 0 } };
+        if (tp_config_parse(&c, json, strlen(json), "config.json", &err) < 0) {
+            CHECK(0, "rope %s: %s", cases[k].name, err.msg);
+            continue;
+        }
+        CHECK(fabs(c.rope.attention_factor - cases[k].att) <= 1e-12 * cases[k].att,
+              "rope %s: attention factor %.17g, want %.17g", cases[k].name, c.rope.attention_factor, cases[k].att);
+        float inv[8];
+        tpk_rope_inv_freq(inv, 16, &c.rope, cases[k].seq_len);
+        for (int i = 0; i < 8; i++)
+            CHECK(fabs(inv[i] - cases[k].inv[i]) <= 1e-6 * cases[k].inv[i],
+                  "rope %s: inv_freq[%d] = %.9g, want %.9g", cases[k].name, i, inv[i], cases[k].inv[i]);
+    }
+
+    /* the tables carry the attention factor, and a pass's rows follow its
+     * length: yarn's cos(0) is the factor; longrope's rows of a pass ending
+     * at 17 use long_factor, of one ending at 16 short_factor */
+    const char *lr = "{\"model_type\": \"llama\", \"hidden_size\": 64, \"num_hidden_layers\": 1, "
+                     "\"num_attention_heads\": 4, \"head_dim\": 16, \"intermediate_size\": 128, \"vocab_size\": 32, "
+                     "\"max_position_embeddings\": 64, \"rope_scaling\": {\"type\": \"longrope\", "
+                     "\"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1], \"long_factor\": [2, 2, 2, 2, 2, 2, 2, 2], "
+                     "\"original_max_position_embeddings\": 16}}";
+    tp_model_config c;
+    tp_err err = { { 0 } };
+    CHECK(tp_config_parse(&c, lr, strlen(lr), "config.json", &err) == 0, "longrope config: %s", err.msg);
+    CHECK(tpk_rope_per_pass(&c.rope), "longrope is per pass");
+    float cs[17 * 8], sn[17 * 8], scratch[8];
+    tpk_rope_rows(cs, sn, scratch, 16, &c.rope, 16, 0, 16);
+    tpk_rope_rows(cs, sn, scratch, 16, &c.rope, 17, 16, 1);
+    float att = (float)c.rope.attention_factor;
+    CHECK(cs[0] == att && sn[0] == 0, "longrope row 0: cos %g sin %g, want %g 0", cs[0], sn[0], att);
+    CHECK(fabsf(cs[15 * 8] - cosf(15.0f) * att) < 1e-6f, "row 15 (short factor): %g", cs[15 * 8]);
+    CHECK(fabsf(cs[16 * 8] - cosf(8.0f) * att) < 1e-6f, "row 16 (long factor 2: angle 8): %g, want %g",
+          cs[16 * 8], cosf(8.0f) * att);
+}
+
 static void test_rope(void)
 {
     /* default: theta^(-2i/d) */
     float inv[8];
-    tpk_rope_params p = { .theta = 10000.0f };
-    tpk_rope_inv_freq(inv, 8, &p);
+    tp_rope_config p = { .type = TP_ROPE_DEFAULT, .theta = 10000.0, .factor = 1, .attention_factor = 1 };
+    tpk_rope_inv_freq(inv, 8, &p, 0);
     double want_def[4] = { 1.0, 0.1, 0.01, 0.001 };
     for (int i = 0; i < 4; i++)
         CHECK(fabs(inv[i] - want_def[i]) <= 1e-6 * want_def[i], "inv_freq[%d] = %.9g, want %g", i,
@@ -143,13 +220,13 @@ static void test_rope(void)
     /* llama3 scaling, head_dim 16, theta 5e5, factor 8, low 1, high 4,
      * original 64: covers all three regimes.  Values printed by
      * transformers 5 ROPE_INIT_FUNCTIONS["llama3"]. */
-    tpk_rope_params p3 = { .theta = 500000.0f, .llama3 = true, .factor = 8.0f,
-                           .low_freq_factor = 1.0f, .high_freq_factor = 4.0f,
-                           .original_max_position = 64 };
+    tp_rope_config p3 = { .type = TP_ROPE_LLAMA3, .theta = 500000.0, .factor = 8.0,
+                          .attention_factor = 1, .low_freq_factor = 1.0, .high_freq_factor = 4.0,
+                          .original_max_position = 64 };
     double want3[8] = { 1.0, 0.07940301299095154, 0.004700753837823868, 0.0009115831344388425,
                         0.00017677668074611574, 3.428102354519069e-05, 6.647869668086059e-06,
                         1.289173155782919e-06 };
-    tpk_rope_inv_freq(inv, 16, &p3);
+    tpk_rope_inv_freq(inv, 16, &p3, 0);
     for (int i = 0; i < 8; i++)
         CHECK(fabs(inv[i] - want3[i]) <= 2e-6 * want3[i], "llama3 inv_freq[%d] = %.9g, want %.9g",
               i, inv[i], want3[i]);
@@ -285,6 +362,7 @@ int main(void)
     test_norms();
     test_embedding();
     test_rope();
+    test_rope_types();
     test_attention();
     test_silu_and_convert();
     return check_finish("test_kernels_cpu");

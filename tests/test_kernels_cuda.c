@@ -160,18 +160,22 @@ static void test_head_norm_rope(void)
 {
     int hds[] = { 64, 128 };
     for (int a = 0; a < 2; a++)
-        for (int llama3 = 0; llama3 < 2; llama3++)
+        for (int kind = 0; kind < 3; kind++)   /* default, llama3, yarn (attention factor != 1) */
             for (int with_norm = 0; with_norm < 2; with_norm++) {
                 int hd = hds[a], n = 7, heads = 3, pos0 = 130, n_pos = pos0 + n, half = hd / 2;
                 size_t stride = (size_t)(heads + 2) * hd + 5;   /* a qkv row with room around the heads */
-                tpk_rope_params rp = { 1000000.0f, false, 8.0f, 1.0f, 4.0f, 8192 };
-                if (llama3) {
-                    rp.theta = 500000.0f;
-                    rp.llama3 = true;
-                }
+                tp_rope_config rp = { .type = TP_ROPE_DEFAULT, .theta = 1000000.0, .factor = 1,
+                                      .attention_factor = 1, .original_max_position = 8192 };
+                if (kind == 1)
+                    rp = (tp_rope_config){ .type = TP_ROPE_LLAMA3, .theta = 500000.0, .factor = 8,
+                                           .attention_factor = 1, .original_max_position = 8192,
+                                           .low_freq_factor = 1, .high_freq_factor = 4 };
+                if (kind == 2)
+                    rp = (tp_rope_config){ .type = TP_ROPE_YARN, .theta = 10000.0, .factor = 4,
+                                           .attention_factor = 1.1386294361119891, .original_max_position = 64,
+                                           .beta_fast = 32, .beta_slow = 1, .truncate = true };
                 float *inv = malloc(half * 4), *cs = malloc((size_t)n_pos * half * 4), *sn = malloc((size_t)n_pos * half * 4);
-                tpk_rope_inv_freq(inv, hd, &rp);
-                tpk_rope_table(cs, sn, inv, hd, n_pos);
+                tpk_rope_rows(cs, sn, inv, hd, &rp, 0, 0, n_pos);
                 size_t sz = (size_t)n * stride;
                 float *x = rand_vec(sz, 2), *w = rand_vec(hd, 1), *ref = malloc(sz * 4), *got = malloc(sz * 4);
                 memcpy(ref, x, sz * 4);
@@ -185,7 +189,7 @@ static void test_head_norm_rope(void)
                                         NULL, &err));
                 fetch(got, dx, sz * 4);
                 double e = rel_err(got, ref, sz);
-                CHECK(e < 1e-5, "head_norm_rope hd=%d llama3=%d norm=%d: err %g", hd, llama3, with_norm, e);
+                CHECK(e < 1e-5, "head_norm_rope hd=%d rope kind %d norm=%d: err %g", hd, kind, with_norm, e);
                 tpc_free(dx); tpc_free(dw); tpc_free(dc); tpc_free(ds);
                 free(inv); free(cs); free(sn); free(x); free(w); free(ref); free(got);
             }
@@ -470,9 +474,9 @@ static void test_devpos_rope_kv(void)
         for (int with_norm = 0; with_norm < 2; with_norm++) {
             int hd = hds[a], n = 3, heads = 3, n_pos = 200, half = hd / 2;
             size_t stride = (size_t)(heads + 1) * hd + 3;
-            tpk_rope_params rp = { 1000000.0f, false, 8.0f, 1.0f, 4.0f, 8192 };
+            tp_rope_config rp = { .type = TP_ROPE_DEFAULT, .theta = 1000000.0, .factor = 1, .attention_factor = 1 };
             float *inv = malloc(half * 4), *cs = malloc((size_t)n_pos * half * 4), *sn = malloc((size_t)n_pos * half * 4);
-            tpk_rope_inv_freq(inv, hd, &rp);
+            tpk_rope_inv_freq(inv, hd, &rp, 0);
             tpk_rope_table(cs, sn, inv, hd, n_pos);
             size_t sz = (size_t)n * stride;
             float *x = rand_vec(sz, 2), *w = rand_vec(hd, 1), *want = malloc(sz * 4), *got = malloc(sz * 4);
@@ -688,9 +692,9 @@ static void run_graph_decode(int heads, int kvh, int hd, int window, int max_seq
     size_t out_stride = (size_t)heads * hd;
     tpc_stream s;
     MUST(tpc_stream_create(&s, &err));
-    tpk_rope_params rp = { 10000.0f, false, 8.0f, 1.0f, 4.0f, 8192 };
+    tp_rope_config rp = { .type = TP_ROPE_DEFAULT, .theta = 10000.0, .factor = 1, .attention_factor = 1 };
     float *inv = malloc(half * 4), *cs = malloc((size_t)max_seq * half * 4), *sn = malloc((size_t)max_seq * half * 4);
-    tpk_rope_inv_freq(inv, hd, &rp);
+    tpk_rope_inv_freq(inv, hd, &rp, 0);
     tpk_rope_table(cs, sn, inv, hd, max_seq);
     float *kc = rand_vec(cache_sz, 1), *vc = rand_vec(cache_sz, 1);
     float *ref = malloc(out_stride * 4), *got = malloc(out_stride * 4), *scratch = malloc((size_t)max_seq * 4);

@@ -953,23 +953,23 @@ static void test_config(void)
     char buf[1024];
     snprintf(buf, sizeof buf, "%s}", base);
     CHECK(tp_model_config_parse(&c, buf, &err) == 0, "minimal llama config: %s", err.msg);
-    CHECK(c.n_kv_heads == 4 && c.head_dim == 16 && c.rope_theta == 10000.0f && !c.rope_llama3 &&
+    CHECK(c.n_kv_heads == 4 && c.head_dim == 16 && c.rope.theta == 10000.0 && c.rope.type == TP_ROPE_DEFAULT &&
           c.bos_id == -1 && c.n_eos == 0 && c.sliding_window == 0,
-          "defaults: kv %d head_dim %d theta %g", c.n_kv_heads, c.head_dim, c.rope_theta);
+          "defaults: kv %d head_dim %d theta %g", c.n_kv_heads, c.head_dim, c.rope.theta);
 
     /* old layout: top-level rope_theta + rope_scaling{type} */
     snprintf(buf, sizeof buf, "%s, \"rope_theta\": 500000.0, \"rope_scaling\": {\"type\": \"llama3\", "
              "\"factor\": 32.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
              "\"original_max_position_embeddings\": 8192}, \"eos_token_id\": [128001, 128009]}", base);
-    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope_theta == 500000.0f && c.rope_llama3 &&
-          c.rope_factor == 32.0f && c.rope_original_max_position == 8192 && c.n_eos == 2 &&
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope.theta == 500000.0 && c.rope.type == TP_ROPE_LLAMA3 &&
+          c.rope.factor == 32.0 && c.rope.original_max_position == 8192 && c.n_eos == 2 &&
           c.eos_ids[1] == 128009, "old rope layout: %s", err.msg);
     /* new layout: rope_parameters with rope_theta inside */
     snprintf(buf, sizeof buf, "%s, \"rope_parameters\": {\"rope_type\": \"llama3\", \"rope_theta\": "
              "250000.0, \"factor\": 8.0, \"low_freq_factor\": 1.0, \"high_freq_factor\": 4.0, "
              "\"original_max_position_embeddings\": 64}}", base);
-    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope_theta == 250000.0f && c.rope_llama3 &&
-          c.rope_original_max_position == 64, "new rope layout: %s", err.msg);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.rope.theta == 250000.0 && c.rope.type == TP_ROPE_LLAMA3 &&
+          c.rope.original_max_position == 64, "new rope layout: %s", err.msg);
 
     /* qwen2: sliding only with use_sliding_window, from max_window_layers */
     const char *q2 = "{\"model_type\": \"qwen2\", \"hidden_size\": 64, \"num_hidden_layers\": 4, "
@@ -982,6 +982,22 @@ static void test_config(void)
     CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 32 &&
           c.sliding_from_layer == 2, "qwen2 sliding: window %d from %d", c.sliding_window,
           c.sliding_from_layer);
+    /* transformers 5.24's defaults when the key is absent: sliding_window
+     * 4096 (mistral, qwen2, qwen3), max_window_layers 28; null: no window */
+    const char *q3 = "{\"model_type\": \"qwen3\", \"hidden_size\": 64, \"num_hidden_layers\": 30, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 128, \"vocab_size\": 512, "
+                     "\"use_sliding_window\": true}";
+    CHECK(tp_model_config_parse(&c, q3, &err) == 0 && c.sliding_window == 4096 &&
+          c.sliding_from_layer == 28, "qwen3 default window: %d from %d (%s)", c.sliding_window,
+          c.sliding_from_layer, err.msg);
+    const char *mi = "{\"model_type\": \"mistral\", \"hidden_size\": 64, \"num_hidden_layers\": 2, "
+                     "\"num_attention_heads\": 4, \"intermediate_size\": 128, \"vocab_size\": 512";
+    snprintf(buf, sizeof buf, "%s}", mi);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 4096 && c.sliding_from_layer == 0,
+          "mistral without sliding_window: window %d (%s)", c.sliding_window, err.msg);
+    snprintf(buf, sizeof buf, "%s, \"sliding_window\": null}", mi);
+    CHECK(tp_model_config_parse(&c, buf, &err) == 0 && c.sliding_window == 0,
+          "mistral sliding_window null: window %d (%s)", c.sliding_window, err.msg);
 
     expect_cfg_error("{\"model_type\": \"gpt2\"}", "gpt2");
     /* fuzz_config: an rms_norm_eps that is 0 as a float */
@@ -992,8 +1008,8 @@ static void test_config(void)
                      "\"num_attention_heads\": 4, \"intermediate_size\": 8, \"vocab_size\": 512}", "head_dim");
     expect_cfg_error("[1]", "object");
     expect_cfg_error("{\"model_type\": \"llama\", \"num_hidden_layers\": 2}", "hidden_size");
-    snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"yarn\", \"factor\": 4.0}}", base);
-    expect_cfg_error(buf, "yarn");
+    snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"proportional\", \"factor\": 4.0}}", base);
+    expect_cfg_error(buf, "proportional");   /* yarn and linear run since issue 9 */
     snprintf(buf, sizeof buf, "%s, \"num_key_value_heads\": 3}", base);
     expect_cfg_error(buf, "num_key_value_heads");
     snprintf(buf, sizeof buf, "%s, \"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}}", base);

@@ -4,6 +4,7 @@ tests need no Python).  Regenerate with:
 
     python3 tools/make_fixtures.py            # all models
     python3 tools/make_fixtures.py llama-tiny # just one
+    python3 tools/make_fixtures.py --rope-reference  # tests/test_kernels_cpu.c's RoPE numbers
 
 Each tests/models/<name>/ holds a Hugging Face model directory made by the
 real transformers config and *ForCausalLM classes (config.json,
@@ -94,7 +95,55 @@ MODELS = {
                      dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                           tie_word_embeddings=False, rope_theta=10000.0, sliding_window=None),
                      False, 106),
+    # The RoPE variants (issue 9).  Linear: the older "type" key.
+    "llama-linear": (LlamaConfig, LlamaForCausalLM,
+                     dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          tie_word_embeddings=False, rope_theta=10000.0,
+                          rope_scaling={"type": "linear", "factor": 4.0}),
+                     True, 107),
+    # yarn as Qwen3 ships it for long contexts: factor 4 over 64 positions
+    # (the 100-token prompt is past it), attention factor 0.1 ln 4 + 1.
+    "qwen3-yarn": (Qwen3Config, Qwen3ForCausalLM,
+                   dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                        tie_word_embeddings=True, rope_theta=1000000.0,
+                        use_sliding_window=False, sliding_window=None, max_window_layers=2,
+                        rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                      "original_max_position_embeddings": 64}),
+                   True, 108),
+    # dynamic NTK scales past max_position_embeddings = 16: every prompt but
+    # the 5-token one starts past it, that one crosses it while generating.
+    # transformers 5 spelling (rope_parameters).
+    "llama-dynamic": (LlamaConfig, LlamaForCausalLM,
+                      dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=16,
+                           rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+                      False, 109),
+    # longrope: short_factor up to 16 positions, long_factor past them;
+    # factor = 256 / 16, attention factor sqrt(1 + ln 16 / ln 16).
+    "llama-longrope": (LlamaConfig, LlamaForCausalLM,
+                       dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            tie_word_embeddings=False, rope_theta=10000.0,
+                            rope_scaling={"rope_type": "longrope",
+                                          "short_factor": [1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0],
+                                          "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 12.0, 16.0],
+                                          "original_max_position_embeddings": 16}),
+                       True, 110),
+    # config.json without head_dim: Qwen3Config's default is 128 (not
+    # hidden / heads = 16), so q_proj is 512 x 64.
+    "qwen3-nohd": (Qwen3Config, Qwen3ForCausalLM,
+                   dict(num_attention_heads=4, num_key_value_heads=2,
+                        tie_word_embeddings=True, rope_theta=1000000.0,
+                        use_sliding_window=False, sliding_window=None, max_window_layers=2),
+                   True, 111),
 }
+
+# Keys removed from the Hub-style config.json (transformers writes them all).
+LEGACY_DROP = {"qwen3-nohd": ["head_dim"]}
+
+# The rope types whose frequencies follow the length of each forward pass
+# (transformers' dynamic_rope_update): their reference comes from generate()
+# with the KV cache, see make().
+PER_PASS_ROPE = ("dynamic", "longrope")
 
 
 # Keys patched into the Hub-style config.json.  Qwen2.5 checkpoints carry a
@@ -122,11 +171,13 @@ def randomize_(model, gen):
                 p.copy_(INIT_STD * torch.randn(p.shape, generator=gen))
 
 
-def legacy_config(path, rope_theta, rope_scaling, extra):
+def legacy_config(path, rope_theta, rope_scaling, extra, drop=()):
     """Rewrites config.json the way Hub checkpoints spell it."""
     with open(path) as f:
         cfg = json.load(f)
     cfg.update(extra)
+    for k in drop:
+        cfg.pop(k)
     cfg.pop("rope_parameters", None)
     cfg.pop("layer_types", None)    # transformers>=5 only; derived from the rest
     cfg["rope_theta"] = rope_theta
@@ -167,6 +218,35 @@ def greedy(model, ids):
     return out, margins
 
 
+def greedy_cached(model, ids):
+    """Greedy continuation as generate() makes it: the prompt in one pass,
+    then one token per pass with the KV cache (eos ignored), with the
+    top1 - top2 margin of every step.  For dynamic and longrope this is
+    not the same as re-running the whole sequence: at each pass
+    dynamic_rope_update recomputes inv_freq for that pass's length
+    (max(position_ids) + 1) and rotates only the new queries and keys with
+    it; the keys already in the cache keep the rotation of the pass that
+    wrote them."""
+    g = model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
+                       do_sample=False, eos_token_id=None, pad_token_id=0, num_beams=1,
+                       output_logits=True, return_dict_in_generate=True)
+    out = g.sequences[0, len(ids):].tolist()
+    margins = []
+    for step, logits in enumerate(g.logits):
+        top = torch.topk(logits[0].float(), 2)
+        assert int(top.indices[0]) == out[step]
+        margins.append(sig6(float(top.values[0] - top.values[1])))
+    return out, margins
+
+
+def load_reference(out_dir):
+    """The saved bf16 weights, loaded back in float32 (eager attention)."""
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    model.eval()
+    return model
+
+
 def make(name):
     cfg_cls, model_cls, extra, legacy, seed = MODELS[name]
     out_dir = os.path.join(ROOT, name)
@@ -178,7 +258,7 @@ def make(name):
     rope = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_scaling:
         rope = dict(rope_scaling, rope_theta=rope_theta)
-    config = cfg_cls(**COMMON, **extra, rope_parameters=rope)
+    config = cfg_cls(**dict(COMMON, **extra), rope_parameters=rope)
     torch.manual_seed(seed)
     model = model_cls(config)
     gen = torch.Generator().manual_seed(seed)
@@ -191,18 +271,19 @@ def make(name):
         os.chmod(os.path.join(out_dir, fn), 0o644)
     cfg_path = os.path.join(out_dir, "config.json")
     if legacy:
-        legacy_config(cfg_path, rope_theta, rope_scaling, LEGACY_EXTRA.get(name, {}))
+        legacy_config(cfg_path, rope_theta, rope_scaling, LEGACY_EXTRA.get(name, {}),
+                      LEGACY_DROP.get(name, ()))
 
     # The reference: the saved bf16 weights, loaded back in float32.
-    ref_model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
-                                                     attn_implementation="eager")
-    ref_model.eval()
+    ref_model = load_reference(out_dir)
     layer_types = getattr(ref_model.config, "layer_types", None) or []
     assert all(t == "full_attention" for t in layer_types), (name, layer_types)
     rp = ref_model.config.rope_parameters
     assert rp["rope_theta"] == rope_theta, (name, rp)
     if rope_scaling:
-        assert rp["rope_type"] == "llama3" and rp["factor"] == 8.0, (name, rp)
+        want_type = rope_scaling.get("rope_type", rope_scaling.get("type"))
+        assert rp["rope_type"] == want_type and rp.get("factor") == rope_scaling.get("factor"), (name, rp)
+    per_pass = rp["rope_type"] in PER_PASS_ROPE
     sd = ref_model.state_dict()
     for k, v in model.state_dict().items():
         assert torch.equal(sd[k], v.float()), (name, k)
@@ -212,8 +293,18 @@ def make(name):
     prompts = []
     for n in PROMPT_LENS:
         ids = torch.randint(3, vocab, (n,), generator=pgen).tolist()
+        if per_pass:
+            # dynamic's rotary embedding keeps the longest length it has
+            # seen (max_seq_len_cached) across calls: a fresh model per
+            # prompt, so that each reference is that prompt's alone.
+            ref_model = load_reference(out_dir)
         with torch.no_grad():
             logits = ref_model(torch.tensor([ids])).logits[0, -1]
+        if per_pass:
+            toks, margins = greedy_cached(load_reference(out_dir), ids)
+            prompts.append({"ids": ids, "last_logits": [sig6(x) for x in logits.tolist()],
+                            "greedy": toks, "greedy_margins": margins})
+            continue
         toks, margins = greedy(ref_model, ids)
         # Cross-check the manual loop against generate() with the KV cache.
         g = ref_model.generate(torch.tensor([ids]), max_new_tokens=N_NEW, min_new_tokens=N_NEW,
@@ -252,7 +343,47 @@ def make(name):
           f"logit std {spread:.3f}")
 
 
+# The configurations tests/test_kernels_cpu.c checks tpk_rope_inv_freq and
+# the attention factor on (llama, head_dim 16): (name, rope dict, seq_len
+# of the pass or None for init, max_position_embeddings).
+LONGROPE_SHORT = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0]
+LONGROPE_LONG = [1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0]
+ROPE_REFERENCE = [
+    ("linear", {"rope_type": "linear", "factor": 4.0}, None, 256),
+    ("dynamic_init", {"rope_type": "dynamic", "factor": 2.0}, None, 16),
+    ("dynamic_21", {"rope_type": "dynamic", "factor": 2.0}, 21, 16),
+    ("yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, None, 256),
+    # correction range (2.016, 3.82): truncating it (floor/ceil) changes the ramp
+    ("yarn_mscale", {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256,
+                     "mscale": 2.0, "mscale_all_dim": 1.0, "beta_fast": 4.0, "beta_slow": 0.5,
+                     "truncate": False}, None, 2048),
+    ("longrope_short", {"rope_type": "longrope", "short_factor": LONGROPE_SHORT,
+                        "long_factor": LONGROPE_LONG, "original_max_position_embeddings": 16}, 16, 64),
+    ("longrope_long", {"rope_type": "longrope", "short_factor": LONGROPE_SHORT,
+                       "long_factor": LONGROPE_LONG, "original_max_position_embeddings": 16}, 17, 64),
+]
+
+
+def rope_reference():
+    """Prints transformers' own inv_freq and attention factor for
+    ROPE_REFERENCE, as C literals.  dynamic and longrope get seq_len the way
+    dynamic_rope_update passes it (a tensor: max(position_ids) + 1)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for name, rope, seq_len, max_pos in ROPE_REFERENCE:
+        cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=16, num_hidden_layers=1,
+                          max_position_embeddings=max_pos,
+                          rope_parameters=dict(rope, rope_theta=10000.0))
+        fn = ROPE_INIT_FUNCTIONS[cfg.rope_parameters["rope_type"]]
+        sl = None if seq_len is None else torch.tensor(seq_len)
+        inv, att = fn(cfg, "cpu", seq_len=sl)
+        vals = ", ".join(repr(float(x)) for x in inv.tolist())
+        print(f'    {{ "{name}", {float(att)!r}, {{ {vals} }} }},')
+
+
 def main():
+    if sys.argv[1:] == ["--rope-reference"]:
+        rope_reference()
+        return
     names = sys.argv[1:] or list(MODELS)
     for n in names:
         if n not in MODELS:

@@ -34,8 +34,13 @@ static void usage(FILE *f)
 "                         {\"layers.*.self_attn.q_proj\": \"colwise\", \"lm_head\": \"colwise_gather_output\"}\n"
 "                         (keys relative to the base model, or starting with \"model.\",\n"
 "                         or \"lm_head\"); replaces config.json's base_model_tp_plan and\n"
-"                         the built-in plan; anything not named is replicated\n"
-"  --vocab-parallel       cut the embedding by vocabulary rows (default: replicated)\n"
+"                         the built-in plan; anything not named is replicated (the\n"
+"                         embedding too, when the plan names it: it wins over the\n"
+"                         default vocabulary cut)\n"
+"  --replicate-embedding  keep the whole embedding on every rank (default: cut by\n"
+"                         vocabulary rows, as vLLM does: each rank holds 1/tp of it\n"
+"                         and an all-reduce sums the looked-up rows)\n"
+"  --vocab-parallel       the default; accepted for older command lines\n"
 "  --compress none|zstd   codec of the tpshard files (default zstd)\n"
 "  --level N              zstd level 1..22 (default 1: on byte planes it beats 3 in\n"
 "                         both ratio and speed, see README)\n"
@@ -171,8 +176,8 @@ int main(int argc, char **argv)
     long tp = 0, level = 1, threads = 0, rpn = 0;
     const char *plan = NULL, *dirs[2] = {NULL, NULL};
     int n_dirs = 0;
-    bool vocab_parallel = false, dry_run = false, force = false, quiet = false, verbose = false;
-    bool bundle = false, level_given = false, compress_given = false;
+    bool vocab_parallel = true, dry_run = false, force = false, quiet = false, verbose = false;
+    bool bundle = false, level_given = false, compress_given = false, vocab_given = false;
     tp_write_opts wo = {.format = TP_OUT_TPSHARD, .codec = TP_CODEC_ZSTD};
     uint64_t chunk = TP_DEFAULT_CHUNK;
 
@@ -196,7 +201,9 @@ int main(int argc, char **argv)
             NEED_VALUE();
             plan = v;
         } else if (!strcmp(a, "--vocab-parallel")) {
-            vocab_parallel = true;
+            vocab_given = true;
+        } else if (!strcmp(a, "--replicate-embedding")) {
+            vocab_parallel = false;
         } else if (!strcmp(a, "--compress")) {
             NEED_VALUE();
             int c = tp_codec_from_name(v, &wo.codec);
@@ -253,6 +260,8 @@ int main(int argc, char **argv)
         return cli_arg_error("MODEL_DIR and OUT_DIR are required (see --help)");
     if (quiet && verbose)
         return cli_arg_error("--quiet and --verbose exclude each other");
+    if (vocab_given && !vocab_parallel)
+        return cli_arg_error("--vocab-parallel and --replicate-embedding exclude each other");
     if (rpn && !bundle)
         return cli_arg_error("--ranks-per-node needs --bundle");
     if (rpn > tp)

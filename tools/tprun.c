@@ -389,9 +389,9 @@ static void create_model(run *r)
     const char *cfg_text = r->manifest.config_json ? r->manifest.config_json : r->lr.config_json;
     if (!cfg_text || tp_model_config_parse(&cfg, cfg_text, &err))
         die_msg(r, true, "%s: %s", r->o.out, cfg_text ? err.msg : "config.json: missing");   /* err.msg names config.json */
-    r->context = r->o.max_seq > 0 ? r->o.max_seq
-                 : (cfg.max_position < DEFAULT_CONTEXT_CAP ? cfg.max_position : DEFAULT_CONTEXT_CAP);
-    if (r->o.max_seq > cfg.max_position)
+    int max_len = tp_config_max_length(&cfg);   /* dynamic RoPE: not capped by max_position_embeddings */
+    r->context = r->o.max_seq > 0 ? r->o.max_seq : (max_len < DEFAULT_CONTEXT_CAP ? max_len : DEFAULT_CONTEXT_CAP);
+    if (r->o.max_seq > max_len)
         die_msg(r, true, "--max-seq %d is more than the model's max_position_embeddings (%d)", r->o.max_seq,
                 cfg.max_position);
     char device[32];

@@ -96,8 +96,9 @@ int tpc_add_rmsnorm(float *x, const float *delta, float *out, const float *w, in
 /* tpk_head_rmsnorm (when w is non-NULL: qwen3's q_norm / k_norm) followed
  * by tpk_rope, fused, in place.  Token t's heads start at
  * x + t * row_stride + h * head_dim; its position is pos0 + t.  cos_t/sin_t
- * are tpk_rope_table's [n_pos][head_dim / 2] tables (made on the host from
- * tpk_rope_inv_freq, so llama3 scaling is the CPU's) copied to the device. */
+ * are [n_pos][head_dim / 2] tables made on the host by the CPU's
+ * tpk_rope_rows (so every rope type and its attention factor is the CPU's)
+ * and copied to the device. */
 int tpc_head_norm_rope(float *x, const float *w, int n, int n_heads, int head_dim, size_t row_stride,
                        int pos0, const float *cos_t, const float *sin_t, float eps, tpc_stream s,
                        tp_err *err);

@@ -47,6 +47,9 @@ struct tpcm_model {
     tpc_allocs owned;           /* device allocations besides the weights */
 
     float *kcache, *vcache, *cos_t, *sin_t;
+    /* dynamic / longrope (tpk_rope_per_pass): the host tables whose rows
+     * each pass recomputes and copies to cos_t / sin_t; NULL otherwise */
+    float *host_cos, *host_sin, *host_inv;
     int cap_n;
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up, *logit_slot;
     uint16_t *xb;               /* bf16 activations for the GEMMs */
@@ -202,12 +205,8 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         float *inv = (float *)malloc(half * sizeof(float));
         int rc = -1;
         if (ct && sn && inv) {
-            tpk_rope_params rp = {};
-            rp.theta = c->rope_theta; rp.llama3 = c->rope_llama3; rp.factor = c->rope_factor;
-            rp.low_freq_factor = c->rope_low_freq_factor; rp.high_freq_factor = c->rope_high_freq_factor;
-            rp.original_max_position = c->rope_original_max_position;
-            tpk_rope_inv_freq(inv, (int)hd, &rp);
-            tpk_rope_table(ct, sn, inv, (int)hd, g->max_seq);
+            /* the CPU's tables (kernels_cpu.c), what transformers builds at init */
+            tpk_rope_rows(ct, sn, inv, (int)hd, &c->rope, 0, 0, g->max_seq);
             size_t tb = (size_t)g->max_seq * half * sizeof(float);
             rc = (tpc_allocs_malloc(&g->owned, (void **)&g->kcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
                   tpc_allocs_malloc(&g->owned, (void **)&g->vcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
@@ -219,7 +218,11 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         } else {
             tp_errorf(err, "out of memory");
         }
-        free(ct); free(sn); free(inv);
+        if (rc == 0 && tpk_rope_per_pass(&c->rope)) {
+            g->host_cos = ct; g->host_sin = sn; g->host_inv = inv;   /* kept for refresh_rope */
+        } else {
+            free(ct); free(sn); free(inv);
+        }
         if (rc < 0)
             goto fail;
     }
@@ -272,6 +275,7 @@ void tpcm_free(tpcm_model *g)
         cudaFreeHost(g->host_u);
     drop_graphs(g);
     free(g->host_all);
+    free(g->host_cos); free(g->host_sin); free(g->host_inv);
     free(g->lm_ranges);
     if (g->blas)
         tpc_blas_destroy(g->blas);
@@ -468,10 +472,30 @@ static int layers(tpcm_model *g, int n, int pos, const int32_t *pos_dev, tp_err 
     return 0;
 }
 
+/* dynamic / longrope: the table rows of the pass over [pos, pos + n),
+ * computed on the host as the CPU computes them (tpk_rope_rows) and copied
+ * on the stream ahead of the pass.  The host rows are only rewritten after
+ * the previous pass has been waited for. */
+static int refresh_rope(tpcm_model *g, int n, int pos, tp_err *err)
+{
+    if (!g->host_cos)
+        return 0;
+    int hd = g->cfg.head_dim;
+    size_t half = (size_t)hd / 2, off = (size_t)pos * half, bytes = (size_t)n * half * sizeof(float);
+    tpk_rope_rows(g->host_cos, g->host_sin, g->host_inv, hd, &g->cfg.rope, pos + n, pos, n);
+    cudaStream_t s = (cudaStream_t)g->s;
+    if (cuda_check(cudaMemcpyAsync(g->cos_t + off, g->host_cos + off, bytes, cudaMemcpyHostToDevice, s),
+                   "cudaMemcpyAsync (rope rows)", err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->sin_t + off, g->host_sin + off, bytes, cudaMemcpyHostToDevice, s),
+                   "cudaMemcpyAsync (rope rows)", err) < 0)
+        return -1;
+    return 0;
+}
+
 /* ids[0..n) (host) to the device, then layers() at pos. */
 static int run_layers(tpcm_model *g, const int32_t *ids, int n, int pos, tp_err *err)
 {
-    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, n, err) < 0)
+    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, n, err) < 0 || refresh_rope(g, n, pos, err) < 0)
         return -1;
     /* ids is pageable: cudaMemcpyAsync has read it when it returns */
     if (cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, (cudaStream_t)g->s),
@@ -654,7 +678,7 @@ static int decode_step_graph(tpcm_model *g, int32_t id, int pos, const tp_sample
                              tp_err *err)
 {
     cudaStream_t s = (cudaStream_t)g->s;
-    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, 1, err) < 0)
+    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, 1, err) < 0 || refresh_rope(g, 1, pos, err) < 0)
         return -1;
     /* the pinned inputs are only rewritten after the previous step's wait */
     g->host_step[0] = id;
