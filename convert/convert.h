@@ -415,8 +415,12 @@ int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_wr
 /* A synthetic Hugging Face model directory with random bf16 weights
  * (convert/synth.c; tools/tpsynth.c is its command line). */
 typedef struct tp_synth_opts {
-    const char *arch;            /* "qwen3", "qwen2", "llama", "mistral" */
+    const char *arch;            /* "qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral" */
     int hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, max_position;
+    /* qwen3_moe / mixtral: every layer sparse, per-expert tensors as on the
+     * Hub; moe_intermediate: qwen3_moe's expert size (mixtral's experts
+     * have intermediate).  Ignored by the dense architectures. */
+    int experts, experts_per_tok, moe_intermediate;
     bool tie;                    /* tie_word_embeddings (no lm_head.weight) */
     uint64_t seed;
     uint64_t shard_size;         /* bytes per safetensors file; 0: one model.safetensors */
@@ -426,7 +430,8 @@ typedef struct tp_synth_opts {
 } tp_synth_opts;
 
 /* Sets arch and dimensions of a named preset ("tiny", "demo", "qwen3-0.6b",
- * "qwen3-8b"); leaves seed, shard_size, tokenizer_path, threads, quiet. */
+ * "qwen3-8b", "moe-tiny", "qwen3-30b-a3b-layer": Qwen3-30B-A3B's layer shape,
+ * 2 layers); leaves seed, shard_size, tokenizer_path, threads, quiet. */
 int tp_synth_preset(tp_synth_opts *o, const char *preset, tp_err *err);
 /* Writes out_dir (created; must be empty): model safetensors (sharded with
  * an index when shard_size is set), tokenizer files, generation_config.json
