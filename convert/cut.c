@@ -384,15 +384,17 @@ static int style_dim(tp_style style, const char *name, int ndim, bool *reduce_bi
 
 /* --expert-parallel on one tensor: a per-expert tensor lives whole on the
  * rank that owns its expert (*owner); a fused one is cut along its expert
- * dim (*owner -1); anything else cannot be cut this way. */
+ * dim (*owner -1). */
 static int expert_owner(const tp_model_info *mi, const char *name, const tensor_role *tr, int tp,
                         int *owner, tp_err *err)
 {
     *owner = -1;
     if (tr->r == R_EXPERTS_GATE_UP || tr->r == R_EXPERTS_DOWN)
         return 0;
+    /* Another tensor under an expert module (a misnamed weight, a buffer)
+     * stays whole on every rank: tp_arch_check_tensors names it for tprun. */
     if (tr->r != R_EXPERT_GATE_UP && tr->r != R_EXPERT_DOWN)
-        return tp_errorf(err, "tensor %s: style expert is only for expert weights", name);
+        return 0;
     int lo, hi;
     if (tp_expert_range(mi->cfg.n_experts, tp, 0, &lo, &hi, err) < 0)
         return tp_err_prefix(err, "tensor %s", name);
