@@ -159,6 +159,19 @@ for model_dir in tests/models/qwen3moe-*/ tests/models/mixtral-*/; do
         echo "ok $model tp$tp expert-parallel ($n_prompts prompts)"
     done
 done
+# No CUDA forward for MoE yet: --device cuda refuses it by name (tpconvert
+# accepted it, and the CPU runs it).
+if [ -d "$tmp/qwen3moe-tiny-tp1" ]; then
+    if timeout 60 "$BIN/tprun" "$tmp/qwen3moe-tiny-tp1" --comm single --device cuda --prompt-ids 5,6 \
+           --max-new-tokens 1 >/dev/null 2>"$tmp/moe-cuda.err"; then
+        fail "tprun --device cuda ran a MoE model"
+    elif ! grep -q "this build has no CUDA" "$tmp/moe-cuda.err"; then
+        grep -q "mixture of experts) runs on the CPU only" "$tmp/moe-cuda.err" ||
+            fail "tprun --device cuda on a MoE model: $(cat "$tmp/moe-cuda.err")"
+    fi
+else
+    fail "no tp1 conversion of qwen3moe-tiny"
+fi
 
 model_dir=tests/models/qwen3-tiny
 ids=$("$check" "$model_dir/reference.json" --ids 0)
