@@ -448,7 +448,8 @@ int tp_cut_make(tp_cut *c, const tp_model_info *mi, const char *name, tp_dtype d
     if (packed && dim >= 0) {
         /* The dim is 2 blocks (gate, up); each block splits like the unit
          * would (the fused gate_up of intermediate_size each). */
-        bool fused_gate_up = u == U_INTER && tr.r == R_GATE_UP_FUSED;
+        bool fused_gate_up = (u == U_INTER && tr.r == R_GATE_UP_FUSED) ||
+                             (u == U_MOE_INTER && tr.r == R_EXPERTS_GATE_UP);
         if (!fused_gate_up && u != U_PLAIN) {
             tp_cut_free(c);
             return tp_errorf(err, "tensor %s: style %s on a dimension that is not packed", name, sname);

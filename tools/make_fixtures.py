@@ -348,16 +348,52 @@ def make_moe(name):
             f.write("\n")
 
 
+def make_fused(src_name, name):
+    """A copy of src_name in the layout transformers 5's Qwen3MoeExperts
+    holds in memory: per layer mlp.experts.gate_up_proj [E, 2 I, H] (gate
+    rows, then up) and mlp.experts.down_proj [E, H, I], bare parameters.
+    Same weights, so src_name's reference.json holds."""
+    from safetensors.torch import load_file, save_file
+    src, out_dir = os.path.join(ROOT, src_name), os.path.join(ROOT, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    n_exp = cfg.get("num_experts", cfg.get("num_local_experts"))
+    out = {}
+    for k, v in sd.items():
+        if ".mlp.experts." not in k:
+            out[k] = v
+    for l in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{l}.mlp.experts."
+        if pre + "0.gate_proj.weight" not in sd:
+            continue
+        out[pre + "gate_up_proj"] = torch.stack([
+            torch.cat([sd[f"{pre}{e}.gate_proj.weight"], sd[f"{pre}{e}.up_proj.weight"]])
+            for e in range(n_exp)]).contiguous()
+        out[pre + "down_proj"] = torch.stack([sd[f"{pre}{e}.down_proj.weight"]
+                                              for e in range(n_exp)]).contiguous()
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    for fn in ("config.json", "generation_config.json", "reference.json"):
+        shutil.copy(os.path.join(src, fn), os.path.join(out_dir, fn))
+    for fn in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, fn), 0o644)
+    print(f"{name}: {src_name}'s weights, experts fused")
+
+
 def main():
-    names = sys.argv[1:] or list(MODELS) + list(MOE_MODELS)
+    names = sys.argv[1:] or list(MODELS) + list(MOE_MODELS) + ["qwen3moe-fused"]
     for n in names:
-        if n not in MODELS and n not in MOE_MODELS:
+        if n not in MODELS and n not in MOE_MODELS and n != "qwen3moe-fused":
             sys.exit(f"make_fixtures.py: unknown model {n} (known: {', '.join(MODELS)}, "
                      f"{', '.join(MOE_MODELS)})")
     torch.set_num_threads(1)   # reproducible reductions
     for n in names:
         if n in MOE_MODELS:
             make_moe(n)
+        elif n == "qwen3moe-fused":
+            make_fused("qwen3moe-tiny", n)
         else:
             make(n)
 
