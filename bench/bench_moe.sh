@@ -8,18 +8,21 @@
 # copies of the weights, ~7.5 GB at tp 1).  Converted with --compress none
 # at tp 1, and at tp 2 in both split modes (tensor-parallel experts, the
 # default, and --expert-parallel); for each: the largest rank file against
-# total / tp, load time of rank 0 (tprun --load-only --verbose), and prefill
+# total / tp (the embedding is replicated unless the conversion is
+# vocabulary-parallel: EXTRA="--vocab-parallel"), load time of rank 0 (tprun --load-only --verbose), and prefill
 # and decode tokens/s (greedy, --ignore-eos; tp 2: two processes on
 # 127.0.0.1, tcp).  Threads: nproc / tp per rank.
 #
 # Environment: BIN (default bin), PRESET (default qwen3-30b-a3b-layer),
-# PROMPT_LEN (default 128), NEW_TOKENS (default 32), BENCH_TMP.
+# PROMPT_LEN (default 128), NEW_TOKENS (default 32), EXTRA (more tpconvert
+# flags), BENCH_TMP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
 PRESET=${PRESET:-qwen3-30b-a3b-layer}
 PROMPT_LEN=${PROMPT_LEN:-128}
 NEW_TOKENS=${NEW_TOKENS:-32}
+read -r -a extra <<<"${EXTRA:-}"
 parent=${BENCH_TMP:-${TMPDIR:-/tmp}}
 for prog in tpsynth tpconvert tprun; do
     [ -x "$BIN/$prog" ] || { echo "bench_moe: $BIN/$prog not found (run make first)" >&2; exit 1; }
@@ -65,16 +68,17 @@ for run in "1 tensor" "2 tensor" "2 expert"; do
     read -r tp mode <<<"$run"
     flag=(); [ "$mode" = expert ] && flag=(--expert-parallel)
     out=$work/tp$tp-$mode
-    "$BIN/tpconvert" --tp "$tp" "${flag[@]}" --compress none --quiet "$work/model" "$out"
+    "$BIN/tpconvert" --tp "$tp" "${flag[@]}" "${extra[@]}" --compress none --quiet "$work/model" "$out"
     max_rank=$(du -b "$out"/rank-*.tpshard | sort -n | tail -n 1 | cut -f1)
     share=$(awk -v m="$max_rank" -v s="$src_bytes" -v t="$tp" 'BEGIN { printf "%.3f", m / (s / t) }')
     run_ranks "$tp" "$work/load.json" "$out" --load-only --verbose
     load_s=$(sed -n 's/^tprun: loaded rank 0 .* in \([0-9.]*\) s.*/\1/p' "$work/load.json.err")
     run_ranks "$tp" "$work/gen.json" "$out" --prompt-ids "$ids" \
         --max-new-tokens "$NEW_TOKENS" --temperature 0 --ignore-eos
-    rows+=("$(printf "%-3s %-8s %10.1f %8s %8s %12s %12s" "$tp" "$mode" "$(awk -v b="$max_rank" 'BEGIN{print b/1e6}')" \
-        "$share" "$load_s" "$(json_field "$work/gen.json" prefill_tokens_per_s)" \
-        "$(json_field "$work/gen.json" decode_tokens_per_s)")")
+    rows+=("$(awk -v tp="$tp" -v mode="$mode" -v b="$max_rank" -v share="$share" -v load="$load_s" \
+        -v pf="$(json_field "$work/gen.json" prefill_tokens_per_s)" \
+        -v dc="$(json_field "$work/gen.json" decode_tokens_per_s)" \
+        'BEGIN { printf "%-3s %-8s %10.1f %8s %8.2f %12.1f %12.2f", tp, mode, b / 1e6, share, load, pf, dc }')")
     rm -rf "$out"
 done
 
