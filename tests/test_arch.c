@@ -237,6 +237,11 @@ static void test_moe_config(void)
     CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"mlp_only_layers\": [1, 7]}", &c,
                 &err) == 0 && tp_config_layer_sparse(&c, 0) && !tp_config_layer_sparse(&c, 1) &&
           c.n_mlp_only == 1, "mlp_only_layers: %s", err.msg);
+    /* configuration_qwen3_moe.py has no max_window_layers: the window is every layer's */
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"use_sliding_window\": true, "
+                "\"sliding_window\": 32, \"max_window_layers\": 1}", &c, &err) == 0 &&
+          c.sliding_window == 32 && c.sliding_from_layer == 0, "qwen3_moe window: %d from %d %s",
+          c.sliding_window, c.sliding_from_layer, err.msg);
     CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"num_experts\": 0}", &c, &err) == 0 &&
           !tp_config_layer_sparse(&c, 0), "0 experts: dense: %s", err.msg);
 }
