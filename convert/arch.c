@@ -22,25 +22,69 @@
 /* -------------------------------------------------------------- the table */
 
 #define ARCH_BIT(a) (1u << (a))
-#define ALL_ARCHS (ARCH_BIT(TP_ARCH_QWEN3) | ARCH_BIT(TP_ARCH_QWEN2) | ARCH_BIT(TP_ARCH_LLAMA) | \
-                   ARCH_BIT(TP_ARCH_MISTRAL))
+#define DENSE_ARCHS (ARCH_BIT(TP_ARCH_QWEN3) | ARCH_BIT(TP_ARCH_QWEN2) | ARCH_BIT(TP_ARCH_LLAMA) | \
+                     ARCH_BIT(TP_ARCH_MISTRAL))
+#define MOE_ARCHS (ARCH_BIT(TP_ARCH_QWEN3_MOE) | ARCH_BIT(TP_ARCH_MIXTRAL))
+#define ALL_ARCHS (DENSE_ARCHS | MOE_ARCHS)
+#define QWEN3_ARCHS (ARCH_BIT(TP_ARCH_QWEN3) | ARCH_BIT(TP_ARCH_QWEN3_MOE))
+/* qwen3_moe's dense layers (mlp_only_layers, decoder_sparse_step) */
+#define DENSE_MLP_ARCHS (DENSE_ARCHS | ARCH_BIT(TP_ARCH_QWEN3_MOE))
 
 /* In the order of transformers' base_model_tp_plan (the built-in plan is
- * made from the rows with a plan_style, in this order). */
+ * made from the rows with a plan_style, in this order).  The expert rows:
+ * the per-expert layout is the one published on the Hub (transformers 4.x
+ * modeling_qwen3_moe.py / modeling_mixtral.py); the fused one is
+ * transformers 5's Qwen3MoeExperts / MixtralExperts parameters
+ * (gate_up_proj [E, 2 I, H], gate rows first, then up; down_proj [E, H, I]).
+ * Their TP cut is transformers' tensor-parallel one: gate/up by output
+ * features, down by input features. */
 const tp_arch_tensor tp_arch_layer_tensors[] = {
-    {"input_layernorm", ALL_ARCHS, 1, {TP_DIM_HIDDEN}, false, NULL, TP_STYLE_REPLICATE},
-    {"self_attn.q_proj", ALL_ARCHS, 2, {TP_DIM_Q, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE},
-    {"self_attn.k_proj", ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE},
-    {"self_attn.v_proj", ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE},
-    {"self_attn.q_norm", ARCH_BIT(TP_ARCH_QWEN3), 1, {TP_DIM_HEAD}, false,
-     "replicated_with_grad_allreduce", TP_STYLE_REPLICATE},
-    {"self_attn.k_norm", ARCH_BIT(TP_ARCH_QWEN3), 1, {TP_DIM_HEAD}, false,
-     "replicated_with_grad_allreduce", TP_STYLE_REPLICATE},
-    {"self_attn.o_proj", ALL_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_Q}, true, "rowwise", TP_STYLE_ROWWISE},
-    {"post_attention_layernorm", ALL_ARCHS, 1, {TP_DIM_HIDDEN}, false, NULL, TP_STYLE_REPLICATE},
-    {"mlp.gate_proj", ALL_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE},
-    {"mlp.up_proj", ALL_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE},
-    {"mlp.down_proj", ALL_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_INTER}, true, "rowwise", TP_STYLE_ROWWISE},
+    {"input_layernorm", ALL_ARCHS, 1, {TP_DIM_HIDDEN}, false, NULL, TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.q_proj", ALL_ARCHS, 2, {TP_DIM_Q, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE,
+     TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.k_proj", ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE,
+     TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.v_proj", ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE,
+     TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.q_norm", QWEN3_ARCHS, 1, {TP_DIM_HEAD}, false, "replicated_with_grad_allreduce",
+     TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.k_norm", QWEN3_ARCHS, 1, {TP_DIM_HEAD}, false, "replicated_with_grad_allreduce",
+     TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.o_proj", ALL_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_Q}, true, "rowwise", TP_STYLE_ROWWISE,
+     TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"post_attention_layernorm", ALL_ARCHS, 1, {TP_DIM_HIDDEN}, false, NULL, TP_STYLE_REPLICATE,
+     TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"mlp.gate_proj", DENSE_MLP_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, true, "colwise",
+     TP_STYLE_COLWISE, TP_ROW_DENSE, false, TP_EXPERT_NONE},
+    {"mlp.up_proj", DENSE_MLP_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, true, "colwise",
+     TP_STYLE_COLWISE, TP_ROW_DENSE, false, TP_EXPERT_NONE},
+    {"mlp.down_proj", DENSE_MLP_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_INTER}, true, "rowwise",
+     TP_STYLE_ROWWISE, TP_ROW_DENSE, false, TP_EXPERT_NONE},
+    /* qwen3_moe sparse layers */
+    {"mlp.gate", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_EXPERTS, TP_DIM_HIDDEN}, false, NULL,
+     TP_STYLE_REPLICATE, TP_ROW_SPARSE, false, TP_EXPERT_ROUTER},
+    {"mlp.experts.*.gate_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
+     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_GATE},
+    {"mlp.experts.*.up_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
+     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_UP},
+    {"mlp.experts.*.down_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_HIDDEN, TP_DIM_MOE_INTER},
+     false, "rowwise", TP_STYLE_ROWWISE, TP_ROW_EXPERT, false, TP_EXPERT_DOWN},
+    /* mixtral sparse layers: w1 gate, w3 up, w2 down */
+    {"block_sparse_moe.gate", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_EXPERTS, TP_DIM_HIDDEN}, false,
+     NULL, TP_STYLE_REPLICATE, TP_ROW_SPARSE, false, TP_EXPERT_ROUTER},
+    {"block_sparse_moe.experts.*.w1", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
+     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_GATE},
+    {"block_sparse_moe.experts.*.w3", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
+     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_UP},
+    {"block_sparse_moe.experts.*.w2", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_HIDDEN, TP_DIM_MOE_INTER},
+     false, "rowwise", TP_STYLE_ROWWISE, TP_ROW_EXPERT, false, TP_EXPERT_DOWN},
+    /* transformers 5's fused experts (both architectures) */
+    {"mlp.experts.gate_up_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 3,
+     {TP_DIM_EXPERTS, TP_DIM_2_MOE_INTER, TP_DIM_HIDDEN}, false, "packed_colwise",
+     TP_STYLE_PACKED_COLWISE, TP_ROW_FUSED, true, TP_EXPERT_FUSED_GATE_UP},
+    {"mlp.experts.down_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 3,
+     {TP_DIM_EXPERTS, TP_DIM_HIDDEN, TP_DIM_MOE_INTER}, false, "rowwise", TP_STYLE_ROWWISE,
+     TP_ROW_FUSED, true, TP_EXPERT_FUSED_DOWN},
 };
 const size_t tp_arch_n_layer_tensors = sizeof tp_arch_layer_tensors / sizeof tp_arch_layer_tensors[0];
 
@@ -49,7 +93,7 @@ static const char *const ignored_layer_tensors[] = {"self_attn.rotary_emb.inv_fr
 
 static const char *const arch_names[] = {
     [TP_ARCH_QWEN3] = "qwen3", [TP_ARCH_QWEN2] = "qwen2", [TP_ARCH_LLAMA] = "llama",
-    [TP_ARCH_MISTRAL] = "mistral",
+    [TP_ARCH_MISTRAL] = "mistral", [TP_ARCH_QWEN3_MOE] = "qwen3_moe", [TP_ARCH_MIXTRAL] = "mixtral",
 };
 
 static bool row_in_arch(const tp_arch_tensor *row, tp_arch a)
@@ -67,6 +111,7 @@ static bool row_in_arch(const tp_arch_tensor *row, tp_arch a)
 #define MAX_VOCAB ((1 << 24) - 1) /* vocabulary ranges travel as exact floats */
 #define MAX_LAYERS (1 << 16)
 #define MAX_POSITION (1 << 30)
+#define MAX_EXPERTS (1 << 12)
 
 /* An int-valued key in [lo, hi] (bounds keep every value an int). */
 static int cfg_int(const cJSON *o, const char *key, bool has_def, int64_t def, int64_t lo, int64_t hi,
@@ -315,20 +360,24 @@ static int parse_rope(tp_model_config *c, const cJSON *root, const char *where, 
 
 /* transformers 5.24's MistralConfig, Qwen2Config and Qwen3Config all declare
  * `sliding_window: int | None = 4096`: a config without the key gets 4096,
- * an explicit null gets none.  qwen2/qwen3 then keep it only when
- * use_sliding_window (default false), for layers >= max_window_layers
- * (default 28) or as layer_types says. */
+ * an explicit null gets none (MixtralConfig and Qwen3MoeConfig default to
+ * None).  qwen2/qwen3 then keep it only when use_sliding_window (default
+ * false), for layers >= max_window_layers (default 28) or as layer_types
+ * says. */
 #define DEFAULT_SLIDING_WINDOW 4096
+static int parse_moe(tp_model_config *c, const cJSON *root, const char *where, tp_err *err);
+
 static int parse_sliding(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
 {
     int win = 0, from = 0;
     if (c->arch == TP_ARCH_LLAMA)
         return 0;
     const cJSON *given = cJSON_GetObjectItemCaseSensitive(root, "sliding_window");
-    if (cfg_int(root, "sliding_window", true, given ? 0 : DEFAULT_SLIDING_WINDOW, 0, MAX_POSITION,
-                where, &win, err) < 0)
+    bool moe = c->arch == TP_ARCH_MIXTRAL || c->arch == TP_ARCH_QWEN3_MOE;
+    int def_win = given || moe ? 0 : DEFAULT_SLIDING_WINDOW;
+    if (cfg_int(root, "sliding_window", true, def_win, 0, MAX_POSITION, where, &win, err) < 0)
         return -1;
-    if (c->arch == TP_ARCH_MISTRAL) {
+    if (c->arch == TP_ARCH_MISTRAL || c->arch == TP_ARCH_MIXTRAL) {
         c->sliding_window = win;
         c->sliding_from_layer = 0;
         return 0;
@@ -338,6 +387,13 @@ static int parse_sliding(tp_model_config *c, const cJSON *root, const char *wher
         return -1;
     if (!use || win == 0)
         return 0;
+    if (c->arch == TP_ARCH_QWEN3_MOE) {
+        /* configuration_qwen3_moe.py has no max_window_layers: with
+         * use_sliding_window every layer slides. */
+        c->sliding_window = win;
+        c->sliding_from_layer = 0;
+        return 0;
+    }
     if (cfg_int(root, "max_window_layers", true, 28, 0, MAX_POSITION, where, &from, err) < 0)
         return -1;
     const cJSON *types = tp_json_opt(root, "layer_types");
@@ -366,6 +422,95 @@ static int parse_sliding(tp_model_config *c, const cJSON *root, const char *wher
     c->sliding_window = win;
     c->sliding_from_layer = from;
     return 0;
+}
+
+/* mlp_only_layers: a list of layer indices (null: none).  Entries past
+ * the last layer change nothing and are dropped. */
+static int parse_mlp_only(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
+{
+    const cJSON *v = tp_json_opt(root, "mlp_only_layers");
+    if (!v)
+        return 0;
+    if (!cJSON_IsArray(v))
+        return TP_FAIL(err, "%s: key \"mlp_only_layers\" is not a list of layer indices", where);
+    for (const cJSON *e = v->child; e; e = e->next) {
+        double d = cJSON_IsNumber(e) ? e->valuedouble : -1;
+        if (!(d >= 0 && d <= INT32_MAX) || d != floor(d))
+            return TP_FAIL(err, "%s: key \"mlp_only_layers\" holds something that is not a layer "
+                           "index", where);
+        if (d >= c->n_layers)
+            continue;
+        if (c->n_mlp_only == TP_MAX_MLP_ONLY)
+            return TP_FAIL(err, "%s: key \"mlp_only_layers\" lists more than %d layers", where,
+                           TP_MAX_MLP_ONLY);
+        c->mlp_only[c->n_mlp_only++] = (int)d;
+    }
+    return 0;
+}
+
+/* The expert count, in either spelling: "num_experts" (qwen3_moe as
+ * released) or "num_local_experts" (mixtral; transformers 5 writes it for
+ * qwen3_moe too).  Both present and different: refused, naming both. */
+static int parse_n_experts(tp_model_config *c, const cJSON *root, const char *where, int def,
+                           tp_err *err)
+{
+    int a = -1, b = -1;
+    bool has_a = tp_json_opt(root, "num_experts") != NULL;
+    bool has_b = tp_json_opt(root, "num_local_experts") != NULL;
+    if ((has_a && cfg_int(root, "num_experts", false, 0, 0, MAX_EXPERTS, where, &a, err) < 0) ||
+        (has_b && cfg_int(root, "num_local_experts", false, 0, 0, MAX_EXPERTS, where, &b, err) < 0))
+        return -1;
+    if (has_a && has_b && a != b)
+        return TP_FAIL(err, "%s: keys \"num_experts\" (%d) and \"num_local_experts\" (%d) disagree",
+                       where, a, b);
+    c->n_experts = has_a ? a : has_b ? b : def;
+    return 0;
+}
+
+/* The mixture-of-experts keys, with transformers' defaults
+ * (configuration_qwen3_moe.py, configuration_mixtral.py).  Training-only
+ * keys (router_aux_loss_coef, output_router_logits, router_jitter_noise)
+ * do not change the forward pass and are ignored. */
+static int parse_moe(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
+{
+    bool qwen = c->arch == TP_ARCH_QWEN3_MOE;
+    if (!qwen && c->arch != TP_ARCH_MIXTRAL)
+        return 0;
+    c->decoder_sparse_step = 1;
+    if (parse_n_experts(c, root, where, qwen ? 128 : 8, err) < 0 ||
+        cfg_int(root, "num_experts_per_tok", true, qwen ? 8 : 2, 1, MAX_EXPERTS, where,
+                &c->n_experts_per_tok, err) < 0)
+        return -1;
+    if (qwen) {
+        if (cfg_int(root, "moe_intermediate_size", true, 768, 1, MAX_INTER, where,
+                    &c->moe_intermediate, err) < 0 ||
+            tp_json_opt_bool(root, "norm_topk_prob", false, where, &c->norm_topk_prob, err) < 0 ||
+            cfg_int(root, "decoder_sparse_step", true, 1, 1, MAX_LAYERS, where,
+                    &c->decoder_sparse_step, err) < 0 ||
+            parse_mlp_only(c, root, where, err) < 0)
+            return -1;
+    } else {
+        /* MixtralSparseMoeBlock: experts of intermediate_size, top-k always
+         * renormalised. */
+        c->moe_intermediate = c->intermediate;
+        c->norm_topk_prob = true;
+        if (c->n_experts < 1)
+            return TP_FAIL(err, "%s: key \"num_local_experts\" = 0: mixtral needs experts", where);
+    }
+    if (c->n_experts > 0 && c->n_experts_per_tok > c->n_experts)
+        return TP_FAIL(err, "%s: key \"num_experts_per_tok\" = %d is more than the %d experts", where,
+                       c->n_experts_per_tok, c->n_experts);
+    return 0;
+}
+
+bool tp_config_layer_sparse(const tp_model_config *c, int layer)
+{
+    if (c->n_experts <= 0 || c->decoder_sparse_step <= 0)
+        return false;
+    for (int i = 0; i < c->n_mlp_only; i++)
+        if (c->mlp_only[i] == layer)
+            return false;
+    return (layer + 1) % c->decoder_sparse_step == 0;
 }
 
 static int parse_model_type(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
@@ -423,7 +568,8 @@ static int parse_runtime(tp_model_config *c, const cJSON *root, const char *wher
     if (c->head_dim % 2)
         return TP_FAIL(err, "%s: head_dim = %d must be even for RoPE", where, c->head_dim);
     double eps;
-    if (tp_json_finite(root, "", "rms_norm_eps", true, 1e-6, where, &eps, err) < 0)
+    if (tp_json_finite(root, "", "rms_norm_eps", true, c->arch == TP_ARCH_MIXTRAL ? 1e-5 : 1e-6,
+                       where, &eps, err) < 0)
         return -1;
     if (!((float)eps > 0) || eps > 1) /* > 0 as the float it is stored as */
         return TP_FAIL(err, "%s: rms_norm_eps = %g is not in (0, 1]", where, eps);
@@ -438,9 +584,9 @@ static int parse_runtime(tp_model_config *c, const cJSON *root, const char *wher
     if (c->arch == TP_ARCH_QWEN2)
         c->attention_bias = true;
     c->o_bias = c->attention_bias && c->arch != TP_ARCH_QWEN2;
-    c->qk_norm = c->arch == TP_ARCH_QWEN3;
+    c->qk_norm = c->arch == TP_ARCH_QWEN3 || c->arch == TP_ARCH_QWEN3_MOE;
     int64_t bos;
-    if (parse_sliding(c, root, where, err) < 0 ||
+    if (parse_moe(c, root, where, err) < 0 || parse_sliding(c, root, where, err) < 0 ||
         tp_json_int_in(root, "", "bos_token_id", true, -1, -1, INT32_MAX, where, &bos, err) < 0 ||
         tp_json_id_list(root, "eos_token_id", c->eos_ids, (int)(sizeof c->eos_ids / sizeof c->eos_ids[0]),
                         where, &c->n_eos, err) < 0)
@@ -485,7 +631,7 @@ int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char
 static int unsupported_model_type(const tp_model_config *c, const char *where, tp_err *err)
 {
     return TP_FAIL(err, "%s: model_type \"%s\" is not supported by tprun (qwen3, qwen2, llama, "
-                   "mistral)", where, c->model_type);
+                   "mistral, qwen3_moe, mixtral)", where, c->model_type);
 }
 
 int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err)
@@ -505,15 +651,28 @@ static int64_t dim_value(const tp_model_config *c, tp_dim_of d)
     case TP_DIM_KV: return (int64_t)c->n_kv_heads * c->head_dim;
     case TP_DIM_HEAD: return c->head_dim;
     case TP_DIM_INTER: return c->intermediate;
+    case TP_DIM_EXPERTS: return c->n_experts;
+    case TP_DIM_MOE_INTER: return c->moe_intermediate;
+    case TP_DIM_2_MOE_INTER: return 2 * (int64_t)c->moe_intermediate;
     }
     return -1;
 }
 
-static const char *const dim_names[] = {
-    [TP_DIM_HIDDEN] = "hidden_size", [TP_DIM_Q] = "num_attention_heads * head_dim",
-    [TP_DIM_KV] = "num_key_value_heads * head_dim", [TP_DIM_HEAD] = "head_dim",
-    [TP_DIM_INTER] = "intermediate_size",
-};
+static const char *dim_name(const tp_model_config *c, tp_dim_of d)
+{
+    bool mixtral = c->arch == TP_ARCH_MIXTRAL;
+    switch (d) {
+    case TP_DIM_HIDDEN: return "hidden_size";
+    case TP_DIM_Q: return "num_attention_heads * head_dim";
+    case TP_DIM_KV: return "num_key_value_heads * head_dim";
+    case TP_DIM_HEAD: return "head_dim";
+    case TP_DIM_INTER: return "intermediate_size";
+    case TP_DIM_EXPERTS: return mixtral ? "num_local_experts" : "num_experts";
+    case TP_DIM_MOE_INTER: return mixtral ? "intermediate_size" : "moe_intermediate_size";
+    case TP_DIM_2_MOE_INTER: return mixtral ? "2 * intermediate_size" : "2 * moe_intermediate_size";
+    }
+    return "?";
+}
 
 /* t must be [want[0], ..., want[ndim-1]]; why names where the sizes come from. */
 static int want_shape(const tp_tensor_ref *t, int ndim, const int64_t *want, const char *why,
@@ -524,7 +683,7 @@ static int want_shape(const tp_tensor_ref *t, int ndim, const int64_t *want, con
         ok = (int64_t)t->shape[d] == want[d];
     if (ok)
         return 0;
-    char got[96] = "", exp[64] = "";
+    char got[96] = "", exp[80] = "";
     for (int d = 0; d < t->ndim && d < TP_MAX_DIMS; d++)
         snprintf(got + strlen(got), sizeof got - strlen(got), "%s%" PRIu64, d ? ", " : "", t->shape[d]);
     for (int d = 0; d < ndim; d++)
@@ -535,11 +694,15 @@ static int want_shape(const tp_tensor_ref *t, int ndim, const int64_t *want, con
 static int check_row_shape(const tp_model_config *c, const tp_arch_tensor *row, bool is_bias,
                            const tp_tensor_ref *t, tp_err *err)
 {
-    int64_t want[2] = {dim_value(c, row->dims[0]), row->ndim > 1 ? dim_value(c, row->dims[1]) : 0};
-    char why[96];
-    snprintf(why, sizeof why, "%s%s%s", dim_names[row->dims[0]], row->ndim > 1 && !is_bias ? ", " : "",
-             row->ndim > 1 && !is_bias ? dim_names[row->dims[1]] : "");
-    return want_shape(t, is_bias ? 1 : row->ndim, want, why, err);
+    int ndim = is_bias ? 1 : row->ndim;
+    int64_t want[3] = {0};
+    char why[160] = "";
+    for (int d = 0; d < ndim; d++) {
+        want[d] = dim_value(c, row->dims[d]);
+        snprintf(why + strlen(why), sizeof why - strlen(why), "%s%s", d ? ", " : "",
+                 dim_name(c, row->dims[d]));
+    }
+    return want_shape(t, ndim, want, why, err);
 }
 
 /* "model.layers.N.<module>.<param>" -> N and the rest; false otherwise. */
@@ -559,46 +722,184 @@ static bool split_layer_name(const char *name, long *layer, const char **rest)
     return true;
 }
 
-/* The table row of a layer tensor's rest ("mlp.up_proj.weight"); -1: none,
- * -2: a buffer to ignore. */
-static long find_row(const tp_model_config *c, const char *rest, bool *is_bias)
+/* rest starts with the row's module, "*" matching a decimal expert number;
+ * *after: what follows the module.  *expert: -1 without "*". */
+static bool match_module(const char *pat, const char *rest, long *expert, const char **after)
+{
+    *expert = -1;
+    while (*pat) {
+        if (*pat == '*') {
+            if (*rest < '0' || *rest > '9' || (rest[0] == '0' && rest[1] >= '0' && rest[1] <= '9'))
+                return false;
+            char *end;
+            *expert = strtol(rest, &end, 10);
+            if (*expert < 0 || *expert > MAX_EXPERTS)
+                return false;
+            rest = end;
+            pat++;
+        } else if (*pat++ != *rest++) {
+            return false;
+        }
+    }
+    *after = rest;
+    return true;
+}
+
+/* The table row of a layer tensor's rest ("mlp.up_proj.weight") in arch a
+ * (TP_ARCH_OTHER: any); -1: none, -2: a buffer to ignore. */
+static long find_row(tp_arch a, const char *rest, bool *is_bias, long *expert)
 {
     for (size_t i = 0; i < sizeof ignored_layer_tensors / sizeof ignored_layer_tensors[0]; i++)
         if (!strcmp(rest, ignored_layer_tensors[i]))
             return -2;
     for (size_t i = 0; i < tp_arch_n_layer_tensors; i++) {
         const tp_arch_tensor *row = &tp_arch_layer_tensors[i];
-        size_t n = strlen(row->module);
-        if (!row_in_arch(row, c->arch) || strncmp(rest, row->module, n) || rest[n] != '.')
+        const char *after;
+        if ((a != TP_ARCH_OTHER && !row_in_arch(row, a)) || !match_module(row->module, rest, expert, &after))
             continue;
-        *is_bias = !strcmp(rest + n + 1, "bias");
-        if (!strcmp(rest + n + 1, "weight") || (*is_bias && row->bias))
+        *is_bias = false;
+        if (row->bare) {
+            if (!*after)
+                return (long)i;
+            continue;
+        }
+        if (*after != '.')
+            continue;
+        *is_bias = !strcmp(after + 1, "bias");
+        if (!strcmp(after + 1, "weight") || (*is_bias && row->bias))
             return (long)i;
     }
     return -1;
 }
 
-/* Marks a known layer tensor seen and checks its layer and shape; an
- * unknown one is an error only when report_unknown (a second pass, so that a
- * missing tensor is named before a misnamed one). */
-static int check_layer_tensor(const tp_model_config *c, const tp_tensor_ref *t, long layer,
-                              const char *rest, bool report_unknown, bool *seen, tp_err *err)
+const tp_arch_tensor *tp_arch_expert_row(tp_arch a, tp_expert_part part, bool fused)
 {
+    for (size_t i = 0; i < tp_arch_n_layer_tensors; i++) {
+        const tp_arch_tensor *row = &tp_arch_layer_tensors[i];
+        if (row_in_arch(row, a) && row->part == part &&
+            (part == TP_EXPERT_ROUTER || (row->kind == TP_ROW_FUSED) == fused))
+            return row;
+    }
+    return NULL;
+}
+
+bool tp_arch_tensor_name(const tp_arch_tensor *row, long layer, long expert, char *buf, size_t cap)
+{
+    size_t used = (size_t)snprintf(buf, cap, "model.layers.%ld.", layer);
+    for (const char *p = row->module; *p && used < cap; p++) {
+        if (*p == '*')
+            used += (size_t)snprintf(buf + used, cap - used, "%ld", expert);
+        else
+            buf[used++] = *p;
+    }
+    if (used < cap)
+        used += (size_t)snprintf(buf + used, cap - used, "%s", row->bare ? "" : ".weight");
+    return used < cap;
+}
+
+tp_expert_part tp_arch_expert_part(const char *name, long *layer, long *expert)
+{
+    const char *rest;
+    bool is_bias;
+    if (!split_layer_name(name, layer, &rest))
+        return TP_EXPERT_NONE;
+    long r = find_row(TP_ARCH_OTHER, rest, &is_bias, expert);
+    return r >= 0 && !is_bias ? tp_arch_layer_tensors[r].part : TP_EXPERT_NONE;
+}
+
+int tp_expert_range(int n_experts, int tp, int rank, int *lo, int *hi, tp_err *err)
+{
+    if (tp < 1 || n_experts < 1 || n_experts % tp)
+        return TP_FAIL(err, "--expert-parallel: num_experts = %d (config.json) is not a multiple of "
+                       "tp = %d", n_experts, tp);
+    *lo = rank * (n_experts / tp);
+    *hi = *lo + n_experts / tp;
+    return 0;
+}
+
+/* What the check needs to know about the tensors of every layer: which
+ * (row, expert) slots were seen, and which sparse layers use the fused
+ * layout. */
+typedef struct layer_seen {
+    const tp_model_config *c;
+    size_t slots;             /* per layer */
+    size_t *base;             /* [row]: its first slot */
+    bool *seen;               /* [layer][slot] */
+    bool *fused;              /* [layer] */
+    int expert_lo, expert_hi;
+} layer_seen;
+
+static bool *slot(layer_seen *ls, long layer, size_t row, long expert)
+{
+    return &ls->seen[(size_t)layer * ls->slots + ls->base[row] + (size_t)(expert > 0 ? expert : 0)];
+}
+
+/* Whether layer l must have the row: dense rows in dense layers, the router
+ * and the experts (of this rank, in the layer's layout) in sparse ones. */
+static bool row_wanted(const layer_seen *ls, long l, const tp_arch_tensor *row)
+{
+    bool sparse = tp_config_layer_sparse(ls->c, (int)l);
+    switch (row->kind) {
+    case TP_ROW_ALL: return true;
+    case TP_ROW_DENSE: return !sparse;
+    case TP_ROW_SPARSE: return sparse;
+    case TP_ROW_EXPERT: return sparse && !ls->fused[l];
+    case TP_ROW_FUSED: return sparse && ls->fused[l];
+    }
+    return false;
+}
+
+/* A known tensor in a layer or for an expert that should not have it. */
+static int check_placement(const layer_seen *ls, const tp_tensor_ref *t, long layer,
+                           const tp_arch_tensor *row, long expert, tp_err *err)
+{
+    const tp_model_config *c = ls->c;
+    if (!row_wanted(ls, layer, row))
+        return TP_FAIL(err, "tensor %s: layer %ld is %s (num_experts %d, decoder_sparse_step %d, "
+                       "mlp_only_layers), this tensor belongs to a %s", t->name, layer,
+                       tp_config_layer_sparse(c, (int)layer) ? "sparse" : "dense", c->n_experts,
+                       c->decoder_sparse_step,
+                       row->kind == TP_ROW_DENSE ? "dense MLP" :
+                       row->kind == TP_ROW_EXPERT ? "layer of per-expert tensors (this layer has "
+                                                    "the fused experts)" :
+                       row->kind == TP_ROW_FUSED ? "layer of fused experts (this layer has "
+                                                   "per-expert tensors)" : "sparse layer");
+    if (expert >= c->n_experts)
+        return TP_FAIL(err, "tensor %s: expert %ld, but config.json says %s = %d", t->name, expert,
+                       dim_name(c, TP_DIM_EXPERTS), c->n_experts);
+    if (expert >= 0 && (expert < ls->expert_lo || expert >= ls->expert_hi))
+        return TP_FAIL(err, "tensor %s: expert %ld is not one of this rank's experts [%d, %d)",
+                       t->name, expert, ls->expert_lo, ls->expert_hi);
+    return 0;
+}
+
+/* First pass (report_unknown false): marks a known layer tensor seen and
+ * checks its layer, placement and shape; second pass: an unknown one is an
+ * error (so that a missing tensor is named before a misnamed one). */
+static int check_layer_tensor(layer_seen *ls, const tp_tensor_ref *t, long layer, const char *rest,
+                              bool report_unknown, tp_err *err)
+{
+    const tp_model_config *c = ls->c;
     if (layer >= c->n_layers)
         return TP_FAIL(err, "tensor %s: layer %ld, but num_hidden_layers is %d", t->name, layer,
                        c->n_layers);
     bool is_bias = false;
-    long row = find_row(c, rest, &is_bias);
+    long expert;
+    long row = find_row(c->arch, rest, &is_bias, &expert);
     if (row == -2 || (row < 0 && !report_unknown) || (row >= 0 && report_unknown))
         return 0;
     if (row < 0)
         return TP_FAIL(err, "tensor %s: not a tensor of a %s layer (tprun would not use it)",
                        t->name, c->model_type);
+    const tp_arch_tensor *r = &tp_arch_layer_tensors[row];
+    if (check_placement(ls, t, layer, r, expert, err) < 0)
+        return -1;
     if (!is_bias)
-        seen[(size_t)layer * tp_arch_n_layer_tensors + (size_t)row] = true;
-    return check_row_shape(c, &tp_arch_layer_tensors[row], is_bias, t, err);
+        *slot(ls, layer, (size_t)row, expert) = true;
+    return check_row_shape(c, r, is_bias, t, err);
 }
 
+/* The embedding, the final norm and lm_head (unless tied). */
 static const tp_tensor_ref *find_ref(const tp_tensor_ref *t, size_t n, const char *name)
 {
     for (size_t i = 0; i < n; i++)
@@ -607,7 +908,6 @@ static const tp_tensor_ref *find_ref(const tp_tensor_ref *t, size_t n, const cha
     return NULL;
 }
 
-/* The embedding, the final norm and lm_head (unless tied). */
 static int check_model_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n, tp_err *err)
 {
     const int64_t vh[2] = {c->vocab, c->hidden}, h[1] = {c->hidden};
@@ -628,33 +928,120 @@ static int check_model_tensors(const tp_model_config *c, const tp_tensor_ref *t,
     return 0;
 }
 
-int tp_arch_check_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n, tp_err *err)
+/* A sparse layer holding any fused expert tensor uses the fused layout. */
+static void find_fused_layers(layer_seen *ls, const tp_tensor_ref *t, size_t n)
+{
+    long layer, expert;
+    const char *rest;
+    bool is_bias;
+    for (size_t i = 0; i < n; i++)
+        if (split_layer_name(t[i].name, &layer, &rest) && layer < ls->c->n_layers) {
+            long r = find_row(ls->c->arch, rest, &is_bias, &expert);
+            if (r >= 0 && tp_arch_layer_tensors[r].kind == TP_ROW_FUSED)
+                ls->fused[layer] = true;
+        }
+}
+
+static int report_missing(const layer_seen *ls, long l, const tp_arch_tensor *row, long expert,
+                          tp_err *err)
+{
+    char name[256];
+    tp_arch_tensor_name(row, l, expert, name, sizeof name);
+    const char *which = row->kind == TP_ROW_ALL ? "every layer" :
+                        row->kind == TP_ROW_DENSE ? "every dense layer" : "every sparse layer";
+    return TP_FAIL(err, "tensor %s is missing (model_type %s needs it in %s of 0..%d)", name,
+                   ls->c->model_type, which, ls->c->n_layers - 1);
+}
+
+static int check_missing(layer_seen *ls, tp_err *err)
+{
+    for (long l = 0; l < ls->c->n_layers; l++)
+        for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+            const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+            if (!row_in_arch(row, ls->c->arch) || !row_wanted(ls, l, row))
+                continue;
+            long lo = row->kind == TP_ROW_EXPERT ? ls->expert_lo : 0;
+            long hi = row->kind == TP_ROW_EXPERT ? ls->expert_hi : 1;
+            for (long e = lo; e < hi; e++)
+                if (!*slot(ls, l, r, e))
+                    return report_missing(ls, l, row, row->kind == TP_ROW_EXPERT ? e : -1, err);
+        }
+    return 0;
+}
+
+static int layer_seen_init(layer_seen *ls, const tp_model_config *c, int lo, int hi, tp_err *err)
+{
+    memset(ls, 0, sizeof *ls);
+    ls->c = c;
+    ls->expert_lo = lo;
+    ls->expert_hi = hi;
+    ls->base = calloc(tp_arch_n_layer_tensors, sizeof *ls->base);
+    if (!ls->base)
+        return TP_FAIL(err, "out of memory");
+    for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+        ls->base[r] = ls->slots;
+        bool per_expert = tp_arch_layer_tensors[r].kind == TP_ROW_EXPERT;
+        ls->slots += per_expert && c->n_experts > 0 ? (size_t)c->n_experts : 1;
+    }
+    ls->seen = calloc((size_t)c->n_layers * ls->slots, sizeof *ls->seen);
+    ls->fused = calloc((size_t)c->n_layers, sizeof *ls->fused);
+    if (!ls->seen || !ls->fused)
+        return TP_FAIL(err, "out of memory");
+    return 0;
+}
+
+static void layer_seen_free(layer_seen *ls)
+{
+    free(ls->base);
+    free(ls->seen);
+    free(ls->fused);
+}
+
+int tp_arch_check_rank_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n,
+                               int expert_lo, int expert_hi, tp_err *err)
 {
     if (c->arch == TP_ARCH_OTHER)
         return unsupported_model_type(c, "config.json", err);
     if (check_model_tensors(c, t, n, err) < 0)
         return -1;
-    bool *seen = calloc((size_t)c->n_layers * tp_arch_n_layer_tensors, sizeof *seen);
-    if (!seen)
-        return TP_FAIL(err, "out of memory");
-    int rc = 0;
+    layer_seen ls;
+    int rc = layer_seen_init(&ls, c, expert_lo, expert_hi, err);
     long layer;
     const char *rest;
+    if (rc == 0)
+        find_fused_layers(&ls, t, n);
     for (size_t i = 0; i < n && rc == 0; i++)
         if (split_layer_name(t[i].name, &layer, &rest))
-            rc = check_layer_tensor(c, &t[i], layer, rest, false, seen, err);
-    for (long l = 0; l < c->n_layers && rc == 0; l++)
-        for (size_t r = 0; r < tp_arch_n_layer_tensors && rc == 0; r++)
-            if (row_in_arch(&tp_arch_layer_tensors[r], c->arch) &&
-                !seen[(size_t)l * tp_arch_n_layer_tensors + r])
-                rc = TP_FAIL(err, "tensor model.layers.%ld.%s.weight is missing (model_type %s "
-                             "needs it in every layer 0..%d)", l, tp_arch_layer_tensors[r].module,
-                             c->model_type, c->n_layers - 1);
+            rc = check_layer_tensor(&ls, &t[i], layer, rest, false, err);
+    if (rc == 0)
+        rc = check_missing(&ls, err);
     for (size_t i = 0; i < n && rc == 0; i++)
         if (split_layer_name(t[i].name, &layer, &rest))
-            rc = check_layer_tensor(c, &t[i], layer, rest, true, seen, err);
-    free(seen);
+            rc = check_layer_tensor(&ls, &t[i], layer, rest, true, err);
+    layer_seen_free(&ls);
     return rc;
+}
+
+int tp_arch_check_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n, tp_err *err)
+{
+    return tp_arch_check_rank_tensors(c, t, n, 0, c->n_experts, err);
+}
+
+/* The experts a rank file holds: all, unless its per-expert tensors were
+ * cut with the expert style (an expert-parallel rank). */
+static int index_expert_range(const tp_model_config *c, const tp_shard_index *ix, int *lo, int *hi,
+                              tp_err *err)
+{
+    *lo = 0;
+    *hi = c->n_experts;
+    for (size_t i = 0; i < ix->n_tensors; i++) {
+        long layer, expert;
+        const tp_shard_tensor *t = &ix->tensors[i];
+        if (t->style && !strcmp(t->style, tp_style_name(TP_STYLE_EXPERT)) &&
+            tp_arch_expert_part(t->name, &layer, &expert) != TP_EXPERT_NONE && expert >= 0)
+            return tp_expert_range(c->n_experts, ix->tp, ix->rank, lo, hi, err);
+    }
+    return 0;
 }
 
 int tp_arch_check_index(const char *config_json, const tp_shard_index *ix, tp_err *err)
@@ -666,12 +1053,15 @@ int tp_arch_check_index(const char *config_json, const tp_shard_index *ix, tp_er
     if (!config_json || tp_config_parse(&c, config_json, strlen(config_json), "config.json",
                                         &ignored) < 0 || c.arch == TP_ARCH_OTHER)
         return 0;
+    int lo, hi;
+    if (index_expert_range(&c, ix, &lo, &hi, err) < 0)
+        return -1;
     tp_tensor_ref *refs = calloc(ix->n_tensors ? ix->n_tensors : 1, sizeof *refs);
     if (!refs)
         return TP_FAIL(err, "out of memory");
     for (size_t i = 0; i < ix->n_tensors; i++)
         refs[i] = (tp_tensor_ref){ix->tensors[i].name, ix->tensors[i].ndim, ix->tensors[i].global_shape};
-    int rc = tp_arch_check_tensors(&c, refs, ix->n_tensors, err);
+    int rc = tp_arch_check_rank_tensors(&c, refs, ix->n_tensors, lo, hi, err);
     free(refs);
     return rc;
 }
@@ -714,16 +1104,42 @@ int tp_arch_check_plan(const tp_model_config *c, const tp_plan *p, tp_err *err)
                                                 TP_STYLE_COLWISE, TP_STYLE_COLWISE, err) < 0))
         return -1;
     char name[256], module[256];
-    for (int l = 0; l < c->n_layers; l++)
+    for (int l = 0; l < c->n_layers; l++) {
+        bool sparse = tp_config_layer_sparse(c, l);
         for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
             const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
-            if (!row_in_arch(row, c->arch))
+            if (!row_in_arch(row, c->arch) || (row->kind == TP_ROW_DENSE && sparse) ||
+                (row->kind != TP_ROW_ALL && row->kind != TP_ROW_DENSE && !sparse))
                 continue;
-            snprintf(name, sizeof name, "model.layers.%d.%s.weight", l, row->module);
+            /* Experts run tensor-parallel (the table's cut) or expert-parallel. */
+            bool expert = row->kind == TP_ROW_EXPERT || row->kind == TP_ROW_FUSED;
+            tp_arch_tensor_name(row, l, 0, name, sizeof name);
             snprintf(module, sizeof module, "model.layers.*.%s", row->module);
-            if (check_plan_entry(p, name, module, false, row->runs, row->runs, err) < 0)
+            if (check_plan_entry(p, name, module, false, row->runs,
+                                 expert ? TP_STYLE_EXPERT : row->runs, err) < 0)
                 return -1;
         }
+    }
+    return 0;
+}
+
+int tp_plan_expert_parallel(const tp_model_config *c, tp_plan *p, int tp, tp_err *err)
+{
+    if (c->n_experts <= 0)
+        return TP_FAIL(err, "--expert-parallel: model_type %s has no experts (num_experts)",
+                       c->model_type);
+    if (c->n_experts % tp)
+        return TP_FAIL(err, "--expert-parallel: %s = %d is not a multiple of tp = %d",
+                       dim_name(c, TP_DIM_EXPERTS), c->n_experts, tp);
+    char full[256];
+    for (size_t i = 0; i < tp_arch_n_layer_tensors; i++) {
+        const tp_arch_tensor *row = &tp_arch_layer_tensors[i];
+        if (!row_in_arch(row, c->arch) || (row->kind != TP_ROW_EXPERT && row->kind != TP_ROW_FUSED))
+            continue;
+        snprintf(full, sizeof full, "model.layers.*.%s", row->module);
+        if (tp_plan_set(p, full, TP_STYLE_EXPERT, err) < 0)
+            return -1;
+    }
     return 0;
 }
 

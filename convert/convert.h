@@ -58,6 +58,10 @@ typedef enum tp_style {
     TP_STYLE_PACKED_COLWISE,       /* packed_colwise */
     TP_STYLE_PACKED_ROWWISE,       /* packed_rowwise, local_packed_rowwise */
     TP_STYLE_VOCAB,                /* vocab, embedding_rowwise */
+    TP_STYLE_EXPERT,               /* ours ("expert", --expert-parallel): whole experts per
+                                      rank; a per-expert tensor lives on its owner rank only
+                                      (tp_expert_range), a fused [n_experts, ...] tensor is
+                                      cut along dim 0 */
 } tp_style;
 
 /* The canonical name recorded in the manifest and the rank files. */
@@ -115,7 +119,13 @@ int tp_plan_resolve(const char *config_json, size_t config_len, const char *plan
 
 /* The architectures tprun runs; TP_ARCH_OTHER: any other model_type (its
  * sizes are parsed so that a --plan can convert it for other runtimes). */
-typedef enum tp_arch { TP_ARCH_QWEN3, TP_ARCH_QWEN2, TP_ARCH_LLAMA, TP_ARCH_MISTRAL, TP_ARCH_OTHER } tp_arch;
+typedef enum tp_arch {
+    TP_ARCH_QWEN3, TP_ARCH_QWEN2, TP_ARCH_LLAMA, TP_ARCH_MISTRAL, TP_ARCH_QWEN3_MOE, TP_ARCH_MIXTRAL,
+    TP_ARCH_OTHER
+} tp_arch;
+
+/* mlp_only_layers entries kept (a longer list is refused, naming the key). */
+#define TP_MAX_MLP_ONLY 256
 
 /* The RoPE variants of transformers' modeling_rope_utils.py (5.24). */
 typedef enum tp_rope_type {
@@ -156,7 +166,17 @@ typedef struct tp_model_config {
     int sliding_window;    /* 0: none (mistral may set one) */
     int sliding_from_layer;/* layers >= this use sliding_window (qwen2/qwen3
                               max_window_layers; 0 for mistral) */
-    bool qk_norm;          /* qwen3: per-head rmsnorm of q and k before rope */
+    bool qk_norm;          /* qwen3, qwen3_moe: per-head rmsnorm of q and k before rope */
+    /* Mixture of experts (qwen3_moe, mixtral; n_experts 0: every layer dense).
+     * A sparse layer (tp_config_layer_sparse) replaces the MLP by a router
+     * [n_experts, hidden] and n_experts SwiGLU experts of moe_intermediate
+     * (mixtral: intermediate_size); a token's output is the sum over its top
+     * n_experts_per_tok experts of softmax(router) weight x expert(x), the
+     * weights renormalised to sum 1 when norm_topk_prob (mixtral: always). */
+    int n_experts, n_experts_per_tok, moe_intermediate;
+    bool norm_topk_prob;
+    int decoder_sparse_step;                 /* qwen3_moe: every step-th layer is sparse */
+    int n_mlp_only; int mlp_only[TP_MAX_MLP_ONLY]; /* qwen3_moe mlp_only_layers (< n_layers) */
     int bos_id;
     int n_eos; int eos_ids[8];
 } tp_model_config;
@@ -177,6 +197,10 @@ int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char
  * with dynamic RoPE, whose scaling exists to run past it (then 1 << 30).
  * tprun's default KV length is the smaller of this and 4096. */
 int tp_config_max_length(const tp_model_config *c);
+/* Whether layer `layer` has experts, as transformers decides it:
+ * (layer not in mlp_only_layers) and n_experts > 0 and
+ * (layer + 1) % decoder_sparse_step == 0. */
+bool tp_config_layer_sparse(const tp_model_config *c, int layer);
 /* tprun's view: tp_config_parse of NUL-terminated text as "config.json",
  * refusing TP_ARCH_OTHER (naming model_type). */
 int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err);
@@ -190,20 +214,49 @@ int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *e
 typedef enum tp_dim_of {
     TP_DIM_HIDDEN, TP_DIM_Q /* heads * head_dim */, TP_DIM_KV /* kv heads * head_dim */,
     TP_DIM_HEAD, TP_DIM_INTER,
+    TP_DIM_EXPERTS /* n_experts */, TP_DIM_MOE_INTER /* moe_intermediate */,
+    TP_DIM_2_MOE_INTER /* 2 * moe_intermediate (fused gate_up) */,
 } tp_dim_of;
 
+/* What an expert tensor is, from its name alone (both checkpoint layouts,
+ * both architectures). */
+typedef enum tp_expert_part {
+    TP_EXPERT_NONE = 0,
+    TP_EXPERT_ROUTER,         /* mlp.gate / block_sparse_moe.gate [n_experts, hidden] */
+    TP_EXPERT_GATE, TP_EXPERT_UP, TP_EXPERT_DOWN,  /* one expert's [I, H], [I, H], [H, I] */
+    TP_EXPERT_FUSED_GATE_UP,  /* mlp.experts.gate_up_proj [n_experts, 2 I, H] */
+    TP_EXPERT_FUSED_DOWN,     /* mlp.experts.down_proj [n_experts, H, I] */
+} tp_expert_part;
+/* Which layers have a row, and in which checkpoint layout. */
+typedef enum tp_row_kind {
+    TP_ROW_ALL = 0,       /* every layer */
+    TP_ROW_DENSE,         /* layers with a dense MLP */
+    TP_ROW_SPARSE,        /* sparse layers, either expert layout (the router) */
+    TP_ROW_EXPERT,        /* sparse layers, one tensor per expert: module has "experts.*." */
+    TP_ROW_FUSED,         /* sparse layers, all experts in one 3-D tensor [n_experts, ...] */
+} tp_row_kind;
+
 typedef struct tp_arch_tensor {
-    const char *module;       /* "self_attn.q_proj" */
+    const char *module;       /* "self_attn.q_proj"; "*" stands for the expert number */
     unsigned archs;           /* bit (1u << tp_arch) per architecture that has it */
     int ndim;
-    tp_dim_of dims[2];        /* the weight's shape; an optional bias is [dims[0]] */
+    tp_dim_of dims[3];        /* the weight's shape; an optional bias is [dims[0]] */
     bool bias;                /* may have a bias (all-or-none per layer is the runtime's rule) */
     const char *plan_style;   /* transformers' base_model_tp_plan style, NULL: not in it */
-    tp_style runs;            /* the cut tprun's forward pass implements */
+    tp_style runs;            /* the cut tprun's forward pass implements (tensor-parallel experts) */
+    tp_row_kind kind;
+    bool bare;                /* a bare nn.Parameter: the name has no ".weight" */
+    tp_expert_part part;      /* what it is in a sparse layer (TP_EXPERT_NONE elsewhere) */
 } tp_arch_tensor;
-
 extern const tp_arch_tensor tp_arch_layer_tensors[];
 extern const size_t tp_arch_n_layer_tensors;
+
+/* The row of architecture a for an expert part in the per-expert (fused
+ * false) or the fused layout; NULL when a has none. */
+const tp_arch_tensor *tp_arch_expert_row(tp_arch a, tp_expert_part part, bool fused);
+/* "model.layers.L.<module with * = expert>.weight" (no ".weight" for a bare
+ * row) into buf; false when it does not fit. */
+bool tp_arch_tensor_name(const tp_arch_tensor *row, long layer, long expert, char *buf, size_t cap);
 
 /* A tensor by name and global shape (source, rank file or loaded rank). */
 typedef struct tp_tensor_ref {
@@ -225,6 +278,25 @@ int tp_arch_check_tensors(const tp_model_config *c, const tp_tensor_ref *t, size
  * colwise(_gather_output) or replicate; norms: replicate).  The message names
  * the plan's source, the pattern and both styles. */
 int tp_arch_check_plan(const tp_model_config *c, const tp_plan *p, tp_err *err);
+/* The same for one rank's tensors: per-expert tensors must be there for
+ * experts [expert_lo, expert_hi) only (an expert-parallel rank), and one
+ * outside that range is an error.  tp_arch_check_tensors is this with
+ * [0, n_experts). */
+int tp_arch_check_rank_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n,
+                               int expert_lo, int expert_hi, tp_err *err);
+
+/* *layer and *expert (-1 when not a per-expert tensor) are filled when the
+ * result is not TP_EXPERT_NONE. */
+tp_expert_part tp_arch_expert_part(const char *name, long *layer, long *expert);
+/* The experts [*lo, *hi) rank holds under --expert-parallel: n_experts / tp
+ * each, in order.  -1 (and a message naming the flag and the key) when
+ * n_experts is not a multiple of tp. */
+int tp_expert_range(int n_experts, int tp, int rank, int *lo, int *hi, tp_err *err);
+/* --expert-parallel: every expert tensor of the plan becomes TP_STYLE_EXPERT
+ * (the router stays replicated); refuses a dense model or a n_experts that
+ * tp does not divide. */
+int tp_plan_expert_parallel(const tp_model_config *c, tp_plan *p, int tp, tp_err *err);
+
 /* tp_arch_check_tensors on a rank file's tensor list (global shapes) and the
  * manifest's config.json text; a model_type tprun does not run is not
  * checked (0).  For tpverify. */
@@ -260,6 +332,9 @@ typedef struct tp_cut {
     int ndim;
     uint64_t global_shape[TP_MAX_DIMS];
     int tp;
+    int owner;                    /* -1: every rank holds a part; else only this rank holds
+                                     the tensor (a per-expert tensor under --expert-parallel);
+                                     the other ranks' files do not have it */
     tp_split *splits;             /* [tp] */
     uint64_t *local_shapes;       /* [tp * TP_MAX_DIMS] */
     uint64_t *rank_bytes;         /* [tp] */
@@ -289,6 +364,7 @@ typedef struct tp_conversion {
     char *model_dir;
     int tp;
     bool vocab_parallel;          /* the embedding was cut by vocabulary rows */
+    bool expert_parallel;         /* experts whole per rank (manifest "expert_parallel") */
     tp_model_info model;
     tp_plan plan;
     char *config_json;
@@ -308,6 +384,14 @@ typedef struct tp_conversion {
  * refused. */
 int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const char *plan_path,
                           bool vocab_parallel, tp_err *err);
+/* The same with every choice: */
+typedef struct tp_prepare_opts {
+    const char *plan_path;        /* NULL: config's or built-in plan */
+    bool vocab_parallel;
+    bool expert_parallel;         /* whole experts per rank (tp_plan_expert_parallel) */
+} tp_prepare_opts;
+int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
+                               const tp_prepare_opts *o, tp_err *err);
 void tp_conversion_free(tp_conversion *c);
 /* What tpconvert runs before writing (and before --dry-run prints): the
  * prepared conversion is one tprun can run (tp_arch_check_tensors on the
@@ -361,8 +445,12 @@ int tp_conversion_write(const tp_conversion *c, const char *out_dir, const tp_wr
 /* A synthetic Hugging Face model directory with random bf16 weights
  * (convert/synth.c; tools/tpsynth.c is its command line). */
 typedef struct tp_synth_opts {
-    const char *arch;            /* "qwen3", "qwen2", "llama", "mistral" */
+    const char *arch;            /* "qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral" */
     int hidden, layers, heads, kv_heads, head_dim, intermediate, vocab, max_position;
+    /* qwen3_moe / mixtral: every layer sparse, per-expert tensors as on the
+     * Hub; moe_intermediate: qwen3_moe's expert size (mixtral's experts
+     * have intermediate).  Ignored by the dense architectures. */
+    int experts, experts_per_tok, moe_intermediate;
     bool tie;                    /* tie_word_embeddings (no lm_head.weight) */
     uint64_t seed;
     uint64_t shard_size;         /* bytes per safetensors file; 0: one model.safetensors */
@@ -372,7 +460,8 @@ typedef struct tp_synth_opts {
 } tp_synth_opts;
 
 /* Sets arch and dimensions of a named preset ("tiny", "demo", "qwen3-0.6b",
- * "qwen3-8b"); leaves seed, shard_size, tokenizer_path, threads, quiet. */
+ * "qwen3-8b", "moe-tiny", "qwen3-30b-a3b-layer": Qwen3-30B-A3B's layer shape,
+ * 2 layers); leaves seed, shard_size, tokenizer_path, threads, quiet. */
 int tp_synth_preset(tp_synth_opts *o, const char *preset, tp_err *err);
 /* Writes out_dir (created; must be empty): model safetensors (sharded with
  * an index when shard_size is set), tokenizer files, generation_config.json

@@ -59,12 +59,15 @@ typedef enum role {
     R_OTHER = 0,
     R_EMBED, R_LM_HEAD, R_NORM, R_HEAD_NORM,
     R_Q, R_KV, R_O, R_GATE_UP_ONE, R_GATE_UP_FUSED, R_DOWN,
+    /* experts (convert/arch.c names them and checks their shapes) */
+    R_ROUTER, R_EXPERT_GATE_UP, R_EXPERT_DOWN, R_EXPERTS_GATE_UP, R_EXPERTS_DOWN,
 } role;
 
 typedef struct tensor_role {
     role r;
     bool is_bias;
     long layer;       /* -1 when not in a layer */
+    long expert;      /* a per-expert tensor's expert, else -1 */
 } tensor_role;
 
 static bool ends_with(const char *s, const char *suffix)
@@ -75,7 +78,15 @@ static bool ends_with(const char *s, const char *suffix)
 
 static tensor_role classify(const char *name)
 {
-    tensor_role tr = {R_OTHER, false, -1};
+    tensor_role tr = {R_OTHER, false, -1, -1};
+    switch (tp_arch_expert_part(name, &tr.layer, &tr.expert)) {
+    case TP_EXPERT_NONE: tr.layer = -1; tr.expert = -1; break;
+    case TP_EXPERT_ROUTER: tr.r = R_ROUTER; return tr;
+    case TP_EXPERT_GATE: case TP_EXPERT_UP: tr.r = R_EXPERT_GATE_UP; return tr;
+    case TP_EXPERT_DOWN: tr.r = R_EXPERT_DOWN; return tr;
+    case TP_EXPERT_FUSED_GATE_UP: tr.r = R_EXPERTS_GATE_UP; return tr;
+    case TP_EXPERT_FUSED_DOWN: tr.r = R_EXPERTS_DOWN; return tr;
+    }
     if (!strcmp(name, "model.embed_tokens.weight")) {
         tr.r = R_EMBED;
         return tr;
@@ -189,6 +200,12 @@ static int check_shape(const tp_model_info *mi, const char *name, const tensor_r
     case R_DOWN:
         return tr->is_bias ? want_shape(name, ndim, shape, 1, H, 0, "hidden_size", err)
                            : want_shape(name, ndim, shape, 2, H, I, "hidden_size, intermediate_size", err);
+    case R_ROUTER:
+    case R_EXPERT_GATE_UP:
+    case R_EXPERT_DOWN:
+    case R_EXPERTS_GATE_UP:
+    case R_EXPERTS_DOWN:
+        /* tp_arch_check_tensors checks these (with the layer's kind) */
     case R_OTHER:
         break;
     }
@@ -225,6 +242,8 @@ typedef enum unit_kind {
     U_Q_HEADS,    /* num_attention_heads heads of head_dim */
     U_KV_HEADS,   /* num_key_value_heads heads of head_dim (may replicate) */
     U_INTER,      /* the intermediate size */
+    U_MOE_INTER,  /* an expert's intermediate size */
+    U_EXPERTS,    /* whole experts (--expert-parallel) */
     U_VOCAB,      /* vocabulary rows: uneven allowed */
 } unit_kind;
 
@@ -245,6 +264,14 @@ static unit_kind split_unit(const tensor_role *tr, int dim)
         return dim == 0 ? U_INTER : U_PLAIN;
     case R_DOWN:
         return dim == 1 ? U_INTER : U_PLAIN;
+    case R_EXPERT_GATE_UP:
+        return dim == 0 ? U_MOE_INTER : U_PLAIN;
+    case R_EXPERT_DOWN:
+        return dim == 1 ? U_MOE_INTER : U_PLAIN;
+    case R_EXPERTS_GATE_UP:
+        return dim == 0 ? U_EXPERTS : dim == 1 ? U_MOE_INTER : U_PLAIN;
+    case R_EXPERTS_DOWN:
+        return dim == 0 ? U_EXPERTS : dim == 2 ? U_MOE_INTER : U_PLAIN;
     default:
         return U_PLAIN;
     }
@@ -283,6 +310,24 @@ static int unit_range(const tp_model_info *mi, const char *name, const char *sty
             return tp_errorf(err, "intermediate_size=%" PRId64 " cannot be split over tp=%d "
                              "(tensor %s, %s)", mi->intermediate, tp, name, style);
         break;
+    case U_MOE_INTER:
+        if (mi->cfg.moe_intermediate % tp)
+            return tp_errorf(err, "%s=%d cannot be split over tp=%d (tensor %s, %s; "
+                             "--expert-parallel keeps experts whole)",
+                             mi->cfg.arch == TP_ARCH_MIXTRAL ? "intermediate_size" :
+                             "moe_intermediate_size", mi->cfg.moe_intermediate, tp, name, style);
+        break;
+    case U_EXPERTS: {
+        int lo, hi;
+        if (tp_expert_range(mi->cfg.n_experts, tp, r, &lo, &hi, err) < 0)
+            return tp_err_prefix(err, "tensor %s", name);
+        if ((uint64_t)mi->cfg.n_experts != size)
+            return tp_errorf(err, "tensor %s: %" PRIu64 " experts, config.json says %d", name, size,
+                             mi->cfg.n_experts);
+        *s = (uint64_t)lo;
+        *e = (uint64_t)hi;
+        return 0;
+    }
     case U_VOCAB:
         if (tp_split_range(size, tp, r, true, s, e) < 0)
             return tp_errorf(err, "tensor %s (%s): %" PRIu64 " vocabulary rows over tp=%d leave "
@@ -331,8 +376,33 @@ static int style_dim(tp_style style, const char *name, int ndim, bool *reduce_bi
         return ndim - 1;                      /* Shard(-1) */
     case TP_STYLE_VOCAB:
         return 0;                             /* Shard(0) */
+    case TP_STYLE_EXPERT:                     /* whole experts: the expert dim of a */
+        return ndim == 3 ? 0 : -1;            /* fused tensor, else whole on its owner */
     }
     return -1;
+}
+
+/* --expert-parallel on one tensor: a per-expert tensor lives whole on the
+ * rank that owns its expert (*owner); a fused one is cut along its expert
+ * dim (*owner -1). */
+static int expert_owner(const tp_model_info *mi, const char *name, const tensor_role *tr, int tp,
+                        int *owner, tp_err *err)
+{
+    *owner = -1;
+    if (tr->r == R_EXPERTS_GATE_UP || tr->r == R_EXPERTS_DOWN)
+        return 0;
+    /* Another tensor under an expert module (a misnamed weight, a buffer)
+     * stays whole on every rank: tp_arch_check_tensors names it for tprun. */
+    if (tr->r != R_EXPERT_GATE_UP && tr->r != R_EXPERT_DOWN)
+        return 0;
+    int lo, hi;
+    if (tp_expert_range(mi->cfg.n_experts, tp, 0, &lo, &hi, err) < 0)
+        return tp_err_prefix(err, "tensor %s", name);
+    if (tr->expert >= mi->cfg.n_experts)
+        return tp_errorf(err, "tensor %s: expert %ld, but config.json says %d experts", name,
+                         tr->expert, mi->cfg.n_experts);
+    *owner = (int)(tr->expert / (hi - lo));
+    return 0;
 }
 
 int tp_cut_make(tp_cut *c, const tp_model_info *mi, const char *name, tp_dtype dtype, int ndim,
@@ -360,6 +430,11 @@ int tp_cut_make(tp_cut *c, const tp_model_info *mi, const char *name, tp_dtype d
         tp_cut_free(c);
         return tp_errorf(err, "out of memory");
     }
+    c->owner = -1;
+    if (style == TP_STYLE_EXPERT && expert_owner(mi, name, &tr, tp, &c->owner, err) < 0) {
+        tp_cut_free(c);
+        return -1;
+    }
     c->style = style;
     c->plan_entry = -1;
     c->dim = dim;
@@ -373,7 +448,8 @@ int tp_cut_make(tp_cut *c, const tp_model_info *mi, const char *name, tp_dtype d
     if (packed && dim >= 0) {
         /* The dim is 2 blocks (gate, up); each block splits like the unit
          * would (the fused gate_up of intermediate_size each). */
-        bool fused_gate_up = u == U_INTER && tr.r == R_GATE_UP_FUSED;
+        bool fused_gate_up = (u == U_INTER && tr.r == R_GATE_UP_FUSED) ||
+                             (u == U_MOE_INTER && tr.r == R_EXPERTS_GATE_UP);
         if (!fused_gate_up && u != U_PLAIN) {
             tp_cut_free(c);
             return tp_errorf(err, "tensor %s: style %s on a dimension that is not packed", name, sname);
@@ -388,7 +464,13 @@ int tp_cut_make(tp_cut *c, const tp_model_info *mi, const char *name, tp_dtype d
         tp_split *sp = &c->splits[r];
         uint64_t *ls = &c->local_shapes[(size_t)r * TP_MAX_DIMS];
         memcpy(ls, shape, sizeof(uint64_t) * (size_t)ndim);
-        if (dim < 0) {
+        if (c->owner >= 0 && r != c->owner) {
+            /* not in this rank's file: no shape, no bytes */
+            memset(ls, 0, sizeof(uint64_t) * (size_t)ndim);
+            sp->dim = -1;
+            sp->n_ranges = 0;
+            continue;
+        } else if (dim < 0) {
             sp->dim = -1;
             sp->n_ranges = 0;
         } else if (packed) {

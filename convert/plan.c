@@ -37,6 +37,7 @@ static const char *const style_names[] = {
     [TP_STYLE_PACKED_COLWISE] = "packed_colwise",
     [TP_STYLE_PACKED_ROWWISE] = "packed_rowwise",
     [TP_STYLE_VOCAB] = "vocab",
+    [TP_STYLE_EXPERT] = "expert",
 };
 
 const char *tp_style_name(tp_style s)
@@ -72,6 +73,7 @@ static const struct {
     {"local_packed_rowwise", TP_STYLE_PACKED_ROWWISE},
     {"vocab", TP_STYLE_VOCAB},
     {"embedding_rowwise", TP_STYLE_VOCAB}, /* EmbeddingParallel(shard_dim=0) */
+    {"expert", TP_STYLE_EXPERT},           /* ours: --expert-parallel */
 };
 
 /* Known to transformers, meaningless for a dense checkpoint cut offline. */

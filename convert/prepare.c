@@ -106,6 +106,15 @@ static int check_model_split(const tp_conversion *c, tp_err *err)
 int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const char *plan_path,
                           bool vocab_parallel, tp_err *err)
 {
+    tp_prepare_opts o = {.plan_path = plan_path, .vocab_parallel = vocab_parallel};
+    return tp_conversion_prepare_opts(c, model_dir, tp, &o, err);
+}
+
+int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
+                               const tp_prepare_opts *o, tp_err *err)
+{
+    const char *plan_path = o->plan_path;
+    bool vocab_parallel = o->vocab_parallel;
     memset(c, 0, sizeof *c);
     if (tp < 1 || tp > TP_MAX_TP)
         return tp_errorf(err, "--tp %d: must be between 1 and %d", tp, TP_MAX_TP);
@@ -127,6 +136,11 @@ int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const
         goto fail;
     if (tp_plan_resolve(c->config_json, c->config_len, plan_path, vocab_parallel, &c->plan, err) < 0)
         goto fail;
+    c->expert_parallel = o->expert_parallel;
+    if (o->expert_parallel && tp_plan_expert_parallel(&c->model.cfg, &c->plan, tp, err) < 0) {
+        tp_err_prefix(err, "%s/config.json", model_dir);
+        goto fail;
+    }
     if (check_model_split(c, err) < 0) {
         tp_err_prefix(err, "%s/config.json", model_dir);
         goto fail;

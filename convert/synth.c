@@ -58,22 +58,44 @@ int tp_synth_preset(tp_synth_opts *o, const char *preset, tp_err *err)
         set_dims(o, "qwen3", 1024, 28, 16, 8, 128, 3072, 151936, true, 40960);
     else if (!strcmp(preset, "qwen3-8b"))
         set_dims(o, "qwen3", 4096, 36, 32, 8, 128, 12288, 151936, false, 40960);
+    else if (!strcmp(preset, "moe-tiny"))
+        set_dims(o, "qwen3_moe", 64, 2, 4, 2, 16, 128, 512, false, 256);
+    else if (!strcmp(preset, "qwen3-30b-a3b-layer"))
+        /* Qwen3-30B-A3B's shape, 2 of its 48 layers (the fp32 weights of
+         * 2 layers, the embedding and lm_head take ~7.5 GB at tp 1) */
+        set_dims(o, "qwen3_moe", 2048, 2, 32, 4, 128, 6144, 151936, false, 40960);
     else
-        return tp_errorf(err, "--preset %s: unknown (demo, tiny, qwen3-0.6b, qwen3-8b)", preset);
+        return tp_errorf(err, "--preset %s: unknown (demo, tiny, qwen3-0.6b, qwen3-8b, moe-tiny, "
+                         "qwen3-30b-a3b-layer)", preset);
+    bool big = !strcmp(preset, "qwen3-30b-a3b-layer");
+    o->experts = big ? 128 : 8;
+    o->experts_per_tok = big ? 8 : 2;
+    o->moe_intermediate = big ? 768 : 32;
     return 0;
 }
 
 static bool arch_known(const char *arch)
 {
     return !strcmp(arch, "qwen3") || !strcmp(arch, "qwen2") || !strcmp(arch, "llama") ||
-           !strcmp(arch, "mistral");
+           !strcmp(arch, "mistral") || !strcmp(arch, "qwen3_moe") || !strcmp(arch, "mixtral");
+}
+
+static bool arch_moe(const char *arch)
+{
+    return !strcmp(arch, "qwen3_moe") || !strcmp(arch, "mixtral");
 }
 
 static int check_opts(const tp_synth_opts *o, tp_err *err)
 {
     if (!o->arch || !arch_known(o->arch))
-        return tp_errorf(err, "--arch %s: unknown (qwen3, qwen2, llama, mistral)",
-                         o->arch ? o->arch : "(none)");
+        return tp_errorf(err, "--arch %s: unknown (qwen3, qwen2, llama, mistral, qwen3_moe, "
+                         "mixtral)", o->arch ? o->arch : "(none)");
+    if (arch_moe(o->arch) && (o->experts < 1 || o->experts > 4096 || o->experts_per_tok < 1 ||
+                              o->experts_per_tok > o->experts || o->moe_intermediate < 1 ||
+                              o->moe_intermediate > (1 << 24)))
+        return tp_errorf(err, "--experts %d, --experts-per-tok %d, --moe-intermediate %d: need "
+                         "1 <= experts-per-tok <= experts <= 4096", o->experts,
+                         o->experts_per_tok, o->moe_intermediate);
     struct { const char *flag; int v; } dims[] = {
         {"--hidden", o->hidden}, {"--layers", o->layers}, {"--heads", o->heads},
         {"--kv-heads", o->kv_heads}, {"--head-dim", o->head_dim},
@@ -137,10 +159,29 @@ static int list_add(synth_list *l, synth_value value, uint64_t d0, uint64_t d1, 
     return 0;
 }
 
+/* A sparse layer's router and experts, with the Hub's names. */
+static int add_experts(const tp_synth_opts *o, synth_list *l, int i, tp_err *err)
+{
+    bool mixtral = !strcmp(o->arch, "mixtral");
+    uint64_t H = o->hidden, I = mixtral ? o->intermediate : o->moe_intermediate;
+    const char *blk = mixtral ? "block_sparse_moe" : "mlp";
+    const char *g = mixtral ? "w1" : "gate_proj", *u = mixtral ? "w3" : "up_proj",
+               *d = mixtral ? "w2" : "down_proj";
+    int rc = list_add(l, VAL_WEIGHT, (uint64_t)o->experts, H, err,
+                      "model.layers.%d.%s.gate.weight", i, blk);
+    for (int e = 0; e < o->experts && !rc; e++) {
+        rc |= list_add(l, VAL_WEIGHT, I, H, err, "model.layers.%d.%s.experts.%d.%s.weight", i, blk, e, g);
+        rc |= list_add(l, VAL_WEIGHT, I, H, err, "model.layers.%d.%s.experts.%d.%s.weight", i, blk, e, u);
+        rc |= list_add(l, VAL_WEIGHT, H, I, err, "model.layers.%d.%s.experts.%d.%s.weight", i, blk, e, d);
+    }
+    return rc ? -1 : 0;
+}
+
 /* The tensors of the model, in the order HF checkpoints list them. */
 static int build_list(const tp_synth_opts *o, synth_list *l, tp_err *err)
 {
-    bool qwen3 = !strcmp(o->arch, "qwen3"), qwen2 = !strcmp(o->arch, "qwen2");
+    bool qwen3 = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen3_moe");
+    bool qwen2 = !strcmp(o->arch, "qwen2");
     uint64_t H = o->hidden, I = o->intermediate, V = o->vocab;
     uint64_t Q = (uint64_t)o->heads * o->head_dim, KV = (uint64_t)o->kv_heads * o->head_dim;
     if (list_add(l, VAL_WEIGHT, V, H, err, "model.embed_tokens.weight"))
@@ -164,9 +205,13 @@ static int build_list(const tp_synth_opts *o, synth_list *l, tp_err *err)
             rc |= list_add(l, VAL_NORM, o->head_dim, 0, err, "%s.%d.self_attn.k_norm.weight", p, i);
         }
         rc |= list_add(l, VAL_NORM, H, 0, err, "%s.%d.post_attention_layernorm.weight", p, i);
-        rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.gate_proj.weight", p, i);
-        rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.up_proj.weight", p, i);
-        rc |= list_add(l, VAL_WEIGHT, H, I, err, "%s.%d.mlp.down_proj.weight", p, i);
+        if (arch_moe(o->arch))
+            rc |= add_experts(o, l, i, err);
+        else {
+            rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.gate_proj.weight", p, i);
+            rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.up_proj.weight", p, i);
+            rc |= list_add(l, VAL_WEIGHT, H, I, err, "%s.%d.mlp.down_proj.weight", p, i);
+        }
         if (rc)
             return -1;
     }
@@ -295,6 +340,8 @@ static const arch_info ARCHS[] = {
     {"qwen2", "Qwen2ForCausalLM", 1000000.0},
     {"llama", "LlamaForCausalLM", 500000.0},
     {"mistral", "MistralForCausalLM", 1000000.0},
+    {"qwen3_moe", "Qwen3MoeForCausalLM", 1000000.0},
+    {"mixtral", "MixtralForCausalLM", 1000000.0},
 };
 
 static const arch_info *arch_lookup(const char *arch)
@@ -308,7 +355,7 @@ static const arch_info *arch_lookup(const char *arch)
 /* bos / eos ids: the real ones when the vocabulary is the real one. */
 static void special_ids(const tp_synth_opts *o, int *bos, int eos[2], int *n_eos)
 {
-    bool qwen = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen2");
+    bool qwen = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen2") || !strcmp(o->arch, "qwen3_moe");
     if (qwen && o->vocab >= 151936) {
         *bos = 151643;          /* <|endoftext|> */
         eos[0] = 151645;        /* <|im_end|> */
@@ -329,7 +376,7 @@ static void special_ids(const tp_synth_opts *o, int *bos, int eos[2], int *n_eos
 static char *config_json(const tp_synth_opts *o)
 {
     const arch_info *a = arch_lookup(o->arch);
-    bool qwen = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen2");
+    bool qwen = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen2") || !strcmp(o->arch, "qwen3_moe");
     int bos, eos[2], n_eos;
     special_ids(o, &bos, eos, &n_eos);
     cJSON *j = cJSON_CreateObject();
@@ -352,13 +399,25 @@ static char *config_json(const tp_synth_opts *o)
     if (!strcmp(o->arch, "llama"))
         cJSON_AddBoolToObject(j, "mlp_bias", false);
     cJSON_AddStringToObject(j, "model_type", o->arch);
+    if (!strcmp(o->arch, "qwen3_moe")) {
+        /* as Qwen3-30B-A3B's config.json spells them */
+        cJSON_AddNumberToObject(j, "decoder_sparse_step", 1);
+        cJSON_AddItemToObject(j, "mlp_only_layers", cJSON_CreateArray());
+        cJSON_AddNumberToObject(j, "moe_intermediate_size", o->moe_intermediate);
+        cJSON_AddBoolToObject(j, "norm_topk_prob", true);
+        cJSON_AddNumberToObject(j, "num_experts", o->experts);
+    } else if (!strcmp(o->arch, "mixtral")) {
+        cJSON_AddNumberToObject(j, "num_local_experts", o->experts);
+    }
+    if (arch_moe(o->arch))
+        cJSON_AddNumberToObject(j, "num_experts_per_tok", o->experts_per_tok);
     cJSON_AddNumberToObject(j, "num_attention_heads", o->heads);
     cJSON_AddNumberToObject(j, "num_hidden_layers", o->layers);
     cJSON_AddNumberToObject(j, "num_key_value_heads", o->kv_heads);
     cJSON_AddNumberToObject(j, "rms_norm_eps", 1e-6);
     cJSON_AddNullToObject(j, "rope_scaling");
     cJSON_AddNumberToObject(j, "rope_theta", a->rope_theta);
-    if (qwen || !strcmp(o->arch, "mistral"))
+    if (qwen || !strcmp(o->arch, "mistral") || arch_moe(o->arch))
         cJSON_AddNullToObject(j, "sliding_window");
     cJSON_AddBoolToObject(j, "tie_word_embeddings", o->tie);
     cJSON_AddStringToObject(j, "torch_dtype", "bfloat16");

@@ -157,6 +157,21 @@ static const char *source_path(const tp_conversion *c, const tp_cut *cut)
     return c->model_dir;
 }
 
+/* Whether rank r's file has the cut's tensor (an expert-parallel
+ * per-expert tensor is only in its owner's). */
+static bool cut_on_rank(const tp_cut *cut, int r)
+{
+    return cut->owner < 0 || cut->owner == r;
+}
+
+static size_t rank_tensor_count(const tp_conversion *c, int r)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < c->n_cuts; i++)
+        n += cut_on_rank(&c->cuts[i], r);
+    return n;
+}
+
 typedef struct fill_ctx {
     const tp_cut *cut;
     int rank;
@@ -507,6 +522,8 @@ static int write_tpshard(const tp_conversion *c, const char *dir, const tp_write
                 tp_errorf(err, "interrupted");
                 goto out;
             }
+            if (!cut_on_rank(cut, r))
+                continue;
             tp_shard_tensor_desc desc = {
                 .name = cut->name, .dtype = cut->dtype, .ndim = cut->ndim,
                 .split = cut->splits[r], .style = tp_style_name(cut->style),
@@ -547,12 +564,13 @@ typedef struct st_fill_ctx {
     int rank;
     volatile sig_atomic_t *cancel;
     tp_progress *prog;
+    const size_t *cut_of;   /* the rank's i-th tensor is cut cut_of[i] */
 } st_fill_ctx;
 
 static int st_fill(size_t i, uint8_t *dst, size_t nbytes, void *arg, tp_err *err)
 {
     const st_fill_ctx *f = arg;
-    const tp_cut *cut = &f->c->cuts[i];
+    const tp_cut *cut = &f->c->cuts[f->cut_of[i]];
     if (f->cancel && *f->cancel)
         return tp_errorf(err, "interrupted");
     if (nbytes != cut->rank_bytes[f->rank])
@@ -574,6 +592,8 @@ static char *splits_json(const tp_conversion *c, int r)
     for (size_t i = 0; i < c->n_cuts; i++) {
         const tp_cut *cut = &c->cuts[i];
         const tp_split *sp = &cut->splits[r];
+        if (!cut_on_rank(cut, r))
+            continue;
         cJSON *o = cJSON_AddObjectToObject(root, cut->name);
         cJSON *ranges = o ? cJSON_AddArrayToObject(o, "ranges") : NULL;
         cJSON *gs = o ? cJSON_AddArrayToObject(o, "global_shape") : NULL;
@@ -604,20 +624,29 @@ static int write_safetensors(const tp_conversion *c, const char *dir, const tp_w
                              const char *conv_id, tp_progress *prog, rank_result *res, tp_err *err)
 {
     tp_st_out_tensor *ts = calloc(c->n_cuts + 1, sizeof *ts);
-    if (!ts)
+    size_t *cut_of = calloc(c->n_cuts + 1, sizeof *cut_of);
+    if (!ts || !cut_of) {
+        free(ts);
+        free(cut_of);
         return tp_errorf(err, "out of memory");
+    }
     int rc = -1;
     for (int r = 0; r < c->tp; r++) {
         if (o->cancel && *o->cancel) {
             tp_errorf(err, "interrupted");
             goto out;
         }
+        size_t n_ts = 0;
         for (size_t i = 0; i < c->n_cuts; i++) {
             const tp_cut *cut = &c->cuts[i];
-            ts[i].name = cut->name;
-            ts[i].dtype = cut->dtype;
-            ts[i].ndim = cut->ndim;
-            memcpy(ts[i].shape, &cut->local_shapes[(size_t)r * TP_MAX_DIMS], sizeof ts[i].shape);
+            if (!cut_on_rank(cut, r))
+                continue;
+            cut_of[n_ts] = i;
+            ts[n_ts].name = cut->name;
+            ts[n_ts].dtype = cut->dtype;
+            ts[n_ts].ndim = cut->ndim;
+            memcpy(ts[n_ts].shape, &cut->local_shapes[(size_t)r * TP_MAX_DIMS], sizeof ts[n_ts].shape);
+            n_ts++;
         }
         char rank_s[16], tp_s[16];
         snprintf(rank_s, sizeof rank_s, "%d", r);
@@ -633,8 +662,8 @@ static int write_safetensors(const tp_conversion *c, const char *dir, const tp_w
         };
         tp_rank_file_name(res[r].file, sizeof res[r].file, r, c->tp, ".safetensors");
         char *path = tp_path_join(dir, res[r].file);
-        st_fill_ctx f = {c, r, o->cancel, prog};
-        int wrc = path ? tp_st_write(path, ts, c->n_cuts, meta, st_fill, &f, err)
+        st_fill_ctx f = {c, r, o->cancel, prog, cut_of};
+        int wrc = path ? tp_st_write(path, ts, n_ts, meta, st_fill, &f, err)
                        : tp_errorf(err, "out of memory");
         free(splits);
         if (wrc < 0) {
@@ -656,6 +685,7 @@ static int write_safetensors(const tp_conversion *c, const char *dir, const tp_w
     rc = 0;
 out:
     free(ts);
+    free(cut_of);
     return rc;
 }
 
@@ -799,7 +829,7 @@ static int write_conversion(const tp_conversion *c, const char *dir, const tp_wr
     for (int r = 0; r < c->tp; r++) {
         mr[r] = (tp_manifest_rank){
             .rank = r, .file = res[r].file, .size = res[r].size, .checksum = res[r].checksum,
-            .raw_bytes = res[r].raw, .stored_bytes = res[r].stored, .n_tensors = c->n_cuts,
+            .raw_bytes = res[r].raw, .stored_bytes = res[r].stored, .n_tensors = rank_tensor_count(c, r),
         };
         raw += res[r].raw;
         stored += res[r].stored;
@@ -810,6 +840,7 @@ static int write_conversion(const tp_conversion *c, const char *dir, const tp_wr
         .tp = c->tp,
         .model_type = (char *)c->model.model_type,
         .vocab_parallel = c->vocab_parallel,
+        .expert_parallel = c->expert_parallel,
         .codec = (char *)(opts->format == TP_OUT_TPSHARD ? tp_codec_name(opts->codec) : "none"),
         .level = opts->format == TP_OUT_TPSHARD && opts->codec == TP_CODEC_ZSTD ? opts->level : 0,
         .config_json = c->config_json,

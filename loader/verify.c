@@ -139,18 +139,39 @@ static int open_rank_safetensors(conversion *c, rank_view *v, tp_err *err)
 }
 
 /* Every rank must hold the same tensor names (with the same dtype). */
+/* A tensor that only one rank holds: an expert's own tensor in an
+ * expert-parallel conversion. */
+static bool owner_only(const conversion *c, const char *name)
+{
+    long layer, expert;
+    tp_expert_part part = tp_arch_expert_part(name, &layer, &expert);
+    return c->m.expert_parallel && expert >= 0 &&
+           (part == TP_EXPERT_GATE || part == TP_EXPERT_UP || part == TP_EXPERT_DOWN);
+}
+
+/* The tensors every rank holds (all but the owner-only ones). */
+static size_t n_shared_tensors(const conversion *c, const rank_view *v)
+{
+    size_t n = v->is_st ? v->st.n_tensors : v->reader.index.n_tensors, k = 0;
+    for (size_t i = 0; i < n; i++)
+        k += !owner_only(c, v->is_st ? v->st.tensors[i].name : v->reader.index.tensors[i].name);
+    return k;
+}
+
 static int check_ranks_agree(conversion *c, tp_err *err)
 {
     for (int r = 1; r < c->m.tp; r++) {
         rank_view *a = &c->ranks[0], *b = &c->ranks[r];
         size_t n = c->is_st ? a->st.n_tensors : a->reader.index.n_tensors;
-        size_t nb = c->is_st ? b->st.n_tensors : b->reader.index.n_tensors;
-        if (n != nb)
-            return tp_errorf(err, "%s: rank 0 holds %zu tensors, rank %d holds %zu", c->dir, n, r,
+        size_t na = n_shared_tensors(c, a), nb = n_shared_tensors(c, b);
+        if (na != nb)
+            return tp_errorf(err, "%s: rank 0 holds %zu tensors, rank %d holds %zu", c->dir, na, r,
                              nb);
         for (size_t i = 0; i < n; i++) {
             const char *name;
             tp_dtype da, db;
+            if (owner_only(c, c->is_st ? a->st.tensors[i].name : a->reader.index.tensors[i].name))
+                continue;
             if (c->is_st) {
                 name = a->st.tensors[i].name;
                 da = a->st.tensors[i].dtype;
@@ -576,6 +597,49 @@ static int check_no_extra(const conversion *c, const tp_st_set *src, const char 
     return 0;
 }
 
+/* The one rank whose file holds a source tensor, or -1 when every rank
+ * holds a part: under --expert-parallel a per-expert tensor is whole in the
+ * file of the rank that owns its expert (n_experts / tp experts each). */
+static int owner_rank(const conversion *c, int n_experts, const char *name)
+{
+    long layer, expert;
+    if (!c->m.expert_parallel || n_experts < c->m.tp)
+        return -1;
+    tp_expert_part part = tp_arch_expert_part(name, &layer, &expert);
+    if ((part != TP_EXPERT_GATE && part != TP_EXPERT_UP && part != TP_EXPERT_DOWN) || expert < 0)
+        return -1;
+    return (int)(expert / (n_experts / c->m.tp));
+}
+
+/* An expert-parallel conversion's expert count, from its config.json. */
+static int conversion_experts(const conversion *c, int *n_experts, tp_err *err)
+{
+    *n_experts = 0;
+    if (!c->m.expert_parallel)
+        return 0;
+    tp_model_config cfg;
+    const char *js = c->m.config_json ? c->m.config_json : "";
+    if (tp_config_parse(&cfg, js, strlen(js), "manifest config", err) < 0)
+        return tp_err_prefix(err, "%s", c->dir);
+    int lo, hi;
+    if (tp_expert_range(cfg.n_experts, c->m.tp, 0, &lo, &hi, err) < 0)
+        return tp_err_prefix(err, "%s: manifest says expert_parallel", c->dir);
+    *n_experts = cfg.n_experts;
+    return 0;
+}
+
+/* A rank that is not the owner of an owner-only tensor must not have it. */
+static int check_not_held(const conversion *c, int r, const char *name, int owner, tp_err *err)
+{
+    const rank_view *v = &c->ranks[r];
+    bool has = v->is_st ? tp_st_find(&v->st, name) != NULL
+                        : tp_shard_find(&v->reader.index, name) != NULL;
+    if (has)
+        return tp_errorf(err, "%s: rank %d: holds tensor %s, whose expert is rank %d's "
+                         "(expert parallel)", c->dir, r, name, owner);
+    return 0;
+}
+
 int tp_verify_against(const char *dir, const char *model_dir, int threads, bool quiet,
                       tp_verify_report *rep, tp_err *err)
 {
@@ -589,6 +653,9 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
     interval *cover = NULL;
     int rc = -1;
     if (conversion_open(&c, dir, err) < 0)
+        goto out;
+    int n_experts;
+    if (conversion_experts(&c, &n_experts, err) < 0)
         goto out;
     if (tp_st_set_open(&src, model_dir, err) < 0)
         goto out;
@@ -610,8 +677,14 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
         const tp_st_tensor *s = src.tensors[i];
         size_t n_cover = 0;
         int split_dim = -2; /* -2: not seen yet */
+        int owner = owner_rank(&c, n_experts, s->name);
         for (int r = 0; r < c.m.tp; r++) {
             local_tensor lt;
+            if (owner >= 0 && r != owner) {
+                if (check_not_held(&c, r, s->name, owner, err) < 0)
+                    goto out;
+                continue;
+            }
             if (get_local(&c, &c.ranks[r], s->name, &buf, pool, &lt, &local, err) < 0)
                 goto out;
             if (split_dim == -2)

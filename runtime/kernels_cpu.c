@@ -335,3 +335,45 @@ void tpk_to_f32(float *dst, const void *src, tp_dtype dt, size_t count)
             dst[i] = tp_f16_to_f32(s[i]);
     }
 }
+
+/* Whether expert a ranks before b: larger probability, then lower index. */
+static bool router_before(const float *p, int a, int b)
+{
+    return p[a] > p[b] || (p[a] == p[b] && a < b);
+}
+
+void tpk_router_topk(const float *logits, int n_experts, int k, bool renorm, int *idx, float *weight)
+{
+    float mx = logits[0];
+    for (int e = 1; e < n_experts; e++)
+        mx = logits[e] > mx ? logits[e] : mx;
+    /* softmax, unnormalised first: the top k by exp(l - max) is the top k by p */
+    float sum = 0.0f;
+    float p[n_experts];
+    for (int e = 0; e < n_experts; e++) {
+        p[e] = expf(logits[e] - mx);
+        sum += p[e];
+    }
+    for (int e = 0; e < n_experts; e++)
+        p[e] /= sum;
+    /* insertion into a sorted top-k list: k is small (2..8) */
+    int n = 0;
+    for (int e = 0; e < n_experts; e++) {
+        if (n == k && !router_before(p, e, idx[k - 1]))
+            continue;
+        int j = n < k ? n++ : k - 1;
+        while (j > 0 && router_before(p, e, idx[j - 1])) {
+            idx[j] = idx[j - 1];
+            j--;
+        }
+        idx[j] = e;
+    }
+    float total = 0.0f;
+    for (int j = 0; j < k; j++) {
+        weight[j] = p[idx[j]];
+        total += weight[j];
+    }
+    if (renorm)
+        for (int j = 0; j < k; j++)
+            weight[j] /= total;
+}

@@ -121,6 +121,16 @@ void tpk_matmul(float *y, const float *x, const float *w, const float *bias, int
 /* y[t][i] += b[i] for n rows of dim values. */
 void tpk_add_bias(float *y, const float *b, int n, int dim);
 
+/* The router of a mixture-of-experts layer for one token (transformers'
+ * Qwen3MoeTopKRouter / Mixtral's): p = softmax(logits) over all n_experts
+ * in fp32; the k largest p, largest first, into idx[k] and weight[k];
+ * with renorm the k weights are divided by their sum (norm_topk_prob;
+ * Mixtral always).  Ties: torch.topk leaves their order unspecified (on the
+ * CPU it returns [1, 3] for three equal values at 1, 2, 3); here the lower
+ * expert index wins.  The reference fixtures keep the k-th and (k+1)-th
+ * probabilities apart, so no test depends on it.  k <= n_experts. */
+void tpk_router_topk(const float *logits, int n_experts, int k, bool renorm, int *idx, float *weight);
+
 /* Converts count elements of a bf16/f16/f32 buffer to fp32 (exact). */
 void tpk_to_f32(float *dst, const void *src, tp_dtype dt, size_t count);
 

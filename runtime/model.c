@@ -64,6 +64,7 @@ struct tp_model {
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up;
     float *scratch;             /* [lq][TPK_ATT_BLOCK * max_seq] attention scores */
     float *logit_slot, *logit_all;
+    tp_moe_scratch moe_scratch; /* sparse layers' routing and expert buffers */
     float *pick_buf;            /* tp_model_forward_pick: vocab logits, vocab penalised logits, 2 * vocab scratch */
 
     tp_pool *pool;              /* NULL: one thread */
@@ -268,6 +269,165 @@ static int check_split(const tp_loaded_rank *lr, const tp_shard_tensor *t, int w
 
 /* --------------------------------------------------------- model creation */
 
+/* A dense MLP: gate/up colwise, down rowwise (the first layer decides the
+ * local intermediate size, the others must agree). */
+static int load_dense_mlp(loader_ctx *lc, int l, tp_err *err)
+{
+    tp_model *m = lc->m;
+    const tp_loaded_rank *lr = lc->lr;
+    tp_layer_weights *L = &m->layers[l];
+    tp_layer_src *S = &m->layer_src[l];
+    const int64_t H = m->cfg.hidden;
+    const tp_loaded_tensor *tg, *tu, *td;
+    int64_t d1[1], d2[2];
+    char name[256];
+#define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
+    d2[0] = m->li > 0 ? m->li : -1; d2[1] = H;
+    if (get_weight(lc, NAME("mlp.gate_proj.weight"), true, 2, d2, &tg, &L->wgate,
+                   &S->wgate, err) < 0 ||
+        check_split(lr, tg->info, 0, m->world, err) < 0)
+        return -1;
+    m->li = (int)d2[0];
+    d2[0] = m->li; d2[1] = H;
+    if (get_weight(lc, NAME("mlp.up_proj.weight"), true, 2, d2, &tu, &L->wup, &S->wup, err) < 0 ||
+        check_split(lr, tu->info, 0, m->world, err) < 0)
+        return -1;
+    d2[0] = H; d2[1] = m->li;
+    if (get_weight(lc, NAME("mlp.down_proj.weight"), true, 2, d2, &td, &L->wdown,
+                   &S->wdown, err) < 0 ||
+        check_split(lr, td->info, 1, m->world, err) < 0)
+        return -1;
+    d1[0] = m->li;
+    if (get_weight(lc, NAME("mlp.gate_proj.bias"), false, 1, d1, NULL, &L->bgate,
+                   &S->bgate, err) < 0)
+        return -1;
+    d1[0] = m->li;
+    if (get_weight(lc, NAME("mlp.up_proj.bias"), false, 1, d1, NULL, &L->bup, &S->bup, err) < 0)
+        return -1;
+    d1[0] = H;
+    if (get_weight(lc, NAME("mlp.down_proj.bias"), false, 1, d1, NULL, &L->bdown,
+                   &S->bdown, err) < 0)
+        return -1;
+#undef NAME
+    return 0;
+}
+
+/* The local experts' fp32 copies: the per-expert layout (a tensor per
+ * expert, cut like a dense MLP or, expert-parallel, whole on its owner) or
+ * the fused one ([experts, 2 I, H] and [experts, H, I], cut along I, or
+ * along the experts when expert-parallel). */
+static int load_expert_part(loader_ctx *lc, int l, tp_moe_weights *w, tp_expert_part part,
+                            bool ep, tp_err *err)
+{
+    tp_model *m = lc->m;
+    const tp_loaded_rank *lr = lc->lr;
+    const tp_arch_tensor *row = tp_arch_expert_row(m->cfg.arch, part, false);
+    const int64_t H = m->cfg.hidden;
+    const float **dst = part == TP_EXPERT_GATE ? w->gate : part == TP_EXPERT_UP ? w->up : w->down;
+    bool rows = part != TP_EXPERT_DOWN;   /* gate/up: [I, H]; down: [H, I] */
+    char name[256];
+    for (int e = w->expert_lo; e < w->expert_hi; e++) {
+        tp_weight_src src;
+        const tp_loaded_tensor *t;
+        int64_t d2[2] = {rows ? w->inter : H, rows ? H : w->inter};
+        if (!row || !tp_arch_tensor_name(row, l, e, name, sizeof name))
+            return tp_errorf(err, "%s: layer %d: no expert tensor name", lr->source, l);
+        if (get_weight(lc, name, true, 2, d2, &t, &dst[e - w->expert_lo], &src, err) < 0)
+            return -1;
+        if (ep ? t->info->split.dim != -1 : check_split(lr, t->info, rows ? 0 : 1, m->world, err) < 0)
+            return ep ? tp_errorf(err, "%s: rank %d: tensor %s: expected the whole expert "
+                                  "(expert-parallel conversion), found a split along dim %d",
+                                  lr->source, lr->rank, name, t->info->split.dim) : -1;
+    }
+    return 0;
+}
+
+/* The fused layout: one tensor per part, experts along dim 0. */
+static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep, tp_err *err)
+{
+    tp_model *m = lc->m;
+    const tp_loaded_rank *lr = lc->lr;
+    const int64_t H = m->cfg.hidden, ne = w->expert_hi - w->expert_lo, inter = w->inter;
+    char gu_name[256], dn_name[256];
+    const tp_loaded_tensor *tgu, *tdn;
+    const float *gu, *dn;
+    tp_weight_src src;
+    tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_GATE_UP, true), l, -1,
+                        gu_name, sizeof gu_name);
+    tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_DOWN, true), l, -1,
+                        dn_name, sizeof dn_name);
+    int64_t d_gu[3] = {ne, 2 * inter, H}, d_dn[3] = {ne, H, inter};
+    if (get_weight(lc, gu_name, true, 3, d_gu, &tgu, &gu, &src, err) < 0 ||
+        get_weight(lc, dn_name, true, 3, d_dn, &tdn, &dn, &src, err) < 0)
+        return -1;
+    /* tensor-parallel: gate_up packed along dim 1 (2 ranges), down along dim
+     * 2; expert-parallel: both along dim 0, this rank's experts */
+    const tp_split *a = &tgu->info->split, *b = &tdn->info->split;
+    bool ok = ep ? a->dim == 0 && b->dim == 0 && a->start[0] == (uint64_t)w->expert_lo &&
+                   b->start[0] == (uint64_t)w->expert_lo
+                 : m->world == 1 || (a->dim == 1 && a->n_ranges == 2 && b->dim == 2);
+    if (!ok)
+        return tp_errorf(err, "%s: rank %d: tensors %s / %s are not cut as %s experts", lr->source,
+                         lr->rank, gu_name, dn_name, ep ? "expert-parallel" : "tensor-parallel");
+    for (int64_t e = 0; e < ne; e++) {
+        if (gu) {
+            w->gate[e] = gu + (size_t)(e * 2 * inter * H);
+            w->up[e] = w->gate[e] + (size_t)(inter * H);
+            w->down[e] = dn + (size_t)(e * H * inter);
+        }
+    }
+    return 0;
+}
+
+/* A sparse layer: the router (replicated) and this rank's experts. */
+static int load_moe(loader_ctx *lc, int l, tp_err *err)
+{
+    tp_model *m = lc->m;
+    const tp_model_config *c = &m->cfg;
+    const tp_loaded_rank *lr = lc->lr;
+    bool ep = lr->manifest.expert_parallel;
+    tp_moe_weights *w = calloc(1, sizeof *w);
+    if (!w)
+        return tp_errorf(err, "out of memory");
+    m->layers[l].moe = w;
+    w->n_experts = c->n_experts;
+    w->top_k = c->n_experts_per_tok;
+    w->renorm = c->norm_topk_prob;
+    w->expert_lo = 0;
+    w->expert_hi = c->n_experts;
+    if (ep && tp_expert_range(c->n_experts, m->world, m->rank, &w->expert_lo, &w->expert_hi, err) < 0)
+        return tp_err_prefix(err, "%s", lr->source);
+    if (!ep && c->moe_intermediate % m->world)
+        return tp_errorf(err, "%s: moe_intermediate_size %d is not a multiple of tp %d", lr->source,
+                         c->moe_intermediate, m->world);
+    w->inter = ep ? c->moe_intermediate : c->moe_intermediate / m->world;
+    size_t ne = (size_t)(w->expert_hi - w->expert_lo);
+    w->gate = calloc(ne, sizeof *w->gate);
+    w->up = calloc(ne, sizeof *w->up);
+    w->down = calloc(ne, sizeof *w->down);
+    if (!w->gate || !w->up || !w->down)
+        return tp_errorf(err, "out of memory");
+    char name[256];
+    const tp_loaded_tensor *tr;
+    tp_weight_src src;
+    int64_t d2[2] = {c->n_experts, c->hidden};
+    tp_arch_tensor_name(tp_arch_expert_row(c->arch, TP_EXPERT_ROUTER, false), l, -1, name, sizeof name);
+    if (get_weight(lc, name, true, 2, d2, &tr, &w->router, &src, err) < 0)
+        return -1;
+    if (tr->info->split.dim != -1)
+        return tp_errorf(err, "%s: rank %d: tensor %s: the router must be whole on every rank",
+                         lr->source, lr->rank, name);
+    const tp_arch_tensor *fused = tp_arch_expert_row(c->arch, TP_EXPERT_FUSED_GATE_UP, true);
+    if (fused && tp_arch_tensor_name(fused, l, -1, name, sizeof name) && find_tensor(lr, name))
+        return load_fused_experts(lc, l, w, ep, err);
+    if (load_expert_part(lc, l, w, TP_EXPERT_GATE, ep, err) < 0 ||
+        load_expert_part(lc, l, w, TP_EXPERT_UP, ep, err) < 0 ||
+        load_expert_part(lc, l, w, TP_EXPERT_DOWN, ep, err) < 0)
+        return -1;
+    return 0;
+}
+
+
 static int load_layer(loader_ctx *lc, int l, tp_err *err)
 {
     tp_model *m = lc->m;
@@ -280,7 +440,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
 #define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
 
     int64_t d1[1], d2[2];
-    const tp_loaded_tensor *tq, *tk, *tv, *tg, *tu, *to, *td;
+    const tp_loaded_tensor *tq, *tk, *tv, *to;
 
     d1[0] = H;
     if (get_weight(lc, NAME("input_layernorm.weight"), true, 1, d1, NULL, &L->attn_norm,
@@ -385,31 +545,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
             return -1;
     }
 
-    d2[0] = m->li > 0 ? m->li : -1; d2[1] = H;
-    if (get_weight(lc, NAME("mlp.gate_proj.weight"), true, 2, d2, &tg, &L->wgate,
-                   &S->wgate, err) < 0 ||
-        check_split(lr, tg->info, 0, m->world, err) < 0)
-        return -1;
-    m->li = (int)d2[0];
-    d2[0] = m->li; d2[1] = H;
-    if (get_weight(lc, NAME("mlp.up_proj.weight"), true, 2, d2, &tu, &L->wup, &S->wup, err) < 0 ||
-        check_split(lr, tu->info, 0, m->world, err) < 0)
-        return -1;
-    d2[0] = H; d2[1] = m->li;
-    if (get_weight(lc, NAME("mlp.down_proj.weight"), true, 2, d2, &td, &L->wdown,
-                   &S->wdown, err) < 0 ||
-        check_split(lr, td->info, 1, m->world, err) < 0)
-        return -1;
-    d1[0] = m->li;
-    if (get_weight(lc, NAME("mlp.gate_proj.bias"), false, 1, d1, NULL, &L->bgate,
-                   &S->bgate, err) < 0)
-        return -1;
-    d1[0] = m->li;
-    if (get_weight(lc, NAME("mlp.up_proj.bias"), false, 1, d1, NULL, &L->bup, &S->bup, err) < 0)
-        return -1;
-    d1[0] = H;
-    if (get_weight(lc, NAME("mlp.down_proj.bias"), false, 1, d1, NULL, &L->bdown,
-                   &S->bdown, err) < 0)
+    if (tp_config_layer_sparse(c, l) ? load_moe(lc, l, err) < 0 : load_dense_mlp(lc, l, err) < 0)
         return -1;
 #undef NAME
 
@@ -595,7 +731,11 @@ static int check_runnable(const tp_loaded_rank *lr, const tp_model_config *cfg, 
         if (lr->tensors[i].info)
             refs[n++] = (tp_tensor_ref){ lr->tensors[i].info->name, lr->tensors[i].info->ndim,
                                          lr->tensors[i].info->global_shape };
-    int rc = tp_arch_check_tensors(cfg, refs, n, err);
+    int lo = 0, hi = cfg->n_experts, rc = 0;
+    if (lr->manifest.expert_parallel)
+        rc = tp_expert_range(cfg->n_experts, lr->manifest.tp, lr->rank, &lo, &hi, err);
+    if (rc == 0)
+        rc = tp_arch_check_rank_tensors(cfg, refs, n, lo, hi, err);
     free(refs);
     if (rc < 0)
         tp_err_prefix(err, "%s: rank %d", lr->source, lr->rank);
@@ -626,6 +766,11 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     const char *cfg_text = lr->manifest.config_json ? lr->manifest.config_json : lr->config_json;
     if (tp_model_config_parse(&m->cfg, cfg_text, err) < 0) {
         tp_err_prefix(err, "%s", lr->source ? lr->source : "model");
+        goto fail;
+    }
+    if (cuda && m->cfg.n_experts > 0) {
+        tp_errorf(err, "device \"%s\": model_type %s (mixture of experts) runs on the CPU only "
+                  "for now: use --device cpu", opts->device, m->cfg.model_type);
         goto fail;
     }
     m->comm = comm;
@@ -702,6 +847,13 @@ void tp_model_free(tp_model *m)
     for (size_t i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     free(m->owned);
+    for (int l = 0; m->layers && l < m->cfg.n_layers; l++)
+        if (m->layers[l].moe) {
+            tp_moe_weights *w = m->layers[l].moe;
+            free(w->gate); free(w->up); free(w->down);
+            free(w);
+        }
+    tp_moe_scratch_free(&m->moe_scratch);
     free(m->layers);
     free(m->layer_src);
     free(m->lm_ranges);
@@ -758,7 +910,8 @@ static int ensure_buffers(tp_model *m, int n, tp_err *err)
         { &m->att, qd }, { &m->o, H }, { &m->gate, inter }, { &m->up, inter },
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
-        float *p = realloc(*bufs[i].p, (size_t)n * bufs[i].per_row * sizeof(float));
+        /* (a model without dense MLPs has inter 0: keep a valid pointer) */
+        float *p = realloc(*bufs[i].p, ((size_t)n * bufs[i].per_row + 1) * sizeof(float));
         if (!p)
             return tp_errorf(err, "out of memory for %d tokens of activations", n);
         *bufs[i].p = p;
@@ -851,10 +1004,24 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
     return 0;
 }
 
+/* A sparse layer's MLP: this rank's experts' partial sum, then the same
+ * all-reduce as the dense MLP's rowwise down_proj. */
+static int moe_block(tp_model *m, int l, int n, tp_err *err)
+{
+    int H = m->cfg.hidden;
+    if (tp_moe_forward(m->layers[l].moe, m->h, n, H, m->o, &m->moe_scratch, err) < 0)
+        return tp_err_prefix(err, "layer %d", l);
+    if (allreduce(m, m->o, (size_t)n * H, err) < 0)
+        return tp_err_prefix(err, "layer %d moe all-reduce", l);
+    return 0;
+}
+
 static int mlp_block(tp_model *m, int l, int n, tp_err *err)
 {
     const tp_layer_weights *L = &m->layers[l];
     int H = m->cfg.hidden;
+    if (L->moe)
+        return moe_block(m, l, n, err);
     tpk_matmul(m->gate, m->h, L->wgate, L->bgate, n, H, m->li);
     tpk_matmul(m->up, m->h, L->wup, L->bup, n, H, m->li);
     tpk_silu_mul(m->gate, m->up, (size_t)n * m->li);

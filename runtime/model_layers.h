@@ -7,7 +7,11 @@
 #ifndef TP_MODEL_LAYERS_H
 #define TP_MODEL_LAYERS_H
 
+#include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
+
+#include "shardfmt.h"
 
 /* X(field, kind): every tensor of a layer, once.  kind MAT is a matrix
  * (bf16 on a GPU), VEC a vector: norm weights, biases (fp32 everywhere).
@@ -19,11 +23,43 @@
     X(wgate, MAT) X(wup, MAT) X(wdown, MAT) \
     X(bgate, VEC) X(bup, VEC) X(bdown, VEC)
 
+/* A sparse (mixture-of-experts) layer's MLP as the CPU forward reads it
+ * (runtime/moe.c).  With tensor-parallel experts a rank holds rows
+ * [r*I/tp, (r+1)*I/tp) of every expert's gate/up and the matching columns of
+ * its down; expert-parallel, experts [expert_lo, expert_hi) whole.  Either
+ * way the rank's output is a partial sum that the MLP's all-reduce adds up. */
+typedef struct tp_moe_weights {
+    const float *router;        /* [n_experts][hidden], on every rank */
+    int n_experts, top_k;
+    bool renorm;                /* norm_topk_prob (mixtral: always) */
+    int expert_lo, expert_hi;   /* the local experts */
+    int inter;                  /* rows of each local expert's gate / up */
+    /* [expert_hi - expert_lo] each: gate and up [inter][hidden], down [hidden][inter] */
+    const float **gate, **up, **down;
+} tp_moe_weights;
+
+/* Grown on demand by tp_moe_forward; zero-initialised before first use. */
+typedef struct tp_moe_scratch {
+    size_t cap_n;               /* tokens the buffers hold */
+    float *logits, *weight, *x, *g, *u, *y;
+    int *idx, *count, *slot_tok;
+    float *slot_w;
+} tp_moe_scratch;
+
+/* out[n][hidden] = this rank's share of the sparse MLP of h[n][hidden]: the
+ * router and top-k for every token, then each local expert once over the
+ * tokens routed to it (prefill groups the tokens by expert; a decode step
+ * reads only its top_k experts' weights).  The caller all-reduces out. */
+int tp_moe_forward(const tp_moe_weights *w, const float *h, int n, int hidden, float *out,
+                   tp_moe_scratch *s, tp_err *err);
+void tp_moe_scratch_free(tp_moe_scratch *s);
+
 typedef struct tp_layer_weights {
 #define TP_X(field, kind) const float *field;
     TP_LAYER_TENSORS(TP_X)
 #undef TP_X
     int window;                 /* sliding window of this layer, 0: none */
+    tp_moe_weights *moe;        /* sparse layer (then the MLP fields are NULL); NULL: dense */
 } tp_layer_weights;
 
 /* Where a weight's bytes are in the loaded rank: lr->tensors[tensor], bytes

@@ -262,6 +262,7 @@ int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
     cJSON_AddNumberToObject(root, "tp", m->tp);
     cJSON_AddStringToObject(root, "model_type", m->model_type);
     cJSON_AddBoolToObject(root, "vocab_parallel", m->vocab_parallel);
+    cJSON_AddBoolToObject(root, "expert_parallel", m->expert_parallel);
     cJSON_AddStringToObject(root, "codec", m->codec);
     cJSON_AddNumberToObject(root, "level", m->level);
     cJSON_AddItemToObject(root, "config", config);
@@ -448,7 +449,8 @@ static int parse_top(const cJSON *root, const char *text, size_t len, const char
     if (!cJSON_IsObject(root))
         return TP_FAIL(err, "%s: not a JSON object", name);
     static const char *const keys[] = { "format", "format_version", "conversion_id", "created", "tool", "tp",
-                                        "model_type", "vocab_parallel", "codec", "level", "config", "plan",
+                                        "model_type", "vocab_parallel", "expert_parallel", "codec", "level",
+                                        "config", "plan",
                                         "files", "ranks", CHECKSUM_KEY, NULL };
     const char *s;
     if (check_version(root, name, m, err) < 0 || tp_json_check_keys(root, keys, name, err) < 0 ||
@@ -474,6 +476,7 @@ static int parse_top(const cJSON *root, const char *text, size_t len, const char
     if (!(m->model_type = strdup(s)))
         return TP_FAIL(err, "%s: out of memory", name);
     if (tp_json_bool(root, "vocab_parallel", name, &m->vocab_parallel, err) < 0 ||
+        tp_json_opt_bool(root, "expert_parallel", false, name, &m->expert_parallel, err) < 0 ||
         tp_json_str(root, "codec", 16, false, name, &s, err) < 0)
         return -1;
     tp_codec codec;

@@ -460,6 +460,11 @@ typedef struct tp_manifest {
     int tp;
     char *model_type;
     bool vocab_parallel;
+    /* --expert-parallel: each rank holds num_experts / tp whole experts (a
+     * per-expert tensor only in its owner's file, fused ones cut along the
+     * expert dim); false: every rank holds a slice of every expert.  Absent
+     * in older manifests: false. */
+    bool expert_parallel;
     char *codec;            /* "none" / "zstd" */
     int level;
     char *config_json;      /* the source config.json, as text */

@@ -539,6 +539,54 @@ for fmt in tpshard safetensors; do
     rm -rf "$tmp/trunc-model"
 done
 
+echo "== mixture of experts: both split modes, bad expert tensors and counts"
+# tensor-parallel experts (default) and --expert-parallel: tpverify --against
+# compares every rank's slice (an expert-parallel rank holds whole experts:
+# per-expert tensors only in their owner's file).
+for m in qwen3moe-tiny qwen3moe-dense mixtral-tiny; do
+    for mode in "" --expert-parallel; do
+        out="$tmp/moe-$m$mode"
+        "$BIN/tpconvert" --tp 4 $mode --quiet tests/models/$m "$out" >/dev/null 2>"$tmp/err" ||
+            die "$m $mode: $(cat "$tmp/err")"
+        verify "$out" tests/models/$m
+        want=false; [ -n "$mode" ] && want=true
+        grep -q "\"expert_parallel\":[[:space:]]*$want" "$out/manifest.json" ||
+            die "$m $mode: manifest does not say expert_parallel $want"
+        if [ -n "$mode" ] && [ -x "$BIN/tpinspect" ]; then
+            "$BIN/tpinspect" "$out" | grep -q "(expert parallel)" || die "$m: tpinspect does not show the mode"
+        fi
+        "$BIN/tpconvert" --tp 4 $mode --dry-run tests/models/$m "$tmp/moe-dry" >"$tmp/dry" ||
+            die "$m $mode --dry-run"
+        no_output "$tmp/moe-dry" "--dry-run"
+    done
+    [ $have_verify = 1 ] || continue
+    # the two modes cut experts differently: one rank of each
+    cnt_tp=$(grep -o '"tensors":[[:space:]]*[0-9]*' "$tmp/moe-$m/manifest.json" | head -n 1 | grep -o '[0-9]*$')
+    cnt_ep=$(grep -o '"tensors":[[:space:]]*[0-9]*' "$tmp/moe-$m--expert-parallel/manifest.json" | head -n 1 | grep -o '[0-9]*$')
+    [ "$cnt_ep" -lt "$cnt_tp" ] || die "$m: an expert-parallel rank holds $cnt_ep tensors, a tensor-parallel one $cnt_tp"
+done
+# num_experts not divisible by tp under --expert-parallel: names the flag and the key
+expect_fail "--expert-parallel: num_local_experts = 4 is not a multiple of tp = 3" \
+    "$BIN/tpconvert" --tp 3 --expert-parallel tests/models/mixtral-tiny "$tmp/moe-tp3"
+no_output "$tmp/moe-tp3" "--expert-parallel tp 3"
+expect_fail "--expert-parallel: model_type qwen3 has no experts" \
+    "$BIN/tpconvert" --tp 2 --expert-parallel tests/models/qwen3-tiny "$tmp/moe-dense"
+no_output "$tmp/moe-dense" "--expert-parallel on a dense model"
+# an expert count that disagrees with config.json: the router's shape
+arch_case moe-count tests/models/qwen3moe-tiny 's/"num_experts": 8/"num_experts": 6/' \
+    "expert 6, but config.json says num_experts = 6"
+# expert tensors of the wrong shape
+arch_case moe-shape tests/models/mixtral-tiny 's/"intermediate_size": 128/"intermediate_size": 96/' \
+    "(intermediate_size, hidden_size)"
+# a missing expert tensor: renamed (same length) in the safetensors header
+d="$tmp/arch-noexp"; rm -rf "$d"; cp -r tests/models/qwen3moe-tiny "$d"
+LC_ALL=C sed -i 's/model\.layers\.1\.mlp\.experts\.5\.up_proj\.weight/model.layers.1.mlp.experts.5.up_proj.wxxxxx/' "$d/model.safetensors"
+expect_fail "tensor model.layers.1.mlp.experts.5.up_proj.weight is missing" "$BIN/tpconvert" --tp 2 "$d" "$d-out"
+no_output "$d-out" "missing expert tensor"
+expect_fail "tensor model.layers.1.mlp.experts.5.up_proj.weight is missing" \
+    "$BIN/tpconvert" --tp 2 --expert-parallel "$d" "$d-out"
+no_output "$d-out" "missing expert tensor (--expert-parallel)"
+
 echo "== --dry-run writes nothing"
 "$BIN/tpconvert" --tp 4 --dry-run tests/models/qwen3-tiny "$tmp/dry-out" >"$tmp/dry"
 no_output "$tmp/dry-out" "--dry-run"

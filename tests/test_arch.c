@@ -84,10 +84,10 @@ static void test_config(void)
  * plus `extra`. */
 typedef struct tensor_set {
     size_t n;
-    char names[64][96];
-    uint64_t shapes[64][2];
-    int ndims[64];
-    tp_tensor_ref refs[64];
+    char names[160][96];
+    uint64_t shapes[160][3];
+    int ndims[160];
+    tp_tensor_ref refs[160];
 } tensor_set;
 
 static void add(tensor_set *s, const char *name, int ndim, uint64_t d0, uint64_t d1)
@@ -110,6 +110,8 @@ static void qwen3_tensors(tensor_set *s, int layers, const char *drop)
         char n[96];
         for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
             const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+            if (!(row->archs & (1u << TP_ARCH_QWEN3)))
+                continue;
             snprintf(n, sizeof n, "model.layers.%d.%s.weight", l, row->module);
             if (drop && !strcmp(n, drop))
                 continue;
@@ -154,6 +156,158 @@ static void test_tensors(void)
 }
 
 /* tpverify's view: a rank file's tensor list and the manifest's config. */
+/* Every tensor of a MoE config c in the per-expert layout (fused: the
+ * fused one), experts [lo, hi), minus `drop`; sizes from c. */
+static void moe_tensors(tensor_set *s, const tp_model_config *c, bool fused, int lo, int hi,
+                        const char *drop)
+{
+    memset(s, 0, sizeof *s);
+    add(s, "model.embed_tokens.weight", 2, (uint64_t)c->vocab, (uint64_t)c->hidden);
+    add(s, "model.norm.weight", 1, (uint64_t)c->hidden, 0);
+    add(s, "lm_head.weight", 2, (uint64_t)c->vocab, (uint64_t)c->hidden);
+    for (int l = 0; l < c->n_layers; l++) {
+        bool sparse = tp_config_layer_sparse(c, l);
+        for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+            const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+            if (!(row->archs & (1u << c->arch)) || (row->kind == TP_ROW_DENSE && sparse) ||
+                (row->kind >= TP_ROW_SPARSE && !sparse) ||
+                (row->kind == TP_ROW_EXPERT && fused) || (row->kind == TP_ROW_FUSED && !fused))
+                continue;
+            for (int e = row->kind == TP_ROW_EXPERT ? lo : 0; e < (row->kind == TP_ROW_EXPERT ? hi : 1); e++) {
+                char n[96];
+                tp_arch_tensor_name(row, l, e, n, sizeof n);
+                if (drop && !strcmp(n, drop))
+                    continue;
+                uint64_t d[3] = {0};
+                for (int k = 0; k < row->ndim; k++) {
+                    tp_dim_of w = row->dims[k];
+                    d[k] = w == TP_DIM_HIDDEN ? c->hidden : w == TP_DIM_Q ? c->n_heads * c->head_dim
+                         : w == TP_DIM_KV ? c->n_kv_heads * c->head_dim : w == TP_DIM_HEAD ? c->head_dim
+                         : w == TP_DIM_INTER ? c->intermediate : w == TP_DIM_EXPERTS ? c->n_experts
+                         : w == TP_DIM_MOE_INTER ? c->moe_intermediate : 2 * c->moe_intermediate;
+                }
+                add(s, n, row->ndim, d[0], d[1]);
+                s->shapes[s->n - 1][2] = d[2];
+            }
+        }
+    }
+}
+
+static tp_tensor_ref *find_set(tensor_set *s, const char *name)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (!strcmp(s->names[i], name))
+            return &s->refs[i];
+    return NULL;
+}
+
+#define MOE_BASE BASE ", \"num_experts\": 4, \"num_experts_per_tok\": 2, \"moe_intermediate_size\": 32"
+
+static void test_moe_config(void)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    /* transformers' defaults: qwen3_moe 128 experts, top 8, 768, norm_topk_prob false, head_dim derived */
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " BASE "}", &c, &err) == 0 && c.n_experts == 128 &&
+          c.n_experts_per_tok == 8 && c.moe_intermediate == 768 && !c.norm_topk_prob &&
+          c.decoder_sparse_step == 1 && c.head_dim == 16 && c.qk_norm,
+          "qwen3_moe defaults: %d %d %d %d %s", c.n_experts, c.n_experts_per_tok, c.moe_intermediate,
+          c.head_dim, err.msg);
+    /* mixtral: 8 experts, top 2 renormalised, experts of intermediate_size, eps 1e-5 */
+    CHECK(parse("{\"model_type\": \"mixtral\", " BASE "}", &c, &err) == 0 && c.n_experts == 8 &&
+          c.n_experts_per_tok == 2 && c.moe_intermediate == 128 && c.norm_topk_prob &&
+          c.rms_eps == 1e-5f && !c.qk_norm, "mixtral defaults: %s", err.msg);
+    /* both spellings of the expert count */
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " BASE ", \"num_local_experts\": 6, "
+                "\"num_experts_per_tok\": 2}", &c, &err) == 0 && c.n_experts == 6,
+          "num_local_experts: %d %s", c.n_experts, err.msg);
+    expect_refused("{\"model_type\": \"qwen3_moe\", " BASE ", \"num_local_experts\": 6, "
+                   "\"num_experts\": 8}", SIZE_AUTO, "num_local_experts");
+    expect_refused("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"num_experts_per_tok\": 5}",
+                   SIZE_AUTO, "num_experts_per_tok");
+    expect_refused("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"mlp_only_layers\": [\"0\"]}",
+                   SIZE_AUTO, "mlp_only_layers");
+    /* which layers are sparse: (l not in mlp_only_layers) and (l + 1) % step == 0 */
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"decoder_sparse_step\": 2}", &c,
+                &err) == 0 && !tp_config_layer_sparse(&c, 0) && tp_config_layer_sparse(&c, 1),
+          "decoder_sparse_step 2: %s", err.msg);
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"mlp_only_layers\": [1, 7]}", &c,
+                &err) == 0 && tp_config_layer_sparse(&c, 0) && !tp_config_layer_sparse(&c, 1) &&
+          c.n_mlp_only == 1, "mlp_only_layers: %s", err.msg);
+    /* configuration_qwen3_moe.py has no max_window_layers: the window is every layer's */
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"use_sliding_window\": true, "
+                "\"sliding_window\": 32, \"max_window_layers\": 1}", &c, &err) == 0 &&
+          c.sliding_window == 32 && c.sliding_from_layer == 0, "qwen3_moe window: %d from %d %s",
+          c.sliding_window, c.sliding_from_layer, err.msg);
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"num_experts\": 0}", &c, &err) == 0 &&
+          !tp_config_layer_sparse(&c, 0), "0 experts: dense: %s", err.msg);
+}
+
+static void test_moe_tensors(void)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    tensor_set s;
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"decoder_sparse_step\": 2}", &c,
+                &err) == 0, "%s", err.msg);
+    moe_tensors(&s, &c, false, 0, 4, NULL);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) == 0, "complete qwen3_moe: %s", err.msg);
+    moe_tensors(&s, &c, true, 0, 4, NULL);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) == 0, "fused qwen3_moe: %s", err.msg);
+    /* a missing expert tensor is named */
+    moe_tensors(&s, &c, false, 0, 4, "model.layers.1.mlp.experts.3.up_proj.weight");
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 &&
+          strstr(err.msg, "model.layers.1.mlp.experts.3.up_proj.weight is missing"), "missing: %s", err.msg);
+    /* a wrong shape is named with the key it comes from */
+    moe_tensors(&s, &c, false, 0, 4, NULL);
+    find_set(&s, "model.layers.1.mlp.experts.2.down_proj.weight")->shape = (const uint64_t[]){64, 16};
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 &&
+          strstr(err.msg, "experts.2.down_proj.weight") && strstr(err.msg, "moe_intermediate_size"),
+          "shape: %s", err.msg);
+    /* an expert count that disagrees with config.json: the router, an extra expert */
+    moe_tensors(&s, &c, false, 0, 4, NULL);
+    find_set(&s, "model.layers.1.mlp.gate.weight")->shape = (const uint64_t[]){3, 64};
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "mlp.gate.weight") &&
+          strstr(err.msg, "num_experts"), "router: %s", err.msg);
+    moe_tensors(&s, &c, false, 0, 5, NULL);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "experts.4.") &&
+          strstr(err.msg, "num_experts = 4"), "expert 4 of 4: %s", err.msg);
+    /* a dense MLP in a sparse layer (or experts in a dense one) */
+    moe_tensors(&s, &c, false, 0, 4, NULL);
+    snprintf(s.names[s.n - 1], sizeof s.names[0], "model.layers.0.mlp.experts.0.gate_proj.weight");
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "layer 0 is dense"),
+          "expert in a dense layer: %s", err.msg);
+    /* an expert-parallel rank: experts [2, 4) only */
+    moe_tensors(&s, &c, false, 2, 4, NULL);
+    CHECK(tp_arch_check_rank_tensors(&c, s.refs, s.n, 2, 4, &err) == 0, "rank 1 of 2: %s", err.msg);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) < 0 && strstr(err.msg, "experts.0."),
+          "whole model lacks experts 0, 1: %s", err.msg);
+    moe_tensors(&s, &c, false, 1, 4, NULL);
+    CHECK(tp_arch_check_rank_tensors(&c, s.refs, s.n, 2, 4, &err) < 0 &&
+          strstr(err.msg, "expert 1 is not one of this rank's"), "foreign expert: %s", err.msg);
+    /* mixtral's names */
+    CHECK(parse("{\"model_type\": \"mixtral\", " BASE ", \"num_local_experts\": 4}", &c, &err) == 0,
+          "%s", err.msg);
+    moe_tensors(&s, &c, false, 0, 4, NULL);
+    CHECK(find_set(&s, "model.layers.1.block_sparse_moe.experts.3.w2.weight") &&
+          tp_arch_check_tensors(&c, s.refs, s.n, &err) == 0, "mixtral: %s", err.msg);
+    long layer, expert;
+    CHECK(tp_arch_expert_part("model.layers.1.block_sparse_moe.experts.3.w3.weight", &layer, &expert) ==
+          TP_EXPERT_UP && layer == 1 && expert == 3, "expert part");
+    CHECK(tp_arch_expert_part("model.layers.1.mlp.gate_proj.weight", &layer, &expert) == TP_EXPERT_NONE,
+          "dense gate_proj is not an expert");
+    /* --expert-parallel needs tp | num_experts, and names the key */
+    tp_plan p;
+    CHECK(tp_plan_builtin("mixtral", &p, &err) == 0, "%s", err.msg);
+    CHECK(tp_plan_expert_parallel(&c, &p, 3, &err) < 0 && strstr(err.msg, "--expert-parallel") &&
+          strstr(err.msg, "num_local_experts"), "tp 3: %s", err.msg);
+    CHECK(tp_plan_expert_parallel(&c, &p, 2, &err) == 0 &&
+          tp_arch_check_plan(&c, &p, &err) == 0 &&
+          p.styles[tp_plan_match(&p, "model.layers.0.block_sparse_moe.experts.1.w1.weight")] ==
+          TP_STYLE_EXPERT, "expert plan: %s", err.msg);
+    tp_plan_free(&p);
+}
+
 static void test_index(void)
 {
     tp_err err = {{0}};
@@ -229,6 +383,8 @@ int main(void)
     test_cut_overflow();
     test_config();
     test_tensors();
+    test_moe_config();
+    test_moe_tensors();
     test_index();
     test_plan();
     return check_finish("test_arch");

@@ -356,8 +356,67 @@ static void test_silu_and_convert(void)
     free(g); free(u);
 }
 
+/* tpk_router_topk against a double-precision softmax and a full sort. */
+static void test_router(void)
+{
+    enum { E = 16 };
+    float logits[E];
+    uint64_t st = 12345;
+    for (int trial = 0; trial < 50; trial++) {
+        for (int e = 0; e < E; e++) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            logits[e] = (float)((int)(st >> 40) % 2000 - 1000) / 250.0f;
+        }
+        double p[E], sum = 0, mx = logits[0];
+        for (int e = 1; e < E; e++)
+            mx = logits[e] > mx ? logits[e] : mx;
+        for (int e = 0; e < E; e++)
+            sum += p[e] = exp(logits[e] - mx);
+        int order[E];
+        for (int e = 0; e < E; e++)
+            order[e] = e;
+        for (int i = 1; i < E; i++)   /* insertion sort: larger p first, lower index on ties */
+            for (int j = i; j > 0 && (p[order[j]] > p[order[j - 1]] ||
+                                      (p[order[j]] == p[order[j - 1]] && order[j] < order[j - 1])); j--) {
+                int t = order[j]; order[j] = order[j - 1]; order[j - 1] = t;
+            }
+        for (int k = 1; k <= 8; k *= 2)
+            for (int renorm = 0; renorm < 2; renorm++) {
+                int idx[8];
+                float w[8];
+                tpk_router_topk(logits, E, k, renorm, idx, w);
+                double top = 0;
+                for (int j = 0; j < k; j++)
+                    top += p[order[j]] / sum;
+                for (int j = 0; j < k; j++) {
+                    double want = p[order[j]] / sum / (renorm ? top : 1.0);
+                    CHECK(idx[j] == order[j], "router trial %d k %d: slot %d is expert %d, want %d",
+                          trial, k, j, idx[j], order[j]);
+                    CHECK(fabs(w[j] - want) < 1e-6, "router trial %d k %d renorm %d: weight %g, want %g",
+                          trial, k, renorm, w[j], want);
+                }
+            }
+    }
+    /* ties: the lower index first; equal logits give equal weights */
+    float tied[6] = {0.5f, 2.0f, 2.0f, -1.0f, 2.0f, 0.0f};
+    int idx[3];
+    float w[3];
+    tpk_router_topk(tied, 6, 2, false, idx, w);
+    CHECK(idx[0] == 1 && idx[1] == 2 && w[0] == w[1], "router ties: %d %d", idx[0], idx[1]);
+    tpk_router_topk(tied, 6, 3, true, idx, w);
+    CHECK(idx[2] == 4 && fabs(w[0] + w[1] + w[2] - 1.0) < 1e-6, "router renorm: %d %g", idx[2],
+          w[0] + w[1] + w[2]);
+    /* k = n_experts: every expert once */
+    int all[6];
+    float wall[6];
+    tpk_router_topk(tied, 6, 6, false, all, wall);
+    CHECK(all[0] == 1 && all[1] == 2 && all[2] == 4 && all[3] == 0 && all[4] == 5 && all[5] == 3,
+          "router k = n: %d %d %d %d %d %d", all[0], all[1], all[2], all[3], all[4], all[5]);
+}
+
 int main(void)
 {
+    test_router();
     test_matmul();
     test_norms();
     test_embedding();

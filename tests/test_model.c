@@ -180,9 +180,12 @@ static void plan_split(const src_model *s, const src_tensor *t, int rank, int wo
         return;
     const char *n = t->name;
     uint64_t rows = t->shape[0];
+    long layer, expert;   /* experts: mixtral's w1/w3 colwise, w2 rowwise, like gate/up/down */
+    tp_expert_part part = tp_arch_expert_part(n, &layer, &expert);
     bool colwise = strstr(n, "q_proj.") || strstr(n, "k_proj.") || strstr(n, "v_proj.") ||
-                   strstr(n, "gate_proj.") || strstr(n, "up_proj.");
-    bool rowwise = strstr(n, "o_proj.") || strstr(n, "down_proj.");
+                   strstr(n, "gate_proj.") || strstr(n, "up_proj.") || part == TP_EXPERT_GATE ||
+                   part == TP_EXPERT_UP;
+    bool rowwise = strstr(n, "o_proj.") || strstr(n, "down_proj.") || part == TP_EXPERT_DOWN;
     if (colwise) {
         sp->dim = 0;
         sp->n_ranges = 1;
@@ -877,6 +880,14 @@ static int run_src(void *ctx, int world, const int32_t *ids, int n_prefill, int 
     return run_tp(ctx, world, ids, n_prefill, n_steps, logits);
 }
 
+static bool has_3d_tensor(const src_model *s)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (s->t[i].ndim > 2)
+            return true;
+    return false;
+}
+
 static void test_reference_model(const char *dir, const char *name)
 {
     tp_err err = { { 0 } };
@@ -885,6 +896,10 @@ static void test_reference_model(const char *dir, const char *name)
     memset(&set, 0, sizeof set);
     if (load_hf(s, &set, dir, name, &err) < 0) {
         CHECK(0, "%s: %s", name, err.msg);
+    } else if (has_3d_tensor(s)) {
+        /* this hand-made splitter cuts 2-D tensors only: tests/e2e_tprun.sh
+         * runs the fused-expert fixture through tpconvert */
+        printf("%-28s skipped here: 3-D (fused expert) tensors\n", name);
     } else {
         /* the tp sizes this model can be cut into, as tpconvert allows */
         int worlds[3], nw = 0;

@@ -46,8 +46,9 @@ import sys
 import torch
 import transformers
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                          MistralConfig, MistralForCausalLM, MixtralConfig,
+                          MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "models")
 N_NEW = 16
@@ -343,6 +344,135 @@ def make(name):
           f"logit std {spread:.3f}")
 
 
+# Mixture-of-experts models: 8 experts (4 for mixtral-tiny), experts of 32
+# (mixtral: intermediate_size 128), so that tp 4 splits every expert and
+# --expert-parallel at tp 4 gives each rank whole experts.
+# name -> (config class, model class, extra config, legacy config.json, seed)
+MOE_MODELS = {
+    # norm_topk_prob true; config.json with the Hub's "num_experts" spelling.
+    "qwen3moe-tiny": (Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                      dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                           tie_word_embeddings=False, rope_theta=1000000.0,
+                           num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                           norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[]),
+                      True, 201),
+    # norm_topk_prob false, top 3, layer 0 a dense MLP (mlp_only_layers);
+    # transformers 5's spelling (num_local_experts, rope_parameters).
+    "qwen3moe-dense": (Qwen3MoeConfig, Qwen3MoeForCausalLM,
+                       dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            tie_word_embeddings=True, rope_theta=1000000.0,
+                            num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                            norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0]),
+                       False, 202),
+    # softmax top 2, renormalised; experts of intermediate_size.
+    "mixtral-tiny": (MixtralConfig, MixtralForCausalLM,
+                     dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                          tie_word_embeddings=False, rope_theta=1000000.0, sliding_window=None,
+                          num_local_experts=4, num_experts_per_tok=2),
+                     True, 203),
+}
+# The smallest gap between the k-th and the (k+1)-th router probability
+# over every position the tests run must be at least this: the runtime
+# differs from torch by fp32 summation order (~1e-6), so a smaller gap could
+# pick another expert.
+MIN_ROUTER_GAP = 2e-4
+
+
+def router_stats(out_dir, k):
+    """Over every position of every reference run (prompt + greedy tokens):
+    the smallest top-k boundary gap of the router probabilities, and the
+    experts never chosen per sparse layer."""
+    with open(os.path.join(out_dir, "reference.json")) as f:
+        ref = json.load(f)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
+                                                 attn_implementation="eager")
+    probs = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gate") or name.endswith("block_sparse_moe.gate"):
+            def hook(m, inp, out, name=name):
+                logits = out[0] if isinstance(out, tuple) else out
+                probs.setdefault(name, []).append(torch.softmax(logits.float(), dim=-1))
+            hooks.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        for p in ref["prompts"]:
+            seq = p["ids"] + p["greedy"][:-1]
+            model(torch.tensor([seq]))
+    gap, unused = 1.0, {}
+    for name, chunks in probs.items():
+        pr = torch.cat([c.reshape(-1, c.shape[-1]) for c in chunks])
+        top = torch.topk(pr, k + 1, dim=-1)
+        gap = min(gap, float((top.values[:, k - 1] - top.values[:, k]).min()))
+        chosen = set(top.indices[:, :k].flatten().tolist())
+        missing = sorted(set(range(pr.shape[-1])) - chosen)
+        if missing:
+            unused[name] = missing
+    for h in hooks:
+        h.remove()
+    return gap, unused, len(probs)
+
+
+def make_moe(name):
+    """make() for a MoE model, re-seeded until routing is comfortable: no
+    near tie at the top-k boundary and every expert used in every layer."""
+    cfg_cls, model_cls, extra, legacy, seed = MOE_MODELS[name]
+    for attempt in range(40):
+        MODELS[name] = (cfg_cls, model_cls, dict(extra), legacy, seed + 1000 * attempt)
+        make(name)
+        out_dir = os.path.join(ROOT, name)
+        gap, unused, n_sparse = router_stats(out_dir, extra["num_experts_per_tok"])
+        print(f"{name}: seed {seed + 1000 * attempt}: {n_sparse} sparse layers, smallest "
+              f"top-k gap {gap:.2e}, unused experts {unused or 'none'}")
+        if gap >= MIN_ROUTER_GAP and not unused:
+            break
+    else:
+        sys.exit(f"make_fixtures.py: {name}: no seed gave comfortable routing")
+    if name.startswith("qwen3moe") and legacy:
+        # The Hub's Qwen3-MoE configs say "num_experts"; transformers 5
+        # writes "num_local_experts".
+        cfg_path = os.path.join(out_dir, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def make_fused(src_name, name):
+    """A copy of src_name in the layout transformers 5's Qwen3MoeExperts
+    holds in memory: per layer mlp.experts.gate_up_proj [E, 2 I, H] (gate
+    rows, then up) and mlp.experts.down_proj [E, H, I], bare parameters.
+    Same weights, so src_name's reference.json holds."""
+    from safetensors.torch import load_file, save_file
+    src, out_dir = os.path.join(ROOT, src_name), os.path.join(ROOT, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    n_exp = cfg.get("num_experts", cfg.get("num_local_experts"))
+    out = {}
+    for k, v in sd.items():
+        if ".mlp.experts." not in k:
+            out[k] = v
+    for l in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{l}.mlp.experts."
+        if pre + "0.gate_proj.weight" not in sd:
+            continue
+        out[pre + "gate_up_proj"] = torch.stack([
+            torch.cat([sd[f"{pre}{e}.gate_proj.weight"], sd[f"{pre}{e}.up_proj.weight"]])
+            for e in range(n_exp)]).contiguous()
+        out[pre + "down_proj"] = torch.stack([sd[f"{pre}{e}.down_proj.weight"]
+                                              for e in range(n_exp)]).contiguous()
+    save_file(out, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    for fn in ("config.json", "generation_config.json", "reference.json"):
+        shutil.copy(os.path.join(src, fn), os.path.join(out_dir, fn))
+    for fn in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, fn), 0o644)
+    print(f"{name}: {src_name}'s weights, experts fused")
+
+
 # The configurations tests/test_kernels_cpu.c checks tpk_rope_inv_freq and
 # the attention factor on (llama, head_dim 16): (name, rope dict, seq_len
 # of the pass or None for init, max_position_embeddings).
@@ -384,13 +514,19 @@ def main():
     if sys.argv[1:] == ["--rope-reference"]:
         rope_reference()
         return
-    names = sys.argv[1:] or list(MODELS)
+    names = sys.argv[1:] or list(MODELS) + list(MOE_MODELS) + ["qwen3moe-fused"]
     for n in names:
-        if n not in MODELS:
-            sys.exit(f"make_fixtures.py: unknown model {n} (known: {', '.join(MODELS)})")
+        if n not in MODELS and n not in MOE_MODELS and n != "qwen3moe-fused":
+            sys.exit(f"make_fixtures.py: unknown model {n} (known: {', '.join(MODELS)}, "
+                     f"{', '.join(MOE_MODELS)})")
     torch.set_num_threads(1)   # reproducible reductions
     for n in names:
-        make(n)
+        if n in MOE_MODELS:
+            make_moe(n)
+        elif n == "qwen3moe-fused":
+            make_fused("qwen3moe-tiny", n)
+        else:
+            make(n)
 
 
 if __name__ == "__main__":

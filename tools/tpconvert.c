@@ -41,6 +41,8 @@ static void usage(FILE *f)
 "                         vocabulary rows, as vLLM does: each rank holds 1/tp of it\n"
 "                         and an all-reduce sums the looked-up rows)\n"
 "  --vocab-parallel       the default; accepted for older command lines\n"
+"  --expert-parallel      MoE: each rank holds num_experts/tp whole experts (default: every\n"
+"                         rank holds 1/tp of every expert)\n"
 "  --compress none|zstd   codec of the tpshard files (default zstd)\n"
 "  --level N              zstd level 1..22 (default 1: on byte planes it beats 3 in\n"
 "                         both ratio and speed, see README)\n"
@@ -103,8 +105,9 @@ static void human(char *out, size_t cap, uint64_t b)
 /* The --dry-run report on stdout. */
 static void print_plan(const tp_conversion *c)
 {
-    printf("model: %s (%s), tp=%d%s\n", c->model_dir, c->model.model_type, c->tp,
-           c->vocab_parallel ? ", vocab-parallel embedding" : "");
+    printf("model: %s (%s), tp=%d%s%s\n", c->model_dir, c->model.model_type, c->tp,
+           c->vocab_parallel ? ", vocab-parallel embedding" : "",
+           c->expert_parallel ? ", expert-parallel" : "");
     printf("plan: %s\n", c->plan.source ? c->plan.source : "?");
     for (size_t i = 0; i < c->plan.n; i++)
         printf("  %-44s %s\n", c->plan.patterns[i], tp_style_name(c->plan.styles[i]));
@@ -117,7 +120,9 @@ static void print_plan(const tp_conversion *c)
         shape_str(gs, sizeof gs, cut->global_shape, cut->ndim);
         shape_str(ls, sizeof ls, cut->local_shapes, cut->ndim);
         const uint64_t *lshape = &cut->local_shapes[(size_t)(c->tp - 1) * TP_MAX_DIMS];
-        if (memcmp(lshape, cut->local_shapes, sizeof(uint64_t) * (size_t)cut->ndim)) {
+        if (cut->owner >= 0) {
+            snprintf(ls, sizeof ls, "whole, rank %d only", cut->owner);
+        } else if (memcmp(lshape, cut->local_shapes, sizeof(uint64_t) * (size_t)cut->ndim)) {
             shape_str(last, sizeof last, lshape, cut->ndim);
             size_t l = strlen(ls);
             snprintf(ls + l, sizeof ls - l, " (last %s)", last);
@@ -130,7 +135,7 @@ static void print_plan(const tp_conversion *c)
         snprintf(style, sizeof style, "%s%s", tp_style_name(cut->style),
                  cut->reduce_bias ? " (reduce)" : "");
         printf("%-48s %-22s %-14s %-26s %14" PRIu64 "\n", cut->name, style, gs, ls, maxb);
-        if (cut->dim < 0)
+        if (cut->dim < 0 && cut->owner < 0)
             n_rep++;
     }
     uint64_t maxr = 0;
@@ -149,7 +154,7 @@ static void print_plan(const tp_conversion *c)
     printf("replicated on every rank (%zu):\n", n_rep);
     for (size_t i = 0; i < c->n_cuts; i++) {
         const tp_cut *cut = &c->cuts[i];
-        if (cut->dim >= 0)
+        if (cut->dim >= 0 || cut->owner >= 0)
             continue;
         printf("  %s%s\n", cut->name,
                cut->reduce_bias ? " (rowwise bias, added once after the all-reduce)"
@@ -178,6 +183,7 @@ int main(int argc, char **argv)
     int n_dirs = 0;
     bool vocab_parallel = true, dry_run = false, force = false, quiet = false, verbose = false;
     bool bundle = false, level_given = false, compress_given = false, vocab_given = false;
+    bool expert_parallel = false;
     tp_write_opts wo = {.format = TP_OUT_TPSHARD, .codec = TP_CODEC_ZSTD};
     uint64_t chunk = TP_DEFAULT_CHUNK;
 
@@ -204,6 +210,8 @@ int main(int argc, char **argv)
             vocab_given = true;
         } else if (!strcmp(a, "--replicate-embedding")) {
             vocab_parallel = false;
+        } else if (!strcmp(a, "--expert-parallel")) {
+            expert_parallel = true;
         } else if (!strcmp(a, "--compress")) {
             NEED_VALUE();
             int c = tp_codec_from_name(v, &wo.codec);
@@ -289,7 +297,9 @@ int main(int argc, char **argv)
 
     tp_err err = {{0}};
     tp_conversion conv;
-    if (tp_conversion_prepare(&conv, dirs[0], (int)tp, plan, vocab_parallel, &err) < 0)
+    tp_prepare_opts popts = {.plan_path = plan, .vocab_parallel = vocab_parallel,
+                             .expert_parallel = expert_parallel};
+    if (tp_conversion_prepare_opts(&conv, dirs[0], (int)tp, &popts, &err) < 0)
         return cli_fail(&err);
     /* Before --dry-run prints and before anything is written: a tpshard
      * conversion must be one tprun runs (tensors and plan); a safetensors

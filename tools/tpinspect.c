@@ -103,7 +103,8 @@ static void print_text(const char *dir, const tp_manifest *m, const rank_stats *
     printf("  format         %s (version %d)\n", m->format, m->format_version);
     printf("  conversion id  %s\n", m->conversion_id);
     printf("  model type     %s\n", m->model_type ? m->model_type : "?");
-    printf("  tp             %d%s\n", m->tp, m->vocab_parallel ? " (vocab parallel)" : "");
+    printf("  tp             %d%s%s\n", m->tp, m->vocab_parallel ? " (vocab parallel)" : "",
+           m->expert_parallel ? " (expert parallel)" : "");
     printf("  codec          %s", m->codec ? m->codec : "?");
     if (m->codec && strcmp(m->codec, "zstd") == 0)
         printf(" level %d", m->level);
@@ -140,6 +141,7 @@ static int print_json(const tp_manifest *m, const rank_stats *ranks, const dtype
     cJSON_AddNumberToObject(o, "tp", m->tp);
     cJSON_AddStringToObject(o, "model_type", m->model_type ? m->model_type : "");
     cJSON_AddBoolToObject(o, "vocab_parallel", m->vocab_parallel);
+    cJSON_AddBoolToObject(o, "expert_parallel", m->expert_parallel);
     cJSON_AddStringToObject(o, "codec", m->codec ? m->codec : "");
     cJSON_AddNumberToObject(o, "level", m->level);
     cJSON *files = cJSON_AddArrayToObject(o, "files");

@@ -16,8 +16,13 @@ static const char *USAGE =
     "safetensors with the real tensor names, bf16 weights ~ N(0, 0.02^2), norm weights\n"
     "1 + N(0, 0.02^2)).  OUT_DIR is created and must be empty.\n"
     "\n"
-    "  --preset NAME        tiny (default), demo, qwen3-0.6b, qwen3-8b\n"
-    "  --arch A             qwen3, qwen2, llama, mistral (keeps the preset's sizes)\n"
+    "  --preset NAME        tiny (default), demo, qwen3-0.6b, qwen3-8b, moe-tiny,\n"
+    "                       qwen3-30b-a3b-layer (Qwen3-30B-A3B's layer shape, 2 layers)\n"
+    "  --arch A             qwen3, qwen2, llama, mistral, qwen3_moe, mixtral (keeps the\n"
+    "                       preset's sizes)\n"
+    "  --experts N          MoE: experts per layer (moe presets: 8 / 128)\n"
+    "  --experts-per-tok K  MoE: experts per token (2 / 8)\n"
+    "  --moe-intermediate I MoE: qwen3_moe expert size (32 / 768; mixtral uses --intermediate)\n"
     "  --hidden N  --layers N  --heads N  --kv-heads N  --head-dim N\n"
     "  --intermediate N  --vocab N  --max-position N\n"
     "  --tie | --no-tie     tie_word_embeddings (tied: no lm_head.weight)\n"
@@ -70,7 +75,8 @@ static int parse_u64(const char *flag, const char *s, bool suffix, uint64_t *out
 enum {
     OPT_PRESET = 256, OPT_ARCH, OPT_HIDDEN, OPT_LAYERS, OPT_HEADS, OPT_KV_HEADS, OPT_HEAD_DIM,
     OPT_INTERMEDIATE, OPT_VOCAB, OPT_MAX_POS, OPT_TIE, OPT_NO_TIE, OPT_SEED, OPT_SHARD,
-    OPT_TOKENIZER, OPT_THREADS, OPT_QUIET, OPT_HELP,
+    OPT_TOKENIZER, OPT_THREADS, OPT_QUIET, OPT_HELP, OPT_EXPERTS, OPT_EXPERTS_PER_TOK,
+    OPT_MOE_INTER,
 };
 
 static const struct option LONGOPTS[] = {
@@ -91,6 +97,9 @@ static const struct option LONGOPTS[] = {
     {"tokenizer", required_argument, 0, OPT_TOKENIZER},
     {"threads", required_argument, 0, OPT_THREADS},
     {"quiet", no_argument, 0, OPT_QUIET},
+    {"experts", required_argument, 0, OPT_EXPERTS},
+    {"experts-per-tok", required_argument, 0, OPT_EXPERTS_PER_TOK},
+    {"moe-intermediate", required_argument, 0, OPT_MOE_INTER},
     {"help", no_argument, 0, OPT_HELP},   /* also -h */
     {0, 0, 0, 0},
 };
@@ -121,6 +130,9 @@ int main(int argc, char **argv)
         {OPT_HEAD_DIM, &o.head_dim, "--head-dim"},
         {OPT_INTERMEDIATE, &o.intermediate, "--intermediate"}, {OPT_VOCAB, &o.vocab, "--vocab"},
         {OPT_MAX_POS, &o.max_position, "--max-position"}, {OPT_THREADS, &o.threads, "--threads"},
+        {OPT_EXPERTS, &o.experts, "--experts"},
+        {OPT_EXPERTS_PER_TOK, &o.experts_per_tok, "--experts-per-tok"},
+        {OPT_MOE_INTER, &o.moe_intermediate, "--moe-intermediate"},
     };
     opterr = 0;
     while ((c = getopt_long(argc, argv, "h", LONGOPTS, NULL)) != -1) {
