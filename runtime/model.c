@@ -627,7 +627,9 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         long cores = sysconf(_SC_NPROCESSORS_ONLN);
         threads = cores > 0 ? (int)cores : 1;
     }
-    openblas_set_num_threads(threads);   /* process-wide */
+    /* Process-wide.  OpenBLAS runs only inside pool jobs (attention), one
+     * call per thread: its own threads would only spin beside the pool's. */
+    openblas_set_num_threads(1);
     if (threads > 1) {
         /* tp_pool_parallel_for's caller works too: threads - 1 helpers */
         m->pool = tp_pool_create(threads - 1);
@@ -752,48 +754,37 @@ static tpg_job mat_job(float *y, const float *x, int n, tp_mat w, int rows, int 
     return (tpg_job){ y, x, n, w.data, w.dtype, rows, cols };
 }
 
-/* One block of queries of one layer, all local heads.  The sgemms run one
- * head after another on this thread (OpenBLAS threads them), the softmax
- * rows in between run on the pool: the two never compete for the cores. */
-typedef struct attn_block {
+/* Attention of every local head over the KV cache, one pool job per head:
+ * the head's two products run in single-threaded OpenBLAS sgemm (on the
+ * fp32 cache it still beats a hand-written loop), its softmax rows between
+ * them, in its own slice of scratch. */
+typedef struct attn_ctx {
     tp_model *m;
-    int b, first, klo, nk, window;
-} attn_block;
+    int l, n;
+} attn_ctx;
 
 static float *head_scores(tp_model *m, int h)
 {
     return m->scratch + (size_t)h * TPK_ATT_BLOCK * m->max_seq;
 }
 
-static void softmax_job(size_t i, void *arg)
+static void attn_head_job(size_t i, void *arg)
 {
-    attn_block *a = arg;
-    int h = (int)i / a->b, r = (int)i % a->b;
-    tpk_attn_softmax_row(head_scores(a->m, h) + (size_t)r * a->nk, a->first + r, a->klo, a->nk,
-                         a->window);
+    attn_ctx *a = arg;
+    tp_model *m = a->m;
+    int h = (int)i, hd = m->cfg.head_dim;
+    size_t qd = (size_t)m->lq * hd;
+    size_t kv_off = (((size_t)a->l * m->lkv) + h / m->group) * m->max_seq * hd;
+    tpk_attention_head_blocked(m->att + (size_t)h * hd, qd, m->q + (size_t)h * hd, qd,
+                               m->kcache + kv_off, m->vcache + kv_off, a->n, m->pos, hd,
+                               m->layers[a->l].window, 1.0f / sqrtf((float)hd),
+                               head_scores(m, h));
 }
 
 static void attention(tp_model *m, int l, int n)
 {
-    int hd = m->cfg.head_dim;
-    size_t qd = (size_t)m->lq * hd;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int t0 = 0; t0 < n; t0 += TPK_ATT_BLOCK) {
-        attn_block a = { .m = m, .b = n - t0 < TPK_ATT_BLOCK ? n - t0 : TPK_ATT_BLOCK,
-                         .first = m->pos + t0, .window = m->layers[l].window };
-        tpk_attn_block_keys(a.first, a.b, a.window, &a.klo, &a.nk);
-        for (int h = 0; h < m->lq; h++) {
-            size_t kv_off = (((size_t)l * m->lkv) + h / m->group) * m->max_seq * hd;
-            tpk_attn_scores(head_scores(m, h), m->q + t0 * qd + (size_t)h * hd, qd,
-                            m->kcache + kv_off, a.b, a.klo, a.nk, hd, scale);
-        }
-        par_for(m, (size_t)m->lq * a.b, softmax_job, &a);
-        for (int h = 0; h < m->lq; h++) {
-            size_t kv_off = (((size_t)l * m->lkv) + h / m->group) * m->max_seq * hd;
-            tpk_attn_weighted_sum(m->att + t0 * qd + (size_t)h * hd, qd, head_scores(m, h),
-                                  m->vcache + kv_off, a.b, a.klo, a.nk, hd);
-        }
-    }
+    attn_ctx a = { m, l, n };
+    par_for(m, (size_t)m->lq, attn_head_job, &a);
 }
 
 static void store_kv(tp_model *m, int l, int n)
