@@ -9,8 +9,8 @@
 #    converter needs one).
 # 2. llama.cpp, built once and cached under $LLAMA_DIR (build/llama.cpp): the
 #    source distribution of the llama-cpp-python package on PyPI (which
-#    vendors llama.cpp), cmake Release with GGML_NATIVE=ON, llama-bench and
-#    llama-cli.  Its convert_hf_to_gguf.py turns the same safetensors into
+#    vendors llama.cpp), cmake Release with GGML_NATIVE=ON, llama-bench (the
+#    one program measured; this llama.cpp has no llama-cli target).  Its convert_hf_to_gguf.py turns the same safetensors into
 #    bf16 and q8_0 GGUF (python: torch, numpy, transformers, sentencepiece;
 #    the missing ones are pip-installed).  If any of this fails the script
 #    says so and prints our figures alone.
@@ -96,7 +96,7 @@ build_llama() {
     cmake -S "$(llama_src)" -B "$LLAMA_DIR/cmake-build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
         -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
         -DLLAMA_BUILD_SERVER=OFF >> "$LLAMA_DIR/build.log" 2>&1 || return 1
-    cmake --build "$LLAMA_DIR/cmake-build" -j"$(nproc)" --target llama-bench llama-cli \
+    cmake --build "$LLAMA_DIR/cmake-build" -j"$(nproc)" --target llama-bench \
         >> "$LLAMA_DIR/build.log" 2>&1 || return 1
     [ -x "$llama_bench" ]
 }
