@@ -10,9 +10,10 @@
 # 2. llama.cpp, built once and cached under $LLAMA_DIR (build/llama.cpp): the
 #    source distribution of the llama-cpp-python package on PyPI (which
 #    vendors llama.cpp), cmake Release with GGML_NATIVE=ON, llama-bench (the
-#    one program measured; this llama.cpp has no llama-cli target).  Its convert_hf_to_gguf.py turns the same safetensors into
-#    bf16 and q8_0 GGUF (python: torch, numpy, transformers, sentencepiece;
-#    the missing ones are pip-installed).  If any of this fails the script
+#    one program measured; this llama.cpp has no llama-cli target).  Its
+#    convert_hf_to_gguf.py turns the same safetensors into bf16 and q8_0
+#    GGUF (python: torch, numpy, transformers, sentencepiece; the missing
+#    ones are pip-installed).  If any of this fails the script
 #    says so and prints our figures alone.
 # 3. One table at tp 1, the tools interleaved for $ROUNDS rounds (tprun,
 #    llama.cpp bf16, llama.cpp q8_0, again ...), each round a fresh process:
