@@ -165,15 +165,29 @@ for row in csv.DictReader(open(sys.argv[1])):
 EOF
 }
 
+# llama-bench's extra flags per model: --repack 0 where its default (AMX
+# kernels on CPUs that list AMX) dies of SIGILL, as in VMs that do not let a
+# process use the AMX tile state.
+declare -A llama_extra=()
+probe_llama() { # tool name, gguf
+    local rc=0
+    "$llama_bench" -m "$2" -t "$THREADS" -p 8 -n 1 -r 1 --no-warmup > /dev/null 2>&1 || rc=$?
+    if [ $rc -eq 132 ]; then
+        llama_extra[$1]="--repack 0"
+        echo "bench_cpu: $1: llama-bench dies of SIGILL (AMX) by default here: measured with --repack 0"
+    fi
+}
+
 round_llama() { # tool name, gguf
     local tool=$1 model=$2
+    local -a extra=(${llama_extra[$tool]:-})
     /usr/bin/time -f %M -o "$work/rss" "$llama_bench" -m "$model" -t "$THREADS" -p "$PROMPT_LEN" \
-        -n "$NEW_TOKENS" -r 1 -o csv > "$work/llama.csv" 2> "$work/llama.err" ||
-        { echo "bench_cpu: llama-bench failed: $(tail -n 3 "$work/llama.err")" >&2; exit 1; }
+        -n "$NEW_TOKENS" -r 1 "${extra[@]}" -o csv > "$work/llama.csv" 2> "$work/llama.err" ||
+        { echo "bench_cpu: llama-bench ${extra[*]} on $model failed: $(tail -n 3 "$work/llama.err")" >&2; exit 1; }
     printf '%s\tdecode\t%s\n%s\tprefill\t%s\n%s\trss\t%s\n' "$tool" "$(llama_ts "$work/llama.csv" tg)" \
         "$tool" "$(llama_ts "$work/llama.csv" pp)" "$tool" "$(tail -n 1 "$work/rss")" >> "$results"
     /usr/bin/time -f %e -o "$work/wall" "$llama_bench" -m "$model" -t "$THREADS" -p "$PROMPT_LEN" \
-        -n 0 -r 1 --no-warmup > /dev/null 2>&1
+        -n 0 -r 1 --no-warmup "${extra[@]}" > /dev/null 2>&1
     printf '%s\tttft\t%s\n' "$tool" "$(tail -n 1 "$work/wall")" >> "$results"
 }
 
@@ -192,6 +206,10 @@ tp1=$work/tp1-none
 tp1_bytes=$(du -sb "$tp1"/rank-*.tpshard | awk '{ s += $1 } END { print s }')
 tools=(tprun)
 [ "$LLAMA" = 1 ] && tools+=(llama.cpp-bf16 llama.cpp-q8_0)
+if [ "$LLAMA" = 1 ]; then
+    probe_llama llama.cpp-bf16 "$gguf_bf16"
+    probe_llama llama.cpp-q8_0 "$gguf_q8"
+fi
 echo "== $ROUNDS interleaved rounds: ${tools[*]} ($THREADS threads)"
 for (( r = 1; r <= ROUNDS; r++ )); do
     round_tprun "$tp1"

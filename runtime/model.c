@@ -11,8 +11,11 @@
  *     heads share (replicated kv);
  *   - the lm_head is split by vocabulary rows; the full logits are an
  *     all-gather of the slices.
- * Everything is fp32: bf16/f16 weights are converted once (exactly), so the
- * result differs from transformers in fp32 only by summation order.
+ * The weight matrices are read where they lie in the loaded rank, in their
+ * stored dtype (gemm_cpu.h widens them exactly, in registers or a block in
+ * cache at a time); activations, accumulation, norms, biases and the KV
+ * cache are fp32, so the result differs from transformers in fp32 only by
+ * summation order.  The model borrows lr: it must outlive the model.
  * With device "cuda" no host copy is made: the same checks run, each weight
  * is recorded as a byte range of a loaded tensor (tp_weight_src) and
  * cuda/weights_cuda.cu streams them from the loaded rank to the device.
@@ -646,7 +649,7 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         goto fail;
     }
     for (int l = 0; l < m->cfg.n_layers; l++) {
-        /* absent until get_weight finds it (q/k norms are not even looked for outside qwen3) */
+        /* absent until find_weight finds it (q/k norms are not even looked for outside qwen3) */
 #define TP_X(field, kind) m->layer_src[l].field.tensor = -1;
         TP_LAYER_TENSORS(TP_X)
 #undef TP_X
