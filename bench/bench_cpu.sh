@@ -165,17 +165,21 @@ for row in csv.DictReader(open(sys.argv[1])):
 EOF
 }
 
-# llama-bench's extra flags per model: --repack 0 where its default (AMX
-# kernels on CPUs that list AMX) dies of SIGILL, as in VMs that do not let a
-# process use the AMX tile state.
+# llama-bench's extra flags per model: --repack 0 where its default dies
+# (SIGILL or SIGSEGV in the AMX kernels on CPUs that list AMX, as in VMs that
+# do not let a process use the AMX tile state).
 declare -A llama_extra=()
 probe_llama() { # tool name, gguf
     local rc=0
     "$llama_bench" -m "$2" -t "$THREADS" -p 8 -n 1 -r 1 --no-warmup > /dev/null 2>&1 || rc=$?
-    if [ $rc -eq 132 ]; then
+    [ $rc -eq 0 ] && return 0
+    if "$llama_bench" -m "$2" -t "$THREADS" -p 8 -n 1 -r 1 --no-warmup --repack 0 > /dev/null 2>&1; then
         llama_extra[$1]="--repack 0"
-        echo "bench_cpu: $1: llama-bench dies of SIGILL (AMX) by default here: measured with --repack 0"
+        echo "bench_cpu: $1: llama-bench dies (exit $rc; its AMX kernels) by default here: measured with --repack 0"
+        return 0
     fi
+    echo "bench_cpu: $1: llama-bench fails (exit $rc), with --repack 0 too" >&2
+    return 1
 }
 
 round_llama() { # tool name, gguf
@@ -207,8 +211,7 @@ tp1_bytes=$(du -sb "$tp1"/rank-*.tpshard | awk '{ s += $1 } END { print s }')
 tools=(tprun)
 [ "$LLAMA" = 1 ] && tools+=(llama.cpp-bf16 llama.cpp-q8_0)
 if [ "$LLAMA" = 1 ]; then
-    probe_llama llama.cpp-bf16 "$gguf_bf16"
-    probe_llama llama.cpp-q8_0 "$gguf_q8"
+    probe_llama llama.cpp-bf16 "$gguf_bf16" && probe_llama llama.cpp-q8_0 "$gguf_q8" || exit 1
 fi
 echo "== $ROUNDS interleaved rounds: ${tools[*]} ($THREADS threads)"
 for (( r = 1; r <= ROUNDS; r++ )); do
