@@ -242,8 +242,8 @@ if [ "$LLAMA" = 1 ]; then
     awk -v dm="$dm" -v dl="$dl" -v pm="$pm" -v pl="$pl" -v tm="$tm" -v tl="$tl" -v rm="$rssm" -v rl="$rssl" 'BEGIN {
         printf "tprun / llama.cpp bf16 (medians): decode %.2fx, prefill %.2fx, TTFT %.2fx, peak RSS %.2fx\n",
             dm / dl, pm / pl, tm / tl, rm / rl
-        printf "target decode >= 1.0x llama.cpp bf16: %s\n", dm >= dl ? "met" : "NOT met"
-        printf "target prefill >= 1.0x llama.cpp bf16: %s\n", pm >= pl ? "met" : "NOT met" }'
+        printf "target decode >= 1.0x llama.cpp bf16: %s\n", (dm >= dl ? "met" : "NOT met")
+        printf "target prefill >= 1.0x llama.cpp bf16: %s\n", (pm >= pl ? "met" : "NOT met") }'
 fi
 # RSS target: the rank file plus the KV cache that the run fills (fp32 K and V).
 kv=$(( ($(cfg_int num_hidden_layers) * $(cfg_int num_key_value_heads) * $(cfg_int head_dim)) * 8 * (PROMPT_LEN + NEW_TOKENS) ))
@@ -251,7 +251,7 @@ read -r rssm _ <<< "$(stats tprun rss min)"
 awk -v r="$rssm" -v b="$tp1_bytes" -v kv="$kv" 'BEGIN {
     lim = 1.15 * b + kv
     printf "target peak RSS <= 1.15 x rank file (%.2f GB) + KV cache (%.3f GB) = %.2f GB: %.2f GB, %s\n",
-        b / 1e9, kv / 1e9, lim / 1e9, r * 1024 / 1e9, r * 1024 <= lim ? "met" : "NOT met" }'
+        b / 1e9, kv / 1e9, lim / 1e9, r * 1024 / 1e9, (r * 1024 <= lim ? "met" : "NOT met") }'
 rm -rf "$tp1"
 
 # ------------------------------------------------ tprun at every tp
