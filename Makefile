@@ -84,7 +84,7 @@ PROGRAMS   := $(patsubst tools/%.c,$(BIN)/%,$(wildcard tools/*.c))
 TEST_PROGS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 HEADERS    := $(wildcard */*.h runtime/cuda/*.h)
 
-.PHONY: all test check check-san check-emu clean demo fuzz fuzz-build deps bench-convert bench-cpu bench-gpu bench-comm bench-moe print-cflags print-ldlibs
+.PHONY: all test check check-san check-emu clean demo fuzz fuzz-build deps bench-convert bench-cpu bench-cpu-8b bench-gpu bench-comm bench-moe print-cflags print-ldlibs
 all: $(PROGRAMS) $(TEST_PROGS)
 
 # The README's two commands.  Each installs what is missing first, then
@@ -177,6 +177,10 @@ bench-convert: all
 	bash bench/bench_convert.sh
 bench-cpu: all
 	bash bench/bench_cpu.sh
+# Opt-in: the qwen3-8b shape (writes ~32 GB: the model and one conversion at
+# a time), tprun alone at tp 1 and 2; PRESET_8B=qwen3-0.6b tries it small.
+bench-cpu-8b: all
+	PRESET=$${PRESET_8B:-qwen3-8b} TPS="1 2" CODECS=none LLAMA=0 ROUNDS=1 bash bench/bench_cpu.sh
 bench-gpu: all
 	bash bench/bench_gpu.sh
 bench-comm: all

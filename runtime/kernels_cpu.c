@@ -5,17 +5,25 @@
 #include <string.h>
 #include <cblas.h>
 
-void tpk_embedding(float *out, const float *table, const int32_t *ids, int n, int hidden,
-                   int64_t row_start, int64_t row_end)
+void tpk_embedding_rows(float *out, const void *table, tp_dtype dt, const int32_t *ids, int n,
+                        int hidden, int64_t row_start, int64_t row_end)
 {
+    size_t row_bytes = (size_t)hidden * tp_dtype_size(dt);
     for (int t = 0; t < n; t++) {
         float *dst = out + (size_t)t * hidden;
         int64_t id = ids[t];
         if (id >= row_start && id < row_end)
-            memcpy(dst, table + (size_t)(id - row_start) * hidden, (size_t)hidden * sizeof(float));
+            tpk_to_f32(dst, (const uint8_t *)table + (size_t)(id - row_start) * row_bytes, dt,
+                       (size_t)hidden);
         else
             memset(dst, 0, (size_t)hidden * sizeof(float));
     }
+}
+
+void tpk_embedding(float *out, const float *table, const int32_t *ids, int n, int hidden,
+                   int64_t row_start, int64_t row_end)
+{
+    tpk_embedding_rows(out, table, TP_F32, ids, n, hidden, row_start, row_end);
 }
 
 /* 1 / sqrt(mean(x^2) + eps).  The sum is kept in double: transformers sums

@@ -22,6 +22,10 @@
  * vocabulary. */
 void tpk_embedding(float *out, const float *table, const int32_t *ids, int n, int hidden,
                    int64_t row_start, int64_t row_end);
+/* The same over a table in its stored dtype (bf16, f16, f32), rows widened
+ * as they are looked up: the model's embedding read in place. */
+void tpk_embedding_rows(float *out, const void *table, tp_dtype dt, const int32_t *ids, int n,
+                        int hidden, int64_t row_start, int64_t row_end);
 
 /* out[t] = w * x[t] / sqrt(mean(x[t]^2) + eps)  (HF LlamaRMSNorm).  out may
  * equal x. */
@@ -115,7 +119,9 @@ void tpk_attn_weighted_sum(float *out, size_t out_stride, const float *S, const 
 void tpk_silu_mul(float *gate, const float *up, size_t n);
 
 /* y[n][out] = x[n][in] . W^T (+ bias), W is [out][in] row-major
- * (nn.Linear's weight).  cblas sgemm (sgemv for n = 1). */
+ * (nn.Linear's weight).  cblas sgemm (sgemv for n = 1) on fp32 weights: the
+ * fp32 reference the CUDA tests compare with; the CPU model multiplies by
+ * its weights in their stored dtype with gemm_cpu.h instead. */
 void tpk_matmul(float *y, const float *x, const float *w, const float *bias, int n, int in, int out);
 
 /* y[t][i] += b[i] for n rows of dim values. */

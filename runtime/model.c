@@ -11,8 +11,11 @@
  *     heads share (replicated kv);
  *   - the lm_head is split by vocabulary rows; the full logits are an
  *     all-gather of the slices.
- * Everything is fp32: bf16/f16 weights are converted once (exactly), so the
- * result differs from transformers in fp32 only by summation order.
+ * The weight matrices are read where they lie in the loaded rank, in their
+ * stored dtype (gemm_cpu.h widens them exactly, in registers or a block in
+ * cache at a time); activations, accumulation, norms, biases and the KV
+ * cache are fp32, so the result differs from transformers in fp32 only by
+ * summation order.  The model borrows lr: it must outlive the model.
  * With device "cuda" no host copy is made: the same checks run, each weight
  * is recorded as a byte range of a loaded tensor (tp_weight_src) and
  * cuda/weights_cuda.cu streams them from the loaded rank to the device.
@@ -20,6 +23,7 @@
 #include "runtime.h"
 #include "kernels_cpu.h"
 #include "model_layers.h"
+#include "gemm_cpu.h"
 #ifdef TP_HAVE_CUDA
 #include "cuda/model_cuda.h"
 #endif
@@ -39,10 +43,10 @@ struct tp_model {
     int group;                  /* local q heads per local kv head */
     int max_seq, pos;
 
-    const float *embed;         /* rows [emb_start, emb_end) of the embedding */
+    tp_mat embed;               /* rows [emb_start, emb_end) of the embedding */
     int64_t emb_start, emb_end;
     const float *final_norm;
-    const float *lm_w;          /* rows [lm_start, lm_end) of the lm_head */
+    tp_mat lm_w;                /* rows [lm_start, lm_end) of the lm_head */
     int64_t lm_start, lm_end;
     int64_t *lm_ranges;         /* [world][2]: every rank's vocabulary rows */
     int vocab_slot;             /* allgather slot per rank (largest slice) */
@@ -53,7 +57,7 @@ struct tp_model {
      * which tensors are present). */
     tp_layer_src *layer_src;
     tp_weight_src embed_src, final_norm_src, lm_src;
-    float **owned;              /* fp32 copies of the weights (cpu) */
+    float **owned;              /* fp32 copies of the vectors (cpu) */
     size_t n_owned, cap_owned;
 
     float *kcache, *vcache;     /* [layer][lkv][max_seq][head_dim] */
@@ -99,48 +103,11 @@ static const tp_loaded_tensor *find_tensor(const tp_loaded_rank *lr, const char 
     return NULL;
 }
 
-/* A pending dtype conversion: the work is done afterwards on the pool in
- * blocks so that large tensors spread over every thread. */
-typedef struct conv_job {
-    const uint8_t *src;
-    tp_dtype dt;
-    float *dst;
-    size_t count;
-} conv_job;
-
 typedef struct loader_ctx {
     tp_model *m;
     const tp_loaded_rank *lr;
-    bool no_copy;               /* cuda: check and locate the weights, copy nothing */
-    conv_job *jobs;
-    size_t n_jobs, cap_jobs;
+    bool no_copy;               /* cuda: check and locate the weights, read nothing */
 } loader_ctx;
-
-#define CONV_BLOCK ((size_t)1 << 20)
-
-static int add_job(loader_ctx *lc, const uint8_t *src, tp_dtype dt, float *dst, size_t count)
-{
-    for (size_t off = 0; off < count; off += CONV_BLOCK) {
-        if (lc->n_jobs == lc->cap_jobs) {
-            size_t cap = lc->cap_jobs ? lc->cap_jobs * 2 : 256;
-            conv_job *j = realloc(lc->jobs, cap * sizeof *j);
-            if (!j)
-                return -1;
-            lc->jobs = j;
-            lc->cap_jobs = cap;
-        }
-        size_t c = count - off < CONV_BLOCK ? count - off : CONV_BLOCK;
-        lc->jobs[lc->n_jobs++] = (conv_job){ src + off * tp_dtype_size(dt), dt, dst + off, c };
-    }
-    return 0;
-}
-
-static void run_conv_job(size_t i, void *arg)
-{
-    loader_ctx *lc = arg;
-    conv_job *j = &lc->jobs[i];
-    tpk_to_f32(j->dst, j->src, j->dt, j->count);
-}
 
 /* Expected local shape: dims[i] < 0 means "any" (filled in on return). */
 static int check_shape(const tp_loaded_rank *lr, const tp_shard_tensor *t, int ndim, int64_t *dims,
@@ -168,19 +135,15 @@ static int check_shape(const tp_loaded_rank *lr, const tp_shard_tensor *t, int n
     return 0;
 }
 
-/* Finds a tensor, checks its shape and dtype, records where it is (*src:
- * the whole tensor) and, unless lc->no_copy, returns where its fp32 copy
- * will be (filled later by run_conv_job). */
-static int get_weight(loader_ctx *lc, const char *name, bool required, int ndim, int64_t *dims,
-                      const tp_loaded_tensor **out_t, const float **out, tp_weight_src *src,
-                      tp_err *err)
+/* Finds a tensor, checks its shape and dtype and records where it is (*src:
+ * the whole tensor).  *out_t is NULL when the tensor is absent (allowed
+ * when !required).  The cpu needs the bytes in memory. */
+static int find_weight(loader_ctx *lc, const char *name, bool required, int ndim, int64_t *dims,
+                       const tp_loaded_tensor **out_t, tp_weight_src *src, tp_err *err)
 {
     const tp_loaded_rank *lr = lc->lr;
-    tp_model *m = lc->m;
-    *out = NULL;
     *src = (tp_weight_src){ .tensor = -1 };
-    if (out_t)
-        *out_t = NULL;
+    *out_t = NULL;
     const tp_loaded_tensor *lt = find_tensor(lr, name);
     if (!lt) {
         if (required)
@@ -200,17 +163,43 @@ static int get_weight(loader_ctx *lc, const char *name, bool required, int ndim,
     if (count * tp_dtype_size(t->dtype) != t->raw_size)
         return tp_errorf(err, "%s: rank %d: tensor %s: data size does not match its shape",
                          lr->source, lr->rank, name);
-    if (out_t)
-        *out_t = lt;
-    *src = (tp_weight_src){ .tensor = (int)(lt - lr->tensors), .offset = 0, .bytes = t->raw_size };
-    if (lc->no_copy)
-        return 0;
-    if (!lt->data)
+    if (!lc->no_copy && !lt->data)
         return tp_errorf(err, "%s: rank %d: tensor %s is not in memory (opened with "
                          "defer_tensors, or dropped): the cpu model needs tp_load_rank's tensors",
                          lr->source, lr->rank, name);
-    /* Always a copy, even for f32: the model keeps no pointer into lr, so
-     * the caller may free the loaded rank right after tp_model_create. */
+    *out_t = lt;
+    *src = (tp_weight_src){ .tensor = (int)(lt - lr->tensors), .offset = 0, .bytes = t->raw_size };
+    return 0;
+}
+
+/* A matrix [dims[0]][dims[1]]: used where it lies in lr, in its stored
+ * dtype (no copy; the model reads lr until tp_model_free). */
+static int get_matrix(loader_ctx *lc, const char *name, bool required, int64_t *dims,
+                      const tp_loaded_tensor **out_t, tp_mat *out, tp_weight_src *src, tp_err *err)
+{
+    const tp_loaded_tensor *lt;
+    *out = (tp_mat){ 0 };
+    if (find_weight(lc, name, required, 2, dims, &lt, src, err) < 0)
+        return -1;
+    if (out_t)
+        *out_t = lt;
+    if (lt && !lc->no_copy)
+        *out = (tp_mat){ lt->data, lt->info->dtype };
+    return 0;
+}
+
+/* A vector (norm weight, bias) of dims[0] values: an fp32 copy of its own
+ * (a few KB per layer), so the elementwise kernels stay fp32. */
+static int get_vector(loader_ctx *lc, const char *name, bool required, int64_t *dims,
+                      const float **out, tp_weight_src *src, tp_err *err)
+{
+    tp_model *m = lc->m;
+    const tp_loaded_tensor *lt;
+    *out = NULL;
+    if (find_weight(lc, name, required, 1, dims, &lt, src, err) < 0)
+        return -1;
+    if (!lt || lc->no_copy)
+        return 0;
     if (m->n_owned == m->cap_owned) {
         size_t cap = m->cap_owned ? m->cap_owned * 2 : 64;
         float **o = realloc(m->owned, cap * sizeof *o);
@@ -219,12 +208,11 @@ static int get_weight(loader_ctx *lc, const char *name, bool required, int ndim,
         m->owned = o;
         m->cap_owned = cap;
     }
-    float *dst = malloc(count * sizeof(float));
+    float *dst = malloc((size_t)dims[0] * sizeof(float));
     if (!dst)
-        return tp_errorf(err, "%s: tensor %s: out of memory (%zu floats)", lr->source, name, count);
+        return tp_errorf(err, "%s: tensor %s: out of memory", lc->lr->source, name);
     m->owned[m->n_owned++] = dst;
-    if (add_job(lc, lt->data, t->dtype, dst, count) < 0)
-        return tp_errorf(err, "out of memory");
+    tpk_to_f32(dst, lt->data, lt->info->dtype, (size_t)dims[0]);
     *out = dst;
     return 0;
 }
@@ -283,36 +271,32 @@ static int load_dense_mlp(loader_ctx *lc, int l, tp_err *err)
     char name[256];
 #define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
     d2[0] = m->li > 0 ? m->li : -1; d2[1] = H;
-    if (get_weight(lc, NAME("mlp.gate_proj.weight"), true, 2, d2, &tg, &L->wgate,
-                   &S->wgate, err) < 0 ||
+    if (get_matrix(lc, NAME("mlp.gate_proj.weight"), true, d2, &tg, &L->wgate, &S->wgate, err) < 0 ||
         check_split(lr, tg->info, 0, m->world, err) < 0)
         return -1;
     m->li = (int)d2[0];
     d2[0] = m->li; d2[1] = H;
-    if (get_weight(lc, NAME("mlp.up_proj.weight"), true, 2, d2, &tu, &L->wup, &S->wup, err) < 0 ||
+    if (get_matrix(lc, NAME("mlp.up_proj.weight"), true, d2, &tu, &L->wup, &S->wup, err) < 0 ||
         check_split(lr, tu->info, 0, m->world, err) < 0)
         return -1;
     d2[0] = H; d2[1] = m->li;
-    if (get_weight(lc, NAME("mlp.down_proj.weight"), true, 2, d2, &td, &L->wdown,
-                   &S->wdown, err) < 0 ||
+    if (get_matrix(lc, NAME("mlp.down_proj.weight"), true, d2, &td, &L->wdown, &S->wdown, err) < 0 ||
         check_split(lr, td->info, 1, m->world, err) < 0)
         return -1;
     d1[0] = m->li;
-    if (get_weight(lc, NAME("mlp.gate_proj.bias"), false, 1, d1, NULL, &L->bgate,
-                   &S->bgate, err) < 0)
+    if (get_vector(lc, NAME("mlp.gate_proj.bias"), false, d1, &L->bgate, &S->bgate, err) < 0)
         return -1;
     d1[0] = m->li;
-    if (get_weight(lc, NAME("mlp.up_proj.bias"), false, 1, d1, NULL, &L->bup, &S->bup, err) < 0)
+    if (get_vector(lc, NAME("mlp.up_proj.bias"), false, d1, &L->bup, &S->bup, err) < 0)
         return -1;
     d1[0] = H;
-    if (get_weight(lc, NAME("mlp.down_proj.bias"), false, 1, d1, NULL, &L->bdown,
-                   &S->bdown, err) < 0)
+    if (get_vector(lc, NAME("mlp.down_proj.bias"), false, d1, &L->bdown, &S->bdown, err) < 0)
         return -1;
 #undef NAME
     return 0;
 }
 
-/* The local experts' fp32 copies: the per-expert layout (a tensor per
+/* The local experts, read in place like every matrix: the per-expert layout (a tensor per
  * expert, cut like a dense MLP or, expert-parallel, whole on its owner) or
  * the fused one ([experts, 2 I, H] and [experts, H, I], cut along I, or
  * along the experts when expert-parallel). */
@@ -323,7 +307,7 @@ static int load_expert_part(loader_ctx *lc, int l, tp_moe_weights *w, tp_expert_
     const tp_loaded_rank *lr = lc->lr;
     const tp_arch_tensor *row = tp_arch_expert_row(m->cfg.arch, part, false);
     const int64_t H = m->cfg.hidden;
-    const float **dst = part == TP_EXPERT_GATE ? w->gate : part == TP_EXPERT_UP ? w->up : w->down;
+    tp_mat *dst = part == TP_EXPERT_GATE ? w->gate : part == TP_EXPERT_UP ? w->up : w->down;
     bool rows = part != TP_EXPERT_DOWN;   /* gate/up: [I, H]; down: [H, I] */
     char name[256];
     for (int e = w->expert_lo; e < w->expert_hi; e++) {
@@ -332,7 +316,7 @@ static int load_expert_part(loader_ctx *lc, int l, tp_moe_weights *w, tp_expert_
         int64_t d2[2] = {rows ? w->inter : H, rows ? H : w->inter};
         if (!row || !tp_arch_tensor_name(row, l, e, name, sizeof name))
             return tp_errorf(err, "%s: layer %d: no expert tensor name", lr->source, l);
-        if (get_weight(lc, name, true, 2, d2, &t, &dst[e - w->expert_lo], &src, err) < 0)
+        if (get_matrix(lc, name, true, d2, &t, &dst[e - w->expert_lo], &src, err) < 0)
             return -1;
         if (ep ? t->info->split.dim != -1 : check_split(lr, t->info, rows ? 0 : 1, m->world, err) < 0)
             return ep ? tp_errorf(err, "%s: rank %d: tensor %s: expected the whole expert "
@@ -350,15 +334,14 @@ static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep,
     const int64_t H = m->cfg.hidden, ne = w->expert_hi - w->expert_lo, inter = w->inter;
     char gu_name[256], dn_name[256];
     const tp_loaded_tensor *tgu, *tdn;
-    const float *gu, *dn;
     tp_weight_src src;
     tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_GATE_UP, true), l, -1,
                         gu_name, sizeof gu_name);
     tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_DOWN, true), l, -1,
                         dn_name, sizeof dn_name);
     int64_t d_gu[3] = {ne, 2 * inter, H}, d_dn[3] = {ne, H, inter};
-    if (get_weight(lc, gu_name, true, 3, d_gu, &tgu, &gu, &src, err) < 0 ||
-        get_weight(lc, dn_name, true, 3, d_dn, &tdn, &dn, &src, err) < 0)
+    if (find_weight(lc, gu_name, true, 3, d_gu, &tgu, &src, err) < 0 ||
+        find_weight(lc, dn_name, true, 3, d_dn, &tdn, &src, err) < 0)
         return -1;
     /* tensor-parallel: gate_up packed along dim 1 (2 ranges), down along dim
      * 2; expert-parallel: both along dim 0, this rank's experts */
@@ -369,12 +352,17 @@ static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep,
     if (!ok)
         return tp_errorf(err, "%s: rank %d: tensors %s / %s are not cut as %s experts", lr->source,
                          lr->rank, gu_name, dn_name, ep ? "expert-parallel" : "tensor-parallel");
+    if (lc->no_copy)
+        return 0;
+    /* Each expert's gate, up and down: row blocks of the two tensors, in
+     * place in their stored dtype. */
+    const uint8_t *gu = tgu->data, *dn = tdn->data;
+    size_t gsz = tp_dtype_size(tgu->info->dtype), dsz = tp_dtype_size(tdn->info->dtype);
+    size_t block = (size_t)inter * (size_t)H;
     for (int64_t e = 0; e < ne; e++) {
-        if (gu) {
-            w->gate[e] = gu + (size_t)(e * 2 * inter * H);
-            w->up[e] = w->gate[e] + (size_t)(inter * H);
-            w->down[e] = dn + (size_t)(e * H * inter);
-        }
+        w->gate[e] = (tp_mat){ gu + (size_t)e * 2 * block * gsz, tgu->info->dtype };
+        w->up[e] = (tp_mat){ gu + ((size_t)e * 2 + 1) * block * gsz, tgu->info->dtype };
+        w->down[e] = (tp_mat){ dn + (size_t)e * block * dsz, tdn->info->dtype };
     }
     return 0;
 }
@@ -412,7 +400,7 @@ static int load_moe(loader_ctx *lc, int l, tp_err *err)
     tp_weight_src src;
     int64_t d2[2] = {c->n_experts, c->hidden};
     tp_arch_tensor_name(tp_arch_expert_row(c->arch, TP_EXPERT_ROUTER, false), l, -1, name, sizeof name);
-    if (get_weight(lc, name, true, 2, d2, &tr, &w->router, &src, err) < 0)
+    if (get_matrix(lc, name, true, d2, &tr, &w->router, &src, err) < 0)
         return -1;
     if (tr->info->split.dim != -1)
         return tp_errorf(err, "%s: rank %d: tensor %s: the router must be whole on every rank",
@@ -443,17 +431,17 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     const tp_loaded_tensor *tq, *tk, *tv, *to;
 
     d1[0] = H;
-    if (get_weight(lc, NAME("input_layernorm.weight"), true, 1, d1, NULL, &L->attn_norm,
+    if (get_vector(lc, NAME("input_layernorm.weight"), true, d1, &L->attn_norm,
                    &S->attn_norm, err) < 0)
         return -1;
     d1[0] = H;
-    if (get_weight(lc, NAME("post_attention_layernorm.weight"), true, 1, d1, NULL, &L->ffn_norm,
+    if (get_vector(lc, NAME("post_attention_layernorm.weight"), true, d1, &L->ffn_norm,
                    &S->ffn_norm, err) < 0)
         return -1;
 
     /* q: [lq * hd, H]; the first layer decides lq, the others must agree. */
     d2[0] = m->lq > 0 ? m->lq * hd : -1; d2[1] = H;
-    if (get_weight(lc, NAME("self_attn.q_proj.weight"), true, 2, d2, &tq, &L->wq, &S->wq, err) < 0)
+    if (get_matrix(lc, NAME("self_attn.q_proj.weight"), true, d2, &tq, &L->wq, &S->wq, err) < 0)
         return -1;
     if (tq->info->global_shape[0] != (uint64_t)(c->n_heads * hd) || d2[0] % hd || d2[0] == 0)
         return tp_errorf(err, "%s: rank %d: tensor %s: %lld local rows / global %llu do not hold "
@@ -465,7 +453,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     m->lq = (int)(d2[0] / hd);
 
     d2[0] = m->lkv > 0 ? m->lkv * hd : -1; d2[1] = H;
-    if (get_weight(lc, NAME("self_attn.k_proj.weight"), true, 2, d2, &tk, &L->wk, &S->wk, err) < 0)
+    if (get_matrix(lc, NAME("self_attn.k_proj.weight"), true, d2, &tk, &L->wk, &S->wk, err) < 0)
         return -1;
     if (tk->info->global_shape[0] != (uint64_t)(c->n_kv_heads * hd) || d2[0] % hd || d2[0] == 0)
         return tp_errorf(err, "%s: rank %d: tensor %s: %lld local rows / global %llu do not hold "
@@ -501,7 +489,7 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     }
 
     d2[0] = m->lkv * hd; d2[1] = H;
-    if (get_weight(lc, NAME("self_attn.v_proj.weight"), true, 2, d2, &tv, &L->wv, &S->wv, err) < 0)
+    if (get_matrix(lc, NAME("self_attn.v_proj.weight"), true, d2, &tv, &L->wv, &S->wv, err) < 0)
         return -1;
     if (check_split(lr, tv->info, 0, m->world, err) < 0)
         return -1;
@@ -512,35 +500,35 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
                          lr->rank, name);
 
     d2[0] = H; d2[1] = m->lq * hd;
-    if (get_weight(lc, NAME("self_attn.o_proj.weight"), true, 2, d2, &to, &L->wo,
+    if (get_matrix(lc, NAME("self_attn.o_proj.weight"), true, d2, &to, &L->wo,
                    &S->wo, err) < 0 ||
         check_split(lr, to->info, 1, m->world, err) < 0)
         return -1;
 
     d1[0] = m->lq * hd;
-    if (get_weight(lc, NAME("self_attn.q_proj.bias"), false, 1, d1, NULL, &L->bq, &S->bq, err) < 0)
+    if (get_vector(lc, NAME("self_attn.q_proj.bias"), false, d1, &L->bq, &S->bq, err) < 0)
         return -1;
     d1[0] = m->lkv * hd;
-    if (get_weight(lc, NAME("self_attn.k_proj.bias"), false, 1, d1, NULL, &L->bk, &S->bk, err) < 0)
+    if (get_vector(lc, NAME("self_attn.k_proj.bias"), false, d1, &L->bk, &S->bk, err) < 0)
         return -1;
     d1[0] = m->lkv * hd;
-    if (get_weight(lc, NAME("self_attn.v_proj.bias"), false, 1, d1, NULL, &L->bv, &S->bv, err) < 0)
+    if (get_vector(lc, NAME("self_attn.v_proj.bias"), false, d1, &L->bv, &S->bv, err) < 0)
         return -1;
     if ((S->bq.tensor >= 0) != (S->bk.tensor >= 0) || (S->bq.tensor >= 0) != (S->bv.tensor >= 0))
         return tp_errorf(err, "%s: rank %d: layer %d has biases on some of q/k/v only", lr->source,
                          lr->rank, l);
     /* rowwise bias: the full hidden vector, added once after the all-reduce */
     d1[0] = H;
-    if (get_weight(lc, NAME("self_attn.o_proj.bias"), false, 1, d1, NULL, &L->bo, &S->bo, err) < 0)
+    if (get_vector(lc, NAME("self_attn.o_proj.bias"), false, d1, &L->bo, &S->bo, err) < 0)
         return -1;
 
     if (c->qk_norm) {
         d1[0] = hd;
-        if (get_weight(lc, NAME("self_attn.q_norm.weight"), true, 1, d1, NULL, &L->q_norm,
+        if (get_vector(lc, NAME("self_attn.q_norm.weight"), true, d1, &L->q_norm,
                        &S->q_norm, err) < 0)
             return -1;
         d1[0] = hd;
-        if (get_weight(lc, NAME("self_attn.k_norm.weight"), true, 1, d1, NULL, &L->k_norm,
+        if (get_vector(lc, NAME("self_attn.k_norm.weight"), true, d1, &L->k_norm,
                        &S->k_norm, err) < 0)
             return -1;
     }
@@ -568,22 +556,22 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
     int64_t d1[1] = { H }, d2[2] = { -1, H };
     const tp_loaded_tensor *te, *tl = NULL;
 
-    if (get_weight(lc, "model.embed_tokens.weight", true, 2, d2, &te, &m->embed, &m->embed_src,
+    if (get_matrix(lc, "model.embed_tokens.weight", true, d2, &te, &m->embed, &m->embed_src,
                    err) < 0 ||
         row_range(lr, te->info, &m->emb_start, &m->emb_end, err) < 0)
         return -1;
-    if (get_weight(lc, "model.norm.weight", true, 1, d1, NULL, &m->final_norm, &m->final_norm_src,
+    if (get_vector(lc, "model.norm.weight", true, d1, &m->final_norm, &m->final_norm_src,
                    err) < 0)
         return -1;
 
-    const float *w;
+    tp_mat w;
     tp_weight_src ws;
     int64_t start, end;
     if (m->cfg.tie_embeddings) {
         w = m->embed; ws = m->embed_src; start = m->emb_start; end = m->emb_end;
     } else {
         d2[0] = -1; d2[1] = H;
-        if (get_weight(lc, "lm_head.weight", true, 2, d2, &tl, &w, &ws, err) < 0 ||
+        if (get_matrix(lc, "lm_head.weight", true, d2, &tl, &w, &ws, err) < 0 ||
             row_range(lr, tl->info, &start, &end, err) < 0)
             return -1;
     }
@@ -592,11 +580,11 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
         int64_t s = per * m->rank, e = s + per < V ? s + per : V;
         if (s > V)
             s = V;
-        if (w)
-            w += (size_t)s * H;   /* fine before conversion: dst pointers are final */
+        size_t es = tp_dtype_size(lr->tensors[ws.tensor].info->dtype);
+        if (w.data)
+            w.data = (const uint8_t *)w.data + (size_t)s * H * es;
         start = s;
         end = e > s ? e : s;
-        size_t es = tp_dtype_size(lr->tensors[ws.tensor].info->dtype);
         ws.offset = (uint64_t)s * H * es;
         ws.bytes = (uint64_t)(end - start) * H * es;
     }
@@ -711,7 +699,8 @@ static int to_device(tp_model *m, const tp_loaded_rank *lr, const char *device, 
         free(m->owned[i]);
     m->n_owned = 0;
     memset(m->layers, 0, (size_t)m->cfg.n_layers * sizeof *m->layers);
-    m->embed = m->lm_w = m->final_norm = NULL;
+    m->embed = m->lm_w = (tp_mat){ 0 };
+    m->final_norm = NULL;
     free(m->kcache); free(m->vcache); free(m->scratch);
     m->kcache = m->vcache = m->scratch = NULL;
     return 0;
@@ -761,7 +750,8 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     tp_model *m = calloc(1, sizeof *m);
     if (!m)
         return tp_errorf(err, "out of memory");
-    /* cuda: no fp32 host copies; the device streams the tensors from lr. */
+    /* cpu: the matrices are read in place from lr; cuda: nothing is read
+     * here, the device streams the tensors from lr. */
     loader_ctx lc = { .m = m, .lr = lr, .no_copy = cuda };
     const char *cfg_text = lr->manifest.config_json ? lr->manifest.config_json : lr->config_json;
     if (tp_model_config_parse(&m->cfg, cfg_text, err) < 0) {
@@ -788,7 +778,9 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         long cores = sysconf(_SC_NPROCESSORS_ONLN);
         threads = cores > 0 ? (int)cores : 1;
     }
-    openblas_set_num_threads(threads);   /* process-wide */
+    /* Process-wide.  OpenBLAS runs only inside pool jobs (attention), one
+     * call per thread: its own threads would only spin beside the pool's. */
+    openblas_set_num_threads(1);
     if (threads > 1) {
         /* tp_pool_parallel_for's caller works too: threads - 1 helpers */
         m->pool = tp_pool_create(threads - 1);
@@ -805,7 +797,7 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         goto fail;
     }
     for (int l = 0; l < m->cfg.n_layers; l++) {
-        /* absent until get_weight finds it (q/k norms are not even looked for outside qwen3) */
+        /* absent until find_weight finds it (q/k norms are not even looked for outside qwen3) */
 #define TP_X(field, kind) m->layer_src[l].field.tensor = -1;
         TP_LAYER_TENSORS(TP_X)
 #undef TP_X
@@ -820,9 +812,6 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     m->cfg.attention_bias = S0->bq.tensor >= 0;
     m->cfg.o_bias = S0->bo.tensor >= 0;
     m->cfg.mlp_bias = S0->bgate.tensor >= 0 || S0->bup.tensor >= 0 || S0->bdown.tensor >= 0;
-    par_for(m, lc.n_jobs, run_conv_job, &lc);
-    free(lc.jobs);
-    lc.jobs = NULL;
     if (exchange_vocab_ranges(m, err) < 0 || alloc_caches(m, err) < 0)
         goto fail;
 #ifdef TP_HAVE_CUDA
@@ -832,7 +821,6 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     *out = m;
     return 0;
 fail:
-    free(lc.jobs);
     tp_model_free(m);
     return -1;
 }
@@ -920,48 +908,43 @@ static int ensure_buffers(tp_model *m, int n, tp_err *err)
     return 0;
 }
 
-/* One block of queries of one layer, all local heads.  The sgemms run one
- * head after another on this thread (OpenBLAS threads them), the softmax
- * rows in between run on the pool: the two never compete for the cores. */
-typedef struct attn_block {
+/* y[n][rows] = x[n][cols] . W^T, W in its stored dtype where it lies. */
+static tpg_job mat_job(float *y, const float *x, int n, tp_mat w, int rows, int cols)
+{
+    return (tpg_job){ y, x, n, w.data, w.dtype, rows, cols };
+}
+
+/* Attention of every local head over the KV cache, one pool job per head:
+ * the head's two products run in single-threaded OpenBLAS sgemm (on the
+ * fp32 cache it still beats a hand-written loop), its softmax rows between
+ * them, in its own slice of scratch. */
+typedef struct attn_ctx {
     tp_model *m;
-    int b, first, klo, nk, window;
-} attn_block;
+    int l, n;
+} attn_ctx;
 
 static float *head_scores(tp_model *m, int h)
 {
     return m->scratch + (size_t)h * TPK_ATT_BLOCK * m->max_seq;
 }
 
-static void softmax_job(size_t i, void *arg)
+static void attn_head_job(size_t i, void *arg)
 {
-    attn_block *a = arg;
-    int h = (int)i / a->b, r = (int)i % a->b;
-    tpk_attn_softmax_row(head_scores(a->m, h) + (size_t)r * a->nk, a->first + r, a->klo, a->nk,
-                         a->window);
+    attn_ctx *a = arg;
+    tp_model *m = a->m;
+    int h = (int)i, hd = m->cfg.head_dim;
+    size_t qd = (size_t)m->lq * hd;
+    size_t kv_off = (((size_t)a->l * m->lkv) + h / m->group) * m->max_seq * hd;
+    tpk_attention_head_blocked(m->att + (size_t)h * hd, qd, m->q + (size_t)h * hd, qd,
+                               m->kcache + kv_off, m->vcache + kv_off, a->n, m->pos, hd,
+                               m->layers[a->l].window, 1.0f / sqrtf((float)hd),
+                               head_scores(m, h));
 }
 
 static void attention(tp_model *m, int l, int n)
 {
-    int hd = m->cfg.head_dim;
-    size_t qd = (size_t)m->lq * hd;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int t0 = 0; t0 < n; t0 += TPK_ATT_BLOCK) {
-        attn_block a = { .m = m, .b = n - t0 < TPK_ATT_BLOCK ? n - t0 : TPK_ATT_BLOCK,
-                         .first = m->pos + t0, .window = m->layers[l].window };
-        tpk_attn_block_keys(a.first, a.b, a.window, &a.klo, &a.nk);
-        for (int h = 0; h < m->lq; h++) {
-            size_t kv_off = (((size_t)l * m->lkv) + h / m->group) * m->max_seq * hd;
-            tpk_attn_scores(head_scores(m, h), m->q + t0 * qd + (size_t)h * hd, qd,
-                            m->kcache + kv_off, a.b, a.klo, a.nk, hd, scale);
-        }
-        par_for(m, (size_t)m->lq * a.b, softmax_job, &a);
-        for (int h = 0; h < m->lq; h++) {
-            size_t kv_off = (((size_t)l * m->lkv) + h / m->group) * m->max_seq * hd;
-            tpk_attn_weighted_sum(m->att + t0 * qd + (size_t)h * hd, qd, head_scores(m, h),
-                                  m->vcache + kv_off, a.b, a.klo, a.nk, hd);
-        }
-    }
+    attn_ctx a = { m, l, n };
+    par_for(m, (size_t)m->lq, attn_head_job, &a);
 }
 
 static void store_kv(tp_model *m, int l, int n)
@@ -984,9 +967,16 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
     const tp_layer_weights *L = &m->layers[l];
     int H = c->hidden, hd = c->head_dim, qd = m->lq * hd, kd = m->lkv * hd;
 
-    tpk_matmul(m->q, m->h, L->wq, L->bq, n, H, qd);
-    tpk_matmul(m->k, m->h, L->wk, L->bk, n, H, kd);
-    tpk_matmul(m->v, m->h, L->wv, L->bv, n, H, kd);
+    /* q, k and v share their input: one parallel section */
+    tpg_job qkv[3] = { mat_job(m->q, m->h, n, L->wq, qd, H), mat_job(m->k, m->h, n, L->wk, kd, H),
+                       mat_job(m->v, m->h, n, L->wv, kd, H) };
+    tpg_matmul_batch(qkv, 3, m->pool);
+    if (L->bq)
+        tpk_add_bias(m->q, L->bq, n, qd);
+    if (L->bk)
+        tpk_add_bias(m->k, L->bk, n, kd);
+    if (L->bv)
+        tpk_add_bias(m->v, L->bv, n, kd);
     if (c->qk_norm) {
         tpk_head_rmsnorm(m->q, L->q_norm, n * m->lq, hd, c->rms_eps);
         tpk_head_rmsnorm(m->k, L->k_norm, n * m->lkv, hd, c->rms_eps);
@@ -996,7 +986,7 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
     store_kv(m, l, n);
     attention(m, l, n);
     /* partial o = att . Wo_local^T; the bias once, after the sum */
-    tpk_matmul(m->o, m->att, L->wo, NULL, n, qd, H);
+    tpg_matmul(m->o, m->att, n, L->wo.data, L->wo.dtype, H, qd, m->pool);
     if (allreduce(m, m->o, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "layer %d attention all-reduce", l);
     if (L->bo)
@@ -1009,7 +999,7 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
 static int moe_block(tp_model *m, int l, int n, tp_err *err)
 {
     int H = m->cfg.hidden;
-    if (tp_moe_forward(m->layers[l].moe, m->h, n, H, m->o, &m->moe_scratch, err) < 0)
+    if (tp_moe_forward(m->layers[l].moe, m->h, n, H, m->o, &m->moe_scratch, m->pool, err) < 0)
         return tp_err_prefix(err, "layer %d", l);
     if (allreduce(m, m->o, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "layer %d moe all-reduce", l);
@@ -1022,10 +1012,15 @@ static int mlp_block(tp_model *m, int l, int n, tp_err *err)
     int H = m->cfg.hidden;
     if (L->moe)
         return moe_block(m, l, n, err);
-    tpk_matmul(m->gate, m->h, L->wgate, L->bgate, n, H, m->li);
-    tpk_matmul(m->up, m->h, L->wup, L->bup, n, H, m->li);
+    tpg_job gate_up[2] = { mat_job(m->gate, m->h, n, L->wgate, m->li, H),
+                           mat_job(m->up, m->h, n, L->wup, m->li, H) };
+    tpg_matmul_batch(gate_up, 2, m->pool);
+    if (L->bgate)
+        tpk_add_bias(m->gate, L->bgate, n, m->li);
+    if (L->bup)
+        tpk_add_bias(m->up, L->bup, n, m->li);
     tpk_silu_mul(m->gate, m->up, (size_t)n * m->li);
-    tpk_matmul(m->o, m->gate, L->wdown, NULL, n, m->li, H);
+    tpg_matmul(m->o, m->gate, n, L->wdown.data, L->wdown.dtype, H, m->li, m->pool);
     if (allreduce(m, m->o, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "layer %d mlp all-reduce", l);
     if (L->bdown)
@@ -1039,7 +1034,7 @@ static int lm_head(tp_model *m, const float *row, float *logits, tp_err *err)
 {
     int H = m->cfg.hidden, cnt = (int)(m->lm_end - m->lm_start);
     if (cnt > 0)
-        tpk_matmul(m->logit_slot, row, m->lm_w, NULL, 1, H, cnt);
+        tpg_matmul(m->logit_slot, row, 1, m->lm_w.data, m->lm_w.dtype, cnt, H, m->pool);
     for (int i = cnt; i < m->vocab_slot; i++)
         m->logit_slot[i] = 0.0f;
     if (m->world == 1) {
@@ -1089,7 +1084,7 @@ int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_e
     int H = c->hidden;
     refresh_rope(m, n);
 
-    tpk_embedding(m->x, m->embed, ids, n, H, m->emb_start, m->emb_end);
+    tpk_embedding_rows(m->x, m->embed.data, m->embed.dtype, ids, n, H, m->emb_start, m->emb_end);
     if (!(m->emb_start == 0 && m->emb_end == c->vocab) &&
         allreduce(m, m->x, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "embedding all-reduce");

@@ -1,6 +1,7 @@
 /* model_layers.h - one layer's weights as the forward pass reads them
- * (private to runtime/).  The CPU model (model.c) owns them as fp32 host
- * arrays; the CUDA model (cuda/weights_cuda.cu) puts the same tensors on the
+ * (private to runtime/).  The CPU model (model.c) reads the matrices where
+ * they lie in the loaded rank, in their stored dtype, and holds fp32 copies
+ * of the vectors only; the CUDA model (cuda/weights_cuda.cu) puts the same tensors on the
  * device, read straight from the loaded rank (tp_layer_src says where each
  * comes from).  NULL / tensor -1 means the tensor is absent (a bias the
  * model does not have, q/k norms outside qwen3). */
@@ -13,8 +14,17 @@
 
 #include "shardfmt.h"
 
+/* A weight matrix [rows][cols] row-major, in place in the loaded rank (the
+ * mapping of a codec-none rank file, or the loader's decoded block) in its
+ * stored dtype.  data NULL: absent. */
+typedef struct tp_mat {
+    const void *data;
+    tp_dtype dtype;
+} tp_mat;
+
 /* X(field, kind): every tensor of a layer, once.  kind MAT is a matrix
- * (bf16 on a GPU), VEC a vector: norm weights, biases (fp32 everywhere).
+ * (a tp_mat on the CPU, bf16 on a GPU), VEC a vector: norm weights, biases
+ * (fp32 everywhere: they are tiny).
  * It generates tp_layer_weights, tp_layer_src and cuda's tpcw_layer. */
 #define TP_LAYER_TENSORS(X) \
     X(attn_norm, VEC) X(ffn_norm, VEC) X(q_norm, VEC) X(k_norm, VEC) \
@@ -23,19 +33,22 @@
     X(wgate, MAT) X(wup, MAT) X(wdown, MAT) \
     X(bgate, VEC) X(bup, VEC) X(bdown, VEC)
 
+#define TP_CPU_FIELD_MAT tp_mat
+#define TP_CPU_FIELD_VEC const float *
 /* A sparse (mixture-of-experts) layer's MLP as the CPU forward reads it
  * (runtime/moe.c).  With tensor-parallel experts a rank holds rows
  * [r*I/tp, (r+1)*I/tp) of every expert's gate/up and the matching columns of
  * its down; expert-parallel, experts [expert_lo, expert_hi) whole.  Either
  * way the rank's output is a partial sum that the MLP's all-reduce adds up. */
 typedef struct tp_moe_weights {
-    const float *router;        /* [n_experts][hidden], on every rank */
+    tp_mat router;              /* [n_experts][hidden], on every rank */
     int n_experts, top_k;
     bool renorm;                /* norm_topk_prob (mixtral: always) */
     int expert_lo, expert_hi;   /* the local experts */
     int inter;                  /* rows of each local expert's gate / up */
-    /* [expert_hi - expert_lo] each: gate and up [inter][hidden], down [hidden][inter] */
-    const float **gate, **up, **down;
+    /* [expert_hi - expert_lo] each, in place in the loaded rank: gate and up
+     * [inter][hidden], down [hidden][inter] */
+    tp_mat *gate, *up, *down;
 } tp_moe_weights;
 
 /* Grown on demand by tp_moe_forward; zero-initialised before first use. */
@@ -51,11 +64,11 @@ typedef struct tp_moe_scratch {
  * tokens routed to it (prefill groups the tokens by expert; a decode step
  * reads only its top_k experts' weights).  The caller all-reduces out. */
 int tp_moe_forward(const tp_moe_weights *w, const float *h, int n, int hidden, float *out,
-                   tp_moe_scratch *s, tp_err *err);
+                   tp_moe_scratch *s, tp_pool *pool, tp_err *err);
 void tp_moe_scratch_free(tp_moe_scratch *s);
 
 typedef struct tp_layer_weights {
-#define TP_X(field, kind) const float *field;
+#define TP_X(field, kind) TP_CPU_FIELD_##kind field;
     TP_LAYER_TENSORS(TP_X)
 #undef TP_X
     int window;                 /* sliding window of this layer, 0: none */

@@ -7,9 +7,11 @@
  * The tokens are grouped by expert, so that each local expert runs once,
  * as one matrix product over the tokens routed to it (prefill), and an
  * expert no token chose is never read (a decode step touches top_k
- * experts).  Every expert matmul goes through expert_ffn: the one place to
- * change for other CPU kernels.
+ * experts).  The matrices are read in place in their stored dtype by
+ * runtime/gemm_cpu (the router and every expert matmul), on the model's
+ * thread pool.
  */
+#include "gemm_cpu.h"
 #include "kernels_cpu.h"
 #include "model_layers.h"
 
@@ -58,12 +60,15 @@ static int scratch_reserve(tp_moe_scratch *s, const tp_moe_weights *w, int n, in
 /* y[m][H] = down . (silu(gate . x) * (up . x)) for one local expert e over
  * m gathered rows x[m][H]; g and u are [m][inter] scratch. */
 static void expert_ffn(const tp_moe_weights *w, int e, const float *x, int m, int hidden, float *g,
-                       float *u, float *y)
+                       float *u, float *y, tp_pool *pool)
 {
-    tpk_matmul(g, x, w->gate[e], NULL, m, hidden, w->inter);
-    tpk_matmul(u, x, w->up[e], NULL, m, hidden, w->inter);
+    tpg_job gate_up[2] = {
+        { g, x, m, w->gate[e].data, w->gate[e].dtype, w->inter, hidden },
+        { u, x, m, w->up[e].data, w->up[e].dtype, w->inter, hidden },
+    };
+    tpg_matmul_batch(gate_up, 2, pool);
     tpk_silu_mul(g, u, (size_t)m * (size_t)w->inter);
-    tpk_matmul(y, g, w->down[e], NULL, m, w->inter, hidden);
+    tpg_matmul(y, g, m, w->down[e].data, w->down[e].dtype, hidden, w->inter, pool);
 }
 
 /* Buckets every (token, weight) routed to a local expert by expert: the
@@ -93,12 +98,12 @@ static void group_by_expert(const tp_moe_weights *w, int n, tp_moe_scratch *s)
 }
 
 int tp_moe_forward(const tp_moe_weights *w, const float *h, int n, int hidden, float *out,
-                   tp_moe_scratch *s, tp_err *err)
+                   tp_moe_scratch *s, tp_pool *pool, tp_err *err)
 {
     if (scratch_reserve(s, w, n, hidden, err) < 0)
         return -1;
     const size_t H = (size_t)hidden;
-    tpk_matmul(s->logits, h, w->router, NULL, n, hidden, w->n_experts);
+    tpg_matmul(s->logits, h, n, w->router.data, w->router.dtype, w->n_experts, hidden, pool);
     for (int t = 0; t < n; t++)
         tpk_router_topk(s->logits + (size_t)t * (size_t)w->n_experts, w->n_experts, w->top_k,
                         w->renorm, s->idx + (size_t)t * (size_t)w->top_k,
@@ -111,7 +116,7 @@ int tp_moe_forward(const tp_moe_weights *w, const float *h, int n, int hidden, f
             continue;   /* never read: no token chose it */
         for (int j = 0; j < m; j++)
             memcpy(s->x + (size_t)j * H, h + (size_t)s->slot_tok[lo + j] * H, H * sizeof(float));
-        expert_ffn(w, e, s->x, m, hidden, s->g, s->u, s->y);
+        expert_ffn(w, e, s->x, m, hidden, s->g, s->u, s->y, pool);
         for (int j = 0; j < m; j++) {
             float *o = out + (size_t)s->slot_tok[lo + j] * H;
             const float *y = s->y + (size_t)j * H;

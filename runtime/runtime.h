@@ -170,11 +170,13 @@ typedef struct tp_model_opts {
  * Hugging Face names; every local shape checked against config.json and the
  * tp size, errors name the tensor).  Collective: every rank calls it (the
  * ranks exchange their vocabulary ranges).  comm may be NULL for tp = 1.
- * The model copies what it needs: lr may be freed right afterwards.  The
- * cpu needs lr's tensors in memory (tp_load_rank without defer_tensors) and
- * converts them to fp32; "cuda" makes no host copy: it streams them to the
- * device with tp_load_stream (from the rank file when lr was opened with
- * defer_tensors, else from memory). */
+ * The cpu needs lr's tensors in memory (tp_load_rank without
+ * defer_tensors) and reads the weight matrices where they lie, in their
+ * stored dtype (norms and biases are copied to fp32): lr must stay loaded,
+ * tensors not dropped, until tp_model_free.  "cuda" makes no host copy: it
+ * streams the tensors to the device with tp_load_stream (from the rank file
+ * when lr was opened with defer_tensors, else from memory); lr may be freed
+ * (or its tensors dropped) right afterwards. */
 int tp_model_create(tp_model **m, tp_loaded_rank *lr, tp_comm *comm, const tp_model_opts *opts, tp_err *err);
 void tp_model_free(tp_model *m);
 const tp_model_config *tp_model_get_config(const tp_model *m);

@@ -173,6 +173,13 @@ else
     fail "no tp1 conversion of qwen3moe-tiny"
 fi
 
+# The measured agreement with transformers' fp32 logits over every model, tp
+# and prompt above, as a fraction of the bound (1e-3 * max(1, max|logit|)):
+# what a change of the CPU kernels costs in precision shows here.
+awk '/logits vs transformers: max/ { d = $7; b = $NF; sub(/\)/, "", b); b += 0; if (b > 0 && d / b >= w) { w = d / b; wd = d; wb = b } n++ }
+     END { if (n) printf "measured: logits vs transformers, max |dlogit| %.3g (%.3g of its bound %.3g; %d runs)\n", wd, w, wb, n }' \
+    "$tmp"/*.json.check
+
 model_dir=tests/models/qwen3-tiny
 ids=$("$check" "$model_dir/reference.json" --ids 0)
 tp1=$tmp/qwen3-tiny-tp1

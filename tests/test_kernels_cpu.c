@@ -126,6 +126,18 @@ static void test_embedding(void)
             CHECK(out[t * H + i] == want, "slice embedding row %d col %d: %g, want %g", t, i,
                   out[t * H + i], want);
         }
+    /* a bf16 table read in place: rows widened exactly, a slice's other ids zero */
+    uint16_t *bf = malloc((size_t)V * H * sizeof *bf);
+    for (int i = 0; i < V * H; i++)
+        bf[i] = (uint16_t)(0x3c00 + 37 * i);   /* distinct normal values */
+    tpk_embedding_rows(out, bf + 4 * H, TP_BF16, ids, 4, H, 4, 8);
+    for (int t = 0; t < 4; t++)
+        for (int i = 0; i < H; i++) {
+            float want = (ids[t] >= 4 && ids[t] < 8) ? tp_bf16_to_f32(bf[ids[t] * H + i]) : 0.0f;
+            CHECK(out[t * H + i] == want, "bf16 embedding row %d col %d: %g, want %g", t, i,
+                  out[t * H + i], want);
+        }
+    free(bf);
     free(table);
 }
 

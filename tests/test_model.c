@@ -1162,6 +1162,39 @@ static int test_converted(const char *dir, const char *ref_path)
 }
 
 /* Bad calls to a working model: named errors, and the model stays usable. */
+/* The cpu model reads its matrices where they lie in the loaded rank (no
+ * copy): zeroing one there after tp_model_create changes the logits. */
+static void check_weights_in_place(tp_model *m, built_rank *b, const src_model *s,
+                                   const int32_t *ids, float *logits)
+{
+    const char *name = "model.layers.0.mlp.down_proj.weight";
+    const tp_loaded_tensor *lt = NULL;
+    for (size_t i = 0; i < s->n; i++)
+        if (strcmp(b->lts[i].info->name, name) == 0)
+            lt = &b->lts[i];
+    CHECK(lt != NULL, "%s not in the test rank", name);
+    if (!lt)
+        return;
+    size_t nb = lt->info->raw_size, vocab = (size_t)tp_model_get_config(m)->vocab;
+    float *again = malloc(vocab * sizeof *again);
+    uint8_t *saved = malloc(nb);
+    tp_err err = { { 0 } };
+    memcpy(saved, lt->data, nb);
+    tp_model_reset(m);
+    CHECK(tp_model_forward(m, ids, 3, logits, &err) == 0, "forward: %s", err.msg);
+    memset((void *)lt->data, 0, nb);
+    tp_model_reset(m);
+    CHECK(tp_model_forward(m, ids, 3, again, &err) == 0, "forward: %s", err.msg);
+    CHECK(memcmp(logits, again, vocab * sizeof *again) != 0, "zeroing %s in the loaded rank did "
+          "not change the logits: the model reads a copy", name);
+    memcpy((void *)lt->data, saved, nb);
+    tp_model_reset(m);
+    CHECK(tp_model_forward(m, ids, 3, again, &err) == 0 &&
+          memcmp(logits, again, vocab * sizeof *again) == 0, "restored %s: other logits", name);
+    free(saved);
+    free(again);
+}
+
 static void test_forward_errors(void)
 {
     src_model *s = malloc(sizeof *s);
@@ -1177,8 +1210,6 @@ static void test_forward_errors(void)
     if (tp_model_create(&m, &b.lr, NULL, &o, &err) < 0) {
         CHECK(0, "create: %s", err.msg);
     } else {
-        free_rank(&b, s->n);   /* the model must not need the loaded rank any more */
-        memset(&b, 0, sizeof b);
         float *logits = malloc(50 * sizeof *logits);
         int32_t ids[9] = { 1, 2, 3, 4, 5, 6, 7, 8, 9 }, bad = 50;
         CHECK(tp_model_forward(m, &bad, 1, logits, &err) < 0 && strstr(err.msg, "50"),
@@ -1194,6 +1225,7 @@ static void test_forward_errors(void)
         const tp_model_config *c = tp_model_get_config(m);
         CHECK(c->arch == TP_ARCH_QWEN2 && c->attention_bias && !c->o_bias && c->vocab == 50 &&
               c->n_eos == 2 && c->eos_ids[0] == 2 && c->bos_id == 1, "config of the model");
+        check_weights_in_place(m, &b, s, ids, logits);
         free(logits);
         tp_model_free(m);
     }

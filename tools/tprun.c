@@ -405,10 +405,11 @@ static void create_model(run *r)
         die(r, &err, false);
     if (r->o.verbose && my_rank(r) == 0)
         fprintf(stderr, "tprun: model on %s\n", tp_model_device_info(r->model));
-    /* The CPU model holds fp32 copies of its weights, the cuda model its
-     * device copies: the tensors (a mapping, decompressed memory, or the
-     * deferred rank's mapping) are not needed any more. */
-    tp_loaded_rank_drop_tensors(&r->lr);
+    /* The cuda model holds device copies: the deferred rank's mapping is not
+     * needed any more.  The CPU model reads its weights in place from r->lr
+     * (freed after the model, in cleanup). */
+    if (on_cuda(r))
+        tp_loaded_rank_drop_tensors(&r->lr);
     if (r->lr.tokenizer_json) {
         if (tp_tokenizer_load_mem(&r->tok, r->lr.tokenizer_json, r->lr.tokenizer_json_len, "tokenizer.json", &err))
             die(r, &err, true);

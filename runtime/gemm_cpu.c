@@ -1,0 +1,561 @@
+/* gemm_cpu.c - GEMV / GEMM over bf16, f16 and f32 weights (see gemm_cpu.h).
+ *
+ * A path is three functions: a GEMV over a range of rows for one token, a
+ * widening of stored weights to fp32, and a GEMM tile (TILE_T tokens x
+ * TILE_R rows, full dot products).  The driver below is shared: it cuts
+ * every job into blocks of rows, hands the blocks out to the pool's threads
+ * and, for n > 1, widens a block once into the thread's buffer before
+ * running the tiles over it.  The x86 paths are compiled with target
+ * attributes only, so the rest of the build assumes nothing about the CPU.
+ */
+#include "gemm_cpu.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define TPG_X86 1
+#endif
+
+#define TILE_T_MAX 6
+#define TILE_R_MAX 4
+#define GEMV_BLOCK_ROWS 32                  /* rows per claimed block, n == 1 */
+#define GEMM_BLOCK_BYTES (128 * 1024)       /* widened rows per block: stays in L2 */
+#define BATCH_MAX 8                         /* jobs per parallel section */
+
+typedef struct tpg_path {
+    /* y[r] for r in [r0, r1): one token x, rows of w (stored dtype). */
+    void (*gemv_rows)(float *y, const float *x, const void *w, tp_dtype dt, int r0, int r1,
+                      int cols);
+    /* dst[i] = (float)src[i], exact. */
+    void (*widen)(float *dst, const void *src, tp_dtype dt, size_t count);
+    /* out[t * tile_r + r] = xr[t] . wr[r] over cols (fp32 rows). */
+    void (*tile)(float *out, const float *const *xr, const float *const *wr, int cols);
+    int tile_t, tile_r;
+} tpg_path;
+
+static size_t elem_size(tp_dtype dt) { return dt == TP_F32 ? 4 : 2; }
+
+static inline float bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;   /* bf16 is the top half of an fp32 */
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* One stored element as fp32 (tails and the reference). */
+static inline float weight_at(const void *w, tp_dtype dt, size_t i)
+{
+    if (dt == TP_BF16)
+        return bf16_to_f32(((const uint16_t *)w)[i]);
+    if (dt == TP_F16)
+        return tp_f16_to_f32(((const uint16_t *)w)[i]);
+    return ((const float *)w)[i];
+}
+
+/* ------------------------------------------------------------ reference */
+
+void tpg_matmul_ref(float *y, const float *x, int n, const void *w, tp_dtype dt, int rows,
+                    int cols)
+{
+    for (int t = 0; t < n; t++)
+        for (int o = 0; o < rows; o++) {
+            double s = 0.0;
+            for (int i = 0; i < cols; i++)
+                s += (double)x[(size_t)t * cols + i] * weight_at(w, dt, (size_t)o * cols + i);
+            y[(size_t)t * rows + o] = (float)s;
+        }
+}
+
+/* ------------------------------------------------------------- portable */
+
+static void widen_portable(float *dst, const void *src, tp_dtype dt, size_t count)
+{
+    if (dt == TP_F32) {
+        memcpy(dst, src, count * sizeof *dst);
+    } else if (dt == TP_BF16) {
+        const uint16_t *s = src;
+        for (size_t i = 0; i < count; i++)
+            dst[i] = bf16_to_f32(s[i]);
+    } else {
+        const uint16_t *s = src;
+        for (size_t i = 0; i < count; i++)
+            dst[i] = tp_f16_to_f32(s[i]);
+    }
+}
+
+/* Eight partial sums: independent chains the compiler can vectorise. */
+static float dot_portable(const float *x, const float *w, int n)
+{
+    float part[8] = { 0 };
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++)
+            part[j] += x[i + j] * w[i + j];
+    float s = 0.0f;
+    for (; i < n; i++)
+        s += x[i] * w[i];
+    for (int j = 0; j < 8; j++)
+        s += part[j];
+    return s;
+}
+
+#define PORTABLE_CHUNK 512
+
+static void gemv_portable(float *y, const float *x, const void *w, tp_dtype dt, int r0, int r1,
+                          int cols)
+{
+    float buf[PORTABLE_CHUNK];
+    size_t es = elem_size(dt);
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = (const uint8_t *)w + (size_t)r * cols * es;
+        if (dt == TP_F32) {
+            y[r] = dot_portable(x, (const float *)row, cols);
+            continue;
+        }
+        float s = 0.0f;
+        for (int i = 0; i < cols; i += PORTABLE_CHUNK) {
+            int c = cols - i < PORTABLE_CHUNK ? cols - i : PORTABLE_CHUNK;
+            widen_portable(buf, row + (size_t)i * es, dt, (size_t)c);
+            s += dot_portable(x + i, buf, c);
+        }
+        y[r] = s;
+    }
+}
+
+static void tile_portable(float *out, const float *const *xr, const float *const *wr, int cols)
+{
+    out[0] = dot_portable(xr[0], wr[0], cols);
+}
+
+/* ------------------------------------------------------------------ avx2 */
+
+#ifdef TPG_X86
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* Eight stored weights from w + i as fp32; dt is a constant at every call. */
+AVX2_TARGET INLINE __m256 avx2_load8(const void *w, tp_dtype dt, size_t i)
+{
+    if (dt == TP_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i))), 16));
+    if (dt == TP_F16)
+        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + i)));
+    return _mm256_loadu_ps((const float *)w + i);
+}
+
+AVX2_TARGET INLINE float avx2_hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Four rows at a time: x is loaded once for four weight streams. */
+AVX2_TARGET INLINE void avx2_gemv_dt(float *y, const float *x, const void *w, tp_dtype dt, int r0,
+                                     int r1, int cols)
+{
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const void *w0 = (const uint8_t *)w + (size_t)r * cols * elem_size(dt);
+        size_t stride = (size_t)cols;   /* elements between rows */
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int i = 0;
+        for (; i + 8 <= cols; i += 8) {
+            __m256 xv = _mm256_loadu_ps(x + i);
+            a0 = _mm256_fmadd_ps(xv, avx2_load8(w0, dt, (size_t)i), a0);
+            a1 = _mm256_fmadd_ps(xv, avx2_load8(w0, dt, stride + i), a1);
+            a2 = _mm256_fmadd_ps(xv, avx2_load8(w0, dt, 2 * stride + i), a2);
+            a3 = _mm256_fmadd_ps(xv, avx2_load8(w0, dt, 3 * stride + i), a3);
+        }
+        float s[4] = { avx2_hsum(a0), avx2_hsum(a1), avx2_hsum(a2), avx2_hsum(a3) };
+        for (; i < cols; i++)
+            for (int k = 0; k < 4; k++)
+                s[k] += x[i] * weight_at(w0, dt, k * stride + i);
+        for (int k = 0; k < 4; k++)
+            y[r + k] = s[k];
+    }
+    for (; r < r1; r++) {
+        const void *wr = (const uint8_t *)w + (size_t)r * cols * elem_size(dt);
+        __m256 a = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= cols; i += 8)
+            a = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), avx2_load8(wr, dt, (size_t)i), a);
+        float s = avx2_hsum(a);
+        for (; i < cols; i++)
+            s += x[i] * weight_at(wr, dt, (size_t)i);
+        y[r] = s;
+    }
+}
+
+AVX2_TARGET static void gemv_avx2(float *y, const float *x, const void *w, tp_dtype dt, int r0,
+                                  int r1, int cols)
+{
+    if (dt == TP_BF16)
+        avx2_gemv_dt(y, x, w, TP_BF16, r0, r1, cols);
+    else if (dt == TP_F16)
+        avx2_gemv_dt(y, x, w, TP_F16, r0, r1, cols);
+    else
+        avx2_gemv_dt(y, x, w, TP_F32, r0, r1, cols);
+}
+
+AVX2_TARGET static void widen_avx2(float *dst, const void *src, tp_dtype dt, size_t count)
+{
+    size_t i = 0;
+    if (dt == TP_BF16)
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(dst + i, avx2_load8(src, TP_BF16, i));
+    else if (dt == TP_F16)
+        for (; i + 8 <= count; i += 8)
+            _mm256_storeu_ps(dst + i, avx2_load8(src, TP_F16, i));
+    for (; i < count; i++)
+        dst[i] = weight_at(src, dt, i);
+}
+
+/* 3 tokens x 4 rows: 12 accumulators + 3 x + 1 w = the 16 ymm registers. */
+#define AVX2_TT 3
+#define AVX2_TR 4
+AVX2_TARGET static void tile_avx2(float *out, const float *const *xr, const float *const *wr,
+                                  int cols)
+{
+    __m256 acc[AVX2_TT][AVX2_TR];
+#pragma GCC unroll 16
+    for (int t = 0; t < AVX2_TT; t++)
+#pragma GCC unroll 16
+        for (int r = 0; r < AVX2_TR; r++)
+            acc[t][r] = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= cols; i += 8) {
+        __m256 xv[AVX2_TT];
+#pragma GCC unroll 16
+        for (int t = 0; t < AVX2_TT; t++)
+            xv[t] = _mm256_loadu_ps(xr[t] + i);
+#pragma GCC unroll 16
+        for (int r = 0; r < AVX2_TR; r++) {
+            __m256 wv = _mm256_loadu_ps(wr[r] + i);
+#pragma GCC unroll 16
+            for (int t = 0; t < AVX2_TT; t++)
+                acc[t][r] = _mm256_fmadd_ps(xv[t], wv, acc[t][r]);
+        }
+    }
+    for (int t = 0; t < AVX2_TT; t++)
+        for (int r = 0; r < AVX2_TR; r++) {
+            float s = avx2_hsum(acc[t][r]);
+            for (int k = i; k < cols; k++)
+                s += xr[t][k] * wr[r][k];
+            out[t * AVX2_TR + r] = s;
+        }
+}
+
+/* --------------------------------------------------------------- avx-512 */
+
+#define AVX512_TARGET __attribute__((target("avx512f,avx2,fma,f16c")))
+
+AVX512_TARGET INLINE __m512 avx512_load16(const void *w, tp_dtype dt, size_t i)
+{
+    if (dt == TP_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i))),
+            16));
+    if (dt == TP_F16)
+        return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + i)));
+    return _mm512_loadu_ps((const float *)w + i);
+}
+
+AVX512_TARGET INLINE void avx512_gemv_dt(float *y, const float *x, const void *w, tp_dtype dt,
+                                         int r0, int r1, int cols)
+{
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        const void *w0 = (const uint8_t *)w + (size_t)r * cols * elem_size(dt);
+        size_t stride = (size_t)cols;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int i = 0;
+        for (; i + 16 <= cols; i += 16) {
+            __m512 xv = _mm512_loadu_ps(x + i);
+            a0 = _mm512_fmadd_ps(xv, avx512_load16(w0, dt, (size_t)i), a0);
+            a1 = _mm512_fmadd_ps(xv, avx512_load16(w0, dt, stride + i), a1);
+            a2 = _mm512_fmadd_ps(xv, avx512_load16(w0, dt, 2 * stride + i), a2);
+            a3 = _mm512_fmadd_ps(xv, avx512_load16(w0, dt, 3 * stride + i), a3);
+        }
+        float s[4] = { _mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1),
+                       _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3) };
+        for (; i < cols; i++)
+            for (int k = 0; k < 4; k++)
+                s[k] += x[i] * weight_at(w0, dt, k * stride + i);
+        for (int k = 0; k < 4; k++)
+            y[r + k] = s[k];
+    }
+    for (; r < r1; r++) {
+        const void *wr = (const uint8_t *)w + (size_t)r * cols * elem_size(dt);
+        __m512 a = _mm512_setzero_ps();
+        int i = 0;
+        for (; i + 16 <= cols; i += 16)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), avx512_load16(wr, dt, (size_t)i), a);
+        float s = _mm512_reduce_add_ps(a);
+        for (; i < cols; i++)
+            s += x[i] * weight_at(wr, dt, (size_t)i);
+        y[r] = s;
+    }
+}
+
+AVX512_TARGET static void gemv_avx512(float *y, const float *x, const void *w, tp_dtype dt,
+                                      int r0, int r1, int cols)
+{
+    if (dt == TP_BF16)
+        avx512_gemv_dt(y, x, w, TP_BF16, r0, r1, cols);
+    else if (dt == TP_F16)
+        avx512_gemv_dt(y, x, w, TP_F16, r0, r1, cols);
+    else
+        avx512_gemv_dt(y, x, w, TP_F32, r0, r1, cols);
+}
+
+AVX512_TARGET static void widen_avx512(float *dst, const void *src, tp_dtype dt, size_t count)
+{
+    size_t i = 0;
+    if (dt == TP_BF16)
+        for (; i + 16 <= count; i += 16)
+            _mm512_storeu_ps(dst + i, avx512_load16(src, TP_BF16, i));
+    else if (dt == TP_F16)
+        for (; i + 16 <= count; i += 16)
+            _mm512_storeu_ps(dst + i, avx512_load16(src, TP_F16, i));
+    for (; i < count; i++)
+        dst[i] = weight_at(src, dt, i);
+}
+
+/* 6 tokens x 4 rows: 24 accumulators + 6 x + 1 w of the 32 zmm registers. */
+#define AVX512_TT 6
+#define AVX512_TR 4
+AVX512_TARGET static void tile_avx512(float *out, const float *const *xr, const float *const *wr,
+                                      int cols)
+{
+    __m512 acc[AVX512_TT][AVX512_TR];
+#pragma GCC unroll 32
+    for (int t = 0; t < AVX512_TT; t++)
+#pragma GCC unroll 32
+        for (int r = 0; r < AVX512_TR; r++)
+            acc[t][r] = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= cols; i += 16) {
+        __m512 xv[AVX512_TT];
+#pragma GCC unroll 32
+        for (int t = 0; t < AVX512_TT; t++)
+            xv[t] = _mm512_loadu_ps(xr[t] + i);
+#pragma GCC unroll 32
+        for (int r = 0; r < AVX512_TR; r++) {
+            __m512 wv = _mm512_loadu_ps(wr[r] + i);
+#pragma GCC unroll 32
+            for (int t = 0; t < AVX512_TT; t++)
+                acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
+        }
+    }
+    for (int t = 0; t < AVX512_TT; t++)
+        for (int r = 0; r < AVX512_TR; r++) {
+            float s = _mm512_reduce_add_ps(acc[t][r]);
+            for (int k = i; k < cols; k++)
+                s += xr[t][k] * wr[r][k];
+            out[t * AVX512_TR + r] = s;
+        }
+}
+#endif /* TPG_X86 */
+
+/* ------------------------------------------------------------- dispatch */
+
+static const tpg_path PATHS[TPG_ISA_COUNT] = {
+    [TPG_PORTABLE] = { gemv_portable, widen_portable, tile_portable, 1, 1 },
+#ifdef TPG_X86
+    [TPG_AVX2] = { gemv_avx2, widen_avx2, tile_avx2, AVX2_TT, AVX2_TR },
+    [TPG_AVX512] = { gemv_avx512, widen_avx512, tile_avx512, AVX512_TT, AVX512_TR },
+#endif
+};
+
+static const char *const ISA_NAMES[TPG_ISA_COUNT] = { "portable", "avx2", "avx512" };
+
+const char *tpg_isa_name(tpg_isa isa)
+{
+    return isa >= 0 && isa < TPG_ISA_COUNT ? ISA_NAMES[isa] : "?";
+}
+
+bool tpg_isa_supported(tpg_isa isa)
+{
+    switch (isa) {
+    case TPG_PORTABLE:
+        return true;
+#ifdef TPG_X86
+    case TPG_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    case TPG_AVX512:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f");
+#endif
+    default:
+        return false;
+    }
+}
+
+static int g_isa = -1;   /* -1: not chosen yet */
+
+tpg_isa tpg_get_isa(void)
+{
+    if (g_isa < 0) {
+        int best = TPG_PORTABLE;
+        for (int i = TPG_ISA_COUNT - 1; i > TPG_PORTABLE; i--)
+            if (tpg_isa_supported((tpg_isa)i)) {
+                best = i;
+                break;
+            }
+        g_isa = best;
+    }
+    return (tpg_isa)g_isa;
+}
+
+int tpg_set_isa(tpg_isa isa)
+{
+    if (!tpg_isa_supported(isa))
+        return -1;
+    g_isa = isa;
+    return 0;
+}
+
+/* --------------------------------------------------------------- driver */
+
+typedef struct batch_ctx {
+    const tpg_job *jobs;
+    int count;
+    const tpg_path *path;
+    bool gemm[BATCH_MAX];           /* widen blocks and run tiles (else GEMV per token) */
+    int block_rows[BATCH_MAX];
+    size_t first_block[BATCH_MAX + 1];
+    float *scratch;                 /* worker i: scratch + i * scratch_floats */
+    size_t scratch_floats;
+    atomic_size_t next_block;
+} batch_ctx;
+
+/* Rows [r0, r1) of job j for all its tokens: widen them once (f32 is used
+ * in place), then every tile of tokens x rows over the widened block. */
+static void gemm_block(const tpg_path *p, const tpg_job *j, int r0, int r1, float *buf)
+{
+    int nr = r1 - r0, cols = j->cols;
+    const float *wb;
+    if (j->dt == TP_F32) {
+        wb = (const float *)j->w + (size_t)r0 * cols;
+    } else {
+        p->widen(buf, (const uint8_t *)j->w + (size_t)r0 * cols * elem_size(j->dt), j->dt,
+                 (size_t)nr * cols);
+        wb = buf;
+    }
+    const float *xr[TILE_T_MAX], *wr[TILE_R_MAX];
+    float out[TILE_T_MAX * TILE_R_MAX];
+    for (int t0 = 0; t0 < j->n; t0 += p->tile_t) {
+        /* a tile past the last token or row repeats it; only valid results are stored */
+        for (int t = 0; t < p->tile_t; t++)
+            xr[t] = j->x + (size_t)(t0 + t < j->n ? t0 + t : j->n - 1) * cols;
+        for (int rr = 0; rr < nr; rr += p->tile_r) {
+            for (int r = 0; r < p->tile_r; r++)
+                wr[r] = wb + (size_t)(rr + r < nr ? rr + r : nr - 1) * cols;
+            p->tile(out, xr, wr, cols);
+            for (int t = 0; t < p->tile_t && t0 + t < j->n; t++)
+                for (int r = 0; r < p->tile_r && rr + r < nr; r++)
+                    j->y[(size_t)(t0 + t) * j->rows + r0 + rr + r] = out[t * p->tile_r + r];
+        }
+    }
+}
+
+static void run_block(batch_ctx *c, size_t b, float *buf)
+{
+    int ji = 0;
+    while (b >= c->first_block[ji + 1])
+        ji++;
+    const tpg_job *j = &c->jobs[ji];
+    int r0 = (int)(b - c->first_block[ji]) * c->block_rows[ji];
+    int r1 = r0 + c->block_rows[ji] < j->rows ? r0 + c->block_rows[ji] : j->rows;
+    if (c->gemm[ji]) {
+        gemm_block(c->path, j, r0, r1, buf);
+        return;
+    }
+    for (int t = 0; t < j->n; t++)
+        c->path->gemv_rows(j->y + (size_t)t * j->rows, j->x + (size_t)t * j->cols, j->w, j->dt,
+                           r0, r1, j->cols);
+}
+
+/* Worker i claims blocks until none are left; its widening buffer is its own. */
+static void worker(size_t i, void *arg)
+{
+    batch_ctx *c = arg;
+    float *buf = c->scratch ? c->scratch + i * c->scratch_floats : NULL;
+    size_t total = c->first_block[c->count];
+    for (size_t b; (b = atomic_fetch_add(&c->next_block, 1)) < total;)
+        run_block(c, b, buf);
+}
+
+/* Rows per GEMM block: as many as fit GEMM_BLOCK_BYTES widened, a multiple
+ * of the tile's rows. */
+static int gemm_block_rows(int cols)
+{
+    size_t rows = GEMM_BLOCK_BYTES / ((size_t)cols * sizeof(float));
+    rows -= rows % TILE_R_MAX;
+    if (rows < TILE_R_MAX)
+        rows = TILE_R_MAX;
+    if (rows > 256)
+        rows = 256;
+    return (int)rows;
+}
+
+static void run_batch(const tpg_job *jobs, int count, tp_pool *pool)
+{
+    batch_ctx c = { .jobs = jobs, .count = count, .path = &PATHS[tpg_get_isa()] };
+    size_t widen_floats = 0;
+    c.first_block[0] = 0;
+    for (int i = 0; i < count; i++) {
+        const tpg_job *j = &jobs[i];
+        c.gemm[i] = j->n > 1;
+        c.block_rows[i] = c.gemm[i] ? gemm_block_rows(j->cols) : GEMV_BLOCK_ROWS;
+        if (c.gemm[i] && j->dt != TP_F32 && (size_t)c.block_rows[i] * j->cols > widen_floats)
+            widen_floats = (size_t)c.block_rows[i] * j->cols;
+        size_t blocks = j->rows > 0 && j->n > 0
+                        ? ((size_t)j->rows + c.block_rows[i] - 1) / c.block_rows[i] : 0;
+        c.first_block[i + 1] = c.first_block[i] + blocks;
+    }
+    size_t total = c.first_block[count];
+    size_t workers = pool ? (size_t)tp_pool_threads(pool) + 1 : 1;
+    if (workers > total)
+        workers = total;
+    if (workers == 0)
+        return;
+    if (widen_floats) {
+        c.scratch_floats = (widen_floats + 15) & ~(size_t)15;   /* 64-byte aligned slots */
+        c.scratch = aligned_alloc(64, workers * c.scratch_floats * sizeof(float));
+        if (!c.scratch)   /* no buffers: one token at a time, same result */
+            for (int i = 0; i < count; i++)
+                if (jobs[i].dt != TP_F32)
+                    c.gemm[i] = false;
+        /* block_rows stay as counted: a GEMV block of any size is valid */
+    }
+    atomic_init(&c.next_block, 0);
+    if (workers == 1)
+        worker(0, &c);
+    else
+        tp_pool_parallel_for(pool, workers, worker, &c);
+    free(c.scratch);
+}
+
+void tpg_matmul_batch(const tpg_job *jobs, int count, tp_pool *pool)
+{
+    for (int i = 0; i < count; i += BATCH_MAX)
+        run_batch(jobs + i, count - i < BATCH_MAX ? count - i : BATCH_MAX, pool);
+}
+
+void tpg_matmul(float *y, const float *x, int n, const void *w, tp_dtype dt, int rows, int cols,
+                tp_pool *pool)
+{
+    tpg_job j = { y, x, n, w, dt, rows, cols };
+    tpg_matmul_batch(&j, 1, pool);
+}
