@@ -16,6 +16,7 @@
 #include <string.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define TPG_X86 1
 #endif
@@ -382,6 +383,16 @@ const char *tpg_isa_name(tpg_isa isa)
     return isa >= 0 && isa < TPG_ISA_COUNT ? ISA_NAMES[isa] : "?";
 }
 
+#ifdef TPG_X86
+/* F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports
+ * does not know "f16c", and the fuzz build compiles this file with clang. */
+static bool has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+#endif
+
 bool tpg_isa_supported(tpg_isa isa)
 {
     switch (isa) {
@@ -390,8 +401,7 @@ bool tpg_isa_supported(tpg_isa isa)
 #ifdef TPG_X86
     case TPG_AVX2:
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
     case TPG_AVX512:
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f");
