@@ -137,11 +137,11 @@ static int rope_params(const cJSON *root, const char *where, const cJSON **param
         *prefix = "rope_parameters.";
     }
     if (*params && !cJSON_IsObject(*params))
-        return TP_FAIL(err, "%s: key \"%.*s\" is not an object", where, (int)strlen(*prefix) - 1,
+        return tp_errorf(err, "%s: key \"%.*s\" is not an object", where, (int)strlen(*prefix) - 1,
                        *prefix);
     for (const cJSON *child = *params ? (*params)->child : NULL; child; child = child->next)
         if (cJSON_IsObject(child))
-            return TP_FAIL(err, "%s: %s%s: per-layer-type RoPE parameters are not supported", where,
+            return tp_errorf(err, "%s: %s%s: per-layer-type RoPE parameters are not supported", where,
                            *prefix, child->string);
     return 0;
 }
@@ -173,7 +173,7 @@ static int rope_type(const cJSON *params, const char *pre, const char *where, tp
             *out = (tp_rope_type)t;
             return 0;
         }
-    return TP_FAIL(err, "%s: %s%s \"%s\" is not supported (only default, linear, dynamic, yarn, "
+    return tp_errorf(err, "%s: %s%s \"%s\" is not supported (only default, linear, dynamic, yarn, "
                    "longrope and llama3)", where, pre, key, type);
 }
 
@@ -184,7 +184,7 @@ static int rope_num_above(const cJSON *params, const char *pre, const char *key,
     if (tp_json_finite(params, pre, key, has_def, def, where, out, err) < 0)
         return -1;
     if (!(*out > lo))
-        return TP_FAIL(err, "%s: key \"%s%s\" = %g must be > %g", where, pre, key, *out, lo);
+        return tp_errorf(err, "%s: key \"%s%s\" = %g must be > %g", where, pre, key, *out, lo);
     return 0;
 }
 
@@ -211,14 +211,14 @@ static int rope_factor_list(const cJSON *params, const char *pre, const char *ke
 {
     const cJSON *v = tp_json_opt(params, key);
     if (!v)
-        return TP_FAIL(err, "%s: missing key \"%s%s\"", where, pre, key);
+        return tp_errorf(err, "%s: missing key \"%s%s\"", where, pre, key);
     if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != n)
-        return TP_FAIL(err, "%s: key \"%s%s\" is not a list of head_dim / 2 = %d numbers", where, pre,
+        return tp_errorf(err, "%s: key \"%s%s\" is not a list of head_dim / 2 = %d numbers", where, pre,
                        key, n);
     int i = 0;
     for (const cJSON *e = v->child; e; e = e->next, i++) {
         if (!cJSON_IsNumber(e) || !isfinite(e->valuedouble) || !(e->valuedouble > 0))
-            return TP_FAIL(err, "%s: %s%s[%d] is not a positive number", where, pre, key, i);
+            return tp_errorf(err, "%s: %s%s[%d] is not a positive number", where, pre, key, i);
         out[i] = (float)e->valuedouble;   /* torch.tensor(list, dtype=float32) */
     }
     return 0;
@@ -232,7 +232,7 @@ static int rope_factor(const cJSON *params, const char *pre, const char *type, b
 {
     const cJSON *v = params ? cJSON_GetObjectItemCaseSensitive(params, "factor") : NULL;
     if (!v || (cJSON_IsNull(v) && !has_null_def))
-        return TP_FAIL(err, "%s: rope type \"%s\" needs key \"%sfactor\"", where, type, pre);
+        return tp_errorf(err, "%s: rope type \"%s\" needs key \"%sfactor\"", where, type, pre);
     return rope_num_above(params, pre, "factor", true, null_def, 0, where, out, err);
 }
 
@@ -270,11 +270,11 @@ static int parse_rope_yarn(tp_rope_config *r, const cJSON *params, const char *p
     if (r->beta_slow == 0)
         r->beta_slow = 1;
     if (!(r->beta_fast > 0) || !(r->beta_slow > 0))
-        return TP_FAIL(err, "%s: %s{beta_fast, beta_slow} = {%g, %g} must be > 0", where, pre,
+        return tp_errorf(err, "%s: %s{beta_fast, beta_slow} = {%g, %g} must be > 0", where, pre,
                        r->beta_fast, r->beta_slow);
     const cJSON *tr = tp_json_opt(params, "truncate");
     if (tr && !cJSON_IsBool(tr))
-        return TP_FAIL(err, "%s: key \"%struncate\" is not true/false", where, pre);
+        return tp_errorf(err, "%s: key \"%struncate\" is not true/false", where, pre);
     r->truncate = !tr || cJSON_IsTrue(tr);
     return 0;
 }
@@ -284,7 +284,7 @@ static int parse_rope_longrope(tp_rope_config *r, const cJSON *params, const cha
 {
     r->n_factors = head_dim / 2;
     if (r->n_factors > TP_ROPE_MAX_FACTORS)
-        return TP_FAIL(err, "%s: %slong_factor: head_dim %d is more than longrope supports here (%d)",
+        return tp_errorf(err, "%s: %slong_factor: head_dim %d is more than longrope supports here (%d)",
                        where, pre, head_dim, 2 * TP_ROPE_MAX_FACTORS);
     if (rope_factor_list(params, pre, "short_factor", r->n_factors, where, r->short_factor, err) < 0 ||
         rope_factor_list(params, pre, "long_factor", r->n_factors, where, r->long_factor, err) < 0 ||
@@ -305,7 +305,7 @@ static int parse_rope_llama3(tp_rope_config *r, const cJSON *params, const char 
         tp_json_finite(params, pre, "high_freq_factor", false, 0, where, &r->high_freq_factor, err) < 0)
         return -1;
     if (!(r->high_freq_factor > r->low_freq_factor))
-        return TP_FAIL(err, "%s: %shigh_freq_factor = %g must be > low_freq_factor = %g", where, pre,
+        return tp_errorf(err, "%s: %shigh_freq_factor = %g must be > low_freq_factor = %g", where, pre,
                        r->high_freq_factor, r->low_freq_factor);
     return 0;
 }
@@ -323,13 +323,13 @@ static int parse_rope(tp_model_config *c, const cJSON *root, const char *where, 
         (params && tp_json_finite(params, pre, "rope_theta", true, r->theta, where, &r->theta, err) < 0))
         return -1;
     if (!(r->theta > 1.0))
-        return TP_FAIL(err, "%s: rope_theta = %g must be > 1", where, r->theta);
+        return tp_errorf(err, "%s: rope_theta = %g must be > 1", where, r->theta);
     double prf;
     if (tp_json_finite(root, "", "partial_rotary_factor", true, 1.0, where, &prf, err) < 0 ||
         (params && tp_json_finite(params, pre, "partial_rotary_factor", true, prf, where, &prf, err) < 0))
         return -1;
     if (prf != 1.0)
-        return TP_FAIL(err, "%s: partial_rotary_factor = %g is not supported (only 1)", where, prf);
+        return tp_errorf(err, "%s: partial_rotary_factor = %g is not supported (only 1)", where, prf);
     r->factor = 1;
     r->attention_factor = 1;
     r->max_position = c->max_position;
@@ -343,7 +343,7 @@ static int parse_rope(tp_model_config *c, const cJSON *root, const char *where, 
         return 0;
     case TP_ROPE_DYNAMIC:
         if (c->head_dim < 4)   /* the base's exponent is dim / (dim - 2) */
-            return TP_FAIL(err, "%s: %srope_type \"dynamic\" needs head_dim >= 4 (it is %d)", where,
+            return tp_errorf(err, "%s: %srope_type \"dynamic\" needs head_dim >= 4 (it is %d)", where,
                            pre, c->head_dim);
         /* fall through */
     case TP_ROPE_LINEAR:
@@ -401,20 +401,20 @@ static int parse_sliding(tp_model_config *c, const cJSON *root, const char *wher
         /* The explicit list wins; accept the shape transformers derives
          * (full attention first, sliding after), refuse anything else. */
         if (cJSON_GetArraySize(types) != c->n_layers)
-            return TP_FAIL(err, "%s: layer_types has %d entries, num_hidden_layers is %d", where,
+            return tp_errorf(err, "%s: layer_types has %d entries, num_hidden_layers is %d", where,
                            cJSON_GetArraySize(types), c->n_layers);
         int first_sliding = c->n_layers, i = 0;
         for (const cJSON *t = types->child; t; t = t->next, i++) {
             if (!cJSON_IsString(t))
-                return TP_FAIL(err, "%s: layer_types[%d] is not a string", where, i);
+                return tp_errorf(err, "%s: layer_types[%d] is not a string", where, i);
             bool sl = strcmp(t->valuestring, "sliding_attention") == 0;
             if (!sl && strcmp(t->valuestring, "full_attention") != 0)
-                return TP_FAIL(err, "%s: layer_types[%d] \"%s\" is not supported", where, i,
+                return tp_errorf(err, "%s: layer_types[%d] \"%s\" is not supported", where, i,
                                t->valuestring);
             if (sl && first_sliding == c->n_layers)
                 first_sliding = i;
             if (!sl && first_sliding < i)
-                return TP_FAIL(err, "%s: layer_types: full attention at layer %d after sliding "
+                return tp_errorf(err, "%s: layer_types: full attention at layer %d after sliding "
                                "layers is not supported", where, i);
         }
         from = first_sliding;
@@ -432,16 +432,16 @@ static int parse_mlp_only(tp_model_config *c, const cJSON *root, const char *whe
     if (!v)
         return 0;
     if (!cJSON_IsArray(v))
-        return TP_FAIL(err, "%s: key \"mlp_only_layers\" is not a list of layer indices", where);
+        return tp_errorf(err, "%s: key \"mlp_only_layers\" is not a list of layer indices", where);
     for (const cJSON *e = v->child; e; e = e->next) {
         double d = cJSON_IsNumber(e) ? e->valuedouble : -1;
         if (!(d >= 0 && d <= INT32_MAX) || d != floor(d))
-            return TP_FAIL(err, "%s: key \"mlp_only_layers\" holds something that is not a layer "
+            return tp_errorf(err, "%s: key \"mlp_only_layers\" holds something that is not a layer "
                            "index", where);
         if (d >= c->n_layers)
             continue;
         if (c->n_mlp_only == TP_MAX_MLP_ONLY)
-            return TP_FAIL(err, "%s: key \"mlp_only_layers\" lists more than %d layers", where,
+            return tp_errorf(err, "%s: key \"mlp_only_layers\" lists more than %d layers", where,
                            TP_MAX_MLP_ONLY);
         c->mlp_only[c->n_mlp_only++] = (int)d;
     }
@@ -461,7 +461,7 @@ static int parse_n_experts(tp_model_config *c, const cJSON *root, const char *wh
         (has_b && cfg_int(root, "num_local_experts", false, 0, 0, MAX_EXPERTS, where, &b, err) < 0))
         return -1;
     if (has_a && has_b && a != b)
-        return TP_FAIL(err, "%s: keys \"num_experts\" (%d) and \"num_local_experts\" (%d) disagree",
+        return tp_errorf(err, "%s: keys \"num_experts\" (%d) and \"num_local_experts\" (%d) disagree",
                        where, a, b);
     c->n_experts = has_a ? a : has_b ? b : def;
     return 0;
@@ -495,10 +495,10 @@ static int parse_moe(tp_model_config *c, const cJSON *root, const char *where, t
         c->moe_intermediate = c->intermediate;
         c->norm_topk_prob = true;
         if (c->n_experts < 1)
-            return TP_FAIL(err, "%s: key \"num_local_experts\" = 0: mixtral needs experts", where);
+            return tp_errorf(err, "%s: key \"num_local_experts\" = 0: mixtral needs experts", where);
     }
     if (c->n_experts > 0 && c->n_experts_per_tok > c->n_experts)
-        return TP_FAIL(err, "%s: key \"num_experts_per_tok\" = %d is more than the %d experts", where,
+        return tp_errorf(err, "%s: key \"num_experts_per_tok\" = %d is more than the %d experts", where,
                        c->n_experts_per_tok, c->n_experts);
     return 0;
 }
@@ -519,7 +519,7 @@ static int parse_model_type(tp_model_config *c, const cJSON *root, const char *w
     if (tp_json_opt_str(root, "", "model_type", where, &mt, err) < 0)
         return -1;
     if (!mt || !*mt || strlen(mt) >= sizeof c->model_type)
-        return TP_FAIL(err, "%s: key \"model_type\" is missing or not a short string", where);
+        return tp_errorf(err, "%s: key \"model_type\" is missing or not a short string", where);
     strcpy(c->model_type, mt);
     c->arch = TP_ARCH_OTHER;
     for (int a = 0; a < TP_ARCH_OTHER; a++)
@@ -543,16 +543,16 @@ static int parse_sizes(tp_model_config *c, const cJSON *root, const char *where,
         return -1;
     bool derived = c->arch != TP_ARCH_QWEN3;   /* see the comment at the top */
     if (derived && !tp_json_opt(root, "head_dim") && c->hidden % c->n_heads)
-        return TP_FAIL(err, "%s: hidden_size %d is not a multiple of num_attention_heads %d and "
+        return tp_errorf(err, "%s: hidden_size %d is not a multiple of num_attention_heads %d and "
                        "there is no head_dim", where, c->hidden, c->n_heads);
     int64_t def_hd = derived ? c->hidden / c->n_heads : 128;
     if (cfg_int(root, "head_dim", true, def_hd, 1, MAX_HEAD_DIM, where, &c->head_dim, err) < 0)
         return -1;
     if ((int64_t)c->n_heads * c->head_dim > MAX_Q_WIDTH)
-        return TP_FAIL(err, "%s: num_attention_heads * head_dim = %" PRId64 " is more than %d", where,
+        return tp_errorf(err, "%s: num_attention_heads * head_dim = %" PRId64 " is more than %d", where,
                        (int64_t)c->n_heads * c->head_dim, MAX_Q_WIDTH);
     if (c->n_heads % c->n_kv_heads)
-        return TP_FAIL(err, "%s: num_attention_heads %d is not a multiple of num_key_value_heads %d",
+        return tp_errorf(err, "%s: num_attention_heads %d is not a multiple of num_key_value_heads %d",
                        where, c->n_heads, c->n_kv_heads);
     return tp_json_opt_bool(root, "tie_word_embeddings", false, where, &c->tie_embeddings, err);
 }
@@ -564,15 +564,15 @@ static int parse_runtime(tp_model_config *c, const cJSON *root, const char *wher
     if (tp_json_opt_str(root, "", "hidden_act", where, &act, err) < 0)
         return -1;
     if (act && strcmp(act, "silu") != 0)
-        return TP_FAIL(err, "%s: hidden_act \"%s\" is not supported (only \"silu\")", where, act);
+        return tp_errorf(err, "%s: hidden_act \"%s\" is not supported (only \"silu\")", where, act);
     if (c->head_dim % 2)
-        return TP_FAIL(err, "%s: head_dim = %d must be even for RoPE", where, c->head_dim);
+        return tp_errorf(err, "%s: head_dim = %d must be even for RoPE", where, c->head_dim);
     double eps;
     if (tp_json_finite(root, "", "rms_norm_eps", true, c->arch == TP_ARCH_MIXTRAL ? 1e-5 : 1e-6,
                        where, &eps, err) < 0)
         return -1;
     if (!((float)eps > 0) || eps > 1) /* > 0 as the float it is stored as */
-        return TP_FAIL(err, "%s: rms_norm_eps = %g is not in (0, 1]", where, eps);
+        return tp_errorf(err, "%s: rms_norm_eps = %g is not in (0, 1]", where, eps);
     c->rms_eps = (float)eps;
     if (parse_rope(c, root, where, err) < 0 ||
         tp_json_opt_bool(root, "attention_bias", c->arch == TP_ARCH_QWEN2, where,
@@ -630,14 +630,14 @@ int tp_config_parse(tp_model_config *c, const char *json, size_t len, const char
 
 static int unsupported_model_type(const tp_model_config *c, const char *where, tp_err *err)
 {
-    return TP_FAIL(err, "%s: model_type \"%s\" is not supported by tprun (qwen3, qwen2, llama, "
+    return tp_errorf(err, "%s: model_type \"%s\" is not supported by tprun (qwen3, qwen2, llama, "
                    "mistral, qwen3_moe, mixtral)", where, c->model_type);
 }
 
 int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err)
 {
     if (!config_json)
-        return TP_FAIL(err, "config.json: missing");
+        return tp_errorf(err, "config.json: missing");
     return config_parse(c, config_json, strlen(config_json), "config.json", true, err);
 }
 
@@ -688,7 +688,7 @@ static int want_shape(const tp_tensor_ref *t, int ndim, const int64_t *want, con
         snprintf(got + strlen(got), sizeof got - strlen(got), "%s%" PRIu64, d ? ", " : "", t->shape[d]);
     for (int d = 0; d < ndim; d++)
         snprintf(exp + strlen(exp), sizeof exp - strlen(exp), "%s%" PRId64, d ? ", " : "", want[d]);
-    return TP_FAIL(err, "tensor %s: shape [%s], config.json says [%s] (%s)", t->name, got, exp, why);
+    return tp_errorf(err, "tensor %s: shape [%s], config.json says [%s] (%s)", t->name, got, exp, why);
 }
 
 static int check_row_shape(const tp_model_config *c, const tp_arch_tensor *row, bool is_bias,
@@ -810,7 +810,7 @@ tp_expert_part tp_arch_expert_part(const char *name, long *layer, long *expert)
 int tp_expert_range(int n_experts, int tp, int rank, int *lo, int *hi, tp_err *err)
 {
     if (tp < 1 || n_experts < 1 || n_experts % tp)
-        return TP_FAIL(err, "--expert-parallel: num_experts = %d (config.json) is not a multiple of "
+        return tp_errorf(err, "--expert-parallel: num_experts = %d (config.json) is not a multiple of "
                        "tp = %d", n_experts, tp);
     *lo = rank * (n_experts / tp);
     *hi = *lo + n_experts / tp;
@@ -855,7 +855,7 @@ static int check_placement(const layer_seen *ls, const tp_tensor_ref *t, long la
 {
     const tp_model_config *c = ls->c;
     if (!row_wanted(ls, layer, row))
-        return TP_FAIL(err, "tensor %s: layer %ld is %s (num_experts %d, decoder_sparse_step %d, "
+        return tp_errorf(err, "tensor %s: layer %ld is %s (num_experts %d, decoder_sparse_step %d, "
                        "mlp_only_layers), this tensor belongs to a %s", t->name, layer,
                        tp_config_layer_sparse(c, (int)layer) ? "sparse" : "dense", c->n_experts,
                        c->decoder_sparse_step,
@@ -865,10 +865,10 @@ static int check_placement(const layer_seen *ls, const tp_tensor_ref *t, long la
                        row->kind == TP_ROW_FUSED ? "layer of fused experts (this layer has "
                                                    "per-expert tensors)" : "sparse layer");
     if (expert >= c->n_experts)
-        return TP_FAIL(err, "tensor %s: expert %ld, but config.json says %s = %d", t->name, expert,
+        return tp_errorf(err, "tensor %s: expert %ld, but config.json says %s = %d", t->name, expert,
                        dim_name(c, TP_DIM_EXPERTS), c->n_experts);
     if (expert >= 0 && (expert < ls->expert_lo || expert >= ls->expert_hi))
-        return TP_FAIL(err, "tensor %s: expert %ld is not one of this rank's experts [%d, %d)",
+        return tp_errorf(err, "tensor %s: expert %ld is not one of this rank's experts [%d, %d)",
                        t->name, expert, ls->expert_lo, ls->expert_hi);
     return 0;
 }
@@ -881,7 +881,7 @@ static int check_layer_tensor(layer_seen *ls, const tp_tensor_ref *t, long layer
 {
     const tp_model_config *c = ls->c;
     if (layer >= c->n_layers)
-        return TP_FAIL(err, "tensor %s: layer %ld, but num_hidden_layers is %d", t->name, layer,
+        return tp_errorf(err, "tensor %s: layer %ld, but num_hidden_layers is %d", t->name, layer,
                        c->n_layers);
     bool is_bias = false;
     long expert;
@@ -889,7 +889,7 @@ static int check_layer_tensor(layer_seen *ls, const tp_tensor_ref *t, long layer
     if (row == -2 || (row < 0 && !report_unknown) || (row >= 0 && report_unknown))
         return 0;
     if (row < 0)
-        return TP_FAIL(err, "tensor %s: not a tensor of a %s layer (tprun would not use it)",
+        return tp_errorf(err, "tensor %s: not a tensor of a %s layer (tprun would not use it)",
                        t->name, c->model_type);
     const tp_arch_tensor *r = &tp_arch_layer_tensors[row];
     if (check_placement(ls, t, layer, r, expert, err) < 0)
@@ -915,11 +915,11 @@ static int check_model_tensors(const tp_model_config *c, const tp_tensor_ref *t,
     const tp_tensor_ref *norm = find_ref(t, n, "model.norm.weight");
     const tp_tensor_ref *head = find_ref(t, n, "lm_head.weight");
     if (!emb)
-        return TP_FAIL(err, "tensor model.embed_tokens.weight is missing");
+        return tp_errorf(err, "tensor model.embed_tokens.weight is missing");
     if (!norm)
-        return TP_FAIL(err, "tensor model.norm.weight is missing");
+        return tp_errorf(err, "tensor model.norm.weight is missing");
     if (!head && !c->tie_embeddings)
-        return TP_FAIL(err, "tensor lm_head.weight is missing and config.json has no "
+        return tp_errorf(err, "tensor lm_head.weight is missing and config.json has no "
                        "\"tie_word_embeddings\": true");
     if (want_shape(emb, 2, vh, "vocab_size, hidden_size", err) < 0 ||
         want_shape(norm, 1, h, "hidden_size", err) < 0 ||
@@ -949,7 +949,7 @@ static int report_missing(const layer_seen *ls, long l, const tp_arch_tensor *ro
     tp_arch_tensor_name(row, l, expert, name, sizeof name);
     const char *which = row->kind == TP_ROW_ALL ? "every layer" :
                         row->kind == TP_ROW_DENSE ? "every dense layer" : "every sparse layer";
-    return TP_FAIL(err, "tensor %s is missing (model_type %s needs it in %s of 0..%d)", name,
+    return tp_errorf(err, "tensor %s is missing (model_type %s needs it in %s of 0..%d)", name,
                    ls->c->model_type, which, ls->c->n_layers - 1);
 }
 
@@ -977,7 +977,7 @@ static int layer_seen_init(layer_seen *ls, const tp_model_config *c, int lo, int
     ls->expert_hi = hi;
     ls->base = calloc(tp_arch_n_layer_tensors, sizeof *ls->base);
     if (!ls->base)
-        return TP_FAIL(err, "out of memory");
+        return tp_errorf(err, "out of memory");
     for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
         ls->base[r] = ls->slots;
         bool per_expert = tp_arch_layer_tensors[r].kind == TP_ROW_EXPERT;
@@ -986,7 +986,7 @@ static int layer_seen_init(layer_seen *ls, const tp_model_config *c, int lo, int
     ls->seen = calloc((size_t)c->n_layers * ls->slots, sizeof *ls->seen);
     ls->fused = calloc((size_t)c->n_layers, sizeof *ls->fused);
     if (!ls->seen || !ls->fused)
-        return TP_FAIL(err, "out of memory");
+        return tp_errorf(err, "out of memory");
     return 0;
 }
 
@@ -1058,7 +1058,7 @@ int tp_arch_check_index(const char *config_json, const tp_shard_index *ix, tp_er
         return -1;
     tp_tensor_ref *refs = calloc(ix->n_tensors ? ix->n_tensors : 1, sizeof *refs);
     if (!refs)
-        return TP_FAIL(err, "out of memory");
+        return tp_errorf(err, "out of memory");
     for (size_t i = 0; i < ix->n_tensors; i++)
         refs[i] = (tp_tensor_ref){ix->tensors[i].name, ix->tensors[i].ndim, ix->tensors[i].global_shape};
     int rc = tp_arch_check_rank_tensors(&c, refs, ix->n_tensors, lo, hi, err);
@@ -1088,7 +1088,7 @@ static int check_plan_entry(const tp_plan *p, const char *name, const char *modu
     tp_style s = i < 0 ? TP_STYLE_REPLICATE : p->styles[i];
     if (style_runs_as(s, runs) || s == alt || (ok_replicate && s == TP_STYLE_REPLICATE))
         return 0;
-    return TP_FAIL(err, "%s: %s: style %s is not what tprun runs (%s)", p->source ? p->source : "plan",
+    return tp_errorf(err, "%s: %s: style %s is not what tprun runs (%s)", p->source ? p->source : "plan",
                    i < 0 ? module : p->patterns[i], tp_style_name(s), tp_style_name(runs));
 }
 
@@ -1126,10 +1126,10 @@ int tp_arch_check_plan(const tp_model_config *c, const tp_plan *p, tp_err *err)
 int tp_plan_expert_parallel(const tp_model_config *c, tp_plan *p, int tp, tp_err *err)
 {
     if (c->n_experts <= 0)
-        return TP_FAIL(err, "--expert-parallel: model_type %s has no experts (num_experts)",
+        return tp_errorf(err, "--expert-parallel: model_type %s has no experts (num_experts)",
                        c->model_type);
     if (c->n_experts % tp)
-        return TP_FAIL(err, "--expert-parallel: %s = %d is not a multiple of tp = %d",
+        return tp_errorf(err, "--expert-parallel: %s = %d is not a multiple of tp = %d",
                        dim_name(c, TP_DIM_EXPERTS), c->n_experts, tp);
     char full[256];
     for (size_t i = 0; i < tp_arch_n_layer_tensors; i++) {
@@ -1160,11 +1160,11 @@ int tp_plan_builtin(const char *model_type, tp_plan *out, tp_err *err)
     while (arch < TP_ARCH_OTHER && strcmp(model_type, arch_names[arch]))
         arch++;
     if (arch == TP_ARCH_OTHER)
-        return TP_FAIL(err, "model_type \"%s\" has no built-in plan", model_type);
+        return tp_errorf(err, "model_type \"%s\" has no built-in plan", model_type);
     char src[128];
     snprintf(src, sizeof src, "built-in plan for %s", model_type);
     if (!(out->source = strdup(src)))
-        return TP_FAIL(err, "out of memory");
+        return tp_errorf(err, "out of memory");
     for (size_t i = 0; i < tp_arch_n_layer_tensors; i++) {
         const tp_arch_tensor *row = &tp_arch_layer_tensors[i];
         if (!row->plan_style || !row_in_arch(row, (tp_arch)arch))

@@ -18,9 +18,6 @@
 
 #include "shardfmt.h"
 
-/* tp_errorf, with a -1 the compiler can see (silences maybe-uninitialized
- * warnings on outputs that failing paths leave unset). */
-#define TP_FAIL(...) (tp_errorf(__VA_ARGS__), -1)
 
 #define TP_JSON_MAX_INT 9007199254740992.0 /* 2^53: first double that is not exact */
 
@@ -96,13 +93,13 @@ static inline int tp_json_int_in(const cJSON *obj, const char *prefix, const cha
     const cJSON *v = tp_json_opt(obj, key);
     if (!v) {
         if (!has_def)
-            return TP_FAIL(err, "%s: missing key \"%s%s\"", where, prefix, key);
+            return tp_errorf(err, "%s: missing key \"%s%s\"", where, prefix, key);
         *out = def;
         return 0;
     }
     double d = cJSON_IsNumber(v) ? v->valuedouble : 0;
     if (!cJSON_IsNumber(v) || !(d >= (double)lo && d <= (double)hi) || d != (double)(int64_t)d)
-        return TP_FAIL(err, "%s: key \"%s%s\" = %.17g is not an integer in [%lld, %lld]", where,
+        return tp_errorf(err, "%s: key \"%s%s\" = %.17g is not an integer in [%lld, %lld]", where,
                        prefix, key, cJSON_IsNumber(v) ? d : NAN, (long long)lo, (long long)hi);
     *out = (int64_t)d;
     return 0;
@@ -115,12 +112,12 @@ static inline int tp_json_finite(const cJSON *obj, const char *prefix, const cha
     const cJSON *v = tp_json_opt(obj, key);
     if (!v) {
         if (!has_def)
-            return TP_FAIL(err, "%s: missing key \"%s%s\"", where, prefix, key);
+            return tp_errorf(err, "%s: missing key \"%s%s\"", where, prefix, key);
         *out = def;
         return 0;
     }
     if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
-        return TP_FAIL(err, "%s: key \"%s%s\" is not a finite number", where, prefix, key);
+        return tp_errorf(err, "%s: key \"%s%s\" is not a finite number", where, prefix, key);
     *out = v->valuedouble;
     return 0;
 }
@@ -134,7 +131,7 @@ static inline int tp_json_opt_bool(const cJSON *obj, const char *key, bool def, 
         return 0;
     }
     if (!cJSON_IsBool(v))
-        return TP_FAIL(err, "%s: key \"%s\" is not true/false", where, key);
+        return tp_errorf(err, "%s: key \"%s\" is not true/false", where, key);
     *out = cJSON_IsTrue(v);
     return 0;
 }
@@ -146,7 +143,7 @@ static inline int tp_json_opt_str(const cJSON *obj, const char *prefix, const ch
     const cJSON *v = tp_json_opt(obj, key);
     *out = NULL;
     if (v && (!cJSON_IsString(v) || !v->valuestring))
-        return TP_FAIL(err, "%s: key \"%s%s\" is not a string", where, prefix, key);
+        return tp_errorf(err, "%s: key \"%s%s\" is not a string", where, prefix, key);
     if (v)
         *out = v->valuestring;
     return 0;
@@ -162,14 +159,14 @@ static inline int tp_json_id_list(const cJSON *obj, const char *key, int32_t *id
     if (!v)
         return 0;
     if (!cJSON_IsNumber(v) && !cJSON_IsArray(v))
-        return TP_FAIL(err, "%s: key \"%s\" is neither a token id nor a list of them", where, key);
+        return tp_errorf(err, "%s: key \"%s\" is neither a token id nor a list of them", where, key);
     const cJSON *e = cJSON_IsArray(v) ? v->child : v;
     for (; e; e = cJSON_IsArray(v) ? e->next : NULL) {
         double d = cJSON_IsNumber(e) ? e->valuedouble : -1;
         if (!(d >= 0 && d <= INT32_MAX) || d != (double)(int64_t)d)
-            return TP_FAIL(err, "%s: key \"%s\" holds something that is not a token id", where, key);
+            return tp_errorf(err, "%s: key \"%s\" holds something that is not a token id", where, key);
         if (*n == max_n)
-            return TP_FAIL(err, "%s: key \"%s\" lists more than %d ids", where, key, max_n);
+            return tp_errorf(err, "%s: key \"%s\" lists more than %d ids", where, key, max_n);
         ids[(*n)++] = (int32_t)d;
     }
     return 0;
@@ -188,11 +185,11 @@ static inline int tp_json_check_keys(const cJSON *obj, const char *const *allowe
             bool printable = strlen(it->string) <= 64;
             for (const char *c = it->string; printable && *c; c++)
                 printable = (unsigned char)*c >= 0x20 && *c != 0x7f;
-            return TP_FAIL(err, "%s: unknown key \"%s\"", where, printable ? it->string : "(unprintable)");
+            return tp_errorf(err, "%s: unknown key \"%s\"", where, printable ? it->string : "(unprintable)");
         }
         for (const cJSON *o = obj->child; o != it; o = o->next)
             if (strcmp(o->string, it->string) == 0)
-                return TP_FAIL(err, "%s: duplicate key \"%s\"", where, it->string);
+                return tp_errorf(err, "%s: duplicate key \"%s\"", where, it->string);
     }
     return 0;
 }
@@ -210,13 +207,13 @@ static inline int tp_json_u64_value(const cJSON *v, uint64_t max, const char *ke
                                     const char *where, uint64_t *out, tp_err *err)
 {
     if (!cJSON_IsNumber(v))
-        return TP_FAIL(err, "%s: \"%s\" must be a number", where, key);
+        return tp_errorf(err, "%s: \"%s\" must be a number", where, key);
     double d = v->valuedouble;
     if (!(d >= 0) || d >= TP_JSON_MAX_INT || d != (double)(uint64_t)d)
-        return TP_FAIL(err, "%s: \"%s\" must be a non-negative integer below 2^53", where, key);
+        return tp_errorf(err, "%s: \"%s\" must be a non-negative integer below 2^53", where, key);
     uint64_t u = (uint64_t)d;
     if (u > max)
-        return TP_FAIL(err, "%s: \"%s\" is %llu, above the limit %llu", where, key,
+        return tp_errorf(err, "%s: \"%s\" is %llu, above the limit %llu", where, key,
                          (unsigned long long)u, (unsigned long long)max);
     *out = u;
     return 0;
@@ -236,10 +233,10 @@ static inline int tp_json_int(const cJSON *obj, const char *key, int lo, int hi,
     if (!v)
         return -1;
     if (!cJSON_IsNumber(v))
-        return TP_FAIL(err, "%s: \"%s\" must be a number", where, key);
+        return tp_errorf(err, "%s: \"%s\" must be a number", where, key);
     double d = v->valuedouble;
     if (!(d >= lo && d <= hi) || d != (double)(long long)d)
-        return TP_FAIL(err, "%s: \"%s\" must be an integer in [%d, %d]", where, key, lo, hi);
+        return tp_errorf(err, "%s: \"%s\" must be an integer in [%d, %d]", where, key, lo, hi);
     *out = (int)d;
     return 0;
 }
@@ -252,15 +249,15 @@ static inline int tp_json_str(const cJSON *obj, const char *key, size_t max_len,
     if (!v)
         return -1;
     if (!cJSON_IsString(v) || !v->valuestring)
-        return TP_FAIL(err, "%s: \"%s\" must be a string", where, key);
+        return tp_errorf(err, "%s: \"%s\" must be a string", where, key);
     size_t n = strlen(v->valuestring);
     if (n == 0 && !allow_empty)
-        return TP_FAIL(err, "%s: \"%s\" is empty", where, key);
+        return tp_errorf(err, "%s: \"%s\" is empty", where, key);
     if (n > max_len)
-        return TP_FAIL(err, "%s: \"%s\" is longer than %zu bytes", where, key, max_len);
+        return tp_errorf(err, "%s: \"%s\" is longer than %zu bytes", where, key, max_len);
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)v->valuestring[i] < 0x20 || v->valuestring[i] == 0x7f)
-            return TP_FAIL(err, "%s: \"%s\" contains a control character", where, key);
+            return tp_errorf(err, "%s: \"%s\" contains a control character", where, key);
     *out = v->valuestring;
     return 0;
 }
@@ -271,7 +268,7 @@ static inline int tp_json_bool(const cJSON *obj, const char *key, const char *wh
     if (!v)
         return -1;
     if (!cJSON_IsBool(v))
-        return TP_FAIL(err, "%s: \"%s\" must be true or false", where, key);
+        return tp_errorf(err, "%s: \"%s\" must be true or false", where, key);
     *out = cJSON_IsTrue(v);
     return 0;
 }

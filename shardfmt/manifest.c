@@ -118,10 +118,10 @@ static int check_self_checksum(const cJSON *root, const char *text, size_t len, 
     size_t value_at;
     if (locate_checksum(text, len, &value_at) < 0 || strlen(value) != 16 ||
         memcmp(text + value_at, value, 16) != 0)
-        return TP_FAIL(err, "%s: \"%s\" must be the last member, 16 lowercase hex digits", name, CHECKSUM_KEY);
+        return tp_errorf(err, "%s: \"%s\" must be the last member, 16 lowercase hex digits", name, CHECKSUM_KEY);
     uint64_t want;
     if (tp_parse_hex64(value, &want) < 0 || tp_xxh3(text, value_at) != want)
-        return TP_FAIL(err, "%s: checksum mismatch (the manifest was edited or corrupted after tpconvert wrote it)",
+        return tp_errorf(err, "%s: checksum mismatch (the manifest was edited or corrupted after tpconvert wrote it)",
                        name);
     return 0;
 }
@@ -151,22 +151,22 @@ void tp_manifest_free(tp_manifest *m)
 static int check_for_write(const tp_manifest *m, const char *path, tp_err *err)
 {
     if (!m->format || (strcmp(m->format, "tpshard") != 0 && strcmp(m->format, "safetensors") != 0))
-        return TP_FAIL(err, "%s: format must be \"tpshard\" or \"safetensors\"", path);
+        return tp_errorf(err, "%s: format must be \"tpshard\" or \"safetensors\"", path);
     if (!tp_is_conversion_id(m->conversion_id))
-        return TP_FAIL(err, "%s: conversion id must be 32 lowercase hex digits", path);
+        return tp_errorf(err, "%s: conversion id must be 32 lowercase hex digits", path);
     if (m->tp < 1 || m->tp > TP_MAX_TP || !m->ranks)
-        return TP_FAIL(err, "%s: tp %d out of range [1, %d]", path, m->tp, TP_MAX_TP);
+        return tp_errorf(err, "%s: tp %d out of range [1, %d]", path, m->tp, TP_MAX_TP);
     if (!m->model_type || !*m->model_type || !m->codec)
-        return TP_FAIL(err, "%s: model_type and codec are required", path);
+        return tp_errorf(err, "%s: model_type and codec are required", path);
     for (int i = 0; i < m->tp; i++)
         if (m->ranks[i].rank != i || !m->ranks[i].file || !tp_safe_file_name(m->ranks[i].file))
-            return TP_FAIL(err, "%s: rank entry %d is not rank %d with a plain file name", path, i, i);
+            return tp_errorf(err, "%s: rank entry %d is not rank %d with a plain file name", path, i, i);
     for (size_t i = 0; i < m->n_files; i++) {
         if (!m->files[i].name || !tp_safe_file_name(m->files[i].name))
-            return TP_FAIL(err, "%s: copied file name \"%s\" is not a plain file name", path,
+            return tp_errorf(err, "%s: copied file name \"%s\" is not a plain file name", path,
                              m->files[i].name ? m->files[i].name : "");
         if (m->files[i].size > TP_MAX_COPIED_FILE)
-            return TP_FAIL(err, "%s: %llu bytes, more than the %u a copied file may have", m->files[i].name,
+            return tp_errorf(err, "%s: %llu bytes, more than the %u a copied file may have", m->files[i].name,
                            (unsigned long long)m->files[i].size, TP_MAX_COPIED_FILE);
     }
     return 0;
@@ -242,7 +242,7 @@ int tp_manifest_write(const char *dir, const tp_manifest *m, tp_err *err)
 {
     char *path = tp_path_join(dir, TP_MANIFEST_NAME);
     if (!path)
-        return TP_FAIL(err, "%s: out of memory", dir);
+        return tp_errorf(err, "%s: out of memory", dir);
     cJSON *config = NULL, *plan = NULL;
     if (check_for_write(m, path, err) < 0 ||
         !(config = object_from_text(m->config_json, "config", "config.json", path, err)) ||
@@ -299,7 +299,7 @@ static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank 
     char where[1200];
     snprintf(where, sizeof where, "%s: ranks[%d]", name, i);
     if (!cJSON_IsObject(o))
-        return TP_FAIL(err, "%s: must be an object", where);
+        return tp_errorf(err, "%s: must be an object", where);
     static const char *const keys[] = { "rank", "file", "size", "checksum", "raw_bytes", "stored_bytes",
                                         "tensors", NULL };
     const char *file, *checksum;
@@ -307,23 +307,23 @@ static int parse_rank(const cJSON *o, int i, const char *name, tp_manifest_rank 
     if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_int(o, "rank", 0, TP_MAX_TP - 1, where, &r->rank, err) < 0)
         return -1;
     if (r->rank != i)
-        return TP_FAIL(err, "%s: is rank %d (ranks must be listed 0..tp-1 in order)", where, r->rank);
+        return tp_errorf(err, "%s: is rank %d (ranks must be listed 0..tp-1 in order)", where, r->rank);
     if (tp_json_str(o, "file", 4096, false, where, &file, err) < 0)
         return -1;
     if (!tp_safe_file_name(file))
-        return TP_FAIL(err, "%s: file \"%s\" is not a plain file name in the directory", where, file);
+        return tp_errorf(err, "%s: file \"%s\" is not a plain file name in the directory", where, file);
     if (tp_json_u64(o, "size", UINT64_MAX, where, &r->size, err) < 0 ||
         tp_json_str(o, "checksum", 64, false, where, &checksum, err) < 0)
         return -1;
     if (tp_parse_hex64(checksum, &r->checksum) < 0)
-        return TP_FAIL(err, "%s: checksum \"%s\" is not 16 hex digits", where, checksum);
+        return tp_errorf(err, "%s: checksum \"%s\" is not 16 hex digits", where, checksum);
     if (tp_json_u64(o, "raw_bytes", UINT64_MAX, where, &r->raw_bytes, err) < 0 ||
         tp_json_u64(o, "stored_bytes", UINT64_MAX, where, &r->stored_bytes, err) < 0 ||
         tp_json_u64(o, "tensors", UINT64_MAX, where, &n_tensors, err) < 0)
         return -1;
     r->n_tensors = (size_t)n_tensors;
     if (!(r->file = strdup(file)))
-        return TP_FAIL(err, "%s: out of memory", where);
+        return tp_errorf(err, "%s: out of memory", where);
     return 0;
 }
 
@@ -333,14 +333,14 @@ static int parse_ranks(const cJSON *root, const char *name, tp_manifest *m, tp_e
     if (!ranks)
         return -1;
     if (!cJSON_IsArray(ranks))
-        return TP_FAIL(err, "%s: \"ranks\" must be an array", name);
+        return tp_errorf(err, "%s: \"ranks\" must be an array", name);
     int n = cJSON_GetArraySize(ranks);
     if (n < m->tp)
-        return TP_FAIL(err, "%s: lists %d ranks but tp is %d (rank %d missing)", name, n, m->tp, n);
+        return tp_errorf(err, "%s: lists %d ranks but tp is %d (rank %d missing)", name, n, m->tp, n);
     if (n > m->tp)
-        return TP_FAIL(err, "%s: lists %d ranks but tp is %d", name, n, m->tp);
+        return tp_errorf(err, "%s: lists %d ranks but tp is %d", name, n, m->tp);
     if (!(m->ranks = calloc((size_t)m->tp, sizeof *m->ranks)))
-        return TP_FAIL(err, "%s: out of memory", name);
+        return tp_errorf(err, "%s: out of memory", name);
     int i = 0;
     const cJSON *r;
     cJSON_ArrayForEach(r, ranks) {
@@ -348,7 +348,7 @@ static int parse_ranks(const cJSON *root, const char *name, tp_manifest *m, tp_e
             return -1;
         for (int j = 0; j < i; j++)
             if (strcmp(m->ranks[j].file, m->ranks[i].file) == 0)
-                return TP_FAIL(err, "%s: ranks %d and %d share the file %s", name, j, i, m->ranks[i].file);
+                return tp_errorf(err, "%s: ranks %d and %d share the file %s", name, j, i, m->ranks[i].file);
         i++;
     }
     return 0;
@@ -359,23 +359,23 @@ static int parse_file(const cJSON *o, size_t i, const char *name, tp_manifest_fi
     char where[1200];
     snprintf(where, sizeof where, "%s: files[%zu]", name, i);
     if (!cJSON_IsObject(o))
-        return TP_FAIL(err, "%s: must be an object {\"name\", \"size\", \"xxh3\"}", where);
+        return tp_errorf(err, "%s: must be an object {\"name\", \"size\", \"xxh3\"}", where);
     static const char *const keys[] = { "name", "size", "xxh3", NULL };
     const char *file, *sum;
     if (tp_json_check_keys(o, keys, where, err) < 0 || tp_json_str(o, "name", 4096, false, where, &file, err) < 0)
         return -1;
     if (!tp_safe_file_name(file))
-        return TP_FAIL(err, "%s: name \"%s\" is not a plain file name in the directory", where, file);
+        return tp_errorf(err, "%s: name \"%s\" is not a plain file name in the directory", where, file);
     if (tp_json_u64(o, "size", UINT64_MAX, where, &f->size, err) < 0 ||
         tp_json_str(o, "xxh3", 64, false, where, &sum, err) < 0)
         return -1;
     if (f->size > TP_MAX_COPIED_FILE)
-        return TP_FAIL(err, "%s: %s is %llu bytes, more than the %u a copied file may have", where, file,
+        return tp_errorf(err, "%s: %s is %llu bytes, more than the %u a copied file may have", where, file,
                        (unsigned long long)f->size, TP_MAX_COPIED_FILE);
     if (tp_parse_hex64(sum, &f->xxh3) < 0)
-        return TP_FAIL(err, "%s: xxh3 \"%s\" is not 16 hex digits", where, sum);
+        return tp_errorf(err, "%s: xxh3 \"%s\" is not 16 hex digits", where, sum);
     if (!(f->name = strdup(file)))
-        return TP_FAIL(err, "%s: out of memory", where);
+        return tp_errorf(err, "%s: out of memory", where);
     return 0;
 }
 
@@ -385,10 +385,10 @@ static int parse_files(const cJSON *root, const char *name, tp_manifest *m, tp_e
     if (!files)
         return -1;
     if (!cJSON_IsArray(files))
-        return TP_FAIL(err, "%s: \"files\" must be an array", name);
+        return tp_errorf(err, "%s: \"files\" must be an array", name);
     size_t n = (size_t)cJSON_GetArraySize(files);
     if (!(m->files = calloc(n ? n : 1, sizeof *m->files)))
-        return TP_FAIL(err, "%s: out of memory", name);
+        return tp_errorf(err, "%s: out of memory", name);
     const cJSON *f;
     cJSON_ArrayForEach(f, files) {
         tp_manifest_file *entry = &m->files[m->n_files];
@@ -398,7 +398,7 @@ static int parse_files(const cJSON *root, const char *name, tp_manifest *m, tp_e
             return -1;
         for (size_t j = 0; j + 1 < m->n_files; j++)
             if (strcmp(m->files[j].name, entry->name) == 0)
-                return TP_FAIL(err, "%s: file %s listed twice", name, entry->name);
+                return tp_errorf(err, "%s: file %s listed twice", name, entry->name);
     }
     return 0;
 }
@@ -410,9 +410,9 @@ static int object_text(const cJSON *root, const char *key, const char *name, cha
     if (!v)
         return -1;
     if (!cJSON_IsObject(v))
-        return TP_FAIL(err, "%s: \"%s\" must be an object", name, key);
+        return tp_errorf(err, "%s: \"%s\" must be an object", name, key);
     if (!(*out = cJSON_PrintUnformatted(v)))
-        return TP_FAIL(err, "%s: out of memory", name);
+        return tp_errorf(err, "%s: out of memory", name);
     return 0;
 }
 
@@ -435,10 +435,10 @@ static int check_version(const cJSON *root, const char *name, tp_manifest *m, tp
     if (tp_json_int(root, "format_version", 0, 1 << 30, name, &m->format_version, err) < 0)
         return -1;
     if (m->format_version > TP_MANIFEST_VERSION)
-        return TP_FAIL(err, "%s: format version %d is newer than this build supports (%d)", name,
+        return tp_errorf(err, "%s: format version %d is newer than this build supports (%d)", name,
                          m->format_version, TP_MANIFEST_VERSION);
     if (m->format_version < TP_MANIFEST_VERSION)
-        return TP_FAIL(err, "%s: format version %d was made by an older tpconvert (this build reads %d): "
+        return tp_errorf(err, "%s: format version %d was made by an older tpconvert (this build reads %d): "
                        "convert again", name, m->format_version, TP_MANIFEST_VERSION);
     return 0;
 }
@@ -447,7 +447,7 @@ static int parse_top(const cJSON *root, const char *text, size_t len, const char
                      tp_err *err)
 {
     if (!cJSON_IsObject(root))
-        return TP_FAIL(err, "%s: not a JSON object", name);
+        return tp_errorf(err, "%s: not a JSON object", name);
     static const char *const keys[] = { "format", "format_version", "conversion_id", "created", "tool", "tp",
                                         "model_type", "vocab_parallel", "expert_parallel", "codec", "level",
                                         "config", "plan",
@@ -459,33 +459,33 @@ static int parse_top(const cJSON *root, const char *text, size_t len, const char
     if (tp_json_str(root, "format", 32, false, name, &s, err) < 0)
         return -1;
     if (strcmp(s, "tpshard") != 0 && strcmp(s, "safetensors") != 0)
-        return TP_FAIL(err, "%s: format \"%s\" is neither \"tpshard\" nor \"safetensors\"", name, s);
+        return tp_errorf(err, "%s: format \"%s\" is neither \"tpshard\" nor \"safetensors\"", name, s);
     if (!(m->format = strdup(s)) || tp_json_str(root, "conversion_id", 64, false, name, &s, err) < 0)
         return m->format ? -1 : tp_errorf(err, "%s: out of memory", name);
     if (!tp_is_conversion_id(s))
-        return TP_FAIL(err, "%s: conversion_id \"%s\" is not 32 lowercase hex digits", name, s);
+        return tp_errorf(err, "%s: conversion_id \"%s\" is not 32 lowercase hex digits", name, s);
     memcpy(m->conversion_id, s, 33);
     if (tp_json_str(root, "created", 64, false, name, &s, err) < 0)
         return -1;
     if (!iso8601_ok(s))
-        return TP_FAIL(err, "%s: created \"%s\" is not an ISO-8601 UTC time (YYYY-MM-DDTHH:MM:SSZ)", name, s);
+        return tp_errorf(err, "%s: created \"%s\" is not an ISO-8601 UTC time (YYYY-MM-DDTHH:MM:SSZ)", name, s);
     if (tp_json_str(root, "tool", 128, false, name, &s, err) < 0 ||
         tp_json_int(root, "tp", 1, TP_MAX_TP, name, &m->tp, err) < 0 ||
         tp_json_str(root, "model_type", 64, false, name, &s, err) < 0)
         return -1;
     if (!(m->model_type = strdup(s)))
-        return TP_FAIL(err, "%s: out of memory", name);
+        return tp_errorf(err, "%s: out of memory", name);
     if (tp_json_bool(root, "vocab_parallel", name, &m->vocab_parallel, err) < 0 ||
         tp_json_opt_bool(root, "expert_parallel", false, name, &m->expert_parallel, err) < 0 ||
         tp_json_str(root, "codec", 16, false, name, &s, err) < 0)
         return -1;
     tp_codec codec;
     if (tp_codec_from_name(s, &codec) < 0)
-        return TP_FAIL(err, "%s: unknown codec \"%s\"", name, s);
+        return tp_errorf(err, "%s: unknown codec \"%s\"", name, s);
     if (strcmp(m->format, "safetensors") == 0 && codec != TP_CODEC_NONE)
-        return TP_FAIL(err, "%s: a safetensors conversion has codec \"none\", not \"%s\"", name, s);
+        return tp_errorf(err, "%s: a safetensors conversion has codec \"none\", not \"%s\"", name, s);
     if (!(m->codec = strdup(s)))
-        return TP_FAIL(err, "%s: out of memory", name);
+        return tp_errorf(err, "%s: out of memory", name);
     if (tp_json_int(root, "level", ZSTD_minCLevel(), ZSTD_maxCLevel(), name, &m->level, err) < 0 ||
         object_text(root, "config", name, &m->config_json, err) < 0 ||
         object_text(root, "plan", name, &m->plan_json, err) < 0 || parse_files(root, name, m, err) < 0)
@@ -498,7 +498,7 @@ int tp_manifest_parse(const char *json, size_t len, const char *name, tp_manifes
     memset(m, 0, sizeof *m);
     cJSON *root = tp_json_parse(json, len);
     if (!root)
-        return TP_FAIL(err, "%s: not valid JSON", name);
+        return tp_errorf(err, "%s: not valid JSON", name);
     int rc = parse_top(root, json, len, name, m, err);
     cJSON_Delete(root);
     if (rc < 0) {
@@ -513,7 +513,7 @@ int tp_manifest_read(const char *dir, tp_manifest *m, tp_err *err)
     memset(m, 0, sizeof *m);
     char *path = tp_path_join(dir, TP_MANIFEST_NAME);
     if (!path)
-        return TP_FAIL(err, "%s: out of memory", dir);
+        return tp_errorf(err, "%s: out of memory", dir);
     char *text;
     size_t len;
     int rc = tp_read_file(path, MAX_MANIFEST_SIZE, &text, &len, err);

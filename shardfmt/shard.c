@@ -89,37 +89,37 @@ static int check_geometry(const char *where, int ndim, const uint64_t *shape,
                           const uint64_t *global, const tp_split *s, tp_err *err)
 {
     if (ndim < 0 || ndim > TP_MAX_DIMS)
-        return TP_FAIL(err, "%s: %d dimensions (at most %d)", where, ndim, TP_MAX_DIMS);
+        return tp_errorf(err, "%s: %d dimensions (at most %d)", where, ndim, TP_MAX_DIMS);
     if (s->dim == -1) {
         if (s->n_ranges != 0)
-            return TP_FAIL(err, "%s: replicated tensor with split ranges", where);
+            return tp_errorf(err, "%s: replicated tensor with split ranges", where);
         for (int d = 0; d < ndim; d++)
             if (shape[d] != global[d])
-                return TP_FAIL(err, "%s: replicated, but local dim %d is %llu and global %llu", where, d,
+                return tp_errorf(err, "%s: replicated, but local dim %d is %llu and global %llu", where, d,
                                  (unsigned long long)shape[d], (unsigned long long)global[d]);
         return 0;
     }
     if (s->dim < 0 || s->dim >= ndim)
-        return TP_FAIL(err, "%s: split dim %d outside a %d-dimensional tensor", where, s->dim, ndim);
+        return tp_errorf(err, "%s: split dim %d outside a %d-dimensional tensor", where, s->dim, ndim);
     if (s->n_ranges < 1 || s->n_ranges > TP_MAX_RANGES)
-        return TP_FAIL(err, "%s: %d split ranges (1 to %d allowed)", where, s->n_ranges, TP_MAX_RANGES);
+        return tp_errorf(err, "%s: %d split ranges (1 to %d allowed)", where, s->n_ranges, TP_MAX_RANGES);
     for (int d = 0; d < ndim; d++)
         if (d != s->dim && shape[d] != global[d])
-            return TP_FAIL(err, "%s: dim %d is not split, but local is %llu and global %llu", where, d,
+            return tp_errorf(err, "%s: dim %d is not split, but local is %llu and global %llu", where, d,
                              (unsigned long long)shape[d], (unsigned long long)global[d]);
     uint64_t total = 0;
     for (int k = 0; k < s->n_ranges; k++) {
         if (s->start[k] > s->end[k] || s->end[k] > global[s->dim])
-            return TP_FAIL(err, "%s: split range [%llu, %llu) outside global dim %d of size %llu", where,
+            return tp_errorf(err, "%s: split range [%llu, %llu) outside global dim %d of size %llu", where,
                              (unsigned long long)s->start[k], (unsigned long long)s->end[k], s->dim,
                              (unsigned long long)global[s->dim]);
         for (int j = 0; j < k; j++)
             if (s->start[k] < s->end[j] && s->start[j] < s->end[k])
-                return TP_FAIL(err, "%s: split ranges %d and %d overlap", where, j, k);
+                return tp_errorf(err, "%s: split ranges %d and %d overlap", where, j, k);
         total += s->end[k] - s->start[k]; /* no overflow: each <= global, ranges disjoint */
     }
     if (total != shape[s->dim])
-        return TP_FAIL(err, "%s: split ranges cover %llu along dim %d but the local size is %llu", where,
+        return tp_errorf(err, "%s: split ranges cover %llu along dim %d but the local size is %llu", where,
                          (unsigned long long)total, s->dim, (unsigned long long)shape[s->dim]);
     return 0;
 }
@@ -210,24 +210,24 @@ int tp_shard_writer_open(tp_shard_writer **out, const char *path, const char *co
     if (!opts)
         opts = &defaults;
     if (!tp_is_conversion_id(conversion_id))
-        return TP_FAIL(err, "%s: conversion id must be 32 lowercase hex digits", path);
+        return tp_errorf(err, "%s: conversion id must be 32 lowercase hex digits", path);
     if (tp < 1 || tp > TP_MAX_TP || rank < 0 || rank >= tp)
-        return TP_FAIL(err, "%s: rank %d of tp %d is out of range", path, rank, tp);
+        return tp_errorf(err, "%s: rank %d of tp %d is out of range", path, rank, tp);
     if (opts->codec != TP_CODEC_NONE && opts->codec != TP_CODEC_ZSTD)
-        return TP_FAIL(err, "%s: unknown codec %d", path, (int)opts->codec);
+        return tp_errorf(err, "%s: unknown codec %d", path, (int)opts->codec);
     if (opts->codec == TP_CODEC_ZSTD && (opts->level < ZSTD_minCLevel() || opts->level > ZSTD_maxCLevel()))
-        return TP_FAIL(err, "%s: zstd level %d outside [%d, %d]", path, opts->level, ZSTD_minCLevel(),
+        return tp_errorf(err, "%s: zstd level %d outside [%d, %d]", path, opts->level, ZSTD_minCLevel(),
                        ZSTD_maxCLevel());
     size_t chunk = opts->chunk_size ? opts->chunk_size : TP_DEFAULT_CHUNK;
     /* A multiple of every element size (1, 2, 4) so that chunks never split
      * an element, whatever the dtype. */
     if (chunk % 4 != 0 || chunk > TP_SHARD_MAX_CHUNK)
-        return TP_FAIL(err, "%s: chunk size %zu must be a multiple of 4 and at most %u", path, chunk,
+        return tp_errorf(err, "%s: chunk size %zu must be a multiple of 4 and at most %u", path, chunk,
                          TP_SHARD_MAX_CHUNK);
 
     tp_shard_writer *w = calloc(1, sizeof *w);
     if (!w)
-        return TP_FAIL(err, "%s: out of memory", path);
+        return tp_errorf(err, "%s: out of memory", path);
     w->fd = -1;
     w->path = strdup(path);
     w->tmp_path = malloc(strlen(path) + 5);
@@ -236,7 +236,7 @@ int tp_shard_writer_open(tp_shard_writer **out, const char *path, const char *co
     w->slots = calloc(w->n_slots, sizeof *w->slots);
     if (!w->path || !w->tmp_path || !w->slots) {
         free(w->path), free(w->tmp_path), free(w->slots), free(w);
-        return TP_FAIL(err, "%s: out of memory", path);
+        return tp_errorf(err, "%s: out of memory", path);
     }
     sprintf(w->tmp_path, "%s.tmp", path);
     memcpy(w->conversion_id, conversion_id, 33);
@@ -317,11 +317,11 @@ static void chunk_job(void *p)
 static int slot_buffers(tp_shard_writer *w, chunk_slot *s, tp_codec codec, tp_err *err)
 {
     if (!s->raw && !(s->raw = malloc(w->chunk_size)))
-        return TP_FAIL(err, "%s: out of memory for a %zu-byte chunk", w->tmp_path, w->chunk_size);
+        return tp_errorf(err, "%s: out of memory for a %zu-byte chunk", w->tmp_path, w->chunk_size);
     if (codec == TP_CODEC_ZSTD && !s->enc) {
         s->enc_cap = tp_codec_bound(codec, w->chunk_size);
         if (!(s->enc = malloc(s->enc_cap)))
-            return TP_FAIL(err, "%s: out of memory for a %zu-byte chunk", w->tmp_path, s->enc_cap);
+            return tp_errorf(err, "%s: out of memory for a %zu-byte chunk", w->tmp_path, s->enc_cap);
     }
     return 0;
 }
@@ -337,18 +337,18 @@ static void wait_slot(tp_shard_writer *w, chunk_slot *s)
 static int check_desc(const tp_shard_writer *w, const tp_shard_tensor_desc *d, tp_err *err)
 {
     if (!text_ok(d->name, MAX_NAME_LEN, false))
-        return TP_FAIL(err, "%s: tensor name \"%s\" is empty, too long or has control characters",
+        return tp_errorf(err, "%s: tensor name \"%s\" is empty, too long or has control characters",
                          w->path, d->name ? d->name : "");
     if (tp_shard_find(&w->ix, d->name))
-        return TP_FAIL(err, "%s: tensor %s added twice", w->path, d->name);
+        return tp_errorf(err, "%s: tensor %s added twice", w->path, d->name);
     if (tp_dtype_size(d->dtype) == 0)
-        return TP_FAIL(err, "%s: tensor %s: unsupported dtype", w->path, d->name);
+        return tp_errorf(err, "%s: tensor %s: unsupported dtype", w->path, d->name);
     if (d->style && !text_ok(d->style, MAX_STYLE_LEN, true))
-        return TP_FAIL(err, "%s: tensor %s: style is longer than %d bytes or has control characters", w->path,
+        return tp_errorf(err, "%s: tensor %s: style is longer than %d bytes or has control characters", w->path,
                        d->name, MAX_STYLE_LEN);
     if (d->ndim < 0 || d->ndim > TP_MAX_DIMS || !dims_exact(d->shape, d->ndim) ||
         !dims_exact(d->global_shape, d->ndim))
-        return TP_FAIL(err, "%s: tensor %s: bad number of dimensions or a dimension of 2^53 or more", w->path,
+        return tp_errorf(err, "%s: tensor %s: bad number of dimensions or a dimension of 2^53 or more", w->path,
                        d->name);
     char where[MAX_NAME_LEN + 1200];
     snprintf(where, sizeof where, "%s: tensor %s", w->path, d->name);
@@ -368,7 +368,7 @@ static int write_chunks(tp_shard_writer *w, add_ctx *c, tp_shard_tensor *t, tp_e
 {
     XXH3_state_t *raw_hash = XXH3_createState();
     if (!raw_hash)
-        return TP_FAIL(err, "%s: out of memory", w->tmp_path);
+        return tp_errorf(err, "%s: out of memory", w->tmp_path);
     XXH3_64bits_reset(raw_hash);
     uint64_t pos = t->offset;
     size_t next_submit = 0, next_done = 0;
@@ -429,17 +429,17 @@ int tp_shard_writer_add(tp_shard_writer *w, const tp_shard_tensor_desc *desc,
                         tp_shard_fill_fn fill, void *arg, tp_err *err)
 {
     if (w->failed)
-        return TP_FAIL(err, "%s: writer failed earlier", w->path);
+        return tp_errorf(err, "%s: writer failed earlier", w->path);
     if (check_desc(w, desc, err) < 0)
         return -1;
     size_t raw_size;
     if (!tp_tensor_nbytes(desc->dtype, desc->shape, desc->ndim, &raw_size) || raw_size >= (1ull << 53))
-        return TP_FAIL(err, "%s: tensor %s: size overflows", w->path, desc->name);
+        return tp_errorf(err, "%s: tensor %s: size overflows", w->path, desc->name);
     if (w->ix.n_tensors == w->cap) {
         size_t cap = w->cap ? 2 * w->cap : 64;
         tp_shard_tensor *grown = realloc(w->ix.tensors, cap * sizeof *grown);
         if (!grown)
-            return TP_FAIL(err, "%s: out of memory", w->path);
+            return tp_errorf(err, "%s: out of memory", w->path);
         w->ix.tensors = grown;
         w->cap = cap;
     }
@@ -451,7 +451,7 @@ int tp_shard_writer_add(tp_shard_writer *w, const tp_shard_tensor_desc *desc,
     t->chunks = calloc(t->n_chunks ? t->n_chunks : 1, sizeof *t->chunks);
     if (!t->name || !t->style || !t->chunks) {
         free(t->name), free(t->style), free(t->chunks);
-        return TP_FAIL(err, "%s: out of memory", w->path);
+        return tp_errorf(err, "%s: out of memory", w->path);
     }
     t->dtype = desc->dtype;
     t->ndim = desc->ndim;
@@ -621,29 +621,29 @@ static int parse_header(const uint8_t *buf, size_t len, const char *name, uint64
                         uint64_t *index_length, uint64_t *index_xxh3, tp_err *err)
 {
     if (len < TP_SHARD_HEADER_SIZE)
-        return TP_FAIL(err, "%s: %zu bytes, shorter than the %u-byte tpshard header (truncated?)", name, len,
+        return tp_errorf(err, "%s: %zu bytes, shorter than the %u-byte tpshard header (truncated?)", name, len,
                          TP_SHARD_HEADER_SIZE);
     if (memcmp(buf, shard_magic, 8) != 0)
-        return TP_FAIL(err, "%s: not a tpshard file (bad magic)", name);
+        return tp_errorf(err, "%s: not a tpshard file (bad magic)", name);
     uint32_t version = get_u32(buf + 8);
     if (version > TP_FORMAT_VERSION)
-        return TP_FAIL(err, "%s: format version %u is newer than this build supports (%d)", name, version,
+        return tp_errorf(err, "%s: format version %u is newer than this build supports (%d)", name, version,
                          TP_FORMAT_VERSION);
     if (tp_xxh3(buf, TP_SHARD_HEADER_HASHED) != get_u64(buf + 48))
-        return TP_FAIL(err, "%s: header checksum mismatch (header corrupted)", name);
+        return tp_errorf(err, "%s: header checksum mismatch (header corrupted)", name);
     if (version != TP_FORMAT_VERSION)
-        return TP_FAIL(err, "%s: unsupported format version %u", name, version);
+        return tp_errorf(err, "%s: unsupported format version %u", name, version);
     if (get_u32(buf + 12) != 0)
-        return TP_FAIL(err, "%s: unknown header flags 0x%x", name, get_u32(buf + 12));
+        return tp_errorf(err, "%s: unknown header flags 0x%x", name, get_u32(buf + 12));
     for (size_t i = 56; i < TP_SHARD_HEADER_SIZE; i++)
         if (buf[i] != 0)
-            return TP_FAIL(err, "%s: reserved header byte %zu is not zero (header corrupted)", name, i);
+            return tp_errorf(err, "%s: reserved header byte %zu is not zero (header corrupted)", name, i);
     uint64_t off = get_u64(buf + 16), ilen = get_u64(buf + 24), size = get_u64(buf + 32);
     if (size != len)
-        return TP_FAIL(err, "%s: file is %zu bytes but its header says %llu (truncated or appended to)", name,
+        return tp_errorf(err, "%s: file is %zu bytes but its header says %llu (truncated or appended to)", name,
                          len, (unsigned long long)size);
     if (off < TP_SHARD_HEADER_SIZE || off > size || ilen != size - off || ilen == 0)
-        return TP_FAIL(err, "%s: index at [%llu, +%llu) does not end the %llu-byte file", name,
+        return tp_errorf(err, "%s: index at [%llu, +%llu) does not end the %llu-byte file", name,
                          (unsigned long long)off, (unsigned long long)ilen, (unsigned long long)size);
     *index_offset = off;
     *index_length = ilen;
@@ -655,12 +655,12 @@ static int parse_u64_array(const cJSON *a, const char *key, const char *where, u
                            int max, int *n_out, tp_err *err)
 {
     if (!cJSON_IsArray(a))
-        return TP_FAIL(err, "%s: \"%s\" must be an array", where, key);
+        return tp_errorf(err, "%s: \"%s\" must be an array", where, key);
     int n = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, a) {
         if (n == max)
-            return TP_FAIL(err, "%s: \"%s\" has more than %d entries", where, key, max);
+            return tp_errorf(err, "%s: \"%s\" has more than %d entries", where, key, max);
         if (tp_json_u64_value(v, UINT64_MAX, key, where, &out[n], err) < 0)
             return -1;
         n++;
@@ -676,29 +676,29 @@ static int parse_split(const cJSON *v, int ndim, const char *where, tp_split *s,
     if (cJSON_IsNull(v))
         return 0;
     if (!cJSON_IsObject(v))
-        return TP_FAIL(err, "%s: \"split\" must be null or an object", where);
+        return tp_errorf(err, "%s: \"split\" must be null or an object", where);
     static const char *const keys[] = { "dim", "ranges", NULL };
     if (tp_json_check_keys(v, keys, where, err) < 0)
         return -1;
     if (tp_json_int(v, "dim", 0, ndim > 0 ? ndim - 1 : 0, where, &s->dim, err) < 0)
         return -1;
     if (ndim == 0)
-        return TP_FAIL(err, "%s: a 0-dimensional tensor cannot be split", where);
+        return tp_errorf(err, "%s: a 0-dimensional tensor cannot be split", where);
     const cJSON *ranges = tp_json_need(v, "ranges", where, err);
     if (!ranges)
         return -1;
     if (!cJSON_IsArray(ranges))
-        return TP_FAIL(err, "%s: split \"ranges\" must be an array", where);
+        return tp_errorf(err, "%s: split \"ranges\" must be an array", where);
     const cJSON *r;
     cJSON_ArrayForEach(r, ranges) {
         if (s->n_ranges == TP_MAX_RANGES)
-            return TP_FAIL(err, "%s: more than %d split ranges", where, TP_MAX_RANGES);
+            return tp_errorf(err, "%s: more than %d split ranges", where, TP_MAX_RANGES);
         uint64_t se[2];
         int n;
         if (parse_u64_array(r, "ranges", where, se, 2, &n, err) < 0)
             return -1;
         if (n != 2)
-            return TP_FAIL(err, "%s: a split range must be [start, end]", where);
+            return tp_errorf(err, "%s: a split range must be [start, end]", where);
         s->start[s->n_ranges] = se[0];
         s->end[s->n_ranges] = se[1];
         s->n_ranges++;
@@ -710,7 +710,7 @@ static int parse_hex_field(const cJSON *v, const char *key, const char *where, u
 {
     if (!cJSON_IsString(v) || !v->valuestring || strlen(v->valuestring) != 16 ||
         tp_parse_hex64(v->valuestring, out) < 0)
-        return TP_FAIL(err, "%s: \"%s\" must be 16 hex digits", where, key);
+        return tp_errorf(err, "%s: \"%s\" must be 16 hex digits", where, key);
     return 0;
 }
 
@@ -718,16 +718,16 @@ static int parse_hex_field(const cJSON *v, const char *key, const char *where, u
 static int parse_chunks(const cJSON *a, tp_shard_tensor *t, uint64_t chunk_size, const char *where, tp_err *err)
 {
     if (!cJSON_IsArray(a))
-        return TP_FAIL(err, "%s: \"chunks\" must be an array", where);
+        return tp_errorf(err, "%s: \"chunks\" must be an array", where);
     uint64_t expect = t->raw_size / chunk_size + (t->raw_size % chunk_size != 0);
     size_t n = (size_t)cJSON_GetArraySize(a);
     if (n != expect)
-        return TP_FAIL(err, "%s: %zu chunks, but %llu raw bytes in chunks of %llu make %llu", where, n,
+        return tp_errorf(err, "%s: %zu chunks, but %llu raw bytes in chunks of %llu make %llu", where, n,
                          (unsigned long long)t->raw_size, (unsigned long long)chunk_size,
                          (unsigned long long)expect);
     t->chunks = calloc(n ? n : 1, sizeof *t->chunks);
     if (!t->chunks)
-        return TP_FAIL(err, "%s: out of memory", where);
+        return tp_errorf(err, "%s: out of memory", where);
     t->n_chunks = n;
     uint64_t pos = t->offset, raw_left = t->raw_size;
     size_t i = 0;
@@ -735,7 +735,7 @@ static int parse_chunks(const cJSON *a, tp_shard_tensor *t, uint64_t chunk_size,
     cJSON_ArrayForEach(c, a) {
         tp_chunk_info *ci = &t->chunks[i];
         if (!cJSON_IsArray(c) || cJSON_GetArraySize(c) != 2)
-            return TP_FAIL(err, "%s: chunk %zu must be [stored_size, \"xxh3\"]", where, i);
+            return tp_errorf(err, "%s: chunk %zu must be [stored_size, \"xxh3\"]", where, i);
         ci->raw_size = raw_left < chunk_size ? raw_left : chunk_size;
         raw_left -= ci->raw_size;
         if (tp_json_u64_value(c->child, UINT64_MAX, "chunks", where, &ci->stored_size, err) < 0 ||
@@ -743,18 +743,18 @@ static int parse_chunks(const cJSON *a, tp_shard_tensor *t, uint64_t chunk_size,
             return -1;
         if (ci->stored_size == 0 || ci->stored_size > tp_codec_bound(t->codec, ci->raw_size) ||
             (t->codec == TP_CODEC_NONE && ci->stored_size != ci->raw_size))
-            return TP_FAIL(err, "%s: chunk %zu stores %llu bytes for %llu raw bytes (codec %s)", where, i,
+            return tp_errorf(err, "%s: chunk %zu stores %llu bytes for %llu raw bytes (codec %s)", where, i,
                              (unsigned long long)ci->stored_size, (unsigned long long)ci->raw_size,
                              tp_codec_name(t->codec));
         ci->offset = pos;
         pos += ci->stored_size; /* bounded by the compress bound of a chunk: no overflow */
         if (pos - t->offset > t->stored_size)
-            return TP_FAIL(err, "%s: chunks store more than stored_size %llu", where,
+            return tp_errorf(err, "%s: chunks store more than stored_size %llu", where,
                              (unsigned long long)t->stored_size);
         i++;
     }
     if (pos - t->offset != t->stored_size)
-        return TP_FAIL(err, "%s: chunks store %llu bytes but stored_size is %llu", where,
+        return tp_errorf(err, "%s: chunks store %llu bytes but stored_size is %llu", where,
                          (unsigned long long)(pos - t->offset), (unsigned long long)t->stored_size);
     return 0;
 }
@@ -764,7 +764,7 @@ static int parse_tensor(const cJSON *o, size_t i, const parse_ctx *pc, tp_shard_
     char where[MAX_NAME_LEN + 1200];
     snprintf(where, sizeof where, "%s: index tensor %zu", pc->name, i);
     if (!cJSON_IsObject(o))
-        return TP_FAIL(err, "%s: must be an object", where);
+        return tp_errorf(err, "%s: must be an object", where);
     static const char *const keys[] = { "name", "dtype", "shape", "global_shape", "split", "style",
                                         "reduce_bias", "codec", "offset", "stored_size", "raw_size", "xxh3",
                                         "chunk_size", "chunks", NULL };
@@ -773,20 +773,20 @@ static int parse_tensor(const cJSON *o, size_t i, const parse_ctx *pc, tp_shard_
         tp_json_str(o, "name", MAX_NAME_LEN, false, where, &name, err) < 0)
         return -1;
     if (!(t->name = strdup(name)))
-        return TP_FAIL(err, "%s: out of memory", where);
+        return tp_errorf(err, "%s: out of memory", where);
     snprintf(where, sizeof where, "%s: tensor %s", pc->name, name);
 
     if (tp_json_str(o, "dtype", 16, false, where, &dtype, err) < 0)
         return -1;
     if ((t->dtype = tp_dtype_from_name(dtype)) == TP_DTYPE_INVALID)
-        return TP_FAIL(err, "%s: unsupported dtype \"%s\"", where, dtype);
+        return tp_errorf(err, "%s: unsupported dtype \"%s\"", where, dtype);
     const cJSON *shape = tp_json_need(o, "shape", where, err), *gshape = tp_json_need(o, "global_shape", where, err);
     int gdim;
     if (!shape || !gshape || parse_u64_array(shape, "shape", where, t->shape, TP_MAX_DIMS, &t->ndim, err) < 0 ||
         parse_u64_array(gshape, "global_shape", where, t->global_shape, TP_MAX_DIMS, &gdim, err) < 0)
         return -1;
     if (gdim != t->ndim)
-        return TP_FAIL(err, "%s: shape has %d dims but global_shape %d", where, t->ndim, gdim);
+        return tp_errorf(err, "%s: shape has %d dims but global_shape %d", where, t->ndim, gdim);
     const cJSON *split = tp_json_need(o, "split", where, err);
     if (!split || parse_split(split, t->ndim, where, &t->split, err) < 0 ||
         check_geometry(where, t->ndim, t->shape, t->global_shape, &t->split, err) < 0)
@@ -796,9 +796,9 @@ static int parse_tensor(const cJSON *o, size_t i, const parse_ctx *pc, tp_shard_
         tp_json_str(o, "codec", 16, false, where, &codec, err) < 0)
         return -1;
     if (!(t->style = strdup(style)))
-        return TP_FAIL(err, "%s: out of memory", where);
+        return tp_errorf(err, "%s: out of memory", where);
     if (tp_codec_from_name(codec, &t->codec) < 0)
-        return TP_FAIL(err, "%s: unknown codec \"%s\"", where, codec);
+        return tp_errorf(err, "%s: unknown codec \"%s\"", where, codec);
 
     uint64_t chunk_size;
     const cJSON *xxh3 = tp_json_need(o, "xxh3", where, err), *chunks = tp_json_need(o, "chunks", where, err);
@@ -810,14 +810,14 @@ static int parse_tensor(const cJSON *o, size_t i, const parse_ctx *pc, tp_shard_
         return -1;
     size_t nbytes;
     if (!tp_tensor_nbytes(t->dtype, t->shape, t->ndim, &nbytes) || nbytes != t->raw_size)
-        return TP_FAIL(err, "%s: raw_size %llu does not match its shape and dtype", where,
+        return tp_errorf(err, "%s: raw_size %llu does not match its shape and dtype", where,
                          (unsigned long long)t->raw_size);
     if (chunk_size == 0 || chunk_size % tp_dtype_size(t->dtype) != 0)
-        return TP_FAIL(err, "%s: chunk_size %llu is not a positive multiple of the element size", where,
+        return tp_errorf(err, "%s: chunk_size %llu is not a positive multiple of the element size", where,
                          (unsigned long long)chunk_size);
     if (t->offset % TP_ALIGN != 0 || t->offset < TP_SHARD_HEADER_SIZE || t->offset > pc->data_end ||
         t->stored_size > pc->data_end - t->offset)
-        return TP_FAIL(err, "%s: data [%llu, +%llu) is unaligned or outside the data region [%u, %llu)", where,
+        return tp_errorf(err, "%s: data [%llu, +%llu) is unaligned or outside the data region [%u, %llu)", where,
                          (unsigned long long)t->offset, (unsigned long long)t->stored_size,
                          TP_SHARD_HEADER_SIZE, (unsigned long long)pc->data_end);
     return parse_chunks(chunks, t, chunk_size, where, err);
@@ -843,7 +843,7 @@ static int check_tensor_set(const tp_shard_index *ix, const char *name, tp_err *
         return 0;
     tp_shard_tensor **v = malloc(ix->n_tensors * sizeof *v);
     if (!v)
-        return TP_FAIL(err, "%s: out of memory", name);
+        return tp_errorf(err, "%s: out of memory", name);
     for (size_t i = 0; i < ix->n_tensors; i++)
         v[i] = &ix->tensors[i];
     int rc = 0;
@@ -865,7 +865,7 @@ static int parse_index(tp_shard_index *ix, const cJSON *root, const parse_ctx *p
     char where[1200];
     snprintf(where, sizeof where, "%s: index", name);
     if (!cJSON_IsObject(root))
-        return TP_FAIL(err, "%s: not a JSON object", where);
+        return tp_errorf(err, "%s: not a JSON object", where);
     static const char *const keys[] = { "format", "format_version", "conversion_id", "rank", "tp", "tensors", NULL };
     const char *format, *cid;
     int version;
@@ -873,30 +873,30 @@ static int parse_index(tp_shard_index *ix, const cJSON *root, const parse_ctx *p
         tp_json_str(root, "format", 32, false, where, &format, err) < 0)
         return -1;
     if (strcmp(format, "tpshard") != 0)
-        return TP_FAIL(err, "%s: format is \"%s\", not \"tpshard\"", where, format);
+        return tp_errorf(err, "%s: format is \"%s\", not \"tpshard\"", where, format);
     if (tp_json_int(root, "format_version", 0, 1 << 30, where, &version, err) < 0)
         return -1;
     if (version != TP_FORMAT_VERSION)
-        return TP_FAIL(err, "%s: format_version %d differs from the header's %d", where, version, TP_FORMAT_VERSION);
+        return tp_errorf(err, "%s: format_version %d differs from the header's %d", where, version, TP_FORMAT_VERSION);
     if (tp_json_str(root, "conversion_id", 64, false, where, &cid, err) < 0)
         return -1;
     if (!tp_is_conversion_id(cid))
-        return TP_FAIL(err, "%s: conversion_id \"%s\" is not 32 lowercase hex digits", where, cid);
+        return tp_errorf(err, "%s: conversion_id \"%s\" is not 32 lowercase hex digits", where, cid);
     memcpy(ix->conversion_id, cid, 33);
     if (tp_json_int(root, "tp", 1, TP_MAX_TP, where, &ix->tp, err) < 0 ||
         tp_json_int(root, "rank", 0, TP_MAX_TP - 1, where, &ix->rank, err) < 0)
         return -1;
     if (ix->rank >= ix->tp)
-        return TP_FAIL(err, "%s: rank %d is not below tp %d", where, ix->rank, ix->tp);
+        return tp_errorf(err, "%s: rank %d is not below tp %d", where, ix->rank, ix->tp);
     const cJSON *tensors = tp_json_need(root, "tensors", where, err);
     if (!tensors)
         return -1;
     if (!cJSON_IsArray(tensors))
-        return TP_FAIL(err, "%s: \"tensors\" must be an array", where);
+        return tp_errorf(err, "%s: \"tensors\" must be an array", where);
     size_t n = (size_t)cJSON_GetArraySize(tensors);
     ix->tensors = calloc(n ? n : 1, sizeof *ix->tensors);
     if (!ix->tensors)
-        return TP_FAIL(err, "%s: out of memory", where);
+        return tp_errorf(err, "%s: out of memory", where);
     ix->n_tensors = n; /* every entry is zeroed, so a partial index frees cleanly */
     size_t i = 0;
     const cJSON *t;
@@ -915,10 +915,10 @@ int tp_shard_parse(tp_shard_index *ix, const uint8_t *buf, size_t len, const cha
     if (parse_header(buf, len, name, &off, &ilen, &ixh, err) < 0)
         return -1;
     if (tp_xxh3(buf + off, ilen) != ixh)
-        return TP_FAIL(err, "%s: index checksum mismatch (index corrupted)", name);
+        return tp_errorf(err, "%s: index checksum mismatch (index corrupted)", name);
     cJSON *root = tp_json_parse(buf + off, ilen);
     if (!root)
-        return TP_FAIL(err, "%s: index is not valid JSON", name);
+        return tp_errorf(err, "%s: index is not valid JSON", name);
     parse_ctx pc = { .name = name, .data_end = off };
     int rc = parse_index(ix, root, &pc, err);
     cJSON_Delete(root);
@@ -962,11 +962,11 @@ int tp_shard_decode_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, si
                           bool verify, tp_err *err)
 {
     if (ci >= t->n_chunks)
-        return TP_FAIL(err, "%s: tensor %s: no chunk %zu (it has %zu)", reader_name(r), t->name, ci, t->n_chunks);
+        return tp_errorf(err, "%s: tensor %s: no chunk %zu (it has %zu)", reader_name(r), t->name, ci, t->n_chunks);
     const tp_chunk_info *c = &t->chunks[ci];
     const uint8_t *stored = r->map.data + c->offset;
     if (verify && tp_xxh3(stored, c->stored_size) != c->xxh3)
-        return TP_FAIL(err, "%s: tensor %s: chunk %zu checksum mismatch (stored bytes corrupted)", reader_name(r),
+        return tp_errorf(err, "%s: tensor %s: chunk %zu checksum mismatch (stored bytes corrupted)", reader_name(r),
                          t->name, ci);
     if (tp_codec_decode(t->codec, tp_dtype_size(t->dtype), stored, c->stored_size, dst, c->raw_size, NULL, err) < 0)
         return tp_err_prefix(err, "%s: tensor %s: chunk %zu", reader_name(r), t->name, ci);
@@ -977,7 +977,7 @@ int tp_shard_read_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, size
                         uint8_t *dst_tensor, bool verify, tp_err *err)
 {
     if (ci >= t->n_chunks)
-        return TP_FAIL(err, "%s: tensor %s: no chunk %zu (it has %zu)", reader_name(r), t->name, ci, t->n_chunks);
+        return tp_errorf(err, "%s: tensor %s: no chunk %zu (it has %zu)", reader_name(r), t->name, ci, t->n_chunks);
     /* Every chunk but the last holds chunk_size raw bytes, chunk 0 included. */
     return tp_shard_decode_chunk(r, t, ci, dst_tensor + ci * t->chunks[0].raw_size, verify, err);
 }
@@ -1025,7 +1025,7 @@ int tp_shard_read_tensor(const tp_shard_reader *r, const tp_shard_tensor *t, uin
                 return -1;
     }
     if (verify && tp_xxh3(dst, t->raw_size) != t->xxh3)
-        return TP_FAIL(err, "%s: tensor %s: tensor checksum mismatch (decoded bytes differ from those written)",
+        return tp_errorf(err, "%s: tensor %s: tensor checksum mismatch (decoded bytes differ from those written)",
                          reader_name(r), t->name);
     return 0;
 }

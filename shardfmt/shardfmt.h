@@ -35,8 +35,13 @@ typedef struct tp_err {
  * paths read `return tp_errorf(err, "%s: ...", path);`.  Control characters
  * (from quoted input) become '?', so the message is always one line; the
  * same holds for tp_err_prefix. */
-int tp_errorf(tp_err *err, const char *fmt, ...)
+int tp_errorf_(tp_err *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+/* A macro around tp_errorf_ so that the compiler sees the -1: an output that
+ * a failing path leaves unset then draws no maybe-uninitialized warning.
+ * The one spelling of an error everywhere. */
+static inline int tp_err_minus1_(int ignored) { (void)ignored; return -1; }
+#define tp_errorf(...) tp_err_minus1_(tp_errorf_(__VA_ARGS__))
 
 /* Prefixes an existing message: "<prefix>: <old message>".  Returns -1. */
 int tp_err_prefix(tp_err *err, const char *fmt, ...)

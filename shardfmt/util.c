@@ -30,7 +30,7 @@ static void one_line(char *msg)
             *p = '?';
 }
 
-int tp_errorf(tp_err *err, const char *fmt, ...)
+int tp_errorf_(tp_err *err, const char *fmt, ...)
 {
     if (err) {
         va_list ap;
