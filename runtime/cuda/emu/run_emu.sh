@@ -51,7 +51,7 @@ g++ -std=c++20 -O1 -g -I"$emu" -c "$emu/emu.cpp" -o "$work/emu.o"
 # quick_driver FILE CALLS...: a C file that includes a copy of the test FILE
 # (its main renamed: a #define would not survive test_model_cuda.c's own
 # #undef main) and whose main, once the emulated device is there, makes only
-# the given calls and reports the file's failure count.
+# the given calls and reports the file's checks (check_finish).
 quick_driver() {
     local file=$1; shift
     local copy=$work/$(basename "$file" .c)_all.c
@@ -65,14 +65,13 @@ quick_driver() {
         printf '    %s;\n    printf("done: %%s (%%lds)\\n", "%s", (long)(time(NULL) - t0));\n    fflush(stdout);\n' \
             "$call" "${call//\"/}"
     done
-    printf '    if (failures) {\n        fprintf(stderr, "%%d failure(s)\\n", failures);\n        return 1;\n    }\n'
-    printf '    puts("all ok");\n    return 0;\n}\n'
+    printf '    return check_finish("%s (run_emu.sh quick)");\n}\n' "$(basename "$file" .c)"
 }
 if [ "$what" = quick ]; then
     calls=()
     for t in "${QUICK_KERNELS[@]}"; do calls+=("$t()"); done
     quick_driver tests/test_kernels_cuda.c "${calls[@]}" >"$work/test_kernels_quick.c"
-    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c "$work/test_kernels_quick.c" -o "$work/test.o"
+    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_kernels_quick.c" -o "$work/test.o"
 else
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_kernels_cuda.c -o "$work/test.o"
 fi
