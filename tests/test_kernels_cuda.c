@@ -6,7 +6,8 @@
  *               head_norm_rope, kv_append and decode attention against the
  *               host-position launchers;
  *   1e-5        rmsnorm, per-head norm + RoPE, silu_mul, bias, router
- *               top-k weights (fp32, other summation order / expf);
+ *               logits and top-k weights (fp32, other summation order /
+ *               expf);
  *   1e-6        scatter_add_rows (a fused multiply-add);
  *   2e-5        attention (online softmax against the two-pass softmax);
  *   1e-4        bf16 GEMM (the CPU reference gets the same bf16-rounded
@@ -841,6 +842,34 @@ static void test_router_topk(void)
           "router_topk with k > n_experts accepted");
 }
 
+/* tpc_router_logits against a double-precision loop over the same bf16
+ * weights and unrounded fp32 activations (a bf16-rounded input would be off
+ * by ~2^-9 relative and fail the 1e-5 bound). */
+static void test_router_logits(void)
+{
+    const int n = 5, E = 60, H = 1003;
+    float *x = rand_vec((size_t)n * H, 2), *wf = rand_vec((size_t)E * H, 1);
+    float *ref = malloc((size_t)n * E * 4), *got = malloc((size_t)n * E * 4);
+    uint16_t *w = malloc((size_t)E * H * 2);
+    for (int i = 0; i < E * H; i++)
+        w[i] = to_bf16(wf[i]);
+    for (int t = 0; t < n; t++)
+        for (int e = 0; e < E; e++) {
+            double acc = 0;
+            for (int i = 0; i < H; i++)
+                acc += (double)x[(size_t)t * H + i] * from_bf16(w[(size_t)e * H + i]);
+            ref[(size_t)t * E + e] = (float)acc;
+        }
+    float *dx = dev_copy(x, (size_t)n * H * 4), *dl = dev_copy(NULL, (size_t)n * E * 4);
+    uint16_t *dw = dev_copy(w, (size_t)E * H * 2);
+    MUST(tpc_router_logits(dl, dx, dw, n, E, H, NULL, &err));
+    fetch(got, dl, (size_t)n * E * 4);
+    double e = rel_err(got, ref, (size_t)n * E);
+    CHECK(e < 1e-5, "router_logits: err %g", e);
+    tpc_free(dx); tpc_free(dl); tpc_free(dw);
+    free(x); free(wf); free(ref); free(got); free(w);
+}
+
 /* The expert's token gather and weighted scatter-add against host loops. */
 static void test_moe_rows(void)
 {
@@ -900,6 +929,7 @@ int main(void)
     test_elementwise();
     test_gemm();
     test_argmax();
+    test_router_logits();
     test_router_topk();
     test_moe_rows();
     test_sample();

@@ -868,6 +868,32 @@ extern "C" int tpc_router_topk(int32_t *idx, float *weight, const float *logits,
     return launched("router_topk", err);
 }
 
+/* One block per (token, expert): the dot product of the fp32 row with the
+ * bf16 router row, fp32 products and sums (block_sum). */
+__global__ void router_logits_kernel(float *logits, const float *x, const uint16_t *w, int E, int H)
+{
+    int t = blockIdx.x / E, e = blockIdx.x % E;
+    const float *xr = x + (size_t)t * H;
+    const uint16_t *wr = w + (size_t)e * H;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        acc += xr[i] * bf16_to_f32(wr[i]);
+    acc = block_sum(acc);
+    if (threadIdx.x == 0)
+        logits[(size_t)t * E + e] = acc;
+}
+
+extern "C" int tpc_router_logits(float *logits, const float *x, const uint16_t *w, int n, int n_experts, int hidden,
+                                 tpc_stream s, tp_err *err)
+{
+    if (n < 0 || n_experts <= 0 || hidden <= 0 || (size_t)n * n_experts > 0x7fffffffu)
+        return tp_errorf(err, "cuda kernel router_logits: n %d, n_experts %d, hidden %d", n, n_experts, hidden);
+    if (n == 0)
+        return 0;
+    router_logits_kernel<<<(unsigned)(n * n_experts), 128, 0, s>>>(logits, x, w, n_experts, hidden);
+    return launched("router_logits", err);
+}
+
 __global__ void gather_rows_kernel(float *x, const float *h, const int32_t *tok, size_t total, int dim)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)

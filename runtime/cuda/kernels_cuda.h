@@ -162,6 +162,14 @@ int tpc_silu_mul(float *gate, const float *up, size_t n, tpc_stream s, tp_err *e
 /* tpk_add_bias: y[t][i] += b[i]. */
 int tpc_add_bias(float *y, const float *b, int n, int dim, tpc_stream s, tp_err *err);
 
+/* Router logits[n][n_experts] = x[n][hidden] . W^T with W bf16
+ * [n_experts][hidden], in fp32 throughout: unlike tpc_gemm_bf16 the
+ * activations are not rounded to bf16, so that the top-k choice sees what
+ * the CPU model (runtime/moe.c) sees and a near-tie is not flipped by the
+ * rounding.  One block per (token, expert). */
+int tpc_router_logits(float *logits, const float *x, const uint16_t *w, int n, int n_experts, int hidden,
+                      tpc_stream s, tp_err *err);
+
 /* tpk_router_topk for each of n tokens: logits [n][n_experts] to idx and
  * weight [n][k] (softmax in fp32, the k largest probabilities in descending
  * order, ties to the lower expert, renormalised when renorm).  One thread

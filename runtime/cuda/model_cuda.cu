@@ -482,8 +482,8 @@ static int run_expert(tpcm_model *g, const tpcw_moe *M, int e, int lo, int m, tp
                : 0;
 }
 
-/* A sparse layer (runtime/moe.c on the device): router GEMM and top-k on
- * the device, the n * top_k choices to the host, grouped by local expert
+/* A sparse layer (runtime/moe.c on the device): router logits (fp32
+ * activations, as the CPU: tpc_router_logits) and top-k on the device, the n * top_k choices to the host, grouped by local expert
  * there (tp_moe_group_by_expert, as the CPU), and each chosen local expert
  * run once over its tokens (a decode step reads only its top_k experts'
  * weights), then the MLP's all-reduce of the partial sums. */
@@ -495,7 +495,7 @@ static int moe_block(tpcm_model *g, int l, int n, tp_err *err)
     size_t nk = (size_t)n * K;
     cudaStream_t s = (cudaStream_t)g->s;
     static_assert(sizeof(int) == sizeof(int32_t), "host and device expert ids share a layout");
-    if (gemm(g, g->moe_logits, g->h, M->router, NULL, n, H, E, err) < 0 ||
+    if (tpc_router_logits(g->moe_logits, g->h, M->router, n, E, H, g->s, err) < 0 ||
         tpc_router_topk(g->moe_idx, g->moe_w, g->moe_logits, n, E, K, sh->renorm, g->s, err) < 0 ||
         cuda_check(cudaMemcpyAsync(g->host_idx, g->moe_idx, nk * 4, cudaMemcpyDeviceToHost, s),
                    "cudaMemcpyAsync (routing)", err) < 0 ||
