@@ -165,14 +165,18 @@ done
 if [ -d "$tmp/qwen3moe-tiny-tp1" ]; then
     moe_args=(--comm single --prompt-ids 5,6,7 --max-new-tokens 4 --temperature 0 --ignore-eos --json)
     if nvidia-smi -L >/dev/null 2>&1; then
-        moe_cpu=$("$BIN/tprun" "$tmp/qwen3moe-tiny-tp1" "${moe_args[@]}" | grep -o '"generated_ids":\[[^]]*\]') || true
-        moe_gpu=$(timeout 120 "$BIN/tprun" "$tmp/qwen3moe-tiny-tp1" --device cuda "${moe_args[@]}" \
-                  2>"$tmp/moe-cuda.err" | grep -o '"generated_ids":\[[^]]*\]') || true
-        if [ -z "$moe_cpu" ] || [ "$moe_cpu" != "$moe_gpu" ]; then
-            fail "qwen3moe-tiny --device cuda: tokens ${moe_gpu:-none}, cpu $moe_cpu: $(head -c 300 "$tmp/moe-cuda.err")"
-        else
-            echo "ok qwen3moe-tiny --device cuda: greedy tokens equal the cpu's"
-        fi
+        # every layout: per-expert, fused (test_model_cuda cannot cut it), mixtral
+        for moe_conv in qwen3moe-tiny-tp1 qwen3moe-fused-tp1 mixtral-tiny-tp1; do
+            [ -d "$tmp/$moe_conv" ] || { fail "no conversion $moe_conv"; continue; }
+            moe_cpu=$("$BIN/tprun" "$tmp/$moe_conv" "${moe_args[@]}" | grep -o '"generated_ids":\[[^]]*\]') || true
+            moe_gpu=$(timeout 120 "$BIN/tprun" "$tmp/$moe_conv" --device cuda "${moe_args[@]}" \
+                      2>"$tmp/moe-cuda.err" | grep -o '"generated_ids":\[[^]]*\]') || true
+            if [ -z "$moe_cpu" ] || [ "$moe_cpu" != "$moe_gpu" ]; then
+                fail "$moe_conv --device cuda: tokens ${moe_gpu:-none}, cpu $moe_cpu: $(head -c 300 "$tmp/moe-cuda.err")"
+            else
+                echo "ok $moe_conv --device cuda: greedy tokens equal the cpu's"
+            fi
+        done
     elif timeout 60 "$BIN/tprun" "$tmp/qwen3moe-tiny-tp1" --device cuda "${moe_args[@]}" \
              >/dev/null 2>"$tmp/moe-cuda.err"; then
         fail "tprun --device cuda ran a MoE model without a GPU"
