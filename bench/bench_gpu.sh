@@ -19,16 +19,21 @@
 # on the GPU, wall clock, plus tprun's own bytes / seconds / GB/s of the
 # streaming upload), as JSON lines "tprun-load-zstd" / "tprun-load-none" in
 # the same results.
+# Then the mixture-of-experts preset $MOE_PRESET (qwen3-30b-a3b-layer) on
+# tprun --device cuda: decode and prefill JSON lines "tprun-moe-*", and its
+# greedy tokens against the cpu's.
 # Needs a CUDA GPU visible to torch; without one it says so and exits 2
 # without measuring anything.
 #
-# Environment: BIN (default bin), PRESET (qwen3-0.6b), NPROC (1), PROMPT
+# Environment: BIN (default bin), PRESET (qwen3-0.6b), MOE_PRESET
+# (qwen3-30b-a3b-layer), NPROC (1), PROMPT
 # (128), NEW (128), PREFILL (2048), REPEAT (3), BENCH_TMP (parent of the work
 # directory, default $TMPDIR or /tmp), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
 PRESET=${PRESET:-qwen3-0.6b}
+MOE_PRESET=${MOE_PRESET:-qwen3-30b-a3b-layer}
 NPROC=${NPROC:-1}
 PROMPT=${PROMPT:-128}
 NEW=${NEW:-128}
@@ -217,4 +222,41 @@ if command -v mpirun >/dev/null 2>&1; then
             tail -n 5 "$work/mpi$tp.log" | sed 's/^/    /'
         fi
     done
+fi
+
+# Mixture of experts: tpsynth --preset qwen3-30b-a3b-layer (Qwen3-30B-A3B's
+# layer shape: 128 experts of 768, top 8), tp 1, on the GPU: load, decode
+# (sparse layers route on the host, so no CUDA graph) and prefill, one JSON
+# line each, and the greedy tokens against the cpu's (a failure is recorded).
+echo
+echo "== MoE: $MOE_PRESET"
+moe=$work/moe
+"$BIN/tpsynth" --preset "$MOE_PRESET" --seed 1 --quiet "$moe"
+"$BIN/tpconvert" --tp 1 --quiet "$moe" "$work/moe-tp1"
+run_moe() { # NAME NEW PROMPT_LEN [tprun flags...]
+    local name=$1 new=$2 plen=$3; shift 3
+    echo "== $name"
+    if "$BIN/tprun" "$work/moe-tp1" --device cuda --prompt-ids "$(ids "$plen")" --max-new-tokens "$new" \
+            --temperature 0 --ignore-eos --json "$@" >"$work/$name.json" 2>"$work/$name.log"; then
+        "$PYTHON" -c 'import json, sys
+d = json.load(open(sys.argv[1])); t = d["timings"]
+print(json.dumps({"bench": sys.argv[2], "preset": sys.argv[5], "prompt": int(sys.argv[3]), "new": int(sys.argv[4]),
+                  "prefill_tokens_per_s": t["prefill_tokens_per_s"], "decode_tokens_per_s": t["decode_tokens_per_s"]}))' \
+            "$work/$name.json" "$name" "$plen" "$new" "$MOE_PRESET" | tee -a "$results"
+    else
+        echo "{\"bench\": \"$name\", \"preset\": \"$MOE_PRESET\", \"failed\": true}" | tee -a "$results"
+        tail -n 5 "$work/$name.log" | sed 's/^/    /' >&2
+    fi
+}
+run_moe tprun-moe-decode "$NEW" "$PROMPT"
+run_moe tprun-moe-prefill 1 "$PREFILL"
+p=$(ids 16)
+cpu_tok=$("$BIN/tprun" "$work/moe-tp1" --prompt-ids "$p" --max-new-tokens 8 --temperature 0 --ignore-eos --json \
+          2>/dev/null | grep -o '"generated_ids":\[[^]]*\]' || true)
+gpu_tok=$("$BIN/tprun" "$work/moe-tp1" --device cuda --prompt-ids "$p" --max-new-tokens 8 --temperature 0 \
+          --ignore-eos --json 2>/dev/null | grep -o '"generated_ids":\[[^]]*\]' || true)
+if [ -n "$cpu_tok" ] && [ "$cpu_tok" = "$gpu_tok" ]; then
+    echo "  $MOE_PRESET --device cuda: same 8 greedy tokens as the cpu"
+else
+    echo "  $MOE_PRESET --device cuda: DIFFERENT tokens from the cpu, or failed (cpu ${cpu_tok:-none}, cuda ${gpu_tok:-none})"
 fi

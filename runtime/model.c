@@ -308,15 +308,15 @@ static int load_expert_part(loader_ctx *lc, int l, tp_moe_weights *w, tp_expert_
     const tp_arch_tensor *row = tp_arch_expert_row(m->cfg.arch, part, false);
     const int64_t H = m->cfg.hidden;
     tp_mat *dst = part == TP_EXPERT_GATE ? w->gate : part == TP_EXPERT_UP ? w->up : w->down;
+    tp_weight_src *dst_src = part == TP_EXPERT_GATE ? w->gate_src : part == TP_EXPERT_UP ? w->up_src : w->down_src;
     bool rows = part != TP_EXPERT_DOWN;   /* gate/up: [I, H]; down: [H, I] */
     char name[256];
     for (int e = w->expert_lo; e < w->expert_hi; e++) {
-        tp_weight_src src;
         const tp_loaded_tensor *t;
         int64_t d2[2] = {rows ? w->inter : H, rows ? H : w->inter};
         if (!row || !tp_arch_tensor_name(row, l, e, name, sizeof name))
             return tp_errorf(err, "%s: layer %d: no expert tensor name", lr->source, l);
-        if (get_matrix(lc, name, true, d2, &t, &dst[e - w->expert_lo], &src, err) < 0)
+        if (get_matrix(lc, name, true, d2, &t, &dst[e - w->expert_lo], &dst_src[e - w->expert_lo], err) < 0)
             return -1;
         if (ep ? t->info->split.dim != -1 : check_split(lr, t->info, rows ? 0 : 1, m->world, err) < 0)
             return ep ? tp_errorf(err, "%s: rank %d: tensor %s: expected the whole expert "
@@ -334,14 +334,14 @@ static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep,
     const int64_t H = m->cfg.hidden, ne = w->expert_hi - w->expert_lo, inter = w->inter;
     char gu_name[256], dn_name[256];
     const tp_loaded_tensor *tgu, *tdn;
-    tp_weight_src src;
+    tp_weight_src src_gu, src_dn;
     tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_GATE_UP, true), l, -1,
                         gu_name, sizeof gu_name);
     tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_DOWN, true), l, -1,
                         dn_name, sizeof dn_name);
     int64_t d_gu[3] = {ne, 2 * inter, H}, d_dn[3] = {ne, H, inter};
-    if (find_weight(lc, gu_name, true, 3, d_gu, &tgu, &src, err) < 0 ||
-        find_weight(lc, dn_name, true, 3, d_dn, &tdn, &src, err) < 0)
+    if (find_weight(lc, gu_name, true, 3, d_gu, &tgu, &src_gu, err) < 0 ||
+        find_weight(lc, dn_name, true, 3, d_dn, &tdn, &src_dn, err) < 0)
         return -1;
     /* tensor-parallel: gate_up packed along dim 1 (2 ranges), down along dim
      * 2; expert-parallel: both along dim 0, this rank's experts */
@@ -352,14 +352,17 @@ static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep,
     if (!ok)
         return tp_errorf(err, "%s: rank %d: tensors %s / %s are not cut as %s experts", lr->source,
                          lr->rank, gu_name, dn_name, ep ? "expert-parallel" : "tensor-parallel");
-    if (lc->no_copy)
-        return 0;
     /* Each expert's gate, up and down: row blocks of the two tensors, in
-     * place in their stored dtype. */
+     * place in their stored dtype (cuda: their byte ranges). */
     const uint8_t *gu = tgu->data, *dn = tdn->data;
     size_t gsz = tp_dtype_size(tgu->info->dtype), dsz = tp_dtype_size(tdn->info->dtype);
     size_t block = (size_t)inter * (size_t)H;
     for (int64_t e = 0; e < ne; e++) {
+        w->gate_src[e] = (tp_weight_src){ src_gu.tensor, (uint64_t)e * 2 * block * gsz, block * gsz };
+        w->up_src[e] = (tp_weight_src){ src_gu.tensor, ((uint64_t)e * 2 + 1) * block * gsz, block * gsz };
+        w->down_src[e] = (tp_weight_src){ src_dn.tensor, (uint64_t)e * block * dsz, block * dsz };
+        if (lc->no_copy)
+            continue;
         w->gate[e] = (tp_mat){ gu + (size_t)e * 2 * block * gsz, tgu->info->dtype };
         w->up[e] = (tp_mat){ gu + ((size_t)e * 2 + 1) * block * gsz, tgu->info->dtype };
         w->down[e] = (tp_mat){ dn + (size_t)e * block * dsz, tdn->info->dtype };
@@ -378,6 +381,7 @@ static int load_moe(loader_ctx *lc, int l, tp_err *err)
     if (!w)
         return tp_errorf(err, "out of memory");
     m->layers[l].moe = w;
+    m->layer_src[l].moe = w;
     w->n_experts = c->n_experts;
     w->top_k = c->n_experts_per_tok;
     w->renorm = c->norm_topk_prob;
@@ -393,14 +397,16 @@ static int load_moe(loader_ctx *lc, int l, tp_err *err)
     w->gate = calloc(ne, sizeof *w->gate);
     w->up = calloc(ne, sizeof *w->up);
     w->down = calloc(ne, sizeof *w->down);
-    if (!w->gate || !w->up || !w->down)
+    w->gate_src = calloc(ne, sizeof *w->gate_src);
+    w->up_src = calloc(ne, sizeof *w->up_src);
+    w->down_src = calloc(ne, sizeof *w->down_src);
+    if (!w->gate || !w->up || !w->down || !w->gate_src || !w->up_src || !w->down_src)
         return tp_errorf(err, "out of memory");
     char name[256];
     const tp_loaded_tensor *tr;
-    tp_weight_src src;
     int64_t d2[2] = {c->n_experts, c->hidden};
     tp_arch_tensor_name(tp_arch_expert_row(c->arch, TP_EXPERT_ROUTER, false), l, -1, name, sizeof name);
-    if (get_matrix(lc, name, true, d2, &tr, &w->router, &src, err) < 0)
+    if (get_matrix(lc, name, true, d2, &tr, &w->router, &w->router_src, err) < 0)
         return -1;
     if (tr->info->split.dim != -1)
         return tp_errorf(err, "%s: rank %d: tensor %s: the router must be whole on every rank",
@@ -698,7 +704,10 @@ static int to_device(tp_model *m, const tp_loaded_rank *lr, const char *device, 
     for (size_t i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     m->n_owned = 0;
-    memset(m->layers, 0, (size_t)m->cfg.n_layers * sizeof *m->layers);
+    /* sparse layers keep their tp_moe_weights (freed by tp_model_free; its
+     * tp_mat arrays are empty under no_copy) */
+    for (int l = 0; l < m->cfg.n_layers; l++)
+        m->layers[l] = (tp_layer_weights){ .moe = m->layers[l].moe };
     m->embed = m->lm_w = (tp_mat){ 0 };
     m->final_norm = NULL;
     free(m->kcache); free(m->vcache); free(m->scratch);
@@ -756,11 +765,6 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     const char *cfg_text = lr->manifest.config_json ? lr->manifest.config_json : lr->config_json;
     if (tp_model_config_parse(&m->cfg, cfg_text, err) < 0) {
         tp_err_prefix(err, "%s", lr->source ? lr->source : "model");
-        goto fail;
-    }
-    if (cuda && m->cfg.n_experts > 0) {
-        tp_errorf(err, "device \"%s\": model_type %s (mixture of experts) runs on the CPU only "
-                  "for now: use --device cpu", opts->device, m->cfg.model_type);
         goto fail;
     }
     m->comm = comm;
@@ -839,6 +843,7 @@ void tp_model_free(tp_model *m)
         if (m->layers[l].moe) {
             tp_moe_weights *w = m->layers[l].moe;
             free(w->gate); free(w->up); free(w->down);
+            free(w->gate_src); free(w->up_src); free(w->down_src);
             free(w);
         }
     tp_moe_scratch_free(&m->moe_scratch);

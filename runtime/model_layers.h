@@ -33,6 +33,14 @@ typedef struct tp_mat {
     X(wgate, MAT) X(wup, MAT) X(wdown, MAT) \
     X(bgate, VEC) X(bup, VEC) X(bdown, VEC)
 
+/* Where a weight's bytes are in the loaded rank: lr->tensors[tensor], bytes
+ * [offset, offset + bytes) of its raw data (a row range when the lm_head is
+ * a slice of a full tensor).  tensor -1: absent. */
+typedef struct tp_weight_src {
+    int tensor;
+    uint64_t offset, bytes;
+} tp_weight_src;
+
 #define TP_CPU_FIELD_MAT tp_mat
 #define TP_CPU_FIELD_VEC const float *
 /* A sparse (mixture-of-experts) layer's MLP as the CPU forward reads it
@@ -49,6 +57,11 @@ typedef struct tp_moe_weights {
     /* [expert_hi - expert_lo] each, in place in the loaded rank: gate and up
      * [inter][hidden], down [hidden][inter] */
     tp_mat *gate, *up, *down;
+    /* Where the same matrices lie in the loaded rank (tp_weight_src, below),
+     * for the CUDA model, which streams them to the device: the router, and
+     * [expert_hi - expert_lo] each for gate / up / down (a block of the fused
+     * tensor in the fused layout).  Filled on every device. */
+    tp_weight_src router_src, *gate_src, *up_src, *down_src;
 } tp_moe_weights;
 
 /* Grown on demand by tp_moe_forward; zero-initialised before first use. */
@@ -66,6 +79,20 @@ typedef struct tp_moe_scratch {
 int tp_moe_forward(const tp_moe_weights *w, const float *h, int n, int hidden, float *out,
                    tp_moe_scratch *s, tp_pool *pool, tp_err *err);
 void tp_moe_scratch_free(tp_moe_scratch *s);
+/* Buckets the n * top_k routed (token, weight) pairs of idx / weight
+ * ([n][top_k], global expert ids) that fall on w's local experts, by local
+ * expert: expert e's tokens (in token order) and weights are slots
+ * [count[e], count[e + 1]) of slot_tok / slot_w.  count holds
+ * expert_hi - expert_lo + 1 ints, slot_tok / slot_w n * top_k.  Shared by
+ * the CPU forward and the CUDA one (which routes on the host). */
+#ifdef __cplusplus
+extern "C" {
+#endif
+void tp_moe_group_by_expert(const tp_moe_weights *w, int n, const int *idx, const float *weight, int *count,
+                            int *slot_tok, float *slot_w);
+#ifdef __cplusplus
+}
+#endif
 
 typedef struct tp_layer_weights {
 #define TP_X(field, kind) TP_CPU_FIELD_##kind field;
@@ -75,19 +102,14 @@ typedef struct tp_layer_weights {
     tp_moe_weights *moe;        /* sparse layer (then the MLP fields are NULL); NULL: dense */
 } tp_layer_weights;
 
-/* Where a weight's bytes are in the loaded rank: lr->tensors[tensor], bytes
- * [offset, offset + bytes) of its raw data (a row range when the lm_head is
- * a slice of a full tensor).  tensor -1: absent. */
-typedef struct tp_weight_src {
-    int tensor;
-    uint64_t offset, bytes;
-} tp_weight_src;
-
 typedef struct tp_layer_src {
 #define TP_X(field, kind) tp_weight_src field;
     TP_LAYER_TENSORS(TP_X)
 #undef TP_X
     int window;                 /* as in tp_layer_weights */
+    /* sparse layer: its shape and expert sources (tp_moe_weights' *_src,
+     * owned by the CPU structure); NULL: dense */
+    const tp_moe_weights *moe;
 } tp_layer_src;
 
 #endif

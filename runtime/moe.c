@@ -71,28 +71,27 @@ static void expert_ffn(const tp_moe_weights *w, int e, const float *x, int m, in
     tpg_matmul(y, g, m, w->down[e].data, w->down[e].dtype, hidden, w->inter, pool);
 }
 
-/* Buckets every (token, weight) routed to a local expert by expert: the
- * tokens of local expert e are slots [count[e], count[e + 1]). */
-static void group_by_expert(const tp_moe_weights *w, int n, tp_moe_scratch *s)
+void tp_moe_group_by_expert(const tp_moe_weights *w, int n, const int *idx, const float *weight, int *count,
+                            int *slot_tok, float *slot_w)
 {
     int nl = w->expert_hi - w->expert_lo;
-    memset(s->count, 0, (size_t)(nl + 1) * sizeof(int));
+    memset(count, 0, (size_t)(nl + 1) * sizeof(int));
     for (int i = 0; i < n * w->top_k; i++) {
-        int e = s->idx[i] - w->expert_lo;
+        int e = idx[i] - w->expert_lo;
         if (e >= 0 && e < nl)
-            s->count[e + 1]++;
+            count[e + 1]++;
     }
     for (int e = 0; e < nl; e++)
-        s->count[e + 1] += s->count[e];
+        count[e + 1] += count[e];
     /* fill in token order, so each expert's rows are in token order */
     int fill[nl > 0 ? nl : 1];
-    memcpy(fill, s->count, (size_t)nl * sizeof(int));
+    memcpy(fill, count, (size_t)nl * sizeof(int));
     for (int i = 0; i < n * w->top_k; i++) {
-        int e = s->idx[i] - w->expert_lo;
+        int e = idx[i] - w->expert_lo;
         if (e < 0 || e >= nl)
             continue;
-        s->slot_tok[fill[e]] = i / w->top_k;
-        s->slot_w[fill[e]] = s->weight[i];
+        slot_tok[fill[e]] = i / w->top_k;
+        slot_w[fill[e]] = weight[i];
         fill[e]++;
     }
 }
@@ -108,7 +107,7 @@ int tp_moe_forward(const tp_moe_weights *w, const float *h, int n, int hidden, f
         tpk_router_topk(s->logits + (size_t)t * (size_t)w->n_experts, w->n_experts, w->top_k,
                         w->renorm, s->idx + (size_t)t * (size_t)w->top_k,
                         s->weight + (size_t)t * (size_t)w->top_k);
-    group_by_expert(w, n, s);
+    tp_moe_group_by_expert(w, n, s->idx, s->weight, s->count, s->slot_tok, s->slot_w);
     memset(out, 0, (size_t)n * H * sizeof(float));
     for (int e = 0; e < w->expert_hi - w->expert_lo; e++) {
         int lo = s->count[e], m = s->count[e + 1] - lo;

@@ -159,15 +159,31 @@ for model_dir in tests/models/qwen3moe-*/ tests/models/mixtral-*/; do
         echo "ok $model tp$tp expert-parallel ($n_prompts prompts)"
     done
 done
-# No CUDA forward for MoE yet: --device cuda refuses it by name (tpconvert
-# accepted it, and the CPU runs it).
+# MoE on --device cuda: with a GPU, the same greedy tokens as the cpu; without
+# one, the failure a dense model gets (no CUDA in the build, no device or
+# driver), never a refusal of the model.
 if [ -d "$tmp/qwen3moe-tiny-tp1" ]; then
-    if timeout 60 "$BIN/tprun" "$tmp/qwen3moe-tiny-tp1" --comm single --device cuda --prompt-ids 5,6 \
-           --max-new-tokens 1 >/dev/null 2>"$tmp/moe-cuda.err"; then
-        fail "tprun --device cuda ran a MoE model"
-    elif ! grep -q "this build has no CUDA" "$tmp/moe-cuda.err"; then
-        grep -q "mixture of experts) runs on the CPU only" "$tmp/moe-cuda.err" ||
-            fail "tprun --device cuda on a MoE model: $(cat "$tmp/moe-cuda.err")"
+    moe_args=(--comm single --prompt-ids 5,6,7 --max-new-tokens 4 --temperature 0 --ignore-eos --json)
+    if nvidia-smi -L >/dev/null 2>&1; then
+        # every layout: per-expert, fused (test_model_cuda cannot cut it), mixtral
+        for moe_conv in qwen3moe-tiny-tp1 qwen3moe-fused-tp1 mixtral-tiny-tp1; do
+            [ -d "$tmp/$moe_conv" ] || { fail "no conversion $moe_conv"; continue; }
+            moe_cpu=$("$BIN/tprun" "$tmp/$moe_conv" "${moe_args[@]}" | grep -o '"generated_ids":\[[^]]*\]') || true
+            moe_gpu=$(timeout 120 "$BIN/tprun" "$tmp/$moe_conv" --device cuda "${moe_args[@]}" \
+                      2>"$tmp/moe-cuda.err" | grep -o '"generated_ids":\[[^]]*\]') || true
+            if [ -z "$moe_cpu" ] || [ "$moe_cpu" != "$moe_gpu" ]; then
+                fail "$moe_conv --device cuda: tokens ${moe_gpu:-none}, cpu $moe_cpu: $(head -c 300 "$tmp/moe-cuda.err")"
+            else
+                echo "ok $moe_conv --device cuda: greedy tokens equal the cpu's"
+            fi
+        done
+    elif timeout 60 "$BIN/tprun" "$tmp/qwen3moe-tiny-tp1" --device cuda "${moe_args[@]}" \
+             >/dev/null 2>"$tmp/moe-cuda.err"; then
+        fail "tprun --device cuda ran a MoE model without a GPU"
+    elif ! grep -Eq 'this build has no CUDA|CUDA device|CUDA driver' "$tmp/moe-cuda.err"; then
+        fail "tprun --device cuda on a MoE model without a GPU: $(cat "$tmp/moe-cuda.err")"
+    else
+        echo "ok qwen3moe-tiny --device cuda without a GPU: $(head -c 120 "$tmp/moe-cuda.err")"
     fi
 else
     fail "no tp1 conversion of qwen3moe-tiny"

@@ -2,11 +2,13 @@
  * against its CPU reference (kernels_cpu.h, tp_sample) on random inputs of
  * odd sizes.  Tolerances (max |gpu - cpu| / max(1, max |cpu|)):
  *   exact (0)   embedding, kv_append, f32_to_bf16, argmax, sampling ids,
- *               argmax_combine; the device-position (graph) variants of
+ *               argmax_combine, router top-k expert ids, gather_rows; the device-position (graph) variants of
  *               head_norm_rope, kv_append and decode attention against the
  *               host-position launchers;
- *   1e-5        rmsnorm, per-head norm + RoPE, silu_mul, bias (fp32, other
- *               summation order / expf);
+ *   1e-5        rmsnorm, per-head norm + RoPE, silu_mul, bias, router
+ *               logits and top-k weights (fp32, other summation order /
+ *               expf);
+ *   1e-6        scatter_add_rows (a fused multiply-add);
  *   2e-5        attention (online softmax against the two-pass softmax);
  *   1e-4        bf16 GEMM (the CPU reference gets the same bf16-rounded
  *               activations; only the fp32 summation order differs).
@@ -795,6 +797,108 @@ static void test_graph_decode(void)
 }
 
 /* bad arguments give errors naming the kernel, before any launch */
+/* ------------------------------------------------------ mixture of experts */
+
+/* tpc_router_topk against tpk_router_topk, token by token: the same expert
+ * ids in the same order (exact: quantised logits make equal probabilities,
+ * where the lower expert must win, as on the CPU), weights within 1e-5
+ * (device expf).  Expert counts of Mixtral (8), Qwen1.5-MoE (60) and Qwen3-MoE
+ * (128); k of 1, 2 (Mixtral) and 8 (Qwen3). */
+static void test_router_topk(void)
+{
+    const int n = 37, experts[] = { 8, 60, 128 }, ks[] = { 1, 2, 8 };
+    for (size_t a = 0; a < 3; a++)
+        for (size_t b = 0; b < 3; b++)
+            for (int variant = 0; variant < 4; variant++) {
+                int E = experts[a], k = ks[b];
+                bool renorm = variant & 1, quant = variant & 2;
+                float *logits = rand_vec((size_t)n * E, 4);
+                if (quant)
+                    for (int i = 0; i < n * E; i++)
+                        logits[i] = floorf(logits[i]);   /* a few distinct values: many ties */
+                int *ref_idx = malloc((size_t)n * k * sizeof(int));
+                float *ref_w = malloc((size_t)n * k * 4), *got_w = malloc((size_t)n * k * 4);
+                int32_t *got_idx = malloc((size_t)n * k * 4);
+                for (int t = 0; t < n; t++)
+                    tpk_router_topk(logits + (size_t)t * E, E, k, renorm, ref_idx + (size_t)t * k,
+                                    ref_w + (size_t)t * k);
+                float *dl = dev_copy(logits, (size_t)n * E * 4), *dw = dev_copy(NULL, (size_t)n * k * 4);
+                int32_t *di = dev_copy(NULL, (size_t)n * k * 4);
+                MUST(tpc_router_topk(di, dw, dl, n, E, k, renorm, NULL, &err));
+                fetch(got_idx, di, (size_t)n * k * 4);
+                fetch(got_w, dw, (size_t)n * k * 4);
+                int bad = -1;
+                for (int i = 0; i < n * k && bad < 0; i++)
+                    if (got_idx[i] != ref_idx[i])
+                        bad = i;
+                CHECK(bad < 0, "router_topk E=%d k=%d renorm=%d quant=%d: token %d slot %d: expert %d, cpu %d", E,
+                      k, renorm, quant, bad / k, bad % k, bad >= 0 ? got_idx[bad] : 0, bad >= 0 ? ref_idx[bad] : 0);
+                double e = rel_err(got_w, ref_w, (size_t)n * k);
+                CHECK(e < 1e-5, "router_topk E=%d k=%d renorm=%d quant=%d: weights err %g", E, k, renorm, quant, e);
+                tpc_free(dl); tpc_free(dw); tpc_free(di);
+                free(logits); free(ref_idx); free(ref_w); free(got_w); free(got_idx);
+            }
+    CHECK(tpc_router_topk(NULL, NULL, NULL, 1, 8, 9, false, NULL, &err) == -1 && strstr(err.msg, "router_topk"),
+          "router_topk with k > n_experts accepted");
+}
+
+/* tpc_router_logits against a double-precision loop over the same bf16
+ * weights and unrounded fp32 activations (a bf16-rounded input would be off
+ * by ~2^-9 relative and fail the 1e-5 bound). */
+static void test_router_logits(void)
+{
+    const int n = 5, E = 60, H = 1003;
+    float *x = rand_vec((size_t)n * H, 2), *wf = rand_vec((size_t)E * H, 1);
+    float *ref = malloc((size_t)n * E * 4), *got = malloc((size_t)n * E * 4);
+    uint16_t *w = malloc((size_t)E * H * 2);
+    for (int i = 0; i < E * H; i++)
+        w[i] = to_bf16(wf[i]);
+    for (int t = 0; t < n; t++)
+        for (int e = 0; e < E; e++) {
+            double acc = 0;
+            for (int i = 0; i < H; i++)
+                acc += (double)x[(size_t)t * H + i] * from_bf16(w[(size_t)e * H + i]);
+            ref[(size_t)t * E + e] = (float)acc;
+        }
+    float *dx = dev_copy(x, (size_t)n * H * 4), *dl = dev_copy(NULL, (size_t)n * E * 4);
+    uint16_t *dw = dev_copy(w, (size_t)E * H * 2);
+    MUST(tpc_router_logits(dl, dx, dw, n, E, H, NULL, &err));
+    fetch(got, dl, (size_t)n * E * 4);
+    double e = rel_err(got, ref, (size_t)n * E);
+    CHECK(e < 1e-5, "router_logits: err %g", e);
+    tpc_free(dx); tpc_free(dl); tpc_free(dw);
+    free(x); free(wf); free(ref); free(got); free(w);
+}
+
+/* The expert's token gather and weighted scatter-add against host loops. */
+static void test_moe_rows(void)
+{
+    const int n = 9, dim = 1003, m = 4;
+    const int32_t tok[4] = { 7, 0, 3, 8 };
+    const float w[4] = { 0.25f, -1.5f, 0.125f, 3.0f };
+    float *h = rand_vec((size_t)n * dim, 3), *y = rand_vec((size_t)m * dim, 2), *out = rand_vec((size_t)n * dim, 1);
+    float *ref = malloc((size_t)n * dim * 4), *got = malloc((size_t)n * dim * 4);
+    float *dh = dev_copy(h, (size_t)n * dim * 4), *dy = dev_copy(y, (size_t)m * dim * 4);
+    float *dout = dev_copy(out, (size_t)n * dim * 4), *dx = dev_copy(NULL, (size_t)m * dim * 4);
+    float *dwt = dev_copy(w, sizeof w);
+    int32_t *dtok = dev_copy(tok, sizeof tok);
+    MUST(tpc_gather_rows(dx, dh, dtok, m, dim, NULL, &err));
+    fetch(got, dx, (size_t)m * dim * 4);
+    for (int j = 0; j < m; j++)
+        memcpy(ref + (size_t)j * dim, h + (size_t)tok[j] * dim, (size_t)dim * 4);
+    CHECK(memcmp(got, ref, (size_t)m * dim * 4) == 0, "gather_rows: rows differ");
+    memcpy(ref, out, (size_t)n * dim * 4);
+    for (int j = 0; j < m; j++)
+        for (int i = 0; i < dim; i++)
+            ref[(size_t)tok[j] * dim + i] += w[j] * y[(size_t)j * dim + i];
+    MUST(tpc_scatter_add_rows(dout, dy, dtok, dwt, m, dim, NULL, &err));
+    fetch(got, dout, (size_t)n * dim * 4);
+    double e = rel_err(got, ref, (size_t)n * dim);
+    CHECK(e < 1e-6, "scatter_add_rows: err %g", e);   /* an fma may round once instead of twice */
+    tpc_free(dh); tpc_free(dy); tpc_free(dout); tpc_free(dx); tpc_free(dwt); tpc_free(dtok);
+    free(h); free(y); free(out); free(ref); free(got);
+}
+
 static void test_argument_errors(void)
 {
     CHECK(tpc_attention_prefill(NULL, 0, NULL, 0, NULL, NULL, 10, 5, 8, 2, 1, 64, 0, 1.0f, NULL, &err) == -1 &&
@@ -825,6 +929,9 @@ int main(void)
     test_elementwise();
     test_gemm();
     test_argmax();
+    test_router_logits();
+    test_router_topk();
+    test_moe_rows();
     test_sample();
     test_devpos_rope_kv();
     test_devpos_decode();

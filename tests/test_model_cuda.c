@@ -40,11 +40,13 @@ static int g_compared;
  * in-process comm of tp 2 takes the staged all-reduce, which is never
  * captured): the prompt, then 12 tokens fed back one at a time, greedy and
  * sampled (same seed), must be the same ids both ways (the same logits and
- * the same uniforms), and the graph run must say that it used the graph. */
+ * the same uniforms), and the graph run must say that it used the graph
+ * (a mixture-of-experts model must say that it did not: its routing goes
+ * through the host). */
 #define GRAPH_STEPS 12
 /* Runs the prompt and GRAPH_STEPS fed-back picks; 0 or -1 (err set). */
 static int graph_run(const tp_loaded_rank *lr, bool no_graph, const tp_sampler_opts *so, const int32_t *prompt,
-                     int n_prompt, int32_t *got, char *info, size_t info_len, tp_err *err)
+                     int n_prompt, int32_t *got, char *info, size_t info_len, bool *sparse, tp_err *err)
 {
     tp_model *m = NULL;
     tp_model_opts o = { .max_seq = 64, .threads = 1, .device = "cuda", .no_graph = no_graph };
@@ -59,6 +61,7 @@ static int graph_run(const tp_loaded_rank *lr, bool no_graph, const tp_sampler_o
         rc = tp_model_forward_pick(m, &got[i], 1, so, &rng, &tok, err);
     }
     snprintf(info, info_len, "%s", tp_model_device_info(m));
+    *sparse = tp_model_get_config(m)->n_experts > 0;
     tp_model_free(m);
     return rc;
 }
@@ -73,13 +76,16 @@ static void compare_graph(const src_model *s, const char *name, const int32_t *p
         int32_t got[2][GRAPH_STEPS];
         char info[2][512];
         tp_err err = { { 0 } };
-        if (graph_run(&br.lr, false, &modes[mode], prompt, n_prompt, got[0], info[0], sizeof info[0], &err) < 0 ||
-            graph_run(&br.lr, true, &modes[mode], prompt, n_prompt, got[1], info[1], sizeof info[1], &err) < 0) {
+        bool sparse = false;
+        if (graph_run(&br.lr, false, &modes[mode], prompt, n_prompt, got[0], info[0], sizeof info[0], &sparse,
+                      &err) < 0 ||
+            graph_run(&br.lr, true, &modes[mode], prompt, n_prompt, got[1], info[1], sizeof info[1], &sparse,
+                      &err) < 0) {
             CHECK(0, "%s: %s graph check: %s", name, what, err.msg);
             continue;
         }
-        CHECK(strstr(info[0], "decode as a CUDA graph") != NULL, "%s: %s: the graph was not used: %s", name, what,
-              info[0]);
+        const char *want = sparse ? "no CUDA graph (sparse layers route on the host)" : "decode as a CUDA graph";
+        CHECK(strstr(info[0], want) != NULL, "%s: %s: expected \"%s\": %s", name, what, want, info[0]);
         CHECK(strstr(info[1], "no CUDA graph (turned off)") != NULL, "%s: no_graph was not honoured: %s", name,
               info[1]);
         int diff = -1;
@@ -265,6 +271,8 @@ static void compare_model(const char *dir, const char *name)
     memset(&set, 0, sizeof set);
     if (load_hf(s, &set, dir, name, &err) < 0)
         CHECK(0, "%s: %s", name, err.msg);
+    else if (has_3d_tensor(s))   /* test_model.c's splitter cuts 2-D tensors only */
+        printf("%s: not compared here: 3-D (fused expert) tensors (tests/e2e_tprun.sh runs it on a GPU)\n", name);
     else
         compare_src(s);
     free(s->config_json);

@@ -808,6 +808,131 @@ extern "C" int tpc_add_bias(float *y, const float *b, int n, int dim, tpc_stream
     return launched("add_bias", err);
 }
 
+/* ------------------------------------------------------ mixture of experts */
+
+/* p[a] before p[b] in the top k: tpk_router_topk's order (kernels_cpu.c). */
+__device__ static bool router_before(float pa, int a, float pb, int b)
+{
+    return pa > pb || (pa == pb && a < b);
+}
+
+/* One thread per token: the softmax's max and sum in the CPU's order, then
+ * the k winners by k scans (k is small: 2..8), each taking the best expert
+ * ranked after the previous winner. */
+__global__ void router_topk_kernel(int32_t *idx, float *weight, const float *logits, int n, int E, int k,
+                                   bool renorm)
+{
+    int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= n)
+        return;
+    const float *l = logits + (size_t)t * E;
+    float mx = l[0];
+    for (int e = 1; e < E; e++)
+        mx = l[e] > mx ? l[e] : mx;
+    float sum = 0.0f;
+    for (int e = 0; e < E; e++)
+        sum += expf(l[e] - mx);
+    float total = 0.0f, prev_p = 0.0f;
+    int prev = -1;
+    for (int j = 0; j < k; j++) {
+        int best = -1;
+        float best_p = 0.0f;
+        for (int e = 0; e < E; e++) {
+            float p = expf(l[e] - mx) / sum;
+            if (prev >= 0 && !router_before(prev_p, prev, p, e))
+                continue;   /* ranked at or before an earlier winner */
+            if (best < 0 || router_before(p, e, best_p, best)) {
+                best = e;
+                best_p = p;
+            }
+        }
+        idx[(size_t)t * k + j] = best;
+        weight[(size_t)t * k + j] = best_p;
+        total += best_p;
+        prev = best;
+        prev_p = best_p;
+    }
+    if (renorm)
+        for (int j = 0; j < k; j++)
+            weight[(size_t)t * k + j] /= total;
+}
+
+extern "C" int tpc_router_topk(int32_t *idx, float *weight, const float *logits, int n, int n_experts, int k,
+                               bool renorm, tpc_stream s, tp_err *err)
+{
+    if (n < 0 || n_experts <= 0 || k <= 0 || k > n_experts)
+        return tp_errorf(err, "cuda kernel router_topk: n %d, n_experts %d, k %d", n, n_experts, k);
+    if (n == 0)
+        return 0;
+    router_topk_kernel<<<blocks_for((size_t)n, 64), 64, 0, s>>>(idx, weight, logits, n, n_experts, k, renorm);
+    return launched("router_topk", err);
+}
+
+/* One block per (token, expert): the dot product of the fp32 row with the
+ * bf16 router row, fp32 products and sums (block_sum). */
+__global__ void router_logits_kernel(float *logits, const float *x, const uint16_t *w, int E, int H)
+{
+    int t = blockIdx.x / E, e = blockIdx.x % E;
+    const float *xr = x + (size_t)t * H;
+    const uint16_t *wr = w + (size_t)e * H;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x)
+        acc += xr[i] * bf16_to_f32(wr[i]);
+    acc = block_sum(acc);
+    if (threadIdx.x == 0)
+        logits[(size_t)t * E + e] = acc;
+}
+
+extern "C" int tpc_router_logits(float *logits, const float *x, const uint16_t *w, int n, int n_experts, int hidden,
+                                 tpc_stream s, tp_err *err)
+{
+    if (n < 0 || n_experts <= 0 || hidden <= 0 || (size_t)n * n_experts > 0x7fffffffu)
+        return tp_errorf(err, "cuda kernel router_logits: n %d, n_experts %d, hidden %d", n, n_experts, hidden);
+    if (n == 0)
+        return 0;
+    router_logits_kernel<<<(unsigned)(n * n_experts), 128, 0, s>>>(logits, x, w, n_experts, hidden);
+    return launched("router_logits", err);
+}
+
+__global__ void gather_rows_kernel(float *x, const float *h, const int32_t *tok, size_t total, int dim)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = h[(size_t)tok[i / dim] * dim + i % dim];
+}
+
+extern "C" int tpc_gather_rows(float *x, const float *h, const int32_t *tok, int m, int dim, tpc_stream s,
+                               tp_err *err)
+{
+    if (m < 0 || dim <= 0)
+        return tp_errorf(err, "cuda kernel gather_rows: m %d, dim %d", m, dim);
+    size_t total = (size_t)m * dim;
+    if (total == 0)
+        return 0;
+    gather_rows_kernel<<<blocks_for(total, 256), 256, 0, s>>>(x, h, tok, total, dim);
+    return launched("gather_rows", err);
+}
+
+__global__ void scatter_add_rows_kernel(float *out, const float *y, const int32_t *tok, const float *w,
+                                        size_t total, int dim)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t j = i / dim;
+        out[(size_t)tok[j] * dim + i % dim] += w[j] * y[i];
+    }
+}
+
+extern "C" int tpc_scatter_add_rows(float *out, const float *y, const int32_t *tok, const float *w, int m, int dim,
+                                    tpc_stream s, tp_err *err)
+{
+    if (m < 0 || dim <= 0)
+        return tp_errorf(err, "cuda kernel scatter_add_rows: m %d, dim %d", m, dim);
+    size_t total = (size_t)m * dim;
+    if (total == 0)
+        return 0;
+    scatter_add_rows_kernel<<<blocks_for(total, 256), 256, 0, s>>>(out, y, tok, w, total, dim);
+    return launched("scatter_add_rows", err);
+}
+
 __global__ void f32_to_bf16_kernel(uint16_t *dst, const float *src, size_t n)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

@@ -162,6 +162,29 @@ int tpc_silu_mul(float *gate, const float *up, size_t n, tpc_stream s, tp_err *e
 /* tpk_add_bias: y[t][i] += b[i]. */
 int tpc_add_bias(float *y, const float *b, int n, int dim, tpc_stream s, tp_err *err);
 
+/* Router logits[n][n_experts] = x[n][hidden] . W^T with W bf16
+ * [n_experts][hidden], in fp32 throughout: unlike tpc_gemm_bf16 the
+ * activations are not rounded to bf16, so that the top-k choice sees what
+ * the CPU model (runtime/moe.c) sees and a near-tie is not flipped by the
+ * rounding.  One block per (token, expert). */
+int tpc_router_logits(float *logits, const float *x, const uint16_t *w, int n, int n_experts, int hidden,
+                      tpc_stream s, tp_err *err);
+
+/* tpk_router_topk for each of n tokens: logits [n][n_experts] to idx and
+ * weight [n][k] (softmax in fp32, the k largest probabilities in descending
+ * order, ties to the lower expert, renormalised when renorm).  One thread
+ * per token; k <= n_experts. */
+int tpc_router_topk(int32_t *idx, float *weight, const float *logits, int n, int n_experts, int k, bool renorm,
+                    tpc_stream s, tp_err *err);
+
+/* Mixture-of-experts token routing: gather x[j] = h[tok[j]] and scatter
+ * out[tok[j]] += w[j] * y[j] for j < m, rows of dim floats; tok and w are
+ * device arrays.  The m tokens must be distinct (one expert's tokens), so
+ * that the scatter's rows never collide. */
+int tpc_gather_rows(float *x, const float *h, const int32_t *tok, int m, int dim, tpc_stream s, tp_err *err);
+int tpc_scatter_add_rows(float *out, const float *y, const int32_t *tok, const float *w, int m, int dim,
+                         tpc_stream s, tp_err *err);
+
 /* Round to nearest even, as torch's .to(torch.bfloat16). */
 int tpc_f32_to_bf16(uint16_t *dst, const float *src, size_t n, tpc_stream s, tp_err *err);
 

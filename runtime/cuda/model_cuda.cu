@@ -78,6 +78,17 @@ struct tpcm_model {
     bool graph_usable;          /* tp 1 or nccl, and not turned off */
     char graph_note[160];       /* why graphs are off, for tpcm_describe */
 
+    /* Sparse layers (tpcw_moe): the largest expert count, top_k, local
+     * expert rows and local expert count over the layers (0: dense model);
+     * device buffers for the router and one expert's tokens, host buffers for
+     * the routing, which is grouped by expert on the host
+     * (tp_moe_group_by_expert) so that only the chosen experts run. */
+    int moe_e, moe_k, moe_i, moe_nl;
+    float *moe_logits, *moe_w, *moe_x, *moe_g, *moe_u, *moe_y, *moe_slot_w;
+    int32_t *moe_idx, *moe_tok;
+    int *host_idx, *host_count, *host_tok;
+    float *host_w, *host_slot_w;
+
     char desc[512];
 };
 
@@ -157,6 +168,63 @@ static int alloc_pick_buffers(tpcm_model *g, tp_err *err)
                : 0;
 }
 
+/* The largest sparse-layer dimensions, for the buffers (all 0: dense). */
+static void moe_dims(tpcm_model *g)
+{
+    for (int l = 0; l < g->cfg.n_layers; l++) {
+        const tpcw_moe *m = g->w.layers[l].moe;
+        if (!m)
+            continue;
+        const tp_moe_weights *sh = m->shape;
+        int nl = sh->expert_hi - sh->expert_lo;
+        g->moe_e = sh->n_experts > g->moe_e ? sh->n_experts : g->moe_e;
+        g->moe_k = sh->top_k > g->moe_k ? sh->top_k : g->moe_k;
+        g->moe_i = sh->inter > g->moe_i ? sh->inter : g->moe_i;
+        g->moe_nl = nl > g->moe_nl ? nl : g->moe_nl;
+    }
+}
+
+static void free_moe_buffers(tpcm_model *g)
+{
+    float **f[] = { &g->moe_logits, &g->moe_w, &g->moe_x, &g->moe_g, &g->moe_u, &g->moe_y, &g->moe_slot_w };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+        tpc_free(*f[i]);
+        *f[i] = NULL;
+    }
+    tpc_free(g->moe_idx); tpc_free(g->moe_tok);
+    g->moe_idx = g->moe_tok = NULL;
+    free(g->host_idx); free(g->host_count); free(g->host_tok); free(g->host_w); free(g->host_slot_w);
+    g->host_idx = g->host_count = g->host_tok = NULL;
+    g->host_w = g->host_slot_w = NULL;
+}
+
+/* The sparse layers' buffers for n tokens (nothing for a dense model). */
+static int alloc_moe_buffers(tpcm_model *g, int n, tp_err *err)
+{
+    free_moe_buffers(g);
+    if (g->moe_e == 0)
+        return 0;
+    size_t N = (size_t)n, NK = N * g->moe_k, H = g->cfg.hidden, I = g->moe_i;
+    if (tpc_malloc((void **)&g->moe_logits, N * g->moe_e * 4, "router logits", err) < 0 ||
+        tpc_malloc((void **)&g->moe_w, NK * 4, "routing", err) < 0 ||
+        tpc_malloc((void **)&g->moe_idx, NK * 4, "routing", err) < 0 ||
+        tpc_malloc((void **)&g->moe_tok, NK * 4, "routing", err) < 0 ||
+        tpc_malloc((void **)&g->moe_slot_w, NK * 4, "routing", err) < 0 ||
+        tpc_malloc((void **)&g->moe_x, N * H * 4, "expert activations", err) < 0 ||
+        tpc_malloc((void **)&g->moe_y, N * H * 4, "expert activations", err) < 0 ||
+        tpc_malloc((void **)&g->moe_g, N * I * 4, "expert activations", err) < 0 ||
+        tpc_malloc((void **)&g->moe_u, N * I * 4, "expert activations", err) < 0)
+        return -1;
+    g->host_idx = (int *)malloc(NK * sizeof(int));
+    g->host_w = (float *)malloc(NK * sizeof(float));
+    g->host_tok = (int *)malloc(NK * sizeof(int));
+    g->host_slot_w = (float *)malloc(NK * sizeof(float));
+    g->host_count = (int *)malloc(((size_t)g->moe_nl + 1) * sizeof(int));
+    if (!g->host_idx || !g->host_w || !g->host_tok || !g->host_slot_w || !g->host_count)
+        return tp_errorf(err, "out of memory");
+    return 0;
+}
+
 int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
 {
     *out = NULL;
@@ -197,6 +265,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
 
     if (tpcw_upload(&g->w, d, g->s, err) < 0)
         goto fail;
+    moe_dims(g);
 
     {
         size_t per_layer = (size_t)g->lkv * g->max_seq * hd, total = per_layer * c->n_layers;
@@ -237,10 +306,12 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         goto fail;
     if (g->nccl)
         tpc_comm_set_enqueue_only(g->comm, true);   /* waits happen in wait_stream */
-    g->graph_usable = !d->no_graph && (g->world == 1 || g->nccl);
+    /* sparse layers bring the routing to the host each step: not capturable */
+    g->graph_usable = !d->no_graph && (g->world == 1 || g->nccl) && g->moe_e == 0;
     snprintf(g->graph_note, sizeof g->graph_note, "%s",
              g->graph_usable ? "decode as a CUDA graph"
              : d->no_graph   ? "no CUDA graph (turned off)"
+             : g->moe_e      ? "no CUDA graph (sparse layers route on the host)"
                              : "no CUDA graph (the staged all-reduce runs on the host)");
     update_desc(g);
     *out = g;
@@ -261,6 +332,7 @@ void tpcm_free(tpcm_model *g)
     tpc_free(g->x); tpc_free(g->h); tpc_free(g->q); tpc_free(g->k); tpc_free(g->v);
     tpc_free(g->att); tpc_free(g->o); tpc_free(g->gate); tpc_free(g->up); tpc_free(g->xb);
     tpc_free(g->ids); tpc_free(g->dec_ws);
+    free_moe_buffers(g);
     if (g->host_stage)
         cudaFreeHost(g->host_stage);
     if (g->host_slot)
@@ -303,6 +375,8 @@ static int ensure_buffers(tpcm_model *g, int n, tp_err *err)
            I = (size_t)g->li, widest = H > qd ? H : qd;
     if (I > widest)
         widest = I;
+    if ((size_t)g->moe_i > widest)
+        widest = (size_t)g->moe_i;
     struct { float **p; size_t per_row; } bufs[] = {
         { &g->x, H }, { &g->h, H }, { &g->q, qd }, { &g->k, kd }, { &g->v, kd },
         { &g->att, qd }, { &g->o, H }, { &g->gate, I }, { &g->up, I },
@@ -324,7 +398,8 @@ static int ensure_buffers(tpcm_model *g, int n, tp_err *err)
     if (tpc_malloc((void **)&g->xb, (size_t)n * widest * 2, "activations", err) < 0 ||
         tpc_malloc((void **)&g->ids, (size_t)n * 4, "token ids", err) < 0 ||
         tpc_malloc(&g->dec_ws, g->dec_ws_bytes, "attention workspace", err) < 0 ||
-        cuda_check(cudaMallocHost((void **)&g->host_stage, (size_t)n * H * 4), "cudaMallocHost", err) < 0)
+        cuda_check(cudaMallocHost((void **)&g->host_stage, (size_t)n * H * 4), "cudaMallocHost", err) < 0 ||
+        alloc_moe_buffers(g, n, err) < 0)
         return -1;
     g->cap_n = n;
     return 0;
@@ -391,10 +466,70 @@ static int attention_block(tpcm_model *g, int l, int n, int pos, const int32_t *
     return L->bo ? tpc_add_bias(g->o, L->bo, n, H, g->s, err) : 0;
 }
 
+/* One local expert over its m tokens (slots [lo, lo + m) of moe_tok /
+ * moe_slot_w): gathered, down(silu(gate x) * up x), added into g->o with
+ * each token's routing weight. */
+static int run_expert(tpcm_model *g, const tpcw_moe *M, int e, int lo, int m, tp_err *err)
+{
+    int H = g->cfg.hidden, I = M->shape->inter;
+    return tpc_gather_rows(g->moe_x, g->h, g->moe_tok + lo, m, H, g->s, err) < 0 ||
+                   gemm(g, g->moe_g, g->moe_x, M->gate[e], NULL, m, H, I, err) < 0 ||
+                   gemm(g, g->moe_u, g->moe_x, M->up[e], NULL, m, H, I, err) < 0 ||
+                   tpc_silu_mul(g->moe_g, g->moe_u, (size_t)m * I, g->s, err) < 0 ||
+                   gemm(g, g->moe_y, g->moe_g, M->down[e], NULL, m, I, H, err) < 0 ||
+                   tpc_scatter_add_rows(g->o, g->moe_y, g->moe_tok + lo, g->moe_slot_w + lo, m, H, g->s, err) < 0
+               ? -1
+               : 0;
+}
+
+/* A sparse layer (runtime/moe.c on the device): router logits (fp32
+ * activations, as the CPU: tpc_router_logits) and top-k on the device, the n * top_k choices to the host, grouped by local expert
+ * there (tp_moe_group_by_expert, as the CPU), and each chosen local expert
+ * run once over its tokens (a decode step reads only its top_k experts'
+ * weights), then the MLP's all-reduce of the partial sums. */
+static int moe_block(tpcm_model *g, int l, int n, tp_err *err)
+{
+    const tpcw_moe *M = g->w.layers[l].moe;
+    const tp_moe_weights *sh = M->shape;
+    int H = g->cfg.hidden, E = sh->n_experts, K = sh->top_k;
+    size_t nk = (size_t)n * K;
+    cudaStream_t s = (cudaStream_t)g->s;
+    static_assert(sizeof(int) == sizeof(int32_t), "host and device expert ids share a layout");
+    if (tpc_router_logits(g->moe_logits, g->h, M->router, n, E, H, g->s, err) < 0 ||
+        tpc_router_topk(g->moe_idx, g->moe_w, g->moe_logits, n, E, K, sh->renorm, g->s, err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->host_idx, g->moe_idx, nk * 4, cudaMemcpyDeviceToHost, s),
+                   "cudaMemcpyAsync (routing)", err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->host_w, g->moe_w, nk * 4, cudaMemcpyDeviceToHost, s),
+                   "cudaMemcpyAsync (routing)", err) < 0 ||
+        tpc_sync(g->s, err) < 0)
+        return tp_err_prefix(err, "layer %d router", l);
+    tp_moe_group_by_expert(sh, n, g->host_idx, g->host_w, g->host_count, g->host_tok, g->host_slot_w);
+    int nl = sh->expert_hi - sh->expert_lo, routed = g->host_count[nl];
+    /* pageable sources: read when cudaMemcpyAsync returns; rewritten only
+     * after the next layer's tpc_sync */
+    if ((routed > 0 &&
+         (cuda_check(cudaMemcpyAsync(g->moe_tok, g->host_tok, (size_t)routed * 4, cudaMemcpyHostToDevice, s),
+                     "cudaMemcpyAsync (routing)", err) < 0 ||
+          cuda_check(cudaMemcpyAsync(g->moe_slot_w, g->host_slot_w, (size_t)routed * 4, cudaMemcpyHostToDevice, s),
+                     "cudaMemcpyAsync (routing)", err) < 0)) ||
+        cuda_check(cudaMemsetAsync(g->o, 0, (size_t)n * H * 4, s), "cudaMemsetAsync", err) < 0)
+        return tp_err_prefix(err, "layer %d", l);
+    for (int e = 0; e < nl; e++) {
+        int lo = g->host_count[e], m = g->host_count[e + 1] - lo;
+        if (m > 0 && run_expert(g, M, e, lo, m, err) < 0)   /* m == 0: never read */
+            return tp_err_prefix(err, "layer %d expert %d", l, sh->expert_lo + e);
+    }
+    if (allreduce(g, g->o, (size_t)n * H, err) < 0)
+        return tp_err_prefix(err, "layer %d moe all-reduce", l);
+    return 0;
+}
+
 static int mlp_block(tpcm_model *g, int l, int n, tp_err *err)
 {
     const tpcw_layer *L = &g->w.layers[l];
     int H = g->cfg.hidden;
+    if (L->moe)
+        return moe_block(g, l, n, err);
     if (gemm(g, g->gate, g->h, L->wgate, L->bgate, n, H, g->li, err) < 0 ||
         gemm(g, g->up, g->h, L->wup, L->bup, n, H, g->li, err) < 0 ||
         tpc_silu_mul(g->gate, g->up, (size_t)n * g->li, g->s, err) < 0 ||

@@ -164,6 +164,32 @@ static int add_dest(sink *sk, const tp_weight_src *src, bool mat, void **dst, tp
 #define MAT_IS_MAT true
 #define VEC_IS_MAT false
 
+/* A sparse layer's router and local experts (one destination each). */
+static int plan_moe(sink *sk, const tp_moe_weights *mw, tpcw_layer *L, tp_err *err)
+{
+    size_t ne = (size_t)(mw->expert_hi - mw->expert_lo);
+    tpcw_moe *m = (tpcw_moe *)calloc(1, sizeof *m);
+    if (!m)
+        return tp_errorf(err, "out of memory");
+    L->moe = m;   /* freed by tpcw_free, even when the rest fails */
+    m->shape = mw;
+    m->gate = (uint16_t **)calloc(ne ? ne : 1, sizeof *m->gate);
+    m->up = (uint16_t **)calloc(ne ? ne : 1, sizeof *m->up);
+    m->down = (uint16_t **)calloc(ne ? ne : 1, sizeof *m->down);
+    if (!m->gate || !m->up || !m->down)
+        return tp_errorf(err, "out of memory");
+    if (add_dest(sk, &mw->router_src, true, (void **)&m->router, err) < 0)
+        return -1;
+    for (size_t e = 0; e < ne; e++)
+        if (add_dest(sk, &mw->gate_src[e], true, (void **)&m->gate[e], err) < 0 ||
+            add_dest(sk, &mw->up_src[e], true, (void **)&m->up[e], err) < 0 ||
+            add_dest(sk, &mw->down_src[e], true, (void **)&m->down[e], err) < 0)
+            return tp_err_prefix(err, "expert %d", mw->expert_lo + (int)e);
+    if (!m->router)
+        return tp_errorf(err, "sparse layer without a router");
+    return 0;
+}
+
 static int plan(sink *sk, const tpcm_desc *d, tp_err *err)
 {
     tpcw_weights *w = sk->w;
@@ -184,6 +210,8 @@ static int plan(sink *sk, const tpcm_desc *d, tp_err *err)
             return tp_err_prefix(err, "layer %d", l);
         TP_LAYER_TENSORS(TP_X)
 #undef TP_X
+        if (src->moe && plan_moe(sk, src->moe, L, err) < 0)
+            return tp_err_prefix(err, "layer %d", l);
     }
     sk->by_tensor = (dest **)calloc(sk->lr->n_tensors + 1, sizeof *sk->by_tensor);
     sk->select = (bool *)calloc(sk->lr->n_tensors + 1, sizeof *sk->select);
@@ -354,6 +382,7 @@ int tpcw_upload(tpcw_weights *w, const tpcm_desc *d, tpc_stream s, tp_err *err)
     so.quiet = d->lr->quiet;
     so.piece_bytes = STAGE_PIECE;
     w->layers = (tpcw_layer *)calloc((size_t)d->cfg->n_layers, sizeof *w->layers);
+    w->n_layers = w->layers ? d->cfg->n_layers : 0;
     if (!w->layers) {
         tp_errorf(err, "out of memory");
         goto fail;
@@ -392,6 +421,12 @@ fail:
 void tpcw_free(tpcw_weights *w)
 {
     tpc_allocs_free(&w->owned);
+    for (int l = 0; w->layers && l < w->n_layers; l++)
+        if (w->layers[l].moe) {
+            tpcw_moe *m = w->layers[l].moe;
+            free(m->gate); free(m->up); free(m->down);
+            free(m);
+        }
     free(w->layers);
     memset(w, 0, sizeof *w);
 }

@@ -21,18 +21,30 @@ extern "C" {
 /* model_layers.h's TP_LAYER_TENSORS: MAT fields bf16, VEC fields fp32. */
 #define TPCW_MAT_TYPE uint16_t
 #define TPCW_VEC_TYPE float
+/* A sparse layer on the device: the router and each local expert's
+ * matrices, bf16; shape is the CPU structure's (counts, top_k, renorm, the
+ * local experts and their rows), which the model keeps until tp_model_free. */
+typedef struct tpcw_moe {
+    const tp_moe_weights *shape;
+    uint16_t *router;           /* [n_experts][hidden] */
+    uint16_t **gate, **up;      /* host arrays of [expert_hi - expert_lo] device [inter][hidden] */
+    uint16_t **down;            /* the same, [hidden][inter] */
+} tpcw_moe;
+
 typedef struct tpcw_layer {
 #define TP_X(field, kind) TPCW_##kind##_TYPE *field;
     TP_LAYER_TENSORS(TP_X)
 #undef TP_X
     int window;
+    tpcw_moe *moe;              /* sparse layer (the dense MLP fields are NULL); NULL: dense */
 } tpcw_layer;
 
 typedef struct tpcw_weights {
     uint16_t *embed;            /* rows [emb_start, emb_end) */
     uint16_t *lm_w;             /* rows [lm_start, lm_end); may point into embed */
     float *final_norm;
-    tpcw_layer *layers;         /* cfg->n_layers */
+    tpcw_layer *layers;         /* n_layers */
+    int n_layers;
     tpc_allocs owned;           /* device allocations, freed by tpcw_free */
     double bytes, seconds;      /* weight bytes put on the device, and how long it took */
     double source_bytes;        /* decoded bytes streamed from the loaded rank */

@@ -16,7 +16,7 @@
 # itself (--load-only, and greedy tokens against the cpu's).
 # Needs g++ (C++20), python3; all takes about 25 minutes on 2 cores
 # (thousands of threads).  quick (`make check-emu`) takes a few: the kernel
-# tests listed in QUICK_KERNELS below and one model (QUICK_MODEL) cuda vs cpu
+# tests listed in QUICK_KERNELS below and two models (QUICK_MODEL, QUICK_MOE_MODEL) cuda vs cpu
 # at tp 1 only, each through a small driver that includes the test file and
 # calls those of its test functions; no tprun run.
 # Usage: run_emu.sh [all|kernels|model|quick]  (default all: both test programs).
@@ -24,10 +24,12 @@ set -euo pipefail
 what=${1:-all}
 case $what in all|kernels|model|quick) ;; *) echo "usage: $0 [all|kernels|model|quick]" >&2; exit 2 ;; esac
 # quick: the kernel tests that run in seconds to a minute (lookup, norm, gemm,
-# picking); the model run covers attention (test_attention alone takes ~3
+# picking, expert routing); the model run covers attention (test_attention alone takes ~3
 # minutes here), the decode graph and the device picks.
-QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_argmax)
+QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_argmax test_router_logits test_router_topk test_moe_rows)
+# and one mixture-of-experts model (router, top-k, per-expert GEMMs, host routing)
 QUICK_MODEL=qwen3-tiny
+QUICK_MOE_MODEL=qwen3moe-tiny
 cd "$(dirname "$0")/../../.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -49,7 +51,7 @@ g++ -std=c++20 -O1 -g -I"$emu" -c "$emu/emu.cpp" -o "$work/emu.o"
 # quick_driver FILE CALLS...: a C file that includes a copy of the test FILE
 # (its main renamed: a #define would not survive test_model_cuda.c's own
 # #undef main) and whose main, once the emulated device is there, makes only
-# the given calls and reports the file's failure count.
+# the given calls and reports the file's checks (check_finish).
 quick_driver() {
     local file=$1; shift
     local copy=$work/$(basename "$file" .c)_all.c
@@ -63,14 +65,13 @@ quick_driver() {
         printf '    %s;\n    printf("done: %%s (%%lds)\\n", "%s", (long)(time(NULL) - t0));\n    fflush(stdout);\n' \
             "$call" "${call//\"/}"
     done
-    printf '    if (failures) {\n        fprintf(stderr, "%%d failure(s)\\n", failures);\n        return 1;\n    }\n'
-    printf '    puts("all ok");\n    return 0;\n}\n'
+    printf '    return check_finish("%s (run_emu.sh quick)");\n}\n' "$(basename "$file" .c)"
 }
 if [ "$what" = quick ]; then
     calls=()
     for t in "${QUICK_KERNELS[@]}"; do calls+=("$t()"); done
     quick_driver tests/test_kernels_cuda.c "${calls[@]}" >"$work/test_kernels_quick.c"
-    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c "$work/test_kernels_quick.c" -o "$work/test.o"
+    gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_kernels_quick.c" -o "$work/test.o"
 else
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_kernels_cuda.c -o "$work/test.o"
 fi
@@ -104,9 +105,11 @@ gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c runtime/model.c -o "$work/model
 if [ "$what" = quick ]; then
     quick_driver tests/test_model_cuda.c "g_max_tp = 1" \
         "compare_model(\"tests/models/$QUICK_MODEL\", \"$QUICK_MODEL\")" \
-        "CHECK(g_compared > 0, \"$QUICK_MODEL was not compared\")" >"$work/test_model_quick.c"
+        "CHECK(g_compared > 0, \"$QUICK_MODEL was not compared\")" \
+        "compare_model(\"tests/models/$QUICK_MOE_MODEL\", \"$QUICK_MOE_MODEL\")" \
+        "CHECK(g_compared > 1, \"$QUICK_MOE_MODEL was not compared\")" >"$work/test_model_quick.c"
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_model_quick.c" -o "$work/test_model.o"
-    label="test_model_cuda ($QUICK_MODEL at tp 1)"
+    label="test_model_cuda ($QUICK_MODEL and $QUICK_MOE_MODEL at tp 1)"
 else
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
     label=test_model_cuda
