@@ -26,6 +26,7 @@
 #define GEMV_BLOCK_ROWS 32                  /* rows per claimed block, n == 1 */
 #define GEMM_BLOCK_BYTES (128 * 1024)       /* widened rows per block: stays in L2 */
 #define BATCH_MAX 8                         /* jobs per parallel section */
+#define BF16_PREFETCH_ROWS 4                /* bf16 GEMV: prefetch this many rows ahead */
 
 typedef struct tpg_path {
     /* y[r] for r in [r0, r1): one token x, rows of w (stored dtype). */
@@ -195,11 +196,65 @@ AVX2_TARGET INLINE void avx2_gemv_dt(float *y, const float *x, const void *w, tp
     }
 }
 
+/* bf16 GEMV, 16 columns a step: the AVX-512 path's shift/mask split (see
+ * avx512_bf16_rows) on 32-byte loads.  x's even and odd columns come from
+ * two in-lane shuffles and a 64-bit permute that puts them in column order. */
+AVX2_TARGET INLINE void avx2_bf16_rows(float *s, const float *x, const uint16_t *w0, size_t stride,
+                                       int nr, int cols16)
+{
+    const __m256i odd_mask = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 ae[4], ao[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++)
+        ae[k] = ao[k] = _mm256_setzero_ps();
+    for (int i = 0; i < cols16; i += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+        /* per 128-bit lane: x0[0] x0[2] x1[0] x1[2] | x0[4] x0[6] x1[4] x1[6] */
+        __m256 xe = _mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(2, 0, 2, 0));
+        __m256 xo = _mm256_shuffle_ps(x0, x1, _MM_SHUFFLE(3, 1, 3, 1));
+        xe = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xe), _MM_SHUFFLE(3, 1, 2, 0)));
+        xo = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(xo), _MM_SHUFFLE(3, 1, 2, 0)));
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            if (k >= nr)
+                break;
+            const uint16_t *p = w0 + k * stride + i;
+            _mm_prefetch((const char *)(p + BF16_PREFETCH_ROWS * stride), _MM_HINT_T0);
+            __m256i v = _mm256_loadu_si256((const __m256i *)p);
+            ae[k] = _mm256_fmadd_ps(xe, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), ae[k]);
+            ao[k] = _mm256_fmadd_ps(xo, _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask)), ao[k]);
+        }
+    }
+    for (int k = 0; k < nr; k++)
+        s[k] = avx2_hsum(_mm256_add_ps(ae[k], ao[k]));
+}
+
+AVX2_TARGET static void avx2_gemv_bf16(float *y, const float *x, const uint16_t *w, int r0, int r1,
+                                       int cols)
+{
+    int cols16 = cols - cols % 16;
+    size_t stride = (size_t)cols;
+    for (int r = r0; r < r1; r += 4) {
+        int nr = r1 - r < 4 ? r1 - r : 4;
+        const uint16_t *w0 = w + (size_t)r * stride;
+        float s[4];
+        if (nr == 4)
+            avx2_bf16_rows(s, x, w0, stride, 4, cols16);
+        else
+            avx2_bf16_rows(s, x, w0, stride, nr, cols16);
+        for (int k = 0; k < nr; k++) {
+            for (int i = cols16; i < cols; i++)
+                s[k] += x[i] * bf16_to_f32(w0[k * stride + i]);
+            y[r + k] = s[k];
+        }
+    }
+}
+
 AVX2_TARGET static void gemv_avx2(float *y, const float *x, const void *w, tp_dtype dt, int r0,
                                   int r1, int cols)
 {
     if (dt == TP_BF16)
-        avx2_gemv_dt(y, x, w, TP_BF16, r0, r1, cols);
+        avx2_gemv_bf16(y, x, w, r0, r1, cols);
     else if (dt == TP_F16)
         avx2_gemv_dt(y, x, w, TP_F16, r0, r1, cols);
     else
@@ -306,11 +361,75 @@ AVX512_TARGET INLINE void avx512_gemv_dt(float *y, const float *x, const void *w
     }
 }
 
+/* bf16 GEMV, 32 columns a step.  One 64-byte load holds 32 bf16 as 16
+ * 32-bit lanes; lane j's low half is column 2j, its high half column 2j+1.
+ * A shift by 16 makes the low halves fp32 and masking off the low 16 bits
+ * makes the high halves fp32: two cheap ALU ops per 32 weights instead of
+ * two port-5 widenings per 16 (vpmovzxwd).  x is split into its even and
+ * odd columns to match, once per step for all four rows.  Each row keeps an
+ * even and an odd accumulator (eight independent FMA chains), and the next
+ * group of rows is prefetched: the loop waits on memory, not on FMAs. */
+AVX512_TARGET INLINE __m512 bf16_even(__m512i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)); }
+AVX512_TARGET INLINE __m512 bf16_odd(__m512i v)
+{
+    return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* Rows [r, r + nr) (nr <= 4) over columns [0, cols - cols % 32). */
+AVX512_TARGET INLINE void avx512_bf16_rows(float *s, const float *x, const uint16_t *w0,
+                                           size_t stride, int nr, int cols32)
+{
+    const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd_idx = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    __m512 ae[4], ao[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++)
+        ae[k] = ao[k] = _mm512_setzero_ps();
+    for (int i = 0; i < cols32; i += 32) {
+        __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+        __m512 xe = _mm512_permutex2var_ps(x0, even_idx, x1);
+        __m512 xo = _mm512_permutex2var_ps(x0, odd_idx, x1);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            if (k >= nr)
+                break;
+            const uint16_t *p = w0 + k * stride + i;
+            _mm_prefetch((const char *)(p + BF16_PREFETCH_ROWS * stride), _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512(p);
+            ae[k] = _mm512_fmadd_ps(xe, bf16_even(v), ae[k]);
+            ao[k] = _mm512_fmadd_ps(xo, bf16_odd(v), ao[k]);
+        }
+    }
+    for (int k = 0; k < nr; k++)
+        s[k] = _mm512_reduce_add_ps(_mm512_add_ps(ae[k], ao[k]));
+}
+
+AVX512_TARGET static void avx512_gemv_bf16(float *y, const float *x, const uint16_t *w, int r0,
+                                           int r1, int cols)
+{
+    int cols32 = cols - cols % 32;
+    size_t stride = (size_t)cols;
+    for (int r = r0; r < r1; r += 4) {
+        int nr = r1 - r < 4 ? r1 - r : 4;
+        const uint16_t *w0 = w + (size_t)r * stride;
+        float s[4];
+        if (nr == 4)   /* the common case, with a constant trip count inside */
+            avx512_bf16_rows(s, x, w0, stride, 4, cols32);
+        else
+            avx512_bf16_rows(s, x, w0, stride, nr, cols32);
+        for (int k = 0; k < nr; k++) {
+            for (int i = cols32; i < cols; i++)
+                s[k] += x[i] * bf16_to_f32(w0[k * stride + i]);
+            y[r + k] = s[k];
+        }
+    }
+}
+
 AVX512_TARGET static void gemv_avx512(float *y, const float *x, const void *w, tp_dtype dt,
                                       int r0, int r1, int cols)
 {
     if (dt == TP_BF16)
-        avx512_gemv_dt(y, x, w, TP_BF16, r0, r1, cols);
+        avx512_gemv_bf16(y, x, w, r0, r1, cols);
     else if (dt == TP_F16)
         avx512_gemv_dt(y, x, w, TP_F16, r0, r1, cols);
     else

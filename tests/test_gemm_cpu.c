@@ -137,11 +137,11 @@ static void free_case(job_case *c)
 }
 
 static const tp_dtype DTYPES[] = { TP_BF16, TP_F16, TP_F32 };
-/* tails of 16/8 lanes, partial tiles (6x4, 3x4), several GEMM blocks (cols
+/* tails of 32/16/8 lanes (95: the bf16 GEMV's 31-column tail), partial tiles (6x4, 3x4), several GEMM blocks (cols
  * 4096: 8 rows per block), a GEMV block of 32 rows and a bit */
 static const int NS[] = { 1, 2, 5, 7, 13 };
 static const int SHAPES[][2] = { { 1, 1 }, { 3, 7 }, { 5, 16 }, { 37, 33 }, { 64, 100 },
-                                 { 9, 257 }, { 21, 4096 }, { 70, 64 } };
+                                 { 9, 257 }, { 21, 4096 }, { 70, 64 }, { 6, 95 } };
 
 static void test_path(tpg_isa isa, tp_pool *pool)
 {

@@ -604,15 +604,44 @@ static void test_files(void)
     free(z);
 }
 
+/* Resident bytes of this process (Linux /proc/self/statm), -1 elsewhere. */
+static long long resident_bytes(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    long long size, resident;
+    int got = f ? fscanf(f, "%lld %lld", &size, &resident) : 0;
+    if (f) fclose(f);
+    return got == 2 ? resident * sysconf(_SC_PAGESIZE) : -1;
+}
+
+/* What loading leaves resident is the tokenizer's tables (~20 MB for Qwen3's
+ * 151k tokens), not the parsed JSON tree it was built from: that tree
+ * (~60 MB of small blocks) is freed and handed back to the system.  tprun's
+ * peak RSS counts whatever stays. */
+static void check_load_footprint(long long before, long long after)
+{
+    if (before < 0 || after < 0) {
+        printf("resident size after loading: not checked (no /proc/self/statm)\n");
+        return;
+    }
+    long long grew = after - before;
+    printf("resident size grew by %.1f MB while loading\n", grew / 1e6);
+#ifndef __SANITIZE_ADDRESS__
+    CHECK(grew < 40000000, "loading left %.1f MB resident (the tables need ~20 MB)", grew / 1e6);
+#endif
+}
+
 int main(void)
 {
     tp_tokenizer *tok;
     tp_err err;
+    long long rss0 = resident_bytes();
     double t0 = now_s(), c0 = cpu_s();
     if (tp_tokenizer_load(&tok, QWEN3_TOKENIZER, &err)) die("load", &err);
     double load_s = now_s() - t0, load_cpu = cpu_s() - c0;
     printf("loaded %s (%zu ids) in %.3f s wall, %.3f s CPU\n", QWEN3_TOKENIZER, tp_tokenizer_vocab_size(tok), load_s,
            load_cpu);
+    check_load_footprint(rss0, resident_bytes());
     /* CPU time, so that a busy machine does not flake; typical is ~0.2 s.
      * Not under AddressSanitizer (make check-san), many times slower. */
 #ifndef __SANITIZE_ADDRESS__
