@@ -4,12 +4,13 @@
 #
 # bin/tpsynth --preset qwen3-30b-a3b-layer: hidden 2048, 32 heads, 4 KV heads,
 # head_dim 128, 128 experts of 768, top 8, vocab 151936, untied, and 2 of
-# the real model's 48 layers (what fits a 24 GiB machine: tprun keeps fp32
-# copies of the weights, ~7.5 GB at tp 1).  Converted with --compress none
+# the real model's 48 layers (3.74 GB; tprun reads the weights in place, so a
+# rank holds about its rank file).  Converted with --compress none
 # at tp 1, and at tp 2 in both split modes (tensor-parallel experts, the
 # default, and --expert-parallel); for each: the largest rank file against
-# total / tp (the embedding is replicated unless the conversion is
-# vocabulary-parallel: EXTRA="--vocab-parallel"), load time of rank 0 (tprun --load-only --verbose), and prefill
+# total / tp (the embedding is vocabulary-parallel, tpconvert's default;
+# EXTRA="--replicate-embedding" keeps it whole), load time of rank 0 (tprun
+# --load-only --verbose), and prefill
 # and decode tokens/s (greedy, --ignore-eos; tp 2: two processes on
 # 127.0.0.1, tcp).  Threads: nproc / tp per rank.
 #
