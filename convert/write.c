@@ -13,8 +13,8 @@
  * directory and leaves OUT as it was: absent, empty, or the old conversion.
  */
 #include "convert.h"
+#include "json_internal.h"
 
-#include <cJSON.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -700,19 +700,16 @@ typedef struct copied_file {
     size_t len;
 } copied_file;
 
-/* A copied *.json must be what it claims: one JSON object, no NUL byte. */
+/* A copied *.json must be what it claims: one JSON object, no NUL byte
+ * (the same reading as config.json's, tp_json_parse_config). */
 static int check_json_object(const char *path, const char *text, size_t len, tp_err *err)
 {
-    if (memchr(text, '\0', len))
-        return tp_errorf(err, "%s: contains a NUL byte (not a JSON file)", path);
-    cJSON *root = cJSON_ParseWithOpts(text, NULL, 1);
+    cJSON *root = tp_json_parse_config(text, len, path, err);
+    if (!root)
+        return -1;
     bool object = cJSON_IsObject(root);
     cJSON_Delete(root);
-    if (!root)
-        return tp_errorf(err, "%s: not valid JSON", path);
-    if (!object)
-        return tp_errorf(err, "%s: not a JSON object", path);
-    return 0;
+    return object ? 0 : tp_errorf(err, "%s: not a JSON object", path);
 }
 
 /* Reads the files to copy: each must be a regular file inside the model
