@@ -172,6 +172,14 @@ int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
         long pi = tp_plan_match(&c->plan, t->name);
         tp_style style = pi >= 0 ? c->plan.styles[pi] : TP_STYLE_REPLICATE;
         tp_cut *cut = &c->cuts[c->n_cuts];
+        if (t->dtype == TP_F8_E4M3 || t->dtype == TP_I8) {
+            /* Quantized checkpoints are not read yet (FORMAT.md's convention
+             * is there; the converter and the runtime are not). */
+            free(order);
+            tp_errorf(err, "%s: tensor %s: dtype %s: quantized checkpoints are not supported yet",
+                      model_dir, t->name, tp_dtype_name(t->dtype));
+            goto fail;
+        }
         if (tp_cut_make(cut, &c->model, t->name, t->dtype, t->ndim, t->shape, style, tp, err) < 0) {
             free(order);
             tp_err_prefix(err, "%s", model_dir);

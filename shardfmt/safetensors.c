@@ -176,7 +176,7 @@ static int parse_entry(const cJSON *e, tp_st_tensor *t, const char *file, const 
     t->dtype = tp_dtype_from_name(dtype->valuestring);
     if (t->dtype == TP_DTYPE_INVALID) {
         if (is_known_dtype(dtype->valuestring))
-            return tp_errorf(err, "%s: unsupported dtype %s for tensor %s (supported: BF16, F16, F32)",
+            return tp_errorf(err, "%s: unsupported dtype %s for tensor %s (supported: BF16, F16, F32, F8_E4M3, I8)",
                              file, dtype->valuestring, tname);
         return tp_errorf(err, "%s: tensor %s: unknown dtype \"%s\"", file, tname,
                          printable(dtype->valuestring).s);

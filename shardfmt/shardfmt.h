@@ -54,9 +54,13 @@ typedef enum tp_dtype {
     TP_BF16,
     TP_F16,
     TP_F32,
+    TP_F8_E4M3,     /* OCP e4m3 "fn": no infinities, 0x7f/0xff NaN, max 448 */
+    TP_I8,          /* two's complement */
 } tp_dtype;
+/* The 8-bit dtypes are weights quantized with a scale; how a weight and its
+ * scale tensor go together is in FORMAT.md ("Quantized weights"). */
 
-/* "BF16", "F16", "F32" as safetensors spells them. */
+/* "BF16", "F16", "F32", "F8_E4M3", "I8" as safetensors spells them. */
 const char *tp_dtype_name(tp_dtype dt);
 /* TP_DTYPE_INVALID for anything we do not support. */
 tp_dtype tp_dtype_from_name(const char *name);
@@ -66,6 +70,12 @@ size_t tp_dtype_size(tp_dtype dt);
 float tp_bf16_to_f32(uint16_t h);
 uint16_t tp_f32_to_bf16(float f); /* round to nearest even, NaN kept NaN */
 float tp_f16_to_f32(uint16_t h);
+/* e4m3fn, exactly (every e4m3 value is an fp32 value); NaN stays NaN. */
+float tp_f8e4m3_to_f32(uint8_t b);
+/* Round to nearest, ties to even; saturates to +-448 (as a quantizer that
+ * scales by amax / 448 wants: never NaN from a finite input); NaN -> 0x7f
+ * with the sign kept. */
+uint8_t tp_f32_to_f8e4m3(float f);
 
 #define TP_MAX_DIMS 8
 

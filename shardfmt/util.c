@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -79,6 +80,8 @@ const char *tp_dtype_name(tp_dtype dt)
     case TP_BF16: return "BF16";
     case TP_F16:  return "F16";
     case TP_F32:  return "F32";
+    case TP_F8_E4M3: return "F8_E4M3";
+    case TP_I8:   return "I8";
     default:      return "INVALID";
     }
 }
@@ -90,6 +93,8 @@ tp_dtype tp_dtype_from_name(const char *name)
     if (strcmp(name, "BF16") == 0) return TP_BF16;
     if (strcmp(name, "F16") == 0)  return TP_F16;
     if (strcmp(name, "F32") == 0)  return TP_F32;
+    if (strcmp(name, "F8_E4M3") == 0) return TP_F8_E4M3;
+    if (strcmp(name, "I8") == 0)   return TP_I8;
     return TP_DTYPE_INVALID;
 }
 
@@ -99,6 +104,8 @@ size_t tp_dtype_size(tp_dtype dt)
     case TP_BF16:
     case TP_F16:  return 2;
     case TP_F32:  return 4;
+    case TP_F8_E4M3:
+    case TP_I8:   return 1;
     default:      return 0;
     }
 }
@@ -161,6 +168,45 @@ float tp_f16_to_f32(uint16_t h)
         u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
     }
     return bits_f32(u);
+}
+
+float tp_f8e4m3_to_f32(uint8_t b)
+{
+    float sign = (b & 0x80u) ? -1.0f : 1.0f;
+    unsigned exp = (b >> 3) & 0xfu, mant = b & 0x7u;
+    if (exp == 0xf && mant == 0x7)
+        return sign * NAN;
+    if (exp == 0)
+        return sign * ldexpf((float)mant, -9);           /* subnormal: mant * 2^-9 */
+    return sign * ldexpf((float)(8u + mant), (int)exp - 10); /* 1.mmm * 2^(exp - 7) */
+}
+
+uint8_t tp_f32_to_f8e4m3(float f)
+{
+    uint32_t u = f32_bits(f);
+    uint8_t sign = (uint8_t)((u >> 24) & 0x80u);
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u)
+        return sign | 0x7fu;
+    float a = bits_f32(u);
+    if (a >= 448.0f)
+        return sign | 0x7eu;                   /* saturate (infinity included) */
+    if (a < 0.015625f) {                       /* below 2^-6: subnormal steps of 2^-9 */
+        float m = a * 512.0f;                  /* exact: a power-of-two scale */
+        uint32_t q = (uint32_t)m;
+        float frac = m - (float)q;
+        if (frac > 0.5f || (frac == 0.5f && (q & 1u)))
+            q++;                               /* q == 8 is the smallest normal, 0x08 */
+        return sign | (uint8_t)q;
+    }
+    /* Normal: keep 3 of the 23 mantissa bits, ties to even; a carry moves
+     * into the exponent, which is the right result. */
+    uint32_t r = u + 0x7ffffu + ((u >> 20) & 1u);
+    int exp = (int)(r >> 23) - 127 + 7;
+    uint32_t mant = (r >> 20) & 7u;
+    if (exp > 15 || (exp == 15 && mant == 7))
+        return sign | 0x7eu;
+    return sign | (uint8_t)((uint32_t)exp << 3 | mant);
 }
 
 /* ------------------------------------------------------------- arithmetic */

@@ -33,6 +33,40 @@ static void test_dtypes(void)
     CHECK(strcmp(tp_dtype_name(TP_F32), "F32") == 0);
     CHECK(tp_dtype_size(TP_BF16) == 2 && tp_dtype_size(TP_F16) == 2 && tp_dtype_size(TP_F32) == 4);
     CHECK(tp_dtype_size(TP_DTYPE_INVALID) == 0);
+    CHECK(tp_dtype_from_name("F8_E4M3") == TP_F8_E4M3 && tp_dtype_from_name("I8") == TP_I8);
+    CHECK(strcmp(tp_dtype_name(TP_F8_E4M3), "F8_E4M3") == 0 && strcmp(tp_dtype_name(TP_I8), "I8") == 0);
+    CHECK(tp_dtype_size(TP_F8_E4M3) == 1 && tp_dtype_size(TP_I8) == 1);
+    CHECK(tp_dtype_from_name("F8_E5M2") == TP_DTYPE_INVALID);
+}
+
+/* e4m3fn against values worked out by hand (torch.float8_e4m3fn agrees),
+ * then every byte: decode, encode gives the byte back (but NaN / -0). */
+static void test_f8e4m3(void)
+{
+    CHECK(tp_f8e4m3_to_f32(0x00) == 0.0f);
+    CHECK(tp_f8e4m3_to_f32(0x01) == 0.001953125f);   /* 2^-9, smallest subnormal */
+    CHECK(tp_f8e4m3_to_f32(0x08) == 0.015625f);      /* 2^-6, smallest normal */
+    CHECK(tp_f8e4m3_to_f32(0x38) == 1.0f);
+    CHECK(tp_f8e4m3_to_f32(0x7e) == 448.0f);
+    CHECK(tp_f8e4m3_to_f32(0xfe) == -448.0f);
+    CHECK(isnan(tp_f8e4m3_to_f32(0x7f)) && isnan(tp_f8e4m3_to_f32(0xff)));
+    CHECK(tp_f32_to_f8e4m3(1.0f) == 0x38);
+    CHECK(tp_f32_to_f8e4m3(1000.0f) == 0x7e && tp_f32_to_f8e4m3(-INFINITY) == 0xfe);
+    CHECK(tp_f32_to_f8e4m3(NAN) == 0x7f);
+    CHECK(tp_f32_to_f8e4m3(1.0625f) == 0x38);        /* halfway 1 and 1.125: to even */
+    CHECK(tp_f32_to_f8e4m3(1.1875f) == 0x3a);        /* halfway 1.125 and 1.25: to even */
+    CHECK(tp_f32_to_f8e4m3(0.0009765625f) == 0x00);  /* 2^-10: halfway 0 and 2^-9 */
+    CHECK(tp_f32_to_f8e4m3(0.0029296875f) == 0x02);  /* 1.5 * 2^-9: to even */
+    CHECK(tp_f32_to_f8e4m3(0.0146484375f) == 0x08);  /* 7.5 * 2^-9 rounds up into the normals */
+    CHECK(tp_f32_to_f8e4m3(464.0f) == 0x7e);          /* past max: saturates, never NaN */
+    int bad = 0;
+    for (int b = 0; b < 256; b++) {
+        if (b == 0x7f || b == 0xff || b == 0x80)
+            continue;
+        if (tp_f32_to_f8e4m3(tp_f8e4m3_to_f32((uint8_t)b)) != b)
+            bad++;
+    }
+    CHECK(bad == 0);
 }
 
 static void test_bf16(void)
@@ -718,6 +752,7 @@ static void test_sigbus_guard(void)
 int main(void)
 {
     test_dtypes();
+    test_f8e4m3();
     test_bf16();
     test_f16();
     test_overflow();
