@@ -153,6 +153,8 @@ typedef struct tp_rope_config {
 } tp_rope_config;
 
 /* config.json as tpconvert and tprun both read it (convert/arch.c). */
+typedef enum tp_quant { TP_QUANT_NONE = 0, TP_QUANT_FP8_BLOCK, TP_QUANT_INT8_ROW } tp_quant;
+
 typedef struct tp_model_config {
     tp_arch arch;
     char model_type[64];
@@ -179,6 +181,14 @@ typedef struct tp_model_config {
     int n_mlp_only; int mlp_only[TP_MAX_MLP_ONLY]; /* qwen3_moe mlp_only_layers (< n_layers) */
     int bos_id;
     int n_eos; int eos_ids[8];
+    /* config.json's quantization_config: how the linear weights are stored
+     * (FORMAT.md, "Quantized weights").  TP_QUANT_FP8_BLOCK: F8_E4M3 with
+     * weight_scale_inv per quant_block[0] x quant_block[1] block;
+     * TP_QUANT_INT8_ROW: I8 with weight_scale per output row (quant_block
+     * unused).  A linear layer kept in its float dtype (modules_to_not_convert,
+     * the router, lm_head) is simply a float tensor without a scale. */
+    tp_quant quant;
+    int quant_block[2];
 } tp_model_config;
 
 /* The one config.json parser.  json: len bytes (a NUL byte is refused);
