@@ -64,7 +64,7 @@ ifneq ($(NVCC),)
   NVCCFLAGS      ?= -O2 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   TP_NVCCFLAGS   := -std=c++17 -Xcompiler -fPIC -Ishardfmt -Iconvert -Iloader -Iruntime -DTP_HAVE_CUDA
   TP_CPPFLAGS    += -DTP_HAVE_CUDA -I$(CUDA_HOME)/include
-  TP_LDLIBS      += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublasLt -lcublas -lnccl -lcudart -lstdc++
+  TP_LDLIBS      += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lnccl -lcudart -ldl -lstdc++
 endif
 
 LAYERS := shardfmt convert loader runtime

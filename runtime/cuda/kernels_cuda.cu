@@ -1373,6 +1373,10 @@ struct tpc_blas_st {
     void *workspace;
 };
 
+/* Why cuBLAS could not be loaded (cublas_lazy.cu, which dlopens it on first
+ * use); weak: the CPU emulation links a cuBLAS of its own and not that file. */
+extern "C" const char *tpcu_blas_load_error(void) __attribute__((weak));
+
 extern "C" int tpc_blas_create(tpc_blas *out, tpc_stream s, tp_err *err)
 {
     *out = NULL;
@@ -1382,7 +1386,8 @@ extern "C" int tpc_blas_create(tpc_blas *out, tpc_stream s, tp_err *err)
     cublasStatus_t st = cublasCreate(&b->handle);
     if (st != CUBLAS_STATUS_SUCCESS) {
         free(b);
-        return tp_errorf(err, "cublasCreate: %s", blas_status(st));
+        const char *why = tpcu_blas_load_error ? tpcu_blas_load_error() : NULL;
+        return tp_errorf(err, "cublasCreate: %s", why ? why : blas_status(st));
     }
     if (tpc_malloc(&b->workspace, BLAS_WORKSPACE_BYTES, "cuBLAS workspace", err) < 0) {
         tpc_blas_destroy(b);
