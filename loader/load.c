@@ -534,6 +534,24 @@ int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_o
     return 0;
 }
 
+int tp_loaded_rank_materialise(tp_loaded_rank *lr, tp_err *err)
+{
+    if (!lr->deferred)
+        return 0;
+    double t0 = tp_now();
+    free(lr->tensors);
+    lr->tensors = NULL;
+    lr->raw_bytes = lr->stored_bytes = 0;
+    lr->deferred = false;
+    tp_load_opts o = {.verify = lr->verify, .threads = lr->threads, .quiet = lr->quiet};
+    if (materialise(lr, &o, err) < 0) {
+        tp_loaded_rank_free(lr);
+        return -1;
+    }
+    lr->load_seconds += tp_now() - t0;
+    return 0;
+}
+
 const tp_loaded_tensor *tp_loaded_find(const tp_loaded_rank *lr, const char *name)
 {
     const tp_shard_tensor *t = tp_shard_find(&lr->reader.index, name);

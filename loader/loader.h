@@ -81,6 +81,13 @@ typedef struct tp_load_opts {
  * without a listed config.json the manifest's copy is used.  opts NULL: the
  * defaults (verify on, all cores, progress bar on a terminal). */
 int tp_load_rank(tp_loaded_rank *lr, const char *path, int rank, const tp_load_opts *opts, tp_err *err);
+/* Completes a rank opened with defer_tensors as tp_load_rank without it
+ * would have (decoded, checked, with the options it was opened with); 0 and
+ * nothing done when lr is not deferred.  On failure lr is freed.  For a
+ * caller that has work to do between reading the copied files and touching
+ * the weights (tprun parses the tokenizer first, so that its transient
+ * memory is not added to the weights' in the peak RSS). */
+int tp_loaded_rank_materialise(tp_loaded_rank *lr, tp_err *err);
 const tp_loaded_tensor *tp_loaded_find(const tp_loaded_rank *lr, const char *name);
 void tp_loaded_rank_free(tp_loaded_rank *lr);
 /* Frees the tensors (decompressed memory, the rank file's mapping or image)

@@ -65,6 +65,19 @@ static void test_load(const fx_model *m, const char *dir, tp_codec codec)
         if (lr.n_tensors)
             fx_check_loaded(m, &lr, 4);
         tp_loaded_rank_free(&lr);
+
+        /* Opened deferred, then materialised: the same bytes, the same
+         * statistics; materialising a loaded rank does nothing. */
+        tp_load_opts defer = opts_verify;
+        defer.defer_tensors = true;
+        CHECK_OK(tp_load_rank(&lr, dir, r, &defer, &err), err);
+        CHECK(lr.deferred && lr.n_tensors && lr.tensors[0].data == NULL);
+        CHECK_OK(tp_loaded_rank_materialise(&lr, &err), err);
+        CHECK(!lr.deferred);
+        fx_check_loaded(m, &lr, 4);
+        CHECK(lr.raw_bytes > 0 && lr.stored_bytes > 0 && (codec != TP_CODEC_NONE || lr.owned == NULL));
+        CHECK_OK(tp_loaded_rank_materialise(&lr, &err), err);
+        tp_loaded_rank_free(&lr);
     }
     /* NULL opts means the defaults (verify on). */
     tp_loaded_rank lr;
@@ -165,6 +178,12 @@ static void test_corruption(const fx_model *m, const char *root, const char *goo
     char *r1 = fx_path(dir, "rank-00001-of-00004.tpshard");
     fx_flip_byte(r1, chunk_offset(r1, "lm_head.weight", 1));
     CHECK_FAILS(tp_load_rank(&lr, dir, 1, &opts_verify, &err), err, "lm_head.weight");
+    /* Deferred, the checks happen when it is materialised (which frees lr). */
+    tp_load_opts defer = opts_verify;
+    defer.defer_tensors = true;
+    CHECK_OK(tp_load_rank(&lr, dir, 1, &defer, &err), err);
+    CHECK_FAILS(tp_loaded_rank_materialise(&lr, &err), err, "lm_head.weight");
+    CHECK(lr.tensors == NULL && lr.source == NULL);
     CHECK_OK(tp_load_rank(&lr, dir, 1, &opts_fast, &err), err);
     const tp_loaded_tensor *lt = tp_loaded_find(&lr, "lm_head.weight");
     CHECK(lt != NULL);
