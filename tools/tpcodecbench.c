@@ -210,7 +210,10 @@ static void report(const char *path, size_t used, uint64_t chunk, int level, con
         printf(" %s_bytes=%llu %s_stored=%.4f %s_enc_gbs=%.3f %s_dec_gbs=%.3f", method_name[m],
                (unsigned long long)tot->stored[m], method_name[m], (double)tot->stored[m] / tot->raw,
                method_name[m], gbs(tot->raw, tot->enc_s[m]), method_name[m], gbs(tot->raw, tot->dec_s[m]));
-    printf("\n");
+    /* The keys of the earlier two-method version (raw / stored), which
+     * scripts read: planes = codec zstd, plain = plain zstd. */
+    printf(" planes_ratio=%.4f plain_ratio=%.4f\n", (double)tot->raw / tot->stored[M_ZSTD],
+           (double)tot->raw / tot->stored[M_PLAIN]);
 }
 
 int main(int argc, char **argv)
