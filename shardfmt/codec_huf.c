@@ -338,34 +338,38 @@ static size_t safe_rounds(const bit_reader *r)
 }
 
 /* The four streams together while all are far from their ends.  The state
- * lives in locals: a byte store through r[k].out could alias the structs,
- * and the compiler would reload them after every symbol. */
+ * lives in scalar locals (macros, not arrays): a byte store through an
+ * output pointer may alias anything in memory, and the compiler would
+ * reload the state after every symbol. */
+#define HUF_REFILL(k)                                \
+    do {                                             \
+        buf##k |= load64(p##k) << count##k;          \
+        p##k += (63 - count##k) >> 3;                \
+        count##k |= 56;                              \
+    } while (0)
+#define HUF_STEP(k)                                           \
+    do {                                                      \
+        huf_entry e##k = t[buf##k & (HUF_TABLE_SIZE - 1)];    \
+        memcpy(out##k, &e##k.syms, 4);                        \
+        out##k += e##k.n_syms;                                \
+        buf##k >>= e##k.bits;                                 \
+        count##k -= e##k.bits;                                \
+    } while (0)
+#define HUF_LOAD(k) const uint8_t *p##k = r[k].p; uint64_t buf##k = r[k].buf; \
+    unsigned count##k = r[k].count; uint8_t *out##k = r[k].out
+#define HUF_SAVE(k) (r[k].p = p##k, r[k].buf = buf##k, r[k].count = count##k, r[k].out = out##k)
+
 static void decode_streams_fast(bit_reader *r, const huf_entry *t)
 {
-    const uint8_t *p[HUF_STREAMS];
-    uint64_t buf[HUF_STREAMS];
-    unsigned count[HUF_STREAMS];
-    uint8_t *out[HUF_STREAMS];
-    for (int k = 0; k < HUF_STREAMS; k++)
-        p[k] = r[k].p, buf[k] = r[k].buf, count[k] = r[k].count, out[k] = r[k].out;
+    HUF_LOAD(0); HUF_LOAD(1); HUF_LOAD(2); HUF_LOAD(3);
     for (size_t rounds; (rounds = safe_rounds(r)) > 0;) {
         while (rounds--) {
-            for (int k = 0; k < HUF_STREAMS; k++) { /* refill_fast */
-                buf[k] |= load64(p[k]) << count[k];
-                p[k] += (63 - count[k]) >> 3;
-                count[k] |= 56;
+            HUF_REFILL(0); HUF_REFILL(1); HUF_REFILL(2); HUF_REFILL(3);
+            for (int j = 0; j < 4; j++) { /* 4 x 11 bits <= 56 */
+                HUF_STEP(0); HUF_STEP(1); HUF_STEP(2); HUF_STEP(3);
             }
-            for (int j = 0; j < 4; j++) /* 4 x 11 bits <= 56 */
-                for (int k = 0; k < HUF_STREAMS; k++) {
-                    huf_entry e = t[buf[k] & (HUF_TABLE_SIZE - 1)];
-                    memcpy(out[k], &e.syms, 4);
-                    out[k] += e.n_syms;
-                    buf[k] >>= e.bits;
-                    count[k] -= e.bits;
-                }
         }
-        for (int k = 0; k < HUF_STREAMS; k++)
-            r[k].p = p[k], r[k].buf = buf[k], r[k].count = count[k], r[k].out = out[k];
+        HUF_SAVE(0), HUF_SAVE(1), HUF_SAVE(2), HUF_SAVE(3);
     }
 }
 
