@@ -9,7 +9,8 @@
  * Huffman code gets close to the exponent's entropy, and the mantissa plane
  * is stored as it is (a copy to decode).  tp_expplanes_split (codec.c) says
  * which bits go into which plane for each dtype; 1-byte dtypes (fp8, int8)
- * are one plane, Huffman-coded as a whole byte.
+ * are one plane of whole values, coded by zstd (plane mode 3: it stores
+ * the same as our Huffman code there and decodes faster).
  *
  * Chunk: a 5-byte header (layout, element count), then either the raw bytes
  * (when the planes would not be smaller: random data, tiny chunks) or the
@@ -41,6 +42,15 @@ static size_t exphuf_bound(size_t raw_len)
     return raw_len + EXPHUF_HEADER;
 }
 
+/* Which entropy coder a dtype's planes get, by measurement (FORMAT.md 2.2):
+ * on the 8-bit dtypes (one plane of whole values, 6-7 bits of entropy)
+ * zstd stores the same as our Huffman code and decodes faster; on the
+ * exponent planes of the wider dtypes (2-3 bits) ours wins both ways. */
+static bool plane_by_zstd(tp_dtype dtype)
+{
+    return tp_dtype_size(dtype) == 1;
+}
+
 /* The planes of raw, coded back to back at dst; 1 when they would not be
  * smaller than raw_len (then the chunk is stored raw). */
 static int encode_planes(tp_dtype dtype, const uint8_t *raw, size_t raw_len, uint8_t *dst, size_t *used, tp_err *err)
@@ -54,8 +64,11 @@ static int encode_planes(tp_dtype dtype, const uint8_t *raw, size_t raw_len, uin
     size_t pos = 0;
     for (int p = 0; p < tp_expplanes_count(dtype); p++) {
         size_t plane_used;
-        if (tp_huf_plane_encode(planes + (size_t)p * n, n, dst + pos, raw_len - pos, &plane_used) != 0)
-            return 1;
+        int rc = plane_by_zstd(dtype)
+                     ? tp_zstd_plane_encode(planes + (size_t)p * n, n, dst + pos, raw_len - pos, &plane_used, err)
+                     : tp_huf_plane_encode(planes + (size_t)p * n, n, dst + pos, raw_len - pos, &plane_used);
+        if (rc != 0)
+            return rc;
         pos += plane_used;
     }
     *used = pos;
@@ -117,7 +130,14 @@ static int exphuf_decode(tp_dtype dtype, const uint8_t *stored, size_t stored_le
     size_t pos = 0;
     for (int p = 0; p < tp_expplanes_count(dtype); p++) {
         size_t used;
-        if (tp_huf_plane_decode(stored + pos, stored_len - pos, n, buf + (size_t)p * n, &plane[p], &used, err) < 0)
+        int rc;
+        if (pos < stored_len && stored[pos] == TP_PLANE_MODE_ZSTD) {
+            plane[p] = buf + (size_t)p * n;
+            rc = tp_zstd_plane_decode(stored + pos, stored_len - pos, n, buf + (size_t)p * n, &used, err);
+        } else {
+            rc = tp_huf_plane_decode(stored + pos, stored_len - pos, n, buf + (size_t)p * n, &plane[p], &used, err);
+        }
+        if (rc < 0)
             return tp_err_prefix(err, "codec exphuf: plane %d", p);
         pos += used;
     }
@@ -130,7 +150,7 @@ static int exphuf_decode(tp_dtype dtype, const uint8_t *stored, size_t stored_le
 const tp_codec_row tp_codec_row_exphuf = {
     .info = { .id = TP_CODEC_EXPHUF, .name = "exphuf",
               .dtypes = "exponent byte plane Huffman-coded, mantissa planes raw (BF16, F16, F32); "
-                        "1-byte dtypes (F8_E4M3, I8) Huffman-coded whole" },
+                        "1-byte dtypes (F8_E4M3, I8) one plane through zstd" },
     .bound = exphuf_bound,
     .encode = exphuf_encode,
     .decode = exphuf_decode,

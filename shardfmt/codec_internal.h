@@ -55,6 +55,18 @@ uint8_t *tp_codec_scratch2(tp_codec_cache *c, size_t n);
 #define TP_EXPPLANES_MAX 4
 void tp_expplanes_join_planes(tp_dtype dt, const uint8_t *const planes[], size_t n_elems, uint8_t *dst);
 
+/* ------------------------------------------ zstd planes (codec_zstd.c) */
+
+/* Plane block mode 3 of codec exphuf: u8 3, u32 LE frame size Z, one zstd
+ * frame of Z bytes (level 1) that decodes to exactly the plane's N bytes.
+ * encode returns 0 with *used set, 1 when the block would not fit in
+ * dst_cap bytes, -1 on a zstd failure.  decode refuses anything but such
+ * a block inside avail bytes. */
+#define TP_PLANE_MODE_ZSTD 3
+int tp_zstd_plane_encode(const uint8_t *plane, size_t n, uint8_t *dst, size_t dst_cap, size_t *used,
+                         tp_err *err);
+int tp_zstd_plane_decode(const uint8_t *src, size_t avail, size_t n, uint8_t *buf, size_t *used, tp_err *err);
+
 /* ------------------------------------------------ Huffman (codec_huf.c) */
 
 /* A canonical Huffman coder of byte planes, each plane in a block of its own:

@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include <zstd.h>
+#include <zstd_errors.h>
 
 #include "codec_internal.h"
 
@@ -75,6 +76,57 @@ static int zstd_decode(tp_dtype dtype, const uint8_t *stored, size_t stored_len,
         return tp_errorf(err, "codec zstd: decompressed %zu bytes, expected %zu", n, raw_len);
     if (planes)
         tp_byteplanes_join(out, raw_len / 2, dst);
+    return 0;
+}
+
+/* ------------------------------------------- exphuf's zstd plane blocks */
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8), p[2] = (uint8_t)(v >> 16), p[3] = (uint8_t)(v >> 24);
+}
+
+int tp_zstd_plane_encode(const uint8_t *plane, size_t n, uint8_t *dst, size_t dst_cap, size_t *used,
+                         tp_err *err)
+{
+    tp_codec_cache *cache = tp_codec_thread_cache();
+    if (!cache)
+        return tp_errorf(err, "codec exphuf: out of memory");
+    if (!cache->zstd_cctx && !(cache->zstd_cctx = ZSTD_createCCtx()))
+        return tp_errorf(err, "codec exphuf: cannot create a zstd compression context");
+    if (dst_cap < 5)
+        return 1;
+    size_t z = ZSTD_compressCCtx(cache->zstd_cctx, dst + 5, dst_cap - 5, plane, n, 1);
+    if (ZSTD_isError(z))
+        return ZSTD_getErrorCode(z) == ZSTD_error_dstSize_tooSmall
+                   ? 1
+                   : tp_errorf(err, "codec exphuf: zstd plane: %s", ZSTD_getErrorName(z));
+    if (z > UINT32_MAX)
+        return 1;
+    dst[0] = TP_PLANE_MODE_ZSTD;
+    put32(dst + 1, (uint32_t)z);
+    *used = 5 + z;
+    return 0;
+}
+
+int tp_zstd_plane_decode(const uint8_t *src, size_t avail, size_t n, uint8_t *buf, size_t *used, tp_err *err)
+{
+    if (avail < 5 || src[0] != TP_PLANE_MODE_ZSTD)
+        return tp_errorf(err, "zstd plane: header truncated");
+    size_t z = (size_t)src[1] | (size_t)src[2] << 8 | (size_t)src[3] << 16 | (size_t)src[4] << 24;
+    if (z > avail - 5)
+        return tp_errorf(err, "zstd plane: frame of %zu bytes runs past the chunk", z);
+    tp_codec_cache *cache = tp_codec_thread_cache();
+    if (!cache)
+        return tp_errorf(err, "zstd plane: out of memory");
+    if (!cache->zstd_dctx && !(cache->zstd_dctx = ZSTD_createDCtx()))
+        return tp_errorf(err, "zstd plane: cannot create a decompression context");
+    size_t r = ZSTD_decompressDCtx(cache->zstd_dctx, buf, n, src + 5, z);
+    if (ZSTD_isError(r))
+        return tp_errorf(err, "zstd plane: %s", ZSTD_getErrorName(r));
+    if (r != n)
+        return tp_errorf(err, "zstd plane: decompressed %zu bytes, expected %zu", r, n);
+    *used = 5 + z;
     return 0;
 }
 
