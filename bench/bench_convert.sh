@@ -4,12 +4,14 @@
 # Generates a synthetic checkpoint with bin/tpsynth (default the Qwen3-0.6B
 # shape: 1.2 GB of bf16) into a temporary directory, times `cp -r` of it, and `cp -r` + sync, as the
 # baselines (tpconvert fsyncs what it writes; cp does not), then
-# tpconvert at several tp sizes with --compress none and zstd, each under
-# /usr/bin/time -v (or, without it, VmHWM polled from /proc), and finally
-# byte planes + zstd against plain zstd on the same bytes (bin/tpcodecbench).
+# tpconvert at several tp sizes with --compress none, zstd and exphuf, each
+# under /usr/bin/time -v (or, without it, VmHWM polled from /proc), and
+# finally the codecs on the same bytes, single thread (bin/tpcodecbench):
+# exphuf, byte planes + zstd, plain zstd, and exponent planes through zstd.
 #
 # Environment: BIN (default bin), PRESET (default qwen3-0.6b), TPS (default
-# "1 4 8"), LEVEL (zstd level, default 1, as tpconvert), BENCH_TMP (parent of the work
+# "1 4 8"), CODECS (default "none zstd exphuf"), LEVEL (zstd level, default 1, as
+# tpconvert), BENCH_TMP (parent of the work
 # directory, default $TMPDIR or /tmp; input and outputs share that disk),
 # CODEC_MAX_BYTES (bytes given to tpcodecbench, default 512M).
 #
@@ -25,6 +27,7 @@ BIN=${BIN:-bin}
 PRESET=${PRESET:-qwen3-0.6b}
 TPS=${TPS:-"1 4 8"}
 LEVEL=${LEVEL:-1}
+CODECS=${CODECS:-"none zstd exphuf"}
 CODEC_MAX_BYTES=${CODEC_MAX_BYTES:-512M}
 parent=${BENCH_TMP:-${TMPDIR:-/tmp}}
 
@@ -116,7 +119,7 @@ help=$("$BIN/tpconvert" --help 2>&1 || true)
 extra=()
 grep -q -- '--quiet' <<<"$help" && extra+=(--quiet)
 for tp in $TPS; do
-    for codec in none zstd; do
+    for codec in $CODECS; do
         args=(--tp "$tp" --compress "$codec")
         if [ "$codec" = zstd ] && grep -q -- '--level' <<<"$help"; then
             args+=(--level "$LEVEL")
@@ -131,7 +134,7 @@ for tp in $TPS; do
     done
 done
 
-echo "== byte planes vs plain zstd (level $LEVEL, 1 MiB chunks, first $CODEC_MAX_BYTES)"
+echo "== the codecs on the same bytes (zstd level $LEVEL, 1 MiB chunks, first $CODEC_MAX_BYTES)"
 "$BIN/tpcodecbench" --level "$LEVEL" --max-bytes "$CODEC_MAX_BYTES" "$model" | tee "$work/codec.log"
 kv=$(tail -n 1 "$work/codec.log")
 
@@ -141,10 +144,14 @@ printf '%-10s %3s %-6s %8s %8s %8s %14s %8s %6s %9s\n' step tp codec "wall s" "i
     "output bytes" "x input" ratio "x cp+sync"
 printf '%s\n' "${rows[@]}"
 echo
-echo "Codec on the same bytes (zstd level $LEVEL, single thread):"
+echo "Codecs on the same bytes (zstd level $LEVEL, single thread, CPU time; stored / raw, GB/s of raw):"
 awk '{for (i = 1; i <= NF; i++) {split($i, f, "="); v[f[1]] = f[2]}}
-     END {printf "  byte planes + zstd  ratio %s  %s MB/s\n  plain zstd          ratio %s  %s MB/s\n",
-          v["planes_ratio"], v["planes_mbps"], v["plain_ratio"], v["plain_mbps"]}' <<<"$kv"
+     END {n = split("exphuf zstd plain expzstd", m, " ")
+          split("exphuf (exponent planes + Huffman)|zstd (byte planes + zstd)|plain zstd|exponent planes + zstd per plane", w, "|")
+          printf "  %-38s %8s %9s %9s\n", "codec", "stored", "enc GB/s", "dec GB/s"
+          for (i = 1; i <= n; i++)
+              printf "  %-38s %8s %9s %9s\n", w[i], v[m[i] "_stored"], v[m[i] "_enc_gbs"], v[m[i] "_dec_gbs"]}' <<<"$kv"
+echo "Targets (issue 11): exphuf <= 0.665 of raw, decode >= 1.5 GB/s per core."
 echo
 echo "'x cp+sync': wall time over cp+sync's, scaled to the step's output bytes (target <= 2"
 echo "for --compress none)."

@@ -14,7 +14,6 @@
 #include <unistd.h>
 
 #include <xxhash.h>
-#include <zstd.h>
 
 #include "json_internal.h"
 #include "shard_internal.h"
@@ -156,7 +155,7 @@ typedef struct chunk_slot {
     size_t raw_len;
     uint64_t file_off;      /* codec none: where the job writes */
     uint8_t *raw;           /* chunk_size bytes */
-    uint8_t *enc;           /* zstd bound of chunk_size, allocated on first zstd use */
+    uint8_t *enc;           /* the codec's bound of chunk_size, allocated on first use */
     size_t enc_cap;
     size_t stored_len;
     uint64_t hash;          /* of the stored bytes */
@@ -170,7 +169,7 @@ typedef struct add_ctx {
     const char *name;
     tp_shard_fill_fn fill;
     void *arg;
-    size_t elem_size;
+    tp_dtype dtype;
     tp_codec codec;
     int level;
 } add_ctx;
@@ -213,11 +212,12 @@ int tp_shard_writer_open(tp_shard_writer **out, const char *path, const char *co
         return tp_errorf(err, "%s: conversion id must be 32 lowercase hex digits", path);
     if (tp < 1 || tp > TP_MAX_TP || rank < 0 || rank >= tp)
         return tp_errorf(err, "%s: rank %d of tp %d is out of range", path, rank, tp);
-    if (opts->codec != TP_CODEC_NONE && opts->codec != TP_CODEC_ZSTD)
+    const tp_codec_info *ci = tp_codec_get(opts->codec);
+    if (!ci)
         return tp_errorf(err, "%s: unknown codec %d", path, (int)opts->codec);
-    if (opts->codec == TP_CODEC_ZSTD && (opts->level < ZSTD_minCLevel() || opts->level > ZSTD_maxCLevel()))
-        return tp_errorf(err, "%s: zstd level %d outside [%d, %d]", path, opts->level, ZSTD_minCLevel(),
-                       ZSTD_maxCLevel());
+    if (!tp_codec_level_ok(opts->codec, opts->level))
+        return tp_errorf(err, "%s: %s level %d outside [%d, %d]", path, ci->name, opts->level, ci->min_level,
+                         ci->max_level);
     size_t chunk = opts->chunk_size ? opts->chunk_size : TP_DEFAULT_CHUNK;
     /* A multiple of every element size (1, 2, 4) so that chunks never split
      * an element, whatever the dtype. */
@@ -300,7 +300,7 @@ static void chunk_job(void *p)
         s->hash = tp_xxh3(s->raw, s->raw_len);
         rc = tp_pwrite_all(s->w->fd, s->raw, s->raw_len, s->file_off, s->w->tmp_path, &s->err);
     } else if (rc == 0) {
-        rc = tp_codec_encode(c->codec, c->level, c->elem_size, s->raw, s->raw_len, s->enc, s->enc_cap,
+        rc = tp_codec_encode(c->codec, c->level, c->dtype, s->raw, s->raw_len, s->enc, s->enc_cap,
                              &s->stored_len, &s->err);
         if (rc == 0)
             s->hash = tp_xxh3(s->enc, s->stored_len);
@@ -314,14 +314,20 @@ static void chunk_job(void *p)
     pthread_mutex_unlock(&s->w->mu);
 }
 
+/* Every codec but none encodes into s->enc, which must hold the codec's
+ * bound of a chunk; the codec may change between tensors (it is recorded
+ * per tensor), so the buffer grows when a codec with a larger bound comes. */
 static int slot_buffers(tp_shard_writer *w, chunk_slot *s, tp_codec codec, tp_err *err)
 {
     if (!s->raw && !(s->raw = malloc(w->chunk_size)))
         return tp_errorf(err, "%s: out of memory for a %zu-byte chunk", w->tmp_path, w->chunk_size);
-    if (codec == TP_CODEC_ZSTD && !s->enc) {
-        s->enc_cap = tp_codec_bound(codec, w->chunk_size);
-        if (!(s->enc = malloc(s->enc_cap)))
-            return tp_errorf(err, "%s: out of memory for a %zu-byte chunk", w->tmp_path, s->enc_cap);
+    size_t need = tp_codec_bound(codec, w->chunk_size);
+    if (codec != TP_CODEC_NONE && s->enc_cap < need) {
+        uint8_t *enc = realloc(s->enc, need);
+        if (!enc)
+            return tp_errorf(err, "%s: out of memory for a %zu-byte chunk", w->tmp_path, need);
+        s->enc = enc;
+        s->enc_cap = need;
     }
     return 0;
 }
@@ -470,7 +476,7 @@ int tp_shard_writer_add(tp_shard_writer *w, const tp_shard_tensor_desc *desc,
     }
     w->ix.n_tensors++; /* owned by the index from here on, freed with it */
 
-    add_ctx c = { .name = t->name, .fill = fill, .arg = arg, .elem_size = tp_dtype_size(t->dtype),
+    add_ctx c = { .name = t->name, .fill = fill, .arg = arg, .dtype = t->dtype,
                   .codec = t->codec, .level = w->level };
     if (write_chunks(w, &c, t, err) < 0) {
         w->failed = true;
@@ -968,7 +974,7 @@ int tp_shard_decode_chunk(const tp_shard_reader *r, const tp_shard_tensor *t, si
     if (verify && tp_xxh3(stored, c->stored_size) != c->xxh3)
         return tp_errorf(err, "%s: tensor %s: chunk %zu checksum mismatch (stored bytes corrupted)", reader_name(r),
                          t->name, ci);
-    if (tp_codec_decode(t->codec, tp_dtype_size(t->dtype), stored, c->stored_size, dst, c->raw_size, NULL, err) < 0)
+    if (tp_codec_decode(t->codec, t->dtype, stored, c->stored_size, dst, c->raw_size, NULL, err) < 0)
         return tp_err_prefix(err, "%s: tensor %s: chunk %zu", reader_name(r), t->name, ci);
     return 0;
 }

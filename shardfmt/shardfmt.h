@@ -5,7 +5,8 @@
  *   - safetensors (read, defensively, and written for --format safetensors),
  *   - the tpshard rank file (FORMAT.md beside this header is its spec),
  *   - the manifest.json of a converted directory.
- * plus the codec (zstd over byte planes, chunked, XXH3 checksums), a thread
+ * plus the chunk codecs (a table: none, zstd over byte planes, exponent planes
+ * + Huffman; XXH3 checksums), a thread
  * pool, a progress bar and the error convention used everywhere.
  *
  * Error convention: functions that can fail return 0 on success and -1 on
@@ -284,26 +285,65 @@ int tp_st_write(const char *path, const tp_st_out_tensor *tensors, size_t n,
 typedef enum tp_codec {
     TP_CODEC_NONE = 0,
     TP_CODEC_ZSTD = 1,   /* zstd; 16-bit dtypes are split into byte planes first */
+    TP_CODEC_EXPHUF = 2, /* exponent planes + canonical Huffman (FORMAT.md 2) */
 } tp_codec;
+#define TP_CODEC_COUNT 3
 
-const char *tp_codec_name(tp_codec c);  /* "none", "zstd" */
+/* One row of the codec table (codec.c; a codec's code is in codec_NAME.c).
+ * The index and the manifest record a codec by name; id is its in-memory
+ * tag.  Every codec serves every dtype (dtypes says how). */
+typedef struct tp_codec_info {
+    tp_codec id;
+    const char *name;        /* as stored in the index and the manifest */
+    int min_level, max_level, default_level; /* all 0: the codec has no levels */
+    const char *dtypes;      /* one line: what it does to which dtypes */
+} tp_codec_info;
+
+/* The codec tpconvert uses unless told otherwise (chosen by measurement:
+ * FORMAT.md 2, bench/bench_convert.sh). */
+#define TP_CODEC_DEFAULT TP_CODEC_EXPHUF
+
+/* The row of c, NULL for an unknown id. */
+const tp_codec_info *tp_codec_get(tp_codec c);
+/* "none", "zstd", "exphuf"; "?" for an unknown id. */
+const char *tp_codec_name(tp_codec c);
+/* 0 and *out set for a known name (exact, case-sensitive), -1 otherwise. */
 int tp_codec_from_name(const char *name, tp_codec *out);
+/* "none|zstd|exphuf": the names in table order, for help and messages. */
+const char *tp_codec_names(void);
+/* Whether level is valid for c: inside [min_level, max_level] for a codec
+ * with levels; a codec without levels ignores the level (any is accepted). */
+bool tp_codec_level_ok(tp_codec c, int level);
 
 #define TP_DEFAULT_CHUNK (1u << 20)  /* raw bytes per chunk */
 #define TP_ALIGN 4096u
 
-/* Encodes one chunk.  elem_size 2 turns on byte planes for zstd.  dst must
- * hold tp_codec_bound(raw_len) bytes; *stored_len gets the encoded size.
- * For TP_CODEC_NONE the stored bytes equal the raw bytes. */
+/* Encodes one chunk of raw_len bytes of dtype (a whole number of elements;
+ * the dtype picks byte or exponent planes).  dst must hold
+ * tp_codec_bound(c, raw_len) bytes; *stored_len gets the encoded size.
+ * For TP_CODEC_NONE the stored bytes equal the raw bytes.  Deterministic:
+ * the same input, codec and level give the same bytes. */
 size_t tp_codec_bound(tp_codec c, size_t raw_len);
-int tp_codec_encode(tp_codec c, int level, size_t elem_size,
+int tp_codec_encode(tp_codec c, int level, tp_dtype dtype,
                     const uint8_t *raw, size_t raw_len,
                     uint8_t *dst, size_t dst_cap, size_t *stored_len, tp_err *err);
-/* Decodes into dst, which must be exactly raw_len bytes.  Scratch must hold
- * raw_len bytes when byte planes are in use (may be NULL otherwise). */
-int tp_codec_decode(tp_codec c, size_t elem_size,
+/* Decodes into dst, which must be exactly raw_len bytes.  scratch: NULL (the
+ * codec then uses a per-thread buffer of its own) or raw_len bytes.  Stored
+ * bytes are untrusted: anything that does not decode to exactly raw_len
+ * bytes fails with "codec NAME: <reason>", never reading outside stored or
+ * writing outside dst. */
+int tp_codec_decode(tp_codec c, tp_dtype dtype,
                     const uint8_t *stored, size_t stored_len,
                     uint8_t *dst, size_t raw_len, uint8_t *scratch, tp_err *err);
+
+/* Exponent planes (codec exphuf), exposed for tests and tpcodecbench: each
+ * element is cut into tp_expplanes_count(dt) byte planes of n_elems bytes,
+ * one after the other in dst (count x n_elems bytes: F16 has 3 planes, so
+ * 1.5 x its raw size); the first holds the exponent (FORMAT.md 2 lists
+ * which bits go where).  join inverts split. */
+int tp_expplanes_count(tp_dtype dt);
+void tp_expplanes_split(tp_dtype dt, const uint8_t *src, size_t n_elems, uint8_t *dst);
+void tp_expplanes_join(tp_dtype dt, const uint8_t *src, size_t n_elems, uint8_t *dst);
 
 /* Byte planes, exposed for tests: planes = all low bytes then all high bytes. */
 void tp_byteplanes_split(const uint8_t *src, size_t n_elems, uint8_t *dst);
@@ -480,7 +520,7 @@ typedef struct tp_manifest {
      * expert dim); false: every rank holds a slice of every expert.  Absent
      * in older manifests: false. */
     bool expert_parallel;
-    char *codec;            /* "none" / "zstd" */
+    char *codec;            /* a tp_codec_name: "none", "zstd", "exphuf" */
     int level;
     char *config_json;      /* the source config.json, as text */
     char *plan_json;        /* the plan used: {"pattern": "style", ...} */

@@ -67,13 +67,13 @@ for d in tests/models/*/; do
 done
 [ ${#models[@]} -ge 4 ] || die "expected the reference models in tests/models, found ${#models[@]}"
 
-echo "== every model, tp 1/2/4(/8), none and zstd, verified against the source"
+echo "== every model, tp 1/2/4(/8), none, zstd and exphuf, verified against the source"
 for m in "${models[@]}"; do
     name=$(basename "$m")
     heads=$(json_num "$m/config.json" num_attention_heads)
     for tp in 1 2 4 8; do
         [ $((heads % tp)) -eq 0 ] || continue
-        for codec in none zstd; do
+        for codec in none zstd exphuf; do
             out="$tmp/$name-$tp-$codec"
             "$BIN/tpconvert" --tp $tp --compress $codec --quiet "$m" "$out" 2>"$tmp/err" \
                 || die "tpconvert --tp $tp --compress $codec $m: $(cat "$tmp/err")"
@@ -301,6 +301,8 @@ expect_fail "--tp" "$BIN/tpconvert" tests/models/llama-tiny "$tmp/bad-notp"
 expect_fail "--compress" "$BIN/tpconvert" --tp 2 --compress lz4 tests/models/llama-tiny "$tmp/bad-c"
 expect_fail "--chunk-size" "$BIN/tpconvert" --tp 2 --chunk-size 3 tests/models/llama-tiny "$tmp/bad-c"
 expect_fail "--level" "$BIN/tpconvert" --tp 2 --level 40 tests/models/llama-tiny "$tmp/bad-c"
+expect_fail "--level is the zstd level: it means nothing with --compress exphuf (the default; add --compress zstd)" \
+    "$BIN/tpconvert" --tp 2 --level 3 tests/models/llama-tiny "$tmp/bad-c"
 no_output "$tmp/bad-c" "bad flags"
 
 # ENOSPC: a 192 KiB tmpfs holds the first rank file of llama-tiny (no
@@ -338,7 +340,7 @@ echo "== SIGINT cleans up"
 big="$tmp/big"
 "$BIN/tpsynth" --preset tiny --hidden 512 --heads 8 --kv-heads 8 --head-dim 64 --intermediate 2048 \
     --layers 4 --vocab 32000 --seed 5 --quiet "$big" || die "tpsynth big"
-"$BIN/tpconvert" --tp 2 --level 19 --threads 1 --quiet "$big" "$tmp/int-out" 2>"$tmp/int.err" &
+"$BIN/tpconvert" --tp 2 --compress zstd --level 19 --threads 1 --quiet "$big" "$tmp/int-out" 2>"$tmp/int.err" &
 pid=$!
 sleep 0.5
 kill -INT $pid 2>/dev/null || true
@@ -419,7 +421,7 @@ mkdir "$tmp/.fresh.tpconvert-abc123" && echo x >"$tmp/.fresh.tpconvert-abc123/ra
 no_work_dirs "$tmp" "stale temporary directory"
 # --force is atomic: a SIGINT mid-way leaves the old conversion whole
 old_id=$(conv_id "$tmp/conv")
-"$BIN/tpconvert" --tp 2 --force --level 19 --threads 1 --quiet "$big" "$tmp/conv" 2>"$tmp/int.err" &
+"$BIN/tpconvert" --tp 2 --force --compress zstd --level 19 --threads 1 --quiet "$big" "$tmp/conv" 2>"$tmp/int.err" &
 pid=$!
 sleep 0.5
 kill -INT $pid 2>/dev/null || true

@@ -61,7 +61,7 @@ convert() { # model tp out [extra tpconvert flags...]
     "$BIN/tpconvert" --tp "$tp" --quiet "$@" "tests/models/$model" "$out" \
         || die "tpconvert --tp $tp $* tests/models/$model failed"
 }
-convert qwen2-tiny 2 "$tmp/q2-zstd"
+convert qwen2-tiny 2 "$tmp/q2-zstd" --compress zstd
 convert qwen2-tiny 2 "$tmp/q2-none" --compress none
 convert qwen3-kv1 4 "$tmp/kv1-tp4" --vocab-parallel
 convert llama-bias 1 "$tmp/bias-tp1"
