@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /* -------------------------------------------------------------- the table */
 
@@ -595,6 +596,155 @@ static int parse_runtime(tp_model_config *c, const cJSON *root, const char *wher
     return 0;
 }
 
+/* ------------------------------------------------- quantization_config */
+
+/* Our own quant_method for `tpconvert --quantize int8` (FORMAT.md 1.5). */
+#define TP_INT8_QUANT_METHOD "tpshard_int8"
+#define MAX_QUANT_BLOCK (1 << 16)
+
+/* A string key of quantization_config that, when present, must equal want
+ * (case-insensitive when fold, as transformers lowers activation_scheme). */
+static int quant_str_is(const cJSON *q, const char *key, const char *want, bool fold,
+                        const char *where, tp_err *err)
+{
+    const char *v;
+    if (tp_json_opt_str(q, "quantization_config.", key, where, &v, err) < 0)
+        return -1;
+    if (v && (fold ? strcasecmp(v, want) : strcmp(v, want)))
+        return tp_errorf(err, "%s: quantization_config.%s \"%s\" is not supported (only \"%s\")", where,
+                       key, v, want);
+    return 0;
+}
+
+/* weight_block_size: two positive integers (transformers' default
+ * [128, 128] when absent); null means one scale per tensor, which is not
+ * the block scheme we implement. */
+static int parse_quant_block(tp_model_config *c, const cJSON *q, const char *where, tp_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(q, "weight_block_size");
+    c->quant_block[0] = c->quant_block[1] = 128;
+    if (!v)
+        return 0;
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != 2)
+        return tp_errorf(err, "%s: quantization_config.weight_block_size is not a list of two "
+                       "positive integers (per-tensor scales are not supported)", where);
+    int i = 0;
+    for (const cJSON *e = v->child; e; e = e->next, i++) {
+        double d = cJSON_IsNumber(e) ? e->valuedouble : 0;
+        if (!(d >= 1 && d <= MAX_QUANT_BLOCK) || d != floor(d))
+            return tp_errorf(err, "%s: quantization_config.weight_block_size[%d] is not an integer in "
+                           "[1, %d]", where, i, MAX_QUANT_BLOCK);
+        c->quant_block[i] = (int)d;
+    }
+    return 0;
+}
+
+/* modules_to_not_convert: module names.  transformers reads each entry as
+ * a regular expression too; Qwen's and DeepSeek's lists are plain names,
+ * and only those are accepted (a "." in a name is taken literally). */
+static int parse_quant_skip(tp_model_config *c, const cJSON *q, const char *key, const char *where,
+                            tp_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(q, key);
+    c->n_quant_skip = -1;
+    if (!v || cJSON_IsNull(v))
+        return 0;
+    if (!cJSON_IsArray(v))
+        return tp_errorf(err, "%s: quantization_config.%s is not a list of module names", where, key);
+    size_t used = 0;
+    c->n_quant_skip = 0;
+    for (const cJSON *e = v->child; e; e = e->next, c->n_quant_skip++) {
+        if (!cJSON_IsString(e) || !e->valuestring[0])
+            return tp_errorf(err, "%s: quantization_config.%s[%d] is not a module name", where, key,
+                           c->n_quant_skip);
+        if (strpbrk(e->valuestring, "*+?[](){}|^$\\"))
+            return tp_errorf(err, "%s: quantization_config.%s[%d] \"%s\" is a regular expression; only "
+                           "module names are supported", where, key, c->n_quant_skip, e->valuestring);
+        size_t len = strlen(e->valuestring) + 1;
+        if (len > sizeof c->quant_skip - used)
+            return tp_errorf(err, "%s: quantization_config.%s is longer than %zu bytes", where, key,
+                           sizeof c->quant_skip);
+        memcpy(c->quant_skip + used, e->valuestring, len);
+        used += len;
+    }
+    return 0;
+}
+
+/* quantization_config (absent or null: not quantized).  "fp8" is
+ * transformers' FineGrainedFP8Config as Qwen's and DeepSeek's releases
+ * write it; TP_INT8_QUANT_METHOD is ours (FORMAT.md 1.5).  Everything that
+ * would change what the stored bytes mean and that we do not implement is
+ * refused, naming the key. */
+static int parse_quant(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
+{
+    const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
+    c->quant = TP_QUANT_NONE;
+    c->n_quant_skip = -1;
+    if (!q || cJSON_IsNull(q))
+        return 0;
+    if (!cJSON_IsObject(q))
+        return tp_errorf(err, "%s: key \"quantization_config\" is not an object", where);
+    const char *method;
+    if (tp_json_opt_str(q, "quantization_config.", "quant_method", where, &method, err) < 0)
+        return -1;
+    if (!method)
+        return tp_errorf(err, "%s: missing key \"quantization_config.quant_method\"", where);
+    if (!strcmp(method, TP_INT8_QUANT_METHOD)) {
+        static const char *const keys[] = {"quant_method", "modules_to_not_convert", NULL};
+        c->quant = TP_QUANT_INT8_ROW;
+        char qwhere[256];
+        snprintf(qwhere, sizeof qwhere, "%s: quantization_config", where);
+        if (tp_json_check_keys(q, keys, qwhere, err) < 0)
+            return -1;
+        return parse_quant_skip(c, q, "modules_to_not_convert", where, err);
+    }
+    if (strcmp(method, "fp8"))
+        return tp_errorf(err, "%s: quantization_config.quant_method \"%s\" is not supported (only "
+                       "\"fp8\", and \"%s\" as tpconvert --quantize int8 writes it)", where, method,
+                       TP_INT8_QUANT_METHOD);
+    c->quant = TP_QUANT_FP8_BLOCK;
+    const cJSON *mtc = cJSON_GetObjectItemCaseSensitive(q, "modules_to_convert");
+    if (mtc && !cJSON_IsNull(mtc) && !(cJSON_IsArray(mtc) && !mtc->child))
+        return tp_errorf(err, "%s: quantization_config.modules_to_convert (quantized embeddings) is "
+                       "not supported", where);
+    if (cJSON_GetObjectItemCaseSensitive(q, "ignored_layers") &&
+        cJSON_GetObjectItemCaseSensitive(q, "modules_to_not_convert"))
+        return tp_errorf(err, "%s: quantization_config has both modules_to_not_convert and "
+                       "ignored_layers", where);
+    if (quant_str_is(q, "activation_scheme", "dynamic", true, where, err) < 0 ||
+        quant_str_is(q, "fmt", "e4m3", false, where, err) < 0 ||
+        quant_str_is(q, "scale_fmt", "float", false, where, err) < 0 ||
+        quant_str_is(q, "expert_dtype", "fp8", false, where, err) < 0 ||
+        parse_quant_block(c, q, where, err) < 0)
+        return -1;
+    /* MiniMax's spelling, which transformers accepts as an alias */
+    bool alias = cJSON_GetObjectItemCaseSensitive(q, "ignored_layers") != NULL;
+    return parse_quant_skip(c, q, alias ? "ignored_layers" : "modules_to_not_convert", where, err);
+}
+
+/* transformers' should_convert_module for one plain name. */
+static bool skip_name_matches(const char *pattern, const char *module)
+{
+    size_t pl = strlen(pattern), ml = strlen(module);
+    if (pl <= ml && !strncmp(module, pattern, pl) &&
+        (module[pl] == '.' || module[pl] == 0 || (pl && pattern[pl - 1] == '.')))
+        return true;
+    return pl <= ml && !strcmp(module + ml - pl, pattern);
+}
+
+bool tp_config_module_quantized(const tp_model_config *c, const char *module)
+{
+    if (c->quant == TP_QUANT_NONE)
+        return false;
+    if (c->n_quant_skip < 0)
+        return strcmp(module, "lm_head") != 0;
+    const char *p = c->quant_skip;
+    for (int i = 0; i < c->n_quant_skip; i++, p += strlen(p) + 1)
+        if (skip_name_matches(p, module))
+            return false;
+    return true;
+}
+
 static int unsupported_model_type(const tp_model_config *c, const char *where, tp_err *err);
 
 /* known_only: refuse another model_type before reading its sizes. */
@@ -612,7 +762,7 @@ static int config_parse(tp_model_config *c, const char *json, size_t len, const 
         ;
     else if (known_only && c->arch == TP_ARCH_OTHER)
         unsupported_model_type(c, where, err);
-    else if (parse_sizes(c, root, where, err) == 0)
+    else if (parse_sizes(c, root, where, err) == 0 && parse_quant(c, root, where, err) == 0)
         rc = c->arch == TP_ARCH_OTHER ? 0 : parse_runtime(c, root, where, err);
     cJSON_Delete(root);
     return rc;

@@ -189,6 +189,12 @@ typedef struct tp_model_config {
      * the router, lm_head) is simply a float tensor without a scale. */
     tp_quant quant;
     int quant_block[2];
+    /* quantization_config.modules_to_not_convert: n_quant_skip module names
+     * (no ".weight"), NUL-separated in quant_skip; -1 when the key is absent
+     * or null (transformers then keeps lm_head unquantized).  Ask
+     * tp_config_module_quantized rather than reading these. */
+    int n_quant_skip;
+    char quant_skip[8192];
 } tp_model_config;
 
 /* The one config.json parser.  json: len bytes (a NUL byte is refused);
@@ -211,6 +217,14 @@ int tp_config_max_length(const tp_model_config *c);
  * (layer not in mlp_only_layers) and n_experts > 0 and
  * (layer + 1) % decoder_sparse_step == 0. */
 bool tp_config_layer_sparse(const tp_model_config *c, int layer);
+/* Whether config.json declares module (a tensor name less ".weight":
+ * "model.layers.0.self_attn.q_proj", "lm_head") quantized: c->quant is set
+ * and modules_to_not_convert does not name it, matched as transformers'
+ * should_convert_module does (a listed name is a prefix of the module up to
+ * a "." boundary, or a suffix of it); without the key, lm_head is not
+ * quantized (transformers' default skip list).  Which modules may be
+ * quantized at all is tp_arch_quantizable's business. */
+bool tp_config_module_quantized(const tp_model_config *c, const char *module);
 /* tprun's view: tp_config_parse of NUL-terminated text as "config.json",
  * refusing TP_ARCH_OTHER (naming model_type). */
 int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err);

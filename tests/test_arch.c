@@ -378,6 +378,77 @@ static void test_cut_overflow(void)
           "huge heads * head_dim: %s", err.msg);
 }
 
+/* quantization_config: Qwen's FP8 releases, our int8, and every refusal. */
+#define Q3 "{\"model_type\": \"qwen3\", " BASE ", \"quantization_config\": "
+
+static void test_quant_config(void)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    CHECK(parse("{\"model_type\": \"qwen3\", " BASE "}", &c, &err) == 0 && c.quant == TP_QUANT_NONE &&
+          !tp_config_module_quantized(&c, "model.layers.0.self_attn.q_proj"), "no quantization_config");
+    /* Qwen3-0.6B-FP8's, as released */
+    CHECK(parse(Q3 "{\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\", \"quant_method\": \"fp8\", "
+                "\"weight_block_size\": [128, 64]}}", &c, &err) == 0 &&
+          c.quant == TP_QUANT_FP8_BLOCK && c.quant_block[0] == 128 && c.quant_block[1] == 64,
+          "qwen fp8: %d [%d, %d] %s", c.quant, c.quant_block[0], c.quant_block[1], err.msg);
+    /* no modules_to_not_convert: transformers keeps lm_head unquantized */
+    CHECK(tp_config_module_quantized(&c, "model.layers.1.mlp.down_proj") &&
+          !tp_config_module_quantized(&c, "lm_head"), "default skip list");
+    /* weight_block_size absent: transformers' (128, 128) */
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\"}}", &c, &err) == 0 && c.quant_block[0] == 128 &&
+          c.quant_block[1] == 128, "default block: %s", err.msg);
+    /* Qwen3-30B-A3B-FP8's list: the routers and lm_head, by name */
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\", \"activation_scheme\": \"DYNAMIC\", "
+                "\"modules_to_not_convert\": [\"lm_head\", \"model.layers.1.mlp.gate\", \"o_proj\"]}}",
+                &c, &err) == 0 && c.n_quant_skip == 3, "skip list: %s", err.msg);
+    CHECK(!tp_config_module_quantized(&c, "lm_head") &&
+          !tp_config_module_quantized(&c, "model.layers.1.mlp.gate") &&
+          tp_config_module_quantized(&c, "model.layers.1.mlp.gate_proj") &&
+          tp_config_module_quantized(&c, "model.layers.11.mlp.gate") &&
+          !tp_config_module_quantized(&c, "model.layers.0.self_attn.o_proj") &&
+          tp_config_module_quantized(&c, "model.layers.0.self_attn.q_proj"),
+          "should_convert_module: prefix at a boundary, or suffix");
+    /* an explicit empty list quantizes lm_head too */
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": []}}", &c, &err) == 0 &&
+          tp_config_module_quantized(&c, "lm_head"), "empty list: %s", err.msg);
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\", \"ignored_layers\": [\"lm_head\", \"q_proj\"]}}", &c,
+                &err) == 0 && !tp_config_module_quantized(&c, "model.layers.0.self_attn.q_proj"),
+          "ignored_layers alias: %s", err.msg);
+    /* ours */
+    CHECK(parse(Q3 "{\"quant_method\": \"tpshard_int8\", \"modules_to_not_convert\": [\"lm_head\"]}}",
+                &c, &err) == 0 && c.quant == TP_QUANT_INT8_ROW &&
+          tp_config_module_quantized(&c, "model.layers.0.mlp.up_proj"), "int8: %s", err.msg);
+    CHECK(parse(Q3 "null}", &c, &err) == 0 && c.quant == TP_QUANT_NONE, "null: %s", err.msg);
+
+    expect_refused(Q3 "{\"quant_method\": \"awq\"}}", SIZE_AUTO, "quant_method \"awq\"");
+    expect_refused(Q3 "{\"weight_block_size\": [128, 128]}}", SIZE_AUTO, "quantization_config.quant_method");
+    expect_refused(Q3 "[1]}", SIZE_AUTO, "quantization_config");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"activation_scheme\": \"static\"}}", SIZE_AUTO,
+                   "activation_scheme \"static\"");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"fmt\": \"e5m2\"}}", SIZE_AUTO, "fmt \"e5m2\"");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"scale_fmt\": \"ue8m0\"}}", SIZE_AUTO, "scale_fmt");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"expert_dtype\": \"fp4\"}}", SIZE_AUTO, "expert_dtype");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": null}}", SIZE_AUTO,
+                   "weight_block_size");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": [128]}}", SIZE_AUTO,
+                   "weight_block_size");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": [128, 0]}}", SIZE_AUTO,
+                   "weight_block_size[1]");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": [128, 1.5]}}", SIZE_AUTO,
+                   "weight_block_size[1]");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_convert\": [\"model.embed_tokens\"]}}",
+                   SIZE_AUTO, "modules_to_convert");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": \"lm_head\"}}", SIZE_AUTO,
+                   "modules_to_not_convert");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": [\"lm_head\", 3]}}",
+                   SIZE_AUTO, "modules_to_not_convert[1]");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": [\"layers.*.gate\"]}}",
+                   SIZE_AUTO, "regular expression");
+    expect_refused(Q3 "{\"quant_method\": \"tpshard_int8\", \"weight_block_size\": [1, 1]}}", SIZE_AUTO,
+                   "weight_block_size");
+}
+
 int main(void)
 {
     test_cut_overflow();
@@ -387,5 +458,6 @@ int main(void)
     test_moe_tensors();
     test_index();
     test_plan();
+    test_quant_config();
     return check_finish("test_arch");
 }
