@@ -96,7 +96,7 @@ static void add(tensor_set *s, const char *name, int ndim, uint64_t d0, uint64_t
     s->shapes[s->n][0] = d0;
     s->shapes[s->n][1] = d1;
     s->ndims[s->n] = ndim;
-    s->refs[s->n] = (tp_tensor_ref){s->names[s->n], ndim, s->shapes[s->n]};
+    s->refs[s->n] = (tp_tensor_ref){s->names[s->n], ndim, s->shapes[s->n], TP_BF16};
     s->n++;
 }
 
