@@ -874,7 +874,8 @@ static int check_runnable(const tp_loaded_rank *lr, const tp_model_config *cfg, 
     for (size_t i = 0; i < lr->n_tensors; i++)
         if (lr->tensors[i].info)
             refs[n++] = (tp_tensor_ref){ lr->tensors[i].info->name, lr->tensors[i].info->ndim,
-                                         lr->tensors[i].info->global_shape };
+                                         lr->tensors[i].info->global_shape,
+                                         lr->tensors[i].info->dtype };
     int lo = 0, hi = cfg->n_experts, rc = 0;
     if (lr->manifest.expert_parallel)
         rc = tp_expert_range(cfg->n_experts, lr->manifest.tp, lr->rank, &lo, &hi, err);
