@@ -823,6 +823,8 @@ static int load_hf(src_model *s, tp_st_set *set, const char *dir, const char *na
         return -1;
     s->n_heads = c.n_heads; s->n_kv = c.n_kv_heads; s->head_dim = c.head_dim;
     s->intermediate = c.intermediate; s->vocab = c.vocab;
+    s->q_block[0] = c.quant_block[0];
+    s->q_block[1] = c.quant_block[1];
     if (set->n_tensors > sizeof s->t / sizeof s->t[0])
         return tp_errorf(err, "%s: too many tensors for the test", dir);
     for (size_t i = 0; i < set->n_tensors; i++) {
@@ -834,6 +836,18 @@ static int load_hf(src_model *s, tp_st_set *set, const char *dir, const char *na
         d->shape[0] = t->shape[0];
         d->shape[1] = t->ndim == 2 ? t->shape[1] : 0;
         d->bytes = t->data;
+        /* BF16 / F16 scales (as some FP8 releases ship them) are widened to
+         * F32, as tpconvert stores them (FORMAT.md 1.5); free_src frees them */
+        if ((ends_with(d->name, ".weight_scale_inv") || ends_with(d->name, ".weight_scale")) &&
+            d->dt != TP_F32) {
+            size_t cnt = d->shape[0] * (d->ndim == 2 ? d->shape[1] : 1);
+            float *f = malloc((cnt ? cnt : 1) * sizeof *f);
+            for (size_t k = 0; k < cnt; k++)
+                f[k] = src_val(d, k);
+            d->owned = (uint8_t *)f;
+            d->bytes = d->owned;
+            d->dt = TP_F32;
+        }
     }
     return 0;
 }
@@ -952,7 +966,7 @@ static void test_reference_model(const char *dir, const char *name)
         compare_reference(name, ref_path, s->vocab, worlds, nw, run_src, s);
         free(ref_path);
     }
-    free(s->config_json);
+    free_src(s);
     free(s);
     tp_st_set_close(&set);
 }
@@ -1190,10 +1204,13 @@ static void quantize_src(const src_model *s, tp_dtype qdt, int b0, int b1, src_m
     bool fp8 = qdt == TP_F8_E4M3;
     q->q_block[0] = b0;
     q->q_block[1] = b1;
-    char qc[160];
+    char qc[256];
+    /* modules_to_not_convert [] (nothing skipped): lm_head is quantized too */
     snprintf(qc, sizeof qc, fp8 ? ", \"quantization_config\": {\"quant_method\": \"fp8\", "
-             "\"weight_block_size\": [%d, %d], \"activation_scheme\": \"dynamic\"}}"
-             : ", \"quantization_config\": {\"quant_method\": \"tpshard_int8\"}}", b0, b1);
+             "\"weight_block_size\": [%d, %d], \"activation_scheme\": \"dynamic\", "
+             "\"modules_to_not_convert\": []}}"
+             : ", \"quantization_config\": {\"quant_method\": \"tpshard_int8\", "
+             "\"modules_to_not_convert\": []}}", b0, b1);
     size_t len = strlen(q->config_json);
     q->config_json = realloc(q->config_json, len + strlen(qc) + 1);
     strcpy(strrchr(q->config_json, '}'), qc);

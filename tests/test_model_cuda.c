@@ -278,7 +278,7 @@ static void compare_model(const char *dir, const char *name)
         printf("%s: not compared here: 3-D (fused expert) tensors (tests/e2e_tprun.sh runs it on a GPU)\n", name);
     else
         compare_src(s);
-    free(s->config_json);
+    free_src(s);
     free(s);
     tp_st_set_close(&set);
 }
