@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /* -------------------------------------------------------------- the table */
 
@@ -595,6 +596,155 @@ static int parse_runtime(tp_model_config *c, const cJSON *root, const char *wher
     return 0;
 }
 
+/* ------------------------------------------------- quantization_config */
+
+/* Our own quant_method for `tpconvert --quantize int8` (FORMAT.md 1.5). */
+#define TP_INT8_QUANT_METHOD "tpshard_int8"
+#define MAX_QUANT_BLOCK (1 << 16)
+
+/* A string key of quantization_config that, when present, must equal want
+ * (case-insensitive when fold, as transformers lowers activation_scheme). */
+static int quant_str_is(const cJSON *q, const char *key, const char *want, bool fold,
+                        const char *where, tp_err *err)
+{
+    const char *v;
+    if (tp_json_opt_str(q, "quantization_config.", key, where, &v, err) < 0)
+        return -1;
+    if (v && (fold ? strcasecmp(v, want) : strcmp(v, want)))
+        return tp_errorf(err, "%s: quantization_config.%s \"%s\" is not supported (only \"%s\")", where,
+                       key, v, want);
+    return 0;
+}
+
+/* weight_block_size: two positive integers (transformers' default
+ * [128, 128] when absent); null means one scale per tensor, which is not
+ * the block scheme we implement. */
+static int parse_quant_block(tp_model_config *c, const cJSON *q, const char *where, tp_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(q, "weight_block_size");
+    c->quant_block[0] = c->quant_block[1] = 128;
+    if (!v)
+        return 0;
+    if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != 2)
+        return tp_errorf(err, "%s: quantization_config.weight_block_size is not a list of two "
+                       "positive integers (per-tensor scales are not supported)", where);
+    int i = 0;
+    for (const cJSON *e = v->child; e; e = e->next, i++) {
+        double d = cJSON_IsNumber(e) ? e->valuedouble : 0;
+        if (!(d >= 1 && d <= MAX_QUANT_BLOCK) || d != floor(d))
+            return tp_errorf(err, "%s: quantization_config.weight_block_size[%d] is not an integer in "
+                           "[1, %d]", where, i, MAX_QUANT_BLOCK);
+        c->quant_block[i] = (int)d;
+    }
+    return 0;
+}
+
+/* modules_to_not_convert: module names.  transformers reads each entry as
+ * a regular expression too; Qwen's and DeepSeek's lists are plain names,
+ * and only those are accepted (a "." in a name is taken literally). */
+static int parse_quant_skip(tp_model_config *c, const cJSON *q, const char *key, const char *where,
+                            tp_err *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(q, key);
+    c->n_quant_skip = -1;
+    if (!v || cJSON_IsNull(v))
+        return 0;
+    if (!cJSON_IsArray(v))
+        return tp_errorf(err, "%s: quantization_config.%s is not a list of module names", where, key);
+    size_t used = 0;
+    c->n_quant_skip = 0;
+    for (const cJSON *e = v->child; e; e = e->next, c->n_quant_skip++) {
+        if (!cJSON_IsString(e) || !e->valuestring[0])
+            return tp_errorf(err, "%s: quantization_config.%s[%d] is not a module name", where, key,
+                           c->n_quant_skip);
+        if (strpbrk(e->valuestring, "*+?[](){}|^$\\"))
+            return tp_errorf(err, "%s: quantization_config.%s[%d] \"%s\" is a regular expression; only "
+                           "module names are supported", where, key, c->n_quant_skip, e->valuestring);
+        size_t len = strlen(e->valuestring) + 1;
+        if (len > sizeof c->quant_skip - used)
+            return tp_errorf(err, "%s: quantization_config.%s is longer than %zu bytes", where, key,
+                           sizeof c->quant_skip);
+        memcpy(c->quant_skip + used, e->valuestring, len);
+        used += len;
+    }
+    return 0;
+}
+
+/* quantization_config (absent or null: not quantized).  "fp8" is
+ * transformers' FineGrainedFP8Config as Qwen's and DeepSeek's releases
+ * write it; TP_INT8_QUANT_METHOD is ours (FORMAT.md 1.5).  Everything that
+ * would change what the stored bytes mean and that we do not implement is
+ * refused, naming the key. */
+static int parse_quant(tp_model_config *c, const cJSON *root, const char *where, tp_err *err)
+{
+    const cJSON *q = cJSON_GetObjectItemCaseSensitive(root, "quantization_config");
+    c->quant = TP_QUANT_NONE;
+    c->n_quant_skip = -1;
+    if (!q || cJSON_IsNull(q))
+        return 0;
+    if (!cJSON_IsObject(q))
+        return tp_errorf(err, "%s: key \"quantization_config\" is not an object", where);
+    const char *method;
+    if (tp_json_opt_str(q, "quantization_config.", "quant_method", where, &method, err) < 0)
+        return -1;
+    if (!method)
+        return tp_errorf(err, "%s: missing key \"quantization_config.quant_method\"", where);
+    if (!strcmp(method, TP_INT8_QUANT_METHOD)) {
+        static const char *const keys[] = {"quant_method", "modules_to_not_convert", NULL};
+        c->quant = TP_QUANT_INT8_ROW;
+        char qwhere[256];
+        snprintf(qwhere, sizeof qwhere, "%s: quantization_config", where);
+        if (tp_json_check_keys(q, keys, qwhere, err) < 0)
+            return -1;
+        return parse_quant_skip(c, q, "modules_to_not_convert", where, err);
+    }
+    if (strcmp(method, "fp8"))
+        return tp_errorf(err, "%s: quantization_config.quant_method \"%s\" is not supported (only "
+                       "\"fp8\", and \"%s\" as tpconvert --quantize int8 writes it)", where, method,
+                       TP_INT8_QUANT_METHOD);
+    c->quant = TP_QUANT_FP8_BLOCK;
+    const cJSON *mtc = cJSON_GetObjectItemCaseSensitive(q, "modules_to_convert");
+    if (mtc && !cJSON_IsNull(mtc) && !(cJSON_IsArray(mtc) && !mtc->child))
+        return tp_errorf(err, "%s: quantization_config.modules_to_convert (quantized embeddings) is "
+                       "not supported", where);
+    if (cJSON_GetObjectItemCaseSensitive(q, "ignored_layers") &&
+        cJSON_GetObjectItemCaseSensitive(q, "modules_to_not_convert"))
+        return tp_errorf(err, "%s: quantization_config has both modules_to_not_convert and "
+                       "ignored_layers", where);
+    if (quant_str_is(q, "activation_scheme", "dynamic", true, where, err) < 0 ||
+        quant_str_is(q, "fmt", "e4m3", false, where, err) < 0 ||
+        quant_str_is(q, "scale_fmt", "float", false, where, err) < 0 ||
+        quant_str_is(q, "expert_dtype", "fp8", false, where, err) < 0 ||
+        parse_quant_block(c, q, where, err) < 0)
+        return -1;
+    /* MiniMax's spelling, which transformers accepts as an alias */
+    bool alias = cJSON_GetObjectItemCaseSensitive(q, "ignored_layers") != NULL;
+    return parse_quant_skip(c, q, alias ? "ignored_layers" : "modules_to_not_convert", where, err);
+}
+
+/* transformers' should_convert_module for one plain name. */
+static bool skip_name_matches(const char *pattern, const char *module)
+{
+    size_t pl = strlen(pattern), ml = strlen(module);
+    if (pl <= ml && !strncmp(module, pattern, pl) &&
+        (module[pl] == '.' || module[pl] == 0 || (pl && pattern[pl - 1] == '.')))
+        return true;
+    return pl <= ml && !strcmp(module + ml - pl, pattern);
+}
+
+bool tp_config_module_quantized(const tp_model_config *c, const char *module)
+{
+    if (c->quant == TP_QUANT_NONE)
+        return false;
+    if (c->n_quant_skip < 0)
+        return strcmp(module, "lm_head") != 0;
+    const char *p = c->quant_skip;
+    for (int i = 0; i < c->n_quant_skip; i++, p += strlen(p) + 1)
+        if (skip_name_matches(p, module))
+            return false;
+    return true;
+}
+
 static int unsupported_model_type(const tp_model_config *c, const char *where, tp_err *err);
 
 /* known_only: refuse another model_type before reading its sizes. */
@@ -612,7 +762,7 @@ static int config_parse(tp_model_config *c, const char *json, size_t len, const 
         ;
     else if (known_only && c->arch == TP_ARCH_OTHER)
         unsupported_model_type(c, where, err);
-    else if (parse_sizes(c, root, where, err) == 0)
+    else if (parse_sizes(c, root, where, err) == 0 && parse_quant(c, root, where, err) == 0)
         rc = c->arch == TP_ARCH_OTHER ? 0 : parse_runtime(c, root, where, err);
     cJSON_Delete(root);
     return rc;
@@ -826,12 +976,21 @@ typedef struct layer_seen {
     size_t *base;             /* [row]: its first slot */
     bool *seen;               /* [layer][slot] */
     bool *fused;              /* [layer] */
+    /* [layer][slot]: the weight's dtype (TP_DTYPE_INVALID: not known; an
+     * 8-bit one needs its scale), and whether its scale was seen */
+    uint8_t *weight_dtype;
+    bool *scale_seen;
     int expert_lo, expert_hi;
 } layer_seen;
 
+static size_t slot_index(const layer_seen *ls, long layer, size_t row, long expert)
+{
+    return (size_t)layer * ls->slots + ls->base[row] + (size_t)(expert > 0 ? expert : 0);
+}
+
 static bool *slot(layer_seen *ls, long layer, size_t row, long expert)
 {
-    return &ls->seen[(size_t)layer * ls->slots + ls->base[row] + (size_t)(expert > 0 ? expert : 0)];
+    return &ls->seen[slot_index(ls, layer, row, expert)];
 }
 
 /* Whether layer l must have the row: dense rows in dense layers, the router
@@ -873,6 +1032,138 @@ static int check_placement(const layer_seen *ls, const tp_tensor_ref *t, long la
     return 0;
 }
 
+/* A row tprun runs quantized: a 2-D linear layer, not the router. */
+static bool row_quantizable(const tp_arch_tensor *row)
+{
+    return row->ndim == 2 && row->part != TP_EXPERT_ROUTER && row->kind != TP_ROW_FUSED;
+}
+
+bool tp_arch_quantizable(tp_arch a, const char *name)
+{
+    const char *rest;
+    long layer, expert;
+    bool is_bias;
+    if (!strcmp(name, "lm_head.weight"))
+        return true;
+    if (!split_layer_name(name, &layer, &rest))
+        return false;
+    long r = find_row(a, rest, &is_bias, &expert);
+    return r >= 0 && !is_bias && row_quantizable(&tp_arch_layer_tensors[r]);
+}
+
+/* The module of a weight or scale name: the name up to its last ".". */
+static void module_of(const char *name, char *buf, size_t cap)
+{
+    const char *dot = strrchr(name, '.');
+    size_t n = dot ? (size_t)(dot - name) : strlen(name);
+    snprintf(buf, cap, "%.*s", (int)(n < cap ? n : cap - 1), name);
+}
+
+/* An 8-bit weight (or the scale of one) must be one the config declares
+ * quantized, in the config's scheme, of a layer tprun runs quantized. */
+static int check_quant_declared(const tp_model_config *c, const tp_tensor_ref *t, bool quantizable,
+                                const char *what, tp_err *err)
+{
+    char module[256];
+    module_of(t->name, module, sizeof module);
+    if (c->quant == TP_QUANT_NONE)
+        return tp_errorf(err, "tensor %s: %s, but config.json has no quantization_config", t->name, what);
+    if (!quantizable)
+        return tp_errorf(err, "tensor %s: %s, but tprun runs this tensor only unquantized (only the "
+                       "linear layers and lm_head may be quantized)", t->name, what);
+    if (!tp_config_module_quantized(c, module))
+        return tp_errorf(err, "tensor %s: %s, but config.json's quantization_config does not quantize "
+                       "%s (modules_to_not_convert)", t->name, what, module);
+    return 0;
+}
+
+/* An 8-bit weight: the config's dtype, declared quantized.  *needs_scale
+ * is set when its scale must be there. */
+static int check_quant_weight(const tp_model_config *c, const tp_tensor_ref *t, bool quantizable,
+                              bool *needs_scale, tp_err *err)
+{
+    *needs_scale = false;
+    if (t->dtype != TP_F8_E4M3 && t->dtype != TP_I8)
+        return 0;
+    char what[64];
+    snprintf(what, sizeof what, "dtype %s", tp_dtype_name(t->dtype));
+    if (check_quant_declared(c, t, quantizable, what, err) < 0)
+        return -1;
+    if (t->dtype != tp_quant_dtype(c->quant))
+        return tp_errorf(err, "tensor %s: dtype %s, but config.json's quant_method \"%s\" stores %s", t->name,
+                       tp_dtype_name(t->dtype), tp_quant_method(c->quant),
+                       tp_dtype_name(tp_quant_dtype(c->quant)));
+    *needs_scale = true;
+    return 0;
+}
+
+/* rest is "<module>.weight_scale_inv" or "<module>.weight_scale": the
+ * weight's rest into buf and the suffix returned; NULL otherwise. */
+static const char *scale_weight_rest(const char *rest, char *buf, size_t cap)
+{
+    static const char *const suffixes[] = {"weight_scale_inv", "weight_scale"};
+    size_t n = strlen(rest);
+    for (size_t i = 0; i < 2; i++) {
+        size_t k = strlen(suffixes[i]);
+        if (n > k + 1 && rest[n - k - 1] == '.' && !strcmp(rest + n - k, suffixes[i]) &&
+            n - k + 6 < cap) {
+            snprintf(buf, cap, "%.*sweight", (int)(n - k), rest);
+            return suffixes[i];
+        }
+    }
+    return NULL;
+}
+
+/* A scale's shape: the config's scheme applied to the weight's shape as the
+ * config implies it (want: the weight's dims; why: their names). */
+static int check_scale_ref(const tp_model_config *c, const tp_tensor_ref *t, const char *suffix,
+                           bool quantizable, const int64_t *want_w, const char *why, tp_err *err)
+{
+    if (check_quant_declared(c, t, quantizable, "a quantization scale", err) < 0)
+        return -1;
+    if (strcmp(suffix, tp_quant_scale_suffix(c->quant)))
+        return tp_errorf(err, "tensor %s: config.json's quant_method \"%s\" names its scales "
+                       "*.%s", t->name, tp_quant_method(c->quant), tp_quant_scale_suffix(c->quant));
+    uint64_t w[2] = {(uint64_t)want_w[0], (uint64_t)want_w[1]}, sh[2];
+    int nd = tp_quant_scale_shape(c->quant, c->quant_block, w, sh);
+    int64_t want[2] = {(int64_t)sh[0], (int64_t)sh[1]};
+    char scale_why[256];
+    if (c->quant == TP_QUANT_FP8_BLOCK)
+        snprintf(scale_why, sizeof scale_why, "[%s] in blocks of %d x %d", why, c->quant_block[0],
+                 c->quant_block[1]);
+    else
+        snprintf(scale_why, sizeof scale_why, "one per row of [%s]", why);
+    return want_shape(t, nd, want, scale_why, err);
+}
+
+/* A layer tensor's scale, first pass: row known, scale checked and seen. */
+static int check_layer_scale(layer_seen *ls, const tp_tensor_ref *t, long layer, const char *wrest,
+                             const char *suffix, bool report_unknown, tp_err *err)
+{
+    const tp_model_config *c = ls->c;
+    bool is_bias = false;
+    long expert;
+    long row = find_row(c->arch, wrest, &is_bias, &expert);
+    if (row >= 0 && is_bias)
+        row = -1;
+    if ((row < 0 && !report_unknown) || (row >= 0 && report_unknown))
+        return 0;
+    if (row < 0)
+        return tp_errorf(err, "tensor %s: not a tensor of a %s layer (tprun would not use it)",
+                       t->name, c->model_type);
+    const tp_arch_tensor *r = &tp_arch_layer_tensors[row];
+    if (check_placement(ls, t, layer, r, expert, err) < 0)
+        return -1;
+    int64_t want_w[2] = {dim_value(c, r->dims[0]), r->ndim > 1 ? dim_value(c, r->dims[1]) : 1};
+    char why[160];
+    snprintf(why, sizeof why, "%s, %s", dim_name(c, r->dims[0]),
+             r->ndim > 1 ? dim_name(c, r->dims[1]) : "1");
+    if (check_scale_ref(c, t, suffix, row_quantizable(r), want_w, why, err) < 0)
+        return -1;
+    ls->scale_seen[slot_index(ls, layer, (size_t)row, expert)] = true;
+    return 0;
+}
+
 /* First pass (report_unknown false): marks a known layer tensor seen and
  * checks its layer, placement and shape; second pass: an unknown one is an
  * error (so that a missing tensor is named before a misnamed one). */
@@ -883,6 +1174,10 @@ static int check_layer_tensor(layer_seen *ls, const tp_tensor_ref *t, long layer
     if (layer >= c->n_layers)
         return tp_errorf(err, "tensor %s: layer %ld, but num_hidden_layers is %d", t->name, layer,
                        c->n_layers);
+    char wrest[256];
+    const char *suffix = scale_weight_rest(rest, wrest, sizeof wrest);
+    if (suffix)
+        return check_layer_scale(ls, t, layer, wrest, suffix, report_unknown, err);
     bool is_bias = false;
     long expert;
     long row = find_row(c->arch, rest, &is_bias, &expert);
@@ -894,9 +1189,40 @@ static int check_layer_tensor(layer_seen *ls, const tp_tensor_ref *t, long layer
     const tp_arch_tensor *r = &tp_arch_layer_tensors[row];
     if (check_placement(ls, t, layer, r, expert, err) < 0)
         return -1;
-    if (!is_bias)
+    if (!is_bias) {
+        bool needs_scale;
         *slot(ls, layer, (size_t)row, expert) = true;
+        if (check_quant_weight(c, t, row_quantizable(r), &needs_scale, err) < 0)
+            return -1;
+        ls->weight_dtype[slot_index(ls, layer, (size_t)row, expert)] = (uint8_t)t->dtype;
+    } else if (t->dtype == TP_F8_E4M3 || t->dtype == TP_I8) {
+        return tp_errorf(err, "tensor %s: dtype %s: a bias is never quantized", t->name,
+                       tp_dtype_name(t->dtype));
+    }
     return check_row_shape(c, r, is_bias, t, err);
+}
+
+static bool is_8bit(int dt)
+{
+    return dt == TP_F8_E4M3 || dt == TP_I8;
+}
+
+/* A quantized weight and its scale go together (FORMAT.md 1.5): an 8-bit
+ * weight without its scale, or a scale beside a float weight, is refused. */
+static int check_scale_pair(const tp_model_config *c, const char *weight, int wdt, bool has_scale,
+                            tp_err *err)
+{
+    char scale[300];
+    tp_quant q = c->quant != TP_QUANT_NONE ? c->quant : TP_QUANT_FP8_BLOCK;
+    if (!tp_quant_scale_name(q, weight, scale, sizeof scale))
+        snprintf(scale, sizeof scale, "%s_scale", weight);
+    if (is_8bit(wdt) && !has_scale)
+        return tp_errorf(err, "tensor %s is missing (the scale of %s weight %s)", scale,
+                       tp_dtype_name((tp_dtype)wdt), weight);
+    if (has_scale && wdt != TP_DTYPE_INVALID && !is_8bit(wdt))
+        return tp_errorf(err, "tensor %s: its weight %s is %s, not quantized", scale, weight,
+                       tp_dtype_name((tp_dtype)wdt));
+    return 0;
 }
 
 /* The embedding, the final norm and lm_head (unless tied). */
@@ -906,6 +1232,27 @@ static const tp_tensor_ref *find_ref(const tp_tensor_ref *t, size_t n, const cha
         if (!strcmp(t[i].name, name))
             return &t[i];
     return NULL;
+}
+
+/* lm_head's scale, if any (either suffix), and the pair rule. */
+static int check_head_quant(const tp_model_config *c, const tp_tensor_ref *t, size_t n,
+                            const tp_tensor_ref *head, tp_err *err)
+{
+    const tp_tensor_ref *scale = find_ref(t, n, "lm_head.weight_scale_inv");
+    const char *suffix = "weight_scale_inv";
+    if (!scale) {
+        scale = find_ref(t, n, "lm_head.weight_scale");
+        suffix = "weight_scale";
+    }
+    bool needs_scale = false;
+    if (head && check_quant_weight(c, head, true, &needs_scale, err) < 0)
+        return -1;
+    if (scale && !head)
+        return tp_errorf(err, "tensor %s: there is no lm_head.weight", scale->name);
+    const int64_t vh[2] = {c->vocab, c->hidden};
+    if (scale && check_scale_ref(c, scale, suffix, true, vh, "vocab_size, hidden_size", err) < 0)
+        return -1;
+    return head ? check_scale_pair(c, head->name, head->dtype, scale != NULL, err) : 0;
 }
 
 static int check_model_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n, tp_err *err)
@@ -925,7 +1272,11 @@ static int check_model_tensors(const tp_model_config *c, const tp_tensor_ref *t,
         want_shape(norm, 1, h, "hidden_size", err) < 0 ||
         (head && want_shape(head, 2, vh, "vocab_size, hidden_size", err) < 0))
         return -1;
-    return 0;
+    if (is_8bit(emb->dtype) || is_8bit(norm->dtype))
+        return tp_errorf(err, "tensor %s: dtype %s: only linear layers may be quantized",
+                       is_8bit(emb->dtype) ? emb->name : norm->name,
+                       tp_dtype_name(is_8bit(emb->dtype) ? emb->dtype : norm->dtype));
+    return check_head_quant(c, t, n, head, err);
 }
 
 /* A sparse layer holding any fused expert tensor uses the fused layout. */
@@ -953,6 +1304,16 @@ static int report_missing(const layer_seen *ls, long l, const tp_arch_tensor *ro
                    ls->c->model_type, which, ls->c->n_layers - 1);
 }
 
+static int check_layer_scales(const layer_seen *ls, long l, size_t r, long expert, tp_err *err)
+{
+    size_t i = slot_index(ls, l, r, expert);
+    if (!is_8bit(ls->weight_dtype[i]) && !ls->scale_seen[i])
+        return 0;
+    char name[256];
+    tp_arch_tensor_name(&tp_arch_layer_tensors[r], l, expert, name, sizeof name);
+    return check_scale_pair(ls->c, name, ls->weight_dtype[i], ls->scale_seen[i], err);
+}
+
 static int check_missing(layer_seen *ls, tp_err *err)
 {
     for (long l = 0; l < ls->c->n_layers; l++)
@@ -962,9 +1323,13 @@ static int check_missing(layer_seen *ls, tp_err *err)
                 continue;
             long lo = row->kind == TP_ROW_EXPERT ? ls->expert_lo : 0;
             long hi = row->kind == TP_ROW_EXPERT ? ls->expert_hi : 1;
-            for (long e = lo; e < hi; e++)
+            for (long e = lo; e < hi; e++) {
+                long expert = row->kind == TP_ROW_EXPERT ? e : -1;
                 if (!*slot(ls, l, r, e))
-                    return report_missing(ls, l, row, row->kind == TP_ROW_EXPERT ? e : -1, err);
+                    return report_missing(ls, l, row, expert, err);
+                if (check_layer_scales(ls, l, r, expert, err) < 0)
+                    return -1;
+            }
         }
     return 0;
 }
@@ -985,7 +1350,9 @@ static int layer_seen_init(layer_seen *ls, const tp_model_config *c, int lo, int
     }
     ls->seen = calloc((size_t)c->n_layers * ls->slots, sizeof *ls->seen);
     ls->fused = calloc((size_t)c->n_layers, sizeof *ls->fused);
-    if (!ls->seen || !ls->fused)
+    ls->weight_dtype = calloc((size_t)c->n_layers * ls->slots, sizeof *ls->weight_dtype);
+    ls->scale_seen = calloc((size_t)c->n_layers * ls->slots, sizeof *ls->scale_seen);
+    if (!ls->seen || !ls->fused || !ls->weight_dtype || !ls->scale_seen)
         return tp_errorf(err, "out of memory");
     return 0;
 }
@@ -995,6 +1362,8 @@ static void layer_seen_free(layer_seen *ls)
     free(ls->base);
     free(ls->seen);
     free(ls->fused);
+    free(ls->weight_dtype);
+    free(ls->scale_seen);
 }
 
 int tp_arch_check_rank_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n,
@@ -1060,7 +1429,8 @@ int tp_arch_check_index(const char *config_json, const tp_shard_index *ix, tp_er
     if (!refs)
         return tp_errorf(err, "out of memory");
     for (size_t i = 0; i < ix->n_tensors; i++)
-        refs[i] = (tp_tensor_ref){ix->tensors[i].name, ix->tensors[i].ndim, ix->tensors[i].global_shape};
+        refs[i] = (tp_tensor_ref){ix->tensors[i].name, ix->tensors[i].ndim, ix->tensors[i].global_shape,
+                                  ix->tensors[i].dtype};
     int rc = tp_arch_check_rank_tensors(&c, refs, ix->n_tensors, lo, hi, err);
     free(refs);
     return rc;

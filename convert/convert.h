@@ -189,6 +189,12 @@ typedef struct tp_model_config {
      * the router, lm_head) is simply a float tensor without a scale. */
     tp_quant quant;
     int quant_block[2];
+    /* quantization_config.modules_to_not_convert: n_quant_skip module names
+     * (no ".weight"), NUL-separated in quant_skip; -1 when the key is absent
+     * or null (transformers then keeps lm_head unquantized).  Ask
+     * tp_config_module_quantized rather than reading these. */
+    int n_quant_skip;
+    char quant_skip[8192];
 } tp_model_config;
 
 /* The one config.json parser.  json: len bytes (a NUL byte is refused);
@@ -211,6 +217,14 @@ int tp_config_max_length(const tp_model_config *c);
  * (layer not in mlp_only_layers) and n_experts > 0 and
  * (layer + 1) % decoder_sparse_step == 0. */
 bool tp_config_layer_sparse(const tp_model_config *c, int layer);
+/* Whether config.json declares module (a tensor name less ".weight":
+ * "model.layers.0.self_attn.q_proj", "lm_head") quantized: c->quant is set
+ * and modules_to_not_convert does not name it, matched as transformers'
+ * should_convert_module does (a listed name is a prefix of the module up to
+ * a "." boundary, or a suffix of it); without the key, lm_head is not
+ * quantized (transformers' default skip list).  Which modules may be
+ * quantized at all is tp_arch_quantizable's business. */
+bool tp_config_module_quantized(const tp_model_config *c, const char *module);
 /* tprun's view: tp_config_parse of NUL-terminated text as "config.json",
  * refusing TP_ARCH_OTHER (naming model_type). */
 int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *err);
@@ -273,6 +287,8 @@ typedef struct tp_tensor_ref {
     const char *name;
     int ndim;
     const uint64_t *shape;
+    tp_dtype dtype;           /* TP_DTYPE_INVALID: not known (then an 8-bit weight's scale
+                                 is not required, only checked when present) */
 } tp_tensor_ref;
 
 /* Whether tprun can run these tensors with this config: a known
@@ -294,6 +310,12 @@ int tp_arch_check_plan(const tp_model_config *c, const tp_plan *p, tp_err *err);
  * [0, n_experts). */
 int tp_arch_check_rank_tensors(const tp_model_config *c, const tp_tensor_ref *t, size_t n,
                                int expert_lo, int expert_hi, tp_err *err);
+
+/* Whether tprun can run weight `name` (".weight" included) quantized: the
+ * 2-D linear layers of the table (q/k/v/o, gate/up/down, per-expert
+ * gate/up/down; not the router, the norms or transformers 5's fused 3-D
+ * experts) and lm_head. */
+bool tp_arch_quantizable(tp_arch a, const char *name);
 
 /* *layer and *expert (-1 when not a per-expert tensor) are filled when the
  * result is not TP_EXPERT_NONE. */
@@ -348,6 +370,9 @@ typedef struct tp_cut {
     tp_split *splits;             /* [tp] */
     uint64_t *local_shapes;       /* [tp * TP_MAX_DIMS] */
     uint64_t *rank_bytes;         /* [tp] */
+    uint8_t *owned_data;          /* the whole global tensor in dtype, made by the converter
+                                     (a scale widened to F32, a --quantize weight or scale);
+                                     NULL: the slices are copied from src */
 } tp_cut;
 
 /* Cuts one tensor: checks its shape against the model (q_proj rows ==
@@ -356,12 +381,74 @@ typedef struct tp_cut {
 int tp_cut_make(tp_cut *c, const tp_model_info *mi, const char *name, tp_dtype dtype, int ndim,
                 const uint64_t *shape, tp_style style, int tp, tp_err *err);
 void tp_cut_free(tp_cut *c);
+/* The cut of quantized weight w's scale tensor `name` (F32, global shape
+ * shape / ndim from tp_quant_scale_shape): every rank holds the scales its
+ * weight slice uses (tp_quant_scale_split), with w's style and owner.
+ * data (the whole scale as F32) becomes the cut's owned_data on success.
+ * Refused, naming the weight, when one rank's weight ranges would need the
+ * same block twice (a packed cut through a block). */
+int tp_cut_make_scale(tp_cut *sc, const tp_model_info *mi, const tp_cut *w, const char *name,
+                      tp_quant q, const int block[2], int ndim, const uint64_t *shape, float *data,
+                      tp_err *err);
 
 /* The range [*start, *end) of [0, size) that rank holds: size / tp each
  * (size % tp must be 0), or with uneven torch.chunk's split (ceil(size / tp)
  * each, the last ranks shorter).  -1 when it does not divide or the rank
  * would hold nothing.  Exposed for tests. */
 int tp_split_range(uint64_t size, int tp, int rank, bool uneven, uint64_t *start, uint64_t *end);
+
+/* ------------------------------------------------- quantized weights (1.5) */
+
+/* convert/quant.c: FORMAT.md 1.5, "Quantized weights".  A quantized weight
+ * P.weight has its scale P.<suffix> beside it. */
+
+/* "weight_scale_inv" (block FP8), "weight_scale" (row int8), NULL (none). */
+const char *tp_quant_scale_suffix(tp_quant q);
+/* quantization_config.quant_method: "fp8", "tpshard_int8", NULL (none). */
+const char *tp_quant_method(tp_quant q);
+/* The 8-bit dtype of q's weights (TP_F8_E4M3, TP_I8; TP_DTYPE_INVALID). */
+tp_dtype tp_quant_dtype(tp_quant q);
+/* "P.weight" -> "P.<suffix>" into buf; false when name does not end in
+ * ".weight", q is none or it does not fit. */
+bool tp_quant_scale_name(tp_quant q, const char *weight_name, char *buf, size_t cap);
+/* The scale's global shape for a [rows, cols] weight: block FP8
+ * [ceil(rows / B0), ceil(cols / B1)] (2 dims), row int8 [rows] (1 dim).
+ * Returns the number of dimensions. */
+int tp_quant_scale_shape(tp_quant q, const int block[2], const uint64_t *weight_shape,
+                         uint64_t *out);
+/* The split of the scale that a rank holding the weight's split w needs
+ * (FORMAT.md 1.5): block FP8, the blocks its ranges touch along w's dim
+ * (ranges of different ranks may overlap); row int8, its rows when cut by
+ * rows, everything when cut by columns.  One range per range of w (w's
+ * ranges must touch disjoint blocks: the caller checks). */
+void tp_quant_scale_split(tp_quant q, const int block[2], const tp_split *w, tp_split *out);
+/* n scales of dtype dt (BF16, F16 or F32) widened exactly to F32, each
+ * checked finite and > 0; errors name the tensor and the element. */
+int tp_quant_scales_to_f32(const char *name, tp_dtype dt, const uint8_t *data, size_t n,
+                           float *out, tp_err *err);
+/* Element i of a BF16 / F16 / F32 / F8_E4M3 / I8 array as an F32 value
+ * (exact). */
+float tp_elem_to_f32(tp_dtype dt, const uint8_t *data, size_t i);
+/* Quantizes a [rows, cols] float weight (dt BF16, F16 or F32) the way
+ * transformers' Fp8Quantize does, with edge blocks allowed: per block of
+ * block[0] x block[1] (global blocks, before any cut), amax = max |w| in
+ * fp32; scale = (1 / amax) * 448 (torch's evaluation of 448 / amax; 1 when
+ * amax is 0); q = e4m3(w * scale) (round
+ * to nearest even); scale_inv = 1 / scale, both divisions in fp32.
+ * q: rows * cols bytes; scale_inv: the scale shape above.  Refuses (naming
+ * the tensor) a non-finite weight. */
+int tp_quantize_fp8_block(const char *name, tp_dtype dt, const uint8_t *w, uint64_t rows,
+                          uint64_t cols, const int block[2], uint8_t *q, float *scale_inv,
+                          tp_err *err);
+/* Symmetric int8 per output row: scale = amax / 127 in fp32 (1 when the row
+ * is zero), q = w / scale rounded to nearest even, clamped to [-127, 127]. */
+int tp_quantize_int8_row(const char *name, tp_dtype dt, const uint8_t *w, uint64_t rows,
+                         uint64_t cols, int8_t *q, float *scale, tp_err *err);
+/* config_json with "quantization_config" set for q (fp8: as Qwen's releases
+ * write it, [128, 128] blocks; int8: ours), lm_head listed in
+ * modules_to_not_convert unless quantize_lm_head; malloc'd, NULL on error. */
+char *tp_quant_config_json(const char *config_json, size_t len, tp_quant q, bool quantize_lm_head,
+                           size_t *out_len, tp_err *err);
 
 /* -------------------------------------------------------------- conversion */
 
@@ -399,6 +486,11 @@ typedef struct tp_prepare_opts {
     const char *plan_path;        /* NULL: config's or built-in plan */
     bool vocab_parallel;
     bool expert_parallel;         /* whole experts per rank (tp_plan_expert_parallel) */
+    /* --quantize: the quantizable linear weights (tp_arch_quantizable) of a
+     * float checkpoint are quantized whole, then cut as a quantized
+     * checkpoint's; config.json gets the quantization_config. */
+    tp_quant quantize;
+    bool quantize_lm_head;        /* lm_head too (refused when tied) */
 } tp_prepare_opts;
 int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
                                const tp_prepare_opts *o, tp_err *err);

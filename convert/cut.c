@@ -350,6 +350,7 @@ void tp_cut_free(tp_cut *c)
     free(c->splits);
     free(c->local_shapes);
     free(c->rank_bytes);
+    free(c->owned_data);
     memset(c, 0, sizeof *c);
 }
 

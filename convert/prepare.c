@@ -103,6 +103,193 @@ static int check_model_split(const tp_conversion *c, tp_err *err)
     return 0;
 }
 
+/* ------------------------------------------------------ quantized weights */
+
+/* A quantization scale's name: "P.weight_scale_inv" or "P.weight_scale"
+ * (either scheme); the weight's name "P.weight" into buf. */
+static bool scale_name(const char *name, char *weight, size_t cap)
+{
+    static const char *const suffixes[] = {".weight_scale_inv", ".weight_scale"};
+    size_t n = strlen(name);
+    for (size_t i = 0; i < 2; i++) {
+        size_t k = strlen(suffixes[i]);
+        if (n > k && !strcmp(name + n - k, suffixes[i]) && n - k + 8 <= cap) {
+            snprintf(weight, cap, "%.*s.weight", (int)(n - k), name);
+            return true;
+        }
+    }
+    return false;
+}
+
+static bool is_8bit(tp_dtype dt)
+{
+    return dt == TP_F8_E4M3 || dt == TP_I8;
+}
+
+/* --quantize: the config it is asked of, rewritten with the
+ * quantization_config the shards will have (the runtime reads it from the
+ * manifest's config and the copied config.json). */
+static int quantize_config(tp_conversion *c, const tp_prepare_opts *o, const char *cfg_path,
+                           tp_err *err)
+{
+    const char *flag = o->quantize == TP_QUANT_FP8_BLOCK ? "--quantize fp8" : "--quantize int8";
+    const tp_model_config *cfg = &c->model.cfg;
+    if (cfg->quant != TP_QUANT_NONE)
+        return tp_errorf(err, "%s: %s is already quantized (quantization_config.quant_method \"%s\")",
+                         flag, cfg_path, tp_quant_method(cfg->quant));
+    if (cfg->arch == TP_ARCH_OTHER)
+        return tp_errorf(err, "%s: %s: model_type \"%s\" is not one tprun runs", flag, cfg_path,
+                         cfg->model_type);
+    if (o->quantize_lm_head && cfg->tie_embeddings)
+        return tp_errorf(err, "--quantize-lm-head: %s: lm_head is tied to the embedding "
+                         "(tie_word_embeddings), which stays unquantized", cfg_path);
+    size_t len;
+    char *json = tp_quant_config_json(c->config_json, c->config_len, o->quantize, o->quantize_lm_head,
+                                      &len, err);
+    if (!json)
+        return tp_err_prefix(err, "%s", cfg_path);
+    free(c->config_json);
+    c->config_json = json;
+    c->config_len = len;
+    return tp_model_info_parse(c->config_json, c->config_len, cfg_path, &c->model, err);
+}
+
+/* Whether --quantize quantizes source tensor t. */
+static bool to_quantize(const tp_conversion *c, const tp_prepare_opts *o, const tp_st_tensor *t)
+{
+    if (o->quantize == TP_QUANT_NONE || t->ndim != 2 || is_8bit(t->dtype) ||
+        !tp_arch_quantizable(c->model.cfg.arch, t->name))
+        return false;
+    return o->quantize_lm_head || strcmp(t->name, "lm_head.weight");
+}
+
+/* --quantize of one weight: the whole tensor quantized into the cut's
+ * owned_data (global blocks, before any cut), its scale cut appended. */
+static int quantize_cut(tp_conversion *c, tp_cut *w, const tp_st_tensor *t, tp_err *err)
+{
+    const tp_model_config *cfg = &c->model.cfg;
+    uint64_t rows = t->shape[0], cols = t->shape[1], sshape[2];
+    int snd = tp_quant_scale_shape(cfg->quant, cfg->quant_block, t->shape, sshape);
+    size_t n_scales = (size_t)(snd == 2 ? sshape[0] * sshape[1] : sshape[0]);
+    size_t n_elems = (size_t)(rows * cols);
+    uint8_t *q = malloc(n_elems ? n_elems : 1);
+    float *scale = malloc(sizeof *scale * (n_scales ? n_scales : 1));
+    int rc = q && scale ? 0 : tp_errorf(err, "tensor %s: out of memory", t->name);
+    if (rc == 0 && cfg->quant == TP_QUANT_FP8_BLOCK)
+        rc = tp_quantize_fp8_block(t->name, t->dtype, t->data, rows, cols, cfg->quant_block, q, scale,
+                                   err);
+    else if (rc == 0)
+        rc = tp_quantize_int8_row(t->name, t->dtype, t->data, rows, cols, (int8_t *)q, scale, err);
+    char name[1100];
+    if (rc == 0 && !tp_quant_scale_name(cfg->quant, t->name, name, sizeof name))
+        rc = tp_errorf(err, "tensor %s: no scale name for it", t->name);
+    if (rc < 0) {
+        free(q);
+        free(scale);
+        return -1;
+    }
+    w->owned_data = q;
+    if (tp_cut_make_scale(&c->cuts[c->n_cuts], &c->model, w, name, cfg->quant, cfg->quant_block, snd,
+                          sshape, scale, err) < 0) {
+        free(scale);
+        return -1;
+    }
+    c->n_cuts++;
+    return 0;
+}
+
+static int cmp_cut_name(const void *a, const void *b)
+{
+    return strcmp((*(tp_cut *const *)a)->name, (*(tp_cut *const *)b)->name);
+}
+
+/* The cut of a source scale tensor t, whose weight's cut is among the
+ * sorted cuts: the scale must belong to an 8-bit weight of the config's
+ * scheme, have the shape the weight and the block imply, and hold finite
+ * positive values; it is widened to F32 and cut as FORMAT.md 1.5 says. */
+static int add_source_scale(tp_conversion *c, const tp_st_tensor *t, tp_cut *const *sorted, size_t n,
+                            tp_err *err)
+{
+    const tp_model_config *cfg = &c->model.cfg;
+    char wname[1100], want_name[1100];
+    scale_name(t->name, wname, sizeof wname);
+    tp_cut key = {.name = wname}, *kp = &key;
+    tp_cut *const *found = bsearch(&kp, sorted, n, sizeof *sorted, cmp_cut_name);
+    const tp_cut *w = found ? *found : NULL;
+    if (cfg->quant == TP_QUANT_NONE)
+        return tp_errorf(err, "tensor %s: a quantization scale, but config.json has no "
+                         "quantization_config", t->name);
+    if (!w || !is_8bit(w->dtype))
+        return tp_errorf(err, "tensor %s: a quantization scale, but its weight %s is %s", t->name,
+                         wname, w ? tp_dtype_name(w->dtype) : "missing");
+    if (!tp_quant_scale_name(cfg->quant, wname, want_name, sizeof want_name) ||
+        strcmp(want_name, t->name))
+        return tp_errorf(err, "tensor %s: config.json's quant_method \"%s\" names the scale of %s %s",
+                         t->name, tp_quant_method(cfg->quant), wname, want_name);
+    uint64_t want[2];
+    int nd = tp_quant_scale_shape(cfg->quant, cfg->quant_block, w->global_shape, want);
+    if (t->ndim != nd || t->shape[0] != want[0] || (nd == 2 && t->shape[1] != want[1]))
+        return tp_errorf(err, "tensor %s: shape [%" PRIu64 "%s%s], but weight %s [%" PRIu64 ", %" PRIu64
+                         "] needs [%" PRIu64 "%s%s] (%s)", t->name, t->shape[0],
+                         t->ndim > 1 ? ", ..." : "", "", wname, w->global_shape[0], w->global_shape[1],
+                         want[0], nd == 2 ? ", " : "", "",
+                         cfg->quant == TP_QUANT_FP8_BLOCK ? "one per weight_block_size block"
+                                                          : "one per row");
+    size_t count = (size_t)(nd == 2 ? want[0] * want[1] : want[0]);
+    float *f = malloc(sizeof *f * (count ? count : 1));
+    if (!f)
+        return tp_errorf(err, "tensor %s: out of memory", t->name);
+    if (tp_quant_scales_to_f32(t->name, t->dtype, t->data, count, f, err) < 0 ||
+        tp_cut_make_scale(&c->cuts[c->n_cuts], &c->model, w, t->name, cfg->quant, cfg->quant_block, nd,
+                          want, f, err) < 0) {
+        free(f);
+        return -1;
+    }
+    c->n_cuts++;
+    return 0;
+}
+
+/* The scale tensors of the source, after every other tensor is cut. */
+static int add_source_scales(tp_conversion *c, const order_key *order, size_t n, tp_err *err)
+{
+    size_t n_weights = c->n_cuts;
+    tp_cut **sorted = malloc(sizeof *sorted * (n_weights ? n_weights : 1));
+    if (!sorted)
+        return tp_errorf(err, "out of memory");
+    for (size_t i = 0; i < n_weights; i++)
+        sorted[i] = &c->cuts[i];
+    qsort(sorted, n_weights, sizeof *sorted, cmp_cut_name);
+    char wname[1100];
+    int rc = 0;
+    for (size_t i = 0; i < n && rc == 0; i++)
+        if (scale_name(order[i].t->name, wname, sizeof wname)) {
+            rc = add_source_scale(c, order[i].t, sorted, n_weights, err);
+            if (rc == 0)
+                c->source_bytes += order[i].t->nbytes;
+        }
+    free(sorted);
+    return rc;
+}
+
+/* An 8-bit source tensor: only a 2-D weight of a model whose config says
+ * how it is quantized (the runnable check names the rest). */
+static int check_8bit_source(const tp_conversion *c, const tp_st_tensor *t, tp_err *err)
+{
+    const tp_model_config *cfg = &c->model.cfg;
+    if (!is_8bit(t->dtype))
+        return 0;
+    if (cfg->quant == TP_QUANT_NONE || cfg->arch == TP_ARCH_OTHER)
+        return tp_errorf(err, "tensor %s: dtype %s, but config.json %s", t->name,
+                         tp_dtype_name(t->dtype), cfg->quant == TP_QUANT_NONE
+                             ? "has no quantization_config"
+                             : "is of a model_type tprun does not run");
+    if (t->ndim != 2 || t->dtype != tp_quant_dtype(cfg->quant))
+        return tp_errorf(err, "tensor %s: dtype %s with %d dimensions: quant_method \"%s\" stores "
+                         "2-D %s weights", t->name, tp_dtype_name(t->dtype), t->ndim,
+                         tp_quant_method(cfg->quant), tp_dtype_name(tp_quant_dtype(cfg->quant)));
+    return 0;
+}
+
 int tp_conversion_prepare(tp_conversion *c, const char *model_dir, int tp, const char *plan_path,
                           bool vocab_parallel, tp_err *err)
 {
@@ -131,6 +318,9 @@ int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
         rc = tp_read_file(cfg_path, 16u << 20, &c->config_json, &c->config_len, err);
     if (rc == 0 && tp_model_info_parse(c->config_json, c->config_len, cfg_path, &c->model, err) < 0)
         rc = -1;
+    tp_quant source_quant = c->model.cfg.quant;
+    if (rc == 0 && o->quantize != TP_QUANT_NONE && quantize_config(c, o, cfg_path, err) < 0)
+        rc = -1;
     free(cfg_path);
     if (rc < 0)
         goto fail;
@@ -153,7 +343,8 @@ int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
 
     size_t n = c->src.n_tensors;
     order_key *order = calloc(n ? n : 1, sizeof *order);
-    c->cuts = calloc(n ? n : 1, sizeof *c->cuts);
+    /* room for a scale per weight (--quantize) */
+    c->cuts = calloc(n ? 2 * n : 1, sizeof *c->cuts);
     c->rank_total = calloc((size_t)tp, sizeof *c->rank_total);
     if (!order || !c->cuts || !c->rank_total) {
         free(order);
@@ -172,15 +363,16 @@ int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
         long pi = tp_plan_match(&c->plan, t->name);
         tp_style style = pi >= 0 ? c->plan.styles[pi] : TP_STYLE_REPLICATE;
         tp_cut *cut = &c->cuts[c->n_cuts];
-        if (t->dtype == TP_F8_E4M3 || t->dtype == TP_I8) {
-            /* Quantized checkpoints are not read yet (FORMAT.md's convention
-             * is there; the converter and the runtime are not). */
-            free(order);
-            tp_errorf(err, "%s: tensor %s: dtype %s: quantized checkpoints are not supported yet",
-                      model_dir, t->name, tp_dtype_name(t->dtype));
-            goto fail;
-        }
-        if (tp_cut_make(cut, &c->model, t->name, t->dtype, t->ndim, t->shape, style, tp, err) < 0) {
+        char wname[1100];
+        if (scale_name(t->name, wname, sizeof wname))
+            continue;   /* cut after its weight: add_source_scales */
+        bool quantize = to_quantize(c, o, t);
+        tp_dtype dtype = quantize ? tp_quant_dtype(o->quantize) : t->dtype;
+        if ((source_quant == TP_QUANT_NONE && is_8bit(t->dtype) &&
+             tp_errorf(err, "tensor %s: dtype %s, but config.json has no quantization_config", t->name,
+                       tp_dtype_name(t->dtype)) < 0) ||
+            check_8bit_source(c, t, err) < 0 ||
+            tp_cut_make(cut, &c->model, t->name, dtype, t->ndim, t->shape, style, tp, err) < 0) {
             free(order);
             tp_err_prefix(err, "%s", model_dir);
             goto fail;
@@ -188,13 +380,24 @@ int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
         cut->src = t;
         cut->plan_entry = pi;
         c->n_cuts++;
+        if (quantize && quantize_cut(c, cut, t, err) < 0) {
+            free(order);
+            tp_err_prefix(err, "%s", model_dir);
+            goto fail;
+        }
         if (cut->style == TP_STYLE_VOCAB && !strcmp(t->name, "model.embed_tokens.weight"))
             c->vocab_parallel = true;
         c->source_bytes += t->nbytes;
-        for (int r = 0; r < tp; r++)
-            c->rank_total[r] += cut->rank_bytes[r];
+    }
+    if (add_source_scales(c, order, n, err) < 0) {
+        free(order);
+        tp_err_prefix(err, "%s", model_dir);
+        goto fail;
     }
     free(order);
+    for (size_t i = 0; i < c->n_cuts; i++)
+        for (int r = 0; r < tp; r++)
+            c->rank_total[r] += c->cuts[i].rank_bytes[r];
     /* vocab_parallel is the default wish, and a plan that names the
      * embedding keeps its own cut; but asking for a replicated embedding
      * from a plan that cuts it would silently give the other. */
@@ -218,7 +421,8 @@ int tp_conversion_check_runnable(const tp_conversion *c, bool check_plan, tp_err
     if (!refs)
         return tp_errorf(err, "out of memory");
     for (size_t i = 0; i < c->n_cuts; i++)
-        refs[i] = (tp_tensor_ref){c->cuts[i].name, c->cuts[i].ndim, c->cuts[i].global_shape};
+        refs[i] = (tp_tensor_ref){c->cuts[i].name, c->cuts[i].ndim, c->cuts[i].global_shape,
+                                  c->cuts[i].dtype};
     int rc = tp_arch_check_tensors(cfg, refs, c->n_cuts, err);
     free(refs);
     if (rc == 0 && check_plan)

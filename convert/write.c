@@ -42,7 +42,7 @@ static const char *const copied_names[] = {
 static void copy_slice(const tp_cut *c, int r, uint64_t raw_off, uint8_t *dst, size_t len,
                        uint64_t *src_lo, uint64_t *src_hi)
 {
-    const uint8_t *src = c->src->data;
+    const uint8_t *src = c->owned_data ? c->owned_data : c->src->data;
     const tp_split *sp = &c->splits[r];
     if (sp->dim < 0) {
         memcpy(dst, src + raw_off, len);
@@ -137,8 +137,12 @@ static void test_truncate_source(const char *src_path)
 static int guarded_slice(const tp_cut *cut, int r, const char *src_path, uint64_t raw_off,
                          uint8_t *dst, size_t len, tp_err *err)
 {
-    test_truncate_source(src_path);
     slice_copy sc = {cut, r, raw_off, dst, len, 0, 0};
+    if (cut->owned_data) {          /* made in memory by the converter: nothing mapped */
+        copy_slice(cut, r, raw_off, dst, len, &sc.lo, &sc.hi);
+        return 0;
+    }
+    test_truncate_source(src_path);
     if (tp_sigbus_guard(run_slice_copy, &sc) < 0)
         return tp_errorf(err, "%s: file changed while being read (truncated?)", src_path);
     if (sc.hi > sc.lo)

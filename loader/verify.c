@@ -640,6 +640,36 @@ static int check_not_held(const conversion *c, int r, const char *name, int owne
     return 0;
 }
 
+/* A checkpoint's BF16 / F16 quantization scale (P.weight_scale_inv,
+ * P.weight_scale) is stored as F32 by tpconvert (FORMAT.md 1.5): the source
+ * is compared after the same exact widening.  Fills *wide (data malloc'd)
+ * and returns 1 when s is such a scale, 0 when it is compared as it is. */
+static int widened_scale(const tp_st_tensor *s, tp_st_tensor *wide, tp_err *err)
+{
+    static const char *const suffixes[] = {".weight_scale_inv", ".weight_scale"};
+    size_t n = strlen(s->name);
+    bool scale = false;
+    for (size_t i = 0; i < 2; i++) {
+        size_t k = strlen(suffixes[i]);
+        scale = scale || (n > k && !strcmp(s->name + n - k, suffixes[i]));
+    }
+    if (!scale || (s->dtype != TP_BF16 && s->dtype != TP_F16))
+        return 0;
+    size_t count = s->nbytes / tp_dtype_size(s->dtype);
+    float *f = malloc(sizeof *f * (count ? count : 1));
+    if (!f)
+        return tp_errorf(err, "out of memory");
+    if (tp_quant_scales_to_f32(s->name, s->dtype, s->data, count, f, err) < 0) {
+        free(f);
+        return -1;
+    }
+    *wide = *s;
+    wide->dtype = TP_F32;
+    wide->data = (const uint8_t *)f;
+    wide->nbytes = count * sizeof *f;
+    return 1;
+}
+
 int tp_verify_against(const char *dir, const char *model_dir, int threads, bool quiet,
                       tp_verify_report *rep, tp_err *err)
 {
@@ -651,6 +681,7 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
     tp_pool *pool = NULL;
     tp_progress *progress = NULL;
     interval *cover = NULL;
+    void *wide_data = NULL;   /* the current source scale, widened to F32 */
     int rc = -1;
     if (conversion_open(&c, dir, err) < 0)
         goto out;
@@ -675,6 +706,16 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
     progress = tp_progress_start("comparing", total, quiet);
     for (size_t i = 0; i < src.n_tensors; i++) {
         const tp_st_tensor *s = src.tensors[i];
+        tp_st_tensor wide;
+        int widened = widened_scale(s, &wide, err);
+        if (widened < 0) {
+            tp_err_prefix(err, "%s", model_dir);
+            goto out;
+        }
+        free(wide_data);
+        wide_data = widened ? (void *)wide.data : NULL;
+        if (widened)
+            s = &wide;
         size_t n_cover = 0;
         int split_dim = -2; /* -2: not seen yet */
         int owner = owner_rank(&c, n_experts, s->name);
@@ -701,10 +742,11 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
         if (split_dim >= 0 && check_coverage(&c, s, split_dim, cover, n_cover, err) < 0)
             goto out;
         local.compared_tensors++;
-        tp_progress_add(progress, s->nbytes);
+        tp_progress_add(progress, src.tensors[i]->nbytes);
     }
     rc = 0;
 out:
+    free(wide_data);
     tp_progress_finish(progress);
     if (pool)
         tp_pool_destroy(pool);

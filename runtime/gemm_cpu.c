@@ -1,4 +1,5 @@
-/* gemm_cpu.c - GEMV / GEMM over bf16, f16 and f32 weights (see gemm_cpu.h).
+/* gemm_cpu.c - GEMV / GEMM over bf16, f16, f32, fp8 (e4m3) and int8
+ * weights (see gemm_cpu.h).
  *
  * A path is three functions: a GEMV over a range of rows for one token, a
  * widening of stored weights to fp32, and a GEMM tile (TILE_T tokens x
@@ -10,6 +11,7 @@
  */
 #include "gemm_cpu.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -27,19 +29,64 @@
 #define GEMM_BLOCK_BYTES (128 * 1024)       /* widened rows per block: stays in L2 */
 #define BATCH_MAX 8                         /* jobs per parallel section */
 #define BF16_PREFETCH_ROWS 4                /* bf16 GEMV: prefetch this many rows ahead */
+#define Q8_PREFETCH_ROWS 4                  /* 8-bit GEMV: the same */
 
 typedef struct tpg_path {
-    /* y[r] for r in [r0, r1): one token x, rows of w (stored dtype). */
-    void (*gemv_rows)(float *y, const float *x, const void *w, tp_dtype dt, int r0, int r1,
-                      int cols);
-    /* dst[i] = (float)src[i], exact. */
-    void (*widen)(float *dst, const void *src, tp_dtype dt, size_t count);
+    /* y[r] for r in [r0, r1): one token x, rows of j's weight. */
+    void (*gemv_rows)(float *y, const float *x, const tpg_job *j, int r0, int r1);
+    /* dst[(r - r0) * cols + c] = W[r][c] for r in [r0, r1): exact for float
+     * dtypes, tpg_weight's fp32 product for 8-bit ones. */
+    void (*widen_rows)(float *dst, const tpg_job *j, int r0, int r1);
     /* out[t * tile_r + r] = xr[t] . wr[r] over cols (fp32 rows). */
     void (*tile)(float *out, const float *const *xr, const float *const *wr, int cols);
     int tile_t, tile_r;
 } tpg_path;
 
-static size_t elem_size(tp_dtype dt) { return dt == TP_F32 ? 4 : 2; }
+static size_t elem_size(tp_dtype dt) { return tp_dtype_size(dt); }
+
+static bool is_q8(tp_dtype dt) { return dt == TP_F8_E4M3 || dt == TP_I8; }
+
+/* e4m3 byte -> fp32, as tp_f8e4m3_to_f32, from a table built once. */
+static float fp8_table[256];
+static pthread_once_t fp8_table_once = PTHREAD_ONCE_INIT;
+static void fp8_table_fill(void)
+{
+    for (int b = 0; b < 256; b++)
+        fp8_table[b] = tp_f8e4m3_to_f32((uint8_t)b);
+}
+static const float *fp8_lut(void)
+{
+    pthread_once(&fp8_table_once, fp8_table_fill);
+    return fp8_table;
+}
+
+/* ------------------------------------------------- 8-bit weight layout
+ *
+ * An fp8 row's columns fall into segments that share one scale: the first
+ * is [0, block[1] - origin[1]), then block[1] columns each (the last cut at
+ * cols).  Segment k uses scale_row[k].  An int8 row is one segment whose
+ * scale is the row's.  The SIMD GEMVs multiply x by the segment's scale
+ * (once for several rows that share a scale row) instead of every weight. */
+static inline const float *fp8_scale_row(const tpg_job *j, int r)
+{
+    return j->q.scale + (size_t)((j->q.origin[0] + r) / j->q.block[0]) * (size_t)j->q.stride;
+}
+
+static inline int fp8_first_segment(const tpg_job *j)
+{
+    int first = j->q.block[1] - j->q.origin[1];
+    return first < j->cols ? first : j->cols;
+}
+
+/* How many rows from r (below r1, at most max) share r's fp8 scale row:
+ * the SIMD GEMVs run such rows together over one scaled x. */
+static inline int fp8_rows_sharing(const tpg_job *j, int r, int r1, int max)
+{
+    int b0 = j->q.block[0];
+    int left_in_block = b0 - (j->q.origin[0] + r) % b0;
+    int n = r1 - r < max ? r1 - r : max;
+    return n < left_in_block ? n : left_in_block;
+}
 
 static inline float bf16_to_f32(uint16_t h)
 {
@@ -59,7 +106,29 @@ static inline float weight_at(const void *w, tp_dtype dt, size_t i)
     return ((const float *)w)[i];
 }
 
+float tpg_weight(const tpg_job *j, int r, int c)
+{
+    size_t i = (size_t)r * (size_t)j->cols + (size_t)c;
+    if (j->dt == TP_F8_E4M3)
+        return tp_f8e4m3_to_f32(((const uint8_t *)j->w)[i]) *
+               fp8_scale_row(j, r)[(j->q.origin[1] + c) / j->q.block[1]];
+    if (j->dt == TP_I8)
+        return (float)((const int8_t *)j->w)[i] * j->q.scale[r];
+    return weight_at(j->w, j->dt, i);
+}
+
 /* ------------------------------------------------------------ reference */
+
+void tpg_job_ref(const tpg_job *j)
+{
+    for (int t = 0; t < j->n; t++)
+        for (int o = 0; o < j->rows; o++) {
+            double s = 0.0;
+            for (int i = 0; i < j->cols; i++)
+                s += (double)j->x[(size_t)t * j->cols + i] * tpg_weight(j, o, i);
+            j->y[(size_t)t * j->rows + o] = (float)s;
+        }
+}
 
 void tpg_matmul_ref(float *y, const float *x, int n, const void *w, tp_dtype dt, int rows,
                     int cols)
@@ -132,6 +201,80 @@ static void gemv_portable(float *y, const float *x, const void *w, tp_dtype dt, 
 static void tile_portable(float *out, const float *const *xr, const float *const *wr, int cols)
 {
     out[0] = dot_portable(xr[0], wr[0], cols);
+}
+
+/* count 8-bit weights from src as their unscaled values (e4m3 or int8). */
+static void q8_unscaled(float *dst, const uint8_t *src, tp_dtype dt, int count)
+{
+    if (dt == TP_F8_E4M3) {
+        const float *lut = fp8_lut();
+        for (int i = 0; i < count; i++)
+            dst[i] = lut[src[i]];
+    } else {
+        for (int i = 0; i < count; i++)
+            dst[i] = (float)(int8_t)src[i];
+    }
+}
+
+/* One row of an 8-bit weight dotted with x: each segment's unscaled dot
+ * product times its scale. */
+static float q8_row_portable(const float *x, const tpg_job *j, int r)
+{
+    float buf[PORTABLE_CHUNK];
+    const uint8_t *row = (const uint8_t *)j->w + (size_t)r * j->cols;
+    bool fp8 = j->dt == TP_F8_E4M3;
+    const float *srow = fp8 ? fp8_scale_row(j, r) : NULL;
+    int seg_end = fp8 ? fp8_first_segment(j) : j->cols;
+    float total = 0.0f;
+    for (int c = 0, k = 0; c < j->cols; k++) {
+        float part = 0.0f;
+        for (; c < seg_end; c += PORTABLE_CHUNK) {
+            int n = seg_end - c < PORTABLE_CHUNK ? seg_end - c : PORTABLE_CHUNK;
+            q8_unscaled(buf, row + c, j->dt, n);
+            part += dot_portable(x + c, buf, n);
+        }
+        c = seg_end;
+        total += part * (fp8 ? srow[k] : j->q.scale[r]);
+        seg_end = c + j->q.block[1] < j->cols ? c + j->q.block[1] : j->cols;
+    }
+    return total;
+}
+
+/* Rows [r0, r1) of an 8-bit weight as fp32 values (tpg_weight, exactly). */
+static void q8_widen_portable(float *dst, const tpg_job *j, int r0, int r1)
+{
+    const float *lut = fp8_lut();
+    for (int r = r0; r < r1; r++, dst += j->cols) {
+        const uint8_t *row = (const uint8_t *)j->w + (size_t)r * j->cols;
+        if (j->dt == TP_I8) {
+            for (int c = 0; c < j->cols; c++)
+                dst[c] = (float)(int8_t)row[c] * j->q.scale[r];
+            continue;
+        }
+        const float *srow = fp8_scale_row(j, r);
+        int b1 = j->q.block[1], o1 = j->q.origin[1];
+        for (int c = 0; c < j->cols; c++)
+            dst[c] = lut[row[c]] * srow[(o1 + c) / b1];
+    }
+}
+
+static void gemv_job_portable(float *y, const float *x, const tpg_job *j, int r0, int r1)
+{
+    if (!is_q8(j->dt)) {
+        gemv_portable(y, x, j->w, j->dt, r0, r1, j->cols);
+        return;
+    }
+    for (int r = r0; r < r1; r++)
+        y[r] = q8_row_portable(x, j, r);
+}
+
+static void widen_rows_portable(float *dst, const tpg_job *j, int r0, int r1)
+{
+    if (is_q8(j->dt))
+        q8_widen_portable(dst, j, r0, r1);
+    else
+        widen_portable(dst, (const uint8_t *)j->w + (size_t)r0 * j->cols * elem_size(j->dt),
+                       j->dt, (size_t)(r1 - r0) * j->cols);
 }
 
 /* ------------------------------------------------------------------ avx2 */
@@ -272,6 +415,171 @@ AVX2_TARGET static void widen_avx2(float *dst, const void *src, tp_dtype dt, siz
             _mm256_storeu_ps(dst + i, avx2_load8(src, TP_F16, i));
     for (; i < count; i++)
         dst[i] = weight_at(src, dt, i);
+}
+
+/* ---- 8-bit weights, shared by the AVX2 and AVX-512 paths.
+ * 16 e4m3 bytes as f16 bit patterns whose values are the e4m3 values times
+ * 2^-8, exactly: a byte sign-extended to 16 bits and shifted left by 7 puts
+ * its sign in bit 15 and its exponent and mantissa in f16's fields (bias 15
+ * instead of 7: hence 2^-8; e4m3 subnormals land on f16 subnormals, which
+ * vcvtph2ps widens exactly, so no fp32 denormal is ever made); the AND
+ * clears the sign's copy in the exponent's top bit.  Four cheap ops per 16
+ * weights instead of a table gather.  The e4m3 NaN bytes 0x7f / 0xff read
+ * as +-480 * 2^-8 here (the reference gives NaN): a weight is never NaN. */
+AVX2_TARGET INLINE __m256i f8_to_f16x16(__m128i b)
+{
+    __m256i h = _mm256_slli_epi16(_mm256_cvtepi8_epi16(b), 7);
+    return _mm256_and_si256(h, _mm256_set1_epi16((short)0xBFFF));
+}
+
+/* The unit of the SIMD lanes' weights: e4m3 lanes hold value * 2^-8, so
+ * their x is scaled by 256 more; int8 lanes hold the integer. */
+#define FP8_LANE_SCALE 256.0f
+
+/* One 8-bit weight in lane units (scalar tails). */
+INLINE float q8_lane(uint8_t b, tp_dtype dt)
+{
+    if (dt == TP_F8_E4M3)
+        return fp8_table[b] * (1.0f / FP8_LANE_SCALE);
+    return (float)(int8_t)b;
+}
+
+/* 16 weights from p in lane units: columns [0, 8) in *lo, [8, 16) in *hi. */
+AVX2_TARGET INLINE void avx2_q8x16(__m256 *lo, __m256 *hi, const uint8_t *p, tp_dtype dt)
+{
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    if (dt == TP_F8_E4M3) {
+        __m256i h = f8_to_f16x16(b);
+        *lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+        *hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+    } else {
+        *lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        *hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    }
+}
+
+/* nr (<= 4) rows from w0, stride bytes apart, over columns [c0, c1):
+ * acc[2k], acc[2k + 1] += (x * xs) . row k in lane units (two chains a row),
+ * the columns past the last 16 into tail[k]. */
+AVX2_TARGET INLINE void avx2_q8_span(__m256 *acc, float *tail, const float *x, const uint8_t *w0,
+                                     size_t stride, int nr, int c0, int c1, float xs, tp_dtype dt)
+{
+    const __m256 sv = _mm256_set1_ps(xs);
+    int i = c0;
+    for (; i + 16 <= c1; i += 16) {
+        __m256 x0 = _mm256_mul_ps(_mm256_loadu_ps(x + i), sv);
+        __m256 x1 = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), sv);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            if (k >= nr)
+                break;
+            const uint8_t *p = w0 + k * stride + i;
+            _mm_prefetch((const char *)(p + Q8_PREFETCH_ROWS * stride), _MM_HINT_T0);
+            __m256 lo, hi;
+            avx2_q8x16(&lo, &hi, p, dt);
+            acc[2 * k] = _mm256_fmadd_ps(x0, lo, acc[2 * k]);
+            acc[2 * k + 1] = _mm256_fmadd_ps(x1, hi, acc[2 * k + 1]);
+        }
+    }
+    for (; i < c1; i++)
+        for (int k = 0; k < nr; k++)
+            tail[k] += x[i] * xs * q8_lane(w0[k * stride + i], dt);
+}
+
+/* s[k] = row r + k of j dotted with x, k < nr (rows sharing a scale row
+ * when fp8).  fp8: segment by segment, x scaled by the segment's scale;
+ * int8: the whole row, then each sum times its row's scale. */
+AVX2_TARGET INLINE void avx2_q8_rows(float *s, const float *x, const tpg_job *j, int r, int nr,
+                                     tp_dtype dt)
+{
+    const uint8_t *w0 = (const uint8_t *)j->w + (size_t)r * j->cols;
+    size_t stride = (size_t)j->cols;
+    __m256 acc[8];
+    float tail[4] = { 0 };
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++)
+        acc[k] = _mm256_setzero_ps();
+    if (dt == TP_F8_E4M3) {
+        const float *srow = fp8_scale_row(j, r);
+        int end = fp8_first_segment(j);
+        for (int c = 0, k = 0; c < j->cols; k++) {
+            avx2_q8_span(acc, tail, x, w0, stride, nr, c, end, srow[k] * FP8_LANE_SCALE, dt);
+            c = end;
+            end = c + j->q.block[1] < j->cols ? c + j->q.block[1] : j->cols;
+        }
+        for (int k = 0; k < nr; k++)
+            s[k] = avx2_hsum(_mm256_add_ps(acc[2 * k], acc[2 * k + 1])) + tail[k];
+    } else {
+        avx2_q8_span(acc, tail, x, w0, stride, nr, 0, j->cols, 1.0f, dt);
+        for (int k = 0; k < nr; k++)
+            s[k] = (avx2_hsum(_mm256_add_ps(acc[2 * k], acc[2 * k + 1])) + tail[k]) *
+                   j->q.scale[r + k];
+    }
+}
+
+AVX2_TARGET INLINE void avx2_gemv_q8_dt(float *y, const float *x, const tpg_job *j, int r0, int r1,
+                                        tp_dtype dt)
+{
+    for (int r = r0; r < r1;) {
+        int nr = dt == TP_F8_E4M3 ? fp8_rows_sharing(j, r, r1, 4) : (r1 - r < 4 ? r1 - r : 4);
+        float s[4];
+        if (nr == 4)   /* the common case, with a constant trip count inside */
+            avx2_q8_rows(s, x, j, r, 4, dt);
+        else
+            avx2_q8_rows(s, x, j, r, nr, dt);
+        for (int k = 0; k < nr; k++)
+            y[r + k] = s[k];
+        r += nr;
+    }
+}
+
+/* Rows [r0, r1) of j as fp32 values: (lanes * scale * unit), which is
+ * exactly tpg_weight's product (the unit is a power of two). */
+AVX2_TARGET static void avx2_widen_q8(float *dst, const tpg_job *j, int r0, int r1)
+{
+    const bool fp8 = j->dt == TP_F8_E4M3;
+    for (int r = r0; r < r1; r++, dst += j->cols) {
+        const uint8_t *row = (const uint8_t *)j->w + (size_t)r * j->cols;
+        const float *srow = fp8 ? fp8_scale_row(j, r) : &j->q.scale[r];
+        int end = fp8 ? fp8_first_segment(j) : j->cols;
+        for (int c = 0, k = 0; c < j->cols; k++) {
+            float sc = srow[k];
+            __m256 sv = _mm256_set1_ps(fp8 ? sc * FP8_LANE_SCALE : sc);
+            int i = c;
+            for (; i + 16 <= end; i += 16) {
+                __m256 lo, hi;
+                if (fp8)
+                    avx2_q8x16(&lo, &hi, row + i, TP_F8_E4M3);
+                else
+                    avx2_q8x16(&lo, &hi, row + i, TP_I8);
+                _mm256_storeu_ps(dst + i, _mm256_mul_ps(lo, sv));
+                _mm256_storeu_ps(dst + i + 8, _mm256_mul_ps(hi, sv));
+            }
+            for (; i < end; i++)
+                dst[i] = (fp8 ? fp8_table[row[i]] : (float)(int8_t)row[i]) * sc;
+            c = end;
+            end = c + j->q.block[1] < j->cols ? c + j->q.block[1] : j->cols;
+        }
+    }
+}
+
+AVX2_TARGET static void gemv_job_avx2(float *y, const float *x, const tpg_job *j, int r0, int r1)
+{
+    if (j->dt == TP_F8_E4M3)
+        avx2_gemv_q8_dt(y, x, j, r0, r1, TP_F8_E4M3);
+    else if (j->dt == TP_I8)
+        avx2_gemv_q8_dt(y, x, j, r0, r1, TP_I8);
+    else
+        gemv_avx2(y, x, j->w, j->dt, r0, r1, j->cols);
+}
+
+AVX2_TARGET static void widen_rows_avx2(float *dst, const tpg_job *j, int r0, int r1)
+{
+    if (is_q8(j->dt))
+        avx2_widen_q8(dst, j, r0, r1);
+    else
+        widen_avx2(dst, (const uint8_t *)j->w + (size_t)r0 * j->cols * elem_size(j->dt), j->dt,
+                   (size_t)(r1 - r0) * j->cols);
 }
 
 /* 3 tokens x 4 rows: 12 accumulators + 3 x + 1 w = the 16 ymm registers. */
@@ -449,6 +757,131 @@ AVX512_TARGET static void widen_avx512(float *dst, const void *src, tp_dtype dt,
         dst[i] = weight_at(src, dt, i);
 }
 
+/* ---- 8-bit weights: as the AVX2 code above, 16 lanes a register. */
+AVX512_TARGET INLINE __m512 avx512_q8x16(const uint8_t *p, tp_dtype dt)
+{
+    __m128i b = _mm_loadu_si128((const __m128i *)p);
+    if (dt == TP_F8_E4M3)
+        return _mm512_cvtph_ps(f8_to_f16x16(b));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+AVX512_TARGET INLINE void avx512_q8_span(__m512 *acc, float *tail, const float *x,
+                                         const uint8_t *w0, size_t stride, int nr, int c0, int c1,
+                                         float xs, tp_dtype dt)
+{
+    const __m512 sv = _mm512_set1_ps(xs);
+    int i = c0;
+    for (; i + 32 <= c1; i += 32) {
+        __m512 x0 = _mm512_mul_ps(_mm512_loadu_ps(x + i), sv);
+        __m512 x1 = _mm512_mul_ps(_mm512_loadu_ps(x + i + 16), sv);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; k++) {
+            if (k >= nr)
+                break;
+            const uint8_t *p = w0 + k * stride + i;
+            _mm_prefetch((const char *)(p + Q8_PREFETCH_ROWS * stride), _MM_HINT_T0);
+            acc[2 * k] = _mm512_fmadd_ps(x0, avx512_q8x16(p, dt), acc[2 * k]);
+            acc[2 * k + 1] = _mm512_fmadd_ps(x1, avx512_q8x16(p + 16, dt), acc[2 * k + 1]);
+        }
+    }
+    if (i + 16 <= c1) {
+        __m512 x0 = _mm512_mul_ps(_mm512_loadu_ps(x + i), sv);
+        for (int k = 0; k < nr; k++)
+            acc[2 * k] = _mm512_fmadd_ps(x0, avx512_q8x16(w0 + k * stride + i, dt), acc[2 * k]);
+        i += 16;
+    }
+    for (; i < c1; i++)
+        for (int k = 0; k < nr; k++)
+            tail[k] += x[i] * xs * q8_lane(w0[k * stride + i], dt);
+}
+
+AVX512_TARGET INLINE void avx512_q8_rows(float *s, const float *x, const tpg_job *j, int r, int nr,
+                                         tp_dtype dt)
+{
+    const uint8_t *w0 = (const uint8_t *)j->w + (size_t)r * j->cols;
+    size_t stride = (size_t)j->cols;
+    __m512 acc[8];
+    float tail[4] = { 0 };
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++)
+        acc[k] = _mm512_setzero_ps();
+    if (dt == TP_F8_E4M3) {
+        const float *srow = fp8_scale_row(j, r);
+        int end = fp8_first_segment(j);
+        for (int c = 0, k = 0; c < j->cols; k++) {
+            avx512_q8_span(acc, tail, x, w0, stride, nr, c, end, srow[k] * FP8_LANE_SCALE, dt);
+            c = end;
+            end = c + j->q.block[1] < j->cols ? c + j->q.block[1] : j->cols;
+        }
+        for (int k = 0; k < nr; k++)
+            s[k] = _mm512_reduce_add_ps(_mm512_add_ps(acc[2 * k], acc[2 * k + 1])) + tail[k];
+    } else {
+        avx512_q8_span(acc, tail, x, w0, stride, nr, 0, j->cols, 1.0f, dt);
+        for (int k = 0; k < nr; k++)
+            s[k] = (_mm512_reduce_add_ps(_mm512_add_ps(acc[2 * k], acc[2 * k + 1])) + tail[k]) *
+                   j->q.scale[r + k];
+    }
+}
+
+AVX512_TARGET INLINE void avx512_gemv_q8_dt(float *y, const float *x, const tpg_job *j, int r0,
+                                            int r1, tp_dtype dt)
+{
+    for (int r = r0; r < r1;) {
+        int nr = dt == TP_F8_E4M3 ? fp8_rows_sharing(j, r, r1, 4) : (r1 - r < 4 ? r1 - r : 4);
+        float s[4];
+        if (nr == 4)
+            avx512_q8_rows(s, x, j, r, 4, dt);
+        else
+            avx512_q8_rows(s, x, j, r, nr, dt);
+        for (int k = 0; k < nr; k++)
+            y[r + k] = s[k];
+        r += nr;
+    }
+}
+
+AVX512_TARGET static void avx512_widen_q8(float *dst, const tpg_job *j, int r0, int r1)
+{
+    const bool fp8 = j->dt == TP_F8_E4M3;
+    for (int r = r0; r < r1; r++, dst += j->cols) {
+        const uint8_t *row = (const uint8_t *)j->w + (size_t)r * j->cols;
+        const float *srow = fp8 ? fp8_scale_row(j, r) : &j->q.scale[r];
+        int end = fp8 ? fp8_first_segment(j) : j->cols;
+        for (int c = 0, k = 0; c < j->cols; k++) {
+            float sc = srow[k];
+            __m512 sv = _mm512_set1_ps(fp8 ? sc * FP8_LANE_SCALE : sc);
+            int i = c;
+            for (; i + 16 <= end; i += 16)
+                _mm512_storeu_ps(dst + i, _mm512_mul_ps(fp8 ? avx512_q8x16(row + i, TP_F8_E4M3)
+                                                            : avx512_q8x16(row + i, TP_I8), sv));
+            for (; i < end; i++)
+                dst[i] = (fp8 ? fp8_table[row[i]] : (float)(int8_t)row[i]) * sc;
+            c = end;
+            end = c + j->q.block[1] < j->cols ? c + j->q.block[1] : j->cols;
+        }
+    }
+}
+
+AVX512_TARGET static void gemv_job_avx512(float *y, const float *x, const tpg_job *j, int r0,
+                                          int r1)
+{
+    if (j->dt == TP_F8_E4M3)
+        avx512_gemv_q8_dt(y, x, j, r0, r1, TP_F8_E4M3);
+    else if (j->dt == TP_I8)
+        avx512_gemv_q8_dt(y, x, j, r0, r1, TP_I8);
+    else
+        gemv_avx512(y, x, j->w, j->dt, r0, r1, j->cols);
+}
+
+AVX512_TARGET static void widen_rows_avx512(float *dst, const tpg_job *j, int r0, int r1)
+{
+    if (is_q8(j->dt))
+        avx512_widen_q8(dst, j, r0, r1);
+    else
+        widen_avx512(dst, (const uint8_t *)j->w + (size_t)r0 * j->cols * elem_size(j->dt),
+                     j->dt, (size_t)(r1 - r0) * j->cols);
+}
+
 /* 6 tokens x 4 rows: 24 accumulators + 6 x + 1 w of the 32 zmm registers. */
 #define AVX512_TT 6
 #define AVX512_TR 4
@@ -488,10 +921,10 @@ AVX512_TARGET static void tile_avx512(float *out, const float *const *xr, const 
 /* ------------------------------------------------------------- dispatch */
 
 static const tpg_path PATHS[TPG_ISA_COUNT] = {
-    [TPG_PORTABLE] = { gemv_portable, widen_portable, tile_portable, 1, 1 },
+    [TPG_PORTABLE] = { gemv_job_portable, widen_rows_portable, tile_portable, 1, 1 },
 #ifdef TPG_X86
-    [TPG_AVX2] = { gemv_avx2, widen_avx2, tile_avx2, AVX2_TT, AVX2_TR },
-    [TPG_AVX512] = { gemv_avx512, widen_avx512, tile_avx512, AVX512_TT, AVX512_TR },
+    [TPG_AVX2] = { gemv_job_avx2, widen_rows_avx2, tile_avx2, AVX2_TT, AVX2_TR },
+    [TPG_AVX512] = { gemv_job_avx512, widen_rows_avx512, tile_avx512, AVX512_TT, AVX512_TR },
 #endif
 };
 
@@ -569,7 +1002,8 @@ typedef struct batch_ctx {
 } batch_ctx;
 
 /* Rows [r0, r1) of job j for all its tokens: widen them once (f32 is used
- * in place), then every tile of tokens x rows over the widened block. */
+ * in place; 8-bit weights are dequantized), then every tile of tokens x rows
+ * over the widened block. */
 static void gemm_block(const tpg_path *p, const tpg_job *j, int r0, int r1, float *buf)
 {
     int nr = r1 - r0, cols = j->cols;
@@ -577,8 +1011,7 @@ static void gemm_block(const tpg_path *p, const tpg_job *j, int r0, int r1, floa
     if (j->dt == TP_F32) {
         wb = (const float *)j->w + (size_t)r0 * cols;
     } else {
-        p->widen(buf, (const uint8_t *)j->w + (size_t)r0 * cols * elem_size(j->dt), j->dt,
-                 (size_t)nr * cols);
+        p->widen_rows(buf, j, r0, r1);
         wb = buf;
     }
     const float *xr[TILE_T_MAX], *wr[TILE_R_MAX];
@@ -611,8 +1044,7 @@ static void run_block(batch_ctx *c, size_t b, float *buf)
         return;
     }
     for (int t = 0; t < j->n; t++)
-        c->path->gemv_rows(j->y + (size_t)t * j->rows, j->x + (size_t)t * j->cols, j->w, j->dt,
-                           r0, r1, j->cols);
+        c->path->gemv_rows(j->y + (size_t)t * j->rows, j->x + (size_t)t * j->cols, j, r0, r1);
 }
 
 /* Worker i claims blocks until none are left; its widening buffer is its own. */
@@ -640,6 +1072,7 @@ static int gemm_block_rows(int cols)
 
 static void run_batch(const tpg_job *jobs, int count, tp_pool *pool)
 {
+    fp8_lut();   /* the table the 8-bit paths' tails read, built before the threads start */
     batch_ctx c = { .jobs = jobs, .count = count, .path = &PATHS[tpg_get_isa()] };
     size_t widen_floats = 0;
     c.first_block[0] = 0;
@@ -685,6 +1118,6 @@ void tpg_matmul_batch(const tpg_job *jobs, int count, tp_pool *pool)
 void tpg_matmul(float *y, const float *x, int n, const void *w, tp_dtype dt, int rows, int cols,
                 tp_pool *pool)
 {
-    tpg_job j = { y, x, n, w, dt, rows, cols };
+    tpg_job j = { .y = y, .x = x, .n = n, .w = w, .dt = dt, .rows = rows, .cols = cols };
     tpg_matmul_batch(&j, 1, pool);
 }

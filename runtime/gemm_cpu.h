@@ -12,6 +12,15 @@
  * [n][rows], all dense.  Weights are widened exactly (bf16 and f16 fit in
  * fp32), so the result differs from an fp32 product only by summation order.
  *
+ * 8-bit weights (FORMAT.md, "Quantized weights") carry their scales
+ * (tpg_quant): W[o][i] = fp8(w[o][i]) * block scale, or int8 * row scale,
+ * dequantized in registers.  Activations stay fp32 and accumulation fp32:
+ * no int8 dot products (AVX-512 VNNI, AVX2 vpmaddubsw) on quantized
+ * activations, which would change the math against the reference.  Applying
+ * the scale to x (fp8, per column block) or to the row's sum (int8) rounds
+ * differently from dequantizing each weight first: a few fp32 ulps per
+ * product, the same order as summation order.
+ *
  *   n == 1 (decode): a GEMV that streams each weight row once, widening in
  *          registers.
  *   n  > 1 (prefill): a block of rows is widened once into a per-thread
@@ -30,8 +39,23 @@
 
 #include "shardfmt.h"
 
+/* The scales of an 8-bit weight slice (all zero for bf16 / f16 / f32).
+ *   TP_F8_E4M3: scale is the slice's block grid, row-major with `stride`
+ *     floats per grid row; local element [r][c] uses
+ *     scale[(origin[0] + r) / block[0] * stride + (origin[1] + c) / block[1]],
+ *     where origin = (r0 % B0, c0 % B1) for a slice starting at global row r0
+ *     and column c0 (FORMAT.md's "local block").
+ *   TP_I8: scale[r], one per local row (stride, block, origin unused). */
+typedef struct tpg_quant {
+    const float *scale;
+    int stride;
+    int block[2];
+    int origin[2];
+} tpg_quant;
+
 /* One product: y[n][rows] = x[n][cols] . W^T, W [rows][cols] of dtype dt
- * (TP_BF16, TP_F16 or TP_F32; anything else is a caller bug). */
+ * (TP_BF16, TP_F16, TP_F32, or TP_F8_E4M3 / TP_I8 with q filled in;
+ * anything else is a caller bug). */
 typedef struct tpg_job {
     float *y;
     const float *x;
@@ -39,6 +63,7 @@ typedef struct tpg_job {
     const void *w;
     tp_dtype dt;
     int rows, cols;
+    tpg_quant q;
 } tpg_job;
 
 /* Runs jobs[0..count) on the pool (NULL: this thread) as one parallel
@@ -53,9 +78,16 @@ void tpg_matmul_batch(const tpg_job *jobs, int count, tp_pool *pool);
 void tpg_matmul(float *y, const float *x, int n, const void *w, tp_dtype dt, int rows, int cols,
                 tp_pool *pool);
 
-/* The scalar reference: plain loops, double accumulation, single thread. */
+/* The scalar reference: plain loops, double accumulation, single thread
+ * (float dtypes). */
 void tpg_matmul_ref(float *y, const float *x, int n, const void *w, tp_dtype dt, int rows,
                     int cols);
+/* The same for any job, 8-bit ones included: each weight dequantized as
+ * FORMAT.md says (tpg_weight), then double accumulation. */
+void tpg_job_ref(const tpg_job *j);
+/* W[r][c] of j as fp32: an 8-bit weight times its scale, in fp32 (what
+ * FORMAT.md defines as the weight's value); a float weight widened. */
+float tpg_weight(const tpg_job *j, int r, int c);
 
 /* Instruction-set paths, in increasing preference. */
 typedef enum tpg_isa {

@@ -151,7 +151,8 @@ static int find_weight(loader_ctx *lc, const char *name, bool required, int ndim
         return 0;
     }
     const tp_shard_tensor *t = lt->info;
-    if (t->dtype != TP_BF16 && t->dtype != TP_F16 && t->dtype != TP_F32)
+    if (t->dtype != TP_BF16 && t->dtype != TP_F16 && t->dtype != TP_F32 &&
+        t->dtype != TP_F8_E4M3 && t->dtype != TP_I8)
         return tp_errorf(err, "%s: rank %d: tensor %s has unsupported dtype", lr->source, lr->rank,
                          name);
     if (check_shape(lr, t, ndim, dims, err) < 0)
@@ -172,8 +173,114 @@ static int find_weight(loader_ctx *lc, const char *name, bool required, int ndim
     return 0;
 }
 
+/* Refuses an 8-bit dtype where the model reads floats (vectors, the
+ * embedding lookup, the fused expert tensors): names the tensor. */
+static int check_float(const tp_loaded_rank *lr, const tp_loaded_tensor *lt, const char *what,
+                       tp_err *err)
+{
+    if (lt && (lt->info->dtype == TP_F8_E4M3 || lt->info->dtype == TP_I8))
+        return tp_errorf(err, "%s: rank %d: tensor %s is %s: %s must be bf16, f16 or f32",
+                         lr->source, lr->rank, lt->info->name, tp_dtype_name(lt->info->dtype),
+                         what);
+    return 0;
+}
+
+/* The global rows [*r0, *r1) and columns [*c0, *c1) of a 2-d slice (one
+ * range along its split dimension, or whole); packed slices (several
+ * ranges) are refused: their scales would need one origin per range. */
+static int slice_ranges(const tp_loaded_rank *lr, const tp_shard_tensor *t, int64_t *r0,
+                        int64_t *r1, int64_t *c0, int64_t *c1, tp_err *err)
+{
+    *r0 = *c0 = 0;
+    *r1 = (int64_t)t->global_shape[0];
+    *c1 = (int64_t)t->global_shape[1];
+    if (t->split.dim < 0)
+        return 0;
+    if ((t->split.dim != 0 && t->split.dim != 1) || t->split.n_ranges != 1)
+        return tp_errorf(err, "%s: rank %d: tensor %s: an 8-bit weight split along dim %d with %d "
+                         "ranges is not supported (one range of rows or columns)", lr->source,
+                         lr->rank, t->name, t->split.dim, t->split.n_ranges);
+    int64_t s = (int64_t)t->split.start[0], e = (int64_t)t->split.end[0];
+    if (e - s != (int64_t)t->shape[t->split.dim] || s < 0 ||
+        e > (int64_t)t->global_shape[t->split.dim])
+        return tp_errorf(err, "%s: rank %d: tensor %s: split range [%lld, %lld) does not match its "
+                         "local shape", lr->source, lr->rank, t->name, (long long)s, (long long)e);
+    if (t->split.dim == 0) {
+        *r0 = s; *r1 = e;
+    } else {
+        *c0 = s; *c1 = e;
+    }
+    return 0;
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* The scales of the 8-bit weight wt (FORMAT.md 1.5, "Quantized weights"):
+ * P.weight_scale_inv (F8_E4M3: one per block of the slice's block grid) or
+ * P.weight_scale (I8: one per local row), F32, its local shape checked
+ * against the weight's slice; *q gets its geometry (and, on the cpu, the
+ * scales in place in lr); *scale_src where the scale tensor lies. */
+static int get_scales(loader_ctx *lc, const tp_loaded_tensor *wt, tpg_quant *q,
+                      tp_scale_src *scale_src, tp_err *err)
+{
+    const tp_loaded_rank *lr = lc->lr;
+    const tp_model_config *c = &lc->m->cfg;
+    const tp_shard_tensor *t = wt->info;
+    bool fp8 = t->dtype == TP_F8_E4M3;
+    if (c->quant != (fp8 ? TP_QUANT_FP8_BLOCK : TP_QUANT_INT8_ROW))
+        return tp_errorf(err, "%s: rank %d: tensor %s is %s but config.json's quantization_config "
+                         "does not declare %s", lr->source, lr->rank, t->name,
+                         tp_dtype_name(t->dtype), fp8 ? "fp8 block scales" : "int8 row scales");
+    size_t len = strlen(t->name);
+    if (len < 7 || strcmp(t->name + len - 7, ".weight") != 0)
+        return tp_errorf(err, "%s: rank %d: tensor %s: an 8-bit tensor's name must end in .weight",
+                         lr->source, lr->rank, t->name);
+    char name[320];
+    snprintf(name, sizeof name, "%s%s", t->name, fp8 ? "_scale_inv" : "_scale");
+    int64_t r0, r1, c0, c1;
+    if (slice_ranges(lr, t, &r0, &r1, &c0, &c1, err) < 0)
+        return -1;
+    *q = (tpg_quant){ 0 };
+    int64_t dims[2];
+    if (fp8) {
+        int64_t b0 = c->quant_block[0], b1 = c->quant_block[1];
+        if (b0 < 1 || b1 < 1)
+            return tp_errorf(err, "%s: tensor %s: config.json's weight_block_size is not set",
+                             lr->source, t->name);
+        /* the block rows / columns the slice touches, as FORMAT.md cuts them */
+        dims[0] = ceil_div(r1, b0) - r0 / b0;
+        dims[1] = ceil_div(c1, b1) - c0 / b1;
+        *q = (tpg_quant){ .stride = (int)dims[1], .block = { (int)b0, (int)b1 },
+                          .origin = { (int)(r0 % b0), (int)(c0 % b1) } };
+    } else {
+        dims[0] = (int64_t)t->shape[0];
+    }
+    const tp_loaded_tensor *st;
+    tp_weight_src ss;
+    if (find_weight(lc, name, false, fp8 ? 2 : 1, dims, &st, &ss, err) < 0)
+        return tp_err_prefix(err, "scales of %s", t->name);
+    if (!st)
+        return tp_errorf(err, "%s: rank %d: tensor %s is %s but its scale tensor %s is missing",
+                         lr->source, lr->rank, t->name, tp_dtype_name(t->dtype), name);
+    if (st->info->dtype != TP_F32)
+        return tp_errorf(err, "%s: rank %d: tensor %s is %s: scales must be F32", lr->source,
+                         lr->rank, name, tp_dtype_name(st->info->dtype));
+    *scale_src = (tp_scale_src){ ss.tensor, ss.offset, ss.bytes };
+    if (lc->no_copy)
+        return 0;
+    const float *scale = (const float *)st->data;
+    size_t count = (size_t)dims[0] * (size_t)(fp8 ? dims[1] : 1);
+    for (size_t i = 0; i < count; i++)
+        if (!isfinite(scale[i]))
+            return tp_errorf(err, "%s: rank %d: tensor %s: scale %zu is not finite (%g)",
+                             lr->source, lr->rank, name, i, (double)scale[i]);
+    q->scale = scale;
+    return 0;
+}
+
 /* A matrix [dims[0]][dims[1]]: used where it lies in lr, in its stored
- * dtype (no copy; the model reads lr until tp_model_free). */
+ * dtype (no copy; the model reads lr until tp_model_free).  An 8-bit one
+ * comes with its scales (get_scales); src->scale says where they lie. */
 static int get_matrix(loader_ctx *lc, const char *name, bool required, int64_t *dims,
                       const tp_loaded_tensor **out_t, tp_mat *out, tp_weight_src *src, tp_err *err)
 {
@@ -183,8 +290,16 @@ static int get_matrix(loader_ctx *lc, const char *name, bool required, int64_t *
         return -1;
     if (out_t)
         *out_t = lt;
-    if (lt && !lc->no_copy)
-        *out = (tp_mat){ lt->data, lt->info->dtype };
+    if (!lt)
+        return 0;
+    tpg_quant q = { 0 };
+    if ((lt->info->dtype == TP_F8_E4M3 || lt->info->dtype == TP_I8) &&
+        get_scales(lc, lt, &q, &src->scale, err) < 0)
+        return -1;
+    src->q = q;
+    src->q.scale = NULL;
+    if (!lc->no_copy)
+        *out = (tp_mat){ lt->data, lt->info->dtype, q };
     return 0;
 }
 
@@ -196,7 +311,8 @@ static int get_vector(loader_ctx *lc, const char *name, bool required, int64_t *
     tp_model *m = lc->m;
     const tp_loaded_tensor *lt;
     *out = NULL;
-    if (find_weight(lc, name, required, 1, dims, &lt, src, err) < 0)
+    if (find_weight(lc, name, required, 1, dims, &lt, src, err) < 0 ||
+        check_float(lc->lr, lt, "a vector", err) < 0)
         return -1;
     if (!lt || lc->no_copy)
         return 0;
@@ -341,7 +457,9 @@ static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep,
                         dn_name, sizeof dn_name);
     int64_t d_gu[3] = {ne, 2 * inter, H}, d_dn[3] = {ne, H, inter};
     if (find_weight(lc, gu_name, true, 3, d_gu, &tgu, &src_gu, err) < 0 ||
-        find_weight(lc, dn_name, true, 3, d_dn, &tdn, &src_dn, err) < 0)
+        find_weight(lc, dn_name, true, 3, d_dn, &tdn, &src_dn, err) < 0 ||
+        check_float(lr, tgu, "the fused expert layout", err) < 0 ||
+        check_float(lr, tdn, "the fused expert layout", err) < 0)
         return -1;
     /* tensor-parallel: gate_up packed along dim 1 (2 ranges), down along dim
      * 2; expert-parallel: both along dim 0, this rank's experts */
@@ -358,14 +476,21 @@ static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep,
     size_t gsz = tp_dtype_size(tgu->info->dtype), dsz = tp_dtype_size(tdn->info->dtype);
     size_t block = (size_t)inter * (size_t)H;
     for (int64_t e = 0; e < ne; e++) {
-        w->gate_src[e] = (tp_weight_src){ src_gu.tensor, (uint64_t)e * 2 * block * gsz, block * gsz };
-        w->up_src[e] = (tp_weight_src){ src_gu.tensor, ((uint64_t)e * 2 + 1) * block * gsz, block * gsz };
-        w->down_src[e] = (tp_weight_src){ src_dn.tensor, (uint64_t)e * block * dsz, block * dsz };
+        w->gate_src[e] = (tp_weight_src){ .tensor = src_gu.tensor,
+                                          .offset = (uint64_t)e * 2 * block * gsz,
+                                          .bytes = block * gsz };
+        w->up_src[e] = (tp_weight_src){ .tensor = src_gu.tensor,
+                                        .offset = ((uint64_t)e * 2 + 1) * block * gsz,
+                                        .bytes = block * gsz };
+        w->down_src[e] = (tp_weight_src){ .tensor = src_dn.tensor,
+                                          .offset = (uint64_t)e * block * dsz,
+                                          .bytes = block * dsz };
         if (lc->no_copy)
             continue;
-        w->gate[e] = (tp_mat){ gu + (size_t)e * 2 * block * gsz, tgu->info->dtype };
-        w->up[e] = (tp_mat){ gu + ((size_t)e * 2 + 1) * block * gsz, tgu->info->dtype };
-        w->down[e] = (tp_mat){ dn + (size_t)e * block * dsz, tdn->info->dtype };
+        w->gate[e] = (tp_mat){ .data = gu + (size_t)e * 2 * block * gsz, .dtype = tgu->info->dtype };
+        w->up[e] = (tp_mat){ .data = gu + ((size_t)e * 2 + 1) * block * gsz,
+                             .dtype = tgu->info->dtype };
+        w->down[e] = (tp_mat){ .data = dn + (size_t)e * block * dsz, .dtype = tdn->info->dtype };
     }
     return 0;
 }
@@ -548,6 +673,20 @@ static int load_layer(loader_ctx *lc, int l, tp_err *err)
     return 0;
 }
 
+/* Moves an 8-bit matrix's scale geometry s rows down (fp8: the block
+ * origin; int8: the row scales); returns how many floats the scales start
+ * further on.  0 for float dtypes. */
+static size_t quant_skip_rows(tpg_quant *q, tp_dtype dt, int64_t s)
+{
+    if (dt == TP_I8)
+        return (size_t)s;
+    if (dt != TP_F8_E4M3)
+        return 0;
+    int64_t o = q->origin[0] + s;
+    q->origin[0] = (int)(o % q->block[0]);
+    return (size_t)(o / q->block[0]) * (size_t)q->stride;
+}
+
 /* Embedding and lm_head.  The embedding is replicated (rows [0, V)) or
  * vocab-parallel (a row range; the lookup's zeros for other rows are filled
  * in by an all-reduce).  The lm_head is the embedding when tied, else
@@ -564,6 +703,7 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
 
     if (get_matrix(lc, "model.embed_tokens.weight", true, d2, &te, &m->embed, &m->embed_src,
                    err) < 0 ||
+        check_float(lr, te, "the embedding", err) < 0 ||
         row_range(lr, te->info, &m->emb_start, &m->emb_end, err) < 0)
         return -1;
     if (get_vector(lc, "model.norm.weight", true, d1, &m->final_norm, &m->final_norm_src,
@@ -586,9 +726,15 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
         int64_t s = per * m->rank, e = s + per < V ? s + per : V;
         if (s > V)
             s = V;
-        size_t es = tp_dtype_size(lr->tensors[ws.tensor].info->dtype);
-        if (w.data)
+        tp_dtype dt = lr->tensors[ws.tensor].info->dtype;
+        size_t es = tp_dtype_size(dt);
+        if (w.data) {
             w.data = (const uint8_t *)w.data + (size_t)s * H * es;
+            w.q.scale += quant_skip_rows(&w.q, dt, s);
+        }
+        uint64_t moved = quant_skip_rows(&ws.q, dt, s) * sizeof(float);
+        ws.scale.offset += moved;
+        ws.scale.bytes -= moved;
         start = s;
         end = e > s ? e : s;
         ws.offset = (uint64_t)s * H * es;
@@ -728,7 +874,8 @@ static int check_runnable(const tp_loaded_rank *lr, const tp_model_config *cfg, 
     for (size_t i = 0; i < lr->n_tensors; i++)
         if (lr->tensors[i].info)
             refs[n++] = (tp_tensor_ref){ lr->tensors[i].info->name, lr->tensors[i].info->ndim,
-                                         lr->tensors[i].info->global_shape };
+                                         lr->tensors[i].info->global_shape,
+                                         lr->tensors[i].info->dtype };
     int lo = 0, hi = cfg->n_experts, rc = 0;
     if (lr->manifest.expert_parallel)
         rc = tp_expert_range(cfg->n_experts, lr->manifest.tp, lr->rank, &lo, &hi, err);
@@ -914,9 +1061,10 @@ static int ensure_buffers(tp_model *m, int n, tp_err *err)
 }
 
 /* y[n][rows] = x[n][cols] . W^T, W in its stored dtype where it lies. */
-static tpg_job mat_job(float *y, const float *x, int n, tp_mat w, int rows, int cols)
+static void matmul(float *y, const float *x, int n, tp_mat w, int rows, int cols, tp_pool *pool)
 {
-    return (tpg_job){ y, x, n, w.data, w.dtype, rows, cols };
+    tpg_job j = tp_mat_job(y, x, n, w, rows, cols);
+    tpg_matmul_batch(&j, 1, pool);
 }
 
 /* Attention of every local head over the KV cache, one pool job per head:
@@ -973,8 +1121,8 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
     int H = c->hidden, hd = c->head_dim, qd = m->lq * hd, kd = m->lkv * hd;
 
     /* q, k and v share their input: one parallel section */
-    tpg_job qkv[3] = { mat_job(m->q, m->h, n, L->wq, qd, H), mat_job(m->k, m->h, n, L->wk, kd, H),
-                       mat_job(m->v, m->h, n, L->wv, kd, H) };
+    tpg_job qkv[3] = { tp_mat_job(m->q, m->h, n, L->wq, qd, H), tp_mat_job(m->k, m->h, n, L->wk, kd, H),
+                       tp_mat_job(m->v, m->h, n, L->wv, kd, H) };
     tpg_matmul_batch(qkv, 3, m->pool);
     if (L->bq)
         tpk_add_bias(m->q, L->bq, n, qd);
@@ -991,7 +1139,7 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
     store_kv(m, l, n);
     attention(m, l, n);
     /* partial o = att . Wo_local^T; the bias once, after the sum */
-    tpg_matmul(m->o, m->att, n, L->wo.data, L->wo.dtype, H, qd, m->pool);
+    matmul(m->o, m->att, n, L->wo, H, qd, m->pool);
     if (allreduce(m, m->o, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "layer %d attention all-reduce", l);
     if (L->bo)
@@ -1017,15 +1165,15 @@ static int mlp_block(tp_model *m, int l, int n, tp_err *err)
     int H = m->cfg.hidden;
     if (L->moe)
         return moe_block(m, l, n, err);
-    tpg_job gate_up[2] = { mat_job(m->gate, m->h, n, L->wgate, m->li, H),
-                           mat_job(m->up, m->h, n, L->wup, m->li, H) };
+    tpg_job gate_up[2] = { tp_mat_job(m->gate, m->h, n, L->wgate, m->li, H),
+                           tp_mat_job(m->up, m->h, n, L->wup, m->li, H) };
     tpg_matmul_batch(gate_up, 2, m->pool);
     if (L->bgate)
         tpk_add_bias(m->gate, L->bgate, n, m->li);
     if (L->bup)
         tpk_add_bias(m->up, L->bup, n, m->li);
     tpk_silu_mul(m->gate, m->up, (size_t)n * m->li);
-    tpg_matmul(m->o, m->gate, n, L->wdown.data, L->wdown.dtype, H, m->li, m->pool);
+    matmul(m->o, m->gate, n, L->wdown, H, m->li, m->pool);
     if (allreduce(m, m->o, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "layer %d mlp all-reduce", l);
     if (L->bdown)
@@ -1039,7 +1187,7 @@ static int lm_head(tp_model *m, const float *row, float *logits, tp_err *err)
 {
     int H = m->cfg.hidden, cnt = (int)(m->lm_end - m->lm_start);
     if (cnt > 0)
-        tpg_matmul(m->logit_slot, row, 1, m->lm_w.data, m->lm_w.dtype, cnt, H, m->pool);
+        matmul(m->logit_slot, row, 1, m->lm_w, cnt, H, m->pool);
     for (int i = cnt; i < m->vocab_slot; i++)
         m->logit_slot[i] = 0.0f;
     if (m->world == 1) {

@@ -13,14 +13,27 @@
 #include <stdint.h>
 
 #include "shardfmt.h"
+#include "gemm_cpu.h"
 
 /* A weight matrix [rows][cols] row-major, in place in the loaded rank (the
  * mapping of a codec-none rank file, or the loader's decoded block) in its
- * stored dtype.  data NULL: absent. */
+ * stored dtype.  data NULL: absent.  An 8-bit weight (TP_F8_E4M3, TP_I8)
+ * carries its scales in q (in place too: the loaded scale tensor), with the
+ * block origin of the rank's slice; q is zero for float weights. */
 typedef struct tp_mat {
     const void *data;
     tp_dtype dtype;
+    tpg_quant q;
 } tp_mat;
+
+#ifndef __cplusplus
+/* The product y[n][rows] = x[n][cols] . w^T as a gemm_cpu job. */
+static inline tpg_job tp_mat_job(float *y, const float *x, int n, tp_mat w, int rows, int cols)
+{
+    return (tpg_job){ .y = y, .x = x, .n = n, .w = w.data, .dt = w.dtype, .rows = rows,
+                      .cols = cols, .q = w.q };
+}
+#endif
 
 /* X(field, kind): every tensor of a layer, once.  kind MAT is a matrix
  * (a tp_mat on the CPU, bf16 on a GPU), VEC a vector: norm weights, biases
@@ -35,10 +48,19 @@ typedef struct tp_mat {
 
 /* Where a weight's bytes are in the loaded rank: lr->tensors[tensor], bytes
  * [offset, offset + bytes) of its raw data (a row range when the lm_head is
- * a slice of a full tensor).  tensor -1: absent. */
+ * a slice of a full tensor).  tensor -1: absent.  When that tensor is 8-bit
+ * (F8_E4M3, I8; only then) its scales are in the same way at *scale (the
+ * whole scale tensor) and q holds their geometry (q.scale NULL: the device
+ * puts them where it will). */
+typedef struct tp_scale_src {
+    int tensor;
+    uint64_t offset, bytes;
+} tp_scale_src;
 typedef struct tp_weight_src {
     int tensor;
     uint64_t offset, bytes;
+    tp_scale_src scale;
+    tpg_quant q;
 } tp_weight_src;
 
 #define TP_CPU_FIELD_MAT tp_mat

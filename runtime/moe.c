@@ -62,13 +62,12 @@ static int scratch_reserve(tp_moe_scratch *s, const tp_moe_weights *w, int n, in
 static void expert_ffn(const tp_moe_weights *w, int e, const float *x, int m, int hidden, float *g,
                        float *u, float *y, tp_pool *pool)
 {
-    tpg_job gate_up[2] = {
-        { g, x, m, w->gate[e].data, w->gate[e].dtype, w->inter, hidden },
-        { u, x, m, w->up[e].data, w->up[e].dtype, w->inter, hidden },
-    };
+    tpg_job gate_up[2] = { tp_mat_job(g, x, m, w->gate[e], w->inter, hidden),
+                           tp_mat_job(u, x, m, w->up[e], w->inter, hidden) };
     tpg_matmul_batch(gate_up, 2, pool);
     tpk_silu_mul(g, u, (size_t)m * (size_t)w->inter);
-    tpg_matmul(y, g, m, w->down[e].data, w->down[e].dtype, hidden, w->inter, pool);
+    tpg_job down = tp_mat_job(y, g, m, w->down[e], hidden, w->inter);
+    tpg_matmul_batch(&down, 1, pool);
 }
 
 void tp_moe_group_by_expert(const tp_moe_weights *w, int n, const int *idx, const float *weight, int *count,
@@ -102,7 +101,8 @@ int tp_moe_forward(const tp_moe_weights *w, const float *h, int n, int hidden, f
     if (scratch_reserve(s, w, n, hidden, err) < 0)
         return -1;
     const size_t H = (size_t)hidden;
-    tpg_matmul(s->logits, h, n, w->router.data, w->router.dtype, w->n_experts, hidden, pool);
+    tpg_job router = tp_mat_job(s->logits, h, n, w->router, w->n_experts, hidden);
+    tpg_matmul_batch(&router, 1, pool);
     for (int t = 0; t < n; t++)
         tpk_router_topk(s->logits + (size_t)t * (size_t)w->n_experts, w->n_experts, w->top_k,
                         w->renorm, s->idx + (size_t)t * (size_t)w->top_k,

@@ -28,7 +28,10 @@
 #     of a killed run are named and replaced; model files that are symlinks
 #     out of the model dir are refused (a hub cache snapshot converts);
 #     copied JSON must be an object; FIFOs never block; a source truncated
-#     mid-conversion is an error naming it, leaving nothing.
+#     mid-conversion is an error naming it, leaving nothing;
+#   - quantized checkpoints: FP8 (F32 and BF16 scales, weight and scale in
+#     different files) at tp 1/2/4, --quantize fp8|int8 equal to the Python
+#     reference's bytes, and every bad quantization input refused by name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
@@ -588,6 +591,101 @@ no_output "$d-out" "missing expert tensor"
 expect_fail "tensor model.layers.1.mlp.experts.5.up_proj.weight is missing" \
     "$BIN/tpconvert" --tp 2 --expert-parallel "$d" "$d-out"
 no_output "$d-out" "missing expert tensor (--expert-parallel)"
+
+echo "== quantized checkpoints (FP8 as Qwen's releases, our int8) and --quantize fp8|int8"
+# The FP8 fixtures went through every tp and tpverify --against above (the
+# BF16 scales compared after widening to F32); here: where the scales land,
+# --quantize against the Python reference, and every bad input.
+fp8out="$tmp/fp8-4"
+"$BIN/tpconvert" --tp 4 --quiet tests/models/qwen3-fp8 "$fp8out" 2>"$tmp/err" || die "fp8 tp 4: $(cat "$tmp/err")"
+# intermediate 384 at tp 4: rank 1 holds gate rows [96, 192), blocks [0, 2)
+# of 128: the block cut by the 192 boundary is on ranks 1 and 2 both
+"$BIN/tpinspect" "$fp8out" --json >"$tmp/fp8.json"
+grep -q '"quant_method": *"fp8"' "$fp8out/config.json" || die "fp8: config.json lost quantization_config"
+"$BIN/tpinspect" "$fp8out" >"$tmp/fp8.txt"
+grep -q "F8_E4M3" "$tmp/fp8.txt" || die "tpinspect shows no F8_E4M3: $(cat "$tmp/fp8.txt")"
+grep -q "quantization.*fp8" "$tmp/fp8.txt" || die "tpinspect shows no quantization: $(cat "$tmp/fp8.txt")"
+grep -q '"quantization"' "$tmp/fp8.json" || die "tpinspect --json shows no quantization"
+"$BIN/tpinspect" "$fp8out" --rank 1 >"$tmp/rank1" 2>"$tmp/err" || die "tpinspect --rank 1: $(cat "$tmp/err")"
+grep "model.layers.0.mlp.gate_proj.weight_scale_inv" "$tmp/rank1" | grep -q "dim0:0-2 " \
+    || die "rank 1's gate scale is not block rows [0, 2): $(grep gate_proj "$tmp/rank1")"
+for q in fp8 int8; do
+    ref=tests/models/qwen3-$q
+    for tp in 1 2 4; do
+        out="$tmp/quantize-$q-$tp"
+        "$BIN/tpconvert" --tp $tp --quantize $q --quiet tests/models/qwen3-q256 "$out" 2>"$tmp/err" \
+            || die "--quantize $q --tp $tp: $(cat "$tmp/err")"
+        # the Python reference (tools/make_fixtures.py) quantized the same
+        # bf16 weights: weights and F32 scales must be its bytes, so the
+        # dequantized weights are equal bit for bit
+        verify "$out" "$ref"
+    done
+    grep -q '"quantization_config"' "$out/config.json" || die "--quantize $q: config.json has no quantization_config"
+    "$BIN/tpinspect" "$out" >"$tmp/q.txt"
+    grep -q "quantization.*$q" "$tmp/q.txt" || die "tpinspect of --quantize $q: $(cat "$tmp/q.txt")"
+done
+"$BIN/tpconvert" --tp 2 --quantize int8 --quantize-lm-head --quiet tests/models/llama-tiny "$tmp/q-head" 2>"$tmp/err" \
+    || die "--quantize-lm-head: $(cat "$tmp/err")"
+"$BIN/tpinspect" "$tmp/q-head" --rank 1 >"$tmp/q-head.txt"
+grep -q "^lm_head.weight  *I8 " "$tmp/q-head.txt" && grep -q "^lm_head.weight_scale  *F32 .*dim0:" "$tmp/q-head.txt" \
+    || die "--quantize-lm-head: lm_head not I8 with its scale cut by rows: $(grep lm_head "$tmp/q-head.txt")"
+grep -q '"modules_to_not_convert":[[:space:]]*\[\]' "$tmp/q-head/config.json" \
+    || die "--quantize-lm-head: lm_head still listed unquantized: $(grep -A3 modules_to_not_convert "$tmp/q-head/config.json")"
+expect_fail "--quantize fp8: tests/models/qwen3-fp8/config.json is already quantized" \
+    "$BIN/tpconvert" --tp 1 --quantize fp8 tests/models/qwen3-fp8 "$tmp/q-again"
+no_output "$tmp/q-again" "--quantize of a quantized checkpoint"
+expect_fail "--quantize-lm-head: " "$BIN/tpconvert" --tp 1 --quantize fp8 --quantize-lm-head tests/models/qwen3-q256 "$tmp/q-tied"
+no_output "$tmp/q-tied" "--quantize-lm-head on a tied lm_head"
+expect_fail "--quantize-lm-head needs --quantize" "$BIN/tpconvert" --tp 1 --quantize-lm-head tests/models/llama-tiny "$tmp/q-nq"
+expect_fail "--quantize int4: expected fp8 or int8" "$BIN/tpconvert" --tp 1 --quantize int4 tests/models/llama-tiny "$tmp/q-nq"
+
+# bad quantization_config
+arch_case quant-method tests/models/qwen3-fp8 's/"quant_method": "fp8"/"quant_method": "awq"/' \
+    'quantization_config.quant_method "awq" is not supported'
+arch_case quant-static tests/models/qwen3-fp8 's/"activation_scheme": "dynamic"/"activation_scheme": "static"/' \
+    'quantization_config.activation_scheme "static" is not supported'
+arch_case quant-none tests/models/qwen3-fp8 's/"quantization_config"/"quantization_config_x"/' \
+    'dtype F8_E4M3, but config.json has no quantization_config'
+arch_case quant-skip tests/models/qwen3-fp8 's/"quant_method": "fp8",/"quant_method": "fp8", "modules_to_not_convert": ["o_proj"],/' \
+    'does not quantize model.layers.0.self_attn.o_proj (modules_to_not_convert)'
+# 64 x 128 blocks: every scale has the wrong number of block rows
+arch_case quant-block tests/models/qwen3-fp8-bf16s 's/^\( *\)128,$/\164,/' \
+    'needs ['
+# st_data FILE TENSOR: the byte offset of a tensor's data in a safetensors file
+st_data() {
+    local hl begin
+    hl=$(od -An -t u8 -N 8 "$1" | tr -d ' ')
+    begin=$(head -c $((8 + hl)) "$1" | grep -ao "\"$2\":{[^}]*}" | grep -o '"data_offsets":\[[0-9]*' | grep -o '[0-9]*$')
+    [ -n "$begin" ] || die "st_data: no tensor $2 in $1"
+    echo $((8 + hl + begin))
+}
+scale_case() { # name bytes(printf) message: the first BF16 scale of layer 0's q_proj patched
+    local d="$tmp/scale-$1" t=model.layers.0.self_attn.q_proj.weight_scale_inv off
+    rm -rf "$d"; cp -r tests/models/qwen3-fp8-bf16s "$d"
+    off=$(st_data "$d/model.safetensors" "$t")
+    printf "$2" | dd of="$d/model.safetensors" bs=1 seek="$off" conv=notrunc status=none
+    cmp -s "$d/model.safetensors" tests/models/qwen3-fp8-bf16s/model.safetensors && die "scale_case $1: nothing patched"
+    expect_fail "$3" "$BIN/tpconvert" --tp 2 "$d" "$d-out"
+    no_output "$d-out" "scale $1"
+}
+scale_case nan '\xc0\x7f' "tensor model.layers.0.self_attn.q_proj.weight_scale_inv: element 0 is nan; scales must be finite and > 0"
+scale_case inf '\x80\x7f' "element 0 is inf; scales must be finite and > 0"
+scale_case zero '\x00\x00' "element 0 is 0; scales must be finite and > 0"
+scale_case negative '\x80\xbf' "element 0 is -1; scales must be finite and > 0"
+# a missing scale (renamed in the header, same length), a scale whose
+# weight is gone, in the two-file checkpoint
+d="$tmp/scale-missing"; rm -rf "$d"; cp -r tests/models/qwen3-fp8 "$d"
+LC_ALL=C sed -i 's/model\.layers\.1\.mlp\.up_proj\.weight_scale_inv/model.layers.1.mlp.up_proj_weight_scale_inv/' \
+    "$d/model-00002-of-00002.safetensors" "$d/model.safetensors.index.json"
+expect_fail "tensor model.layers.1.mlp.up_proj.weight_scale_inv is missing (the scale of F8_E4M3 weight model.layers.1.mlp.up_proj.weight)" \
+    "$BIN/tpconvert" --tp 2 "$d" "$d-out"
+no_output "$d-out" "missing scale"
+d="$tmp/weight-missing"; rm -rf "$d"; cp -r tests/models/qwen3-fp8 "$d"
+LC_ALL=C sed -i 's/model\.layers\.1\.mlp\.up_proj\.weight"/model.layers.1.mlp.up_proj.wxxxxx"/' \
+    "$d/model-00001-of-00002.safetensors" "$d/model.safetensors.index.json"
+expect_fail "tensor model.layers.1.mlp.up_proj.weight_scale_inv: a quantization scale, but its weight model.layers.1.mlp.up_proj.weight is missing" \
+    "$BIN/tpconvert" --tp 2 "$d" "$d-out"
+no_output "$d-out" "scale without its weight"
 
 echo "== --dry-run writes nothing"
 "$BIN/tpconvert" --tp 4 --dry-run tests/models/qwen3-tiny "$tmp/dry-out" >"$tmp/dry"

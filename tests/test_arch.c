@@ -96,7 +96,7 @@ static void add(tensor_set *s, const char *name, int ndim, uint64_t d0, uint64_t
     s->shapes[s->n][0] = d0;
     s->shapes[s->n][1] = d1;
     s->ndims[s->n] = ndim;
-    s->refs[s->n] = (tp_tensor_ref){s->names[s->n], ndim, s->shapes[s->n]};
+    s->refs[s->n] = (tp_tensor_ref){s->names[s->n], ndim, s->shapes[s->n], TP_BF16};
     s->n++;
 }
 
@@ -378,6 +378,178 @@ static void test_cut_overflow(void)
           "huge heads * head_dim: %s", err.msg);
 }
 
+/* quantization_config: Qwen's FP8 releases, our int8, and every refusal. */
+#define Q3 "{\"model_type\": \"qwen3\", " BASE ", \"quantization_config\": "
+
+static void test_quant_config(void)
+{
+    tp_model_config c;
+    tp_err err = {{0}};
+    CHECK(parse("{\"model_type\": \"qwen3\", " BASE "}", &c, &err) == 0 && c.quant == TP_QUANT_NONE &&
+          !tp_config_module_quantized(&c, "model.layers.0.self_attn.q_proj"), "no quantization_config");
+    /* Qwen3-0.6B-FP8's, as released */
+    CHECK(parse(Q3 "{\"activation_scheme\": \"dynamic\", \"fmt\": \"e4m3\", \"quant_method\": \"fp8\", "
+                "\"weight_block_size\": [128, 64]}}", &c, &err) == 0 &&
+          c.quant == TP_QUANT_FP8_BLOCK && c.quant_block[0] == 128 && c.quant_block[1] == 64,
+          "qwen fp8: %d [%d, %d] %s", c.quant, c.quant_block[0], c.quant_block[1], err.msg);
+    /* no modules_to_not_convert: transformers keeps lm_head unquantized */
+    CHECK(tp_config_module_quantized(&c, "model.layers.1.mlp.down_proj") &&
+          !tp_config_module_quantized(&c, "lm_head"), "default skip list");
+    /* weight_block_size absent: transformers' (128, 128) */
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\"}}", &c, &err) == 0 && c.quant_block[0] == 128 &&
+          c.quant_block[1] == 128, "default block: %s", err.msg);
+    /* Qwen3-30B-A3B-FP8's list: the routers and lm_head, by name */
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\", \"activation_scheme\": \"DYNAMIC\", "
+                "\"modules_to_not_convert\": [\"lm_head\", \"model.layers.1.mlp.gate\", \"o_proj\"]}}",
+                &c, &err) == 0 && c.n_quant_skip == 3, "skip list: %s", err.msg);
+    CHECK(!tp_config_module_quantized(&c, "lm_head") &&
+          !tp_config_module_quantized(&c, "model.layers.1.mlp.gate") &&
+          tp_config_module_quantized(&c, "model.layers.1.mlp.gate_proj") &&
+          tp_config_module_quantized(&c, "model.layers.11.mlp.gate") &&
+          !tp_config_module_quantized(&c, "model.layers.0.self_attn.o_proj") &&
+          tp_config_module_quantized(&c, "model.layers.0.self_attn.q_proj"),
+          "should_convert_module: prefix at a boundary, or suffix");
+    /* an explicit empty list quantizes lm_head too */
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": []}}", &c, &err) == 0 &&
+          tp_config_module_quantized(&c, "lm_head"), "empty list: %s", err.msg);
+    CHECK(parse(Q3 "{\"quant_method\": \"fp8\", \"ignored_layers\": [\"lm_head\", \"q_proj\"]}}", &c,
+                &err) == 0 && !tp_config_module_quantized(&c, "model.layers.0.self_attn.q_proj"),
+          "ignored_layers alias: %s", err.msg);
+    /* ours */
+    CHECK(parse(Q3 "{\"quant_method\": \"tpshard_int8\", \"modules_to_not_convert\": [\"lm_head\"]}}",
+                &c, &err) == 0 && c.quant == TP_QUANT_INT8_ROW &&
+          tp_config_module_quantized(&c, "model.layers.0.mlp.up_proj"), "int8: %s", err.msg);
+    CHECK(parse(Q3 "null}", &c, &err) == 0 && c.quant == TP_QUANT_NONE, "null: %s", err.msg);
+
+    expect_refused(Q3 "{\"quant_method\": \"awq\"}}", SIZE_AUTO, "quant_method \"awq\"");
+    expect_refused(Q3 "{\"weight_block_size\": [128, 128]}}", SIZE_AUTO, "quantization_config.quant_method");
+    expect_refused(Q3 "[1]}", SIZE_AUTO, "quantization_config");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"activation_scheme\": \"static\"}}", SIZE_AUTO,
+                   "activation_scheme \"static\"");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"fmt\": \"e5m2\"}}", SIZE_AUTO, "fmt \"e5m2\"");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"scale_fmt\": \"ue8m0\"}}", SIZE_AUTO, "scale_fmt");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"expert_dtype\": \"fp4\"}}", SIZE_AUTO, "expert_dtype");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": null}}", SIZE_AUTO,
+                   "weight_block_size");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": [128]}}", SIZE_AUTO,
+                   "weight_block_size");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": [128, 0]}}", SIZE_AUTO,
+                   "weight_block_size[1]");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"weight_block_size\": [128, 1.5]}}", SIZE_AUTO,
+                   "weight_block_size[1]");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_convert\": [\"model.embed_tokens\"]}}",
+                   SIZE_AUTO, "modules_to_convert");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": \"lm_head\"}}", SIZE_AUTO,
+                   "modules_to_not_convert");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": [\"lm_head\", 3]}}",
+                   SIZE_AUTO, "modules_to_not_convert[1]");
+    expect_refused(Q3 "{\"quant_method\": \"fp8\", \"modules_to_not_convert\": [\"layers.*.gate\"]}}",
+                   SIZE_AUTO, "regular expression");
+    expect_refused(Q3 "{\"quant_method\": \"tpshard_int8\", \"weight_block_size\": [1, 1]}}", SIZE_AUTO,
+                   "weight_block_size");
+}
+
+/* An FP8 qwen3 (blocks of 32 x 32 on BASE's sizes): every linear weight
+ * F8_E4M3 with its weight_scale_inv, unless it is `keep`; `drop` left out. */
+static void fp8_tensors(tensor_set *s, const char *keep, const char *drop)
+{
+    qwen3_tensors(s, 2, NULL);
+    size_t n = s->n;
+    for (size_t i = 0; i < n; i++) {
+        if (s->ndims[i] != 2 || !strncmp(s->names[i], "model.embed", 11) ||
+            !strcmp(s->names[i], "lm_head.weight") || (keep && !strcmp(s->names[i], keep)))
+            continue;
+        s->refs[i].dtype = TP_F8_E4M3;
+        char scale[96];
+        snprintf(scale, sizeof scale, "%.*s_scale_inv", (int)strlen(s->names[i]), s->names[i]);
+        if (drop && !strcmp(scale, drop))
+            continue;
+        add(s, scale, 2, (s->shapes[i][0] + 31) / 32, (s->shapes[i][1] + 31) / 32);
+    }
+}
+
+static size_t ref_index(const tensor_set *s, const char *name)
+{
+    for (size_t i = 0; i < s->n; i++)
+        if (!strcmp(s->names[i], name))
+            return i;
+    return 0;
+}
+
+static void expect_tensors_refused(const tp_model_config *c, const tensor_set *s, const char *needle)
+{
+    tp_err err = {{0}};
+    int rc = tp_arch_check_tensors(c, s->refs, s->n, &err);
+    CHECK(rc < 0 && strstr(err.msg, needle), "rc %d, message \"%s\" should name \"%s\"", rc, err.msg,
+          needle);
+}
+
+#define FP8_CFG(extra) "{\"model_type\": \"qwen3\", \"head_dim\": 32, " BASE ", \"quantization_config\": " \
+    "{\"quant_method\": \"fp8\", \"weight_block_size\": [32, 32]" extra "}}"
+
+static void test_quant_tensors(void)
+{
+    tp_model_config c, plain, skip_q;
+    tp_err err = {{0}};
+    CHECK(parse(FP8_CFG(""), &c, &err) == 0, "%s", err.msg);
+    CHECK(parse("{\"model_type\": \"qwen3\", \"head_dim\": 32, " BASE "}", &plain, &err) == 0, "%s",
+          err.msg);
+    CHECK(parse(FP8_CFG(", \"modules_to_not_convert\": [\"lm_head\", \"q_proj\"]"), &skip_q, &err) == 0,
+          "%s", err.msg);
+    tensor_set s;
+    fp8_tensors(&s, NULL, NULL);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) == 0, "complete fp8 qwen3: %s", err.msg);
+    /* a float weight the config would quantize is still runnable */
+    fp8_tensors(&s, "model.layers.0.mlp.up_proj.weight", NULL);
+    CHECK(tp_arch_check_tensors(&c, s.refs, s.n, &err) == 0, "one bf16 linear: %s", err.msg);
+
+    fp8_tensors(&s, NULL, "model.layers.1.self_attn.o_proj.weight_scale_inv");
+    expect_tensors_refused(&c, &s, "tensor model.layers.1.self_attn.o_proj.weight_scale_inv is missing "
+                                   "(the scale of F8_E4M3 weight model.layers.1.self_attn.o_proj.weight)");
+    fp8_tensors(&s, NULL, NULL);
+    s.shapes[ref_index(&s, "model.layers.0.mlp.down_proj.weight_scale_inv")][1] = 3;
+    expect_tensors_refused(&c, &s, "tensor model.layers.0.mlp.down_proj.weight_scale_inv: shape [2, 3], "
+                                   "config.json says [2, 4]");
+    fp8_tensors(&s, NULL, NULL);
+    expect_tensors_refused(&plain, &s, "F8_E4M3, but config.json has no quantization_config");
+    expect_tensors_refused(&skip_q, &s, "does not quantize model.layers.0.self_attn.q_proj "
+                                        "(modules_to_not_convert)");
+    /* a scale beside a float weight */
+    fp8_tensors(&s, "model.layers.1.mlp.gate_proj.weight", NULL);
+    add(&s, "model.layers.1.mlp.gate_proj.weight_scale_inv", 2, 4, 2);
+    expect_tensors_refused(&c, &s, "its weight model.layers.1.mlp.gate_proj.weight is BF16, not quantized");
+    /* the wrong scheme's dtype and scale name */
+    fp8_tensors(&s, NULL, NULL);
+    s.refs[ref_index(&s, "model.layers.0.self_attn.v_proj.weight")].dtype = TP_I8;
+    expect_tensors_refused(&c, &s, "dtype I8, but config.json's quant_method \"fp8\" stores F8_E4M3");
+    fp8_tensors(&s, NULL, NULL);
+    add(&s, "model.layers.0.self_attn.v_proj.weight_scale", 1, 64, 0);
+    expect_tensors_refused(&c, &s, "names its scales *.weight_scale_inv");
+    /* what tprun runs only unquantized: a norm, a bias, and lm_head unless declared */
+    fp8_tensors(&s, NULL, NULL);
+    s.refs[ref_index(&s, "model.layers.0.self_attn.q_norm.weight")].dtype = TP_F8_E4M3;
+    expect_tensors_refused(&c, &s, "tprun runs this tensor only unquantized");
+    fp8_tensors(&s, NULL, NULL);
+    s.refs[ref_index(&s, "lm_head.weight")].dtype = TP_F8_E4M3;
+    add(&s, "lm_head.weight_scale_inv", 2, 16, 2);
+    expect_tensors_refused(&c, &s, "does not quantize lm_head");
+    tp_model_config all;
+    CHECK(parse(FP8_CFG(", \"modules_to_not_convert\": []"), &all, &err) == 0, "%s", err.msg);
+    CHECK(tp_arch_check_tensors(&all, s.refs, s.n, &err) == 0, "quantized lm_head, declared: %s", err.msg);
+    s.n--;
+    expect_tensors_refused(&all, &s, "tensor lm_head.weight_scale_inv is missing");
+
+    CHECK(tp_arch_quantizable(TP_ARCH_QWEN3, "model.layers.3.mlp.down_proj.weight") &&
+          tp_arch_quantizable(TP_ARCH_QWEN3, "lm_head.weight") &&
+          tp_arch_quantizable(TP_ARCH_QWEN3_MOE, "model.layers.0.mlp.experts.7.up_proj.weight") &&
+          !tp_arch_quantizable(TP_ARCH_QWEN3_MOE, "model.layers.0.mlp.gate.weight") &&
+          !tp_arch_quantizable(TP_ARCH_QWEN3_MOE, "model.layers.0.mlp.experts.gate_up_proj") &&
+          !tp_arch_quantizable(TP_ARCH_QWEN3, "model.layers.0.input_layernorm.weight") &&
+          !tp_arch_quantizable(TP_ARCH_QWEN3, "model.layers.0.self_attn.q_proj.bias") &&
+          !tp_arch_quantizable(TP_ARCH_QWEN3, "model.embed_tokens.weight"),
+          "tp_arch_quantizable: linear layers and lm_head only");
+}
+
 int main(void)
 {
     test_cut_overflow();
@@ -387,5 +559,7 @@ int main(void)
     test_moe_tensors();
     test_index();
     test_plan();
+    test_quant_config();
+    test_quant_tensors();
     return check_finish("test_arch");
 }

@@ -1,5 +1,7 @@
 /* test_gemm_cpu.c - every GEMV/GEMM path this CPU can run (forced with
- * tpg_set_isa), for bf16, f16 and f32 weights, against tpg_matmul_ref:
+ * tpg_set_isa), for bf16, f16 and f32 weights, against tpg_matmul_ref, and
+ * for fp8 (e4m3, block scales) and int8 (row scales) against tpg_job_ref,
+ * with slices whose block origin is not 0:
  * odd sizes (tails, partial tiles, partial blocks), one thread and a pool,
  * batches of jobs, and guard values around each output (nothing written
  * outside y). */
@@ -96,12 +98,88 @@ static void make_case(job_case *c, tp_dtype dt, int n, int rows, int cols)
             c->bound[(size_t)t * rows + o] = (cols + 2) * 1.2e-7 * s + 1e-30;
         }
     free(wv);
-    c->job = (tpg_job){ c->ybuf + GUARD, c->x, n, c->w, dt, rows, cols };
+    c->job = (tpg_job){ .y = c->ybuf + GUARD, .x = c->x, .n = n, .w = c->w, .dt = dt,
+                        .rows = rows, .cols = cols };
+}
+
+static void free_case(job_case *c)
+{
+    free(c->w); free(c->x); free(c->ybuf); free(c->want); free(c->bound);
+}
+
+/* An 8-bit case: random e4m3 bytes (NaN bytes excluded) with a block grid
+ * [B0 x B1 blocks] seen from origin (o0, o1) and three spare floats per grid
+ * row (stride > grid columns), or random int8 with a scale per row.  The
+ * scales are powers of two times [0.5, 1): varied, never subnormal. */
+static void make_q8_case(job_case *c, tp_dtype dt, int n, int rows, int cols, int b0, int b1,
+                         int o0, int o1)
+{
+    size_t wn = (size_t)rows * cols, yn = (size_t)n * rows;
+    uint8_t *w = malloc(wn + 1);
+    for (size_t i = 0; i < wn; i++) {
+        uint8_t b = (uint8_t)(frand() * 128.0f + 128.0f);
+        if (dt == TP_F8_E4M3 && (b & 0x7f) == 0x7f)
+            b ^= 1;   /* 0x7e: 448, the largest finite */
+        w[i] = b;
+    }
+    tpg_quant q = { 0 };
+    size_t ns;
+    if (dt == TP_F8_E4M3) {
+        int grid_rows = (o0 + rows - 1) / b0 + 1, grid_cols = (o1 + cols - 1) / b1 + 1;
+        q = (tpg_quant){ .stride = grid_cols + 3, .block = { b0, b1 }, .origin = { o0, o1 } };
+        ns = (size_t)grid_rows * q.stride;
+    } else {
+        ns = (size_t)rows;
+    }
+    float *scale = malloc((ns + 1) * sizeof *scale);
+    for (size_t i = 0; i < ns; i++)
+        scale[i] = ldexpf(0.75f + 0.25f * frand(), -(int)(i % 13) - 2);
+    q.scale = scale;
+    c->w = w;
+    c->x = malloc(((size_t)n * cols + 1) * sizeof *c->x);
+    for (size_t i = 0; i < (size_t)n * cols; i++)
+        c->x[i] = frand() * 2.0f;
+    c->ybuf = malloc((yn + 2 * GUARD) * sizeof *c->ybuf);
+    for (size_t i = 0; i < yn + 2 * GUARD; i++)
+        c->ybuf[i] = GUARD_VALUE;
+    c->want = malloc((yn + 1) * sizeof *c->want);
+    c->bound = malloc((yn + 1) * sizeof *c->bound);
+    c->job = (tpg_job){ .y = c->want, .x = c->x, .n = n, .w = w, .dt = dt, .rows = rows,
+                        .cols = cols, .q = q };
+    tpg_job_ref(&c->job);
+    /* the reference's weights, from FORMAT.md's formula written out here */
+    int bad = 0;
+    for (int r = 0; r < rows && !bad; r++)
+        for (int i = 0; i < cols; i++) {
+            float v = dt == TP_I8 ? (float)(int8_t)w[(size_t)r * cols + i] * scale[r]
+                    : tp_f8e4m3_to_f32(w[(size_t)r * cols + i]) *
+                      scale[(size_t)((o0 + r) / b0) * q.stride + (o1 + i) / b1];
+            if (tpg_weight(&c->job, r, i) != v && !bad++)
+                CHECK(0, "tpg_weight %s [%d][%d] = %g, FORMAT.md says %g", dt == TP_I8 ? "int8"
+                      : "fp8", r, i, tpg_weight(&c->job, r, i), v);
+        }
+    for (int t = 0; t < n; t++)
+        for (int o = 0; o < rows; o++) {
+            double sum = 0;
+            for (int i = 0; i < cols; i++)
+                sum += fabs((double)c->x[(size_t)t * cols + i] * tpg_weight(&c->job, o, i));
+            /* summation order, plus one rounding more per product (the
+             * scale applied to x or to the sum) */
+            c->bound[(size_t)t * rows + o] = (cols + 4) * 1.2e-7 * sum + 1e-30;
+        }
+    c->job.y = c->ybuf + GUARD;
+}
+
+static void free_q8_case(job_case *c)
+{
+    free((void *)c->job.q.scale);
+    free_case(c);
 }
 
 static const char *dt_name(tp_dtype dt)
 {
-    return dt == TP_BF16 ? "bf16" : dt == TP_F16 ? "f16" : "f32";
+    return dt == TP_BF16 ? "bf16" : dt == TP_F16 ? "f16" : dt == TP_F32 ? "f32"
+         : dt == TP_F8_E4M3 ? "fp8" : "int8";
 }
 
 /* Checks c's output against the reference and the guards; returns the
@@ -131,10 +209,6 @@ static int check_case(const job_case *c, const char *what)
     return 0;
 }
 
-static void free_case(job_case *c)
-{
-    free(c->w); free(c->x); free(c->ybuf); free(c->want); free(c->bound);
-}
 
 static const tp_dtype DTYPES[] = { TP_BF16, TP_F16, TP_F32 };
 /* tails of 32/16/8 lanes (95: the bf16 GEMV's 31-column tail), partial tiles (6x4, 3x4), several GEMM blocks (cols
@@ -175,6 +249,62 @@ static void test_path(tpg_isa isa, tp_pool *pool)
     printf("  %s: %d products and a batch of %d checked\n", what, cases, NJ);
 }
 
+/* 8-bit block geometries: block sizes and the slice's origin inside its
+ * first block (a rank's slice that starts inside a block), 128 x 128 as
+ * published, small blocks so that rows of one SIMD group straddle block
+ * rows, and odd ones whose segments end between SIMD steps. */
+static const int Q8_BLOCKS[][4] = { { 128, 128, 0, 0 }, { 128, 128, 96, 32 }, { 4, 16, 1, 5 },
+                                    { 3, 5, 2, 4 }, { 128, 128, 127, 127 }, { 2, 32, 0, 16 } };
+static const int Q8_SHAPES[][2] = { { 1, 1 }, { 3, 7 }, { 37, 33 }, { 9, 257 }, { 70, 64 },
+                                    { 6, 95 }, { 5, 300 }, { 33, 1024 } };
+
+static void test_q8_path(tpg_isa isa, tp_pool *pool)
+{
+    char what[64];
+    snprintf(what, sizeof what, "%s, %s", tpg_isa_name(isa), pool ? "pool of 3" : "one thread");
+    int cases = 0;
+    static const tp_dtype Q8[] = { TP_F8_E4M3, TP_I8 };
+    for (size_t d = 0; d < 2; d++)
+        for (size_t b = 0; b < sizeof Q8_BLOCKS / sizeof Q8_BLOCKS[0]; b++) {
+            if (Q8[d] == TP_I8 && b > 0)
+                break;   /* int8 has no blocks */
+            for (size_t s = 0; s < sizeof Q8_SHAPES / sizeof Q8_SHAPES[0]; s++)
+                for (size_t k = 0; k < sizeof NS / sizeof NS[0]; k++) {
+                    const int *g = Q8_BLOCKS[b];
+                    job_case c;
+                    make_q8_case(&c, Q8[d], NS[k], Q8_SHAPES[s][0], Q8_SHAPES[s][1], g[0], g[1],
+                                 g[2], g[3]);
+                    tpg_matmul_batch(&c.job, 1, pool);
+                    if (check_case(&c, what))
+                        fprintf(stderr, "  (blocks %d x %d, origin %d, %d)\n", g[0], g[1], g[2],
+                                g[3]);
+                    free_q8_case(&c);
+                    cases++;
+                }
+        }
+    /* fp8, int8 and bf16 jobs in one parallel section, GEMV and GEMM */
+    enum { NJ = 6 };
+    job_case cs[NJ];
+    tpg_job jobs[NJ];
+    for (int i = 0; i < NJ; i++) {
+        if (i % 3 == 2)
+            make_case(&cs[i], TP_BF16, i % 2 ? 1 : 4, 40 + i, 200 + i);
+        else
+            make_q8_case(&cs[i], i % 3 ? TP_I8 : TP_F8_E4M3, i % 2 ? 1 : 4, 40 + i, 200 + i,
+                         8, 64, i, 3 * i);
+        jobs[i] = cs[i].job;
+    }
+    tpg_matmul_batch(jobs, NJ, pool);
+    for (int i = 0; i < NJ; i++) {
+        check_case(&cs[i], what);
+        if (i % 3 == 2)
+            free_case(&cs[i]);
+        else
+            free_q8_case(&cs[i]);
+    }
+    printf("  %s: %d 8-bit products and a mixed batch of %d checked\n", what, cases, NJ);
+}
+
 int main(void)
 {
     CHECK(tpg_set_isa(TPG_ISA_COUNT) < 0, "an unknown path was accepted");
@@ -194,6 +324,8 @@ int main(void)
               tpg_isa_name((tpg_isa)isa));
         test_path((tpg_isa)isa, NULL);
         test_path((tpg_isa)isa, pool);
+        test_q8_path((tpg_isa)isa, NULL);
+        test_q8_path((tpg_isa)isa, pool);
         run++;
     }
     tp_pool_destroy(pool);

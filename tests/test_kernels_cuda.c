@@ -32,6 +32,7 @@ int main(void)
 #include <string.h>
 
 #include "kernels_cpu.h"
+#include "gemm_cpu.h"
 #include "cuda/kernels_cuda.h"
 #include "runtime.h"
 
@@ -353,6 +354,105 @@ static void test_gemm(void)
         }
     tpc_free(dw); tpc_free(dbias);
     free(w); free(w32); free(bias);
+    tpc_blas_destroy(h);
+}
+
+/* ------------------------------------------------------ 8-bit weights */
+
+/* 8-bit weights against gemm_cpu's reference (tpg_job_ref: each weight
+ * dequantized in fp32 as FORMAT.md says, double accumulation): the GEMV
+ * with fp32 activations; the dequantization to bf16 bit for bit; the
+ * prefill path (bf16 weights and activations) against the same product of
+ * the bf16-rounded operands.  fp8 block grids with slices whose origin is
+ * not 0, odd blocks, and a grid stride wider than the slice's. */
+static void test_gemm_q8(void)
+{
+    static const int GEOM[][4] = { { 128, 128, 0, 0 }, { 128, 128, 96, 32 }, { 3, 5, 2, 4 } };
+    const int in = 200, out = 67;
+    tpc_blas h;
+    MUST(tpc_blas_create(&h, NULL, &err));
+    for (int d = 0; d < 2; d++)
+        for (int g = 0; g < 3; g++) {
+            tp_dtype dt = d ? TP_I8 : TP_F8_E4M3;
+            if (dt == TP_I8 && g > 0)
+                break;
+            const char *dn = dt == TP_I8 ? "int8" : "fp8";
+            uint8_t *w = malloc((size_t)out * in);
+            for (size_t i = 0; i < (size_t)out * in; i++) {
+                uint8_t b = (uint8_t)(frand() * 128.0f + 128.0f);
+                w[i] = dt == TP_F8_E4M3 && (b & 0x7f) == 0x7f ? (uint8_t)(b ^ 1) : b;
+            }
+            tpg_quant q = { 0 };
+            size_t ns = (size_t)out;
+            if (dt == TP_F8_E4M3) {
+                const int *gm = GEOM[g];
+                int gr = (gm[2] + out - 1) / gm[0] + 1, gc = (gm[3] + in - 1) / gm[1] + 1;
+                q = (tpg_quant){ .stride = gc + 2, .block = { gm[0], gm[1] },
+                                 .origin = { gm[2], gm[3] } };
+                ns = (size_t)gr * q.stride;
+            }
+            float *scale = malloc(ns * sizeof *scale);
+            for (size_t i = 0; i < ns; i++)
+                scale[i] = ldexpf(0.75f + 0.25f * frand(), -(int)(i % 7) - 3);
+            q.scale = scale;
+            uint8_t *dw = dev_copy(w, (size_t)out * in);
+            float *dscale = dev_copy(scale, ns * sizeof *scale);
+            tpc_q8 wq = { .w = dw, .dt = dt, .scale = dscale, .stride = q.stride,
+                          .block = { q.block[0], q.block[1] },
+                          .origin = { q.origin[0], q.origin[1] } };
+            /* the dequantized weights, bit for bit */
+            uint16_t *dwb = dev_copy(NULL, (size_t)out * in * 2);
+            uint16_t *wb = malloc((size_t)out * in * 2);
+            MUST(tpc_dequant_q8_bf16(dwb, wq, out, in, NULL, &err));
+            fetch(wb, dwb, (size_t)out * in * 2);
+            tpg_job jw = { .w = w, .dt = dt, .rows = out, .cols = in, .q = q };
+            float *wr = malloc((size_t)out * in * 4);
+            int bad = 0;
+            for (int r = 0; r < out; r++)
+                for (int c = 0; c < in; c++) {
+                    wr[(size_t)r * in + c] = from_bf16(to_bf16(tpg_weight(&jw, r, c)));
+                    if (wb[(size_t)r * in + c] != to_bf16(tpg_weight(&jw, r, c)) && !bad++)
+                        CHECK(0, "dequant_q8_bf16 %s geometry %d: [%d][%d] = %#x, want %#x", dn, g,
+                              r, c, wb[(size_t)r * in + c], to_bf16(tpg_weight(&jw, r, c)));
+                }
+            float *bias = rand_vec(out, 1);
+            float *dbias = dev_copy(bias, out * 4);
+            static const int NS[] = { 1, 3, TPC_Q8_GEMV_MAX_N + 5 };
+            for (int k = 0; k < 3; k++) {
+                int n = NS[k];
+                float *x = rand_vec((size_t)n * in, 2);
+                float *ref = malloc((size_t)n * out * 4), *got = malloc((size_t)n * out * 4);
+                if (n <= TPC_Q8_GEMV_MAX_N) {
+                    jw.x = x; jw.y = ref; jw.n = n;
+                    tpg_job_ref(&jw);
+                } else {   /* bf16 operands, as tpc_gemm_bf16 */
+                    float *xr = malloc((size_t)n * in * 4);
+                    for (size_t i = 0; i < (size_t)n * in; i++)
+                        xr[i] = from_bf16(to_bf16(x[i]));
+                    tpk_matmul(ref, xr, wr, NULL, n, in, out);
+                    free(xr);
+                }
+                for (int t = 0; t < n; t++)
+                    for (int o = 0; o < out; o++)
+                        ref[(size_t)t * out + o] += bias[o];
+                float *dx = dev_copy(x, (size_t)n * in * 4), *dy = dev_copy(NULL, (size_t)n * out * 4);
+                uint16_t *dxb = dev_copy(NULL, (size_t)n * in * 2);
+                MUST(tpc_gemm_q8(h, dy, dx, dxb, wq, dwb, dbias, n, in, out, NULL, &err));
+                fetch(got, dy, (size_t)n * out * 4);
+                double e = rel_err(got, ref, (size_t)n * out);
+                CHECK(e < (n <= TPC_Q8_GEMV_MAX_N ? 1e-5 : 1e-4), "gemm_q8 %s geometry %d n=%d: err %g",
+                      dn, g, n, e);
+                tpc_free(dx); tpc_free(dy); tpc_free(dxb);
+                free(x); free(ref); free(got);
+            }
+            tpc_free(dw); tpc_free(dscale); tpc_free(dwb); tpc_free(dbias);
+            free(w); free(scale); free(wb); free(wr); free(bias);
+        }
+    /* a block origin outside its block is refused, naming the kernel */
+    tpc_q8 badq = { .w = (const uint8_t *)&err, .dt = TP_F8_E4M3, .scale = (const float *)&err,
+                    .stride = 4, .block = { 16, 16 }, .origin = { 16, 0 } };
+    CHECK(tpc_gemv_q8(NULL, NULL, badq, NULL, 1, 32, 8, NULL, &err) < 0 &&
+          strstr(err.msg, "gemv_q8"), "a bad fp8 origin: \"%s\"", err.msg);
     tpc_blas_destroy(h);
 }
 
@@ -928,6 +1028,7 @@ int main(void)
     test_attention();
     test_elementwise();
     test_gemm();
+    test_gemm_q8();
     test_argmax();
     test_router_logits();
     test_router_topk();

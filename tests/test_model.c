@@ -15,7 +15,10 @@
  *  2. every tests/models/<name>/ against its reference.json (transformers,
  *     fp32): last-position logits of each prompt and the greedy tokens, at
  *     tp 1, 2 and 4;
- *  3. config parsing and the errors that name the key or the tensor.
+ *  3. config parsing and the errors that name the key or the tensor;
+ *  4. 8-bit weights (fp8 with block scales, int8 with row scales; FORMAT.md
+ *     1.5) against the same model with the dequantized weights in f32, at
+ *     tp 1, 2, 4, with blocks that the slices cut through.
  *
  * Tolerance: the weights are bf16 values, exact in fp32, so the runtime and
  * transformers (fp32) compute the same function and differ only in the
@@ -143,6 +146,7 @@ typedef struct src_model {
     /* what the sharder needs to know */
     int n_heads, n_kv, head_dim, intermediate, vocab;
     bool vocab_parallel;
+    int q_block[2];   /* fp8 weight_block_size: how *.weight_scale_inv is cut */
 } src_model;
 
 static float src_val(const src_tensor *t, size_t i)
@@ -151,6 +155,8 @@ static float src_val(const src_tensor *t, size_t i)
     switch (t->dt) {
     case TP_BF16: memcpy(&h, t->bytes + 2 * i, 2); return tp_bf16_to_f32(h);
     case TP_F16: memcpy(&h, t->bytes + 2 * i, 2); return tp_f16_to_f32(h);
+    case TP_F8_E4M3: return tp_f8e4m3_to_f32(t->bytes[i]);
+    case TP_I8: return (float)(int8_t)t->bytes[i];
     default: { float f; memcpy(&f, t->bytes + 4 * i, 4); return f; }
     }
 }
@@ -169,6 +175,38 @@ static bool ends_with(const char *s, const char *suf)
     return a >= b && strcmp(s + a - b, suf) == 0;
 }
 
+static void plan_split(const src_model *s, const src_tensor *t, int rank, int world, tp_split *sp,
+                       bool *reduce_bias);
+
+/* A scale tensor is cut along its weight's split (FORMAT.md 1.5): fp8 block
+ * rows / columns [floor(start / B), ceil(end / B)), so that neighbouring
+ * ranks may share a block; int8 row scales like a colwise weight's rows,
+ * whole for a rowwise one.  False when t is not a scale tensor. */
+static bool plan_scale_split(const src_model *s, const src_tensor *t, int rank, int world,
+                             tp_split *sp)
+{
+    bool fp8 = ends_with(t->name, ".weight_scale_inv");
+    if (!fp8 && !ends_with(t->name, ".weight_scale"))
+        return false;
+    char wname[160];
+    snprintf(wname, sizeof wname, "%.*s", (int)(strstr(t->name, ".weight_scale") - t->name + 7),
+             t->name);
+    const src_tensor *w = src_find(s, wname);
+    bool rb;
+    plan_split(s, w, rank, world, sp, &rb);
+    if (sp->dim < 0)
+        return true;
+    if (!fp8) {
+        if (sp->dim == 1)
+            sp->dim = -1;
+        return true;
+    }
+    uint64_t b = (uint64_t)s->q_block[sp->dim];
+    sp->start[0] /= b;
+    sp->end[0] = (sp->end[0] + b - 1) / b;
+    return true;
+}
+
 /* The plan: which dim is split and this rank's range of it. */
 static void plan_split(const src_model *s, const src_tensor *t, int rank, int world, tp_split *sp,
                        bool *reduce_bias)
@@ -176,7 +214,7 @@ static void plan_split(const src_model *s, const src_tensor *t, int rank, int wo
     memset(sp, 0, sizeof *sp);
     sp->dim = -1;
     *reduce_bias = false;
-    if (world == 1)
+    if (world == 1 || plan_scale_split(s, t, rank, world, sp))
         return;
     const char *n = t->name;
     uint64_t rows = t->shape[0];
@@ -785,6 +823,8 @@ static int load_hf(src_model *s, tp_st_set *set, const char *dir, const char *na
         return -1;
     s->n_heads = c.n_heads; s->n_kv = c.n_kv_heads; s->head_dim = c.head_dim;
     s->intermediate = c.intermediate; s->vocab = c.vocab;
+    s->q_block[0] = c.quant_block[0];
+    s->q_block[1] = c.quant_block[1];
     if (set->n_tensors > sizeof s->t / sizeof s->t[0])
         return tp_errorf(err, "%s: too many tensors for the test", dir);
     for (size_t i = 0; i < set->n_tensors; i++) {
@@ -796,6 +836,18 @@ static int load_hf(src_model *s, tp_st_set *set, const char *dir, const char *na
         d->shape[0] = t->shape[0];
         d->shape[1] = t->ndim == 2 ? t->shape[1] : 0;
         d->bytes = t->data;
+        /* BF16 / F16 scales (as some FP8 releases ship them) are widened to
+         * F32, as tpconvert stores them (FORMAT.md 1.5); free_src frees them */
+        if ((ends_with(d->name, ".weight_scale_inv") || ends_with(d->name, ".weight_scale")) &&
+            d->dt != TP_F32) {
+            size_t cnt = d->shape[0] * (d->ndim == 2 ? d->shape[1] : 1);
+            float *f = malloc((cnt ? cnt : 1) * sizeof *f);
+            for (size_t k = 0; k < cnt; k++)
+                f[k] = src_val(d, k);
+            d->owned = (uint8_t *)f;
+            d->bytes = d->owned;
+            d->dt = TP_F32;
+        }
     }
     return 0;
 }
@@ -914,7 +966,7 @@ static void test_reference_model(const char *dir, const char *name)
         compare_reference(name, ref_path, s->vocab, worlds, nw, run_src, s);
         free(ref_path);
     }
-    free(s->config_json);
+    free_src(s);
     free(s);
     tp_st_set_close(&set);
 }
@@ -1108,6 +1160,200 @@ static void test_create_errors(void)
     free(s);
 }
 
+/* ------------------------------------------------------- 8-bit weights */
+
+static bool is_linear_weight(const char *name)
+{
+    static const char *const LINEAR[] = { "q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                          "o_proj.weight", "gate_proj.weight", "up_proj.weight",
+                                          "down_proj.weight", "lm_head.weight" };
+    for (size_t i = 0; i < sizeof LINEAR / sizeof LINEAR[0]; i++)
+        if (ends_with(name, LINEAR[i]))
+            return true;
+    return false;
+}
+
+/* A copy of s whose tensors point at s's bytes (s must outlive it). */
+static src_model *src_view(const src_model *s)
+{
+    src_model *v = malloc(sizeof *v);
+    memcpy(v, s, sizeof *v);
+    for (size_t i = 0; i < v->n; i++)
+        v->t[i].owned = NULL;
+    v->config_json = strdup(s->config_json);
+    return v;
+}
+
+static uint8_t *tensor_buffer(src_tensor *t, tp_dtype dt, size_t count)
+{
+    t->dt = dt;
+    t->owned = malloc(count * tp_dtype_size(dt) + 1);
+    t->bytes = t->owned;
+    return t->owned;
+}
+
+/* Quantizes every linear weight of s as tpconvert --quantize does (fp8: one
+ * scale = amax / 448 per B0 x B1 block; int8: amax / 127 per row, rounded
+ * to nearest) into *qm (8-bit weights + scale tensors, the config's
+ * quantization_config added) and *dm (the dequantized values in f32, the
+ * original config).  Both borrow s's other tensors. */
+static void quantize_src(const src_model *s, tp_dtype qdt, int b0, int b1, src_model **qm,
+                         src_model **dm)
+{
+    src_model *q = src_view(s), *d = src_view(s);
+    bool fp8 = qdt == TP_F8_E4M3;
+    q->q_block[0] = b0;
+    q->q_block[1] = b1;
+    char qc[256];
+    /* modules_to_not_convert [] (nothing skipped): lm_head is quantized too */
+    snprintf(qc, sizeof qc, fp8 ? ", \"quantization_config\": {\"quant_method\": \"fp8\", "
+             "\"weight_block_size\": [%d, %d], \"activation_scheme\": \"dynamic\", "
+             "\"modules_to_not_convert\": []}}"
+             : ", \"quantization_config\": {\"quant_method\": \"tpshard_int8\", "
+             "\"modules_to_not_convert\": []}}", b0, b1);
+    size_t len = strlen(q->config_json);
+    q->config_json = realloc(q->config_json, len + strlen(qc) + 1);
+    strcpy(strrchr(q->config_json, '}'), qc);
+    size_t n0 = s->n;
+    for (size_t i = 0; i < n0; i++) {
+        const src_tensor *t = &s->t[i];
+        if (t->ndim != 2 || !is_linear_weight(t->name))
+            continue;
+        size_t R = t->shape[0], C = t->shape[1];
+        size_t gr = fp8 ? (R + b0 - 1) / b0 : R, gc = fp8 ? (C + b1 - 1) / b1 : 1;
+        src_tensor *st = &q->t[q->n++];
+        snprintf(st->name, sizeof st->name, "%s%s", t->name, fp8 ? "_scale_inv" : "_scale");
+        st->ndim = fp8 ? 2 : 1;
+        st->shape[0] = gr;
+        st->shape[1] = fp8 ? gc : 0;
+        float *scale = (float *)tensor_buffer(st, TP_F32, gr * gc);
+        for (size_t bi = 0; bi < gr; bi++)
+            for (size_t bj = 0; bj < gc; bj++) {
+                size_t rs = fp8 ? bi * b0 : bi, re = fp8 ? rs + b0 : rs + 1;
+                size_t cs = fp8 ? bj * b1 : 0, ce = fp8 ? cs + b1 : C;
+                float amax = 0;
+                for (size_t r = rs; r < re && r < R; r++)
+                    for (size_t c = cs; c < ce && c < C; c++)
+                        amax = fmaxf(amax, fabsf(src_val(t, r * C + c)));
+                scale[bi * gc + bj] = amax > 0 ? amax / (fp8 ? 448.0f : 127.0f) : 1.0f;
+            }
+        uint8_t *qb = tensor_buffer(&q->t[i], qdt, R * C);
+        float *dv = (float *)tensor_buffer(&d->t[i], TP_F32, R * C);
+        for (size_t r = 0; r < R; r++)
+            for (size_t c = 0; c < C; c++) {
+                float sc = fp8 ? scale[(r / b0) * gc + c / b1] : scale[r];
+                float v = src_val(t, r * C + c) / sc;
+                size_t k = r * C + c;
+                if (fp8) {
+                    qb[k] = tp_f32_to_f8e4m3(v);
+                    dv[k] = tp_f8e4m3_to_f32(qb[k]) * sc;
+                } else {
+                    long iv = lrintf(v);
+                    qb[k] = (uint8_t)(int8_t)(iv > 127 ? 127 : iv < -127 ? -127 : iv);
+                    dv[k] = (float)(int8_t)qb[k] * sc;
+                }
+            }
+    }
+    *qm = q;
+    *dm = d;
+}
+
+static void free_view(src_model *v)
+{
+    free_src(v);
+    free(v);
+}
+
+/* The quantized model at tp 1, 2, 4 against the naive forward of the
+ * dequantized one: the same function (the runtime's products differ only
+ * in where the scale is applied and in summation order). */
+static void test_quantized_model(tp_dtype qdt)
+{
+    /* qwen3, untied so that lm_head is quantized too; blocks of 24 x 12 rows
+     * x columns: every tp > 1 cuts blocks (q rows 32 / 16 per rank, gate /
+     * up 20 / 10, o / down columns likewise) */
+    spec sp = SPECS[0];
+    sp.name = qdt == TP_F8_E4M3 ? "syn-qwen3-fp8" : "syn-qwen3-int8";
+    sp.tie = false;
+    src_model *s = malloc(sizeof *s), *q, *d;
+    make_synthetic(s, &sp);
+    quantize_src(s, qdt, 24, 12, &q, &d);
+    snprintf(q->name, sizeof q->name, "%s", sp.name);
+    enum { PREFILL = 9, STEPS = 3 };
+    int32_t ids[PREFILL + STEPS];
+    for (int i = 0; i < PREFILL + STEPS; i++)
+        ids[i] = (int32_t)(check_rng_uniform(&rng) * sp.vocab);
+    float *want = malloc((size_t)STEPS * sp.vocab * sizeof *want);
+    float *got = malloc((size_t)STEPS * sp.vocab * sizeof *got);
+    for (int st = 0; st < STEPS; st++)
+        naive_forward(d, &sp, ids, PREFILL + st, want + (size_t)st * sp.vocab);
+    static const int WORLDS[] = { 1, 2, 4 };
+    for (int w = 0; w < 3; w++) {
+        if (run_tp(q, WORLDS[w], ids, PREFILL, STEPS, got) < 0)
+            continue;
+        double worst = 0;
+        for (int st = 0; st < STEPS; st++) {
+            double e = logit_err(got + (size_t)st * sp.vocab, want + (size_t)st * sp.vocab,
+                                 sp.vocab);
+            if (e > worst) worst = e;
+        }
+        CHECK(worst <= 1e-4, "%s tp=%d: logits differ from the dequantized model's by %g "
+              "(relative)", sp.name, WORLDS[w], worst);
+        printf("%-28s tp=%d  max rel diff vs dequantized f32 %.2e over %d steps\n", sp.name,
+               WORLDS[w], worst, STEPS);
+    }
+    /* and the quantization is real: the original weights give other logits */
+    naive_forward(s, &sp, ids, PREFILL, got);
+    CHECK(logit_err(got, want, sp.vocab) > 1e-4, "%s: quantizing changed nothing", sp.name);
+    free(want); free(got);
+    free_view(q); free_view(d);
+    free_src(s);
+    free(s);
+}
+
+static src_tensor *src_find_mut(src_model *s, const char *name)
+{
+    return (src_tensor *)src_find(s, name);
+}
+
+/* Bad 8-bit tensors are refused by name. */
+static void test_quantized_errors(void)
+{
+    spec sp = SPECS[0];
+    src_model *s = malloc(sizeof *s), *q, *d;
+    make_synthetic(s, &sp);
+    quantize_src(s, TP_F8_E4M3, 24, 12, &q, &d);
+    const char *sname = "model.layers.1.mlp.down_proj.weight_scale_inv";
+    src_tensor *st = src_find_mut(q, sname), saved = *st;
+    /* a block column short: columns [0, 40) need block columns [0, 4) */
+    st->shape[1] -= 1;
+    expect_create_error(q, 0, 1, NULL, sname);
+    *st = saved;
+    snprintf(st->name, sizeof st->name, "model.layers.1.mlp.down_proj.renamed");
+    expect_create_error(q, 0, 1, NULL, sname);
+    *st = saved;
+    float keep = ((float *)st->owned)[3];
+    ((float *)st->owned)[3] = NAN;
+    expect_create_error(q, 0, 1, NULL, sname);
+    ((float *)st->owned)[3] = keep;
+    st->dt = TP_BF16;
+    expect_create_error(q, 0, 1, NULL, sname);
+    *st = saved;
+    /* 8-bit weights without quantization_config */
+    char *cfg = q->config_json;
+    q->config_json = s->config_json;
+    expect_create_error(q, 0, 1, NULL, "model.layers.0.self_attn.q_proj.weight");
+    q->config_json = cfg;
+    /* an 8-bit norm */
+    src_tensor *nt = src_find_mut(q, "model.norm.weight"), nsaved = *nt;
+    nt->dt = TP_I8;
+    expect_create_error(q, 0, 1, NULL, "model.norm.weight");
+    *nt = nsaved;
+    free_view(q); free_view(d);
+    free_src(s);
+    free(s);
+}
+
 /* A directory written by tpconvert: every rank loaded with the real loader
  * (checksums verified), run as threads, compared with reference.json. */
 typedef struct converted_ctx {
@@ -1248,6 +1494,9 @@ int main(int argc, char **argv)
     test_forward_errors();
     for (size_t i = 0; i < sizeof SPECS / sizeof SPECS[0]; i++)
         test_synthetic(&SPECS[i]);
+    test_quantized_model(TP_F8_E4M3);
+    test_quantized_model(TP_I8);
+    test_quantized_errors();
     test_reference_models();
     return check_finish("test_model");
 }

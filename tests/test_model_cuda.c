@@ -5,7 +5,10 @@
  * run on the CPU and with device "cuda" (prefill of the first prompt
  * tokens, then decode steps, then a reset and the prefill again, which must
  * repeat bit for bit), and the logits compared.  So are two of test_model.c's
- * synthetic models, whose f16 and f32 weights the upload rounds to bf16.
+ * synthetic models, whose f16 and f32 weights the upload rounds to bf16,
+ * and its qwen3 quantized to fp8 (blocks cut by the tp 2 slices) and int8,
+ * whose 8-bit weights and scales go to the device as stored (decode: the
+ * 8-bit GEMV; prefill: dequantized to bf16, then cuBLAS).
  *
  * The CPU runs take the ranks built in memory (run_tp); the cuda runs write
  * the same ranks to real rank files (zstd at tp 1, codec none at tp 2; 4 KiB
@@ -275,7 +278,7 @@ static void compare_model(const char *dir, const char *name)
         printf("%s: not compared here: 3-D (fused expert) tensors (tests/e2e_tprun.sh runs it on a GPU)\n", name);
     else
         compare_src(s);
-    free(s->config_json);
+    free_src(s);
     free(s);
     tp_st_set_close(&set);
 }
@@ -285,6 +288,22 @@ static void compare_synthetic(const spec *sp)
     src_model *s = malloc(sizeof *s);
     make_synthetic(s, sp);
     compare_src(s);
+    free_src(s);
+    free(s);
+}
+
+/* test_model.c's quantized qwen3 (lm_head quantized too), cpu vs cuda. */
+static void compare_quantized(tp_dtype qdt)
+{
+    spec sp = SPECS[0];
+    sp.tie = false;
+    src_model *s = malloc(sizeof *s), *q, *d;
+    make_synthetic(s, &sp);
+    quantize_src(s, qdt, 24, 12, &q, &d);
+    snprintf(q->name, sizeof q->name, "syn-qwen3-%s", qdt == TP_I8 ? "int8" : "fp8");
+    compare_src(q);
+    free_view(q);
+    free_view(d);
     free_src(s);
     free(s);
 }
@@ -319,6 +338,8 @@ int main(void)
     }
     compare_synthetic(&SPECS[1]);   /* f16 weights, qwen2 sliding window, q/k/v biases */
     compare_synthetic(&SPECS[2]);   /* f32 weights, llama3 rope, vocab-parallel, every bias */
+    compare_quantized(TP_F8_E4M3);
+    compare_quantized(TP_I8);
     CHECK(g_compared > 0, "no model was compared");
     printf("%d comparisons\n", g_compared);
     return check_finish("test_model_cuda");

@@ -136,6 +136,16 @@ MODELS = {
                         tie_word_embeddings=True, rope_theta=1000000.0,
                         use_sliding_window=False, sliding_window=None, max_window_layers=2),
                    True, 111),
+    # The source of the quantized fixtures (issue 11): hidden 256 and
+    # q/k/v/o 256 / 128 wide, so that 128 x 128 blocks are real, and
+    # intermediate 384, so that tp 4's slice (96 rows) starts and ends inside
+    # blocks.  kv heads 2: at tp 4 each kv head is on two ranks.
+    "qwen3-q256": (Qwen3Config, Qwen3ForCausalLM,
+                   dict(hidden_size=256, intermediate_size=384, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                        rope_theta=1000000.0, use_sliding_window=False, sliding_window=None,
+                        max_window_layers=2),
+                   True, 112),
 }
 
 # Keys removed from the Hub-style config.json (transformers writes them all).
@@ -473,6 +483,199 @@ def make_fused(src_name, name):
     print(f"{name}: {src_name}'s weights, experts fused")
 
 
+# ------------------------------------------------------- quantized fixtures
+#
+# FP8 as Qwen's Qwen3-*-FP8 releases: config.json's quantization_config
+# {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+# "weight_block_size": [128, 128]}, every linear layer of the decoder
+# F8_E4M3 with weight_scale_inv [ceil(out / 128), ceil(in / 128)]; the
+# embedding, the norms and the (tied) lm_head stay bf16.  The quantizer is
+# transformers' Fp8Quantize (integrations/finegrained_fp8.py), extended to
+# partial edge blocks the way tpconvert --quantize fp8 does it; on shapes
+# the block divides, the two are checked equal below.
+FP8_BLOCK = 128
+QUANT_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QWEN_FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                   "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+# name -> (bf16 source fixture, scale dtype, split into two files)
+FP8_MODELS = {
+    # F32 scales, and every scale in another file than its weight
+    "qwen3-fp8": ("qwen3-q256", torch.float32, True),
+    # BF16 scales, one file
+    "qwen3-fp8-bf16s": ("qwen3-q256", torch.bfloat16, False),
+}
+# tpconvert --quantize int8's reference (our own quant_method)
+INT8_MODELS = {"qwen3-int8": "qwen3-q256"}
+
+
+def quant_fp8(w):
+    """(e4m3 weight, fp32 weight_scale_inv) of a 2-D weight, per
+    FP8_BLOCK x FP8_BLOCK block (partial at the edges): scale = 448 / amax in
+    fp32 (1 for a zero block; torch computes it as (1 / amax) * 448),
+    q = e4m3(clamp(w * scale)), inv = 1 / scale."""
+    wf = w.float()
+    rows, cols = wf.shape
+    nbr, nbc = -(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK)
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    inv = torch.empty(nbr, nbc, dtype=torch.float32)
+    for i in range(nbr):
+        for j in range(nbc):
+            blk = wf[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK]
+            amax = blk.abs().amax()
+            # fmax / amax as transformers computes it: a Python float divided by
+            # a tensor is torch's reciprocal(amax) * fmax, two fp32 roundings
+            scale = torch.where(amax > 0, fmax / amax, torch.tensor(1.0))
+            inv[i, j] = 1.0 / scale
+            q[i * FP8_BLOCK:(i + 1) * FP8_BLOCK, j * FP8_BLOCK:(j + 1) * FP8_BLOCK] = \
+                torch.clamp(blk * scale, min=-fmax, max=fmax).to(torch.float8_e4m3fn)
+    return q, inv
+
+
+def check_against_transformers(w, q, inv):
+    """On a shape the block divides, quant_fp8 must be transformers' own."""
+    from types import SimpleNamespace
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+    op = Fp8Quantize(SimpleNamespace(quantization_config=FineGrainedFP8Config()))
+    out = op.convert({"x.weight": w})
+    assert torch.equal(out["x.weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(out["x.weight_scale_inv"], inv)
+
+
+def quant_int8(w):
+    """(int8 weight, fp32 weight_scale) per output row: scale = amax / 127
+    (1 for a zero row), q = round-half-even(w / scale) clamped to 127."""
+    wf = w.float()
+    amax = wf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.clamp(torch.round(wf / scale[:, None]), -127, 127).to(torch.int8)
+    return q, scale
+
+
+def is_quant_linear(name):
+    parts = name.split(".")
+    return name.startswith("model.layers.") and len(parts) >= 2 and parts[-1] == "weight" and \
+        parts[-2] in QUANT_LINEAR
+
+
+def reference_prompts(model, vocab, seed):
+    """make()'s prompts, last-position logits and greedy tokens for model."""
+    pgen = torch.Generator().manual_seed(seed + 1000)
+    prompts = []
+    for n in PROMPT_LENS:
+        ids = torch.randint(3, vocab, (n,), generator=pgen).tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        toks, margins = greedy(model, ids)
+        prompts.append({"ids": ids, "last_logits": [sig6(x) for x in logits.tolist()],
+                        "greedy": toks, "greedy_margins": margins})
+    return prompts
+
+
+def write_quant_fixture(name, src_name, tensors, dequant, quant_config, split, note):
+    """tests/models/<name>: src_name's config with quant_config, tensors
+    (split: every scale in a second file), and the reference of transformers'
+    fp32 forward on the dequantized weights (dequant: name -> fp32)."""
+    from safetensors.torch import load_file, save_file
+    src, out_dir = os.path.join(ROOT, src_name), os.path.join(ROOT, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    if split:
+        scales = {k: v for k, v in tensors.items() if "_scale" in k}
+        rest = {k: v for k, v in tensors.items() if "_scale" not in k}
+        files = {"model-00001-of-00002.safetensors": rest, "model-00002-of-00002.safetensors": scales}
+        weight_map = {k: fn for fn, part in files.items() for k in part}
+        for fn, part in files.items():
+            save_file(part, os.path.join(out_dir, fn), metadata={"format": "pt"})
+        total = sum(v.numel() * v.element_size() for v in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+                      f, indent=2)
+            f.write("\n")
+    else:
+        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = quant_config
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    shutil.copy(os.path.join(src, "generation_config.json"), out_dir)
+
+    # The reference: the model in fp32 with the dequantized weights.
+    cfg.pop("quantization_config")
+    config = Qwen3Config(**{k: v for k, v in cfg.items() if k not in ("architectures",)})
+    model = Qwen3ForCausalLM(config)
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    full = {k: v.float() for k, v in sd.items()}
+    full.update(dequant)
+    missing, unexpected = model.load_state_dict(full, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    model.tie_weights()
+    model = model.float().eval()
+    model.config._attn_implementation = "eager"
+    with open(os.path.join(src, "reference.json")) as f:
+        src_ref = json.load(f)
+    prompts = reference_prompts(model, config.vocab_size, MODELS[src_name][4])
+    produced = {t for p in prompts for t in p["greedy"]}
+    assert not produced & set(src_ref["eos_ids"]), (name, src_ref["eos_ids"])
+    ref = {"model": name, "torch": torch.__version__, "transformers": transformers.__version__,
+           "note": note, "n_new": N_NEW, "eos_ids": src_ref["eos_ids"], "prompts": prompts}
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump(ref, f, separators=(",", ":"))
+        f.write("\n")
+    for fn in os.listdir(out_dir):
+        os.chmod(os.path.join(out_dir, fn), 0o644)
+    err = max(float((torch.tensor(p["last_logits"]) - torch.tensor(q["last_logits"])).abs().max())
+              for p, q in zip(prompts, src_ref["prompts"]))
+    print(f"{name}: max |logit - {src_name}'s| {err:.4f}, smallest greedy margin "
+          f"{min(m for p in prompts for m in p['greedy_margins']):.4f}")
+
+
+def make_fp8(name):
+    from safetensors.torch import load_file
+    src_name, scale_dtype, split = FP8_MODELS[name]
+    sd = load_file(os.path.join(ROOT, src_name, "model.safetensors"))
+    tensors, dequant = {}, {}
+    for k, v in sd.items():
+        if not is_quant_linear(k):
+            tensors[k] = v
+            continue
+        q, inv = quant_fp8(v)
+        if v.shape[0] % FP8_BLOCK == 0 and v.shape[1] % FP8_BLOCK == 0:
+            check_against_transformers(v, q, inv)
+        inv = inv.to(scale_dtype)
+        tensors[k] = q
+        tensors[k[:-len("weight")] + "weight_scale_inv"] = inv
+        nr, nc = v.shape
+        dequant[k] = q.float() * inv.float().repeat_interleave(FP8_BLOCK, 0)[:nr] \
+                                             .repeat_interleave(FP8_BLOCK, 1)[:, :nc]
+    write_quant_fixture(name, src_name, tensors, dequant, dict(QWEN_FP8_CONFIG), split,
+                        "float32 forward of the dequantized fp8 weights (e4m3 x weight_scale_inv "
+                        f"as {str(scale_dtype)}, widened to fp32); greedy ignores eos; logits "
+                        "rounded to 6 significant digits")
+
+
+def make_int8(name):
+    from safetensors.torch import load_file
+    src_name = INT8_MODELS[name]
+    sd = load_file(os.path.join(ROOT, src_name, "model.safetensors"))
+    tensors, dequant = {}, {}
+    for k, v in sd.items():
+        if not is_quant_linear(k):
+            tensors[k] = v
+            continue
+        q, scale = quant_int8(v)
+        tensors[k] = q
+        tensors[k[:-len("weight")] + "weight_scale"] = scale
+        dequant[k] = q.float() * scale[:, None]
+    write_quant_fixture(name, src_name, tensors, dequant,
+                        {"quant_method": "tpshard_int8", "modules_to_not_convert": ["lm_head"]}, False,
+                        "float32 forward of the dequantized int8 weights (int8 x weight_scale per "
+                        "row); greedy ignores eos; logits rounded to 6 significant digits")
+
+
 # The configurations tests/test_kernels_cpu.c checks tpk_rope_inv_freq and
 # the attention factor on (llama, head_dim 16): (name, rope dict, seq_len
 # of the pass or None for init, max_position_embeddings).
@@ -514,17 +717,22 @@ def main():
     if sys.argv[1:] == ["--rope-reference"]:
         rope_reference()
         return
-    names = sys.argv[1:] or list(MODELS) + list(MOE_MODELS) + ["qwen3moe-fused"]
+    derived = list(FP8_MODELS) + list(INT8_MODELS)   # after their bf16 source
+    names = sys.argv[1:] or list(MODELS) + list(MOE_MODELS) + ["qwen3moe-fused"] + derived
     for n in names:
-        if n not in MODELS and n not in MOE_MODELS and n != "qwen3moe-fused":
+        if n not in MODELS and n not in MOE_MODELS and n != "qwen3moe-fused" and n not in derived:
             sys.exit(f"make_fixtures.py: unknown model {n} (known: {', '.join(MODELS)}, "
-                     f"{', '.join(MOE_MODELS)})")
+                     f"{', '.join(MOE_MODELS)}, {', '.join(derived)})")
     torch.set_num_threads(1)   # reproducible reductions
     for n in names:
         if n in MOE_MODELS:
             make_moe(n)
         elif n == "qwen3moe-fused":
             make_fused("qwen3moe-tiny", n)
+        elif n in FP8_MODELS:
+            make_fp8(n)
+        elif n in INT8_MODELS:
+            make_int8(n)
         else:
             make(n)
 

@@ -43,6 +43,12 @@ static void usage(FILE *f)
 "  --vocab-parallel       the default; accepted for older command lines\n"
 "  --expert-parallel      MoE: each rank holds num_experts/tp whole experts (default: every\n"
 "                         rank holds 1/tp of every expert)\n"
+"  --quantize fp8|int8    quantize the linear layers of a bf16/f16/f32 checkpoint:\n"
+"                         fp8: e4m3, one scale per 128x128 block (amax / 448, as Qwen's\n"
+"                         FP8 releases); int8: symmetric, one scale per output row\n"
+"                         (amax / 127).  Embedding, norms, router and lm_head stay as\n"
+"                         they are; config.json gets the quantization_config\n"
+"  --quantize-lm-head     with --quantize: lm_head too (not when tied to the embedding)\n"
 "  --compress none|zstd|exphuf\n"
 "                         codec of the tpshard files (default exphuf: the exponent in\n"
 "                         a byte plane of its own, Huffman-coded; on bf16 weights it\n"
@@ -186,7 +192,8 @@ int main(int argc, char **argv)
     int n_dirs = 0;
     bool vocab_parallel = true, dry_run = false, force = false, quiet = false, verbose = false;
     bool bundle = false, level_given = false, compress_given = false, vocab_given = false;
-    bool expert_parallel = false;
+    bool expert_parallel = false, quantize_lm_head = false;
+    tp_quant quantize = TP_QUANT_NONE;
     tp_write_opts wo = {.format = TP_OUT_TPSHARD, .codec = TP_CODEC_DEFAULT};
     uint64_t chunk = TP_DEFAULT_CHUNK;
 
@@ -215,6 +222,16 @@ int main(int argc, char **argv)
             vocab_parallel = false;
         } else if (!strcmp(a, "--expert-parallel")) {
             expert_parallel = true;
+        } else if (!strcmp(a, "--quantize")) {
+            NEED_VALUE();
+            if (!strcmp(v, "fp8"))
+                quantize = TP_QUANT_FP8_BLOCK;
+            else if (!strcmp(v, "int8"))
+                quantize = TP_QUANT_INT8_ROW;
+            else
+                return cli_arg_error("--quantize %s: expected fp8 or int8", v);
+        } else if (!strcmp(a, "--quantize-lm-head")) {
+            quantize_lm_head = true;
         } else if (!strcmp(a, "--compress")) {
             NEED_VALUE();
             int c = tp_codec_from_name(v, &wo.codec);
@@ -273,6 +290,8 @@ int main(int argc, char **argv)
         return cli_arg_error("--quiet and --verbose exclude each other");
     if (vocab_given && !vocab_parallel)
         return cli_arg_error("--vocab-parallel and --replicate-embedding exclude each other");
+    if (quantize_lm_head && quantize == TP_QUANT_NONE)
+        return cli_arg_error("--quantize-lm-head needs --quantize fp8|int8");
     if (rpn && !bundle)
         return cli_arg_error("--ranks-per-node needs --bundle");
     if (rpn > tp)
@@ -305,7 +324,8 @@ int main(int argc, char **argv)
     tp_err err = {{0}};
     tp_conversion conv;
     tp_prepare_opts popts = {.plan_path = plan, .vocab_parallel = vocab_parallel,
-                             .expert_parallel = expert_parallel};
+                             .expert_parallel = expert_parallel, .quantize = quantize,
+                             .quantize_lm_head = quantize_lm_head};
     if (tp_conversion_prepare_opts(&conv, dirs[0], (int)tp, &popts, &err) < 0)
         return cli_fail(&err);
     /* Before --dry-run prints and before anything is written: a tpshard

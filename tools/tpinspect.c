@@ -4,6 +4,7 @@
  * --rank R lists one rank's tensors (offsets, sizes, splits);
  * --rank R --tensor NAME --dump FILE writes one tensor's decoded bytes. */
 #include "cli.h"
+#include "convert.h"
 #include "loader.h"
 
 #include <cJSON.h>
@@ -37,7 +38,7 @@ typedef struct dtype_stats {
     uint64_t raw, stored;
     size_t tensors;
 } dtype_stats;
-#define N_DTYPES (TP_F32 + 1)
+#define N_DTYPES (TP_I8 + 1)   /* every tp_dtype, the 8-bit ones included */
 
 typedef struct rank_stats {
     uint64_t raw, stored;
@@ -95,6 +96,33 @@ static int gather(const char *dir, const tp_manifest *m, rank_stats *ranks, dtyp
     return 0;
 }
 
+/* The embedded config's quantization_config (FORMAT.md 1.5), parsed the
+ * way tprun parses it; false when there is none (or no config). */
+static bool manifest_quant(const tp_manifest *m, tp_model_config *cfg)
+{
+    tp_err ignored;
+    const char *js = m->config_json;
+    return js && tp_config_parse(cfg, js, strlen(js), "config.json", &ignored) == 0 &&
+           cfg->quant != TP_QUANT_NONE;
+}
+
+/* "fp8 (e4m3 weights, one F32 scale per 128x128 block), kept unquantized: lm_head" */
+static void quant_text(const tp_model_config *cfg, char *out, size_t cap)
+{
+    size_t used;
+    if (cfg->quant == TP_QUANT_FP8_BLOCK)
+        used = (size_t)snprintf(out, cap, "fp8 (e4m3 weights, one F32 scale per %dx%d block)",
+                                cfg->quant_block[0], cfg->quant_block[1]);
+    else
+        used = (size_t)snprintf(out, cap, "int8 (%s: int8 weights, one F32 scale per row)",
+                                tp_quant_method(cfg->quant));
+    const char *p = cfg->quant_skip;
+    for (int i = 0; i < cfg->n_quant_skip && used < cap; i++, p += strlen(p) + 1)
+        used += (size_t)snprintf(out + used, cap - used, "%s%s", i ? " " : ", kept unquantized: ", p);
+    if (cfg->n_quant_skip < 0 && used < cap)
+        snprintf(out + used, cap - used, ", kept unquantized: lm_head");
+}
+
 static void print_text(const char *dir, const tp_manifest *m, const rank_stats *ranks,
                        const dtype_stats *dts)
 {
@@ -105,6 +133,11 @@ static void print_text(const char *dir, const tp_manifest *m, const rank_stats *
     printf("  model type     %s\n", m->model_type ? m->model_type : "?");
     printf("  tp             %d%s%s\n", m->tp, m->vocab_parallel ? " (vocab parallel)" : "",
            m->expert_parallel ? " (expert parallel)" : "");
+    static tp_model_config cfg;   /* large: off the stack */
+    char quant[512] = "none";
+    if (manifest_quant(m, &cfg))
+        quant_text(&cfg, quant, sizeof quant);
+    printf("  quantization   %s\n", quant);
     printf("  codec          %s", m->codec ? m->codec : "?");
     if (m->codec && strcmp(m->codec, "zstd") == 0)
         printf(" level %d", m->level);
@@ -121,11 +154,11 @@ static void print_text(const char *dir, const tp_manifest *m, const rank_stats *
         raw += ranks[r].raw;
         stored += ranks[r].stored;
     }
-    printf("  %-5s %-36s %8s %14s %14s %7s\n", "dtype", "", "tensors", "raw bytes", "stored bytes",
+    printf("  %-7s %-34s %8s %14s %14s %7s\n", "dtype", "", "tensors", "raw bytes", "stored bytes",
            "ratio");
     for (int d = 1; d < N_DTYPES; d++)
         if (dts[d].tensors)
-            printf("  %-5s %-36s %8zu %14llu %14llu %7.3f\n", tp_dtype_name((tp_dtype)d), "",
+            printf("  %-7s %-34s %8zu %14llu %14llu %7.3f\n", tp_dtype_name((tp_dtype)d), "",
                    dts[d].tensors, (unsigned long long)dts[d].raw,
                    (unsigned long long)dts[d].stored, ratio(dts[d].raw, dts[d].stored));
     printf("  total: %llu raw bytes, %llu stored, ratio %.3f\n", (unsigned long long)raw,
@@ -142,6 +175,26 @@ static int print_json(const tp_manifest *m, const rank_stats *ranks, const dtype
     cJSON_AddStringToObject(o, "model_type", m->model_type ? m->model_type : "");
     cJSON_AddBoolToObject(o, "vocab_parallel", m->vocab_parallel);
     cJSON_AddBoolToObject(o, "expert_parallel", m->expert_parallel);
+    static tp_model_config cfg;   /* large: off the stack */
+    if (manifest_quant(m, &cfg)) {
+        cJSON *q = cJSON_AddObjectToObject(o, "quantization");
+        cJSON_AddStringToObject(q, "quant_method", tp_quant_method(cfg.quant));
+        cJSON_AddStringToObject(q, "weight_dtype", tp_dtype_name(tp_quant_dtype(cfg.quant)));
+        cJSON_AddStringToObject(q, "scale_suffix", tp_quant_scale_suffix(cfg.quant));
+        if (cfg.quant == TP_QUANT_FP8_BLOCK) {
+            cJSON *b = cJSON_AddArrayToObject(q, "weight_block_size");
+            cJSON_AddItemToArray(b, cJSON_CreateNumber(cfg.quant_block[0]));
+            cJSON_AddItemToArray(b, cJSON_CreateNumber(cfg.quant_block[1]));
+        }
+        cJSON *skip = cJSON_AddArrayToObject(q, "modules_to_not_convert");
+        const char *p = cfg.quant_skip;
+        for (int i = 0; i < cfg.n_quant_skip; i++, p += strlen(p) + 1)
+            cJSON_AddItemToArray(skip, cJSON_CreateString(p));
+        if (cfg.n_quant_skip < 0)
+            cJSON_AddItemToArray(skip, cJSON_CreateString("lm_head"));
+    } else {
+        cJSON_AddNullToObject(o, "quantization");
+    }
     cJSON_AddStringToObject(o, "codec", m->codec ? m->codec : "");
     cJSON_AddNumberToObject(o, "level", m->level);
     cJSON *files = cJSON_AddArrayToObject(o, "files");
@@ -272,7 +325,7 @@ static int list_rank(const char *dir, const tp_manifest *m, int rank, bool json,
         return -1;
     cJSON *arr = json ? cJSON_CreateArray() : NULL;
     if (!json)
-        printf("%-56s %-5s %-14s %-14s %-22s %-5s %10s %10s %10s %6s\n", "tensor", "dtype", "shape",
+        printf("%-56s %-7s %-14s %-14s %-22s %-5s %10s %10s %10s %6s\n", "tensor", "dtype", "shape",
                "global", "split", "codec", "offset", "stored", "raw", "chunks");
     for (size_t i = 0; i < rd.index.n_tensors; i++) {
         const tp_shard_tensor *t = &rd.index.tensors[i];
@@ -281,7 +334,7 @@ static int list_rank(const char *dir, const tp_manifest *m, int rank, bool json,
         shape_text(t->global_shape, t->ndim, global, sizeof global);
         split_text(&t->split, split, sizeof split);
         if (!json) {
-            printf("%-56s %-5s %-14s %-14s %-22s %-5s %10llu %10llu %10llu %6zu\n", t->name,
+            printf("%-56s %-7s %-14s %-14s %-22s %-5s %10llu %10llu %10llu %6zu\n", t->name,
                    tp_dtype_name(t->dtype), shape, global, split, tp_codec_name(t->codec),
                    (unsigned long long)t->offset, (unsigned long long)t->stored_size,
                    (unsigned long long)t->raw_size, t->n_chunks);

@@ -1432,3 +1432,110 @@ extern "C" int tpc_gemm_bf16(tpc_blas h, float *y, const float *x, uint16_t *x_b
         return tp_errorf(err, "cublasGemmEx bf16 %dx%d . %dx%d: %s", n, in, out, in, blas_status(st));
     return bias ? tpc_add_bias(y, bias, n, out, s, err) : 0;
 }
+
+/* ------------------------------------------------------ 8-bit weights */
+
+/* e4m3fn -> fp32, exactly as tp_f8e4m3_to_f32 (NaN for 0x7f / 0xff). */
+__device__ __forceinline__ float f8e4m3_to_f32(uint8_t b)
+{
+    uint32_t e = (b >> 3) & 0xfu, m = b & 0x7u;
+    float v;
+    if (e == 0xfu && m == 0x7u)
+        v = __uint_as_float(0x7fc00000u);
+    else if (e == 0)
+        v = (float)m * (1.0f / 512.0f);   /* subnormal: m * 2^-9 */
+    else
+        v = __uint_as_float(((e + 120u) << 23) | (m << 20));
+    return (b & 0x80u) ? -v : v;
+}
+
+/* W[r][c] of an 8-bit weight in fp32: the stored value times its scale,
+ * one fp32 rounding (tpg_weight). */
+__device__ __forceinline__ float q8_weight(const tpc_q8 &w, int r, int c, int cols)
+{
+    uint8_t b = w.w[(size_t)r * cols + c];
+    if (w.dt == TP_I8)
+        return (float)(int8_t)b * w.scale[r];
+    const float *srow = w.scale + (size_t)((w.origin[0] + r) / w.block[0]) * w.stride;
+    return f8e4m3_to_f32(b) * srow[(w.origin[1] + c) / w.block[1]];
+}
+
+#define Q8_WARPS 8
+
+/* One warp per (token, row): lanes stride over the columns, warp_sum. */
+__global__ void __launch_bounds__(Q8_WARPS * 32)
+gemv_q8_kernel(float *y, const float *x, tpc_q8 w, const float *bias, int n, int in, int out)
+{
+    int lane = threadIdx.x & 31;
+    size_t job = (size_t)blockIdx.x * Q8_WARPS + (threadIdx.x >> 5);
+    if (job >= (size_t)n * out)
+        return;
+    int t = (int)(job / out), r = (int)(job % out);
+    const float *xr = x + (size_t)t * in;
+    float acc = 0.0f;
+    for (int c = lane; c < in; c += 32)
+        acc += xr[c] * q8_weight(w, r, c, in);
+    acc = warp_sum(acc);
+    if (lane == 0)
+        y[(size_t)t * out + r] = acc + (bias ? bias[r] : 0.0f);
+}
+
+static int q8_args(const char *kernel, const tpc_q8 &w, int rows, int cols, tp_err *err)
+{
+    if (rows <= 0 || cols <= 0 || !w.w || !w.scale)
+        return tp_errorf(err, "cuda kernel %s: %d x %d, weight %p, scales %p", kernel, rows, cols,
+                         (const void *)w.w, (const void *)w.scale);
+    if (w.dt == TP_F8_E4M3 && (w.block[0] < 1 || w.block[1] < 1 || w.origin[0] < 0 ||
+                               w.origin[1] < 0 || w.origin[0] >= w.block[0] ||
+                               w.origin[1] >= w.block[1] ||
+                               w.stride < (w.origin[1] + cols - 1) / w.block[1] + 1))
+        return tp_errorf(err, "cuda kernel %s: fp8 blocks %d x %d, origin %d, %d, stride %d for "
+                         "%d columns", kernel, w.block[0], w.block[1], w.origin[0], w.origin[1],
+                         w.stride, cols);
+    if (w.dt != TP_F8_E4M3 && w.dt != TP_I8)
+        return tp_errorf(err, "cuda kernel %s: dtype %s is not 8-bit", kernel, tp_dtype_name(w.dt));
+    return 0;
+}
+
+extern "C" int tpc_gemv_q8(float *y, const float *x, tpc_q8 w, const float *bias, int n, int in,
+                           int out, tpc_stream s, tp_err *err)
+{
+    if (n == 0)
+        return 0;
+    if (n < 0 || q8_args("gemv_q8", w, out, in, err) < 0)
+        return n < 0 ? tp_errorf(err, "cuda kernel gemv_q8: n %d", n) : -1;
+    size_t blocks = ((size_t)n * out + Q8_WARPS - 1) / Q8_WARPS;
+    if (blocks > 0x7fffffffu)
+        return tp_errorf(err, "cuda kernel gemv_q8: %d tokens x %d rows", n, out);
+    gemv_q8_kernel<<<(unsigned)blocks, Q8_WARPS * 32, 0, s>>>(y, x, w, bias, n, in, out);
+    return launched("gemv_q8", err);
+}
+
+__global__ void dequant_q8_bf16_kernel(uint16_t *dst, tpc_q8 w, int cols, size_t total)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __bfloat16_as_ushort(
+            __float2bfloat16_rn(q8_weight(w, (int)(i / cols), (int)(i % cols), cols)));
+}
+
+extern "C" int tpc_dequant_q8_bf16(uint16_t *dst, tpc_q8 w, int rows, int cols, tpc_stream s,
+                                   tp_err *err)
+{
+    if (q8_args("dequant_q8_bf16", w, rows, cols, err) < 0)
+        return -1;
+    size_t total = (size_t)rows * cols;
+    dequant_q8_bf16_kernel<<<blocks_for(total, 256), 256, 0, s>>>(dst, w, cols, total);
+    return launched("dequant_q8_bf16", err);
+}
+
+extern "C" int tpc_gemm_q8(tpc_blas h, float *y, const float *x, uint16_t *x_bf16, tpc_q8 w,
+                           uint16_t *w_bf16, const float *bias, int n, int in, int out,
+                           tpc_stream s, tp_err *err)
+{
+    if (n <= TPC_Q8_GEMV_MAX_N)
+        return tpc_gemv_q8(y, x, w, bias, n, in, out, s, err);
+    if (tpc_dequant_q8_bf16(w_bf16, w, out, in, s, err) < 0)
+        return -1;
+    return tpc_gemm_bf16(h, y, x, x_bf16, w_bf16, bias, n, in, out, s, err);
+}

@@ -258,6 +258,38 @@ void tpc_blas_destroy(tpc_blas h);
 int tpc_gemm_bf16(tpc_blas h, float *y, const float *x, uint16_t *x_bf16, const uint16_t *w,
                   const float *bias, int n, int in, int out, tpc_stream s, tp_err *err);
 
+/* ------------------------------------------------------ 8-bit weights */
+
+/* An 8-bit weight [out][in] on the device with its scales (FORMAT.md 1.5,
+ * as gemm_cpu.h's tpg_quant): dt TP_F8_E4M3, element [r][c] =
+ * e4m3(w[r][c]) * scale[(origin[0] + r) / block[0] * stride +
+ * (origin[1] + c) / block[1]]; dt TP_I8, int8(w[r][c]) * scale[r].  w and
+ * scale are device pointers; the struct itself is passed by value. */
+typedef struct tpc_q8 {
+    const uint8_t *w;
+    tp_dtype dt;
+    const float *scale;
+    int stride, block[2], origin[2];
+} tpc_q8;
+
+/* y[n][out] = x[n][in] . W^T for an 8-bit W, fp32 activations (not rounded
+ * to bf16) and fp32 accumulation, each weight dequantized in registers to
+ * the fp32 value tpg_weight gives: the decode GEMV (one warp per output row
+ * and token; meant for small n).  bias may be NULL. */
+int tpc_gemv_q8(float *y, const float *x, tpc_q8 w, const float *bias, int n, int in, int out,
+                tpc_stream s, tp_err *err);
+/* dst[r][c] = W[r][c] rounded to bf16 (round to nearest even), rows * cols. */
+int tpc_dequant_q8_bf16(uint16_t *dst, tpc_q8 w, int rows, int cols, tpc_stream s, tp_err *err);
+/* Most tokens tpc_gemm_q8 multiplies with the GEMV. */
+#define TPC_Q8_GEMV_MAX_N 8
+/* The product for any n: up to TPC_Q8_GEMV_MAX_N tokens tpc_gemv_q8; more
+ * (prefill) dequantizes W into w_bf16 (workspace of out * in values) and
+ * runs tpc_gemm_bf16 (x rounded to bf16 into x_bf16, as the bf16 model
+ * does).  cuBLASLt's FP8 GEMM is not used: it needs fp8 activations, which
+ * would change the math against the fp32-activation reference. */
+int tpc_gemm_q8(tpc_blas h, float *y, const float *x, uint16_t *x_bf16, tpc_q8 w, uint16_t *w_bf16,
+                const float *bias, int n, int in, int out, tpc_stream s, tp_err *err);
+
 /* ------------------------------------------------------- NCCL backend */
 
 /* For a comm opened with backend "nccl" (comm_nccl.cu): the stream its

@@ -65,6 +65,7 @@ struct tpcm_model {
     float *logits_all;          /* device: world * vocab_slot (nccl all-gather) */
     float *vocab_logits;        /* device: the full vocabulary, for sampling */
     float *sample_ws;           /* device: vocab floats, tpc_sample's workspace */
+    uint16_t *wq_ws;            /* device: the largest 8-bit matrix dequantized to bf16 (prefill) */
     int32_t *next_id, *host_next;         /* device / pinned: the picked id */
 
     /* The decode step as a CUDA graph (see the header comment). */
@@ -265,6 +266,9 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
 
     if (tpcw_upload(&g->w, d, g->s, err) < 0)
         goto fail;
+    if (g->w.q8_max_elems &&
+        tpc_allocs_malloc(&g->owned, (void **)&g->wq_ws, g->w.q8_max_elems * 2, "dequantized weights", err) < 0)
+        goto fail;
     moe_dims(g);
 
     {
@@ -430,10 +434,12 @@ static int allreduce(tpcm_model *g, float *buf, size_t n, tp_err *err)
     return tpc_sync(g->s, err);
 }
 
-static int gemm(tpcm_model *g, float *y, const float *x, const uint16_t *w, const float *b, int n, int in, int out,
-                tp_err *err)
+static int gemm(tpcm_model *g, float *y, const float *x, const tpcw_mat &w, const float *b, int n, int in,
+                int out, tp_err *err)
 {
-    return tpc_gemm_bf16(g->blas, y, x, g->xb, w, b, n, in, out, g->s, err);
+    if (w.q8.w)   /* 8-bit: the GEMV for decode, dequantized to bf16 into wq_ws for prefill */
+        return tpc_gemm_q8(g->blas, y, x, g->xb, w.q8, g->wq_ws, b, n, in, out, g->s, err);
+    return tpc_gemm_bf16(g->blas, y, x, g->xb, w.bf16, b, n, in, out, g->s, err);
 }
 
 /* pos_dev non-NULL (graph capture): the position is read on the device. */

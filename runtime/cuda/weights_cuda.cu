@@ -82,11 +82,16 @@ static void to_f32(float *dst, const uint8_t *src, size_t n, tp_dtype dt)
 
 /* ------------------------------------------------------------ destinations */
 
+/* What a destination holds on the device: a matrix in bf16, the bytes of an
+ * 8-bit matrix as stored, or fp32 (vectors and scales, gathered on the
+ * host first). */
+typedef enum dest_kind { DEST_BF16, DEST_RAW8, DEST_F32 } dest_kind;
+
 /* One device weight: bytes [off, off + bytes) of a loaded tensor. */
 typedef struct dest {
     int tensor;
     uint64_t off, bytes;
-    bool mat;                   /* bf16 on the device, else fp32 */
+    dest_kind kind;
     void *dev;
     float *host;                /* vectors: gathered here, copied when complete */
     uint64_t got;               /* source bytes received */
@@ -114,10 +119,12 @@ static const char *tensor_name(const sink *sk, int t)
     return sk->lr->tensors[t].info->name;
 }
 
+static bool is_q8(tp_dtype dt) { return dt == TP_F8_E4M3 || dt == TP_I8; }
+
 /* Records where a weight goes and allocates its device buffer (*dst);
  * an absent weight (tensor -1) stays NULL.  Destinations are linked by
  * index later (the array may still grow). */
-static int add_dest(sink *sk, const tp_weight_src *src, bool mat, void **dst, tp_err *err)
+static int add_dest(sink *sk, const tp_weight_src *src, dest_kind kind, void **dst, tp_err *err)
 {
     *dst = NULL;
     if (src->tensor < 0)
@@ -127,15 +134,17 @@ static int add_dest(sink *sk, const tp_weight_src *src, bool mat, void **dst, tp
         return tp_errorf(err, "weight source: tensor %d is not in the loaded rank", src->tensor);
     const tp_shard_tensor *t = lr->tensors[src->tensor].info;
     size_t es = tp_dtype_size(t->dtype);
-    if (t->dtype != TP_BF16 && t->dtype != TP_F16 && t->dtype != TP_F32)
-        return tp_errorf(err, "tensor %s: unsupported dtype", t->name);
+    if (kind == DEST_RAW8 ? !is_q8(t->dtype)
+                          : t->dtype != TP_BF16 && t->dtype != TP_F16 && t->dtype != TP_F32)
+        return tp_errorf(err, "tensor %s: dtype %s is not supported here", t->name,
+                         tp_dtype_name(t->dtype));
     if (src->offset > t->raw_size || src->bytes > t->raw_size - src->offset || src->offset % es ||
         src->bytes % es)
         return tp_errorf(err, "tensor %s: bytes [%llu, +%llu) are not whole elements inside its %llu bytes",
                          t->name, (unsigned long long)src->offset, (unsigned long long)src->bytes,
                          (unsigned long long)t->raw_size);
     for (size_t i = 0; i < sk->n_dests; i++)
-        if (sk->dests[i].tensor == src->tensor && sk->dests[i].mat != mat)
+        if (sk->dests[i].tensor == src->tensor && sk->dests[i].kind != kind)
             return tp_errorf(err, "tensor %s: used both as a matrix and as a vector", t->name);
     if (sk->n_dests == sk->cap_dests) {
         size_t cap = sk->cap_dests ? sk->cap_dests * 2 : 64;
@@ -151,18 +160,45 @@ static int add_dest(sink *sk, const tp_weight_src *src, bool mat, void **dst, tp
     d->tensor = src->tensor;
     d->off = src->offset;
     d->bytes = src->bytes;
-    d->mat = mat;
-    if (tpc_allocs_malloc(&sk->w->owned, &d->dev, n * (mat ? 2 : 4), "weights", err) < 0)
+    d->kind = kind;
+    size_t dev_es = kind == DEST_BF16 ? 2 : kind == DEST_RAW8 ? 1 : 4;
+    if (tpc_allocs_malloc(&sk->w->owned, &d->dev, n * dev_es, "weights", err) < 0)
         return tp_err_prefix(err, "tensor %s", t->name);
-    if (!mat && !(d->host = (float *)malloc(n ? n * 4 : 1)))
+    if (kind == DEST_F32 && !(d->host = (float *)malloc(n ? n * 4 : 1)))
         return tp_errorf(err, "out of memory");
     sk->n_dests++;
     *dst = d->dev;
     return 0;
 }
 
-#define MAT_IS_MAT true
-#define VEC_IS_MAT false
+/* A matrix: bf16 on the device, or an 8-bit one as stored with its scale
+ * tensor in fp32 and the slice's scale geometry (src->q, model.c). */
+static int add_mat(sink *sk, const tp_weight_src *src, tpcw_mat *m, tp_err *err)
+{
+    memset(m, 0, sizeof *m);
+    if (src->tensor < 0 || (size_t)src->tensor >= sk->lr->n_tensors ||
+        !sk->lr->tensors[src->tensor].info || !is_q8(sk->lr->tensors[src->tensor].info->dtype))
+        return add_dest(sk, src, DEST_BF16, (void **)&m->bf16, err);
+    tp_weight_src scale = { .tensor = src->scale.tensor, .offset = src->scale.offset,
+                            .bytes = src->scale.bytes };
+    void *w = NULL, *sc = NULL;
+    if (add_dest(sk, src, DEST_RAW8, &w, err) < 0 || add_dest(sk, &scale, DEST_F32, &sc, err) < 0)
+        return -1;
+    m->q8 = (tpc_q8){ .w = (const uint8_t *)w, .dt = sk->lr->tensors[src->tensor].info->dtype,
+                      .scale = (const float *)sc, .stride = src->q.stride,
+                      .block = { src->q.block[0], src->q.block[1] },
+                      .origin = { src->q.origin[0], src->q.origin[1] } };
+    if (src->bytes > sk->w->q8_max_elems)
+        sk->w->q8_max_elems = (size_t)src->bytes;
+    return 0;
+}
+
+static int add_vec(sink *sk, const tp_weight_src *src, float **dst, tp_err *err)
+{
+    return add_dest(sk, src, DEST_F32, (void **)dst, err);
+}
+#define TPCW_ADD_MAT add_mat
+#define TPCW_ADD_VEC add_vec
 
 /* A sparse layer's router and local experts (one destination each). */
 static int plan_moe(sink *sk, const tp_moe_weights *mw, tpcw_layer *L, tp_err *err)
@@ -173,17 +209,18 @@ static int plan_moe(sink *sk, const tp_moe_weights *mw, tpcw_layer *L, tp_err *e
         return tp_errorf(err, "out of memory");
     L->moe = m;   /* freed by tpcw_free, even when the rest fails */
     m->shape = mw;
-    m->gate = (uint16_t **)calloc(ne ? ne : 1, sizeof *m->gate);
-    m->up = (uint16_t **)calloc(ne ? ne : 1, sizeof *m->up);
-    m->down = (uint16_t **)calloc(ne ? ne : 1, sizeof *m->down);
+    m->gate = (tpcw_mat *)calloc(ne ? ne : 1, sizeof *m->gate);
+    m->up = (tpcw_mat *)calloc(ne ? ne : 1, sizeof *m->up);
+    m->down = (tpcw_mat *)calloc(ne ? ne : 1, sizeof *m->down);
     if (!m->gate || !m->up || !m->down)
         return tp_errorf(err, "out of memory");
-    if (add_dest(sk, &mw->router_src, true, (void **)&m->router, err) < 0)
+    /* the router stays bf16 (tpc_router_logits) */
+    if (add_dest(sk, &mw->router_src, DEST_BF16, (void **)&m->router, err) < 0)
         return -1;
     for (size_t e = 0; e < ne; e++)
-        if (add_dest(sk, &mw->gate_src[e], true, (void **)&m->gate[e], err) < 0 ||
-            add_dest(sk, &mw->up_src[e], true, (void **)&m->up[e], err) < 0 ||
-            add_dest(sk, &mw->down_src[e], true, (void **)&m->down[e], err) < 0)
+        if (add_mat(sk, &mw->gate_src[e], &m->gate[e], err) < 0 ||
+            add_mat(sk, &mw->up_src[e], &m->up[e], err) < 0 ||
+            add_mat(sk, &mw->down_src[e], &m->down[e], err) < 0)
             return tp_err_prefix(err, "expert %d", mw->expert_lo + (int)e);
     if (!m->router)
         return tp_errorf(err, "sparse layer without a router");
@@ -193,20 +230,20 @@ static int plan_moe(sink *sk, const tp_moe_weights *mw, tpcw_layer *L, tp_err *e
 static int plan(sink *sk, const tpcm_desc *d, tp_err *err)
 {
     tpcw_weights *w = sk->w;
-    if (add_dest(sk, &d->embed, true, (void **)&w->embed, err) < 0 ||
-        add_dest(sk, &d->final_norm, false, (void **)&w->final_norm, err) < 0)
+    if (add_dest(sk, &d->embed, DEST_BF16, (void **)&w->embed, err) < 0 ||
+        add_vec(sk, &d->final_norm, &w->final_norm, err) < 0)
         return -1;
     if (d->lm_w.tensor == d->embed.tensor && d->lm_w.offset == d->embed.offset &&
         d->lm_w.bytes == d->embed.bytes)
-        w->lm_w = w->embed;   /* tied, same rows: share */
-    else if (add_dest(sk, &d->lm_w, true, (void **)&w->lm_w, err) < 0)
+        w->lm_w = (tpcw_mat){ .bf16 = w->embed };   /* tied, same rows: share */
+    else if (add_mat(sk, &d->lm_w, &w->lm_w, err) < 0)
         return -1;
     for (int l = 0; l < d->cfg->n_layers; l++) {
         const tp_layer_src *src = &d->layers[l];
         tpcw_layer *L = &w->layers[l];
         L->window = src->window;
 #define TP_X(field, kind)                                                                   \
-        if (add_dest(sk, &src->field, kind##_IS_MAT, (void **)&L->field, err) < 0)          \
+        if (TPCW_ADD_##kind(sk, &src->field, &L->field, err) < 0)                           \
             return tp_err_prefix(err, "layer %d", l);
         TP_LAYER_TENSORS(TP_X)
 #undef TP_X
@@ -318,7 +355,7 @@ static int sink_deliver(void *arg, size_t tensor, uint64_t offset, void *buf, si
         return tp_errorf(err, "tensor %s: piece [%llu, +%zu) is not whole elements", tensor_name(sk, (int)tensor),
                          (unsigned long long)offset, bytes);
     uint8_t *p = (uint8_t *)buf;
-    if (list->mat)   /* every destination of this tensor is a matrix (add_dest) */
+    if (list->kind == DEST_BF16)   /* every destination of this tensor is one (add_dest) */
         to_bf16_in_place(p, bytes / es, dt);
     bool copied = false;
     for (dest *d = list; d; d = d->next) {
@@ -328,17 +365,18 @@ static int sink_deliver(void *arg, size_t tensor, uint64_t offset, void *buf, si
             continue;
         size_t first = (size_t)((a - offset) / es), n = (size_t)((e - a) / es);
         size_t at = (size_t)((a - d->off) / es);
-        if (d->mat) {
-            if (cuda_check(cudaMemcpyAsync((uint16_t *)d->dev + at, p + 2 * first, n * 2, cudaMemcpyHostToDevice,
-                                           sk->s), "cudaMemcpyAsync (weights)", err) < 0)
+        if (d->kind != DEST_F32) {
+            size_t des = d->kind == DEST_BF16 ? 2 : 1;   /* device bytes per element */
+            if (cuda_check(cudaMemcpyAsync((uint8_t *)d->dev + at * des, p + des * first, n * des,
+                                           cudaMemcpyHostToDevice, sk->s), "cudaMemcpyAsync (weights)", err) < 0)
                 return tp_err_prefix(err, "tensor %s", tensor_name(sk, (int)tensor));
-            sk->w->bytes += (double)(n * 2);
+            sk->w->bytes += (double)(n * des);
             copied = true;
         } else {
             to_f32(d->host + at, p + first * es, n, dt);
         }
         d->got += e - a;
-        if (!d->mat && d->got == d->bytes) {
+        if (d->kind == DEST_F32 && d->got == d->bytes) {
             /* tiny; pageable source, so a plain synchronous copy */
             if (tpc_upload(d->dev, d->host, (size_t)(d->bytes / es) * 4, err) < 0)
                 return tp_err_prefix(err, "tensor %s", tensor_name(sk, (int)tensor));

@@ -17,7 +17,7 @@
 # Needs g++ (C++20), python3; all takes about 25 minutes on 2 cores
 # (thousands of threads).  quick (`make check-emu`) takes a few: the kernel
 # tests listed in QUICK_KERNELS below and two models (QUICK_MODEL, QUICK_MOE_MODEL) cuda vs cpu
-# at tp 1 only, each through a small driver that includes the test file and
+# (and the fp8 / int8 synthetic models) at tp 1 only, each through a small driver that includes the test file and
 # calls those of its test functions; no tprun run.
 # Usage: run_emu.sh [all|kernels|model|quick]  (default all: both test programs).
 set -euo pipefail
@@ -26,7 +26,7 @@ case $what in all|kernels|model|quick) ;; *) echo "usage: $0 [all|kernels|model|
 # quick: the kernel tests that run in seconds to a minute (lookup, norm, gemm,
 # picking, expert routing); the model run covers attention (test_attention alone takes ~3
 # minutes here), the decode graph and the device picks.
-QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_argmax test_router_logits test_router_topk test_moe_rows)
+QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_gemm_q8 test_argmax test_router_logits test_router_topk test_moe_rows)
 # and one mixture-of-experts model (router, top-k, per-expert GEMMs, host routing)
 QUICK_MODEL=qwen3-tiny
 QUICK_MOE_MODEL=qwen3moe-tiny
@@ -107,9 +107,11 @@ if [ "$what" = quick ]; then
         "compare_model(\"tests/models/$QUICK_MODEL\", \"$QUICK_MODEL\")" \
         "CHECK(g_compared > 0, \"$QUICK_MODEL was not compared\")" \
         "compare_model(\"tests/models/$QUICK_MOE_MODEL\", \"$QUICK_MOE_MODEL\")" \
-        "CHECK(g_compared > 1, \"$QUICK_MOE_MODEL was not compared\")" >"$work/test_model_quick.c"
+        "CHECK(g_compared > 1, \"$QUICK_MOE_MODEL was not compared\")" \
+        "compare_quantized(TP_F8_E4M3)" "compare_quantized(TP_I8)" \
+        "CHECK(g_compared > 3, \"the 8-bit models were not compared\")" >"$work/test_model_quick.c"
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_model_quick.c" -o "$work/test_model.o"
-    label="test_model_cuda ($QUICK_MODEL and $QUICK_MOE_MODEL at tp 1)"
+    label="test_model_cuda ($QUICK_MODEL, $QUICK_MOE_MODEL and the 8-bit synthetic models at tp 1)"
 else
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
     label=test_model_cuda
