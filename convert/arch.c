@@ -830,6 +830,16 @@ bool tp_arch_bias_name(const tp_arch_tensor *row, long layer, char *buf, size_t 
     return row_tensor_name(row, layer, -1, ".bias", buf, cap);
 }
 
+bool tp_config_has_bias(const tp_model_config *c, tp_layer_slot bias_slot)
+{
+    switch (bias_slot) {
+    case TP_SLOT_bq: case TP_SLOT_bk: case TP_SLOT_bv: return c->attention_bias;
+    case TP_SLOT_bo: return c->o_bias;
+    case TP_SLOT_bgate: case TP_SLOT_bup: case TP_SLOT_bdown: return c->mlp_bias;
+    default: return false;
+    }
+}
+
 bool tp_arch_row_in_layer(const tp_model_config *c, const tp_arch_tensor *row, int layer, bool fused)
 {
     if (!row_in_arch(row, c->arch))

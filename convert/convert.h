@@ -299,6 +299,12 @@ extern const size_t tp_arch_n_layer_tensors;
  * 5's fused layout). */
 bool tp_arch_row_in_layer(const tp_model_config *c, const tp_arch_tensor *row, int layer, bool fused);
 
+/* Whether config c says a layer's tensors carry the bias of this slot, as
+ * transformers builds the modules (attention_bias: q/k/v, and o_proj except
+ * qwen2's; mlp_bias: gate/up/down).  The checkpoint wins at load; tpsynth
+ * writes what this says. */
+bool tp_config_has_bias(const tp_model_config *c, tp_layer_slot bias_slot);
+
 /* The row of architecture a for an expert part in the per-expert (fused
  * false) or the fused layout; NULL when a has none. */
 const tp_arch_tensor *tp_arch_expert_row(tp_arch a, tp_expert_part part, bool fused);
