@@ -39,55 +39,76 @@
  * (gate_up_proj [E, 2 I, H], gate rows first, then up; down_proj [E, H, I]).
  * Their TP cut is transformers' tensor-parallel one: gate/up by output
  * features, down by input features. */
+#define NO_SLOT TP_SLOT_NONE
+#define S(field) TP_SLOT_##field
 const tp_arch_tensor tp_arch_layer_tensors[] = {
-    {"input_layernorm", ALL_ARCHS, 1, {TP_DIM_HIDDEN}, false, NULL, TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"self_attn.q_proj", ALL_ARCHS, 2, {TP_DIM_Q, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE,
+    /* module, slot, bias slot, archs, ndim, dims, plan style, runs, kind, bare, part */
+    {"input_layernorm", S(attn_norm), NO_SLOT, ALL_ARCHS, 1, {TP_DIM_HIDDEN}, NULL, TP_STYLE_REPLICATE,
      TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"self_attn.k_proj", ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE,
-     TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"self_attn.v_proj", ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, true, "colwise", TP_STYLE_COLWISE,
-     TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"self_attn.q_norm", QWEN3_ARCHS, 1, {TP_DIM_HEAD}, false, "replicated_with_grad_allreduce",
+    {"self_attn.q_proj", S(wq), S(bq), ALL_ARCHS, 2, {TP_DIM_Q, TP_DIM_HIDDEN}, "colwise",
+     TP_STYLE_COLWISE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.k_proj", S(wk), S(bk), ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, "colwise",
+     TP_STYLE_COLWISE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.v_proj", S(wv), S(bv), ALL_ARCHS, 2, {TP_DIM_KV, TP_DIM_HIDDEN}, "colwise",
+     TP_STYLE_COLWISE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.q_norm", S(q_norm), NO_SLOT, QWEN3_ARCHS, 1, {TP_DIM_HEAD},
+     "replicated_with_grad_allreduce", TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.k_norm", S(k_norm), NO_SLOT, QWEN3_ARCHS, 1, {TP_DIM_HEAD},
+     "replicated_with_grad_allreduce", TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"self_attn.o_proj", S(wo), S(bo), ALL_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_Q}, "rowwise",
+     TP_STYLE_ROWWISE, TP_ROW_ALL, false, TP_EXPERT_NONE},
+    {"post_attention_layernorm", S(ffn_norm), NO_SLOT, ALL_ARCHS, 1, {TP_DIM_HIDDEN}, NULL,
      TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"self_attn.k_norm", QWEN3_ARCHS, 1, {TP_DIM_HEAD}, false, "replicated_with_grad_allreduce",
-     TP_STYLE_REPLICATE, TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"self_attn.o_proj", ALL_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_Q}, true, "rowwise", TP_STYLE_ROWWISE,
-     TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"post_attention_layernorm", ALL_ARCHS, 1, {TP_DIM_HIDDEN}, false, NULL, TP_STYLE_REPLICATE,
-     TP_ROW_ALL, false, TP_EXPERT_NONE},
-    {"mlp.gate_proj", DENSE_MLP_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, true, "colwise",
+    {"mlp.gate_proj", S(wgate), S(bgate), DENSE_MLP_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, "colwise",
      TP_STYLE_COLWISE, TP_ROW_DENSE, false, TP_EXPERT_NONE},
-    {"mlp.up_proj", DENSE_MLP_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, true, "colwise",
+    {"mlp.up_proj", S(wup), S(bup), DENSE_MLP_ARCHS, 2, {TP_DIM_INTER, TP_DIM_HIDDEN}, "colwise",
      TP_STYLE_COLWISE, TP_ROW_DENSE, false, TP_EXPERT_NONE},
-    {"mlp.down_proj", DENSE_MLP_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_INTER}, true, "rowwise",
+    {"mlp.down_proj", S(wdown), S(bdown), DENSE_MLP_ARCHS, 2, {TP_DIM_HIDDEN, TP_DIM_INTER}, "rowwise",
      TP_STYLE_ROWWISE, TP_ROW_DENSE, false, TP_EXPERT_NONE},
     /* qwen3_moe sparse layers */
-    {"mlp.gate", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_EXPERTS, TP_DIM_HIDDEN}, false, NULL,
+    {"mlp.gate", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_EXPERTS, TP_DIM_HIDDEN}, NULL,
      TP_STYLE_REPLICATE, TP_ROW_SPARSE, false, TP_EXPERT_ROUTER},
-    {"mlp.experts.*.gate_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
-     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_GATE},
-    {"mlp.experts.*.up_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
-     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_UP},
-    {"mlp.experts.*.down_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 2, {TP_DIM_HIDDEN, TP_DIM_MOE_INTER},
-     false, "rowwise", TP_STYLE_ROWWISE, TP_ROW_EXPERT, false, TP_EXPERT_DOWN},
+    {"mlp.experts.*.gate_proj", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_QWEN3_MOE), 2,
+     {TP_DIM_MOE_INTER, TP_DIM_HIDDEN}, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_GATE},
+    {"mlp.experts.*.up_proj", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_QWEN3_MOE), 2,
+     {TP_DIM_MOE_INTER, TP_DIM_HIDDEN}, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_UP},
+    {"mlp.experts.*.down_proj", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_QWEN3_MOE), 2,
+     {TP_DIM_HIDDEN, TP_DIM_MOE_INTER}, "rowwise", TP_STYLE_ROWWISE, TP_ROW_EXPERT, false, TP_EXPERT_DOWN},
     /* mixtral sparse layers: w1 gate, w3 up, w2 down */
-    {"block_sparse_moe.gate", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_EXPERTS, TP_DIM_HIDDEN}, false,
-     NULL, TP_STYLE_REPLICATE, TP_ROW_SPARSE, false, TP_EXPERT_ROUTER},
-    {"block_sparse_moe.experts.*.w1", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
-     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_GATE},
-    {"block_sparse_moe.experts.*.w3", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_MOE_INTER, TP_DIM_HIDDEN},
-     false, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_UP},
-    {"block_sparse_moe.experts.*.w2", ARCH_BIT(TP_ARCH_MIXTRAL), 2, {TP_DIM_HIDDEN, TP_DIM_MOE_INTER},
-     false, "rowwise", TP_STYLE_ROWWISE, TP_ROW_EXPERT, false, TP_EXPERT_DOWN},
+    {"block_sparse_moe.gate", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_MIXTRAL), 2,
+     {TP_DIM_EXPERTS, TP_DIM_HIDDEN}, NULL, TP_STYLE_REPLICATE, TP_ROW_SPARSE, false, TP_EXPERT_ROUTER},
+    {"block_sparse_moe.experts.*.w1", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_MIXTRAL), 2,
+     {TP_DIM_MOE_INTER, TP_DIM_HIDDEN}, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_GATE},
+    {"block_sparse_moe.experts.*.w3", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_MIXTRAL), 2,
+     {TP_DIM_MOE_INTER, TP_DIM_HIDDEN}, "colwise", TP_STYLE_COLWISE, TP_ROW_EXPERT, false, TP_EXPERT_UP},
+    {"block_sparse_moe.experts.*.w2", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_MIXTRAL), 2,
+     {TP_DIM_HIDDEN, TP_DIM_MOE_INTER}, "rowwise", TP_STYLE_ROWWISE, TP_ROW_EXPERT, false, TP_EXPERT_DOWN},
     /* transformers 5's fused experts (both architectures) */
-    {"mlp.experts.gate_up_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 3,
-     {TP_DIM_EXPERTS, TP_DIM_2_MOE_INTER, TP_DIM_HIDDEN}, false, "packed_colwise",
-     TP_STYLE_PACKED_COLWISE, TP_ROW_FUSED, true, TP_EXPERT_FUSED_GATE_UP},
-    {"mlp.experts.down_proj", ARCH_BIT(TP_ARCH_QWEN3_MOE), 3,
-     {TP_DIM_EXPERTS, TP_DIM_HIDDEN, TP_DIM_MOE_INTER}, false, "rowwise", TP_STYLE_ROWWISE,
-     TP_ROW_FUSED, true, TP_EXPERT_FUSED_DOWN},
+    {"mlp.experts.gate_up_proj", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_QWEN3_MOE), 3,
+     {TP_DIM_EXPERTS, TP_DIM_2_MOE_INTER, TP_DIM_HIDDEN}, "packed_colwise", TP_STYLE_PACKED_COLWISE,
+     TP_ROW_FUSED, true, TP_EXPERT_FUSED_GATE_UP},
+    {"mlp.experts.down_proj", NO_SLOT, NO_SLOT, ARCH_BIT(TP_ARCH_QWEN3_MOE), 3,
+     {TP_DIM_EXPERTS, TP_DIM_HIDDEN, TP_DIM_MOE_INTER}, "rowwise", TP_STYLE_ROWWISE, TP_ROW_FUSED, true,
+     TP_EXPERT_FUSED_DOWN},
 };
+#undef S
+#undef NO_SLOT
 const size_t tp_arch_n_layer_tensors = sizeof tp_arch_layer_tensors / sizeof tp_arch_layer_tensors[0];
+
+static const bool slot_is_matrix[TP_SLOT_COUNT] = {
+#define TP_X(field, kind) [TP_SLOT_##field] = SLOT_KIND_##kind,
+#define SLOT_KIND_MAT true
+#define SLOT_KIND_VEC false
+    TP_LAYER_TENSORS(TP_X)
+#undef SLOT_KIND_MAT
+#undef SLOT_KIND_VEC
+#undef TP_X
+};
+
+bool tp_layer_slot_is_matrix(tp_layer_slot s)
+{
+    return s > TP_SLOT_NONE && s < TP_SLOT_COUNT && slot_is_matrix[s];
+}
 
 /* Buffers older checkpoints saved that no forward pass reads. */
 static const char *const ignored_layer_tensors[] = {"self_attn.rotary_emb.inv_freq"};
@@ -793,7 +814,7 @@ int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *e
 
 /* ------------------------------------------------------------ the tensors */
 
-static int64_t dim_value(const tp_model_config *c, tp_dim_of d)
+int64_t tp_dim_value(const tp_model_config *c, tp_dim_of d)
 {
     switch (d) {
     case TP_DIM_HIDDEN: return c->hidden;
@@ -848,7 +869,7 @@ static int check_row_shape(const tp_model_config *c, const tp_arch_tensor *row, 
     int64_t want[3] = {0};
     char why[160] = "";
     for (int d = 0; d < ndim; d++) {
-        want[d] = dim_value(c, row->dims[d]);
+        want[d] = tp_dim_value(c, row->dims[d]);
         snprintf(why + strlen(why), sizeof why - strlen(why), "%s%s", d ? ", " : "",
                  dim_name(c, row->dims[d]));
     }
@@ -916,7 +937,7 @@ static long find_row(tp_arch a, const char *rest, bool *is_bias, long *expert)
         if (*after != '.')
             continue;
         *is_bias = !strcmp(after + 1, "bias");
-        if (!strcmp(after + 1, "weight") || (*is_bias && row->bias))
+        if (!strcmp(after + 1, "weight") || (*is_bias && row->bias_slot != TP_SLOT_NONE))
             return (long)i;
     }
     return -1;
@@ -933,7 +954,9 @@ const tp_arch_tensor *tp_arch_expert_row(tp_arch a, tp_expert_part part, bool fu
     return NULL;
 }
 
-bool tp_arch_tensor_name(const tp_arch_tensor *row, long layer, long expert, char *buf, size_t cap)
+/* "model.layers.L.<module with * = expert>" + suffix into buf. */
+static bool row_tensor_name(const tp_arch_tensor *row, long layer, long expert, const char *suffix,
+                            char *buf, size_t cap)
 {
     size_t used = (size_t)snprintf(buf, cap, "model.layers.%ld.", layer);
     for (const char *p = row->module; *p && used < cap; p++) {
@@ -943,8 +966,43 @@ bool tp_arch_tensor_name(const tp_arch_tensor *row, long layer, long expert, cha
             buf[used++] = *p;
     }
     if (used < cap)
-        used += (size_t)snprintf(buf + used, cap - used, "%s", row->bare ? "" : ".weight");
+        used += (size_t)snprintf(buf + used, cap - used, "%s", suffix);
     return used < cap;
+}
+
+bool tp_arch_tensor_name(const tp_arch_tensor *row, long layer, long expert, char *buf, size_t cap)
+{
+    return row_tensor_name(row, layer, expert, row->bare ? "" : ".weight", buf, cap);
+}
+
+bool tp_arch_bias_name(const tp_arch_tensor *row, long layer, char *buf, size_t cap)
+{
+    return row_tensor_name(row, layer, -1, ".bias", buf, cap);
+}
+
+bool tp_config_has_bias(const tp_model_config *c, tp_layer_slot bias_slot)
+{
+    switch (bias_slot) {
+    case TP_SLOT_bq: case TP_SLOT_bk: case TP_SLOT_bv: return c->attention_bias;
+    case TP_SLOT_bo: return c->o_bias;
+    case TP_SLOT_bgate: case TP_SLOT_bup: case TP_SLOT_bdown: return c->mlp_bias;
+    default: return false;
+    }
+}
+
+bool tp_arch_row_in_layer(const tp_model_config *c, const tp_arch_tensor *row, int layer, bool fused)
+{
+    if (!row_in_arch(row, c->arch))
+        return false;
+    bool sparse = tp_config_layer_sparse(c, layer);
+    switch (row->kind) {
+    case TP_ROW_ALL: return true;
+    case TP_ROW_DENSE: return !sparse;
+    case TP_ROW_SPARSE: return sparse;
+    case TP_ROW_EXPERT: return sparse && !fused;
+    case TP_ROW_FUSED: return sparse && fused;
+    }
+    return false;
 }
 
 tp_expert_part tp_arch_expert_part(const char *name, long *layer, long *expert)
@@ -997,15 +1055,7 @@ static bool *slot(layer_seen *ls, long layer, size_t row, long expert)
  * and the experts (of this rank, in the layer's layout) in sparse ones. */
 static bool row_wanted(const layer_seen *ls, long l, const tp_arch_tensor *row)
 {
-    bool sparse = tp_config_layer_sparse(ls->c, (int)l);
-    switch (row->kind) {
-    case TP_ROW_ALL: return true;
-    case TP_ROW_DENSE: return !sparse;
-    case TP_ROW_SPARSE: return sparse;
-    case TP_ROW_EXPERT: return sparse && !ls->fused[l];
-    case TP_ROW_FUSED: return sparse && ls->fused[l];
-    }
-    return false;
+    return tp_arch_row_in_layer(ls->c, row, (int)l, ls->fused[l]);
 }
 
 /* A known tensor in a layer or for an expert that should not have it. */
@@ -1319,7 +1369,7 @@ static int check_missing(layer_seen *ls, tp_err *err)
     for (long l = 0; l < ls->c->n_layers; l++)
         for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
             const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
-            if (!row_in_arch(row, ls->c->arch) || !row_wanted(ls, l, row))
+            if (!row_wanted(ls, l, row))
                 continue;
             long lo = row->kind == TP_ROW_EXPERT ? ls->expert_lo : 0;
             long hi = row->kind == TP_ROW_EXPERT ? ls->expert_hi : 1;
@@ -1475,11 +1525,10 @@ int tp_arch_check_plan(const tp_model_config *c, const tp_plan *p, tp_err *err)
         return -1;
     char name[256], module[256];
     for (int l = 0; l < c->n_layers; l++) {
-        bool sparse = tp_config_layer_sparse(c, l);
         for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
             const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
-            if (!row_in_arch(row, c->arch) || (row->kind == TP_ROW_DENSE && sparse) ||
-                (row->kind != TP_ROW_ALL && row->kind != TP_ROW_DENSE && !sparse))
+            /* either expert layout may be in the checkpoint: both must run */
+            if (!tp_arch_row_in_layer(c, row, l, false) && !tp_arch_row_in_layer(c, row, l, true))
                 continue;
             /* Experts run tensor-parallel (the table's cut) or expert-parallel. */
             bool expert = row->kind == TP_ROW_EXPERT || row->kind == TP_ROW_FUSED;

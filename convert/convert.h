@@ -231,16 +231,44 @@ int tp_model_config_parse(tp_model_config *c, const char *config_json, tp_err *e
 
 /* ------------------------------------------------- what tprun can run */
 
+/* X(slot, kind): every tensor slot of a decoder layer that the forward pass
+ * reads, once.  kind MAT is a weight matrix (a tp_mat in place on the CPU,
+ * bf16 on a GPU), VEC a vector: norm weights, biases (fp32 everywhere: they
+ * are tiny).  It generates tp_layer_slot below, and the runtime's
+ * tp_layer_weights, tp_layer_src and cuda's tpcw_layer (runtime/model_layers.h);
+ * the table's rows say which tensor fills which slot.  The experts of a
+ * sparse layer have no slot: their row's part says where they go. */
+#define TP_LAYER_TENSORS(X) \
+    X(attn_norm, VEC) X(ffn_norm, VEC) X(q_norm, VEC) X(k_norm, VEC) \
+    X(wq, MAT) X(wk, MAT) X(wv, MAT) X(wo, MAT) \
+    X(bq, VEC) X(bk, VEC) X(bv, VEC) X(bo, VEC) \
+    X(wgate, MAT) X(wup, MAT) X(wdown, MAT) \
+    X(bgate, VEC) X(bup, VEC) X(bdown, VEC)
+
+typedef enum tp_layer_slot {
+    TP_SLOT_NONE = -1,        /* an expert row (see tp_expert_part), or a row without a bias */
+#define TP_X(field, kind) TP_SLOT_##field,
+    TP_LAYER_TENSORS(TP_X)
+#undef TP_X
+    TP_SLOT_COUNT
+} tp_layer_slot;
+
+/* Whether a slot holds a matrix (kind MAT) rather than a vector. */
+bool tp_layer_slot_is_matrix(tp_layer_slot s);
+
 /* One tensor of a decoder layer ("model.layers.N." + module + ".weight"),
- * the description the built-in plan, the runnable check and (through it) the
- * runtime share.  Adding an architecture is a bit in archs on the rows it
- * has, plus its config defaults in arch.c. */
+ * the description the built-in plan, the runnable check, the runtime's
+ * loading and tpsynth share.  Adding an architecture is a bit in archs on the
+ * rows it has, plus its config defaults in arch.c. */
 typedef enum tp_dim_of {
     TP_DIM_HIDDEN, TP_DIM_Q /* heads * head_dim */, TP_DIM_KV /* kv heads * head_dim */,
     TP_DIM_HEAD, TP_DIM_INTER,
     TP_DIM_EXPERTS /* n_experts */, TP_DIM_MOE_INTER /* moe_intermediate */,
     TP_DIM_2_MOE_INTER /* 2 * moe_intermediate (fused gate_up) */,
 } tp_dim_of;
+
+/* The global size a dimension has under config c (-1 for an unknown d). */
+int64_t tp_dim_value(const tp_model_config *c, tp_dim_of d);
 
 /* What an expert tensor is, from its name alone (both checkpoint layouts,
  * both architectures). */
@@ -262,10 +290,13 @@ typedef enum tp_row_kind {
 
 typedef struct tp_arch_tensor {
     const char *module;       /* "self_attn.q_proj"; "*" stands for the expert number */
+    tp_layer_slot slot;       /* the forward pass's slot of the weight (TP_SLOT_NONE: experts) */
+    tp_layer_slot bias_slot;  /* the slot of its optional bias [dims[0]] (a local slice when
+                                 runs is colwise; whole otherwise); TP_SLOT_NONE: never a bias.
+                                 All-or-none per layer is the runtime's rule. */
     unsigned archs;           /* bit (1u << tp_arch) per architecture that has it */
     int ndim;
-    tp_dim_of dims[3];        /* the weight's shape; an optional bias is [dims[0]] */
-    bool bias;                /* may have a bias (all-or-none per layer is the runtime's rule) */
+    tp_dim_of dims[3];        /* the weight's global shape */
     const char *plan_style;   /* transformers' base_model_tp_plan style, NULL: not in it */
     tp_style runs;            /* the cut tprun's forward pass implements (tensor-parallel experts) */
     tp_row_kind kind;
@@ -275,12 +306,27 @@ typedef struct tp_arch_tensor {
 extern const tp_arch_tensor tp_arch_layer_tensors[];
 extern const size_t tp_arch_n_layer_tensors;
 
+/* Whether layer `layer` of config c has the row: c's architecture has it,
+ * and the row's kind fits the layer (dense rows in dense layers, the router
+ * in sparse ones, per-expert rows in sparse layers unless fused, the fused
+ * rows in sparse layers when fused: the layer's experts are in transformers
+ * 5's fused layout). */
+bool tp_arch_row_in_layer(const tp_model_config *c, const tp_arch_tensor *row, int layer, bool fused);
+
+/* Whether config c says a layer's tensors carry the bias of this slot, as
+ * transformers builds the modules (attention_bias: q/k/v, and o_proj except
+ * qwen2's; mlp_bias: gate/up/down).  The checkpoint wins at load; tpsynth
+ * writes what this says. */
+bool tp_config_has_bias(const tp_model_config *c, tp_layer_slot bias_slot);
+
 /* The row of architecture a for an expert part in the per-expert (fused
  * false) or the fused layout; NULL when a has none. */
 const tp_arch_tensor *tp_arch_expert_row(tp_arch a, tp_expert_part part, bool fused);
 /* "model.layers.L.<module with * = expert>.weight" (no ".weight" for a bare
  * row) into buf; false when it does not fit. */
 bool tp_arch_tensor_name(const tp_arch_tensor *row, long layer, long expert, char *buf, size_t cap);
+/* The same with ".bias" (a row with a bias_slot). */
+bool tp_arch_bias_name(const tp_arch_tensor *row, long layer, char *buf, size_t cap);
 
 /* A tensor by name and global shape (source, rank file or loaded rank). */
 typedef struct tp_tensor_ref {

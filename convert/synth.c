@@ -74,10 +74,29 @@ int tp_synth_preset(tp_synth_opts *o, const char *preset, tp_err *err)
     return 0;
 }
 
-static bool arch_known(const char *arch)
+/* What config.json says per architecture beyond the sizes (tpsynth writes
+ * the architectures tprun runs; their tensors come from convert/arch.c's
+ * table). */
+typedef struct arch_info {
+    const char *arch, *class_name;
+    double rope_theta;
+} arch_info;
+
+static const arch_info ARCHS[] = {
+    {"qwen3", "Qwen3ForCausalLM", 1000000.0},
+    {"qwen2", "Qwen2ForCausalLM", 1000000.0},
+    {"llama", "LlamaForCausalLM", 500000.0},
+    {"mistral", "MistralForCausalLM", 1000000.0},
+    {"qwen3_moe", "Qwen3MoeForCausalLM", 1000000.0},
+    {"mixtral", "MixtralForCausalLM", 1000000.0},
+};
+
+static const arch_info *arch_lookup(const char *arch)
 {
-    return !strcmp(arch, "qwen3") || !strcmp(arch, "qwen2") || !strcmp(arch, "llama") ||
-           !strcmp(arch, "mistral") || !strcmp(arch, "qwen3_moe") || !strcmp(arch, "mixtral");
+    for (size_t i = 0; i < sizeof ARCHS / sizeof ARCHS[0]; i++)
+        if (!strcmp(ARCHS[i].arch, arch))
+            return &ARCHS[i];
+    return NULL;
 }
 
 static bool arch_moe(const char *arch)
@@ -87,7 +106,7 @@ static bool arch_moe(const char *arch)
 
 static int check_opts(const tp_synth_opts *o, tp_err *err)
 {
-    if (!o->arch || !arch_known(o->arch))
+    if (!o->arch || !arch_lookup(o->arch))
         return tp_errorf(err, "--arch %s: unknown (qwen3, qwen2, llama, mistral, qwen3_moe, "
                          "mixtral)", o->arch ? o->arch : "(none)");
     if (arch_moe(o->arch) && (o->experts < 1 || o->experts > 4096 || o->experts_per_tok < 1 ||
@@ -121,7 +140,7 @@ typedef enum { VAL_WEIGHT, VAL_NORM } synth_value;
 typedef struct synth_tensor {
     char name[96];
     int ndim;
-    uint64_t shape[2];
+    uint64_t shape[3];
     synth_value value;
     size_t nbytes;
 } synth_tensor;
@@ -131,11 +150,9 @@ typedef struct synth_list {
     size_t n, cap;
 } synth_list;
 
-static int list_add(synth_list *l, synth_value value, uint64_t d0, uint64_t d1, tp_err *err,
-                    const char *fmt, ...) __attribute__((format(printf, 6, 7)));
-
-static int list_add(synth_list *l, synth_value value, uint64_t d0, uint64_t d1, tp_err *err,
-                    const char *fmt, ...)
+/* Appends a bf16 tensor of shape [ndim] named name. */
+static int list_add(synth_list *l, synth_value value, const char *name, int ndim, const uint64_t *shape,
+                    tp_err *err)
 {
     if (l->n == l->cap) {
         size_t cap = l->cap ? 2 * l->cap : 64;
@@ -145,79 +162,86 @@ static int list_add(synth_list *l, synth_value value, uint64_t d0, uint64_t d1, 
         l->t = t;
         l->cap = cap;
     }
-    synth_tensor *t = &l->t[l->n++];
+    synth_tensor *t = &l->t[l->n];
     memset(t, 0, sizeof *t);
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(t->name, sizeof t->name, fmt, ap);
-    va_end(ap);
+    if ((size_t)snprintf(t->name, sizeof t->name, "%s", name) >= sizeof t->name)
+        return tp_errorf(err, "tpsynth: tensor name %s is too long", name);
     t->value = value;
-    t->ndim = d1 ? 2 : 1;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    t->nbytes = (size_t)d0 * (d1 ? d1 : 1) * 2;
+    t->ndim = ndim;
+    t->nbytes = 2;
+    for (int d = 0; d < ndim; d++) {
+        t->shape[d] = shape[d];
+        t->nbytes *= (size_t)shape[d];
+    }
+    l->n++;
     return 0;
 }
 
-/* A sparse layer's router and experts, with the Hub's names. */
-static int add_experts(const tp_synth_opts *o, synth_list *l, int i, tp_err *err)
+/* One table row of layer `layer` (expert e, or -1), with its bias when the
+ * config says the layer has one.  1-D weights are norms (mean 1). */
+static int add_row(synth_list *l, const tp_model_config *c, const tp_arch_tensor *row, int layer, long e,
+                   tp_err *err)
 {
-    bool mixtral = !strcmp(o->arch, "mixtral");
-    uint64_t H = o->hidden, I = mixtral ? o->intermediate : o->moe_intermediate;
-    const char *blk = mixtral ? "block_sparse_moe" : "mlp";
-    const char *g = mixtral ? "w1" : "gate_proj", *u = mixtral ? "w3" : "up_proj",
-               *d = mixtral ? "w2" : "down_proj";
-    int rc = list_add(l, VAL_WEIGHT, (uint64_t)o->experts, H, err,
-                      "model.layers.%d.%s.gate.weight", i, blk);
-    for (int e = 0; e < o->experts && !rc; e++) {
-        rc |= list_add(l, VAL_WEIGHT, I, H, err, "model.layers.%d.%s.experts.%d.%s.weight", i, blk, e, g);
-        rc |= list_add(l, VAL_WEIGHT, I, H, err, "model.layers.%d.%s.experts.%d.%s.weight", i, blk, e, u);
-        rc |= list_add(l, VAL_WEIGHT, H, I, err, "model.layers.%d.%s.experts.%d.%s.weight", i, blk, e, d);
-    }
-    return rc ? -1 : 0;
+    uint64_t shape[3];
+    char name[128];
+    for (int d = 0; d < row->ndim; d++)
+        shape[d] = (uint64_t)tp_dim_value(c, row->dims[d]);
+    if (!tp_arch_tensor_name(row, layer, e, name, sizeof name) ||
+        list_add(l, row->ndim == 1 ? VAL_NORM : VAL_WEIGHT, name, row->ndim, shape, err) < 0)
+        return tp_errorf(err, "tpsynth: layer %d: tensor name too long (%s)", layer, row->module);
+    if (row->bias_slot == TP_SLOT_NONE || !tp_config_has_bias(c, row->bias_slot))
+        return 0;
+    if (!tp_arch_bias_name(row, layer, name, sizeof name) ||
+        list_add(l, VAL_WEIGHT, name, 1, shape, err) < 0)
+        return tp_errorf(err, "tpsynth: layer %d: tensor name too long (%s)", layer, row->module);
+    return 0;
 }
 
-/* The tensors of the model, in the order HF checkpoints list them. */
-static int build_list(const tp_synth_opts *o, synth_list *l, tp_err *err)
+/* A layer's tensors, as convert/arch.c's table lists them for the layer's
+ * kind (experts in the per-expert layout, as published on the Hub): the
+ * table's order, each weight followed by its bias, the experts last and
+ * expert by expert. */
+static int add_layer(synth_list *l, const tp_model_config *c, int layer, tp_err *err)
 {
-    bool qwen3 = !strcmp(o->arch, "qwen3") || !strcmp(o->arch, "qwen3_moe");
-    bool qwen2 = !strcmp(o->arch, "qwen2");
-    uint64_t H = o->hidden, I = o->intermediate, V = o->vocab;
-    uint64_t Q = (uint64_t)o->heads * o->head_dim, KV = (uint64_t)o->kv_heads * o->head_dim;
-    if (list_add(l, VAL_WEIGHT, V, H, err, "model.embed_tokens.weight"))
-        return -1;
-    for (int i = 0; i < o->layers; i++) {
-        const char *p = "model.layers";
-        int rc = 0;
-        rc |= list_add(l, VAL_NORM, H, 0, err, "%s.%d.input_layernorm.weight", p, i);
-        rc |= list_add(l, VAL_WEIGHT, Q, H, err, "%s.%d.self_attn.q_proj.weight", p, i);
-        if (qwen2)
-            rc |= list_add(l, VAL_WEIGHT, Q, 0, err, "%s.%d.self_attn.q_proj.bias", p, i);
-        rc |= list_add(l, VAL_WEIGHT, KV, H, err, "%s.%d.self_attn.k_proj.weight", p, i);
-        if (qwen2)
-            rc |= list_add(l, VAL_WEIGHT, KV, 0, err, "%s.%d.self_attn.k_proj.bias", p, i);
-        rc |= list_add(l, VAL_WEIGHT, KV, H, err, "%s.%d.self_attn.v_proj.weight", p, i);
-        if (qwen2)
-            rc |= list_add(l, VAL_WEIGHT, KV, 0, err, "%s.%d.self_attn.v_proj.bias", p, i);
-        rc |= list_add(l, VAL_WEIGHT, H, Q, err, "%s.%d.self_attn.o_proj.weight", p, i);
-        if (qwen3) {
-            rc |= list_add(l, VAL_NORM, o->head_dim, 0, err, "%s.%d.self_attn.q_norm.weight", p, i);
-            rc |= list_add(l, VAL_NORM, o->head_dim, 0, err, "%s.%d.self_attn.k_norm.weight", p, i);
-        }
-        rc |= list_add(l, VAL_NORM, H, 0, err, "%s.%d.post_attention_layernorm.weight", p, i);
-        if (arch_moe(o->arch))
-            rc |= add_experts(o, l, i, err);
-        else {
-            rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.gate_proj.weight", p, i);
-            rc |= list_add(l, VAL_WEIGHT, I, H, err, "%s.%d.mlp.up_proj.weight", p, i);
-            rc |= list_add(l, VAL_WEIGHT, H, I, err, "%s.%d.mlp.down_proj.weight", p, i);
-        }
-        if (rc)
+    for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+        const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+        if (row->kind != TP_ROW_EXPERT && tp_arch_row_in_layer(c, row, layer, false) &&
+            add_row(l, c, row, layer, -1, err) < 0)
             return -1;
     }
-    if (list_add(l, VAL_NORM, H, 0, err, "model.norm.weight"))
+    for (long e = 0; e < c->n_experts; e++)
+        for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+            const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+            if (row->kind == TP_ROW_EXPERT && tp_arch_row_in_layer(c, row, layer, false) &&
+                add_row(l, c, row, layer, e, err) < 0)
+                return -1;
+        }
+    return 0;
+}
+
+static char *config_json(const tp_synth_opts *o);
+
+/* The tensors of the model: those the config.json it writes asks for, read
+ * back with the parser tpconvert and tprun use. */
+static int build_list(const tp_synth_opts *o, synth_list *l, tp_err *err)
+{
+    char *cfg = config_json(o);
+    if (!cfg)
+        return tp_errorf(err, "tpsynth: out of memory");
+    tp_model_config c;
+    int rc = tp_config_parse(&c, cfg, strlen(cfg), "tpsynth's config.json", err);
+    free(cfg);
+    if (rc < 0)
         return -1;
-    if (!o->tie && list_add(l, VAL_WEIGHT, V, H, err, "lm_head.weight"))
+    const uint64_t vh[2] = {(uint64_t)c.vocab, (uint64_t)c.hidden}, h[1] = {(uint64_t)c.hidden};
+    if (list_add(l, VAL_WEIGHT, "model.embed_tokens.weight", 2, vh, err) < 0)
+        return -1;
+    for (int i = 0; i < c.n_layers; i++)
+        if (add_layer(l, &c, i, err) < 0)
+            return -1;
+    if (list_add(l, VAL_NORM, "model.norm.weight", 1, h, err) < 0)
+        return -1;
+    if (!c.tie_embeddings && list_add(l, VAL_WEIGHT, "lm_head.weight", 2, vh, err) < 0)
         return -1;
     return 0;
 }
@@ -329,28 +353,6 @@ static int fill_tensor(size_t i, uint8_t *dst, size_t nbytes, void *arg, tp_err 
 }
 
 /* ------------------------------------------------------------- config */
-
-typedef struct arch_info {
-    const char *arch, *class_name;
-    double rope_theta;
-} arch_info;
-
-static const arch_info ARCHS[] = {
-    {"qwen3", "Qwen3ForCausalLM", 1000000.0},
-    {"qwen2", "Qwen2ForCausalLM", 1000000.0},
-    {"llama", "LlamaForCausalLM", 500000.0},
-    {"mistral", "MistralForCausalLM", 1000000.0},
-    {"qwen3_moe", "Qwen3MoeForCausalLM", 1000000.0},
-    {"mixtral", "MixtralForCausalLM", 1000000.0},
-};
-
-static const arch_info *arch_lookup(const char *arch)
-{
-    for (size_t i = 0; i < sizeof ARCHS / sizeof ARCHS[0]; i++)
-        if (!strcmp(ARCHS[i].arch, arch))
-            return &ARCHS[i];
-    return NULL;
-}
 
 /* bos / eos ids: the real ones when the vocabulary is the real one. */
 static void special_ids(const tp_synth_opts *o, int *bos, int eos[2], int *n_eos)
@@ -631,8 +633,8 @@ static int write_weights(const char *dir, const tp_synth_opts *o, const synth_li
         outs[i].name = l->t[i].name;
         outs[i].dtype = TP_BF16;
         outs[i].ndim = l->t[i].ndim;
-        outs[i].shape[0] = l->t[i].shape[0];
-        outs[i].shape[1] = l->t[i].shape[1];
+        for (int d = 0; d < l->t[i].ndim; d++)
+            outs[i].shape[d] = l->t[i].shape[d];
     }
     c->list = l;
     c->file_first = file_first;

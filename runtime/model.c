@@ -30,6 +30,7 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -373,130 +374,170 @@ static int check_split(const tp_loaded_rank *lr, const tp_shard_tensor *t, int w
 
 /* --------------------------------------------------------- model creation */
 
-/* A dense MLP: gate/up colwise, down rowwise (the first layer decides the
- * local intermediate size, the others must agree). */
-static int load_dense_mlp(loader_ctx *lc, int l, tp_err *err)
+/* A layer's slots by convert.h's tp_layer_slot: where the table's rows
+ * land in tp_layer_weights (a tp_mat or a const float *) and tp_layer_src. */
+static const size_t weight_slot_offset[TP_SLOT_COUNT] = {
+#define TP_X(field, kind) [TP_SLOT_##field] = offsetof(tp_layer_weights, field),
+    TP_LAYER_TENSORS(TP_X)
+#undef TP_X
+};
+static const size_t src_slot_offset[TP_SLOT_COUNT] = {
+#define TP_X(field, kind) [TP_SLOT_##field] = offsetof(tp_layer_src, field),
+    TP_LAYER_TENSORS(TP_X)
+#undef TP_X
+};
+
+static void *weight_slot(tp_layer_weights *L, tp_layer_slot s)
+{
+    return (char *)L + weight_slot_offset[s];
+}
+
+static tp_weight_src *src_slot(tp_layer_src *S, tp_layer_slot s)
+{
+    return (tp_weight_src *)((char *)S + src_slot_offset[s]);
+}
+
+/* The shard tensor behind a slot (NULL: absent). */
+static const tp_shard_tensor *slot_tensor(const tp_loaded_rank *lr, const tp_layer_src *S, tp_layer_slot s)
+{
+    int i = src_slot((tp_layer_src *)S, s)->tensor;
+    return i >= 0 ? lr->tensors[i].info : NULL;
+}
+
+/* The dimension a tensor-parallel cut splits (colwise: rows, rowwise:
+ * columns), -1 for a replicated row. */
+static int row_split_dim(const tp_arch_tensor *row)
+{
+    return row->runs == TP_STYLE_COLWISE ? 0 : row->runs == TP_STYLE_ROWWISE ? 1 : -1;
+}
+
+/* A table row with a slot: its weight in its slot (global shape, the split
+ * dimension left to the file: the checks after the loop relate the local
+ * sizes), then its bias, if the rank has one, of the weight's local rows. */
+static int load_slot_row(loader_ctx *lc, int l, const tp_arch_tensor *row, tp_err *err)
 {
     tp_model *m = lc->m;
-    const tp_loaded_rank *lr = lc->lr;
     tp_layer_weights *L = &m->layers[l];
     tp_layer_src *S = &m->layer_src[l];
-    const int64_t H = m->cfg.hidden;
-    const tp_loaded_tensor *tg, *tu, *td;
-    int64_t d1[1], d2[2];
+    int64_t dims[3];
+    for (int d = 0; d < row->ndim; d++)
+        dims[d] = tp_dim_value(&m->cfg, row->dims[d]);
+    int split = row_split_dim(row);
+    if (split >= 0 && m->world > 1)
+        dims[split] = -1;
     char name[256];
-#define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
-    d2[0] = m->li > 0 ? m->li : -1; d2[1] = H;
-    if (get_matrix(lc, NAME("mlp.gate_proj.weight"), true, d2, &tg, &L->wgate, &S->wgate, err) < 0 ||
-        check_split(lr, tg->info, 0, m->world, err) < 0)
-        return -1;
-    m->li = (int)d2[0];
-    d2[0] = m->li; d2[1] = H;
-    if (get_matrix(lc, NAME("mlp.up_proj.weight"), true, d2, &tu, &L->wup, &S->wup, err) < 0 ||
-        check_split(lr, tu->info, 0, m->world, err) < 0)
-        return -1;
-    d2[0] = H; d2[1] = m->li;
-    if (get_matrix(lc, NAME("mlp.down_proj.weight"), true, d2, &td, &L->wdown, &S->wdown, err) < 0 ||
-        check_split(lr, td->info, 1, m->world, err) < 0)
-        return -1;
-    d1[0] = m->li;
-    if (get_vector(lc, NAME("mlp.gate_proj.bias"), false, d1, &L->bgate, &S->bgate, err) < 0)
-        return -1;
-    d1[0] = m->li;
-    if (get_vector(lc, NAME("mlp.up_proj.bias"), false, d1, &L->bup, &S->bup, err) < 0)
-        return -1;
-    d1[0] = H;
-    if (get_vector(lc, NAME("mlp.down_proj.bias"), false, d1, &L->bdown, &S->bdown, err) < 0)
-        return -1;
-#undef NAME
-    return 0;
-}
-
-/* The local experts, read in place like every matrix: the per-expert layout (a tensor per
- * expert, cut like a dense MLP or, expert-parallel, whole on its owner) or
- * the fused one ([experts, 2 I, H] and [experts, H, I], cut along I, or
- * along the experts when expert-parallel). */
-static int load_expert_part(loader_ctx *lc, int l, tp_moe_weights *w, tp_expert_part part,
-                            bool ep, tp_err *err)
-{
-    tp_model *m = lc->m;
-    const tp_loaded_rank *lr = lc->lr;
-    const tp_arch_tensor *row = tp_arch_expert_row(m->cfg.arch, part, false);
-    const int64_t H = m->cfg.hidden;
-    tp_mat *dst = part == TP_EXPERT_GATE ? w->gate : part == TP_EXPERT_UP ? w->up : w->down;
-    tp_weight_src *dst_src = part == TP_EXPERT_GATE ? w->gate_src : part == TP_EXPERT_UP ? w->up_src : w->down_src;
-    bool rows = part != TP_EXPERT_DOWN;   /* gate/up: [I, H]; down: [H, I] */
-    char name[256];
-    for (int e = w->expert_lo; e < w->expert_hi; e++) {
+    if (!tp_arch_tensor_name(row, l, -1, name, sizeof name))
+        return tp_errorf(err, "%s: layer %d: tensor name too long", lc->lr->source, l);
+    if (tp_layer_slot_is_matrix(row->slot)) {
         const tp_loaded_tensor *t;
-        int64_t d2[2] = {rows ? w->inter : H, rows ? H : w->inter};
-        if (!row || !tp_arch_tensor_name(row, l, e, name, sizeof name))
-            return tp_errorf(err, "%s: layer %d: no expert tensor name", lr->source, l);
-        if (get_matrix(lc, name, true, d2, &t, &dst[e - w->expert_lo], &dst_src[e - w->expert_lo], err) < 0)
+        if (get_matrix(lc, name, true, dims, &t, weight_slot(L, row->slot), src_slot(S, row->slot), err) < 0 ||
+            (split >= 0 && check_split(lc->lr, t->info, split, m->world, err) < 0))
             return -1;
-        if (ep ? t->info->split.dim != -1 : check_split(lr, t->info, rows ? 0 : 1, m->world, err) < 0)
-            return ep ? tp_errorf(err, "%s: rank %d: tensor %s: expected the whole expert "
-                                  "(expert-parallel conversion), found a split along dim %d",
-                                  lr->source, lr->rank, name, t->info->split.dim) : -1;
+    } else if (get_vector(lc, name, true, dims, weight_slot(L, row->slot), src_slot(S, row->slot), err) < 0) {
+        return -1;
     }
+    if (row->bias_slot == TP_SLOT_NONE)
+        return 0;
+    /* colwise: the rank's rows of the bias; rowwise: whole, added after the all-reduce */
+    int64_t bias_dims[1] = { dims[0] };
+    if (!tp_arch_bias_name(row, l, name, sizeof name))
+        return tp_errorf(err, "%s: layer %d: tensor name too long", lc->lr->source, l);
+    return get_vector(lc, name, false, bias_dims, weight_slot(L, row->bias_slot), src_slot(S, row->bias_slot), err);
+}
+
+/* How many heads of head_dim a q or k weight's local rows hold; the first
+ * layer decides (*local), the others must agree. */
+static int check_heads(const tp_loaded_rank *lr, const tp_shard_tensor *t, int64_t hd, int n_heads,
+                       const char *key, int *local, tp_err *err)
+{
+    int64_t rows = (int64_t)t->shape[0];
+    if (t->global_shape[0] != (uint64_t)(n_heads * hd) || rows % hd || rows == 0)
+        return tp_errorf(err, "%s: rank %d: tensor %s: %lld local rows / global %llu do not hold "
+                         "whole heads of head_dim %lld (%s %d)", lr->source, lr->rank, t->name,
+                         (long long)rows, (unsigned long long)t->global_shape[0], (long long)hd, key, n_heads);
+    if (*local > 0 && rows != *local * hd)
+        return tp_errorf(err, "%s: rank %d: tensor %s has %lld local rows, expected %lld as in layer 0 "
+                         "(config.json and tp=%d)", lr->source, lr->rank, t->name, (long long)rows,
+                         (long long)(*local * hd), lr->manifest.tp);
+    *local = (int)(rows / hd);
     return 0;
 }
 
-/* The fused layout: one tensor per part, experts along dim 0. */
-static int load_fused_experts(loader_ctx *lc, int l, tp_moe_weights *w, bool ep, tp_err *err)
+/* What the table cannot say about attention: q and k hold whole heads, as
+ * many in every layer; every local q head finds its kv head among the
+ * local ones; v is cut like k; o_proj's columns are the q rows; biases on
+ * all of q/k/v or none. */
+static int check_attention(loader_ctx *lc, int l, tp_err *err)
+{
+    tp_model *m = lc->m;
+    const tp_model_config *c = &m->cfg;
+    const tp_loaded_rank *lr = lc->lr;
+    const tp_layer_src *S = &m->layer_src[l];
+    const int64_t hd = c->head_dim;
+    const tp_shard_tensor *tq = slot_tensor(lr, S, TP_SLOT_wq), *tk = slot_tensor(lr, S, TP_SLOT_wk);
+    const tp_shard_tensor *tv = slot_tensor(lr, S, TP_SLOT_wv), *to = slot_tensor(lr, S, TP_SLOT_wo);
+    if (check_heads(lr, tq, hd, c->n_heads, "num_attention_heads", &m->lq, err) < 0 ||
+        check_heads(lr, tk, hd, c->n_kv_heads, "num_key_value_heads", &m->lkv, err) < 0)
+        return -1;
+    if (m->lq % m->lkv)
+        return tp_errorf(err, "%s: rank %d: layer %d holds %d q heads and %d kv heads: not a "
+                         "multiple", lr->source, lr->rank, l, m->lq, m->lkv);
+    m->group = m->lq / m->lkv;
+    /* global q head g uses kv head g / (n_heads / n_kv_heads) */
+    int64_t qs = 0, qe = 0, ks = 0, ke = 0;
+    if (row_range(lr, tq, &qs, &qe, err) < 0 || row_range(lr, tk, &ks, &ke, err) < 0)
+        return -1;
+    int per_kv = c->n_heads / c->n_kv_heads;
+    for (int i = 0; i < m->lq; i++) {
+        int64_t g = qs / hd + i;
+        int64_t want_kv = g / per_kv;
+        int64_t have_kv = ks / hd + i / m->group;
+        if (qs % hd || ks % hd || want_kv != have_kv)
+            return tp_errorf(err, "%s: rank %d: tensors %s / k_proj: local q head %d (global "
+                             "%lld) needs kv head %lld, the rank holds kv rows [%lld, %lld)",
+                             lr->source, lr->rank, tq->name, i, (long long)g, (long long)want_kv,
+                             (long long)ks, (long long)ke);
+    }
+    if (tv->shape[0] != tk->shape[0] || tv->global_shape[0] != tk->global_shape[0] ||
+        tv->split.dim != tk->split.dim ||
+        (tv->split.dim >= 0 && tv->split.start[0] != tk->split.start[0]))
+        return tp_errorf(err, "%s: rank %d: tensor %s is not cut like k_proj", lr->source,
+                         lr->rank, tv->name);
+    if (to->shape[1] != (uint64_t)(m->lq * hd))
+        return tp_errorf(err, "%s: rank %d: tensor %s has %llu local columns, the rank's q heads "
+                         "need %lld", lr->source, lr->rank, to->name, (unsigned long long)to->shape[1],
+                         (long long)(m->lq * hd));
+    bool bq = S->bq.tensor >= 0;
+    if (bq != (S->bk.tensor >= 0) || bq != (S->bv.tensor >= 0))
+        return tp_errorf(err, "%s: rank %d: layer %d has biases on some of q/k/v only", lr->source,
+                         lr->rank, l);
+    return 0;
+}
+
+/* A dense MLP: gate and up hold the same local rows, down as many
+ * columns, in every dense layer (the first one decides m->li). */
+static int check_dense_mlp(loader_ctx *lc, int l, tp_err *err)
 {
     tp_model *m = lc->m;
     const tp_loaded_rank *lr = lc->lr;
-    const int64_t H = m->cfg.hidden, ne = w->expert_hi - w->expert_lo, inter = w->inter;
-    char gu_name[256], dn_name[256];
-    const tp_loaded_tensor *tgu, *tdn;
-    tp_weight_src src_gu, src_dn;
-    tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_GATE_UP, true), l, -1,
-                        gu_name, sizeof gu_name);
-    tp_arch_tensor_name(tp_arch_expert_row(m->cfg.arch, TP_EXPERT_FUSED_DOWN, true), l, -1,
-                        dn_name, sizeof dn_name);
-    int64_t d_gu[3] = {ne, 2 * inter, H}, d_dn[3] = {ne, H, inter};
-    if (find_weight(lc, gu_name, true, 3, d_gu, &tgu, &src_gu, err) < 0 ||
-        find_weight(lc, dn_name, true, 3, d_dn, &tdn, &src_dn, err) < 0 ||
-        check_float(lr, tgu, "the fused expert layout", err) < 0 ||
-        check_float(lr, tdn, "the fused expert layout", err) < 0)
-        return -1;
-    /* tensor-parallel: gate_up packed along dim 1 (2 ranges), down along dim
-     * 2; expert-parallel: both along dim 0, this rank's experts */
-    const tp_split *a = &tgu->info->split, *b = &tdn->info->split;
-    bool ok = ep ? a->dim == 0 && b->dim == 0 && a->start[0] == (uint64_t)w->expert_lo &&
-                   b->start[0] == (uint64_t)w->expert_lo
-                 : m->world == 1 || (a->dim == 1 && a->n_ranges == 2 && b->dim == 2);
-    if (!ok)
-        return tp_errorf(err, "%s: rank %d: tensors %s / %s are not cut as %s experts", lr->source,
-                         lr->rank, gu_name, dn_name, ep ? "expert-parallel" : "tensor-parallel");
-    /* Each expert's gate, up and down: row blocks of the two tensors, in
-     * place in their stored dtype (cuda: their byte ranges). */
-    const uint8_t *gu = tgu->data, *dn = tdn->data;
-    size_t gsz = tp_dtype_size(tgu->info->dtype), dsz = tp_dtype_size(tdn->info->dtype);
-    size_t block = (size_t)inter * (size_t)H;
-    for (int64_t e = 0; e < ne; e++) {
-        w->gate_src[e] = (tp_weight_src){ .tensor = src_gu.tensor,
-                                          .offset = (uint64_t)e * 2 * block * gsz,
-                                          .bytes = block * gsz };
-        w->up_src[e] = (tp_weight_src){ .tensor = src_gu.tensor,
-                                        .offset = ((uint64_t)e * 2 + 1) * block * gsz,
-                                        .bytes = block * gsz };
-        w->down_src[e] = (tp_weight_src){ .tensor = src_dn.tensor,
-                                          .offset = (uint64_t)e * block * dsz,
-                                          .bytes = block * dsz };
-        if (lc->no_copy)
-            continue;
-        w->gate[e] = (tp_mat){ .data = gu + (size_t)e * 2 * block * gsz, .dtype = tgu->info->dtype };
-        w->up[e] = (tp_mat){ .data = gu + ((size_t)e * 2 + 1) * block * gsz,
-                             .dtype = tgu->info->dtype };
-        w->down[e] = (tp_mat){ .data = dn + (size_t)e * block * dsz, .dtype = tdn->info->dtype };
-    }
+    const tp_layer_src *S = &m->layer_src[l];
+    const tp_shard_tensor *tg = slot_tensor(lr, S, TP_SLOT_wgate), *tu = slot_tensor(lr, S, TP_SLOT_wup);
+    const tp_shard_tensor *td = slot_tensor(lr, S, TP_SLOT_wdown);
+    int64_t li = m->li > 0 ? m->li : (int64_t)tg->shape[0];
+    const tp_shard_tensor *bad = (int64_t)tg->shape[0] != li ? tg : (int64_t)tu->shape[0] != li ? tu
+                               : (int64_t)td->shape[1] != li ? td : NULL;
+    if (bad)
+        return tp_errorf(err, "%s: rank %d: tensor %s: local shape [%llu,%llu], the rank's MLP "
+                         "holds %lld intermediate rows (config.json and tp=%d)", lr->source, lr->rank,
+                         bad->name, (unsigned long long)bad->shape[0], (unsigned long long)bad->shape[1],
+                         (long long)li, lr->manifest.tp);
+    m->li = (int)li;
     return 0;
 }
 
-/* A sparse layer: the router (replicated) and this rank's experts. */
-static int load_moe(loader_ctx *lc, int l, tp_err *err)
+/* A sparse layer's MLP before its rows load: the router and top-k
+ * settings, this rank's experts and their local size. */
+static int moe_setup(loader_ctx *lc, int l, tp_err *err)
 {
     tp_model *m = lc->m;
     const tp_model_config *c = &m->cfg;
@@ -527,149 +568,148 @@ static int load_moe(loader_ctx *lc, int l, tp_err *err)
     w->down_src = calloc(ne, sizeof *w->down_src);
     if (!w->gate || !w->up || !w->down || !w->gate_src || !w->up_src || !w->down_src)
         return tp_errorf(err, "out of memory");
-    char name[256];
-    const tp_loaded_tensor *tr;
-    int64_t d2[2] = {c->n_experts, c->hidden};
-    tp_arch_tensor_name(tp_arch_expert_row(c->arch, TP_EXPERT_ROUTER, false), l, -1, name, sizeof name);
-    if (get_matrix(lc, name, true, d2, &tr, &w->router, &w->router_src, err) < 0)
-        return -1;
-    if (tr->info->split.dim != -1)
-        return tp_errorf(err, "%s: rank %d: tensor %s: the router must be whole on every rank",
-                         lr->source, lr->rank, name);
-    const tp_arch_tensor *fused = tp_arch_expert_row(c->arch, TP_EXPERT_FUSED_GATE_UP, true);
-    if (fused && tp_arch_tensor_name(fused, l, -1, name, sizeof name) && find_tensor(lr, name))
-        return load_fused_experts(lc, l, w, ep, err);
-    if (load_expert_part(lc, l, w, TP_EXPERT_GATE, ep, err) < 0 ||
-        load_expert_part(lc, l, w, TP_EXPERT_UP, ep, err) < 0 ||
-        load_expert_part(lc, l, w, TP_EXPERT_DOWN, ep, err) < 0)
-        return -1;
     return 0;
 }
 
+/* An expert row's local shape: the table's, with the expert size this
+ * rank's (a slice, or whole when expert-parallel) and the fused tensors'
+ * expert count this rank's.  *split: the dimension the rank's cut must be
+ * along (-1: whole), *ranges: how many ranges it records. */
+static void expert_local_shape(const tp_model *m, const tp_moe_weights *w, const tp_arch_tensor *row,
+                               bool ep, int64_t *dims, int *split, int *ranges)
+{
+    *split = -1;
+    *ranges = row->runs == TP_STYLE_PACKED_COLWISE ? 2 : 1;
+    for (int d = 0; d < row->ndim; d++) {
+        tp_dim_of of = row->dims[d];
+        dims[d] = of == TP_DIM_MOE_INTER ? w->inter : of == TP_DIM_2_MOE_INTER ? 2 * (int64_t)w->inter
+                : of == TP_DIM_EXPERTS && row->kind == TP_ROW_FUSED ? w->expert_hi - w->expert_lo
+                : tp_dim_value(&m->cfg, of);
+        bool inter = of == TP_DIM_MOE_INTER || of == TP_DIM_2_MOE_INTER;
+        if (ep ? of == TP_DIM_EXPERTS && row->kind == TP_ROW_FUSED : inter)
+            *split = d;
+    }
+    if (ep)
+        *ranges = 1;
+}
 
+/* Whether t is cut as the rank's share needs (world 1: anything whole). */
+static bool expert_cut_ok(const tp_model *m, const tp_moe_weights *w, const tp_shard_tensor *t, bool ep,
+                          int split, int ranges)
+{
+    if (split < 0)
+        return t->split.dim == -1 || (!ep && m->world == 1);
+    if (m->world == 1 && !ep)
+        return true;
+    return t->split.dim == split && t->split.n_ranges == ranges &&
+           (!ep || t->split.start[0] == (uint64_t)w->expert_lo);
+}
+
+/* The router (whole on every rank), one expert's gate / up / down (per
+ * expert, for each local expert), or a fused tensor holding every local
+ * expert (its blocks: gate rows then up rows, or down), all read in place. */
+static int load_expert_row(loader_ctx *lc, int l, const tp_arch_tensor *row, tp_err *err)
+{
+    tp_model *m = lc->m;
+    const tp_loaded_rank *lr = lc->lr;
+    tp_moe_weights *w = m->layers[l].moe;
+    bool ep = lr->manifest.expert_parallel;
+    int64_t dims[3];
+    int split, ranges;
+    expert_local_shape(m, w, row, ep, dims, &split, &ranges);
+    bool per_expert = row->kind == TP_ROW_EXPERT;
+    int lo = per_expert ? w->expert_lo : 0, hi = per_expert ? w->expert_hi : 1;
+    char name[256];
+    for (int e = lo; e < hi; e++) {
+        const tp_loaded_tensor *t;
+        tp_weight_src src;
+        tp_mat mat;
+        if (!tp_arch_tensor_name(row, l, e, name, sizeof name))
+            return tp_errorf(err, "%s: layer %d: tensor name too long", lr->source, l);
+        /* a 2-d row (router, one expert's matrix) may be 8-bit with its
+         * scales; the fused 3-d tensors must be float */
+        if (row->ndim == 2 ? get_matrix(lc, name, true, dims, &t, &mat, &src, err) < 0
+                           : find_weight(lc, name, true, row->ndim, dims, &t, &src, err) < 0 ||
+                                 check_float(lr, t, "the fused expert layout", err) < 0)
+            return -1;
+        if (!expert_cut_ok(m, w, t->info, ep, split, ranges))
+            return tp_errorf(err, "%s: rank %d: tensor %s is not cut as %s (split along dim %d with "
+                             "%d ranges)", lr->source, lr->rank, name,
+                             row->part == TP_EXPERT_ROUTER ? "a router, whole on every rank"
+                             : ep ? "expert-parallel experts" : "tensor-parallel experts",
+                             t->info->split.dim, t->info->split.n_ranges);
+        if (row->ndim != 2)
+            mat = lc->no_copy ? (tp_mat){ 0 } : (tp_mat){ t->data, t->info->dtype };
+        int k = e - w->expert_lo;
+        switch (row->part) {
+        case TP_EXPERT_ROUTER: w->router = mat; w->router_src = src; break;
+        case TP_EXPERT_GATE: w->gate[k] = mat; w->gate_src[k] = src; break;
+        case TP_EXPERT_UP: w->up[k] = mat; w->up_src[k] = src; break;
+        case TP_EXPERT_DOWN: w->down[k] = mat; w->down_src[k] = src; break;
+        case TP_EXPERT_FUSED_GATE_UP: case TP_EXPERT_FUSED_DOWN: {
+            /* [local experts][rows][cols]: expert e's block(s) by offset */
+            bool gate_up = row->part == TP_EXPERT_FUSED_GATE_UP;
+            size_t es = tp_dtype_size(t->info->dtype);
+            uint64_t block = (uint64_t)(gate_up ? dims[1] / 2 : dims[1]) * (uint64_t)dims[2] * es;
+            for (int x = 0; x < w->expert_hi - w->expert_lo; x++) {
+                uint64_t at = (uint64_t)x * (gate_up ? 2 : 1) * block;
+                tp_weight_src *first = gate_up ? &w->gate_src[x] : &w->down_src[x];
+                tp_mat *first_mat = gate_up ? &w->gate[x] : &w->down[x];
+                *first = (tp_weight_src){ src.tensor, at, block };
+                if (!lc->no_copy)
+                    *first_mat = (tp_mat){ (const uint8_t *)t->data + at, t->info->dtype };
+                if (gate_up) {
+                    w->up_src[x] = (tp_weight_src){ src.tensor, at + block, block };
+                    if (!lc->no_copy)
+                        w->up[x] = (tp_mat){ (const uint8_t *)t->data + at + block, t->info->dtype };
+                }
+            }
+            break;
+        }
+        case TP_EXPERT_NONE: break;
+        }
+    }
+    return 0;
+}
+
+/* Whether sparse layer l holds its experts in the fused layout (any fused
+ * row of the architecture present). */
+static bool layer_fused(loader_ctx *lc, int l)
+{
+    char name[256];
+    for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+        const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+        if (row->kind == TP_ROW_FUSED && tp_arch_row_in_layer(&lc->m->cfg, row, l, true) &&
+            tp_arch_tensor_name(row, l, -1, name, sizeof name) && find_tensor(lc->lr, name))
+            return true;
+    }
+    return false;
+}
+
+/* One decoder layer: every row the architecture's table has for this
+ * layer's kind (dense or sparse, per-expert or fused experts) into its
+ * slot, or into the sparse MLP; then what is specific to attention and the
+ * MLP, and the sliding window. */
 static int load_layer(loader_ctx *lc, int l, tp_err *err)
 {
     tp_model *m = lc->m;
     const tp_model_config *c = &m->cfg;
-    const tp_loaded_rank *lr = lc->lr;
-    tp_layer_weights *L = &m->layers[l];
-    tp_layer_src *S = &m->layer_src[l];
-    const int64_t H = c->hidden, hd = c->head_dim;
-    char name[256];
-#define NAME(suffix) (snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix), name)
-
-    int64_t d1[1], d2[2];
-    const tp_loaded_tensor *tq, *tk, *tv, *to;
-
-    d1[0] = H;
-    if (get_vector(lc, NAME("input_layernorm.weight"), true, d1, &L->attn_norm,
-                   &S->attn_norm, err) < 0)
+    bool sparse = tp_config_layer_sparse(c, l);
+    bool fused = sparse && layer_fused(lc, l);
+    if (sparse && moe_setup(lc, l, err) < 0)
         return -1;
-    d1[0] = H;
-    if (get_vector(lc, NAME("post_attention_layernorm.weight"), true, d1, &L->ffn_norm,
-                   &S->ffn_norm, err) < 0)
-        return -1;
-
-    /* q: [lq * hd, H]; the first layer decides lq, the others must agree. */
-    d2[0] = m->lq > 0 ? m->lq * hd : -1; d2[1] = H;
-    if (get_matrix(lc, NAME("self_attn.q_proj.weight"), true, d2, &tq, &L->wq, &S->wq, err) < 0)
-        return -1;
-    if (tq->info->global_shape[0] != (uint64_t)(c->n_heads * hd) || d2[0] % hd || d2[0] == 0)
-        return tp_errorf(err, "%s: rank %d: tensor %s: %lld local rows / global %llu do not hold "
-                         "whole heads of head_dim %lld (num_attention_heads %d)", lr->source,
-                         lr->rank, name, (long long)d2[0],
-                         (unsigned long long)tq->info->global_shape[0], (long long)hd, c->n_heads);
-    if (check_split(lr, tq->info, 0, m->world, err) < 0)
-        return -1;
-    m->lq = (int)(d2[0] / hd);
-
-    d2[0] = m->lkv > 0 ? m->lkv * hd : -1; d2[1] = H;
-    if (get_matrix(lc, NAME("self_attn.k_proj.weight"), true, d2, &tk, &L->wk, &S->wk, err) < 0)
-        return -1;
-    if (tk->info->global_shape[0] != (uint64_t)(c->n_kv_heads * hd) || d2[0] % hd || d2[0] == 0)
-        return tp_errorf(err, "%s: rank %d: tensor %s: %lld local rows / global %llu do not hold "
-                         "whole kv heads of head_dim %lld (num_key_value_heads %d)", lr->source,
-                         lr->rank, name, (long long)d2[0],
-                         (unsigned long long)tk->info->global_shape[0], (long long)hd,
-                         c->n_kv_heads);
-    if (check_split(lr, tk->info, 0, m->world, err) < 0)
-        return -1;
-    m->lkv = (int)(d2[0] / hd);
-    if (m->lq % m->lkv)
-        return tp_errorf(err, "%s: rank %d: layer %d holds %d q heads and %d kv heads: not a "
-                         "multiple", lr->source, lr->rank, l, m->lq, m->lkv);
-    m->group = m->lq / m->lkv;
-
-    /* Every local q head must find its own kv head among the local ones:
-     * global q head g uses kv head g / (n_heads / n_kv_heads). */
-    {
-        int64_t qs = 0, qe = 0, ks = 0, ke = 0;
-        if (row_range(lr, tq->info, &qs, &qe, err) < 0 || row_range(lr, tk->info, &ks, &ke, err) < 0)
-            return -1;
-        int per_kv = c->n_heads / c->n_kv_heads;
-        for (int i = 0; i < m->lq; i++) {
-            int64_t g = qs / hd + i;
-            int64_t want_kv = g / per_kv;
-            int64_t have_kv = ks / hd + i / m->group;
-            if (qs % hd || ks % hd || want_kv != have_kv)
-                return tp_errorf(err, "%s: rank %d: tensors %s / k_proj: local q head %d (global "
-                                 "%lld) needs kv head %lld, the rank holds kv rows [%lld, %lld)",
-                                 lr->source, lr->rank, name, i, (long long)g, (long long)want_kv,
-                                 (long long)ks, (long long)ke);
-        }
-    }
-
-    d2[0] = m->lkv * hd; d2[1] = H;
-    if (get_matrix(lc, NAME("self_attn.v_proj.weight"), true, d2, &tv, &L->wv, &S->wv, err) < 0)
-        return -1;
-    if (check_split(lr, tv->info, 0, m->world, err) < 0)
-        return -1;
-    if (tv->info->global_shape[0] != tk->info->global_shape[0] ||
-        tv->info->split.dim != tk->info->split.dim ||
-        (tv->info->split.dim >= 0 && tv->info->split.start[0] != tk->info->split.start[0]))
-        return tp_errorf(err, "%s: rank %d: tensor %s is not cut like k_proj", lr->source,
-                         lr->rank, name);
-
-    d2[0] = H; d2[1] = m->lq * hd;
-    if (get_matrix(lc, NAME("self_attn.o_proj.weight"), true, d2, &to, &L->wo,
-                   &S->wo, err) < 0 ||
-        check_split(lr, to->info, 1, m->world, err) < 0)
-        return -1;
-
-    d1[0] = m->lq * hd;
-    if (get_vector(lc, NAME("self_attn.q_proj.bias"), false, d1, &L->bq, &S->bq, err) < 0)
-        return -1;
-    d1[0] = m->lkv * hd;
-    if (get_vector(lc, NAME("self_attn.k_proj.bias"), false, d1, &L->bk, &S->bk, err) < 0)
-        return -1;
-    d1[0] = m->lkv * hd;
-    if (get_vector(lc, NAME("self_attn.v_proj.bias"), false, d1, &L->bv, &S->bv, err) < 0)
-        return -1;
-    if ((S->bq.tensor >= 0) != (S->bk.tensor >= 0) || (S->bq.tensor >= 0) != (S->bv.tensor >= 0))
-        return tp_errorf(err, "%s: rank %d: layer %d has biases on some of q/k/v only", lr->source,
-                         lr->rank, l);
-    /* rowwise bias: the full hidden vector, added once after the all-reduce */
-    d1[0] = H;
-    if (get_vector(lc, NAME("self_attn.o_proj.bias"), false, d1, &L->bo, &S->bo, err) < 0)
-        return -1;
-
-    if (c->qk_norm) {
-        d1[0] = hd;
-        if (get_vector(lc, NAME("self_attn.q_norm.weight"), true, d1, &L->q_norm,
-                       &S->q_norm, err) < 0)
-            return -1;
-        d1[0] = hd;
-        if (get_vector(lc, NAME("self_attn.k_norm.weight"), true, d1, &L->k_norm,
-                       &S->k_norm, err) < 0)
+    for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+        const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+        if (!tp_arch_row_in_layer(c, row, l, fused))
+            continue;
+        if ((row->slot != TP_SLOT_NONE ? load_slot_row(lc, l, row, err)
+                                       : load_expert_row(lc, l, row, err)) < 0)
             return -1;
     }
-
-    if (tp_config_layer_sparse(c, l) ? load_moe(lc, l, err) < 0 : load_dense_mlp(lc, l, err) < 0)
+    if (check_attention(lc, l, err) < 0 || (!sparse && check_dense_mlp(lc, l, err) < 0))
         return -1;
-#undef NAME
-
-    L->window = (c->sliding_window > 0 && l >= c->sliding_from_layer) ? c->sliding_window : 0;
-    S->window = L->window;
+    m->layers[l].window = (c->sliding_window > 0 && l >= c->sliding_from_layer) ? c->sliding_window : 0;
+    m->layer_src[l].window = m->layers[l].window;
     return 0;
 }
 

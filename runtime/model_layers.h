@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "shardfmt.h"
+#include "convert.h"
 #include "gemm_cpu.h"
 
 /* A weight matrix [rows][cols] row-major, in place in the loaded rank (the
@@ -35,16 +36,10 @@ static inline tpg_job tp_mat_job(float *y, const float *x, int n, tp_mat w, int 
 }
 #endif
 
-/* X(field, kind): every tensor of a layer, once.  kind MAT is a matrix
- * (a tp_mat on the CPU, bf16 on a GPU), VEC a vector: norm weights, biases
- * (fp32 everywhere: they are tiny).
- * It generates tp_layer_weights, tp_layer_src and cuda's tpcw_layer. */
-#define TP_LAYER_TENSORS(X) \
-    X(attn_norm, VEC) X(ffn_norm, VEC) X(q_norm, VEC) X(k_norm, VEC) \
-    X(wq, MAT) X(wk, MAT) X(wv, MAT) X(wo, MAT) \
-    X(bq, VEC) X(bk, VEC) X(bv, VEC) X(bo, VEC) \
-    X(wgate, MAT) X(wup, MAT) X(wdown, MAT) \
-    X(bgate, VEC) X(bup, VEC) X(bdown, VEC)
+
+/* convert.h's TP_LAYER_TENSORS(X) (every slot of a layer, once, the same
+ * list the architecture table fills) generates tp_layer_weights,
+ * tp_layer_src and cuda's tpcw_layer. */
 
 /* Where a weight's bytes are in the loaded rank: lr->tensors[tensor], bytes
  * [offset, offset + bytes) of its raw data (a row range when the lm_head is

@@ -166,12 +166,9 @@ static void moe_tensors(tensor_set *s, const tp_model_config *c, bool fused, int
     add(s, "model.norm.weight", 1, (uint64_t)c->hidden, 0);
     add(s, "lm_head.weight", 2, (uint64_t)c->vocab, (uint64_t)c->hidden);
     for (int l = 0; l < c->n_layers; l++) {
-        bool sparse = tp_config_layer_sparse(c, l);
         for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
             const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
-            if (!(row->archs & (1u << c->arch)) || (row->kind == TP_ROW_DENSE && sparse) ||
-                (row->kind >= TP_ROW_SPARSE && !sparse) ||
-                (row->kind == TP_ROW_EXPERT && fused) || (row->kind == TP_ROW_FUSED && !fused))
+            if (!tp_arch_row_in_layer(c, row, l, fused))
                 continue;
             for (int e = row->kind == TP_ROW_EXPERT ? lo : 0; e < (row->kind == TP_ROW_EXPERT ? hi : 1); e++) {
                 char n[96];
@@ -179,13 +176,8 @@ static void moe_tensors(tensor_set *s, const tp_model_config *c, bool fused, int
                 if (drop && !strcmp(n, drop))
                     continue;
                 uint64_t d[3] = {0};
-                for (int k = 0; k < row->ndim; k++) {
-                    tp_dim_of w = row->dims[k];
-                    d[k] = w == TP_DIM_HIDDEN ? c->hidden : w == TP_DIM_Q ? c->n_heads * c->head_dim
-                         : w == TP_DIM_KV ? c->n_kv_heads * c->head_dim : w == TP_DIM_HEAD ? c->head_dim
-                         : w == TP_DIM_INTER ? c->intermediate : w == TP_DIM_EXPERTS ? c->n_experts
-                         : w == TP_DIM_MOE_INTER ? c->moe_intermediate : 2 * c->moe_intermediate;
-                }
+                for (int k = 0; k < row->ndim; k++)
+                    d[k] = (uint64_t)tp_dim_value(c, row->dims[k]);
                 add(s, n, row->ndim, d[0], d[1]);
                 s->shapes[s->n - 1][2] = d[2];
             }
@@ -362,6 +354,64 @@ static void test_plan(void)
     CHECK(tp_arch_check_plan(&c, &p, &err) < 0 && strstr(err.msg, "k_proj") && strstr(err.msg, "replicate"),
           "unnamed k_proj: %s", err.msg);
     tp_plan_free(&p);
+}
+
+/* Every row fills the slot its shape fits (a matrix slot for a 2-D weight,
+ * vector slots for 1-D weights and biases), and each architecture's dense
+ * layer fills every slot at most once: the runtime loads a layer by walking
+ * the table, so a slot claimed twice or by the wrong kind of tensor would
+ * load the wrong weight. */
+static void test_slots(void)
+{
+    for (int a = 0; a < TP_ARCH_OTHER; a++) {
+        int fills[TP_SLOT_COUNT] = {0};
+        for (size_t r = 0; r < tp_arch_n_layer_tensors; r++) {
+            const tp_arch_tensor *row = &tp_arch_layer_tensors[r];
+            if (!(row->archs & (1u << a)))
+                continue;
+            bool expert = row->part != TP_EXPERT_NONE;
+            CHECK(expert == (row->slot == TP_SLOT_NONE), "arch %d %s: an expert row has no slot, "
+                  "every other row one (slot %d)", a, row->module, row->slot);
+            if (row->slot != TP_SLOT_NONE) {
+                fills[row->slot]++;
+                CHECK(tp_layer_slot_is_matrix(row->slot) == (row->ndim == 2), "%s: slot kind vs ndim %d",
+                      row->module, row->ndim);
+            }
+            if (row->bias_slot != TP_SLOT_NONE) {
+                fills[row->bias_slot]++;
+                CHECK(!tp_layer_slot_is_matrix(row->bias_slot) && row->ndim == 2,
+                      "%s: a bias is a vector, of a matrix", row->module);
+            }
+        }
+        for (int sl = 0; sl < TP_SLOT_COUNT; sl++)
+            CHECK(fills[sl] <= 1, "arch %d: slot %d filled by %d rows", a, sl, fills[sl]);
+        /* every architecture has attention and a dense MLP's slots (qwen3_moe's dense layers) or
+         * experts (mixtral) */
+        CHECK(fills[TP_SLOT_wq] && fills[TP_SLOT_wo] && fills[TP_SLOT_attn_norm] && fills[TP_SLOT_bq],
+              "arch %d: attention slots", a);
+    }
+    CHECK(!tp_layer_slot_is_matrix(TP_SLOT_NONE) && !tp_layer_slot_is_matrix(TP_SLOT_COUNT),
+          "out-of-range slots are no matrices");
+    /* which rows a layer has */
+    tp_model_config c;
+    tp_err err = {{0}};
+    CHECK(parse("{\"model_type\": \"qwen3_moe\", " MOE_BASE ", \"mlp_only_layers\": [0]}", &c, &err) == 0,
+          "%s", err.msg);
+    int in_layer[2][2] = {{0}};   /* [layer][fused]: rows */
+    for (int l = 0; l < 2; l++)
+        for (int f = 0; f < 2; f++)
+            for (size_t r = 0; r < tp_arch_n_layer_tensors; r++)
+                in_layer[l][f] += tp_arch_row_in_layer(&c, &tp_arch_layer_tensors[r], l, f);
+    /* 8 attention rows + 3 dense MLP rows; sparse: router + 3 per-expert rows or 2 fused rows */
+    CHECK(in_layer[0][0] == 11 && in_layer[0][1] == 11 && in_layer[1][0] == 12 && in_layer[1][1] == 11,
+          "rows per layer: %d %d %d %d", in_layer[0][0], in_layer[0][1], in_layer[1][0], in_layer[1][1]);
+    CHECK(tp_dim_value(&c, TP_DIM_2_MOE_INTER) == 64 && tp_dim_value(&c, TP_DIM_KV) == 32,
+          "dims: %lld %lld", (long long)tp_dim_value(&c, TP_DIM_2_MOE_INTER),
+          (long long)tp_dim_value(&c, TP_DIM_KV));
+    char name[64];
+    CHECK(tp_arch_bias_name(&tp_arch_layer_tensors[1], 3, name, sizeof name) &&
+          !strcmp(name, "model.layers.3.self_attn.q_proj.bias") &&
+          !tp_arch_bias_name(&tp_arch_layer_tensors[1], 3, name, 20), "bias name: %s", name);
 }
 
 /* cut.c's shape products are checked, whatever tp_model_info holds
@@ -561,5 +611,6 @@ int main(void)
     test_plan();
     test_quant_config();
     test_quant_tensors();
+    test_slots();
     return check_finish("test_arch");
 }

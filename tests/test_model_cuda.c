@@ -4,7 +4,12 @@
  * does: this file includes it for its in-process comm and its sharding),
  * run on the CPU and with device "cuda" (prefill of the first prompt
  * tokens, then decode steps, then a reset and the prefill again, which must
- * repeat bit for bit), and the logits compared.  So are two of test_model.c's
+ * repeat bit for bit), and the logits compared.  A fixture with 3-D (fused
+ * expert) tensors is cut by tpconvert itself instead, and every
+ * mixture-of-experts fixture is also converted with --expert-parallel at
+ * tp 2 (compare_converted).  Where the rope changes with the length
+ * (dynamic, longrope) the prompt is long enough for the decode steps to
+ * cross the switch.  So are two of test_model.c's
  * synthetic models, whose f16 and f32 weights the upload rounds to bf16,
  * and its qwen3 quantized to fp8 (blocks cut by the tp 2 slices) and int8,
  * whose 8-bit weights and scales go to the device as stored (decode: the
@@ -209,14 +214,72 @@ static int run_tp_files(const src_model *s, int world, tp_codec codec, const int
 /* The largest tp compare_src runs (run_emu.sh quick sets 1). */
 static int g_max_tp = 2;
 
+#define MAX_PROMPT 48
+/* The ids a comparison feeds: n_prefill prompt ids, then n_steps decode
+ * steps.  5 + 4 in general; where the rope changes with the sequence
+ * length (dynamic past max_position_embeddings, longrope past
+ * original_max_position_embeddings) the prompt stops 2 short of that
+ * length, so that the decode steps cross it on the device too. */
+static void prompt_for(const char *config_json, int vocab, int32_t *ids, int *n_prefill, int *n_steps)
+{
+    tp_model_config c;
+    tp_err err = { { 0 } };
+    *n_prefill = 5;
+    *n_steps = 4;
+    if (config_json && tp_model_config_parse(&c, config_json, &err) == 0) {
+        int at = c.rope.type == TP_ROPE_DYNAMIC ? c.rope.max_position
+               : c.rope.type == TP_ROPE_LONGROPE ? c.rope.original_max_position : 0;
+        if (at - 2 > *n_prefill && at - 2 + *n_steps <= MAX_PROMPT)
+            *n_prefill = at - 2;
+    }
+    for (int i = 0; i < *n_prefill + *n_steps; i++)
+        ids[i] = (int32_t)((i * 7919 + 13) % vocab);
+}
+
+/* cuda's logits (gpu) against the cpu's, [n_steps][V] each: within 3e-2 of
+ * max(1, max |cpu logit|), and the same argmax where the cpu's top two are
+ * further apart than that.  Counts a comparison when it ran. */
+static void compare_logits(const char *name, const char *what, int w, const float *cpu, const float *gpu, int V,
+                           int n_steps)
+{
+    double worst_rel = 0;
+    for (int st = 0; st < n_steps; st++) {
+        const float *a = cpu + (size_t)st * V, *b = gpu + (size_t)st * V;
+        double mx = 1, worst = 0;
+        for (int i = 0; i < V; i++)
+            if (fabs(a[i]) > mx)
+                mx = fabs(a[i]);
+        for (int i = 0; i < V; i++) {
+            double d = fabs((double)a[i] - b[i]);
+            if (!(d <= worst))
+                worst = d;   /* NaN sticks */
+        }
+        double tol = 3e-2 * mx;
+        if (!(worst / mx <= worst_rel))
+            worst_rel = worst / mx;   /* NaN sticks here too */
+        CHECK(worst <= tol, "%s tp=%d step %d: cuda logits differ from cpu by %g (tol %g)", name, w, st, worst,
+              tol);
+        int ta = argmax(a, V), tb = argmax(b, V);
+        double second = -INFINITY;
+        for (int i = 0; i < V; i++)
+            if (i != ta && a[i] > second)
+                second = a[i];
+        if (a[ta] - second > tol)
+            CHECK(ta == tb, "%s tp=%d step %d: cuda argmax %d, cpu %d", name, w, st, tb, ta);
+    }
+    g_compared++;
+    printf("%s tp=%d (%s): cuda vs cpu over %d steps: max |diff| / max(1, max |logit|) = %.2e\n", name, w, what,
+           n_steps, worst_rel);
+}
+
 /* The CPU (ranks in memory) against cuda (rank files, deferred) at tp 1 and 2. */
-static void compare_src(const src_model *s)
+static void compare_src_logits(const src_model *s)
 {
     static const int tps[] = { 1, 2 };
-    const int n_prefill = 5, n_steps = 4, V = s->vocab;
-    int32_t ids[16];
-    for (int i = 0; i < n_prefill + n_steps; i++)
-        ids[i] = (int32_t)((i * 7919 + 13) % V);
+    const int V = s->vocab;
+    int32_t ids[MAX_PROMPT];
+    int n_prefill, n_steps;
+    prompt_for(s->config_json, V, ids, &n_prefill, &n_steps);
     for (int ti = 0; ti < 2 && tps[ti] <= g_max_tp; ti++) {
         int w = tps[ti];
         if (!(s->n_heads % w == 0 && s->intermediate % w == 0 &&
@@ -229,58 +292,148 @@ static void compare_src(const src_model *s)
         g_device = "cuda";
         tp_codec codec = w == 1 ? TP_CODEC_ZSTD : TP_CODEC_NONE;
         if (rc == 0 && run_tp_files(s, w, codec, ids, n_prefill, n_steps, gpu) == 0) {
-            double worst_rel = 0;
-            for (int st = 0; st < n_steps; st++) {
-                const float *a = cpu + (size_t)st * V, *b = gpu + (size_t)st * V;
-                double mx = 1, worst = 0;
-                for (int i = 0; i < V; i++)
-                    if (fabs(a[i]) > mx)
-                        mx = fabs(a[i]);
-                for (int i = 0; i < V; i++) {
-                    double d = fabs((double)a[i] - b[i]);
-                    if (!(d <= worst))
-                        worst = d;   /* NaN sticks */
-                }
-                double tol = 3e-2 * mx;
-                if (!(worst / mx <= worst_rel))
-                    worst_rel = worst / mx;   /* NaN sticks here too */
-                CHECK(worst <= tol, "%s tp=%d step %d: cuda logits differ from cpu by %g (tol %g)",
-                      s->name, w, st, worst, tol);
-                int ta = argmax(a, V), tb = argmax(b, V);
-                double second = -INFINITY;
-                for (int i = 0; i < V; i++)
-                    if (i != ta && a[i] > second)
-                        second = a[i];
-                if (a[ta] - second > tol)
-                    CHECK(ta == tb, "%s tp=%d step %d: cuda argmax %d, cpu %d", s->name, w, st, tb, ta);
-            }
-            g_compared++;
-            printf("%s tp=%d (%s weights, %s rank files): cuda vs cpu over %d steps: "
-                   "max |diff| / max(1, max |logit|) = %.2e\n", s->name, w, tp_dtype_name(s->t[0].dt),
-                   tp_codec_name(codec), n_steps, worst_rel);
+            char what[96];
+            snprintf(what, sizeof what, "%s weights, %s rank files, prompt %d", tp_dtype_name(s->t[0].dt),
+                     tp_codec_name(codec), n_prefill);
+            compare_logits(s->name, what, w, cpu, gpu, V, n_steps);
         }
         g_device = "cpu";
         free(cpu);
         free(gpu);
     }
+}
+
+static void compare_src(const src_model *s)
+{
+    int32_t ids[MAX_PROMPT];
+    int n_prefill, n_steps;
+    compare_src_logits(s);
+    prompt_for(NULL, s->vocab, ids, &n_prefill, &n_steps);
     compare_graph(s, s->name, ids, n_prefill);
 }
 
-static void compare_model(const char *dir, const char *name)
+/* Loads every rank of the conversion in dir (defer: as the cuda device
+ * opens them); the count loaded. */
+static int load_ranks(const char *dir, int world, bool defer, tp_loaded_rank *lr, tp_loaded_rank **lrs)
+{
+    tp_load_opts lo = { .verify = true, .threads = 2, .quiet = true, .defer_tensors = defer };
+    tp_err err = { { 0 } };
+    int loaded = 0;
+    for (; loaded < world; loaded++) {
+        if (tp_load_rank(&lr[loaded], dir, loaded, &lo, &err) < 0) {
+            CHECK(0, "%s rank %d: %s", dir, loaded, err.msg);
+            break;
+        }
+        lrs[loaded] = &lr[loaded];
+    }
+    return loaded;
+}
+
+/* tpconvert's own cut of the model directory `dir` at tp = world
+ * (expert_parallel: whole experts per rank), loaded as tprun loads it: the
+ * cpu model on the decoded ranks against cuda on the same files opened with
+ * defer_tensors.  This is how the fused expert layout (3-D tensors, which
+ * test_model.c's splitter does not cut) and --expert-parallel reach the
+ * cuda model. */
+static void compare_converted(const char *dir, const char *name, int world, bool expert_parallel)
+{
+    static int n_dirs;
+    char out[600], label[128];
+    snprintf(out, sizeof out, "%s/tpconvert-%d", check_tmpdir(), n_dirs++);
+    snprintf(label, sizeof label, "%s%s", name, expert_parallel ? " expert-parallel" : "");
+    tp_err err = { { 0 } };
+    tp_conversion conv;
+    tp_prepare_opts po = { .vocab_parallel = true, .expert_parallel = expert_parallel };
+    tp_write_opts wo = { .codec = world == 1 ? TP_CODEC_ZSTD : TP_CODEC_NONE, .level = 3, .chunk_size = 4096,
+                         .threads = 2, .quiet = true };
+    tp_write_report rep;
+    int rc = tp_conversion_prepare_opts(&conv, dir, world, &po, &err);
+    if (rc == 0)
+        rc = tp_conversion_check_runnable(&conv, true, &err);
+    if (rc == 0)
+        rc = tp_conversion_write(&conv, out, &wo, &rep, &err);
+    int V = (int)conv.model.vocab;
+    int32_t ids[MAX_PROMPT];
+    int n_prefill = 0, n_steps = 0;
+    if (rc == 0)
+        prompt_for(conv.config_json, V, ids, &n_prefill, &n_steps);
+    tp_conversion_free(&conv);
+    if (rc < 0) {
+        CHECK(0, "%s tp=%d: tpconvert: %s", label, world, err.msg);
+        return;
+    }
+    tp_loaded_rank cpu_lr[MAX_WORLD], gpu_lr[MAX_WORLD];
+    tp_loaded_rank *cpu_lrs[MAX_WORLD], *gpu_lrs[MAX_WORLD];
+    int n_cpu = load_ranks(out, world, false, cpu_lr, cpu_lrs);
+    int n_gpu = n_cpu == world ? load_ranks(out, world, true, gpu_lr, gpu_lrs) : 0;
+    if (n_gpu == world) {
+        CHECK(cpu_lr[0].manifest.expert_parallel == expert_parallel, "%s: manifest expert_parallel %d",
+              label, cpu_lr[0].manifest.expert_parallel);
+        size_t per = (size_t)n_steps * V;
+        float *cpu = malloc(per * sizeof *cpu), *gpu = malloc(per * sizeof *gpu);
+        g_device = "cpu";
+        rc = run_ranks(label, cpu_lrs, world, V, ids, n_prefill, n_steps, cpu);
+        g_device = "cuda";
+        if (rc == 0 && run_ranks(label, gpu_lrs, world, V, ids, n_prefill, n_steps, gpu) == 0) {
+            char what[96];
+            snprintf(what, sizeof what, "tpconvert, %s, prompt %d", world == 1 ? "zstd" : "none", n_prefill);
+            compare_logits(label, what, world, cpu, gpu, V, n_steps);
+        }
+        g_device = "cpu";
+        free(cpu);
+        free(gpu);
+    }
+    for (int r = 0; r < n_gpu; r++)
+        tp_loaded_rank_free(&gpu_lr[r]);
+    for (int r = 0; r < n_cpu; r++)
+        tp_loaded_rank_free(&cpu_lr[r]);
+    if (check_rmtree(out) != 0)
+        fprintf(stderr, "could not remove %s\n", out);
+}
+
+/* A fixture: cut here (2-D tensors) at tp 1 and 2, or by tpconvert when it
+ * has 3-D (fused expert) tensors; with graph, also the decode graph check.
+ * A mixture-of-experts fixture also runs --expert-parallel at tp 2. */
+static void compare_fixture(const char *dir, const char *name, bool graph)
 {
     tp_err err = { { 0 } };
     src_model *s = malloc(sizeof *s);
     tp_st_set set;
     memset(&set, 0, sizeof set);
-    if (load_hf(s, &set, dir, name, &err) < 0)
+    bool moe = false;
+    if (load_hf(s, &set, dir, name, &err) < 0) {
         CHECK(0, "%s: %s", name, err.msg);
-    else if (has_3d_tensor(s))   /* test_model.c's splitter cuts 2-D tensors only */
-        printf("%s: not compared here: 3-D (fused expert) tensors (tests/e2e_tprun.sh runs it on a GPU)\n", name);
-    else
-        compare_src(s);
+    } else {
+        tp_model_config c;
+        moe = tp_model_config_parse(&c, s->config_json, &err) == 0 && c.n_experts > 0;
+        if (has_3d_tensor(s)) {   /* test_model.c's splitter cuts 2-D tensors only */
+            for (int w = 1; w <= g_max_tp; w++)
+                compare_converted(dir, name, w, false);
+        } else if (graph) {
+            compare_src(s);
+        } else {
+            compare_src_logits(s);
+        }
+    }
     free_src(s);
     free(s);
     tp_st_set_close(&set);
+    if (moe && g_max_tp >= 2)
+        compare_converted(dir, name, 2, true);
+}
+
+static void compare_model(const char *dir, const char *name)
+{
+    compare_fixture(dir, name, true);
+}
+
+/* run_emu.sh quick calls the comparisons one by one: each must have
+ * compared something since the previous mark (a skipped one never passes). */
+static int g_mark;
+static void expect_compared(const char *what)
+{
+    CHECK(g_compared > g_mark, "%s was not compared", what);
+    g_mark = g_compared;
 }
 
 static void compare_synthetic(const spec *sp)

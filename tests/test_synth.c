@@ -157,6 +157,56 @@ static void test_arch(const char *arch, bool tie)
     free(dir);
 }
 
+/* Every architecture, mixture-of-experts included: the tensors written are
+ * the ones convert/arch.c's table says the config.json written beside them
+ * needs (the runnable check tpconvert and tprun use accepts them: none
+ * missing, none extra, every shape right), with the Hub's expert names, and
+ * tp_synth_param_count counts exactly them. */
+static void test_table_archs(void)
+{
+    const char *archs[] = {"qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral"};
+    for (size_t i = 0; i < sizeof archs / sizeof archs[0]; i++) {
+        tp_synth_opts o = tiny(archs[i]);
+        o.tie = i % 2;
+        o.experts = 4;
+        if (!strcmp(archs[i], "qwen2"))
+            o.head_dim = 16;
+        char name[64];
+        snprintf(name, sizeof name, "table-%s", archs[i]);
+        char *dir = tmp_path(name), *cfg_path = tp_path_join(dir, "config.json"), *cfg = NULL;
+        tp_err err = {{0}};
+        tp_st_set s = {0};
+        size_t len;
+        tp_model_config c;
+        int rc = tp_synth_write(dir, &o, &err);
+        if (rc == 0)
+            rc = tp_st_set_open(&s, dir, &err);
+        if (rc == 0)
+            rc = tp_read_file(cfg_path, 1 << 20, &cfg, &len, &err);
+        if (rc == 0)
+            rc = tp_config_parse(&c, cfg, len, cfg_path, &err);
+        CHECK(rc == 0, "%s: %s", name, err.msg);
+        if (rc == 0) {
+            tp_tensor_ref *refs = calloc(s.n_tensors, sizeof *refs);
+            uint64_t params = 0;
+            for (size_t t = 0; t < s.n_tensors; t++) {
+                refs[t] = (tp_tensor_ref){s.tensors[t]->name, s.tensors[t]->ndim, s.tensors[t]->shape};
+                params += s.tensors[t]->nbytes / 2;
+            }
+            CHECK(tp_arch_check_tensors(&c, refs, s.n_tensors, &err) == 0, "%s: %s", name, err.msg);
+            CHECK(params == tp_synth_param_count(&o), "%s: %llu parameters written, count says %llu", name,
+                  (unsigned long long)params, (unsigned long long)tp_synth_param_count(&o));
+            free(refs);
+            if (!strcmp(archs[i], "qwen3_moe"))
+                expect_tensor(&s, "model.layers.1.mlp.experts.3.down_proj.weight", 64, 32);
+            if (!strcmp(archs[i], "mixtral"))
+                expect_tensor(&s, "model.layers.1.block_sparse_moe.experts.3.w3.weight", 128, 64);
+        }
+        tp_st_set_close(&s);
+        free(cfg), free(cfg_path), free(dir);
+    }
+}
+
 static bool files_equal(const char *a, const char *b)
 {
     char *x, *y;
@@ -303,6 +353,7 @@ int main(void)
         test_arch(archs[i], true);
         test_arch(archs[i], false);
     }
+    test_table_archs();
     test_determinism();
     test_sharded();
     test_tokenizer();

@@ -16,9 +16,11 @@
 # itself (--load-only, and greedy tokens against the cpu's).
 # Needs g++ (C++20), python3; all takes about 25 minutes on 2 cores
 # (thousands of threads).  quick (`make check-emu`) takes a few: the kernel
-# tests listed in QUICK_KERNELS below and two models (QUICK_MODEL, QUICK_MOE_MODEL) cuda vs cpu
-# (and the fp8 / int8 synthetic models) at tp 1 only, each through a small driver that includes the test file and
-# calls those of its test functions; no tprun run.
+# tests listed in QUICK_KERNELS below and the models listed after them cuda
+# vs cpu (tp 1, and one expert-parallel conversion at tp 2; the fp8 / int8
+# synthetic models), each through a
+# small driver that includes the test file and calls those of its test
+# functions; no tprun run.
 # Usage: run_emu.sh [all|kernels|model|quick]  (default all: both test programs).
 set -euo pipefail
 what=${1:-all}
@@ -30,6 +32,12 @@ QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_g
 # and one mixture-of-experts model (router, top-k, per-expert GEMMs, host routing)
 QUICK_MODEL=qwen3-tiny
 QUICK_MOE_MODEL=qwen3moe-tiny
+# logits only (no graph check): the rope types linear and longrope (its prompt
+# crosses original_max_position_embeddings), and the fused expert layout
+# (converted by tpconvert, tp 1)
+QUICK_LOGIT_MODELS=(llama-linear llama-longrope qwen3moe-fused)
+# --expert-parallel, converted by tpconvert at tp 2 (in-process comm)
+QUICK_EP_MODEL=qwen3moe-tiny
 cd "$(dirname "$0")/../../.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -103,15 +111,21 @@ done
 g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/nccl_stub.cpp" -o "$work/nccl_stub.o"
 gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c runtime/model.c -o "$work/model_cuda_dispatch.o"
 if [ "$what" = quick ]; then
-    quick_driver tests/test_model_cuda.c "g_max_tp = 1" \
-        "compare_model(\"tests/models/$QUICK_MODEL\", \"$QUICK_MODEL\")" \
-        "CHECK(g_compared > 0, \"$QUICK_MODEL was not compared\")" \
-        "compare_model(\"tests/models/$QUICK_MOE_MODEL\", \"$QUICK_MOE_MODEL\")" \
-        "CHECK(g_compared > 1, \"$QUICK_MOE_MODEL was not compared\")" \
-        "compare_quantized(TP_F8_E4M3)" "compare_quantized(TP_I8)" \
-        "CHECK(g_compared > 3, \"the 8-bit models were not compared\")" >"$work/test_model_quick.c"
+    # each comparison, then a check that it compared something
+    calls=("g_max_tp = 1")
+    for m in "$QUICK_MODEL" "$QUICK_MOE_MODEL"; do
+        calls+=("compare_model(\"tests/models/$m\", \"$m\")" "expect_compared(\"$m\")")
+    done
+    for m in "${QUICK_LOGIT_MODELS[@]}"; do
+        calls+=("compare_fixture(\"tests/models/$m\", \"$m\", false)" "expect_compared(\"$m\")")
+    done
+    calls+=("compare_converted(\"tests/models/$QUICK_EP_MODEL\", \"$QUICK_EP_MODEL\", 2, true)"
+            "expect_compared(\"$QUICK_EP_MODEL expert-parallel\")"
+            "compare_quantized(TP_F8_E4M3)" "expect_compared(\"the fp8 synthetic model\")"
+            "compare_quantized(TP_I8)" "expect_compared(\"the int8 synthetic model\")")
+    quick_driver tests/test_model_cuda.c "${calls[@]}" >"$work/test_model_quick.c"
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_model_quick.c" -o "$work/test_model.o"
-    label="test_model_cuda ($QUICK_MODEL, $QUICK_MOE_MODEL and the 8-bit synthetic models at tp 1)"
+    label="test_model_cuda ($QUICK_MODEL, $QUICK_MOE_MODEL, ${QUICK_LOGIT_MODELS[*]} at tp 1; $QUICK_EP_MODEL expert-parallel at tp 2; the 8-bit synthetic models)"
 else
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
     label=test_model_cuda
