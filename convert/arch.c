@@ -1204,7 +1204,7 @@ static int check_layer_scale(layer_seen *ls, const tp_tensor_ref *t, long layer,
     const tp_arch_tensor *r = &tp_arch_layer_tensors[row];
     if (check_placement(ls, t, layer, r, expert, err) < 0)
         return -1;
-    int64_t want_w[2] = {dim_value(c, r->dims[0]), r->ndim > 1 ? dim_value(c, r->dims[1]) : 1};
+    int64_t want_w[2] = {tp_dim_value(c, r->dims[0]), r->ndim > 1 ? tp_dim_value(c, r->dims[1]) : 1};
     char why[160];
     snprintf(why, sizeof why, "%s, %s", dim_name(c, r->dims[0]),
              r->ndim > 1 ? dim_name(c, r->dims[1]) : "1");

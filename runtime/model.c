@@ -639,7 +639,7 @@ static int load_expert_row(loader_ctx *lc, int l, const tp_arch_tensor *row, tp_
                              : ep ? "expert-parallel experts" : "tensor-parallel experts",
                              t->info->split.dim, t->info->split.n_ranges);
         if (row->ndim != 2)
-            mat = lc->no_copy ? (tp_mat){ 0 } : (tp_mat){ t->data, t->info->dtype };
+            mat = lc->no_copy ? (tp_mat){ 0 } : (tp_mat){ .data = t->data, .dtype = t->info->dtype };
         int k = e - w->expert_lo;
         switch (row->part) {
         case TP_EXPERT_ROUTER: w->router = mat; w->router_src = src; break;
@@ -655,13 +655,14 @@ static int load_expert_row(loader_ctx *lc, int l, const tp_arch_tensor *row, tp_
                 uint64_t at = (uint64_t)x * (gate_up ? 2 : 1) * block;
                 tp_weight_src *first = gate_up ? &w->gate_src[x] : &w->down_src[x];
                 tp_mat *first_mat = gate_up ? &w->gate[x] : &w->down[x];
-                *first = (tp_weight_src){ src.tensor, at, block };
+                *first = (tp_weight_src){ .tensor = src.tensor, .offset = at, .bytes = block };
                 if (!lc->no_copy)
-                    *first_mat = (tp_mat){ (const uint8_t *)t->data + at, t->info->dtype };
+                    *first_mat = (tp_mat){ .data = (const uint8_t *)t->data + at, .dtype = t->info->dtype };
                 if (gate_up) {
-                    w->up_src[x] = (tp_weight_src){ src.tensor, at + block, block };
+                    w->up_src[x] = (tp_weight_src){ .tensor = src.tensor, .offset = at + block, .bytes = block };
                     if (!lc->no_copy)
-                        w->up[x] = (tp_mat){ (const uint8_t *)t->data + at + block, t->info->dtype };
+                        w->up[x] = (tp_mat){ .data = (const uint8_t *)t->data + at + block,
+                                         .dtype = t->info->dtype };
                 }
             }
             break;

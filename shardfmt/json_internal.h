@@ -36,24 +36,66 @@ static inline cJSON *tp_json_parse(const void *buf, size_t len)
     return root;
 }
 
+/* Whether name is in the open-addressing set (cap a power of two, more
+ * than twice the names added); adds it when not. */
+static inline bool tp_json_name_seen(const char **set, size_t cap, const char *name)
+{
+    uint64_t h = 14695981039346656037ull;               /* FNV-1a */
+    for (const unsigned char *p = (const unsigned char *)name; *p; p++)
+        h = (h ^ *p) * 1099511628211ull;
+    for (size_t i = (size_t)h & (cap - 1);; i = (i + 1) & (cap - 1)) {
+        if (!set[i]) {
+            set[i] = name;
+            return false;
+        }
+        if (strcmp(set[i], name) == 0)
+            return true;
+    }
+}
+
 /* Python's json (and so transformers) keeps the LAST of duplicate keys;
  * cJSON's lookups find the first.  Removes, in every object at every depth,
  * each member that a later member of the same name overrides, so that every
- * reader of the tree sees what Python sees. */
+ * reader of the tree sees what Python sees.  Linear in the members (a set of
+ * the names seen, walking back from the last): tokenizer.json's vocab has
+ * 151k of them. */
 static inline void tp_json_keep_last(cJSON *node)
 {
-    for (cJSON *it = node ? node->child : NULL; it;) {
-        cJSON *next = it->next;
-        bool overridden = false;
-        if (cJSON_IsObject(node) && it->string)
-            for (const cJSON *later = next; later && !overridden; later = later->next)
-                overridden = later->string && strcmp(later->string, it->string) == 0;
-        if (overridden)
-            cJSON_Delete(cJSON_DetachItemViaPointer(node, it));
-        else
-            tp_json_keep_last(it);
-        it = next;
+    if (!node)
+        return;
+    size_t n = 0;
+    for (cJSON *it = node->child; it; it = it->next)
+        n++;
+    if (cJSON_IsObject(node) && n > 1) {
+        size_t cap = 4;
+        while (cap < 2 * n + 2)
+            cap *= 2;
+        cJSON **items = malloc(n * sizeof *items);
+        const char **set = calloc(cap, sizeof *set);
+        if (items && set) {
+            size_t i = 0;
+            for (cJSON *it = node->child; it; it = it->next)
+                items[i++] = it;
+            while (i-- > 0)
+                if (items[i]->string && tp_json_name_seen(set, cap, items[i]->string))
+                    cJSON_Delete(cJSON_DetachItemViaPointer(node, items[i]));
+        } else {
+            /* out of memory: the same result, quadratically */
+            for (cJSON *it = node->child; it;) {
+                cJSON *next = it->next;
+                bool overridden = false;
+                for (const cJSON *later = next; later && it->string && !overridden; later = later->next)
+                    overridden = later->string && strcmp(later->string, it->string) == 0;
+                if (overridden)
+                    cJSON_Delete(cJSON_DetachItemViaPointer(node, it));
+                it = next;
+            }
+        }
+        free(items);
+        free(set);
     }
+    for (cJSON *it = node->child; it; it = it->next)
+        tp_json_keep_last(it);
 }
 
 /* A configuration file (config.json, a --plan file, ...) as Python's json

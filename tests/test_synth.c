@@ -190,7 +190,8 @@ static void test_table_archs(void)
             tp_tensor_ref *refs = calloc(s.n_tensors, sizeof *refs);
             uint64_t params = 0;
             for (size_t t = 0; t < s.n_tensors; t++) {
-                refs[t] = (tp_tensor_ref){s.tensors[t]->name, s.tensors[t]->ndim, s.tensors[t]->shape};
+                refs[t] = (tp_tensor_ref){s.tensors[t]->name, s.tensors[t]->ndim, s.tensors[t]->shape,
+                                          s.tensors[t]->dtype};
                 params += s.tensors[t]->nbytes / 2;
             }
             CHECK(tp_arch_check_tensors(&c, refs, s.n_tensors, &err) == 0, "%s: %s", name, err.msg);
