@@ -823,6 +823,7 @@ static int load_hf(src_model *s, tp_st_set *set, const char *dir, const char *na
         return -1;
     s->n_heads = c.n_heads; s->n_kv = c.n_kv_heads; s->head_dim = c.head_dim;
     s->intermediate = c.intermediate; s->vocab = c.vocab;
+    s->q_block[0] = c.quant_block[0]; s->q_block[1] = c.quant_block[1];   /* FP8 fixtures */
     if (set->n_tensors > sizeof s->t / sizeof s->t[0])
         return tp_errorf(err, "%s: too many tensors for the test", dir);
     for (size_t i = 0; i < set->n_tensors; i++) {
@@ -834,6 +835,18 @@ static int load_hf(src_model *s, tp_st_set *set, const char *dir, const char *na
         d->shape[0] = t->shape[0];
         d->shape[1] = t->ndim == 2 ? t->shape[1] : 0;
         d->bytes = t->data;
+        /* a checkpoint's BF16 / F16 scales: widened to F32 as tpconvert
+         * stores them (FORMAT.md 1.5) */
+        size_t count = t->nbytes / (tp_dtype_size(t->dtype) ? tp_dtype_size(t->dtype) : 1);
+        if ((ends_with(t->name, ".weight_scale_inv") || ends_with(t->name, ".weight_scale")) &&
+            t->dtype != TP_F32) {
+            d->owned = malloc(4 * count + 1);
+            if (!d->owned ||
+                tp_quant_scales_to_f32(t->name, t->dtype, t->data, count, (float *)d->owned, err) < 0)
+                return -1;
+            d->dt = TP_F32;
+            d->bytes = d->owned;
+        }
     }
     return 0;
 }
@@ -1190,10 +1203,14 @@ static void quantize_src(const src_model *s, tp_dtype qdt, int b0, int b1, src_m
     bool fp8 = qdt == TP_F8_E4M3;
     q->q_block[0] = b0;
     q->q_block[1] = b1;
-    char qc[160];
+    char qc[256];
+    /* lm_head is quantized too: an empty modules_to_not_convert says so
+     * (without the key transformers, and tpconvert, keep lm_head float) */
     snprintf(qc, sizeof qc, fp8 ? ", \"quantization_config\": {\"quant_method\": \"fp8\", "
-             "\"weight_block_size\": [%d, %d], \"activation_scheme\": \"dynamic\"}}"
-             : ", \"quantization_config\": {\"quant_method\": \"tpshard_int8\"}}", b0, b1);
+             "\"weight_block_size\": [%d, %d], \"activation_scheme\": \"dynamic\", "
+             "\"modules_to_not_convert\": []}}"
+             : ", \"quantization_config\": {\"quant_method\": \"tpshard_int8\", "
+               "\"modules_to_not_convert\": []}}", b0, b1);
     size_t len = strlen(q->config_json);
     q->config_json = realloc(q->config_json, len + strlen(qc) + 1);
     strcpy(strrchr(q->config_json, '}'), qc);
