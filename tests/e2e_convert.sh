@@ -648,7 +648,7 @@ arch_case quant-skip tests/models/qwen3-fp8 's/"quant_method": "fp8",/"quant_met
     'does not quantize model.layers.0.self_attn.o_proj (modules_to_not_convert)'
 # 64 x 128 blocks: every scale has the wrong number of block rows
 arch_case quant-block tests/models/qwen3-fp8-bf16s 's/^\( *\)128,$/\164,/' \
-    'needs ['
+    'tensor model.layers.0.mlp.down_proj.weight_scale_inv: shape [2, 3], but weight model.layers.0.mlp.down_proj.weight [256, 384] needs [4, 3] (one per weight_block_size block)'
 # st_data FILE TENSOR: the byte offset of a tensor's data in a safetensors file
 st_data() {
     local hl begin
