@@ -198,6 +198,16 @@ static int quantize_cut(tp_conversion *c, tp_cut *w, const tp_st_tensor *t, tp_e
     return 0;
 }
 
+/* "[a, b, ...]" */
+static void shape_str(const uint64_t *shape, int ndim, char *out, size_t cap)
+{
+    size_t used = (size_t)snprintf(out, cap, "[");
+    for (int d = 0; d < ndim && used < cap; d++)
+        used += (size_t)snprintf(out + used, cap - used, "%s%" PRIu64, d ? ", " : "", shape[d]);
+    if (used < cap)
+        snprintf(out + used, cap - used, "]");
+}
+
 static int cmp_cut_name(const void *a, const void *b)
 {
     return strcmp((*(tp_cut *const *)a)->name, (*(tp_cut *const *)b)->name);
@@ -228,13 +238,15 @@ static int add_source_scale(tp_conversion *c, const tp_st_tensor *t, tp_cut *con
                          t->name, tp_quant_method(cfg->quant), wname, want_name);
     uint64_t want[2];
     int nd = tp_quant_scale_shape(cfg->quant, cfg->quant_block, w->global_shape, want);
-    if (t->ndim != nd || t->shape[0] != want[0] || (nd == 2 && t->shape[1] != want[1]))
-        return tp_errorf(err, "tensor %s: shape [%" PRIu64 "%s%s], but weight %s [%" PRIu64 ", %" PRIu64
-                         "] needs [%" PRIu64 "%s%s] (%s)", t->name, t->shape[0],
-                         t->ndim > 1 ? ", ..." : "", "", wname, w->global_shape[0], w->global_shape[1],
-                         want[0], nd == 2 ? ", " : "", "",
+    if (t->ndim != nd || t->shape[0] != want[0] || (nd == 2 && t->shape[1] != want[1])) {
+        char got[96], need[64];
+        shape_str(t->shape, t->ndim, got, sizeof got);
+        shape_str(want, nd, need, sizeof need);
+        return tp_errorf(err, "tensor %s: shape %s, but weight %s [%" PRIu64 ", %" PRIu64 "] needs %s "
+                         "(%s)", t->name, got, wname, w->global_shape[0], w->global_shape[1], need,
                          cfg->quant == TP_QUANT_FP8_BLOCK ? "one per weight_block_size block"
                                                           : "one per row");
+    }
     size_t count = (size_t)(nd == 2 ? want[0] * want[1] : want[0]);
     float *f = malloc(sizeof *f * (count ? count : 1));
     if (!f)

@@ -581,15 +581,18 @@ static int check_coverage(const conversion *c, const tp_st_tensor *s, int dim, i
 }
 
 /* Conversion tensors the source does not have are errors. */
-static int check_no_extra(const conversion *c, const tp_st_set *src, const char *model_dir,
-                          tp_err *err)
+typedef struct requant requant;
+static bool requant_scale(const requant *rq, const tp_st_set *src, const char *name);
+
+static int check_no_extra(const conversion *c, const tp_st_set *src, const requant *rq,
+                          const char *model_dir, tp_err *err)
 {
     for (int r = 0; r < c->m.tp; r++) {
         const rank_view *v = &c->ranks[r];
         size_t n = v->is_st ? v->st.n_tensors : v->reader.index.n_tensors;
         for (size_t i = 0; i < n; i++) {
             const char *name = v->is_st ? v->st.tensors[i].name : v->reader.index.tensors[i].name;
-            if (!tp_st_set_find(src, name))
+            if (!tp_st_set_find(src, name) && !requant_scale(rq, src, name))
                 return tp_errorf(err, "%s: rank %d: tensor %s is not in the source model %s",
                                  c->dir, r, name, model_dir);
         }
@@ -670,6 +673,174 @@ static int widened_scale(const tp_st_tensor *s, tp_st_tensor *wide, tp_err *err)
     return 1;
 }
 
+/* A --quantize conversion (its config quantized, the source's not) is
+ * compared with the source quantized exactly as tpconvert does
+ * (tp_quantize_fp8_block / tp_quantize_int8_row, whole tensors): each 8-bit
+ * weight and its F32 scale, bit for bit. */
+struct requant {
+    bool on;
+    tp_model_config cfg;      /* the conversion's config */
+};
+
+/* Under requant, the scale of a source weight the conversion quantized
+ * (compared in compare_source_tensor). */
+static bool requant_scale(const requant *rq, const tp_st_set *src, const char *name)
+{
+    const char *suffix = rq->on ? tp_quant_scale_suffix(rq->cfg.quant) : NULL;
+    size_t n = strlen(name), k = suffix ? strlen(suffix) : 0;
+    char weight[1100];
+    if (!suffix || n <= k + 1 || strcmp(name + n - k, suffix) || name[n - k - 1] != '.' ||
+        n - k + 7 > sizeof weight)
+        return false;
+    snprintf(weight, sizeof weight, "%.*sweight", (int)(n - k), name);
+    return tp_st_set_find(src, weight) != NULL;
+}
+
+static int requant_open(const conversion *c, const char *model_dir, requant *rq, tp_err *err)
+{
+    tp_err ignored;
+    rq->on = false;
+    const char *js = c->m.config_json;
+    if (!js || tp_config_parse(&rq->cfg, js, strlen(js), "config.json", &ignored) < 0 ||
+        rq->cfg.quant == TP_QUANT_NONE)
+        return 0;
+    char *path = tp_path_join(model_dir, "config.json"), *text = NULL;
+    size_t len;
+    if (!path)
+        return tp_errorf(err, "out of memory");
+    static tp_model_config src_cfg;   /* large: off the stack */
+    int rc = tp_read_file(path, 16u << 20, &text, &len, err);
+    if (rc == 0)
+        rc = tp_config_parse(&src_cfg, text, len, path, err);
+    rq->on = rc == 0 && src_cfg.quant == TP_QUANT_NONE;
+    free(text);
+    free(path);
+    return rc;
+}
+
+/* The dtype of tensor name in the first rank file that holds it. */
+static tp_dtype held_dtype(const conversion *c, const char *name)
+{
+    for (int r = 0; r < c->m.tp; r++) {
+        const rank_view *v = &c->ranks[r];
+        if (v->is_st) {
+            const tp_st_tensor *t = tp_st_find(&v->st, name);
+            if (t)
+                return t->dtype;
+        } else {
+            const tp_shard_tensor *t = tp_shard_find(&v->reader.index, name);
+            if (t)
+                return t->dtype;
+        }
+    }
+    return TP_DTYPE_INVALID;
+}
+
+/* The quantized source weight qw and its scale qs (data malloc'd into
+ * *qbuf, *sbuf) when the conversion holds s quantized; 1 then, else 0. */
+static int requant_tensor(const conversion *c, const requant *rq, const tp_st_tensor *s,
+                          tp_st_tensor *qw, tp_st_tensor *qs, char *scale_name, size_t cap,
+                          void **qbuf, void **sbuf, tp_err *err)
+{
+    tp_dtype qdt = tp_quant_dtype(rq->cfg.quant);
+    if (!rq->on || s->ndim != 2 || (s->dtype != TP_BF16 && s->dtype != TP_F16 && s->dtype != TP_F32) ||
+        held_dtype(c, s->name) != qdt || !tp_quant_scale_name(rq->cfg.quant, s->name, scale_name, cap))
+        return 0;
+    uint64_t rows = s->shape[0], cols = s->shape[1], sshape[2];
+    int snd = tp_quant_scale_shape(rq->cfg.quant, rq->cfg.quant_block, s->shape, sshape);
+    size_t n_scales = (size_t)(snd == 2 ? sshape[0] * sshape[1] : sshape[0]);
+    size_t n = (size_t)(rows * cols);
+    *qbuf = malloc(n ? n : 1);
+    *sbuf = malloc(sizeof(float) * (n_scales ? n_scales : 1));
+    if (!*qbuf || !*sbuf)
+        return tp_errorf(err, "out of memory");
+    int rc = rq->cfg.quant == TP_QUANT_FP8_BLOCK
+                 ? tp_quantize_fp8_block(s->name, s->dtype, s->data, rows, cols, rq->cfg.quant_block,
+                                         *qbuf, *sbuf, err)
+                 : tp_quantize_int8_row(s->name, s->dtype, s->data, rows, cols, *qbuf, *sbuf, err);
+    if (rc < 0)
+        return -1;
+    *qw = *s;
+    qw->dtype = qdt;
+    qw->data = *qbuf;
+    qw->nbytes = n;
+    memset(qs, 0, sizeof *qs);
+    qs->name = scale_name;
+    qs->dtype = TP_F32;
+    qs->ndim = snd;
+    memcpy(qs->shape, sshape, sizeof sshape);
+    qs->data = *sbuf;
+    qs->nbytes = n_scales * sizeof(float);
+    return 1;
+}
+
+/* The buffers and counters one comparison shares. */
+typedef struct compare_ctx {
+    conversion *c;
+    grow_buf *buf;
+    tp_pool *pool;
+    interval *cover;
+    tp_verify_report *rep;
+    int n_experts;
+} compare_ctx;
+
+/* Every rank's slice of s against s; the ranks must cover it. */
+static int compare_across_ranks(compare_ctx *x, const tp_st_tensor *s, tp_err *err)
+{
+    conversion *c = x->c;
+    size_t n_cover = 0;
+    int split_dim = -2; /* -2: not seen yet */
+    int owner = owner_rank(c, x->n_experts, s->name);
+    for (int r = 0; r < c->m.tp; r++) {
+        local_tensor lt;
+        if (owner >= 0 && r != owner) {
+            if (check_not_held(c, r, s->name, owner, err) < 0)
+                return -1;
+            continue;
+        }
+        if (get_local(c, &c->ranks[r], s->name, x->buf, x->pool, &lt, x->rep, err) < 0)
+            return -1;
+        if (split_dim == -2)
+            split_dim = lt.split.dim;
+        if (split_dim != lt.split.dim)
+            return tp_errorf(err, "%s: tensor %s: rank %d splits dim %d, rank 0 dim %d", c->dir,
+                             s->name, r, lt.split.dim, split_dim);
+        if (compare_local(c, r, s, &lt, x->cover, &n_cover, err) < 0)
+            return -1;
+        x->rep->tensors++;
+    }
+    if (split_dim >= 0 && check_coverage(c, s, split_dim, x->cover, n_cover, err) < 0)
+        return -1;
+    x->rep->compared_tensors++;
+    return 0;
+}
+
+/* One source tensor: as it is, its scale widened (widened_scale), or
+ * quantized with its scale (requant_tensor). */
+static int compare_source_tensor(compare_ctx *x, const requant *rq, const tp_st_tensor *s,
+                                 const char *model_dir, tp_err *err)
+{
+    tp_st_tensor alt, scale;
+    void *a = NULL, *b = NULL;
+    char scale_name[1100];
+    int rc = widened_scale(s, &alt, err);
+    if (rc > 0)
+        a = (void *)alt.data;
+    else if (rc == 0)
+        rc = requant_tensor(x->c, rq, s, &alt, &scale, scale_name, sizeof scale_name, &a, &b, err);
+    if (rc < 0)
+        tp_err_prefix(err, "%s", model_dir);
+    else if (rc == 0)
+        rc = compare_across_ranks(x, s, err);
+    else
+        rc = compare_across_ranks(x, &alt, err);
+    if (rc >= 0 && b)
+        rc = compare_across_ranks(x, &scale, err);
+    free(a);
+    free(b);
+    return rc < 0 ? -1 : 0;
+}
+
 int tp_verify_against(const char *dir, const char *model_dir, int threads, bool quiet,
                       tp_verify_report *rep, tp_err *err)
 {
@@ -681,7 +852,7 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
     tp_pool *pool = NULL;
     tp_progress *progress = NULL;
     interval *cover = NULL;
-    void *wide_data = NULL;   /* the current source scale, widened to F32 */
+    static requant rq;   /* large: off the stack */
     int rc = -1;
     if (conversion_open(&c, dir, err) < 0)
         goto out;
@@ -692,7 +863,7 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
         goto out;
     src_open = true;
     local.ranks = (size_t)c.m.tp;
-    if (check_no_extra(&c, &src, model_dir, err) < 0)
+    if (requant_open(&c, model_dir, &rq, err) < 0 || check_no_extra(&c, &src, &rq, model_dir, err) < 0)
         goto out;
     pool = tp_pool_create(threads);
     cover = malloc(sizeof *cover * (size_t)c.m.tp * TP_MAX_RANGES);
@@ -704,49 +875,14 @@ int tp_verify_against(const char *dir, const char *model_dir, int threads, bool 
     for (size_t i = 0; i < src.n_tensors; i++)
         total += src.tensors[i]->nbytes;
     progress = tp_progress_start("comparing", total, quiet);
+    compare_ctx x = {&c, &buf, pool, cover, &local, n_experts};
     for (size_t i = 0; i < src.n_tensors; i++) {
-        const tp_st_tensor *s = src.tensors[i];
-        tp_st_tensor wide;
-        int widened = widened_scale(s, &wide, err);
-        if (widened < 0) {
-            tp_err_prefix(err, "%s", model_dir);
+        if (compare_source_tensor(&x, &rq, src.tensors[i], model_dir, err) < 0)
             goto out;
-        }
-        free(wide_data);
-        wide_data = widened ? (void *)wide.data : NULL;
-        if (widened)
-            s = &wide;
-        size_t n_cover = 0;
-        int split_dim = -2; /* -2: not seen yet */
-        int owner = owner_rank(&c, n_experts, s->name);
-        for (int r = 0; r < c.m.tp; r++) {
-            local_tensor lt;
-            if (owner >= 0 && r != owner) {
-                if (check_not_held(&c, r, s->name, owner, err) < 0)
-                    goto out;
-                continue;
-            }
-            if (get_local(&c, &c.ranks[r], s->name, &buf, pool, &lt, &local, err) < 0)
-                goto out;
-            if (split_dim == -2)
-                split_dim = lt.split.dim;
-            if (split_dim != lt.split.dim) {
-                tp_errorf(err, "%s: tensor %s: rank %d splits dim %d, rank 0 dim %d", dir, s->name,
-                          r, lt.split.dim, split_dim);
-                goto out;
-            }
-            if (compare_local(&c, r, s, &lt, cover, &n_cover, err) < 0)
-                goto out;
-            local.tensors++;
-        }
-        if (split_dim >= 0 && check_coverage(&c, s, split_dim, cover, n_cover, err) < 0)
-            goto out;
-        local.compared_tensors++;
         tp_progress_add(progress, src.tensors[i]->nbytes);
     }
     rc = 0;
 out:
-    free(wide_data);
     tp_progress_finish(progress);
     if (pool)
         tp_pool_destroy(pool);

@@ -650,7 +650,7 @@ arch_case quant-skip tests/models/qwen3-fp8 's/"quant_method": "fp8",/"quant_met
     'does not quantize model.layers.0.self_attn.o_proj (modules_to_not_convert)'
 # 64 x 128 blocks: every scale has the wrong number of block rows
 arch_case quant-block tests/models/qwen3-fp8-bf16s 's/^\( *\)128,$/\164,/' \
-    'needs ['
+    'tensor model.layers.0.mlp.down_proj.weight_scale_inv: shape [2, 3], but weight model.layers.0.mlp.down_proj.weight [256, 384] needs [4, 3] (one per weight_block_size block)'
 # st_data FILE TENSOR: the byte offset of a tensor's data in a safetensors file
 st_data() {
     local hl begin
@@ -672,6 +672,14 @@ scale_case nan '\xc0\x7f' "tensor model.layers.0.self_attn.q_proj.weight_scale_i
 scale_case inf '\x80\x7f' "element 0 is inf; scales must be finite and > 0"
 scale_case zero '\x00\x00' "element 0 is 0; scales must be finite and > 0"
 scale_case negative '\x80\xbf' "element 0 is -1; scales must be finite and > 0"
+# tpverify --against the float source of a --quantize conversion quantizes
+# it the same way; a changed source weight is then a difference
+for q in fp8 int8; do verify "$tmp/quantize-$q-4" tests/models/qwen3-q256; done
+d="$tmp/q256-changed"; rm -rf "$d"; cp -r tests/models/qwen3-q256 "$d"
+off=$(st_data "$d/model.safetensors" model.layers.1.mlp.down_proj.weight)
+printf '\x11' | dd of="$d/model.safetensors" bs=1 seek=$((off + 1)) conv=notrunc status=none
+expect_fail "tensor model.layers.1.mlp.down_proj.weight differs from the source at element [0, 0]" \
+    "$BIN/tpverify" "$tmp/quantize-fp8-4" --against "$d"
 # a missing scale (renamed in the header, same length), a scale whose
 # weight is gone, in the two-file checkpoint
 d="$tmp/scale-missing"; rm -rf "$d"; cp -r tests/models/qwen3-fp8 "$d"

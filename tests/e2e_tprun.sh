@@ -16,6 +16,11 @@
 # all-reduce's summation order differs); greedy tokens identical except at
 # a step whose reference margin is within the bound.
 #
+# The 8-bit fixtures (qwen3-fp8 with F32 and with BF16 scales, qwen3-int8)
+# run in that loop like the others (their reference: transformers on the
+# dequantized weights); tpconvert --quantize fp8 / int8 of qwen3-q256 is
+# checked against the same references at tp 1 and 4.
+#
 # Then bad input: a corrupted rank file, a missing rank file, ranks of two
 # conversions (rank files mixed in one directory; and two whole conversions,
 # one rank from each, over tcp and under mpirun), a prompt longer than the context, a token id outside the
@@ -157,6 +162,43 @@ for model_dir in tests/models/qwen3moe-*/ tests/models/mixtral-*/; do
             fi
         done
         echo "ok $model tp$tp expert-parallel ($n_prompts prompts)"
+    done
+done
+# tpconvert --quantize fp8 / int8 of the bf16 qwen3-q256: its weights and
+# scales are the Python reference's bytes (tests/e2e_convert.sh), so tprun
+# must agree with that reference's forward on the dequantized weights
+# (tests/models/qwen3-fp8, qwen3-int8), and tp 4 with tp 1.
+for q in fp8 int8; do
+    ref=tests/models/qwen3-$q/reference.json
+    n_prompts=$("$check" "$ref" --n-prompts)
+    for tp in 1 4; do
+        out=$tmp/quantize-$q-tp$tp
+        if ! "$BIN/tpconvert" --tp $tp --quantize $q tests/models/qwen3-q256 "$out" >"$tmp/convert.log" 2>&1; then
+            fail "--quantize $q --tp $tp: $(tail -n 3 "$tmp/convert.log")"
+            continue
+        fi
+        for ((i = 0; i < n_prompts; i++)); do
+            ids=$("$check" "$ref" --ids $i)
+            res=$out-p$i.json
+            against=()
+            if [ $tp -eq 1 ]; then
+                if ! timeout 120 "$BIN/tprun" "$out" --comm single --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
+                    fail "--quantize $q tp1 prompt $i: tprun failed: $(tail -n 3 "$res.err")"
+                    continue
+                fi
+            else
+                if ! run_tcp $tp "$res" "$out" --comm tcp --prompt-ids "$ids" "${gen[@]}"; then
+                    fail "--quantize $q tp$tp prompt $i: tprun failed: $(cat "$res".*.err | tail -n 5)"
+                    continue
+                fi
+                mv "$res.0" "$res"
+                against=(--against "$tmp/quantize-$q-tp1-p$i.json")
+            fi
+            if ! "$check" "$ref" $i "$res" "${against[@]}" >"$res.check"; then
+                fail "--quantize $q tp$tp prompt $i: $(grep FAIL "$res.check" | head -n 3)"
+            fi
+        done
+        echo "ok tpconvert --quantize $q, tp$tp ($n_prompts prompts, against qwen3-$q's reference)"
     done
 done
 # MoE on --device cuda: with a GPU, the same greedy tokens as the cpu; without
