@@ -164,6 +164,14 @@ typedef struct tp_model_opts {
     int threads;            /* CPU threads (0: all cores) */
     const char *device;     /* "cpu" or "cuda" */
     bool no_graph;          /* cuda: decode steps kernel by kernel, no CUDA graph */
+    /* Sequence slots (tprun --max-batch), each with its own KV cache of
+     * max_seq positions; 0 or 1: one sequence (slot 0).  The KV memory is
+     * reserved, not touched (an anonymous MAP_NORESERVE mapping): its pages
+     * are used as sequences grow.  tp_model_create refuses, naming
+     * --max-batch and --max-seq, when slots x max_seq x the per-token KV
+     * bytes exceed the machine's physical memory.  device "cuda" takes one
+     * slot only so far (more is refused at create). */
+    int slots;
 } tp_model_opts;
 
 /* Builds rank comm->rank's model from its loaded tensors (found by their
@@ -180,8 +188,8 @@ typedef struct tp_model_opts {
 int tp_model_create(tp_model **m, tp_loaded_rank *lr, tp_comm *comm, const tp_model_opts *opts, tp_err *err);
 void tp_model_free(tp_model *m);
 const tp_model_config *tp_model_get_config(const tp_model *m);
-void tp_model_reset(tp_model *m);   /* empties the KV cache */
-int tp_model_position(const tp_model *m);
+void tp_model_reset(tp_model *m);   /* empties the KV cache of every slot */
+int tp_model_position(const tp_model *m);   /* slot 0's length */
 /* Where the forward pass runs, one line: "cpu", or for "cuda" the device,
  * the weight bytes uploaded, the upload's GB/s and the all-reduce path. */
 const char *tp_model_device_info(const tp_model *m);
@@ -194,6 +202,38 @@ void tp_model_weight_stats(const tp_model *m, double *bytes, double *seconds);
  * position (gathered across ranks; identical on every rank).  Collective:
  * every rank passes the same ids, and logits NULL or not on all of them. */
 int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_err *err);
+
+/* One token of a batched step (tp_model_forward_batch). */
+typedef struct tp_batch_token {
+    int slot;       /* 0 .. slots - 1 */
+    int32_t id;
+    int pos;        /* its position in its sequence: a slot's tokens come in
+                       order, the first at the slot's current length (what
+                       its cache holds), the next at pos + 1, ... */
+    bool logits;    /* wants its logits row */
+} tp_batch_token;
+
+/* One step over the tokens t[0..n) of several sequences (new prompts'
+ * prefill chunks and running sequences' decode tokens mixed, in any order
+ * as long as each slot's tokens are in position order): the matrix products
+ * run over all n tokens at once (GEMM, not one GEMV per sequence), the
+ * attention of each token over its own slot's cache (sliding windows per
+ * slot), mixture-of-experts layers through the same grouped path.  Each
+ * slot's cache grows by its tokens.  logits: one row of vocab floats per token with logits set, in order,
+ * gathered across ranks (identical on every rank); NULL: no logits are
+ * computed, whatever the tokens say.  RoPE types whose frequencies follow the pass
+ * (dynamic, longrope) take, for each slot, the length its sequence reaches
+ * in this step, as transformers does for one sequence's pass: a batch gives
+ * every sequence what running it alone with the same chunks gives.
+ * Nothing changes when a token is refused (the error names the token's
+ * index, slot and position).  Collective: every rank passes the same tokens.
+ * tp_model_forward is this call with ids at slot 0, logits on the last. */
+int tp_model_forward_batch(tp_model *m, const tp_batch_token *t, int n, float *logits, tp_err *err);
+int tp_model_slots(const tp_model *m);
+/* The positions slot's cache holds (-1 for a slot outside [0, slots)). */
+int tp_model_slot_length(const tp_model *m, int slot);
+/* Empties slot's cache, for a new sequence (a slot outside [0, slots): no-op). */
+void tp_model_reset_slot(tp_model *m, int slot);
 
 /* ---------------------------------------------------------------- sampling */
 
