@@ -345,6 +345,46 @@ int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int
                 const tp_gen_opts *o, tp_gen_result *res, tp_err *err);
 void tp_gen_result_free(tp_gen_result *r);
 
+/* ------------------------------------------------------------------- serve */
+
+/* tprun --serve: an OpenAI-compatible HTTP server (libmicrohttpd) with
+ * continuous batching over the model's sequence slots (runtime/serve.c: the
+ * scheduler; runtime/serve_http.c: HTTP, routes, OpenAI JSON, SSE).
+ *
+ * Every rank calls tp_serve_run.  Rank 0 listens and schedules: each step it
+ * broadcasts a step plan (the slots to empty, then the step's tokens) and
+ * every rank runs it through tp_model_forward_batch, so the ranks can never
+ * diverge; only rank 0 samples.  Idle, rank 0 broadcasts a heartbeat plan
+ * every second, so the others' --timeout notices a dead rank 0; a dead peer
+ * makes rank 0's collective fail: pending requests get 503 and tp_serve_run
+ * returns -1.  *stop (set from a signal handler; rank 0 reads it) stops
+ * admission (new requests get 503), lets running requests finish for
+ * grace_s seconds, cancels the rest, sends a stop plan to every rank and
+ * returns 0. */
+typedef struct tp_serve_opts {
+    const char *host;               /* rank 0 listens here (default "127.0.0.1") */
+    int port;                       /* 0: 8000 */
+    int max_seq;                    /* the model's tp_model_opts.max_seq: a request's prompt and
+                                     * answer together (finish_reason "length" there) */
+    int max_queue;                  /* requests waiting for a slot (0: 64); more get 429 */
+    const char *served_model_name;  /* "model" in requests and /v1/models */
+    tp_sampler_opts defaults;       /* sampling when a request says nothing (seed ignored) */
+    const int32_t *eos_ids;         /* a generated one ends the answer with finish_reason "stop" */
+    int n_eos;
+    double grace_s;                 /* after *stop: how long running requests may finish (0: 30) */
+    size_t max_body;                /* request body limit in bytes (0: 1 MiB); more get 413 */
+    const volatile int *stop;       /* rank 0: non-zero asks for a clean stop; may be NULL */
+    /* Rank 0's access and event lines (one line, no newline), NULL: none.
+     * The library never prints: the caller decides where they go. */
+    void (*log)(void *arg, const char *line);
+    void *log_arg;
+} tp_serve_opts;
+
+/* m must have been created with tp_model_opts.slots >= 1 (the batch size:
+ * --max-batch).
+ * tok: the model's tokenizer, needed on rank 0 (NULL is an error there). */
+int tp_serve_run(tp_model *m, tp_comm *comm, const tp_tokenizer *tok, const tp_serve_opts *o, tp_err *err);
+
 #ifdef __cplusplus
 }
 #endif

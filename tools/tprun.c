@@ -3,6 +3,7 @@
  *   torchrun --nproc-per-node 2 --no-python tprun OUT --prompt "Hello"
  *   mpirun -np 2 tprun OUT --prompt-ids 1,2,3 --json
  *   tprun OUT --prompt "Hi" --chat            (a tp=1 conversion)
+ *   mpirun -np 2 tprun OUT --serve --port 8000
  *
  * Each process finds its rank from the launcher's environment (or --rank),
  * loads only its own rank file, and joins the others through the comm
@@ -11,6 +12,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +25,9 @@
 
 #define DEFAULT_MAX_NEW 256
 #define DEFAULT_CONTEXT_CAP 4096
+#define DEFAULT_PORT 8000
+#define DEFAULT_MAX_BATCH 8
+#define DEFAULT_MAX_QUEUE 64
 
 static const char usage[] =
     "usage: tprun OUT [options]\n"
@@ -36,6 +41,16 @@ static const char usage[] =
     "  -i, --interactive         a ChatML conversation on stdin, a line a turn; /reset\n"
     "                            starts over; a line of invalid UTF-8 is skipped\n"
     "  --load-only               load, print bytes, seconds and GB/s on stderr, exit\n"
+    "  --serve                   an OpenAI-compatible HTTP server on rank 0 (every rank runs\n"
+    "                            the batched steps): /v1/completions, /v1/chat/completions,\n"
+    "                            /v1/models, /health, /metrics; SIGTERM or SIGINT stops it\n"
+    "Serving (with --serve):\n"
+    "  --host ADDR               address to listen on (default 127.0.0.1)\n"
+    "  --port N                  port (default 8000)\n"
+    "  --max-batch N             sequence slots run together, each with a KV cache of\n"
+    "                            --max-seq tokens (default 8)\n"
+    "  --max-queue N             requests waiting for a slot; more get 429 (default 64)\n"
+    "  --served-model-name NAME  the \"model\" requests name (default: OUT's directory name)\n"
     "Generation:\n"
     "  --chat                    wrap --prompt as a ChatML user turn (Qwen's format)\n"
     "  --max-new-tokens N        tokens to generate, >= 0 (default: generation_config's\n"
@@ -48,7 +63,8 @@ static const char usage[] =
     "                            generation_config's repetition_penalty, else 1)\n"
     "  --seed S                  sampling seed (default: from the clock; rank 0's for all)\n"
     "  --ignore-eos              do not stop at an end-of-sequence token\n"
-    "  --max-seq N               KV cache length (default: min(max_position_embeddings, 4096))\n"
+    "  --max-seq N               KV cache length (default: min(max_position_embeddings, 4096));\n"
+    "                            with --serve: per slot, a request's prompt and answer together\n"
     "Output:\n"
     "  --json                    one JSON object: prompt and generated ids, text, timings\n"
     "  --logits                  with --json: the last prompt position's logits\n"
@@ -73,7 +89,9 @@ static const char usage[] =
     "  tprun out/ --prompt \"Hello\" --chat --max-new-tokens 64\n"
     "  tprun out/ --prompt-ids 9707,11 --temperature 0 --json\n"
     "  torchrun --nproc-per-node 2 --no-python tprun out/ -i\n"
-    "  mpirun -np 4 tprun out/ --prompt \"Hi\" --repetition-penalty 1.1\n";
+    "  mpirun -np 4 tprun out/ --prompt \"Hi\" --repetition-penalty 1.1\n"
+    "  mpirun -np 2 tprun out/ --serve --port 8000 --max-batch 16 --served-model-name qwen3\n"
+    "    curl localhost:8000/v1/completions -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n";
 
 typedef struct options {
     const char *out;
@@ -83,6 +101,11 @@ typedef struct options {
     const char *prompt;
     const char *prompt_ids;
     bool chat, interactive, json, logits, no_verify, load_only, verbose, quiet, ignore_eos;
+    bool serve;
+    const char *host;          /* --serve: listen address */
+    int port, max_batch, max_queue;
+    const char *served_model_name;   /* NULL: OUT's directory name */
+    const char *serve_flag;    /* the last --serve-only flag given, for "add --serve" */
     bool no_graph;             /* cuda: no CUDA graph for decode steps */
     int max_new_tokens;        /* -1: generation_config or DEFAULT_MAX_NEW */
     float temperature;         /* < 0: from generation_config */
@@ -179,7 +202,9 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 static void parse_args(int argc, char **argv, options *o)
 {
     *o = (options){ .rank = -1, .comm = "auto", .timeout_s = 60, .max_new_tokens = -1,
-                    .temperature = -1, .top_k = -1, .top_p = -1, .repetition_penalty = -1, .device = "cpu", .gpu = -1 };
+                    .temperature = -1, .top_k = -1, .top_p = -1, .repetition_penalty = -1, .device = "cpu", .gpu = -1,
+                    .host = "127.0.0.1", .port = DEFAULT_PORT, .max_batch = DEFAULT_MAX_BATCH,
+                    .max_queue = DEFAULT_MAX_QUEUE };
     cli_init_text("tprun", usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -237,6 +262,25 @@ static void parse_args(int argc, char **argv, options *o)
             o->no_verify = true;
         } else if (!strcmp(a, "--no-graph")) {
             o->no_graph = true;
+        } else if (!strcmp(a, "--serve")) {
+            o->serve = true;
+        } else if (!strcmp(a, "--host")) {
+            o->serve_flag = a;
+            o->host = TAKE();
+        } else if (!strcmp(a, "--port")) {
+            o->serve_flag = a;
+            o->port = (int)parse_long(a, TAKE(), 1, 65535);
+        } else if (!strcmp(a, "--max-batch")) {
+            o->serve_flag = a;
+            o->max_batch = (int)parse_long(a, TAKE(), 1, 4096);
+        } else if (!strcmp(a, "--max-queue")) {
+            o->serve_flag = a;
+            o->max_queue = (int)parse_long(a, TAKE(), 1, 1000000);
+        } else if (!strcmp(a, "--served-model-name")) {
+            o->serve_flag = a;
+            o->served_model_name = TAKE();
+            if (!o->served_model_name[0])
+                usage_error("--served-model-name: the name is empty");
         } else if (!strcmp(a, "--load-only")) {
             o->load_only = true;
         } else if (!strcmp(a, "--verbose")) {
@@ -256,10 +300,15 @@ static void parse_args(int argc, char **argv, options *o)
         usage_error("missing OUT (a converted directory or node bundle)");
     if (o->prompt && o->prompt_ids)
         usage_error("give --prompt or --prompt-ids, not both");
+    if (o->serve && (o->prompt || o->prompt_ids || o->interactive || o->json || o->load_only || o->chat))
+        usage_error("--serve takes its prompts over HTTP: no --prompt, --prompt-ids, --interactive, --json, "
+                    "--chat or --load-only");
+    if (!o->serve && o->serve_flag)
+        usage_error("%s is a --serve flag: add --serve", o->serve_flag);
     if (o->interactive && (o->prompt || o->prompt_ids || o->json))
         usage_error("--interactive reads the prompts from stdin: it takes no --prompt, --prompt-ids or --json");
-    if (!o->interactive && !o->load_only && !o->prompt && !o->prompt_ids)
-        usage_error("nothing to do: give --prompt TEXT, --prompt-ids 1,2,3, --interactive or --load-only");
+    if (!o->interactive && !o->load_only && !o->serve && !o->prompt && !o->prompt_ids)
+        usage_error("nothing to do: give --prompt TEXT, --prompt-ids 1,2,3, --interactive, --serve or --load-only");
     if (o->chat && o->prompt_ids)
         usage_error("--chat wraps text: use it with --prompt");
     if (o->logits && !o->json)
@@ -400,7 +449,7 @@ static void create_model(run *r)
     else
         snprintf(device, sizeof device, "%s", r->o.device);
     tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = device,
-                         .no_graph = r->o.no_graph };
+                         .no_graph = r->o.no_graph, .slots = r->o.serve ? r->o.max_batch : 1 };
     if (tp_model_create(&r->model, &r->lr, r->comm, &mo, &err))
         die(r, &err, false);
     if (r->o.verbose && my_rank(r) == 0)
@@ -794,6 +843,50 @@ static void load_only(run *r)
     cleanup(r);
 }
 
+/* ------------------------------------------------------------ --serve */
+
+/* Set by SIGTERM / SIGINT: tp_serve_run (rank 0) stops admission, lets the
+ * running requests finish and ends every rank. */
+static volatile int stop_requested;
+
+static void on_stop_signal(int sig) { stop_requested = 1; }
+
+static void serve_log(void *arg, const char *line) { fprintf(stderr, "tprun: serve: %s\n", line); }
+
+/* OUT's last path component without a trailing "/" or ".tar". */
+static void default_model_name(const char *out, char *name, size_t size)
+{
+    size_t len = strlen(out);
+    while (len > 1 && out[len - 1] == '/')
+        len--;
+    size_t start = len;
+    while (start > 0 && out[start - 1] != '/')
+        start--;
+    if (len - start > 4 && !strncmp(out + len - 4, ".tar", 4))
+        len -= 4;
+    snprintf(name, size, "%.*s", (int)(len - start), out + start);
+}
+
+static void serve(run *r, const tp_gen_opts *go)
+{
+    tp_err err;
+    char name[256];
+    default_model_name(r->o.out, name, sizeof name);
+    struct sigaction sa = { .sa_handler = on_stop_signal };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);   /* a client gone mid-answer is an error to handle, not a signal */
+    tp_serve_opts so = { .host = r->o.host, .port = r->o.port, .max_seq = r->context, .max_queue = r->o.max_queue,
+                         .served_model_name = r->o.served_model_name ? r->o.served_model_name : name,
+                         .defaults = go->sampler, .eos_ids = go->eos_ids, .n_eos = go->n_eos,
+                         .stop = &stop_requested, .log = r->o.verbose ? serve_log : NULL };
+    if (!r->tok)   /* every rank loaded the same files: all stop alike */
+        die_msg(r, true, "%s has no tokenizer.json: --serve needs one", r->o.out);
+    if (tp_serve_run(r->model, r->comm, r->tok, &so, &err))
+        die(r, &err, false);
+}
+
 /* ------------------------------------------------------------ main */
 
 int main(int argc, char **argv)
@@ -843,7 +936,9 @@ int main(int argc, char **argv)
     tp_rng rng;
     tp_rng_seed(&rng, go.sampler.seed);
 
-    if (r.o.interactive)
+    if (r.o.serve)
+        serve(&r, &go);
+    else if (r.o.interactive)
         interactive(&r, &go, &rng);
     else
         run_once(&r, &go, &rng);
