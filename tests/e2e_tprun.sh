@@ -21,9 +21,13 @@
 # one rank from each, over tcp and under mpirun), a prompt longer than the context, a token id outside the
 # vocabulary, a world size that is not the conversion's tp, --prompt without
 # a tokenizer, a rank that never starts: each exits non-zero with its message.
+#
+# Also: several sequences batched (test_model --batch on the conversions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
+BUILD=${BUILD:-build}
+[ -x "$BUILD/tests/test_model" ] || { echo "e2e_tprun: $BUILD/tests/test_model not built"; exit 1; }
 for prog in tpconvert tprun tpinspect; do
     [ -x "$BIN/$prog" ] || { echo "e2e_tprun: $BIN/$prog not built"; exit 1; }
 done
@@ -188,6 +192,24 @@ if [ -d "$tmp/qwen3moe-tiny-tp1" ]; then
 else
     fail "no tp1 conversion of qwen3moe-tiny"
 fi
+
+# Several sequences in one batch (tp_model_forward_batch) on the conversions
+# above, loaded as tprun loads them, at tp 1 and 2: six prompts through three
+# slots (prefill chunks beside decode steps, slots freed and reused) give the
+# greedy tokens of one at a time and logits within 1e-5 (test_model --batch).
+# The fused experts and longrope are here because test_model's own splitter
+# cannot cut the first and the second takes each slot's pass length.
+for batch_model in qwen3-tiny qwen3moe-fused mixtral-tiny llama-longrope mistral-tiny; do
+    for tp in 1 2; do
+        conv=$tmp/$batch_model-tp$tp
+        [ -d "$conv" ] || { fail "no conversion $batch_model-tp$tp for the batch case"; continue; }
+        if "$BUILD/tests/test_model" --batch "$conv" >"$tmp/batch.out" 2>&1; then
+            echo "ok $batch_model tp$tp batched: $(grep -o 'greedy [0-9/]*, max rel diff.*' "$tmp/batch.out")"
+        else
+            fail "$batch_model tp$tp batched: $(grep -m 3 -E 'FAIL|test_model' "$tmp/batch.out")"
+        fi
+    done
+done
 
 # The measured agreement with transformers' fp32 logits over every model, tp
 # and prompt above, as a fraction of the bound (1e-3 * max(1, max|logit|)):

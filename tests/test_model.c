@@ -1373,41 +1373,70 @@ static int run_converted(void *ctx, int world, const int32_t *ids, int n_prefill
     return run_ranks("converted", c->lrs, c->world, c->vocab, ids, n_prefill, n_steps, logits);
 }
 
-static int test_converted(const char *dir, const char *ref_path)
+/* Every rank of a tpconvert directory, loaded with the real loader
+ * (checksums verified): *loaded of them (== *world on success). */
+static int load_converted(const char *dir, tp_loaded_rank *lr, int *world, int *vocab, int *loaded)
 {
     tp_err err = { { 0 } };
     tp_manifest man;
+    *loaded = 0;
     if (tp_load_manifest(dir, &man, &err) < 0) {
         fprintf(stderr, "test_model: %s\n", err.msg);
-        return 1;
+        return -1;
     }
-    int world = man.tp;
+    *world = man.tp;
     tp_model_config cfg;
     int rc = tp_model_config_parse(&cfg, man.config_json, &err);
     tp_manifest_free(&man);
-    if (rc < 0 || world < 1 || world > MAX_WORLD) {
+    if (rc < 0 || *world < 1 || *world > MAX_WORLD) {
         fprintf(stderr, "test_model: %s: %s\n", dir, rc < 0 ? err.msg : "tp out of range");
-        return 1;
+        return -1;
     }
-    converted_ctx c = { .world = world, .vocab = cfg.vocab };
-    tp_loaded_rank lr[MAX_WORLD];
+    *vocab = cfg.vocab;
     tp_load_opts lo = { .verify = true, .threads = 1, .quiet = true };
-    int loaded = 0;
-    for (; loaded < world; loaded++) {
-        if (tp_load_rank(&lr[loaded], dir, loaded, &lo, &err) < 0) {
+    for (; *loaded < *world; (*loaded)++)
+        if (tp_load_rank(&lr[*loaded], dir, *loaded, &lo, &err) < 0) {
             CHECK(0, "%s", err.msg);
-            break;
+            return -1;
         }
-        c.lrs[loaded] = &lr[loaded];
-    }
-    if (loaded == world)
-        compare_reference(dir, ref_path, cfg.vocab, &world, 1, run_converted, &c);
+    return 0;
+}
+
+static int test_converted(const char *dir, const char *ref_path)
+{
+    tp_loaded_rank lr[MAX_WORLD];
+    converted_ctx c = { 0 };
+    int loaded = 0;
+    if (load_converted(dir, lr, &c.world, &c.vocab, &loaded) < 0 && loaded == 0 && !check_failures)
+        return 1;
+    for (int r = 0; r < loaded; r++)
+        c.lrs[r] = &lr[r];
+    if (loaded == c.world)
+        compare_reference(dir, ref_path, c.vocab, &c.world, 1, run_converted, &c);
     for (int r = 0; r < loaded; r++)
         tp_loaded_rank_free(&lr[r]);
     if (check_failures)
         return check_finish("test_model --converted");
-    printf("model: %s (tp=%d) matches %s\n", dir, world, ref_path);
+    printf("model: %s (tp=%d) matches %s\n", dir, c.world, ref_path);
     return 0;
+}
+
+/* --batch DIR: check_batched on a tpconvert directory's ranks (every
+ * layout tpconvert writes, the fused experts included). */
+static int test_batch_converted(const char *dir)
+{
+    tp_loaded_rank lr[MAX_WORLD];
+    tp_loaded_rank *lrs[MAX_WORLD];
+    int world = 0, vocab = 0, loaded = 0;
+    if (load_converted(dir, lr, &world, &vocab, &loaded) < 0 && loaded == 0 && !check_failures)
+        return 1;
+    for (int r = 0; r < loaded; r++)
+        lrs[r] = &lr[r];
+    if (loaded == world)
+        check_batched(dir, lrs, world, vocab);
+    for (int r = 0; r < loaded; r++)
+        tp_loaded_rank_free(&lr[r]);
+    return check_finish("test_model --batch");
 }
 
 /* Bad calls to a working model: named errors, and the model stays usable. */
@@ -1543,8 +1572,10 @@ int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "--converted") == 0 && strcmp(argv[3], "--reference") == 0)
         return test_converted(argv[2], argv[4]);
+    if (argc == 3 && strcmp(argv[1], "--batch") == 0)
+        return test_batch_converted(argv[2]);
     if (argc != 1) {
-        fprintf(stderr, "usage: test_model [--converted DIR --reference REFERENCE.json]\n");
+        fprintf(stderr, "usage: test_model [--converted DIR --reference REFERENCE.json | --batch DIR]\n");
         return 2;
     }
     test_config();
