@@ -232,7 +232,9 @@ int tp_model_forward_batch(tp_model *m, const tp_batch_token *t, int n, float *l
 int tp_model_slots(const tp_model *m);
 /* The positions slot's cache holds (-1 for a slot outside [0, slots)). */
 int tp_model_slot_length(const tp_model *m, int slot);
-/* Empties slot's cache, for a new sequence (a slot outside [0, slots): no-op). */
+/* Empties slot's cache, for a new sequence (a slot outside [0, slots):
+ * no-op).  Its pages stay with the process, for the slot's next sequence:
+ * the memory a run uses is bounded by the longest sequences its slots held. */
 void tp_model_reset_slot(tp_model *m, int slot);
 
 /* ---------------------------------------------------------------- sampling */
