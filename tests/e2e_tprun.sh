@@ -276,6 +276,29 @@ if [ -x "$BIN/tpsynth" ] && [ -f "$tokzst" ]; then
         fail "interactive: rank 0 printed '$(head -c 300 "$tmp/i.0")', the one-shot answer is '$(cat "$tmp/t5.txt")'; rank 1: '$(head -c 200 "$tmp/i.1")'"
     fi
 
+    # The model's own chat template: a Llama 3.1 template (transformers 5's
+    # chat_template.jinja, copied by tpconvert) beside Qwen3's
+    # tokenizer_config.json (whose bos/eos it then takes: none / <|im_end|>).
+    # --chat's prompt is the encoding of that template's rendering, not ChatML.
+    cp -r "$tmp/text-model" "$tmp/llama-model"
+    cp tests/data/templates/llama-3.1-8b-instruct.jinja "$tmp/llama-model/chat_template.jinja"
+    "$BIN/tpconvert" --tp 1 --compress none "$tmp/llama-model" "$tmp/llama-tp1" >/dev/null
+    [ -f "$tmp/llama-tp1/chat_template.jinja" ] || fail "tpconvert did not copy chat_template.jinja"
+    "$BIN/tprun" "$tmp/llama-tp1" --prompt "Hello" --chat --max-new-tokens 2 "${samp[@]}" --json --verbose \
+        >"$tmp/l1.json" 2>"$tmp/l1.err" || fail "--chat with a Llama template: $(cat "$tmp/l1.err")"
+    llama_text='<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    want_ids=$(printf "$llama_text" | "$BIN/tptok" encode "$tokzst" | tr -d ' \n')
+    got_ids=$(grep -o '"prompt_ids":\[[0-9,]*\]' "$tmp/l1.json" | sed 's/"prompt_ids"://')
+    if [ -n "$want_ids" ] && [ "$got_ids" = "$want_ids" ] && grep -q "chat template: the model's" "$tmp/l1.err"; then
+        echo "ok --chat renders the model's Llama 3.1 template ($(echo "$got_ids" | tr ',' '\n' | wc -l) prompt ids)"
+    else
+        fail "--chat with a Llama template: prompt ids $got_ids, want $want_ids; $(cat "$tmp/l1.err")"
+    fi
+    # -i with it: each turn renders the whole conversation (two answers).
+    printf 'Hello\nAnd then?\n' | "$BIN/tprun" "$tmp/llama-tp1" -i --max-new-tokens 3 "${samp[@]}" \
+        >"$tmp/li.out" 2>"$tmp/li.err" && [ "$(wc -l <"$tmp/li.out")" -eq 2 ] ||
+        fail "-i with a Llama template: $(cat "$tmp/li.err") $(cat "$tmp/li.out")"
+
     # A rank killed mid-generation: rank 0 stops at once with an error that
     # names it (not after --timeout), and exits non-zero.
     next_port

@@ -199,6 +199,10 @@ static void test_statements(void)
     EXPECT("{% for x in range(5) %}{% if x == 1 %}{% continue %}{% endif %}{% if x == 3 %}{% break %}{% endif %}"
            "{{ x }}{% endfor %}", NULL, "02");
     EXPECT("{% set x = 1 %}{% for i in [1] %}{% set x = 2 %}{{ x }}{% endfor %}{{ x }}", NULL, "21");
+    /* a set inside a loop lasts for its iteration only (jinja2 2.9+) */
+    EXPECT("{% set x = 'out' %}{% for i in range(3) %}{{ x }}{% if i == 0 %}{% set x = 'a' %}{% endif %}{{ x }}|"
+           "{% endfor %}{{ x }}", NULL, "outa|outout|outout|out");
+    EXPECT("{% for i in range(3) %}{% if i == 0 %}{% set y = 'a' %}{% endif %}{{ y }}|{% endfor %}", NULL, "a|||");
     EXPECT("{% set ns = namespace(n=0, s='') %}{% for i in range(3) %}{% set ns.n = ns.n + i %}{% endfor %}{{ ns.n }}",
            NULL, "3");
     EXPECT("{% if a %}A{% elif b %}B{% elif c %}C{% else %}D{% endif %}", "{\"c\": 1}", "C");
