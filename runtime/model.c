@@ -730,7 +730,7 @@ static int alloc_caches(tp_model *m, tp_err *err)
         return tp_errorf(err, "out of memory for a KV cache of --max-batch %d x --max-seq %d positions",
                          m->slots, m->max_seq);
     /* what transformers builds at init; dynamic and longrope compute the
-     * rows of each pass (rope_runs) */
+     * rows of each pass (plan_runs) */
     tpk_rope_rows(m->cos_t, m->sin_t, m->rope_inv, c->head_dim, &c->rope, 0, 0, m->max_seq);
     return 0;
 }

@@ -68,22 +68,50 @@ int tp_tokenizer_decode(const tp_tokenizer *tok, const int32_t *ids, size_t n, b
 
 /* -------------------------------------------------------------------- chat */
 
-/* What ends the previous assistant answer before a user turn. */
-typedef enum tp_chat_prev {
-    TP_CHAT_FIRST,      /* no answer before: the conversation's first turn */
-    TP_CHAT_AFTER_EOS,  /* the answer ended with its <|im_end|>: a newline closes it */
-    TP_CHAT_AFTER_CUT,  /* the answer was cut (max_new_tokens): "<|im_end|>\n" closes it */
-} tp_chat_prev;
-
-/* One ChatML user turn (Qwen's format, not a Jinja chat template), as the
- * text to encode: the close of the previous answer, then
- * "<|im_start|>user\n" USER "<|im_end|>\n<|im_start|>assistant\n".
- * user[0..len) may hold any bytes but must be valid UTF-8, else the error
- * is "invalid UTF-8 at byte K of your input" (K counted in user).  Nothing
- * is escaped: special tokens the user types ("<|im_end|>") are encoded as
- * those tokens.  *text (malloc'd, NUL-terminated) holds *text_len bytes. */
-int tp_chat_format_turn(const char *user, size_t len, tp_chat_prev prev, char **text, size_t *text_len,
-                        tp_err *err);
+/* A parsed Jinja chat template (the subset real chat templates use: Qwen2.5,
+ * Qwen3, Llama 3.x, Mistral), rendered as transformers' apply_chat_template
+ * renders it (runtime/jinja.c says what is supported). */
+typedef struct tp_template tp_template;
+struct cJSON;
+/* name: for messages ("tokenizer_config.json: chat_template").  An
+ * unsupported construct fails here with its line and column and what it is
+ * ("line 3, column 9: filter 'wordcount' is not supported"). */
+int tp_template_parse(tp_template **t, const char *src, size_t len, const char *name, tp_err *err);
+/* ctx: a cJSON object of the template's variables, as transformers'
+ * apply_chat_template passes them: messages (array of {role, content,
+ * tool_calls?, ...}), tools (may be absent), add_generation_prompt,
+ * bos_token, eos_token, plus extra kwargs (enable_thinking ...).  *out:
+ * malloc'd, NUL-terminated.  raise_exception("...") in the template fails
+ * with that message ("NAME: the message").  A JSON number is an int when it
+ * is integral (cJSON keeps no distinction), else a float.  Bounded: loop
+ * iterations, nesting, output (16 MiB) and memory; errors name the line and
+ * column. */
+int tp_template_render(const tp_template *t, const struct cJSON *ctx, char **out, size_t *out_len,
+                       tp_err *err);
+void tp_template_free(tp_template *t);
+/* strftime_now's clock: now NULL is the local time at each call (the
+ * default); else always *now (tests). */
+struct tm;
+void tp_template_set_time(tp_template *t, const struct tm *now);
+/* The model's template, from a loaded rank's copied files:
+ * lr->chat_template_jinja (chat_template.jinja, as transformers 5 saves it)
+ * first, else tokenizer_config.json's "chat_template" (a string, or a list of
+ * {name, template}: the one named "default").  *bos_token / *eos_token
+ * (malloc'd, or NULL when absent) are tokenizer_config.json's (a string or
+ * an {"content": ...} object).  *t NULL (return 0) when the model has no
+ * template.  Errors name the file. */
+int tp_template_load(tp_template **t, char **bos_token, char **eos_token, const tp_loaded_rank *lr,
+                     tp_err *err);
+/* The ChatML template (Qwen's turns): the fallback for a model without a
+ * chat template of its own. */
+int tp_template_chatml(tp_template **t, tp_err *err);
+/* Renders messages (a cJSON array of {role, content}) with t as
+ * apply_chat_template does: bos_token / eos_token (NULL: left undefined),
+ * add_generation_prompt, nothing else (enable_thinking and the like keep
+ * the template's default).  *out malloc'd, NUL-terminated. */
+int tp_chat_render(const tp_template *t, const char *bos_token, const char *eos_token,
+                   const struct cJSON *messages, bool add_generation_prompt, char **out, size_t *out_len,
+                   tp_err *err);
 
 /* ------------------------------------------------------------ communication */
 
@@ -232,7 +260,9 @@ int tp_model_forward_batch(tp_model *m, const tp_batch_token *t, int n, float *l
 int tp_model_slots(const tp_model *m);
 /* The positions slot's cache holds (-1 for a slot outside [0, slots)). */
 int tp_model_slot_length(const tp_model *m, int slot);
-/* Empties slot's cache, for a new sequence (a slot outside [0, slots): no-op). */
+/* Empties slot's cache, for a new sequence (a slot outside [0, slots):
+ * no-op).  Its pages stay with the process, for the slot's next sequence:
+ * the memory a run uses is bounded by the longest sequences its slots held. */
 void tp_model_reset_slot(tp_model *m, int slot);
 
 /* ---------------------------------------------------------------- sampling */
