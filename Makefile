@@ -87,7 +87,7 @@ PROGRAMS   := $(patsubst tools/%.c,$(BIN)/%,$(wildcard tools/*.c))
 TEST_PROGS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 HEADERS    := $(wildcard */*.h runtime/cuda/*.h)
 
-.PHONY: all test check check-san check-emu clean demo fuzz fuzz-build deps bench-convert bench-cpu bench-cpu-8b bench-gpu bench-comm bench-moe print-cflags print-ldlibs
+.PHONY: all test check check-san check-emu clean demo fuzz fuzz-build deps bench-convert bench-cpu bench-cpu-8b bench-gpu bench-comm bench-moe bench-serve print-cflags print-ldlibs
 all: $(PROGRAMS) $(TEST_PROGS)
 
 # The README's two commands.  Each installs what is missing first, then
@@ -196,6 +196,8 @@ bench-comm: all
 	bash bench/bench_comm.sh
 bench-moe: all
 	bash bench/bench_moe.sh
+bench-serve: all
+	bash bench/bench_serve.sh
 
 # The flags the programs are built with, for scripts that build a program of
 # their own against the libraries (bench/bench_comm.sh).

@@ -403,6 +403,13 @@ typedef struct tp_serve_opts {
     int n_eos;
     double grace_s;                 /* after *stop: how long running requests may finish (0: 30) */
     size_t max_body;                /* request body limit in bytes (0: 1 MiB); more get 413 */
+    /* /v1/chat/completions renders messages (and tools) with this template
+     * (tp_template_load's, or tp_template_chatml's), bos_token and
+     * eos_token as its variables (NULL: undefined); chat_template_kwargs
+     * in a request add variables (enable_thinking ...).  NULL template:
+     * the endpoint answers 404. */
+    const tp_template *chat_template;
+    const char *bos_token, *eos_token;
     const volatile int *stop;       /* rank 0: non-zero asks for a clean stop; may be NULL */
     /* Rank 0's access and event lines (one line, no newline), NULL: none.
      * The library never prints: the caller decides where they go. */

@@ -147,7 +147,7 @@ out:
 
 /* ------------------------------------------------------------ requests */
 
-tp_srv_req *tp_srv_req_new(void)
+tp_srv_req *tp_srv_req_new(tp_srv *s)
 {
     tp_srv_req *r = calloc(1, sizeof *r);
     if (!r)
@@ -155,6 +155,9 @@ tp_srv_req *tp_srv_req_new(void)
     r->refs = 1;
     r->slot = -1;
     pthread_cond_init(&r->cv, NULL);
+    pthread_mutex_lock(&s->mu);
+    s->live_reqs++;
+    pthread_mutex_unlock(&s->mu);
     return r;
 }
 
@@ -212,7 +215,6 @@ int tp_srv_submit(tp_srv *s, tp_srv_req *r, const char **why)
             *why = "out of memory";
         } else {
             r->refs++;
-            s->live_reqs++;
             r->t_queued = tp_now();
             s->queue[(s->q_head + s->q_len++) % s->max_queue] = r;
             pthread_cond_broadcast(&s->wake);

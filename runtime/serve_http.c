@@ -319,64 +319,117 @@ static int cat(char **buf, size_t *len, size_t *cap, const char *p)
     return 0;
 }
 
-/* A message's text: a string, or a list of {"type": "text", "text": ...}
- * parts (joined). */
-static int message_text(const cJSON *content, char **buf, size_t *len, size_t *cap, bad *b)
+/* A message's content as the templates read it: a string (or null), or
+ * OpenAI's list of {"type": "text", "text": ...} parts, joined into one
+ * string.  Returns the content to use (a new item, or NULL to keep it). */
+static cJSON *message_content(const cJSON *content, bad *b, bool *failed)
 {
-    if (!content)
-        return 0;
-    if (cJSON_IsString(content))
-        return cat(buf, len, cap, content->valuestring) ? badf(b, 500, NULL, "out of memory") : 0;
-    if (!cJSON_IsArray(content))
-        return badf(b, 400, "messages", "a message's content must be a string or a list of text parts");
+    *failed = false;
+    if (!content || cJSON_IsString(content) || cJSON_IsNull(content))
+        return NULL;
+    if (!cJSON_IsArray(content)) {
+        *failed = true;
+        badf(b, 400, "messages", "a message's content must be a string or a list of text parts");
+        return NULL;
+    }
+    char *text = NULL;
+    size_t len = 0, cap = 0;
     const cJSON *part;
     cJSON_ArrayForEach(part, content) {
         const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
-        const cJSON *text = cJSON_GetObjectItemCaseSensitive(part, "text");
-        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") || !cJSON_IsString(text))
-            return badf(b, 400, "messages", "only text content parts are supported");
-        if (cat(buf, len, cap, text->valuestring))
-            return badf(b, 500, NULL, "out of memory");
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(part, "text");
+        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") || !cJSON_IsString(t)) {
+            badf(b, 400, "messages", "only text content parts are supported");
+            goto fail;
+        }
+        if (cat(&text, &len, &cap, t->valuestring))
+            goto oom;
     }
-    return 0;
+    cJSON *joined = cJSON_CreateString(text ? text : "");
+    free(text);
+    if (joined)
+        return joined;
+oom:
+    badf(b, 500, NULL, "out of memory");
+fail:
+    free(text);
+    *failed = true;
+    return NULL;
 }
 
-/* The conversation as the text the model reads.  ChatML (Qwen's format:
- * "<|im_start|>ROLE\nCONTENT<|im_end|>\n" per message, then the assistant's
- * opening), the stand-in for the model's own Jinja chat_template until the
- * template renderer lands: for one user message it is exactly
- * tp_chat_format_turn's text (tprun --chat). */
-static int render_chat(const cJSON *messages, char **text, bad *b)
+/* The template's variables: messages (contents made strings), tools,
+ * add_generation_prompt, bos_token, eos_token, chat_template_kwargs. */
+static cJSON *chat_context(tp_srv *s, const cJSON *root, bad *b)
 {
-    size_t len = 0, cap = 0;
-    *text = NULL;
-    if (!cJSON_IsArray(messages) || cJSON_GetArraySize(messages) == 0)
-        return badf(b, 400, "messages", "messages must be a non-empty list");
-    const cJSON *m;
-    cJSON_ArrayForEach(m, messages) {
-        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-        if (!cJSON_IsObject(m) || !cJSON_IsString(role))
-            return badf(b, 400, "messages", "every message must be an object with a role string");
-        if (cat(text, &len, &cap, "<|im_start|>") || cat(text, &len, &cap, role->valuestring) ||
-            cat(text, &len, &cap, "\n"))
-            return badf(b, 500, NULL, "out of memory");
-        if (message_text(field(m, "content"), text, &len, &cap, b))
-            return -1;
-        if (cat(text, &len, &cap, "<|im_end|>\n"))
-            return badf(b, 500, NULL, "out of memory");
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
+    if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0) {
+        badf(b, 400, "messages", "messages must be a non-empty list");
+        return NULL;
     }
-    return cat(text, &len, &cap, "<|im_start|>assistant\n") ? badf(b, 500, NULL, "out of memory") : 0;
+    cJSON *ctx = cJSON_CreateObject(), *copy = cJSON_Duplicate(msgs, true);
+    if (!ctx || !copy || !cJSON_AddItemToObject(ctx, "messages", copy)) {
+        cJSON_Delete(ctx);
+        cJSON_Delete(copy);
+        badf(b, 500, NULL, "out of memory");
+        return NULL;
+    }
+    cJSON *m;
+    cJSON_ArrayForEach(m, copy) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+        bool failed;
+        if (!cJSON_IsObject(m) || !cJSON_IsString(role)) {
+            badf(b, 400, "messages", "every message must be an object with a role string");
+            goto fail;
+        }
+        cJSON *content = message_content(cJSON_GetObjectItemCaseSensitive(m, "content"), b, &failed);
+        if (failed)
+            goto fail;
+        if (content)
+            cJSON_ReplaceItemInObjectCaseSensitive(m, "content", content);
+    }
+    const cJSON *tools = field(root, "tools"), *kwargs = field(root, "chat_template_kwargs");
+    if (tools && !cJSON_IsArray(tools)) {
+        badf(b, 400, "tools", "tools must be a list");
+        goto fail;
+    }
+    if (kwargs && !cJSON_IsObject(kwargs)) {
+        badf(b, 400, "chat_template_kwargs", "chat_template_kwargs must be an object");
+        goto fail;
+    }
+    const cJSON *kw;
+    if (kwargs)
+        cJSON_ArrayForEach(kw, kwargs) if (kw->string && !cJSON_GetObjectItemCaseSensitive(ctx, kw->string))
+            cJSON_AddItemToObject(ctx, kw->string, cJSON_Duplicate(kw, true));
+    if (tools)
+        cJSON_AddItemToObject(ctx, "tools", cJSON_Duplicate(tools, true));
+    cJSON_AddBoolToObject(ctx, "add_generation_prompt", true);
+    if (s->o->bos_token)
+        cJSON_AddStringToObject(ctx, "bos_token", s->o->bos_token);
+    if (s->o->eos_token)
+        cJSON_AddStringToObject(ctx, "eos_token", s->o->eos_token);
+    return ctx;
+fail:
+    cJSON_Delete(ctx);
+    return NULL;
 }
 
+/* The conversation as the text the model reads: the model's own chat
+ * template (tprun --chat renders a user turn the same way). */
 static int messages_field(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
 {
-    char *text = NULL;
-    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
-    if (!msgs)
+    if (!cJSON_GetObjectItemCaseSensitive(root, "messages"))
         return badf(b, 400, "messages", "messages is missing");
-    int rc = render_chat(msgs, &text, b);
-    if (rc == 0)
-        rc = encode(s, text, strlen(text), "messages", r, b);
+    cJSON *ctx = chat_context(s, root, b);
+    if (!ctx)
+        return -1;
+    char *text = NULL;
+    size_t len = 0;
+    tp_err err;
+    int rc = tp_template_render(s->o->chat_template, ctx, &text, &len, &err);
+    cJSON_Delete(ctx);
+    if (rc)
+        return badf(b, 400, "messages", "the chat template: %s", err.msg);
+    rc = encode(s, text, len, "messages", r, b);
     free(text);
     return rc;
 }
@@ -434,7 +487,7 @@ static tp_srv_req *parse_request(tp_srv *s, int kind, const char *body, size_t l
         badf(b, 400, NULL, "the request body is not a JSON object");
         return NULL;
     }
-    tp_srv_req *r = tp_srv_req_new();
+    tp_srv_req *r = tp_srv_req_new(s);
     if (!r) {
         cJSON_Delete(root);
         badf(b, 500, NULL, "out of memory");
@@ -781,7 +834,10 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
     }
     case ROUTE_METRICS: return respond(s, con, method, url, 200, tp_srv_metrics_text(s), "text/plain; version=0.0.4");
     case ROUTE_COMPLETIONS: return generate(s, con, url, TP_SRV_COMPLETION, bd);
-    default: return generate(s, con, url, TP_SRV_CHAT, bd);
+    default:
+        if (!s->o->chat_template)
+            return respond_error(s, con, method, url, 404, "this model has no chat template", NULL, NULL);
+        return generate(s, con, url, TP_SRV_CHAT, bd);
     }
 }
 

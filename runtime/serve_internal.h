@@ -75,7 +75,7 @@ typedef struct tp_srv {
     tp_srv_req **queue;         /* FIFO of max_queue */
     int q_head, q_len;
     bool accepting;             /* false: stopping or failed; new requests get 503 */
-    int live_reqs;              /* requests not yet released by both sides */
+    int live_reqs;              /* requests made and not yet freed */
     tp_rng seed_rng;            /* seeds for requests without one (under mu) */
 
     /* /metrics, under mu */
@@ -92,8 +92,9 @@ typedef struct tp_srv {
  * Returns 0, or the HTTP status to answer instead: 429 when the queue is
  * full, 503 when the server stops; *why then says it in one line. */
 int tp_srv_submit(tp_srv *s, tp_srv_req *req, const char **why);
-/* A new request with refs 1 (the caller's); NULL when out of memory. */
-tp_srv_req *tp_srv_req_new(void);
+/* A new request with refs 1 (the caller's), counted in s->live_reqs until
+ * its last release; NULL when out of memory. */
+tp_srv_req *tp_srv_req_new(tp_srv *s);
 /* Drops one reference (either side), freeing req with the last one. */
 void tp_srv_req_release(tp_srv *s, tp_srv_req *req);
 /* The client is gone: the scheduler frees its slot at the next step. */

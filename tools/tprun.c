@@ -1008,7 +1008,9 @@ static void serve(run *r, const tp_gen_opts *go)
     tp_serve_opts so = { .host = r->o.host, .port = r->o.port, .max_seq = r->context, .max_queue = r->o.max_queue,
                          .served_model_name = r->o.served_model_name ? r->o.served_model_name : name,
                          .defaults = go->sampler, .eos_ids = go->eos_ids, .n_eos = go->n_eos,
-                         .stop = &stop_requested, .log = r->o.verbose ? serve_log : NULL };
+                         .chat_template = r->chat_template, .bos_token = r->bos_token,
+                         .eos_token = r->eos_token, .stop = &stop_requested,
+                         .log = r->o.verbose ? serve_log : NULL };
     if (!r->tok)   /* every rank loaded the same files: all stop alike */
         die_msg(r, true, "%s has no tokenizer.json: --serve needs one", r->o.out);
     if (tp_serve_run(r->model, r->comm, r->tok, &so, &err))
@@ -1063,7 +1065,7 @@ int main(int argc, char **argv)
     }
     tp_rng rng;
     tp_rng_seed(&rng, go.sampler.seed);
-    if (r.o.chat || r.o.interactive)
+    if (r.o.chat || r.o.interactive || r.o.serve)
         chat_setup(&r);
 
     if (r.o.serve)
