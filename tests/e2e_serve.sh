@@ -59,7 +59,7 @@ start_server() {
     wait_health || { cat "$tmp/server.err"; return 1; }
 }
 wait_health() {
-    for _ in $(seq 1 600); do
+    for _ in $(seq 1 1800); do   # a loaded machine can take minutes to load the model
         curl -sf "http://127.0.0.1:$port/health" >/dev/null 2>&1 && return 0
         kill -0 "$server_pid" 2>/dev/null || return 1
         sleep 0.1
