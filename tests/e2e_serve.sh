@@ -364,7 +364,15 @@ if [ -z "$openai_skip" ]; then
         else
             fail "the mpirun server did not start: $(tail -5 "$tmp/mpi.err")"
         fi
-        stop_server || fail "mpirun server: exit $?"
+        # SIGTERM to rank 0 (mpirun itself answers SIGTERM by killing the job):
+        # rank 0 stops the other rank and every process exits 0.
+        r0=
+        for p in $(pgrep -P "$server_pid"); do
+            tr '\0' '\n' <"/proc/$p/environ" | grep -q '^OMPI_COMM_WORLD_RANK=0$' && r0=$p
+        done
+        [ -n "$r0" ] && kill -TERM "$r0"
+        rc=0; wait "$server_pid" || rc=$?
+        [ -n "$r0" ] && [ $rc -eq 0 ] && ok "mpirun: SIGTERM to rank 0, exit 0" || fail "mpirun server: rank 0 '$r0', exit $rc"
     else
         fail "mpirun not found (tools/install-deps.sh installs openmpi-bin)"
     fi
