@@ -16,9 +16,12 @@ CC      ?= cc
 # -std=c11, -D_GNU_SOURCE, -pthread, the include paths or the libraries.
 TP_CFLAGS   := -std=c11 -D_GNU_SOURCE -Wall -Wextra -Wno-unused-parameter -pthread -fPIC
 TP_INCLUDES := -Ishardfmt -Iconvert -Iloader -Iruntime -I/usr/include/cjson
-TP_CPPFLAGS := $(TP_INCLUDES)
+TP_CPPFLAGS := $(TP_INCLUDES) $(MHD_CFLAGS)
 # The libraries every program, test and fuzz target links (MPI / CUDA added below).
-TP_BASE_LIBS := -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread
+# libmicrohttpd: tprun --serve's HTTP server (runtime/serve_http.c).
+MHD_CFLAGS := $(shell pkg-config --cflags libmicrohttpd 2>/dev/null)
+MHD_LIBS   := $(or $(shell pkg-config --libs libmicrohttpd 2>/dev/null),-lmicrohttpd)
+TP_BASE_LIBS := -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas $(MHD_LIBS) -lm -pthread
 TP_LDLIBS   := $(TP_BASE_LIBS)
 
 # `make SAN=1 ...`: an AddressSanitizer + UBSan build in its own tree
@@ -84,7 +87,7 @@ PROGRAMS   := $(patsubst tools/%.c,$(BIN)/%,$(wildcard tools/*.c))
 TEST_PROGS := $(patsubst tests/%.c,$(BUILD)/tests/%,$(wildcard tests/test_*.c))
 HEADERS    := $(wildcard */*.h runtime/cuda/*.h)
 
-.PHONY: all test check check-san check-emu clean demo fuzz fuzz-build deps bench-convert bench-cpu bench-cpu-8b bench-gpu bench-comm bench-moe print-cflags print-ldlibs
+.PHONY: all test check check-san check-emu clean demo fuzz fuzz-build deps bench-convert bench-cpu bench-cpu-8b bench-gpu bench-comm bench-moe bench-serve print-cflags print-ldlibs
 all: $(PROGRAMS) $(TEST_PROGS)
 
 # The README's two commands.  Each installs what is missing first, then
@@ -193,6 +196,8 @@ bench-comm: all
 	bash bench/bench_comm.sh
 bench-moe: all
 	bash bench/bench_moe.sh
+bench-serve: all
+	bash bench/bench_serve.sh
 
 # The flags the programs are built with, for scripts that build a program of
 # their own against the libraries (bench/bench_comm.sh).

@@ -27,9 +27,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-/* Files copied from the model directory when present (config.json always). */
+/* Files copied from the model directory when present (config.json always).
+ * chat_template.jinja: where transformers 5 saves the chat template. */
 static const char *const copied_names[] = {
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
 };
 #define N_COPIED (sizeof copied_names / sizeof copied_names[0])
 
@@ -717,7 +718,7 @@ static int check_json_object(const char *path, const char *text, size_t len, tp_
 }
 
 /* Reads the files to copy: each must be a regular file inside the model
- * directory (a symlink out of it is refused) and valid JSON.  Absent files
+ * directory (a symlink out of it is refused) and, but for the template, valid JSON.  Absent files
  * are skipped, except config.json, which prepare has read already. */
 static int read_copied_files(const tp_conversion *c, copied_file *out, size_t *n, tp_err *err)
 {
@@ -743,7 +744,7 @@ static int read_copied_files(const tp_conversion *c, copied_file *out, size_t *n
             rc = tp_read_file(src, TP_MAX_COPIED_FILE, &f->owned, &f->len, err);
             f->text = f->owned;
         }
-        if (rc == 0)
+        if (rc == 0 && strcmp(name, "chat_template.jinja") != 0)   /* the others are JSON */
             rc = check_json_object(src, f->text, f->len, err);
         free(src);
         (*n)++; /* counted even on failure, so that its buffer is freed */

@@ -77,6 +77,8 @@ static char **copied_slot(tp_loaded_rank *lr, const char *name, size_t **len_slo
     }
     if (strcmp(name, "tokenizer_config.json") == 0)
         return &lr->tokenizer_config_json;
+    if (strcmp(name, "chat_template.jinja") == 0)
+        return &lr->chat_template_jinja;
     return NULL;
 }
 
@@ -591,5 +593,6 @@ void tp_loaded_rank_free(tp_loaded_rank *lr)
     free(lr->generation_config_json);
     free(lr->tokenizer_json);
     free(lr->tokenizer_config_json);
+    free(lr->chat_template_jinja);
     memset(lr, 0, sizeof *lr);
 }

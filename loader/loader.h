@@ -37,6 +37,7 @@ typedef struct tp_loaded_rank {
     char *tokenizer_json;
     size_t tokenizer_json_len;
     char *tokenizer_config_json;
+    char *chat_template_jinja;    /* transformers 5's chat_template.jinja */
     /* Statistics for --verbose. */
     double load_seconds;
     uint64_t raw_bytes, stored_bytes;

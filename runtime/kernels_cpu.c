@@ -163,23 +163,31 @@ bool tpk_rope_per_pass(const tp_rope_config *r)
     return r->type == TP_ROPE_DYNAMIC || r->type == TP_ROPE_LONGROPE;
 }
 
-/* Rows [first, first + n): cos/sin of (float)pos * inv_freq, times scale. */
-static void rope_fill(float *cos_t, float *sin_t, const float *inv_freq, int half, int first, int n,
+/* The rows of positions [first, first + n), written at cos_rows[0..n) /
+ * sin_rows[0..n): cos/sin of (float)pos * inv_freq, times scale. */
+static void rope_fill(float *cos_rows, float *sin_rows, const float *inv_freq, int half, int first, int n,
                       float scale)
 {
-    for (int p = first; p < first + n; p++)
+    for (int t = 0; t < n; t++)
         for (int i = 0; i < half; i++) {
-            float angle = (float)p * inv_freq[i];   /* fp32 product, as HF */
-            cos_t[(size_t)p * half + i] = (float)cos((double)angle) * scale;
-            sin_t[(size_t)p * half + i] = (float)sin((double)angle) * scale;
+            float angle = (float)(first + t) * inv_freq[i];   /* fp32 product, as HF */
+            cos_rows[(size_t)t * half + i] = (float)cos((double)angle) * scale;
+            sin_rows[(size_t)t * half + i] = (float)sin((double)angle) * scale;
         }
+}
+
+void tpk_rope_rows_at(float *cos_rows, float *sin_rows, float *inv, int head_dim, const tp_rope_config *r,
+                      int seq_len, int first, int n)
+{
+    tpk_rope_inv_freq(inv, head_dim, r, seq_len);
+    rope_fill(cos_rows, sin_rows, inv, head_dim / 2, first, n, (float)r->attention_factor);
 }
 
 void tpk_rope_rows(float *cos_t, float *sin_t, float *inv, int head_dim, const tp_rope_config *r,
                    int seq_len, int first, int n)
 {
-    tpk_rope_inv_freq(inv, head_dim, r, seq_len);
-    rope_fill(cos_t, sin_t, inv, head_dim / 2, first, n, (float)r->attention_factor);
+    size_t at = (size_t)first * (size_t)(head_dim / 2);
+    tpk_rope_rows_at(cos_t + at, sin_t + at, inv, head_dim, r, seq_len, first, n);
 }
 
 void tpk_rope_table(float *cos_t, float *sin_t, const float *inv_freq, int head_dim, int n_pos)

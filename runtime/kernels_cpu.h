@@ -69,6 +69,12 @@ bool tpk_rope_per_pass(const tp_rope_config *r);
 void tpk_rope_rows(float *cos_t, float *sin_t, float *inv_scratch, int head_dim,
                    const tp_rope_config *r, int seq_len, int first, int n);
 
+/* The same rows written from cos_rows / sin_rows[0] on (row t: position
+ * first + t), for a table that holds only a pass's tokens (the batched
+ * forward: each slot's rows with its own seq_len). */
+void tpk_rope_rows_at(float *cos_rows, float *sin_rows, float *inv_scratch, int head_dim,
+                      const tp_rope_config *r, int seq_len, int first, int n);
+
 /* cos/sin tables [n_pos][head_dim/2] of given inverse frequencies, without
  * attention factor: angle = (float)pos * inv_freq[i]. */
 void tpk_rope_table(float *cos_t, float *sin_t, const float *inv_freq, int head_dim, int n_pos);

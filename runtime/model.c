@@ -33,8 +33,18 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
+
+/* Tokens [start, start + n) of a batched step: one slot's, at consecutive
+ * positions pos0 .. pos0 + n - 1.  Their RoPE rows are cos/sin + t * half
+ * for the run's t-th token (the shared table at pos0, or the step's own rows
+ * when the frequencies follow the pass). */
+struct kv_run {
+    int start, n, slot, pos0;
+    const float *cos, *sin;
+};
 
 struct tp_model {
     tp_model_config cfg;
@@ -42,7 +52,10 @@ struct tp_model {
     int rank, world;
     int lq, lkv, li;            /* local q heads, kv heads, intermediate */
     int group;                  /* local q heads per local kv head */
-    int max_seq, pos;
+    int max_seq;
+    int slots;                  /* sequence slots, each a KV cache of max_seq positions */
+    int *slot_len;              /* [slots]: positions each slot's cache holds */
+    int *slot_next;             /* [slots]: tp_model_forward_batch's check scratch */
 
     tp_mat embed;               /* rows [emb_start, emb_end) of the embedding */
     int64_t emb_start, emb_end;
@@ -61,14 +74,26 @@ struct tp_model {
     float **owned;              /* fp32 copies of the vectors (cpu) */
     size_t n_owned, cap_owned;
 
-    float *kcache, *vcache;     /* [layer][lkv][max_seq][head_dim] */
+    /* [slot][layer][lkv][max_seq][head_dim], anonymous MAP_NORESERVE
+     * mappings of kv_bytes each: pages are touched as positions fill */
+    float *kcache, *vcache;
+    size_t kv_bytes;
     float *cos_t, *sin_t;       /* [max_seq][head_dim/2], times the rope attention factor */
     float *rope_inv;            /* [head_dim/2]: tpk_rope_rows' scratch */
 
+    int cap_steps;              /* tokens ids / runs / seq_tokens hold */
+    int32_t *ids;               /* [cap_steps]: the step's token ids */
     int cap_n;                  /* rows the activation buffers hold */
     float *x, *h, *q, *k, *v, *att, *o, *gate, *up;
+    /* the step's runs of one slot's consecutive tokens (tp_model_forward_batch) */
+    struct kv_run *runs;
+    int n_runs;
+    tp_batch_token *seq_tokens; /* tp_model_forward's tokens: slot 0 */
+    float *run_cos, *run_sin;   /* [cap_n][head_dim/2]: per-pass RoPE rows of the step's tokens */
+    float *lm_in;               /* [cap_n][hidden]: final-normed rows that want logits */
     float *scratch;             /* [lq][TPK_ATT_BLOCK * max_seq] attention scores */
-    float *logit_slot, *logit_all;
+    int cap_logit_rows;         /* rows logit_slot / logit_all hold */
+    float *logit_slot, *logit_all;  /* [rows][vocab_slot], [world][rows][vocab_slot] */
     tp_moe_scratch moe_scratch; /* sparse layers' routing and expert buffers */
     float *pick_buf;            /* tp_model_forward_pick: vocab logits, vocab penalised logits, 2 * vocab scratch */
 
@@ -835,39 +860,66 @@ static int exchange_vocab_ranges(tp_model *m, tp_err *err)
     return 0;
 }
 
+/* An anonymous mapping of bytes, reserved, not touched (zero pages until
+ * written); NULL when it cannot be mapped. */
+static float *map_reserved(size_t bytes)
+{
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void free_kv(tp_model *m)
+{
+    if (m->kcache)
+        munmap(m->kcache, m->kv_bytes ? m->kv_bytes : 1);
+    if (m->vcache)
+        munmap(m->vcache, m->kv_bytes ? m->kv_bytes : 1);
+    m->kcache = m->vcache = NULL;
+}
+
+/* Refuses a KV cache larger than the machine's memory, before reserving it:
+ * slots x max_seq x the per-token bytes (k and v of every local kv head of
+ * every layer, fp32). */
+static int check_kv_fits(const tp_model *m, size_t *bytes_each, tp_err *err)
+{
+    const tp_model_config *c = &m->cfg;
+    size_t per_token = (size_t)c->n_layers * (size_t)m->lkv * (size_t)c->head_dim * sizeof(float);
+    size_t each = 0, both = 0;
+    bool ok = tp_mul_size(per_token, (size_t)m->max_seq, &each) &&
+              tp_mul_size(each, (size_t)m->slots, &each) && tp_mul_size(each, 2, &both);
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    double phys = pages > 0 && page > 0 ? (double)pages * (double)page : 0;
+    if (!ok || (phys > 0 && (double)both > phys))
+        return tp_errorf(err, "a KV cache of --max-batch %d x --max-seq %d positions x %zu bytes a token "
+                         "(%.3g GB) exceeds this machine's memory (%.3g GB): lower --max-batch or --max-seq",
+                         m->slots, m->max_seq, 2 * per_token, ok ? (double)both / 1e9 : INFINITY, phys / 1e9);
+    *bytes_each = each;
+    return 0;
+}
+
 static int alloc_caches(tp_model *m, tp_err *err)
 {
     const tp_model_config *c = &m->cfg;
-    size_t per_layer = (size_t)m->lkv * m->max_seq * c->head_dim, total;
-    if (!tp_mul_size(per_layer, (size_t)c->n_layers, &total))
-        return tp_errorf(err, "KV cache size overflows");
-    /* calloc: pages are touched only as positions fill. */
-    m->kcache = calloc(total, sizeof(float));
-    m->vcache = calloc(total, sizeof(float));
+    if (check_kv_fits(m, &m->kv_bytes, err) < 0)
+        return -1;
+    m->kcache = map_reserved(m->kv_bytes);
+    m->vcache = map_reserved(m->kv_bytes);
+    m->slot_len = calloc((size_t)m->slots, sizeof *m->slot_len);
+    m->slot_next = calloc((size_t)m->slots, sizeof *m->slot_next);
     size_t half = (size_t)c->head_dim / 2;
     m->cos_t = malloc((size_t)m->max_seq * half * sizeof(float));
     m->sin_t = malloc((size_t)m->max_seq * half * sizeof(float));
     m->rope_inv = malloc(half * sizeof(float));
     m->scratch = malloc((size_t)m->lq * TPK_ATT_BLOCK * m->max_seq * sizeof(float));
-    m->logit_slot = malloc((size_t)m->vocab_slot * sizeof(float));
-    m->logit_all = malloc((size_t)m->vocab_slot * m->world * sizeof(float));
-    if (!m->kcache || !m->vcache || !m->cos_t || !m->sin_t || !m->rope_inv || !m->scratch ||
-        !m->logit_slot || !m->logit_all)
-        return tp_errorf(err, "out of memory for a KV cache of %d positions (--max-seq)",
-                         m->max_seq);
-    /* what transformers builds at init; dynamic and longrope refill the
-     * rows of each pass (refresh_rope) */
+    if (!m->kcache || !m->vcache || !m->slot_len || !m->slot_next || !m->cos_t || !m->sin_t ||
+        !m->rope_inv || !m->scratch)
+        return tp_errorf(err, "out of memory for a KV cache of --max-batch %d x --max-seq %d positions",
+                         m->slots, m->max_seq);
+    /* what transformers builds at init; dynamic and longrope compute the
+     * rows of each pass (plan_runs) */
     tpk_rope_rows(m->cos_t, m->sin_t, m->rope_inv, c->head_dim, &c->rope, 0, 0, m->max_seq);
     return 0;
-}
-
-/* dynamic / longrope: the rows of the pass over [pos, pos + n) with the
- * frequencies of a sequence of pos + n positions (kernels_cpu.h). */
-static void refresh_rope(tp_model *m, int n)
-{
-    const tp_model_config *c = &m->cfg;
-    if (tpk_rope_per_pass(&c->rope))
-        tpk_rope_rows(m->cos_t, m->sin_t, m->rope_inv, c->head_dim, &c->rope, m->pos + n, m->pos, n);
 }
 
 #ifdef TP_HAVE_CUDA
@@ -897,8 +949,9 @@ static int to_device(tp_model *m, const tp_loaded_rank *lr, const char *device, 
         m->layers[l] = (tp_layer_weights){ .moe = m->layers[l].moe };
     m->embed = m->lm_w = (tp_mat){ 0 };
     m->final_norm = NULL;
-    free(m->kcache); free(m->vcache); free(m->scratch);
-    m->kcache = m->vcache = m->scratch = NULL;
+    free_kv(m);
+    free(m->scratch);
+    m->scratch = NULL;
     return 0;
 }
 #endif
@@ -965,6 +1018,17 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     }
     int max_len = tp_config_max_length(&m->cfg);
     m->max_seq = opts->max_seq > 0 ? opts->max_seq : (max_len < 4096 ? max_len : 4096);
+    m->slots = opts->slots > 1 ? opts->slots : 1;
+    if (opts->slots < 0) {
+        tp_errorf(err, "--max-batch %d: expected 1 or more sequence slots", opts->slots);
+        goto fail;
+    }
+    if (cuda && m->slots > 1) {
+        /* the device model has one KV cache and no batched step yet */
+        tp_errorf(err, "device \"%s\": --max-batch %d: batched sequences run on the cpu only so far "
+                  "(--device cuda takes --max-batch 1)", opts->device, m->slots);
+        goto fail;
+    }
     int threads = opts->threads;
     if (threads <= 0) {
         long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1038,8 +1102,15 @@ void tp_model_free(tp_model *m)
     free(m->layers);
     free(m->layer_src);
     free(m->lm_ranges);
-    free(m->kcache);
-    free(m->vcache);
+    free_kv(m);
+    free(m->slot_len);
+    free(m->slot_next);
+    free(m->ids);
+    free(m->runs);
+    free(m->seq_tokens);
+    free(m->run_cos);
+    free(m->run_sin);
+    free(m->lm_in);
     free(m->cos_t);
     free(m->sin_t);
     free(m->rope_inv);
@@ -1055,8 +1126,22 @@ void tp_model_free(tp_model *m)
 }
 
 const tp_model_config *tp_model_get_config(const tp_model *m) { return &m->cfg; }
-void tp_model_reset(tp_model *m) { m->pos = 0; }
-int tp_model_position(const tp_model *m) { return m->pos; }
+void tp_model_reset(tp_model *m)
+{
+    memset(m->slot_len, 0, (size_t)m->slots * sizeof *m->slot_len);
+}
+int tp_model_position(const tp_model *m) { return m->slot_len[0]; }
+int tp_model_slots(const tp_model *m) { return m->slots; }
+int tp_model_slot_length(const tp_model *m, int slot)
+{
+    return slot >= 0 && slot < m->slots ? m->slot_len[slot] : -1;
+}
+void tp_model_reset_slot(tp_model *m, int slot)
+{
+    /* the stale positions are never read: attention sees [0, length) only */
+    if (slot >= 0 && slot < m->slots)
+        m->slot_len[slot] = 0;
+}
 const char *tp_model_device_info(const tp_model *m)
 {
 #ifdef TP_HAVE_CUDA
@@ -1079,16 +1164,39 @@ void tp_model_weight_stats(const tp_model *m, double *bytes, double *seconds)
 
 /* ------------------------------------------------------------ forward pass */
 
+/* The step's per-token buffers (ids, runs, tp_model_forward's tokens), on
+ * every device. */
+static int ensure_step_buffers(tp_model *m, int n, tp_err *err)
+{
+    if (n <= m->cap_steps)
+        return 0;
+    int32_t *ids = realloc(m->ids, (size_t)n * sizeof *ids);
+    if (ids)
+        m->ids = ids;
+    struct kv_run *runs = realloc(m->runs, (size_t)n * sizeof *runs);
+    if (runs)
+        m->runs = runs;
+    tp_batch_token *toks = realloc(m->seq_tokens, (size_t)n * sizeof *toks);
+    if (toks)
+        m->seq_tokens = toks;
+    if (!ids || !runs || !toks)
+        return tp_errorf(err, "out of memory for a step of %d tokens", n);
+    m->cap_steps = n;
+    return 0;
+}
+
+/* The cpu activations of n tokens. */
 static int ensure_buffers(tp_model *m, int n, tp_err *err)
 {
     if (n <= m->cap_n)
         return 0;
     const tp_model_config *c = &m->cfg;
     size_t H = (size_t)c->hidden, qd = (size_t)m->lq * c->head_dim,
-           kd = (size_t)m->lkv * c->head_dim, inter = (size_t)m->li;
+           kd = (size_t)m->lkv * c->head_dim, inter = (size_t)m->li, half = (size_t)c->head_dim / 2;
     struct { float **p; size_t per_row; } bufs[] = {
         { &m->x, H }, { &m->h, H }, { &m->q, qd }, { &m->k, kd }, { &m->v, kd },
         { &m->att, qd }, { &m->o, H }, { &m->gate, inter }, { &m->up, inter },
+        { &m->run_cos, half }, { &m->run_sin, half }, { &m->lm_in, H },
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
         /* (a model without dense MLPs has inter 0: keep a valid pointer) */
@@ -1101,6 +1209,24 @@ static int ensure_buffers(tp_model *m, int n, tp_err *err)
     return 0;
 }
 
+/* logit_slot / logit_all for rows rows of logits (world > 1). */
+static int ensure_logit_rows(tp_model *m, int rows, tp_err *err)
+{
+    if (rows <= m->cap_logit_rows)
+        return 0;
+    size_t per = (size_t)rows * (size_t)m->vocab_slot;
+    float *slot = realloc(m->logit_slot, per * sizeof *slot);
+    if (slot)
+        m->logit_slot = slot;
+    float *all = realloc(m->logit_all, per * (size_t)m->world * sizeof *all);
+    if (all)
+        m->logit_all = all;
+    if (!slot || !all)
+        return tp_errorf(err, "out of memory for %d rows of logits", rows);
+    m->cap_logit_rows = rows;
+    return 0;
+}
+
 /* y[n][rows] = x[n][cols] . W^T, W in its stored dtype where it lies. */
 static void matmul(float *y, const float *x, int n, tp_mat w, int rows, int cols, tp_pool *pool)
 {
@@ -1108,13 +1234,21 @@ static void matmul(float *y, const float *x, int n, tp_mat w, int rows, int cols
     tpg_matmul_batch(&j, 1, pool);
 }
 
-/* Attention of every local head over the KV cache, one pool job per head:
- * the head's two products run in single-threaded OpenBLAS sgemm (on the
- * fp32 cache it still beats a hand-written loop), its softmax rows between
- * them, in its own slice of scratch. */
+/* Where slot's cache of layer l, local kv head h starts: [max_seq][head_dim]. */
+static size_t kv_offset(const tp_model *m, int slot, int l, int h)
+{
+    return (((size_t)slot * (size_t)m->cfg.n_layers + (size_t)l) * (size_t)m->lkv + (size_t)h) *
+           (size_t)m->max_seq * (size_t)m->cfg.head_dim;
+}
+
+/* Attention of every local head over the KV caches, one pool job per head:
+ * the head runs through the step's runs, each over its own slot's cache;
+ * a run's two products run in single-threaded OpenBLAS sgemm (on the fp32
+ * cache it still beats a hand-written loop), its softmax rows between
+ * them, in the head's own slice of scratch. */
 typedef struct attn_ctx {
     tp_model *m;
-    int l, n;
+    int l;
 } attn_ctx;
 
 static float *head_scores(tp_model *m, int h)
@@ -1128,30 +1262,48 @@ static void attn_head_job(size_t i, void *arg)
     tp_model *m = a->m;
     int h = (int)i, hd = m->cfg.head_dim;
     size_t qd = (size_t)m->lq * hd;
-    size_t kv_off = (((size_t)a->l * m->lkv) + h / m->group) * m->max_seq * hd;
-    tpk_attention_head_blocked(m->att + (size_t)h * hd, qd, m->q + (size_t)h * hd, qd,
-                               m->kcache + kv_off, m->vcache + kv_off, a->n, m->pos, hd,
-                               m->layers[a->l].window, 1.0f / sqrtf((float)hd),
-                               head_scores(m, h));
+    for (int ri = 0; ri < m->n_runs; ri++) {
+        const struct kv_run *r = &m->runs[ri];
+        size_t kv_off = kv_offset(m, r->slot, a->l, h / m->group);
+        size_t row = (size_t)r->start * qd + (size_t)h * hd;
+        tpk_attention_head_blocked(m->att + row, qd, m->q + row, qd, m->kcache + kv_off,
+                                   m->vcache + kv_off, r->n, r->pos0, hd, m->layers[a->l].window,
+                                   1.0f / sqrtf((float)hd), head_scores(m, h));
+    }
 }
 
-static void attention(tp_model *m, int l, int n)
+static void attention(tp_model *m, int l)
 {
-    attn_ctx a = { m, l, n };
+    attn_ctx a = { m, l };
     par_for(m, (size_t)m->lq, attn_head_job, &a);
 }
 
-static void store_kv(tp_model *m, int l, int n)
+/* Each run's k and v into its slot's cache at its positions. */
+static void store_kv(tp_model *m, int l)
 {
     int hd = m->cfg.head_dim;
-    for (int h = 0; h < m->lkv; h++) {
-        size_t off = (((size_t)l * m->lkv) + h) * m->max_seq * hd + (size_t)m->pos * hd;
-        for (int t = 0; t < n; t++) {
-            memcpy(m->kcache + off + (size_t)t * hd, m->k + ((size_t)t * m->lkv + h) * hd,
-                   (size_t)hd * sizeof(float));
-            memcpy(m->vcache + off + (size_t)t * hd, m->v + ((size_t)t * m->lkv + h) * hd,
-                   (size_t)hd * sizeof(float));
+    size_t row = (size_t)hd * sizeof(float);
+    for (int ri = 0; ri < m->n_runs; ri++) {
+        const struct kv_run *r = &m->runs[ri];
+        for (int h = 0; h < m->lkv; h++) {
+            size_t off = kv_offset(m, r->slot, l, h) + (size_t)r->pos0 * hd;
+            for (int t = 0; t < r->n; t++) {
+                size_t src = ((size_t)(r->start + t) * m->lkv + h) * hd;
+                memcpy(m->kcache + off + (size_t)t * hd, m->k + src, row);
+                memcpy(m->vcache + off + (size_t)t * hd, m->v + src, row);
+            }
         }
+    }
+}
+
+/* RoPE of n_heads heads of every token, each run with its own rows. */
+static void rope_runs(tp_model *m, float *x, int n_heads)
+{
+    int hd = m->cfg.head_dim;
+    size_t stride = (size_t)n_heads * hd;
+    for (int ri = 0; ri < m->n_runs; ri++) {
+        const struct kv_run *r = &m->runs[ri];
+        tpk_rope(x + (size_t)r->start * stride, r->n, n_heads, hd, stride, 0, r->cos, r->sin);
     }
 }
 
@@ -1175,10 +1327,10 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
         tpk_head_rmsnorm(m->q, L->q_norm, n * m->lq, hd, c->rms_eps);
         tpk_head_rmsnorm(m->k, L->k_norm, n * m->lkv, hd, c->rms_eps);
     }
-    tpk_rope(m->q, n, m->lq, hd, (size_t)qd, m->pos, m->cos_t, m->sin_t);
-    tpk_rope(m->k, n, m->lkv, hd, (size_t)kd, m->pos, m->cos_t, m->sin_t);
-    store_kv(m, l, n);
-    attention(m, l, n);
+    rope_runs(m, m->q, m->lq);
+    rope_runs(m, m->k, m->lkv);
+    store_kv(m, l);
+    attention(m, l);
     /* partial o = att . Wo_local^T; the bias once, after the sum */
     matmul(m->o, m->att, n, L->wo, H, qd, m->pool);
     if (allreduce(m, m->o, (size_t)n * H, err) < 0)
@@ -1222,37 +1374,60 @@ static int mlp_block(tp_model *m, int l, int n, tp_err *err)
     return 0;
 }
 
-/* Logits of one normalised row: the local slice, padded to vocab_slot,
- * all-gathered, then each rank's slice put at its vocabulary rows. */
-static int lm_head(tp_model *m, const float *row, float *logits, tp_err *err)
+/* Logits of rows normalised rows in[rows][hidden] into logits[rows][vocab]:
+ * the local slice of each (one product over all rows), padded to
+ * vocab_slot, all-gathered, then each rank's slice put at its vocabulary
+ * rows. */
+static int lm_head(tp_model *m, const float *in, int rows, float *logits, tp_err *err)
 {
     int H = m->cfg.hidden, cnt = (int)(m->lm_end - m->lm_start);
-    if (cnt > 0)
-        matmul(m->logit_slot, row, 1, m->lm_w, cnt, H, m->pool);
-    for (int i = cnt; i < m->vocab_slot; i++)
-        m->logit_slot[i] = 0.0f;
-    if (m->world == 1) {
-        memcpy(logits, m->logit_slot, (size_t)cnt * sizeof(float));
+    size_t V = (size_t)m->cfg.vocab, slot = (size_t)m->vocab_slot;
+    if (m->world == 1) {   /* the one slice is the whole vocabulary */
+        matmul(logits, in, rows, m->lm_w, cnt, H, m->pool);
         return 0;
     }
-    if (m->comm->ops->allgather_f32(m->comm, m->logit_slot, m->logit_all, (size_t)m->vocab_slot,
-                                    err) < 0)
+    if (ensure_logit_rows(m, rows, err) < 0)
+        return -1;
+    /* [rows][cnt] dense, then zeros up to rows * vocab_slot */
+    if (cnt > 0)
+        matmul(m->logit_slot, in, rows, m->lm_w, cnt, H, m->pool);
+    for (size_t i = (size_t)rows * (size_t)cnt; i < (size_t)rows * slot; i++)
+        m->logit_slot[i] = 0.0f;
+    if (m->comm->ops->allgather_f32(m->comm, m->logit_slot, m->logit_all, (size_t)rows * slot, err) < 0)
         return tp_err_prefix(err, "logits all-gather");
     for (int r = 0; r < m->world; r++) {
         int64_t s = m->lm_ranges[2 * r], e = m->lm_ranges[2 * r + 1];
-        memcpy(logits + s, m->logit_all + (size_t)r * m->vocab_slot, (size_t)(e - s) * sizeof(float));
+        const float *part = m->logit_all + (size_t)r * rows * slot;
+        for (int k = 0; k < rows; k++)
+            memcpy(logits + (size_t)k * V + s, part + (size_t)k * (size_t)(e - s),
+                   (size_t)(e - s) * sizeof(float));
     }
     return 0;
+}
+
+/* The final norm of the tokens that want logits (their rows gathered into
+ * lm_in), then one lm_head over them. */
+static int batch_logits(tp_model *m, const tp_batch_token *t, int n, float *logits, tp_err *err)
+{
+    const tp_model_config *c = &m->cfg;
+    size_t H = (size_t)c->hidden;
+    int rows = 0;
+    for (int i = 0; i < n; i++)
+        if (t[i].logits)
+            tpk_add_rmsnorm(m->x + (size_t)i * H, m->o + (size_t)i * H, m->lm_in + (size_t)rows++ * H,
+                            m->final_norm, 1, c->hidden, c->rms_eps);
+    return rows ? lm_head(m, m->lm_in, rows, logits, err) : 0;
 }
 
 static int check_forward(const tp_model *m, const int32_t *ids, int n, tp_err *err)
 {
     const tp_model_config *c = &m->cfg;
+    int pos = m->slot_len[0];
     if (n <= 0)
         return tp_errorf(err, "forward: %d tokens", n);
-    if (n > m->max_seq - m->pos)
+    if (n > m->max_seq - pos)
         return tp_errorf(err, "forward: %d tokens at position %d exceed the KV cache of %d "
-                         "positions (--max-seq)", n, m->pos, m->max_seq);
+                         "positions (--max-seq)", n, pos, m->max_seq);
     for (int t = 0; t < n; t++)
         if (ids[t] < 0 || ids[t] >= c->vocab)
             return tp_errorf(err, "forward: token id %d is outside the vocabulary [0, %d)",
@@ -1260,25 +1435,99 @@ static int check_forward(const tp_model *m, const int32_t *ids, int n, tp_err *e
     return 0;
 }
 
-int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_err *err)
+/* Every token of a step, before anything changes: its slot, its id and its
+ * position (the slot's length, then one more for each of the slot's earlier
+ * tokens in the step).  On return slot_next holds each slot's length after
+ * the step. */
+static int check_batch(tp_model *m, const tp_batch_token *t, int n, tp_err *err)
+{
+    if (n <= 0)
+        return tp_errorf(err, "forward: %d tokens", n);
+    memcpy(m->slot_next, m->slot_len, (size_t)m->slots * sizeof *m->slot_next);
+    for (int i = 0; i < n; i++) {
+        int s = t[i].slot;
+        if (s < 0 || s >= m->slots)
+            return tp_errorf(err, "batch token %d: slot %d is outside [0, %d) (--max-batch)", i, s, m->slots);
+        if (t[i].id < 0 || t[i].id >= m->cfg.vocab)
+            return tp_errorf(err, "batch token %d (slot %d, position %d): token id %d is outside the "
+                             "vocabulary [0, %d)", i, s, t[i].pos, t[i].id, m->cfg.vocab);
+        if (t[i].pos != m->slot_next[s])
+            return tp_errorf(err, "batch token %d: slot %d's next position is %d, the token says %d", i, s,
+                             m->slot_next[s], t[i].pos);
+        if (t[i].pos >= m->max_seq)
+            return tp_errorf(err, "batch token %d: slot %d position %d is past the KV cache of %d "
+                             "positions (--max-seq)", i, s, t[i].pos, m->max_seq);
+        m->slot_next[s]++;
+    }
+    return 0;
+}
+
+/* The step's runs (maximal spans of one slot's consecutive tokens) and
+ * their RoPE rows: the shared table's, or for dynamic / longrope rows with
+ * the frequencies of the length the slot reaches in this step (slot_next,
+ * from check_batch), as one sequence's pass has in transformers. */
+static void plan_runs(tp_model *m, const tp_batch_token *t, int n)
 {
     const tp_model_config *c = &m->cfg;
-    if (check_forward(m, ids, n, err) < 0)
+    size_t half = (size_t)c->head_dim / 2;
+    m->n_runs = 0;
+    for (int i = 0; i < n; i++) {
+        struct kv_run *r = m->n_runs ? &m->runs[m->n_runs - 1] : NULL;
+        if (r && r->slot == t[i].slot && r->pos0 + r->n == t[i].pos)
+            r->n++;
+        else
+            m->runs[m->n_runs++] = (struct kv_run){ .start = i, .n = 1, .slot = t[i].slot, .pos0 = t[i].pos };
+    }
+    bool per_pass = tpk_rope_per_pass(&c->rope);
+    for (int ri = 0; ri < m->n_runs; ri++) {
+        struct kv_run *r = &m->runs[ri];
+        if (!per_pass) {
+            r->cos = m->cos_t + (size_t)r->pos0 * half;
+            r->sin = m->sin_t + (size_t)r->pos0 * half;
+            continue;
+        }
+        float *rc = m->run_cos + (size_t)r->start * half, *rs = m->run_sin + (size_t)r->start * half;
+        tpk_rope_rows_at(rc, rs, m->rope_inv, c->head_dim, &c->rope, m->slot_next[r->slot], r->pos0, r->n);
+        r->cos = rc;
+        r->sin = rs;
+    }
+}
+
+#ifdef TP_HAVE_CUDA
+/* The device model runs one sequence (slot 0; tp_model_create refuses more)
+ * and returns the logits of the step's last token only. */
+static int forward_device(tp_model *m, const tp_batch_token *t, int n, float *logits, tp_err *err)
+{
+    for (int i = 0; i < n; i++) {
+        if (t[i].logits && i != n - 1)
+            return tp_errorf(err, "batch token %d (slot %d, position %d): device cuda computes the logits of "
+                             "a step's last token only", i, t[i].slot, t[i].pos);
+        m->ids[i] = t[i].id;
+    }
+    if (tpcm_forward(m->gpu, m->ids, n, m->slot_len[0], t[n - 1].logits ? logits : NULL, err) < 0)
+        return -1;
+    m->slot_len[0] += n;
+    return 0;
+}
+#endif
+
+int tp_model_forward_batch(tp_model *m, const tp_batch_token *t, int n, float *logits, tp_err *err)
+{
+    const tp_model_config *c = &m->cfg;
+    if (check_batch(m, t, n, err) < 0 || ensure_step_buffers(m, n, err) < 0)
         return -1;
 #ifdef TP_HAVE_CUDA
-    if (m->gpu) {
-        if (tpcm_forward(m->gpu, ids, n, m->pos, logits, err) < 0)
-            return -1;
-        m->pos += n;
-        return 0;
-    }
+    if (m->gpu)
+        return forward_device(m, t, n, logits, err);
 #endif
     if (ensure_buffers(m, n, err) < 0)
         return -1;
     int H = c->hidden;
-    refresh_rope(m, n);
+    plan_runs(m, t, n);
+    for (int i = 0; i < n; i++)
+        m->ids[i] = t[i].id;
 
-    tpk_embedding_rows(m->x, m->embed.data, m->embed.dtype, ids, n, H, m->emb_start, m->emb_end);
+    tpk_embedding_rows(m->x, m->embed.data, m->embed.dtype, m->ids, n, H, m->emb_start, m->emb_end);
     if (!(m->emb_start == 0 && m->emb_end == c->vocab) &&
         allreduce(m, m->x, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "embedding all-reduce");
@@ -1292,13 +1541,19 @@ int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_e
         if (mlp_block(m, l, n, err) < 0)
             return -1;
     }
-    m->pos += n;
-    if (!logits)
-        return 0;
-    /* final norm and lm_head on the last position only */
-    size_t last = (size_t)(n - 1) * H;
-    tpk_add_rmsnorm(m->x + last, m->o + last, m->h + last, m->final_norm, 1, H, c->rms_eps);
-    return lm_head(m, m->h + last, logits, err);
+    memcpy(m->slot_len, m->slot_next, (size_t)m->slots * sizeof *m->slot_len);
+    return logits ? batch_logits(m, t, n, logits, err) : 0;
+}
+
+/* One sequence: ids at slot 0's next positions, the last one's logits. */
+int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_err *err)
+{
+    if (check_forward(m, ids, n, err) < 0 || ensure_step_buffers(m, n, err) < 0)
+        return -1;
+    for (int i = 0; i < n; i++)
+        m->seq_tokens[i] = (tp_batch_token){ .slot = 0, .id = ids[i], .pos = m->slot_len[0] + i,
+                                             .logits = logits && i == n - 1 };
+    return tp_model_forward_batch(m, m->seq_tokens, n, logits, err);
 }
 
 /* ------------------------------------------------------------ token pick */
@@ -1342,9 +1597,9 @@ int tp_model_forward_pick(tp_model *m, const int32_t *ids, int n, const tp_sampl
         if (check_forward(m, ids, n, err) < 0)
             return -1;
         double u = tp_sampler_is_greedy(o) ? 0.0 : tp_rng_uniform(rng);   /* tp_sample's one draw */
-        if (tpcm_forward_pick(m->gpu, ids, n, m->pos, o, u, next, err) < 0)
+        if (tpcm_forward_pick(m->gpu, ids, n, m->slot_len[0], o, u, next, err) < 0)
             return -1;
-        m->pos += n;
+        m->slot_len[0] += n;
         return 0;
     }
 #endif

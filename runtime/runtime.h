@@ -68,22 +68,50 @@ int tp_tokenizer_decode(const tp_tokenizer *tok, const int32_t *ids, size_t n, b
 
 /* -------------------------------------------------------------------- chat */
 
-/* What ends the previous assistant answer before a user turn. */
-typedef enum tp_chat_prev {
-    TP_CHAT_FIRST,      /* no answer before: the conversation's first turn */
-    TP_CHAT_AFTER_EOS,  /* the answer ended with its <|im_end|>: a newline closes it */
-    TP_CHAT_AFTER_CUT,  /* the answer was cut (max_new_tokens): "<|im_end|>\n" closes it */
-} tp_chat_prev;
-
-/* One ChatML user turn (Qwen's format, not a Jinja chat template), as the
- * text to encode: the close of the previous answer, then
- * "<|im_start|>user\n" USER "<|im_end|>\n<|im_start|>assistant\n".
- * user[0..len) may hold any bytes but must be valid UTF-8, else the error
- * is "invalid UTF-8 at byte K of your input" (K counted in user).  Nothing
- * is escaped: special tokens the user types ("<|im_end|>") are encoded as
- * those tokens.  *text (malloc'd, NUL-terminated) holds *text_len bytes. */
-int tp_chat_format_turn(const char *user, size_t len, tp_chat_prev prev, char **text, size_t *text_len,
-                        tp_err *err);
+/* A parsed Jinja chat template (the subset real chat templates use: Qwen2.5,
+ * Qwen3, Llama 3.x, Mistral), rendered as transformers' apply_chat_template
+ * renders it (runtime/jinja.c says what is supported). */
+typedef struct tp_template tp_template;
+struct cJSON;
+/* name: for messages ("tokenizer_config.json: chat_template").  An
+ * unsupported construct fails here with its line and column and what it is
+ * ("line 3, column 9: filter 'wordcount' is not supported"). */
+int tp_template_parse(tp_template **t, const char *src, size_t len, const char *name, tp_err *err);
+/* ctx: a cJSON object of the template's variables, as transformers'
+ * apply_chat_template passes them: messages (array of {role, content,
+ * tool_calls?, ...}), tools (may be absent), add_generation_prompt,
+ * bos_token, eos_token, plus extra kwargs (enable_thinking ...).  *out:
+ * malloc'd, NUL-terminated.  raise_exception("...") in the template fails
+ * with that message ("NAME: the message").  A JSON number is an int when it
+ * is integral (cJSON keeps no distinction), else a float.  Bounded: loop
+ * iterations, nesting, output (16 MiB) and memory; errors name the line and
+ * column. */
+int tp_template_render(const tp_template *t, const struct cJSON *ctx, char **out, size_t *out_len,
+                       tp_err *err);
+void tp_template_free(tp_template *t);
+/* strftime_now's clock: now NULL is the local time at each call (the
+ * default); else always *now (tests). */
+struct tm;
+void tp_template_set_time(tp_template *t, const struct tm *now);
+/* The model's template, from a loaded rank's copied files:
+ * lr->chat_template_jinja (chat_template.jinja, as transformers 5 saves it)
+ * first, else tokenizer_config.json's "chat_template" (a string, or a list of
+ * {name, template}: the one named "default").  *bos_token / *eos_token
+ * (malloc'd, or NULL when absent) are tokenizer_config.json's (a string or
+ * an {"content": ...} object).  *t NULL (return 0) when the model has no
+ * template.  Errors name the file. */
+int tp_template_load(tp_template **t, char **bos_token, char **eos_token, const tp_loaded_rank *lr,
+                     tp_err *err);
+/* The ChatML template (Qwen's turns): the fallback for a model without a
+ * chat template of its own. */
+int tp_template_chatml(tp_template **t, tp_err *err);
+/* Renders messages (a cJSON array of {role, content}) with t as
+ * apply_chat_template does: bos_token / eos_token (NULL: left undefined),
+ * add_generation_prompt, nothing else (enable_thinking and the like keep
+ * the template's default).  *out malloc'd, NUL-terminated. */
+int tp_chat_render(const tp_template *t, const char *bos_token, const char *eos_token,
+                   const struct cJSON *messages, bool add_generation_prompt, char **out, size_t *out_len,
+                   tp_err *err);
 
 /* ------------------------------------------------------------ communication */
 
@@ -164,6 +192,14 @@ typedef struct tp_model_opts {
     int threads;            /* CPU threads (0: all cores) */
     const char *device;     /* "cpu" or "cuda" */
     bool no_graph;          /* cuda: decode steps kernel by kernel, no CUDA graph */
+    /* Sequence slots (tprun --max-batch), each with its own KV cache of
+     * max_seq positions; 0 or 1: one sequence (slot 0).  The KV memory is
+     * reserved, not touched (an anonymous MAP_NORESERVE mapping): its pages
+     * are used as sequences grow.  tp_model_create refuses, naming
+     * --max-batch and --max-seq, when slots x max_seq x the per-token KV
+     * bytes exceed the machine's physical memory.  device "cuda" takes one
+     * slot only so far (more is refused at create). */
+    int slots;
 } tp_model_opts;
 
 /* Builds rank comm->rank's model from its loaded tensors (found by their
@@ -180,8 +216,8 @@ typedef struct tp_model_opts {
 int tp_model_create(tp_model **m, tp_loaded_rank *lr, tp_comm *comm, const tp_model_opts *opts, tp_err *err);
 void tp_model_free(tp_model *m);
 const tp_model_config *tp_model_get_config(const tp_model *m);
-void tp_model_reset(tp_model *m);   /* empties the KV cache */
-int tp_model_position(const tp_model *m);
+void tp_model_reset(tp_model *m);   /* empties the KV cache of every slot */
+int tp_model_position(const tp_model *m);   /* slot 0's length */
 /* Where the forward pass runs, one line: "cpu", or for "cuda" the device,
  * the weight bytes uploaded, the upload's GB/s and the all-reduce path. */
 const char *tp_model_device_info(const tp_model *m);
@@ -194,6 +230,40 @@ void tp_model_weight_stats(const tp_model *m, double *bytes, double *seconds);
  * position (gathered across ranks; identical on every rank).  Collective:
  * every rank passes the same ids, and logits NULL or not on all of them. */
 int tp_model_forward(tp_model *m, const int32_t *ids, int n, float *logits, tp_err *err);
+
+/* One token of a batched step (tp_model_forward_batch). */
+typedef struct tp_batch_token {
+    int slot;       /* 0 .. slots - 1 */
+    int32_t id;
+    int pos;        /* its position in its sequence: a slot's tokens come in
+                       order, the first at the slot's current length (what
+                       its cache holds), the next at pos + 1, ... */
+    bool logits;    /* wants its logits row */
+} tp_batch_token;
+
+/* One step over the tokens t[0..n) of several sequences (new prompts'
+ * prefill chunks and running sequences' decode tokens mixed, in any order
+ * as long as each slot's tokens are in position order): the matrix products
+ * run over all n tokens at once (GEMM, not one GEMV per sequence), the
+ * attention of each token over its own slot's cache (sliding windows per
+ * slot), mixture-of-experts layers through the same grouped path.  Each
+ * slot's cache grows by its tokens.  logits: one row of vocab floats per token with logits set, in order,
+ * gathered across ranks (identical on every rank); NULL: no logits are
+ * computed, whatever the tokens say.  RoPE types whose frequencies follow the pass
+ * (dynamic, longrope) take, for each slot, the length its sequence reaches
+ * in this step, as transformers does for one sequence's pass: a batch gives
+ * every sequence what running it alone with the same chunks gives.
+ * Nothing changes when a token is refused (the error names the token's
+ * index, slot and position).  Collective: every rank passes the same tokens.
+ * tp_model_forward is this call with ids at slot 0, logits on the last. */
+int tp_model_forward_batch(tp_model *m, const tp_batch_token *t, int n, float *logits, tp_err *err);
+int tp_model_slots(const tp_model *m);
+/* The positions slot's cache holds (-1 for a slot outside [0, slots)). */
+int tp_model_slot_length(const tp_model *m, int slot);
+/* Empties slot's cache, for a new sequence (a slot outside [0, slots):
+ * no-op).  Its pages stay with the process, for the slot's next sequence:
+ * the memory a run uses is bounded by the longest sequences its slots held. */
+void tp_model_reset_slot(tp_model *m, int slot);
 
 /* ---------------------------------------------------------------- sampling */
 
@@ -304,6 +374,53 @@ int tp_gen_check_prompt(const tp_model *m, const int32_t *ids, int n, int contex
 int tp_generate(tp_model *m, tp_comm *comm, tp_rng *rng, const int32_t *ids, int n,
                 const tp_gen_opts *o, tp_gen_result *res, tp_err *err);
 void tp_gen_result_free(tp_gen_result *r);
+
+/* ------------------------------------------------------------------- serve */
+
+/* tprun --serve: an OpenAI-compatible HTTP server (libmicrohttpd) with
+ * continuous batching over the model's sequence slots (runtime/serve.c: the
+ * scheduler; runtime/serve_http.c: HTTP, routes, OpenAI JSON, SSE).
+ *
+ * Every rank calls tp_serve_run.  Rank 0 listens and schedules: each step it
+ * broadcasts a step plan (the slots to empty, then the step's tokens) and
+ * every rank runs it through tp_model_forward_batch, so the ranks can never
+ * diverge; only rank 0 samples.  Idle, rank 0 broadcasts a heartbeat plan
+ * every second, so the others' --timeout notices a dead rank 0; a dead peer
+ * makes rank 0's collective fail: pending requests get 503 and tp_serve_run
+ * returns -1.  *stop (set from a signal handler; rank 0 reads it) stops
+ * admission (new requests get 503), lets running requests finish for
+ * grace_s seconds, cancels the rest, sends a stop plan to every rank and
+ * returns 0. */
+typedef struct tp_serve_opts {
+    const char *host;               /* rank 0 listens here (default "127.0.0.1") */
+    int port;                       /* 0: 8000 */
+    int max_seq;                    /* the model's tp_model_opts.max_seq: a request's prompt and
+                                     * answer together (finish_reason "length" there) */
+    int max_queue;                  /* requests waiting for a slot (0: 64); more get 429 */
+    const char *served_model_name;  /* "model" in requests and /v1/models */
+    tp_sampler_opts defaults;       /* sampling when a request says nothing (seed ignored) */
+    const int32_t *eos_ids;         /* a generated one ends the answer with finish_reason "stop" */
+    int n_eos;
+    double grace_s;                 /* after *stop: how long running requests may finish (0: 30) */
+    size_t max_body;                /* request body limit in bytes (0: 1 MiB); more get 413 */
+    /* /v1/chat/completions renders messages (and tools) with this template
+     * (tp_template_load's, or tp_template_chatml's), bos_token and
+     * eos_token as its variables (NULL: undefined); chat_template_kwargs
+     * in a request add variables (enable_thinking ...).  NULL template:
+     * the endpoint answers 404. */
+    const tp_template *chat_template;
+    const char *bos_token, *eos_token;
+    const volatile int *stop;       /* rank 0: non-zero asks for a clean stop; may be NULL */
+    /* Rank 0's access and event lines (one line, no newline), NULL: none.
+     * The library never prints: the caller decides where they go. */
+    void (*log)(void *arg, const char *line);
+    void *log_arg;
+} tp_serve_opts;
+
+/* m must have been created with tp_model_opts.slots >= 1 (the batch size:
+ * --max-batch).
+ * tok: the model's tokenizer, needed on rank 0 (NULL is an error there). */
+int tp_serve_run(tp_model *m, tp_comm *comm, const tp_tokenizer *tok, const tp_serve_opts *o, tp_err *err);
 
 #ifdef __cplusplus
 }

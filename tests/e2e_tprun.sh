@@ -26,9 +26,13 @@
 # one rank from each, over tcp and under mpirun), a prompt longer than the context, a token id outside the
 # vocabulary, a world size that is not the conversion's tp, --prompt without
 # a tokenizer, a rank that never starts: each exits non-zero with its message.
+#
+# Also: several sequences batched (test_model --batch on the conversions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
+BUILD=${BUILD:-build}
+[ -x "$BUILD/tests/test_model" ] || { echo "e2e_tprun: $BUILD/tests/test_model not built"; exit 1; }
 for prog in tpconvert tprun tpinspect; do
     [ -x "$BIN/$prog" ] || { echo "e2e_tprun: $BIN/$prog not built"; exit 1; }
 done
@@ -267,6 +271,24 @@ for q in fp8 int8; do
     done
 done
 
+# Several sequences in one batch (tp_model_forward_batch) on the conversions
+# above, loaded as tprun loads them, at tp 1 and 2: six prompts through three
+# slots (prefill chunks beside decode steps, slots freed and reused) give the
+# greedy tokens of one at a time and logits within 1e-5 (test_model --batch).
+# The fused experts and longrope are here because test_model's own splitter
+# cannot cut the first and the second takes each slot's pass length.
+for batch_model in qwen3-tiny qwen3moe-fused mixtral-tiny llama-longrope mistral-tiny; do
+    for tp in 1 2; do
+        conv=$tmp/$batch_model-tp$tp
+        [ -d "$conv" ] || { fail "no conversion $batch_model-tp$tp for the batch case"; continue; }
+        if "$BUILD/tests/test_model" --batch "$conv" >"$tmp/batch.out" 2>&1; then
+            echo "ok $batch_model tp$tp batched: $(grep -o 'greedy [0-9/]*, max rel diff.*' "$tmp/batch.out")"
+        else
+            fail "$batch_model tp$tp batched: $(grep -m 3 -E 'FAIL|test_model' "$tmp/batch.out")"
+        fi
+    done
+done
+
 # The measured agreement with transformers' fp32 logits over every model, tp
 # and prompt above, as a fraction of the bound (1e-3 * max(1, max|logit|)):
 # what a change of the CPU kernels costs in precision shows here.
@@ -353,6 +375,29 @@ if [ -x "$BIN/tpsynth" ] && [ -f "$tokzst" ]; then
     else
         fail "interactive: rank 0 printed '$(head -c 300 "$tmp/i.0")', the one-shot answer is '$(cat "$tmp/t5.txt")'; rank 1: '$(head -c 200 "$tmp/i.1")'"
     fi
+
+    # The model's own chat template: a Llama 3.1 template (transformers 5's
+    # chat_template.jinja, copied by tpconvert) beside Qwen3's
+    # tokenizer_config.json (whose bos/eos it then takes: none / <|im_end|>).
+    # --chat's prompt is the encoding of that template's rendering, not ChatML.
+    cp -r "$tmp/text-model" "$tmp/llama-model"
+    cp tests/data/templates/llama-3.1-8b-instruct.jinja "$tmp/llama-model/chat_template.jinja"
+    "$BIN/tpconvert" --tp 1 --compress none "$tmp/llama-model" "$tmp/llama-tp1" >/dev/null
+    [ -f "$tmp/llama-tp1/chat_template.jinja" ] || fail "tpconvert did not copy chat_template.jinja"
+    "$BIN/tprun" "$tmp/llama-tp1" --prompt "Hello" --chat --max-new-tokens 2 "${samp[@]}" --json --verbose \
+        >"$tmp/l1.json" 2>"$tmp/l1.err" || fail "--chat with a Llama template: $(cat "$tmp/l1.err")"
+    llama_text='<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n'
+    want_ids=$(printf "$llama_text" | "$BIN/tptok" encode "$tokzst" | tr -d ' \n')
+    got_ids=$(grep -o '"prompt_ids":\[[0-9,]*\]' "$tmp/l1.json" | sed 's/"prompt_ids"://')
+    if [ -n "$want_ids" ] && [ "$got_ids" = "$want_ids" ] && grep -q "chat template: the model's" "$tmp/l1.err"; then
+        echo "ok --chat renders the model's Llama 3.1 template ($(echo "$got_ids" | tr ',' '\n' | wc -l) prompt ids)"
+    else
+        fail "--chat with a Llama template: prompt ids $got_ids, want $want_ids; $(cat "$tmp/l1.err")"
+    fi
+    # -i with it: each turn renders the whole conversation (two answers).
+    printf 'Hello\nAnd then?\n' | "$BIN/tprun" "$tmp/llama-tp1" -i --max-new-tokens 3 "${samp[@]}" \
+        >"$tmp/li.out" 2>"$tmp/li.err" && [ "$(wc -l <"$tmp/li.out")" -eq 2 ] ||
+        fail "-i with a Llama template: $(cat "$tmp/li.err") $(cat "$tmp/li.out")"
 
     # A rank killed mid-generation: rank 0 stops at once with an error that
     # names it (not after --timeout), and exits non-zero.

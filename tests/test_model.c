@@ -471,6 +471,250 @@ static int argmax(const float *v, int n)
     return best;
 }
 
+/* --------------------------------------------------- batched sequences */
+
+/* BATCH_PROMPTS prompts of mixed lengths, run twice on every rank: one at
+ * a time (tp_model_forward, prefill in chunks of BATCH_CHUNK tokens, then
+ * BATCH_GEN - 1 greedy decode steps), and as continuous batching does it
+ * through tp_model_forward_batch: BATCH_SLOTS slots, fewer than the
+ * prompts, so slots are freed and reused; each step holds the running
+ * sequences' decode tokens and the new prompts' next chunks, in a slot order
+ * that alternates, and on odd steps a chunk is cut in two around the other
+ * slots' tokens (one slot's tokens in two runs).  The same chunks give
+ * dynamic / longrope RoPE the same pass lengths both ways.  Greedy tokens
+ * must be identical, logits within 1e-5 (relative, logit_err). */
+enum { BATCH_PROMPTS = 6, BATCH_GEN = 6, BATCH_SLOTS = 3, BATCH_CHUNK = 8 };
+static const int BATCH_LENS[BATCH_PROMPTS] = { 13, 2, 40, 21, 1, 9 };
+#define BATCH_TOL 1e-5
+
+typedef struct batch_job {
+    tp_loaded_rank *lr;
+    tp_comm *comm;
+    int vocab;
+    int32_t *const *prompts;            /* [BATCH_PROMPTS], lengths BATCH_LENS */
+    float *ref;                         /* [prompt][gen][vocab], one at a time */
+    int32_t ref_tok[BATCH_PROMPTS][BATCH_GEN];
+    int32_t tok[BATCH_PROMPTS][BATCH_GEN];   /* batched */
+    double worst;                       /* max logit_err batched vs one at a time */
+    int steps, max_step;                /* batched steps, most tokens in one */
+    int rc;
+    tp_err err;
+} batch_job;
+
+static float *ref_row(batch_job *j, int p, int g)
+{
+    return j->ref + ((size_t)p * BATCH_GEN + (size_t)g) * (size_t)j->vocab;
+}
+
+static int batch_one_at_a_time(tp_model *m, batch_job *j)
+{
+    for (int p = 0; p < BATCH_PROMPTS; p++) {
+        tp_model_reset(m);
+        for (int off = 0; off < BATCH_LENS[p]; off += BATCH_CHUNK) {
+            int n = BATCH_LENS[p] - off < BATCH_CHUNK ? BATCH_LENS[p] - off : BATCH_CHUNK;
+            bool last = off + n == BATCH_LENS[p];
+            if (tp_model_forward(m, j->prompts[p] + off, n, last ? ref_row(j, p, 0) : NULL, &j->err) < 0)
+                return -1;
+        }
+        for (int g = 0;; g++) {
+            j->ref_tok[p][g] = argmax(ref_row(j, p, g), j->vocab);
+            if (g + 1 == BATCH_GEN)
+                break;
+            if (tp_model_forward(m, &j->ref_tok[p][g], 1, ref_row(j, p, g + 1), &j->err) < 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+typedef struct batch_seq {
+    int prompt;     /* -1: the slot is free */
+    int fed;        /* prompt tokens in the cache (or in this step) */
+    int gen;        /* tokens generated */
+    int cached;     /* positions the slot's cache holds after this step */
+} batch_seq;
+
+/* Prompt tokens slot s's sequence takes in a step: a chunk. */
+static int batch_chunk(const batch_seq *q)
+{
+    int left = BATCH_LENS[q->prompt] - q->fed;
+    return left < BATCH_CHUNK ? left : BATCH_CHUNK;
+}
+
+/* Appends slot s's tokens to the step t (*n): take more of its prompt
+ * (while it has some left), or its last generated token. */
+static void batch_push(batch_job *j, batch_seq *q, int s, tp_batch_token *t, int *n, int take)
+{
+    int p = q->prompt, len = BATCH_LENS[p];
+    if (q->fed < len)
+        for (int i = 0; i < take; i++, q->fed++)
+            t[(*n)++] = (tp_batch_token){ s, j->prompts[p][q->fed], q->fed, q->fed == len - 1 };
+    else
+        t[(*n)++] = (tp_batch_token){ s, j->tok[p][q->gen - 1], len + q->gen - 1, true };
+    q->cached = q->fed < len ? q->fed : len + q->gen;
+}
+
+static int batch_continuous(tp_model *m, batch_job *j)
+{
+    batch_seq q[BATCH_SLOTS];
+    for (int s = 0; s < BATCH_SLOTS; s++)
+        q[s] = (batch_seq){ .prompt = -1 };
+    tp_batch_token t[BATCH_SLOTS * BATCH_CHUNK];
+    float *logits = malloc((size_t)BATCH_SLOTS * j->vocab * sizeof *logits);
+    bool diverged[BATCH_PROMPTS] = { false };
+    int next = 0, done = 0, rc = -1;
+    for (j->steps = 0; done < BATCH_PROMPTS; j->steps++) {
+        for (int s = 0; s < BATCH_SLOTS; s++)
+            if (q[s].prompt < 0 && next < BATCH_PROMPTS) {
+                if (tp_model_slot_length(m, s) != 0) {
+                    tp_errorf(&j->err, "slot %d holds %d positions after its reset", s, tp_model_slot_length(m, s));
+                    goto out;
+                }
+                q[s] = (batch_seq){ .prompt = next++ };
+            }
+        int n = 0, rest = 0, rest_slot = -1;
+        bool odd = j->steps % 2;
+        for (int i = 0; i < BATCH_SLOTS; i++) {
+            int s = odd ? BATCH_SLOTS - 1 - i : i;
+            if (q[s].prompt < 0)
+                continue;
+            int c = q[s].fed < BATCH_LENS[q[s].prompt] ? batch_chunk(&q[s]) : 0;
+            if (odd && rest_slot < 0 && c >= 2) {   /* the chunk's first half now */
+                rest = c - c / 2;
+                rest_slot = s;
+                c /= 2;
+            }
+            batch_push(j, &q[s], s, t, &n, c);
+        }
+        if (rest_slot >= 0)   /* the cut chunk's second half, after the other slots */
+            batch_push(j, &q[rest_slot], rest_slot, t, &n, rest);
+        if (n > j->max_step)
+            j->max_step = n;
+        if (tp_model_forward_batch(m, t, n, logits, &j->err) < 0)
+            goto out;
+        int row = 0;
+        for (int i = 0; i < n; i++) {
+            if (!t[i].logits)
+                continue;
+            batch_seq *sq = &q[t[i].slot];
+            int p = sq->prompt, g = sq->gen++;
+            const float *got = logits + (size_t)row++ * j->vocab;
+            j->tok[p][g] = argmax(got, j->vocab);
+            if (!diverged[p]) {   /* past a different token the inputs differ */
+                double e = logit_err(got, ref_row(j, p, g), j->vocab);
+                if (e > j->worst)
+                    j->worst = e;
+                diverged[p] = j->tok[p][g] != j->ref_tok[p][g];
+            }
+        }
+        for (int s = 0; s < BATCH_SLOTS; s++) {
+            if (q[s].prompt < 0)
+                continue;
+            if (tp_model_slot_length(m, s) != q[s].cached) {
+                tp_errorf(&j->err, "step %d: slot %d holds %d positions, %d were fed", j->steps, s,
+                          tp_model_slot_length(m, s), q[s].cached);
+                goto out;
+            }
+            if (q[s].gen == BATCH_GEN) {   /* finished: its slot goes to the next prompt */
+                tp_model_reset_slot(m, s);
+                q[s].prompt = -1;
+                done++;
+            }
+        }
+    }
+    rc = 0;
+out:
+    free(logits);
+    return rc;
+}
+
+static void *batch_rank_main(void *arg)
+{
+    batch_job *j = arg;
+    tp_model *one = NULL, *many = NULL;
+    tp_model_opts o1 = { .max_seq = 64, .threads = g_threads, .device = "cpu" };
+    tp_model_opts ob = { .max_seq = 64, .threads = g_threads, .device = "cpu", .slots = BATCH_SLOTS };
+    j->rc = -1;
+    if (tp_model_create(&one, j->lr, j->comm, &o1, &j->err) == 0 && batch_one_at_a_time(one, j) == 0 &&
+        tp_model_create(&many, j->lr, j->comm, &ob, &j->err) == 0 && tp_model_slots(many) == BATCH_SLOTS &&
+        batch_continuous(many, j) == 0)
+        j->rc = 0;
+    tp_model_free(one);
+    tp_model_free(many);
+    return NULL;
+}
+
+/* The batched run against one at a time, ranks lrs[0..world) as threads. */
+static void check_batched(const char *name, tp_loaded_rank **lrs, int world, int vocab)
+{
+    int32_t *prompts[BATCH_PROMPTS];
+    check_rng rng = { 0x9e3779b97f4a7c15ull ^ (uint64_t)vocab };
+    for (int p = 0; p < BATCH_PROMPTS; p++) {
+        prompts[p] = malloc((size_t)BATCH_LENS[p] * sizeof *prompts[p]);
+        for (int i = 0; i < BATCH_LENS[p]; i++)
+            prompts[p][i] = (int32_t)(check_rng_uniform(&rng) * vocab);
+    }
+    tp_comm comms[MAX_WORLD];
+    batch_job *jobs = calloc((size_t)world, sizeof *jobs);
+    pthread_t th[MAX_WORLD];
+    hub h = { .world = world };
+    pthread_mutex_init(&h.mu, NULL);
+    pthread_cond_init(&h.cv, NULL);
+    for (int r = 0; r < world; r++) {
+        comms[r] = (tp_comm){ .ops = &hub_ops, .rank = r, .world = world, .timeout_s = 20, .impl = &h };
+        jobs[r] = (batch_job){ .lr = lrs[r], .comm = world > 1 ? &comms[r] : NULL, .vocab = vocab,
+                               .prompts = prompts,
+                               .ref = malloc((size_t)BATCH_PROMPTS * BATCH_GEN * vocab * sizeof(float)) };
+        pthread_create(&th[r], NULL, batch_rank_main, &jobs[r]);
+    }
+    bool ran = true;
+    for (int r = 0; r < world; r++) {
+        pthread_join(th[r], NULL);
+        if (jobs[r].rc < 0) {
+            CHECK(0, "%s tp=%d rank %d batched: %s", name, world, r, jobs[r].err.msg);
+            ran = false;
+        }
+    }
+    if (ran) {
+        batch_job *j = &jobs[0];
+        int differ = 0;
+        for (int p = 0; p < BATCH_PROMPTS; p++)
+            for (int g = 0; g < BATCH_GEN; g++)
+                differ += j->tok[p][g] != j->ref_tok[p][g];
+        CHECK(differ == 0, "%s tp=%d: %d of %d greedy tokens batched differ from one at a time", name, world,
+              differ, BATCH_PROMPTS * BATCH_GEN);
+        CHECK(j->worst <= BATCH_TOL, "%s tp=%d: batched logits differ from one at a time by %g (relative)",
+              name, world, j->worst);
+        for (int r = 1; r < world; r++)
+            CHECK(memcmp(jobs[r].tok, j->tok, sizeof j->tok) == 0, "%s tp=%d: rank %d's batched tokens differ",
+                  name, world, r);
+        printf("%-28s tp=%d  batched (%d prompts, %d slots, %d steps, up to %d tokens a step): greedy %d/%d, "
+               "max rel diff vs one at a time %.2e\n", name, world, BATCH_PROMPTS, BATCH_SLOTS, j->steps,
+               j->max_step, BATCH_PROMPTS * BATCH_GEN - differ, BATCH_PROMPTS * BATCH_GEN, j->worst);
+    }
+    for (int r = 0; r < world; r++)
+        free(jobs[r].ref);
+    free(jobs);
+    for (int p = 0; p < BATCH_PROMPTS; p++)
+        free(prompts[p]);
+    pthread_mutex_destroy(&h.mu);
+    pthread_cond_destroy(&h.cv);
+}
+
+/* check_batched on full weights cut here at tp = world. */
+static void check_batched_tp(const src_model *s, int world)
+{
+    built_rank br[MAX_WORLD];
+    tp_loaded_rank *lrs[MAX_WORLD];
+    for (int r = 0; r < world; r++) {
+        build_rank(&br[r], s, r, world);
+        lrs[r] = &br[r].lr;
+    }
+    check_batched(s->name, lrs, world, s->vocab);
+    for (int r = 0; r < world; r++)
+        free_rank(&br[r], s->n);
+}
+
 /* ------------------------------------------------------ synthetic models */
 
 typedef struct spec {
@@ -801,6 +1045,9 @@ static void test_synthetic(const spec *sp)
         printf("%-28s tp=%d%s  max rel diff vs naive %.2e over %d steps\n", sp->name, world,
                i < 3 ? "" : " (3 threads)", worst, STEPS);
     }
+    /* several sequences in one batch, at tp 1 and 2 (every spec cuts at 2) */
+    check_batched_tp(s, 1);
+    check_batched_tp(s, 2);
     free(want); free(tp1); free(got);
     free_src(s);
     free(s);
@@ -965,6 +1212,8 @@ static void test_reference_model(const char *dir, const char *name)
         char *ref_path = tp_path_join(dir, "reference.json");
         compare_reference(name, ref_path, s->vocab, worlds, nw, run_src, s);
         free(ref_path);
+        for (int wi = 0; wi < nw && worlds[wi] <= 2; wi++)
+            check_batched_tp(s, worlds[wi]);
     }
     free_src(s);
     free(s);
@@ -1370,41 +1619,70 @@ static int run_converted(void *ctx, int world, const int32_t *ids, int n_prefill
     return run_ranks("converted", c->lrs, c->world, c->vocab, ids, n_prefill, n_steps, logits);
 }
 
-static int test_converted(const char *dir, const char *ref_path)
+/* Every rank of a tpconvert directory, loaded with the real loader
+ * (checksums verified): *loaded of them (== *world on success). */
+static int load_converted(const char *dir, tp_loaded_rank *lr, int *world, int *vocab, int *loaded)
 {
     tp_err err = { { 0 } };
     tp_manifest man;
+    *loaded = 0;
     if (tp_load_manifest(dir, &man, &err) < 0) {
         fprintf(stderr, "test_model: %s\n", err.msg);
-        return 1;
+        return -1;
     }
-    int world = man.tp;
+    *world = man.tp;
     tp_model_config cfg;
     int rc = tp_model_config_parse(&cfg, man.config_json, &err);
     tp_manifest_free(&man);
-    if (rc < 0 || world < 1 || world > MAX_WORLD) {
+    if (rc < 0 || *world < 1 || *world > MAX_WORLD) {
         fprintf(stderr, "test_model: %s: %s\n", dir, rc < 0 ? err.msg : "tp out of range");
-        return 1;
+        return -1;
     }
-    converted_ctx c = { .world = world, .vocab = cfg.vocab };
-    tp_loaded_rank lr[MAX_WORLD];
+    *vocab = cfg.vocab;
     tp_load_opts lo = { .verify = true, .threads = 1, .quiet = true };
-    int loaded = 0;
-    for (; loaded < world; loaded++) {
-        if (tp_load_rank(&lr[loaded], dir, loaded, &lo, &err) < 0) {
+    for (; *loaded < *world; (*loaded)++)
+        if (tp_load_rank(&lr[*loaded], dir, *loaded, &lo, &err) < 0) {
             CHECK(0, "%s", err.msg);
-            break;
+            return -1;
         }
-        c.lrs[loaded] = &lr[loaded];
-    }
-    if (loaded == world)
-        compare_reference(dir, ref_path, cfg.vocab, &world, 1, run_converted, &c);
+    return 0;
+}
+
+static int test_converted(const char *dir, const char *ref_path)
+{
+    tp_loaded_rank lr[MAX_WORLD];
+    converted_ctx c = { 0 };
+    int loaded = 0;
+    if (load_converted(dir, lr, &c.world, &c.vocab, &loaded) < 0 && loaded == 0 && !check_failures)
+        return 1;
+    for (int r = 0; r < loaded; r++)
+        c.lrs[r] = &lr[r];
+    if (loaded == c.world)
+        compare_reference(dir, ref_path, c.vocab, &c.world, 1, run_converted, &c);
     for (int r = 0; r < loaded; r++)
         tp_loaded_rank_free(&lr[r]);
     if (check_failures)
         return check_finish("test_model --converted");
-    printf("model: %s (tp=%d) matches %s\n", dir, world, ref_path);
+    printf("model: %s (tp=%d) matches %s\n", dir, c.world, ref_path);
     return 0;
+}
+
+/* --batch DIR: check_batched on a tpconvert directory's ranks (every
+ * layout tpconvert writes, the fused experts included). */
+static int test_batch_converted(const char *dir)
+{
+    tp_loaded_rank lr[MAX_WORLD];
+    tp_loaded_rank *lrs[MAX_WORLD];
+    int world = 0, vocab = 0, loaded = 0;
+    if (load_converted(dir, lr, &world, &vocab, &loaded) < 0 && loaded == 0 && !check_failures)
+        return 1;
+    for (int r = 0; r < loaded; r++)
+        lrs[r] = &lr[r];
+    if (loaded == world)
+        check_batched(dir, lrs, world, vocab);
+    for (int r = 0; r < loaded; r++)
+        tp_loaded_rank_free(&lr[r]);
+    return check_finish("test_model --batch");
 }
 
 /* Bad calls to a working model: named errors, and the model stays usable. */
@@ -1441,6 +1719,60 @@ static void check_weights_in_place(tp_model *m, built_rank *b, const src_model *
     free(again);
 }
 
+/* Sequence slots: the KV memory refused at create when it cannot fit, and
+ * bad batched steps refused by token, slot and position, changing nothing. */
+static void check_batch_errors(built_rank *b)
+{
+    tp_model *m = NULL;
+    tp_err err = { { 0 } };
+    tp_model_opts o = { .max_seq = 1 << 20, .threads = 1, .slots = 1 << 24 };
+    CHECK(tp_model_create(&m, &b->lr, NULL, &o, &err) < 0 && strstr(err.msg, "--max-batch 16777216") &&
+          strstr(err.msg, "--max-seq 1048576"), "a KV cache past the memory: \"%s\"", err.msg);
+    o = (tp_model_opts){ .max_seq = 8, .threads = 1, .slots = -1 };
+    CHECK(tp_model_create(&m, &b->lr, NULL, &o, &err) < 0 && strstr(err.msg, "--max-batch -1"),
+          "negative slots: \"%s\"", err.msg);
+    o = (tp_model_opts){ .max_seq = 8, .threads = 1, .slots = 2, .device = "cuda" };
+    CHECK(tp_model_create(&m, &b->lr, NULL, &o, &err) < 0 && strstr(err.msg, "cuda"),
+          "two slots on device cuda: \"%s\"", err.msg);
+    o = (tp_model_opts){ .max_seq = 8, .threads = 1, .slots = 2 };
+    if (tp_model_create(&m, &b->lr, NULL, &o, &err) < 0) {
+        CHECK(0, "create with 2 slots: %s", err.msg);
+        return;
+    }
+    float *logits = malloc(2 * 50 * sizeof *logits);
+    tp_batch_token bad_slot[] = { { 0, 1, 0, false }, { 2, 1, 0, true } };
+    CHECK(tp_model_forward_batch(m, bad_slot, 2, logits, &err) < 0 && strstr(err.msg, "batch token 1") &&
+          strstr(err.msg, "slot 2") && strstr(err.msg, "--max-batch"), "slot 2 of 2: \"%s\"", err.msg);
+    tp_batch_token bad_id[] = { { 1, 50, 0, true } };
+    CHECK(tp_model_forward_batch(m, bad_id, 1, logits, &err) < 0 && strstr(err.msg, "token id 50") &&
+          strstr(err.msg, "slot 1"), "id 50 of 50: \"%s\"", err.msg);
+    tp_batch_token gap[] = { { 0, 1, 0, false }, { 0, 2, 2, true } };
+    CHECK(tp_model_forward_batch(m, gap, 2, logits, &err) < 0 &&
+          strstr(err.msg, "slot 0's next position is 1, the token says 2"), "a skipped position: \"%s\"", err.msg);
+    tp_batch_token past[9];
+    for (int i = 0; i < 9; i++)
+        past[i] = (tp_batch_token){ 1, 3, i, i == 8 };
+    CHECK(tp_model_forward_batch(m, past, 9, logits, &err) < 0 && strstr(err.msg, "slot 1 position 8") &&
+          strstr(err.msg, "--max-seq"), "9 positions in a cache of 8: \"%s\"", err.msg);
+    CHECK(tp_model_slot_length(m, 0) == 0 && tp_model_slot_length(m, 1) == 0, "refused steps changed a slot");
+    /* interleaved slots; two rows of logits, in token order */
+    tp_batch_token ok[] = { { 1, 4, 0, true }, { 0, 5, 0, false }, { 1, 6, 1, true } };
+    CHECK(tp_model_forward_batch(m, ok, 3, logits, &err) == 0, "a mixed step: %s", err.msg);
+    CHECK(tp_model_slot_length(m, 0) == 1 && tp_model_slot_length(m, 1) == 2 && tp_model_slot_length(m, 2) == -1 &&
+          tp_model_position(m) == 1 && tp_model_slots(m) == 2, "slot lengths after a mixed step");
+    /* slot 1's second row is what one sequence 4, 6 gives (its cache reset) */
+    tp_model_reset_slot(m, 1);
+    CHECK(tp_model_slot_length(m, 1) == 0 && tp_model_slot_length(m, 0) == 1, "reset of slot 1 only");
+    float *alone = malloc(50 * sizeof *alone);
+    tp_batch_token seq[] = { { 1, 4, 0, false }, { 1, 6, 1, true } };
+    CHECK(tp_model_forward_batch(m, seq, 2, alone, &err) == 0, "slot 1 again: %s", err.msg);
+    CHECK(logit_err(alone, logits + 50, 50) <= 1e-5, "slot 1's logits alone differ from the mixed step's by %g",
+          logit_err(alone, logits + 50, 50));
+    free(alone);
+    free(logits);
+    tp_model_free(m);
+}
+
 static void test_forward_errors(void)
 {
     src_model *s = malloc(sizeof *s);
@@ -1475,6 +1807,7 @@ static void test_forward_errors(void)
         free(logits);
         tp_model_free(m);
     }
+    check_batch_errors(&b);
     if (b.lts)
         free_rank(&b, s->n);
     free_src(s);
@@ -1485,8 +1818,10 @@ int main(int argc, char **argv)
 {
     if (argc == 5 && strcmp(argv[1], "--converted") == 0 && strcmp(argv[3], "--reference") == 0)
         return test_converted(argv[2], argv[4]);
+    if (argc == 3 && strcmp(argv[1], "--batch") == 0)
+        return test_batch_converted(argv[2]);
     if (argc != 1) {
-        fprintf(stderr, "usage: test_model [--converted DIR --reference REFERENCE.json]\n");
+        fprintf(stderr, "usage: test_model [--converted DIR --reference REFERENCE.json | --batch DIR]\n");
         return 2;
     }
     test_config();

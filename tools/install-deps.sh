@@ -6,7 +6,8 @@
 set -eu
 pkgs=(build-essential pkg-config clang libclang-rt-14-dev zstd
       libzstd-dev libcjson-dev libarchive-dev libxxhash-dev libpcre2-dev
-      libutf8proc-dev libopenblas-dev libopenmpi-dev openmpi-bin time)
+      libutf8proc-dev libopenblas-dev libopenmpi-dev openmpi-bin time
+      libmicrohttpd-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

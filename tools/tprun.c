@@ -3,6 +3,7 @@
  *   torchrun --nproc-per-node 2 --no-python tprun OUT --prompt "Hello"
  *   mpirun -np 2 tprun OUT --prompt-ids 1,2,3 --json
  *   tprun OUT --prompt "Hi" --chat            (a tp=1 conversion)
+ *   mpirun -np 2 tprun OUT --serve --port 8000
  *
  * Each process finds its rank from the launcher's environment (or --rank),
  * loads only its own rank file, and joins the others through the comm
@@ -11,6 +12,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,6 +25,9 @@
 
 #define DEFAULT_MAX_NEW 256
 #define DEFAULT_CONTEXT_CAP 4096
+#define DEFAULT_PORT 8000
+#define DEFAULT_MAX_BATCH 8
+#define DEFAULT_MAX_QUEUE 64
 
 static const char usage[] =
     "usage: tprun OUT [options]\n"
@@ -33,11 +38,24 @@ static const char usage[] =
     "What to run (one of):\n"
     "  --prompt TEXT             encode TEXT with the model's tokenizer\n"
     "  --prompt-ids 1,2,3        token ids as given (no tokenizer needed)\n"
-    "  -i, --interactive         a ChatML conversation on stdin, a line a turn; /reset\n"
+    "  -i, --interactive         a conversation on stdin, a line a user turn, rendered with\n"
+    "                            the model's chat template (as --chat); /reset\n"
     "                            starts over; a line of invalid UTF-8 is skipped\n"
     "  --load-only               load, print bytes, seconds and GB/s on stderr, exit\n"
+    "  --serve                   an OpenAI-compatible HTTP server on rank 0 (every rank runs\n"
+    "                            the batched steps): /v1/completions, /v1/chat/completions,\n"
+    "                            /v1/models, /health, /metrics; SIGTERM or SIGINT stops it\n"
+    "Serving (with --serve):\n"
+    "  --host ADDR               address to listen on (default 127.0.0.1)\n"
+    "  --port N                  port (default 8000)\n"
+    "  --max-batch N             sequence slots run together, each with a KV cache of\n"
+    "                            --max-seq tokens (default 8)\n"
+    "  --max-queue N             requests waiting for a slot; more get 429 (default 64)\n"
+    "  --served-model-name NAME  the \"model\" requests name (default: OUT's directory name)\n"
     "Generation:\n"
-    "  --chat                    wrap --prompt as a ChatML user turn (Qwen's format)\n"
+    "  --chat                    --prompt as a user turn in the model's own chat template\n"
+    "                            (chat_template.jinja or tokenizer_config.json's, with the\n"
+    "                            generation prompt; ChatML when the model has none)\n"
     "  --max-new-tokens N        tokens to generate, >= 0 (default: generation_config's\n"
     "                            max_new_tokens, else 256)\n"
     "  --temperature T           0 is greedy (default: generation_config's, greedy\n"
@@ -48,7 +66,8 @@ static const char usage[] =
     "                            generation_config's repetition_penalty, else 1)\n"
     "  --seed S                  sampling seed (default: from the clock; rank 0's for all)\n"
     "  --ignore-eos              do not stop at an end-of-sequence token\n"
-    "  --max-seq N               KV cache length (default: min(max_position_embeddings, 4096))\n"
+    "  --max-seq N               KV cache length (default: min(max_position_embeddings, 4096));\n"
+    "                            with --serve: per slot, a request's prompt and answer together\n"
     "Output:\n"
     "  --json                    one JSON object: prompt and generated ids, text, timings\n"
     "  --logits                  with --json: the last prompt position's logits\n"
@@ -73,7 +92,9 @@ static const char usage[] =
     "  tprun out/ --prompt \"Hello\" --chat --max-new-tokens 64\n"
     "  tprun out/ --prompt-ids 9707,11 --temperature 0 --json\n"
     "  torchrun --nproc-per-node 2 --no-python tprun out/ -i\n"
-    "  mpirun -np 4 tprun out/ --prompt \"Hi\" --repetition-penalty 1.1\n";
+    "  mpirun -np 4 tprun out/ --prompt \"Hi\" --repetition-penalty 1.1\n"
+    "  mpirun -np 2 tprun out/ --serve --port 8000 --max-batch 16 --served-model-name qwen3\n"
+    "    curl localhost:8000/v1/completions -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}'\n";
 
 typedef struct options {
     const char *out;
@@ -83,6 +104,11 @@ typedef struct options {
     const char *prompt;
     const char *prompt_ids;
     bool chat, interactive, json, logits, no_verify, load_only, verbose, quiet, ignore_eos;
+    bool serve;
+    const char *host;          /* --serve: listen address */
+    int port, max_batch, max_queue;
+    const char *served_model_name;   /* NULL: OUT's directory name */
+    const char *serve_flag;    /* the last --serve-only flag given, for "add --serve" */
     bool no_graph;             /* cuda: no CUDA graph for decode steps */
     int max_new_tokens;        /* -1: generation_config or DEFAULT_MAX_NEW */
     float temperature;         /* < 0: from generation_config */
@@ -109,6 +135,9 @@ typedef struct run {
     bool have_lr;
     tp_model *model;
     tp_tokenizer *tok;
+    /* --chat / -i: the model's chat template, else ChatML (chat_setup) */
+    tp_template *chat_template;
+    char *bos_token, *eos_token;
     int context;
     double t_start;            /* process start (tp_now), for --load-only */
 } run;
@@ -116,6 +145,9 @@ typedef struct run {
 static void cleanup(run *r)
 {
     tp_tokenizer_free(r->tok);
+    tp_template_free(r->chat_template);
+    free(r->bos_token);
+    free(r->eos_token);
     tp_model_free(r->model);
     if (r->have_lr)
         tp_loaded_rank_free(&r->lr);
@@ -179,7 +211,9 @@ static double parse_double(const char *flag, const char *s, double lo, double hi
 static void parse_args(int argc, char **argv, options *o)
 {
     *o = (options){ .rank = -1, .comm = "auto", .timeout_s = 60, .max_new_tokens = -1,
-                    .temperature = -1, .top_k = -1, .top_p = -1, .repetition_penalty = -1, .device = "cpu", .gpu = -1 };
+                    .temperature = -1, .top_k = -1, .top_p = -1, .repetition_penalty = -1, .device = "cpu", .gpu = -1,
+                    .host = "127.0.0.1", .port = DEFAULT_PORT, .max_batch = DEFAULT_MAX_BATCH,
+                    .max_queue = DEFAULT_MAX_QUEUE };
     cli_init_text("tprun", usage);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -237,6 +271,25 @@ static void parse_args(int argc, char **argv, options *o)
             o->no_verify = true;
         } else if (!strcmp(a, "--no-graph")) {
             o->no_graph = true;
+        } else if (!strcmp(a, "--serve")) {
+            o->serve = true;
+        } else if (!strcmp(a, "--host")) {
+            o->serve_flag = a;
+            o->host = TAKE();
+        } else if (!strcmp(a, "--port")) {
+            o->serve_flag = a;
+            o->port = (int)parse_long(a, TAKE(), 1, 65535);
+        } else if (!strcmp(a, "--max-batch")) {
+            o->serve_flag = a;
+            o->max_batch = (int)parse_long(a, TAKE(), 1, 4096);
+        } else if (!strcmp(a, "--max-queue")) {
+            o->serve_flag = a;
+            o->max_queue = (int)parse_long(a, TAKE(), 1, 1000000);
+        } else if (!strcmp(a, "--served-model-name")) {
+            o->serve_flag = a;
+            o->served_model_name = TAKE();
+            if (!o->served_model_name[0])
+                usage_error("--served-model-name: the name is empty");
         } else if (!strcmp(a, "--load-only")) {
             o->load_only = true;
         } else if (!strcmp(a, "--verbose")) {
@@ -256,10 +309,15 @@ static void parse_args(int argc, char **argv, options *o)
         usage_error("missing OUT (a converted directory or node bundle)");
     if (o->prompt && o->prompt_ids)
         usage_error("give --prompt or --prompt-ids, not both");
+    if (o->serve && (o->prompt || o->prompt_ids || o->interactive || o->json || o->load_only || o->chat))
+        usage_error("--serve takes its prompts over HTTP: no --prompt, --prompt-ids, --interactive, --json, "
+                    "--chat or --load-only");
+    if (!o->serve && o->serve_flag)
+        usage_error("%s is a --serve flag: add --serve", o->serve_flag);
     if (o->interactive && (o->prompt || o->prompt_ids || o->json))
         usage_error("--interactive reads the prompts from stdin: it takes no --prompt, --prompt-ids or --json");
-    if (!o->interactive && !o->load_only && !o->prompt && !o->prompt_ids)
-        usage_error("nothing to do: give --prompt TEXT, --prompt-ids 1,2,3, --interactive or --load-only");
+    if (!o->interactive && !o->load_only && !o->serve && !o->prompt && !o->prompt_ids)
+        usage_error("nothing to do: give --prompt TEXT, --prompt-ids 1,2,3, --interactive, --serve or --load-only");
     if (o->chat && o->prompt_ids)
         usage_error("--chat wraps text: use it with --prompt");
     if (o->logits && !o->json)
@@ -422,7 +480,7 @@ static void create_model(run *r)
     else
         snprintf(device, sizeof device, "%s", r->o.device);
     tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = device,
-                         .no_graph = r->o.no_graph };
+                         .no_graph = r->o.no_graph, .slots = r->o.serve ? r->o.max_batch : 1 };
     if (tp_model_create(&r->model, &r->lr, r->comm, &mo, &err))
         die(r, &err, false);
     if (r->o.verbose && my_rank(r) == 0)
@@ -481,6 +539,46 @@ static void share_ids(run *r, int32_t **ids, int *n, tp_err *err_out)
     (void)err_out;
 }
 
+/* ------------------------------------------------------------ chat template */
+
+/* --chat and -i: the model's own chat template (every rank reads the same
+ * copied files, so a bad template stops them all alike), else ChatML. */
+static void chat_setup(run *r)
+{
+    tp_err err;
+    if (tp_template_load(&r->chat_template, &r->bos_token, &r->eos_token, &r->lr, &err))
+        die_msg(r, true, "%s: %s", r->o.out, err.msg);
+    bool own = r->chat_template != NULL;
+    if (!own && tp_template_chatml(&r->chat_template, &err))
+        die(r, &err, true);
+    if (r->o.verbose && my_rank(r) == 0)
+        fprintf(stderr, "tprun: chat template: %s\n", own ? "the model's" : "ChatML (the model has none)");
+}
+
+/* Appends {"role": "user", "content": text}.  The text must be valid
+ * UTF-8 without NUL bytes ("invalid UTF-8 at byte K of your input"). */
+static int user_turn(cJSON *messages, const char *text, size_t len, tp_err *err)
+{
+    size_t bad = tp_utf8_first_invalid(text, len);
+    if (bad != len)
+        return tp_errorf(err, "invalid UTF-8 at byte %zu of your input", bad);
+    if (memchr(text, '\0', len))
+        return tp_errorf(err, "a NUL byte at byte %zu of your input", (size_t)((const char *)memchr(text, '\0', len) - text));
+    cJSON *m = cJSON_CreateObject();
+    if (!m || !cJSON_AddStringToObject(m, "role", "user") || !cJSON_AddStringToObject(m, "content", text) ||
+        !cJSON_AddItemToArray(messages, m)) {
+        cJSON_Delete(m);
+        return tp_errorf(err, "out of memory for a chat turn of %zu bytes", len);
+    }
+    return 0;
+}
+
+/* The conversation rendered for the model's next answer. */
+static int chat_text(run *r, const cJSON *messages, char **text, size_t *len, tp_err *err)
+{
+    return tp_chat_render(r->chat_template, r->bos_token, r->eos_token, messages, true, text, len, err);
+}
+
 /* The prompt ids, on rank 0 (other ranks get them from share_ids). */
 static void prompt_ids(run *r, int32_t **ids, int *n)
 {
@@ -498,8 +596,11 @@ static void prompt_ids(run *r, int32_t **ids, int *n)
             char *text = NULL;
             size_t text_len = strlen(r->o.prompt), nn = 0;
             if (r->o.chat) {
-                if (tp_chat_format_turn(r->o.prompt, text_len, TP_CHAT_FIRST, &text, &text_len, &err))
+                cJSON *messages = cJSON_CreateArray();
+                if (!messages || user_turn(messages, r->o.prompt, text_len, &err) ||
+                    chat_text(r, messages, &text, &text_len, &err))
                     die_msg(r, true, "--prompt: %s", err.msg);
+                cJSON_Delete(messages);
             } else if (!(text = strdup(r->o.prompt))) {
                 die_msg(r, false, "out of memory");
             }
@@ -659,19 +760,42 @@ static void run_once(run *r, const tp_gen_opts *base, tp_rng *rng)
 
 /* ------------------------------------------------------------ interactive */
 
-enum { TURN_TEXT = 1, TURN_RESET = 2, TURN_END = 3 };
+enum { TURN_TEXT = 1, TURN_REPREFILL = 2, TURN_RESET = 3, TURN_END = 4 };
 
-/* Rank 0 reads lines until one is a command or a valid turn, and turns it
- * into the ids to feed: the pending id of the last answer (not in the
- * cache yet), then tp_chat_format_turn's text.  A line that is not valid
- * UTF-8 is reported and skipped: the conversation goes on.  Returns the
- * command. */
-static int read_turn(run *r, int32_t pending, bool closed_by_eos, long *line_no, int32_t **ids, int *n)
+/* Rank 0's view of the conversation: its messages, and the text that the
+ * KV cache holds (with the pending id of the last answer, not in the cache
+ * yet) so that a turn whose rendering extends it feeds only the rest. */
+typedef struct chat_state {
+    cJSON *messages;
+    char *cached;           /* rendered prompt + the answer's text, specials kept */
+    size_t cached_len;
+    char *prompt;           /* this turn's rendering, until its answer is in */
+    size_t prompt_len;
+    int32_t pending;
+} chat_state;
+
+static void chat_clear(chat_state *c)
+{
+    cJSON_Delete(c->messages);
+    c->messages = cJSON_CreateArray();
+    free(c->cached);
+    c->cached = strdup("");
+    c->cached_len = 0;
+    c->pending = -1;
+}
+
+/* Rank 0 reads lines until one is a command or a turn that renders, and
+ * turns it into the ids to feed.  The whole conversation is rendered with
+ * the chat template each turn: when the text extends what the cache holds,
+ * the ids are the pending id and the encoded rest (TURN_TEXT); else the
+ * whole text, after a reset (TURN_REPREFILL: e.g. Qwen3 drops the thinking
+ * of earlier answers).  A line that is not valid UTF-8, or that the template
+ * refuses, is reported and skipped: the conversation goes on. */
+static int read_turn(run *r, chat_state *c, long *line_no, int32_t **ids, int *n)
 {
     tp_err err;
     char *line = NULL, *text = NULL;
     size_t cap = 0, text_len = 0;
-    tp_chat_prev prev = pending < 0 ? TP_CHAT_FIRST : closed_by_eos ? TP_CHAT_AFTER_EOS : TP_CHAT_AFTER_CUT;
     for (;;) {
         if (isatty(STDIN_FILENO)) {
             fputs("> ", stderr);
@@ -689,26 +813,61 @@ static int read_turn(run *r, int32_t pending, bool closed_by_eos, long *line_no,
             free(line);
             return TURN_RESET;
         }
-        if (tp_chat_format_turn(line, (size_t)len, prev, &text, &text_len, &err) == 0)
-            break;
+        if (user_turn(c->messages, line, (size_t)len, &err) == 0) {
+            if (chat_text(r, c->messages, &text, &text_len, &err) == 0)
+                break;
+            cJSON_DeleteItemFromArray(c->messages, cJSON_GetArraySize(c->messages) - 1);
+        }
         fprintf(stderr, "tprun: line %ld: %s; skipped\n", *line_no, err.msg);
     }
     free(line);
+    bool extends = text_len >= c->cached_len && !memcmp(text, c->cached, c->cached_len);
+    size_t from = extends ? c->cached_len : 0;
     int32_t *enc = NULL;
     size_t ne = 0;
-    if (tp_tokenizer_encode(r->tok, text, text_len, &enc, &ne, &err))
+    if (tp_tokenizer_encode(r->tok, text + from, text_len - from, &enc, &ne, &err))
         die(r, &err, false);
-    free(text);
-    int extra = pending >= 0 ? 1 : 0;
+    int extra = extends && c->pending >= 0 ? 1 : 0;
     *ids = malloc((ne + 1) * sizeof **ids);
     if (!*ids)
         die_msg(r, false, "out of memory");
     if (extra)
-        (*ids)[0] = pending;
+        (*ids)[0] = c->pending;
     memcpy(*ids + extra, enc, ne * sizeof *enc);
     free(enc);
     *n = (int)ne + extra;
-    return TURN_TEXT;
+    free(c->prompt);
+    c->prompt = text;
+    c->prompt_len = text_len;
+    return extends ? TURN_TEXT : TURN_REPREFILL;
+}
+
+/* Rank 0, after an answer: the answer joins the messages (as the user saw
+ * it, special tokens left out) and the cache's text becomes this turn's
+ * prompt and the answer with its special tokens (the end of turn). */
+static void answer_done(run *r, chat_state *c, const tp_gen_result *g)
+{
+    tp_err err;
+    char *shown = NULL, *raw = NULL;
+    if (tp_tokenizer_decode(r->tok, g->ids, g->n_ids, true, &shown, &err) ||
+        tp_tokenizer_decode(r->tok, g->ids, g->n_ids, false, &raw, &err))
+        die(r, &err, false);
+    cJSON *m = cJSON_CreateObject();
+    if (!m || !cJSON_AddStringToObject(m, "role", "assistant") || !cJSON_AddStringToObject(m, "content", shown) ||
+        !cJSON_AddItemToArray(c->messages, m))
+        die_msg(r, false, "out of memory");
+    size_t n_raw = strlen(raw);
+    char *cached = malloc(c->prompt_len + n_raw + 1);
+    if (!cached)
+        die_msg(r, false, "out of memory");
+    memcpy(cached, c->prompt, c->prompt_len);
+    memcpy(cached + c->prompt_len, raw, n_raw + 1);
+    free(c->cached);
+    c->cached = cached;
+    c->cached_len = c->prompt_len + n_raw;
+    c->pending = g->pending;
+    free(shown);
+    free(raw);
 }
 
 static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
@@ -716,11 +875,15 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
     tp_err err;
     if (!r->tok)
         die_msg(r, true, "%s has no tokenizer.json: --interactive needs one", r->o.out);
-    int32_t pending = -1;
-    bool closed_by_eos = false;
+    chat_state chat = {0};
+    if (my_rank(r) == 0) {
+        chat_clear(&chat);
+        if (!chat.messages || !chat.cached)
+            die_msg(r, false, "out of memory");
+    }
     long line_no = 0;   /* lines read from stdin, for messages */
-    /* Every id of the conversation so far: the repetition penalty covers
-     * them, as it would the whole chat fed again to transformers. */
+    /* Every id in the cache: the repetition penalty covers them, as it
+     * would the whole chat fed again to transformers. */
     int32_t *conv = NULL;
     size_t n_conv = 0;
     for (;;) {
@@ -728,7 +891,7 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         int n = 0;
         int32_t cmd = 0;
         if (my_rank(r) == 0)
-            cmd = read_turn(r, pending, closed_by_eos, &line_no, &ids, &n);
+            cmd = read_turn(r, &chat, &line_no, &ids, &n);
         /* The others wait for the user as long as it takes. */
         double saved = r->comm->timeout_s;
         r->comm->timeout_s = 0;
@@ -739,22 +902,33 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
             free(ids);
             break;
         }
+        if (cmd == TURN_RESET || cmd == TURN_REPREFILL) {
+            tp_model_reset(r->model);
+            n_conv = 0;
+        }
         if (cmd == TURN_RESET) {
             /* Start over as if tprun had just started: the same first line
              * then gets the same answer. */
-            tp_model_reset(r->model);
             tp_rng_seed(rng, base->sampler.seed);
-            pending = -1;
-            n_conv = 0;
             free(ids);
-            if (my_rank(r) == 0)
+            if (my_rank(r) == 0) {
+                chat_clear(&chat);
                 fprintf(stderr, "(conversation cleared)\n");
+            }
             continue;
         }
         share_ids(r, &ids, &n, &err);
         if (tp_gen_check_prompt(r->model, ids, n, r->context, &err)) {
-            if (my_rank(r) == 0)
+            if (my_rank(r) == 0) {
                 fprintf(stderr, "tprun: %s: /reset to start a new conversation\n", err.msg);
+                /* the turn never reached the model */
+                cJSON_DeleteItemFromArray(chat.messages, cJSON_GetArraySize(chat.messages) - 1);
+                if (cmd == TURN_REPREFILL) {   /* the cache was emptied for it */
+                    chat.cached[0] = '\0';
+                    chat.cached_len = 0;
+                    chat.pending = -1;
+                }
+            }
             free(ids);
             continue;
         }
@@ -771,6 +945,8 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         tp_detok_free(s.detok);
         report_context_full(r, &g);
         report_speed(r, &g);
+        if (my_rank(r) == 0)
+            answer_done(r, &chat, &g);
         int32_t *longer = realloc(conv, (n_conv + (size_t)n + g.n_ids) * sizeof *conv);
         if (!longer)
             die_msg(r, false, "out of memory");
@@ -778,12 +954,13 @@ static void interactive(run *r, const tp_gen_opts *base, tp_rng *rng)
         memcpy(conv + n_conv, ids, (size_t)n * sizeof *ids);
         memcpy(conv + n_conv + n, g.ids, g.n_ids * sizeof *g.ids);
         n_conv += (size_t)n + g.n_ids;
-        pending = g.pending;
-        closed_by_eos = g.stopped_eos;
         tp_gen_result_free(&g);
         free(ids);
     }
     free(conv);
+    cJSON_Delete(chat.messages);
+    free(chat.cached);
+    free(chat.prompt);
 }
 
 /* ------------------------------------------------------------ --load-only */
@@ -811,6 +988,52 @@ static void load_only(run *r)
     tp_comm_close(r->comm);
     r->comm = NULL;
     cleanup(r);
+}
+
+/* ------------------------------------------------------------ --serve */
+
+/* Set by SIGTERM / SIGINT: tp_serve_run (rank 0) stops admission, lets the
+ * running requests finish and ends every rank. */
+static volatile int stop_requested;
+
+static void on_stop_signal(int sig) { stop_requested = 1; }
+
+static void serve_log(void *arg, const char *line) { fprintf(stderr, "tprun: serve: %s\n", line); }
+
+/* OUT's last path component without a trailing "/" or ".tar". */
+static void default_model_name(const char *out, char *name, size_t size)
+{
+    size_t len = strlen(out);
+    while (len > 1 && out[len - 1] == '/')
+        len--;
+    size_t start = len;
+    while (start > 0 && out[start - 1] != '/')
+        start--;
+    if (len - start > 4 && !strncmp(out + len - 4, ".tar", 4))
+        len -= 4;
+    snprintf(name, size, "%.*s", (int)(len - start), out + start);
+}
+
+static void serve(run *r, const tp_gen_opts *go)
+{
+    tp_err err;
+    char name[256];
+    default_model_name(r->o.out, name, sizeof name);
+    struct sigaction sa = { .sa_handler = on_stop_signal };
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);   /* a client gone mid-answer is an error to handle, not a signal */
+    tp_serve_opts so = { .host = r->o.host, .port = r->o.port, .max_seq = r->context, .max_queue = r->o.max_queue,
+                         .served_model_name = r->o.served_model_name ? r->o.served_model_name : name,
+                         .defaults = go->sampler, .eos_ids = go->eos_ids, .n_eos = go->n_eos,
+                         .chat_template = r->chat_template, .bos_token = r->bos_token,
+                         .eos_token = r->eos_token, .stop = &stop_requested,
+                         .log = r->o.verbose ? serve_log : NULL };
+    if (!r->tok)   /* every rank loaded the same files: all stop alike */
+        die_msg(r, true, "%s has no tokenizer.json: --serve needs one", r->o.out);
+    if (tp_serve_run(r->model, r->comm, r->tok, &so, &err))
+        die(r, &err, false);
 }
 
 /* ------------------------------------------------------------ main */
@@ -861,8 +1084,12 @@ int main(int argc, char **argv)
     }
     tp_rng rng;
     tp_rng_seed(&rng, go.sampler.seed);
+    if (r.o.chat || r.o.interactive || r.o.serve)
+        chat_setup(&r);
 
-    if (r.o.interactive)
+    if (r.o.serve)
+        serve(&r, &go);
+    else if (r.o.interactive)
         interactive(&r, &go, &rng);
     else
         run_once(&r, &go, &rng);

@@ -1,12 +1,14 @@
-/* fuzz_chat.c - libFuzzer target for the chat turn formatting and the
- * tokenizer behind it: random user text (the first byte picks what ended
- * the previous answer) -> tp_chat_format_turn -> tp_tokenizer_encode with
- * the real Qwen3 tokenizer (tests/data/qwen3-tokenizer, loaded once; run
- * from the repository root, or set TP_FUZZ_TOKENIZER).  Invalid UTF-8 must
- * be refused with a one-line message naming its offset in the user's text;
- * anything else must become a turn with the ChatML markers around the text
- * and encode into ids inside the vocabulary.  Never crash or leak. */
+/* fuzz_chat.c - libFuzzer target for a chat turn rendered with the ChatML
+ * fallback template and the tokenizer behind it: random user text (valid
+ * UTF-8 without NUL, what tprun lets through) -> tp_chat_render ->
+ * tp_tokenizer_encode with the real Qwen3 tokenizer
+ * (tests/data/qwen3-tokenizer, loaded once; run from the repository root,
+ * or set TP_FUZZ_TOKENIZER).  The text must come out between the ChatML
+ * markers, untouched (never read as template syntax), and encode into ids
+ * inside the vocabulary.  Never crash or leak. */
 #include "runtime.h"
+
+#include <cJSON.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,47 +33,42 @@ static tp_tokenizer *tokenizer(void)
 static const char user_open[] = "<|im_start|>user\n";
 static const char user_close[] = "<|im_end|>\n<|im_start|>assistant\n";
 
-/* The error names the first invalid byte, and that byte is where
- * tp_utf8_first_invalid says. */
-static void check_refusal(const char *user, size_t len, const tp_err *err)
+static tp_template *chatml(void)
 {
-    char want[64];
-    snprintf(want, sizeof want, "at byte %zu of your input", tp_utf8_first_invalid(user, len));
-    if (tp_utf8_first_invalid(user, len) == len || !strstr(err->msg, want) || strchr(err->msg, '\n'))
+    static tp_template *t;
+    tp_err err;
+    if (!t && tp_template_chatml(&t, &err)) {
+        fprintf(stderr, "fuzz_chat: %s\n", err.msg);
         abort();
-}
-
-static void check_turn(const char *user, size_t len, tp_chat_prev prev, const char *text, size_t text_len)
-{
-    static const char *const opening[] = {"", "\n", "<|im_end|>\n"};
-    size_t n_open = strlen(opening[prev]), n_uo = sizeof user_open - 1, n_uc = sizeof user_close - 1;
-    if (text_len != n_open + n_uo + len + n_uc || text[text_len] != '\0' ||
-        memcmp(text, opening[prev], n_open) != 0 || memcmp(text + n_open, user_open, n_uo) != 0 ||
-        memcmp(text + n_open + n_uo, user, len) != 0 || memcmp(text + n_open + n_uo + len, user_close, n_uc) != 0)
-        abort();
+    }
+    return t;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    if (size == 0)
-        return 0;
+    const char *user = (const char *)data;
+    if (tp_utf8_first_invalid(user, size) != size || memchr(user, '\0', size))
+        return 0;   /* tprun refuses these before rendering */
     tp_tokenizer *tok = tokenizer();
-    tp_chat_prev prev = (tp_chat_prev)(data[0] % 3);
-    const char *user = (const char *)data + 1;
-    size_t len = size - 1;
-    char *text = NULL;
-    size_t text_len = 0;
+    char *text = malloc(size + 1);
+    memcpy(text, user, size);
+    text[size] = '\0';
+    cJSON *messages = cJSON_CreateArray(), *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "role", "user");
+    cJSON_AddStringToObject(m, "content", text);
+    cJSON_AddItemToArray(messages, m);
+    char *out = NULL;
+    size_t out_len = 0;
     tp_err err;
-    if (tp_chat_format_turn(user, len, prev, &text, &text_len, &err)) {
-        if (text)
-            abort();
-        check_refusal(user, len, &err);
-        return 0;
-    }
-    check_turn(user, len, prev, text, text_len);
+    if (tp_chat_render(chatml(), NULL, NULL, messages, true, &out, &out_len, &err))
+        abort();   /* any valid text renders */
+    size_t n_uo = sizeof user_open - 1, n_uc = sizeof user_close - 1;
+    if (out_len != n_uo + size + n_uc || out[out_len] != '\0' || memcmp(out, user_open, n_uo) != 0 ||
+        memcmp(out + n_uo, user, size) != 0 || memcmp(out + n_uo + size, user_close, n_uc) != 0)
+        abort();
     int32_t *ids = NULL;
     size_t n = 0;
-    if (tp_tokenizer_encode(tok, text, text_len, &ids, &n, &err))
+    if (tp_tokenizer_encode(tok, out, out_len, &ids, &n, &err))
         abort();   /* valid UTF-8 always encodes */
     /* at least the markers: <|im_start|> user \n ... <|im_end|> \n <|im_start|> assistant \n */
     if (n < 7)
@@ -80,6 +77,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (ids[i] < 0 || (size_t)ids[i] >= tp_tokenizer_vocab_size(tok))
             abort();
     free(ids);
+    free(out);
     free(text);
+    cJSON_Delete(messages);
     return 0;
 }

@@ -1,0 +1,901 @@
+/* serve_http.c - tprun --serve's HTTP side: libmicrohttpd, the routes, the
+ * OpenAI JSON in and out, server-sent events.
+ *
+ * libmicrohttpd (Debian's libmicrohttpd-dev) parses HTTP: chunked bodies,
+ * keep-alive, pipelining, header limits and slow clients are its job, not a
+ * hand-written parser's.  It runs a thread per connection (bounded by the
+ * connection limit): the thread parses its request, queues it for the
+ * scheduler (serve.c) and waits on the request's condition variable; a
+ * streamed answer is a response callback that blocks the same way.  While
+ * it waits the thread watches its socket, so a client that disconnects
+ * frees its slot at the next step. */
+#include <cJSON.h>
+#include <math.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+#include "serve_internal.h"
+
+#define CONNECTION_LIMIT 256
+#define CONNECTION_TIMEOUT_S 60     /* an idle (or too slow) connection is closed */
+#define HEADER_MEMORY (64 * 1024)   /* request line + headers; more gets 431 from libmicrohttpd */
+#define WAIT_SLICE_MS 200           /* how often a waiting thread checks its client */
+
+/* ------------------------------------------------------------ helpers */
+
+/* Whether the client closed its end (or the socket failed). */
+static bool peer_gone(int fd)
+{
+    if (fd < 0)
+        return false;
+    struct pollfd p = { .fd = fd, .events = POLLIN | POLLRDHUP };
+    if (poll(&p, 1, 0) <= 0)
+        return false;
+    if (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL))
+        return true;
+    char c;
+    return (p.revents & POLLIN) && recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
+static int connection_fd(struct MHD_Connection *con)
+{
+    const union MHD_ConnectionInfo *ci = MHD_get_connection_info(con, MHD_CONNECTION_INFO_CONNECTION_FD);
+    return ci ? (int)ci->connect_fd : -1;
+}
+
+/* Waits (under s->mu) until r is done or r->out holds more than `since`
+ * bytes; false when the client left. */
+static bool wait_news(tp_srv *s, tp_srv_req *r, int fd, size_t since)
+{
+    while (!r->done && r->out_len == since) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += WAIT_SLICE_MS * 1000000L;
+        if (ts.tv_nsec >= 1000000000) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000;
+        }
+        if (pthread_cond_timedwait(&r->cv, &s->mu, &ts) != 0 && peer_gone(fd)) {
+            r->cancelled = true;
+            pthread_cond_broadcast(&s->wake);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Waits (under s->mu) until r is done or its client left. */
+static void wait_done(tp_srv *s, tp_srv_req *r, int fd)
+{
+    while (!r->done && wait_news(s, r, fd, r->out_len))
+        ;
+}
+
+static const char *error_type(int status)
+{
+    switch (status) {
+    case 404: return "not_found_error";
+    case 429: return "rate_limit_error";
+    case 500: case 503: return "server_error";
+    default: return "invalid_request_error";
+    }
+}
+
+/* OpenAI's error object: {"error": {"message", "type", "param", "code"}}. */
+static cJSON *error_json(int status, const char *msg, const char *param, const char *code)
+{
+    cJSON *root = cJSON_CreateObject(), *e = cJSON_AddObjectToObject(root, "error");
+    cJSON_AddStringToObject(e, "message", msg);
+    cJSON_AddStringToObject(e, "type", error_type(status));
+    if (param)
+        cJSON_AddStringToObject(e, "param", param);
+    else
+        cJSON_AddNullToObject(e, "param");
+    if (code)
+        cJSON_AddStringToObject(e, "code", code);
+    else
+        cJSON_AddNullToObject(e, "code");
+    return root;
+}
+
+/* The one place that answers: queues body (taken) with status, counts it
+ * and writes the access line. */
+static enum MHD_Result respond(tp_srv *s, struct MHD_Connection *con, const char *method, const char *url, int status,
+                               char *body, const char *content_type)
+{
+    if (!body)
+        body = strdup("{\"error\": {\"message\": \"out of memory\", \"type\": \"server_error\", \"param\": null, "
+                      "\"code\": null}}"),
+        status = 500;
+    size_t len = body ? strlen(body) : 0;
+    struct MHD_Response *resp = MHD_create_response_from_buffer(len, body ? body : (char *)"", body ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+    if (!resp) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+    if (status == 405)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_ALLOW, !strcmp(url, "/v1/models") || !strcmp(url, "/health") ||
+                                !strcmp(url, "/metrics") ? "GET" : "POST");
+    enum MHD_Result rc = MHD_queue_response(con, (unsigned)status, resp);
+    MHD_destroy_response(resp);
+    tp_srv_count_status(s, status);
+    tp_srv_logf(s, "%s %s %d", method, url, status);
+    return rc;
+}
+
+static enum MHD_Result respond_json(tp_srv *s, struct MHD_Connection *con, const char *method, const char *url,
+                                    int status, cJSON *root)
+{
+    char *body = root ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    return respond(s, con, method, url, status, body, "application/json");
+}
+
+static enum MHD_Result respond_error(tp_srv *s, struct MHD_Connection *con, const char *method, const char *url,
+                                     int status, const char *msg, const char *param, const char *code)
+{
+    return respond_json(s, con, method, url, status, error_json(status, msg, param, code));
+}
+
+/* ------------------------------------------------------------ request JSON */
+
+/* A bad request: the message and the field it is about. */
+typedef struct bad {
+    int status;
+    char msg[256];
+    const char *param, *code;
+} bad;
+
+static int badf(bad *b, int status, const char *param, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static int badf(bad *b, int status, const char *param, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(b->msg, sizeof b->msg, fmt, ap);
+    va_end(ap);
+    b->status = status;
+    b->param = param;
+    return -1;
+}
+
+static const cJSON *field(const cJSON *root, const char *key)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    return v && !cJSON_IsNull(v) ? v : NULL;
+}
+
+/* A number field inside [lo, hi] (integral when integer); *has says
+ * whether it was there. */
+static int number_field(const cJSON *root, const char *key, double lo, double hi, bool integer, bool *has,
+                        double *out, bad *b)
+{
+    const cJSON *v = field(root, key);
+    *has = v != NULL;
+    if (!v)
+        return 0;
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || (integer && v->valuedouble != floor(v->valuedouble)))
+        return badf(b, 400, key, "%s must be %s", key, integer ? "an integer" : "a number");
+    if (v->valuedouble < lo || v->valuedouble > hi)
+        return badf(b, 400, key, "%s %g is out of range: expected %g to %g", key, v->valuedouble, lo, hi);
+    *out = v->valuedouble;
+    return 0;
+}
+
+static int bool_field(const cJSON *root, const char *key, bool *out, bad *b)
+{
+    const cJSON *v = field(root, key);
+    if (!v)
+        return 0;
+    if (!cJSON_IsBool(v))
+        return badf(b, 400, key, "%s must be true or false", key);
+    *out = cJSON_IsTrue(v);
+    return 0;
+}
+
+/* stop: a string or a list of up to TP_SRV_MAX_STOPS non-empty strings. */
+static int stop_field(const cJSON *root, tp_srv_req *r, bad *b)
+{
+    const cJSON *v = field(root, "stop");
+    if (!v)
+        return 0;
+    if (cJSON_IsString(v)) {
+        if (!v->valuestring[0])
+            return 0;   /* "" stops nothing */
+        return (r->stops[r->n_stops++] = strdup(v->valuestring)) ? 0 : badf(b, 500, NULL, "out of memory");
+    }
+    if (!cJSON_IsArray(v))
+        return badf(b, 400, "stop", "stop must be a string or a list of strings");
+    if (cJSON_GetArraySize(v) > TP_SRV_MAX_STOPS)
+        return badf(b, 400, "stop", "stop has %d strings; at most %d", cJSON_GetArraySize(v), TP_SRV_MAX_STOPS);
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v) {
+        if (!cJSON_IsString(e))
+            return badf(b, 400, "stop", "stop must be a string or a list of strings");
+        if (e->valuestring[0] && !(r->stops[r->n_stops++] = strdup(e->valuestring)))
+            return badf(b, 500, NULL, "out of memory");
+    }
+    return 0;
+}
+
+/* Sampling: the server's defaults, then the request's fields. */
+static int sampling_fields(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
+{
+    bool has;
+    double v;
+    r->sampler = s->o->defaults;
+    if (number_field(root, "temperature", 0, 2, false, &has, &v, b))
+        return -1;
+    if (has)
+        r->sampler.temperature = (float)v;
+    if (number_field(root, "top_p", 0, 1, false, &has, &v, b))
+        return -1;
+    if (has && v <= 0)
+        return badf(b, 400, "top_p", "top_p must be more than 0 and at most 1");
+    if (has)
+        r->sampler.top_p = (float)v;
+    if (number_field(root, "top_k", -1, 1e9, true, &has, &v, b))
+        return -1;
+    if (has)
+        r->sampler.top_k = v < 0 ? 0 : (int)v;   /* -1 (vLLM) and 0: off */
+    if (number_field(root, "seed", -9.2e18, 9.2e18, true, &has, &v, b))
+        return -1;
+    if (has) {
+        r->sampler.seed = (uint64_t)(int64_t)v;
+    } else {
+        pthread_mutex_lock(&s->mu);
+        r->sampler.seed = tp_rng_next(&s->seed_rng);
+        pthread_mutex_unlock(&s->mu);
+    }
+    r->sampler.seen = NULL;
+    r->sampler.n_seen = 0;
+    return 0;
+}
+
+static int encode(tp_srv *s, const char *text, size_t len, const char *param, tp_srv_req *r, bad *b)
+{
+    tp_err err;
+    size_t bad_at = tp_utf8_first_invalid(text, len);
+    if (bad_at != len)
+        return badf(b, 400, param, "%s: invalid UTF-8 at byte %zu", param, bad_at);
+    size_t n = 0;
+    if (tp_tokenizer_encode(s->tok, text, len, &r->prompt, &n, &err))
+        return badf(b, 400, param, "%s: %s", param, err.msg);
+    r->n_prompt = (int)n;
+    return 0;
+}
+
+/* prompt: a string, a list of token ids, or a list of one of either. */
+static int prompt_field(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
+{
+    const cJSON *v = field(root, "prompt");
+    if (!v)
+        return badf(b, 400, "prompt", "prompt is missing");
+    if (cJSON_IsArray(v) && cJSON_GetArraySize(v) == 1 && !cJSON_IsNumber(v->child))
+        v = v->child;   /* a list of one prompt */
+    if (cJSON_IsString(v))
+        return encode(s, v->valuestring, strlen(v->valuestring), "prompt", r, b);
+    if (!cJSON_IsArray(v))
+        return badf(b, 400, "prompt", "prompt must be a string or a list of token ids");
+    int n = cJSON_GetArraySize(v), i = 0;
+    r->prompt = malloc(((size_t)n + 1) * sizeof *r->prompt);
+    if (!r->prompt)
+        return badf(b, 500, NULL, "out of memory");
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v) {
+        if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble))
+            return badf(b, 400, "prompt", "prompt must be a string or a list of token ids (one prompt: n is 1)");
+        if (e->valuedouble < 0 || e->valuedouble >= s->cfg->vocab)
+            return badf(b, 400, "prompt", "prompt token id %g is outside the vocabulary (%d)", e->valuedouble,
+                        s->cfg->vocab);
+        r->prompt[i++] = (int32_t)e->valuedouble;
+    }
+    r->n_prompt = n;
+    return 0;
+}
+
+/* Appends s to a growing string; -1 when out of memory. */
+static int cat(char **buf, size_t *len, size_t *cap, const char *p)
+{
+    size_t n = strlen(p);
+    if (*len + n + 1 > *cap) {
+        size_t c = *cap ? *cap * 2 : 1024;
+        while (c < *len + n + 1)
+            c *= 2;
+        char *nb = realloc(*buf, c);
+        if (!nb)
+            return -1;
+        *buf = nb;
+        *cap = c;
+    }
+    memcpy(*buf + *len, p, n + 1);
+    *len += n;
+    return 0;
+}
+
+/* A message's content as the templates read it: a string (or null), or
+ * OpenAI's list of {"type": "text", "text": ...} parts, joined into one
+ * string.  Returns the content to use (a new item, or NULL to keep it). */
+static cJSON *message_content(const cJSON *content, bad *b, bool *failed)
+{
+    *failed = false;
+    if (!content || cJSON_IsString(content) || cJSON_IsNull(content))
+        return NULL;
+    if (!cJSON_IsArray(content)) {
+        *failed = true;
+        badf(b, 400, "messages", "a message's content must be a string or a list of text parts");
+        return NULL;
+    }
+    char *text = NULL;
+    size_t len = 0, cap = 0;
+    const cJSON *part;
+    cJSON_ArrayForEach(part, content) {
+        const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
+        const cJSON *t = cJSON_GetObjectItemCaseSensitive(part, "text");
+        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") || !cJSON_IsString(t)) {
+            badf(b, 400, "messages", "only text content parts are supported");
+            goto fail;
+        }
+        if (cat(&text, &len, &cap, t->valuestring))
+            goto oom;
+    }
+    cJSON *joined = cJSON_CreateString(text ? text : "");
+    free(text);
+    if (joined)
+        return joined;
+oom:
+    badf(b, 500, NULL, "out of memory");
+fail:
+    free(text);
+    *failed = true;
+    return NULL;
+}
+
+/* The template's variables: messages (contents made strings), tools,
+ * add_generation_prompt, bos_token, eos_token, chat_template_kwargs. */
+static cJSON *chat_context(tp_srv *s, const cJSON *root, bad *b)
+{
+    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
+    if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0) {
+        badf(b, 400, "messages", "messages must be a non-empty list");
+        return NULL;
+    }
+    cJSON *ctx = cJSON_CreateObject(), *copy = cJSON_Duplicate(msgs, true);
+    if (!ctx || !copy || !cJSON_AddItemToObject(ctx, "messages", copy)) {
+        cJSON_Delete(ctx);
+        cJSON_Delete(copy);
+        badf(b, 500, NULL, "out of memory");
+        return NULL;
+    }
+    cJSON *m;
+    cJSON_ArrayForEach(m, copy) {
+        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+        bool failed;
+        if (!cJSON_IsObject(m) || !cJSON_IsString(role)) {
+            badf(b, 400, "messages", "every message must be an object with a role string");
+            goto fail;
+        }
+        cJSON *content = message_content(cJSON_GetObjectItemCaseSensitive(m, "content"), b, &failed);
+        if (failed)
+            goto fail;
+        if (content)
+            cJSON_ReplaceItemInObjectCaseSensitive(m, "content", content);
+    }
+    const cJSON *tools = field(root, "tools"), *kwargs = field(root, "chat_template_kwargs");
+    if (tools && !cJSON_IsArray(tools)) {
+        badf(b, 400, "tools", "tools must be a list");
+        goto fail;
+    }
+    if (kwargs && !cJSON_IsObject(kwargs)) {
+        badf(b, 400, "chat_template_kwargs", "chat_template_kwargs must be an object");
+        goto fail;
+    }
+    const cJSON *kw;
+    if (kwargs)
+        cJSON_ArrayForEach(kw, kwargs) if (kw->string && !cJSON_GetObjectItemCaseSensitive(ctx, kw->string))
+            cJSON_AddItemToObject(ctx, kw->string, cJSON_Duplicate(kw, true));
+    if (tools)
+        cJSON_AddItemToObject(ctx, "tools", cJSON_Duplicate(tools, true));
+    cJSON_AddBoolToObject(ctx, "add_generation_prompt", true);
+    if (s->o->bos_token)
+        cJSON_AddStringToObject(ctx, "bos_token", s->o->bos_token);
+    if (s->o->eos_token)
+        cJSON_AddStringToObject(ctx, "eos_token", s->o->eos_token);
+    return ctx;
+fail:
+    cJSON_Delete(ctx);
+    return NULL;
+}
+
+/* The conversation as the text the model reads: the model's own chat
+ * template (tprun --chat renders a user turn the same way). */
+static int messages_field(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
+{
+    if (!cJSON_GetObjectItemCaseSensitive(root, "messages"))
+        return badf(b, 400, "messages", "messages is missing");
+    cJSON *ctx = chat_context(s, root, b);
+    if (!ctx)
+        return -1;
+    char *text = NULL;
+    size_t len = 0;
+    tp_err err;
+    int rc = tp_template_render(s->o->chat_template, ctx, &text, &len, &err);
+    cJSON_Delete(ctx);
+    if (rc)
+        return badf(b, 400, "messages", "the chat template: %s", err.msg);
+    rc = encode(s, text, len, "messages", r, b);
+    free(text);
+    return rc;
+}
+
+/* The request's fields common to both endpoints, after its prompt. */
+static int common_fields(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
+{
+    const cJSON *model = field(root, "model");
+    if (model && !cJSON_IsString(model))
+        return badf(b, 400, "model", "model must be a string");
+    if (model && strcmp(model->valuestring, s->model_name)) {
+        b->code = "model_not_found";
+        return badf(b, 404, "model", "the model %.100s does not exist: this server serves %.100s",
+                    model->valuestring, s->model_name);
+    }
+    bool has;
+    double v;
+    if (number_field(root, "n", 1, 1, true, &has, &v, b))
+        return badf(b, 400, "n", "n must be 1: this server returns one choice per request");
+    if (bool_field(root, "stream", &r->stream, b) || bool_field(root, "return_token_ids", &r->return_token_ids, b))
+        return -1;
+    const cJSON *so = field(root, "stream_options");
+    if (so && !cJSON_IsObject(so))
+        return badf(b, 400, "stream_options", "stream_options must be an object");
+    if (so && bool_field(so, "include_usage", &r->include_usage, b))
+        return -1;
+    if (stop_field(root, r, b) || sampling_fields(s, root, r, b))
+        return -1;
+    /* max_completion_tokens (chat's newer name) wins over max_tokens */
+    int max_tokens = r->kind == TP_SRV_COMPLETION ? 16 : s->max_seq;   /* OpenAI's defaults: 16, unbounded */
+    const char *key = field(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+    if (number_field(root, key, 1, 1e9, true, &has, &v, b))
+        return -1;
+    if (has)
+        max_tokens = (int)v;
+    const char *prompt_param = r->kind == TP_SRV_CHAT ? "messages" : "prompt";
+    if (r->n_prompt < 1)
+        return badf(b, 400, prompt_param, "the prompt is empty");
+    if (r->n_prompt > s->max_seq) {
+        b->code = "context_length_exceeded";
+        return badf(b, 400, prompt_param, "the prompt has %d tokens, the context (--max-seq) is %d", r->n_prompt,
+                    s->max_seq);
+    }
+    /* no answer runs past the context: finish_reason "length" there */
+    int room = s->max_seq - r->n_prompt + 1;
+    r->max_tokens = max_tokens < room ? max_tokens : room;
+    return 0;
+}
+
+static tp_srv_req *parse_request(tp_srv *s, int kind, const char *body, size_t len, bad *b)
+{
+    cJSON *root = cJSON_ParseWithLength(body, len);
+    if (!root || !cJSON_IsObject(root)) {
+        cJSON_Delete(root);
+        badf(b, 400, NULL, "the request body is not a JSON object");
+        return NULL;
+    }
+    tp_srv_req *r = tp_srv_req_new(s);
+    if (!r) {
+        cJSON_Delete(root);
+        badf(b, 500, NULL, "out of memory");
+        return NULL;
+    }
+    r->kind = kind;
+    r->created = (long)time(NULL);
+    int rc = kind == TP_SRV_CHAT ? messages_field(s, root, r, b) : prompt_field(s, root, r, b);
+    if (rc == 0)
+        rc = common_fields(s, root, r, b);
+    cJSON_Delete(root);
+    if (rc) {
+        tp_srv_req_release(s, r);
+        return NULL;
+    }
+    pthread_mutex_lock(&s->mu);
+    uint64_t id = tp_rng_next(&s->seed_rng);
+    pthread_mutex_unlock(&s->mu);
+    snprintf(r->id, sizeof r->id, "%s-%016llx", kind == TP_SRV_CHAT ? "chatcmpl" : "cmpl", (unsigned long long)id);
+    return r;
+}
+
+/* ------------------------------------------------------------ response JSON */
+
+static cJSON *usage_json(const tp_srv_req *r)
+{
+    cJSON *u = cJSON_CreateObject();
+    cJSON_AddNumberToObject(u, "prompt_tokens", r->n_prompt);
+    cJSON_AddNumberToObject(u, "completion_tokens", r->n_gen);
+    cJSON_AddNumberToObject(u, "total_tokens", r->n_prompt + r->n_gen);
+    return u;
+}
+
+static cJSON *ids_json(const int32_t *ids, int n)
+{
+    cJSON *a = cJSON_CreateArray();
+    for (int i = 0; a && i < n; i++)
+        cJSON_AddItemToArray(a, cJSON_CreateNumber(ids[i]));
+    return a;
+}
+
+/* The envelope of an answer or a chunk: id, object, created, model. */
+static cJSON *envelope(tp_srv *s, const tp_srv_req *r, bool chunk)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "id", r->id);
+    cJSON_AddStringToObject(root, "object", r->kind == TP_SRV_CHAT ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                                                                   : "text_completion");
+    cJSON_AddNumberToObject(root, "created", (double)r->created);
+    cJSON_AddStringToObject(root, "model", s->model_name);
+    return root;
+}
+
+/* One choice: text (or the chat message / delta) and finish_reason. */
+static cJSON *choice_json(const tp_srv_req *r, const char *text, bool chunk, bool role, const char *finish)
+{
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddNumberToObject(c, "index", 0);
+    if (r->kind == TP_SRV_CHAT) {
+        cJSON *m = cJSON_AddObjectToObject(c, chunk ? "delta" : "message");
+        if (role)
+            cJSON_AddStringToObject(m, "role", "assistant");
+        if (text)
+            cJSON_AddStringToObject(m, "content", text);
+    } else {
+        cJSON_AddStringToObject(c, "text", text ? text : "");
+    }
+    cJSON_AddNullToObject(c, "logprobs");
+    if (finish)
+        cJSON_AddStringToObject(c, "finish_reason", finish);
+    else
+        cJSON_AddNullToObject(c, "finish_reason");
+    return c;
+}
+
+/* The whole answer of a request that is done (under s->mu). */
+static cJSON *answer_json(tp_srv *s, const tp_srv_req *r)
+{
+    cJSON *root = envelope(s, r, false);
+    cJSON *choices = cJSON_AddArrayToObject(root, "choices");
+    cJSON *c = choice_json(r, r->out ? r->out : "", false, true, r->finish_reason);
+    if (r->return_token_ids) {
+        cJSON_AddItemToObject(c, "prompt_token_ids", ids_json(r->prompt, r->n_prompt));
+        cJSON_AddItemToObject(c, "token_ids", ids_json(r->gen, r->n_gen));
+    }
+    cJSON_AddItemToArray(choices, c);
+    cJSON_AddItemToObject(root, "usage", usage_json(r));
+    return root;
+}
+
+/* ------------------------------------------------------------ streaming */
+
+typedef struct stream {
+    tp_srv *s;
+    tp_srv_req *r;
+    int fd;
+    char *buf;                 /* SSE bytes not yet handed to libmicrohttpd */
+    size_t len, cap, pos;
+    bool ended;                /* "data: [DONE]" is in buf */
+} stream;
+
+/* Appends "data: JSON\n\n" (root taken). */
+static void sse_event(stream *st, cJSON *root)
+{
+    char *json = root ? cJSON_PrintUnformatted(root) : NULL;
+    cJSON_Delete(root);
+    if (!json)
+        return;
+    cat(&st->buf, &st->len, &st->cap, "data: ");
+    cat(&st->buf, &st->len, &st->cap, json);
+    cat(&st->buf, &st->len, &st->cap, "\n\n");
+    free(json);
+}
+
+static cJSON *chunk_json(stream *st, const char *text, bool role, const char *finish)
+{
+    cJSON *root = envelope(st->s, st->r, true);
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(root, "choices"), choice_json(st->r, text, true, role, finish));
+    if (st->r->include_usage)
+        cJSON_AddNullToObject(root, "usage");
+    return root;
+}
+
+/* Takes what the scheduler produced (under s->mu) into SSE events. */
+static void stream_take(stream *st)
+{
+    tp_srv_req *r = st->r;
+    if (r->out_len > 0) {
+        sse_event(st, chunk_json(st, r->out, false, NULL));
+        r->out_len = 0;
+        r->out[0] = '\0';
+    }
+    if (!r->done)
+        return;
+    if (r->error_status) {
+        sse_event(st, error_json(r->error_status, r->error_msg, NULL, NULL));
+    } else {
+        sse_event(st, chunk_json(st, r->kind == TP_SRV_CHAT ? NULL : "", false, r->finish_reason));
+        if (r->include_usage) {
+            cJSON *root = envelope(st->s, r, true);
+            cJSON_AddArrayToObject(root, "choices");
+            cJSON_AddItemToObject(root, "usage", usage_json(r));
+            sse_event(st, root);
+        }
+    }
+    cat(&st->buf, &st->len, &st->cap, "data: [DONE]\n\n");
+    st->ended = true;
+}
+
+static ssize_t stream_read(void *cls, uint64_t pos, char *out, size_t max)
+{
+    stream *st = cls;
+    if (st->pos == st->len) {
+        if (st->ended)
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        st->len = st->pos = 0;
+        pthread_mutex_lock(&st->s->mu);
+        bool alive = wait_news(st->s, st->r, st->fd, 0);
+        if (alive)
+            stream_take(st);
+        pthread_mutex_unlock(&st->s->mu);
+        if (!alive)
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+        if (st->len == 0)
+            return 0;
+    }
+    size_t n = st->len - st->pos < max ? st->len - st->pos : max;
+    memcpy(out, st->buf + st->pos, n);
+    st->pos += n;
+    return (ssize_t)n;
+}
+
+static void stream_free(void *cls)
+{
+    stream *st = cls;
+    pthread_mutex_lock(&st->s->mu);
+    bool unfinished = !st->r->done;
+    pthread_mutex_unlock(&st->s->mu);
+    if (unfinished) {
+        tp_srv_logf(st->s, "%s: stream closed before the end", st->r->id);
+        tp_srv_cancel(st->s, st->r);
+    }
+    tp_srv_req_release(st->s, st->r);
+    free(st->buf);
+    free(st);
+}
+
+static enum MHD_Result start_stream(tp_srv *s, struct MHD_Connection *con, const char *url, tp_srv_req *r)
+{
+    stream *st = calloc(1, sizeof *st);
+    if (!st) {
+        tp_srv_cancel(s, r);
+        tp_srv_req_release(s, r);
+        return respond_error(s, con, "POST", url, 500, "out of memory", NULL, NULL);
+    }
+    *st = (stream){ .s = s, .r = r, .fd = connection_fd(con) };
+    if (r->kind == TP_SRV_CHAT)   /* OpenAI's first chunk: the role, empty content */
+        sse_event(st, chunk_json(st, "", true, NULL));
+    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, stream_read, st, stream_free);
+    if (!resp) {
+        stream_free(st);
+        return MHD_NO;
+    }
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    enum MHD_Result rc = MHD_queue_response(con, MHD_HTTP_OK, resp);
+    MHD_destroy_response(resp);
+    tp_srv_count_status(s, 200);
+    tp_srv_logf(s, "POST %s 200 (stream %s)", url, r->id);
+    return rc;
+}
+
+/* ------------------------------------------------------------ routes */
+
+/* A connection's request body as it arrives. */
+typedef struct body {
+    char *data;
+    size_t len, cap;
+    bool too_big;
+} body;
+
+static enum MHD_Result generate(tp_srv *s, struct MHD_Connection *con, const char *url, int kind, body *bd)
+{
+    if (bd->too_big)
+        return respond_error(s, con, "POST", url, 413, "the request body is larger than the server's limit", NULL,
+                             NULL);
+    bad b = { 0 };
+    tp_srv_req *r = parse_request(s, kind, bd->data ? bd->data : "", bd->len, &b);
+    if (!r)
+        return respond_error(s, con, "POST", url, b.status, b.msg, b.param, b.code);
+    const char *why = NULL;
+    int status = tp_srv_submit(s, r, &why);
+    if (status) {
+        tp_srv_req_release(s, r);
+        return respond_error(s, con, "POST", url, status, why, NULL, NULL);
+    }
+    if (r->stream)
+        return start_stream(s, con, url, r);
+    int fd = connection_fd(con);
+    pthread_mutex_lock(&s->mu);
+    wait_done(s, r, fd);
+    bool gone = !r->done;
+    cJSON *answer = gone || r->error_status ? NULL : answer_json(s, r);
+    int err_status = r->error_status;
+    char err_msg[sizeof r->error_msg];
+    snprintf(err_msg, sizeof err_msg, "%s", r->error_msg);
+    pthread_mutex_unlock(&s->mu);
+    if (gone) {
+        tp_srv_logf(s, "%s: client gone before the answer", r->id);
+        tp_srv_req_release(s, r);
+        return MHD_NO;
+    }
+    tp_srv_req_release(s, r);
+    if (err_status)
+        return respond_error(s, con, "POST", url, err_status, err_msg, NULL, NULL);
+    return respond_json(s, con, "POST", url, 200, answer);
+}
+
+static enum MHD_Result models(tp_srv *s, struct MHD_Connection *con, const char *url)
+{
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "object", "list");
+    cJSON *m = cJSON_CreateObject();
+    cJSON_AddStringToObject(m, "id", s->model_name);
+    cJSON_AddStringToObject(m, "object", "model");
+    cJSON_AddNumberToObject(m, "created", (double)time(NULL));
+    cJSON_AddStringToObject(m, "owned_by", "tpshard");
+    cJSON_AddNumberToObject(m, "max_model_len", s->max_seq);
+    cJSON_AddItemToArray(cJSON_AddArrayToObject(root, "data"), m);
+    return respond_json(s, con, "GET", url, 200, root);
+}
+
+enum { ROUTE_NONE, ROUTE_MODELS, ROUTE_COMPLETIONS, ROUTE_CHAT, ROUTE_HEALTH, ROUTE_METRICS };
+
+static int route_of(const char *url, bool *post)
+{
+    static const struct { const char *url; int route; bool post; } routes[] = {
+        { "/v1/models", ROUTE_MODELS, false },      { "/v1/completions", ROUTE_COMPLETIONS, true },
+        { "/v1/chat/completions", ROUTE_CHAT, true }, { "/health", ROUTE_HEALTH, false },
+        { "/metrics", ROUTE_METRICS, false },
+    };
+    for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++)
+        if (!strcmp(url, routes[i].url)) {
+            *post = routes[i].post;
+            return routes[i].route;
+        }
+    return ROUTE_NONE;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **con_cls)
+{
+    tp_srv *s = cls;
+    body *bd = *con_cls;
+    bool post = false;
+    int route = route_of(url, &post);
+    if (!bd) {   /* the headers are in: answer at once what needs no body */
+        if (route == ROUTE_NONE)
+            return respond_error(s, con, method, url, 404, "no such route", NULL, NULL);
+        if (strcmp(method, post ? "POST" : "GET"))
+            return respond_error(s, con, method, url, 405, "method not allowed on this route", NULL, NULL);
+        const char *cl = MHD_lookup_connection_value(con, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (cl && strtoull(cl, NULL, 10) > s->max_body)
+            return respond_error(s, con, method, url, 413, "the request body is larger than the server's limit",
+                                 NULL, NULL);
+        if (!(bd = calloc(1, sizeof *bd)))
+            return MHD_NO;
+        *con_cls = bd;
+        return MHD_YES;
+    }
+    if (*upload_size > 0) {
+        if (!bd->too_big && bd->len + *upload_size > s->max_body) {
+            bd->too_big = true;   /* chunked: no Content-Length said so */
+            free(bd->data);
+            bd->data = NULL;
+            bd->len = bd->cap = 0;
+        }
+        if (!bd->too_big) {
+            if (bd->len + *upload_size + 1 > bd->cap) {
+                size_t cap = bd->cap ? bd->cap : 1024;
+                while (cap < bd->len + *upload_size + 1)
+                    cap *= 2;
+                char *d = realloc(bd->data, cap);
+                if (!d)
+                    return MHD_NO;
+                bd->data = d;
+                bd->cap = cap;
+            }
+            memcpy(bd->data + bd->len, upload, *upload_size);
+            bd->len += *upload_size;
+            bd->data[bd->len] = '\0';
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    switch (route) {
+    case ROUTE_MODELS: return models(s, con, url);
+    case ROUTE_HEALTH: {
+        pthread_mutex_lock(&s->mu);
+        bool ok = s->accepting;
+        pthread_mutex_unlock(&s->mu);
+        return respond(s, con, method, url, ok ? 200 : 503,
+                       strdup(ok ? "{\"status\": \"ok\"}" : "{\"status\": \"stopping\"}"), "application/json");
+    }
+    case ROUTE_METRICS: return respond(s, con, method, url, 200, tp_srv_metrics_text(s), "text/plain; version=0.0.4");
+    case ROUTE_COMPLETIONS: return generate(s, con, url, TP_SRV_COMPLETION, bd);
+    default:
+        if (!s->o->chat_template)
+            return respond_error(s, con, method, url, 404, "this model has no chat template", NULL, NULL);
+        return generate(s, con, url, TP_SRV_CHAT, bd);
+    }
+}
+
+static void on_completed(void *cls, struct MHD_Connection *con, void **con_cls, enum MHD_RequestTerminationCode code)
+{
+    body *bd = *con_cls;
+    if (bd) {
+        free(bd->data);
+        free(bd);
+    }
+    *con_cls = NULL;
+}
+
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    char line[512];
+    vsnprintf(line, sizeof line, fmt, ap);
+    line[strcspn(line, "\n")] = '\0';
+    tp_srv_logf(cls, "libmicrohttpd: %s", line);
+}
+
+/* ------------------------------------------------------------ start, stop */
+
+int tp_srv_http_start(tp_srv *s, tp_err *err)
+{
+    const char *host = s->o->host && s->o->host[0] ? s->o->host : "127.0.0.1";
+    int port = s->o->port > 0 ? s->o->port : 8000;
+    char port_s[16];
+    snprintf(port_s, sizeof port_s, "%d", port);
+    struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE }, *ai;
+    int gai = getaddrinfo(host, port_s, &hints, &ai);
+    if (gai)
+        return tp_errorf(err, "--host %s: %s", host, gai_strerror(gai));
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG;
+    if (ai->ai_family == AF_INET6)
+        flags |= MHD_USE_IPv6;
+    struct MHD_Daemon *d = MHD_start_daemon(
+        flags, (uint16_t)port, NULL, NULL, on_request, s,
+        MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, s,
+        MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)CONNECTION_LIMIT,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)CONNECTION_TIMEOUT_S,
+        MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)HEADER_MEMORY,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+        MHD_OPTION_END);
+    freeaddrinfo(ai);
+    if (!d)
+        return tp_errorf(err, "--port %d: cannot listen on %s:%d (in use, or not an address of this host?)", port,
+                         host, port);
+    s->http = d;
+    tp_srv_logf(s, "listening on http://%s:%d (model %s, %d slots of %d tokens)", host, port, s->model_name, s->slots,
+                s->max_seq);
+    return 0;
+}
+
+void tp_srv_http_stop(tp_srv *s)
+{
+    if (s->http)
+        MHD_stop_daemon(s->http);
+    s->http = NULL;
+}
