@@ -443,7 +443,8 @@ static void load(run *r)
     if (tp_load_rank(&r->lr, r->o.out, r->launch.rank, &lo, &err))
         die(r, &err, false);
     r->have_lr = true;
-    load_tokenizer(r);
+    if (!r->o.load_only)   /* --load-only measures the weights alone */
+        load_tokenizer(r);
     if (!on_cuda(r) && tp_loaded_rank_materialise(&r->lr, &err)) {
         r->have_lr = false;
         die(r, &err, false);
