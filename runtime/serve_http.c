@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -893,9 +894,24 @@ int tp_srv_http_start(tp_srv *s, tp_err *err)
     return 0;
 }
 
+/* Stops the daemon once the connections still open have finished (at most
+ * STOP_DRAIN_S): a request is released when its answer is queued, not when
+ * it has been sent, and stopping at once would cut off the answers just
+ * given (the 503s to running requests when a rank died, the last answers
+ * at SIGTERM).  A kept-alive idle connection only delays the stop. */
+#define STOP_DRAIN_S 2.0
 void tp_srv_http_stop(tp_srv *s)
 {
-    if (s->http)
-        MHD_stop_daemon(s->http);
+    if (!s->http)
+        return;
+    double t0 = tp_now();
+    while (tp_now() - t0 < STOP_DRAIN_S) {
+        const union MHD_DaemonInfo *info =
+            MHD_get_daemon_info(s->http, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
+        if (!info || info->num_connections == 0)
+            break;
+        usleep(10 * 1000);
+    }
+    MHD_stop_daemon(s->http);
     s->http = NULL;
 }

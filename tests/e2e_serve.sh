@@ -297,6 +297,7 @@ for r in 0 1; do
 done
 server_pid=$rank0
 if wait_health; then
+    rm -f "$tmp/body"
     curl -s -o "$tmp/body" -w '%{http_code}' -H 'Content-Type: application/json' \
         -d '{"prompt": [9707], "max_tokens": 5000, "temperature": 0}' "$(url /v1/completions)" >"$tmp/status" &
     cpid=$!
