@@ -1147,23 +1147,6 @@ static int check_quant_weight(const tp_model_config *c, const tp_tensor_ref *t, 
     return 0;
 }
 
-/* rest is "<module>.weight_scale_inv" or "<module>.weight_scale": the
- * weight's rest into buf and the suffix returned; NULL otherwise. */
-static const char *scale_weight_rest(const char *rest, char *buf, size_t cap)
-{
-    static const char *const suffixes[] = {"weight_scale_inv", "weight_scale"};
-    size_t n = strlen(rest);
-    for (size_t i = 0; i < 2; i++) {
-        size_t k = strlen(suffixes[i]);
-        if (n > k + 1 && rest[n - k - 1] == '.' && !strcmp(rest + n - k, suffixes[i]) &&
-            n - k + 6 < cap) {
-            snprintf(buf, cap, "%.*sweight", (int)(n - k), rest);
-            return suffixes[i];
-        }
-    }
-    return NULL;
-}
-
 /* A scale's shape: the config's scheme applied to the weight's shape as the
  * config implies it (want: the weight's dims; why: their names). */
 static int check_scale_ref(const tp_model_config *c, const tp_tensor_ref *t, const char *suffix,
@@ -1225,7 +1208,7 @@ static int check_layer_tensor(layer_seen *ls, const tp_tensor_ref *t, long layer
         return tp_errorf(err, "tensor %s: layer %ld, but num_hidden_layers is %d", t->name, layer,
                        c->n_layers);
     char wrest[256];
-    const char *suffix = scale_weight_rest(rest, wrest, sizeof wrest);
+    const char *suffix = tp_quant_scale_weight(rest, wrest, sizeof wrest);
     if (suffix)
         return check_layer_scale(ls, t, layer, wrest, suffix, report_unknown, err);
     bool is_bias = false;

@@ -457,6 +457,10 @@ tp_dtype tp_quant_dtype(tp_quant q);
 /* "P.weight" -> "P.<suffix>" into buf; false when name does not end in
  * ".weight", q is none or it does not fit. */
 bool tp_quant_scale_name(tp_quant q, const char *weight_name, char *buf, size_t cap);
+/* The inverse: "P.weight_scale_inv" or "P.weight_scale" (either scheme)
+ * -> "P.weight" into weight (cap bytes) and the suffix returned; NULL when
+ * the name is not a scale's (or the weight's name does not fit). */
+const char *tp_quant_scale_weight(const char *scale_name, char *weight, size_t cap);
 /* The scale's global shape for a [rows, cols] weight: block FP8
  * [ceil(rows / B0), ceil(cols / B1)] (2 dims), row int8 [rows] (1 dim).
  * Returns the number of dimensions. */

@@ -105,20 +105,10 @@ static int check_model_split(const tp_conversion *c, tp_err *err)
 
 /* ------------------------------------------------------ quantized weights */
 
-/* A quantization scale's name: "P.weight_scale_inv" or "P.weight_scale"
- * (either scheme); the weight's name "P.weight" into buf. */
+/* A quantization scale's name (either scheme): the weight's name into buf. */
 static bool scale_name(const char *name, char *weight, size_t cap)
 {
-    static const char *const suffixes[] = {".weight_scale_inv", ".weight_scale"};
-    size_t n = strlen(name);
-    for (size_t i = 0; i < 2; i++) {
-        size_t k = strlen(suffixes[i]);
-        if (n > k && !strcmp(name + n - k, suffixes[i]) && n - k + 8 <= cap) {
-            snprintf(weight, cap, "%.*s.weight", (int)(n - k), name);
-            return true;
-        }
-    }
-    return false;
+    return tp_quant_scale_weight(name, weight, cap) != NULL;
 }
 
 static bool is_8bit(tp_dtype dt)

@@ -47,6 +47,21 @@ bool tp_quant_scale_name(tp_quant q, const char *weight_name, char *buf, size_t 
     return w > 0 && (size_t)w < cap;
 }
 
+const char *tp_quant_scale_weight(const char *scale_name, char *weight, size_t cap)
+{
+    static const char *const suffixes[] = {"weight_scale_inv", "weight_scale"};
+    size_t n = strlen(scale_name);
+    for (size_t i = 0; i < 2; i++) {
+        size_t k = strlen(suffixes[i]);
+        if (n > k + 1 && scale_name[n - k - 1] == '.' && !strcmp(scale_name + n - k, suffixes[i]) &&
+            n - k + 6 < cap) {
+            snprintf(weight, cap, "%.*sweight", (int)(n - k), scale_name);
+            return suffixes[i];
+        }
+    }
+    return NULL;
+}
+
 static uint64_t ceil_div(uint64_t a, uint64_t b)
 {
     return a / b + (a % b != 0);

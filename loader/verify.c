@@ -649,13 +649,8 @@ static int check_not_held(const conversion *c, int r, const char *name, int owne
  * and returns 1 when s is such a scale, 0 when it is compared as it is. */
 static int widened_scale(const tp_st_tensor *s, tp_st_tensor *wide, tp_err *err)
 {
-    static const char *const suffixes[] = {".weight_scale_inv", ".weight_scale"};
-    size_t n = strlen(s->name);
-    bool scale = false;
-    for (size_t i = 0; i < 2; i++) {
-        size_t k = strlen(suffixes[i]);
-        scale = scale || (n > k && !strcmp(s->name + n - k, suffixes[i]));
-    }
+    char weight[1024];
+    bool scale = tp_quant_scale_weight(s->name, weight, sizeof weight) != NULL;
     if (!scale || (s->dtype != TP_BF16 && s->dtype != TP_F16))
         return 0;
     size_t count = s->nbytes / tp_dtype_size(s->dtype);

@@ -257,12 +257,10 @@ static int get_scales(loader_ctx *lc, const tp_loaded_tensor *wt, tpg_quant *q,
         return tp_errorf(err, "%s: rank %d: tensor %s is %s but config.json's quantization_config "
                          "does not declare %s", lr->source, lr->rank, t->name,
                          tp_dtype_name(t->dtype), fp8 ? "fp8 block scales" : "int8 row scales");
-    size_t len = strlen(t->name);
-    if (len < 7 || strcmp(t->name + len - 7, ".weight") != 0)
+    char name[320];
+    if (!tp_quant_scale_name(c->quant, t->name, name, sizeof name))
         return tp_errorf(err, "%s: rank %d: tensor %s: an 8-bit tensor's name must end in .weight",
                          lr->source, lr->rank, t->name);
-    char name[320];
-    snprintf(name, sizeof name, "%s%s", t->name, fp8 ? "_scale_inv" : "_scale");
     int64_t r0, r1, c0, c1;
     if (slice_ranges(lr, t, &r0, &r1, &c0, &c1, err) < 0)
         return -1;
