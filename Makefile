@@ -189,7 +189,7 @@ bench-cpu: all
 # Opt-in: the qwen3-8b shape (writes ~32 GB: the model and one conversion at
 # a time), tprun alone at tp 1 and 2; PRESET_8B=qwen3-0.6b tries it small.
 bench-cpu-8b: all
-	PRESET=$${PRESET_8B:-qwen3-8b} TPS="1 2" CODECS=none LLAMA=0 ROUNDS=1 bash bench/bench_cpu.sh
+	PRESET=$${PRESET_8B:-qwen3-8b} TPS="1 2" CODECS=none QUANT= LLAMA=0 ROUNDS=1 bash bench/bench_cpu.sh
 bench-gpu: all
 	bash bench/bench_gpu.sh
 bench-comm: all

@@ -26,6 +26,11 @@
 #      peak RSS        /usr/bin/time's maximum resident set of the decode run
 #    median and best (tok/s: max; TTFT: min) over the rounds, and our
 #    medians as a ratio of llama.cpp bf16's; then the issue's targets.
+#    tprun-fp8 / tprun-int8 are the same weights through tpconvert
+#    --quantize fp8 / int8 (the linear layers; the tied embedding / lm_head
+#    stays bf16, so the rank file is not half the bf16 one: the script
+#    prints the byte ratio, the bound of a decode that only streams weights),
+#    against our bf16 decode and llama.cpp q8_0.
 # 4. tprun alone at every tp in $TPS (ranks joined by tcp on 127.0.0.1,
 #    each with $THREADS / tp threads): load seconds per rank for every
 #    codec in $CODECS (warm page cache, checksums verified), prefill and
@@ -33,7 +38,9 @@
 #    deleted after use (the 8B preset writes ~32 GB at most at once).
 #
 # Environment: BIN (bin), PRESET (qwen3-0.6b), TPS ("1 2"), CODECS
-# ("none zstd"), PROMPT_LEN (128), NEW_TOKENS (32), ROUNDS (3), THREADS
+# ("none zstd"), QUANT ("fp8 int8"; "" skips the 8-bit rows), QUANT_FLAGS
+# (more tpconvert flags for them, e.g. --quantize-lm-head), SYNTH_FLAGS (more
+# tpsynth flags, e.g. --no-tie), PROMPT_LEN (128), NEW_TOKENS (32), ROUNDS (3), THREADS
 # (nproc), LLAMA (1; 0 skips llama.cpp), LLAMA_DIR (build/llama.cpp),
 # BENCH_TMP (the work directory's parent, default $TMPDIR or /tmp).
 # Figures on a shared machine are noisy: compare medians of interleaved runs.
@@ -43,6 +50,9 @@ BIN=${BIN:-bin}
 PRESET=${PRESET:-qwen3-0.6b}
 TPS=${TPS:-"1 2"}
 CODECS=${CODECS:-"none zstd"}
+QUANT=${QUANT-"fp8 int8"}
+QUANT_FLAGS=${QUANT_FLAGS:-}
+SYNTH_FLAGS=${SYNTH_FLAGS:-}
 PROMPT_LEN=${PROMPT_LEN:-128}
 NEW_TOKENS=${NEW_TOKENS:-32}
 ROUNDS=${ROUNDS:-3}
@@ -63,7 +73,7 @@ results=$work/results.tsv   # tool <TAB> metric <TAB> value, one line per measur
 : > "$results"
 
 echo "== model: $BIN/tpsynth --preset $PRESET"
-"$BIN/tpsynth" --preset "$PRESET" --tokenizer "$tokenizer" --quiet "$work/model"
+"$BIN/tpsynth" --preset "$PRESET" $SYNTH_FLAGS --tokenizer "$tokenizer" --quiet "$work/model"
 cfg=$work/model/config.json
 cfg_int() { sed -n "s/.*\"$1\":[[:space:]]*\([0-9]*\).*/\1/p" "$cfg" | head -n 1; }
 vocab=$(cfg_int vocab_size)
@@ -142,16 +152,16 @@ fi
 # ------------------------------------------------------------ measuring
 
 # tprun tp 1, one round: decode + prefill (+ peak RSS), then TTFT.
-round_tprun() { # conversion
-    local out=$1
+round_tprun() { # tool name, conversion
+    local tool=$1 out=$2
     /usr/bin/time -f %M -o "$work/rss" "$BIN/tprun" "$out" "${gen[@]}" --threads "$THREADS" --json \
         > "$work/gen.json" 2> "$work/gen.err" || { echo "bench_cpu: tprun failed: $(tail -n 3 "$work/gen.err")" >&2; exit 1; }
-    printf 'tprun\tdecode\t%s\ntprun\tprefill\t%s\ntprun\trss\t%s\n' \
+    printf '%s\tdecode\t%s\n%s\tprefill\t%s\n%s\trss\t%s\n' "$tool" \
         "$(json_field "$work/gen.json" decode_tokens_per_s)" \
-        "$(json_field "$work/gen.json" prefill_tokens_per_s)" "$(tail -n 1 "$work/rss")" >> "$results"
+        "$tool" "$(json_field "$work/gen.json" prefill_tokens_per_s)" "$tool" "$(tail -n 1 "$work/rss")" >> "$results"
     /usr/bin/time -f %e -o "$work/wall" "$BIN/tprun" "$out" --prompt-ids "$ids" --max-new-tokens 1 \
         --temperature 0 --threads "$THREADS" > /dev/null 2>&1
-    printf 'tprun\tttft\t%s\n' "$(tail -n 1 "$work/wall")" >> "$results"
+    printf '%s\tttft\t%s\n' "$tool" "$(tail -n 1 "$work/wall")" >> "$results"
 }
 
 # llama-bench -o csv: the avg_ts of the row whose n_prompt / n_gen is set.
@@ -209,13 +219,18 @@ tp1=$work/tp1-none
 "$BIN/tpconvert" --tp 1 --compress none --quiet "$work/model" "$tp1"
 tp1_bytes=$(du -sb "$tp1"/rank-*.tpshard | awk '{ s += $1 } END { print s }')
 tools=(tprun)
+for q in $QUANT; do
+    "$BIN/tpconvert" --tp 1 --compress none --quantize "$q" $QUANT_FLAGS --quiet "$work/model" "$work/tp1-$q"
+    tools+=(tprun-$q)
+done
 [ "$LLAMA" = 1 ] && tools+=(llama.cpp-bf16 llama.cpp-q8_0)
 if [ "$LLAMA" = 1 ]; then
     probe_llama llama.cpp-bf16 "$gguf_bf16" && probe_llama llama.cpp-q8_0 "$gguf_q8" || exit 1
 fi
 echo "== $ROUNDS interleaved rounds: ${tools[*]} ($THREADS threads)"
 for (( r = 1; r <= ROUNDS; r++ )); do
-    round_tprun "$tp1"
+    round_tprun tprun "$tp1"
+    for q in $QUANT; do round_tprun tprun-$q "$work/tp1-$q"; done
     if [ "$LLAMA" = 1 ]; then
         round_llama llama.cpp-bf16 "$gguf_bf16"
         round_llama llama.cpp-q8_0 "$gguf_q8"
@@ -223,7 +238,7 @@ for (( r = 1; r <= ROUNDS; r++ )); do
 done
 
 echo
-echo "bench-cpu: $PRESET, tp 1, $THREADS threads, $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))"
+echo "bench-cpu: $PRESET${SYNTH_FLAGS:+ $SYNTH_FLAGS}${QUANT_FLAGS:+ (8-bit: $QUANT_FLAGS)}, tp 1, $THREADS threads, $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))"
 echo "prompt $PROMPT_LEN tokens, $NEW_TOKENS new tokens, greedy; $ROUNDS interleaved rounds; median (best)"
 printf '%-16s %18s %18s %16s %14s\n' tool "decode tok/s" "prefill tok/s" "TTFT s" "peak RSS GB"
 for t in "${tools[@]}"; do
@@ -245,6 +260,21 @@ if [ "$LLAMA" = 1 ]; then
         printf "target decode >= 1.0x llama.cpp bf16: %s\n", (dm >= dl ? "met" : "NOT met")
         printf "target prefill >= 1.0x llama.cpp bf16: %s\n", (pm >= pl ? "met" : "NOT met") }'
 fi
+# The 8-bit conversions: decode against our bf16 and llama.cpp q8_0.
+read -r dm _ <<< "$(stats tprun decode max)"
+for q in $QUANT; do
+    qbytes=$(du -sb "$work/tp1-$q"/rank-*.tpshard | awk '{ s += $1 } END { print s }')
+    read -r dq _ <<< "$(stats tprun-$q decode max)"
+    awk -v q="$q" -v dq="$dq" -v dm="$dm" -v b="$tp1_bytes" -v qb="$qbytes" 'BEGIN {
+        printf "tprun %s / tprun bf16 decode (medians): %.2fx (rank file %.2f GB vs %.2f GB: byte ratio %.2fx); target >= 1.7x: %s\n",
+            q, dq / dm, qb / 1e9, b / 1e9, b / qb, (dq >= 1.7 * dm ? "met" : "NOT met") }'
+    if [ "$LLAMA" = 1 ] && [ "$q" = int8 ]; then
+        read -r dl _ <<< "$(stats llama.cpp-q8_0 decode max)"
+        awk -v dq="$dq" -v dl="$dl" 'BEGIN {
+            printf "tprun int8 / llama.cpp q8_0 decode (medians): %.2fx; target >= 1.0x: %s\n", dq / dl, (dq >= dl ? "met" : "NOT met") }'
+    fi
+    rm -rf "$work/tp1-$q"
+done
 # RSS target: the rank file plus the KV cache that the run fills (fp32 K and V).
 kv=$(( ($(cfg_int num_hidden_layers) * $(cfg_int num_key_value_heads) * $(cfg_int head_dim)) * 8 * (PROMPT_LEN + NEW_TOKENS) ))
 read -r rssm _ <<< "$(stats tprun rss min)"
