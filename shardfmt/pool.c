@@ -4,7 +4,50 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define cpu_relax() _mm_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+/* A thread with nothing to do spins this long before it sleeps on a
+ * condition variable.  The decode step of a model is a hundred or so short
+ * parallel sections per token with a little serial work between them; a
+ * futex wake-up costs tens of microseconds on a VM, and paying it twice per
+ * section (the helper's start, the caller's finish) cost a few percent of
+ * decode speed.  Work that is not that fine-grained loses at most this much
+ * CPU per idle period. */
+#define SPIN_NS 200000L
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Spins until *flag is non-zero or SPIN_NS passed; returns the flag. */
+static size_t spin_until_nonzero(atomic_size_t *flag)
+{
+    long long deadline = 0;
+    for (unsigned i = 0;; i++) {
+        size_t v = atomic_load_explicit(flag, memory_order_acquire);
+        if (v)
+            return v;
+        if ((i & 63) == 0) {
+            long long t = now_ns();
+            if (!deadline)
+                deadline = t + SPIN_NS;
+            else if (t > deadline)
+                return 0;
+        }
+        cpu_relax();
+    }
+}
 
 typedef struct job {
     tp_job_fn fn;
@@ -18,6 +61,7 @@ struct tp_pool {
     pthread_cond_t all_done;     /* unfinished dropped to 0 */
     job *head, *tail;
     size_t unfinished;           /* queued + running */
+    atomic_size_t queued;        /* jobs in the queue (read without mu by spinners) */
     bool stopping;
     int nthreads;
     pthread_t *threads;
@@ -28,6 +72,11 @@ static void *worker_main(void *p)
     tp_pool *pool = p;
     pthread_mutex_lock(&pool->mu);
     for (;;) {
+        if (!pool->head && !pool->stopping) {
+            pthread_mutex_unlock(&pool->mu);
+            spin_until_nonzero(&pool->queued);
+            pthread_mutex_lock(&pool->mu);
+        }
         while (!pool->head && !pool->stopping)
             pthread_cond_wait(&pool->work_ready, &pool->mu);
         if (!pool->head && pool->stopping)
@@ -36,6 +85,7 @@ static void *worker_main(void *p)
         pool->head = j->next;
         if (!pool->head)
             pool->tail = NULL;
+        atomic_fetch_sub(&pool->queued, 1);
         pthread_mutex_unlock(&pool->mu);
         j->fn(j->arg);
         free(j);
@@ -62,6 +112,7 @@ tp_pool *tp_pool_create(int nthreads)
         return NULL;
     }
     pthread_mutex_init(&pool->mu, NULL);
+    atomic_init(&pool->queued, 0);
     pthread_cond_init(&pool->work_ready, NULL);
     pthread_cond_init(&pool->all_done, NULL);
     for (int i = 0; i < nthreads; i++) {
@@ -100,6 +151,7 @@ void tp_pool_submit(tp_pool *pool, tp_job_fn fn, void *arg)
         pool->head = j;
     pool->tail = j;
     pool->unfinished++;
+    atomic_fetch_add(&pool->queued, 1);
     pthread_cond_signal(&pool->work_ready);
     pthread_mutex_unlock(&pool->mu);
 }
@@ -145,7 +197,8 @@ typedef struct pfor_ctx {
     atomic_int refs;
     pthread_mutex_t mu;
     pthread_cond_t done_cv;
-    size_t done;
+    atomic_size_t done;      /* indices finished; changed under mu, read by the spinning caller */
+    atomic_size_t all_done;  /* done == n (a flag the caller can spin on) */
 } pfor_ctx;
 
 static void pfor_release(pfor_ctx *c)
@@ -169,9 +222,10 @@ static void pfor_run(pfor_ctx *c)
     }
     if (mine > 0) {
         pthread_mutex_lock(&c->mu);
-        c->done += mine;
-        if (c->done == c->n)
+        if (atomic_fetch_add(&c->done, mine) + mine == c->n) {
+            atomic_store_explicit(&c->all_done, 1, memory_order_release);
             pthread_cond_broadcast(&c->done_cv);
+        }
         pthread_mutex_unlock(&c->mu);
     }
 }
@@ -198,6 +252,8 @@ void tp_pool_parallel_for(tp_pool *pool, size_t n, void (*fn)(size_t i, void *ar
     c->arg = arg;
     c->n = n;
     atomic_init(&c->next, 0);
+    atomic_init(&c->done, 0);
+    atomic_init(&c->all_done, 0);
     pthread_mutex_init(&c->mu, NULL);
     pthread_cond_init(&c->done_cv, NULL);
     size_t helpers = (size_t)nthreads < n ? (size_t)nthreads : n - 1;
@@ -205,8 +261,9 @@ void tp_pool_parallel_for(tp_pool *pool, size_t n, void (*fn)(size_t i, void *ar
     for (size_t h = 0; h < helpers; h++)
         tp_pool_submit(pool, pfor_job, c);
     pfor_run(c);
+    spin_until_nonzero(&c->all_done);
     pthread_mutex_lock(&c->mu);
-    while (c->done < c->n)
+    while (atomic_load(&c->done) < c->n)
         pthread_cond_wait(&c->done_cv, &c->mu);
     pthread_mutex_unlock(&c->mu);
     pfor_release(c);
