@@ -19,7 +19,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
+#include "tp_xxhash.h"
 
 #define COPY_PIECE (4u << 20)
 

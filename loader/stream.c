@@ -18,7 +18,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <xxhash.h>
+#include "tp_xxhash.h"
 
 #define DEFAULT_PIECE ((size_t)4 << 20)
 

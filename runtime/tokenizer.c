@@ -21,7 +21,7 @@
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
-#include <xxhash.h>
+#include "tp_xxhash.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -13,7 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <xxhash.h>
+#include "tp_xxhash.h"
 
 #include "json_internal.h"
 #include "shard_internal.h"

@@ -17,7 +17,7 @@
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
+#include "tp_xxhash.h"
 
 /* ------------------------------------------------------------------ errors */
 
