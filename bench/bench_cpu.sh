@@ -314,8 +314,11 @@ for tp in $TPS; do
         bytes=$(du -sb "$out" | cut -f1)
         run_ranks "$tp" "$work/load.json" "$out" --load-only --verbose
         load_s=$(sed -n 's/^tprun: loaded rank 0 .* in \([0-9.]*\) s.*/\1/p' "$work/load.json.err")
-        prefill=-; decode=-; rss=-
+        prefill=-; decode=-; rss=-; read_s=-
         if [ "$codec" = none ]; then
+            # the load target's yardstick: rank 0's file read once from the page cache
+            /usr/bin/time -f %e -o "$work/wall" cat "$out"/rank-00000-of-*.tpshard > /dev/null
+            read_s=$(tail -n 1 "$work/wall")
             run_ranks "$tp" "$work/gen.json" "$out" "${gen[@]}"
             prefill=$(printf '%.1f' "$(json_field "$work/gen.json" prefill_tokens_per_s)")
             decode=$(printf '%.2f' "$(json_field "$work/gen.json" decode_tokens_per_s)")
@@ -323,13 +326,13 @@ for tp in $TPS; do
                   awk '{ printf "%s%.2f", (NR > 1 ? "/" : ""), $1 * 1024 / 1e9 }')
         fi
         rm -rf "$out"
-        rows+=("$(printf '%-4s %-6s %10.3f %12s %14s %14s %s' "$tp" "$codec" \
-            "$(awk -v b="$bytes" 'BEGIN { print b / 1e9 }')" "$load_s" "$prefill" "$decode" "$rss")")
+        rows+=("$(printf '%-4s %-6s %10.3f %12s %12s %14s %14s %s' "$tp" "$codec" \
+            "$(awk -v b="$bytes" 'BEGIN { print b / 1e9 }')" "$load_s" "$read_s" "$prefill" "$decode" "$rss")")
     done
 done
 
 echo
 echo "tprun at tp $TPS: each rank $THREADS / tp threads; warm page cache, checksums verified; rank 0's figures"
-printf '%-4s %-6s %10s %12s %14s %14s %s\n' tp codec "out GB" "load s/rank" "prefill tok/s" "decode tok/s" \
-    "peak RSS GB per rank"
+printf '%-4s %-6s %10s %12s %12s %14s %14s %s\n' tp codec "out GB" "load s/rank" "cat s/rank" "prefill tok/s" \
+    "decode tok/s" "peak RSS GB per rank"
 for r in "${rows[@]}"; do echo "$r"; done
