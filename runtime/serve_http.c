@@ -24,9 +24,25 @@
 
 #include "serve_internal.h"
 
+/* What bounds the clients, set explicitly rather than left to
+ * libmicrohttpd's defaults:
+ *   CONNECTION_LIMIT: open connections, each a thread.  A request needs its
+ *     connection until answered, and at most max_queue (64) + slots wait or
+ *     run, past that 429 comes at once: 256 leaves room for idle keep-alive
+ *     and streaming clients.  Past it, new connections wait in the listen
+ *     backlog (a flood of idle ones costs 256 threads, no more; no per-IP
+ *     limit: the clients of a local server, or behind a proxy, share one).
+ *   CONNECTION_TIMEOUT_S: a connection with no traffic for that long (its
+ *     headers or body never finishing, an idle keep-alive) is closed and its
+ *     thread freed; a request waiting for its answer is not idle in this
+ *     sense (its thread is in our handler).  60 s: longer than clients keep
+ *     an idle connection alive (httpx 5 s), so the server is never the one
+ *     that closes it under a client's new request.
+ *   HEADER_MEMORY: request line + headers per connection; more gets 431.
+ *   max_body (tp_serve_opts): the body; more gets 413 (BODY_DRAIN_FACTOR). */
 #define CONNECTION_LIMIT 256
-#define CONNECTION_TIMEOUT_S 60     /* an idle (or too slow) connection is closed */
-#define HEADER_MEMORY (64 * 1024)   /* request line + headers; more gets 431 from libmicrohttpd */
+#define CONNECTION_TIMEOUT_S 60
+#define HEADER_MEMORY (64 * 1024)
 #define WAIT_SLICE_MS 200           /* how often a waiting thread checks its client */
 
 /* ------------------------------------------------------------ helpers */
@@ -51,31 +67,48 @@ static int connection_fd(struct MHD_Connection *con)
     return ci ? (int)ci->connect_fd : -1;
 }
 
+/* Waits (under s->mu) for r->cv, one slice at most; false when the client
+ * left.  The client is checked once a slice however often r->cv is
+ * signalled: the tokens of a non-streamed answer wake its thread at every
+ * step, and a check only on a quiet slice would never come (the slot of a
+ * client gone mid-answer stayed taken until max_tokens). */
+static bool wait_slice(tp_srv *s, tp_srv_req *r, int fd, double *checked)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += WAIT_SLICE_MS * 1000000L;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait(&r->cv, &s->mu, &ts);
+    double now = tp_now();
+    if (now - *checked < WAIT_SLICE_MS / 1000.0)
+        return true;
+    *checked = now;
+    if (!peer_gone(fd))
+        return true;
+    r->cancelled = true;
+    pthread_cond_broadcast(&s->wake);
+    return false;
+}
+
 /* Waits (under s->mu) until r is done or r->out holds more than `since`
  * bytes; false when the client left. */
 static bool wait_news(tp_srv *s, tp_srv_req *r, int fd, size_t since)
 {
-    while (!r->done && r->out_len == since) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += WAIT_SLICE_MS * 1000000L;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        if (pthread_cond_timedwait(&r->cv, &s->mu, &ts) != 0 && peer_gone(fd)) {
-            r->cancelled = true;
-            pthread_cond_broadcast(&s->wake);
+    double checked = tp_now();
+    while (!r->done && r->out_len == since)
+        if (!wait_slice(s, r, fd, &checked))
             return false;
-        }
-    }
     return true;
 }
 
 /* Waits (under s->mu) until r is done or its client left. */
 static void wait_done(tp_srv *s, tp_srv_req *r, int fd)
 {
-    while (!r->done && wait_news(s, r, fd, r->out_len))
+    double checked = tp_now();
+    while (!r->done && wait_slice(s, r, fd, &checked))
         ;
 }
 
@@ -446,7 +479,13 @@ static size_t content_length(const char *v)
 
 /* Keeps a piece of the body, or only counts it once the body is over the
  * limit (a chunked body has no Content-Length to refuse it early): memory
- * stays bounded by max_body whatever the client sends.  -1: out of memory. */
+ * stays bounded by max_body whatever the client sends.  -1: out of memory.
+ * libmicrohttpd (0.9.75) cannot queue an answer in the middle of an upload
+ * (MHD_queue_response fails there): a chunked body over the limit is read
+ * to its end and answered 413, up to BODY_DRAIN_FACTOR times the limit;
+ * past that the connection is closed without an answer, so a client that
+ * never ends its body holds no connection for long. */
+#define BODY_DRAIN_FACTOR 4
 static int keep_body(const tp_srv *s, body *bd, const char *piece, size_t n)
 {
     bd->received += n;
@@ -484,6 +523,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
         if (keep_body(s, bd, upload, *upload_size))
             return MHD_NO;
         *upload_size = 0;
+        if (bd->received / BODY_DRAIN_FACTOR > s->max_body) {
+            tp_srv_logf(s, "%s %s: closed after %zu bytes of a chunked body (limit %zu)", method, url, bd->received,
+                        s->max_body);
+            return MHD_NO;
+        }
         return MHD_YES;
     }
     switch (route) {
