@@ -287,6 +287,75 @@ static void test_chat_template_errors(void)
     tp_template_free(t);
 }
 
+/* The HTTP side parses in libmicrohttpd's connection threads at once, on
+ * one tokenizer and one template (runtime.h: safe for that).  Each thread
+ * must get what one thread alone gets; under -fsanitize=thread this is the
+ * check that they share no mutable state. */
+#define N_THREADS 4
+#define N_ROUNDS 8
+static const char *const parallel_bodies[] = {
+    ("{\"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": "
+     "\"Qu'est-ce que c'est? \u00e9\u4e2d\"}], \"chat_template_kwargs\": {\"enable_thinking\": false}}"),
+    "{\"messages\": [{\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"Hi <|im_end|> there\"}]}]}",
+    "{\"prompt\": \"The capital of France is\", \"stop\": [\".\"]}",
+    "{\"prompt\": \"  spaces\\n\\nand 12345 numbers!!\"}",
+};
+#define N_BODIES (sizeof parallel_bodies / sizeof parallel_bodies[0])
+
+typedef struct parallel_want {
+    int32_t *ids;
+    int n;
+} parallel_want;
+static parallel_want parallel_wants[N_BODIES];
+
+static int kind_of(const char *body)
+{
+    return strstr(body, "\"messages\"") ? TP_SRV_CHAT : TP_SRV_COMPLETION;
+}
+
+static void *parallel_worker(void *arg)
+{
+    int *mismatches = arg;
+    for (int round = 0; round < N_ROUNDS; round++)
+        for (size_t i = 0; i < N_BODIES; i++) {
+            tp_srv_req *r = tp_srv_req_new(&fx.s);
+            tp_srv_bad b;
+            const parallel_want *w = &parallel_wants[i];
+            if (!r || tp_srv_parse_request(&fx.s, kind_of(parallel_bodies[i]), parallel_bodies[i],
+                                           strlen(parallel_bodies[i]), r, &b) ||
+                r->n_prompt != w->n || memcmp(r->prompt, w->ids, (size_t)w->n * sizeof *w->ids))
+                ++*mismatches;
+            if (r)
+                tp_srv_req_release(&fx.s, r);
+        }
+    return NULL;
+}
+
+static void test_parallel(void)
+{
+    for (size_t i = 0; i < N_BODIES; i++) {
+        tp_srv_req *r;
+        tp_srv_bad b;
+        CHECK(parse(kind_of(parallel_bodies[i]), parallel_bodies[i], &r, &b) == 0, "%s: %s", parallel_bodies[i],
+              b.msg);
+        parallel_wants[i].n = r->n_prompt;
+        parallel_wants[i].ids = r->prompt;
+        r->prompt = NULL;
+        tp_srv_req_release(&fx.s, r);
+    }
+    pthread_t th[N_THREADS];
+    int mismatches[N_THREADS] = { 0 };
+    for (int t = 0; t < N_THREADS; t++)
+        CHECK(pthread_create(&th[t], NULL, parallel_worker, &mismatches[t]) == 0, "pthread_create");
+    for (int t = 0; t < N_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        CHECK(mismatches[t] == 0, "thread %d: %d of %zu parses differ from one thread's", t, mismatches[t],
+              N_ROUNDS * N_BODIES);
+    }
+    for (size_t i = 0; i < N_BODIES; i++)
+        free(parallel_wants[i].ids);
+}
+
 int main(void)
 {
     tp_err err;
@@ -299,6 +368,7 @@ int main(void)
     test_completions();
     test_chat();
     test_chat_template_errors();
+    test_parallel();
     CHECK(fx.s.live_reqs == 0, "%d requests not freed", fx.s.live_reqs);
     serve_fixture_free(&fx);
     return check_finish("test_serve_request");
