@@ -158,6 +158,9 @@ struct node {
     size_t kw_cap;
 };
 
+/* Written by tp_template_parse (and tp_template_set_time) only: renders
+ * read it from several threads at once (runtime.h), so whatever a render
+ * needs to write goes in its rctx, never here. */
 struct tp_template {
     arena ar;
     char *src;          /* the normalised source (newlines as "\n", no trailing newline) */

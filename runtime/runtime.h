@@ -21,7 +21,16 @@ extern "C" {
  * Llama-3 style): NFC normaliser, the pre-tokenizer's split regex (PCRE2),
  * byte-to-unicode mapping, merges by rank, added tokens matched first.
  * Configurations it does not implement are refused with an error naming the
- * key.  Encoding adds no BOS/EOS (HF's add_special_tokens=False). */
+ * key.  Encoding adds no BOS/EOS (HF's add_special_tokens=False).
+ *
+ * Threads: a loaded tokenizer is only read.  tp_tokenizer_encode,
+ * tp_tokenizer_decode, tp_tokenizer_token_id, tp_tokenizer_vocab_size and
+ * tp_detok_new may run in several threads at once on the same tokenizer:
+ * each call keeps its scratch (PCRE2 match data, BPE buffers) to itself and
+ * nothing is cached in the tokenizer (tprun --serve encodes in every
+ * connection thread while its scheduler decodes).  tp_tokenizer_set_model_vocab
+ * writes it: call it before the tokenizer is shared.  A tp_detok is one
+ * stream's state: one thread at a time. */
 typedef struct tp_tokenizer tp_tokenizer;
 
 /* The path may end in ".zst" (zstd-compressed tokenizer.json). */
@@ -70,7 +79,14 @@ int tp_tokenizer_decode(const tp_tokenizer *tok, const int32_t *ids, size_t n, b
 
 /* A parsed Jinja chat template (the subset real chat templates use: Qwen2.5,
  * Qwen3, Llama 3.x, Mistral), rendered as transformers' apply_chat_template
- * renders it (runtime/jinja.c says what is supported). */
+ * renders it (runtime/jinja.c says what is supported).
+ *
+ * Threads: a parsed template is only read while it renders.
+ * tp_template_render and tp_chat_render may run in several threads at once
+ * on the same template (and the same ctx, which is only read): each render
+ * has its own arena, variables and output, and strftime_now uses
+ * localtime_r (tprun --serve renders in every connection thread).
+ * tp_template_set_time writes it: call it before the template is shared. */
 typedef struct tp_template tp_template;
 struct cJSON;
 /* name: for messages ("tokenizer_config.json: chat_template").  An
@@ -390,7 +406,9 @@ void tp_gen_result_free(tp_gen_result *r);
  * returns -1.  *stop (set from a signal handler; rank 0 reads it) stops
  * admission (new requests get 503), lets running requests finish for
  * grace_s seconds, cancels the rest, sends a stop plan to every rank and
- * returns 0. */
+ * returns 0.  Requests are parsed, rendered (chat_template) and encoded
+ * (tok) in libmicrohttpd's connection threads, several at once, without a
+ * lock: the thread contracts of the tokenizer and the template above. */
 typedef struct tp_serve_opts {
     const char *host;               /* rank 0 listens here (default "127.0.0.1") */
     int port;                       /* 0: 8000 */

@@ -224,8 +224,7 @@ int tp_srv_submit(tp_srv *s, tp_srv_req *r, const char **why)
     return status;
 }
 
-/* Appends bytes to a growing buffer. */
-static int buf_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n)
+int tp_srv_buf_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n)
 {
     if (*len + n + 1 > *cap) {
         size_t c = *cap ? *cap : 256;
@@ -282,7 +281,7 @@ static void hist_text(char **b, size_t *len, size_t *cap, const char *name, cons
 {
     char line[256];
     int n = snprintf(line, sizeof line, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
-    buf_append(b, len, cap, line, (size_t)n);
+    tp_srv_buf_append(b, len, cap, line, (size_t)n);
     unsigned long long cum = 0;
     for (int i = 0; i <= TP_SRV_N_BUCKETS; i++) {
         cum += h->count[i];
@@ -291,7 +290,7 @@ static void hist_text(char **b, size_t *len, size_t *cap, const char *name, cons
         else
             n = snprintf(line, sizeof line, "%s_bucket{le=\"+Inf\"} %llu\n%s_sum %.6f\n%s_count %llu\n", name,
                          cum, name, h->sum, name, cum);
-        buf_append(b, len, cap, line, (size_t)n);
+        tp_srv_buf_append(b, len, cap, line, (size_t)n);
     }
 }
 
@@ -302,11 +301,11 @@ char *tp_srv_metrics_text(tp_srv *s)
     pthread_mutex_lock(&s->mu);
     int n = snprintf(line, sizeof line, "# HELP tpshard_requests_total HTTP requests answered, by status.\n"
                      "# TYPE tpshard_requests_total counter\n");
-    buf_append(&b, &len, &cap, line, (size_t)n);
+    tp_srv_buf_append(&b, &len, &cap, line, (size_t)n);
     for (int i = 0; i < 6; i++) {
         n = snprintf(line, sizeof line, "tpshard_requests_total{status=\"%s\"} %llu\n", status_names[i],
                      s->by_status[i]);
-        buf_append(&b, &len, &cap, line, (size_t)n);
+        tp_srv_buf_append(&b, &len, &cap, line, (size_t)n);
     }
     n = snprintf(line, sizeof line,
                  "# HELP tpshard_prompt_tokens_total Prompt tokens of the requests admitted.\n"
@@ -318,7 +317,7 @@ char *tp_srv_metrics_text(tp_srv *s)
                  "# HELP tpshard_running_requests Requests in the running batch.\n"
                  "# TYPE tpshard_running_requests gauge\ntpshard_running_requests %d\n",
                  s->prompt_tokens, s->generated_tokens, s->q_len, s->running);
-    buf_append(&b, &len, &cap, line, (size_t)n);
+    tp_srv_buf_append(&b, &len, &cap, line, (size_t)n);
     hist_text(&b, &len, &cap, "tpshard_time_to_first_token_seconds", "From arrival to the first generated token.",
               &s->ttft);
     hist_text(&b, &len, &cap, "tpshard_inter_token_latency_seconds", "Between two tokens of one request.", &s->itl);
@@ -385,7 +384,7 @@ static int publish_locked(tp_srv_req *r, size_t upto)
 {
     if (upto <= r->text_sent)
         return 0;
-    if (buf_append(&r->out, &r->out_len, &r->out_cap, r->text + r->text_sent, upto - r->text_sent))
+    if (tp_srv_buf_append(&r->out, &r->out_len, &r->out_cap, r->text + r->text_sent, upto - r->text_sent))
         return -1;
     r->text_sent = upto;
     pthread_cond_broadcast(&r->cv);
@@ -422,7 +421,7 @@ static bool is_eos(const tp_srv *s, int32_t id)
 /* Adds decoded text; returns -1 when out of memory. */
 static int add_text(tp_srv_req *r, char *piece)
 {
-    int rc = piece ? buf_append(&r->text, &r->text_len, &r->text_cap, piece, strlen(piece)) : 0;
+    int rc = piece ? tp_srv_buf_append(&r->text, &r->text_len, &r->text_cap, piece, strlen(piece)) : 0;
     free(piece);
     return rc;
 }

@@ -14,6 +14,7 @@
 #include <microhttpd.h>
 #include <netdb.h>
 #include <poll.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,9 +24,25 @@
 
 #include "serve_internal.h"
 
+/* What bounds the clients, set explicitly rather than left to
+ * libmicrohttpd's defaults:
+ *   CONNECTION_LIMIT: open connections, each a thread.  A request needs its
+ *     connection until answered, and at most max_queue (64) + slots wait or
+ *     run, past that 429 comes at once: 256 leaves room for idle keep-alive
+ *     and streaming clients.  Past it, new connections wait in the listen
+ *     backlog (a flood of idle ones costs 256 threads, no more; no per-IP
+ *     limit: the clients of a local server, or behind a proxy, share one).
+ *   CONNECTION_TIMEOUT_S: a connection with no traffic for that long (its
+ *     headers or body never finishing, an idle keep-alive) is closed and its
+ *     thread freed; a request waiting for its answer is not idle in this
+ *     sense (its thread is in our handler).  60 s: longer than clients keep
+ *     an idle connection alive (httpx 5 s), so the server is never the one
+ *     that closes it under a client's new request.
+ *   HEADER_MEMORY: request line + headers per connection; more gets 431.
+ *   max_body (tp_serve_opts): the body; more gets 413 (BODY_DRAIN_FACTOR). */
 #define CONNECTION_LIMIT 256
-#define CONNECTION_TIMEOUT_S 60     /* an idle (or too slow) connection is closed */
-#define HEADER_MEMORY (64 * 1024)   /* request line + headers; more gets 431 from libmicrohttpd */
+#define CONNECTION_TIMEOUT_S 60
+#define HEADER_MEMORY (64 * 1024)
 #define WAIT_SLICE_MS 200           /* how often a waiting thread checks its client */
 
 /* ------------------------------------------------------------ helpers */
@@ -50,31 +67,48 @@ static int connection_fd(struct MHD_Connection *con)
     return ci ? (int)ci->connect_fd : -1;
 }
 
+/* Waits (under s->mu) for r->cv, one slice at most; false when the client
+ * left.  The client is checked once a slice however often r->cv is
+ * signalled: the tokens of a non-streamed answer wake its thread at every
+ * step, and a check only on a quiet slice would never come (the slot of a
+ * client gone mid-answer stayed taken until max_tokens). */
+static bool wait_slice(tp_srv *s, tp_srv_req *r, int fd, double *checked)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_nsec += WAIT_SLICE_MS * 1000000L;
+    if (ts.tv_nsec >= 1000000000) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000;
+    }
+    pthread_cond_timedwait(&r->cv, &s->mu, &ts);
+    double now = tp_now();
+    if (now - *checked < WAIT_SLICE_MS / 1000.0)
+        return true;
+    *checked = now;
+    if (!peer_gone(fd))
+        return true;
+    r->cancelled = true;
+    pthread_cond_broadcast(&s->wake);
+    return false;
+}
+
 /* Waits (under s->mu) until r is done or r->out holds more than `since`
  * bytes; false when the client left. */
 static bool wait_news(tp_srv *s, tp_srv_req *r, int fd, size_t since)
 {
-    while (!r->done && r->out_len == since) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += WAIT_SLICE_MS * 1000000L;
-        if (ts.tv_nsec >= 1000000000) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000;
-        }
-        if (pthread_cond_timedwait(&r->cv, &s->mu, &ts) != 0 && peer_gone(fd)) {
-            r->cancelled = true;
-            pthread_cond_broadcast(&s->wake);
+    double checked = tp_now();
+    while (!r->done && r->out_len == since)
+        if (!wait_slice(s, r, fd, &checked))
             return false;
-        }
-    }
     return true;
 }
 
 /* Waits (under s->mu) until r is done or its client left. */
 static void wait_done(tp_srv *s, tp_srv_req *r, int fd)
 {
-    while (!r->done && wait_news(s, r, fd, r->out_len))
+    double checked = tp_now();
+    while (!r->done && wait_slice(s, r, fd, &checked))
         ;
 }
 
@@ -143,372 +177,6 @@ static enum MHD_Result respond_error(tp_srv *s, struct MHD_Connection *con, cons
                                      int status, const char *msg, const char *param, const char *code)
 {
     return respond_json(s, con, method, url, status, error_json(status, msg, param, code));
-}
-
-/* ------------------------------------------------------------ request JSON */
-
-/* A bad request: the message and the field it is about. */
-typedef struct bad {
-    int status;
-    char msg[256];
-    const char *param, *code;
-} bad;
-
-static int badf(bad *b, int status, const char *param, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-static int badf(bad *b, int status, const char *param, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(b->msg, sizeof b->msg, fmt, ap);
-    va_end(ap);
-    b->status = status;
-    b->param = param;
-    return -1;
-}
-
-static const cJSON *field(const cJSON *root, const char *key)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
-    return v && !cJSON_IsNull(v) ? v : NULL;
-}
-
-/* A number field inside [lo, hi] (integral when integer); *has says
- * whether it was there. */
-static int number_field(const cJSON *root, const char *key, double lo, double hi, bool integer, bool *has,
-                        double *out, bad *b)
-{
-    const cJSON *v = field(root, key);
-    *has = v != NULL;
-    if (!v)
-        return 0;
-    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || (integer && v->valuedouble != floor(v->valuedouble)))
-        return badf(b, 400, key, "%s must be %s", key, integer ? "an integer" : "a number");
-    if (v->valuedouble < lo || v->valuedouble > hi)
-        return badf(b, 400, key, "%s %g is out of range: expected %g to %g", key, v->valuedouble, lo, hi);
-    *out = v->valuedouble;
-    return 0;
-}
-
-static int bool_field(const cJSON *root, const char *key, bool *out, bad *b)
-{
-    const cJSON *v = field(root, key);
-    if (!v)
-        return 0;
-    if (!cJSON_IsBool(v))
-        return badf(b, 400, key, "%s must be true or false", key);
-    *out = cJSON_IsTrue(v);
-    return 0;
-}
-
-/* stop: a string or a list of up to TP_SRV_MAX_STOPS non-empty strings. */
-static int stop_field(const cJSON *root, tp_srv_req *r, bad *b)
-{
-    const cJSON *v = field(root, "stop");
-    if (!v)
-        return 0;
-    if (cJSON_IsString(v)) {
-        if (!v->valuestring[0])
-            return 0;   /* "" stops nothing */
-        return (r->stops[r->n_stops++] = strdup(v->valuestring)) ? 0 : badf(b, 500, NULL, "out of memory");
-    }
-    if (!cJSON_IsArray(v))
-        return badf(b, 400, "stop", "stop must be a string or a list of strings");
-    if (cJSON_GetArraySize(v) > TP_SRV_MAX_STOPS)
-        return badf(b, 400, "stop", "stop has %d strings; at most %d", cJSON_GetArraySize(v), TP_SRV_MAX_STOPS);
-    const cJSON *e;
-    cJSON_ArrayForEach(e, v) {
-        if (!cJSON_IsString(e))
-            return badf(b, 400, "stop", "stop must be a string or a list of strings");
-        if (e->valuestring[0] && !(r->stops[r->n_stops++] = strdup(e->valuestring)))
-            return badf(b, 500, NULL, "out of memory");
-    }
-    return 0;
-}
-
-/* Sampling: the server's defaults, then the request's fields. */
-static int sampling_fields(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
-{
-    bool has;
-    double v;
-    r->sampler = s->o->defaults;
-    if (number_field(root, "temperature", 0, 2, false, &has, &v, b))
-        return -1;
-    if (has)
-        r->sampler.temperature = (float)v;
-    if (number_field(root, "top_p", 0, 1, false, &has, &v, b))
-        return -1;
-    if (has && v <= 0)
-        return badf(b, 400, "top_p", "top_p must be more than 0 and at most 1");
-    if (has)
-        r->sampler.top_p = (float)v;
-    if (number_field(root, "top_k", -1, 1e9, true, &has, &v, b))
-        return -1;
-    if (has)
-        r->sampler.top_k = v < 0 ? 0 : (int)v;   /* -1 (vLLM) and 0: off */
-    if (number_field(root, "seed", -9.2e18, 9.2e18, true, &has, &v, b))
-        return -1;
-    if (has) {
-        r->sampler.seed = (uint64_t)(int64_t)v;
-    } else {
-        pthread_mutex_lock(&s->mu);
-        r->sampler.seed = tp_rng_next(&s->seed_rng);
-        pthread_mutex_unlock(&s->mu);
-    }
-    r->sampler.seen = NULL;
-    r->sampler.n_seen = 0;
-    return 0;
-}
-
-static int encode(tp_srv *s, const char *text, size_t len, const char *param, tp_srv_req *r, bad *b)
-{
-    tp_err err;
-    size_t bad_at = tp_utf8_first_invalid(text, len);
-    if (bad_at != len)
-        return badf(b, 400, param, "%s: invalid UTF-8 at byte %zu", param, bad_at);
-    size_t n = 0;
-    if (tp_tokenizer_encode(s->tok, text, len, &r->prompt, &n, &err))
-        return badf(b, 400, param, "%s: %s", param, err.msg);
-    r->n_prompt = (int)n;
-    return 0;
-}
-
-/* prompt: a string, a list of token ids, or a list of one of either. */
-static int prompt_field(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
-{
-    const cJSON *v = field(root, "prompt");
-    if (!v)
-        return badf(b, 400, "prompt", "prompt is missing");
-    if (cJSON_IsArray(v) && cJSON_GetArraySize(v) == 1 && !cJSON_IsNumber(v->child))
-        v = v->child;   /* a list of one prompt */
-    if (cJSON_IsString(v))
-        return encode(s, v->valuestring, strlen(v->valuestring), "prompt", r, b);
-    if (!cJSON_IsArray(v))
-        return badf(b, 400, "prompt", "prompt must be a string or a list of token ids");
-    int n = cJSON_GetArraySize(v), i = 0;
-    r->prompt = malloc(((size_t)n + 1) * sizeof *r->prompt);
-    if (!r->prompt)
-        return badf(b, 500, NULL, "out of memory");
-    const cJSON *e;
-    cJSON_ArrayForEach(e, v) {
-        if (!cJSON_IsNumber(e) || e->valuedouble != floor(e->valuedouble))
-            return badf(b, 400, "prompt", "prompt must be a string or a list of token ids (one prompt: n is 1)");
-        if (e->valuedouble < 0 || e->valuedouble >= s->cfg->vocab)
-            return badf(b, 400, "prompt", "prompt token id %g is outside the vocabulary (%d)", e->valuedouble,
-                        s->cfg->vocab);
-        r->prompt[i++] = (int32_t)e->valuedouble;
-    }
-    r->n_prompt = n;
-    return 0;
-}
-
-/* Appends s to a growing string; -1 when out of memory. */
-static int cat(char **buf, size_t *len, size_t *cap, const char *p)
-{
-    size_t n = strlen(p);
-    if (*len + n + 1 > *cap) {
-        size_t c = *cap ? *cap * 2 : 1024;
-        while (c < *len + n + 1)
-            c *= 2;
-        char *nb = realloc(*buf, c);
-        if (!nb)
-            return -1;
-        *buf = nb;
-        *cap = c;
-    }
-    memcpy(*buf + *len, p, n + 1);
-    *len += n;
-    return 0;
-}
-
-/* A message's content as the templates read it: a string (or null), or
- * OpenAI's list of {"type": "text", "text": ...} parts, joined into one
- * string.  Returns the content to use (a new item, or NULL to keep it). */
-static cJSON *message_content(const cJSON *content, bad *b, bool *failed)
-{
-    *failed = false;
-    if (!content || cJSON_IsString(content) || cJSON_IsNull(content))
-        return NULL;
-    if (!cJSON_IsArray(content)) {
-        *failed = true;
-        badf(b, 400, "messages", "a message's content must be a string or a list of text parts");
-        return NULL;
-    }
-    char *text = NULL;
-    size_t len = 0, cap = 0;
-    const cJSON *part;
-    cJSON_ArrayForEach(part, content) {
-        const cJSON *type = cJSON_GetObjectItemCaseSensitive(part, "type");
-        const cJSON *t = cJSON_GetObjectItemCaseSensitive(part, "text");
-        if (!cJSON_IsString(type) || strcmp(type->valuestring, "text") || !cJSON_IsString(t)) {
-            badf(b, 400, "messages", "only text content parts are supported");
-            goto fail;
-        }
-        if (cat(&text, &len, &cap, t->valuestring))
-            goto oom;
-    }
-    cJSON *joined = cJSON_CreateString(text ? text : "");
-    free(text);
-    if (joined)
-        return joined;
-oom:
-    badf(b, 500, NULL, "out of memory");
-fail:
-    free(text);
-    *failed = true;
-    return NULL;
-}
-
-/* The template's variables: messages (contents made strings), tools,
- * add_generation_prompt, bos_token, eos_token, chat_template_kwargs. */
-static cJSON *chat_context(tp_srv *s, const cJSON *root, bad *b)
-{
-    const cJSON *msgs = cJSON_GetObjectItemCaseSensitive(root, "messages");
-    if (!cJSON_IsArray(msgs) || cJSON_GetArraySize(msgs) == 0) {
-        badf(b, 400, "messages", "messages must be a non-empty list");
-        return NULL;
-    }
-    cJSON *ctx = cJSON_CreateObject(), *copy = cJSON_Duplicate(msgs, true);
-    if (!ctx || !copy || !cJSON_AddItemToObject(ctx, "messages", copy)) {
-        cJSON_Delete(ctx);
-        cJSON_Delete(copy);
-        badf(b, 500, NULL, "out of memory");
-        return NULL;
-    }
-    cJSON *m;
-    cJSON_ArrayForEach(m, copy) {
-        const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-        bool failed;
-        if (!cJSON_IsObject(m) || !cJSON_IsString(role)) {
-            badf(b, 400, "messages", "every message must be an object with a role string");
-            goto fail;
-        }
-        cJSON *content = message_content(cJSON_GetObjectItemCaseSensitive(m, "content"), b, &failed);
-        if (failed)
-            goto fail;
-        if (content)
-            cJSON_ReplaceItemInObjectCaseSensitive(m, "content", content);
-    }
-    const cJSON *tools = field(root, "tools"), *kwargs = field(root, "chat_template_kwargs");
-    if (tools && !cJSON_IsArray(tools)) {
-        badf(b, 400, "tools", "tools must be a list");
-        goto fail;
-    }
-    if (kwargs && !cJSON_IsObject(kwargs)) {
-        badf(b, 400, "chat_template_kwargs", "chat_template_kwargs must be an object");
-        goto fail;
-    }
-    const cJSON *kw;
-    if (kwargs)
-        cJSON_ArrayForEach(kw, kwargs) if (kw->string && !cJSON_GetObjectItemCaseSensitive(ctx, kw->string))
-            cJSON_AddItemToObject(ctx, kw->string, cJSON_Duplicate(kw, true));
-    if (tools)
-        cJSON_AddItemToObject(ctx, "tools", cJSON_Duplicate(tools, true));
-    cJSON_AddBoolToObject(ctx, "add_generation_prompt", true);
-    if (s->o->bos_token)
-        cJSON_AddStringToObject(ctx, "bos_token", s->o->bos_token);
-    if (s->o->eos_token)
-        cJSON_AddStringToObject(ctx, "eos_token", s->o->eos_token);
-    return ctx;
-fail:
-    cJSON_Delete(ctx);
-    return NULL;
-}
-
-/* The conversation as the text the model reads: the model's own chat
- * template (tprun --chat renders a user turn the same way). */
-static int messages_field(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
-{
-    if (!cJSON_GetObjectItemCaseSensitive(root, "messages"))
-        return badf(b, 400, "messages", "messages is missing");
-    cJSON *ctx = chat_context(s, root, b);
-    if (!ctx)
-        return -1;
-    char *text = NULL;
-    size_t len = 0;
-    tp_err err;
-    int rc = tp_template_render(s->o->chat_template, ctx, &text, &len, &err);
-    cJSON_Delete(ctx);
-    if (rc)
-        return badf(b, 400, "messages", "the chat template: %s", err.msg);
-    rc = encode(s, text, len, "messages", r, b);
-    free(text);
-    return rc;
-}
-
-/* The request's fields common to both endpoints, after its prompt. */
-static int common_fields(tp_srv *s, const cJSON *root, tp_srv_req *r, bad *b)
-{
-    const cJSON *model = field(root, "model");
-    if (model && !cJSON_IsString(model))
-        return badf(b, 400, "model", "model must be a string");
-    if (model && strcmp(model->valuestring, s->model_name)) {
-        b->code = "model_not_found";
-        return badf(b, 404, "model", "the model %.100s does not exist: this server serves %.100s",
-                    model->valuestring, s->model_name);
-    }
-    bool has;
-    double v;
-    if (number_field(root, "n", 1, 1, true, &has, &v, b))
-        return badf(b, 400, "n", "n must be 1: this server returns one choice per request");
-    if (bool_field(root, "stream", &r->stream, b) || bool_field(root, "return_token_ids", &r->return_token_ids, b))
-        return -1;
-    const cJSON *so = field(root, "stream_options");
-    if (so && !cJSON_IsObject(so))
-        return badf(b, 400, "stream_options", "stream_options must be an object");
-    if (so && bool_field(so, "include_usage", &r->include_usage, b))
-        return -1;
-    if (stop_field(root, r, b) || sampling_fields(s, root, r, b))
-        return -1;
-    /* max_completion_tokens (chat's newer name) wins over max_tokens */
-    int max_tokens = r->kind == TP_SRV_COMPLETION ? 16 : s->max_seq;   /* OpenAI's defaults: 16, unbounded */
-    const char *key = field(root, "max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
-    if (number_field(root, key, 1, 1e9, true, &has, &v, b))
-        return -1;
-    if (has)
-        max_tokens = (int)v;
-    const char *prompt_param = r->kind == TP_SRV_CHAT ? "messages" : "prompt";
-    if (r->n_prompt < 1)
-        return badf(b, 400, prompt_param, "the prompt is empty");
-    if (r->n_prompt > s->max_seq) {
-        b->code = "context_length_exceeded";
-        return badf(b, 400, prompt_param, "the prompt has %d tokens, the context (--max-seq) is %d", r->n_prompt,
-                    s->max_seq);
-    }
-    /* no answer runs past the context: finish_reason "length" there */
-    int room = s->max_seq - r->n_prompt + 1;
-    r->max_tokens = max_tokens < room ? max_tokens : room;
-    return 0;
-}
-
-static tp_srv_req *parse_request(tp_srv *s, int kind, const char *body, size_t len, bad *b)
-{
-    cJSON *root = cJSON_ParseWithLength(body, len);
-    if (!root || !cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        badf(b, 400, NULL, "the request body is not a JSON object");
-        return NULL;
-    }
-    tp_srv_req *r = tp_srv_req_new(s);
-    if (!r) {
-        cJSON_Delete(root);
-        badf(b, 500, NULL, "out of memory");
-        return NULL;
-    }
-    r->kind = kind;
-    r->created = (long)time(NULL);
-    int rc = kind == TP_SRV_CHAT ? messages_field(s, root, r, b) : prompt_field(s, root, r, b);
-    if (rc == 0)
-        rc = common_fields(s, root, r, b);
-    cJSON_Delete(root);
-    if (rc) {
-        tp_srv_req_release(s, r);
-        return NULL;
-    }
-    pthread_mutex_lock(&s->mu);
-    uint64_t id = tp_rng_next(&s->seed_rng);
-    pthread_mutex_unlock(&s->mu);
-    snprintf(r->id, sizeof r->id, "%s-%016llx", kind == TP_SRV_CHAT ? "chatcmpl" : "cmpl", (unsigned long long)id);
-    return r;
 }
 
 /* ------------------------------------------------------------ response JSON */
@@ -590,6 +258,13 @@ typedef struct stream {
     bool ended;                /* "data: [DONE]" is in buf */
 } stream;
 
+/* Appends text to the SSE bytes (out of memory: the event is cut short,
+ * and the client sees broken JSON rather than a crash). */
+static void sse_text(stream *st, const char *text)
+{
+    tp_srv_buf_append(&st->buf, &st->len, &st->cap, text, strlen(text));
+}
+
 /* Appends "data: JSON\n\n" (root taken). */
 static void sse_event(stream *st, cJSON *root)
 {
@@ -597,9 +272,9 @@ static void sse_event(stream *st, cJSON *root)
     cJSON_Delete(root);
     if (!json)
         return;
-    cat(&st->buf, &st->len, &st->cap, "data: ");
-    cat(&st->buf, &st->len, &st->cap, json);
-    cat(&st->buf, &st->len, &st->cap, "\n\n");
+    sse_text(st, "data: ");
+    sse_text(st, json);
+    sse_text(st, "\n\n");
     free(json);
 }
 
@@ -634,7 +309,7 @@ static void stream_take(stream *st)
             sse_event(st, root);
         }
     }
-    cat(&st->buf, &st->len, &st->cap, "data: [DONE]\n\n");
+    sse_text(st, "data: [DONE]\n\n");
     st->ended = true;
 }
 
@@ -705,20 +380,36 @@ static enum MHD_Result start_stream(tp_srv *s, struct MHD_Connection *con, const
 
 /* A connection's request body as it arrives. */
 typedef struct body {
-    char *data;
+    char *data;                 /* NULL once the body is over the limit: the rest is only counted */
     size_t len, cap;
-    bool too_big;
+    size_t received;            /* every byte so far, kept or not */
 } body;
+
+/* What the parser leaves to the server: the id, the time, a seed when the
+ * request has none (from the server's generator, under s->mu). */
+static void name_request(tp_srv *s, tp_srv_req *r)
+{
+    pthread_mutex_lock(&s->mu);
+    uint64_t id = tp_rng_next(&s->seed_rng);
+    if (!r->has_seed)
+        r->sampler.seed = tp_rng_next(&s->seed_rng);
+    pthread_mutex_unlock(&s->mu);
+    snprintf(r->id, sizeof r->id, "%s-%016llx", r->kind == TP_SRV_CHAT ? "chatcmpl" : "cmpl", (unsigned long long)id);
+    r->created = (long)time(NULL);
+}
 
 static enum MHD_Result generate(tp_srv *s, struct MHD_Connection *con, const char *url, int kind, body *bd)
 {
-    if (bd->too_big)
-        return respond_error(s, con, "POST", url, 413, "the request body is larger than the server's limit", NULL,
-                             NULL);
-    bad b = { 0 };
-    tp_srv_req *r = parse_request(s, kind, bd->data ? bd->data : "", bd->len, &b);
+    tp_srv_bad b = { 0 };
+    tp_srv_req *r = tp_srv_req_new(s);
     if (!r)
+        return respond_error(s, con, "POST", url, 500, "out of memory", NULL, NULL);
+    if (tp_srv_check_body_size(s, bd->received, &b) ||
+        tp_srv_parse_request(s, kind, bd->data ? bd->data : "", bd->len, r, &b)) {
+        tp_srv_req_release(s, r);
         return respond_error(s, con, "POST", url, b.status, b.msg, b.param, b.code);
+    }
+    name_request(s, r);
     const char *why = NULL;
     int status = tp_srv_submit(s, r, &why);
     if (status) {
@@ -778,6 +469,34 @@ static int route_of(const char *url, bool *post)
     return ROUTE_NONE;
 }
 
+/* A Content-Length header's value (libmicrohttpd has checked it is a
+ * number); one past the size_t range saturates, so it is over any limit. */
+static size_t content_length(const char *v)
+{
+    unsigned long long n = strtoull(v, NULL, 10);
+    return n > SIZE_MAX ? SIZE_MAX : (size_t)n;
+}
+
+/* Keeps a piece of the body, or only counts it once the body is over the
+ * limit (a chunked body has no Content-Length to refuse it early): memory
+ * stays bounded by max_body whatever the client sends.  -1: out of memory.
+ * libmicrohttpd (0.9.75) cannot queue an answer in the middle of an upload
+ * (MHD_queue_response fails there): a chunked body over the limit is read
+ * to its end and answered 413, up to BODY_DRAIN_FACTOR times the limit;
+ * past that the connection is closed without an answer, so a client that
+ * never ends its body holds no connection for long. */
+#define BODY_DRAIN_FACTOR 4
+static int keep_body(const tp_srv *s, body *bd, const char *piece, size_t n)
+{
+    bd->received += n;
+    if (bd->received > s->max_body) {
+        free(bd->data);
+        *bd = (body){ .received = bd->received };
+        return 0;
+    }
+    return tp_srv_buf_append(&bd->data, &bd->len, &bd->cap, piece, n);
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const char *url, const char *method,
                                   const char *version, const char *upload, size_t *upload_size, void **con_cls)
 {
@@ -790,38 +509,25 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
             return respond_error(s, con, method, url, 404, "no such route", NULL, NULL);
         if (strcmp(method, post ? "POST" : "GET"))
             return respond_error(s, con, method, url, 405, "method not allowed on this route", NULL, NULL);
+        /* a body announced too big is refused before any of it is read */
         const char *cl = MHD_lookup_connection_value(con, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
-        if (cl && strtoull(cl, NULL, 10) > s->max_body)
-            return respond_error(s, con, method, url, 413, "the request body is larger than the server's limit",
-                                 NULL, NULL);
+        tp_srv_bad b = { 0 };
+        if (cl && tp_srv_check_body_size(s, content_length(cl), &b))
+            return respond_error(s, con, method, url, b.status, b.msg, NULL, NULL);
         if (!(bd = calloc(1, sizeof *bd)))
             return MHD_NO;
         *con_cls = bd;
         return MHD_YES;
     }
     if (*upload_size > 0) {
-        if (!bd->too_big && bd->len + *upload_size > s->max_body) {
-            bd->too_big = true;   /* chunked: no Content-Length said so */
-            free(bd->data);
-            bd->data = NULL;
-            bd->len = bd->cap = 0;
-        }
-        if (!bd->too_big) {
-            if (bd->len + *upload_size + 1 > bd->cap) {
-                size_t cap = bd->cap ? bd->cap : 1024;
-                while (cap < bd->len + *upload_size + 1)
-                    cap *= 2;
-                char *d = realloc(bd->data, cap);
-                if (!d)
-                    return MHD_NO;
-                bd->data = d;
-                bd->cap = cap;
-            }
-            memcpy(bd->data + bd->len, upload, *upload_size);
-            bd->len += *upload_size;
-            bd->data[bd->len] = '\0';
-        }
+        if (keep_body(s, bd, upload, *upload_size))
+            return MHD_NO;
         *upload_size = 0;
+        if (bd->received / BODY_DRAIN_FACTOR > s->max_body) {
+            tp_srv_logf(s, "%s %s: closed after %zu bytes of a chunked body (limit %zu)", method, url, bd->received,
+                        s->max_body);
+            return MHD_NO;
+        }
         return MHD_YES;
     }
     switch (route) {
@@ -835,10 +541,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *con, const c
     }
     case ROUTE_METRICS: return respond(s, con, method, url, 200, tp_srv_metrics_text(s), "text/plain; version=0.0.4");
     case ROUTE_COMPLETIONS: return generate(s, con, url, TP_SRV_COMPLETION, bd);
-    default:
-        if (!s->o->chat_template)
-            return respond_error(s, con, method, url, 404, "this model has no chat template", NULL, NULL);
-        return generate(s, con, url, TP_SRV_CHAT, bd);
+    default: return generate(s, con, url, TP_SRV_CHAT, bd);
     }
 }
 

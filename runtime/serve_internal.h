@@ -28,7 +28,8 @@ typedef struct tp_srv_req {
     int32_t *prompt;            /* malloc'd */
     int n_prompt;
     int max_tokens;             /* >= 1; capped by the context in the scheduler */
-    tp_sampler_opts sampler;    /* seed: the request's, or one drawn by the HTTP side */
+    tp_sampler_opts sampler;    /* seed: the request's (has_seed), or one drawn by the HTTP side */
+    bool has_seed;
     char *stops[TP_SRV_MAX_STOPS];
     int n_stops;
 
@@ -88,6 +89,10 @@ typedef struct tp_srv {
 } tp_srv;
 
 /* serve.c */
+/* Appends p[0..n) to the growing NUL-terminated buffer *buf (length *len,
+ * capacity *cap; all three start at 0/NULL).  -1 when out of memory (the
+ * buffer is then unchanged). */
+int tp_srv_buf_append(char **buf, size_t *len, size_t *cap, const char *p, size_t n);
 /* Queues req (its refs becomes 2: the caller's and the scheduler's).
  * Returns 0, or the HTTP status to answer instead: 429 when the queue is
  * full, 503 when the server stops; *why then says it in one line. */
@@ -105,6 +110,37 @@ void tp_srv_count_status(tp_srv *s, int status);
 char *tp_srv_metrics_text(tp_srv *s);
 /* One log line through tp_serve_opts.log (nothing when it is NULL). */
 void tp_srv_logf(tp_srv *s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* serve_request.c: an OpenAI request body -> the request's fields.  A pure
+ * function of the bytes: no daemon, no model, no lock, no randomness (s is
+ * only read: tok, cfg->vocab, max_seq, max_body, model_name, and o's
+ * chat_template, bos/eos tokens and sampling defaults), so that it can be
+ * fuzzed (tests/fuzz/fuzz_request.c) and unit-tested
+ * (tests/test_serve_request.c) on its own.  Called from libmicrohttpd's
+ * connection threads at once: everything it calls is safe for that
+ * (runtime.h: tp_tokenizer_encode, tp_template_render). */
+
+/* Why a request is refused: its HTTP status and OpenAI's error fields. */
+typedef struct tp_srv_bad {
+    int status;                 /* 400; 404: unknown model, no chat template; 413; 500: out of memory */
+    char msg[256];              /* one line, names the field */
+    const char *param, *code;   /* static strings or NULL (JSON null) */
+} tp_srv_bad;
+
+/* 0 when a body of len bytes is within s->max_body, else -1 with *b the
+ * 413 (the HTTP side checks Content-Length and a chunked body's running
+ * length with it; tp_srv_parse_request again). */
+int tp_srv_check_body_size(const tp_srv *s, size_t len, tp_srv_bad *b);
+/* Parses body[0..len) (any bytes; no NUL needed) as a request to
+ * /v1/completions (kind TP_SRV_COMPLETION) or /v1/chat/completions
+ * (TP_SRV_CHAT: messages rendered with s->o->chat_template, then encoded)
+ * into r's request fields: kind, stream, include_usage, return_token_ids,
+ * prompt / n_prompt (1..max_seq ids, each below cfg->vocab), max_tokens
+ * (capped so the answer ends within max_seq), sampler (+ has_seed: seed
+ * left to the caller when false), stops.  Not id or created.  0, or -1 with
+ * *b filled; r may then hold some fields (tp_srv_req_release frees them). */
+int tp_srv_parse_request(const tp_srv *s, int kind, const char *body, size_t len, tp_srv_req *r,
+                         tp_srv_bad *b);
 
 /* serve_http.c */
 int tp_srv_http_start(tp_srv *s, tp_err *err);

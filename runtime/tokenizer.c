@@ -925,6 +925,8 @@ typedef struct merge_cand {
     int32_t merged;
 } merge_cand;
 
+/* Everything an encode writes lives here, never in the tokenizer: encodes
+ * run in several threads at once on one tokenizer (runtime.h). */
 typedef struct enc_ctx {
     const tp_tokenizer *tok;
     pcre2_match_data *md;

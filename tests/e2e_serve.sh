@@ -12,8 +12,9 @@
 #     (malformed JSON, wrong types, out-of-range values, a huge body, an
 #     unknown route / model / method, n=2, a prompt past the context).
 #   - a slow client sending its request byte by byte; a client that
-#     disconnects mid-stream (with --max-batch 1: the next request only runs
-#     when its slot was freed).
+#     disconnects mid-stream or before a non-streamed answer (with
+#     --max-batch 1: the next request only runs when its slot was freed);
+#     chunked bodies over the limit; a 70 kB header; 300 idle connections.
 #   - a load test: 64 requests, 16 at a time, different prompts and lengths,
 #     each answer identical to the same prompt run alone.
 #   - the openai Python package (PyPI, in a venv under $BUILD) at tp 1 and at
@@ -186,6 +187,29 @@ err_case 404 "unknown route" /v1/nothing '{}'
 python3 -c 'print("{\"prompt\": \"" + "a" * (2 << 20) + "\"}")' >"$tmp/huge.json"
 curl -s -o "$tmp/body" -w '%{http_code}' -H 'Content-Type: application/json' --data-binary @"$tmp/huge.json" "$(url /v1/completions)" >"$tmp/status" || true
 expect_status 413 "a 2 MiB body"
+# Chunked, the body has no Content-Length: read to its end without being
+# kept, then 413; one that never ends is cut off (after 4 times the limit).
+curl -s -o "$tmp/body" -w '%{http_code}' -H 'Content-Type: application/json' -H 'Transfer-Encoding: chunked' \
+    --data-binary @"$tmp/huge.json" "$(url /v1/completions)" >"$tmp/status" || true
+expect_status 413 "a 2 MiB chunked body"
+python3 - $port <<'EOF' && ok "an endless chunked body: the connection is closed" || fail "endless chunked body"
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+chunk = b"%x\r\n" % 65536 + b"x" * 65536 + b"\r\n"
+t0, sent = time.time(), 0
+try:
+    while time.time() - t0 < 60:
+        s.sendall(chunk)
+        sent += 65536
+except (BrokenPipeError, ConnectionResetError):
+    assert sent < (16 << 20), sent   # 4 MiB and what the socket buffers held
+    sys.exit(0)
+sys.exit("still reading after %d bytes" % sent)
+EOF
+curl -s -o "$tmp/body" -w '%{http_code}' -H "X-Big: $(head -c 70000 /dev/zero | tr '\0' a)" "$(url /health)" \
+    >"$tmp/status" || true
+expect_status 431 "a 70 kB header"
 curl -s -o "$tmp/body" -w '%{http_code}' "$(url /v1/completions)" >"$tmp/status"
 expect_status 405 "GET /v1/completions"
 post /v1/completions '{"prompt": "x", "max_tokens": 2, "future_field": {"a": 1}}' >/dev/null
@@ -216,7 +240,7 @@ for m in 'tpshard_requests_total{status="200"}' 'tpshard_requests_total{status="
          'tpshard_time_to_first_token_seconds_bucket{le="+Inf"}' tpshard_inter_token_latency_seconds_count; do
     grep -qF "$m" "$tmp/metrics" || fail "/metrics lacks $m"
 done
-[ "$(awk '/^tpshard_requests_total\{status="413"\}/ {print $2}' "$tmp/metrics")" = 1 ] && ok "/metrics counts the 413" ||
+[ "$(awk '/^tpshard_requests_total\{status="413"\}/ {print $2}' "$tmp/metrics")" = 2 ] && ok "/metrics counts the two 413s" ||
     fail "/metrics: $(grep requests_total "$tmp/metrics")"
 
 # The load test: 64 prompts, each alone first, then 16 at a time.
@@ -240,10 +264,40 @@ bad = [i for i in range(64) if alone[i] != together[i]]
 assert not bad, "answers differ for %s" % bad
 EOF
 
+# Many idle connections whose headers never end: libmicrohttpd's connection
+# limit (256, a thread each) bounds them, the rest wait in the listen
+# backlog; once they close, the server answers again and its threads go.
+python3 - $port "$server_pid" <<'EOF' && ok "300 idle connections: at most 256 threads, all gone after" || fail "idle connections"
+import socket, sys, time, urllib.request
+port, pid = int(sys.argv[1]), int(sys.argv[2])
+def threads():
+    return int([l for l in open("/proc/%d/status" % pid) if l.startswith("Threads:")][0].split()[1])
+base = threads()
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(300)]
+for s in socks:
+    s.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+time.sleep(1)
+peak = threads()
+assert peak <= base + 256, (base, peak)
+for s in socks:
+    s.close()
+t0 = time.time()
+while True:
+    try:
+        urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=5).read()
+        break
+    except OSError:
+        assert time.time() - t0 < 30, "no answer after the idle connections closed"
+        time.sleep(0.1)
+while threads() > base and time.time() - t0 < 30:
+    time.sleep(0.1)
+assert threads() <= base, (base, peak, threads())
+EOF
+
 stop_server && ok "SIGTERM: exit 0" || fail "SIGTERM: exit $?"
 
-# ---------------------------------------------- a client gone mid-stream
-start_server "$tmp/tp1" --max-batch 1 --max-seq 256 || fail "the server did not start (max-batch 1)"
+# ---------------------------------------------- clients gone mid-answer
+start_server "$tmp/tp1" --max-batch 1 --max-seq 4096 || fail "the server did not start (max-batch 1)"
 python3 - $port <<'EOF' && ok "a client gone mid-stream frees its slot" || fail "disconnect mid-stream"
 import json, socket, sys, time, urllib.request
 port = int(sys.argv[1])
@@ -263,6 +317,31 @@ with urllib.request.urlopen(req, timeout=60) as r:
 EOF
 grep -q "stream closed before the end\|client gone" "$tmp/server.err" && ok "the server logged the disconnect" ||
     fail "no disconnect in the log: $(tail -5 "$tmp/server.err")"
+
+# Not streamed: the thread waiting for the answer notices the client left
+# (its tokens wake it at every step; it must still look) and frees the one
+# slot, so the next request runs long before the 4000 tokens of the first.
+python3 - $port <<'EOF' && ok "a non-streamed client gone frees its slot" || fail "disconnect before a non-streamed answer"
+import json, re, socket, sys, time, urllib.request
+port = int(sys.argv[1])
+def generated():
+    m = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port).read().decode()
+    return float(re.search(r"^tpshard_generation_tokens_total (\S+)", m, re.M).group(1))
+before = generated()
+body = json.dumps({"prompt": [9707], "max_tokens": 4000, "temperature": 0}).encode()
+s = socket.create_connection(("127.0.0.1", port))
+s.send(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+time.sleep(0.5)
+s.close()
+req = urllib.request.Request("http://127.0.0.1:%d/v1/completions" % port,
+                             json.dumps({"prompt": [11], "max_tokens": 2}).encode(), {"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=300) as r:
+    assert json.load(r)["usage"]["completion_tokens"] == 2
+done = generated() - before
+assert done < 4000, "the first request ran to its end (%d tokens) before the next" % done
+EOF
+grep -q "client gone before the answer" "$tmp/server.err" && ok "the server logged the non-streamed disconnect" ||
+    fail "no non-streamed disconnect in the log: $(tail -5 "$tmp/server.err")"
 
 # ---------------------------------------------- SIGTERM mid-load
 python3 - $port "$server_pid" <<'EOF' && ok "SIGTERM mid-load: every request answered" || fail "SIGTERM mid-load"
