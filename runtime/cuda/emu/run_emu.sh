@@ -25,10 +25,11 @@
 set -euo pipefail
 what=${1:-all}
 case $what in all|kernels|model|quick) ;; *) echo "usage: $0 [all|kernels|model|quick]" >&2; exit 2 ;; esac
-# quick: the kernel tests that run in seconds to a minute (lookup, norm, gemm,
-# picking, expert routing); the model run covers attention (test_attention alone takes ~3
-# minutes here), the decode graph and the device picks.
-QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_gemm_q8 test_argmax test_router_logits test_router_topk test_moe_rows)
+# quick: the kernel tests that run in seconds to a minute (lookup, norm,
+# the batched step's append and attention, gemm, picking, expert routing);
+# the model run covers attention (test_attention alone takes ~3 minutes
+# here), the decode graph and the device picks.
+QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_attention_batch test_gemm test_gemm_q8 test_argmax test_router_logits test_router_topk test_moe_rows)
 # and one mixture-of-experts model (router, top-k, per-expert GEMMs, host routing)
 QUICK_MODEL=qwen3-tiny
 QUICK_MOE_MODEL=qwen3moe-tiny
