@@ -272,6 +272,178 @@ static void compare_logits(const char *name, const char *what, int w, const floa
            n_steps, worst_rel);
 }
 
+/* Batched steps on the device (tp_model_forward_batch, continuous
+ * batching) at tp 1: BB_SLOTS prompts of different lengths, one per slot,
+ * fed in chunks of BB_CHUNK while the slots already past their prompt
+ * decode (so steps mix prefill chunks and decode tokens, in a slot order
+ * that flips every step), BB_GEN greedy tokens each, picked from the cuda
+ * logits and fed back.  The same steps run on the CPU model (slots too):
+ * every logits row within compare_logits' bound of the CPU's.  And each
+ * prompt run alone on the device (tp_model_forward, one slot) must pick
+ * the same tokens, wherever its top two logits are further apart than that
+ * bound (a nearer tie may flip with the summation order).  Then a KV cache
+ * larger than the device is refused at create, naming --max-batch. */
+enum { BB_SLOTS = 3, BB_GEN = 4, BB_CHUNK = 5, BB_MAX_SEQ = 48 };
+static const int BB_LENS[BB_SLOTS] = { 9, 3, 12 };
+
+typedef struct bb_seq {
+    int fed, gen;       /* prompt tokens fed, tokens generated */
+} bb_seq;
+
+/* The ids of prompt p (deterministic, inside the vocabulary). */
+static int32_t bb_id(int p, int i, int vocab)
+{
+    return (int32_t)((i * 7919 + p * 104729 + 17) % vocab);
+}
+
+/* Each prompt alone on the device: its BB_GEN greedy tokens and, for each,
+ * whether the top two logits were further apart than compare_logits'
+ * bound (a token that must match). */
+static int bb_alone(const tp_loaded_rank *lr, int V, int32_t tok[BB_SLOTS][BB_GEN], bool firm[BB_SLOTS][BB_GEN],
+                    tp_err *err)
+{
+    tp_model *m = NULL;
+    tp_model_opts o = { .max_seq = BB_MAX_SEQ, .threads = 1, .device = "cuda" };
+    float *logits = malloc((size_t)V * sizeof *logits);
+    int rc = tp_model_create(&m, (tp_loaded_rank *)lr, NULL, &o, err);
+    for (int p = 0; p < BB_SLOTS && rc == 0; p++) {
+        int32_t ids[BB_MAX_SEQ];
+        for (int i = 0; i < BB_LENS[p]; i++)
+            ids[i] = bb_id(p, i, V);
+        tp_model_reset(m);
+        rc = tp_model_forward(m, ids, BB_LENS[p], logits, err);
+        for (int g = 0; g < BB_GEN && rc == 0; g++) {
+            int best = argmax(logits, V);
+            double mx = 1, second = -INFINITY;
+            for (int i = 0; i < V; i++) {
+                mx = fabs(logits[i]) > mx ? fabs(logits[i]) : mx;
+                if (i != best && logits[i] > second)
+                    second = logits[i];
+            }
+            tok[p][g] = best;
+            firm[p][g] = logits[best] - second > 3e-2 * mx;
+            if (g + 1 < BB_GEN)
+                rc = tp_model_forward(m, &tok[p][g], 1, logits, err);
+        }
+    }
+    tp_model_free(m);
+    free(logits);
+    return rc;
+}
+
+/* The next step's tokens of every slot, slot order reversed on odd steps:
+ * the next chunk of a prompt (logits on its last token), or the last
+ * generated token. */
+static int bb_step_tokens(const bb_seq *q, int32_t tok[BB_SLOTS][BB_GEN], int step, int V, tp_batch_token *t)
+{
+    int n = 0;
+    for (int i = 0; i < BB_SLOTS; i++) {
+        int s = step % 2 ? BB_SLOTS - 1 - i : i, len = BB_LENS[s];
+        if (q[s].gen == BB_GEN)
+            continue;
+        if (q[s].fed < len) {
+            int c = len - q[s].fed < BB_CHUNK ? len - q[s].fed : BB_CHUNK;
+            for (int k = q[s].fed; k < q[s].fed + c; k++)
+                t[n++] = (tp_batch_token){ s, bb_id(s, k, V), k, k == len - 1 };
+        } else {
+            t[n++] = (tp_batch_token){ s, tok[s][q[s].gen - 1], len + q[s].gen - 1, true };
+        }
+    }
+    return n;
+}
+
+static void compare_batched(const src_model *s)
+{
+    const int V = s->vocab;
+    built_rank br;
+    build_rank(&br, s, 0, 1);
+    tp_err err = { { 0 } };
+    int32_t alone[BB_SLOTS][BB_GEN], tok[BB_SLOTS][BB_GEN];
+    bool firm[BB_SLOTS][BB_GEN];
+    tp_model *gpu = NULL, *cpu = NULL;
+    tp_model_opts og = { .max_seq = BB_MAX_SEQ, .threads = 1, .device = "cuda", .slots = BB_SLOTS };
+    tp_model_opts oc = { .max_seq = BB_MAX_SEQ, .threads = 1, .device = "cpu", .slots = BB_SLOTS };
+    size_t row = (size_t)V;
+    float *g_rows = malloc(BB_SLOTS * BB_GEN * row * sizeof(float));
+    float *c_rows = malloc(BB_SLOTS * BB_GEN * row * sizeof(float));
+    int rows = 0, steps = 0, most = 0, rc = bb_alone(&br.lr, V, alone, firm, &err);
+    if (rc == 0)
+        rc = tp_model_create(&gpu, &br.lr, NULL, &og, &err);
+    if (rc == 0)
+        rc = tp_model_create(&cpu, &br.lr, NULL, &oc, &err);
+    bb_seq q[BB_SLOTS] = { { 0, 0 } };
+    for (int done = 0; rc == 0 && done < BB_SLOTS; steps++) {
+        tp_batch_token t[BB_SLOTS * BB_CHUNK];
+        int n = bb_step_tokens(q, tok, steps, V, t);
+        most = n > most ? n : most;
+        rc = tp_model_forward_batch(gpu, t, n, g_rows + rows * row, &err);
+        if (rc == 0)
+            rc = tp_model_forward_batch(cpu, t, n, c_rows + rows * row, &err);
+        for (int i = 0; i < n && rc == 0; i++) {
+            bb_seq *sq = &q[t[i].slot];
+            if (t[i].pos < BB_LENS[t[i].slot])
+                sq->fed++;
+            if (t[i].logits)
+                tok[t[i].slot][sq->gen++] = argmax(g_rows + rows++ * row, V);
+        }
+        done = 0;
+        for (int sl = 0; sl < BB_SLOTS && rc == 0; sl++) {
+            int want = q[sl].fed + (q[sl].gen ? q[sl].gen - 1 : 0);   /* prompt, then the tokens fed back */
+            if (tp_model_slot_length(gpu, sl) != want || tp_model_slot_length(cpu, sl) != want)
+                rc = tp_errorf(&err, "step %d: slot %d holds %d (cuda) / %d (cpu) positions, %d were fed", steps,
+                               sl, tp_model_slot_length(gpu, sl), tp_model_slot_length(cpu, sl), want);
+            done += q[sl].gen == BB_GEN;
+        }
+    }
+    tp_model_free(gpu);
+    tp_model_free(cpu);
+    CHECK(rc == 0, "%s batched on cuda: %s", s->name, err.msg);
+    if (rc == 0) {
+        compare_logits(s->name, "batched steps, cuda vs cpu tp_model_forward_batch", 1, c_rows, g_rows, V, rows);
+        int firm_n = 0, differ = 0;
+        for (int p = 0; p < BB_SLOTS; p++)
+            for (int g = 0; g < BB_GEN; g++) {
+                if (!firm[p][g])
+                    break;   /* past a near tie the two may feed different tokens */
+                firm_n++;
+                differ += tok[p][g] != alone[p][g];
+            }
+        CHECK(differ == 0, "%s: %d of %d greedy tokens batched on cuda differ from each prompt alone", s->name,
+              differ, firm_n);
+        CHECK(firm_n > 0, "%s: no greedy token clear of a near tie to compare", s->name);
+        printf("%s tp=1: %d batched steps (up to %d tokens), %d of %d greedy tokens as each prompt alone\n",
+               s->name, steps, most, firm_n - differ, firm_n);
+    }
+
+    /* a KV cache no device holds: refused at create, naming the flags */
+    tp_model_opts huge = { .max_seq = BB_MAX_SEQ, .threads = 1, .device = "cuda", .slots = 1 << 24 };
+    tp_model *m = NULL;
+    err.msg[0] = 0;
+    CHECK(tp_model_create(&m, &br.lr, NULL, &huge, &err) < 0 && strstr(err.msg, "--max-batch 16777216") &&
+              strstr(err.msg, "device's free memory"),
+          "%s: a KV cache of 2^24 slots on cuda: %s", s->name, m ? "accepted" : err.msg);
+    tp_model_free(m);
+    free(g_rows);
+    free(c_rows);
+    free_rank(&br, s->n);
+}
+
+/* compare_batched on a fixture (2-D tensors: cut here). */
+static void compare_batched_fixture(const char *dir, const char *name)
+{
+    tp_err err = { { 0 } };
+    src_model *s = malloc(sizeof *s);
+    tp_st_set set;
+    memset(&set, 0, sizeof set);
+    if (load_hf(s, &set, dir, name, &err) < 0)
+        CHECK(0, "%s: %s", name, err.msg);
+    else if (!has_3d_tensor(s))
+        compare_batched(s);
+    free_src(s);
+    free(s);
+    tp_st_set_close(&set);
+}
+
 /* The CPU (ranks in memory) against cuda (rank files, deferred) at tp 1 and 2. */
 static void compare_src_logits(const src_model *s)
 {
@@ -485,6 +657,7 @@ int main(void)
         for (int i = 0; i < n; i++) {
             char *dir = tp_path_join(root, names[i]);
             compare_model(dir, names[i]);
+            compare_batched_fixture(dir, names[i]);
             free(dir);
             free(names[i]);
         }
