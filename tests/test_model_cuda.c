@@ -284,7 +284,7 @@ static void compare_logits(const char *name, const char *what, int w, const floa
  * bound (a nearer tie may flip with the summation order).  Then a KV cache
  * larger than the device is refused at create, naming --max-batch. */
 enum { BB_SLOTS = 3, BB_GEN = 4, BB_CHUNK = 5, BB_MAX_SEQ = 48 };
-static const int BB_LENS[BB_SLOTS] = { 9, 3, 12 };
+static const int BB_LENS[BB_SLOTS] = { 9, 3, 14 };   /* 14 + 3 fed back: past longrope's 16 */
 
 typedef struct bb_seq {
     int fed, gen;       /* prompt tokens fed, tokens generated */
