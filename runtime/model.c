@@ -896,22 +896,26 @@ static int check_kv_fits(const tp_model *m, size_t *bytes_each, tp_err *err)
     return 0;
 }
 
-static int alloc_caches(tp_model *m, tp_err *err)
+/* host_kv false (device cuda): no host KV cache (the device model checks
+ * and allocates its own), only the slot lengths and RoPE tables. */
+static int alloc_caches(tp_model *m, bool host_kv, tp_err *err)
 {
     const tp_model_config *c = &m->cfg;
-    if (check_kv_fits(m, &m->kv_bytes, err) < 0)
+    if (host_kv && check_kv_fits(m, &m->kv_bytes, err) < 0)
         return -1;
-    m->kcache = map_reserved(m->kv_bytes);
-    m->vcache = map_reserved(m->kv_bytes);
+    if (host_kv) {
+        m->kcache = map_reserved(m->kv_bytes);
+        m->vcache = map_reserved(m->kv_bytes);
+        m->scratch = malloc((size_t)m->lq * TPK_ATT_BLOCK * m->max_seq * sizeof(float));
+    }
     m->slot_len = calloc((size_t)m->slots, sizeof *m->slot_len);
     m->slot_next = calloc((size_t)m->slots, sizeof *m->slot_next);
     size_t half = (size_t)c->head_dim / 2;
     m->cos_t = malloc((size_t)m->max_seq * half * sizeof(float));
     m->sin_t = malloc((size_t)m->max_seq * half * sizeof(float));
     m->rope_inv = malloc(half * sizeof(float));
-    m->scratch = malloc((size_t)m->lq * TPK_ATT_BLOCK * m->max_seq * sizeof(float));
-    if (!m->kcache || !m->vcache || !m->slot_len || !m->slot_next || !m->cos_t || !m->sin_t ||
-        !m->rope_inv || !m->scratch)
+    if ((host_kv && (!m->kcache || !m->vcache || !m->scratch)) || !m->slot_len || !m->slot_next || !m->cos_t ||
+        !m->sin_t || !m->rope_inv)
         return tp_errorf(err, "out of memory for a KV cache of --max-batch %d x --max-seq %d positions",
                          m->slots, m->max_seq);
     /* what transformers builds at init; dynamic and longrope compute the
@@ -922,13 +926,13 @@ static int alloc_caches(tp_model *m, tp_err *err)
 
 #ifdef TP_HAVE_CUDA
 /* Hands the checked structure and where each weight is in lr to
- * model_cuda.cu, which streams them onto the device (weights_cuda.cu); the
- * CPU KV cache is freed after. */
+ * model_cuda.cu, which streams them onto the device (weights_cuda.cu) and
+ * allocates the KV caches of every slot there. */
 static int to_device(tp_model *m, const tp_loaded_rank *lr, const char *device, bool no_graph, tp_err *err)
 {
     tpcm_desc d = {
         .cfg = &m->cfg, .comm = m->comm, .rank = m->rank, .world = m->world, .lq = m->lq,
-        .lkv = m->lkv, .li = m->li, .group = m->group, .max_seq = m->max_seq,
+        .lkv = m->lkv, .li = m->li, .group = m->group, .max_seq = m->max_seq, .slots = m->slots,
         .lr = lr, .embed = m->embed_src, .emb_start = m->emb_start, .emb_end = m->emb_end,
         .final_norm = m->final_norm_src, .lm_w = m->lm_src, .lm_start = m->lm_start,
         .lm_end = m->lm_end, .lm_ranges = m->lm_ranges, .vocab_slot = m->vocab_slot,
@@ -947,9 +951,6 @@ static int to_device(tp_model *m, const tp_loaded_rank *lr, const char *device, 
         m->layers[l] = (tp_layer_weights){ .moe = m->layers[l].moe };
     m->embed = m->lm_w = (tp_mat){ 0 };
     m->final_norm = NULL;
-    free_kv(m);
-    free(m->scratch);
-    m->scratch = NULL;
     return 0;
 }
 #endif
@@ -1021,12 +1022,6 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         tp_errorf(err, "--max-batch %d: expected 1 or more sequence slots", opts->slots);
         goto fail;
     }
-    if (cuda && m->slots > 1) {
-        /* the device model has one KV cache and no batched step yet */
-        tp_errorf(err, "device \"%s\": --max-batch %d: batched sequences run on the cpu only so far "
-                  "(--device cuda takes --max-batch 1)", opts->device, m->slots);
-        goto fail;
-    }
     int threads = opts->threads;
     if (threads <= 0) {
         long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1066,7 +1061,7 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
     m->cfg.attention_bias = S0->bq.tensor >= 0;
     m->cfg.o_bias = S0->bo.tensor >= 0;
     m->cfg.mlp_bias = S0->bgate.tensor >= 0 || S0->bup.tensor >= 0 || S0->bdown.tensor >= 0;
-    if (exchange_vocab_ranges(m, err) < 0 || alloc_caches(m, err) < 0)
+    if (exchange_vocab_ranges(m, err) < 0 || alloc_caches(m, !cuda, err) < 0)
         goto fail;
 #ifdef TP_HAVE_CUDA
     if (cuda && to_device(m, lr, opts->device, opts->no_graph, err) < 0)
@@ -1492,19 +1487,25 @@ static void plan_runs(tp_model *m, const tp_batch_token *t, int n)
 }
 
 #ifdef TP_HAVE_CUDA
-/* The device model runs one sequence (slot 0; tp_model_create refuses more)
- * and returns the logits of the step's last token only. */
+/* One sequence in slot 0 that wants at most its last token's logits
+ * (tp_model_forward) takes the device's single-sequence pass (its prefill
+ * kernels); any other step the device's batched one. */
 static int forward_device(tp_model *m, const tp_batch_token *t, int n, float *logits, tp_err *err)
 {
-    for (int i = 0; i < n; i++) {
-        if (t[i].logits && i != n - 1)
-            return tp_errorf(err, "batch token %d (slot %d, position %d): device cuda computes the logits of "
-                             "a step's last token only", i, t[i].slot, t[i].pos);
-        m->ids[i] = t[i].id;
+    bool one_seq = true;
+    for (int i = 0; i < n && one_seq; i++)
+        one_seq = t[i].slot == 0 && (!t[i].logits || i == n - 1);
+    int rc;
+    if (one_seq) {
+        for (int i = 0; i < n; i++)
+            m->ids[i] = t[i].id;
+        rc = tpcm_forward(m->gpu, m->ids, n, m->slot_len[0], t[n - 1].logits ? logits : NULL, err);
+    } else {
+        rc = tpcm_forward_batch(m->gpu, t, n, m->slot_next, logits, err);
     }
-    if (tpcm_forward(m->gpu, m->ids, n, m->slot_len[0], t[n - 1].logits ? logits : NULL, err) < 0)
+    if (rc < 0)
         return -1;
-    m->slot_len[0] += n;
+    memcpy(m->slot_len, m->slot_next, (size_t)m->slots * sizeof *m->slot_len);
     return 0;
 }
 #endif

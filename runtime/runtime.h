@@ -213,8 +213,9 @@ typedef struct tp_model_opts {
      * reserved, not touched (an anonymous MAP_NORESERVE mapping): its pages
      * are used as sequences grow.  tp_model_create refuses, naming
      * --max-batch and --max-seq, when slots x max_seq x the per-token KV
-     * bytes exceed the machine's physical memory.  device "cuda" takes one
-     * slot only so far (more is refused at create). */
+     * bytes exceed the machine's physical memory (device "cuda": the
+     * device memory left free by the weights; its caches are allocated
+     * there, not reserved). */
     int slots;
 } tp_model_opts;
 

@@ -282,6 +282,101 @@ static void test_attention(void)
         run_attention_case(&decode[i], true);
 }
 
+/* ------------------------------------------------- batched step (slots) */
+
+/* The CPU reference of tpc_kv_append_batch + tpc_attention_batch: token t's
+ * k, v rows into slot slot[t]'s cache rows pos[t] (kc, vc: n_slots caches
+ * slot_stride floats apart), then each token's heads by tpk_attention_head
+ * as one query at pos[t] over its slot's cache. */
+static void batch_reference(float *out, size_t out_stride, const float *qkv, size_t qkv_stride, float *kc,
+                            float *vc, size_t slot_stride, int max_seq, int n, const int32_t *slot,
+                            const int32_t *pos, int heads, int kvh, int hd, int window, float scale)
+{
+    const float *k = qkv + (size_t)heads * hd, *v = k + (size_t)kvh * hd;
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < kvh; h++) {
+            size_t dst = (size_t)slot[t] * slot_stride + ((size_t)h * max_seq + pos[t]) * hd;
+            memcpy(kc + dst, k + (size_t)t * qkv_stride + (size_t)h * hd, (size_t)hd * 4);
+            memcpy(vc + dst, v + (size_t)t * qkv_stride + (size_t)h * hd, (size_t)hd * 4);
+        }
+    float *scratch = malloc((size_t)max_seq * 4);
+    for (int t = 0; t < n; t++)
+        for (int h = 0; h < heads; h++) {
+            size_t kv = (size_t)slot[t] * slot_stride + (size_t)(h / (heads / kvh)) * max_seq * hd;
+            tpk_attention_head(out + (size_t)t * out_stride + (size_t)h * hd, out_stride,
+                               qkv + (size_t)t * qkv_stride + (size_t)h * hd, qkv_stride, kc + kv, vc + kv, 1,
+                               pos[t], hd, window, scale, scratch);
+        }
+    free(scratch);
+}
+
+/* A continuous-batching step: 3 slots (caches padded apart), a prefill
+ * chunk of slot 1 (positions 0..4) between decode tokens of slots 0 and 2
+ * (one at the last row of the cache) and a chunk of slot 0 cut around them;
+ * the caches after the append bit for bit, the attention within 2e-5 of
+ * the reference.  Then one token with a slot outside the caches: nothing
+ * written, NaN out (the other tokens unchanged). */
+static void run_batch_case(int heads, int kvh, int hd, int window)
+{
+    enum { N_SLOTS = 3, MAX_SEQ = 40, N = 10 };
+    static const int32_t slot[N] = { 0, 1, 1, 1, 1, 1, 2, 0, 0, 2 };
+    static const int32_t pos[N] = { 17, 0, 1, 2, 3, 4, 39, 18, 19, 38 };
+    size_t per_slot = (size_t)kvh * MAX_SEQ * hd, slot_stride = per_slot + 5, cache_sz = N_SLOTS * slot_stride;
+    float *kc = rand_vec(cache_sz, 1), *vc = rand_vec(cache_sz, 1);
+    size_t qkv_stride = (size_t)(heads + 2 * kvh) * hd, out_stride = (size_t)heads * hd + 3;
+    float *qkv = rand_vec((size_t)N * qkv_stride, 1);
+    float *dkc = dev_copy(kc, cache_sz * 4), *dvc = dev_copy(vc, cache_sz * 4);
+    float *dqkv = dev_copy(qkv, (size_t)N * qkv_stride * 4);
+    int32_t *dslot = dev_copy(slot, sizeof slot), *dpos = dev_copy(pos, sizeof pos);
+    float scale = 1.0f / sqrtf((float)hd);
+    float *ref = calloc((size_t)N * out_stride, 4), *got = calloc((size_t)N * out_stride, 4);
+    batch_reference(ref, out_stride, qkv, qkv_stride, kc, vc, slot_stride, MAX_SEQ, N, slot, pos, heads, kvh, hd,
+                    window, scale);
+    MUST(tpc_kv_append_batch(dkc, dvc, slot_stride, N_SLOTS, MAX_SEQ, dqkv + (size_t)heads * hd,
+                             dqkv + (size_t)(heads + kvh) * hd, qkv_stride, N, kvh, hd, dslot, dpos, NULL, &err));
+    float *gk = malloc(cache_sz * 4), *gv = malloc(cache_sz * 4);
+    fetch(gk, dkc, cache_sz * 4);
+    fetch(gv, dvc, cache_sz * 4);
+    CHECK(!memcmp(gk, kc, cache_sz * 4) && !memcmp(gv, vc, cache_sz * 4),
+          "kv_append_batch kv_heads=%d hd=%d: caches differ from the reference", kvh, hd);
+    float *dout = dev_copy(got, (size_t)N * out_stride * 4);   /* zeros: the gaps stay 0 */
+    size_t ws = tpc_attention_decode_workspace(N, heads, hd);
+    void *dws = dev_copy(NULL, ws);
+    MUST(tpc_attention_batch(dout, out_stride, dqkv, qkv_stride, dkc, dvc, slot_stride, N_SLOTS, MAX_SEQ, N, dslot,
+                             dpos, heads, kvh, hd, window, scale, dws, ws, NULL, &err));
+    fetch(got, dout, (size_t)N * out_stride * 4);
+    double e = rel_err(got, ref, (size_t)N * out_stride);
+    CHECK(e < 2e-5, "attention_batch heads=%d/%d hd=%d window=%d: err %g", heads, kvh, hd, window, e);
+
+    /* token 4 in slot 3 of 3: not written, NaN; the others as before */
+    int32_t bad[N];
+    memcpy(bad, slot, sizeof bad);
+    bad[4] = N_SLOTS;
+    MUST(tpc_upload(dslot, bad, sizeof bad, &err));
+    MUST(tpc_upload(dkc, kc, cache_sz * 4, &err));
+    MUST(tpc_upload(dvc, vc, cache_sz * 4, &err));
+    MUST(tpc_kv_append_batch(dkc, dvc, slot_stride, N_SLOTS, MAX_SEQ, dqkv + (size_t)heads * hd,
+                             dqkv + (size_t)(heads + kvh) * hd, qkv_stride, N, kvh, hd, dslot, dpos, NULL, &err));
+    MUST(tpc_attention_batch(dout, out_stride, dqkv, qkv_stride, dkc, dvc, slot_stride, N_SLOTS, MAX_SEQ, N, dslot,
+                             dpos, heads, kvh, hd, window, scale, dws, ws, NULL, &err));
+    fetch(gk, dkc, cache_sz * 4);
+    fetch(got, dout, (size_t)N * out_stride * 4);
+    CHECK(!memcmp(gk, kc, cache_sz * 4), "kv_append_batch: a token outside the slots was written");
+    bool nan_row = true;
+    for (int d = 0; d < heads * hd; d++)
+        nan_row = nan_row && isnan(got[4 * out_stride + (size_t)d]);
+    CHECK(nan_row, "attention_batch: a token outside the slots did not give NaN");
+    tpc_free(dkc); tpc_free(dvc); tpc_free(dqkv); tpc_free(dout); tpc_free(dslot); tpc_free(dpos); tpc_free(dws);
+    free(kc); free(vc); free(qkv); free(gk); free(gv); free(ref); free(got);
+}
+
+static void test_attention_batch(void)
+{
+    run_batch_case(4, 2, 80, 0);     /* head_dim not a multiple of 32 */
+    run_batch_case(2, 1, 64, 6);     /* a sliding window shorter than most positions */
+    run_batch_case(4, 4, 128, 0);
+}
+
 /* ----------------------------------------------------------- elementwise */
 
 static void test_elementwise(void)
@@ -1011,6 +1106,11 @@ static void test_argument_errors(void)
           "kv_append past the cache accepted");
     CHECK(tpc_attention_decode(NULL, 0, NULL, 0, NULL, NULL, 10, 1, 0, 2, 1, 64, 0, 1.0f, NULL, 0, NULL, &err) == -1 &&
           strstr(err.msg, "workspace"), "decode without a workspace accepted");
+    CHECK(tpc_attention_batch(NULL, 0, NULL, 0, NULL, NULL, 100, 2, 10, 1, NULL, NULL, 2, 1, 64, 0, 1.0f, NULL, 0,
+                              NULL, &err) == -1 && strstr(err.msg, "attention_batch"),
+          "batched attention over slots closer than a cache accepted");
+    CHECK(tpc_kv_append_batch(NULL, NULL, 100, 2, 10, NULL, NULL, 0, 1, 1, 64, NULL, NULL, NULL, &err) == -1 &&
+          strstr(err.msg, "kv_append_batch"), "batched append into slots closer than a cache accepted");
 }
 
 int main(void)
@@ -1026,6 +1126,7 @@ int main(void)
     test_rmsnorm();
     test_head_norm_rope();
     test_attention();
+    test_attention_batch();
     test_elementwise();
     test_gemm();
     test_gemm_q8();

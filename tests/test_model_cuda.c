@@ -272,6 +272,277 @@ static void compare_logits(const char *name, const char *what, int w, const floa
            n_steps, worst_rel);
 }
 
+/* Batched steps on the device (tp_model_forward_batch, continuous
+ * batching): BB_SLOTS prompts of different lengths, one per slot,
+ * fed in chunks of BB_CHUNK while the slots already past their prompt
+ * decode (so steps mix prefill chunks and decode tokens, in a slot order
+ * that flips every step), BB_GEN greedy tokens each, picked from the cuda
+ * logits and fed back, at tp 1 and 2 (ranks as threads: the staged
+ * all-reduces and the gathered logits rows).  The same steps run on the
+ * CPU model (tp 1, slots too, fed the same tokens): every logits row
+ * within compare_logits' bound of the CPU's.  And each
+ * prompt run alone on the device (tp_model_forward, one slot) must pick
+ * the same tokens, wherever its top two logits are further apart than that
+ * bound (a nearer tie may flip with the summation order).  Then a KV cache
+ * larger than the device is refused at create, naming --max-batch. */
+enum { BB_SLOTS = 3, BB_GEN = 4, BB_CHUNK = 5, BB_MAX_SEQ = 48 };
+static const int BB_LENS[BB_SLOTS] = { 9, 3, 14 };   /* 14 + 3 fed back: past longrope's 16 */
+
+typedef struct bb_seq {
+    int fed, gen;       /* prompt tokens fed, tokens generated */
+} bb_seq;
+
+/* The ids of prompt p (deterministic, inside the vocabulary). */
+static int32_t bb_id(int p, int i, int vocab)
+{
+    return (int32_t)((i * 7919 + p * 104729 + 17) % vocab);
+}
+
+/* Each prompt alone on the device: its BB_GEN greedy tokens and, for each,
+ * whether the top two logits were further apart than compare_logits'
+ * bound (a token that must match). */
+static int bb_alone(const tp_loaded_rank *lr, int V, int32_t tok[BB_SLOTS][BB_GEN], bool firm[BB_SLOTS][BB_GEN],
+                    tp_err *err)
+{
+    tp_model *m = NULL;
+    tp_model_opts o = { .max_seq = BB_MAX_SEQ, .threads = 1, .device = "cuda" };
+    float *logits = malloc((size_t)V * sizeof *logits);
+    int rc = tp_model_create(&m, (tp_loaded_rank *)lr, NULL, &o, err);
+    for (int p = 0; p < BB_SLOTS && rc == 0; p++) {
+        int32_t ids[BB_MAX_SEQ];
+        for (int i = 0; i < BB_LENS[p]; i++)
+            ids[i] = bb_id(p, i, V);
+        tp_model_reset(m);
+        rc = tp_model_forward(m, ids, BB_LENS[p], logits, err);
+        for (int g = 0; g < BB_GEN && rc == 0; g++) {
+            int best = argmax(logits, V);
+            double mx = 1, second = -INFINITY;
+            for (int i = 0; i < V; i++) {
+                mx = fabs(logits[i]) > mx ? fabs(logits[i]) : mx;
+                if (i != best && logits[i] > second)
+                    second = logits[i];
+            }
+            tok[p][g] = best;
+            firm[p][g] = logits[best] - second > 3e-2 * mx;
+            if (g + 1 < BB_GEN)
+                rc = tp_model_forward(m, &tok[p][g], 1, logits, err);
+        }
+    }
+    tp_model_free(m);
+    free(logits);
+    return rc;
+}
+
+/* The next step's tokens of every slot, slot order reversed on odd steps:
+ * the next chunk of a prompt (logits on its last token), or the last
+ * generated token. */
+static int bb_step_tokens(const bb_seq *q, int32_t tok[BB_SLOTS][BB_GEN], int step, int V, tp_batch_token *t)
+{
+    int n = 0;
+    for (int i = 0; i < BB_SLOTS; i++) {
+        int s = step % 2 ? BB_SLOTS - 1 - i : i, len = BB_LENS[s];
+        if (q[s].gen == BB_GEN)
+            continue;
+        if (q[s].fed < len) {
+            int c = len - q[s].fed < BB_CHUNK ? len - q[s].fed : BB_CHUNK;
+            for (int k = q[s].fed; k < q[s].fed + c; k++)
+                t[n++] = (tp_batch_token){ s, bb_id(s, k, V), k, k == len - 1 };
+        } else {
+            t[n++] = (tp_batch_token){ s, tok[s][q[s].gen - 1], len + q[s].gen - 1, true };
+        }
+    }
+    return n;
+}
+
+/* Runs the batched schedule on m until every slot has its BB_GEN tokens;
+ * rows (BB_SLOTS * BB_GEN rows of vocab floats) gets the logits rows in
+ * step order.  pick: the fed-back tokens are tok, filled from m's logits
+ * (argmax); else tok is read (another run's picks, fed as they were).  *steps
+ * and *most: the steps and the most tokens in one. */
+static int bb_run(tp_model *m, int V, int32_t tok[BB_SLOTS][BB_GEN], bool pick, float *rows, int *steps, int *most,
+                  tp_err *err)
+{
+    bb_seq q[BB_SLOTS] = { { 0, 0 } };
+    int n_rows = 0;
+    *most = 0;
+    for (int done = 0, st = 0; done < BB_SLOTS; st++) {
+        tp_batch_token t[BB_SLOTS * BB_CHUNK];
+        int n = bb_step_tokens(q, tok, st, V, t);
+        *most = n > *most ? n : *most;
+        *steps = st + 1;
+        if (tp_model_forward_batch(m, t, n, rows + (size_t)n_rows * V, err) < 0)
+            return -1;
+        for (int i = 0; i < n; i++) {
+            bb_seq *sq = &q[t[i].slot];
+            if (t[i].pos < BB_LENS[t[i].slot])
+                sq->fed++;
+            if (!t[i].logits)
+                continue;
+            const float *row = rows + (size_t)n_rows++ * V;
+            if (pick)
+                tok[t[i].slot][sq->gen] = argmax(row, V);
+            sq->gen++;
+        }
+        done = 0;
+        for (int sl = 0; sl < BB_SLOTS; sl++) {
+            int want = q[sl].fed + (q[sl].gen ? q[sl].gen - 1 : 0);   /* prompt, then the tokens fed back */
+            if (tp_model_slot_length(m, sl) != want)
+                return tp_errorf(err, "step %d: slot %d holds %d positions, %d were fed", st, sl,
+                                 tp_model_slot_length(m, sl), want);
+            done += q[sl].gen == BB_GEN;
+        }
+    }
+    return 0;
+}
+
+typedef struct bb_job {
+    tp_loaded_rank *lr;
+    tp_comm *comm;
+    const char *device;
+    int V, steps, most, rc;
+    bool pick;
+    int32_t tok[BB_SLOTS][BB_GEN];
+    float *rows;
+    tp_err err;
+} bb_job;
+
+static void *bb_rank_main(void *arg)
+{
+    bb_job *j = arg;
+    tp_model *m = NULL;
+    tp_model_opts o = { .max_seq = BB_MAX_SEQ, .threads = 1, .device = j->device, .slots = BB_SLOTS };
+    j->rc = tp_model_create(&m, j->lr, j->comm, &o, &j->err);
+    if (j->rc == 0)
+        j->rc = bb_run(m, j->V, j->tok, j->pick, j->rows, &j->steps, &j->most, &j->err);
+    tp_model_free(m);
+    return NULL;
+}
+
+/* bb_run on the ranks lrs[0..world) as threads (in-process comm); rank 0's
+ * job in *out (its rows malloc'd), checked equal on every rank. */
+static int bb_ranks(tp_loaded_rank **lrs, int world, const char *device, int V, bool pick,
+                    int32_t tok[BB_SLOTS][BB_GEN], bb_job *out, const char *name)
+{
+    tp_comm comms[MAX_WORLD];
+    bb_job jobs[MAX_WORLD];
+    pthread_t th[MAX_WORLD];
+    hub h = { .world = world };
+    pthread_mutex_init(&h.mu, NULL);
+    pthread_cond_init(&h.cv, NULL);
+    size_t bytes = (size_t)BB_SLOTS * BB_GEN * V * sizeof(float);
+    for (int r = 0; r < world; r++) {
+        comms[r] = (tp_comm){ .ops = &hub_ops, .rank = r, .world = world, .timeout_s = 60, .impl = &h };
+        jobs[r] = (bb_job){ .lr = lrs[r], .comm = world > 1 ? &comms[r] : NULL, .device = device, .V = V,
+                            .pick = pick, .rows = calloc(1, bytes) };
+        memcpy(jobs[r].tok, tok, sizeof jobs[r].tok);
+        pthread_create(&th[r], NULL, bb_rank_main, &jobs[r]);
+    }
+    int rc = 0;
+    for (int r = 0; r < world; r++) {
+        pthread_join(th[r], NULL);
+        if (jobs[r].rc < 0) {
+            CHECK(0, "%s tp=%d rank %d batched on %s: %s", name, world, r, device, jobs[r].err.msg);
+            rc = -1;
+        }
+    }
+    for (int r = 1; r < world; r++) {
+        if (rc == 0)
+            CHECK(memcmp(jobs[r].rows, jobs[0].rows, bytes) == 0, "%s tp=%d batched on %s: rank %d's logits "
+                  "differ from rank 0's", name, world, device, r);
+        free(jobs[r].rows);
+    }
+    pthread_mutex_destroy(&h.mu);
+    pthread_cond_destroy(&h.cv);
+    *out = jobs[0];
+    return rc;
+}
+
+/* The batched schedule on cuda at tp = world against the cpu (tp 1, fed
+ * cuda's tokens) and each prompt alone on cuda. */
+static void compare_batched_tp(const src_model *s, int world, const int32_t alone[BB_SLOTS][BB_GEN],
+                               const bool firm[BB_SLOTS][BB_GEN])
+{
+    const int V = s->vocab;
+    built_rank br[MAX_WORLD], one;
+    tp_loaded_rank *lrs[MAX_WORLD], *one_lr[1];
+    for (int r = 0; r < world; r++) {
+        build_rank(&br[r], s, r, world);
+        lrs[r] = &br[r].lr;
+    }
+    build_rank(&one, s, 0, 1);
+    one_lr[0] = &one.lr;
+    int32_t tok[BB_SLOTS][BB_GEN] = { { 0 } };
+    bb_job gpu, cpu;
+    int rc = bb_ranks(lrs, world, "cuda", V, true, tok, &gpu, s->name);
+    if (rc == 0)
+        rc = bb_ranks(one_lr, 1, "cpu", V, false, gpu.tok, &cpu, s->name);
+    else
+        cpu.rows = NULL;
+    if (rc == 0) {
+        int rows = BB_SLOTS * BB_GEN;
+        compare_logits(s->name, "batched steps, cuda vs cpu tp_model_forward_batch", world, cpu.rows, gpu.rows, V,
+                       rows);
+        int firm_n = 0, differ = 0;
+        for (int p = 0; p < BB_SLOTS; p++)
+            for (int g = 0; g < BB_GEN && firm[p][g]; g++) {   /* past a near tie the feeds may differ */
+                firm_n++;
+                differ += gpu.tok[p][g] != alone[p][g];
+            }
+        CHECK(differ == 0, "%s tp=%d: %d of %d greedy tokens batched on cuda differ from each prompt alone",
+              s->name, world, differ, firm_n);
+        CHECK(firm_n > 0, "%s: no greedy token clear of a near tie to compare", s->name);
+        printf("%s tp=%d: %d batched steps (up to %d tokens), %d of %d greedy tokens as each prompt alone\n",
+               s->name, world, gpu.steps, gpu.most, firm_n - differ, firm_n);
+    }
+    free(gpu.rows);
+    free(cpu.rows);
+    for (int r = 0; r < world; r++)
+        free_rank(&br[r], s->n);
+    free_rank(&one, s->n);
+}
+
+static void compare_batched(const src_model *s)
+{
+    built_rank br;
+    build_rank(&br, s, 0, 1);
+    tp_err err = { { 0 } };
+    int32_t alone[BB_SLOTS][BB_GEN];
+    bool firm[BB_SLOTS][BB_GEN];
+    if (bb_alone(&br.lr, s->vocab, alone, firm, &err) < 0)
+        CHECK(0, "%s: each prompt alone on cuda: %s", s->name, err.msg);
+    else
+        for (int w = 1; w <= 2; w++)
+            if (s->n_heads % w == 0 && s->intermediate % w == 0 &&
+                (s->n_kv < w ? w % s->n_kv == 0 : s->n_kv % w == 0))
+                compare_batched_tp(s, w, alone, firm);
+
+    /* a KV cache no device holds: refused at create, naming the flags */
+    tp_model_opts huge = { .max_seq = BB_MAX_SEQ, .threads = 1, .device = "cuda", .slots = 1 << 24 };
+    tp_model *m = NULL;
+    err.msg[0] = 0;
+    CHECK(tp_model_create(&m, &br.lr, NULL, &huge, &err) < 0 && strstr(err.msg, "--max-batch 16777216") &&
+              strstr(err.msg, "device's free memory"),
+          "%s: a KV cache of 2^24 slots on cuda: %s", s->name, m ? "accepted" : err.msg);
+    tp_model_free(m);
+    free_rank(&br, s->n);
+}
+
+/* compare_batched on a fixture (2-D tensors: cut here). */
+static void compare_batched_fixture(const char *dir, const char *name)
+{
+    tp_err err = { { 0 } };
+    src_model *s = malloc(sizeof *s);
+    tp_st_set set;
+    memset(&set, 0, sizeof set);
+    if (load_hf(s, &set, dir, name, &err) < 0)
+        CHECK(0, "%s: %s", name, err.msg);
+    else if (!has_3d_tensor(s))
+        compare_batched(s);
+    free_src(s);
+    free(s);
+    tp_st_set_close(&set);
+}
+
 /* The CPU (ranks in memory) against cuda (rank files, deferred) at tp 1 and 2. */
 static void compare_src_logits(const src_model *s)
 {
@@ -485,6 +756,7 @@ int main(void)
         for (int i = 0; i < n; i++) {
             char *dir = tp_path_join(root, names[i]);
             compare_model(dir, names[i]);
+            compare_batched_fixture(dir, names[i]);
             free(dir);
             free(names[i]);
         }

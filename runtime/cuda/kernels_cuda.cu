@@ -416,6 +416,41 @@ extern "C" int tpc_kv_append(float *k_cache, float *v_cache, int max_seq, const 
                                 NULL, s, err);
 }
 
+/* Block (token, kv head) of a batched step: token t's k and v rows into
+ * slot slot[t]'s cache at row pos[t]; a slot or position outside the caches
+ * writes nothing (the launcher cannot check device arrays). */
+__global__ void kv_append_batch_kernel(float *k_cache, float *v_cache, size_t slot_stride, int n_slots,
+                                       int max_seq, const float *k, const float *v, size_t row_stride,
+                                       int n_kv_heads, int head_dim, const int32_t *slot, const int32_t *pos)
+{
+    int t = blockIdx.x / n_kv_heads, h = blockIdx.x % n_kv_heads, p = pos[t], sl = slot[t];
+    if (p < 0 || p >= max_seq || sl < 0 || sl >= n_slots)
+        return;
+    size_t src = (size_t)t * row_stride + (size_t)h * head_dim;
+    size_t dst = (size_t)sl * slot_stride + ((size_t)h * max_seq + p) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        k_cache[dst + d] = k[src + d];
+        v_cache[dst + d] = v[src + d];
+    }
+}
+
+extern "C" int tpc_kv_append_batch(float *k_cache, float *v_cache, size_t slot_stride, int n_slots, int max_seq,
+                                   const float *k, const float *v, size_t row_stride, int n, int n_kv_heads,
+                                   int head_dim, const int32_t *slot, const int32_t *pos, tpc_stream s,
+                                   tp_err *err)
+{
+    if (n == 0)
+        return 0;
+    if (n < 0 || n_kv_heads <= 0 || head_dim <= 0 || n_slots <= 0 || max_seq <= 0 ||
+        slot_stride < (size_t)n_kv_heads * max_seq * head_dim)
+        return tp_errorf(err, "cuda kernel kv_append_batch: %d tokens into %d slots of %d kv heads x %d "
+                         "positions x %d (%zu floats apart)", n, n_slots, n_kv_heads, max_seq, head_dim,
+                         slot_stride);
+    kv_append_batch_kernel<<<n * n_kv_heads, 128, 0, s>>>(k_cache, v_cache, slot_stride, n_slots, max_seq, k, v,
+                                                         row_stride, n_kv_heads, head_dim, slot, pos);
+    return launched("kv_append_batch", err);
+}
+
 /* ------------------------------------------------------ attention: common */
 
 #define DPL (TPC_MAX_HEAD_DIM / 32)   /* head dims per lane */
@@ -588,41 +623,19 @@ __host__ __device__ __forceinline__ int decode_keys(int pos0, int n, int window)
     return window > 0 && window < keys ? window : keys;
 }
 
-/* Block (split, head, token): the split's keys are dealt to 4 warps, one
- * key at a time per warp (lanes split head_dim: coalesced 4-byte loads, a
- * shuffle-sum for the dot product), each keeping an online softmax; the
- * warps merge in shared memory and the block writes its partial
- * (max, denominator, unnormalised output) to the workspace.  A block whose
- * key range is empty writes (-inf, 0, zeros), which the combine skips.
- * pos_dev (graph replays): the position comes from the device and the chunk
- * is worked out here from it, by decode_chunk over the grid's splits (sized
- * for max_seq keys, so splits past the last key are empty); a position
- * outside the cache makes every split empty, and the combine's 0 / 0 writes
- * NaN: visible, and nothing is read past the cache. */
-__global__ void __launch_bounds__(DC_WARPS * 32)
-attention_decode_kernel(float *part, const float *q, size_t q_stride, const float *k_cache,
-                        const float *v_cache, int max_seq, int pos0, const int32_t *pos_dev, int n_heads,
-                        int group, int hd, int window, float scale, int chunk)
+/* One block's split of keys [j0, j1) of one query (qr) against one kv
+ * head's rows K and V: the keys are dealt to 4 warps, one key at a time per
+ * warp (lanes split head_dim: coalesced 4-byte loads, a shuffle-sum for the
+ * dot product), each keeping an online softmax; the warps merge in shared
+ * memory and the block writes its partial (max, denominator, unnormalised
+ * output) to dst.  An empty range writes (-inf, 0, zeros), which the
+ * combine skips.  Shared by the decode and the batched kernels, so that a
+ * token gives the same bits through either. */
+__device__ void decode_split(float *dst, const float *qr, const float *K, const float *V, int hd, int j0, int j1,
+                             float scale)
 {
     __shared__ float s_m[DC_WARPS], s_l[DC_WARPS], s_acc[DC_WARPS][TPC_MAX_HEAD_DIM];
-    int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (pos_dev) {
-        int n = gridDim.z;
-        pos0 = *pos_dev;
-        if (pos0 >= 0 && pos0 <= max_seq - n) {
-            chunk = decode_chunk(decode_keys(pos0, n, window), n_splits);
-        } else {
-            pos0 = 0;
-            chunk = 0;   /* every split empty */
-        }
-    }
-    int p = pos0 + t, lo = window_lo(p, window);
-    int j0 = lo + split * chunk, j1 = min(p + 1, j0 + chunk);
-    const float *K = k_cache + (size_t)(h / group) * max_seq * hd;
-    const float *V = v_cache + (size_t)(h / group) * max_seq * hd;
-    const float *qr = q + (size_t)t * q_stride + (size_t)h * hd;
-
     float qreg[DPL], acc[DPL], m = -INFINITY, l = 0.0f;
 #pragma unroll
     for (int i = 0; i < DPL; i++) {
@@ -658,7 +671,6 @@ attention_decode_kernel(float *part, const float *q, size_t q_stride, const floa
         if (lane + 32 * i < hd)
             s_acc[warp][lane + 32 * i] = acc[i];
     __syncthreads();
-    float *dst = part + (((size_t)t * n_heads + h) * n_splits + split) * (hd + 2);
     float mall = -INFINITY;
     for (int w = 0; w < DC_WARPS; w++)
         mall = fmaxf(mall, s_m[w]);
@@ -677,6 +689,62 @@ attention_decode_kernel(float *part, const float *q, size_t q_stride, const floa
         dst[0] = mall;   /* -inf: an empty split */
         dst[1] = lall;
     }
+}
+
+/* Block (split, head, token): decode_split over the split's keys.
+ * pos_dev (graph replays): the position comes from the device and the chunk
+ * is worked out here from it, by decode_chunk over the grid's splits (sized
+ * for max_seq keys, so splits past the last key are empty); a position
+ * outside the cache makes every split empty, and the combine's 0 / 0 writes
+ * NaN: visible, and nothing is read past the cache. */
+__global__ void __launch_bounds__(DC_WARPS * 32)
+attention_decode_kernel(float *part, const float *q, size_t q_stride, const float *k_cache,
+                        const float *v_cache, int max_seq, int pos0, const int32_t *pos_dev, int n_heads,
+                        int group, int hd, int window, float scale, int chunk)
+{
+    int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
+    if (pos_dev) {
+        int n = gridDim.z;
+        pos0 = *pos_dev;
+        if (pos0 >= 0 && pos0 <= max_seq - n) {
+            chunk = decode_chunk(decode_keys(pos0, n, window), n_splits);
+        } else {
+            pos0 = 0;
+            chunk = 0;   /* every split empty */
+        }
+    }
+    int p = pos0 + t, lo = window_lo(p, window);
+    int j0 = lo + split * chunk, j1 = min(p + 1, j0 + chunk);
+    const float *K = k_cache + (size_t)(h / group) * max_seq * hd;
+    const float *V = v_cache + (size_t)(h / group) * max_seq * hd;
+    const float *qr = q + (size_t)t * q_stride + (size_t)h * hd;
+    float *dst = part + (((size_t)t * n_heads + h) * n_splits + split) * (hd + 2);
+    decode_split(dst, qr, K, V, hd, j0, j1, scale);
+}
+
+/* Block (split, head, token) of a batched step: token t reads its slot
+ * slot[t]'s cache (k_cache + slot * slot_stride) up to its own position
+ * pos[t], with its own chunk (decode_chunk of its keys over the grid's
+ * splits, sized for the most keys a cache holds).  A slot or position
+ * outside the caches makes the token's splits empty (NaN out, nothing read
+ * past the caches): the launcher cannot check device arrays. */
+__global__ void __launch_bounds__(DC_WARPS * 32)
+attention_batch_kernel(float *part, const float *q, size_t q_stride, const float *k_cache, const float *v_cache,
+                       size_t slot_stride, int n_slots, int max_seq, const int32_t *slot, const int32_t *pos,
+                       int n_heads, int group, int hd, int window, float scale)
+{
+    int split = blockIdx.x, h = blockIdx.y, t = blockIdx.z, n_splits = gridDim.x;
+    int p = pos[t], sl = slot[t], chunk = 0;
+    if (p >= 0 && p < max_seq && sl >= 0 && sl < n_slots)
+        chunk = decode_chunk(decode_keys(p, 1, window), n_splits);
+    else
+        p = sl = 0;
+    int lo = window_lo(p, window);
+    int j0 = lo + split * chunk, j1 = min(p + 1, j0 + chunk);
+    size_t kv = (size_t)sl * slot_stride + (size_t)(h / group) * max_seq * hd;
+    const float *qr = q + (size_t)t * q_stride + (size_t)h * hd;
+    float *dst = part + (((size_t)t * n_heads + h) * n_splits + split) * (hd + 2);
+    decode_split(dst, qr, k_cache + kv, v_cache + kv, hd, j0, j1, scale);
 }
 
 /* Block (head, token): merges the splits' partial softmaxes. */
@@ -722,6 +790,21 @@ static int sm_count(void)
     return sms;
 }
 
+/* The splits of a decode grid: enough for about two blocks per
+ * multiprocessor over n tokens' n_heads heads, each split at least 32 of
+ * the keys the grid is sized for (as decode_chunk), at most
+ * TPC_DECODE_MAX_SPLITS. */
+static int decode_splits(int keys, int n, int n_heads)
+{
+    int max_splits = (2 * sm_count() + n_heads * n - 1) / (n_heads * n);
+    if (max_splits > TPC_DECODE_MAX_SPLITS)
+        max_splits = TPC_DECODE_MAX_SPLITS;
+    if (max_splits < 1)
+        max_splits = 1;
+    int by_keys = (keys + 31) / 32;
+    return max_splits < by_keys ? max_splits : by_keys;
+}
+
 extern "C" int tpc_attention_decode_devpos(float *out, size_t out_stride, const float *q, size_t q_stride,
                                            const float *k_cache, const float *v_cache, int max_seq, int n,
                                            int pos0, const int32_t *pos_dev, int n_heads, int n_kv_heads,
@@ -744,13 +827,7 @@ extern "C" int tpc_attention_decode_devpos(float *out, size_t out_stride, const 
      * the grid may not depend on the position; the kernel works out the
      * chunk, and the splits past the last key stay empty). */
     int keys = pos_dev ? decode_keys(max_seq - n, n, window) : decode_keys(pos0, n, window);
-    int max_splits = (2 * sm_count() + n_heads * n - 1) / (n_heads * n);
-    if (max_splits > TPC_DECODE_MAX_SPLITS)
-        max_splits = TPC_DECODE_MAX_SPLITS;
-    if (max_splits < 1)
-        max_splits = 1;
-    int by_keys = (keys + 31) / 32;
-    int n_splits = max_splits < by_keys ? max_splits : by_keys;   /* as decode_chunk */
+    int n_splits = decode_splits(keys, n, n_heads);
     int chunk = (keys + n_splits - 1) / n_splits;
     float *part = (float *)workspace;
     dim3 grid(n_splits, n_heads, n);
@@ -773,6 +850,41 @@ extern "C" int tpc_attention_decode(float *out, size_t out_stride, const float *
     return tpc_attention_decode_devpos(out, out_stride, q, q_stride, k_cache, v_cache, max_seq, n, pos0, NULL,
                                        n_heads, n_kv_heads, head_dim, window, scale, workspace,
                                        workspace_bytes, s, err);
+}
+
+extern "C" int tpc_attention_batch(float *out, size_t out_stride, const float *q, size_t q_stride,
+                                   const float *k_cache, const float *v_cache, size_t slot_stride, int n_slots,
+                                   int max_seq, int n, const int32_t *slot, const int32_t *pos, int n_heads,
+                                   int n_kv_heads, int head_dim, int window, float scale, void *workspace,
+                                   size_t workspace_bytes, tpc_stream s, tp_err *err)
+{
+    /* n may exceed max_seq (several slots' tokens): the positions are per token */
+    if (attention_args("attention_batch", max_seq, 0, 0, n_heads, n_kv_heads, head_dim, err))
+        return -1;
+    if (n < 0 || max_seq <= 0)
+        return tp_errorf(err, "cuda kernel attention_batch: %d tokens, a cache of %d", n, max_seq);
+    if (n_slots <= 0 || slot_stride < (size_t)n_kv_heads * max_seq * head_dim)
+        return tp_errorf(err, "cuda kernel attention_batch: %d slots %zu floats apart do not hold %d kv heads "
+                         "of %d positions", n_slots, slot_stride, n_kv_heads, max_seq);
+    if (n == 0)
+        return 0;
+    size_t need = tpc_attention_decode_workspace(n, n_heads, head_dim);
+    if (!workspace || workspace_bytes < need)
+        return tp_errorf(err, "cuda kernel attention_batch: workspace of %zu bytes, %zu needed",
+                         workspace_bytes, need);
+    /* sized for the most keys one token can see: the splits past a token's
+     * last key stay empty */
+    int keys = decode_keys(max_seq - 1, 1, window);
+    int n_splits = decode_splits(keys, n, n_heads);
+    dim3 grid(n_splits, n_heads, n);
+    attention_batch_kernel<<<grid, DC_WARPS * 32, 0, s>>>((float *)workspace, q, q_stride, k_cache, v_cache,
+                                                          slot_stride, n_slots, max_seq, slot, pos, n_heads,
+                                                          n_heads / n_kv_heads, head_dim, window, scale);
+    if (launched("attention_batch", err))
+        return -1;
+    attention_combine_kernel<<<dim3(n_heads, n), head_dim >= 128 ? 128 : 64, 0, s>>>(
+        out, out_stride, (const float *)workspace, n_heads, n_splits, head_dim);
+    return launched("attention_combine", err);
 }
 
 /* ------------------------------------------------- elementwise kernels */

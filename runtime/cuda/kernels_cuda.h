@@ -156,6 +156,31 @@ int tpc_attention_decode_devpos(float *out, size_t out_stride, const float *q, s
                                 int window, float scale, void *workspace, size_t workspace_bytes,
                                 tpc_stream s, tp_err *err);
 
+/* A batched step (tp_model_forward_batch): n tokens of several sequences,
+ * each with its own cache.  The caches of n_slots slots lie slot_stride
+ * floats apart (slot s's [n_kv_heads][max_seq][head_dim] block starts at
+ * k_cache + s * slot_stride); slot and pos are device arrays of n entries:
+ * token t's slot and position.  A slot or position outside [0, n_slots) /
+ * [0, max_seq) cannot be refused (the launcher does not read device
+ * memory): the append writes nothing for it, the attention gives NaN.
+ * tpc_kv_append_batch: token t's k and v heads (at k + t * row_stride + h *
+ * head_dim) into its slot's rows pos[t]. */
+int tpc_kv_append_batch(float *k_cache, float *v_cache, size_t slot_stride, int n_slots, int max_seq,
+                        const float *k, const float *v, size_t row_stride, int n, int n_kv_heads, int head_dim,
+                        const int32_t *slot, const int32_t *pos, tpc_stream s, tp_err *err);
+/* Each token's causal GQA attention over its own slot's cache, keys
+ * [0, pos[t]] (window > 0: the last window of them), as tpk_attention_head
+ * gives one query at pos[t]: the decode kernel (key splits, then their
+ * combine) with per-token slots and positions, one grid for the whole step.
+ * A slot's tokens of this step must be in its cache already
+ * (tpc_kv_append_batch first).  workspace: tpc_attention_decode_workspace(n,
+ * n_heads, head_dim) bytes. */
+int tpc_attention_batch(float *out, size_t out_stride, const float *q, size_t q_stride, const float *k_cache,
+                        const float *v_cache, size_t slot_stride, int n_slots, int max_seq, int n,
+                        const int32_t *slot, const int32_t *pos, int n_heads, int n_kv_heads, int head_dim,
+                        int window, float scale, void *workspace, size_t workspace_bytes, tpc_stream s,
+                        tp_err *err);
+
 /* tpk_silu_mul: gate[i] = silu(gate[i]) * up[i]. */
 int tpc_silu_mul(float *gate, const float *up, size_t n, tpc_stream s, tp_err *err);
 

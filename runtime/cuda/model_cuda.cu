@@ -3,7 +3,9 @@
  *
  * Weights: weights_cuda.cu puts them on the device (big matrices bf16,
  * norms and biases fp32); the RoPE tables are fp32 too.  Activations
- * and the KV cache are fp32 ([layer][lkv][max_seq][head_dim], as the CPU).
+ * and the KV cache are fp32 ([slot][layer][lkv][max_seq][head_dim], as the
+ * CPU: one allocation for every sequence slot; the single-sequence pass
+ * runs in slot 0).
  * All-reduces: with the nccl backend on device pointers on its stream; with
  * any other backend (single, tcp, mpi) staged through pinned host memory
  * (D2H, host collective, H2D).  Logits: tpcm_forward copies the local
@@ -17,6 +19,11 @@
  * the logits, tpc_sample_devu, rank 0's id broadcast); later steps copy the
  * fed id, the position and the uniform into device memory and replay it.
  * Prefill and the staged backends launch kernel by kernel.
+ * A batched step (tpcm_forward_batch: several slots' tokens, prefill chunks
+ * and decode tokens mixed) runs the same layers over all its tokens, with
+ * per-token slot, position and RoPE rows on the device for the KV append
+ * and the attention (tpc_kv_append_batch, tpc_attention_batch), kernel by
+ * kernel (no graph), then the lm_head over the rows that want logits only.
  */
 #include <cuda_runtime.h>
 
@@ -35,7 +42,8 @@ extern "C" {
 struct tpcm_model {
     tp_model_config cfg;
     tp_comm *comm;
-    int rank, world, lq, lkv, li, group, max_seq, device;
+    int rank, world, lq, lkv, li, group, max_seq, slots, device;
+    size_t slot_stride;         /* floats between two slots' caches */
     bool nccl, own_stream;
     tpc_stream s;
     tpc_blas blas;
@@ -46,7 +54,7 @@ struct tpcm_model {
     int vocab_slot;
     tpc_allocs owned;           /* device allocations besides the weights */
 
-    float *kcache, *vcache, *cos_t, *sin_t;
+    float *kcache, *vcache, *cos_t, *sin_t;   /* caches: slots * slot_stride floats each */
     /* dynamic / longrope (tpk_rope_per_pass): the host tables whose rows
      * each pass recomputes and copies to cos_t / sin_t; NULL otherwise */
     float *host_cos, *host_sin, *host_inv;
@@ -89,6 +97,15 @@ struct tpcm_model {
     int32_t *moe_idx, *moe_tok;
     int *host_idx, *host_count, *host_tok;
     float *host_w, *host_slot_w;
+
+    /* A batched step (tpcm_forward_batch): per token its slot, position
+     * and RoPE rows (device, and host staging), the rows that want logits
+     * (their indices, their normalised hidden rows, this rank's logits of
+     * them), for up to cap_batch tokens and cap_rows logit rows. */
+    int cap_batch, cap_rows;
+    int32_t *b_slot, *b_pos, *b_rows, *host_b;  /* host_b: [4][cap_batch] slot, pos, rows, ids */
+    float *b_cos, *b_sin, *host_b_rope;         /* [cap_batch][head_dim / 2]; host: both tables */
+    float *lm_in, *lm_out, *host_lm, *host_lm_all;  /* [rows][hidden], [rows][vocab_slot], host, world x host */
 
     char desc[512];
 };
@@ -226,6 +243,27 @@ static int alloc_moe_buffers(tpcm_model *g, int n, tp_err *err)
     return 0;
 }
 
+/* Refuses, before allocating it, a KV cache (k and v of slots x max_seq
+ * positions of every layer's local kv heads, fp32) larger than the device
+ * memory still free once the weights are there; sets slot_stride. */
+static int check_kv_fits(tpcm_model *g, tp_err *err)
+{
+    const tp_model_config *c = &g->cfg;
+    size_t per_token = (size_t)c->n_layers * (size_t)g->lkv * (size_t)c->head_dim * sizeof(float);
+    size_t each = 0, both = 0, free_b = 0, total_b = 0;
+    bool ok = tp_mul_size(per_token, (size_t)g->max_seq, &each) && tp_mul_size(each, (size_t)g->slots, &each) &&
+              tp_mul_size(each, 2, &both);
+    if (cuda_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo", err) < 0)
+        return -1;
+    if (!ok || both > free_b)
+        return tp_errorf(err, "a KV cache of --max-batch %d x --max-seq %d positions x %zu bytes a token (%.3g GB) "
+                         "exceeds the device's free memory (%.3g GB of %.3g GB after the weights): lower "
+                         "--max-batch or --max-seq", g->slots, g->max_seq, 2 * per_token,
+                         ok ? (double)both / 1e9 : INFINITY, (double)free_b / 1e9, (double)total_b / 1e9);
+    g->slot_stride = (size_t)c->n_layers * (size_t)g->lkv * (size_t)g->max_seq * (size_t)c->head_dim;
+    return 0;
+}
+
 int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
 {
     *out = NULL;
@@ -236,6 +274,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
     g->comm = d->comm;
     g->rank = d->rank; g->world = d->world;
     g->lq = d->lq; g->lkv = d->lkv; g->li = d->li; g->group = d->group; g->max_seq = d->max_seq;
+    g->slots = d->slots > 1 ? d->slots : 1;
     g->emb_start = d->emb_start; g->emb_end = d->emb_end;
     g->lm_start = d->lm_start; g->lm_end = d->lm_end; g->vocab_slot = d->vocab_slot;
     g->nccl = tpc_comm_stream(d->comm) != NULL;
@@ -264,7 +303,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
     }
     memcpy(g->lm_ranges, d->lm_ranges, (size_t)g->world * 2 * sizeof *g->lm_ranges);
 
-    if (tpcw_upload(&g->w, d, g->s, err) < 0)
+    if (tpcw_upload(&g->w, d, g->s, err) < 0 || check_kv_fits(g, err) < 0)
         goto fail;
     if (g->w.q8_max_elems &&
         tpc_allocs_malloc(&g->owned, (void **)&g->wq_ws, g->w.q8_max_elems * 2, "dequantized weights", err) < 0)
@@ -272,7 +311,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
     moe_dims(g);
 
     {
-        size_t per_layer = (size_t)g->lkv * g->max_seq * hd, total = per_layer * c->n_layers;
+        size_t total = g->slot_stride * (size_t)g->slots;
         float *ct = (float *)malloc((size_t)g->max_seq * half * sizeof(float));
         float *sn = (float *)malloc((size_t)g->max_seq * half * sizeof(float));
         float *inv = (float *)malloc(half * sizeof(float));
@@ -281,8 +320,10 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
             /* the CPU's tables (kernels_cpu.c), what transformers builds at init */
             tpk_rope_rows(ct, sn, inv, (int)hd, &c->rope, 0, 0, g->max_seq);
             size_t tb = (size_t)g->max_seq * half * sizeof(float);
-            rc = (tpc_allocs_malloc(&g->owned, (void **)&g->kcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
-                  tpc_allocs_malloc(&g->owned, (void **)&g->vcache, total * 4, "KV cache (--max-seq)", err) < 0 ||
+            rc = (tpc_allocs_malloc(&g->owned, (void **)&g->kcache, total * 4, "KV cache (--max-batch, --max-seq)",
+                                    err) < 0 ||
+                  tpc_allocs_malloc(&g->owned, (void **)&g->vcache, total * 4, "KV cache (--max-batch, --max-seq)",
+                                    err) < 0 ||
                   tpc_allocs_malloc(&g->owned, (void **)&g->cos_t, tb, "rope table", err) < 0 ||
                   tpc_allocs_malloc(&g->owned, (void **)&g->sin_t, tb, "rope table", err) < 0 ||
                   tpc_upload(g->cos_t, ct, tb, err) < 0 || tpc_upload(g->sin_t, sn, tb, err) < 0 ||
@@ -325,6 +366,26 @@ fail:
     return -1;
 }
 
+static void free_batch_buffers(tpcm_model *g)
+{
+    tpc_free(g->b_slot); tpc_free(g->b_pos); tpc_free(g->b_rows); tpc_free(g->b_cos); tpc_free(g->b_sin);
+    g->b_slot = g->b_pos = g->b_rows = NULL;
+    g->b_cos = g->b_sin = NULL;
+    free(g->host_b); free(g->host_b_rope);
+    g->host_b = NULL;
+    g->host_b_rope = NULL;
+    g->cap_batch = 0;
+}
+
+static void free_logit_rows(tpcm_model *g)
+{
+    tpc_free(g->lm_in); tpc_free(g->lm_out);
+    g->lm_in = g->lm_out = NULL;
+    free(g->host_lm); free(g->host_lm_all);
+    g->host_lm = g->host_lm_all = NULL;
+    g->cap_rows = 0;
+}
+
 void tpcm_free(tpcm_model *g)
 {
     if (!g)
@@ -337,6 +398,8 @@ void tpcm_free(tpcm_model *g)
     tpc_free(g->att); tpc_free(g->o); tpc_free(g->gate); tpc_free(g->up); tpc_free(g->xb);
     tpc_free(g->ids); tpc_free(g->dec_ws);
     free_moe_buffers(g);
+    free_batch_buffers(g);
+    free_logit_rows(g);
     if (g->host_stage)
         cudaFreeHost(g->host_stage);
     if (g->host_slot)
@@ -442,8 +505,44 @@ static int gemm(tpcm_model *g, float *y, const float *x, const tpcw_mat &w, cons
     return tpc_gemm_bf16(g->blas, y, x, g->xb, w.bf16, b, n, in, out, g->s, err);
 }
 
-/* pos_dev non-NULL (graph capture): the position is read on the device. */
-static int attention_block(tpcm_model *g, int l, int n, int pos, const int32_t *pos_dev, tp_err *err)
+/* A batched step's RoPE, KV append and attention of layer l (the q, k, v
+ * of its n tokens in g->q, g->k, g->v; slot 0's cache of layer l at
+ * kv_off): each token with its own RoPE rows (b_cos / b_sin row t), slot
+ * and position (b_slot, b_pos). */
+static int batch_attention(tpcm_model *g, int l, int n, size_t kv_off, float scale, tp_err *err)
+{
+    const tp_model_config *c = &g->cfg;
+    const tpcw_layer *L = &g->w.layers[l];
+    int hd = c->head_dim, qd = g->lq * hd, kd = g->lkv * hd;
+    return tpc_head_norm_rope(g->q, c->qk_norm ? L->q_norm : NULL, n, g->lq, hd, (size_t)qd, 0, g->b_cos, g->b_sin,
+                              c->rms_eps, g->s, err) < 0 ||
+                   tpc_head_norm_rope(g->k, c->qk_norm ? L->k_norm : NULL, n, g->lkv, hd, (size_t)kd, 0, g->b_cos,
+                                      g->b_sin, c->rms_eps, g->s, err) < 0 ||
+                   tpc_kv_append_batch(g->kcache + kv_off, g->vcache + kv_off, g->slot_stride, g->slots, g->max_seq,
+                                       g->k, g->v, (size_t)kd, n, g->lkv, hd, g->b_slot, g->b_pos, g->s, err) < 0 ||
+                   tpc_attention_batch(g->att, (size_t)qd, g->q, (size_t)qd, g->kcache + kv_off, g->vcache + kv_off,
+                                       g->slot_stride, g->slots, g->max_seq, n, g->b_slot, g->b_pos, g->lq, g->lkv,
+                                       hd, L->window, scale, g->dec_ws, g->dec_ws_bytes, g->s, err) < 0
+               ? -1
+               : 0;
+}
+
+/* The attention's output projection (g->att to g->o), its all-reduce and
+ * bias. */
+static int attention_out(tpcm_model *g, int l, int n, tp_err *err)
+{
+    const tpcw_layer *L = &g->w.layers[l];
+    int H = g->cfg.hidden, qd = g->lq * g->cfg.head_dim;
+    if (gemm(g, g->o, g->att, L->wo, NULL, n, qd, H, err) < 0)
+        return -1;
+    if (allreduce(g, g->o, (size_t)n * H, err) < 0)
+        return tp_err_prefix(err, "layer %d attention all-reduce", l);
+    return L->bo ? tpc_add_bias(g->o, L->bo, n, H, g->s, err) : 0;
+}
+
+/* pos_dev non-NULL (graph capture): the position is read on the device.
+ * batched: the tokens of a batched step (batch_attention), pos ignored. */
+static int attention_block(tpcm_model *g, int l, int n, int pos, const int32_t *pos_dev, bool batched, tp_err *err)
 {
     const tp_model_config *c = &g->cfg;
     const tpcw_layer *L = &g->w.layers[l];
@@ -451,8 +550,14 @@ static int attention_block(tpcm_model *g, int l, int n, int pos, const int32_t *
     size_t kv_off = (size_t)l * g->lkv * g->max_seq * hd;
     float scale = 1.0f / sqrtf((float)hd);
     if (gemm(g, g->q, g->h, L->wq, L->bq, n, H, qd, err) < 0 || gemm(g, g->k, g->h, L->wk, L->bk, n, H, kd, err) < 0 ||
-        gemm(g, g->v, g->h, L->wv, L->bv, n, H, kd, err) < 0 ||
-        tpc_head_norm_rope_devpos(g->q, c->qk_norm ? L->q_norm : NULL, n, g->lq, hd, (size_t)qd, pos, pos_dev,
+        gemm(g, g->v, g->h, L->wv, L->bv, n, H, kd, err) < 0)
+        return -1;
+    if (batched) {
+        if (batch_attention(g, l, n, kv_off, scale, err) < 0)
+            return -1;
+        return attention_out(g, l, n, err);
+    }
+    if (tpc_head_norm_rope_devpos(g->q, c->qk_norm ? L->q_norm : NULL, n, g->lq, hd, (size_t)qd, pos, pos_dev,
                                   g->cos_t, g->sin_t, c->rms_eps, g->s, err) < 0 ||
         tpc_head_norm_rope_devpos(g->k, c->qk_norm ? L->k_norm : NULL, n, g->lkv, hd, (size_t)kd, pos, pos_dev,
                                   g->cos_t, g->sin_t, c->rms_eps, g->s, err) < 0 ||
@@ -465,11 +570,7 @@ static int attention_block(tpcm_model *g, int l, int n, int pos, const int32_t *
                     : tpc_attention_prefill(g->att, (size_t)qd, g->q, (size_t)qd, g->kcache + kv_off,
                                             g->vcache + kv_off, g->max_seq, n, pos, g->lq, g->lkv, hd, L->window,
                                             scale, g->s, err);
-    if (rc < 0 || gemm(g, g->o, g->att, L->wo, NULL, n, qd, H, err) < 0)
-        return -1;
-    if (allreduce(g, g->o, (size_t)n * H, err) < 0)
-        return tp_err_prefix(err, "layer %d attention all-reduce", l);
-    return L->bo ? tpc_add_bias(g->o, L->bo, n, H, g->s, err) : 0;
+    return rc < 0 ? -1 : attention_out(g, l, n, err);
 }
 
 /* One local expert over its m tokens (slots [lo, lo + m) of moe_tok /
@@ -594,8 +695,9 @@ static int logits_to_host(tpcm_model *g, float *logits, tp_err *err)
 }
 
 /* Embedding of the n ids in g->ids (device) and every layer, at position
- * pos, or *pos_dev when pos_dev is non-NULL. */
-static int layers(tpcm_model *g, int n, int pos, const int32_t *pos_dev, tp_err *err)
+ * pos, or *pos_dev when pos_dev is non-NULL; batched: each token at its own
+ * slot and position (the b_* buffers, filled by tpcm_forward_batch). */
+static int layers(tpcm_model *g, int n, int pos, const int32_t *pos_dev, bool batched, tp_err *err)
 {
     const tp_model_config *c = &g->cfg;
     int H = c->hidden;
@@ -605,7 +707,7 @@ static int layers(tpcm_model *g, int n, int pos, const int32_t *pos_dev, tp_err 
         return tp_err_prefix(err, "embedding all-reduce");
     for (int l = 0; l < c->n_layers; l++) {
         if (tpc_add_rmsnorm(g->x, l ? g->o : NULL, g->h, g->w.layers[l].attn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
-            attention_block(g, l, n, pos, pos_dev, err) < 0 ||
+            attention_block(g, l, n, pos, pos_dev, batched, err) < 0 ||
             tpc_add_rmsnorm(g->x, g->o, g->h, g->w.layers[l].ffn_norm, n, H, c->rms_eps, g->s, err) < 0 ||
             mlp_block(g, l, n, err) < 0)
             return -1;
@@ -642,7 +744,7 @@ static int run_layers(tpcm_model *g, const int32_t *ids, int n, int pos, tp_err 
     if (cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, (cudaStream_t)g->s),
                    "cudaMemcpyAsync (ids)", err) < 0)
         return -1;
-    return layers(g, n, pos, NULL, err);
+    return layers(g, n, pos, NULL, false, err);
 }
 
 int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logits, tp_err *err)
@@ -652,6 +754,154 @@ int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logit
     if (!logits)
         return wait_stream(g, err);
     return logits_slice(g, n, err) < 0 ? -1 : logits_to_host(g, logits, err);
+}
+
+/* ------------------------------------------------------- batched step */
+
+/* The per-token buffers of a batched step of n tokens (device and host). */
+static int ensure_batch_buffers(tpcm_model *g, int n, tp_err *err)
+{
+    if (n <= g->cap_batch)
+        return 0;
+    free_batch_buffers(g);
+    size_t N = (size_t)n, half = (size_t)g->cfg.head_dim / 2;
+    if (tpc_malloc((void **)&g->b_slot, N * 4, "batch slots", err) < 0 ||
+        tpc_malloc((void **)&g->b_pos, N * 4, "batch positions", err) < 0 ||
+        tpc_malloc((void **)&g->b_rows, N * 4, "batch logit rows", err) < 0 ||
+        tpc_malloc((void **)&g->b_cos, N * half * 4, "batch rope rows", err) < 0 ||
+        tpc_malloc((void **)&g->b_sin, N * half * 4, "batch rope rows", err) < 0)
+        return -1;
+    g->host_b = (int32_t *)malloc(4 * N * sizeof(int32_t));
+    g->host_b_rope = (float *)malloc(2 * N * half * sizeof(float));
+    if (!g->host_b || !g->host_b_rope)
+        return tp_errorf(err, "out of memory");
+    g->cap_batch = n;
+    return 0;
+}
+
+/* The buffers of rows logit rows: normalised hidden rows, this rank's
+ * logits of them (device and host), every rank's (host). */
+static int ensure_logit_rows(tpcm_model *g, int rows, tp_err *err)
+{
+    if (rows <= g->cap_rows)
+        return 0;
+    free_logit_rows(g);
+    size_t R = (size_t)rows, slot = (size_t)g->vocab_slot;
+    if (tpc_malloc((void **)&g->lm_in, R * g->cfg.hidden * 4, "logit rows", err) < 0 ||
+        tpc_malloc((void **)&g->lm_out, R * slot * 4, "logit rows", err) < 0)
+        return -1;
+    g->host_lm = (float *)malloc(R * slot * sizeof(float));
+    g->host_lm_all = (float *)malloc(R * slot * g->world * sizeof(float));
+    if (!g->host_lm || !g->host_lm_all)
+        return tp_errorf(err, "out of memory for the logits of %d tokens", rows);
+    g->cap_rows = rows;
+    return 0;
+}
+
+/* Each token's RoPE rows into b_cos / b_sin (row t: token t): for the rope
+ * types whose frequencies follow the pass (dynamic, longrope) computed on
+ * the host as the CPU's batched step computes them (tpk_rope_rows_at with
+ * the length the token's slot reaches in this step) and copied; else the
+ * shared table's rows at the tokens' positions, gathered on the device. */
+static int batch_rope_rows(tpcm_model *g, const tp_batch_token *t, int n, const int *slot_len_after, tp_err *err)
+{
+    int hd = g->cfg.head_dim;
+    size_t half = (size_t)hd / 2;
+    if (!g->host_cos)
+        return tpc_gather_rows(g->b_cos, g->cos_t, g->b_pos, n, (int)half, g->s, err) < 0 ||
+                       tpc_gather_rows(g->b_sin, g->sin_t, g->b_pos, n, (int)half, g->s, err) < 0
+                   ? -1
+                   : 0;
+    float *rc = g->host_b_rope, *rs = g->host_b_rope + (size_t)n * half;
+    for (int i = 0; i < n; i++)
+        tpk_rope_rows_at(rc + (size_t)i * half, rs + (size_t)i * half, g->host_inv, hd, &g->cfg.rope,
+                         slot_len_after[t[i].slot], t[i].pos, 1);
+    /* pageable: read when cudaMemcpyAsync returns */
+    cudaStream_t s = (cudaStream_t)g->s;
+    return cuda_check(cudaMemcpyAsync(g->b_cos, rc, (size_t)n * half * 4, cudaMemcpyHostToDevice, s),
+                      "cudaMemcpyAsync (rope rows)", err) < 0 ||
+                   cuda_check(cudaMemcpyAsync(g->b_sin, rs, (size_t)n * half * 4, cudaMemcpyHostToDevice, s),
+                              "cudaMemcpyAsync (rope rows)", err) < 0
+               ? -1
+               : 0;
+}
+
+/* The step's ids, slots and positions to the device, and the indices of
+ * the tokens that want logits to b_rows; *rows: how many (0 when logits
+ * are not asked for). */
+static int upload_batch(tpcm_model *g, const tp_batch_token *t, int n, bool want_logits, int *rows, tp_err *err)
+{
+    size_t N = (size_t)n;
+    int32_t *slot = g->host_b, *pos = slot + N, *idx = pos + N, *ids = idx + N;
+    int r = 0;
+    for (int i = 0; i < n; i++) {
+        slot[i] = t[i].slot;
+        pos[i] = t[i].pos;
+        ids[i] = t[i].id;
+        if (want_logits && t[i].logits)
+            idx[r++] = i;
+    }
+    /* pageable: read when cudaMemcpyAsync returns */
+    cudaStream_t s = (cudaStream_t)g->s;
+    *rows = r;
+    if (cuda_check(cudaMemcpyAsync(g->b_slot, slot, (size_t)n * 4, cudaMemcpyHostToDevice, s),
+                   "cudaMemcpyAsync (slots)", err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->b_pos, pos, (size_t)n * 4, cudaMemcpyHostToDevice, s),
+                   "cudaMemcpyAsync (positions)", err) < 0 ||
+        (r > 0 && cuda_check(cudaMemcpyAsync(g->b_rows, idx, (size_t)r * 4, cudaMemcpyHostToDevice, s),
+                             "cudaMemcpyAsync (logit rows)", err) < 0))
+        return -1;
+    return cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, s),
+                      "cudaMemcpyAsync (ids)", err);
+}
+
+/* The final norm of the step's rows, the rows that want logits gathered
+ * (b_rows), one lm_head product over them, and the rows of every rank put
+ * at their vocabulary columns in logits [rows][vocab]. */
+static int batch_logits(tpcm_model *g, int n, int rows, float *logits, tp_err *err)
+{
+    const tp_model_config *c = &g->cfg;
+    int H = c->hidden, cnt = (int)(g->lm_end - g->lm_start);
+    size_t V = (size_t)c->vocab, slot = (size_t)g->vocab_slot;
+    if (ensure_logit_rows(g, rows, err) < 0 ||
+        tpc_add_rmsnorm(g->x, g->o, g->h, g->w.final_norm, n, H, c->rms_eps, g->s, err) < 0 ||
+        tpc_gather_rows(g->lm_in, g->h, g->b_rows, rows, H, g->s, err) < 0 ||
+        (cnt > 0 && gemm(g, g->lm_out, g->lm_in, g->w.lm_w, NULL, rows, H, cnt, err) < 0))
+        return -1;
+    /* [rows][cnt] dense, then zeros up to rows * vocab_slot, as the CPU's lm_head */
+    if (cnt > 0 && cuda_check(cudaMemcpyAsync(g->host_lm, g->lm_out, (size_t)rows * cnt * 4, cudaMemcpyDeviceToHost,
+                                              (cudaStream_t)g->s), "cudaMemcpyAsync (logits)", err) < 0)
+        return -1;
+    if (wait_stream(g, err) < 0)
+        return -1;
+    if (g->world == 1) {
+        memcpy(logits, g->host_lm, (size_t)rows * V * sizeof(float));
+        return 0;
+    }
+    for (size_t i = (size_t)rows * (size_t)cnt; i < (size_t)rows * slot; i++)
+        g->host_lm[i] = 0.0f;
+    if (g->comm->ops->allgather_f32(g->comm, g->host_lm, g->host_lm_all, (size_t)rows * slot, err) < 0)
+        return tp_err_prefix(err, "logits all-gather");
+    for (int r = 0; r < g->world; r++) {
+        int64_t a = g->lm_ranges[2 * r], e = g->lm_ranges[2 * r + 1];
+        const float *part = g->host_lm_all + (size_t)r * rows * slot;
+        for (int k = 0; k < rows; k++)
+            memcpy(logits + (size_t)k * V + a, part + (size_t)k * (size_t)(e - a), (size_t)(e - a) * sizeof(float));
+    }
+    return 0;
+}
+
+int tpcm_forward_batch(tpcm_model *g, const tp_batch_token *t, int n, const int *slot_len_after, float *logits,
+                       tp_err *err)
+{
+    int rows = 0;
+    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, n, err) < 0 || ensure_batch_buffers(g, n, err) < 0 ||
+        upload_batch(g, t, n, logits != NULL, &rows, err) < 0 || batch_rope_rows(g, t, n, slot_len_after, err) < 0 ||
+        layers(g, n, 0, NULL, true, err) < 0)
+        return -1;
+    if (rows == 0)
+        return wait_stream(g, err);
+    return batch_logits(g, n, rows, logits, err);
 }
 
 /* ------------------------------------------------------------ token pick */
@@ -782,7 +1032,7 @@ static int pick_eager(tpcm_model *g, const tp_sampler_opts *o, double u, int32_t
  * host_next: what a graph records. */
 static int decode_step_body(tpcm_model *g, const tp_sampler_opts *o, tp_err *err)
 {
-    if (layers(g, 1, 0, g->pos_dev, err) < 0 || logits_slice(g, 1, err) < 0 || pick_on_device(g, o, err) < 0)
+    if (layers(g, 1, 0, g->pos_dev, false, err) < 0 || logits_slice(g, 1, err) < 0 || pick_on_device(g, o, err) < 0)
         return -1;
     return cuda_check(cudaMemcpyAsync(g->host_next, g->next_id, 4, cudaMemcpyDeviceToHost, (cudaStream_t)g->s),
                       "cudaMemcpyAsync (token)", err);

@@ -28,6 +28,7 @@ typedef struct tpcm_desc {
     tp_comm *comm;
     int rank, world;
     int lq, lkv, li, group, max_seq;
+    int slots;              /* sequence slots, each a KV cache of max_seq positions (0: 1) */
     const tp_loaded_rank *lr;
     tp_weight_src embed;
     int64_t emb_start, emb_end;
@@ -53,6 +54,15 @@ int tpcm_forward(tpcm_model *g, const int32_t *ids, int n, int pos, float *logit
  * on every rank.  u is ignored when greedy. */
 int tpcm_forward_pick(tpcm_model *g, const int32_t *ids, int n, int pos, const tp_sampler_opts *o, double u,
                       int32_t *next, tp_err *err);
+/* tp_model_forward_batch on the device (t already checked by model.c's
+ * check_batch): the GEMMs over all n tokens, RoPE, the KV append and the
+ * attention of each token at its own slot and position, then the lm_head
+ * over the tokens that ask for logits only (one row of vocab floats each,
+ * in order, gathered across ranks; logits NULL: none).  slot_len_after:
+ * each slot's length at the end of the step, the pass length of the RoPE
+ * types whose frequencies follow it (dynamic, longrope). */
+int tpcm_forward_batch(tpcm_model *g, const tp_batch_token *t, int n, const int *slot_len_after, float *logits,
+                       tp_err *err);
 /* Bytes uploaded and the seconds it took (weights only). */
 void tpcm_upload_stats(const tpcm_model *g, double *bytes, double *seconds);
 /* A one-line description: device, bytes, GB/s, comm path, CUDA graph. */

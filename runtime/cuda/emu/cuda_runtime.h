@@ -150,6 +150,13 @@ inline cudaError_t cudaMalloc(void **p, size_t n)
     if (cudaError_t e = emu_unsafe_call()) return e;
     *p = calloc(1, n); return *p ? 0 : cudaErrorMemoryAllocation;
 }
+// The emulated device's memory: a fixed 16 GiB, 12 GiB of it free (the
+// model's KV-cache check reads it; allocations are host memory and do not
+// count).
+inline cudaError_t cudaMemGetInfo(size_t *free_b, size_t *total_b)
+{
+    *free_b = (size_t)12 << 30; *total_b = (size_t)16 << 30; return 0;
+}
 inline cudaError_t cudaFree(void *p) { if (cudaError_t e = emu_unsafe_call()) return e; emu_sync_all(); free(p); return 0; }
 inline cudaError_t cudaMemcpy(void *d, const void *s, size_t n, cudaMemcpyKind)
 {

@@ -25,10 +25,11 @@
 set -euo pipefail
 what=${1:-all}
 case $what in all|kernels|model|quick) ;; *) echo "usage: $0 [all|kernels|model|quick]" >&2; exit 2 ;; esac
-# quick: the kernel tests that run in seconds to a minute (lookup, norm, gemm,
-# picking, expert routing); the model run covers attention (test_attention alone takes ~3
-# minutes here), the decode graph and the device picks.
-QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_gemm test_gemm_q8 test_argmax test_router_logits test_router_topk test_moe_rows)
+# quick: the kernel tests that run in seconds to a minute (lookup, norm,
+# the batched step's append and attention, gemm, picking, expert routing);
+# the model run covers attention (test_attention alone takes ~3 minutes
+# here), the decode graph and the device picks.
+QUICK_KERNELS=(test_argument_errors test_embedding test_rmsnorm test_attention_batch test_gemm test_gemm_q8 test_argmax test_router_logits test_router_topk test_moe_rows)
 # and one mixture-of-experts model (router, top-k, per-expert GEMMs, host routing)
 QUICK_MODEL=qwen3-tiny
 QUICK_MOE_MODEL=qwen3moe-tiny
@@ -36,6 +37,10 @@ QUICK_MOE_MODEL=qwen3moe-tiny
 # crosses original_max_position_embeddings), and the fused expert layout
 # (converted by tpconvert, tp 1)
 QUICK_LOGIT_MODELS=(llama-linear llama-longrope qwen3moe-fused)
+# batched steps (tp_model_forward_batch on 3 slots, at tp 1 and 2) against
+# the cpu's and against each prompt alone: dense, and longrope (its rows per
+# pass and slot); qwen3moe-tiny passes too but adds 4 minutes here
+QUICK_BATCH_MODELS=(qwen3-tiny llama-longrope)
 # --expert-parallel, converted by tpconvert at tp 2 (in-process comm)
 QUICK_EP_MODEL=qwen3moe-tiny
 cd "$(dirname "$0")/../../.."
@@ -116,6 +121,9 @@ if [ "$what" = quick ]; then
     for m in "$QUICK_MODEL" "$QUICK_MOE_MODEL"; do
         calls+=("compare_model(\"tests/models/$m\", \"$m\")" "expect_compared(\"$m\")")
     done
+    for m in "${QUICK_BATCH_MODELS[@]}"; do
+        calls+=("compare_batched_fixture(\"tests/models/$m\", \"$m\")" "expect_compared(\"$m batched\")")
+    done
     for m in "${QUICK_LOGIT_MODELS[@]}"; do
         calls+=("compare_fixture(\"tests/models/$m\", \"$m\", false)" "expect_compared(\"$m\")")
     done
@@ -125,7 +133,7 @@ if [ "$what" = quick ]; then
             "compare_quantized(TP_I8)" "expect_compared(\"the int8 synthetic model\")")
     quick_driver tests/test_model_cuda.c "${calls[@]}" >"$work/test_model_quick.c"
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_model_quick.c" -o "$work/test_model.o"
-    label="test_model_cuda ($QUICK_MODEL, $QUICK_MOE_MODEL, ${QUICK_LOGIT_MODELS[*]} at tp 1; $QUICK_EP_MODEL expert-parallel at tp 2; the 8-bit synthetic models)"
+    label="test_model_cuda ($QUICK_MODEL, $QUICK_MOE_MODEL, ${QUICK_LOGIT_MODELS[*]} at tp 1; batched ${QUICK_BATCH_MODELS[*]}; $QUICK_EP_MODEL expert-parallel at tp 2; the 8-bit synthetic models)"
 else
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
     label=test_model_cuda
