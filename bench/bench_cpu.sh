@@ -38,7 +38,7 @@
 #    deleted after use (the 8B preset writes ~32 GB at most at once).
 #
 # Environment: BIN (bin), PRESET (qwen3-0.6b), TPS ("1 2"), CODECS
-# ("none zstd"), QUANT ("fp8 int8"; "" skips the 8-bit rows), QUANT_FLAGS
+# ("none exphuf zstd"), QUANT ("fp8 int8"; "" skips the 8-bit rows), QUANT_FLAGS
 # (more tpconvert flags for them, e.g. --quantize-lm-head), SYNTH_FLAGS (more
 # tpsynth flags, e.g. --no-tie), PROMPT_LEN (128), NEW_TOKENS (32), ROUNDS (3), THREADS
 # (nproc), LLAMA (1; 0 skips llama.cpp), LLAMA_DIR (build/llama.cpp),
@@ -49,7 +49,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
 PRESET=${PRESET:-qwen3-0.6b}
 TPS=${TPS:-"1 2"}
-CODECS=${CODECS:-"none zstd"}
+CODECS=${CODECS:-"none exphuf zstd"}
 QUANT=${QUANT-"fp8 int8"}
 QUANT_FLAGS=${QUANT_FLAGS:-}
 SYNTH_FLAGS=${SYNTH_FLAGS:-}
