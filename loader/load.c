@@ -11,6 +11,7 @@
  * its sink.
  */
 #include "loader_internal.h"
+#include "tp_xxhash.h"
 
 #include <archive.h>
 #include <archive_entry.h>
@@ -332,10 +333,16 @@ static int load_from_bundle(tp_loaded_rank *lr, bool verify, tp_err *err)
 
 /* ---------------------------------------------------------- materialise */
 
+/* A chunk to decode (and check), or, chunk == WHOLE_TENSOR, an in-place
+ * (codec none) tensor whose chunk sums and tensor sum are checked in one
+ * pass: each chunk is hashed from memory, then fed to the tensor's streamed
+ * sum while it is still in cache, so its bytes come from DRAM once, not
+ * twice (the tensor sum of a decoded tensor is a pass of its own, after). */
 typedef struct chunk_job {
     uint32_t tensor;
     uint32_t chunk;
 } chunk_job;
+#define WHOLE_TENSOR UINT32_MAX
 
 typedef struct materialise_ctx {
     tp_loaded_rank *lr;
@@ -345,23 +352,51 @@ typedef struct materialise_ctx {
     tp_ld_err_once failure;
 } materialise_ctx;
 
+/* An in-place tensor's checks (jobs exist only with verify). */
+static void inplace_tensor_check(materialise_ctx *ctx, uint32_t ti)
+{
+    const tp_shard_reader *r = &ctx->lr->reader;
+    const tp_shard_tensor *t = &r->index.tensors[ti];
+    XXH3_state_t *sum = XXH3_createState();
+    tp_err e;
+    if (!sum || XXH3_64bits_reset(sum) != XXH_OK) {
+        tp_errorf(&e, "%s: rank %d: out of memory", ctx->lr->source, ctx->lr->rank);
+        tp_ld_err_once_set(&ctx->failure, &e);
+        XXH3_freeState(sum);
+        return;
+    }
+    for (size_t ci = 0; ci < t->n_chunks && !tp_ld_err_once_failed(&ctx->failure); ci++) {
+        const tp_chunk_info *c = &t->chunks[ci];
+        const uint8_t *p = r->map.data + c->offset;
+        if (tp_xxh3(p, (size_t)c->stored_size) != c->xxh3) {
+            tp_errorf(&e, "%s: rank %d: tensor %s: chunk %zu checksum mismatch (data corrupted)",
+                      ctx->lr->source, ctx->lr->rank, t->name, ci);
+            tp_ld_err_once_set(&ctx->failure, &e);
+        }
+        XXH3_64bits_update(sum, p, (size_t)c->stored_size);
+        tp_progress_add(ctx->progress, c->stored_size);
+    }
+    if (!tp_ld_err_once_failed(&ctx->failure) && XXH3_64bits_digest(sum) != t->xxh3) {
+        tp_ld_tensor_sum_mismatch(&e, ctx->lr, t);
+        tp_ld_err_once_set(&ctx->failure, &e);
+    }
+    XXH3_freeState(sum);
+}
+
 static void chunk_job_run(size_t i, void *arg)
 {
     materialise_ctx *ctx = arg;
     if (tp_ld_err_once_failed(&ctx->failure))
         return;
+    if (ctx->jobs[i].chunk == WHOLE_TENSOR) {
+        inplace_tensor_check(ctx, ctx->jobs[i].tensor);
+        return;
+    }
     const tp_shard_reader *r = &ctx->lr->reader;
     const tp_shard_tensor *t = &r->index.tensors[ctx->jobs[i].tensor];
     const tp_chunk_info *c = &t->chunks[ctx->jobs[i].chunk];
     tp_err e;
-    if (t->codec == TP_CODEC_NONE) {
-        /* In place: only the checksum to check (jobs exist only with verify). */
-        if (tp_xxh3(r->map.data + c->offset, (size_t)c->stored_size) != c->xxh3) {
-            tp_errorf(&e, "%s: rank %d: tensor %s: chunk %u checksum mismatch (data corrupted)",
-                      ctx->lr->source, ctx->lr->rank, t->name, ctx->jobs[i].chunk);
-            tp_ld_err_once_set(&ctx->failure, &e);
-        }
-    } else {
+    {
         uint8_t *dst = (uint8_t *)ctx->lr->tensors[ctx->jobs[i].tensor].data;
         if (tp_shard_read_chunk(r, t, ctx->jobs[i].chunk, dst, ctx->opts->verify, &e) < 0) {
             tp_ld_rank_err_prefix(&e, ctx->lr);
@@ -377,6 +412,8 @@ static void tensor_sum_run(size_t i, void *arg)
     if (tp_ld_err_once_failed(&ctx->failure))
         return;
     const tp_shard_tensor *t = &ctx->lr->reader.index.tensors[i];
+    if (t->codec == TP_CODEC_NONE)
+        return;   /* checked with its chunks (inplace_tensor_check) */
     if (tp_xxh3(ctx->lr->tensors[i].data, (size_t)t->raw_size) != t->xxh3) {
         tp_err e;
         tp_ld_tensor_sum_mismatch(&e, ctx->lr, t);
@@ -463,7 +500,7 @@ static int materialise(tp_loaded_rank *lr, const tp_load_opts *opts, tp_err *err
         const tp_shard_tensor *t = &ix->tensors[i];
         if (t->codec == TP_CODEC_NONE && !opts->verify)
             continue;
-        n_jobs += t->n_chunks;
+        n_jobs += t->codec == TP_CODEC_NONE ? 1 : t->n_chunks;
         job_bytes += t->stored_size;
     }
     if (n_jobs == 0)
@@ -477,8 +514,11 @@ static int materialise(tp_loaded_rank *lr, const tp_load_opts *opts, tp_err *err
         const tp_shard_tensor *t = &ix->tensors[i];
         if (t->codec == TP_CODEC_NONE && !opts->verify)
             continue;
-        for (size_t c = 0; c < t->n_chunks; c++)
-            ctx.jobs[j++] = (chunk_job){(uint32_t)i, (uint32_t)c};
+        if (t->codec == TP_CODEC_NONE)
+            ctx.jobs[j++] = (chunk_job){(uint32_t)i, WHOLE_TENSOR};
+        else
+            for (size_t c = 0; c < t->n_chunks; c++)
+                ctx.jobs[j++] = (chunk_job){(uint32_t)i, (uint32_t)c};
     }
     tp_ld_err_once_init(&ctx.failure);
     tp_pool *pool = tp_pool_create(opts->threads);
