@@ -416,6 +416,8 @@ typedef struct tp_serve_opts {
     int max_seq;                    /* the model's tp_model_opts.max_seq: a request's prompt and
                                      * answer together (finish_reason "length" there) */
     int max_queue;                  /* requests waiting for a slot (0: 64); more get 429 */
+    int max_step_tokens;            /* prompt tokens one step prefills besides the decode
+                                     * tokens (0: 256); the same on every rank */
     const char *served_model_name;  /* "model" in requests and /v1/models */
     tp_sampler_opts defaults;       /* sampling when a request says nothing (seed ignored) */
     const int32_t *eos_ids;         /* a generated one ends the answer with finish_reason "stop" */

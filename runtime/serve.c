@@ -5,7 +5,7 @@
  * A step: requests cancelled by their client leave their slot; queued
  * requests take the free slots (their slot is emptied on every rank); then
  * one token for every decoding slot (the id sampled at the previous step)
- * and prompt chunks of the new ones, at most STEP_TOKENS in all, go to
+ * and prompt chunks of the new ones, at most --max-step-tokens in all, go to
  * every rank as one plan, and every rank runs tp_model_forward_batch on it.
  * Rank 0 samples each slot's next id from the logits of its last token. */
 #include <cJSON.h>
@@ -18,10 +18,17 @@
 
 #include "serve_internal.h"
 
-/* The tokens one step runs at most: a long prompt is prefilled in chunks
- * between the decode steps of the running requests, so that their
- * inter-token latency stays bounded. */
-#define STEP_TOKENS 256
+/* The prompt tokens one step prefills at most, beside the running
+ * requests' decode tokens (tp_serve_opts.max_step_tokens, 0: this): a long
+ * prompt is prefilled in chunks between their decode steps, so that their
+ * inter-token latency stays bounded; a bigger step runs its matrix products
+ * over more tokens at once. */
+#define DEFAULT_STEP_TOKENS 256
+
+static int step_tokens(const tp_serve_opts *o)
+{
+    return o->max_step_tokens > 0 ? o->max_step_tokens : DEFAULT_STEP_TOKENS;
+}
 /* Idle, rank 0 broadcasts a heartbeat plan this often: the other ranks
  * wait for a plan with their --timeout and so notice a dead rank 0. */
 #define HEARTBEAT_S 1.0
@@ -111,12 +118,12 @@ static int plan_run(tp_model *m, const plan *p, tp_batch_token *toks, float *log
 }
 
 /* The ranks other than 0: run rank 0's plans until a stop plan. */
-static int follow(tp_model *m, tp_comm *c, tp_err *err)
+static int follow(tp_model *m, tp_comm *c, const tp_serve_opts *o, tp_err *err)
 {
     const tp_model_config *cfg = tp_model_get_config(m);
-    int slots = tp_model_slots(m);
+    int slots = tp_model_slots(m), step = step_tokens(o);
     plan p = { 0 };
-    tp_batch_token *toks = malloc(STEP_TOKENS * sizeof *toks + (size_t)slots * sizeof *toks);
+    tp_batch_token *toks = malloc(((size_t)step + (size_t)slots) * sizeof *toks);
     float *logits = malloc((size_t)slots * (size_t)cfg->vocab * sizeof *logits);
     int rc = -1;
     if (!toks || !logits) {
@@ -130,8 +137,9 @@ static int follow(tp_model *m, tp_comm *c, tp_err *err)
             break;
         if (p.w[0] == PLAN_HEARTBEAT)
             continue;
-        if (p.w[2] > STEP_TOKENS + slots) {
-            tp_errorf(err, "step plan: %d tokens, more than the %d a step holds", (int)p.w[2], STEP_TOKENS + slots);
+        if (p.w[2] > step + slots) {
+            tp_errorf(err, "step plan: %d tokens, more than the %d a step holds (--max-step-tokens %d, "
+                      "--max-batch %d: every rank needs the same)", (int)p.w[2], step + slots, step, slots);
             goto out;
         }
         if (plan_run(m, &p, toks, logits, err))
@@ -546,7 +554,7 @@ static void admit(sched *k)
 static int plan_tokens(sched *k, tp_err *err)
 {
     tp_srv *s = k->s;
-    int budget = STEP_TOKENS;
+    int budget = step_tokens(s->o);
     for (int i = 0; i < s->slots; i++) {
         tp_srv_req *r = k->running[i];
         if (!r || r->n_fed < r->n_prompt)
@@ -684,7 +692,7 @@ static int sched_init(sched *k, tp_srv *s, tp_model *m, tp_comm *c, tp_err *err)
     size_t vocab = (size_t)s->cfg->vocab;
     *k = (sched){ .s = s, .m = m, .c = c };
     k->running = calloc((size_t)s->slots, sizeof *k->running);
-    k->toks = malloc((STEP_TOKENS + (size_t)s->slots) * sizeof *k->toks);
+    k->toks = malloc(((size_t)step_tokens(s->o) + (size_t)s->slots) * sizeof *k->toks);
     k->logits = malloc((size_t)s->slots * vocab * sizeof *k->logits);
     k->scratch = malloc(2 * vocab * sizeof *k->scratch);
     k->penalised = malloc(vocab * sizeof *k->penalised);
@@ -737,7 +745,7 @@ static int stop_followers(tp_comm *c, tp_err *err)
 int tp_serve_run(tp_model *m, tp_comm *comm, const tp_tokenizer *tok, const tp_serve_opts *o, tp_err *err)
 {
     if (comm && comm->rank != 0)
-        return follow(m, comm, err);
+        return follow(m, comm, o, err);
     tp_srv s = { .o = o, .tok = tok, .cfg = tp_model_get_config(m), .slots = tp_model_slots(m),
                  .max_queue = o->max_queue > 0 ? o->max_queue : 64,
                  .max_body = o->max_body > 0 ? o->max_body : 1 << 20, .accepting = true };

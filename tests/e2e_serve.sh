@@ -296,6 +296,27 @@ EOF
 
 stop_server && ok "SIGTERM: exit 0" || fail "SIGTERM: exit $?"
 
+# ---------------------------------------------- --max-step-tokens
+# Prompts fed 3 tokens a step, two requests at once: the same greedy answers
+# as tprun --prompt-ids.
+start_server "$tmp/tp1" --max-batch 2 --max-seq 160 --max-step-tokens 3 || fail "the server did not start (--max-step-tokens 3)"
+ids2=$(python3 -c 'print(",".join(str(300 + 7 * i) for i in range(40)))')
+"$BIN/tprun" "$tmp/tp1" --prompt-ids "$ids2" --max-new-tokens 6 --temperature 0 --json --quiet >"$tmp/ref_ids2.json"
+want2=$(jq_py '" ".join(map(str, d["generated_ids"]))' <"$tmp/ref_ids2.json")
+curl_pids=()
+for k in 1 2; do
+    curl -s -H 'Content-Type: application/json' -o "$tmp/step$k" \
+        -d "{\"prompt\": [$ids2], \"max_tokens\": 6, \"temperature\": 0, \"return_token_ids\": true}" "$(url /v1/completions)" &
+    curl_pids+=($!)
+done
+wait "${curl_pids[@]}" || true
+for k in 1 2; do
+    got2=$(jq_py '" ".join(map(str, d["choices"][0]["token_ids"]))' <"$tmp/step$k" 2>/dev/null)
+    [ "$got2" = "$want2" ] && ok "--max-step-tokens 3: request $k = tprun --prompt-ids" ||
+        fail "--max-step-tokens 3: request $k '$got2', tprun '$want2'"
+done
+stop_server && ok "SIGTERM: exit 0 (--max-step-tokens 3)" || fail "SIGTERM (--max-step-tokens 3): exit $?"
+
 # ---------------------------------------------- clients gone mid-answer
 start_server "$tmp/tp1" --max-batch 1 --max-seq 4096 || fail "the server did not start (max-batch 1)"
 python3 - $port <<'EOF' && ok "a client gone mid-stream frees its slot" || fail "disconnect mid-stream"

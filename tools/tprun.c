@@ -51,6 +51,9 @@ static const char usage[] =
     "  --max-batch N             sequence slots run together, each with a KV cache of\n"
     "                            --max-seq tokens (default 8)\n"
     "  --max-queue N             requests waiting for a slot; more get 429 (default 64)\n"
+    "  --max-step-tokens N       prompt tokens a step prefills beside the running requests'\n"
+    "                            decode tokens (default 256): lower bounds their inter-token\n"
+    "                            latency, higher runs bigger products; the same on every rank\n"
     "  --served-model-name NAME  the \"model\" requests name (default: OUT's directory name)\n"
     "Generation:\n"
     "  --chat                    --prompt as a user turn in the model's own chat template\n"
@@ -106,7 +109,7 @@ typedef struct options {
     bool chat, interactive, json, logits, no_verify, load_only, verbose, quiet, ignore_eos;
     bool serve;
     const char *host;          /* --serve: listen address */
-    int port, max_batch, max_queue;
+    int port, max_batch, max_queue, max_step_tokens;
     const char *served_model_name;   /* NULL: OUT's directory name */
     const char *serve_flag;    /* the last --serve-only flag given, for "add --serve" */
     bool no_graph;             /* cuda: no CUDA graph for decode steps */
@@ -285,6 +288,9 @@ static void parse_args(int argc, char **argv, options *o)
         } else if (!strcmp(a, "--max-queue")) {
             o->serve_flag = a;
             o->max_queue = (int)parse_long(a, TAKE(), 1, 1000000);
+        } else if (!strcmp(a, "--max-step-tokens")) {
+            o->serve_flag = a;
+            o->max_step_tokens = (int)parse_long(a, TAKE(), 1, 1000000);
         } else if (!strcmp(a, "--served-model-name")) {
             o->serve_flag = a;
             o->served_model_name = TAKE();
@@ -1026,6 +1032,7 @@ static void serve(run *r, const tp_gen_opts *go)
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);   /* a client gone mid-answer is an error to handle, not a signal */
     tp_serve_opts so = { .host = r->o.host, .port = r->o.port, .max_seq = r->context, .max_queue = r->o.max_queue,
+                         .max_step_tokens = r->o.max_step_tokens,
                          .served_model_name = r->o.served_model_name ? r->o.served_model_name : name,
                          .defaults = go->sampler, .eos_ids = go->eos_ids, .n_eos = go->n_eos,
                          .chat_template = r->chat_template, .bos_token = r->bos_token,
