@@ -21,6 +21,7 @@
 #    latency (the gaps between streamed chunks, one token each).
 #
 # Environment: BIN (bin), PRESET (qwen3-0.6b), CONCURRENCY ("1 4 16"),
+# STEP_TOKENS (tprun --max-step-tokens; empty: its default),
 # REQ_PER_SLOT (2), PROMPT_LEN (64), NEW_TOKENS (32), THREADS (nproc), LLAMA
 # (1; 0 skips llama-server), LLAMA_DIR (build/llama.cpp), BENCH_TMP.
 # Figures on a shared 2-core machine are noisy.
@@ -34,6 +35,9 @@ PROMPT_LEN=${PROMPT_LEN:-64}
 NEW_TOKENS=${NEW_TOKENS:-32}
 THREADS=${THREADS:-$(nproc)}
 LLAMA=${LLAMA:-1}
+STEP_TOKENS=${STEP_TOKENS:-}
+step_flag=()
+[ -n "$STEP_TOKENS" ] && step_flag=(--max-step-tokens "$STEP_TOKENS")
 LLAMA_DIR=${LLAMA_DIR:-build/llama.cpp}
 parent=${BENCH_TMP:-${TMPDIR:-/tmp}}
 for prog in tpsynth tpconvert tprun; do
@@ -135,14 +139,14 @@ run_server() {
     case $name in
     tprun-tp1)
         "$BIN/tprun" "$work/tp1" --serve --port $port --max-batch "$c" --ignore-eos --served-model-name $model \
-            --threads "$THREADS" --no-verify >"$work/srv.log" 2>&1 &
+            --threads "$THREADS" --no-verify "${step_flag[@]}" >"$work/srv.log" 2>&1 &
         pid=$! ;;
     tprun-tp2)
         local r mport=$((port + 10000))
         for r in 1 0; do
             RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$mport \
                 "$BIN/tprun" "$work/tp2" --serve --port $port --max-batch "$c" --ignore-eos --served-model-name $model \
-                --threads $(( THREADS / 2 > 0 ? THREADS / 2 : 1 )) --no-verify >"$work/srv$r.log" 2>&1 &
+                --threads $(( THREADS / 2 > 0 ? THREADS / 2 : 1 )) --no-verify "${step_flag[@]}" >"$work/srv$r.log" 2>&1 &
             pids+=($!)
         done
         pid=$! ;;
@@ -174,7 +178,7 @@ for c in $CONCURRENCY; do
     done
 done
 echo
-echo "$PRESET, $PROMPT_LEN-token prompts, $NEW_TOKENS tokens each, $REQ_PER_SLOT x C requests, $THREADS threads"
+echo "$PRESET, $PROMPT_LEN-token prompts, $NEW_TOKENS tokens each, $REQ_PER_SLOT x C requests, $THREADS threads${STEP_TOKENS:+, tprun --max-step-tokens $STEP_TOKENS}"
 echo "| server | C | out tok/s | TTFT p50 s | TTFT p99 s | ITL p50 s | ITL p99 s |"
 echo "|---|---|---|---|---|---|---|"
 cat "$work/table"
