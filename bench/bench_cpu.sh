@@ -295,7 +295,7 @@ rm -rf "$tp1"
 run_ranks() { # tp out args...
     local tp=$1 out=$2; shift 2
     local threads=$(( THREADS / tp )); [ "$threads" -ge 1 ] || threads=1
-    local port=$(( 20000 + RANDOM % 20000 )) r
+    local port=$(( 20000 + RANDOM % 12000 )) r   # below the ephemeral ports (32768+)
     pids=()
     for (( r = 1; r < tp; r++ )); do
         RANK=$r WORLD_SIZE=$tp LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \

@@ -51,7 +51,7 @@ run_ranks() { # tp out args...
         "$BIN/tprun" "$@" --threads "$threads" --json > "$out" 2> "$out.err"
         return
     fi
-    local port=$(( 20000 + RANDOM % 20000 )) r
+    local port=$(( 20000 + RANDOM % 12000 )) r   # below the ephemeral ports (32768+)
     pids=()
     for (( r = 1; r < tp; r++ )); do
         RANK=$r WORLD_SIZE=$tp LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \

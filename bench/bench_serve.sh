@@ -123,7 +123,10 @@ ttfts = [r[0] for r in res]; itls = [x for r in res for x in r[1]]
 print("%.2f %.3f %.3f %.4f %.4f" % (sum(r[2] for r in res) / wall, pct(ttfts, 50), pct(ttfts, 99), pct(itls, 50), pct(itls, 99)))
 EOF
 
-port=$(( 30000 + RANDOM % 20000 ))
+# Ports below the kernel's ephemeral range (32768 and up on Linux), where the
+# clients' own connections cannot hold them: the HTTP ports count up from
+# here, the tp 2 rendezvous ports 5000 above them.
+port=$(( 20000 + RANDOM % 5000 ))
 wait_up() { # URL PID
     for _ in $(seq 1 1200); do
         curl -sf "$1" >/dev/null 2>&1 && return 0
@@ -142,7 +145,7 @@ run_server() {
             --threads "$THREADS" --no-verify "${step_flag[@]}" >"$work/srv.log" 2>&1 &
         pid=$! ;;
     tprun-tp2)
-        local r mport=$((port + 10000))
+        local r mport=$((port + 5000))
         for r in 1 0; do
             RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$mport \
                 "$BIN/tprun" "$work/tp2" --serve --port $port --max-batch "$c" --ignore-eos --served-model-name $model \
