@@ -80,42 +80,53 @@ if command -v mpirun >/dev/null 2>&1; then have_mpirun=1; fi
 mpi_done=0
 
 gen=(--max-new-tokens 16 --temperature 0 --ignore-eos --json --logits --timeout 30)
+
+# check_prompts LABEL OUT TP REF TP1_OUT: every prompt of REF through tprun
+# on conversion OUT (tp 1 alone; more ranks over tcp, none printing but rank
+# 0), checked by $check against REF and, past tp 1, against TP1_OUT's
+# answer to the same prompt.  Answers go to OUT-pI.json.
+check_prompts() {
+    local label=$1 out=$2 tp=$3 ref=$4 tp1_out=$5 i ids res r n
+    local -a against
+    n=$("$check" "$ref" --n-prompts)
+    for ((i = 0; i < n; i++)); do
+        ids=$("$check" "$ref" --ids $i)
+        res=$out-p$i.json
+        against=()
+        if [ $tp -eq 1 ]; then
+            if ! timeout 120 "$BIN/tprun" "$out" --comm single --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
+                fail "$label prompt $i: tprun failed: $(tail -n 3 "$res.err")"
+                continue
+            fi
+        else
+            if ! run_tcp $tp "$res" "$out" --comm tcp --prompt-ids "$ids" "${gen[@]}"; then
+                fail "$label prompt $i: tprun failed: $(cat "$res".*.err | tail -n 5)"
+                continue
+            fi
+            for ((r = 1; r < tp; r++)); do
+                [ ! -s "$res.$r" ] || fail "$label: rank $r printed to stdout"
+            done
+            mv "$res.0" "$res"
+            against=(--against "$tp1_out-p$i.json")
+        fi
+        if ! "$check" "$ref" $i "$res" "${against[@]}" >"$res.check"; then
+            fail "$label prompt $i: $(grep FAIL "$res.check" | head -n 3)"
+        fi
+    done
+    echo "ok $label ($n prompts)"
+}
+
 for model_dir in tests/models/*/; do
     model=$(basename "$model_dir")
     ref=$model_dir/reference.json
     [ -f "$ref" ] || continue
-    n_prompts=$("$check" "$ref" --n-prompts)
     for tp in 1 2 4; do
         out=$tmp/$model-tp$tp
         if ! "$BIN/tpconvert" --tp $tp "$model_dir" "$out" >"$tmp/convert.log" 2>&1; then
             fail "$model: tpconvert --tp $tp: $(tail -n 3 "$tmp/convert.log")"
             continue
         fi
-        for ((i = 0; i < n_prompts; i++)); do
-            ids=$("$check" "$ref" --ids $i)
-            res=$tmp/$model-tp$tp-p$i.json
-            if [ $tp -eq 1 ]; then
-                if ! timeout 120 "$BIN/tprun" "$out" --comm single --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
-                    fail "$model tp1 prompt $i: tprun failed: $(tail -n 3 "$res.err")"
-                    continue
-                fi
-                against=()
-            else
-                if ! run_tcp $tp "$res" "$out" --comm tcp --prompt-ids "$ids" "${gen[@]}"; then
-                    fail "$model tp$tp prompt $i: tprun failed: $(cat "$res".*.err | tail -n 5)"
-                    continue
-                fi
-                for ((r = 1; r < tp; r++)); do
-                    [ ! -s "$res.$r" ] || fail "$model tp$tp: rank $r printed to stdout"
-                done
-                mv "$res.0" "$res"
-                against=(--against "$tmp/$model-tp1-p$i.json")
-            fi
-            if ! "$check" "$ref" $i "$res" "${against[@]}" >"$res.check"; then
-                fail "$model tp$tp prompt $i: $(grep FAIL "$res.check" | head -n 3)"
-            fi
-        done
-        echo "ok $model tp$tp ($n_prompts prompts)"
+        check_prompts "$model tp$tp" "$out" $tp "$ref" "$tmp/$model-tp1"
     done
     # One model under mpirun as well, at tp 2 and 4 (auto picks the mpi backend there).
     if [ $have_mpirun -eq 1 ] && [ $mpi_done -eq 0 ] && [ -d "$tmp/$model-tp4" ]; then
@@ -144,7 +155,6 @@ for model_dir in tests/models/qwen3moe-*/ tests/models/mixtral-*/; do
     model=$(basename "$model_dir")
     ref=$model_dir/reference.json
     [ -f "$ref" ] || { fail "$model: no reference.json"; continue; }
-    n_prompts=$("$check" "$ref" --n-prompts)
     for tp in 2 4; do
         out=$tmp/$model-ep$tp
         if ! "$BIN/tpconvert" --tp $tp --expert-parallel "$model_dir" "$out" >"$tmp/convert.log" 2>&1; then
@@ -153,19 +163,7 @@ for model_dir in tests/models/qwen3moe-*/ tests/models/mixtral-*/; do
         fi
         grep -q '"expert_parallel":[[:space:]]*true' "$out/manifest.json" ||
             fail "$model ep$tp: manifest does not say expert_parallel"
-        for ((i = 0; i < n_prompts; i++)); do
-            ids=$("$check" "$ref" --ids $i)
-            res=$tmp/$model-ep$tp-p$i.json
-            if ! run_tcp $tp "$res" "$out" --comm tcp --prompt-ids "$ids" "${gen[@]}"; then
-                fail "$model ep$tp prompt $i: tprun failed: $(cat "$res".*.err | tail -n 5)"
-                continue
-            fi
-            mv "$res.0" "$res"
-            if ! "$check" "$ref" $i "$res" --against "$tmp/$model-tp1-p$i.json" >"$res.check"; then
-                fail "$model ep$tp prompt $i: $(grep FAIL "$res.check" | head -n 3)"
-            fi
-        done
-        echo "ok $model tp$tp expert-parallel ($n_prompts prompts)"
+        check_prompts "$model tp$tp expert-parallel" "$out" $tp "$ref" "$tmp/$model-tp1"
     done
 done
 # tpconvert --quantize fp8 / int8 of the bf16 qwen3-q256: its weights and
@@ -174,35 +172,14 @@ done
 # (tests/models/qwen3-fp8, qwen3-int8), and tp 4 with tp 1.
 for q in fp8 int8; do
     ref=tests/models/qwen3-$q/reference.json
-    n_prompts=$("$check" "$ref" --n-prompts)
     for tp in 1 4; do
         out=$tmp/quantize-$q-tp$tp
         if ! "$BIN/tpconvert" --tp $tp --quantize $q tests/models/qwen3-q256 "$out" >"$tmp/convert.log" 2>&1; then
             fail "--quantize $q --tp $tp: $(tail -n 3 "$tmp/convert.log")"
             continue
         fi
-        for ((i = 0; i < n_prompts; i++)); do
-            ids=$("$check" "$ref" --ids $i)
-            res=$out-p$i.json
-            against=()
-            if [ $tp -eq 1 ]; then
-                if ! timeout 120 "$BIN/tprun" "$out" --comm single --prompt-ids "$ids" "${gen[@]}" >"$res" 2>"$res.err"; then
-                    fail "--quantize $q tp1 prompt $i: tprun failed: $(tail -n 3 "$res.err")"
-                    continue
-                fi
-            else
-                if ! run_tcp $tp "$res" "$out" --comm tcp --prompt-ids "$ids" "${gen[@]}"; then
-                    fail "--quantize $q tp$tp prompt $i: tprun failed: $(cat "$res".*.err | tail -n 5)"
-                    continue
-                fi
-                mv "$res.0" "$res"
-                against=(--against "$tmp/quantize-$q-tp1-p$i.json")
-            fi
-            if ! "$check" "$ref" $i "$res" "${against[@]}" >"$res.check"; then
-                fail "--quantize $q tp$tp prompt $i: $(grep FAIL "$res.check" | head -n 3)"
-            fi
-        done
-        echo "ok tpconvert --quantize $q, tp$tp ($n_prompts prompts, against qwen3-$q's reference)"
+        check_prompts "tpconvert --quantize $q, tp$tp (against qwen3-$q's reference)" "$out" $tp "$ref" \
+            "$tmp/quantize-$q-tp1"
     done
 done
 # MoE on --device cuda: with a GPU, the same greedy tokens as the cpu; without
