@@ -395,13 +395,11 @@ static void chunk_job_run(size_t i, void *arg)
     const tp_shard_reader *r = &ctx->lr->reader;
     const tp_shard_tensor *t = &r->index.tensors[ctx->jobs[i].tensor];
     const tp_chunk_info *c = &t->chunks[ctx->jobs[i].chunk];
+    uint8_t *dst = (uint8_t *)ctx->lr->tensors[ctx->jobs[i].tensor].data;
     tp_err e;
-    {
-        uint8_t *dst = (uint8_t *)ctx->lr->tensors[ctx->jobs[i].tensor].data;
-        if (tp_shard_read_chunk(r, t, ctx->jobs[i].chunk, dst, ctx->opts->verify, &e) < 0) {
-            tp_ld_rank_err_prefix(&e, ctx->lr);
-            tp_ld_err_once_set(&ctx->failure, &e);
-        }
+    if (tp_shard_read_chunk(r, t, ctx->jobs[i].chunk, dst, ctx->opts->verify, &e) < 0) {
+        tp_ld_rank_err_prefix(&e, ctx->lr);
+        tp_ld_err_once_set(&ctx->failure, &e);
     }
     tp_progress_add(ctx->progress, c->stored_size);
 }
