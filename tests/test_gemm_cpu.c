@@ -76,6 +76,20 @@ typedef struct job_case {
     float *x;
 } job_case;
 
+/* The reference and bounds of c for its current x. */
+static void case_expect(job_case *c)
+{
+    const tpg_job *j = &c->job;
+    tpg_matmul_ref(c->want, c->x, j->n, c->w, j->dt, j->rows, j->cols);
+    for (int t = 0; t < j->n; t++)
+        for (int o = 0; o < j->rows; o++) {
+            double s = 0;
+            for (int i = 0; i < j->cols; i++)
+                s += fabs((double)c->x[(size_t)t * j->cols + i] * tpg_weight(j, o, i));
+            c->bound[(size_t)t * j->rows + o] = (j->cols + 2) * 1.2e-7 * s + 1e-30;
+        }
+}
+
 static void make_case(job_case *c, tp_dtype dt, int n, int rows, int cols)
 {
     size_t wn = (size_t)rows * cols, yn = (size_t)n * rows;
@@ -211,11 +225,12 @@ static int check_case(const job_case *c, const char *what)
 
 
 static const tp_dtype DTYPES[] = { TP_BF16, TP_F16, TP_F32 };
-/* tails of 32/16/8 lanes (95: the bf16 GEMV's 31-column tail), partial tiles (6x4, 3x4), several GEMM blocks (cols
+/* tails of 32/16/8 lanes (95: the bf16 GEMV's 31-column tail), partial tiles (6x4, 3x4; 49 rows: a last panel of 17), several GEMM blocks (cols
  * 4096: 8 rows per block), a GEMV block of 32 rows and a bit */
-static const int NS[] = { 1, 2, 5, 7, 13 };
+/* n up to 48 runs bf16 as few-token tiles (4 tokens x 6 rows), 50 widened tiles */
+static const int NS[] = { 1, 2, 5, 7, 13, 50 };
 static const int SHAPES[][2] = { { 1, 1 }, { 3, 7 }, { 5, 16 }, { 37, 33 }, { 64, 100 },
-                                 { 9, 257 }, { 21, 4096 }, { 70, 64 }, { 6, 95 } };
+                                 { 9, 257 }, { 21, 4096 }, { 70, 64 }, { 6, 95 }, { 49, 40 } };
 
 static void test_path(tpg_isa isa, tp_pool *pool)
 {
@@ -246,7 +261,26 @@ static void test_path(tpg_isa isa, tp_pool *pool)
         check_case(&cs[i], what);
         free_case(&cs[i]);
     }
-    printf("  %s: %d products and a batch of %d checked\n", what, cases, NJ);
+    /* q, k and v: three jobs over one x (split once for all three), and a
+     * fourth of the same shape over another x (not shared) */
+    job_case qkv[4];
+    make_case(&qkv[3], TP_BF16, 6, 7, 96);
+    jobs[3] = qkv[3].job;
+    for (int i = 0; i < 3; i++) {
+        make_case(&qkv[i], TP_BF16, 6, 7 + 6 * i, 96);
+        if (i) {   /* the same values, and the jobs given the same pointer */
+            memcpy(qkv[i].x, qkv[0].x, (size_t)6 * 96 * sizeof(float));
+            case_expect(&qkv[i]);
+            qkv[i].job.x = qkv[0].x;
+        }
+        jobs[i] = qkv[i].job;
+    }
+    tpg_matmul_batch(jobs, 4, pool);
+    for (int i = 0; i < 4; i++) {
+        check_case(&qkv[i], what);
+        free_case(&qkv[i]);
+    }
+    printf("  %s: %d products and batches of %d and 4 checked\n", what, cases, NJ);
 }
 
 /* 8-bit block geometries: block sizes and the slice's origin inside its
