@@ -1112,10 +1112,28 @@ AVX512_TARGET INLINE void transpose16(__m512i r[16])
  * being nr rows of cols values of dtype dt (bf16, f16 or f32) at w. */
 AVX512_TARGET static void pack_panel(float *panel, const void *w, tp_dtype dt, int nr, int cols)
 {
-    int cols16 = cols - cols % 16;
+    /* bf16: a 32-bit lane holds two columns, so one transpose moves 32 of
+     * them; the shift and mask of bf16_even / bf16_odd then widen each */
+    int step = dt == TP_BF16 ? 32 : 16;
+    int done = cols - cols % step;
     size_t row_bytes = (size_t)cols * elem_size(dt);
+    for (int half = 0; half < 2 && dt == TP_BF16; half++)
+        for (int k0 = 0; k0 < done; k0 += 32) {
+            __m512i v[16];
+            for (int r = 0; r < 16; r++) {
+                int rr = half * 16 + r;
+                v[r] = rr < nr ? _mm512_loadu_si512((const char *)w + rr * row_bytes + (size_t)k0 * 2)
+                               : _mm512_setzero_si512();
+            }
+            transpose16(v);
+            for (int k = 0; k < 16; k++) {
+                float *col = panel + (size_t)(k0 + 2 * k) * PANEL_ROWS + half * 16;
+                _mm512_store_ps(col, bf16_even(v[k]));
+                _mm512_store_ps(col + PANEL_ROWS, bf16_odd(v[k]));
+            }
+        }
     for (int half = 0; half < 2; half++) {
-        for (int k0 = 0; k0 < cols16; k0 += 16) {
+        for (int k0 = 0; k0 < done && dt != TP_BF16; k0 += 16) {
             __m512i v[16];
             for (int r = 0; r < 16; r++) {
                 int rr = half * 16 + r;
@@ -1127,7 +1145,7 @@ AVX512_TARGET static void pack_panel(float *panel, const void *w, tp_dtype dt, i
             for (int k = 0; k < 16; k++)
                 _mm512_store_si512(panel + (size_t)(k0 + k) * PANEL_ROWS + half * 16, v[k]);
         }
-        for (int k = cols16; k < cols; k++)
+        for (int k = done; k < cols; k++)
             for (int r = 0; r < 16; r++) {
                 int rr = half * 16 + r;
                 panel[(size_t)k * PANEL_ROWS + rr] =
