@@ -307,6 +307,18 @@ void tpk_attention_head_blocked(float *out, size_t out_stride, const float *q, s
     }
 }
 
+void tpk_attention_group_one(float *out, const float *q, int heads, const float *k,
+                             const float *v, int pos, int head_dim, int window, float scale,
+                             float *scratch)
+{
+    int klo, nk;
+    tpk_attn_block_keys(pos, 1, window, &klo, &nk);
+    tpk_attn_scores(scratch, q, (size_t)head_dim, k, heads, klo, nk, head_dim, scale);
+    for (int h = 0; h < heads; h++)
+        tpk_attn_softmax_row(scratch + (size_t)h * nk, pos, klo, nk, window);
+    tpk_attn_weighted_sum(out, (size_t)head_dim, scratch, v, heads, klo, nk, head_dim);
+}
+
 void tpk_silu_mul(float *gate, const float *up, size_t n)
 {
     for (size_t i = 0; i < n; i++) {

@@ -108,6 +108,16 @@ void tpk_attention_head_blocked(float *out, size_t out_stride, const float *q, s
                                 const float *k, const float *v, int n, int pos0, int head_dim,
                                 int window, float scale, float *scratch);
 
+/* One token's attention for `heads` query heads that share one KV head
+ * (grouped-query attention): q and out hold the heads one after another,
+ * [heads][head_dim], all at position pos.  The same results as
+ * tpk_attention_head_blocked on each head with n = 1, in one pair of
+ * sgemms: the keys and values are read once for the group, not once a
+ * head.  heads <= TPK_ATT_BLOCK; scratch holds heads * (pos + 1) floats. */
+void tpk_attention_group_one(float *out, const float *q, int heads, const float *k,
+                             const float *v, int pos, int head_dim, int window, float scale,
+                             float *scratch);
+
 /* The keys [*klo, *klo + *nk) that a block of b queries at positions
  * first .. first + b - 1 can see (causal, and window when > 0). */
 void tpk_attn_block_keys(int first, int b, int window, int *klo, int *nk);

@@ -1241,11 +1241,13 @@ static size_t kv_offset(const tp_model *m, int slot, int l, int h)
            (size_t)m->max_seq * (size_t)m->cfg.head_dim;
 }
 
-/* Attention of every local head over the KV caches, one pool job per head:
- * the head runs through the step's runs, each over its own slot's cache;
- * a run's two products run in single-threaded OpenBLAS sgemm (on the fp32
- * cache it still beats a hand-written loop), its softmax rows between
- * them, in the head's own slice of scratch. */
+/* Attention of every local head over the KV caches, one pool job per KV
+ * head: its query heads run through the step's runs, each over its own
+ * slot's cache; a run's two products run in single-threaded OpenBLAS sgemm
+ * (on the fp32 cache it still beats a hand-written loop), its softmax rows
+ * between them, in the query head's own slice of scratch.  A run of one
+ * token (a decode step) takes the KV head's query heads together: one
+ * read of the cache and one pair of sgemms for the group. */
 typedef struct attn_ctx {
     tp_model *m;
     int l;
@@ -1256,26 +1258,33 @@ static float *head_scores(tp_model *m, int h)
     return m->scratch + (size_t)h * TPK_ATT_BLOCK * m->max_seq;
 }
 
-static void attn_head_job(size_t i, void *arg)
+static void attn_kv_head_job(size_t i, void *arg)
 {
     attn_ctx *a = arg;
     tp_model *m = a->m;
-    int h = (int)i, hd = m->cfg.head_dim;
+    int g = (int)i, hd = m->cfg.head_dim, h0 = g * m->group, window = m->layers[a->l].window;
     size_t qd = (size_t)m->lq * hd;
+    float scale = 1.0f / sqrtf((float)hd);
     for (int ri = 0; ri < m->n_runs; ri++) {
         const struct kv_run *r = &m->runs[ri];
-        size_t kv_off = kv_offset(m, r->slot, a->l, h / m->group);
-        size_t row = (size_t)r->start * qd + (size_t)h * hd;
-        tpk_attention_head_blocked(m->att + row, qd, m->q + row, qd, m->kcache + kv_off,
-                                   m->vcache + kv_off, r->n, r->pos0, hd, m->layers[a->l].window,
-                                   1.0f / sqrtf((float)hd), head_scores(m, h));
+        size_t kv_off = kv_offset(m, r->slot, a->l, g);
+        const float *kc = m->kcache + kv_off, *vc = m->vcache + kv_off;
+        size_t row = (size_t)r->start * qd + (size_t)h0 * hd;
+        if (r->n == 1 && m->group > 1 && m->group <= TPK_ATT_BLOCK) {
+            tpk_attention_group_one(m->att + row, m->q + row, m->group, kc, vc, r->pos0, hd, window,
+                                    scale, head_scores(m, h0));
+            continue;
+        }
+        for (int h = h0; h < h0 + m->group; h++, row += (size_t)hd)
+            tpk_attention_head_blocked(m->att + row, qd, m->q + row, qd, kc, vc, r->n, r->pos0, hd,
+                                       window, scale, head_scores(m, h));
     }
 }
 
 static void attention(tp_model *m, int l)
 {
     attn_ctx a = { m, l };
-    par_for(m, (size_t)m->lq, attn_head_job, &a);
+    par_for(m, (size_t)m->lkv, attn_kv_head_job, &a);
 }
 
 /* Each run's k and v into its slot's cache at its positions. */

@@ -337,6 +337,27 @@ static void test_attention(void)
         }
         free(bq); free(bk); free(bv); free(bout); free(bscratch); free(bref);
     }
+    /* one token of a group of 3 query heads over one KV head: each head as
+     * the blocked version computes it alone */
+    {
+        int heads = 3, gpos = 9, gtotal = gpos + 1;
+        float *gq = rand_vec((size_t)heads * hd, 2), *gk = rand_vec((size_t)gtotal * hd, 2);
+        float *gv = rand_vec((size_t)gtotal * hd, 1);
+        float gout[3 * 6], alone[6], gscratch[3 * 10], ascratch[TPK_ATT_BLOCK * 10];
+        int gwindows[] = { 0, 4, 1 };
+        for (size_t w = 0; w < sizeof gwindows / sizeof gwindows[0]; w++) {
+            tpk_attention_group_one(gout, gq, heads, gk, gv, gpos, hd, gwindows[w], 0.4f, gscratch);
+            for (int h = 0; h < heads; h++) {
+                tpk_attention_head_blocked(alone, hd, gq + h * hd, hd, gk, gv, 1, gpos, hd,
+                                           gwindows[w], 0.4f, ascratch);
+                for (int e = 0; e < hd; e++)
+                    CHECK(fabsf(gout[h * hd + e] - alone[e]) <= 1e-6f * (1.0f + fabsf(alone[e])),
+                          "group attention window %d head %d: %g vs %g alone", gwindows[w], h,
+                          gout[h * hd + e], alone[e]);
+            }
+        }
+        free(gq); free(gk); free(gv);
+    }
     /* window 1: each query sees only its own key, so the output is v[p] */
     tpk_attention_head(out, hd, q, hd, k, v, n, pos0, hd, 1, 0.5f, scratch);
     for (int t = 0; t < n; t++)
