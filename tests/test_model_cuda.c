@@ -543,6 +543,167 @@ static void compare_batched_fixture(const char *dir, const char *name)
     tp_st_set_close(&set);
 }
 
+/* Batched decode graphs (tpcm_forward_batch: a pure-decode step, one token
+ * a slot, logits for each, padded up to a bucket of 1, 2, 4, 8 ... tokens
+ * and replayed from that bucket's graph).  BG_SLOTS slots are prefilled in
+ * one mixed step (kernel by kernel), then the steps of BG_SCHEDULE feed
+ * each listed slot its greedy token: 3 tokens (bucket 4, one padding row),
+ * 1, 5 (bucket 8), 3 again at other slots and positions (bucket 4
+ * replayed), a mixed step between replays (a slot listed twice: a chunk of
+ * two tokens), 6 (bucket 8 replayed), 2, 3.  Run with graphs on and off
+ * (the same fed tokens) the logits rows must agree; the run with graphs
+ * must say which buckets it captured (so that the comparison is not of two
+ * kernel-by-kernel runs), and every row is compared with the CPU model's
+ * batched forward fed the same tokens (compare_logits: its bound and the
+ * same greedy token wherever the CPU's top two are apart).
+ * On the emulation the two runs must be equal bit for bit: its GEMM is the
+ * naive product and at these sizes the attention's split count does not
+ * depend on the token count.  On a GPU cuBLAS may pick another algorithm
+ * for a bucket's row count than for the step's own, and the attention
+ * splits the keys by the grid's row count, which changes the order of fp32
+ * sums; a last-bit difference may then move one bf16 rounding of an
+ * activation (2^-8 relative), hence BG_GPU_TOL there. */
+enum { BG_SLOTS = 6, BG_MAX_SEQ = 48, BG_ROWS = 64, BG_FED = 64 };
+#define BG_GPU_TOL 1e-2
+static const int BG_PROMPT[BG_SLOTS] = { 5, 2, 7, 3, 14, 4 };   /* slot 4 decodes past longrope's 16 */
+static const int BG_SCHEDULE[][BG_SLOTS + 1] = {   /* each step's slots, -1 ends it */
+    { 4, 0, 2, -1 }, { 5, -1 }, { 1, 3, 5, 0, 2, -1 }, { 2, 4, 1, -1 }, { 3, 3, 0, -1 },
+    { 5, 4, 3, 2, 1, 0, -1 }, { 3, 1, -1 }, { 1, 0, 4, -1 },
+};
+#define BG_CAPTURED "(batched decode graphs for 1 2 4 8 tokens)"
+
+typedef struct bg_result {
+    float *rows;            /* n_rows rows of vocab floats, in step order */
+    int n_rows;
+    char info[512];         /* tp_model_device_info at the end */
+} bg_result;
+
+/* One step of BG_SCHEDULE (st) into t: each listed slot's next token at
+ * its length (the greedy token of its last row, from fed[] when !pick, else
+ * picked and recorded there), a slot listed again a fixed id after it, the
+ * last token of each slot wanting logits.  Returns the token count. */
+static int bg_step_tokens(int st, int V, const float *last[BG_SLOTS], int len[BG_SLOTS], bool pick,
+                          int32_t *fed, int *n_fed, tp_batch_token *t)
+{
+    int n = 0;
+    for (int k = 0; BG_SCHEDULE[st][k] >= 0; k++) {
+        int s = BG_SCHEDULE[st][k];
+        bool again = k > 0 && BG_SCHEDULE[st][k - 1] == s, more = BG_SCHEDULE[st][k + 1] == s;
+        int32_t id = (int32_t)((len[s] * 31 + 7) % V);
+        if (!again) {
+            if (pick)
+                fed[*n_fed] = argmax(last[s], V);
+            id = fed[(*n_fed)++];
+        }
+        t[n++] = (tp_batch_token){ s, id, len[s]++, !more };
+    }
+    return n;
+}
+
+/* The prefill step and BG_SCHEDULE on a model of BG_SLOTS slots on device
+ * (no_graph: the cuda graphs off); pick: the fed tokens are its own greedy
+ * picks, recorded in fed, else read from fed. */
+static int bg_run(const tp_loaded_rank *lr, const char *device, bool no_graph, int V, bool pick, int32_t *fed,
+                  bg_result *res, tp_err *err)
+{
+    tp_model *m = NULL;
+    tp_model_opts o = { .max_seq = BG_MAX_SEQ, .threads = 1, .device = device, .slots = BG_SLOTS,
+                        .no_graph = no_graph };
+    res->rows = calloc((size_t)BG_ROWS * V, sizeof *res->rows);
+    res->n_rows = 0;
+    if (tp_model_create(&m, (tp_loaded_rank *)lr, NULL, &o, err) < 0)
+        return -1;
+    tp_batch_token t[BG_ROWS];
+    const float *last[BG_SLOTS];
+    int len[BG_SLOTS] = { 0 }, n = 0, n_fed = 0, rc = 0;
+    for (int s = 0; s < BG_SLOTS; s++)
+        for (int i = 0; i < BG_PROMPT[s]; i++, len[s]++)
+            t[n++] = (tp_batch_token){ s, bb_id(s, i, V), i, i == BG_PROMPT[s] - 1 };
+    for (int st = -1; rc == 0 && st < (int)(sizeof BG_SCHEDULE / sizeof BG_SCHEDULE[0]); st++) {
+        if (st >= 0)
+            n = bg_step_tokens(st, V, last, len, pick, fed, &n_fed, t);
+        float *out = res->rows + (size_t)res->n_rows * V;
+        rc = tp_model_forward_batch(m, t, n, out, err);
+        for (int i = 0; rc == 0 && i < n; i++)
+            if (t[i].logits)
+                last[t[i].slot] = res->rows + (size_t)res->n_rows++ * V;
+    }
+    snprintf(res->info, sizeof res->info, "%s", tp_model_device_info(m));
+    tp_model_free(m);
+    return rc;
+}
+
+/* Largest |a - b| over n floats (NaN: infinity). */
+static double bg_max_diff(const float *a, const float *b, size_t n)
+{
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= worst))
+            worst = d == d ? d : INFINITY;
+    }
+    return worst;
+}
+
+static void compare_batch_graphs(const src_model *s)
+{
+    const int V = s->vocab;
+    built_rank br;
+    build_rank(&br, s, 0, 1);
+    int32_t fed[BG_FED];
+    bg_result on = { 0 }, off = { 0 }, cpu = { 0 };
+    tp_err err = { { 0 } };
+    if (bg_run(&br.lr, "cuda", false, V, true, fed, &on, &err) < 0 ||
+        bg_run(&br.lr, "cuda", true, V, false, fed, &off, &err) < 0 ||
+        bg_run(&br.lr, "cpu", false, V, false, fed, &cpu, &err) < 0) {
+        CHECK(0, "%s: batched decode graphs: %s", s->name, err.msg);
+    } else {
+        CHECK(strstr(on.info, BG_CAPTURED) != NULL, "%s: expected \"%s\": %s", s->name, BG_CAPTURED, on.info);
+        CHECK(strstr(off.info, "no CUDA graph (turned off)") && !strstr(off.info, "batched decode graphs"),
+              "%s: no_graph was not honoured by batched steps: %s", s->name, off.info);
+        CHECK(on.n_rows == off.n_rows && on.n_rows == cpu.n_rows, "%s: %d, %d and %d logits rows", s->name,
+              on.n_rows, off.n_rows, cpu.n_rows);
+        size_t floats = (size_t)on.n_rows * V;
+        double worst = bg_max_diff(on.rows, off.rows, floats);
+#ifdef TP_CUDA_EMU
+        CHECK(memcmp(on.rows, off.rows, floats * sizeof(float)) == 0,
+              "%s: batched decode graphs vs kernel by kernel: logits differ (max |diff| %g), expected the same bits",
+              s->name, worst);
+#else
+        double mx = 1;
+        for (size_t i = 0; i < floats; i++)
+            mx = fabs(off.rows[i]) > mx ? fabs(off.rows[i]) : mx;
+        CHECK(worst <= BG_GPU_TOL * mx, "%s: batched decode graphs vs kernel by kernel: max |diff| %g (tol %g)",
+              s->name, worst, BG_GPU_TOL * mx);
+#endif
+        compare_logits(s->name, "batched decode graphs, cuda vs cpu tp_model_forward_batch", 1, cpu.rows, on.rows,
+                       V, on.n_rows);
+        printf("%s tp=1: %d batched steps, graphs vs kernel by kernel: max |diff| %g over %d rows\n", s->name,
+               1 + (int)(sizeof BG_SCHEDULE / sizeof BG_SCHEDULE[0]), worst, on.n_rows);
+    }
+    free(on.rows);
+    free(off.rows);
+    free(cpu.rows);
+    free_rank(&br, s->n);
+}
+
+/* compare_batch_graphs on a fixture (2-D tensors: cut here). */
+static void compare_batch_graphs_fixture(const char *dir, const char *name)
+{
+    tp_err err = { { 0 } };
+    src_model *s = malloc(sizeof *s);
+    tp_st_set set;
+    memset(&set, 0, sizeof set);
+    tp_model_config c;
+    if (load_hf(s, &set, dir, name, &err) < 0)
+        CHECK(0, "%s: %s", name, err.msg);
+    else if (!has_3d_tensor(s) && tp_model_config_parse(&c, s->config_json, &err) == 0 && c.n_experts == 0)
+        compare_batch_graphs(s);   /* sparse layers: no graph (routing on the host) */
+    free_src(s);
+    free(s);
+    tp_st_set_close(&set);
+}
+
 /* The CPU (ranks in memory) against cuda (rank files, deferred) at tp 1 and 2. */
 static void compare_src_logits(const src_model *s)
 {
@@ -757,6 +918,7 @@ int main(void)
             char *dir = tp_path_join(root, names[i]);
             compare_model(dir, names[i]);
             compare_batched_fixture(dir, names[i]);
+            compare_batch_graphs_fixture(dir, names[i]);
             free(dir);
             free(names[i]);
         }

@@ -163,6 +163,8 @@ int tpc_attention_decode_devpos(float *out, size_t out_stride, const float *q, s
  * token t's slot and position.  A slot or position outside [0, n_slots) /
  * [0, max_seq) cannot be refused (the launcher does not read device
  * memory): the append writes nothing for it, the attention gives NaN.
+ * model_cuda.cu's batched decode graphs rely on it: their padding rows
+ * have slot -1.
  * tpc_kv_append_batch: token t's k and v heads (at k + t * row_stride + h *
  * head_dim) into its slot's rows pos[t]. */
 int tpc_kv_append_batch(float *k_cache, float *v_cache, size_t slot_stride, int n_slots, int max_seq,

@@ -22,8 +22,14 @@
  * A batched step (tpcm_forward_batch: several slots' tokens, prefill chunks
  * and decode tokens mixed) runs the same layers over all its tokens, with
  * per-token slot, position and RoPE rows on the device for the KV append
- * and the attention (tpc_kv_append_batch, tpc_attention_batch), kernel by
- * kernel (no graph), then the lm_head over the rows that want logits only.
+ * and the attention (tpc_kv_append_batch, tpc_attention_batch), then the
+ * lm_head over the rows that want logits only.  A pure-decode batched step
+ * (one token a slot, logits for each) has shapes that depend on its token
+ * count alone: it is padded up to a bucket of 1, 2, 4, ... tokens (padding
+ * rows have no slot: they write no cache and their logits are dropped) and
+ * replays that bucket's graph, captured the first time the bucket is used,
+ * when the decode graph is usable; mixed steps and steps past the largest
+ * bucket run kernel by kernel.
  */
 #include <cuda_runtime.h>
 
@@ -38,6 +44,10 @@ extern "C" {
 }
 #include "model_cuda.h"
 #include "weights_cuda.h"
+
+/* Buckets of the batched decode graphs: 1, 2, 4, ... 2^(TPCM_BATCH_BUCKETS-1)
+ * tokens, so that a server holds at most this many graphs. */
+#define TPCM_BATCH_BUCKETS 8
 
 struct tpcm_model {
     tp_model_config cfg;
@@ -86,6 +96,11 @@ struct tpcm_model {
     tp_sampler_opts sample_opts;
     bool graph_usable;          /* tp 1 or nccl, and not turned off */
     char graph_note[160];       /* why graphs are off, for tpcm_describe */
+    /* Pure-decode batched steps as graphs (see "batched decode graphs"):
+     * batch_graph[b] replays a step of 2^b tokens (NULL: not captured yet),
+     * for buckets up to batch_bucket_max tokens. */
+    tpc_graph batch_graph[TPCM_BATCH_BUCKETS];
+    int batch_bucket_max;
 
     /* Sparse layers (tpcw_moe): the largest expert count, top_k, local
      * expert rows and local expert count over the layers (0: dense model);
@@ -150,19 +165,44 @@ static int pick_device(const tpcm_desc *d, int *device, tp_err *err)
     return 0;
 }
 
-static void update_desc(tpcm_model *g)
+/* The buckets whose batched decode graph is captured now, as
+ * " (batched decode graphs for 1 4 8 tokens)"; "" when none is. */
+static void describe_buckets(const tpcm_model *g, char *buf, size_t len)
 {
-    snprintf(g->desc, sizeof g->desc, "cuda:%d, %.1f MB of weights uploaded at %.2f GB/s, all-reduce %s, %s",
-             g->device, g->w.bytes / 1e6, g->w.seconds > 0 ? g->w.bytes / g->w.seconds / 1e9 : 0.0,
-             g->nccl ? "nccl on device" : g->world > 1 ? "staged through host memory" : "none (tp 1)",
-             g->graph_note);
+    size_t at = 0;
+    buf[0] = 0;
+    for (int b = 0; b < TPCM_BATCH_BUCKETS && at < len; b++)
+        if (g->batch_graph[b])
+            at += (size_t)snprintf(buf + at, len - at, "%s %d", at ? "" : " (batched decode graphs for", 1 << b);
+    if (at && at < len)
+        snprintf(buf + at, len - at, " tokens)");
 }
 
+static void update_desc(tpcm_model *g)
+{
+    char buckets[96];
+    describe_buckets(g, buckets, sizeof buckets);
+    snprintf(g->desc, sizeof g->desc, "cuda:%d, %.1f MB of weights uploaded at %.2f GB/s, all-reduce %s, %s%s",
+             g->device, g->w.bytes / 1e6, g->w.seconds > 0 ? g->w.bytes / g->w.seconds / 1e9 : 0.0,
+             g->nccl ? "nccl on device" : g->world > 1 ? "staged through host memory" : "none (tp 1)",
+             g->graph_note, buckets);
+}
+
+/* Every graph (the decode step's and the batched buckets'): before the
+ * buffers they were captured with are freed. */
 static void drop_graphs(tpcm_model *g)
 {
     tpc_graph_destroy(g->greedy_graph);
     tpc_graph_destroy(g->sample_graph);
     g->greedy_graph = g->sample_graph = NULL;
+    bool had_batch = false;
+    for (int b = 0; b < TPCM_BATCH_BUCKETS; b++) {
+        had_batch |= g->batch_graph[b] != NULL;
+        tpc_graph_destroy(g->batch_graph[b]);
+        g->batch_graph[b] = NULL;
+    }
+    if (had_batch)
+        update_desc(g);
 }
 
 /* The buffers of tpcm_forward_pick: a few vocabularies of floats. */
@@ -264,6 +304,18 @@ static int check_kv_fits(tpcm_model *g, tp_err *err)
     return 0;
 }
 
+/* The largest batched decode bucket for a model of `slots` slots: the
+ * power of two that holds them all (a pure-decode step has one token a
+ * slot), at most 2^(TPCM_BATCH_BUCKETS-1); larger steps run kernel by
+ * kernel. */
+static int largest_bucket(int slots)
+{
+    int b = 1;
+    while (b < slots && b < 1 << (TPCM_BATCH_BUCKETS - 1))
+        b *= 2;
+    return b;
+}
+
 int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
 {
     *out = NULL;
@@ -353,6 +405,7 @@ int tpcm_create(tpcm_model **out, const tpcm_desc *d, tp_err *err)
         tpc_comm_set_enqueue_only(g->comm, true);   /* waits happen in wait_stream */
     /* sparse layers bring the routing to the host each step: not capturable */
     g->graph_usable = !d->no_graph && (g->world == 1 || g->nccl) && g->moe_e == 0;
+    g->batch_bucket_max = largest_bucket(g->slots);
     snprintf(g->graph_note, sizeof g->graph_note, "%s",
              g->graph_usable ? "decode as a CUDA graph"
              : d->no_graph   ? "no CUDA graph (turned off)"
@@ -763,6 +816,7 @@ static int ensure_batch_buffers(tpcm_model *g, int n, tp_err *err)
 {
     if (n <= g->cap_batch)
         return 0;
+    drop_graphs(g);   /* they hold the old pointers */
     free_batch_buffers(g);
     size_t N = (size_t)n, half = (size_t)g->cfg.head_dim / 2;
     if (tpc_malloc((void **)&g->b_slot, N * 4, "batch slots", err) < 0 ||
@@ -785,6 +839,7 @@ static int ensure_logit_rows(tpcm_model *g, int rows, tp_err *err)
 {
     if (rows <= g->cap_rows)
         return 0;
+    drop_graphs(g);   /* they hold the old pointers */
     free_logit_rows(g);
     size_t R = (size_t)rows, slot = (size_t)g->vocab_slot;
     if (tpc_malloc((void **)&g->lm_in, R * g->cfg.hidden * 4, "logit rows", err) < 0 ||
@@ -798,20 +853,17 @@ static int ensure_logit_rows(tpcm_model *g, int rows, tp_err *err)
     return 0;
 }
 
-/* Each token's RoPE rows into b_cos / b_sin (row t: token t): for the rope
- * types whose frequencies follow the pass (dynamic, longrope) computed on
- * the host as the CPU's batched step computes them (tpk_rope_rows_at with
- * the length the token's slot reaches in this step) and copied; else the
- * shared table's rows at the tokens' positions, gathered on the device. */
-static int batch_rope_rows(tpcm_model *g, const tp_batch_token *t, int n, const int *slot_len_after, tp_err *err)
+/* Each token's RoPE rows into b_cos / b_sin (row t: token t), the part the
+ * host does: for the rope types whose frequencies follow the pass (dynamic,
+ * longrope) computed as the CPU's batched step computes them
+ * (tpk_rope_rows_at with the length the token's slot reaches in this step)
+ * and copied; nothing for the others (batch_rope_gather). */
+static int batch_rope_host(tpcm_model *g, const tp_batch_token *t, int n, const int *slot_len_after, tp_err *err)
 {
+    if (!g->host_cos)
+        return 0;
     int hd = g->cfg.head_dim;
     size_t half = (size_t)hd / 2;
-    if (!g->host_cos)
-        return tpc_gather_rows(g->b_cos, g->cos_t, g->b_pos, n, (int)half, g->s, err) < 0 ||
-                       tpc_gather_rows(g->b_sin, g->sin_t, g->b_pos, n, (int)half, g->s, err) < 0
-                   ? -1
-                   : 0;
     float *rc = g->host_b_rope, *rs = g->host_b_rope + (size_t)n * half;
     for (int i = 0; i < n; i++)
         tpk_rope_rows_at(rc + (size_t)i * half, rs + (size_t)i * half, g->host_inv, hd, &g->cfg.rope,
@@ -826,48 +878,74 @@ static int batch_rope_rows(tpcm_model *g, const tp_batch_token *t, int n, const 
                : 0;
 }
 
+/* The other rope types' rows: the shared table's rows at the tokens'
+ * positions (b_pos), gathered on the device (a graph can record it). */
+static int batch_rope_gather(tpcm_model *g, int n, tp_err *err)
+{
+    int half = g->cfg.head_dim / 2;
+    if (g->host_cos)
+        return 0;   /* batch_rope_host copied them */
+    return tpc_gather_rows(g->b_cos, g->cos_t, g->b_pos, n, half, g->s, err) < 0 ||
+                   tpc_gather_rows(g->b_sin, g->sin_t, g->b_pos, n, half, g->s, err) < 0
+               ? -1
+               : 0;
+}
+
 /* The step's ids, slots and positions to the device, and the indices of
  * the tokens that want logits to b_rows; *rows: how many (0 when logits
- * are not asked for). */
-static int upload_batch(tpcm_model *g, const tp_batch_token *t, int n, bool want_logits, int *rows, tp_err *err)
+ * are not asked for).  Tokens [n, padded) are padding (a batched decode
+ * graph's bucket): slot -1, which the batched append and attention kernels
+ * treat as no slot (nothing written, nothing read: the row's attention is
+ * NaN, and stays in its own row through the row-wise GEMMs and norms), id
+ * 0 and position 0 (valid rows of the embedding and rope tables); they want
+ * logits when the real tokens do, and their rows are never read back. */
+static int upload_batch(tpcm_model *g, const tp_batch_token *t, int n, int padded, bool want_logits, int *rows,
+                        tp_err *err)
 {
-    size_t N = (size_t)n;
+    size_t N = (size_t)padded;
     int32_t *slot = g->host_b, *pos = slot + N, *idx = pos + N, *ids = idx + N;
     int r = 0;
-    for (int i = 0; i < n; i++) {
-        slot[i] = t[i].slot;
-        pos[i] = t[i].pos;
-        ids[i] = t[i].id;
-        if (want_logits && t[i].logits)
+    for (int i = 0; i < padded; i++) {
+        bool pad = i >= n;
+        slot[i] = pad ? -1 : t[i].slot;
+        pos[i] = pad ? 0 : t[i].pos;
+        ids[i] = pad ? 0 : t[i].id;
+        if (want_logits && (pad || t[i].logits))
             idx[r++] = i;
     }
     /* pageable: read when cudaMemcpyAsync returns */
     cudaStream_t s = (cudaStream_t)g->s;
     *rows = r;
-    if (cuda_check(cudaMemcpyAsync(g->b_slot, slot, (size_t)n * 4, cudaMemcpyHostToDevice, s),
-                   "cudaMemcpyAsync (slots)", err) < 0 ||
-        cuda_check(cudaMemcpyAsync(g->b_pos, pos, (size_t)n * 4, cudaMemcpyHostToDevice, s),
-                   "cudaMemcpyAsync (positions)", err) < 0 ||
+    if (cuda_check(cudaMemcpyAsync(g->b_slot, slot, N * 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (slots)",
+                   err) < 0 ||
+        cuda_check(cudaMemcpyAsync(g->b_pos, pos, N * 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (positions)",
+                   err) < 0 ||
         (r > 0 && cuda_check(cudaMemcpyAsync(g->b_rows, idx, (size_t)r * 4, cudaMemcpyHostToDevice, s),
                              "cudaMemcpyAsync (logit rows)", err) < 0))
         return -1;
-    return cuda_check(cudaMemcpyAsync(g->ids, ids, (size_t)n * 4, cudaMemcpyHostToDevice, s),
-                      "cudaMemcpyAsync (ids)", err);
+    return cuda_check(cudaMemcpyAsync(g->ids, ids, N * 4, cudaMemcpyHostToDevice, s), "cudaMemcpyAsync (ids)", err);
 }
 
-/* The final norm of the step's rows, the rows that want logits gathered
- * (b_rows), one lm_head product over them, and the rows of every rank put
- * at their vocabulary columns in logits [rows][vocab]. */
-static int batch_logits(tpcm_model *g, int n, int rows, float *logits, tp_err *err)
+/* The device half of the logits: the final norm of the step's n rows, the
+ * `rows` rows that want logits gathered (b_rows), one lm_head product over
+ * them into lm_out [rows][cnt].  ensure_logit_rows first. */
+static int logit_rows_device(tpcm_model *g, int n, int rows, tp_err *err)
 {
     const tp_model_config *c = &g->cfg;
     int H = c->hidden, cnt = (int)(g->lm_end - g->lm_start);
-    size_t V = (size_t)c->vocab, slot = (size_t)g->vocab_slot;
-    if (ensure_logit_rows(g, rows, err) < 0 ||
-        tpc_add_rmsnorm(g->x, g->o, g->h, g->w.final_norm, n, H, c->rms_eps, g->s, err) < 0 ||
-        tpc_gather_rows(g->lm_in, g->h, g->b_rows, rows, H, g->s, err) < 0 ||
-        (cnt > 0 && gemm(g, g->lm_out, g->lm_in, g->w.lm_w, NULL, rows, H, cnt, err) < 0))
-        return -1;
+    return tpc_add_rmsnorm(g->x, g->o, g->h, g->w.final_norm, n, H, c->rms_eps, g->s, err) < 0 ||
+                   tpc_gather_rows(g->lm_in, g->h, g->b_rows, rows, H, g->s, err) < 0 ||
+                   (cnt > 0 && gemm(g, g->lm_out, g->lm_in, g->w.lm_w, NULL, rows, H, cnt, err) < 0)
+               ? -1
+               : 0;
+}
+
+/* The host half: the first `rows` rows of lm_out back, and the rows of
+ * every rank put at their vocabulary columns in logits [rows][vocab]. */
+static int logit_rows_host(tpcm_model *g, int rows, float *logits, tp_err *err)
+{
+    int cnt = (int)(g->lm_end - g->lm_start);
+    size_t V = (size_t)g->cfg.vocab, slot = (size_t)g->vocab_slot;
     /* [rows][cnt] dense, then zeros up to rows * vocab_slot, as the CPU's lm_head */
     if (cnt > 0 && cuda_check(cudaMemcpyAsync(g->host_lm, g->lm_out, (size_t)rows * cnt * 4, cudaMemcpyDeviceToHost,
                                               (cudaStream_t)g->s), "cudaMemcpyAsync (logits)", err) < 0)
@@ -891,17 +969,132 @@ static int batch_logits(tpcm_model *g, int n, int rows, float *logits, tp_err *e
     return 0;
 }
 
+/* The device work of a batched step of n tokens whose inputs are on the
+ * device already (ids, b_slot, b_pos, b_rows; b_cos / b_sin for the rope
+ * types the host computes): rope rows, layers, and the lm_head over `rows`
+ * rows (0: none).  It reads nothing from the host: what a batched decode
+ * graph records. */
+static int batch_step_device(tpcm_model *g, int n, int rows, tp_err *err)
+{
+    if (batch_rope_gather(g, n, err) < 0 || layers(g, n, 0, NULL, true, err) < 0)
+        return -1;
+    return rows > 0 ? logit_rows_device(g, n, rows, err) : 0;
+}
+
+/* Graphs are off for this model from now on (tpcm_describe says why). */
+static void graphs_off(tpcm_model *g, const char *what, const tp_err *why)
+{
+    g->graph_usable = false;
+    snprintf(g->graph_note, sizeof g->graph_note, "%s capture failed (%.100s)", what, why->msg);
+    update_desc(g);
+}
+
+/* Records body(g, arg) on the model's stream into *graph.  Nothing runs. */
+typedef int (*graph_body)(tpcm_model *g, const void *arg, tp_err *err);
+static int capture_graph(tpcm_model *g, graph_body body, const void *arg, tpc_graph *graph, tp_err *err)
+{
+    *graph = NULL;
+    if (tpc_capture_begin(g->s, err) < 0)
+        return -1;
+    tp_err body_err;
+    int rc = body(g, arg, &body_err);
+    int end = tpc_capture_end(g->s, graph, err);   /* always ends the capture */
+    if (rc < 0) {
+        tpc_graph_destroy(*graph);
+        *graph = NULL;
+        *err = body_err;
+        return -1;
+    }
+    return end;
+}
+
+/* ------------------------------------------------ batched decode graphs */
+
+/* A batched step that a graph can replay: pure decode, i.e. every token
+ * wants logits and is the only token of its slot (then the step's shapes
+ * depend on n alone: the slots and positions are read from the device),
+ * with graphs usable and n within the largest bucket.  Returns its bucket
+ * (the power of two >= n), or 0: kernel by kernel. */
+static int decode_bucket(const tpcm_model *g, const tp_batch_token *t, int n, const float *logits)
+{
+    if (!g->graph_usable || !logits || n < 1 || n > g->batch_bucket_max)
+        return 0;
+    for (int i = 0; i < n; i++) {
+        if (!t[i].logits)
+            return 0;
+        for (int j = 0; j < i; j++)   /* n is at most a bucket: quadratic is nothing here */
+            if (t[j].slot == t[i].slot)
+                return 0;   /* two tokens of one slot: a prefill chunk */
+    }
+    int bucket = 1;
+    while (bucket < n)
+        bucket *= 2;
+    return bucket;
+}
+
+static int bucket_index(int bucket)
+{
+    int b = 0;
+    while ((1 << b) < bucket)
+        b++;
+    return b;
+}
+
+static int batch_graph_body(tpcm_model *g, const void *bucket, tp_err *err)
+{
+    int n = *(const int *)bucket;
+    return batch_step_device(g, n, n, err);
+}
+
+/* A pure-decode step of n tokens by replaying the graph of its bucket
+ * (captured the first time the bucket is used): the tokens and the padding
+ * up to the bucket go to the fixed device buffers the graph reads, it runs,
+ * and the n real rows of logits come back.  Returns 1 when the capture
+ * failed: graphs are then off for this model and the caller runs the step
+ * kernel by kernel. */
+static int batch_step_graph(tpcm_model *g, const tp_batch_token *t, int n, int bucket, const int *slot_len_after,
+                            float *logits, tp_err *err)
+{
+    int rows = 0, most = g->batch_bucket_max;
+    /* every buffer first (none may be allocated or freed while capturing),
+     * for the largest bucket: a larger bucket later would otherwise grow
+     * them and drop the graphs captured so far */
+    if (ensure_buffers(g, most, err) < 0 || ensure_batch_buffers(g, most, err) < 0 ||
+        ensure_logit_rows(g, most, err) < 0 || upload_batch(g, t, n, bucket, true, &rows, err) < 0 ||
+        batch_rope_host(g, t, n, slot_len_after, err) < 0)
+        return -1;
+    tpc_graph *graph = &g->batch_graph[bucket_index(bucket)];
+    if (!*graph) {
+        tp_err cap;
+        if (capture_graph(g, batch_graph_body, &bucket, graph, &cap) < 0) {
+            graphs_off(g, "batched decode graph", &cap);
+            return 1;
+        }
+        update_desc(g);
+    }
+    if (tpc_graph_launch(*graph, g->s, err) < 0)
+        return -1;
+    return logit_rows_host(g, n, logits, err);
+}
+
 int tpcm_forward_batch(tpcm_model *g, const tp_batch_token *t, int n, const int *slot_len_after, float *logits,
                        tp_err *err)
 {
-    int rows = 0;
-    if (tpc_set_device(g->device, err) < 0 || ensure_buffers(g, n, err) < 0 || ensure_batch_buffers(g, n, err) < 0 ||
-        upload_batch(g, t, n, logits != NULL, &rows, err) < 0 || batch_rope_rows(g, t, n, slot_len_after, err) < 0 ||
-        layers(g, n, 0, NULL, true, err) < 0)
+    if (tpc_set_device(g->device, err) < 0)
         return -1;
-    if (rows == 0)
-        return wait_stream(g, err);
-    return batch_logits(g, n, rows, logits, err);
+    int bucket = decode_bucket(g, t, n, logits);
+    if (bucket > 0) {
+        int rc = batch_step_graph(g, t, n, bucket, slot_len_after, logits, err);
+        if (rc <= 0)
+            return rc;
+    }
+    int rows = 0;
+    if (ensure_buffers(g, n, err) < 0 || ensure_batch_buffers(g, n, err) < 0 ||
+        upload_batch(g, t, n, n, logits != NULL, &rows, err) < 0 ||
+        ensure_logit_rows(g, rows, err) < 0 || batch_rope_host(g, t, n, slot_len_after, err) < 0 ||
+        batch_step_device(g, n, rows, err) < 0)
+        return -1;
+    return rows == 0 ? wait_stream(g, err) : logit_rows_host(g, rows, logits, err);
 }
 
 /* ------------------------------------------------------------ token pick */
@@ -1038,22 +1231,9 @@ static int decode_step_body(tpcm_model *g, const tp_sampler_opts *o, tp_err *err
                       "cudaMemcpyAsync (token)", err);
 }
 
-/* Records decode_step_body into *graph.  Nothing runs. */
-static int capture_decode_step(tpcm_model *g, const tp_sampler_opts *o, tpc_graph *graph, tp_err *err)
+static int decode_graph_body(tpcm_model *g, const void *o, tp_err *err)
 {
-    *graph = NULL;
-    if (tpc_capture_begin(g->s, err) < 0)
-        return -1;
-    tp_err body_err;
-    int body = decode_step_body(g, o, &body_err);
-    int end = tpc_capture_end(g->s, graph, err);   /* always ends the capture */
-    if (body < 0) {
-        tpc_graph_destroy(*graph);
-        *graph = NULL;
-        *err = body_err;
-        return -1;
-    }
-    return end;
+    return decode_step_body(g, (const tp_sampler_opts *)o, err);
 }
 
 static bool same_sampler(const tp_sampler_opts *a, const tp_sampler_opts *b)
@@ -1089,10 +1269,8 @@ static int decode_step_graph(tpcm_model *g, int32_t id, int pos, const tp_sample
     tpc_graph *graph = o ? &g->sample_graph : &g->greedy_graph;
     if (!*graph) {
         tp_err cap;
-        if (capture_decode_step(g, o, graph, &cap) < 0) {
-            g->graph_usable = false;
-            snprintf(g->graph_note, sizeof g->graph_note, "decode graph capture failed (%.100s)", cap.msg);
-            update_desc(g);
+        if (capture_graph(g, decode_graph_body, o, graph, &cap) < 0) {
+            graphs_off(g, "decode graph", &cap);
             return 1;
         }
         if (o)

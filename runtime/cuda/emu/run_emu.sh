@@ -41,6 +41,10 @@ QUICK_LOGIT_MODELS=(llama-linear llama-longrope qwen3moe-fused)
 # the cpu's and against each prompt alone: dense, and longrope (its rows per
 # pass and slot); qwen3moe-tiny passes too but adds 4 minutes here
 QUICK_BATCH_MODELS=(qwen3-tiny llama-longrope)
+# batched decode graphs (buckets 1, 2, 4, 8; padding rows) against the same
+# steps kernel by kernel (the same bits) and the cpu's: dense, and longrope
+# (its rope rows computed on the host for each step)
+QUICK_GRAPH_MODELS=(qwen3-tiny llama-longrope)
 # --expert-parallel, converted by tpconvert at tp 2 (in-process comm)
 QUICK_EP_MODEL=qwen3moe-tiny
 cd "$(dirname "$0")/../../.."
@@ -57,7 +61,9 @@ link_emu() {
         -lzstd -lcjson -larchive -lxxhash -lpcre2-8 -lutf8proc -lopenblas -lm -pthread \
         $(mpicc --showme:link 2>/dev/null || true)
 }
-inc=(-I"$emu" -Ishardfmt -Iconvert -Iloader -Iruntime -I/usr/include/cjson -DTP_HAVE_CUDA)
+# TP_CUDA_EMU: the tests may expect what only the emulation guarantees (a
+# naive GEMM: the same bits for any row count)
+inc=(-I"$emu" -Ishardfmt -Iconvert -Iloader -Iruntime -I/usr/include/cjson -DTP_HAVE_CUDA -DTP_CUDA_EMU)
 python3 "$emu/rewrite.py" runtime/cuda/kernels_cuda.cu >"$work/kernels_emu.cpp"
 g++ -std=c++20 -O1 -g -Iruntime/cuda "${inc[@]}" -c "$work/kernels_emu.cpp" -o "$work/kernels_emu.o"
 g++ -std=c++20 -O1 -g -I"$emu" -c "$emu/emu.cpp" -o "$work/emu.o"
@@ -124,6 +130,9 @@ if [ "$what" = quick ]; then
     for m in "${QUICK_BATCH_MODELS[@]}"; do
         calls+=("compare_batched_fixture(\"tests/models/$m\", \"$m\")" "expect_compared(\"$m batched\")")
     done
+    for m in "${QUICK_GRAPH_MODELS[@]}"; do
+        calls+=("compare_batch_graphs_fixture(\"tests/models/$m\", \"$m\")" "expect_compared(\"$m batched graphs\")")
+    done
     for m in "${QUICK_LOGIT_MODELS[@]}"; do
         calls+=("compare_fixture(\"tests/models/$m\", \"$m\", false)" "expect_compared(\"$m\")")
     done
@@ -133,7 +142,7 @@ if [ "$what" = quick ]; then
             "compare_quantized(TP_I8)" "expect_compared(\"the int8 synthetic model\")")
     quick_driver tests/test_model_cuda.c "${calls[@]}" >"$work/test_model_quick.c"
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -Itests -c "$work/test_model_quick.c" -o "$work/test_model.o"
-    label="test_model_cuda ($QUICK_MODEL, $QUICK_MOE_MODEL, ${QUICK_LOGIT_MODELS[*]} at tp 1; batched ${QUICK_BATCH_MODELS[*]}; $QUICK_EP_MODEL expert-parallel at tp 2; the 8-bit synthetic models)"
+    label="test_model_cuda ($QUICK_MODEL, $QUICK_MOE_MODEL, ${QUICK_LOGIT_MODELS[*]} at tp 1; batched ${QUICK_BATCH_MODELS[*]}; batched decode graphs ${QUICK_GRAPH_MODELS[*]}; $QUICK_EP_MODEL expert-parallel at tp 2; the 8-bit synthetic models)"
 else
     gcc -std=c11 -D_GNU_SOURCE -O1 -g "${inc[@]}" -c tests/test_model_cuda.c -o "$work/test_model.o"
     label=test_model_cuda
