@@ -670,6 +670,11 @@ arch_case quant-static tests/models/qwen3-fp8 's/"activation_scheme": "dynamic"/
     'quantization_config.activation_scheme "static" is not supported'
 arch_case quant-none tests/models/qwen3-fp8 's/"quantization_config"/"quantization_config_x"/' \
     'dtype F8_E4M3, but config.json has no quantization_config'
+# an 8-bit tied table (qwen3-int8-head) whose config keeps lm_head, or the embedding, unquantized
+arch_case quant-tied-skip tests/models/qwen3-int8-head 's/"modules_to_not_convert": \[\]/"modules_to_not_convert": ["lm_head"]/' \
+    'tensor model.embed_tokens.weight: dtype I8, but config.json'"'"'s quantization_config keeps lm_head, which is tied to it, unquantized'
+arch_case quant-tied-emb tests/models/qwen3-int8-head 's/"modules_to_not_convert": \[\]/"modules_to_not_convert": ["embed_tokens"]/' \
+    'does not quantize model.embed_tokens (modules_to_not_convert)'
 arch_case quant-skip tests/models/qwen3-fp8 's/"quant_method": "fp8",/"quant_method": "fp8", "modules_to_not_convert": ["o_proj"],/' \
     'does not quantize model.layers.0.self_attn.o_proj (modules_to_not_convert)'
 # 64 x 128 blocks: every scale has the wrong number of block rows
