@@ -1,7 +1,7 @@
 /* test_kernels_cuda.c - every CUDA kernel of runtime/cuda/kernels_cuda.h
  * against its CPU reference (kernels_cpu.h, tp_sample) on random inputs of
  * odd sizes.  Tolerances (max |gpu - cpu| / max(1, max |cpu|)):
- *   exact (0)   embedding, kv_append, f32_to_bf16, argmax, sampling ids,
+ *   exact (0)   embedding (bf16 and 8-bit tables), kv_append, f32_to_bf16, argmax, sampling ids,
  *               argmax_combine, router top-k expert ids, gather_rows; the device-position (graph) variants of
  *               head_norm_rope, kv_append and decode attention against the
  *               host-position launchers;
