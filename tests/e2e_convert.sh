@@ -657,7 +657,8 @@ for q in fp8 int8; do
     grep -q "quantization .*lm_head (tied to the embedding) quantized" "$tmp/q-tied.txt" \
         || die "tpinspect of --quantize $q --quantize-lm-head (tied): $(grep quantization "$tmp/q-tied.txt")"
     # without the flag the table stays bf16
-    "$BIN/tpinspect" "$tmp/quantize-$q-2" --rank 1 | grep -q "^model.embed_tokens.weight  *BF16 " \
+    "$BIN/tpinspect" "$tmp/quantize-$q-2" --rank 1 >"$tmp/q-untouched.txt"
+    grep -q "^model.embed_tokens.weight  *BF16 " "$tmp/q-untouched.txt" \
         || die "--quantize $q without --quantize-lm-head quantized the tied embedding"
 done
 expect_fail "--quantize-lm-head needs --quantize" "$BIN/tpconvert" --tp 1 --quantize-lm-head tests/models/llama-tiny "$tmp/q-nq"
