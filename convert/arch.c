@@ -1267,21 +1267,37 @@ static const tp_tensor_ref *find_ref(const tp_tensor_ref *t, size_t n, const cha
     return NULL;
 }
 
-/* lm_head's scale, if any (either suffix), and the pair rule. */
-static int check_head_quant(const tp_model_config *c, const tp_tensor_ref *t, size_t n,
-                            const tp_tensor_ref *head, tp_err *err)
+const char *tp_arch_lm_head_tensor(const tp_model_config *c)
 {
-    const tp_tensor_ref *scale = find_ref(t, n, "lm_head.weight_scale_inv");
+    return c->tie_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+}
+
+/* The scale of table `name` (lm_head.weight, or the tied embedding), if
+ * any (either suffix), and the pair rule.  head: the table, NULL when
+ * absent.  A quantized tied table is lm_head too: the config must not keep
+ * lm_head unquantized (FORMAT.md 1.5). */
+static int check_head_quant(const tp_model_config *c, const tp_tensor_ref *t, size_t n,
+                            const char *name, const tp_tensor_ref *head, tp_err *err)
+{
+    char inv_name[64], row_name[64];
+    snprintf(inv_name, sizeof inv_name, "%s_scale_inv", name);
+    snprintf(row_name, sizeof row_name, "%s_scale", name);
+    const tp_tensor_ref *scale = find_ref(t, n, inv_name);
     const char *suffix = "weight_scale_inv";
     if (!scale) {
-        scale = find_ref(t, n, "lm_head.weight_scale");
+        scale = find_ref(t, n, row_name);
         suffix = "weight_scale";
     }
     bool needs_scale = false;
     if (head && check_quant_weight(c, head, true, &needs_scale, err) < 0)
         return -1;
+    if (head && is_8bit(head->dtype) && strcmp(name, "lm_head.weight") &&
+        !tp_config_module_quantized(c, "lm_head"))
+        return tp_errorf(err, "tensor %s: dtype %s, but config.json's quantization_config keeps "
+                       "lm_head, which is tied to it, unquantized (modules_to_not_convert)", head->name,
+                       tp_dtype_name(head->dtype));
     if (scale && !head)
-        return tp_errorf(err, "tensor %s: there is no lm_head.weight", scale->name);
+        return tp_errorf(err, "tensor %s: there is no %s", scale->name, name);
     const int64_t vh[2] = {c->vocab, c->hidden};
     if (scale && check_scale_ref(c, scale, suffix, true, vh, "vocab_size, hidden_size", err) < 0)
         return -1;
@@ -1305,11 +1321,15 @@ static int check_model_tensors(const tp_model_config *c, const tp_tensor_ref *t,
         want_shape(norm, 1, h, "hidden_size", err) < 0 ||
         (head && want_shape(head, 2, vh, "vocab_size, hidden_size", err) < 0))
         return -1;
-    if (is_8bit(emb->dtype) || is_8bit(norm->dtype))
-        return tp_errorf(err, "tensor %s: dtype %s: only linear layers may be quantized",
-                       is_8bit(emb->dtype) ? emb->name : norm->name,
-                       tp_dtype_name(is_8bit(emb->dtype) ? emb->dtype : norm->dtype));
-    return check_head_quant(c, t, n, head, err);
+    /* the embedding may be 8-bit only as the tied lm_head's table */
+    bool emb_bad = is_8bit(emb->dtype) && !c->tie_embeddings;
+    if (emb_bad || is_8bit(norm->dtype))
+        return tp_errorf(err, "tensor %s: dtype %s: only linear layers (and an embedding tied to "
+                       "lm_head) may be quantized", emb_bad ? emb->name : norm->name,
+                       tp_dtype_name(emb_bad ? emb->dtype : norm->dtype));
+    if (c->tie_embeddings && check_head_quant(c, t, n, emb->name, emb, err) < 0)
+        return -1;
+    return check_head_quant(c, t, n, "lm_head.weight", head, err);
 }
 
 /* A sparse layer holding any fused expert tensor uses the fused layout. */

@@ -362,6 +362,10 @@ int tp_arch_check_rank_tensors(const tp_model_config *c, const tp_tensor_ref *t,
  * gate/up/down; not the router, the norms or transformers 5's fused 3-D
  * experts) and lm_head. */
 bool tp_arch_quantizable(tp_arch a, const char *name);
+/* The table lm_head multiplies by: "model.embed_tokens.weight" when tied
+ * (tie_word_embeddings; then it may be 8-bit, quantized as an lm_head,
+ * only if config.json declares lm_head quantized), else "lm_head.weight". */
+const char *tp_arch_lm_head_tensor(const tp_model_config *c);
 
 /* *layer and *expert (-1 when not a per-expert tensor) are filled when the
  * result is not TP_EXPERT_NONE. */
@@ -540,7 +544,7 @@ typedef struct tp_prepare_opts {
      * float checkpoint are quantized whole, then cut as a quantized
      * checkpoint's; config.json gets the quantization_config. */
     tp_quant quantize;
-    bool quantize_lm_head;        /* lm_head too (refused when tied) */
+    bool quantize_lm_head;        /* lm_head too (when tied: the shared embedding table) */
 } tp_prepare_opts;
 int tp_conversion_prepare_opts(tp_conversion *c, const char *model_dir, int tp,
                                const tp_prepare_opts *o, tp_err *err);

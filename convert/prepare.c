@@ -130,9 +130,6 @@ static int quantize_config(tp_conversion *c, const tp_prepare_opts *o, const cha
     if (cfg->arch == TP_ARCH_OTHER)
         return tp_errorf(err, "%s: %s: model_type \"%s\" is not one tprun runs", flag, cfg_path,
                          cfg->model_type);
-    if (o->quantize_lm_head && cfg->tie_embeddings)
-        return tp_errorf(err, "--quantize-lm-head: %s: lm_head is tied to the embedding "
-                         "(tie_word_embeddings), which stays unquantized", cfg_path);
     size_t len;
     char *json = tp_quant_config_json(c->config_json, c->config_len, o->quantize, o->quantize_lm_head,
                                       &len, err);
@@ -144,13 +141,16 @@ static int quantize_config(tp_conversion *c, const tp_prepare_opts *o, const cha
     return tp_model_info_parse(c->config_json, c->config_len, cfg_path, &c->model, err);
 }
 
-/* Whether --quantize quantizes source tensor t. */
+/* Whether --quantize quantizes source tensor t: the linear layers, and
+ * lm_head's table (a tied model's embedding, stored once) only with
+ * --quantize-lm-head. */
 static bool to_quantize(const tp_conversion *c, const tp_prepare_opts *o, const tp_st_tensor *t)
 {
-    if (o->quantize == TP_QUANT_NONE || t->ndim != 2 || is_8bit(t->dtype) ||
-        !tp_arch_quantizable(c->model.cfg.arch, t->name))
+    if (o->quantize == TP_QUANT_NONE || t->ndim != 2 || is_8bit(t->dtype))
         return false;
-    return o->quantize_lm_head || strcmp(t->name, "lm_head.weight");
+    if (!strcmp(t->name, tp_arch_lm_head_tensor(&c->model.cfg)))
+        return o->quantize_lm_head;
+    return strcmp(t->name, "lm_head.weight") && tp_arch_quantizable(c->model.cfg.arch, t->name);
 }
 
 /* --quantize of one weight: the whole tensor quantized into the cut's

@@ -765,9 +765,11 @@ static int load_embeddings(loader_ctx *lc, tp_err *err)
     int64_t d1[1] = { H }, d2[2] = { -1, H };
     const tp_loaded_tensor *te, *tl = NULL;
 
+    /* an 8-bit embedding only as a tied lm_head's table (tpconvert
+     * --quantize-lm-head; convert/arch.c checked its config) */
     if (get_matrix(lc, "model.embed_tokens.weight", true, d2, &te, &m->embed, &m->embed_src,
                    err) < 0 ||
-        check_float(lr, te, "the embedding", err) < 0 ||
+        (!m->cfg.tie_embeddings && check_float(lr, te, "an embedding not tied to lm_head", err) < 0) ||
         row_range(lr, te->info, &m->emb_start, &m->emb_end, err) < 0)
         return -1;
     if (get_vector(lc, "model.norm.weight", true, d1, &m->final_norm, &m->final_norm_src,
@@ -1383,6 +1385,31 @@ static int mlp_block(tp_model *m, int l, int n, tp_err *err)
     return 0;
 }
 
+/* The step's token rows of the embedding into m->x (zeros for ids outside
+ * [emb_start, emb_end): vocab parallel, the all-reduce fills them in).  A
+ * float table is widened (tpk_embedding_rows); an 8-bit one, a tied
+ * lm_head's table, is dequantized by tpg_weight, the definition the
+ * lm_head's products are checked against, so the lookup reads each value
+ * exactly as the logits do (its scale found through the slice's block
+ * origin, which a vocabulary slice may start inside). */
+static void embedding_lookup(tp_model *m, int n)
+{
+    int H = m->cfg.hidden;
+    if (m->embed.dtype != TP_F8_E4M3 && m->embed.dtype != TP_I8) {
+        tpk_embedding_rows(m->x, m->embed.data, m->embed.dtype, m->ids, n, H, m->emb_start,
+                           m->emb_end);
+        return;
+    }
+    tpg_job table = tp_mat_job(NULL, NULL, 0, m->embed, (int)(m->emb_end - m->emb_start), H);
+    for (int t = 0; t < n; t++) {
+        float *dst = m->x + (size_t)t * H;
+        int64_t id = m->ids[t];
+        bool mine = id >= m->emb_start && id < m->emb_end;
+        for (int c = 0; c < H; c++)
+            dst[c] = mine ? tpg_weight(&table, (int)(id - m->emb_start), c) : 0.0f;
+    }
+}
+
 /* Logits of rows normalised rows in[rows][hidden] into logits[rows][vocab]:
  * the local slice of each (one product over all rows), padded to
  * vocab_slot, all-gathered, then each rank's slice put at its vocabulary
@@ -1542,7 +1569,7 @@ int tp_model_forward_batch(tp_model *m, const tp_batch_token *t, int n, float *l
     for (int i = 0; i < n; i++)
         m->ids[i] = t[i].id;
 
-    tpk_embedding_rows(m->x, m->embed.data, m->embed.dtype, m->ids, n, H, m->emb_start, m->emb_end);
+    embedding_lookup(m, n);
     if (!(m->emb_start == 0 && m->emb_end == c->vocab) &&
         allreduce(m, m->x, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "embedding all-reduce");

@@ -634,8 +634,33 @@ grep -q '"modules_to_not_convert":[[:space:]]*\[\]' "$tmp/q-head/config.json" \
 expect_fail "--quantize fp8: tests/models/qwen3-fp8/config.json is already quantized" \
     "$BIN/tpconvert" --tp 1 --quantize fp8 tests/models/qwen3-fp8 "$tmp/q-again"
 no_output "$tmp/q-again" "--quantize of a quantized checkpoint"
-expect_fail "--quantize-lm-head: " "$BIN/tpconvert" --tp 1 --quantize fp8 --quantize-lm-head tests/models/qwen3-q256 "$tmp/q-tied"
-no_output "$tmp/q-tied" "--quantize-lm-head on a tied lm_head"
+# a tied lm_head (qwen3-q256): its one table, the embedding, quantized once,
+# byte for byte the Python reference's (tests/models/qwen3-*-head), and
+# tpverify's own re-quantization of the bf16 source agrees
+for q in fp8 int8; do
+    dt=F8_E4M3; [ $q = int8 ] && dt=I8
+    for tp in 1 2; do
+        out="$tmp/q-tied-$q-$tp"
+        "$BIN/tpconvert" --tp $tp --quantize $q --quantize-lm-head --quiet tests/models/qwen3-q256 "$out" \
+            2>"$tmp/err" || die "--quantize $q --quantize-lm-head --tp $tp (tied): $(cat "$tmp/err")"
+        verify "$out" tests/models/qwen3-$q-head
+        verify "$out" tests/models/qwen3-q256
+    done
+    "$BIN/tpinspect" "$out" --rank 1 >"$tmp/q-tied.txt"
+    grep -q "^model.embed_tokens.weight  *$dt .*dim0:256-512 " "$tmp/q-tied.txt" &&
+        grep -q "^model.embed_tokens.weight_scale[_inv]*  *F32 .*dim0:" "$tmp/q-tied.txt" \
+        || die "--quantize $q --quantize-lm-head (tied): embedding not $dt with its scale cut by rows: $(grep embed "$tmp/q-tied.txt")"
+    ! grep -q "^lm_head" "$tmp/q-tied.txt" || die "--quantize $q --quantize-lm-head (tied): a second lm_head table was written"
+    grep -q '"modules_to_not_convert":[[:space:]]*\[\]' "$out/config.json" \
+        || die "--quantize $q --quantize-lm-head (tied): lm_head still listed unquantized: $(grep -A3 modules_to_not_convert "$out/config.json")"
+    "$BIN/tpinspect" "$out" >"$tmp/q-tied.txt"
+    grep -q "quantization .*lm_head (tied to the embedding) quantized" "$tmp/q-tied.txt" \
+        || die "tpinspect of --quantize $q --quantize-lm-head (tied): $(grep quantization "$tmp/q-tied.txt")"
+    # without the flag the table stays bf16
+    "$BIN/tpinspect" "$tmp/quantize-$q-2" --rank 1 >"$tmp/q-untouched.txt"
+    grep -q "^model.embed_tokens.weight  *BF16 " "$tmp/q-untouched.txt" \
+        || die "--quantize $q without --quantize-lm-head quantized the tied embedding"
+done
 expect_fail "--quantize-lm-head needs --quantize" "$BIN/tpconvert" --tp 1 --quantize-lm-head tests/models/llama-tiny "$tmp/q-nq"
 expect_fail "--quantize int4: expected fp8 or int8" "$BIN/tpconvert" --tp 1 --quantize int4 tests/models/llama-tiny "$tmp/q-nq"
 
@@ -646,6 +671,11 @@ arch_case quant-static tests/models/qwen3-fp8 's/"activation_scheme": "dynamic"/
     'quantization_config.activation_scheme "static" is not supported'
 arch_case quant-none tests/models/qwen3-fp8 's/"quantization_config"/"quantization_config_x"/' \
     'dtype F8_E4M3, but config.json has no quantization_config'
+# an 8-bit tied table (qwen3-int8-head) whose config keeps lm_head, or the embedding, unquantized
+arch_case quant-tied-skip tests/models/qwen3-int8-head 's/"modules_to_not_convert": \[\]/"modules_to_not_convert": ["lm_head"]/' \
+    'tensor model.embed_tokens.weight: dtype I8, but config.json'"'"'s quantization_config keeps lm_head, which is tied to it, unquantized'
+arch_case quant-tied-emb tests/models/qwen3-int8-head 's/"modules_to_not_convert": \[\]/"modules_to_not_convert": ["embed_tokens"]/' \
+    'does not quantize model.embed_tokens (modules_to_not_convert)'
 arch_case quant-skip tests/models/qwen3-fp8 's/"quant_method": "fp8",/"quant_method": "fp8", "modules_to_not_convert": ["o_proj"],/' \
     'does not quantize model.layers.0.self_attn.o_proj (modules_to_not_convert)'
 # 64 x 128 blocks: every scale has the wrong number of block rows

@@ -19,7 +19,8 @@
 # The 8-bit fixtures (qwen3-fp8 with F32 and with BF16 scales, qwen3-int8)
 # run in that loop like the others (their reference: transformers on the
 # dequantized weights); tpconvert --quantize fp8 / int8 of qwen3-q256 is
-# checked against the same references at tp 1 and 4.
+# checked against the same references at tp 1 and 4, and with
+# --quantize-lm-head (the tied table 8-bit) against qwen3-*-head's at tp 1, 2.
 #
 # Then bad input: a corrupted rank file, a missing rank file, ranks of two
 # conversions (rank files mixed in one directory; and two whole conversions,
@@ -180,6 +181,23 @@ for q in fp8 int8; do
         fi
         check_prompts "tpconvert --quantize $q, tp$tp (against qwen3-$q's reference)" "$out" $tp "$ref" \
             "$tmp/quantize-$q-tp1"
+    done
+done
+# --quantize-lm-head on the tied qwen3-q256: the one embedding / lm_head
+# table 8-bit, looked up dequantized and multiplied by the 8-bit GEMM; the
+# reference quantized it the same way (tests/models/qwen3-$q-head), so the
+# usual bound holds, at tp 1 and 2 (vocabulary rows cut between the ranks).
+for q in fp8 int8; do
+    ref=tests/models/qwen3-$q-head/reference.json
+    for tp in 1 2; do
+        out=$tmp/quantize-head-$q-tp$tp
+        if ! "$BIN/tpconvert" --tp $tp --quantize $q --quantize-lm-head tests/models/qwen3-q256 "$out" \
+                >"$tmp/convert.log" 2>&1; then
+            fail "--quantize $q --quantize-lm-head --tp $tp: $(tail -n 3 "$tmp/convert.log")"
+            continue
+        fi
+        check_prompts "tpconvert --quantize $q --quantize-lm-head, tp$tp (against qwen3-$q-head's reference)" \
+            "$out" $tp "$ref" "$tmp/quantize-head-$q-tp1"
     done
 done
 # MoE on --device cuda: with a GPU, the same greedy tokens as the cpu; without

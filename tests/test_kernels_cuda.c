@@ -1,7 +1,7 @@
 /* test_kernels_cuda.c - every CUDA kernel of runtime/cuda/kernels_cuda.h
  * against its CPU reference (kernels_cpu.h, tp_sample) on random inputs of
  * odd sizes.  Tolerances (max |gpu - cpu| / max(1, max |cpu|)):
- *   exact (0)   embedding, kv_append, f32_to_bf16, argmax, sampling ids,
+ *   exact (0)   embedding (bf16 and 8-bit tables), kv_append, f32_to_bf16, argmax, sampling ids,
  *               argmax_combine, router top-k expert ids, gather_rows; the device-position (graph) variants of
  *               head_norm_rope, kv_append and decode attention against the
  *               host-position launchers;
@@ -122,6 +122,47 @@ static void test_embedding(void)
     CHECK(memcmp(got, ref, (size_t)n * hidden * 4) == 0, "embedding: differs from tpk_embedding");
     tpc_free(dtab); tpc_free(dids); tpc_free(dout);
     free(tab); free(tab32); free(ref); free(got);
+}
+
+/* An 8-bit table (a tied lm_head's): a vocabulary slice [lo, hi) that
+ * starts inside an fp8 block, its scales and block origin cut as model.c
+ * cuts them, against tpg_weight on the whole table: bit for bit. */
+static void test_embedding_q8(void)
+{
+    enum { VOCAB = 61, HIDDEN = 40, N = 9, B0 = 24, B1 = 16 };
+    const int64_t lo = 30, hi = 61;   /* block row 1 from its row 6 */
+    for (int d = 0; d < 2; d++) {
+        tp_dtype dt = d ? TP_I8 : TP_F8_E4M3;
+        uint8_t w[VOCAB * HIDDEN];
+        for (size_t i = 0; i < sizeof w; i++) {
+            uint8_t b = (uint8_t)(frand() * 128.0f + 128.0f);
+            w[i] = dt == TP_F8_E4M3 && (b & 0x7f) == 0x7f ? (uint8_t)(b ^ 1) : b;   /* no NaN */
+        }
+        int gr = dt == TP_I8 ? VOCAB : (VOCAB + B0 - 1) / B0, gc = dt == TP_I8 ? 1 : (HIDDEN + B1 - 1) / B1;
+        float scale[VOCAB];
+        for (int i = 0; i < gr * gc; i++)
+            scale[i] = ldexpf(0.75f + 0.25f * frand(), -(i % 5) - 3);
+        tpg_job whole = { .w = w, .dt = dt, .rows = VOCAB, .cols = HIDDEN,
+                          .q = { .scale = scale, .stride = gc, .block = { B0, B1 } } };
+        /* the slice: rows [lo, hi), the scales from its first block row (fp8) or row */
+        size_t skip = dt == TP_I8 ? (size_t)lo : (size_t)(lo / B0) * gc;
+        uint8_t *dw = dev_copy(w + lo * HIDDEN, (size_t)(hi - lo) * HIDDEN);
+        float *dscale = dev_copy(scale + skip, (gr * gc - skip) * sizeof *scale);
+        tpc_q8 table = { .w = dw, .dt = dt, .scale = dscale, .stride = gc, .block = { B0, B1 },
+                         .origin = { dt == TP_I8 ? 0 : (int)(lo % B0), 0 } };
+        int32_t ids[N] = { 30, 60, 29, 0, 47, 31, 48, 35, 54 };   /* edges, outside, block starts */
+        float ref[N * HIDDEN], got[N * HIDDEN];
+        for (int t = 0; t < N; t++)
+            for (int c = 0; c < HIDDEN; c++)
+                ref[t * HIDDEN + c] = ids[t] >= lo && ids[t] < hi ? tpg_weight(&whole, ids[t], c) : 0.0f;
+        int32_t *dids = dev_copy(ids, sizeof ids);
+        float *dout = dev_copy(NULL, sizeof got);
+        MUST(tpc_embedding_q8(dout, table, dids, N, HIDDEN, lo, hi, NULL, &err));
+        fetch(got, dout, sizeof got);
+        CHECK(memcmp(got, ref, sizeof ref) == 0, "embedding_q8 %s: differs from tpg_weight on the whole table",
+              tp_dtype_name(dt));
+        tpc_free(dw); tpc_free(dscale); tpc_free(dids); tpc_free(dout);
+    }
 }
 
 /* --------------------------------------------------------------- rmsnorm */
@@ -1132,6 +1173,7 @@ int main(void)
     test_elementwise();
     test_gemm();
     test_gemm_q8();
+    test_embedding_q8();
     test_argmax();
     test_router_logits();
     test_router_topk();

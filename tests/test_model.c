@@ -1445,9 +1445,10 @@ static uint8_t *tensor_buffer(src_tensor *t, tp_dtype dt, size_t count)
  * scale = amax / 448 per B0 x B1 block; int8: amax / 127 per row, rounded
  * to nearest) into *qm (8-bit weights + scale tensors, the config's
  * quantization_config added) and *dm (the dequantized values in f32, the
- * original config).  Both borrow s's other tensors. */
-static void quantize_src(const src_model *s, tp_dtype qdt, int b0, int b1, src_model **qm,
-                         src_model **dm)
+ * original config).  Both borrow s's other tensors.  tied_table: the
+ * embedding too (a tied model's lm_head table, --quantize-lm-head). */
+static void quantize_src_table(const src_model *s, tp_dtype qdt, int b0, int b1, bool tied_table,
+                               src_model **qm, src_model **dm)
 {
     src_model *q = src_view(s), *d = src_view(s);
     bool fp8 = qdt == TP_F8_E4M3;
@@ -1466,7 +1467,8 @@ static void quantize_src(const src_model *s, tp_dtype qdt, int b0, int b1, src_m
     size_t n0 = s->n;
     for (size_t i = 0; i < n0; i++) {
         const src_tensor *t = &s->t[i];
-        if (t->ndim != 2 || !is_linear_weight(t->name))
+        bool table = tied_table && strcmp(t->name, "model.embed_tokens.weight") == 0;
+        if (t->ndim != 2 || !(is_linear_weight(t->name) || table))
             continue;
         size_t R = t->shape[0], C = t->shape[1];
         size_t gr = fp8 ? (R + b0 - 1) / b0 : R, gc = fp8 ? (C + b1 - 1) / b1 : 1;
@@ -1507,6 +1509,14 @@ static void quantize_src(const src_model *s, tp_dtype qdt, int b0, int b1, src_m
     *dm = d;
 }
 
+/* The linear weights only (tpconvert --quantize without --quantize-lm-head
+ * on a tied model; test_model_cuda.c's models). */
+static void quantize_src(const src_model *s, tp_dtype qdt, int b0, int b1, src_model **qm,
+                         src_model **dm)
+{
+    quantize_src_table(s, qdt, b0, b1, false, qm, dm);
+}
+
 static void free_view(src_model *v)
 {
     free_src(v);
@@ -1515,18 +1525,27 @@ static void free_view(src_model *v)
 
 /* The quantized model at tp 1, 2, 4 against the naive forward of the
  * dequantized one: the same function (the runtime's products differ only
- * in where the scale is applied and in summation order). */
-static void test_quantized_model(tp_dtype qdt)
+ * in where the scale is applied and in summation order).  tied: lm_head is
+ * the embedding, quantized once (--quantize-lm-head of a tied model): the
+ * lookup and the logits both read the 8-bit table; vocabulary rows 37 cut
+ * at tp 2 into [0, 19) and [19, 37), at tp 4 at 10, 20, 30, so that the
+ * vocab-parallel embedding's and the lm_head's slices start inside 24-row
+ * fp8 blocks (replicated: the lm_head's rows are offset in place). */
+static void test_quantized_model(tp_dtype qdt, bool tied, bool vocab_parallel)
 {
-    /* qwen3, untied so that lm_head is quantized too; blocks of 24 x 12 rows
-     * x columns: every tp > 1 cuts blocks (q rows 32 / 16 per rank, gate /
-     * up 20 / 10, o / down columns likewise) */
+    /* qwen3, quantizing lm_head too; blocks of 24 x 12 rows x columns:
+     * every tp > 1 cuts blocks (q rows 32 / 16 per rank, gate / up 20 / 10,
+     * o / down columns likewise) */
     spec sp = SPECS[0];
-    sp.name = qdt == TP_F8_E4M3 ? "syn-qwen3-fp8" : "syn-qwen3-int8";
-    sp.tie = false;
+    static char name[64];
+    snprintf(name, sizeof name, "syn-qwen3-%s%s%s", qdt == TP_F8_E4M3 ? "fp8" : "int8",
+             tied ? "-tied" : "", vocab_parallel ? "-vp" : "");
+    sp.name = name;
+    sp.tie = tied;
+    sp.vocab_parallel = vocab_parallel;
     src_model *s = malloc(sizeof *s), *q, *d;
     make_synthetic(s, &sp);
-    quantize_src(s, qdt, 24, 12, &q, &d);
+    quantize_src_table(s, qdt, 24, 12, tied, &q, &d);
     snprintf(q->name, sizeof q->name, "%s", sp.name);
     enum { PREFILL = 9, STEPS = 3 };
     int32_t ids[PREFILL + STEPS];
@@ -1599,6 +1618,27 @@ static void test_quantized_errors(void)
     expect_create_error(q, 0, 1, NULL, "model.norm.weight");
     *nt = nsaved;
     free_view(q); free_view(d);
+    /* an 8-bit embedding: only as a tied lm_head's table, declared so */
+    src_model *qt, *dt;
+    quantize_src_table(s, TP_I8, 24, 12, true, &qt, &dt);
+    char *declared = qt->config_json, *skip = strstr(declared, "\"modules_to_not_convert\": []");
+    size_t head = (size_t)(skip - declared), cap = strlen(declared) + 32;
+    qt->config_json = malloc(cap);
+    snprintf(qt->config_json, cap, "%.*s\"modules_to_not_convert\": [\"lm_head\"]}}", (int)head,
+             declared);
+    expect_create_error(qt, 0, 1, NULL, "keeps lm_head, which is tied to it, unquantized");
+    free(qt->config_json);
+    qt->config_json = declared;
+    free_view(qt); free_view(dt);
+    spec untied = SPECS[0];
+    untied.tie = false;
+    src_model *su = malloc(sizeof *su);
+    make_synthetic(su, &untied);
+    quantize_src_table(su, TP_I8, 24, 12, true, &qt, &dt);
+    expect_create_error(qt, 0, 1, NULL, "model.embed_tokens.weight: dtype I8");
+    free_view(qt); free_view(dt);
+    free_src(su);
+    free(su);
     free_src(s);
     free(s);
 }
@@ -1829,8 +1869,12 @@ int main(int argc, char **argv)
     test_forward_errors();
     for (size_t i = 0; i < sizeof SPECS / sizeof SPECS[0]; i++)
         test_synthetic(&SPECS[i]);
-    test_quantized_model(TP_F8_E4M3);
-    test_quantized_model(TP_I8);
+    test_quantized_model(TP_F8_E4M3, false, false);
+    test_quantized_model(TP_I8, false, false);
+    for (int vp = 0; vp < 2; vp++) {
+        test_quantized_model(TP_F8_E4M3, true, vp);
+        test_quantized_model(TP_I8, true, vp);
+    }
     test_quantized_errors();
     test_reference_models();
     return check_finish("test_model");

@@ -497,15 +497,21 @@ FP8_BLOCK = 128
 QUANT_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QWEN_FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                    "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
-# name -> (bf16 source fixture, scale dtype, split into two files)
+# name -> (bf16 source fixture, scale dtype, split into two files, lm_head too)
 FP8_MODELS = {
     # F32 scales, and every scale in another file than its weight
-    "qwen3-fp8": ("qwen3-q256", torch.float32, True),
+    "qwen3-fp8": ("qwen3-q256", torch.float32, True, False),
     # BF16 scales, one file
-    "qwen3-fp8-bf16s": ("qwen3-q256", torch.bfloat16, False),
+    "qwen3-fp8-bf16s": ("qwen3-q256", torch.bfloat16, False, False),
+    # tpconvert --quantize fp8 --quantize-lm-head's reference: the tied
+    # embedding / lm_head table quantized too (F32 scales, one file)
+    "qwen3-fp8-head": ("qwen3-q256", torch.float32, False, True),
 }
-# tpconvert --quantize int8's reference (our own quant_method)
-INT8_MODELS = {"qwen3-int8": "qwen3-q256"}
+# tpconvert --quantize int8's reference (our own quant_method):
+# name -> (bf16 source fixture, lm_head too)
+INT8_MODELS = {"qwen3-int8": ("qwen3-q256", False), "qwen3-int8-head": ("qwen3-q256", True)}
+# the table a tied lm_head reads (quantized with --quantize-lm-head)
+TIED_TABLE = "model.embed_tokens.weight"
 
 
 def quant_fp8(w):
@@ -557,6 +563,12 @@ def is_quant_linear(name):
     parts = name.split(".")
     return name.startswith("model.layers.") and len(parts) >= 2 and parts[-1] == "weight" and \
         parts[-2] in QUANT_LINEAR
+
+
+def to_quantize(name, head):
+    """What tpconvert --quantize quantizes: the linear layers, and with
+    --quantize-lm-head (head) the tied lm_head's table, the embedding."""
+    return is_quant_linear(name) or (head and name == TIED_TABLE)
 
 
 def reference_prompts(model, vocab, seed):
@@ -635,11 +647,11 @@ def write_quant_fixture(name, src_name, tensors, dequant, quant_config, split, n
 
 def make_fp8(name):
     from safetensors.torch import load_file
-    src_name, scale_dtype, split = FP8_MODELS[name]
+    src_name, scale_dtype, split, head = FP8_MODELS[name]
     sd = load_file(os.path.join(ROOT, src_name, "model.safetensors"))
     tensors, dequant = {}, {}
     for k, v in sd.items():
-        if not is_quant_linear(k):
+        if not to_quantize(k, head):
             tensors[k] = v
             continue
         q, inv = quant_fp8(v)
@@ -651,7 +663,10 @@ def make_fp8(name):
         nr, nc = v.shape
         dequant[k] = q.float() * inv.float().repeat_interleave(FP8_BLOCK, 0)[:nr] \
                                              .repeat_interleave(FP8_BLOCK, 1)[:, :nc]
-    write_quant_fixture(name, src_name, tensors, dequant, dict(QWEN_FP8_CONFIG), split,
+    config = dict(QWEN_FP8_CONFIG)
+    if head:   # as tpconvert writes it: nothing kept unquantized
+        config["modules_to_not_convert"] = []
+    write_quant_fixture(name, src_name, tensors, dequant, config, split,
                         "float32 forward of the dequantized fp8 weights (e4m3 x weight_scale_inv "
                         f"as {str(scale_dtype)}, widened to fp32); greedy ignores eos; logits "
                         "rounded to 6 significant digits")
@@ -659,11 +674,11 @@ def make_fp8(name):
 
 def make_int8(name):
     from safetensors.torch import load_file
-    src_name = INT8_MODELS[name]
+    src_name, head = INT8_MODELS[name]
     sd = load_file(os.path.join(ROOT, src_name, "model.safetensors"))
     tensors, dequant = {}, {}
     for k, v in sd.items():
-        if not is_quant_linear(k):
+        if not to_quantize(k, head):
             tensors[k] = v
             continue
         q, scale = quant_int8(v)
@@ -671,7 +686,8 @@ def make_int8(name):
         tensors[k[:-len("weight")] + "weight_scale"] = scale
         dequant[k] = q.float() * scale[:, None]
     write_quant_fixture(name, src_name, tensors, dequant,
-                        {"quant_method": "tpshard_int8", "modules_to_not_convert": ["lm_head"]}, False,
+                        {"quant_method": "tpshard_int8", "modules_to_not_convert": [] if head else ["lm_head"]},
+                        False,
                         "float32 forward of the dequantized int8 weights (int8 x weight_scale per "
                         "row); greedy ignores eos; logits rounded to 6 significant digits")
 

@@ -48,7 +48,7 @@ static void usage(FILE *f)
 "                         FP8 releases); int8: symmetric, one scale per output row\n"
 "                         (amax / 127).  Embedding, norms, router and lm_head stay as\n"
 "                         they are; config.json gets the quantization_config\n"
-"  --quantize-lm-head     with --quantize: lm_head too (not when tied to the embedding)\n"
+"  --quantize-lm-head     with --quantize: lm_head too (when tied: the shared embedding)\n"
 "  --compress none|zstd|exphuf\n"
 "                         codec of the tpshard files (default exphuf: the exponent in\n"
 "                         a byte plane of its own, Huffman-coded; on bf16 weights it\n"

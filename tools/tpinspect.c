@@ -50,10 +50,15 @@ static double ratio(uint64_t raw, uint64_t stored)
     return stored ? (double)raw / (double)stored : 1.0;
 }
 
-/* Opens every rank file (index only) and sums bytes per rank and dtype. */
+static bool is_8bit(tp_dtype dt) { return dt == TP_F8_E4M3 || dt == TP_I8; }
+
+/* Opens every rank file (index only) and sums bytes per rank and dtype;
+ * *embed_q8: the embedding is 8-bit (a tied lm_head's table quantized,
+ * tpconvert --quantize-lm-head). */
 static int gather(const char *dir, const tp_manifest *m, rank_stats *ranks, dtype_stats *dts,
-                  tp_err *err)
+                  bool *embed_q8, tp_err *err)
 {
+    *embed_q8 = false;
     bool st = strcmp(m->format, "safetensors") == 0;
     for (int r = 0; r < m->tp; r++) {
         char *path = tp_path_join(dir, m->ranks[r].file);
@@ -70,6 +75,7 @@ static int gather(const char *dir, const tp_manifest *m, rank_stats *ranks, dtyp
                 dts[t->dtype].raw += t->nbytes;
                 dts[t->dtype].stored += t->nbytes;
                 dts[t->dtype].tensors++;
+                *embed_q8 |= !strcmp(t->name, "model.embed_tokens.weight") && is_8bit(t->dtype);
                 ranks[r].raw += t->nbytes;
                 ranks[r].stored += t->nbytes;
             }
@@ -87,6 +93,7 @@ static int gather(const char *dir, const tp_manifest *m, rank_stats *ranks, dtyp
             dts[t->dtype].raw += t->raw_size;
             dts[t->dtype].stored += t->stored_size;
             dts[t->dtype].tensors++;
+            *embed_q8 |= !strcmp(t->name, "model.embed_tokens.weight") && is_8bit(t->dtype);
             ranks[r].raw += t->raw_size;
             ranks[r].stored += t->stored_size;
         }
@@ -106,8 +113,9 @@ static bool manifest_quant(const tp_manifest *m, tp_model_config *cfg)
            cfg->quant != TP_QUANT_NONE;
 }
 
-/* "fp8 (e4m3 weights, one F32 scale per 128x128 block), kept unquantized: lm_head" */
-static void quant_text(const tp_model_config *cfg, char *out, size_t cap)
+/* "fp8 (e4m3 weights, one F32 scale per 128x128 block), kept unquantized: lm_head";
+ * embed_q8: ", lm_head (tied to the embedding) quantized" instead. */
+static void quant_text(const tp_model_config *cfg, bool embed_q8, char *out, size_t cap)
 {
     size_t used;
     if (cfg->quant == TP_QUANT_FP8_BLOCK)
@@ -120,11 +128,13 @@ static void quant_text(const tp_model_config *cfg, char *out, size_t cap)
     for (int i = 0; i < cfg->n_quant_skip && used < cap; i++, p += strlen(p) + 1)
         used += (size_t)snprintf(out + used, cap - used, "%s%s", i ? " " : ", kept unquantized: ", p);
     if (cfg->n_quant_skip < 0 && used < cap)
-        snprintf(out + used, cap - used, ", kept unquantized: lm_head");
+        used += (size_t)snprintf(out + used, cap - used, ", kept unquantized: lm_head");
+    if (embed_q8 && used < cap)
+        snprintf(out + used, cap - used, ", lm_head (tied to the embedding) quantized");
 }
 
 static void print_text(const char *dir, const tp_manifest *m, const rank_stats *ranks,
-                       const dtype_stats *dts)
+                       const dtype_stats *dts, bool embed_q8)
 {
     uint64_t raw = 0, stored = 0;
     printf("%s\n", dir);
@@ -136,7 +146,7 @@ static void print_text(const char *dir, const tp_manifest *m, const rank_stats *
     static tp_model_config cfg;   /* large: off the stack */
     char quant[512] = "none";
     if (manifest_quant(m, &cfg))
-        quant_text(&cfg, quant, sizeof quant);
+        quant_text(&cfg, embed_q8, quant, sizeof quant);
     printf("  quantization   %s\n", quant);
     printf("  codec          %s", m->codec ? m->codec : "?");
     if (m->codec && strcmp(m->codec, "zstd") == 0)
@@ -165,7 +175,8 @@ static void print_text(const char *dir, const tp_manifest *m, const rank_stats *
            (unsigned long long)stored, ratio(raw, stored));
 }
 
-static int print_json(const tp_manifest *m, const rank_stats *ranks, const dtype_stats *dts)
+static int print_json(const tp_manifest *m, const rank_stats *ranks, const dtype_stats *dts,
+                      bool embed_q8)
 {
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "format", m->format);
@@ -192,6 +203,7 @@ static int print_json(const tp_manifest *m, const rank_stats *ranks, const dtype
             cJSON_AddItemToArray(skip, cJSON_CreateString(p));
         if (cfg.n_quant_skip < 0)
             cJSON_AddItemToArray(skip, cJSON_CreateString("lm_head"));
+        cJSON_AddBoolToObject(q, "tied_lm_head_quantized", embed_q8);
     } else {
         cJSON_AddNullToObject(o, "quantization");
     }
@@ -430,18 +442,19 @@ int main(int argc, char **argv)
     rank_stats *ranks = calloc((size_t)m.tp, sizeof *ranks);
     dtype_stats dts[N_DTYPES];
     memset(dts, 0, sizeof dts);
+    bool embed_q8 = false;
     if (!ranks) {
         tp_errorf(&err, "out of memory");
         rc = cli_fail(&err);
-    } else if (gather(dir, &m, ranks, dts, &err) < 0) {
+    } else if (gather(dir, &m, ranks, dts, &embed_q8, &err) < 0) {
         rc = cli_fail(&err);
     } else if (json) {
-        if (print_json(&m, ranks, dts) < 0) {
+        if (print_json(&m, ranks, dts, embed_q8) < 0) {
             tp_errorf(&err, "out of memory");
             rc = cli_fail(&err);
         }
     } else {
-        print_text(dir, &m, ranks, dts);
+        print_text(dir, &m, ranks, dts, embed_q8);
     }
     free(ranks);
     tp_manifest_free(&m);

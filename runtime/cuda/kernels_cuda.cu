@@ -1641,6 +1641,28 @@ extern "C" int tpc_dequant_q8_bf16(uint16_t *dst, tpc_q8 w, int rows, int cols, 
     return launched("dequant_q8_bf16", err);
 }
 
+__global__ void embedding_q8_kernel(float *out, tpc_q8 table, const int32_t *ids, int hidden,
+                                    int64_t row_start, int64_t row_end)
+{
+    int t = blockIdx.x;
+    int64_t id = ids[t];
+    float *dst = out + (size_t)t * hidden;
+    bool mine = id >= row_start && id < row_end;
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x)
+        dst[i] = mine ? q8_weight(table, (int)(id - row_start), i, hidden) : 0.0f;
+}
+
+extern "C" int tpc_embedding_q8(float *out, tpc_q8 table, const int32_t *ids, int n, int hidden,
+                                int64_t row_start, int64_t row_end, tpc_stream s, tp_err *err)
+{
+    if (n == 0)
+        return 0;
+    if (n < 0 || q8_args("embedding_q8", table, (int)(row_end - row_start), hidden, err) < 0)
+        return n < 0 ? tp_errorf(err, "cuda kernel embedding_q8: n %d", n) : -1;
+    embedding_q8_kernel<<<n, 256, 0, s>>>(out, table, ids, hidden, row_start, row_end);
+    return launched("embedding_q8", err);
+}
+
 extern "C" int tpc_gemm_q8(tpc_blas h, float *y, const float *x, uint16_t *x_bf16, tpc_q8 w,
                            uint16_t *w_bf16, const float *bias, int n, int in, int out,
                            tpc_stream s, tp_err *err)

@@ -316,6 +316,12 @@ int tpc_dequant_q8_bf16(uint16_t *dst, tpc_q8 w, int rows, int cols, tpc_stream 
  * would change the math against the fp32-activation reference. */
 int tpc_gemm_q8(tpc_blas h, float *y, const float *x, uint16_t *x_bf16, tpc_q8 w, uint16_t *w_bf16,
                 const float *bias, int n, int in, int out, tpc_stream s, tp_err *err);
+/* tpc_embedding over an 8-bit table of rows [row_start, row_end) (a tied
+ * lm_head's, tpconvert --quantize-lm-head): each value of the token's row
+ * dequantized to the fp32 value tpg_weight gives (the row's scale through
+ * the slice's block origin); zeros for ids outside the rows. */
+int tpc_embedding_q8(float *out, tpc_q8 table, const int32_t *ids, int n, int hidden, int64_t row_start,
+                     int64_t row_end, tpc_stream s, tp_err *err);
 
 /* ------------------------------------------------------- NCCL backend */
 

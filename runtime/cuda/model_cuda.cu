@@ -754,7 +754,9 @@ static int layers(tpcm_model *g, int n, int pos, const int32_t *pos_dev, bool ba
 {
     const tp_model_config *c = &g->cfg;
     int H = c->hidden;
-    if (tpc_embedding(g->x, g->w.embed, g->ids, n, H, g->emb_start, g->emb_end, g->s, err) < 0)
+    if ((g->w.embed ? tpc_embedding(g->x, g->w.embed, g->ids, n, H, g->emb_start, g->emb_end, g->s, err)
+                    : tpc_embedding_q8(g->x, g->w.embed_q8, g->ids, n, H, g->emb_start, g->emb_end, g->s,
+                                       err)) < 0)
         return -1;
     if (!(g->emb_start == 0 && g->emb_end == c->vocab) && allreduce(g, g->x, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "embedding all-reduce");

@@ -230,12 +230,15 @@ static int plan_moe(sink *sk, const tp_moe_weights *mw, tpcw_layer *L, tp_err *e
 static int plan(sink *sk, const tpcm_desc *d, tp_err *err)
 {
     tpcw_weights *w = sk->w;
-    if (add_dest(sk, &d->embed, DEST_BF16, (void **)&w->embed, err) < 0 ||
-        add_vec(sk, &d->final_norm, &w->final_norm, err) < 0)
+    /* an 8-bit embedding (a tied lm_head's table) stays 8-bit, as a matrix */
+    tpcw_mat embed;
+    if (add_mat(sk, &d->embed, &embed, err) < 0 || add_vec(sk, &d->final_norm, &w->final_norm, err) < 0)
         return -1;
+    w->embed = embed.bf16;
+    w->embed_q8 = embed.q8;
     if (d->lm_w.tensor == d->embed.tensor && d->lm_w.offset == d->embed.offset &&
         d->lm_w.bytes == d->embed.bytes)
-        w->lm_w = (tpcw_mat){ .bf16 = w->embed };   /* tied, same rows: share */
+        w->lm_w = embed;   /* tied, same rows: share */
     else if (add_mat(sk, &d->lm_w, &w->lm_w, err) < 0)
         return -1;
     for (int l = 0; l < d->cfg->n_layers; l++) {

@@ -49,8 +49,9 @@ typedef struct tpcw_layer {
 } tpcw_layer;
 
 typedef struct tpcw_weights {
-    uint16_t *embed;            /* rows [emb_start, emb_end) */
-    tpcw_mat lm_w;              /* rows [lm_start, lm_end); bf16 may point into embed */
+    const uint16_t *embed;      /* rows [emb_start, emb_end); NULL when 8-bit: */
+    tpc_q8 embed_q8;            /* an 8-bit table (a tied lm_head's, --quantize-lm-head) */
+    tpcw_mat lm_w;              /* rows [lm_start, lm_end); may be embed's or embed_q8's */
     float *final_norm;
     tpcw_layer *layers;         /* n_layers */
     int n_layers;
