@@ -28,9 +28,10 @@
 #    medians as a ratio of llama.cpp bf16's; then the issue's targets.
 #    tprun-fp8 / tprun-int8 are the same weights through tpconvert
 #    --quantize fp8 / int8 (the linear layers; the tied embedding / lm_head
-#    stays bf16, so the rank file is not half the bf16 one: the script
-#    prints the ratio of the bytes read a token, the bound of a decode that
-#    only streams weights; an untied embedding is read one row a token),
+#    stays bf16 unless QUANT_FLAGS has --quantize-lm-head, so the rank file
+#    need not be half the bf16 one: the script prints the ratio of the bytes
+#    read a token, the bound of a decode that only streams weights; an
+#    untied embedding is read one row a token),
 #    against our bf16 decode and llama.cpp q8_0.
 # 4. tprun alone at every tp in $TPS (ranks joined by tcp on 127.0.0.1,
 #    each with $THREADS / tp threads): load seconds per rank for every
