@@ -25,7 +25,7 @@
 #define TPG_X86 1
 #endif
 
-#define TILE_T_MAX 6
+#define TILE_T_MAX 3                        /* the largest tile of the paths that have one */
 #define TILE_R_MAX 4
 #define GEMV_BLOCK_ROWS 32                  /* rows per claimed block, n == 1, at least */
 #define GEMV_BLOCK_BYTES (64 * 1024)        /* and at least this many weight bytes */
@@ -48,7 +48,8 @@ typedef struct tpg_path {
     /* dst[(r - r0) * cols + c] = W[r][c] for r in [r0, r1): exact for float
      * dtypes, tpg_weight's fp32 product for 8-bit ones. */
     void (*widen_rows)(float *dst, const tpg_job *j, int r0, int r1);
-    /* out[t * tile_r + r] = xr[t] . wr[r] over cols (fp32 rows). */
+    /* out[t * tile_r + r] = xr[t] . wr[r] over cols (fp32 rows); NULL when
+     * panel_block runs every GEMM. */
     void (*tile)(float *out, const float *const *xr, const float *const *wr, int cols);
     int tile_t, tile_r;
     /* Optional (NULL: none): bf16 GEMM for at most FEW_TOKENS tokens, the
@@ -940,41 +941,6 @@ AVX512_TARGET static void widen_rows_avx512(float *dst, const tpg_job *j, int r0
                      j->dt, (size_t)(r1 - r0) * j->cols);
 }
 
-/* 6 tokens x 4 rows: 24 accumulators + 6 x + 1 w of the 32 zmm registers. */
-#define AVX512_TT 6
-#define AVX512_TR 4
-AVX512_TARGET static void tile_avx512(float *out, const float *const *xr, const float *const *wr,
-                                      int cols)
-{
-    __m512 acc[AVX512_TT][AVX512_TR];
-#pragma GCC unroll 32
-    for (int t = 0; t < AVX512_TT; t++)
-#pragma GCC unroll 32
-        for (int r = 0; r < AVX512_TR; r++)
-            acc[t][r] = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= cols; i += 16) {
-        __m512 xv[AVX512_TT];
-#pragma GCC unroll 32
-        for (int t = 0; t < AVX512_TT; t++)
-            xv[t] = _mm512_loadu_ps(xr[t] + i);
-#pragma GCC unroll 32
-        for (int r = 0; r < AVX512_TR; r++) {
-            __m512 wv = _mm512_loadu_ps(wr[r] + i);
-#pragma GCC unroll 32
-            for (int t = 0; t < AVX512_TT; t++)
-                acc[t][r] = _mm512_fmadd_ps(xv[t], wv, acc[t][r]);
-        }
-    }
-    for (int t = 0; t < AVX512_TT; t++)
-        for (int r = 0; r < AVX512_TR; r++) {
-            float s = _mm512_reduce_add_ps(acc[t][r]);
-            for (int k = i; k < cols; k++)
-                s += xr[t][k] * wr[r][k];
-            out[t * AVX512_TR + r] = s;
-        }
-}
-
 /* ---- bf16 GEMM for few tokens, on the weights as stored.  Each 64-byte
  * load of a row is widened in registers by the shift / mask of
  * avx512_bf16_rows, so x comes split: per 32 columns, its 16 even columns,
@@ -1073,8 +1039,9 @@ AVX512_TARGET static void bf16_few_avx512(const tpg_job *j, const float *xs, int
  * are transposed into a panel, panel[k][r] for its 32 rows, so that a tile
  * of up to 12 tokens x 32 rows is 24 accumulators fed by broadcasts of x:
  * per column, 2 panel loads and 12 broadcast loads for 24 FMAs, and no
- * horizontal sums at the end.  The dot-product tiles above need 10 loads
- * for 24 FMAs and a horizontal sum per result.  On the 2-core Xeon (bf16,
+ * horizontal sums at the end.  The 6 x 4 dot-product tiles this path had
+ * before (as the AVX2 path's) needed 10 loads for 24 FMAs and a horizontal
+ * sum per result.  On the 2-core Xeon (bf16,
  * the 0.6B layer shapes, 2 threads) this took a 256-token GEMM from 206
  * to 283 GFLOP/s and a 128-token one from 215 to 245-269. */
 #define PANEL_TT 12
@@ -1216,7 +1183,7 @@ static const tpg_path PATHS[TPG_ISA_COUNT] = {
     [TPG_PORTABLE] = { gemv_job_portable, widen_rows_portable, tile_portable, 1, 1 },
 #ifdef TPG_X86
     [TPG_AVX2] = { gemv_job_avx2, widen_rows_avx2, tile_avx2, AVX2_TT, AVX2_TR },
-    [TPG_AVX512] = { gemv_job_avx512, widen_rows_avx512, tile_avx512, AVX512_TT, AVX512_TR,
+    [TPG_AVX512] = { gemv_job_avx512, widen_rows_avx512, NULL, 0, 0,   /* GEMMs by panel_block */
                      bf16_few_avx512, split_x_avx512, panel_block_avx512 },
 #endif
 };
