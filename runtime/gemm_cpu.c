@@ -1035,8 +1035,8 @@ AVX512_TARGET static void bf16_few_avx512(const tpg_job *j, const float *xs, int
     }
 }
 
-/* ---- GEMM by panels: the block's rows (widened to fp32 as for the tiles)
- * are transposed into a panel, panel[k][r] for its 32 rows, so that a tile
+/* ---- GEMM by panels: the block's rows are widened to fp32 and transposed
+ * into a panel, panel[k][r] for its 32 rows, so that a tile
  * of up to 12 tokens x 32 rows is 24 accumulators fed by broadcasts of x:
  * per column, 2 panel loads and 12 broadcast loads for 24 FMAs, and no
  * horizontal sums at the end.  The 6 x 4 dot-product tiles this path had
@@ -1081,36 +1081,30 @@ AVX512_TARGET static void pack_panel(float *panel, const void *w, tp_dtype dt, i
 {
     /* bf16: a 32-bit lane holds two columns, so one transpose moves 32 of
      * them; the shift and mask of bf16_even / bf16_odd then widen each */
-    int step = dt == TP_BF16 ? 32 : 16;
+    bool pairs = dt == TP_BF16;
+    int step = pairs ? 32 : 16;
     int done = cols - cols % step;
     size_t row_bytes = (size_t)cols * elem_size(dt);
-    for (int half = 0; half < 2 && dt == TP_BF16; half++)
-        for (int k0 = 0; k0 < done; k0 += 32) {
+    for (int half = 0; half < 2; half++) {
+        for (int k0 = 0; k0 < done; k0 += step) {
             __m512i v[16];
             for (int r = 0; r < 16; r++) {
                 int rr = half * 16 + r;
-                v[r] = rr < nr ? _mm512_loadu_si512((const char *)w + rr * row_bytes + (size_t)k0 * 2)
-                               : _mm512_setzero_si512();
+                const char *row = (const char *)w + rr * row_bytes;
+                v[r] = rr >= nr ? _mm512_setzero_si512()
+                       : pairs  ? _mm512_loadu_si512(row + (size_t)k0 * 2)
+                                : _mm512_castps_si512(avx512_load16(row, dt, (size_t)k0));
             }
             transpose16(v);
             for (int k = 0; k < 16; k++) {
-                float *col = panel + (size_t)(k0 + 2 * k) * PANEL_ROWS + half * 16;
-                _mm512_store_ps(col, bf16_even(v[k]));
-                _mm512_store_ps(col + PANEL_ROWS, bf16_odd(v[k]));
+                if (pairs) {
+                    float *col = panel + (size_t)(k0 + 2 * k) * PANEL_ROWS + half * 16;
+                    _mm512_store_ps(col, bf16_even(v[k]));
+                    _mm512_store_ps(col + PANEL_ROWS, bf16_odd(v[k]));
+                } else {
+                    _mm512_store_si512(panel + (size_t)(k0 + k) * PANEL_ROWS + half * 16, v[k]);
+                }
             }
-        }
-    for (int half = 0; half < 2; half++) {
-        for (int k0 = 0; k0 < done && dt != TP_BF16; k0 += 16) {
-            __m512i v[16];
-            for (int r = 0; r < 16; r++) {
-                int rr = half * 16 + r;
-                v[r] = rr < nr ? _mm512_castps_si512(avx512_load16((const char *)w + rr * row_bytes, dt,
-                                                                   (size_t)k0))
-                               : _mm512_setzero_si512();
-            }
-            transpose16(v);
-            for (int k = 0; k < 16; k++)
-                _mm512_store_si512(panel + (size_t)(k0 + k) * PANEL_ROWS + half * 16, v[k]);
         }
         for (int k = done; k < cols; k++)
             for (int r = 0; r < 16; r++) {
@@ -1302,12 +1296,19 @@ static void gemm_block(const tpg_path *p, const tpg_job *j, int r0, int r1, floa
     }
 }
 
-/* Blocks [b, b + count) of one job (count > 1 for GEMV jobs only). */
-static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
+/* The index of the job that block b belongs to. */
+static int job_of(const batch_ctx *c, size_t b)
 {
     int ji = 0;
     while (b >= c->first_block[ji + 1])
         ji++;
+    return ji;
+}
+
+/* Blocks [b, b + count) of one job (count > 1 for GEMV jobs only). */
+static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
+{
+    int ji = job_of(c, b);
     const tpg_job *j = &c->jobs[ji];
     int r0 = (int)(b - c->first_block[ji]) * c->block_rows[ji];
     size_t end_rows = (size_t)r0 + count * (size_t)c->block_rows[ji];
@@ -1338,9 +1339,7 @@ static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
  * 36.7-37.3; tprun decode +10% for both. */
 static size_t claim_size(const batch_ctx *c, size_t b)
 {
-    int ji = 0;
-    while (b >= c->first_block[ji + 1])
-        ji++;
+    int ji = job_of(c, b);
     if (c->mode[ji] != BY_GEMV)
         return 1;
     size_t share = (c->first_block[c->count] - b) / (2 * c->workers);
