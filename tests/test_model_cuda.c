@@ -527,20 +527,29 @@ static void compare_batched(const src_model *s)
     free_rank(&br, s->n);
 }
 
-/* compare_batched on a fixture (2-D tensors: cut here). */
-static void compare_batched_fixture(const char *dir, const char *name)
+/* fn on the fixture in dir when its tensors are 2-D (cut here) and, with
+ * dense_only, it has no sparse layers. */
+static void run_on_fixture(const char *dir, const char *name, bool dense_only,
+                           void (*fn)(const src_model *))
 {
     tp_err err = { { 0 } };
     src_model *s = malloc(sizeof *s);
     tp_st_set set;
     memset(&set, 0, sizeof set);
+    tp_model_config c;
     if (load_hf(s, &set, dir, name, &err) < 0)
         CHECK(0, "%s: %s", name, err.msg);
-    else if (!has_3d_tensor(s))
-        compare_batched(s);
+    else if (!has_3d_tensor(s) &&
+             (!dense_only || (tp_model_config_parse(&c, s->config_json, &err) == 0 && c.n_experts == 0)))
+        fn(s);
     free_src(s);
     free(s);
     tp_st_set_close(&set);
+}
+
+static void compare_batched_fixture(const char *dir, const char *name)
+{
+    run_on_fixture(dir, name, false, compare_batched);
 }
 
 /* Batched decode graphs (tpcm_forward_batch: a pure-decode step, one token
@@ -687,21 +696,10 @@ static void compare_batch_graphs(const src_model *s)
     free_rank(&br, s->n);
 }
 
-/* compare_batch_graphs on a fixture (2-D tensors: cut here). */
+/* Dense fixtures only: sparse layers have no graph (routing on the host). */
 static void compare_batch_graphs_fixture(const char *dir, const char *name)
 {
-    tp_err err = { { 0 } };
-    src_model *s = malloc(sizeof *s);
-    tp_st_set set;
-    memset(&set, 0, sizeof set);
-    tp_model_config c;
-    if (load_hf(s, &set, dir, name, &err) < 0)
-        CHECK(0, "%s: %s", name, err.msg);
-    else if (!has_3d_tensor(s) && tp_model_config_parse(&c, s->config_json, &err) == 0 && c.n_experts == 0)
-        compare_batch_graphs(s);   /* sparse layers: no graph (routing on the host) */
-    free_src(s);
-    free(s);
-    tp_st_set_close(&set);
+    run_on_fixture(dir, name, true, compare_batch_graphs);
 }
 
 /* The CPU (ranks in memory) against cuda (rank files, deferred) at tp 1 and 2. */
