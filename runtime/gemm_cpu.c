@@ -33,6 +33,10 @@
 #define BATCH_MAX 8                         /* jobs per parallel section */
 #define FEW_TOKENS 48                       /* bf16 GEMMs of up to this many tokens: bf16_few */
 #define PANEL_ROWS 32                       /* rows of a panel_block block */
+#define AMX_ROWS 32                         /* rows of an amx_block block: two tiles */
+#define AMX_TOKENS 16                       /* tokens per AMX B tile */
+#define AMX_PARTS 3                         /* bf16 parts of an fp32 x */
+#define AMX_TILE_DWORDS 256                 /* an AMX tile: 16 rows x 64 bytes */
 #define FEW_BLOCK_BYTES (192 * 1024)        /* bf16_few: rows per block, in L2 */
 #define BF16_PREFETCH_ROWS 4                /* bf16 GEMV: prefetch this many rows ahead */
 #define Q8_PREFETCH_ROWS 4                  /* 8-bit GEMV: the same */
@@ -64,9 +68,21 @@ typedef struct tpg_path {
      * PANEL_ROWS of them, for all of j's tokens; buf holds 2 * PANEL_ROWS *
      * cols floats. */
     void (*panel_block)(const tpg_job *j, int r0, int r1, float *buf);
+    /* Optional (NULL: none): bf16 GEMM on matrix tiles, rows [r0, r1), at
+     * most AMX_ROWS of them, for all of j's tokens, x packed by pack_x
+     * (cols a multiple of 32); buf as panel_block's. */
+    void (*amx_block)(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf);
+    void (*pack_x)(uint32_t *xp, const float *x, int n, int cols);
 } tpg_path;
 
 static size_t elem_size(tp_dtype dt) { return tp_dtype_size(dt); }
+
+/* Dwords of AMX-packed x for n tokens of cols columns (amx_pack_x). */
+static size_t amx_packed_dwords(int n, int cols)
+{
+    size_t groups = ((size_t)n + AMX_TOKENS - 1) / AMX_TOKENS;
+    return groups * (size_t)(cols / 32) * AMX_PARTS * AMX_TILE_DWORDS;
+}
 
 /* The L2 prefetch distance of a GEMV whose next unread row is `next` in a
  * block ending at row r1, of row_bytes each: FAR_PREFETCH_BYTES, cut so the
@@ -1169,6 +1185,157 @@ AVX512_TARGET static void panel_block_avx512(const tpg_job *j, int r0, int r1, f
         t0 += tt;
     }
 }
+
+/* ---- GEMM on AMX tiles (bf16 weights, cols a multiple of 32).  A tile
+ * product C[16 rows][16 tokens] += A . B takes A as 16 weight rows of 32
+ * bf16 each, loaded from the rows where they lie (no packing), and B as the
+ * tokens' x in AMX's pair layout.  x is fp32, so it is split into three
+ * bf16 parts, x = hi + mid + lo, each the top 16 bits of what is left
+ * (truncation: each subtraction is exact).  Three parts hold all 24 bits of
+ * an fp32 significand, and a bf16 x bf16 product is exact in fp32, so the
+ * tiles sum the same exact products as the fp32 paths, only in another
+ * order (and in three passes): the contract of gemm_cpu.h holds.  Tiny
+ * parts are flushed by AMX (denormals), an error below 2^-100 of x.
+ *
+ * Packed x (amx_pack_x): per group of 16 tokens, per step of 32 columns,
+ * per part, one 1 KiB B tile: row kp holds, for each token t, the dword
+ * (bf16 of column 2kp, bf16 of column 2kp + 1); tokens past n are zero.
+ *
+ * A block is AMX_ROWS rows: two A tiles share each B tile load.  The rows
+ * of a block that do not fill a tile (the job's last rows % 16) run through
+ * panel_block. */
+#ifndef AMX_AHEAD
+#define AMX_AHEAD 4
+#endif
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c,amx-tile,amx-bf16")))
+
+AMX_TARGET static void amx_pack_x(uint32_t *xp, const float *x, int n, int cols)
+{
+    /* output word 2j + e takes the top half of column 2j + e: the odd
+     * words of a (columns 0..15) or of b (16..31, index + 32) */
+    static const uint16_t pair_words[32] = { 1,  3,  5,  7,  9,  11, 13, 15, 17, 19, 21,
+                                             23, 25, 27, 29, 31, 33, 35, 37, 39, 41, 43,
+                                             45, 47, 49, 51, 53, 55, 57, 59, 61, 63 };
+    const __m512i idx = _mm512_loadu_si512(pair_words);
+    const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+    int steps = cols / 32, groups = (n + AMX_TOKENS - 1) / AMX_TOKENS;
+    for (int g = 0; g < groups; g++)
+        for (int s = 0; s < steps; s++) {
+            __m512i part[AMX_PARTS][16];
+            for (int t = 0; t < AMX_TOKENS; t++) {
+                int tok = g * AMX_TOKENS + t;
+                if (tok >= n) {
+                    for (int p = 0; p < AMX_PARTS; p++)
+                        part[p][t] = _mm512_setzero_si512();
+                    continue;
+                }
+                const float *xt = x + (size_t)tok * cols + (size_t)s * 32;
+                __m512 a = _mm512_loadu_ps(xt), b = _mm512_loadu_ps(xt + 16);
+                for (int p = 0; p < AMX_PARTS; p++) {
+                    __m512 ah = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), top));
+                    __m512 bh = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(b), top));
+                    part[p][t] = _mm512_permutex2var_epi16(_mm512_castps_si512(ah), idx,
+                                                           _mm512_castps_si512(bh));
+                    a = _mm512_sub_ps(a, ah);
+                    b = _mm512_sub_ps(b, bh);
+                }
+            }
+            uint32_t *tile = xp + ((size_t)g * steps + s) * AMX_PARTS * AMX_TILE_DWORDS;
+            for (int p = 0; p < AMX_PARTS; p++) {
+                transpose16(part[p]);   /* [token][pair] -> [pair][token] */
+                for (int kp = 0; kp < 16; kp++)
+                    _mm512_storeu_si512(tile + p * AMX_TILE_DWORDS + kp * 16, part[p][kp]);
+            }
+        }
+}
+
+/* The tile shapes: every tile 16 rows of 64 bytes.  Loaded once per
+ * thread (the configuration is thread state, kept across calls). */
+static _Thread_local bool amx_configured;
+
+AMX_TARGET static void amx_configure(void)
+{
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    amx_configured = true;
+}
+
+/* y[t][r0 + m] = c[m][t] for the tn tokens of group g. */
+static void amx_store(const tpg_job *j, const float c[16][16], int g, int tn, int r)
+{
+    for (int t = 0; t < tn; t++) {
+        float *y = j->y + (size_t)(g * AMX_TOKENS + t) * j->rows + r;
+        for (int m = 0; m < 16; m++)
+            y[m] = c[m][t];
+    }
+}
+
+AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf)
+{
+    if (!amx_configured)
+        amx_configure();
+    int cols = j->cols, steps = cols / 32, groups = (j->n + AMX_TOKENS - 1) / AMX_TOKENS;
+    size_t stride = (size_t)cols * 2;
+    const char *w = (const char *)j->w + (size_t)r0 * stride;
+    int tiles = (r1 - r0) / 16;
+    float c[2][16][16];
+    for (int g = 0; g < groups; g++) {
+        int tn = j->n - g * AMX_TOKENS < AMX_TOKENS ? j->n - g * AMX_TOKENS : AMX_TOKENS;
+        const uint32_t *b = xp + (size_t)g * steps * AMX_PARTS * AMX_TILE_DWORDS;
+        if (tiles == 2) {
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
+                if (g == 0 && s + AMX_AHEAD < steps)
+                    for (int m = 0; m < 32; m++)
+                        _mm_prefetch(w + m * stride + (size_t)(s + AMX_AHEAD) * 64, _MM_HINT_T0);
+                _tile_loadd(2, w + (size_t)s * 64, stride);
+                _tile_loadd(3, w + 16 * stride + (size_t)s * 64, stride);
+                _tile_loadd(4, b, 64);
+                _tile_loadd(5, b + AMX_TILE_DWORDS, 64);
+                _tile_loadd(6, b + 2 * AMX_TILE_DWORDS, 64);
+                _tile_dpbf16ps(0, 2, 4);
+                _tile_dpbf16ps(1, 3, 4);
+                _tile_dpbf16ps(0, 2, 5);
+                _tile_dpbf16ps(1, 3, 5);
+                _tile_dpbf16ps(0, 2, 6);
+                _tile_dpbf16ps(1, 3, 6);
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            amx_store(j, c[0], g, tn, r0);
+            amx_store(j, c[1], g, tn, r0 + 16);
+        } else if (tiles == 1) {
+            _tile_zero(0);
+            for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
+                if (g == 0 && s + AMX_AHEAD < steps)
+                    for (int m = 0; m < 16; m++)
+                        _mm_prefetch(w + m * stride + (size_t)(s + AMX_AHEAD) * 64, _MM_HINT_T0);
+                _tile_loadd(2, w + (size_t)s * 64, stride);
+                _tile_loadd(4, b, 64);
+                _tile_loadd(5, b + AMX_TILE_DWORDS, 64);
+                _tile_loadd(6, b + 2 * AMX_TILE_DWORDS, 64);
+                _tile_dpbf16ps(0, 2, 4);
+                _tile_dpbf16ps(0, 2, 5);
+                _tile_dpbf16ps(0, 2, 6);
+            }
+            _tile_stored(0, c[0], 64);
+            amx_store(j, c[0], g, tn, r0);
+        }
+    }
+    if (r0 + tiles * 16 < r1)
+        panel_block_avx512(j, r0 + tiles * 16, r1, buf);
+}
 #endif /* TPG_X86 */
 
 /* ------------------------------------------------------------- dispatch */
@@ -1179,10 +1346,12 @@ static const tpg_path PATHS[TPG_ISA_COUNT] = {
     [TPG_AVX2] = { gemv_job_avx2, widen_rows_avx2, tile_avx2, AVX2_TT, AVX2_TR },
     [TPG_AVX512] = { gemv_job_avx512, widen_rows_avx512, NULL, 0, 0,   /* GEMMs by panel_block */
                      bf16_few_avx512, split_x_avx512, panel_block_avx512 },
+    [TPG_AMX] = { gemv_job_avx512, widen_rows_avx512, NULL, 0, 0, bf16_few_avx512,
+                  split_x_avx512, panel_block_avx512, amx_block, amx_pack_x },
 #endif
 };
 
-static const char *const ISA_NAMES[TPG_ISA_COUNT] = { "portable", "avx2", "avx512" };
+static const char *const ISA_NAMES[TPG_ISA_COUNT] = { "portable", "avx2", "avx512", "amx" };
 
 const char *tpg_isa_name(tpg_isa isa)
 {
@@ -1196,6 +1365,36 @@ static bool has_f16c(void)
 {
     unsigned a, b, c, d;
     return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ARCH_REQ_XCOMP_PERM 0x1023   /* asm/prctl.h, Linux 5.16 */
+#define XFEATURE_XTILEDATA 18
+#endif
+
+/* AMX-TILE and AMX-BF16 (CPUID leaf 7, EDX bits 24 and 22), AVX-512BW for
+ * the packing, and, on Linux, the kernel's leave to use the tile state
+ * (asked once for the process; without it the first tile instruction
+ * faults).  Elsewhere AMX is not used. */
+static bool amx_granted;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static void amx_ask(void)
+{
+    unsigned a, b, c, d;
+    __builtin_cpu_init();
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 22)) ||
+        !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw"))
+        return;
+#if defined(__linux__)
+    amx_granted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#endif
+}
+static bool amx_usable(void)
+{
+    pthread_once(&amx_once, amx_ask);
+    return amx_granted;
 }
 #endif
 
@@ -1211,6 +1410,8 @@ bool tpg_isa_supported(tpg_isa isa)
     case TPG_AVX512:
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f");
+    case TPG_AMX:
+        return amx_usable();
 #endif
     default:
         return false;
@@ -1249,6 +1450,7 @@ typedef enum job_mode {
     BY_TILES,   /* widen each block once, then tiles of tokens x rows over it */
     BY_FEW,     /* few tokens of bf16: bf16_few on the stored rows */
     BY_PANEL,   /* the path's panel_block */
+    BY_AMX,     /* the path's amx_block, x packed by its pack_x */
 } job_mode;
 
 typedef struct batch_ctx {
@@ -1256,7 +1458,7 @@ typedef struct batch_ctx {
     int count;
     const tpg_path *path;
     job_mode mode[BATCH_MAX];
-    const float *xs[BATCH_MAX];     /* BY_FEW: x split by the path's split_x */
+    const void *xs[BATCH_MAX];      /* BY_FEW: x split by split_x; BY_AMX: packed by pack_x */
     int block_rows[BATCH_MAX];
     size_t first_block[BATCH_MAX + 1];
     float *scratch;                 /* worker i: scratch + i * scratch_floats */
@@ -1323,6 +1525,10 @@ static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
     }
     if (c->mode[ji] == BY_PANEL) {
         c->path->panel_block(j, r0, r1, buf);
+        return;
+    }
+    if (c->mode[ji] == BY_AMX) {
+        c->path->amx_block(j, c->xs[ji], r0, r1, buf);
         return;
     }
     for (int t = 0; t < j->n; t++)
@@ -1401,39 +1607,56 @@ static job_mode mode_of(const tpg_path *p, const tpg_job *j)
 {
     if (j->n <= 1)
         return BY_GEMV;
+    if (p->amx_block && j->dt == TP_BF16 && j->cols % 32 == 0)
+        return BY_AMX;
     if (p->bf16_few && j->dt == TP_BF16 && j->n <= FEW_TOKENS)
         return BY_FEW;
     return p->panel_block ? BY_PANEL : BY_TILES;
 }
 
-/* Split the x of every BY_FEW job into c->split, once for jobs that share
- * it (q, k and v do); a job whose split cannot be allocated runs BY_GEMV. */
+/* Floats (or dwords) of prepared x that job j needs in mode m: BY_FEW's
+ * split, BY_AMX's packing; 0 for the other modes. */
+static size_t prepared_size(const tpg_job *j, job_mode m)
+{
+    if (m == BY_FEW)
+        return (size_t)j->n * (size_t)j->cols;
+    if (m == BY_AMX)
+        return amx_packed_dwords(j->n, j->cols);
+    return 0;
+}
+
+/* Prepare the x of every BY_FEW and BY_AMX job into c->split, once for
+ * jobs of one mode that share it (q, k and v do); if that memory cannot be
+ * allocated, those jobs run BY_GEMV. */
 static void split_inputs(batch_ctx *c)
 {
     size_t floats = 0, at = 0;
     for (int i = 0; i < c->count; i++)
-        if (c->mode[i] == BY_FEW)
-            floats += (size_t)c->jobs[i].n * (size_t)c->jobs[i].cols;
+        floats += (prepared_size(&c->jobs[i], c->mode[i]) + 15) & ~(size_t)15;
     if (!floats)
         return;
-    c->split = aligned_alloc(64, ((floats + 15) & ~(size_t)15) * sizeof(float));
+    c->split = aligned_alloc(64, floats * sizeof(float));
     for (int i = 0; i < c->count; i++) {
         const tpg_job *j = &c->jobs[i];
-        if (c->mode[i] != BY_FEW)
+        size_t size = prepared_size(j, c->mode[i]);
+        if (!size)
             continue;
         if (!c->split) {
             c->mode[i] = BY_GEMV;   /* block_rows stay: a GEMV block of any size is valid */
             continue;
         }
         for (int k = 0; k < i && !c->xs[i]; k++)
-            if (c->mode[k] == BY_FEW && c->jobs[k].x == j->x && c->jobs[k].n == j->n &&
+            if (c->mode[k] == c->mode[i] && c->jobs[k].x == j->x && c->jobs[k].n == j->n &&
                 c->jobs[k].cols == j->cols)
                 c->xs[i] = c->xs[k];
-        if (!c->xs[i]) {
+        if (c->xs[i])
+            continue;
+        if (c->mode[i] == BY_FEW)
             c->path->split_x(c->split + at, j->x, j->n, j->cols);
-            c->xs[i] = c->split + at;
-            at += (size_t)j->n * (size_t)j->cols;
-        }
+        else
+            c->path->pack_x((uint32_t *)(c->split + at), j->x, j->n, j->cols);
+        c->xs[i] = c->split + at;
+        at += (size + 15) & ~(size_t)15;
     }
 }
 
@@ -1449,8 +1672,10 @@ static void run_batch(const tpg_job *jobs, int count, tp_pool *pool)
         c.block_rows[i] = c.mode[i] == BY_TILES ? gemm_block_rows(j->cols)
                           : c.mode[i] == BY_FEW ? few_block_rows(j->cols)
                           : c.mode[i] == BY_PANEL ? PANEL_ROWS
+                          : c.mode[i] == BY_AMX   ? AMX_ROWS
                                                   : gemv_block_rows(j);
-        size_t need = c.mode[i] == BY_PANEL ? 2 * (size_t)PANEL_ROWS * j->cols
+        size_t need = c.mode[i] == BY_PANEL || c.mode[i] == BY_AMX
+                      ? 2 * (size_t)PANEL_ROWS * j->cols
                       : c.mode[i] == BY_TILES && j->dt != TP_F32 ? (size_t)c.block_rows[i] * j->cols
                                                                  : 0;
         if (need > widen_floats)
@@ -1471,7 +1696,8 @@ static void run_batch(const tpg_job *jobs, int count, tp_pool *pool)
         c.scratch = aligned_alloc(64, workers * c.scratch_floats * sizeof(float));
         if (!c.scratch)   /* no buffers: one token at a time, same result */
             for (int i = 0; i < count; i++)
-                if (c.mode[i] == BY_PANEL || (c.mode[i] == BY_TILES && jobs[i].dt != TP_F32))
+                if (c.mode[i] == BY_PANEL || c.mode[i] == BY_AMX ||
+                    (c.mode[i] == BY_TILES && jobs[i].dt != TP_F32))
                     c.mode[i] = BY_GEMV;
         /* block_rows stay as counted: a GEMV block of any size is valid */
     }

@@ -94,10 +94,11 @@ typedef enum tpg_isa {
     TPG_PORTABLE = 0,   /* C, whatever the compiler vectorises */
     TPG_AVX2,           /* AVX2 + FMA + F16C, 8 lanes */
     TPG_AVX512,         /* AVX-512F, 16 lanes */
+    TPG_AMX,            /* AVX-512 plus AMX-BF16 tiles for bf16 GEMMs */
     TPG_ISA_COUNT
 } tpg_isa;
 
-const char *tpg_isa_name(tpg_isa isa);   /* "portable", "avx2", "avx512" */
+const char *tpg_isa_name(tpg_isa isa);   /* "portable", "avx2", "avx512", "amx" */
 bool tpg_isa_supported(tpg_isa isa);     /* this CPU can run it */
 /* The path in use: the best supported one unless tpg_set_isa chose. */
 tpg_isa tpg_get_isa(void);

@@ -229,8 +229,12 @@ static const tp_dtype DTYPES[] = { TP_BF16, TP_F16, TP_F32 };
  * 4096: 8 rows per block), a GEMV block of 32 rows and a bit */
 /* n up to 48 runs bf16 as few-token tiles (4 tokens x 6 rows), 50 widened tiles */
 static const int NS[] = { 1, 2, 5, 7, 13, 50 };
+/* AMX (bf16, cols a multiple of 32): 70 x 64 is two 32-row blocks and a
+ * last block of 6 rows (panel), 48 x 96 a block of one tile, 17 x 32 one
+ * tile and a row; n = 50 is four token groups, the last of 2 tokens. */
 static const int SHAPES[][2] = { { 1, 1 }, { 3, 7 }, { 5, 16 }, { 37, 33 }, { 64, 100 },
-                                 { 9, 257 }, { 21, 4096 }, { 70, 64 }, { 6, 95 }, { 49, 40 } };
+                                 { 9, 257 }, { 21, 4096 }, { 70, 64 }, { 6, 95 }, { 49, 40 },
+                                 { 48, 96 }, { 17, 32 } };
 
 static void test_path(tpg_isa isa, tp_pool *pool)
 {
@@ -281,6 +285,41 @@ static void test_path(tpg_isa isa, tp_pool *pool)
         free_case(&qkv[i]);
     }
     printf("  %s: %d products and batches of %d and 4 checked\n", what, cases, NJ);
+}
+
+/* Integer products that every summation order gets exactly: bf16 weights
+ * in {-2..2}, x integers of 17 bits (so an fp32 x needs all three of the
+ * AMX path's bf16 parts), 64 columns, so |partial sums| <= 2^24.  Any path
+ * that drops or misplaces a bit of x, a column or a token is off by at
+ * least 1; the rounding bound of check_case is too loose to see that. */
+static void test_exact_path(tpg_isa isa, tp_pool *pool)
+{
+    enum { ROWS = 87, COLS = 64, NMAX = 37 };   /* blocks of 32, 32 and 23 rows */
+    static const int ns[] = { 1, 3, 16, 17, NMAX };
+    uint16_t *w = malloc((size_t)ROWS * COLS * sizeof *w);
+    float *x = malloc((size_t)NMAX * COLS * sizeof *x), *y = malloc((size_t)NMAX * ROWS * sizeof *y);
+    int8_t *wi = malloc((size_t)ROWS * COLS);
+    for (int i = 0; i < ROWS * COLS; i++) {
+        wi[i] = (int8_t)((int)((frand() + 1.0f) * 2.5f) - 2);
+        w[i] = tp_f32_to_bf16((float)wi[i]);
+    }
+    for (int i = 0; i < NMAX * COLS; i++)
+        x[i] = (float)((65536 + (int)((frand() + 1.0f) * 32767.0f)) * (i % 3 ? 1 : -1));
+    int bad = 0;
+    for (size_t k = 0; k < sizeof ns / sizeof ns[0]; k++) {
+        tpg_matmul(y, x, ns[k], w, TP_BF16, ROWS, COLS, pool);
+        for (int t = 0; t < ns[k]; t++)
+            for (int o = 0; o < ROWS; o++) {
+                long long want = 0;
+                for (int i = 0; i < COLS; i++)
+                    want += (long long)wi[o * COLS + i] * (long long)x[t * COLS + i];
+                if (y[(size_t)t * ROWS + o] != (float)want && !bad++)
+                    CHECK(0, "%s%s: exact products, n=%d: y[%d][%d] = %.1f, want %lld",
+                          tpg_isa_name(isa), pool ? " (pool)" : "", ns[k], t, o,
+                          y[(size_t)t * ROWS + o], want);
+            }
+    }
+    free(w); free(x); free(y); free(wi);
 }
 
 /* 8-bit block geometries: block sizes and the slice's origin inside its
@@ -358,6 +397,8 @@ int main(void)
               tpg_isa_name((tpg_isa)isa));
         test_path((tpg_isa)isa, NULL);
         test_path((tpg_isa)isa, pool);
+        test_exact_path((tpg_isa)isa, NULL);
+        test_exact_path((tpg_isa)isa, pool);
         test_q8_path((tpg_isa)isa, NULL);
         test_q8_path((tpg_isa)isa, pool);
         run++;
