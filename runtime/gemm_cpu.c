@@ -71,7 +71,8 @@ typedef struct tpg_path {
     /* Optional (NULL: none): bf16 GEMM on matrix tiles, rows [r0, r1), at
      * most AMX_ROWS of them, for all of j's tokens, x packed by pack_x
      * (cols a multiple of 32); buf as panel_block's. */
-    void (*amx_block)(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf);
+    void (*amx_block)(const tpg_job *j, const uint32_t *xp, int r0, int r1, int next_end,
+                      float *buf);
     void (*pack_x)(uint32_t *xp, const float *x, int n, int cols);
 } tpg_path;
 
@@ -1204,8 +1205,8 @@ AVX512_TARGET static void panel_block_avx512(const tpg_job *j, int r0, int r1, f
  * A block is AMX_ROWS rows: two A tiles share each B tile load.  The rows
  * of a block that do not fill a tile (the job's last rows % 16) run through
  * panel_block. */
-#ifndef AMX_AHEAD
-#define AMX_AHEAD 4
+#ifndef AMX_HINT
+#define AMX_HINT _MM_HINT_T1
 #endif
 #define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c,amx-tile,amx-bf16")))
 
@@ -1280,7 +1281,12 @@ static void amx_store(const tpg_job *j, const float c[16][16], int g, int tn, in
     }
 }
 
-AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf)
+/* Rows [r0, r1) for all tokens; rows [r1, next_end) are the thread's next
+ * block, prefetched into L2 while this one computes: a tile load that
+ * misses stalls the tiles, and the rows of a block are too many streams
+ * for the hardware prefetchers, but a block is one contiguous run. */
+AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, int r1,
+                                 int next_end, float *buf)
 {
     if (!amx_configured)
         amx_configure();
@@ -1288,6 +1294,10 @@ AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, i
     size_t stride = (size_t)cols * 2;
     const char *w = (const char *)j->w + (size_t)r0 * stride;
     int tiles = (r1 - r0) / 16;
+    /* the next block's bytes, a share of them at each step of group 0 */
+    const char *next = w + (size_t)(r1 - r0) * stride;
+    size_t next_lines = next_end > r1 ? (size_t)(next_end - r1) * stride / 64 : 0;
+    size_t lines_per_step = (next_lines + steps - 1) / steps;
     float c[2][16][16];
     for (int g = 0; g < groups; g++) {
         int tn = j->n - g * AMX_TOKENS < AMX_TOKENS ? j->n - g * AMX_TOKENS : AMX_TOKENS;
@@ -1296,9 +1306,9 @@ AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, i
             _tile_zero(0);
             _tile_zero(1);
             for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
-                if (g == 0 && s + AMX_AHEAD < steps)
-                    for (int m = 0; m < 32; m++)
-                        _mm_prefetch(w + m * stride + (size_t)(s + AMX_AHEAD) * 64, _MM_HINT_T0);
+                if (g == 0)
+                    for (size_t l = s * lines_per_step; l < (s + 1) * lines_per_step && l < next_lines; l++)
+                        _mm_prefetch(next + l * 64, AMX_HINT);
                 _tile_loadd(2, w + (size_t)s * 64, stride);
                 _tile_loadd(3, w + 16 * stride + (size_t)s * 64, stride);
                 _tile_loadd(4, b, 64);
@@ -1318,9 +1328,6 @@ AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, i
         } else if (tiles == 1) {
             _tile_zero(0);
             for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
-                if (g == 0 && s + AMX_AHEAD < steps)
-                    for (int m = 0; m < 16; m++)
-                        _mm_prefetch(w + m * stride + (size_t)(s + AMX_AHEAD) * 64, _MM_HINT_T0);
                 _tile_loadd(2, w + (size_t)s * 64, stride);
                 _tile_loadd(4, b, 64);
                 _tile_loadd(5, b + AMX_TILE_DWORDS, 64);
@@ -1507,7 +1514,7 @@ static int job_of(const batch_ctx *c, size_t b)
     return ji;
 }
 
-/* Blocks [b, b + count) of one job (count > 1 for GEMV jobs only). */
+/* Blocks [b, b + count) of one job (count > 1 for GEMV and AMX jobs only). */
 static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
 {
     int ji = job_of(c, b);
@@ -1527,8 +1534,12 @@ static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
         c->path->panel_block(j, r0, r1, buf);
         return;
     }
-    if (c->mode[ji] == BY_AMX) {
-        c->path->amx_block(j, c->xs[ji], r0, r1, buf);
+    if (c->mode[ji] == BY_AMX) {   /* claimed several at a time, as GEMV blocks */
+        for (int r = r0; r < r1; r += c->block_rows[ji]) {
+            int end = r + c->block_rows[ji] < r1 ? r + c->block_rows[ji] : r1;
+            int next_end = end + c->block_rows[ji] < r1 ? end + c->block_rows[ji] : r1;
+            c->path->amx_block(j, c->xs[ji], r, end, next_end, buf);
+        }
         return;
     }
     for (int t = 0; t < j->n; t++)
@@ -1546,7 +1557,7 @@ static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
 static size_t claim_size(const batch_ctx *c, size_t b)
 {
     int ji = job_of(c, b);
-    if (c->mode[ji] != BY_GEMV)
+    if (c->mode[ji] != BY_GEMV && c->mode[ji] != BY_AMX)
         return 1;
     size_t share = (c->first_block[c->count] - b) / (2 * c->workers);
     size_t in_job = c->first_block[ji + 1] - b;

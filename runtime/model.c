@@ -114,6 +114,70 @@ static void par_for(tp_model *m, size_t n, void (*fn)(size_t, void *), void *arg
             fn(i, arg);
 }
 
+/* Row-wise kernels over a step's tokens (norms, SiLU, RoPE): each row's
+ * result depends on that row alone, so chunks of rows on the pool give the
+ * same bits as one pass.  Worth a fork-join only for many rows: a batched
+ * or prefill step, where these ran on one thread while the other waited
+ * (~7% of a 16-request server run after the AMX GEMMs). */
+#define PAR_ROWS_MIN 8   /* rows per chunk, at least */
+
+typedef struct rows_task {
+    void (*fn)(const struct rows_task *t, int r0, int r1);
+    int rows, chunk;
+    float *x, *out;
+    const float *in, *w;
+    int dim;
+    float eps;
+    tp_model *m;
+} rows_task;
+
+static void rows_task_run(size_t i, void *arg)
+{
+    const rows_task *t = arg;
+    int r0 = (int)i * t->chunk, r1 = r0 + t->chunk < t->rows ? r0 + t->chunk : t->rows;
+    t->fn(t, r0, r1);
+}
+
+static void par_rows(tp_model *m, rows_task *t)
+{
+    int workers = m->pool ? tp_pool_threads(m->pool) + 1 : 1;
+    int chunks = t->rows / PAR_ROWS_MIN < workers ? t->rows / PAR_ROWS_MIN : workers;
+    if (chunks <= 1) {
+        t->fn(t, 0, t->rows);
+        return;
+    }
+    t->chunk = (t->rows + chunks - 1) / chunks;
+    tp_pool_parallel_for(m->pool, (size_t)chunks, rows_task_run, t);
+}
+
+/* x[r] += in[r] (in may be NULL), out[r] = rmsnorm(x[r]) * w */
+static void add_norm_rows(const rows_task *t, int r0, int r1)
+{
+    size_t o = (size_t)r0 * t->dim;
+    tpk_add_rmsnorm(t->x + o, t->in ? t->in + o : NULL, t->out + o, t->w, r1 - r0, t->dim, t->eps);
+}
+
+static void add_rmsnorm_par(tp_model *m, float *x, const float *delta, float *out, const float *w,
+                            int n, int dim, float eps)
+{
+    rows_task t = { .fn = add_norm_rows, .rows = n, .x = x, .in = delta, .out = out, .w = w,
+                    .dim = dim, .eps = eps };
+    par_rows(m, &t);
+}
+
+/* x[r] = rmsnorm(x[r]) * w over rows of one head */
+static void head_norm_rows(const rows_task *t, int r0, int r1)
+{
+    tpk_head_rmsnorm(t->x + (size_t)r0 * t->dim, t->w, r1 - r0, t->dim, t->eps);
+}
+
+/* x[r] = silu(x[r]) * in[r] */
+static void silu_rows(const rows_task *t, int r0, int r1)
+{
+    size_t o = (size_t)r0 * t->dim;
+    tpk_silu_mul(t->x + o, t->in + o, (size_t)(r1 - r0) * t->dim);
+}
+
 static int allreduce(tp_model *m, float *buf, size_t n, tp_err *err)
 {
     if (m->world == 1)
@@ -1307,15 +1371,26 @@ static void store_kv(tp_model *m, int l)
     }
 }
 
-/* RoPE of n_heads heads of every token, each run with its own rows. */
-static void rope_runs(tp_model *m, float *x, int n_heads)
+/* RoPE of t->dim heads of tokens [r0, r1), each in its run's positions. */
+static void rope_rows(const rows_task *t, int r0, int r1)
 {
+    tp_model *m = t->m;
     int hd = m->cfg.head_dim;
-    size_t stride = (size_t)n_heads * hd;
+    size_t stride = (size_t)t->dim * hd;
     for (int ri = 0; ri < m->n_runs; ri++) {
         const struct kv_run *r = &m->runs[ri];
-        tpk_rope(x + (size_t)r->start * stride, r->n, n_heads, hd, stride, 0, r->cos, r->sin);
+        int a = r->start > r0 ? r->start : r0, b = r->start + r->n < r1 ? r->start + r->n : r1;
+        if (a < b)
+            tpk_rope(t->x + (size_t)a * stride, b - a, t->dim, hd, stride, a - r->start, r->cos,
+                     r->sin);
     }
+}
+
+/* RoPE of n_heads heads of the step's n tokens, each run with its own rows. */
+static void rope_runs(tp_model *m, float *x, int n, int n_heads)
+{
+    rows_task t = { .fn = rope_rows, .rows = n, .x = x, .dim = n_heads, .m = m };
+    par_rows(m, &t);
 }
 
 static int attention_block(tp_model *m, int l, int n, tp_err *err)
@@ -1335,11 +1410,15 @@ static int attention_block(tp_model *m, int l, int n, tp_err *err)
     if (L->bv)
         tpk_add_bias(m->v, L->bv, n, kd);
     if (c->qk_norm) {
-        tpk_head_rmsnorm(m->q, L->q_norm, n * m->lq, hd, c->rms_eps);
-        tpk_head_rmsnorm(m->k, L->k_norm, n * m->lkv, hd, c->rms_eps);
+        rows_task tq = { .fn = head_norm_rows, .rows = n * m->lq, .x = m->q, .w = L->q_norm,
+                         .dim = hd, .eps = c->rms_eps };
+        rows_task tk = { .fn = head_norm_rows, .rows = n * m->lkv, .x = m->k, .w = L->k_norm,
+                         .dim = hd, .eps = c->rms_eps };
+        par_rows(m, &tq);
+        par_rows(m, &tk);
     }
-    rope_runs(m, m->q, m->lq);
-    rope_runs(m, m->k, m->lkv);
+    rope_runs(m, m->q, n, m->lq);
+    rope_runs(m, m->k, n, m->lkv);
     store_kv(m, l);
     attention(m, l);
     /* partial o = att . Wo_local^T; the bias once, after the sum */
@@ -1376,7 +1455,8 @@ static int mlp_block(tp_model *m, int l, int n, tp_err *err)
         tpk_add_bias(m->gate, L->bgate, n, m->li);
     if (L->bup)
         tpk_add_bias(m->up, L->bup, n, m->li);
-    tpk_silu_mul(m->gate, m->up, (size_t)n * m->li);
+    rows_task silu = { .fn = silu_rows, .rows = n, .x = m->gate, .in = m->up, .dim = m->li };
+    par_rows(m, &silu);
     matmul(m->o, m->gate, n, L->wdown, H, m->li, m->pool);
     if (allreduce(m, m->o, (size_t)n * H, err) < 0)
         return tp_err_prefix(err, "layer %d mlp all-reduce", l);
@@ -1576,10 +1656,10 @@ int tp_model_forward_batch(tp_model *m, const tp_batch_token *t, int n, float *l
 
     for (int l = 0; l < c->n_layers; l++) {
         /* residual += previous block's output, fused with this block's norm */
-        tpk_add_rmsnorm(m->x, l ? m->o : NULL, m->h, m->layers[l].attn_norm, n, H, c->rms_eps);
+        add_rmsnorm_par(m, m->x, l ? m->o : NULL, m->h, m->layers[l].attn_norm, n, H, c->rms_eps);
         if (attention_block(m, l, n, err) < 0)
             return -1;
-        tpk_add_rmsnorm(m->x, m->o, m->h, m->layers[l].ffn_norm, n, H, c->rms_eps);
+        add_rmsnorm_par(m, m->x, m->o, m->h, m->layers[l].ffn_norm, n, H, c->rms_eps);
         if (mlp_block(m, l, n, err) < 0)
             return -1;
     }
