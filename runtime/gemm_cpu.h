@@ -15,19 +15,26 @@
  * 8-bit weights (FORMAT.md, "Quantized weights") carry their scales
  * (tpg_quant): W[o][i] = fp8(w[o][i]) * block scale, or int8 * row scale,
  * dequantized in registers.  Activations stay fp32 and accumulation fp32:
- * no int8 dot products (AVX-512 VNNI, AVX2 vpmaddubsw) on quantized
- * activations, which would change the math against the reference.  Applying
- * the scale to x (fp8, per column block) or to the row's sum (int8) rounds
+ * no int8 dot products on 8-bit activations (as llama.cpp's q8_0 does),
+ * which would change the math against the reference.  Applying the scale
+ * to x (fp8, per column block) or to the row's sum (int8) rounds
  * differently from dequantizing each weight first: a few fp32 ulps per
- * product, the same order as summation order.
+ * product, the same order as summation order.  One exception, on the
+ * "amx" path (which has AVX-512 VNNI): the one-token int8 GEMV takes x as
+ * 32-bit fixed point (x rounded to a multiple of 2^-30 of the token's
+ * max|x|) and sums exact integer products; its error bound is fp32's plus
+ * 2^-31 max|x| sum|w| (gemm_cpu.c, "int8 GEMV by VNNI").
  *
  *   n == 1 (decode): a GEMV that streams each weight row once, widening in
  *          registers.
  *   n  > 1 (prefill): a block of rows is widened once into a per-thread
  *          buffer that stays in cache, then multiplied by every token, a tile
  *          of tokens x rows at a time: each weight byte is read once per call.
+ *          On the "amx" path bf16 rows go to AMX tiles as stored, x split
+ *          into three bf16 parts that hold it exactly.
  *
- * Paths, picked at run time from the CPU's features: AVX-512F, AVX2+FMA+F16C,
+ * Paths, picked at run time from the CPU's features: AMX-BF16 with AVX-512
+ * VNNI (and the kernel's leave to use the tiles), AVX-512F, AVX2+FMA+F16C,
  * portable C.  Only gemm_cpu.c is compiled with them enabled (function target
  * attributes), so the build runs on any x86-64 (or other) CPU.
  * tpg_matmul_ref is the scalar reference the paths are tested against.
@@ -94,7 +101,7 @@ typedef enum tpg_isa {
     TPG_PORTABLE = 0,   /* C, whatever the compiler vectorises */
     TPG_AVX2,           /* AVX2 + FMA + F16C, 8 lanes */
     TPG_AVX512,         /* AVX-512F, 16 lanes */
-    TPG_AMX,            /* AVX-512 plus AMX-BF16 tiles for bf16 GEMMs */
+    TPG_AMX,            /* AVX-512 plus AMX-BF16 tiles (bf16 GEMMs), VNNI (int8 GEMV) */
     TPG_ISA_COUNT
 } tpg_isa;
 

@@ -322,6 +322,64 @@ static void test_exact_path(tpg_isa isa, tp_pool *pool)
     free(w); free(x); free(y); free(wi);
 }
 
+/* int8 rows over x that the AMX path's VNNI GEMV turns into 32-bit fixed
+ * point (x_int = x * 2^(30-e), four byte digits): exact integer products
+ * (every path exact: 17-bit integers x, int8 w, sums below 2^24); a token
+ * with an Inf, one with a NaN and one tiny (max|x| < 2^-96), which take
+ * the float GEMV (non-finite results where the reference has them); and
+ * a token whose max|x| is 2^20 times the rest.  The bound is fp32's, plus
+ * for the AMX path its contract's 2^(e-31) sum|w| (each x rounded to a
+ * multiple of 2^(e-30)): the outlier's own weight is sometimes 0, and then
+ * the fixed point's rounding of the small x is all there is. */
+static void test_int8_fixed_point(tpg_isa isa, tp_pool *pool)
+{
+    enum { ROWS = 37, COLS = 200 };   /* 200: three 64-column steps and a tail of 8 */
+    char what[64];
+    snprintf(what, sizeof what, "%s%s, int8 fixed point", tpg_isa_name(isa), pool ? " (pool)" : "");
+    int8_t *w = malloc((size_t)ROWS * COLS);
+    float scale[ROWS], x[COLS], y[ROWS];
+    double want[ROWS];
+    for (int i = 0; i < ROWS * COLS; i++)
+        w[i] = (int8_t)((int)((frand() + 1.0f) * 2.5f) - 2);
+    for (int r = 0; r < ROWS; r++)
+        scale[r] = 1.0f;
+    tpg_job j = { .y = y, .x = x, .n = 1, .w = w, .dt = TP_I8, .rows = ROWS, .cols = COLS,
+                  .q = { .scale = scale } };
+    for (int c = 0; c < 5; c++) {
+        for (int i = 0; i < COLS; i++)
+            x[i] = c == 0 ? (float)((65536 + (int)((frand() + 1.0f) * 32767.0f)) * (i % 3 ? 1 : -1))
+                 : c == 3 ? ldexpf(frand(), -100)
+                 : c == 4 ? (i == 77 ? 1.0e6f : frand())
+                          : frand();
+        if (c == 1)
+            x[130] = INFINITY;
+        if (c == 2)
+            x[7] = NAN;
+        tpg_matmul_batch(&j, 1, pool);
+        int bad = 0;
+        for (int r = 0; r < ROWS && !bad; r++) {
+            double sum = 0, mag = 0;
+            for (int i = 0; i < COLS; i++) {
+                sum += (double)w[r * COLS + i] * x[i];
+                mag += fabs((double)w[r * COLS + i] * x[i]);
+            }
+            want[r] = sum;
+            double fixed = 0;   /* the fixed point's share of the bound */
+            if (isa == TPG_AMX && c == 4) {
+                int e = ilogb(1.0e6) + 1;   /* max|x| < 2^e */
+                for (int i = 0; i < COLS; i++)
+                    fixed += ldexp(fabs((double)w[r * COLS + i]), e - 31);
+            }
+            bool ok = c == 0 ? y[r] == (float)sum
+                    : !isfinite(sum) ? !isfinite(y[r]) && (isnan(sum) == isnan(y[r]))
+                                     : fabs(y[r] - sum) <= (COLS + 4) * 1.2e-7 * mag + fixed + 1e-30;
+            if (!ok && !bad++)
+                CHECK(0, "%s, case %d: y[%d] = %.9g, reference %.9g", what, c, r, y[r], want[r]);
+        }
+    }
+    free(w);
+}
+
 /* 8-bit block geometries: block sizes and the slice's origin inside its
  * first block (a rank's slice that starts inside a block), 128 x 128 as
  * published, small blocks so that rows of one SIMD group straddle block
@@ -401,6 +459,8 @@ int main(void)
         test_exact_path((tpg_isa)isa, pool);
         test_q8_path((tpg_isa)isa, NULL);
         test_q8_path((tpg_isa)isa, pool);
+        test_int8_fixed_point((tpg_isa)isa, NULL);
+        test_int8_fixed_point((tpg_isa)isa, pool);
         run++;
     }
     tp_pool_destroy(pool);
