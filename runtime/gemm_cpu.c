@@ -75,11 +75,10 @@ typedef struct tpg_path {
      * PANEL_ROWS of them, for all of j's tokens; buf holds 2 * PANEL_ROWS *
      * cols floats. */
     void (*panel_block)(const tpg_job *j, int r0, int r1, float *buf);
-    /* Optional (NULL: none): bf16 GEMM on matrix tiles, rows [r0, r1), at
-     * most AMX_ROWS of them, for all of j's tokens, x packed by pack_x
-     * (cols a multiple of 32); buf as panel_block's. */
-    void (*amx_block)(const tpg_job *j, const uint32_t *xp, int r0, int r1, int next_end,
-                      float *buf);
+    /* Optional (NULL: none): bf16 or int8 GEMM on matrix tiles, rows
+     * [r0, r1), at most AMX_ROWS of them, for all of j's tokens, x packed by
+     * pack_x (cols a multiple of 32); buf as panel_block's. */
+    void (*amx_block)(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf);
     void (*pack_x)(uint32_t *xp, const float *x, int n, int cols);
     /* Optional (NULL: none): int8 GEMV, rows [r0, r1) of one token, on x
      * prepared once per call by prep_i8 (i8_token_floats a token). */
@@ -1394,16 +1393,17 @@ AVX512_TARGET static void panel_block_avx512(const tpg_job *j, int r0, int r1, f
     }
 }
 
-/* ---- GEMM on AMX tiles (bf16 weights, cols a multiple of 32).  A tile
- * product C[16 rows][16 tokens] += A . B takes A as 16 weight rows of 32
- * bf16 each, loaded from the rows where they lie (no packing), and B as the
- * tokens' x in AMX's pair layout.  x is fp32, so it is split into three
- * bf16 parts, x = hi + mid + lo, each the top 16 bits of what is left
- * (truncation: each subtraction is exact).  Three parts hold all 24 bits of
- * an fp32 significand, and a bf16 x bf16 product is exact in fp32, so the
- * tiles sum the same exact products as the fp32 paths, only in another
- * order (and in three passes): the contract of gemm_cpu.h holds.  Tiny
- * parts are flushed by AMX (denormals), an error below 2^-100 of x.
+/* ---- GEMM on AMX tiles (bf16 or int8 weights, cols a multiple of 32).  A
+ * tile product C[16 rows][16 tokens] += A . B takes A as 16 weight rows of
+ * 32 bf16 each, loaded from the rows where they lie (bf16) or from the
+ * block widened to bf16 (int8: exact, the row scale applied to the sums),
+ * and B as the tokens' x in AMX's pair layout.  x is fp32, so it is split
+ * into three bf16 parts, x = hi + mid + lo, each the top 16 bits of what is
+ * left (truncation: each subtraction is exact).  Three parts hold all 24
+ * bits of an fp32 significand, and a bf16 x bf16 product is exact in fp32,
+ * so the tiles sum the same exact products as the fp32 paths, only in
+ * another order (and in three passes): the contract of gemm_cpu.h holds.
+ * Tiny parts are flushed by AMX (denormals), an error below 2^-100 of x.
  *
  * Packed x (amx_pack_x): per group of 16 tokens, per step of 32 columns,
  * per part, one 1 KiB B tile: row kp holds, for each token t, the dword
@@ -1411,10 +1411,10 @@ AVX512_TARGET static void panel_block_avx512(const tpg_job *j, int r0, int r1, f
  *
  * A block is AMX_ROWS rows: two A tiles share each B tile load.  The rows
  * of a block that do not fill a tile (the job's last rows % 16) run through
- * panel_block. */
-#ifndef AMX_HINT
-#define AMX_HINT _MM_HINT_T1
-#endif
+ * panel_block.  Prefetching the thread's next block while the tiles work
+ * (into L1, L2, or by loads) measured no faster: with 16 tokens the tiles
+ * and the loads of A from memory take turns, ~45 ms a 0.6B layer stack
+ * against ~32 ms for one token's GEMV. */
 #define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx2,fma,f16c,amx-tile,amx-bf16")))
 
 AMX_TARGET static void amx_pack_x(uint32_t *xp, const float *x, int n, int cols)
@@ -1478,33 +1478,47 @@ AMX_TARGET static void amx_configure(void)
     amx_configured = true;
 }
 
-/* y[t][r0 + m] = c[m][t] for the tn tokens of group g. */
-static void amx_store(const tpg_job *j, const float c[16][16], int g, int tn, int r)
+/* y[t][r + m] = c[m][t] (times scale[m] when given) for the tn tokens of
+ * group g. */
+static void amx_store(const tpg_job *j, const float c[16][16], int g, int tn, int r,
+                      const float *scale)
 {
     for (int t = 0; t < tn; t++) {
         float *y = j->y + (size_t)(g * AMX_TOKENS + t) * j->rows + r;
         for (int m = 0; m < 16; m++)
-            y[m] = c[m][t];
+            y[m] = scale ? c[m][t] * scale[m] : c[m][t];
     }
 }
 
-/* Rows [r0, r1) for all tokens; rows [r1, next_end) are the thread's next
- * block, prefetched into L2 while this one computes: a tile load that
- * misses stalls the tiles, and the rows of a block are too many streams
- * for the hardware prefetchers, but a block is one contiguous run. */
-AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, int r1,
-                                 int next_end, float *buf)
+/* dst = nr int8 rows of cols as bf16: exact (an int8 has 8 significant
+ * bits), so the tiles multiply the stored integers and the row scale goes
+ * on the sum, as the float int8 GEMV does. */
+AMX_TARGET static void amx_widen_i8(uint16_t *dst, const int8_t *w, int nr, int cols)
+{
+    size_t count = (size_t)nr * cols;   /* cols is a multiple of 32 */
+    for (size_t i = 0; i < count; i += 16) {
+        __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
+        __m512i top = _mm512_srli_epi32(_mm512_castps_si512(f), 16);   /* the low half is zero */
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(top));
+    }
+}
+
+/* Rows [r0, r1) for all tokens.  bf16 rows are read where they lie; int8
+ * rows are first widened to bf16 in buf. */
+AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf)
 {
     if (!amx_configured)
         amx_configure();
     int cols = j->cols, steps = cols / 32, groups = (j->n + AMX_TOKENS - 1) / AMX_TOKENS;
+    int tiles = (r1 - r0) / 16;
     size_t stride = (size_t)cols * 2;
     const char *w = (const char *)j->w + (size_t)r0 * stride;
-    int tiles = (r1 - r0) / 16;
-    /* the next block's bytes, a share of them at each step of group 0 */
-    const char *next = w + (size_t)(r1 - r0) * stride;
-    size_t next_lines = next_end > r1 ? (size_t)(next_end - r1) * stride / 64 : 0;
-    size_t lines_per_step = (next_lines + steps - 1) / steps;
+    const float *scale = NULL;
+    if (j->dt == TP_I8) {
+        amx_widen_i8((uint16_t *)buf, (const int8_t *)j->w + (size_t)r0 * cols, tiles * 16, cols);
+        w = (const char *)buf;
+        scale = j->q.scale + r0;
+    }
     float c[2][16][16];
     for (int g = 0; g < groups; g++) {
         int tn = j->n - g * AMX_TOKENS < AMX_TOKENS ? j->n - g * AMX_TOKENS : AMX_TOKENS;
@@ -1513,9 +1527,6 @@ AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, i
             _tile_zero(0);
             _tile_zero(1);
             for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
-                if (g == 0)
-                    for (size_t l = s * lines_per_step; l < (s + 1) * lines_per_step && l < next_lines; l++)
-                        _mm_prefetch(next + l * 64, AMX_HINT);
                 _tile_loadd(2, w + (size_t)s * 64, stride);
                 _tile_loadd(3, w + 16 * stride + (size_t)s * 64, stride);
                 _tile_loadd(4, b, 64);
@@ -1530,8 +1541,8 @@ AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, i
             }
             _tile_stored(0, c[0], 64);
             _tile_stored(1, c[1], 64);
-            amx_store(j, c[0], g, tn, r0);
-            amx_store(j, c[1], g, tn, r0 + 16);
+            amx_store(j, c[0], g, tn, r0, scale);
+            amx_store(j, c[1], g, tn, r0 + 16, scale ? scale + 16 : NULL);
         } else if (tiles == 1) {
             _tile_zero(0);
             for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
@@ -1544,10 +1555,10 @@ AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, i
                 _tile_dpbf16ps(0, 2, 6);
             }
             _tile_stored(0, c[0], 64);
-            amx_store(j, c[0], g, tn, r0);
+            amx_store(j, c[0], g, tn, r0, scale);
         }
     }
-    if (r0 + tiles * 16 < r1)
+    if (r0 + tiles * 16 < r1)   /* buf's widened rows are no longer needed */
         panel_block_avx512(j, r0 + tiles * 16, r1, buf);
 }
 #endif /* TPG_X86 */
@@ -1725,7 +1736,7 @@ static int job_of(const batch_ctx *c, size_t b)
     return ji;
 }
 
-/* Blocks [b, b + count) of one job (count > 1 for GEMV and AMX jobs only). */
+/* Blocks [b, b + count) of one job (count > 1 for GEMV jobs only). */
 static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
 {
     int ji = job_of(c, b);
@@ -1749,12 +1760,8 @@ static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
         c->path->gemv_i8(j->y, j->x, c->xs[ji], j, r0, r1);
         return;
     }
-    if (c->mode[ji] == BY_AMX) {   /* claimed several at a time, as GEMV blocks */
-        for (int r = r0; r < r1; r += c->block_rows[ji]) {
-            int end = r + c->block_rows[ji] < r1 ? r + c->block_rows[ji] : r1;
-            int next_end = end + c->block_rows[ji] < r1 ? end + c->block_rows[ji] : r1;
-            c->path->amx_block(j, c->xs[ji], r, end, next_end, buf);
-        }
+    if (c->mode[ji] == BY_AMX) {
+        c->path->amx_block(j, c->xs[ji], r0, r1, buf);
         return;
     }
     for (int t = 0; t < j->n; t++)
@@ -1772,7 +1779,7 @@ static void run_blocks(batch_ctx *c, size_t b, size_t count, float *buf)
 static size_t claim_size(const batch_ctx *c, size_t b)
 {
     int ji = job_of(c, b);
-    if (c->mode[ji] != BY_GEMV && c->mode[ji] != BY_INT8 && c->mode[ji] != BY_AMX)
+    if (c->mode[ji] != BY_GEMV && c->mode[ji] != BY_INT8)
         return 1;
     size_t share = (c->first_block[c->count] - b) / (2 * c->workers);
     size_t in_job = c->first_block[ji + 1] - b;
@@ -1835,7 +1842,7 @@ static job_mode mode_of(const tpg_path *p, const tpg_job *j)
         return BY_INT8;
     if (j->n <= 1)
         return BY_GEMV;
-    if (p->amx_block && j->dt == TP_BF16 && j->cols % 32 == 0)
+    if (p->amx_block && (j->dt == TP_BF16 || j->dt == TP_I8) && j->cols % 32 == 0)
         return BY_AMX;
     if (p->bf16_few && j->dt == TP_BF16 && j->n <= FEW_TOKENS)
         return BY_FEW;
