@@ -98,6 +98,7 @@ struct tp_model {
     float *pick_buf;            /* tp_model_forward_pick: vocab logits, vocab penalised logits, 2 * vocab scratch */
 
     tp_pool *pool;              /* NULL: one thread */
+    char cpu_info[48];          /* tp_model_device_info on the cpu */
 #ifdef TP_HAVE_CUDA
     tpcm_model *gpu;            /* device "cuda": the forward pass runs there */
 #endif
@@ -176,6 +177,24 @@ static void silu_rows(const rows_task *t, int r0, int r1)
 {
     size_t o = (size_t)r0 * t->dim;
     tpk_silu_mul(t->x + o, t->in + o, (size_t)(r1 - r0) * t->dim);
+}
+
+/* opts->cpu_kernels: a path by name, NULL or "auto" for the best. */
+static int select_cpu_kernels(const char *name, tp_err *err)
+{
+    if (!name || !strcmp(name, "auto")) {
+        for (int i = TPG_ISA_COUNT - 1; i >= 0; i--)
+            if (tpg_set_isa((tpg_isa)i) == 0)
+                return 0;
+        return 0;   /* the portable path always runs */
+    }
+    for (int i = 0; i < TPG_ISA_COUNT; i++)
+        if (!strcmp(name, tpg_isa_name((tpg_isa)i))) {
+            if (tpg_set_isa((tpg_isa)i) == 0)
+                return 0;
+            return tp_errorf(err, "--cpu-kernels %s: this CPU cannot run them", name);
+        }
+    return tp_errorf(err, "--cpu-kernels %s: unknown (amx, avx512, avx2, portable or auto)", name);
 }
 
 static int allreduce(tp_model *m, float *buf, size_t n, tp_err *err)
@@ -1088,6 +1107,9 @@ int tp_model_create(tp_model **out, tp_loaded_rank *lr, tp_comm *comm, const tp_
         tp_errorf(err, "--max-batch %d: expected 1 or more sequence slots", opts->slots);
         goto fail;
     }
+    if (select_cpu_kernels(opts->cpu_kernels, err) < 0)
+        goto fail;
+    snprintf(m->cpu_info, sizeof m->cpu_info, "cpu, %s kernels", tpg_isa_name(tpg_get_isa()));
     int threads = opts->threads;
     if (threads <= 0) {
         long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1207,7 +1229,7 @@ const char *tp_model_device_info(const tp_model *m)
     if (m->gpu)
         return tpcm_describe(m->gpu);
 #endif
-    return "cpu";
+    return m->cpu_info;
 }
 
 void tp_model_weight_stats(const tp_model *m, double *bytes, double *seconds)

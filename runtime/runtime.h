@@ -208,6 +208,10 @@ typedef struct tp_model_opts {
     int threads;            /* CPU threads (0: all cores) */
     const char *device;     /* "cpu" or "cuda" */
     bool no_graph;          /* cuda: decode steps kernel by kernel, no CUDA graph */
+    /* cpu: the matrix kernels, "amx", "avx512", "avx2" or "portable"; NULL
+     * or "auto": the best this CPU runs.  Process-wide; tp_model_create
+     * refuses a name it does not know or a path this CPU cannot run. */
+    const char *cpu_kernels;
     /* Sequence slots (tprun --max-batch), each with its own KV cache of
      * max_seq positions; 0 or 1: one sequence (slot 0).  The KV memory is
      * reserved, not touched (an anonymous MAP_NORESERVE mapping): its pages
@@ -235,8 +239,9 @@ void tp_model_free(tp_model *m);
 const tp_model_config *tp_model_get_config(const tp_model *m);
 void tp_model_reset(tp_model *m);   /* empties the KV cache of every slot */
 int tp_model_position(const tp_model *m);   /* slot 0's length */
-/* Where the forward pass runs, one line: "cpu", or for "cuda" the device,
- * the weight bytes uploaded, the upload's GB/s and the all-reduce path. */
+/* Where the forward pass runs, one line: "cpu, <path> kernels", or for
+ * "cuda" the device, the weight bytes uploaded, the upload's GB/s and the
+ * all-reduce path. */
 const char *tp_model_device_info(const tp_model *m);
 /* The weights put on the device: bytes written there and the seconds from
  * the first allocation to the last copy done (tprun --load-only prints

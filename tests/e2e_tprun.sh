@@ -323,6 +323,28 @@ grep -q "prefill 5 tokens in .* tokens/s); decode 3 tokens in .* tokens/s)" "$tm
     fail "--verbose: no prefill/decode line: $(cat "$tmp/v.err")"
 [ "$(wc -w <"$tmp/v.out")" -eq 4 ] || fail "without a tokenizer tprun streams the 4 ids: $(cat "$tmp/v.out")"
 echo "ok --load-only, --verbose"
+# --cpu-kernels: each path this CPU runs gives the greedy tokens of the
+# default one (a 5-token prompt: the GEMMs, then one-token GEMVs); --verbose
+# names the path in use; an unknown name is refused, naming the flag.
+kern_ok=0
+"$BIN/tprun" "$tp1" --prompt-ids "$ids" --max-new-tokens 8 --temperature 0 --json >"$tmp/kd.json" ||
+    fail "the default kernels' run failed"
+gd=$(grep -o '"generated_ids":\[[0-9,]*\]' "$tmp/kd.json")
+for k in portable avx2 avx512 amx; do
+    if "$BIN/tprun" "$tp1" --prompt-ids "$ids" --max-new-tokens 8 --temperature 0 --json \
+        --cpu-kernels "$k" --verbose >"$tmp/k.json" 2>"$tmp/k.err"; then
+        gk=$(grep -o '"generated_ids":\[[0-9,]*\]' "$tmp/k.json")
+        [ -n "$gk" ] && [ "$gk" = "$gd" ] || fail "--cpu-kernels $k: $gk, the default path: $gd"
+        grep -q "model on cpu, $k kernels" "$tmp/k.err" || fail "--cpu-kernels $k: --verbose does not name it: $(cat "$tmp/k.err")"
+        kern_ok=$((kern_ok + 1))
+    else
+        grep -q -- "--cpu-kernels $k: this CPU cannot run them" "$tmp/k.err" ||
+            fail "--cpu-kernels $k failed: $(cat "$tmp/k.err")"
+        echo "  --cpu-kernels $k: not run, this CPU lacks it"
+    fi
+done
+[ "$kern_ok" -ge 1 ] || fail "--cpu-kernels: no path ran"
+echo "ok --cpu-kernels: $kern_ok path(s) give the same greedy tokens"
 
 # Text in and out: a tpsynth model with the real Qwen3 tokenizer (random
 # weights, so the text is gibberish; what is checked is the plumbing).
@@ -484,6 +506,8 @@ expect_fail "--gpu without --device cuda" "--gpu 0 picks a CUDA device: it needs
     "$BIN/tprun" "$tp1" --gpu 0 --prompt-ids 1
 expect_fail "--no-graph without --device cuda" "--no-graph .* needs --device cuda" \
     "$BIN/tprun" "$tp1" --no-graph --prompt-ids 1
+expect_fail "--cpu-kernels with an unknown name" "--cpu-kernels avx9: unknown" \
+    "$BIN/tprun" "$tp1" --cpu-kernels avx9 --prompt-ids 1
 cp -r "$model_dir" "$tmp/ux-badcfg"
 sed -i 's/"rope_theta": *[0-9.e+]*/"rope_theta": "abc"/' "$tmp/ux-badcfg/config.json"
 # tpconvert refuses what tprun could not run (one config parser for both),

@@ -85,6 +85,8 @@ static const char usage[] =
     "                            MASTER_ADDR:MASTER_PORT (default 127.0.0.1:29500)\n"
     "  --timeout S               seconds a collective waits for the others (default 60)\n"
     "  --threads N               CPU threads (default: the cores / ranks on this node)\n"
+    "  --cpu-kernels NAME        the CPU matrix kernels: amx, avx512, avx2, portable or auto\n"
+    "                            (default auto: the best this CPU runs; --verbose names it)\n"
     "  --no-verify               skip the checksums at load\n"
     "  --device cpu|cuda         where the forward pass runs (default cpu)\n"
     "  --gpu N                   with --device cuda: the GPU (default: LOCAL_RANK's)\n"
@@ -113,6 +115,7 @@ typedef struct options {
     const char *served_model_name;   /* NULL: OUT's directory name */
     const char *serve_flag;    /* the last --serve-only flag given, for "add --serve" */
     bool no_graph;             /* cuda: no CUDA graph for decode steps */
+    const char *cpu_kernels;   /* NULL: auto */
     int max_new_tokens;        /* -1: generation_config or DEFAULT_MAX_NEW */
     float temperature;         /* < 0: from generation_config */
     int top_k;                 /* < 0: from generation_config */
@@ -274,6 +277,8 @@ static void parse_args(int argc, char **argv, options *o)
             o->no_verify = true;
         } else if (!strcmp(a, "--no-graph")) {
             o->no_graph = true;
+        } else if (!strcmp(a, "--cpu-kernels")) {
+            o->cpu_kernels = TAKE();
         } else if (!strcmp(a, "--serve")) {
             o->serve = true;
         } else if (!strcmp(a, "--host")) {
@@ -335,6 +340,9 @@ static void parse_args(int argc, char **argv, options *o)
         usage_error("--gpu %d picks a CUDA device: it needs --device cuda (the device is %s)", o->gpu, o->device);
     if (o->no_graph && strcmp(o->device, "cuda") != 0)
         usage_error("--no-graph is about CUDA graphs: it needs --device cuda (the device is %s)", o->device);
+    if (o->cpu_kernels && strcmp(o->device, "cpu") != 0)
+        usage_error("--cpu-kernels picks the CPU's matrix kernels: it needs --device cpu (the device is %s)",
+                    o->device);
 }
 
 /* "1,2,3" -> ids.  Every id must be a non-negative integer. */
@@ -487,7 +495,7 @@ static void create_model(run *r)
     else
         snprintf(device, sizeof device, "%s", r->o.device);
     tp_model_opts mo = { .max_seq = r->context, .threads = r->o.threads, .device = device,
-                         .no_graph = r->o.no_graph, .slots = r->o.serve ? r->o.max_batch : 1 };
+                         .no_graph = r->o.no_graph, .cpu_kernels = r->o.cpu_kernels, .slots = r->o.serve ? r->o.max_batch : 1 };
     if (tp_model_create(&r->model, &r->lr, r->comm, &mo, &err))
         die(r, &err, false);
     if (r->o.verbose && my_rank(r) == 0)
