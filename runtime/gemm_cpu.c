@@ -1403,7 +1403,9 @@ AVX512_TARGET static void panel_block_avx512(const tpg_job *j, int r0, int r1, f
  * bits of an fp32 significand, and a bf16 x bf16 product is exact in fp32,
  * so the tiles sum the same exact products as the fp32 paths, only in
  * another order (and in three passes): the contract of gemm_cpu.h holds.
- * Tiny parts are flushed by AMX (denormals), an error below 2^-100 of x.
+ * Tiny parts are flushed by AMX (denormals), an error below 2^-100 of x;
+ * an Inf in x splits into Inf and NaNs (Inf - Inf), so its products are
+ * NaN where the fp32 paths may give an Inf.
  *
  * Packed x (amx_pack_x): per group of 16 tokens, per step of 32 columns,
  * per part, one 1 KiB B tile: row kp holds, for each token t, the dword
