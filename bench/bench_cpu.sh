@@ -239,8 +239,10 @@ for (( r = 1; r <= ROUNDS; r++ )); do
     fi
 done
 
+# the matrix kernels tprun picked on this CPU (tprun --cpu-kernels; --verbose names them)
+kernels=$("$BIN/tprun" "$tp1" --prompt-ids 1 --max-new-tokens 1 --verbose 2>&1 | grep -o '[a-z0-9]* kernels' | head -1)
 echo
-echo "bench-cpu: $PRESET${SYNTH_FLAGS:+ $SYNTH_FLAGS}${QUANT_FLAGS:+ (8-bit: $QUANT_FLAGS)}, tp 1, $THREADS threads, $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'))"
+echo "bench-cpu: $PRESET${SYNTH_FLAGS:+ $SYNTH_FLAGS}${QUANT_FLAGS:+ (8-bit: $QUANT_FLAGS)}, tp 1, $THREADS threads, $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), tprun ${kernels:-kernels unknown}"
 echo "prompt $PROMPT_LEN tokens, $NEW_TOKENS new tokens, greedy; $ROUNDS interleaved rounds; median (best)"
 printf '%-16s %18s %18s %16s %14s\n' tool "decode tok/s" "prefill tok/s" "TTFT s" "peak RSS GB"
 for t in "${tools[@]}"; do

@@ -180,8 +180,9 @@ for c in $CONCURRENCY; do
         run_server "$name" "$c" || printf '| %-13s | %3d | failed |\n' "$name" "$c" >>"$work/table"
     done
 done
+kernels=$("$BIN/tprun" "$work/tp1" --prompt-ids 1 --max-new-tokens 1 --verbose 2>&1 | grep -o '[a-z0-9]* kernels' | head -1)
 echo
-echo "$PRESET, $PROMPT_LEN-token prompts, $NEW_TOKENS tokens each, $REQ_PER_SLOT x C requests, $THREADS threads${STEP_TOKENS:+, tprun --max-step-tokens $STEP_TOKENS}"
+echo "$PRESET, $PROMPT_LEN-token prompts, $NEW_TOKENS tokens each, $REQ_PER_SLOT x C requests, $THREADS threads, tprun ${kernels:-kernels unknown}${STEP_TOKENS:+, tprun --max-step-tokens $STEP_TOKENS}"
 echo "| server | C | out tok/s | TTFT p50 s | TTFT p99 s | ITL p50 s | ITL p99 s |"
 echo "|---|---|---|---|---|---|---|"
 cat "$work/table"
