@@ -75,10 +75,11 @@ typedef struct tpg_path {
      * PANEL_ROWS of them, for all of j's tokens; buf holds 2 * PANEL_ROWS *
      * cols floats. */
     void (*panel_block)(const tpg_job *j, int r0, int r1, float *buf);
-    /* Optional (NULL: none): bf16 or int8 GEMM on matrix tiles, rows
-     * [r0, r1), at most AMX_ROWS of them, for all of j's tokens, x packed by
-     * pack_x (cols a multiple of 32); buf as panel_block's. */
+    /* Optional (NULL: none): GEMM on matrix tiles, rows [r0, r1), at most
+     * AMX_ROWS of them, for all of j's tokens, x packed by pack_x; buf as
+     * panel_block's; for the jobs amx_takes. */
     void (*amx_block)(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf);
+    bool (*amx_takes)(const tpg_job *j);
     void (*pack_x)(uint32_t *xp, const float *x, int n, int cols);
     /* Optional (NULL: none): int8 GEMV, rows [r0, r1) of one token, on x
      * prepared once per call by prep_i8 (i8_token_floats a token). */
@@ -1393,10 +1394,10 @@ AVX512_TARGET static void panel_block_avx512(const tpg_job *j, int r0, int r1, f
     }
 }
 
-/* ---- GEMM on AMX tiles (bf16 or int8 weights, cols a multiple of 32).  A
- * tile product C[16 rows][16 tokens] += A . B takes A as 16 weight rows of
- * 32 bf16 each, loaded from the rows where they lie (bf16) or from the
- * block widened to bf16 (int8: exact, the row scale applied to the sums),
+/* ---- GEMM on AMX tiles (bf16, int8 or fp8 weights, cols a multiple of 32).
+ * A tile product C[16 rows][16 tokens] += A . B takes A as 16 weight rows
+ * of 32 bf16 each, loaded from the rows where they lie (bf16) or from the
+ * block widened to bf16 (8-bit: exact, the scales applied to the sums),
  * and B as the tokens' x in AMX's pair layout.  x is fp32, so it is split
  * into three bf16 parts, x = hi + mid + lo, each the top 16 bits of what is
  * left (truncation: each subtraction is exact).  Three parts hold all 24
@@ -1480,88 +1481,119 @@ AMX_TARGET static void amx_configure(void)
     amx_configured = true;
 }
 
-/* y[t][r + m] = c[m][t] (times scale[m] when given) for the tn tokens of
- * group g. */
-static void amx_store(const tpg_job *j, const float c[16][16], int g, int tn, int r,
-                      const float *scale)
-{
-    for (int t = 0; t < tn; t++) {
-        float *y = j->y + (size_t)(g * AMX_TOKENS + t) * j->rows + r;
-        for (int m = 0; m < 16; m++)
-            y[m] = scale ? c[m][t] * scale[m] : c[m][t];
-    }
-}
-
-/* dst = nr int8 rows of cols as bf16: exact (an int8 has 8 significant
- * bits), so the tiles multiply the stored integers and the row scale goes
- * on the sum, as the float int8 GEMV does. */
-AMX_TARGET static void amx_widen_i8(uint16_t *dst, const int8_t *w, int nr, int cols)
+/* dst = nr 8-bit rows of cols as bf16, exactly: an int8 as its integer, an
+ * e4m3 as its value * 2^-8 (the f16 lanes of avx512_q8x16, FP8_LANE_SCALE);
+ * both have at most 8 significant bits, so the fp32's top half is exact. */
+AMX_TARGET static void amx_widen_q8(uint16_t *dst, const uint8_t *w, tp_dtype dt, int nr, int cols)
 {
     size_t count = (size_t)nr * cols;   /* cols is a multiple of 32 */
     for (size_t i = 0; i < count; i += 16) {
-        __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + i))));
+        __m512 f = avx512_q8x16(w + i, dt);
         __m512i top = _mm512_srli_epi32(_mm512_castps_si512(f), 16);   /* the low half is zero */
         _mm256_storeu_si256((__m256i *)(dst + i), _mm512_cvtepi32_epi16(top));
     }
 }
 
-/* Rows [r0, r1) for all tokens.  bf16 rows are read where they lie; int8
- * rows are first widened to bf16 in buf. */
+/* c[i] = the tiles' sums over steps [s0, s1) for `tiles` (1 or 2) A tiles
+ * of 16 rows at w (stride bytes a row) and the B tiles of one token group
+ * at b (that group's step 0). */
+AMX_TARGET static void amx_tiles(float c[2][16][16], int tiles, const char *w, size_t stride,
+                                 const uint32_t *b, int s0, int s1)
+{
+    b += (size_t)s0 * AMX_PARTS * AMX_TILE_DWORDS;
+    if (tiles == 2) {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int s = s0; s < s1; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
+            _tile_loadd(2, w + (size_t)s * 64, stride);
+            _tile_loadd(3, w + 16 * stride + (size_t)s * 64, stride);
+            _tile_loadd(4, b, 64);
+            _tile_loadd(5, b + AMX_TILE_DWORDS, 64);
+            _tile_loadd(6, b + 2 * AMX_TILE_DWORDS, 64);
+            _tile_dpbf16ps(0, 2, 4);
+            _tile_dpbf16ps(1, 3, 4);
+            _tile_dpbf16ps(0, 2, 5);
+            _tile_dpbf16ps(1, 3, 5);
+            _tile_dpbf16ps(0, 2, 6);
+            _tile_dpbf16ps(1, 3, 6);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+    } else {
+        _tile_zero(0);
+        for (int s = s0; s < s1; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
+            _tile_loadd(2, w + (size_t)s * 64, stride);
+            _tile_loadd(4, b, 64);
+            _tile_loadd(5, b + AMX_TILE_DWORDS, 64);
+            _tile_loadd(6, b + 2 * AMX_TILE_DWORDS, 64);
+            _tile_dpbf16ps(0, 2, 4);
+            _tile_dpbf16ps(0, 2, 5);
+            _tile_dpbf16ps(0, 2, 6);
+        }
+        _tile_stored(0, c[0], 64);
+    }
+}
+
+/* Whether amx_block takes j: bf16, int8, or fp8 whose scale blocks start
+ * and end on the tiles' 32-column steps. */
+static bool amx_takes(const tpg_job *j)
+{
+    if (j->cols % 32)
+        return false;
+    if (j->dt == TP_F8_E4M3)
+        return j->q.block[1] % 32 == 0 && j->q.origin[1] % 32 == 0;
+    return j->dt == TP_BF16 || j->dt == TP_I8;
+}
+
+/* Rows [r0, r1) for all tokens.  bf16 rows are read where they lie; 8-bit
+ * rows are first widened to bf16 in buf.  The tiles sum a segment of
+ * columns at a time, all of them but for fp8, whose segments are its scale
+ * blocks: each segment's sums times the row's block scale are added up in
+ * fp32 (as the fp8 GEMV scales x per segment); int8's row scale goes on the
+ * total. */
 AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, int r1, float *buf)
 {
     if (!amx_configured)
         amx_configure();
     int cols = j->cols, steps = cols / 32, groups = (j->n + AMX_TOKENS - 1) / AMX_TOKENS;
-    int tiles = (r1 - r0) / 16;
+    int tiles = (r1 - r0) / 16, rows = tiles * 16;
+    bool fp8 = j->dt == TP_F8_E4M3;
     size_t stride = (size_t)cols * 2;
     const char *w = (const char *)j->w + (size_t)r0 * stride;
-    const float *scale = NULL;
-    if (j->dt == TP_I8) {
-        amx_widen_i8((uint16_t *)buf, (const int8_t *)j->w + (size_t)r0 * cols, tiles * 16, cols);
+    if (is_q8(j->dt)) {
+        amx_widen_q8((uint16_t *)buf, (const uint8_t *)j->w + (size_t)r0 * cols, j->dt, rows, cols);
         w = (const char *)buf;
-        scale = j->q.scale + r0;
     }
-    float c[2][16][16];
+    /* steps per segment: the first (a slice may start inside a scale block), then the rest */
+    int first = fp8 ? fp8_first_segment(j) / 32 : steps, each = fp8 ? j->q.block[1] / 32 : steps;
+    const float *srow[AMX_ROWS];   /* fp8: each row's scale row */
+    for (int m = 0; fp8 && m < rows; m++)
+        srow[m] = fp8_scale_row(j, r0 + m);
+    float c[2][16][16], acc[2][16][16];
     for (int g = 0; g < groups; g++) {
         int tn = j->n - g * AMX_TOKENS < AMX_TOKENS ? j->n - g * AMX_TOKENS : AMX_TOKENS;
         const uint32_t *b = xp + (size_t)g * steps * AMX_PARTS * AMX_TILE_DWORDS;
-        if (tiles == 2) {
-            _tile_zero(0);
-            _tile_zero(1);
-            for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
-                _tile_loadd(2, w + (size_t)s * 64, stride);
-                _tile_loadd(3, w + 16 * stride + (size_t)s * 64, stride);
-                _tile_loadd(4, b, 64);
-                _tile_loadd(5, b + AMX_TILE_DWORDS, 64);
-                _tile_loadd(6, b + 2 * AMX_TILE_DWORDS, 64);
-                _tile_dpbf16ps(0, 2, 4);
-                _tile_dpbf16ps(1, 3, 4);
-                _tile_dpbf16ps(0, 2, 5);
-                _tile_dpbf16ps(1, 3, 5);
-                _tile_dpbf16ps(0, 2, 6);
-                _tile_dpbf16ps(1, 3, 6);
+        memset(acc, 0, sizeof acc);
+        for (int s0 = 0, k = 0; s0 < steps; k++) {
+            int s1 = s0 + (k == 0 ? first : each) < steps ? s0 + (k == 0 ? first : each) : steps;
+            amx_tiles(c, tiles, w, stride, b, s0, s1);
+            for (int m = 0; m < rows; m++) {   /* a row of c: its 16 tokens */
+                __m512 f = _mm512_set1_ps(fp8 ? srow[m][k] * FP8_LANE_SCALE : 1.0f);
+                float *a = acc[m / 16][m % 16];
+                _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_loadu_ps(c[m / 16][m % 16]), f,
+                                                    _mm512_loadu_ps(a)));
             }
-            _tile_stored(0, c[0], 64);
-            _tile_stored(1, c[1], 64);
-            amx_store(j, c[0], g, tn, r0, scale);
-            amx_store(j, c[1], g, tn, r0 + 16, scale ? scale + 16 : NULL);
-        } else if (tiles == 1) {
-            _tile_zero(0);
-            for (int s = 0; s < steps; s++, b += AMX_PARTS * AMX_TILE_DWORDS) {
-                _tile_loadd(2, w + (size_t)s * 64, stride);
-                _tile_loadd(4, b, 64);
-                _tile_loadd(5, b + AMX_TILE_DWORDS, 64);
-                _tile_loadd(6, b + 2 * AMX_TILE_DWORDS, 64);
-                _tile_dpbf16ps(0, 2, 4);
-                _tile_dpbf16ps(0, 2, 5);
-                _tile_dpbf16ps(0, 2, 6);
-            }
-            _tile_stored(0, c[0], 64);
-            amx_store(j, c[0], g, tn, r0, scale);
+            s0 = s1;
+        }
+        for (int t = 0; t < tn; t++) {
+            float *y = j->y + (size_t)(g * AMX_TOKENS + t) * j->rows + r0;
+            for (int m = 0; m < rows; m++)
+                y[m] = j->dt == TP_I8 ? acc[m / 16][m % 16][t] * j->q.scale[r0 + m]
+                                      : acc[m / 16][m % 16][t];
         }
     }
-    if (r0 + tiles * 16 < r1)   /* buf's widened rows are no longer needed */
-        panel_block_avx512(j, r0 + tiles * 16, r1, buf);
+    if (rows < r1 - r0)   /* buf's widened rows are no longer needed */
+        panel_block_avx512(j, r0 + rows, r1, buf);
 }
 #endif /* TPG_X86 */
 
@@ -1574,7 +1606,7 @@ static const tpg_path PATHS[TPG_ISA_COUNT] = {
     [TPG_AVX512] = { gemv_job_avx512, widen_rows_avx512, NULL, 0, 0,   /* GEMMs by panel_block */
                      bf16_few_avx512, split_x_avx512, panel_block_avx512 },
     [TPG_AMX] = { gemv_job_avx512, widen_rows_avx512, NULL, 0, 0, bf16_few_avx512,
-                  split_x_avx512, panel_block_avx512, amx_block, amx_pack_x,
+                  split_x_avx512, panel_block_avx512, amx_block, amx_takes, amx_pack_x,
                   gemv_prepared_vnni, vnni_prepare, vnni_token_floats },
 #endif
 };
@@ -1844,7 +1876,7 @@ static job_mode mode_of(const tpg_path *p, const tpg_job *j)
         return BY_INT8;
     if (j->n <= 1)
         return BY_GEMV;
-    if (p->amx_block && (j->dt == TP_BF16 || j->dt == TP_I8) && j->cols % 32 == 0)
+    if (p->amx_block && p->amx_takes(j))
         return BY_AMX;
     if (p->bf16_few && j->dt == TP_BF16 && j->n <= FEW_TOKENS)
         return BY_FEW;

@@ -383,9 +383,13 @@ static void test_int8_fixed_point(tpg_isa isa, tp_pool *pool)
 /* 8-bit block geometries: block sizes and the slice's origin inside its
  * first block (a rank's slice that starts inside a block), 128 x 128 as
  * published, small blocks so that rows of one SIMD group straddle block
- * rows, and odd ones whose segments end between SIMD steps. */
+ * rows, and odd ones whose segments end between SIMD steps.  The AMX path
+ * takes fp8 whose column blocks fall on 32-column steps: 128 x 128 from
+ * origins 0 and (96, 32), and 8 x 64 from (3, 32) (a tile's 16 rows under
+ * three scale rows, segments of 32 then 64 columns). */
 static const int Q8_BLOCKS[][4] = { { 128, 128, 0, 0 }, { 128, 128, 96, 32 }, { 4, 16, 1, 5 },
-                                    { 3, 5, 2, 4 }, { 128, 128, 127, 127 }, { 2, 32, 0, 16 } };
+                                    { 3, 5, 2, 4 }, { 128, 128, 127, 127 }, { 2, 32, 0, 16 },
+                                    { 8, 64, 3, 32 } };
 static const int Q8_SHAPES[][2] = { { 1, 1 }, { 3, 7 }, { 37, 33 }, { 9, 257 }, { 70, 64 },
                                     { 6, 95 }, { 5, 300 }, { 33, 1024 } };
 
