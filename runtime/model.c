@@ -179,18 +179,22 @@ static void silu_rows(const rows_task *t, int r0, int r1)
     tpk_silu_mul(t->x + o, t->in + o, (size_t)(r1 - r0) * t->dim);
 }
 
-/* opts->cpu_kernels: a path by name, NULL or "auto" for the best. */
+/* opts->cpu_kernels: a path by name, NULL or "auto" for the best.  The
+ * path is process-wide and set only when it changes: ranks run as threads
+ * (tests) create their models side by side. */
 static int select_cpu_kernels(const char *name, tp_err *err)
 {
     if (!name || !strcmp(name, "auto")) {
-        for (int i = TPG_ISA_COUNT - 1; i >= 0; i--)
-            if (tpg_set_isa((tpg_isa)i) == 0)
-                return 0;
-        return 0;   /* the portable path always runs */
+        int best = TPG_ISA_COUNT - 1;
+        while (best > 0 && !tpg_isa_supported((tpg_isa)best))
+            best--;
+        if (tpg_get_isa() != (tpg_isa)best)
+            tpg_set_isa((tpg_isa)best);
+        return 0;
     }
     for (int i = 0; i < TPG_ISA_COUNT; i++)
         if (!strcmp(name, tpg_isa_name((tpg_isa)i))) {
-            if (tpg_set_isa((tpg_isa)i) == 0)
+            if (tpg_get_isa() == (tpg_isa)i || tpg_set_isa((tpg_isa)i) == 0)
                 return 0;
             return tp_errorf(err, "--cpu-kernels %s: this CPU cannot run them", name);
         }
