@@ -47,11 +47,9 @@
  * (bench: two threads over 512 MiB of int8 rows): without it the 8-bit GEMV
  * streamed 12 GB/s, with it 15 GB/s, against 20 GB/s for a plain read. */
 #define FAR_PREFETCH_BYTES (16 * 1024)
-/* The same for each of the four lanes of a GEMV that reads its rows as
- * four sequential streams (lane_rows). */
-#ifndef LANE_FAR_BYTES
+/* The same for each lane of a GEMV that reads its rows as several
+ * sequential streams (lane_rows). */
 #define LANE_FAR_BYTES (8 * 1024)
-#endif
 
 typedef struct tpg_path {
     /* y[r] for r in [r0, r1): one token x, rows of j's weight. */
@@ -798,12 +796,13 @@ AVX512_TARGET static void avx512_gemv_bf16(float *y, const float *x, const uint1
     }
 }
 
-/* Rows [r0, r1) as `lanes` lanes, each a contiguous share of the range of
- * `lane` rows, one row of each at a time: that many sequential streams, which the prefetchers
- * follow better than four neighbouring rows inside one page when rows are
- * short (see gemv_prepared_vnni; for the bf16 GEMV, whose rows are twice
- * as long, lanes measured the same as neighbouring rows).  Sets the rows rr[] of step i of the lanes and their
- * L2 prefetch distances far[]; returns how many. */
+/* Rows [r0, r1) as `lanes` lanes, each a contiguous share of `lane` rows,
+ * one row of each at a time: that many sequential streams, which the
+ * prefetchers follow better than neighbouring rows inside one page when
+ * rows are short (see gemv_prepared_vnni; for the bf16 GEMV, whose rows are
+ * twice as long, lanes measured the same as neighbouring rows).  Sets the
+ * rows rr[] of step i of the lanes and their L2 prefetch distances far[];
+ * returns how many. */
 static int lane_rows(int *rr, size_t *far, size_t row_bytes, int r0, int r1, int lanes, int lane,
                      int i)
 {
@@ -1003,9 +1002,6 @@ AVX512_TARGET static void gemv_job_avx512(float *y, const float *x, const tpg_jo
  * (2^-47 of the max) measured 8% slower decode on the 2-core Xeon, four
  * digits 10% faster than the float GEMV.  A token with a NaN, an Inf or a
  * tiny max|x| (< 2^-96) keeps the float GEMV. */
-#ifndef VNNI_PREFETCH_ROWS
-#define VNNI_PREFETCH_ROWS 4
-#endif
 #define VNNI_DIGITS 4
 #define VNNI_LANES 4         /* rows at a time, one from each lane (lane_rows) */
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
@@ -1104,7 +1100,7 @@ VNNI_TARGET INLINE void vnni_rows(int64_t *dot, const vnni_x *h, int cols, const
             if (k >= nr)
                 break;
             const int8_t *p = row[k] + i;
-            _mm_prefetch((const char *)(p + VNNI_PREFETCH_ROWS * (size_t)cols), _MM_HINT_T0);
+            _mm_prefetch((const char *)(p + Q8_PREFETCH_ROWS * (size_t)cols), _MM_HINT_T0);
             _mm_prefetch((const char *)(p + far[k]), _MM_HINT_T1);
             __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(p), flip);   /* w + 128 */
 #pragma GCC unroll 4
@@ -1681,17 +1677,18 @@ bool tpg_isa_supported(tpg_isa isa)
 
 static int g_isa = -1;   /* -1: not chosen yet */
 
+tpg_isa tpg_best_isa(void)
+{
+    for (int i = TPG_ISA_COUNT - 1; i > TPG_PORTABLE; i--)
+        if (tpg_isa_supported((tpg_isa)i))
+            return (tpg_isa)i;
+    return TPG_PORTABLE;
+}
+
 tpg_isa tpg_get_isa(void)
 {
-    if (g_isa < 0) {
-        int best = TPG_PORTABLE;
-        for (int i = TPG_ISA_COUNT - 1; i > TPG_PORTABLE; i--)
-            if (tpg_isa_supported((tpg_isa)i)) {
-                best = i;
-                break;
-            }
-        g_isa = best;
-    }
+    if (g_isa < 0)
+        g_isa = tpg_best_isa();
     return (tpg_isa)g_isa;
 }
 

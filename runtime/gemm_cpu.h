@@ -107,6 +107,8 @@ typedef enum tpg_isa {
 
 const char *tpg_isa_name(tpg_isa isa);   /* "portable", "avx2", "avx512", "amx" */
 bool tpg_isa_supported(tpg_isa isa);     /* this CPU can run it */
+/* The best path this CPU runs. */
+tpg_isa tpg_best_isa(void);
 /* The path in use: the best supported one unless tpg_set_isa chose. */
 tpg_isa tpg_get_isa(void);
 /* Forces a path (tests, comparisons); -1 when this CPU cannot run it.

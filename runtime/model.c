@@ -185,11 +185,9 @@ static void silu_rows(const rows_task *t, int r0, int r1)
 static int select_cpu_kernels(const char *name, tp_err *err)
 {
     if (!name || !strcmp(name, "auto")) {
-        int best = TPG_ISA_COUNT - 1;
-        while (best > 0 && !tpg_isa_supported((tpg_isa)best))
-            best--;
-        if (tpg_get_isa() != (tpg_isa)best)
-            tpg_set_isa((tpg_isa)best);
+        tpg_isa best = tpg_best_isa();
+        if (tpg_get_isa() != best)
+            tpg_set_isa(best);
         return 0;
     }
     for (int i = 0; i < TPG_ISA_COUNT; i++)
