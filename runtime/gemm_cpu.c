@@ -1490,7 +1490,8 @@ AMX_TARGET static void amx_widen_q8(uint16_t *dst, const uint8_t *w, tp_dtype dt
     }
 }
 
-/* c[i] = the tiles' sums over steps [s0, s1) for `tiles` (1 or 2) A tiles
+/* c[i] = the tiles' sums over steps [s0, s1) for `tiles` (1 or 2, never 0:
+ * a tile load reads 16 rows whatever the block holds) A tiles
  * of 16 rows at w (stride bytes a row) and the B tiles of one token group
  * at b (that group's step 0). */
 AMX_TARGET static void amx_tiles(float c[2][16][16], int tiles, const char *w, size_t stride,
@@ -1566,7 +1567,7 @@ AMX_TARGET static void amx_block(const tpg_job *j, const uint32_t *xp, int r0, i
     for (int m = 0; fp8 && m < rows; m++)
         srow[m] = fp8_scale_row(j, r0 + m);
     float c[2][16][16], acc[2][16][16];
-    for (int g = 0; g < groups; g++) {
+    for (int g = 0; tiles > 0 && g < groups; g++) {   /* fewer than 16 rows: all panel_block's */
         int tn = j->n - g * AMX_TOKENS < AMX_TOKENS ? j->n - g * AMX_TOKENS : AMX_TOKENS;
         const uint32_t *b = xp + (size_t)g * steps * AMX_PARTS * AMX_TILE_DWORDS;
         memset(acc, 0, sizeof acc);

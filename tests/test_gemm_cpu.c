@@ -11,6 +11,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 static int failures;
 #define CHECK(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", \
@@ -322,6 +324,39 @@ static void test_exact_path(tpg_isa isa, tp_pool *pool)
     free(w); free(x); free(y); free(wi);
 }
 
+/* bf16 weights that end where an unreadable page begins, in shapes whose
+ * last block has fewer rows than a tile (70 = 32 + 32 + 6, 17 = 16 + 1,
+ * 5): a path that reads past the matrix faults here.  AMX tile loads are
+ * not seen by AddressSanitizer, so this is their out-of-bounds check. */
+static void test_weights_at_page_end(tpg_isa isa, tp_pool *pool)
+{
+    static const int shapes[][2] = { { 70, 64 }, { 17, 96 }, { 5, 32 } };
+    long page = sysconf(_SC_PAGESIZE);
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int rows = shapes[s][0], cols = shapes[s][1], n = 20;
+        size_t bytes = (size_t)rows * cols * 2, span = (bytes + (size_t)page - 1) / page * page;
+        char *map = mmap(NULL, span + (size_t)page, PROT_READ | PROT_WRITE,
+                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        CHECK(map != MAP_FAILED, "mmap");
+        if (map == MAP_FAILED)
+            return;
+        CHECK(mprotect(map + span, (size_t)page, PROT_NONE) == 0, "mprotect");
+        job_case c;
+        make_case(&c, TP_BF16, n, rows, cols);
+        uint16_t *w = (uint16_t *)(map + span - bytes);
+        memcpy(w, c.w, bytes);
+        c.job.w = w;
+        tpg_matmul_batch(&c.job, 1, pool);   /* a read past the end faults here */
+        char what[64];
+        snprintf(what, sizeof what, "%s%s, weights at a page end", tpg_isa_name(isa),
+                 pool ? " (pool)" : "");
+        check_case(&c, what);
+        c.job.w = c.w;
+        free_case(&c);
+        munmap(map, span + (size_t)page);
+    }
+}
+
 /* int8 rows over x that the AMX path's VNNI GEMV turns into 32-bit fixed
  * point (x_int = x * 2^(30-e), four byte digits): exact integer products
  * (every path exact: 17-bit integers x, int8 w, sums below 2^24); a token
@@ -461,6 +496,8 @@ int main(void)
         test_path((tpg_isa)isa, pool);
         test_exact_path((tpg_isa)isa, NULL);
         test_exact_path((tpg_isa)isa, pool);
+        test_weights_at_page_end((tpg_isa)isa, NULL);
+        test_weights_at_page_end((tpg_isa)isa, pool);
         test_q8_path((tpg_isa)isa, NULL);
         test_q8_path((tpg_isa)isa, pool);
         test_int8_fixed_point((tpg_isa)isa, NULL);
